@@ -1,0 +1,87 @@
+"""Which implementation runs: the Triton kernels or the pure-PyTorch references.
+
+``use_backend("triton" | "torch" | "auto")`` works like ``torch.nn.attention.sdpa_kernel``.
+Every kernel family states what it supports through a ``*_refusals`` function that returns
+the reasons it cannot take an input (an empty list means it can). Under "auto" a refused
+input goes to the reference; under "triton" it raises ``ValueError`` with the reasons.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+# Plain module state (not a ContextVar) so torch.compile can guard on it without a graph break.
+_state = {"backend": "auto"}
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed fastattn calls on one backend.
+
+    "auto" (default): kernels where they apply (CUDA tensors, or CPU tensors when
+    TRITON_INTERPRET=1), the pure-PyTorch reference otherwise.
+    "triton": kernels only; an input they cannot take raises ValueError saying why.
+    "torch": the pure-PyTorch references.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"use_backend: name must be one of {BACKENDS}, got {name!r}")
+    previous = _state["backend"]
+    _state["backend"] = name
+    try:
+        yield
+    finally:
+        _state["backend"] = previous
+
+
+def current_backend() -> str:
+    return _state["backend"]
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def device_refusals(*tensors: torch.Tensor) -> list[str]:
+    """Reasons no Triton kernel can run on these tensors at all."""
+    reasons = []
+    if not triton_available():
+        reasons.append("triton is not installed")
+    device = tensors[0].device
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        reasons.append(f"tensors are on {device}; the kernels need CUDA (or CPU with TRITON_INTERPRET=1)")
+    return reasons
+
+
+def flash_refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """Reasons the flash kernels cannot take these (already validated) inputs."""
+    reasons = device_refusals(q)
+    if q.dtype not in KERNEL_DTYPES:
+        reasons.append(f"dtype {q.dtype} is not one of {KERNEL_DTYPES}")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        reasons.append(f"head_dim {q.shape[-1]} / value dim {v.shape[-1]} exceeds {MAX_HEAD_DIM}")
+    return reasons
+
+
+def use_kernels(op: str, reasons: list[str]) -> bool:
+    """Decide for one call: True -> kernels, False -> reference. Raises under "triton"."""
+    backend = current_backend()
+    if backend == "torch":
+        return False
+    if not reasons:
+        return True
+    if backend == "triton":
+        raise ValueError(f"{op}: the triton backend cannot take this input: " + "; ".join(reasons))
+    return False

@@ -1,0 +1,245 @@
+"""Public attention functions: input validation and dispatch, nothing else.
+
+The math lives in ``fastattn/ops/<op>/reference.py`` (pure PyTorch) and the kernels in
+``fastattn/ops/<op>/kernels.py``; ``fastattn.backend`` decides which one runs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastattn import backend
+from fastattn.ops.flash.reference import attention_reference, band_from
+
+
+def _shape(t: Tensor) -> str:
+    return "x".join(str(s) for s in t.shape)
+
+
+def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
+    """ValueError naming the argument and shapes for anything the contract forbids."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D (batch, heads, seq, head_dim), got shape {_shape(t)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{op}: {name}.dtype {t.dtype} differs from q.dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"{op}: q must be floating point, got {q.dtype}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"{op}: batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"{op}: k {_shape(k)} and v {_shape(v)} must agree in heads and seq")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{op}: head_dim of q {_shape(q)} and k {_shape(k)} differ")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"{op}: query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}); "
+            f"q {_shape(q)}, k {_shape(k)}")
+
+
+def _check_bias(op: str, name: str, bias: Optional[Tensor], q: Tensor, k: Tensor) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor):
+        raise ValueError(f"{op}: {name} must be a Tensor or None, got {type(bias).__name__}")
+    if bias.dtype != torch.bool and not bias.dtype.is_floating_point:
+        raise ValueError(f"{op}: {name} must be bool (True = attend) or floating point, got {bias.dtype}")
+    if bias.device != q.device:
+        raise ValueError(f"{op}: {name} is on {bias.device} but q is on {q.device}")
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    try:
+        if bias.dim() > 4 or torch.broadcast_shapes(bias.shape, target) != target:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"{op}: {name} of shape {_shape(bias)} does not broadcast to "
+            f"(batch, heads, Lq, Lk) = {target}") from None
+
+
+def _check_options(op: str, q: Tensor, *, scale, window, alibi_slopes, softcap, dropout_p) -> None:
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"{op}: scale must be a finite float or None, got {scale!r}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"{op}: softcap must be a positive float or None, got {softcap!r}")
+    if window is not None:
+        if not (isinstance(window, (tuple, list)) and len(window) == 2):
+            raise ValueError(f"{op}: window must be (left, right), got {window!r}")
+        for side, w in zip(("left", "right"), window):
+            if w is not None and not (isinstance(w, int) and w >= 0):
+                raise ValueError(f"{op}: window {side} must be an int >= 0 or None, got {w!r}")
+    if alibi_slopes is not None:
+        b, h = q.shape[0], q.shape[1]
+        if not isinstance(alibi_slopes, Tensor) or tuple(alibi_slopes.shape) not in ((h,), (b, h)):
+            shape = _shape(alibi_slopes) if isinstance(alibi_slopes, Tensor) else type(alibi_slopes).__name__
+            raise ValueError(f"{op}: alibi_slopes must have shape ({h},) or ({b}, {h}), got {shape}")
+        if alibi_slopes.device != q.device or not alibi_slopes.dtype.is_floating_point:
+            raise ValueError(f"{op}: alibi_slopes must be floating point on {q.device}")
+
+
+def _attend(op, q, k, v, *, band, scale, attn_bias, alibi_slopes, softcap, dropout_p):
+    """Validated inputs -> (out, lse) from the kernels or the reference."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    reasons = backend.flash_refusals(q, k, v)
+    if min(q.shape[2], k.shape[2], q.shape[0], q.shape[1]) == 0:
+        reasons.append("an empty dimension")
+    if backend.use_kernels(op, reasons):
+        from fastattn.ops.flash import op as flash_op  # imports triton, so only when used
+
+        b, h, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        bias = None if attn_bias is None else attn_bias.expand(b, h, lq, lk)
+        # The seed is drawn from torch's generator on the device, so torch.manual_seed governs
+        # dropout and nothing syncs with the host.
+        seed = torch.randint(0, 2**62, (1,), device=q.device) if dropout_p > 0 else None
+        return flash_op.flash_attn(
+            q, k, v, bias=bias, alibi=alibi_slopes, seed=seed, scale=float(scale),
+            softcap=float(softcap or 0.0), dropout_p=float(dropout_p),
+            window_left=band[0], window_right=band[1])
+    return attention_reference(
+        q, k, v, window=band, scale=scale, attn_bias=attn_bias, alibi_slopes=alibi_slopes,
+        softcap=softcap, dropout_p=dropout_p, return_lse=True)
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    window: Optional[tuple] = None,
+    attn_bias: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+):
+    """Exact attention with every FlashAttention feature, computed blockwise.
+
+    Args:
+        q: (B, Hq, Lq, D). k: (B, Hkv, Lk, D). v: (B, Hkv, Lk, Dv). Any strides. Hq must be a
+            multiple of Hkv (GQA/MQA): query head h uses kv head ``h // (Hq // Hkv)``.
+        causal: bottom-right aligned, as FlashAttention: query i sees key j iff
+            ``j <= i + Lk - Lq`` (what a KV cache and chunked prefill need).
+        scale: multiplies q @ k^T; default ``1 / sqrt(D)``.
+        window: ``(left, right)``, ints >= 0 or None for unbounded: query i sees keys
+            ``i + Lk - Lq - left .. i + Lk - Lq + right``. Combines with ``causal``.
+        attn_bias: broadcastable to (B, Hq, Lq, Lk): bool (True = attend) or additive float
+            (differentiable). Broadcast dims are read with stride 0, never copied.
+        alibi_slopes: (Hq,) or (B, Hq): adds ``-slope * |i + Lk - Lq - j|``.
+        softcap: logits become ``softcap * tanh(logits / softcap)`` (before bias and masks).
+        dropout_p: dropout on the attention probabilities, drawn inside the kernel from
+            torch's generator (``torch.manual_seed`` makes it repeatable).
+        return_lse: also return the row logsumexp, float32 (B, Hq, Lq), natural log.
+
+    Returns:
+        out (B, Hq, Lq, Dv) in q's dtype, or ``(out, lse)``. A row whose keys are all masked
+        gives out 0 and lse -inf.
+
+    Raises:
+        ValueError: bad ranks, shapes, dtypes, devices or options (the message names the
+            argument), or, under ``use_backend("triton")``, an input the kernels cannot take.
+
+    Equivalent code::
+
+        s = q @ k.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2) * scale
+        s = softcap * tanh(s / softcap) + attn_bias + alibi, masked by causal/window
+        out = dropout(softmax(s, -1)) @ v.repeat_interleave(Hq // Hkv, 1)
+    """
+    op = "flash_attention"
+    _check_qkv(op, q, k, v)
+    _check_bias(op, "attn_bias", attn_bias, q, k)
+    _check_options(op, q, scale=scale, window=window, alibi_slopes=alibi_slopes,
+                   softcap=softcap, dropout_p=dropout_p)
+    out, lse = _attend(op, q, k, v, band=band_from(causal, window), scale=scale,
+                       attn_bias=attn_bias, alibi_slopes=alibi_slopes, softcap=softcap,
+                       dropout_p=dropout_p)
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Args:
+        query: (B, Hq, Lq, E) or (Hq, Lq, E). key: (B, Hkv, Lk, E). value: (B, Hkv, Lk, Ev).
+        attn_mask: broadcastable to (B, Hq, Lq, Lk): bool (True = attend) or additive float;
+            or torch's ``causal_lower_right(...)`` / ``causal_upper_left(...)`` bias objects.
+        is_causal: top-left aligned, as torch: query i sees key j iff ``j <= i``.
+        enable_gqa: allow Hq to be a multiple of Hkv (otherwise they must be equal).
+
+    Returns:
+        (B, Hq, Lq, Ev) (or without B if the inputs had none). Fully masked rows give 0, as
+        torch >= 2.5 does.
+
+    Raises:
+        ValueError: as ``flash_attention``, plus ``attn_mask`` given with ``is_causal``, and
+            Hq != Hkv without ``enable_gqa``.
+
+    Equivalent code: ``torch.nn.functional.scaled_dot_product_attention`` itself.
+    """
+    op = "scaled_dot_product_attention"
+    unbatched = isinstance(query, Tensor) and query.dim() == 3
+    if unbatched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+    _check_qkv(op, query, key, value)
+    lq, lk = query.shape[2], key.shape[2]
+    band = (None, None)
+    if attn_mask is not None and (_is_causal_bias(attn_mask) or not isinstance(attn_mask, Tensor)):
+        band = _causal_bias_band(op, attn_mask, lq, lk)
+        attn_mask = None
+    if is_causal:
+        if attn_mask is not None:
+            raise ValueError(f"{op}: attn_mask must be None when is_causal=True (as in torch)")
+        band = (None, lq - lk)  # top-left: j <= i, i.e. rel = j - i - (lk - lq) <= lq - lk
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise ValueError(
+            f"{op}: query heads ({query.shape[1]}) differ from key heads ({key.shape[1]}); "
+            "pass enable_gqa=True for grouped-query attention")
+    _check_bias(op, "attn_mask", attn_mask, query, key)
+    _check_options(op, query, scale=scale, window=None, alibi_slopes=None, softcap=None,
+                   dropout_p=dropout_p)
+    out, _ = _attend(op, query, key, value, band=band, scale=scale, attn_bias=attn_mask,
+                     alibi_slopes=None, softcap=None, dropout_p=dropout_p)
+    return out.squeeze(0) if unbatched else out
+
+
+def _is_causal_bias(mask) -> bool:
+    try:
+        from torch.nn.attention.bias import CausalBias
+    except ImportError:
+        return False
+    return isinstance(mask, CausalBias)
+
+
+def _causal_bias_band(op: str, mask, lq: int, lk: int) -> tuple:
+    """torch's CausalBias objects -> band. Lower-right is ours; upper-left is torch's is_causal."""
+    if not _is_causal_bias(mask):
+        raise ValueError(f"{op}: attn_mask must be a Tensor, a CausalBias or None, got {type(mask).__name__}")
+    from torch.nn.attention.bias import CausalVariant
+
+    if (mask.seq_len_q, mask.seq_len_kv) != (lq, lk):
+        raise ValueError(
+            f"{op}: causal bias is for ({mask.seq_len_q}, {mask.seq_len_kv}) but the inputs have "
+            f"Lq={lq}, Lk={lk}")
+    if mask.variant == CausalVariant.LOWER_RIGHT:
+        return (None, 0)
+    return (None, lq - lk)

@@ -1,0 +1,131 @@
+"""Plain-PyTorch exact attention: the spec, the test oracle and the CPU fallback.
+
+Everything here is ordinary differentiable torch code that runs in any dtype, float64
+included. It materialises the (Lq, Lk) score matrix, so it is meant for checking and for
+small inputs; the Triton kernels in ``kernels.py`` compute the same thing blockwise.
+
+Positions follow FlashAttention: query ``i`` sits on the diagonal at key ``i + Lk - Lq``
+(bottom-right alignment). A band ``(left, right)`` keeps key ``j`` for query ``i`` iff
+``i + Lk - Lq - left <= j <= i + Lk - Lq + right``; ``None`` leaves that side open. Causal is
+``right = 0``; torch's top-left causal is ``right = Lq - Lk``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def band_from(causal: bool, window: Optional[tuple]) -> tuple[Optional[int], Optional[int]]:
+    """Combine ``causal`` and ``window=(left, right)`` into one band ``(left, right)``."""
+    left, right = (None, None) if window is None else window
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
+
+
+def band_mask(lq: int, lk: int, left: Optional[int], right: Optional[int], device=None) -> Optional[Tensor]:
+    """Bool (lq, lk), True where query i may see key j under the band; None if unbounded."""
+    if left is None and right is None:
+        return None
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    rel = j - i - (lk - lq)  # key position relative to the query's diagonal
+    keep = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if left is not None:
+        keep &= rel >= -left
+    if right is not None:
+        keep &= rel <= right
+    return keep
+
+
+def alibi_bias(slopes: Tensor, lq: int, lk: int) -> Tensor:
+    """ALiBi as FlashAttention defines it: ``-slope * |i + Lk - Lq - j|``.
+
+    slopes: (H,) or (B, H). Returns float32 (1 or B, H, lq, lk).
+    """
+    i = torch.arange(lq, device=slopes.device)[:, None]
+    j = torch.arange(lk, device=slopes.device)[None, :]
+    dist = (i + (lk - lq) - j).abs().to(torch.float32)
+    slopes = slopes.to(torch.float32)
+    if slopes.dim() == 1:
+        slopes = slopes[None]
+    return -slopes[:, :, None, None] * dist
+
+
+def attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    window: Optional[tuple] = None,
+    attn_bias: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[Tensor] = None,
+    return_lse: bool = False,
+):
+    """Exact attention in plain PyTorch, in the dtype of the inputs.
+
+    Args:
+        q: (B, Hq, Lq, D). k: (B, Hkv, Lk, D). v: (B, Hkv, Lk, Dv); Hq a multiple of Hkv,
+            query head h reads kv head ``h // (Hq // Hkv)``.
+        causal: bottom-right causal (see module docstring).
+        window: ``(left, right)`` band around the diagonal; entries may be None (unbounded).
+            Negative entries are allowed here (torch's top-left causal is ``(None, Lq - Lk)``).
+        attn_bias: broadcastable to (B, Hq, Lq, Lk); bool (True = attend) or additive float.
+        alibi_slopes: (Hq,) or (B, Hq).
+        softcap: logits become ``softcap * tanh(logits / softcap)`` before bias and masks.
+        dropout_p / dropout_mask: if ``dropout_mask`` (bool, broadcastable to the scores, True =
+            keep) is given it is used as is; otherwise one is drawn with ``torch.rand``.
+        return_lse: also return the natural-log logsumexp of each row, (B, Hq, Lq), in float32
+            (float64 for float64 inputs).
+
+    Returns:
+        out (B, Hq, Lq, Dv), and lse if requested. Rows with every key masked give out 0 and
+        lse -inf.
+
+    Equivalent code::
+
+        s = softcap_fn(q @ k.transpose(-1, -2) * scale) + bias + alibi, masked to -inf
+        out = dropout(softmax(s, -1)) @ v
+    """
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if hq != hkv:
+        # The oracle may copy K/V per query head; the kernels index instead.
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    masked = None
+    if attn_bias is not None:
+        if attn_bias.dtype == torch.bool:
+            masked = ~attn_bias
+        else:
+            s = s + attn_bias.to(s.dtype)
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, lq, lk).to(s.dtype)
+    keep = band_mask(lq, lk, *band_from(causal, window), device=q.device)
+    if keep is not None:
+        masked = ~keep if masked is None else (masked | ~keep)
+    if masked is not None:
+        s = s.masked_fill(masked, float("-inf"))
+    lse = torch.logsumexp(s.to(torch.promote_types(s.dtype, torch.float32)), dim=-1)
+    # softmax of a fully masked row is 0/0; torch >= 2.5 returns 0 there, and so do we.
+    empty = torch.isneginf(lse)[..., None]
+    p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand(s.shape, device=s.device) >= dropout_p
+        p = p.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+    out = torch.matmul(p.to(v.dtype), v)
+    return (out, lse) if return_lse else out
