@@ -5,13 +5,13 @@ Layout: every tensor is (batch, heads, seq, dim) with arbitrary strides; the lau
 dQ kernels, keys in the dK/dV kernel) of one (batch, head). Scores are never stored: they
 are recomputed blockwise, and the softmax is carried online (running max ``m`` and sum ``l``).
 
-Positions (see ``reference.py``): ``rel = j - i - DIAG`` is key j's distance from query i's
-diagonal, with DIAG = Lk - Lq. The band keeps ``-window_left <= rel <= window_right``.
+Positions (see ``reference.py``): ``rel = j - i - diag`` is key j's distance from query i's
+diagonal, with diag = Lk - Lq. The band keeps ``-window_left <= rel <= window_right``.
 """
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E); exp2 is the fast hardware path
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E); exp2 is the fast hardware path
 
 
 @triton.jit
@@ -30,7 +30,7 @@ def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _logits(
-    qk, offs_m, offs_n, LQ, LK, DIAG, softcap, window_left, window_right,
+    qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, softcap, window_left, window_right,
     bias_base, stride_bm, stride_bn, slope,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -39,14 +39,14 @@ def _logits(
     s = qk
     if HAS_SOFTCAP:
         s = softcap * _tanh(s / softcap)
-    valid = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
-    rel = offs_n[None, :] - offs_m[:, None] - DIAG
+    valid = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
+    rel = offs_n[None, :] - offs_m[:, None] - diag
     if HAS_LEFT:
         valid = valid & (rel >= -window_left)
     if HAS_RIGHT:
         valid = valid & (rel <= window_right)
     if HAS_BIAS:
-        in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
+        in_bounds = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
         b_ptrs = bias_base + offs_m[:, None].to(tl.int64) * stride_bm + offs_n[None, :].to(tl.int64) * stride_bn
         if BIAS_IS_BOOL:
             valid = valid & (tl.load(b_ptrs, mask=in_bounds, other=0) != 0)
@@ -58,14 +58,14 @@ def _logits(
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offs_m, offs_n, LQ, LK, dropout_p):
+def _dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p):
     # One Philox counter per (batch*head, query, key): the backward regenerates the same mask.
-    offs = (bh.to(tl.int64) * LQ + offs_m[:, None]) * LK + offs_n[None, :]
+    offs = (bh.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
     return tl.rand(seed, offs) >= dropout_p
 
 
 @triton.jit
-def _key_range(start_m, LK, DIAG, window_left, window_right,
+def _key_range(start_m, seqlen_k, diag, window_left, window_right,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """[lo, hi) of key positions that query rows start_m .. start_m + BLOCK_M - 1 can see.
@@ -74,31 +74,31 @@ def _key_range(start_m, LK, DIAG, window_left, window_right,
     interpreter turns tl.minimum of two scalars into an array.
     """
     lo = start_m * 0
-    hi = lo + LK
+    hi = lo + seqlen_k
     if HAS_LEFT:
-        lo = start_m + DIAG - window_left
+        lo = start_m + diag - window_left
         lo = lo * (lo > 0)
         lo = (lo // BLOCK_N) * BLOCK_N
     if HAS_RIGHT:
-        hi = start_m + BLOCK_M + DIAG + window_right  # one past the last visible key
-        hi = LK + (hi - LK) * (hi < LK)
+        hi = start_m + BLOCK_M + diag + window_right  # one past the last visible key
+        hi = seqlen_k + (hi - seqlen_k) * (hi < seqlen_k)
     return lo, hi
 
 
 @triton.jit
-def _query_range(start_n, LQ, DIAG, window_left, window_right,
+def _query_range(start_n, seqlen_q, diag, window_left, window_right,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """[lo, hi) of query positions that can see key columns start_n .. start_n + BLOCK_N - 1."""
     lo = start_n * 0
-    hi = lo + LQ
+    hi = lo + seqlen_q
     if HAS_RIGHT:
-        lo = start_n - DIAG - window_right  # rel <= right  <=>  i >= j - DIAG - right
+        lo = start_n - diag - window_right  # rel <= right  <=>  i >= j - diag - right
         lo = lo * (lo > 0)
         lo = (lo // BLOCK_M) * BLOCK_M
     if HAS_LEFT:
-        hi = start_n + BLOCK_N - DIAG + window_left  # rel >= -left  <=>  i <= j - DIAG + left
-        hi = LQ + (hi - LQ) * (hi < LQ)
+        hi = start_n + BLOCK_N - diag + window_left  # rel >= -left  <=>  i <= j - diag + left
+        hi = seqlen_q + (hi - seqlen_q) * (hi < seqlen_q)
     return lo, hi
 
 
@@ -111,7 +111,7 @@ def attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_ab, stride_ah,
-    H, GROUP, LQ, LK,
+    n_heads, group, seqlen_q, seqlen_k,
     scale, softcap, dropout_p, window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -122,16 +122,16 @@ def attn_fwd_kernel(
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUP  # GQA: query head h reads kv head h // GROUP, no copy of K/V
-    DIAG = LK - LQ
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    hk = h // group  # GQA: query head h reads kv head h // group, no copy of K/V
+    diag = seqlen_k - seqlen_q
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < LQ
+    row_ok = offs_m < seqlen_q
 
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -149,14 +149,14 @@ def attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
-    lo, hi = _key_range(start_m, LK, DIAG, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, hi = _key_range(start_m, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        col_ok = offs_n < LK
+        col_ok = offs_n < seqlen_k
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
                     mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         qk = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
-        s = _logits(qk, offs_m, offs_n, LQ, LK, DIAG, softcap, window_left, window_right,
+        s = _logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, softcap, window_left, window_right,
                     bias_base, stride_bm, stride_bn, slope,
                     HAS_BIAS, BIAS_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -167,7 +167,7 @@ def attn_fwd_kernel(
         alpha = tl.math.exp2((m_i - m_safe) * LOG2E)  # rescales what was summed under the old max
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser counts dropped entries too
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, LQ, LK, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
@@ -179,7 +179,7 @@ def attn_fwd_kernel(
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(LSE + bh.to(tl.int64) * LQ + offs_m, lse, mask=row_ok)
+    tl.store(LSE + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -191,7 +191,7 @@ def attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_ab, stride_ah,
-    HKV, GROUP, LQ, LK,
+    n_kv_heads, group, seqlen_q, seqlen_k,
     scale, softcap, dropout_p, window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -200,20 +200,20 @@ def attn_bwd_dkdv_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dK, dV for one block of keys of one kv head, summed over the GROUP query heads that
+    """dK, dV for one block of keys of one kv head, summed over the group query heads that
     share it, so GQA never allocates Hq-sized key gradients. DK/DV are contiguous."""
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
-    b = (bhk // HKV).to(tl.int64)
-    hk = (bhk % HKV).to(tl.int64)
-    H = HKV * GROUP
-    DIAG = LK - LQ
+    b = (bhk // n_kv_heads).to(tl.int64)
+    hk = (bhk % n_kv_heads).to(tl.int64)
+    n_heads = n_kv_heads * group
+    diag = seqlen_k - seqlen_q
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    col_ok = offs_n < LK
+    col_ok = offs_n < seqlen_k
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < HEAD_DIM_V
 
@@ -227,10 +227,10 @@ def attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
-    lo, hi = _query_range(start_n, LQ, DIAG, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    for g in range(0, GROUP):
-        h = hk * GROUP + g
-        bh = b * H + h
+    lo, hi = _query_range(start_n, seqlen_q, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    for g in range(0, group):
+        h = hk * group + g
+        bh = b * n_heads + h
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         bias_base = BIAS + b * stride_bb + h * stride_bh
@@ -239,15 +239,15 @@ def attn_bwd_dkdv_kernel(
             slope = tl.load(ALIBI + b * stride_ab + h * stride_ah).to(tl.float32)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
-            row_ok = offs_m < LQ
+            row_ok = offs_m < seqlen_q
             q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
                          mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-            lse = tl.load(LSE + bh * LQ + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + bh * LQ + offs_m, mask=row_ok, other=0.0)
+            lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
             qk = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
-            s = _logits(qk, offs_m, offs_n, LQ, LK, DIAG, softcap, window_left, window_right,
+            s = _logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, softcap, window_left, window_right,
                         bias_base, stride_bm, stride_bn, slope,
                         HAS_BIAS, BIAS_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT)
             # A fully masked row has lse -inf; use +inf so that p = exp(-inf) = 0, not NaN.
@@ -255,7 +255,7 @@ def attn_bwd_dkdv_kernel(
             p = tl.math.exp2((s - lse[:, None]) * LOG2E)  # the forward's softmax, recomputed
             dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
             if HAS_DROPOUT:
-                keep = _dropout_keep(seed, bh, offs_m, offs_n, LQ, LK, dropout_p)
+                keep = _dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
                 p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             else:
@@ -269,7 +269,7 @@ def attn_bwd_dkdv_kernel(
             dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32, PRECISION)
 
     dk = dk * scale  # the scores were q.k * scale
-    out_rows = bhk.to(tl.int64) * LK + offs_n
+    out_rows = bhk.to(tl.int64) * seqlen_k + offs_n
     tl.store(DK + out_rows[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=col_ok[:, None] & d_ok[None, :])
     tl.store(DV + out_rows[:, None] * HEAD_DIM_V + offs_dv[None, :], dv.to(DV.dtype.element_ty),
@@ -285,7 +285,7 @@ def attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_ab, stride_ah,
-    H, GROUP, LQ, LK,
+    n_heads, group, seqlen_q, seqlen_k,
     scale, softcap, dropout_p, window_left, window_right,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -299,16 +299,16 @@ def attn_bwd_dq_kernel(
     contiguous."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUP
-    DIAG = LK - LQ
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    hk = h // group
+    diag = seqlen_k - seqlen_q
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < LQ
+    row_ok = offs_m < seqlen_q
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < HEAD_DIM_V
 
@@ -316,9 +316,9 @@ def attn_bwd_dq_kernel(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
                  mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked row -> p = 0
-    delta = tl.load(DELTA + bh.to(tl.int64) * LQ + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     bias_base = BIAS + b * stride_bb + h * stride_bh
@@ -330,26 +330,26 @@ def attn_bwd_dq_kernel(
         seed = tl.load(SEED)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    lo, hi = _key_range(start_m, LK, DIAG, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, hi = _key_range(start_m, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        col_ok = offs_n < LK
+        col_ok = offs_n < seqlen_k
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
         qk = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
-        s = _logits(qk, offs_m, offs_n, LQ, LK, DIAG, softcap, window_left, window_right,
+        s = _logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, softcap, window_left, window_right,
                     bias_base, stride_bm, stride_bn, slope,
                     HAS_BIAS, BIAS_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT)
         p = tl.math.exp2((s - lse[:, None]) * LOG2E)
         dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, LQ, LK, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         if STORE_DS:
-            ds_ptrs = DS + (bh.to(tl.int64) * LQ + offs_m[:, None]) * LK + offs_n[None, :]
+            ds_ptrs = DS + (bh.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
             tl.store(ds_ptrs, ds, mask=row_ok[:, None] & col_ok[None, :])
         if HAS_SOFTCAP:
             t = _tanh(qk / softcap)
@@ -357,18 +357,18 @@ def attn_bwd_dq_kernel(
         dq += _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
 
     dq = dq * scale
-    rows = bh.to(tl.int64) * LQ + offs_m
+    rows = bh.to(tl.int64) * seqlen_q + offs_m
     tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def dropout_mask_kernel(KEEP, SEED, LQ, LK, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Writes the keep-mask the attention kernels draw, (B*H, LQ, LK) uint8: for tests and
+def dropout_mask_kernel(KEEP, SEED, seqlen_q, seqlen_k, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes the keep-mask the attention kernels draw, (B*H, Lq, Lk) uint8: for tests and
     for anyone who needs to reproduce a dropout pattern with the reference."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bh = tl.program_id(2)
-    keep = _dropout_keep(tl.load(SEED), bh, offs_m, offs_n, LQ, LK, dropout_p)
-    ptrs = KEEP + (bh.to(tl.int64) * LQ + offs_m[:, None]) * LK + offs_n[None, :]
-    tl.store(ptrs, keep.to(tl.uint8), mask=(offs_m[:, None] < LQ) & (offs_n[None, :] < LK))
+    keep = _dropout_keep(tl.load(SEED), bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
+    ptrs = KEEP + (bh.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.uint8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))

@@ -16,20 +16,30 @@ from torch import Tensor
 from fastattn.backend import interpreting
 from fastattn.ops.flash import kernels
 
-# Grid blocks by head dim when compiled for a GPU (hand-picked to stay inside the H100's
-# shared memory; autotuning per device is the H100 issue's work). The interpreter runs one
-# program at a time in NumPy, where fewer, larger blocks are faster.
-_GPU_BLOCKS = {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 4), 128: (128, 32, 8), 256: (64, 32, 8)}
+# (BLOCK_M, BLOCK_N, num_warps) by padded head dim when compiled for a GPU, hand-picked so
+# every kernel fits the H100's 227 KB of shared memory (tests/test_flash_compile.py checks
+# this without a GPU); per-device autotuning is the H100 issue's work. fp32 tiles take twice
+# the bytes, so they get half the query rows. The interpreter runs one program at a time in
+# NumPy, where fewer, larger blocks are faster.
+_FWD_BLOCKS = {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 4), 128: (128, 64, 8), 256: (64, 32, 8)}
+_BWD_BLOCKS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8), 256: (64, 32, 8)}
 _INTERPRETER_BLOCKS = (32, 32, 4)
 
 
-def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+def block_config(head_dim: int, dtype: torch.dtype, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for a head dim (the larger of q's and v's)."""
     if interpreting():
         return _INTERPRETER_BLOCKS
-    block_m, block_n, warps = _GPU_BLOCKS[max(16, triton.next_power_of_2(head_dim))]
-    if dtype == torch.float32:  # twice the bytes per tile
-        block_m = min(block_m, 64)
+    table = _BWD_BLOCKS if backward else _FWD_BLOCKS
+    block_m, block_n, warps = table[max(16, triton.next_power_of_2(head_dim))]
+    if dtype == torch.float32:
+        block_m = max(32, block_m // 2)
     return block_m, block_n, warps
+
+
+def _empty(*shape, like: Tensor, dtype=None) -> Tensor:
+    """Every output buffer comes from here, so tests can poison them with NaN."""
+    return torch.empty(*shape, device=like.device, dtype=dtype or like.dtype)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -67,11 +77,11 @@ def _alibi_args(q: Tensor, alibi: Optional[Tensor]):
     return alibi, alibi.stride()
 
 
-def _common(q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right):
+def _common(q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right, backward):
     bias_t, bias_strides, bias_flags = _bias_args(q, bias)
     alibi_t, alibi_strides = _alibi_args(q, alibi)
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
-    block_m, block_n, warps = _config(max(head_dim, head_dim_v), q.dtype)
+    block_m, block_n, warps = block_config(max(head_dim, head_dim_v), q.dtype, backward)
     meta = dict(
         scale=scale, softcap=softcap or 1.0, dropout_p=dropout_p,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -92,10 +102,10 @@ def _common(q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, 
 def _forward(q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right):
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    out = torch.empty(b, h, lq, v.shape[-1], device=q.device, dtype=q.dtype)
-    lse = torch.empty(b, h, lq, device=q.device, dtype=torch.float32)
+    out = _empty(b, h, lq, v.shape[-1], like=q)
+    lse = _empty(b, h, lq, like=q, dtype=torch.float32)
     (bias_t, alibi_t, seed_t), strides, meta = _common(
-        q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right)
+        q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right, False)
     grid = (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
     kernels.attn_fwd_kernel[grid](
         q, k, v, out, lse, bias_t, alibi_t, seed_t,
@@ -111,12 +121,14 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, scale, softcap, dropout_
     hkv, lk = k.shape[1], k.shape[2]
     # Softmax backward needs rowsum(dO * O) per query row.
     delta = torch.linalg.vecdot(do.float(), out.float()).contiguous()
-    dq = torch.empty(b, h, lq, q.shape[-1], device=q.device, dtype=q.dtype)
-    dk = torch.empty(b, hkv, lk, k.shape[-1], device=q.device, dtype=k.dtype)
-    dv = torch.empty(b, hkv, lk, v.shape[-1], device=q.device, dtype=v.dtype)
-    ds = torch.empty(b, h, lq, lk if bias_grad else 0, device=q.device, dtype=torch.float32)
+    dq = _empty(b, h, lq, q.shape[-1], like=q)
+    dk = _empty(b, hkv, lk, k.shape[-1], like=k)
+    dv = _empty(b, hkv, lk, v.shape[-1], like=v)
+    # Zeros, not empty: blocks outside the causal/window band are skipped, and their bias
+    # gradient is 0.
+    ds = torch.zeros(b, h, lq, lk if bias_grad else 0, device=q.device, dtype=torch.float32)
     (bias_t, alibi_t, seed_t), strides, meta = _common(
-        q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right)
+        q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right, True)
     args = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *strides)
     kernels.attn_bwd_dkdv_kernel[(triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)](
         q, k, v, do, lse, delta, dk, dv, bias_t, alibi_t, seed_t, *args,
@@ -195,7 +207,7 @@ def flash_attn(q, k, v, *, bias=None, alibi=None, seed=None, scale, softcap=0.0,
 
 def dropout_keep_mask(seed: Tensor, b: int, h: int, lq: int, lk: int, dropout_p: float) -> Tensor:
     """The bool keep-mask (B, H, Lq, Lk) that the kernels draw for ``seed``."""
-    keep = torch.empty(b * h, lq, lk, device=seed.device, dtype=torch.uint8)
+    keep = _empty(b * h, lq, lk, like=seed, dtype=torch.uint8)
     grid = (triton.cdiv(lq, 32), triton.cdiv(lk, 32), b * h)
     kernels.dropout_mask_kernel[grid](keep, seed, lq, lk, dropout_p, BLOCK_M=32, BLOCK_N=32)
     return keep.view(b, h, lq, lk).bool()

@@ -1,0 +1,209 @@
+"""Flash kernels against the float64 reference, forward and backward, by the DESIGN.md rule.
+
+Kernels run on CUDA when present, otherwise under TRITON_INTERPRET=1 (see conftest.py).
+Every call goes through ``use_backend("triton")`` so a silent fallback cannot pass a test.
+"""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import fastattn  # noqa: E402
+from fastattn.ops.flash.reference import attention_reference  # noqa: E402
+from helpers import as64, assert_close_rule, max_err, randn, same_dtype_copy  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+def check_against_reference(q, k, v, *, grad=True, **kw):
+    """Kernel output, lse and gradients vs the float64 oracle, with plain torch in the same
+    dtype as the yardstick. Keyword tensors with requires_grad get gradients checked too."""
+    tensors = {"q": q, "k": k, "v": v, **{n: t for n, t in kw.items() if isinstance(t, torch.Tensor)}}
+    diff = [n for n, t in tensors.items() if t.requires_grad]
+
+    with fastattn.use_backend("triton"):
+        out, lse = fastattn.flash_attention(q, k, v, return_lse=True, **kw)
+
+    def run_ref(convert):
+        args = {n: convert(t) for n, t in tensors.items()}
+        options = {n: a for n, a in kw.items() if not isinstance(a, torch.Tensor)}
+        o, l = attention_reference(args["q"], args["k"], args["v"], return_lse=True, **options,
+                                   **{n: args[n] for n in args if n not in ("q", "k", "v")})
+        return o, l, args
+
+    oracle, oracle_lse, args64 = run_ref(as64)
+    base, base_lse, args_t = run_ref(same_dtype_copy)
+    assert out.shape == oracle.shape and out.dtype == q.dtype
+    assert_close_rule("out", out, oracle, base)
+    assert_close_rule("lse", lse, oracle_lse, base_lse)
+    if not (grad and diff):
+        return out
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [tensors[n] for n in diff], do)
+    grads64 = torch.autograd.grad(oracle, [args64[n] for n in diff], do.double())
+    grads_t = torch.autograd.grad(base, [args_t[n] for n in diff], do)
+    for name, g, g64, gt in zip(diff, grads, grads64, grads_t):
+        assert g.shape == tensors[name].shape
+        assert_close_rule(f"d{name}", g, g64, gt, factor=3.0)
+    return out
+
+
+# (B, Hq, Hkv, Lq, Lk, D): the awkward shapes of DESIGN.md. Lq != Lk both ways, GQA
+# ratios 1/2/3/8 and MQA, head dims that are not powers of two.
+SHAPES = [
+    (1, 1, 1, 1, 1, 16),
+    (2, 2, 2, 17, 17, 40),
+    (1, 3, 1, 63, 97, 64),      # MQA, Lq < Lk
+    (1, 8, 1, 1, 113, 32),      # decode-like: one query
+    (1, 6, 2, 113, 63, 80),     # GQA 3:1, Lq > Lk
+    (1, 8, 1, 33, 47, 96),      # GQA 8:1 (= MQA with 8 heads)
+    (1, 2, 1, 65, 203, 128),
+    (1, 2, 2, 47, 31, 160),
+    (1, 1, 1, 40, 33, 256),
+]
+
+
+def shape_id(s):
+    return "b{}-h{}:{}-q{}-k{}-d{}".format(*s)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_shapes(shape, dtype, causal, device):
+    b, hq, hkv, lq, lk, d = shape
+    q = randn((b, hq, lq, d), dtype, device, requires_grad=True, transposed=True)
+    k = randn((b, hkv, lk, d), dtype, device, requires_grad=True, transposed=True)
+    v = randn((b, hkv, lk, d), dtype, device, requires_grad=True)
+    check_against_reference(q, k, v, causal=causal)
+
+
+def _features(b, h, lq, lk, dtype, device):
+    """name -> kwargs for flash_attention, built fresh for each test."""
+    def bias_float(grad):
+        return randn((1, h, lq, lk), dtype, device, requires_grad=grad)
+
+    return {
+        "window": dict(window=(7, 3)),
+        "window-left-causal": dict(window=(20, None), causal=True),
+        "window-right-only": dict(window=(None, 0)),
+        "bias": dict(attn_bias=bias_float(False)),
+        "bias-grad": dict(attn_bias=bias_float(True)),
+        "bias-fp32-keypad": dict(attn_bias=randn((b, 1, 1, lk), torch.float32, device)),
+        "mask-bool": dict(attn_bias=torch.rand(b, h, lq, lk, device=device) > 0.3),
+        "mask-bool-keypad": dict(attn_bias=torch.rand(b, 1, 1, lk, device=device) > 0.5),
+        "alibi": dict(alibi_slopes=torch.rand(h, device=device)),
+        "alibi-per-batch-causal": dict(alibi_slopes=torch.rand(b, h, device=device), causal=True),
+        "softcap": dict(softcap=2.0, scale=2.0),
+        "everything": dict(causal=True, window=(12, None), softcap=5.0, alibi_slopes=torch.rand(h, device=device),
+                           attn_bias=bias_float(True), scale=0.3),
+    }
+
+
+FEATURES = list(_features(1, 1, 1, 1, torch.float32, "cpu"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("lq,lk", [(45, 70), (70, 45)], ids=["q45-k70", "q70-k45"])
+@pytest.mark.parametrize("feature", FEATURES)
+def test_features(feature, lq, lk, dtype, device):
+    b, hq, hkv, d = 2, 4, 2, 48
+    q = randn((b, hq, lq, d), dtype, device, requires_grad=True)
+    k = randn((b, hkv, lk, d), dtype, device, requires_grad=True)
+    v = randn((b, hkv, lk, d), dtype, device, requires_grad=True)
+    check_against_reference(q, k, v, **_features(b, hq, lq, lk, dtype, device)[feature])
+
+
+def test_value_head_dim_may_differ(device):
+    q = randn((1, 2, 33, 64), torch.float32, device, requires_grad=True)
+    k = randn((1, 2, 40, 64), torch.float32, device, requires_grad=True)
+    v = randn((1, 2, 40, 24), torch.float32, device, requires_grad=True)
+    check_against_reference(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_fully_masked_rows_give_zero_and_neg_inf_lse(dtype, device):
+    b, h, lq, lk, d = 1, 2, 40, 50, 32
+    q = randn((b, h, lq, d), dtype, device, requires_grad=True)
+    k = randn((b, h, lk, d), dtype, device, requires_grad=True)
+    v = randn((b, h, lk, d), dtype, device, requires_grad=True)
+    mask = torch.rand(b, h, lq, lk, device=device) > 0.5
+    mask[:, :, ::3] = False  # every third query sees nothing
+    out = check_against_reference(q, k, v, attn_bias=mask)
+    assert torch.all(out[:, :, ::3] == 0)
+    with fastattn.use_backend("triton"):
+        _, lse = fastattn.flash_attention(q, k, v, attn_bias=mask, return_lse=True)
+        # A window that leaves the first rows with no key at all (Lq > Lk, causal).
+        out2, lse2 = fastattn.flash_attention(k, q, q, causal=True, return_lse=True)
+    assert torch.all(torch.isneginf(lse[:, :, ::3]))
+    assert torch.all(out2[:, :, : lk - lq] == 0) and torch.all(torch.isneginf(lse2[:, :, : lk - lq]))
+    dq, = torch.autograd.grad(out2.sum(), [k])
+    assert torch.isfinite(dq).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_large_logits_stay_finite(dtype, device):
+    # Logits up to ~1e4: the online softmax must subtract the running max before exp.
+    q = randn((1, 2, 37, 64), dtype, device, scale=12.0, requires_grad=True)
+    k = randn((1, 2, 29, 64), dtype, device, scale=12.0, requires_grad=True)
+    v = randn((1, 2, 29, 64), dtype, device, requires_grad=True)
+    out = check_against_reference(q, k, v, scale=1.0)
+    assert torch.isfinite(out).all()
+
+
+def test_dropout_matches_reference_with_the_kernels_mask(device):
+    from fastattn.ops.flash import op
+
+    b, hq, hkv, lq, lk, d, p = 2, 4, 2, 37, 53, 32, 0.3
+    q = randn((b, hq, lq, d), torch.float32, device, requires_grad=True)
+    k = randn((b, hkv, lk, d), torch.float32, device, requires_grad=True)
+    v = randn((b, hkv, lk, d), torch.float32, device, requires_grad=True)
+    seed = torch.randint(0, 2**62, (1,), device=device)
+    out, _ = op.flash_attn(q, k, v, seed=seed, scale=d ** -0.5, dropout_p=p, window_right=0)
+    keep = op.dropout_keep_mask(seed, b, hq, lq, lk, p)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.02
+    q64, k64, v64 = map(as64, (q, k, v))
+    ref = attention_reference(q64, k64, v64, causal=True, dropout_p=p, dropout_mask=keep)
+    assert max_err(out, ref) < 1e-5
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [q, k, v], do)
+    ref_grads = torch.autograd.grad(ref, [q64, k64, v64], do.double())
+    for g, r in zip(grads, ref_grads):
+        assert max_err(g, r) < 1e-4
+
+
+def test_dropout_is_repeatable_under_manual_seed(device):
+    q, k, v = (randn((1, 2, 40, 32), torch.float16, device) for _ in range(3))
+    with fastattn.use_backend("triton"):
+        torch.manual_seed(1)
+        a = fastattn.flash_attention(q, k, v, dropout_p=0.5)
+        torch.manual_seed(1)
+        b = fastattn.flash_attention(q, k, v, dropout_p=0.5)
+        c = fastattn.flash_attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_backward_is_deterministic(device):
+    q = randn((1, 4, 50, 32), torch.float16, device, requires_grad=True)
+    k = randn((1, 2, 60, 32), torch.float16, device, requires_grad=True)
+    v = randn((1, 2, 60, 32), torch.float16, device, requires_grad=True)
+    do = torch.randn(1, 4, 50, 32, device=device, dtype=torch.float16)
+
+    def grads():
+        with fastattn.use_backend("triton"):
+            out = fastattn.flash_attention(q, k, v, causal=True)
+        return torch.autograd.grad(out, [q, k, v], do)
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim(device):
+    q, k, v = (randn((1, 1, 9, 36), torch.float32, device) for _ in range(3))
+    with fastattn.use_backend("triton"):
+        a = fastattn.flash_attention(q, k, v)
+        b = fastattn.flash_attention(q, k, v, scale=1 / math.sqrt(36))
+    assert torch.equal(a, b)
