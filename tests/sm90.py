@@ -1,0 +1,86 @@
+"""Compile kernels for the H100 (sm_90) on a machine without a GPU, and check that they fit
+its shared memory. Triton compiles to a cubin ahead of time when given the target.
+
+This catches what the interpreter cannot: compile errors (non-constexpr globals, type
+mismatches between branches, dot shapes) and tiles that would not fit on the device.
+It must run with TRITON_INTERPRET=0 (an interpreted kernel cannot be compiled), so
+tests/test_sm90_compile.py runs it in a subprocess:
+
+    python tests/sm90.py flash-fp16-d128        # one case, prints JSON
+    python tests/sm90.py all                    # every case, one line each
+
+Each op registers its cases in CASES: name -> function returning [(kernel_name, compiled)].
+Use the launchers' own block configs with every feature on (the largest footprint).
+"""
+import json
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+H100_SHARED_BYTES = 232448  # 227 KB usable per block on sm_90
+PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+def compile_sm90(kernel, constexprs, num_warps, pointers, floats=(), default_pointer="*fp32"):
+    """Compile ``kernel`` for sm_90. Arguments in ``pointers`` (name -> "*fp16" etc.) and
+    upper-case names (pointers, by the kernels' naming rule, typed ``default_pointer``) are
+    pointers; ``floats`` are fp32 scalars; other runtime arguments are i32."""
+    signature = {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+        elif p.name in pointers:
+            signature[p.name] = pointers[p.name]
+        elif p.name.isupper():
+            signature[p.name] = default_pointer
+        elif p.name in floats:
+            signature[p.name] = "fp32"
+        else:
+            signature[p.name] = "i32"
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def flash_case(dtype, head_dim):
+    from fastattn.ops.flash import kernels, op
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    fp32 = {n: "*fp32" for n in ("LSE", "ALIBI", "DELTA", "DS", "BIAS")}
+    out = []
+    for name, kernel, backward, extra in (
+        ("fwd", kernels.attn_fwd_kernel, False, {}),
+        ("dkdv", kernels.attn_bwd_dkdv_kernel, True, {}),
+        ("dq", kernels.attn_bwd_dq_kernel, True, {"STORE_DS": True}),
+    ):
+        block_m, block_n, warps = op.block_config(head_dim, dtype, backward)
+        constexprs = dict(
+            HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_D=block_d, BLOCK_DV=block_d, HAS_BIAS=True, BIAS_IS_BOOL=False,
+            HAS_ALIBI=True, HAS_SOFTCAP=True, HAS_DROPOUT=True, HAS_LEFT=True, HAS_RIGHT=True,
+            DOT_FP32=False, PRECISION="ieee", **extra)
+        out.append((name, compile_sm90(kernel, constexprs, warps, {**fp32, "SEED": "*i64"},
+                                       floats=("scale", "softcap", "dropout_p"),
+                                       default_pointer=PTR[dtype])))
+    return out
+
+
+CASES = {
+    f"flash-{str(dtype)[6:]}-d{d}": (lambda dtype=dtype, d=d: flash_case(dtype, d))
+    for dtype in PTR for d in (16, 32, 40, 64, 80, 96, 128, 160, 256)
+}
+
+
+def run(name):
+    sizes = {kernel: compiled.metadata.shared for kernel, compiled in CASES[name]()}
+    return {"case": name, "shared": sizes, "fits": all(v <= H100_SHARED_BYTES for v in sizes.values())}
+
+
+if __name__ == "__main__":
+    names = list(CASES) if sys.argv[1:] == ["all"] else sys.argv[1:]
+    for name in names:
+        print(json.dumps(run(name)), flush=True)
