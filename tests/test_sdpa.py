@@ -1,0 +1,129 @@
+"""fastattn.scaled_dot_product_attention is a drop-in for torch's: same results on randomized
+inputs (shapes, masks, GQA, causal with Lq < Lk and Lq > Lk, non-contiguous views), judged by
+the DESIGN.md rule against torch's own function run in float64."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import fastattn  # noqa: E402
+from fastattn.ops.flash.reference import attention_reference  # noqa: E402
+from helpers import as64, assert_close_rule, randn, same_dtype_copy  # noqa: E402
+
+
+def plain_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, **_):
+    """Plain PyTorch math (matmul, softmax, matmul) in the inputs' dtype: the yardstick of the
+    DESIGN.md rule. torch's fused CPU kernels accumulate in fp32, so they are no yardstick."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    window = (None, lq - lk) if is_causal else None  # top-left causal, in bottom-right terms
+    unbatched = q.dim() == 3
+    if unbatched:
+        q, k, v = q[None], k[None], v[None]
+    out = attention_reference(q, k, v, window=window, scale=scale, attn_bias=attn_mask)
+    return out[0] if unbatched else out
+
+
+def check_like_torch(q, k, v, **kw):
+    """Ours (kernels) vs torch's own function in float64 (the oracle), with plain PyTorch math
+    in q's dtype as the yardstick; outputs and gradients of every input that requires grad."""
+    with fastattn.use_backend("triton"):
+        out = fastattn.scaled_dot_product_attention(q, k, v, **kw)
+    inputs = {"q": q, "k": k, "v": v}
+    if isinstance(kw.get("attn_mask"), torch.Tensor):
+        inputs["attn_mask"] = kw["attn_mask"]
+
+    def run(fn, convert):
+        args = {n: convert(t) for n, t in inputs.items()}
+        options = {**kw, **{n: a for n, a in args.items() if n == "attn_mask"}}
+        return fn(args["q"], args["k"], args["v"], **options), args
+
+    oracle, args64 = run(F.scaled_dot_product_attention, as64)
+    base, args_t = run(plain_attention, same_dtype_copy)
+    assert out.shape == base.shape and out.dtype == base.dtype
+    assert_close_rule("out", out, oracle, base)
+    names = [n for n, t in inputs.items() if t.requires_grad]
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [inputs[n] for n in names], do)
+    grads64 = torch.autograd.grad(oracle, [args64[n] for n in names], do.double())
+    grads_t = torch.autograd.grad(base, [args_t[n] for n in names], do)
+    for n, g, g64, gt in zip(names, grads, grads64, grads_t):
+        assert_close_rule(f"d{n}", g, g64, gt, factor=3.0)
+
+
+def random_case(seed, device):
+    """A random SDPA call: shapes, dtype, layout, GQA, mask kind and broadcast, causal."""
+    rng = random.Random(seed)
+    b, hkv = rng.choice([1, 2]), rng.choice([1, 2])
+    group = rng.choice([1, 1, 2, 3])
+    lq, lk = rng.choice([1, 17, 40, 63, 97]), rng.choice([1, 17, 40, 63, 97])
+    d = rng.choice([16, 40, 64, 80])
+    dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
+    kind = rng.choice(["none", "causal", "bool", "float", "float-grad", "keypad"])
+    kw = {"enable_gqa": group > 1, "scale": rng.choice([None, 0.2])}
+    q = randn((b, hkv * group, lq, d), dtype, device, requires_grad=True, transposed=rng.random() < 0.5)
+    k = randn((b, hkv, lk, d), dtype, device, requires_grad=True, transposed=rng.random() < 0.5)
+    v = randn((b, hkv, lk, d), dtype, device, requires_grad=True)
+    if kind == "causal":
+        kw["is_causal"] = True
+    elif kind == "bool":
+        shape = rng.choice([(lq, lk), (b, 1, lq, lk), (b, hkv * group, lq, lk)])
+        kw["attn_mask"] = torch.rand(shape, device=device) > 0.25
+    elif kind in ("float", "float-grad"):
+        shape = rng.choice([(lq, lk), (1, hkv * group, lq, lk)])
+        kw["attn_mask"] = randn(shape, dtype, device, requires_grad=kind == "float-grad")
+    elif kind == "keypad":
+        kw["attn_mask"] = (torch.rand(b, 1, 1, lk, device=device) > 0.3)
+    case_id = f"b{b}-h{hkv * group}:{hkv}-q{lq}-k{lk}-d{d}-{str(dtype)[6:]}-{kind}"
+    return case_id, q, k, v, kw
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_matches_torch_on_random_inputs(seed, device):
+    case_id, q, k, v, kw = random_case(seed, device)
+    check_like_torch(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("lq,lk", [(20, 50), (50, 20), (33, 33)], ids=["q<k", "q>k", "q=k"])
+def test_is_causal_is_top_left_like_torch(lq, lk, device):
+    q = randn((1, 2, lq, 32), torch.float32, device, requires_grad=True)
+    k = randn((1, 2, lk, 32), torch.float32, device, requires_grad=True)
+    v = randn((1, 2, lk, 32), torch.float32, device, requires_grad=True)
+    check_like_torch(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("variant", ["lower_right", "upper_left"])
+@pytest.mark.parametrize("lq,lk", [(20, 50), (50, 20)], ids=["q<k", "q>k"])
+def test_torch_causal_bias_objects(variant, lq, lk, device):
+    from torch.nn.attention import bias
+
+    make = getattr(bias, f"causal_{variant}")
+    q = randn((1, 2, lq, 32), torch.float32, device)
+    k = randn((1, 2, lk, 32), torch.float32, device)
+    v = randn((1, 2, lk, 32), torch.float32, device)
+    with fastattn.use_backend("triton"):
+        out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=make(lq, lk))
+    # The oracle: torch with the bias object's own dense mask, in float64.
+    dense = make(lq, lk)._materialize(device)
+    oracle = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), attn_mask=dense)
+    base = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    assert_close_rule("out", out.nan_to_num(), oracle.nan_to_num(), base.nan_to_num())
+
+
+def test_unbatched_3d_inputs(device):
+    q = randn((4, 30, 32), torch.float32, device, requires_grad=True)
+    k = randn((2, 40, 32), torch.float32, device, requires_grad=True)
+    v = randn((2, 40, 32), torch.float32, device, requires_grad=True)
+    check_like_torch(q, k, v, enable_gqa=True, is_causal=True)
+
+
+def test_fully_masked_rows_are_zero_like_torch(device):
+    q, k, v = (randn((1, 2, 16, 32), torch.float32, device, requires_grad=True) for _ in range(3))
+    mask = torch.rand(16, 16, device=device) > 0.3
+    mask[3] = False
+    with fastattn.use_backend("triton"):
+        out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.all(out[:, :, 3] == 0)
+    check_like_torch(q, k, v, attn_mask=mask)
