@@ -1,0 +1,347 @@
+"""Triton kernels for linear attention: forward, dQ, dK and dV.
+
+Math (see ``reference.py``): with features phi (M of them per row),
+``out_i = n_i / d_i``, ``n_i = sum_j a_ij v_j``, ``d_i = sum_j a_ij + eps``, ``a_ij = phi(q_i).phi(k_j)``
+over all keys (non-causal) or keys j <= i (causal, Lq == Lk).
+
+Every kernel runs one (batch, query head) per program and walks the sequence in chunks of
+BLOCK_C rows while it carries a state in fp32 registers:
+- non-causal: a first pass sums the state over the whole sequence (e.g. S = phi(K)^T V,
+  z = phi(K)^T 1), a second pass applies it to every chunk;
+- causal: one pass; inside a chunk the masked quadratic form, across chunks the running state.
+The state is split over programs along one of its two dims (the output's), so each program
+keeps (M, BLOCK_DV) or (BLOCK_F, Dv) of it. GQA: query head h reads kv head h // group; the
+key/value gradients are written per query head (fp32) and summed over the group by the
+launcher.
+
+Elementwise feature maps (FEATURE: 0 identity, 1 elu+1, 2 relu) are applied to the loaded
+tiles, so phi(Q), phi(K) never go to memory; FAVOR+ features are computed in torch first
+(they need a max over the sequence) and enter as FEATURE = 0.
+
+Backward, with dn_i = dout_i / d_i and g_i = -(dout_i . out_i) / d_i (the gradient of d_i):
+  dphi(q_i) = S_i dn_i + g_i z_i           (S_i, z_i over the keys query i sees)
+  dphi(k_j) = dS_j v_j + dz_j,  dv_j = dS_j^T phi(k_j)
+  with dS_j = sum_i phi(q_i) dn_i^T, dz_j = sum_i g_i phi(q_i) over the queries that see key j.
+"""
+import triton
+import triton.language as tl
+
+from fastattn.ops.flash.kernels import _dot
+
+FEAT_IDENTITY = tl.constexpr(0)
+FEAT_ELU = tl.constexpr(1)
+FEAT_RELU = tl.constexpr(2)
+
+
+@triton.jit
+def _phi(x, FEATURE: tl.constexpr):
+    """Feature map of an fp32 tile."""
+    if FEATURE == FEAT_ELU:
+        # elu(x) + 1; exp of min(x, 0) so the unused branch cannot overflow.
+        return tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+    elif FEATURE == FEAT_RELU:
+        return tl.maximum(x, 0.0)
+    else:
+        return x
+
+
+@triton.jit
+def _dphi(x, FEATURE: tl.constexpr):
+    """Derivative of the feature map, elementwise."""
+    if FEATURE == FEAT_ELU:
+        return tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0)))
+    elif FEATURE == FEAT_RELU:
+        return tl.where(x > 0, 1.0, 0.0)
+    else:
+        return x * 0.0 + 1.0
+
+
+@triton.jit
+def _load(base, offs_r, offs_c, stride_r, stride_c, r_ok, c_ok):
+    """(rows, cols) tile as fp32, 0 outside the bounds."""
+    ptrs = base + offs_r[:, None].to(tl.int64) * stride_r + offs_c[None, :].to(tl.int64) * stride_c
+    return tl.load(ptrs, mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _features(base, offs_r, offs_c, stride_r, stride_c, r_ok, c_ok, FEATURE: tl.constexpr):
+    """phi of a tile, 0 outside the bounds (phi(0) = 1 for elu+1, so padding must be re-zeroed
+    or padded keys would enter the state and padded features the dot products)."""
+    x = _load(base, offs_r, offs_c, stride_r, stride_c, r_ok, c_ok)
+    return tl.where(r_ok[:, None] & c_ok[None, :], _phi(x, FEATURE), 0.0)
+
+
+@triton.jit
+def linear_fwd_kernel(
+    Q, K, V, O, DEN,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    n_heads, group, seqlen_q, seqlen_k, eps,
+    FEAT_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
+    FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+):
+    """out[:, dv block] (and the normaliser d, from the first dv block) for one (batch, head).
+    BLOCK_F covers all M features; the state is S[:, dv block] (M, BLOCK_DV) and z (M,)."""
+    pid_v = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    hk = h // group  # GQA: query head h reads kv head h // group, no copy of K/V
+
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_f = tl.arange(0, BLOCK_F)
+    offs_dv = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    f_ok = offs_f < FEAT_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    o_base = O + b * stride_ob + h * stride_oh
+
+    s = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)  # sum phi(k) v^T over the keys seen so far
+    z = tl.zeros([BLOCK_F], tl.float32)  # sum phi(k)
+    if not CAUSAL:
+        for start in range(0, seqlen_k, BLOCK_C):
+            offs_n = start + offs_c
+            n_ok = offs_n < seqlen_k
+            phik = _features(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok, FEATURE)
+            v = _load(v_base, offs_n, offs_dv, stride_vn, stride_vd, n_ok, dv_ok)
+            s += _dot(tl.trans(phik), v, False, STATE_PRECISION)
+            z += tl.sum(phik, 0)
+
+    for start in range(0, seqlen_q, BLOCK_C):
+        offs_m = start + offs_c
+        m_ok = offs_m < seqlen_q
+        phiq = _features(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok, FEATURE)
+        num = _dot(phiq, s, False, STATE_PRECISION)  # what the earlier chunks (or all keys) give
+        den = tl.sum(phiq * z[None, :], 1)
+        if CAUSAL:
+            # Lq == Lk: the chunk's keys are the same rows as its queries.
+            phik = _features(k_base, offs_m, offs_f, stride_kn, stride_kd, m_ok, f_ok, FEATURE)
+            v_in = tl.load(v_base + offs_m[:, None].to(tl.int64) * stride_vn + offs_dv[None, :].to(tl.int64) * stride_vd,
+                           mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+            a = _dot(phiq.to(v_in.dtype), tl.trans(phik.to(v_in.dtype)), DOT_FP32, PRECISION)
+            a = tl.where(offs_m[:, None] >= offs_m[None, :], a, 0.0)  # key j <= query i
+            num += _dot(a.to(v_in.dtype), v_in, DOT_FP32, PRECISION)
+            den += tl.sum(a, 1)
+            # Fold the chunk into the state only now: it must not see itself twice.
+            s += _dot(tl.trans(phik), v_in.to(tl.float32), False, STATE_PRECISION)
+            z += tl.sum(phik, 0)
+        if NORMALIZE:
+            den = den + eps
+            num = num / den[:, None]
+            tl.store(DEN + bh.to(tl.int64) * seqlen_q + offs_m, den, mask=m_ok & (offs_c * 0 + pid_v == 0))  # one dv block writes d
+        tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :].to(tl.int64) * stride_od,
+                 num.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok, seqlen_q,
+          NORMALIZE: tl.constexpr):
+    """dn = dout / d (C, dv) and g = -(dout . out) / d (C,) for a chunk of query rows."""
+    dn = _load(do_base, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok)
+    g = tl.zeros_like(offs_m).to(tl.float32)
+    if NORMALIZE:
+        row = bh.to(tl.int64) * seqlen_q + offs_m
+        den = tl.load(DEN + row, mask=m_ok, other=1.0)
+        dn = dn / den[:, None]
+        g = tl.load(G + row, mask=m_ok, other=0.0)
+    return dn, g
+
+
+@triton.jit
+def linear_bwd_dq_kernel(
+    Q, K, V, DO, DEN, G, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    n_heads, group, seqlen_q, seqlen_k,
+    FEAT_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
+    FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+):
+    """dQ[:, f block] for one (batch, head). BLOCK_DV covers all of Dv; the state is
+    S[f block, :] (BLOCK_F, Dv) and z[f block]."""
+    pid_f = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    hk = h // group
+
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    f_ok = offs_f < FEAT_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    do_base = DO + b * stride_dob + h * stride_doh
+    dq_base = DQ + b * stride_dqb + h * stride_dqh
+
+    s = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)
+    z = tl.zeros([BLOCK_F], tl.float32)
+    if not CAUSAL:
+        for start in range(0, seqlen_k, BLOCK_C):
+            offs_n = start + offs_c
+            n_ok = offs_n < seqlen_k
+            phik = _features(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok, FEATURE)
+            v = _load(v_base, offs_n, offs_dv, stride_vn, stride_vd, n_ok, dv_ok)
+            s += _dot(tl.trans(phik), v, False, STATE_PRECISION)
+            z += tl.sum(phik, 0)
+
+    for start in range(0, seqlen_q, BLOCK_C):
+        offs_m = start + offs_c
+        m_ok = offs_m < seqlen_q
+        dn, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
+                      seqlen_q, NORMALIZE)
+        dphiq = _dot(dn, tl.trans(s), False, STATE_PRECISION)  # S dn_i, from the state
+        if NORMALIZE:
+            dphiq += g[:, None] * z[None, :]  # g_i z: the normaliser's share
+        if CAUSAL:
+            phik = _features(k_base, offs_m, offs_f, stride_kn, stride_kd, m_ok, f_ok, FEATURE)
+            v_in = tl.load(v_base + offs_m[:, None].to(tl.int64) * stride_vn + offs_dv[None, :].to(tl.int64) * stride_vd,
+                           mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+            # d a_ij = dn_i . v_j + g_i for the keys j <= i of this chunk.
+            da = _dot(dn.to(v_in.dtype), tl.trans(v_in), DOT_FP32, PRECISION) + g[:, None]
+            da = tl.where((offs_m[:, None] >= offs_m[None, :]) & m_ok[None, :], da, 0.0)
+            dphiq += _dot(da.to(v_in.dtype), phik.to(v_in.dtype), DOT_FP32, PRECISION)
+            s += _dot(tl.trans(phik), v_in.to(tl.float32), False, STATE_PRECISION)
+            z += tl.sum(phik, 0)
+        x = _load(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok)
+        dq = dphiq * _dphi(x, FEATURE)  # chain rule through the fused feature map
+        tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + offs_f[None, :].to(tl.int64) * stride_dqd,
+                 dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & f_ok[None, :])
+
+
+@triton.jit
+def linear_bwd_dk_kernel(
+    Q, K, V, DO, DEN, G, DK,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    n_heads, group, seqlen_q, seqlen_k,
+    FEAT_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
+    FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+):
+    """dK[:, f block] from one query head (DK is fp32 (B, Hq, Lk, M), contiguous; the launcher
+    sums the group). State dS[f block, :] (BLOCK_F, Dv), dz[f block], walked from the end."""
+    pid_f = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    hk = h // group
+
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    f_ok = offs_f < FEAT_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    do_base = DO + b * stride_dob + h * stride_doh
+
+    ds = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)  # sum phi(q_i) dn_i^T over the queries that see the key
+    dz = tl.zeros([BLOCK_F], tl.float32)  # sum g_i phi(q_i)
+    if not CAUSAL:
+        for start in range(0, seqlen_q, BLOCK_C):
+            offs_m = start + offs_c
+            m_ok = offs_m < seqlen_q
+            phiq = _features(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok, FEATURE)
+            dn, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
+                          seqlen_q, NORMALIZE)
+            ds += _dot(tl.trans(phiq), dn, False, STATE_PRECISION)
+            dz += tl.sum(phiq * g[:, None], 0)
+
+    n_chunks = (seqlen_k + BLOCK_C - 1) // BLOCK_C
+    for i in range(0, n_chunks):
+        start = (n_chunks - 1 - i) * BLOCK_C  # last chunk first: causal keys see later queries
+        offs_n = start + offs_c
+        n_ok = offs_n < seqlen_k
+        v_in = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :].to(tl.int64) * stride_vd,
+                       mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+        dphik = _dot(v_in.to(tl.float32), tl.trans(ds), False, STATE_PRECISION) + dz[None, :]
+        if CAUSAL:
+            phiq = _features(q_base, offs_n, offs_f, stride_qm, stride_qd, n_ok, f_ok, FEATURE)
+            dn, g = _dn_g(DO, DEN, G, do_base, bh, offs_n, offs_dv, stride_dom, stride_dod, n_ok, dv_ok,
+                          seqlen_q, NORMALIZE)
+            # d a_ij (rows: queries i, columns: keys j of this chunk), kept where j <= i.
+            da = _dot(dn.to(v_in.dtype), tl.trans(v_in), DOT_FP32, PRECISION) + g[:, None]
+            da = tl.where((offs_n[:, None] >= offs_n[None, :]) & n_ok[:, None], da, 0.0)
+            dphik += _dot(tl.trans(da.to(v_in.dtype)), phiq.to(v_in.dtype), DOT_FP32, PRECISION)
+            ds += _dot(tl.trans(phiq), dn, False, STATE_PRECISION)
+            dz += tl.sum(phiq * g[:, None], 0)
+        x = _load(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok)
+        dk = dphik * _dphi(x, FEATURE)
+        rows = bh.to(tl.int64) * seqlen_k + offs_n
+        tl.store(DK + rows[:, None] * FEAT_DIM + offs_f[None, :], dk, mask=n_ok[:, None] & f_ok[None, :])
+
+
+@triton.jit
+def linear_bwd_dv_kernel(
+    Q, K, V, DO, DEN, G, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    n_heads, group, seqlen_q, seqlen_k,
+    FEAT_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
+    FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+):
+    """dV[:, dv block] from one query head (DV is fp32 (B, Hq, Lk, Dv), contiguous). BLOCK_F
+    covers all M features; state dS[:, dv block] (M, BLOCK_DV), walked from the end."""
+    pid_v = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    hk = h // group
+
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_f = tl.arange(0, BLOCK_F)
+    offs_dv = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    f_ok = offs_f < FEAT_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + hk * stride_kh
+    do_base = DO + b * stride_dob + h * stride_doh
+
+    ds = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)
+    if not CAUSAL:
+        for start in range(0, seqlen_q, BLOCK_C):
+            offs_m = start + offs_c
+            m_ok = offs_m < seqlen_q
+            phiq = _features(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok, FEATURE)
+            dn, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
+                          seqlen_q, NORMALIZE)
+            ds += _dot(tl.trans(phiq), dn, False, STATE_PRECISION)
+
+    n_chunks = (seqlen_k + BLOCK_C - 1) // BLOCK_C
+    for i in range(0, n_chunks):
+        start = (n_chunks - 1 - i) * BLOCK_C
+        offs_n = start + offs_c
+        n_ok = offs_n < seqlen_k
+        phik = _features(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok, FEATURE)
+        dv = _dot(phik, ds, False, STATE_PRECISION)  # dS_j^T phi(k_j), from the later chunks
+        if CAUSAL:
+            phiq = _features(q_base, offs_n, offs_f, stride_qm, stride_qd, n_ok, f_ok, FEATURE)
+            dn, g = _dn_g(DO, DEN, G, do_base, bh, offs_n, offs_dv, stride_dom, stride_dod, n_ok, dv_ok,
+                          seqlen_q, NORMALIZE)
+            a = _dot(phiq, tl.trans(phik), False, STATE_PRECISION)
+            a = tl.where(offs_n[:, None] >= offs_n[None, :], a, 0.0)  # rows: queries, cols: keys
+            dv += _dot(tl.trans(a), dn, False, STATE_PRECISION)
+            ds += _dot(tl.trans(phiq), dn, False, STATE_PRECISION)
+        rows = bh.to(tl.int64) * seqlen_k + offs_n
+        tl.store(DV + rows[:, None] * HEAD_DIM_V + offs_dv[None, :], dv, mask=n_ok[:, None] & dv_ok[None, :])

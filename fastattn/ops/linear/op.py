@@ -1,0 +1,156 @@
+"""Launchers, torch.library registration and autograd for the linear-attention kernels.
+
+``linear_attn(q, k, v, ...)`` is what ``fastattn.functional`` calls once it has validated the
+inputs. q/k are the raw inputs of an elementwise feature map (``feature`` = "identity",
+"elu", "relu"), which the kernels apply to their tiles; FAVOR+ features are computed in torch
+and passed with ``feature="identity"``. Forward and backward are custom ops
+(``fastattn::linear_fwd`` / ``fastattn::linear_bwd``) with fake implementations and an
+autograd formula, so ``torch.compile(fullgraph=True)`` sees one opaque node per call.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from fastattn.backend import interpreting
+from fastattn.ops.flash.op import _precision
+from fastattn.ops.linear import kernels
+
+FEATURE_CODES = {"identity": 0, "elu": 1, "relu": 2}
+MAX_DIM = 256  # features (M) and value dim: one program holds a (M, block) fp32 state
+
+# The state split (BLOCK_F of dQ/dK, BLOCK_DV of out/dV) on a GPU; the chunk length shrinks
+# with the feature count so that a (C, M) tile stays in registers. The interpreter runs one
+# program at a time in NumPy, where fewer, larger blocks are faster.
+_SPLIT = 64
+_INTERPRETER_SPLIT = 64
+_INTERPRETER_CHUNK = 32
+
+
+def block_config(feat_dim: int, head_dim_v: int) -> dict:
+    """Chunk length, full and split widths for M features and value dim Dv, and num_warps."""
+    full_f = max(16, triton.next_power_of_2(feat_dim))
+    full_dv = max(16, triton.next_power_of_2(head_dim_v))
+    if interpreting():
+        chunk, split = _INTERPRETER_CHUNK, _INTERPRETER_SPLIT
+    else:
+        chunk, split = (64 if max(full_f, full_dv) <= 128 else 32), _SPLIT
+    return dict(chunk=chunk, full_f=full_f, full_dv=full_dv,
+                split_f=min(split, full_f), split_dv=min(split, full_dv), num_warps=4)
+
+
+def _empty(*shape, like: Tensor, dtype=None) -> Tensor:
+    """Every output buffer comes from here, so tests can poison them with NaN."""
+    return torch.empty(*shape, device=like.device, dtype=dtype or like.dtype)
+
+
+def _meta(q: Tensor, v: Tensor, feature: str, causal: bool, normalize: bool) -> tuple[dict, dict]:
+    cfg = block_config(q.shape[-1], v.shape[-1])
+    meta = dict(
+        FEAT_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_C=cfg["chunk"],
+        FEATURE=FEATURE_CODES[feature], CAUSAL=causal, NORMALIZE=normalize,
+        # bf16 dots are wrong under the interpreter; fp32 dots hold the same values exactly.
+        DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
+        PRECISION=_precision(q.dtype),
+        # The fp32 state dots: tf32 (as precise as the fp16/bf16 inputs) on a GPU, else
+        # torch's fp32 matmul setting.
+        STATE_PRECISION="tf32" if (q.dtype != torch.float32 and not interpreting()) else _precision(torch.float32),
+        num_warps=cfg["num_warps"],
+    )
+    return cfg, meta
+
+
+def _forward(q, k, v, feature, causal, normalize, eps):
+    b, h, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    out = _empty(b, h, lq, v.shape[-1], like=q)
+    den = _empty(b, h, lq if normalize else 0, like=q, dtype=torch.float32)
+    cfg, meta = _meta(q, v, feature, causal, normalize)
+    grid = (triton.cdiv(v.shape[-1], cfg["split_dv"]), b * h)
+    kernels.linear_fwd_kernel[grid](
+        q, k, v, out, den, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        h, h // hkv, lq, lk, eps, BLOCK_F=cfg["full_f"], BLOCK_DV=cfg["split_dv"], **meta)
+    return out, den
+
+
+def _backward(do, q, k, v, out, den, feature, causal, normalize):
+    b, h, lq, m = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    dv_dim = v.shape[-1]
+    if normalize:
+        # The normaliser's gradient: g_i = -(dout_i . out_i) / d_i.
+        g = (-torch.linalg.vecdot(do.float(), out.float()) / den).contiguous()
+    else:
+        g = den
+    cfg, meta = _meta(q, v, feature, causal, normalize)
+    dq = _empty(b, h, lq, m, like=q)
+    # Key/value gradients per query head in fp32, summed over the GQA group below.
+    dk = _empty(b, h, lk, m, like=q, dtype=torch.float32)
+    dv = _empty(b, h, lk, dv_dim, like=q, dtype=torch.float32)
+    args = (q, k, v, do, den, g)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    scalars = (h, h // hkv, lq, lk)
+    grid_f = (triton.cdiv(m, cfg["split_f"]), b * h)
+    grid_v = (triton.cdiv(dv_dim, cfg["split_dv"]), b * h)
+    kernels.linear_bwd_dq_kernel[grid_f](*args, dq, *strides, *dq.stride(), *scalars,
+                                         BLOCK_F=cfg["split_f"], BLOCK_DV=cfg["full_dv"], **meta)
+    kernels.linear_bwd_dk_kernel[grid_f](*args, dk, *strides, *scalars,
+                                         BLOCK_F=cfg["split_f"], BLOCK_DV=cfg["full_dv"], **meta)
+    kernels.linear_bwd_dv_kernel[grid_v](*args, dv, *strides, *scalars,
+                                         BLOCK_F=cfg["full_f"], BLOCK_DV=cfg["split_dv"], **meta)
+    if h != hkv:
+        dk = dk.view(b, hkv, h // hkv, lk, m).sum(2)
+        dv = dv.view(b, hkv, h // hkv, lk, dv_dim).sum(2)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library registration (custom_op, not triton_op: wrap_triton refuses interpreted
+# kernels, and the CI runs them interpreted).
+
+@torch.library.custom_op("fastattn::linear_fwd", mutates_args=())
+def linear_fwd(q: Tensor, k: Tensor, v: Tensor, feature: str, causal: bool, normalize: bool,
+               eps: float) -> tuple[Tensor, Tensor]:
+    return _forward(q, k, v, feature, causal, normalize, eps)
+
+
+@linear_fwd.register_fake
+def _(q, k, v, feature, causal, normalize, eps):
+    b, h, lq, _ = q.shape
+    return q.new_empty(b, h, lq, v.shape[-1]), q.new_empty(b, h, lq if normalize else 0, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastattn::linear_bwd", mutates_args=())
+def linear_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, den: Tensor, feature: str,
+               causal: bool, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(do, q, k, v, out, den, feature, causal, normalize)
+
+
+@linear_bwd.register_fake
+def _(do, q, k, v, out, den, feature, causal, normalize):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, feature, causal, normalize, eps = inputs
+    out, den = output
+    ctx.save_for_backward(q, k, v, out, den)
+    ctx.args = (feature, causal, normalize)
+
+
+def _linear_fwd_backward(ctx, dout, dden):
+    # dden is not propagated: the normaliser is returned for the backward only.
+    q, k, v, out, den = ctx.saved_tensors
+    dq, dk, dv = linear_bwd(dout.contiguous(), q, k, v, out, den, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+linear_fwd.register_autograd(_linear_fwd_backward, setup_context=_setup_context)
+
+
+def linear_attn(q: Tensor, k: Tensor, v: Tensor, *, feature: str = "identity", causal: bool = False,
+                normalize: bool = True, eps: float = 1e-6) -> Tensor:
+    """Validated inputs -> out (B, Hq, Lq, Dv). q: (B, Hq, Lq, M), k: (B, Hkv, Lk, M)."""
+    out, _ = linear_fwd(q, k, v, feature, causal, normalize, float(eps))
+    return out

@@ -1,0 +1,257 @@
+"""Plain-PyTorch linear attention: feature maps, the quadratic oracle, the chunked CPU
+fallback and the recurrent single-step form for decoding.
+
+Linear attention replaces ``softmax(q k^T)`` by a kernel ``phi(q) . phi(k)`` with a feature
+map ``phi: R^D -> R^M``. Written with features (all tensors (B, H, L, .)):
+
+    A   = phi(Q) phi(K)^T                      (Lq, Lk), lower-triangular masked if causal
+    out = (A V) / (A 1 + eps)                  normalised (``normalize=False``: out = A V)
+
+Because ``A V = phi(Q) (phi(K)^T V)``, the non-causal form costs O(L M Dv), and the causal one
+is a running state ``S_i = sum_{j<=i} phi(k_j) v_j^T`` (M, Dv), ``z_i = sum_{j<=i} phi(k_j)`` (M).
+
+Causal here means query i sees keys j <= i and needs Lq == Lk (a prefix of a longer context
+is the recurrent state, see ``linear_attention_step``).
+
+Everything is ordinary differentiable torch code that runs in any dtype, float64 included.
+GQA: kv head ``h // (Hq // Hkv)`` serves query head h.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FEATURE_MAPS = ("elu", "relu", "identity")
+DEFAULT_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------
+# Feature maps
+
+def elu_features(x: Tensor) -> Tensor:
+    """elu(x) + 1 (Katharopoulos et al. 2020): positive, so the normaliser never vanishes."""
+    return F.elu(x) + 1.0
+
+
+def relu_features(x: Tensor, projection: Optional[Tensor] = None) -> Tensor:
+    """The generalized ReLU kernel of Performer: ``relu(x W^T) / sqrt(M)`` with ``W`` (M, D)
+    a projection (``performer_projection``); without one, ``relu(x)`` elementwise."""
+    if projection is None:
+        return F.relu(x)
+    return F.relu(x @ projection.to(x.dtype).t()) / math.sqrt(projection.shape[0])
+
+
+def feature_map(x: Tensor, name: Union[str, Callable[[Tensor], Tensor]]) -> Tensor:
+    """Apply a named elementwise feature map ("elu" = elu+1, "relu", "identity") or a callable."""
+    if callable(name):
+        return name(x)
+    if name == "elu":
+        return elu_features(x)
+    if name == "relu":
+        return F.relu(x)
+    if name == "identity":
+        return x
+    raise ValueError(f"feature_map must be one of {FEATURE_MAPS} or a callable, got {name!r}")
+
+
+def performer_projection(
+    num_features: int,
+    head_dim: int,
+    *,
+    orthogonal: bool = True,
+    generator: Optional[torch.Generator] = None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Random projection W (num_features, head_dim) for FAVOR+ (Choromanski et al. 2021).
+
+    Rows are Gaussian directions. ``orthogonal=True`` draws them in blocks of ``head_dim``
+    exactly orthogonal rows (QR of a Gaussian matrix), each rescaled to the norm of an
+    independent Gaussian vector, so every row is still marginally N(0, I) (the estimator stays
+    unbiased) while rows within a block are orthogonal, which lowers its variance.
+    Redraw the features by calling again (with a different generator state).
+    """
+    if num_features < 1 or head_dim < 1:
+        raise ValueError(f"performer_projection: num_features ({num_features}) and head_dim ({head_dim}) must be >= 1")
+    gen_device = generator.device if generator is not None else "cpu"
+
+    def gaussian(*shape):
+        return torch.randn(*shape, generator=generator, device=gen_device, dtype=torch.float64)
+
+    if not orthogonal:
+        w = gaussian(num_features, head_dim)
+    else:
+        blocks = []
+        for _ in range(math.ceil(num_features / head_dim)):
+            qmat, r = torch.linalg.qr(gaussian(head_dim, head_dim))
+            # Sign fix makes Q Haar-distributed (QR alone is not unique in sign).
+            qmat = qmat * torch.sign(torch.diagonal(r))[None, :]
+            blocks.append(qmat.t())
+        w = torch.cat(blocks, 0)[:num_features]
+        # Row norms of independent Gaussian vectors (chi distribution with head_dim dof).
+        w = w * gaussian(num_features, head_dim).norm(dim=1, keepdim=True)
+    return w.to(device=device, dtype=dtype)
+
+
+def favor_features(
+    x: Tensor,
+    projection: Tensor,
+    *,
+    is_query: bool,
+    scale: Optional[float] = None,
+    stabiliser: Optional[Union[float, Tensor]] = None,
+) -> Tensor:
+    """FAVOR+ positive random features of the softmax kernel exp(scale * q.k).
+
+    With ``x' = x * sqrt(scale)`` (default scale 1/sqrt(D)) and W = ``projection`` (M, D):
+
+        phi(x) = exp(W x' - |x'|^2 / 2 - stabiliser) / sqrt(M)
+
+    so that E[phi(q) . phi(k)] = exp(scale q.k) * exp(-stab_q - stab_k). The stabiliser keeps
+    exp finite; it cancels in the normalised attention as long as it is constant along the
+    keys: for keys it is the max of ``W x'`` over the whole sequence and all features
+    (per batch and head), for queries the max over the features of each row. It is detached
+    (it does not change the normalised result, so it carries no gradient). Pass a number or
+    tensor to fix it, e.g. for decoding, where the future keys are unknown.
+
+    x: (..., L, D). Returns (..., L, M) in x's dtype, computed in at least float32.
+    """
+    d = x.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    work = torch.promote_types(x.dtype, torch.float32)
+    xs = x.to(work) * math.sqrt(scale)
+    proj = xs @ projection.to(work).t()  # (..., L, M)
+    sq = 0.5 * (xs * xs).sum(-1, keepdim=True)
+    if stabiliser is None:
+        if is_query:
+            stabiliser = proj.detach().amax(dim=-1, keepdim=True)
+        else:
+            stabiliser = proj.detach().amax(dim=(-1, -2), keepdim=True)
+    phi = torch.exp(proj - sq - stabiliser) / math.sqrt(projection.shape[0])
+    return phi.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Linear attention on features
+
+def _expand_kv(phi_q: Tensor, *kv: Tensor) -> list[Tensor]:
+    hq, hkv = phi_q.shape[1], kv[0].shape[1]
+    if hq == hkv:
+        return list(kv)
+    # The oracle may copy K/V per query head; the kernels index instead.
+    return [t.repeat_interleave(hq // hkv, dim=1) for t in kv]
+
+
+def linear_attention_quadratic(
+    phi_q: Tensor, phi_k: Tensor, v: Tensor, *, causal: bool = False,
+    normalize: bool = True, eps: float = DEFAULT_EPS,
+) -> Tensor:
+    """The oracle: ``A = phi(Q) phi(K)^T`` (causally masked), ``out = A V / (A 1 + eps)``.
+
+    phi_q: (B, Hq, Lq, M), phi_k: (B, Hkv, Lk, M), v: (B, Hkv, Lk, Dv). O(Lq Lk) memory.
+    """
+    phi_k, v = _expand_kv(phi_q, phi_k, v)
+    a = phi_q @ phi_k.transpose(-1, -2)
+    if causal:
+        lq, lk = a.shape[-2:]
+        a = a.masked_fill(~torch.ones(lq, lk, dtype=torch.bool, device=a.device).tril(), 0.0)
+    out = a @ v
+    if normalize:
+        out = out / (a.sum(-1, keepdim=True) + eps)
+    return out
+
+
+def linear_attention_chunked(
+    phi_q: Tensor, phi_k: Tensor, v: Tensor, *, causal: bool = False,
+    normalize: bool = True, eps: float = DEFAULT_EPS, chunk_size: int = 64,
+) -> Tensor:
+    """The CPU fallback: same result as ``linear_attention_quadratic`` in O(L) memory.
+
+    Non-causal: ``S = phi(K)^T V`` (M, Dv) and ``z = phi(K)^T 1``, then ``phi(Q) S``.
+    Causal: chunks of ``chunk_size`` rows; inside a chunk the masked quadratic form, across
+    chunks a running state (S, z) in at least float32. The forward never holds more than one
+    chunk's (C, C) scores and one (M, Dv) state per head, unlike a cumulative sum over the
+    sequence, which materialises (L, M, Dv). (Autograd keeps each chunk's state for the
+    backward: (L / C) x M x Dv.)
+    """
+    phi_k, v = _expand_kv(phi_q, phi_k, v)
+    acc = torch.promote_types(v.dtype, torch.float32)
+    if not causal:
+        s = phi_k.transpose(-1, -2).to(acc) @ v.to(acc)
+        out = phi_q.to(acc) @ s
+        if normalize:
+            den = phi_q.to(acc) @ phi_k.to(acc).sum(-2).unsqueeze(-1)
+            out = out / (den + eps)
+        return out.to(v.dtype)
+    b, h, l, m = phi_q.shape
+    s = phi_q.new_zeros(b, h, m, v.shape[-1], dtype=acc)
+    z = phi_q.new_zeros(b, h, m, 1, dtype=acc)
+    outs = []
+    for start in range(0, l, chunk_size):
+        qc = phi_q[:, :, start:start + chunk_size].to(acc)
+        kc = phi_k[:, :, start:start + chunk_size].to(acc)
+        vc = v[:, :, start:start + chunk_size].to(acc)
+        a = (qc @ kc.transpose(-1, -2)).tril()  # within the chunk: key j <= query i
+        num = qc @ s + a @ vc
+        if normalize:
+            num = num / (qc @ z + a.sum(-1, keepdim=True) + eps)
+        outs.append(num.to(v.dtype))
+        s = s + kc.transpose(-1, -2) @ vc
+        z = z + kc.sum(-2).unsqueeze(-1)
+    return torch.cat(outs, dim=2)
+
+
+def linear_attention_cumsum(
+    phi_q: Tensor, phi_k: Tensor, v: Tensor, *, normalize: bool = True, eps: float = DEFAULT_EPS,
+) -> Tensor:
+    """Causal linear attention by a cumulative sum of outer products, the textbook way: it
+    materialises (B, H, L, M, Dv). Kept only as the benchmark's memory foil."""
+    phi_k, v = _expand_kv(phi_q, phi_k, v)
+    s = torch.cumsum(phi_k.unsqueeze(-1) * v.unsqueeze(-2), dim=2)  # (B, H, L, M, Dv)
+    out = torch.einsum("bhlm,bhlmd->bhld", phi_q, s)
+    if normalize:
+        out = out / ((phi_q * phi_k.cumsum(2)).sum(-1, keepdim=True) + eps)
+    return out
+
+
+def linear_attention_step(
+    phi_q: Tensor, phi_k: Tensor, v: Tensor, state: Optional[tuple[Tensor, Tensor]] = None,
+    *, normalize: bool = True, eps: float = DEFAULT_EPS,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One decoding step of causal linear attention with an explicit state.
+
+    phi_q: (B, Hq, 1, M) features of the new query, phi_k: (B, Hkv, 1, M) of the new key,
+    v: (B, Hkv, 1, Dv). ``state = (S, z)`` with S (B, Hkv, M, Dv) = sum phi(k) v^T and
+    z (B, Hkv, M) = sum phi(k) over the tokens so far (None: empty), kept in at least float32.
+    Returns ``(out (B, Hq, 1, Dv), (S', z'))``; the new token attends to itself, as in the
+    causal form. Feature maps: ``feature_map(x, "elu")``; for FAVOR+ use ``favor_features``
+    with a fixed ``stabiliser`` for the keys (the future keys are unknown).
+    """
+    b, hkv, _, m = phi_k.shape
+    acc = torch.promote_types(v.dtype, torch.float32)
+    if state is None:
+        state = (phi_k.new_zeros(b, hkv, m, v.shape[-1], dtype=acc), phi_k.new_zeros(b, hkv, m, dtype=acc))
+    s, z = state
+    s = s + phi_k[:, :, 0, :, None].to(acc) * v[:, :, 0, None, :].to(acc)
+    z = z + phi_k[:, :, 0].to(acc)
+    s_q, z_q = _expand_kv(phi_q, s, z)
+    out = phi_q.to(acc) @ s_q  # (B, Hq, 1, Dv)
+    if normalize:
+        out = out / ((phi_q.to(acc) * z_q[:, :, None, :]).sum(-1, keepdim=True) + eps)
+    return out.to(v.dtype), (s, z)
+
+
+# ---------------------------------------------------------------------------------------
+# Linformer
+
+def linformer_project(x: Tensor, proj: Tensor) -> Tensor:
+    """x (B, H, L, D) projected along the sequence by proj (k, L) or (H, k, L) -> (B, H, k, D)."""
+    proj = proj.to(x.dtype)
+    if proj.dim() == 2:
+        return torch.matmul(proj, x)
+    return torch.matmul(proj.unsqueeze(0), x)
