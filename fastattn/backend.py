@@ -75,6 +75,19 @@ def flash_refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[st
     return reasons
 
 
+def decode_refusals(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    needs_grad: bool = False) -> list[str]:
+    """Reasons the KV-cache (decode) kernels cannot take these (already validated) inputs."""
+    reasons = device_refusals(q)
+    if q.dtype not in KERNEL_DTYPES:
+        reasons.append(f"dtype {q.dtype} is not one of {KERNEL_DTYPES}")
+    if max(q.shape[-1], v_cache.shape[-1]) > MAX_HEAD_DIM:
+        reasons.append(f"head_dim {q.shape[-1]} / value dim {v_cache.shape[-1]} exceeds {MAX_HEAD_DIM}")
+    if needs_grad:
+        reasons.append("the decode kernels compute no gradients (an input requires grad)")
+    return reasons
+
+
 def use_kernels(op: str, reasons: list[str]) -> bool:
     """Decide for one call: True -> kernels, False -> reference. Raises under "triton"."""
     backend = current_backend()

@@ -243,3 +243,160 @@ def _causal_bias_band(op: str, mask, lq: int, lk: int) -> tuple:
     if mask.variant == CausalVariant.LOWER_RIGHT:
         return (None, 0)
     return (None, lq - lk)
+
+
+def _check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens,
+                   k_new: Optional[Tensor], v_new: Optional[Tensor], num_splits) -> Tensor:
+    """ValueErrors for attention_with_kvcache; returns cache_seqlens as a (B,) int32 tensor."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D (batch, heads, seq, head_dim), got shape {_shape(t)}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"{op}: q must be floating point, got {q.dtype}")
+    b, hq, _, d = q.shape
+    hkv, lmax = k_cache.shape[1], k_cache.shape[2]
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{op}: {name}.dtype {t.dtype} differs from q.dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+        if t.shape[0] != b:
+            raise ValueError(f"{op}: batch sizes differ: q {_shape(q)}, {name} {_shape(t)}")
+    if v_cache.shape[1] != hkv or v_cache.shape[2] != lmax:
+        raise ValueError(f"{op}: k_cache {_shape(k_cache)} and v_cache {_shape(v_cache)} must agree in heads and Lmax")
+    if k_cache.shape[-1] != d:
+        raise ValueError(f"{op}: head_dim of q {_shape(q)} and k_cache {_shape(k_cache)} differ")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"{op}: query heads ({hq}) must be a multiple of key/value heads ({hkv}); "
+                         f"q {_shape(q)}, k_cache {_shape(k_cache)}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"{op}: give both k_new and v_new, or neither")
+    if k_new is not None:
+        for name, t, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
+            if not isinstance(t, Tensor) or t.dim() != 4:
+                raise ValueError(f"{op}: {name} must be a 4-D Tensor (batch, kv_heads, Lnew, head_dim)")
+            if t.dtype != q.dtype or t.device != q.device:
+                raise ValueError(f"{op}: {name} ({t.dtype}, {t.device}) must match q ({q.dtype}, {q.device})")
+            if (t.shape[0], t.shape[1], t.shape[3]) != (b, hkv, cache.shape[3]):
+                raise ValueError(f"{op}: {name} {_shape(t)} must be ({b}, {hkv}, Lnew, {cache.shape[3]}) "
+                                 f"to go into {'k' if cache is k_cache else 'v'}_cache {_shape(cache)}")
+        if k_new.shape[2] != v_new.shape[2]:
+            raise ValueError(f"{op}: k_new {_shape(k_new)} and v_new {_shape(v_new)} differ in Lnew")
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: cache_seqlens must be an int32/int64 Tensor of shape ({b},) or an int")
+    if tuple(cache_seqlens.shape) != (b,) or cache_seqlens.device != q.device:
+        raise ValueError(f"{op}: cache_seqlens must have shape ({b},) on {q.device}, got "
+                         f"{_shape(cache_seqlens)} on {cache_seqlens.device}")
+    if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
+        raise ValueError(f"{op}: num_splits must be an int >= 1 or None, got {num_splits!r}")
+    return cache_seqlens.to(torch.int32).contiguous()
+
+
+def attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens,
+    *,
+    k_new: Optional[Tensor] = None,
+    v_new: Optional[Tensor] = None,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    window: Optional[tuple] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+    num_splits: Optional[int] = None,
+    return_lse: bool = False,
+):
+    """Attention of a few new tokens over a preallocated KV cache (incremental decoding).
+
+    Sequence ``b`` holds ``n = cache_seqlens[b]`` tokens in slots ``0 .. n - 1`` of the caches
+    (a ragged batch: lengths may differ). If ``k_new``/``v_new`` are given they are first
+    written IN PLACE into slots ``n .. n + Lnew - 1`` of ``k_cache``/``v_cache``; then ``q``
+    attends to the ``n + Lnew`` valid keys of its own sequence. Slots beyond are never read or
+    written. ``cache_seqlens`` is NOT updated (as in FlashAttention's
+    ``flash_attn_with_kvcache``): the caller adds ``Lnew`` for the next step
+    (``fastattn.nn.KVCache`` does this bookkeeping).
+
+    Args:
+        q: (B, Hq, Lq, D), the new tokens' queries (1 for plain decoding, more for speculative
+            decoding or chunked prefill). Any strides.
+        k_cache: (B, Hkv, Lmax, D). v_cache: (B, Hkv, Lmax, Dv). Hq a multiple of Hkv (GQA:
+            query head h reads kv head ``h // (Hq // Hkv)``). Any strides, e.g. a
+            (B, Lmax, Hkv, D) buffer viewed with ``.transpose(1, 2)``.
+        cache_seqlens: int32 (or int64) (B,) tensor, or an int for every sequence: tokens
+            already in the cache, before this call's ``k_new``.
+        k_new / v_new: (B, Hkv, Lnew, D) / (B, Hkv, Lnew, Dv), or None.
+        causal: bottom-right aligned, per sequence: new query i sees key j iff
+            ``j <= i + (n + Lnew) - Lq``. With Lq == 1 it changes nothing.
+        scale, window, alibi_slopes ((Hq,) or (B, Hq)), softcap: as ``flash_attention``,
+            with positions measured per sequence (key j is cache slot j).
+        num_splits: how many chunks each sequence's keys are cut into (split-KV "flash
+            decoding"); None picks it from batch, heads and length to fill the GPU.
+            Results do not depend on it beyond rounding.
+        return_lse: also return the row logsumexp, float32 (B, Hq, Lq), natural log.
+
+    Returns:
+        out (B, Hq, Lq, Dv) in q's dtype, or ``(out, lse)``. A sequence with no key at all
+        (n = 0 and no k_new) gives out 0 and lse -inf.
+
+    Raises:
+        ValueError: bad ranks, shapes, dtypes, devices, options (the message names the
+            argument), ``cache_seqlens`` negative or above Lmax, ``n + Lnew > Lmax`` (the write
+            would overflow the cache), or, under ``use_backend("triton")``, an input the
+            kernels cannot take (e.g. one that requires grad: the kernels are forward-only).
+        Checking the lengths reads ``cache_seqlens`` on the host (one device sync); the check
+        is skipped while ``torch.compile`` traces, where the kernels clamp to the buffer.
+
+    Equivalent code, per sequence b (n = cache_seqlens[b])::
+
+        k_cache[b, :, n:n + Lnew] = k_new[b]; v_cache[b, :, n:n + Lnew] = v_new[b]
+        out[b] = flash_attention(q[b:b+1], k_cache[b:b+1, :, :n + Lnew],
+                                 v_cache[b:b+1, :, :n + Lnew], causal=causal, ...)[0]
+    """
+    op = "attention_with_kvcache"
+    seqlens = _check_kvcache(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new, num_splits)
+    _check_options(op, q, scale=scale, window=window, alibi_slopes=alibi_slopes,
+                   softcap=softcap, dropout_p=0.0)
+    lnew = 0 if k_new is None else k_new.shape[2]
+    lmax = k_cache.shape[2]
+    max_seqlen_k = None
+    if not torch.compiler.is_compiling() and seqlens.numel():
+        lo, hi = (int(x) for x in torch.stack([seqlens.min(), seqlens.max()]).tolist())
+        if lo < 0 or hi > lmax:
+            raise ValueError(f"{op}: cache_seqlens must lie in [0, {lmax}] (Lmax of k_cache "
+                             f"{_shape(k_cache)}), got values in [{lo}, {hi}]")
+        if hi + lnew > lmax:
+            raise ValueError(f"{op}: appending {lnew} new tokens to a sequence holding {hi} would "
+                             f"overflow the cache: cache_seqlens + Lnew = {hi + lnew} > Lmax = {lmax} "
+                             f"(k_cache {_shape(k_cache)})")
+        max_seqlen_k = hi + lnew
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    band = band_from(causal, window)
+    tensors = [t for t in (q, k_cache, v_cache, k_new, v_new, alibi_slopes) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    reasons = backend.decode_refusals(q, k_cache, v_cache, needs_grad)
+    if min(q.shape[0], q.shape[1], q.shape[2]) == 0:
+        reasons.append("an empty dimension")
+    if backend.use_kernels(op, reasons):
+        from fastattn.ops.decode import op as decode_op  # imports triton, so only when used
+
+        out, lse = decode_op.decode_attn(
+            q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, alibi=alibi_slopes,
+            scale=float(scale), softcap=float(softcap or 0.0), window_left=band[0],
+            window_right=band[1], num_splits=num_splits, max_seqlen_k=max_seqlen_k)
+    else:
+        from fastattn.ops.decode.reference import append_reference, decode_reference
+
+        # band already holds causal
+        out, lse = decode_reference(q, k_cache, v_cache, seqlens, k_new, v_new, causal=False,
+                                    window=band, scale=scale, alibi_slopes=alibi_slopes, softcap=softcap,
+                                    return_lse=True)
+        if k_new is not None:
+            append_reference(k_cache, v_cache, seqlens, k_new, v_new)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,203 @@
+"""Triton kernels for attention over a KV cache: append, split-KV attention, merge.
+
+Layout: q (B, Hq, Lq, D), caches (B, Hkv, Lmax, D), any strides; ``SEQLENS`` (B,) holds the
+tokens already cached per sequence, so sequence b has ``seqlen_k = SEQLENS[b] + seqlen_new``
+valid keys once the new ones are appended (see ``reference.py``).
+
+Flash decoding: with one or a few new tokens there is only a handful of query rows per head,
+so one program per (batch, head) would leave most of the GPU idle while it streams a long cache.
+Instead the visible key range of every (batch, kv head) is cut into ``num_splits`` chunks, one
+program each. A program holds ALL the query rows that share its kv head (``group`` query heads
+times ``seqlen_q`` new tokens, row r = g * seqlen_q + i), so each K/V element is read from
+memory once however large the GQA ratio. Each program writes its chunk's normalised partial
+output and logsumexp in fp32; ``decode_merge_kernel`` then combines them exactly:
+``out = sum_s exp(lse_s - lse) * out_s`` with ``lse = logsumexp_s(lse_s)``.
+"""
+import triton
+import triton.language as tl
+
+from fastattn.ops.flash.kernels import LOG2E, _dot, _logits
+
+
+@triton.jit
+def kv_append_kernel(
+    K_NEW, V_NEW, K, V, SEQLENS,
+    stride_knb, stride_knh, stride_knn, stride_knd,
+    stride_vnb, stride_vnh, stride_vnn, stride_vnd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    n_kv_heads, seqlen_new, seqlen_max,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Copy new token t of (b, kv head) into cache slot SEQLENS[b] + t, for K and V."""
+    bhk = tl.program_id(0)
+    b = (bhk // n_kv_heads).to(tl.int64)
+    hk = (bhk % n_kv_heads).to(tl.int64)
+    offs_t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    pos = tl.load(SEQLENS + b).to(tl.int64) + offs_t  # each sequence writes at its own offset
+    # The launcher has checked pos < seqlen_max; the mask keeps a bad call inside the buffer.
+    ok = (offs_t < seqlen_new) & (pos < seqlen_max)
+    mk = ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K_NEW + b * stride_knb + hk * stride_knh + offs_t[:, None].to(tl.int64) * stride_knn
+                + offs_d[None, :] * stride_knd, mask=mk, other=0.0)
+    tl.store(K + b * stride_kb + hk * stride_kh + pos[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+             k, mask=mk)
+    mv = ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    v = tl.load(V_NEW + b * stride_vnb + hk * stride_vnh + offs_t[:, None].to(tl.int64) * stride_vnn
+                + offs_dv[None, :] * stride_vnd, mask=mv, other=0.0)
+    tl.store(V + b * stride_vb + hk * stride_vh + pos[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+             v, mask=mv)
+
+
+@triton.jit
+def decode_split_kernel(
+    Q, K, V, SEQLENS, ALIBI, O, LSE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_ab, stride_ah,
+    n_heads, group, seqlen_q, seqlen_new, seqlen_max, num_splits,
+    scale, softcap, window_left, window_right,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One chunk of one (batch, kv head)'s keys for BLOCK_M of its group * seqlen_q query rows.
+
+    SINGLE_SPLIT: the chunk is the whole key range, so the result is final: O/LSE are the
+    output (B, Hq, Lq, Dv) with strides, and (B, Hq, Lq) fp32. Otherwise O/LSE are the
+    contiguous fp32 partials (B, Hq, Lq, num_splits, Dv) and (B, Hq, Lq, num_splits).
+    """
+    bhk = tl.program_id(0)
+    start_m = tl.program_id(1) * BLOCK_M
+    split = tl.program_id(2)
+    n_kv_heads = n_heads // group
+    b = (bhk // n_kv_heads).to(tl.int64)
+    hk = (bhk % n_kv_heads).to(tl.int64)
+
+    offs_r = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < group * seqlen_q
+    pos_q = offs_r % seqlen_q  # which new token the row is
+    h = hk * group + (offs_r // seqlen_q).to(tl.int64)  # which query head: GQA heads stacked as rows
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
+
+    seqlen_k = tl.load(SEQLENS + b).to(tl.int32) + seqlen_new
+    # min(seqlen_k, seqlen_max) as arithmetic (interpreter): never read past the buffer.
+    seqlen_k = seqlen_k - (seqlen_k - seqlen_max) * (seqlen_k > seqlen_max)
+    diag = seqlen_k - seqlen_q  # bottom-right: new token i sits at key position i + diag
+
+    # Keys any new token of this sequence may see (the band of the first and last token);
+    # the splits divide this range, so a sliding window never streams the whole cache.
+    lo = seqlen_k * 0
+    hi = seqlen_k
+    if HAS_LEFT:
+        lo = diag - window_left
+        lo = lo * (lo > 0)
+    if HAS_RIGHT:
+        hi = seqlen_k + window_right  # one past the last token's last visible key
+        hi = seqlen_k + (hi - seqlen_k) * (hi < seqlen_k)
+        hi = hi * (hi > 0)
+    hi = lo + (hi - lo) * (hi > lo)
+    # Chunk of this split, a whole number of key blocks so loads stay aligned.
+    chunk = (hi - lo + num_splits - 1) // num_splits
+    chunk = (chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = lo + split * chunk
+    end = start + chunk
+    end = hi + (end - hi) * (end < hi)  # min(end, hi); empty (end <= start) for trailing splits
+
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + pos_q[:, None].to(tl.int64) * stride_qm
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    slope = 0.0
+    if HAS_ALIBI:
+        # One slope per row (its query head), as a column so it broadcasts over the keys.
+        slope = tl.load(ALIBI + b * stride_ab + h * stride_ah, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + offs_n0
+        col_ok = offs_n < end  # keys of the next split belong to the next split
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        qk = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
+        # _logits masks keys >= its seqlen_k argument: pass `end`, the split's own limit.
+        s = _logits(qk, pos_q, offs_n, seqlen_q, end, diag, softcap, window_left, window_right,
+                    Q, 0, 0, slope,
+                    False, False, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen only masked keys has max -inf; subtract 0 so exp gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
+        alpha = tl.math.exp2((m_i - m_safe) * LOG2E)  # rescales what was summed under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32, PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0  # no visible key in this chunk: output 0, lse -inf (weight 0 in the merge)
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    row = (b * n_heads + h) * seqlen_q + pos_q  # (b, h, i) flattened
+    out_mask = row_ok[:, None] & dv_ok[None, :]
+    if SINGLE_SPLIT:
+        o_ptrs = O + b * stride_ob + h[:, None] * stride_oh + pos_q[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=out_mask)
+        tl.store(LSE + row, lse, mask=row_ok)
+    else:
+        part = row * num_splits + split
+        tl.store(O + part[:, None] * HEAD_DIM_V + offs_dv[None, :], out, mask=out_mask)
+        tl.store(LSE + part, lse, mask=row_ok)
+
+
+@triton.jit
+def decode_merge_kernel(
+    O_PART, LSE_PART, O, LSE,
+    stride_ob, stride_oh, stride_om, stride_od,
+    n_heads, seqlen_q, num_splits,
+    HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Combine the num_splits partial results of one query row (b, h, i) by their lse."""
+    row = tl.program_id(0).to(tl.int64)  # (b * n_heads + h) * seqlen_q + i
+    i = row % seqlen_q
+    h = (row // seqlen_q) % n_heads
+    b = row // seqlen_q // n_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_c = tl.arange(0, CHUNK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < HEAD_DIM_V
+
+    lse_s = tl.load(LSE_PART + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # every split empty: weights exp(-inf) = 0
+    total = tl.sum(tl.math.exp2((lse_s - m_safe) * LOG2E), 0)  # = exp(lse - m)
+
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    for s0 in range(0, num_splits, CHUNK_S):  # a few splits at a time keeps registers bounded
+        s_idx = s0 + offs_c
+        s_ok = s_idx < num_splits
+        lse_c = tl.load(LSE_PART + row * num_splits + s_idx, mask=s_ok, other=float("-inf"))
+        w = tl.math.exp2((lse_c - m_safe) * LOG2E)  # each split's share, up to the common exp(m)
+        o = tl.load(O_PART + (row * num_splits + s_idx[:, None]) * HEAD_DIM_V + offs_dv[None, :],
+                    mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc += tl.sum(o * w[:, None], 0)
+
+    empty = total == 0.0
+    out = acc / tl.where(empty, 1.0, total)
+    lse = tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, total)))
+    tl.store(O + b * stride_ob + h * stride_oh + i * stride_om + offs_dv * stride_od,
+             out.to(O.dtype.element_ty), mask=dv_ok)
+    tl.store(LSE + row, lse)

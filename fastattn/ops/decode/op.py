@@ -1,0 +1,181 @@
+"""Launchers and torch.library registration for the KV-cache kernels.
+
+Two custom ops, so ``torch.compile(fullgraph=True)`` sees one opaque node each:
+``fastattn::kvcache_append`` (writes the new tokens into the caches in place; declared as
+mutating them) and ``fastattn::decode_fwd`` (split-KV attention + merge; pure). The decode
+kernels are forward-only: ``fastattn.backend.decode_refusals`` sends calls that need gradients
+to the (differentiable) reference.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from fastattn.backend import interpreting
+from fastattn.ops.decode import kernels
+from fastattn.ops.flash.op import _alibi_args, _band_args, _precision
+
+H100_SMS = 132
+MAX_SPLITS = 128
+# Key block by padded head dim when compiled for a GPU: decoding streams K/V, so the tile is
+# sized for loads in flight, not for tensor-core work (tests/sm90.py checks shared memory).
+_BLOCK_N = {16: 64, 32: 64, 64: 64, 128: 64, 256: 32}
+_MAX_BLOCK_M = 64
+# The interpreter runs one program at a time: small key blocks so that tests on short caches
+# still get several blocks, hence several splits, per sequence.
+_INTERPRETER_BLOCK_N = 16
+
+
+def _empty(*shape, like: Tensor, dtype=None) -> Tensor:
+    """Every output buffer comes from here, so tests can poison them with NaN."""
+    return torch.empty(*shape, device=like.device, dtype=dtype or like.dtype)
+
+
+def _pad(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def block_config(head_dim: int, rows: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for ``rows`` = group * new tokens query rows per kv head."""
+    block_m = min(_MAX_BLOCK_M, _pad(rows))
+    if interpreting():
+        return block_m, _INTERPRETER_BLOCK_N, 4
+    block_n = _BLOCK_N[_pad(head_dim)]
+    if dtype == torch.float32 and head_dim > 64:
+        block_n = max(16, block_n // 2)  # fp32 tiles take twice the bytes
+    return block_m, block_n, 4
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: str) -> int:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+    return H100_SMS  # the interpreter makes the same choice an H100 would
+
+
+def choose_num_splits(programs: int, seqlen_k: int, block_n: int, num_sms: int) -> int:
+    """Splits per (batch, kv head, row block) so that ``programs * splits`` fills the GPU.
+
+    programs: batch * kv_heads * row blocks, the programs there are without splitting.
+    seqlen_k: the longest visible key range. Rules: no split when the programs already fill
+    80% of the SMs; otherwise aim for two programs per SM (decoding is bandwidth-bound and
+    wants many loads in flight), but give every split at least two key blocks, so its fixed
+    cost (loading q, writing a partial row) stays small next to its streaming; at most 128.
+    """
+    if programs >= 0.8 * num_sms:
+        return 1
+    key_blocks = triton.cdiv(max(seqlen_k, 1), block_n)
+    most = max(1, min(MAX_SPLITS, key_blocks // 2))
+    return max(1, min(triton.cdiv(2 * num_sms, programs), most))
+
+
+def _append(k_cache, v_cache, seqlens, k_new, v_new):
+    b, hkv, lnew, d = k_new.shape
+    dv = v_new.shape[-1]
+    block_l = 16 if interpreting() else 32
+    kernels.kv_append_kernel[(b * hkv, triton.cdiv(lnew, block_l))](
+        k_new, v_new, k_cache, v_cache, seqlens,
+        *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
+        hkv, lnew, k_cache.shape[2],
+        HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_L=block_l, BLOCK_D=_pad(d), BLOCK_DV=_pad(dv),
+        num_warps=4,
+    )
+
+
+def _forward(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left, window_right,
+             seqlen_new, num_splits):
+    b, hq, lq, d = q.shape
+    hkv, lmax, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
+    group = hq // hkv
+    rows = group * lq
+    block_m, block_n, warps = block_config(max(d, dv), rows, q.dtype)
+    out = _empty(b, hq, lq, dv, like=q)
+    lse = _empty(b, hq, lq, like=q, dtype=torch.float32)
+    alibi_t, alibi_strides = _alibi_args(q, alibi)
+    single = num_splits == 1
+    if single:
+        o_t, lse_t = out, lse
+        o_strides = out.stride()
+    else:
+        o_t = _empty(b, hq, lq, num_splits, dv, like=q, dtype=torch.float32)
+        lse_t = _empty(b, hq, lq, num_splits, like=q, dtype=torch.float32)
+        o_strides = (0, 0, 0, 0)
+    grid = (b * hkv, triton.cdiv(rows, block_m), num_splits)
+    kernels.decode_split_kernel[grid](
+        q, k_cache, v_cache, seqlens, alibi_t, o_t, lse_t,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *o_strides, *alibi_strides,
+        hq, group, lq, seqlen_new, lmax, num_splits,
+        scale, softcap or 1.0, **_band_args(window_left, window_right),
+        HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=_pad(d), BLOCK_DV=_pad(dv),
+        HAS_ALIBI=alibi is not None, HAS_SOFTCAP=bool(softcap), SINGLE_SPLIT=single,
+        # bf16 dots are wrong under the interpreter; fp32 dots hold the same values exactly.
+        DOT_FP32=interpreting() and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype),
+        num_warps=warps,
+    )
+    if not single:
+        kernels.decode_merge_kernel[(b * hq * lq,)](
+            o_t, lse_t, out, lse, *out.stride(), hq, lq, num_splits,
+            HEAD_DIM_V=dv, BLOCK_S=max(16, triton.next_power_of_2(num_splits)), CHUNK_S=8,
+            BLOCK_DV=_pad(dv), num_warps=4,
+        )
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library registration (custom_op, not triton_op: wrap_triton refuses interpreted kernels).
+
+@torch.library.custom_op("fastattn::kvcache_append", mutates_args=("k_cache", "v_cache"))
+def kvcache_append(k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, k_new: Tensor, v_new: Tensor) -> None:
+    _append(k_cache, v_cache, seqlens, k_new, v_new)
+
+
+@kvcache_append.register_fake
+def _(k_cache, v_cache, seqlens, k_new, v_new):
+    return None
+
+
+@torch.library.custom_op("fastattn::decode_fwd", mutates_args=())
+def decode_fwd(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, alibi: Optional[Tensor],
+    scale: float, softcap: float, window_left: Optional[int], window_right: Optional[int],
+    seqlen_new: int, num_splits: int,
+) -> tuple[Tensor, Tensor]:
+    return _forward(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left, window_right,
+                    seqlen_new, num_splits)
+
+
+@decode_fwd.register_fake
+def _(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left, window_right,
+      seqlen_new, num_splits):
+    b, hq, lq, _ = q.shape
+    return q.new_empty(b, hq, lq, v_cache.shape[-1]), q.new_empty(b, hq, lq, dtype=torch.float32)
+
+
+def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=None, scale,
+                softcap=0.0, window_left=None, window_right=None, num_splits=None,
+                max_seqlen_k=None):
+    """Validated inputs -> (out, lse), after writing k_new/v_new into the caches.
+
+    seqlens: int32 contiguous (B,). max_seqlen_k: the longest valid length after the append,
+    if the caller knows it (it only steers the choice of num_splits); else Lmax.
+    """
+    seqlen_new = 0
+    if k_new is not None:
+        kvcache_append(k_cache, v_cache, seqlens, k_new, v_new)
+        seqlen_new = k_new.shape[2]
+    if num_splits is None:
+        b, hq, lq, d = q.shape
+        hkv = k_cache.shape[1]
+        block_m, block_n, _ = block_config(max(d, v_cache.shape[-1]), (hq // hkv) * lq, q.dtype)
+        programs = b * hkv * triton.cdiv((hq // hkv) * lq, block_m)
+        length = k_cache.shape[2] if max_seqlen_k is None else max_seqlen_k
+        if window_left is not None:
+            length = min(length, window_left + lq + (window_right or 0))  # a window bounds the keys read
+        num_splits = choose_num_splits(programs, length, block_n, _num_sms(str(q.device)))
+    return decode_fwd(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left,
+                      window_right, seqlen_new, num_splits)
