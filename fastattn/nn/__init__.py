@@ -1,0 +1,4 @@
+"""fastattn.nn: modules built only on fastattn's public functions."""
+from fastattn.nn.kv_cache import KVCache
+
+__all__ = ["KVCache"]
