@@ -88,6 +88,17 @@ def decode_refusals(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return reasons
 
 
+def linear_refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """Reasons the linear-attention kernels cannot take these (already validated) inputs.
+    q/k hold the features (or the inputs of an elementwise feature map): (B, H, L, M)."""
+    reasons = device_refusals(q)
+    if q.dtype not in KERNEL_DTYPES:
+        reasons.append(f"dtype {q.dtype} is not one of {KERNEL_DTYPES}")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        reasons.append(f"feature dim {q.shape[-1]} / value dim {v.shape[-1]} exceeds {MAX_HEAD_DIM}")
+    return reasons
+
+
 def use_kernels(op: str, reasons: list[str]) -> bool:
     """Decide for one call: True -> kernels, False -> reference. Raises under "triton"."""
     backend = current_backend()

@@ -400,3 +400,240 @@ def attention_with_kvcache(
         if k_new is not None:
             append_reference(k_cache, v_cache, seqlens, k_new, v_new)
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------
+# Linear-complexity attention (fastattn/ops/linear)
+
+def _check_eps(op: str, eps) -> None:
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
+
+
+def _linear_dispatch(op, q, k, v, *, feature, causal, normalize, eps):
+    """Validated inputs -> out. q/k are the inputs of the elementwise map ``feature``
+    ("identity" when the features were computed in torch)."""
+    reasons = backend.linear_refusals(q, k, v)
+    if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
+        reasons.append("an empty dimension")
+    if backend.use_kernels(op, reasons):
+        from fastattn.ops.linear import op as linear_op  # imports triton, so only when used
+
+        return linear_op.linear_attn(q, k, v, feature=feature, causal=causal, normalize=normalize,
+                                     eps=float(eps))
+    from fastattn.ops.linear import reference as linear_ref
+
+    return linear_ref.linear_attention_chunked(
+        linear_ref.feature_map(q, feature), linear_ref.feature_map(k, feature), v,
+        causal=causal, normalize=normalize, eps=eps)
+
+
+def _check_linear(op: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
+    _check_qkv(op, q, k, v)
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"{op}: causal linear attention needs Lq == Lk (query i sees keys j <= i), got "
+            f"q {_shape(q)}, k {_shape(k)}; decode token by token with "
+            "fastattn.ops.linear.reference.linear_attention_step")
+
+
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    feature_map="elu",
+    normalize: bool = True,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Linear attention (Katharopoulos et al. 2020): softmax(q k^T) replaced by phi(q).phi(k).
+
+    Args:
+        q: (B, Hq, Lq, D). k: (B, Hkv, Lk, D). v: (B, Hkv, Lk, Dv). Any strides; GQA/MQA as
+            flash_attention (query head h uses kv head ``h // (Hq // Hkv)``).
+        causal: query i sees keys j <= i; needs Lq == Lk.
+        feature_map: "elu" (elu(x) + 1, the default), "relu", "identity", applied inside the
+            kernels; or a callable x (..., L, D) -> (..., L, M), applied in torch first.
+        normalize: divide by ``phi(q_i) . sum_j phi(k_j) + eps`` (the normaliser of the kernel
+            attention). With "identity" or "relu" the normaliser can vanish; pass False for
+            unnormalised (retention-style) linear attention.
+        eps: added to the normaliser.
+
+    Returns:
+        (B, Hq, Lq, Dv) in q's dtype. The kernels accumulate in fp32 and cost O(L M Dv):
+        non-causal via S = phi(K)^T V, causal in chunks with a running state.
+
+    Raises:
+        ValueError: bad ranks, shapes, dtypes, devices, feature_map or eps (naming the argument),
+            causal with Lq != Lk, or, under ``use_backend("triton")``, an input the kernels
+            cannot take (e.g. more than 256 features).
+
+    Equivalent code::
+
+        fq, fk = phi(q), phi(k).repeat_interleave(Hq // Hkv, 1)
+        a = fq @ fk.transpose(-1, -2)            # tril() if causal
+        out = (a @ v.repeat_interleave(Hq // Hkv, 1)) / (a.sum(-1, keepdim=True) + eps)
+    """
+    op = "linear_attention"
+    _check_qkv(op, q, k, v)
+    _check_eps(op, eps)
+    feature = feature_map
+    if callable(feature_map):
+        q, k = feature_map(q), feature_map(k)
+        for name, t in (("feature_map(q)", q), ("feature_map(k)", k)):
+            if not isinstance(t, Tensor) or t.dim() != 4:
+                raise ValueError(f"{op}: {name} must return a 4-D Tensor")
+        feature = "identity"
+    elif feature_map not in ("elu", "relu", "identity"):
+        raise ValueError(f"{op}: feature_map must be 'elu', 'relu', 'identity' or a callable, got {feature_map!r}")
+    _check_linear(op, q, k, v, causal)
+    return _linear_dispatch(op, q, k, v, feature=feature, causal=bool(causal),
+                            normalize=bool(normalize), eps=eps)
+
+
+def performer_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection: Tensor,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    kernel: str = "softmax",
+    eps: float = 1e-6,
+) -> Tensor:
+    """Performer attention (Choromanski et al. 2021): FAVOR+ random features of softmax.
+
+    Args:
+        q: (B, Hq, Lq, D). k: (B, Hkv, Lk, D). v: (B, Hkv, Lk, Dv). GQA as flash_attention.
+        projection: (M, D) random directions from ``fastattn.performer_projection(M, D)``;
+            redraw by calling that again. M <= 256 for the kernels.
+        causal: query i sees keys j <= i; needs Lq == Lk.
+        scale: softmax temperature approximated, ``softmax(scale * q k^T)``; default 1/sqrt(D).
+        kernel: "softmax" (FAVOR+ positive features ``exp(W x - |x|^2/2 - stab)/sqrt(M)`` with
+            x scaled by sqrt(scale); the key stabiliser is one constant per (batch, head) over
+            the sequence and the query one per row, so both cancel) or "relu" (the generalized
+            ReLU kernel ``relu(W x)/sqrt(M)``).
+
+    Returns:
+        (B, Hq, Lq, Dv): an unbiased-kernel estimate of softmax attention whose error falls as
+        M grows. The features are computed in torch (the key stabiliser needs a max over the
+        whole sequence), then the linear-attention kernels run on them.
+
+    Raises:
+        ValueError: as linear_attention, plus a projection that is not (M, D) on q's device.
+
+    Equivalent code::
+
+        fq = favor_features(q, W, is_query=True); fk = favor_features(k, W, is_query=False)
+        a = fq @ fk.transpose(-1, -2)            # tril() if causal
+        out = (a @ v) / (a.sum(-1, keepdim=True) + eps)
+    """
+    op = "performer_attention"
+    _check_qkv(op, q, k, v)
+    _check_eps(op, eps)
+    if not isinstance(projection, Tensor) or projection.dim() != 2 or projection.shape[1] != q.shape[-1]:
+        shape = _shape(projection) if isinstance(projection, Tensor) else type(projection).__name__
+        raise ValueError(f"{op}: projection must be (num_features, head_dim={q.shape[-1]}), got {shape}")
+    if projection.device != q.device or not projection.dtype.is_floating_point:
+        raise ValueError(f"{op}: projection must be floating point on {q.device}, got {projection.dtype} "
+                         f"on {projection.device}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{op}: scale must be a positive float or None, got {scale!r}")
+    _check_linear(op, q, k, v, causal)
+    from fastattn.ops.linear import reference as linear_ref
+
+    if kernel == "softmax":
+        fq = linear_ref.favor_features(q, projection, is_query=True, scale=scale)
+        fk = linear_ref.favor_features(k, projection, is_query=False, scale=scale)
+    elif kernel == "relu":
+        fq, fk = linear_ref.relu_features(q, projection), linear_ref.relu_features(k, projection)
+    else:
+        raise ValueError(f"{op}: kernel must be 'softmax' or 'relu', got {kernel!r}")
+    return _linear_dispatch(op, fq, fk, v, feature="identity", causal=bool(causal), normalize=True, eps=eps)
+
+
+def performer_projection(
+    num_features: int,
+    head_dim: int,
+    *,
+    orthogonal: bool = True,
+    generator: Optional[torch.Generator] = None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Random features W (num_features, head_dim) for ``performer_attention``.
+
+    Rows are N(0, I) directions; ``orthogonal=True`` makes them exactly orthogonal in blocks of
+    head_dim (each rescaled to a chi-distributed norm), which keeps FAVOR+ unbiased and lowers
+    its variance. Call again to redraw; pass ``generator`` for repeatable draws (drawn on the
+    generator's device in float64, then moved to ``device``/``dtype``).
+
+    Equivalent code (i.i.d.): ``torch.randn(num_features, head_dim, generator=generator)``.
+    """
+    for name, n in (("num_features", num_features), ("head_dim", head_dim)):
+        if not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"performer_projection: {name} must be an int >= 1, got {n!r}")
+    from fastattn.ops.linear import reference as linear_ref
+
+    return linear_ref.performer_projection(num_features, head_dim, orthogonal=orthogonal,
+                                           generator=generator, device=device, dtype=dtype)
+
+
+def linformer_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    e_proj: Tensor,
+    f_proj: Tensor,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = False,
+) -> Tensor:
+    """Linformer attention (Wang et al. 2020): keys and values projected along the sequence.
+
+    Args:
+        q: (B, Hq, Lq, D). k: (B, Hkv, Lk, D). v: (B, Hkv, Lk, Dv). GQA as flash_attention.
+        e_proj, f_proj: (P, Lk) shared by all heads, or (Hkv, P, Lk) per kv head, in q's dtype
+            and device; ``K' = E K`` and ``V' = F V`` have P rows. Sharing across layers or
+            between E and F is the caller's (the module's) choice: pass the same tensor.
+        scale: multiplies q K'^T; default 1/sqrt(D).
+        causal: must be False. Linformer is non-causal by design: every projected row mixes
+            all Lk positions, so no query could be kept from seeing future tokens.
+
+    Returns:
+        (B, Hq, Lq, Dv): exact attention of q over the P projected keys, through
+        ``fastattn.flash_attention`` (kernels where they apply). Cost O(Lq P + Lk P).
+
+    Raises:
+        ValueError: causal=True; projections of the wrong shape, dtype or device; as
+            flash_attention for q, k, v.
+
+    Equivalent code::
+
+        kp, vp = e_proj @ k, f_proj @ v          # (B, Hkv, P, D), (B, Hkv, P, Dv)
+        out = torch.nn.functional.scaled_dot_product_attention(q, kp, vp, scale=scale, enable_gqa=True)
+    """
+    op = "linformer_attention"
+    if causal:
+        raise ValueError(
+            f"{op}: causal=True is not supported: Linformer is non-causal by design (each projected "
+            "key/value row is a mix of all sequence positions, future ones included). Use "
+            "flash_attention(causal=True) or linear_attention(causal=True) instead.")
+    _check_qkv(op, q, k, v)
+    hkv, lk = k.shape[1], k.shape[2]
+    for name, p in (("e_proj", e_proj), ("f_proj", f_proj)):
+        if not isinstance(p, Tensor):
+            raise ValueError(f"{op}: {name} must be a Tensor, got {type(p).__name__}")
+        if not (p.dim() == 2 or (p.dim() == 3 and p.shape[0] == hkv)) or p.shape[-1] != lk or p.shape[-2] < 1:
+            raise ValueError(f"{op}: {name} must be (P, Lk={lk}) or (Hkv={hkv}, P, Lk={lk}), got {_shape(p)}")
+        if p.dtype != q.dtype or p.device != q.device:
+            raise ValueError(f"{op}: {name} must have q's dtype {q.dtype} and device {q.device}, got "
+                             f"{p.dtype} on {p.device}")
+    if e_proj.shape[-2] != f_proj.shape[-2]:
+        raise ValueError(f"{op}: e_proj {_shape(e_proj)} and f_proj {_shape(f_proj)} must project to the "
+                         "same number of rows")
+    from fastattn.ops.linear.reference import linformer_project
+
+    return flash_attention(q, linformer_project(k, e_proj), linformer_project(v, f_proj), scale=scale)
