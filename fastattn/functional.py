@@ -86,8 +86,14 @@ def _check_options(op: str, q: Tensor, *, scale, window, alibi_slopes, softcap, 
             raise ValueError(f"{op}: alibi_slopes must be floating point on {q.device}")
 
 
-def _attend(op, q, k, v, *, band, scale, attn_bias, alibi_slopes, softcap, dropout_p):
-    """Validated inputs -> (out, lse) from the kernels or the reference."""
+def _attend(op, q, k, v, *, band, scale, attn_bias, alibi_slopes, softcap, dropout_p, need_lse):
+    """Validated inputs -> (out, lse) from the kernels, torch's own SDPA, or the reference.
+
+    Without kernels ("auto" on a CPU, say), a call that torch's fused SDPA can express and
+    that needs no lse goes there: on a CPU it is several times faster than the reference and
+    never materialises Lq x Lk. Everything else, and all of use_backend("torch"), runs the
+    reference. lse is None when it was not needed and torch's SDPA ran.
+    """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     reasons = backend.flash_refusals(q, k, v)
@@ -105,9 +111,34 @@ def _attend(op, q, k, v, *, band, scale, attn_bias, alibi_slopes, softcap, dropo
             q, k, v, bias=bias, alibi=alibi_slopes, seed=seed, scale=float(scale),
             softcap=float(softcap or 0.0), dropout_p=float(dropout_p),
             window_left=band[0], window_right=band[1])
+    if backend.current_backend() == "auto" and not need_lse and alibi_slopes is None and not softcap:
+        causal = _torch_sdpa_causal(band, q.shape[2], k.shape[2])
+        if causal is False or (causal and attn_bias is None):  # torch takes a mask or a causal flag
+            if causal == "lower_right":
+                from torch.nn.attention.bias import causal_lower_right
+
+                attn_bias = causal_lower_right(q.shape[2], k.shape[2])
+            elif attn_bias is not None and attn_bias.dtype not in (torch.bool, q.dtype):
+                attn_bias = attn_bias.to(q.dtype)  # torch wants a float mask in q's dtype
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, is_causal=causal == "upper_left",
+                scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+            return out, None
     return attention_reference(
         q, k, v, window=band, scale=scale, attn_bias=attn_bias, alibi_slopes=alibi_slopes,
         softcap=softcap, dropout_p=dropout_p, return_lse=True)
+
+
+def _torch_sdpa_causal(band, lq: int, lk: int):
+    """How torch's SDPA expresses a band: False (no mask), "upper_left" (its is_causal),
+    "lower_right" (its causal_lower_right bias), or None (it cannot)."""
+    if band == (None, None):
+        return False
+    if band == (None, lq - lk):
+        return "upper_left"
+    if band == (None, 0):
+        return "lower_right"
+    return None
 
 
 def flash_attention(
@@ -163,7 +194,7 @@ def flash_attention(
                    softcap=softcap, dropout_p=dropout_p)
     out, lse = _attend(op, q, k, v, band=band_from(causal, window), scale=scale,
                        attn_bias=attn_bias, alibi_slopes=alibi_slopes, softcap=softcap,
-                       dropout_p=dropout_p)
+                       dropout_p=dropout_p, need_lse=return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -218,7 +249,7 @@ def scaled_dot_product_attention(
     _check_options(op, query, scale=scale, window=None, alibi_slopes=None, softcap=None,
                    dropout_p=dropout_p)
     out, _ = _attend(op, query, key, value, band=band, scale=scale, attn_bias=attn_mask,
-                     alibi_slopes=None, softcap=None, dropout_p=dropout_p)
+                     alibi_slopes=None, softcap=None, dropout_p=dropout_p, need_lse=False)
     return out.squeeze(0) if unbatched else out
 
 

@@ -63,8 +63,9 @@ def test_triton_backend_refuses_with_reasons_and_auto_falls_back():
     q, k, v = qkv("cpu", dtype=torch.float64)
     with fastattn.use_backend("triton"), pytest.raises(ValueError, match="dtype torch.float64"):
         fastattn.flash_attention(q, k, v)
-    out = fastattn.flash_attention(q, k, v, causal=True)  # auto: the float64 reference
-    assert torch.equal(out, attention_reference(q, k, v, causal=True))
+    out, lse = fastattn.flash_attention(q, k, v, causal=True, return_lse=True)  # auto: the reference
+    want, want_lse = attention_reference(q, k, v, causal=True, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
     with pytest.raises(ValueError, match="use_backend"):
         with fastattn.use_backend("cudnn"):
             pass
@@ -75,6 +76,33 @@ def test_torch_backend_uses_the_reference(device):
     with fastattn.use_backend("torch"):
         out = fastattn.flash_attention(q, k, v, window=(2, 1))
     assert torch.equal(out, attention_reference(q, k, v, window=(2, 1)))
+
+
+FALLBACK_CASES = {
+    "plain": dict(),
+    "causal-bottom-right": dict(causal=True),
+    "bool-mask": dict(attn_bias="bool"),
+    "fp32-bias-on-fp16": dict(attn_bias="float"),
+    "window": dict(window=(3, 2)),           # torch cannot express it: the reference runs
+    "softcap": dict(softcap=2.0),
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACK_CASES))
+@pytest.mark.parametrize("lq,lk", [(12, 20), (20, 12)], ids=["q<k", "q>k"])
+def test_auto_without_kernels_matches_the_reference(case, lq, lk, monkeypatch):
+    """On a CPU without the interpreter, "auto" runs torch's SDPA where it can express the
+    call, else the reference; both must give the reference's answer (by the DESIGN.md rule)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = qkv("cpu", torch.float16, hq=4, hkv=2, lq=lq, lk=lk)
+    kw = dict(FALLBACK_CASES[case])
+    if kw.get("attn_bias") == "bool":
+        kw["attn_bias"] = torch.rand(1, 1, lq, lk) > 0.3
+    elif kw.get("attn_bias") == "float":
+        kw["attn_bias"] = torch.randn(4, lq, lk)
+    out = fastattn.flash_attention(q, k, v, **kw)
+    oracle = attention_reference(*map(as64, (q, k, v)), **{n: as64(x) for n, x in kw.items()})
+    assert_close_rule("out", out, oracle, attention_reference(q, k, v, **kw))
 
 
 def test_backend_is_restored_after_an_exception():

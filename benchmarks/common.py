@@ -1,0 +1,102 @@
+"""Timing, FLOP counting and result rows shared by every benchmark suite.
+
+A suite is a module in benchmarks/ with ``cases(device, quick) -> list[Case]``. ``fastattn
+bench`` and the pytest-benchmark entry points both run those cases, so the numbers agree.
+
+FLOPs follow the FlashAttention papers (DESIGN.md): 4 * B * H * Lq * Lk * D for the forward,
+half that when causal, and the backward counts 2.5x the forward.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class Case:
+    """One thing to time. ``fn`` runs it once; ``flops``/``bytes`` give TFLOP/s and GB/s."""
+    suite: str
+    config: str                      # e.g. "b4-h16-l2048-d128-causal"
+    impl: str                        # e.g. "fastattn", "torch-flash"
+    fn: Callable[[], object]
+    flops: float = 0.0
+    bytes: float = 0.0
+    params: dict = field(default_factory=dict)  # numeric axes for plots (seq_len, density...)
+    check: Optional[Callable[[], None]] = None  # raises if the output is wrong
+
+
+def attention_flops(b, h, lq, lk, d, *, causal=False, backward=False, dv=None) -> float:
+    """4*B*H*Lq*Lk*D forward (QK^T and PV, 2 FLOPs per multiply-add); causal halves it;
+    forward+backward is 3.5x the forward (the backward counts 2.5x)."""
+    dv = d if dv is None else dv
+    fwd = 2.0 * b * h * lq * lk * (d + dv)
+    if causal:
+        fwd /= 2
+    return fwd * 3.5 if backward else fwd
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, device, *, warmup=3, reps=10, max_seconds=5.0) -> list[float]:
+    """Milliseconds per call, one sample per rep after warm-up. CUDA events on a GPU,
+    perf_counter on CPU. Stops early once ``max_seconds`` is spent (at least 3 samples)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples, start = [], time.perf_counter()
+    cuda = torch.device(device).type == "cuda"
+    for i in range(reps):
+        if cuda:
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            fn()
+            t1.record()
+            t1.synchronize()
+            samples.append(t0.elapsed_time(t1))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        if i >= 2 and time.perf_counter() - start > max_seconds:
+            break
+    return samples
+
+
+def peak_memory_mb(fn, device) -> float:
+    """Peak extra memory of one call in MB (CUDA allocator stats; NaN on CPU, where torch
+    keeps no such counter)."""
+    if torch.device(device).type != "cuda":
+        return float("nan")
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def summarize(case: Case, samples: list[float], memory_mb: float) -> dict:
+    """One result row: median and spread in ms, TFLOP/s, GB/s, peak memory."""
+    median = statistics.median(samples)
+    return {
+        "suite": case.suite, "config": case.config, "impl": case.impl,
+        "median_ms": median, "min_ms": min(samples), "max_ms": max(samples), "reps": len(samples),
+        "tflops": case.flops / (median * 1e-3) / 1e12 if case.flops else float("nan"),
+        "gbps": case.bytes / (median * 1e-3) / 1e9 if case.bytes else float("nan"),
+        "peak_mem_mb": memory_mb, **case.params,
+    }
+
+
+def run_case(case: Case, device, *, warmup=3, reps=10, max_seconds=5.0) -> dict:
+    """Check, then time, then measure memory of one case."""
+    if case.check is not None:
+        case.check()
+    samples = measure(case.fn, device, warmup=warmup, reps=reps, max_seconds=max_seconds)
+    return summarize(case, samples, peak_memory_mb(case.fn, device))

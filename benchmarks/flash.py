@@ -1,0 +1,112 @@
+"""Flash attention suite: fastattn vs torch SDPA's backends and FlexAttention, forward and
+forward+backward, causal and not, across head dims and sequence lengths (and GQA).
+
+On a GPU: bf16, 16k tokens per batch at hidden 2048 (B = 16384 / L, H = 2048 / D), the
+setting of the FlashAttention papers. On a CPU: small fp32 sizes, where fastattn runs its
+pure-PyTorch fallback (or the interpreted kernels under TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from benchmarks.common import Case, attention_flops
+
+SUITE = "flash"
+
+
+def _sdpa_backends(device):
+    """name -> context manager selecting one torch SDPA backend (those this torch has)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"math": "MATH"}
+    if torch.device(device).type == "cuda":
+        names.update(flash="FLASH_ATTENTION", efficient="EFFICIENT_ATTENTION", cudnn="CUDNN_ATTENTION")
+    else:
+        names.update(flash="FLASH_ATTENTION")  # torch's CPU flash kernel
+    return {n: (lambda b=getattr(SDPBackend, v): sdpa_kernel(b)) for n, v in names.items() if hasattr(SDPBackend, v)}
+
+
+def _flex(device, causal, lq, lk):
+    """A compiled FlexAttention callable, or None where torch has none or it cannot compile."""
+    if torch.device(device).type != "cuda":
+        return None
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    block_mask = None
+    if causal:
+        block_mask = create_block_mask(lambda b, h, q, k: q >= k, None, None, lq, lk, device=device)
+    compiled = torch.compile(flex_attention)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def configs(device, quick):
+    """(b, hq, hkv, l, d, causal) tuples."""
+    if torch.device(device).type == "cuda":
+        lengths = [1024, 4096, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384]
+        out = []
+        for d in (64, 128, 256):
+            for l in lengths:
+                for causal in (False, True):
+                    out.append((16384 // l, 2048 // d, 2048 // d, l, d, causal))
+        out += [(16384 // l, 16, 2, l, 128, True) for l in lengths]  # GQA 8:1
+        return out
+    lengths = [128, 256] if quick else [128, 256, 512, 1024]
+    return [(1, 4, 4, l, 64, c) for l in lengths for c in (False, True)] + [(1, 8, 2, lengths[-1], 64, True)]
+
+
+def cases(device, quick=False):
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    out = []
+    for b, hq, hkv, l, d, causal in configs(device, quick):
+        name = f"b{b}-h{hq}:{hkv}-l{l}-d{d}" + ("-causal" if causal else "")
+        q = torch.randn(b, hq, l, d, device=device, dtype=dtype, requires_grad=True)
+        k = torch.randn(b, hkv, l, d, device=device, dtype=dtype, requires_grad=True)
+        v = torch.randn(b, hkv, l, d, device=device, dtype=dtype, requires_grad=True)
+        do = torch.randn_like(q)
+        impls = {"fastattn": lambda q, k, v, c=causal: fastattn.scaled_dot_product_attention(
+            q, k, v, is_causal=c, enable_gqa=q.shape[1] != k.shape[1])}
+        for bname, ctx in _sdpa_backends(device).items():
+            impls[f"torch-{bname}"] = lambda q, k, v, c=causal, ctx=ctx: _in(ctx, F.scaled_dot_product_attention,
+                                                                             q, k, v, is_causal=c,
+                                                                             enable_gqa=q.shape[1] != k.shape[1])
+        flex = _flex(device, causal, l, l)
+        if flex is not None:
+            impls["flex"] = flex
+        params = {"seq_len": l, "head_dim": d, "causal": causal, "gqa": hq // hkv}
+        for impl, f in impls.items():
+            fwd_flops = attention_flops(b, hq, l, l, d, causal=causal)
+            out.append(Case(SUITE + "-fwd", name, impl, lambda f=f, q=q, k=k, v=v: f(q, k, v),
+                            flops=fwd_flops, params=params,
+                            check=_checker(f, causal, hq, hkv, d, dtype, device) if impl == "fastattn" else None))
+            out.append(Case(SUITE + "-fwdbwd", name, impl,
+                            lambda f=f, q=q, k=k, v=v, do=do: torch.autograd.grad(f(q, k, v), (q, k, v), do),
+                            flops=attention_flops(b, hq, l, l, d, causal=causal, backward=True), params=params))
+    return out
+
+
+def _in(ctx, fn, *args, **kw):
+    with ctx():
+        return fn(*args, **kw)
+
+
+def _checker(f, causal, hq, hkv, d, dtype, device):
+    """Before timing: on a small instance of the same config, fastattn's error vs torch in
+    float64 is within 2x of torch's own error in the benchmark dtype (the DESIGN.md rule)."""
+    def check():
+        l = 256
+        q = torch.randn(1, hq, l, d, device=device, dtype=dtype)
+        k, v = (torch.randn(1, hkv, l, d, device=device, dtype=dtype) for _ in range(2))
+        gqa = hq != hkv
+        oracle = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal, enable_gqa=gqa)
+        ours = (f(q, k, v).double() - oracle).abs().max().item()
+        base = (F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa).double()
+                - oracle).abs().max().item()
+        if not ours <= 2 * base + 1e-5 or math.isnan(ours):
+            raise AssertionError(f"fastattn error {ours:.3e} > 2 x torch's {base:.3e}")
+    return check

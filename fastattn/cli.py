@@ -1,0 +1,246 @@
+"""The ``fastattn`` command: ``bench``, ``check`` and ``info``.
+
+    fastattn bench [--quick] [--suite flash ...] [--impl fastattn ...] [--out DIR]
+    fastattn check          # every kernel against its reference on this device
+    fastattn info           # device, versions, which backends run here and why not
+
+The benchmark suites live in the source tree's ``benchmarks/`` folder (a module per suite
+with ``cases(device, quick)``), so ``bench`` needs a source checkout (``pip install -e .``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _environment() -> dict:
+    """Device, versions and git commit, recorded beside every result."""
+    import torch
+
+    env = {"device": _device(), "python": platform.python_version(), "torch": torch.__version__,
+           "platform": platform.platform(), "cpu_count": os.cpu_count(),
+           "interpreter": os.environ.get("TRITON_INTERPRET", "0")}
+    if env["device"] == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                           text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        env["git_commit"] = None
+    return env
+
+
+def _suites() -> dict:
+    """suite name -> module, for every benchmarks/<name>.py that defines ``cases``."""
+    if not (REPO / "benchmarks" / "common.py").exists():
+        raise SystemExit("fastattn bench: benchmarks/ not found; run it from a source checkout "
+                         "installed with `pip install -e .`")
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    found = {}
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        if path.stem in ("common", "__init__") or path.stem.startswith("test_"):
+            continue
+        module = importlib.import_module(f"benchmarks.{path.stem}")
+        if hasattr(module, "cases"):
+            found[path.stem] = module
+    return found
+
+
+def _table(rows: list[dict]) -> str:
+    cols = ["suite", "config", "impl", "median_ms", "min_ms", "max_ms", "tflops", "gbps", "peak_mem_mb"]
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return "-" if x != x else f"{x:.3g}"
+    return str(x)
+
+
+def _series(config: str) -> str:
+    """A config name without its sequence length: one line in a plot against length."""
+    return re.sub(r"-l\d+", "", config)
+
+
+def _plot(rows: list[dict], out: Path) -> list[Path]:
+    """Time and TFLOP/s against sequence length per suite, one line per implementation."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("fastattn bench: matplotlib not installed, no plots (pip install matplotlib)")
+        return []
+    written = []
+    for suite in sorted({r["suite"] for r in rows}):
+        sub = [r for r in rows if r["suite"] == suite and "seq_len" in r]
+        if not sub:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+        for impl in sorted({r["impl"] for r in sub}):
+            for series in sorted({_series(r["config"]) for r in sub}):
+                pts = sorted((r["seq_len"], r["median_ms"], r["tflops"]) for r in sub
+                             if r["impl"] == impl and _series(r["config"]) == series)
+                if pts:
+                    axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{impl} {series}")
+                    axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=f"{impl} {series}")
+        axes[0].set(xscale="log", yscale="log", xlabel="sequence length", ylabel="median time (ms)", title=suite)
+        axes[1].set(xscale="log", xlabel="sequence length", ylabel="TFLOP/s", title=suite)
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        fig.tight_layout()
+        path = out / f"{suite}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _bench(args) -> int:
+    suites = _suites()
+    chosen = args.suite or list(suites)
+    unknown = [s for s in chosen if s not in suites]
+    if unknown:
+        raise SystemExit(f"fastattn bench: unknown suite(s) {unknown}; have {list(suites)}")
+    from benchmarks.common import run_case
+
+    device = _device()
+    cases = [c for s in chosen for c in suites[s].cases(device, quick=args.quick)]
+    if args.impl:
+        cases = [c for c in cases if any(i in c.impl for i in args.impl)]
+    out = Path(args.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    rows, failures = [], []
+    for i, case in enumerate(cases, 1):
+        label = f"[{i}/{len(cases)}] {case.suite} {case.config} {case.impl}"
+        try:
+            row = run_case(case, device, reps=args.reps)
+        except Exception as e:  # a peer that cannot run this config is reported, not fatal
+            failures.append({"suite": case.suite, "config": case.config, "impl": case.impl, "error": repr(e)[:300]})
+            print(f"{label}: skipped ({type(e).__name__}: {str(e)[:120]})", flush=True)
+            continue
+        rows.append(row)
+        print(f"{label}: {row['median_ms']:.3f} ms", flush=True)
+    print()
+    print(_table(rows))
+    meta = _environment()
+    (out / "results.json").write_text(json.dumps({"environment": meta, "results": rows, "skipped": failures}, indent=1))
+    if rows:
+        with open(out / "results.csv", "w", newline="") as f:
+            keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+    plots = _plot(rows, out)
+    print(f"\nwrote {out}/results.json, results.csv" + "".join(f", {p.name}" for p in plots))
+    print(f"device {meta['device']}{' ' + meta['gpu'] if 'gpu' in meta else ''}, torch {meta['torch']}, "
+          f"triton {meta['triton']}, commit {meta['git_commit']}")
+    return 1 if not rows else 0
+
+
+def _check(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+    import fastattn
+    from fastattn.ops.flash.reference import attention_reference
+
+    device = _device()
+    failures = 0
+    configs = [dict(causal=False), dict(causal=True), dict(window=(16, 4)), dict(softcap=5.0),
+               dict(alibi=True), dict(bias=True)]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for cfg in configs:
+            q = torch.randn(1, 4, 70, 64, device=device, dtype=dtype)
+            k, v = (torch.randn(1, 2, 90, 64, device=device, dtype=dtype) for _ in range(2))
+            kw = {n: x for n, x in cfg.items() if n not in ("alibi", "bias")}
+            if cfg.get("alibi"):
+                kw["alibi_slopes"] = torch.rand(4, device=device)
+            if cfg.get("bias"):
+                kw["attn_bias"] = torch.randn(1, 4, 70, 90, device=device, dtype=dtype)
+            with fastattn.use_backend("triton"):
+                out = fastattn.flash_attention(q, k, v, **kw)
+            kw64 = {n: (x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x) for n, x in kw.items()}
+            oracle = attention_reference(q.double(), k.double(), v.double(), **kw64)
+            err = (out.double() - oracle).abs().max().item()
+            base = (attention_reference(q, k, v, **kw).double() - oracle).abs().max().item()
+            ok = err <= 2 * base + (oracle.to(dtype).double() - oracle).abs().max().item() + 1e-5
+            failures += not ok
+            print(f"flash {str(dtype)[6:]:9} {str(cfg):28} error {err:.2e} (torch {base:.2e}) {'ok' if ok else 'FAIL'}")
+    print("all kernels match their references" if not failures else f"{failures} FAILED")
+    return 1 if failures else 0
+
+
+def _info(args) -> int:
+    import torch
+
+    from fastattn import backend
+
+    env = _environment()
+    for key, value in env.items():
+        print(f"{key:12} {value}")
+    probe = torch.zeros(1, 1, 1, 16, device=env["device"])
+    reasons = backend.flash_refusals(probe, probe, probe)
+    print(f"{'kernels':12} {'available' if not reasons else 'not here: ' + '; '.join(reasons)}")
+    print(f"{'backend':12} {backend.current_backend()} (kernels where they apply, pure PyTorch otherwise)")
+    peers = {"torch SDPA": True}
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+
+        peers["FlexAttention"] = env["device"] == "cuda" or "needs CUDA for compiled speed"
+    except ImportError:
+        peers["FlexAttention"] = "not in this torch"
+    for name, module in (("flash-attn", "flash_attn"), ("flash-linear-attention", "fla"),
+                         ("performer-pytorch", "performer_pytorch"), ("linformer", "linformer")):
+        peers[name] = importlib.util.find_spec(module) is not None or "not installed"
+    for name, status in peers.items():
+        print(f"{'peer':12} {name}: {'available' if status is True else status}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastattn", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="run the benchmark suites")
+    b.add_argument("--quick", action="store_true", help="fewer, smaller sizes")
+    b.add_argument("--suite", action="append", help="only this suite (repeatable)")
+    b.add_argument("--impl", action="append", help="only implementations whose name contains this")
+    b.add_argument("--out", help="output folder (default bench-results/<time>)")
+    b.add_argument("--reps", type=int, default=10, help="timed repetitions per case")
+    sub.add_parser("check", help="every kernel against its reference on this device")
+    sub.add_parser("info", help="device, versions, available backends and peers")
+    args = parser.parse_args(argv)
+    return {"bench": _bench, "check": _check, "info": _info}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
