@@ -1,0 +1,380 @@
+"""attention_with_kvcache: split-KV kernels vs the float64 reference (DESIGN.md rule), the cache
+after the call, the split heuristic, validation, KVCache, and token-by-token decoding of a small
+attention stack against running the whole sequence again.
+
+Kernels run on CUDA when present, otherwise under TRITON_INTERPRET=1 (see conftest.py); every
+kernel call goes through ``use_backend("triton")`` so a silent fallback cannot pass.
+"""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import fastattn  # noqa: E402
+from fastattn.nn import KVCache  # noqa: E402
+from fastattn.ops.decode import op as decode_op  # noqa: E402
+from fastattn.ops.decode.reference import decode_reference  # noqa: E402
+from fastattn.ops.flash.reference import attention_reference  # noqa: E402
+from helpers import assert_close_rule, max_err  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
+
+def make_cache(b, hkv, lmax, d, lengths, dtype, device, *, transposed=False):
+    """(B, Hkv, Lmax, D) cache: random in each sequence's valid prefix, NaN beyond it, so a
+    kernel that reads (or mixes in) a slot it should not gives NaN. ``transposed`` makes it a
+    view of a (B, Lmax, Hkv, D) buffer."""
+    shape = (b, lmax, hkv, d) if transposed else (b, hkv, lmax, d)
+    cache = torch.full(shape, float("nan"), device=device, dtype=dtype)
+    if transposed:
+        cache = cache.transpose(1, 2)
+    for i, n in enumerate(lengths):
+        cache[i, :, :n] = torch.randn(hkv, n, d, device=device).to(dtype)
+    return cache
+
+
+def bits(t):
+    """Bit pattern of a tensor, so NaN sentinels compare equal to themselves."""
+    return t.contiguous().view(torch.uint8 if t.element_size() == 1 else
+                               {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def run_and_check(q, k_cache, v_cache, lengths, k_new, v_new, **kw):
+    """Kernel (out, lse) vs the float64 oracle, with plain torch in the same dtype as the
+    yardstick; then the caches hold exactly their old contents plus k_new/v_new at each
+    sequence's offset, bit for bit, and cache_seqlens is unchanged."""
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=q.device)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    as64 = (lambda t: None if t is None else t.double())
+    ref_kw = {n: a for n, a in kw.items() if n != "num_splits"}
+    oracle, oracle_lse = decode_reference(q.double(), k_cache.double(), v_cache.double(), seqlens,
+                                          as64(k_new), as64(v_new), return_lse=True, **ref_kw)
+    base, base_lse = decode_reference(q, k_cache, v_cache, seqlens, k_new, v_new, return_lse=True, **ref_kw)
+    with fastattn.use_backend("triton"):
+        out, lse = fastattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, k_new=k_new,
+                                                   v_new=v_new, return_lse=True, **kw)
+    assert out.shape == oracle.shape and out.dtype == q.dtype and lse.dtype == torch.float32
+    assert_close_rule("out", out, oracle, base)
+    assert_close_rule("lse", lse, oracle_lse, base_lse)
+    assert seqlens.tolist() == list(lengths), "cache_seqlens must not be updated by the call"
+    expect_k, expect_v = k_before.clone(), v_before.clone()
+    if k_new is not None:
+        for i, n in enumerate(lengths):
+            expect_k[i, :, n:n + k_new.shape[2]] = k_new[i]
+            expect_v[i, :, n:n + v_new.shape[2]] = v_new[i]
+    assert torch.equal(bits(k_cache), bits(expect_k)), "k_cache differs from old contents + k_new"
+    assert torch.equal(bits(v_cache), bits(expect_v)), "v_cache differs from old contents + v_new"
+    return out, lse
+
+
+# name -> (B, Hq, Hkv, Lq, Lnew, D, lengths, num_splits, transposed): ragged batches, GQA
+# ratios 1/4/8, one and several new tokens, splits from 1 to more than there are key blocks,
+# lengths that do not divide the split size (the interpreter's key block is 16), an empty
+# cache, no new tokens, and queries fewer than the new keys.
+CASES = {
+    "mha-1tok-auto": (3, 2, 2, 1, 1, 64, [0, 37, 150], None, False),
+    "gqa4-1tok-split4": (2, 8, 2, 1, 1, 40, [63, 200], 4, True),
+    "gqa8-4tok-split3": (2, 8, 1, 4, 4, 32, [17, 113], 3, False),
+    "gqa4-3tok-split1": (2, 4, 1, 3, 3, 128, [5, 97], 1, True),
+    "mha-2tok-split16": (2, 2, 2, 2, 2, 16, [33, 190], 16, False),
+    "gqa2-q2-new5-split2": (2, 4, 2, 2, 5, 96, [0, 71], 2, False),
+    "gqa2-nonew-split2": (2, 4, 2, 1, 0, 80, [1, 129], 2, True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, dtype, device):
+    b, hq, hkv, lq, lnew, d, lengths, splits, transposed = CASES[case]
+    lmax = max(lengths) + lnew + 7  # slack beyond the longest sequence, NaN-filled
+    q = torch.randn(b, lq, hq, d, device=device).to(dtype).transpose(1, 2)
+    k_cache = make_cache(b, hkv, lmax, d, lengths, dtype, device, transposed=transposed)
+    v_cache = make_cache(b, hkv, lmax, d, lengths, dtype, device, transposed=transposed)
+    k_new = v_new = None
+    if lnew:
+        k_new = torch.randn(b, hkv, lnew, d, device=device).to(dtype)
+        v_new = torch.randn(b, hkv, lnew, d, device=device).to(dtype)
+    run_and_check(q, k_cache, v_cache, lengths, k_new, v_new, num_splits=splits)
+
+
+def _features(b, hq, device):
+    return {
+        "window-left": dict(window=(20, None)),
+        "window-both-noncausal": dict(window=(30, 1), causal=False),
+        "noncausal": dict(causal=False),
+        "alibi": dict(alibi_slopes=torch.rand(hq, device=device)),
+        "alibi-per-batch": dict(alibi_slopes=torch.rand(b, hq, device=device)),
+        "softcap": dict(softcap=2.0, scale=2.0),
+        "everything": dict(window=(40, None), softcap=5.0, alibi_slopes=torch.rand(hq, device=device), scale=0.3),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("feature", list(_features(1, 1, "cpu")))
+def test_features(feature, dtype, device):
+    b, hq, hkv, lnew, d, lengths = 2, 4, 1, 3, 48, [45, 130]
+    lmax = max(lengths) + lnew + 5
+    q = torch.randn(b, hq, lnew, d, device=device).to(dtype)
+    k_cache = make_cache(b, hkv, lmax, d, lengths, dtype, device)
+    v_cache = make_cache(b, hkv, lmax, d, lengths, dtype, device)
+    k_new = torch.randn(b, hkv, lnew, d, device=device).to(dtype)
+    v_new = torch.randn(b, hkv, lnew, d, device=device).to(dtype)
+    run_and_check(q, k_cache, v_cache, lengths, k_new, v_new, num_splits=3, **_features(b, hq, device)[feature])
+
+
+def test_window_leaves_a_sequence_with_no_keys(device):
+    """Non-causal window with right < 0 is not expressible, but an empty cache with no new
+    tokens is: that sequence gives out 0 and lse -inf, the other one a normal result."""
+    b, hq, hkv, d, lengths = 2, 2, 1, 32, [0, 50]
+    q = torch.randn(b, hq, 1, d, device=device)
+    k_cache = make_cache(b, hkv, 60, d, lengths, torch.float32, device)
+    v_cache = make_cache(b, hkv, 60, d, lengths, torch.float32, device)
+    out, lse = run_and_check(q, k_cache, v_cache, lengths, None, None, num_splits=2)
+    assert torch.all(out[0] == 0) and torch.all(torch.isneginf(lse[0]))
+    assert torch.isfinite(lse[1]).all()
+
+
+def test_value_head_dim_may_differ(device):
+    b, hq, hkv, d, dv, lengths = 2, 4, 2, 64, 24, [10, 70]
+    q = torch.randn(b, hq, 2, d, device=device)
+    k_cache = make_cache(b, hkv, 80, d, lengths, torch.float32, device)
+    v_cache = make_cache(b, hkv, 80, dv, lengths, torch.float32, device)
+    k_new, v_new = torch.randn(b, hkv, 2, d, device=device), torch.randn(b, hkv, 2, dv, device=device)
+    run_and_check(q, k_cache, v_cache, lengths, k_new, v_new, num_splits=2)
+
+
+def test_torch_backend_appends_and_matches(device):
+    """The reference path (CPU fallback) has the same side effect on the caches."""
+    b, hq, hkv, lnew, d, lengths = 2, 4, 2, 2, 32, [3, 20]
+    q = torch.randn(b, hq, lnew, d, device=device)
+    k_cache = make_cache(b, hkv, 30, d, lengths, torch.float32, device)
+    v_cache = make_cache(b, hkv, 30, d, lengths, torch.float32, device)
+    k_new, v_new = torch.randn(b, hkv, lnew, d, device=device), torch.randn(b, hkv, lnew, d, device=device)
+    k2, v2 = k_cache.clone(), v_cache.clone()
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    with fastattn.use_backend("torch"):
+        ref = fastattn.attention_with_kvcache(q, k2, v2, seqlens, k_new=k_new, v_new=v_new)
+    out, _ = run_and_check(q, k_cache, v_cache, lengths, k_new, v_new)
+    assert torch.equal(bits(k2), bits(k_cache)) and torch.equal(bits(v2), bits(v_cache))
+    assert max_err(out, ref) < 1e-5
+
+
+def test_num_splits_heuristic_fills_the_gpu():
+    choose = decode_op.choose_num_splits
+    # Batch 1, 8 kv heads, 32k keys in blocks of 64: two programs per SM of an H100.
+    assert choose(8, 32768, 64, 132) == 33
+    # Enough (batch, head) programs already: no split.
+    assert choose(64 * 8, 32768, 64, 132) == 1
+    # A short cache: every split keeps at least two key blocks.
+    assert choose(8, 256, 64, 132) == 2
+    assert choose(1, 100, 64, 132) == 1
+    # Never more than 128.
+    assert choose(1, 1 << 20, 64, 132) == 128
+
+
+def test_auto_splits_agree_with_one_split(device):
+    """The default (heuristic) split count and a single split give the same answer."""
+    b, hq, hkv, d, lengths = 1, 8, 1, 64, [190]
+    q = torch.randn(b, hq, 1, d, device=device)
+    k_cache = make_cache(b, hkv, 200, d, lengths, torch.float32, device)
+    v_cache = make_cache(b, hkv, 200, d, lengths, torch.float32, device)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    with fastattn.use_backend("triton"):
+        auto = fastattn.attention_with_kvcache(q, k_cache, v_cache, seqlens)
+        one = fastattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, num_splits=1)
+    block_n = decode_op.block_config(d, hq, torch.float32)[1]
+    assert decode_op.choose_num_splits(1, 190, block_n, decode_op._num_sms(str(q.device))) > 1
+    assert max_err(auto, one) < 1e-5
+
+
+# --- validation --------------------------------------------------------------------------
+
+def _small(device, lengths=(3, 5), lmax=8, lnew=1):
+    b, hq, hkv, d = len(lengths), 4, 2, 16
+    q = torch.randn(b, hq, lnew, d, device=device)
+    kc, vc = torch.zeros(b, hkv, lmax, d, device=device), torch.zeros(b, hkv, lmax, d, device=device)
+    kn, vn = torch.randn(b, hkv, lnew, d, device=device), torch.randn(b, hkv, lnew, d, device=device)
+    return q, kc, vc, torch.tensor(lengths, dtype=torch.int32, device=device), kn, vn
+
+
+def test_overflow_raises_and_leaves_cache_alone(device):
+    q, kc, vc, sl, kn, vn = _small(device, lengths=(3, 6), lmax=8, lnew=3)
+    with pytest.raises(ValueError, match="overflow"):
+        fastattn.attention_with_kvcache(q, kc, vc, sl, k_new=kn, v_new=vn)
+    assert torch.all(kc == 0) and torch.all(vc == 0)
+    sl[1] = 5  # exactly fills the cache: fine
+    with fastattn.use_backend("triton"):
+        fastattn.attention_with_kvcache(q, kc, vc, sl, k_new=kn, v_new=vn)
+    assert torch.equal(kc[1, :, 5:8], kn[1])
+
+
+@pytest.mark.parametrize("bad", ["q-rank", "heads", "head-dim", "dtype", "kv-lmax", "knew-only",
+                                 "knew-shape", "seqlens-shape", "seqlens-dtype", "seqlens-negative",
+                                 "seqlens-above-lmax", "num-splits", "alibi-shape", "window"])
+def test_bad_input_raises_value_error(bad, device):
+    q, kc, vc, sl, kn, vn = _small(device)
+    kw = dict(k_new=kn, v_new=vn)
+    if bad == "q-rank":
+        q = q[0]
+    elif bad == "heads":
+        q = torch.randn(2, 3, 1, 16, device=device)
+    elif bad == "head-dim":
+        q = torch.randn(2, 4, 1, 32, device=device)
+    elif bad == "dtype":
+        kc = kc.half()
+    elif bad == "kv-lmax":
+        vc = vc[:, :, :6]
+    elif bad == "knew-only":
+        kw = dict(k_new=kn)
+    elif bad == "knew-shape":
+        kw = dict(k_new=kn[:, :1], v_new=vn[:, :1])
+    elif bad == "seqlens-shape":
+        sl = sl[:1]
+    elif bad == "seqlens-dtype":
+        sl = sl.float()
+    elif bad == "seqlens-negative":
+        sl[0] = -1
+    elif bad == "seqlens-above-lmax":
+        kw, sl[0] = {}, 9
+    elif bad == "num-splits":
+        kw["num_splits"] = 0
+    elif bad == "alibi-shape":
+        kw["alibi_slopes"] = torch.rand(3, device=device)
+    elif bad == "window":
+        kw["window"] = (-1, None)
+    with pytest.raises(ValueError):
+        fastattn.attention_with_kvcache(q, kc, vc, sl, **kw)
+
+
+def test_gradients_fall_back_to_the_reference(device):
+    """The kernels are forward-only: under "triton" a call needing gradients raises; under
+    "auto" it runs the (differentiable) reference, whose gradients match flash_attention's."""
+    q, kc, vc, sl, kn, vn = _small(device, lengths=(4, 4), lmax=8, lnew=2)
+    q.requires_grad_(True)
+    with fastattn.use_backend("triton"), pytest.raises(ValueError, match="gradients"):
+        fastattn.attention_with_kvcache(q, kc, vc, sl, k_new=kn, v_new=vn)
+    out = fastattn.attention_with_kvcache(q, kc, vc, sl, k_new=kn, v_new=vn)
+    (g,) = torch.autograd.grad(out.sum(), q)
+    q2 = q.detach().clone().requires_grad_(True)
+    full = attention_reference(q2, kc[:, :, :6], vc[:, :, :6], causal=True)
+    (g2,) = torch.autograd.grad(full.sum(), q2)
+    assert max_err(g, g2) < 1e-5
+    with torch.no_grad(), fastattn.use_backend("triton"):  # no grad needed: kernels take it
+        fastattn.attention_with_kvcache(q, kc, vc, sl + 2)
+
+
+def test_torch_compile_fullgraph(device):
+    """Both custom ops (the mutating append and the attention) compile without graph breaks."""
+    b, hq, hkv, d = 2, 4, 2, 32
+    kc, vc = torch.zeros(b, hkv, 40, d, device=device), torch.zeros(b, hkv, 40, d, device=device)
+    sl = torch.tensor([3, 17], dtype=torch.int32, device=device)
+
+    def step(q, k_new, v_new, kc, vc, sl):
+        return fastattn.attention_with_kvcache(q, kc, vc, sl, k_new=k_new, v_new=v_new, num_splits=2) * 2
+
+    q = torch.randn(b, hq, 1, d, device=device)
+    kn, vn = torch.randn(b, hkv, 1, d, device=device), torch.randn(b, hkv, 1, d, device=device)
+    kc2, vc2 = kc.clone(), vc.clone()
+    with fastattn.use_backend("triton"):
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, kn, vn, kc, vc, sl)
+        want = step(q, kn, vn, kc2, vc2, sl)
+    assert max_err(got, want) < 1e-6 and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+# --- KVCache -----------------------------------------------------------------------------
+
+def test_kvcache_grows_by_chunks_and_keeps_contents(device):
+    cache = KVCache(2, 2, 2, 16, chunk_size=8, device=device)
+    assert cache.capacity(0) == 8
+    ks, vs = [], []
+    for step in range(3):  # 5 + 5 + 5 tokens: grows to 16, then to 16 -> 24
+        k, v = torch.randn(2, 2, 5, 16, device=device), torch.randn(2, 2, 5, 16, device=device)
+        cache.append(0, k, v)
+        ks.append(k)
+        vs.append(v)
+    assert cache.capacity(0) == 16 and cache.capacity(1) == 8
+    assert cache.seqlens(0).tolist() == [15, 15] and cache.seqlens(1).tolist() == [0, 0]
+    assert torch.equal(cache.keys(0)[:, :, :15], torch.cat(ks, 2))
+    assert torch.equal(cache.values(0)[:, :, :15], torch.cat(vs, 2))
+    cache.append(0, ks[0][:, :, :2], vs[0][:, :, :2])
+    assert cache.capacity(0) == 24 and torch.equal(cache.keys(0)[:, :, :15], torch.cat(ks, 2))
+
+
+def test_kvcache_max_length(device):
+    cache = KVCache(1, 1, 1, 16, chunk_size=8, max_length=10, device=device)
+    cache.append(0, torch.randn(1, 1, 9, 16, device=device), torch.randn(1, 1, 9, 16, device=device))
+    assert cache.capacity(0) == 10
+    with pytest.raises(ValueError, match="max_length"):
+        cache.append(0, torch.randn(1, 1, 2, 16, device=device), torch.randn(1, 1, 2, 16, device=device))
+
+
+def test_kvcache_reorder_for_beam_search(device):
+    cache = KVCache(2, 2, 1, 16, chunk_size=8, device=device)
+    k, v = torch.randn(2, 1, 3, 16, device=device), torch.randn(2, 1, 3, 16, device=device)
+    for layer in range(2):
+        cache.append(layer, k, v)
+    cache.set_seqlens(torch.tensor([3, 2]))
+    cache.reorder(torch.tensor([1, 1, 0]))  # 3 beams: two continue sequence 1, one sequence 0
+    assert cache.batch_size == 3 and cache.seqlens(1).tolist() == [2, 2, 3]
+    for layer in range(2):
+        assert torch.equal(cache.keys(layer)[:, :, :2], k[[1, 1, 0], :, :2])
+        assert torch.equal(cache.values(layer)[2, :, :3], v[0])
+    # Attending after the reorder uses each beam's own history.
+    q = torch.randn(3, 2, 1, 16, device=device)
+    kn, vn = torch.randn(3, 1, 1, 16, device=device), torch.randn(3, 1, 1, 16, device=device)
+    with fastattn.use_backend("triton"):
+        out = cache.attend(0, q, kn, vn)
+    want = torch.cat([attention_reference(q[i:i + 1], torch.cat([k[j:j + 1, :, :n], kn[i:i + 1]], 2),
+                                          torch.cat([v[j:j + 1, :, :n], vn[i:i + 1]], 2))
+                      for i, (j, n) in enumerate([(1, 2), (1, 2), (0, 3)])])
+    assert max_err(out, want) < 1e-5 and cache.seqlens(0).tolist() == [3, 3, 4]
+
+
+# --- decoding a small attention stack token by token ---------------------------------------
+
+class TinyStack:
+    """A few pre-norm attention layers with random projections (GQA 2:1, head_dim 16) and an
+    output head: enough to check that decoding with the cache reproduces the full pass."""
+
+    def __init__(self, layers=2, d_model=64, hq=4, hkv=2, vocab=50, device="cpu"):
+        g = torch.Generator().manual_seed(0)
+        w = (lambda *s: (torch.randn(*s, generator=g) / math.sqrt(s[0])).to(device))
+        self.hq, self.hkv, self.hd = hq, hkv, d_model // hq
+        self.layers = [(w(d_model, hq * self.hd), w(d_model, hkv * self.hd), w(d_model, hkv * self.hd),
+                        w(hq * self.hd, d_model)) for _ in range(layers)]
+        self.head = w(d_model, vocab)
+
+    def _heads(self, x, wt, h):
+        b, l, _ = x.shape
+        return (x @ wt.to(x.dtype)).view(b, l, h, self.hd).transpose(1, 2)
+
+    def forward(self, x, attend):
+        """x (B, L, d_model); attend(layer, q, k, v) -> (B, Hq, L, hd)."""
+        for i, (wq, wk, wv, wo) in enumerate(self.layers):
+            h = torch.nn.functional.rms_norm(x, (x.shape[-1],))
+            q, k, v = self._heads(h, wq, self.hq), self._heads(h, wk, self.hkv), self._heads(h, wv, self.hkv)
+            a = attend(i, q, k, v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+            x = x + a @ wo.to(x.dtype)
+        return x @ self.head.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_decoding_token_by_token_equals_full_sequence(dtype, device):
+    torch.manual_seed(0)
+    b, length, prompt = 2, 23, 6
+    model = TinyStack(device=device)
+    x = torch.randn(b, length, 64, device=device)
+
+    def full(dt):
+        return model.forward(x.to(dt), lambda i, q, k, v: attention_reference(q, k, v, causal=True))
+
+    oracle, base = full(torch.float64), full(dtype)
+    cache = KVCache(len(model.layers), b, model.hkv, model.hd, dtype=dtype, device=device, chunk_size=8)
+    steps = [(0, prompt)] + [(t, t + 1) for t in range(prompt, length)]  # prefill, then 1 token at a time
+    with fastattn.use_backend("triton"):
+        got = torch.cat([model.forward(x[:, s:e].to(dtype), cache.attend) for s, e in steps], dim=1)
+    assert cache.seqlens(0).tolist() == [length] * b and cache.capacity(0) == 24
+    assert_close_rule("logits", got, oracle, base)
