@@ -75,6 +75,38 @@ CASES = {
 }
 
 
+def decode_case(dtype, head_dim):
+    """Append, split (partial and single-split) and merge kernels, largest row block."""
+    from fastattn.ops.decode import kernels, op
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m, block_n, warps = op.block_config(head_dim, op._MAX_BLOCK_M, dtype)
+    ptr = PTR[dtype]
+    split = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+                 BLOCK_D=block_d, BLOCK_DV=block_d, HAS_ALIBI=True, HAS_SOFTCAP=True,
+                 HAS_LEFT=True, HAS_RIGHT=True, DOT_FP32=False, PRECISION="ieee")
+    out = []
+    for single in (False, True):
+        pointers = {"SEQLENS": "*i32", "ALIBI": "*fp32", "LSE": "*fp32", "O": ptr if single else "*fp32"}
+        out.append((f"split{'-single' if single else ''}",
+                    compile_sm90(kernels.decode_split_kernel, {**split, "SINGLE_SPLIT": single}, warps,
+                                 pointers, floats=("scale", "softcap"), default_pointer=ptr)))
+    out.append(("merge", compile_sm90(
+        kernels.decode_merge_kernel, dict(HEAD_DIM_V=head_dim, BLOCK_S=128, CHUNK_S=8, BLOCK_DV=block_d),
+        4, {"O_PART": "*fp32", "LSE_PART": "*fp32", "LSE": "*fp32"}, default_pointer=ptr)))
+    out.append(("append", compile_sm90(
+        kernels.kv_append_kernel, dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_L=32,
+                                       BLOCK_D=block_d, BLOCK_DV=block_d),
+        4, {"SEQLENS": "*i32"}, default_pointer=ptr)))
+    return out
+
+
+CASES.update({
+    f"decode-{str(dtype)[6:]}-d{d}": (lambda dtype=dtype, d=d: decode_case(dtype, d))
+    for dtype in PTR for d in (16, 40, 64, 80, 128, 256)
+})
+
+
 def run(name):
     sizes = {kernel: compiled.metadata.shared for kernel, compiled in CASES[name]()}
     return {"case": name, "shared": sizes, "fits": all(v <= H100_SHARED_BYTES for v in sizes.values())}

@@ -1,0 +1,138 @@
+"""Decoding suite: one new token per sequence attending to a KV cache, against cache length and
+batch. Memory-bound, so the figure of merit is GB/s of K/V read (B * Hkv * L * (D + Dv) bytes
+per call), next to a plain device copy of the same K/V (the bandwidth ceiling, counted as read
++ write) and torch SDPA over the same cache (after the same in-place append).
+
+On a GPU: bf16, Llama-3-8B-like heads (Hq 32, Hkv 8, D 128), caches of 1k..128k tokens, batch
+1..64 (capped at 16 GB of cache). On a CPU: small fp32 sizes, where fastattn runs its
+pure-PyTorch fallback (or the interpreted kernels under TRITON_INTERPRET=1).
+
+    python -m benchmarks.decode [--quick]       # a table on the terminal
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from benchmarks.common import Case, run_case
+
+SUITE = "decode"
+MAX_CACHE_BYTES = 16 * 2**30
+
+
+def configs(device, quick):
+    """(batch, hq, hkv, cache_len, head_dim) tuples."""
+    if torch.device(device).type == "cuda":
+        lengths = [1024, 16384, 131072] if quick else [1024, 4096, 16384, 32768, 65536, 131072]
+        batches = [1, 16] if quick else [1, 4, 16, 64]
+        hq, hkv, d = 32, 8, 128
+    else:
+        lengths = [256, 2048] if quick else [256, 1024, 4096]
+        batches = [1, 4]
+        hq, hkv, d = 8, 2, 64
+    out = []
+    for b in batches:
+        for l in lengths:
+            if b * hkv * l * d * 2 * 2 <= MAX_CACHE_BYTES:
+                out.append((b, hq, hkv, l, d))
+    return out
+
+
+def _sdpa_backends(device):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"math": "MATH"}
+    if torch.device(device).type == "cuda":
+        names.update(flash="FLASH_ATTENTION", efficient="EFFICIENT_ATTENTION", cudnn="CUDNN_ATTENTION")
+    else:
+        names.update(flash="FLASH_ATTENTION")
+    return {n: getattr(SDPBackend, v) for n, v in names.items() if hasattr(SDPBackend, v)}
+
+
+def build(b, hq, hkv, l, d, dtype, device):
+    """Inputs for one step of decoding at cache length ``l`` (l - 1 cached + 1 new token), and
+    name -> callable for every implementation that runs on this machine."""
+    lmax = l + 64  # a preallocated cache is longer than what it holds
+    q = torch.randn(b, hq, 1, d, device=device, dtype=dtype)
+    k_cache = torch.randn(b, hkv, lmax, d, device=device, dtype=dtype)
+    v_cache = torch.randn(b, hkv, lmax, d, device=device, dtype=dtype)
+    k_new = torch.randn(b, hkv, 1, d, device=device, dtype=dtype)
+    v_new = torch.randn(b, hkv, 1, d, device=device, dtype=dtype)
+    seqlens = torch.full((b,), l - 1, dtype=torch.int32, device=device)
+
+    def ours():
+        return fastattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new)
+
+    def sdpa(backend):
+        from torch.nn.attention import sdpa_kernel
+
+        def run():
+            k_cache[:, :, l - 1:l] = k_new  # the same in-place append
+            v_cache[:, :, l - 1:l] = v_new
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k_cache[:, :, :l], v_cache[:, :, :l],
+                                                      enable_gqa=hq != hkv)
+        return run
+
+    def copy():
+        return k_cache[:, :, :l].clone(), v_cache[:, :, :l].clone()
+
+    impls = {"fastattn": ours, "copy-ceiling": copy}
+    for name, backend in _sdpa_backends(device).items():
+        fn = sdpa(backend)
+        try:  # a backend that cannot take this input (GQA, dtype, device) is left out
+            fn()
+        except RuntimeError:
+            continue
+        impls[f"torch-{name}"] = fn
+    return impls, (q, k_cache, v_cache, seqlens, k_new, v_new)
+
+
+def _checker(inputs, l):
+    """Before timing: the output matches the float64 reference within the DESIGN.md rule
+    (plain torch in the same dtype as the yardstick)."""
+    from fastattn.ops.decode.reference import decode_reference
+
+    def check():
+        q, k_cache, v_cache, seqlens, k_new, v_new = inputs
+        kc, vc = k_cache[:1, :, :l + 1].clone(), v_cache[:1, :, :l + 1].clone()
+        sl = seqlens[:1]
+        oracle = decode_reference(q[:1].double(), kc.double(), vc.double(), sl, k_new[:1].double(), v_new[:1].double())
+        base = decode_reference(q[:1], kc, vc, sl, k_new[:1], v_new[:1])
+        ours = fastattn.attention_with_kvcache(q[:1], kc, vc, sl, k_new=k_new[:1], v_new=v_new[:1])
+        err, ref_err = ((x.double() - oracle).abs().max().item() for x in (ours, base))
+        if not err <= 2 * ref_err + 1e-5:
+            raise AssertionError(f"decode: fastattn error {err:.3e} > 2 x torch's {ref_err:.3e}")
+    return check
+
+
+def cases(device, quick=False):
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    out = []
+    for b, hq, hkv, l, d in configs(device, quick):
+        impls, inputs = build(b, hq, hkv, l, d, dtype, device)
+        kv_bytes = b * hkv * l * 2 * d * dtype.itemsize  # K and V, each read once
+        params = {"seq_len": l, "batch": b, "head_dim": d, "gqa": hq // hkv}
+        name = f"b{b}-h{hq}:{hkv}-cache{l}-d{d}"
+        for impl, fn in impls.items():
+            out.append(Case(SUITE, name, impl, fn, bytes=2 * kv_bytes if impl == "copy-ceiling" else kv_bytes,
+                            params=params, check=_checker(inputs, l) if impl == "fastattn" else None))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    print(f"{'config':32} {'impl':14} {'median ms':>10} {'GB/s':>8}")
+    for case in cases(args.device, args.quick):
+        row = run_case(case, args.device, reps=20, max_seconds=2.0)
+        print(f"{row['config']:32} {row['impl']:14} {row['median_ms']:10.4f} {row['gbps']:8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
