@@ -1,0 +1,203 @@
+"""Existing models get fastattn without being rewritten: patch_sdpa, convert(model) and the
+Hugging Face attention registration, judged against the unpatched models by the DESIGN.md
+rule (the unpatched model in float64 is the oracle, in float32 the yardstick)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("triton")
+
+import fastattn  # noqa: E402
+from fastattn.integrations import FastMultiheadAttention  # noqa: E402
+from helpers import assert_close_rule, randn  # noqa: E402
+
+
+def compare_models(make_model, make_inputs, fast, *, select=lambda out: out):
+    """``fast(model)`` gives the model with fastattn. Outputs and parameter gradients of the
+    fastattn model (fp32) vs the untouched model in float64 (oracle) and fp32 (yardstick)."""
+    torch.manual_seed(0)
+    base = make_model().float()
+    oracle = copy.deepcopy(base).double()
+    ours = fast(copy.deepcopy(base))
+    inputs = make_inputs()
+    outs = {}
+    for name, model in (("ours", ours), ("oracle", oracle), ("base", base)):
+        args = [x.double() if name == "oracle" and x.is_floating_point() else x for x in inputs]
+        with fastattn.use_backend("triton" if name == "ours" else "auto"):  # no silent fallback
+            out = select(model(*args))
+        grad_out = torch.ones_like(out)  # d(sum)/d(out): the same for every model
+        grads = torch.autograd.grad(out, [p for p in model.parameters() if p.requires_grad], grad_out.to(out.dtype))
+        outs[name] = (out, torch.cat([g.flatten() for g in grads]))
+    assert_close_rule("out", outs["ours"][0], outs["oracle"][0], outs["base"][0])
+    assert_close_rule("param grads", outs["ours"][1], outs["oracle"][1], outs["base"][1], factor=3.0)
+
+
+# ------------------------------------------------------------------------- patch_sdpa
+
+def test_patch_sdpa_routes_to_fastattn_and_restores(device):
+    original = F.scaled_dot_product_attention
+    q, k, v = (randn((1, 2, 20, 32), torch.float32, device) for _ in range(3))
+    with fastattn.patch_sdpa():
+        assert fastattn.integrations.is_patched()
+        with fastattn.use_backend("triton"):
+            patched = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert torch.equal(patched, fastattn.scaled_dot_product_attention(q, k, v, is_causal=True))
+        # Inputs the kernels cannot take go to torch's own function.
+        q64, k64, v64 = (t.double() for t in (q, k, v))
+        assert torch.equal(F.scaled_dot_product_attention(q64, k64, v64), original(q64, k64, v64))
+    assert F.scaled_dot_product_attention is original
+    fastattn.patch_sdpa()
+    assert fastattn.integrations.is_patched()
+    fastattn.unpatch_sdpa()
+    assert F.scaled_dot_product_attention is original
+
+
+# ------------------------------------------------------------------------- convert
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+@pytest.mark.parametrize("masks", ["none", "causal", "padding", "float-mask+padding"])
+def test_convert_transformer_encoder(batch_first, masks):
+    b, l, e = 2, 19, 32
+
+    def make_model():
+        layer = nn.TransformerEncoderLayer(e, 4, dim_feedforward=64, dropout=0.0, batch_first=batch_first)
+        return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+    x = torch.randn(b, l, e) if batch_first else torch.randn(l, b, e)
+    padding = torch.zeros(b, l, dtype=torch.bool)
+    padding[1, -5:] = True  # the second sequence is 5 shorter
+    kw = {}
+    if masks == "causal":
+        kw = dict(mask=nn.Transformer.generate_square_subsequent_mask(l), is_causal=True)
+    elif masks == "padding":
+        kw = dict(src_key_padding_mask=padding)
+    elif masks == "float-mask+padding":
+        kw = dict(mask=torch.randn(l, l), src_key_padding_mask=padding)
+
+    class WithMasks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = make_model()
+
+        def forward(self, x):
+            mask = kw.get("mask")
+            if mask is not None and x.dtype == torch.float64:
+                mask = mask.double()
+            return self.encoder(x, mask=mask, src_key_padding_mask=kw.get("src_key_padding_mask"),
+                                is_causal=kw.get("is_causal", False))
+
+    def converted(model):
+        fastattn.convert(model)
+        assert all(type(m) is FastMultiheadAttention for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+        return model
+
+    valid = ~padding if batch_first else ~padding.T
+    compare_models(WithMasks, lambda: [x], converted, select=lambda out: out[valid])
+
+
+def test_convert_keeps_weights_and_need_weights():
+    mha = nn.MultiheadAttention(32, 4, batch_first=True)
+    state = copy.deepcopy(mha.state_dict())
+    fastattn.convert(mha)
+    assert type(mha) is FastMultiheadAttention
+    assert all(torch.equal(state[n], t) for n, t in mha.state_dict().items())
+    x = torch.randn(2, 7, 32)
+    out, weights = mha(x, x, x)  # need_weights=True by default: torch's path, weights returned
+    assert weights.shape == (2, 7, 7)
+    out2, none = mha(x, x, x, need_weights=False)
+    assert none is None and out2.shape == out.shape
+
+
+# ------------------------------------------------------------------------- Hugging Face
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_configs():
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    return {
+        "llama-gqa": (LlamaConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128), "causal"),
+        "gpt2": (GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=128), "causal"),
+        "bert": (BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=96, max_position_embeddings=128), "masked"),
+    }
+
+
+@pytest.fixture(scope="module")
+def hf_name():
+    return fastattn.register_huggingface()
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2", "bert"])
+def test_huggingface_models_match_unpatched(arch, hf_name):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    config, kind = _hf_configs()[arch]
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
+    b, l = 2, 23
+    ids = torch.randint(0, 97, (b, l))
+    attention_mask = torch.ones(b, l, dtype=torch.long)
+    attention_mask[1, -6:] = 0  # a padded batch
+
+    def make(impl):
+        torch.manual_seed(0)
+        model = auto.from_config(copy.deepcopy(config), attn_implementation=impl)
+        return model.eval()  # no dropout: outputs are deterministic
+
+    reference = make("eager")
+    fast = make(hf_name)
+    fast.load_state_dict(reference.state_dict())
+
+    class Logits(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(input_ids=ids, attention_mask=attention_mask).logits
+
+    valid = attention_mask.bool()
+    compare_models(lambda: Logits(reference), lambda: [ids], lambda _: Logits(fast),
+                   select=lambda out: out[valid])
+
+
+def test_huggingface_generation_gives_the_same_tokens(hf_name):
+    from transformers import AutoModelForCausalLM
+
+    config, _ = _hf_configs()["llama-gqa"]
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    fast = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=hf_name).eval()
+    fast.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, as for batched generation
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), fastattn.use_backend("triton"):
+        got = fast.generate(ids, **kw)
+    with torch.no_grad():
+        want = reference.generate(ids, **kw)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_converted_model_compiles_fullgraph(training):
+    """torch.compile(fullgraph=True) of a model using fastattn: no graph breaks from our ops."""
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.1, batch_first=True)
+    model = fastattn.convert(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False))
+    model.train(training)
+    x = torch.randn(2, 17, 32, requires_grad=True)
+    mask = nn.Transformer.generate_square_subsequent_mask(17)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x, mask=mask, is_causal=True)
+    if not training:
+        assert_close_rule("out", out, model.double()(x.double(), mask=mask.double(), is_causal=True),
+                          model.float()(x, mask=mask, is_causal=True))
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
