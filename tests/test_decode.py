@@ -378,3 +378,16 @@ def test_decoding_token_by_token_equals_full_sequence(dtype, device):
         got = torch.cat([model.forward(x[:, s:e].to(dtype), cache.attend) for s, e in steps], dim=1)
     assert cache.seqlens(0).tolist() == [length] * b and cache.capacity(0) == 24
     assert_close_rule("logits", got, oracle, base)
+
+
+def test_int_seqlens_and_zero_new_tokens(device):
+    """cache_seqlens may be a plain int; k_new with Lnew = 0 appends nothing."""
+    b, hq, hkv, d = 2, 2, 1, 16
+    q = torch.randn(b, hq, 1, d, device=device)
+    kc = make_cache(b, hkv, 20, d, [12, 12], torch.float32, device)
+    vc = make_cache(b, hkv, 20, d, [12, 12], torch.float32, device)
+    empty = torch.zeros(b, hkv, 0, d, device=device)
+    with fastattn.use_backend("triton"):
+        a = fastattn.attention_with_kvcache(q, kc, vc, 12, k_new=empty, v_new=empty)
+    b_ = decode_reference(q, kc, vc, torch.tensor([12, 12]))
+    assert max_err(a, b_) < 1e-5

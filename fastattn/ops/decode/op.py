@@ -164,10 +164,9 @@ def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=N
     seqlens: int32 contiguous (B,). max_seqlen_k: the longest valid length after the append,
     if the caller knows it (it only steers the choice of num_splits); else Lmax.
     """
-    seqlen_new = 0
-    if k_new is not None:
+    seqlen_new = 0 if k_new is None else k_new.shape[2]
+    if seqlen_new:
         kvcache_append(k_cache, v_cache, seqlens, k_new, v_new)
-        seqlen_new = k_new.shape[2]
     if num_splits is None:
         b, hq, lq, d = q.shape
         hkv = k_cache.shape[1]
