@@ -69,34 +69,73 @@ def measure(fn, device, *, warmup=3, reps=10, max_seconds=5.0) -> list[float]:
     return samples
 
 
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise OSError(field)
+
+
 def peak_memory_mb(fn, device) -> float:
-    """Peak extra memory of one call in MB (CUDA allocator stats; NaN on CPU, where torch
-    keeps no such counter)."""
-    if torch.device(device).type != "cuda":
+    """Peak extra memory of one call in MB. CUDA: the allocator's peak. CPU (Linux): the
+    process's resident-set high-water mark, reset just before the call (large tensors are
+    mmapped and returned on free, so this tracks them); NaN where /proc is not available."""
+    if torch.device(device).type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set size
+        before = _rss_kb("VmRSS:")
+        fn()
+        return max(0, _rss_kb("VmHWM:") - before) / 1024
+    except OSError:
         return float("nan")
-    _sync(device)
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    _sync(device)
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def summarize(case: Case, samples: list[float], memory_mb: float) -> dict:
-    """One result row: median and spread in ms, TFLOP/s, GB/s, peak memory."""
+def ceilings(device, quick=False) -> dict:
+    """The machine's measured limits, taken in the same run as the benchmarks: a matmul's
+    TFLOP/s (bf16 8192^3 on a GPU, fp32 1024^3 on a CPU) and a copy's GB/s (bytes read plus
+    written)."""
+    cuda = torch.device(device).type == "cuda"
+    n, dtype = (8192 if not quick else 4096, torch.bfloat16) if cuda else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    mm = statistics.median(measure(lambda: a @ b, device, warmup=2, reps=10))
+    elems = (1 << 28 if cuda else 1 << 24) // 4
+    src = torch.randn(elems, device=device)
+    dst = torch.empty_like(src)
+    cp = statistics.median(measure(lambda: dst.copy_(src), device, warmup=2, reps=10))
+    return {"matmul_tflops": 2 * n**3 / (mm * 1e-3) / 1e12, "copy_gbps": 2 * src.numel() * 4 / (cp * 1e-3) / 1e9,
+            "matmul_dtype": str(dtype).replace("torch.", ""), "matmul_n": n}
+
+
+def summarize(case: Case, samples: list[float], memory_mb: float, limits: Optional[dict] = None) -> dict:
+    """One result row: median and spread in ms, TFLOP/s, GB/s, % of the measured ceiling
+    (matmul for FLOP-bound cases, copy for byte-bound ones), peak memory."""
     median = statistics.median(samples)
+    tflops = case.flops / (median * 1e-3) / 1e12 if case.flops else float("nan")
+    gbps = case.bytes / (median * 1e-3) / 1e9 if case.bytes else float("nan")
+    pct = float("nan")
+    if limits and case.flops:
+        pct = 100 * tflops / limits["matmul_tflops"]
+    elif limits and case.bytes:
+        pct = 100 * gbps / limits["copy_gbps"]
     return {
         "suite": case.suite, "config": case.config, "impl": case.impl,
         "median_ms": median, "min_ms": min(samples), "max_ms": max(samples), "reps": len(samples),
-        "tflops": case.flops / (median * 1e-3) / 1e12 if case.flops else float("nan"),
-        "gbps": case.bytes / (median * 1e-3) / 1e9 if case.bytes else float("nan"),
+        "tflops": tflops, "gbps": gbps, "pct_of_ceiling": pct,
         "peak_mem_mb": memory_mb, **case.params,
     }
 
 
-def run_case(case: Case, device, *, warmup=3, reps=10, max_seconds=5.0) -> dict:
+def run_case(case: Case, device, *, warmup=3, reps=10, max_seconds=5.0, limits=None) -> dict:
     """Check, then time, then measure memory of one case."""
     if case.check is not None:
         case.check()
     samples = measure(case.fn, device, warmup=warmup, reps=reps, max_seconds=max_seconds)
-    return summarize(case, samples, peak_memory_mb(case.fn, device))
+    return summarize(case, samples, peak_memory_mb(case.fn, device), limits)

@@ -10,12 +10,10 @@ with ``cases(device, quick)``), so ``bench`` needs a source checkout (``pip inst
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -70,58 +68,13 @@ def _suites() -> dict:
     return found
 
 
-def _table(rows: list[dict]) -> str:
-    cols = ["suite", "config", "impl", "median_ms", "min_ms", "max_ms", "tflops", "gbps", "peak_mem_mb"]
-    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
-
-
-def _fmt(x) -> str:
-    if isinstance(x, float):
-        return "-" if x != x else f"{x:.3g}"
-    return str(x)
-
-
-def _series(config: str) -> str:
-    """A config name without its sequence length: one line in a plot against length."""
-    return re.sub(r"-l\d+", "", config)
-
-
-def _plot(rows: list[dict], out: Path) -> list[Path]:
-    """Time and TFLOP/s against sequence length per suite, one line per implementation."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("fastattn bench: matplotlib not installed, no plots (pip install matplotlib)")
-        return []
-    written = []
-    for suite in sorted({r["suite"] for r in rows}):
-        sub = [r for r in rows if r["suite"] == suite and "seq_len" in r]
-        if not sub:
-            continue
-        fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-        for impl in sorted({r["impl"] for r in sub}):
-            for series in sorted({_series(r["config"]) for r in sub}):
-                pts = sorted((r["seq_len"], r["median_ms"], r["tflops"]) for r in sub
-                             if r["impl"] == impl and _series(r["config"]) == series)
-                if pts:
-                    axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{impl} {series}")
-                    axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=f"{impl} {series}")
-        axes[0].set(xscale="log", yscale="log", xlabel="sequence length", ylabel="median time (ms)", title=suite)
-        axes[1].set(xscale="log", xlabel="sequence length", ylabel="TFLOP/s", title=suite)
-        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-        fig.tight_layout()
-        path = out / f"{suite}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
-    return written
+def _progress(i: int, n: int, label: str, started: float) -> None:
+    """One self-overwriting line: a bar, the count, the elapsed time, the current case."""
+    width = 30
+    done = int(width * i / n) if n else width
+    elapsed = time.perf_counter() - started
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {elapsed:5.0f}s {label[:70]:70}")
+    sys.stderr.flush()
 
 
 def _bench(args) -> int:
@@ -130,40 +83,45 @@ def _bench(args) -> int:
     unknown = [s for s in chosen if s not in suites]
     if unknown:
         raise SystemExit(f"fastattn bench: unknown suite(s) {unknown}; have {list(suites)}")
-    from benchmarks.common import run_case
+    from benchmarks import report
+    from benchmarks.common import ceilings, run_case
 
     device = _device()
     cases = [c for s in chosen for c in suites[s].cases(device, quick=args.quick)]
     if args.impl:
         cases = [c for c in cases if any(i in c.impl for i in args.impl)]
     out = Path(args.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
-    rows, failures = [], []
-    for i, case in enumerate(cases, 1):
-        label = f"[{i}/{len(cases)}] {case.suite} {case.config} {case.impl}"
+    environment = _environment()
+    environment["ceilings"] = limits = ceilings(device, quick=args.quick)
+    rows, skipped, wrong = [], [], []
+    started = time.perf_counter()
+    for i, case in enumerate(cases):
+        _progress(i, len(cases), f"{case.suite} {case.config} {case.impl}", started)
         try:
-            row = run_case(case, device, reps=args.reps)
-        except Exception as e:  # a peer that cannot run this config is reported, not fatal
-            failures.append({"suite": case.suite, "config": case.config, "impl": case.impl, "error": repr(e)[:300]})
-            print(f"{label}: skipped ({type(e).__name__}: {str(e)[:120]})", flush=True)
+            if case.check is not None:
+                case.check()
+        except AssertionError as e:  # a wrong answer is never timed, and fails the run
+            wrong.append({"suite": case.suite, "config": case.config, "impl": case.impl, "error": str(e)[:300]})
             continue
-        rows.append(row)
-        print(f"{label}: {row['median_ms']:.3f} ms", flush=True)
-    print()
-    print(_table(rows))
-    meta = _environment()
-    (out / "results.json").write_text(json.dumps({"environment": meta, "results": rows, "skipped": failures}, indent=1))
-    if rows:
-        with open(out / "results.csv", "w", newline="") as f:
-            keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-    plots = _plot(rows, out)
-    print(f"\nwrote {out}/results.json, results.csv" + "".join(f", {p.name}" for p in plots))
-    print(f"device {meta['device']}{' ' + meta['gpu'] if 'gpu' in meta else ''}, torch {meta['torch']}, "
-          f"triton {meta['triton']}, commit {meta['git_commit']}")
-    return 1 if not rows else 0
+        try:
+            rows.append(run_case(case, device, reps=args.reps, limits=limits))
+        except Exception as e:  # a peer that cannot run this config is reported, not fatal
+            skipped.append({"suite": case.suite, "config": case.config, "impl": case.impl,
+                            "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    _progress(len(cases), len(cases), "done", started)
+    sys.stderr.write("\n")
+    print(report.table(rows))
+    for s in skipped:
+        print(f"skipped {s['suite']} {s['config']} {s['impl']}: {s['error'][:150]}")
+    for w in wrong:
+        print(f"WRONG ANSWER {w['suite']} {w['config']} {w['impl']}: {w['error']}")
+    written = report.write(rows, skipped + [{**w, "wrong": True} for w in wrong], environment, out)
+    print(f"\nceilings measured in this run: matmul {limits['matmul_tflops']:.3g} TFLOP/s "
+          f"({limits['matmul_dtype']}, n={limits['matmul_n']}), copy {limits['copy_gbps']:.3g} GB/s")
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    print(f"device {environment['device']}{' ' + environment['gpu'] if 'gpu' in environment else ''}, "
+          f"torch {environment['torch']}, triton {environment['triton']}, commit {environment['git_commit']}")
+    return 1 if wrong or not rows else 0
 
 
 def _check(args) -> int:

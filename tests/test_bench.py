@@ -1,0 +1,44 @@
+"""The benchmark arithmetic: FLOP formulas, timing statistics, ceilings and speedups."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks import report  # noqa: E402
+from benchmarks.common import Case, attention_flops, measure, summarize  # noqa: E402
+
+
+def test_attention_flops_follow_the_flashattention_convention():
+    # 4 * B * H * Lq * Lk * D for the forward: B=2, H=3, L=1024, D=64.
+    assert attention_flops(2, 3, 1024, 1024, 64) == 4 * 2 * 3 * 1024 * 1024 * 64
+    assert attention_flops(2, 3, 1024, 1024, 64, causal=True) == 2 * 2 * 3 * 1024 * 1024 * 64
+    # forward + backward = forward + 2.5 x forward
+    assert attention_flops(1, 1, 8, 8, 16, backward=True) == 3.5 * attention_flops(1, 1, 8, 8, 16)
+    # value dim different from the key dim: QK^T uses D, PV uses Dv
+    assert attention_flops(1, 1, 4, 4, 16, dv=8) == 2 * 4 * 4 * (16 + 8)
+
+
+def test_summary_reports_median_spread_throughput_and_ceiling_share():
+    case = Case("s", "c", "fastattn", fn=lambda: None, flops=2e9)
+    row = summarize(case, [4.0, 1.0, 2.0, 3.0, 100.0], memory_mb=5.0, limits={"matmul_tflops": 2.0, "copy_gbps": 1.0})
+    assert row["median_ms"] == 3.0 and row["min_ms"] == 1.0 and row["max_ms"] == 100.0 and row["reps"] == 5
+    assert row["tflops"] == pytest.approx(2e9 / 3e-3 / 1e12)
+    assert row["pct_of_ceiling"] == pytest.approx(100 * row["tflops"] / 2.0)
+    byte_row = summarize(Case("s", "c", "x", fn=lambda: None, bytes=3e6), [1.0], 0.0, {"matmul_tflops": 1, "copy_gbps": 6.0})
+    assert byte_row["gbps"] == pytest.approx(3.0) and byte_row["pct_of_ceiling"] == pytest.approx(50.0)
+
+
+def test_measure_takes_one_sample_per_rep_and_times_real_work():
+    calls = []
+    samples = measure(lambda: calls.append(torch.randn(256, 256) @ torch.randn(256, 256)), "cpu", warmup=2, reps=7)
+    assert len(samples) == 7 and len(calls) == 9 and all(s > 0 for s in samples)
+
+
+def test_speedups_pair_each_peer_with_fastattn_on_the_same_config():
+    rows = [{"suite": "s", "config": "a", "impl": "fastattn", "median_ms": 2.0},
+            {"suite": "s", "config": "a", "impl": "torch-math", "median_ms": 6.0},
+            {"suite": "s", "config": "a", "impl": "copy-ceiling", "median_ms": 1.0},
+            {"suite": "s", "config": "b", "impl": "torch-math", "median_ms": 1.0}]
+    assert report.speedups(rows) == [{"suite": "s", "config": "a", "peer": "torch-math", "speedup": 3.0}]
