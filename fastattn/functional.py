@@ -136,7 +136,7 @@ def _torch_sdpa_causal(band, lq: int, lk: int):
         return False
     if band == (None, lq - lk):
         return "upper_left"
-    if band == (None, 0):
+    if band == (None, 0) and lq <= lk:  # torch warns its lower-right bias gives NaN rows for lq > lk
         return "lower_right"
     return None
 
@@ -668,3 +668,62 @@ def linformer_attention(
     from fastattn.ops.linear.reference import linformer_project
 
     return flash_attention(q, linformer_project(k, e_proj), linformer_project(v, f_proj), scale=scale)
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool = False,
+                     scale: Optional[float] = None, return_lse: bool = False):
+    """Block-sparse attention: only the (query block, key block) pairs kept by ``layout`` are
+    computed; time and memory scale with the kept blocks, on the kernels and on the torch
+    fallback alike.
+
+    Args:
+        q: (B, Hq, Lq, D). k: (B, Hkv, Lk, D). v: (B, Hkv, Lk, Dv). Any strides; Hq a multiple
+            of Hkv (GQA/MQA: query head h uses kv head ``h // (Hq // Hkv)``).
+        layout: a ``fastattn.sparse.BlockSparseLayout`` for ``seq_len == (Lq, Lk)`` with 1
+            (shared) or Hq heads; build it with ``fastattn.sparse.local`` / ``strided`` /
+            ``fixed`` / ``longformer`` / ``bigbird`` / ``dilated`` / ``from_dense``.
+        causal: bottom-right aligned, as ``flash_attention``: query i sees key j iff
+            ``j <= i + Lk - Lq``, applied token by token inside the kept blocks.
+        scale: multiplies q @ k^T; default ``1 / sqrt(D)``.
+        return_lse: also return the row logsumexp, float32 (B, Hq, Lq), natural log.
+
+    Returns:
+        out (B, Hq, Lq, Dv) in q's dtype, or ``(out, lse)``. A query row that sees no key (an
+        empty layout row, or causal) gives out 0 and lse -inf.
+
+    Raises:
+        ValueError: bad ranks, shapes, dtypes or devices (naming the argument), a layout that
+            is not a BlockSparseLayout or does not fit (heads, seq_len), or, under
+            ``use_backend("triton")``, an input the kernels cannot take.
+
+    Equivalent code::
+
+        mask = layout.to_element_mask()                      # (1 or Hq, Lq, Lk) bool
+        s = q @ k.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2) * scale
+        s = s.masked_fill(~mask | (causal & (j > i + Lk - Lq)), -inf)
+        out = softmax(s, -1).nan_to_num(0) @ v.repeat_interleave(Hq // Hkv, 1)
+    """
+    from fastattn.sparse import BlockSparseLayout
+
+    op = "sparse_attention"
+    _check_qkv(op, q, k, v)
+    _check_options(op, q, scale=scale, window=None, alibi_slopes=None, softcap=None, dropout_p=0.0)
+    if not isinstance(layout, BlockSparseLayout):
+        raise ValueError(f"{op}: layout must be a fastattn.sparse.BlockSparseLayout, got {type(layout).__name__}")
+    layout.check_for(op, q, k)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    crow, col, ccol, row, dense = layout.device_tensors(q.device)
+    reasons = backend.sparse_refusals(q, k, v, layout)
+    if min(q.shape[0], q.shape[1], q.shape[-1]) == 0:
+        reasons.append("an empty dimension")
+    if backend.use_kernels(op, reasons):
+        from fastattn.ops.sparse import op as sparse_op  # imports triton, so only when used
+
+        out, lse = sparse_op.sparse_attn(q, k, v, crow, col, ccol, row, block_size=layout.block_size,
+                                         scale=float(scale), causal=bool(causal))
+    else:
+        from fastattn.ops.sparse.reference import sparse_attention_blocked
+
+        out, lse = sparse_attention_blocked(q, k, v, dense, layout.block_size, causal=causal, scale=scale)
+    return (out, lse) if return_lse else out
