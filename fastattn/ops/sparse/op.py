@@ -1,0 +1,134 @@
+"""Launchers, torch.library registration and autograd for the block-sparse kernels.
+
+``sparse_attn(...)`` is what ``fastattn.functional.sparse_attention`` calls once it has
+validated the inputs. Forward and backward are custom ops (``fastattn::sparse_fwd`` and
+``fastattn::sparse_bwd``) with fake implementations and an autograd formula, so
+``torch.compile(fullgraph=True)`` sees one opaque node per call. The layout travels as its
+int32 index tensors (compressed rows and their transpose).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from fastattn.backend import interpreting
+from fastattn.ops.flash.op import _precision, block_config
+from fastattn.ops.sparse import kernels
+
+
+def _empty(*shape, like: Tensor, dtype=None) -> Tensor:
+    """Every output buffer comes from here, so tests can poison them with NaN."""
+    return torch.empty(*shape, device=like.device, dtype=dtype or like.dtype)
+
+
+def _meta(q: Tensor, v: Tensor, block_size: int, causal: bool, scale: float, backward: bool) -> dict:
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    # The flash tiles (which fit the H100's shared memory), clipped to the layout block so a
+    # tile never straddles two layout blocks; both are powers of two, so they divide it.
+    block_m, block_n, warps = block_config(max(head_dim, head_dim_v), q.dtype, backward)
+    return dict(
+        scale=scale,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_M=min(block_m, block_size), BLOCK_N=min(block_n, block_size),
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
+        LAYOUT_BLOCK=block_size, CAUSAL=causal,
+        # bf16 dots are wrong under the interpreter; fp32 dots hold the same values exactly.
+        DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
+        PRECISION=_precision(q.dtype),
+        num_warps=warps,
+    )
+
+
+def _layout_stride(index_ptr: Tensor, heads: int, blocks: int) -> int:
+    """0 for a layout shared by all heads, else the rows per head."""
+    return blocks if index_ptr.numel() - 1 == heads * blocks and heads > 1 else 0
+
+
+def _forward(q, k, v, crow, col, block_size, scale, causal):
+    b, h, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    out = _empty(b, h, lq, v.shape[-1], like=q)
+    lse = _empty(b, h, lq, like=q, dtype=torch.float32)
+    meta = _meta(q, v, block_size, causal, scale, False)
+    stride_h = _layout_stride(crow, h, triton.cdiv(lq, block_size))
+    grid = (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
+    kernels.sparse_fwd_kernel[grid](
+        q, k, v, out, lse, crow, col,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        h, h // hkv, lq, lk, stride_h, **meta,
+    )
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, crow, col, ccol, row, block_size, scale, causal):
+    b, h, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    # Softmax backward needs rowsum(dO * O) per query row.
+    delta = torch.linalg.vecdot(do.float(), out.float()).contiguous()
+    dq = _empty(b, h, lq, q.shape[-1], like=q)
+    dk = _empty(b, hkv, lk, k.shape[-1], like=k)
+    dv = _empty(b, hkv, lk, v.shape[-1], like=v)
+    meta = _meta(q, v, block_size, causal, scale, True)
+    args = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    stride_q = _layout_stride(crow, h, triton.cdiv(lq, block_size))
+    stride_k = _layout_stride(ccol, h, triton.cdiv(lk, block_size))
+    kernels.sparse_bwd_dkdv_kernel[(triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)](
+        q, k, v, do, lse, delta, dk, dv, ccol, row, *args,
+        hkv, h // hkv, lq, lk, stride_k, **meta,
+    )
+    kernels.sparse_bwd_dq_kernel[(triton.cdiv(lq, meta["BLOCK_M"]), b * h)](
+        q, k, v, do, lse, delta, dq, crow, col, *args,
+        h, h // hkv, lq, lk, stride_q, **meta,
+    )
+    return dq, dk, dv
+
+
+# Under the interpreter the kernels are plain Python calls on CPU tensors, so these are
+# custom_op (opaque to the compiler) rather than triton_op, whose wrap_triton refuses them.
+
+@torch.library.custom_op("fastattn::sparse_fwd", mutates_args=())
+def sparse_fwd(q: Tensor, k: Tensor, v: Tensor, crow: Tensor, col: Tensor, ccol: Tensor, row: Tensor,
+               block_size: int, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    return _forward(q, k, v, crow, col, block_size, scale, causal)
+
+
+@sparse_fwd.register_fake
+def _(q, k, v, crow, col, ccol, row, block_size, scale, causal):
+    b, h, lq, _ = q.shape
+    return q.new_empty(b, h, lq, v.shape[-1]), q.new_empty(b, h, lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastattn::sparse_bwd", mutates_args=())
+def sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+               crow: Tensor, col: Tensor, ccol: Tensor, row: Tensor,
+               block_size: int, scale: float, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(do, q, k, v, out, lse, crow, col, ccol, row, block_size, scale, causal)
+
+
+@sparse_bwd.register_fake
+def _(do, q, k, v, out, lse, crow, col, ccol, row, block_size, scale, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, crow, col, ccol, row, block_size, scale, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, crow, col, ccol, row)
+    ctx.args = (block_size, scale, causal)
+
+
+def _sparse_fwd_backward(ctx, dout, dlse):
+    # dlse is not propagated: lse is returned for merging partial results, not for training.
+    q, k, v, out, lse, crow, col, ccol, row = ctx.saved_tensors
+    dq, dk, dv = sparse_bwd(dout, q, k, v, out, lse, crow, col, ccol, row, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+sparse_fwd.register_autograd(_sparse_fwd_backward, setup_context=_setup_context)
+
+
+def sparse_attn(q, k, v, crow, col, ccol, row, *, block_size: int, scale: float, causal: bool):
+    """Validated inputs and the layout's index tensors on q's device -> (out, lse)."""
+    return sparse_fwd(q, k, v, crow, col, ccol, row, block_size, scale, causal)

@@ -1,0 +1,132 @@
+"""Plain-PyTorch block-sparse attention: the spec (dense, masked), and the CPU fallback
+(blockwise, skipping dropped blocks).
+
+A layout is given here as its bool block mask ``(Hl, nQB, nKB)`` with ``Hl`` 1 (shared) or
+Hq, plus ``block_size``; query block r holds queries ``r*bs .. r*bs + bs - 1`` (the last one
+may be partial), likewise for keys. ``causal`` is bottom-right aligned, as flash_attention:
+query i sees key j iff ``j <= i + Lk - Lq``.
+
+Nothing here imports Triton; everything runs in any float dtype, float64 included, and is
+differentiable.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastattn.ops.flash.reference import attention_reference
+
+
+def element_mask(block_mask: Tensor, block_size: int, lq: int, lk: int) -> Tensor:
+    """(Hl, nQB, nKB) bool block mask -> (Hl, lq, lk) bool token mask."""
+    bs = block_size
+    return block_mask.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :lq, :lk]
+
+
+def sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor, block_size: int, *,
+                               causal: bool = False, scale: Optional[float] = None,
+                               return_lse: bool = False):
+    """The spec: dense attention with the layout expanded to a token mask.
+
+    q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv). Returns out (B, Hq, Lq, Dv) and,
+    with ``return_lse``, the float32 (float64 for float64 inputs) row logsumexp. Rows that
+    see no key give out 0 and lse -inf.
+
+    Equivalent code::
+
+        mask = block_mask.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :Lq, :Lk]
+        attention_reference(q, k, v, causal=causal, scale=scale, attn_bias=mask)
+    """
+    mask = element_mask(block_mask.to(q.device), block_size, q.shape[2], k.shape[2])
+    return attention_reference(q, k, v, causal=causal, scale=scale, attn_bias=mask[None],
+                               return_lse=return_lse)
+
+
+# Cap on the elements of one chunk's score matrix, so the fallback's peak memory stays
+# proportional to the kept blocks of a chunk, not of the whole layout.
+_CHUNK_SCORES = 1 << 24
+
+
+def _row_buckets(counts: Tensor) -> list[tuple[int, Tensor]]:
+    """Group query-block rows by how many key blocks they keep: [(width, rows)].
+
+    Rows are padded to the width of their group. Exact counts when there are few distinct
+    ones (the usual case: window rows, global rows, edge rows); otherwise counts rounded up to
+    a power of two, so there are at most log2(nKB) + 1 groups and padding at most doubles a
+    row's work."""
+    distinct = torch.unique(counts)
+    if distinct.numel() > 8:
+        widths = torch.where(counts > 0, 2 ** torch.ceil(torch.log2(counts.clamp(min=1).double())).long(), 0)
+        widths = torch.minimum(widths, counts.max())
+    else:
+        widths = counts
+    return [(int(w), (widths == w).nonzero().flatten()) for w in torch.unique(widths)]
+
+
+def sparse_attention_blocked(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor, block_size: int, *,
+                             causal: bool = False, scale: Optional[float] = None):
+    """The CPU fallback: the same result as ``sparse_attention_reference`` (out, lse), but
+    only kept blocks are ever multiplied or stored.
+
+    For every query block the kept key blocks are gathered into one (width * bs) key
+    sequence, and a (bs, width * bs) score block is computed per query block, in chunks of
+    rows with the same width (see ``_row_buckets``). Time and memory scale with the number of
+    kept blocks. Returns (out (B, Hq, Lq, Dv), lse float32/float64 (B, Hq, Lq)).
+    """
+    b, hq, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    bs, group = block_size, hq // hkv
+    nqb, nkb = -(-lq // bs), -(-lk // bs)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    lse_dtype = torch.promote_types(q.dtype, torch.float32)
+
+    # Whole blocks: pad the last partial query / key block (padded keys are masked below).
+    qb = F.pad(q, (0, 0, 0, nqb * bs - lq)).reshape(b, hq * nqb, bs, d)
+    kb = F.pad(k, (0, 0, 0, nkb * bs - lk)).reshape(b, hkv * nkb, bs, d)
+    vb = F.pad(v, (0, 0, 0, nkb * bs - lk)).reshape(b, hkv * nkb, bs, dv)
+
+    mask = block_mask.to(q.device).expand(hq, nqb, nkb).reshape(hq * nqb, nkb)
+    counts = mask.sum(-1)
+    # Each row's kept key blocks first, ascending (a stable sort of "dropped" flags).
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)
+    arange_bs = torch.arange(bs, device=q.device)
+
+    outs, lses, rows_done = [], [], []
+    for width, rows in _row_buckets(counts):
+        if width == 0:  # rows that see no key block: out 0, lse -inf
+            outs.append(q.new_zeros(b, rows.numel(), bs, dv))
+            lses.append(torch.full((b, rows.numel(), bs), float("-inf"), dtype=lse_dtype, device=q.device))
+            rows_done.append(rows)
+            continue
+        step = max(1, _CHUNK_SCORES // (b * bs * width * bs))
+        for chunk in rows.split(step):
+            cols = order[chunk, :width]  # (R, W) key blocks, padded past the row's count
+            slot_ok = torch.arange(width, device=q.device)[None, :] < counts[chunk, None]
+            head = chunk // nqb
+            kv_rows = (head // group * nkb)[:, None] + cols  # GQA: kv head h // group
+            kg = kb[:, kv_rows].reshape(b, chunk.numel(), width * bs, d)
+            vg = vb[:, kv_rows].reshape(b, chunk.numel(), width * bs, dv)
+            key_pos = (cols[:, :, None] * bs + arange_bs).reshape(chunk.numel(), width * bs)
+            keep = (slot_ok[:, :, None].expand(-1, -1, bs).reshape(chunk.numel(), width * bs)
+                    & (key_pos < lk))[:, None, :]  # (R, 1, W*bs)
+            if causal:
+                query_pos = (chunk % nqb * bs)[:, None] + arange_bs  # (R, bs)
+                keep = keep & (key_pos[:, None, :] <= query_pos[:, :, None] + (lk - lq))
+            s = torch.matmul(qb[:, chunk], kg.transpose(-1, -2)) * scale  # (B, R, bs, W*bs)
+            s = s.masked_fill(~keep, float("-inf"))
+            lse = torch.logsumexp(s.to(lse_dtype), dim=-1)
+            p = torch.softmax(s, dim=-1).masked_fill(torch.isneginf(lse)[..., None], 0.0)
+            outs.append(torch.matmul(p.to(v.dtype), vg))
+            lses.append(lse)
+            rows_done.append(chunk)
+
+    # Put the rows back in (head, query block) order.
+    inverse = torch.argsort(torch.cat(rows_done))
+    out = torch.cat(outs, 1)[:, inverse].reshape(b, hq, nqb * bs, dv)[:, :, :lq]
+    lse = torch.cat(lses, 1)[:, inverse].reshape(b, hq, nqb * bs)[:, :, :lq]
+    return out, lse
