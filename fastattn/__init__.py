@@ -7,8 +7,11 @@ from fastattn.integrations import convert, patch_sdpa, register_huggingface, unp
 from fastattn.functional import flash_attention, scaled_dot_product_attention
 from fastattn.functional import linear_attention, linformer_attention, performer_attention, performer_projection
 from fastattn.functional import attention_with_kvcache
+from fastattn.functional import sparse_attention
+from fastattn import sparse
 
 __all__ = ["attention_with_kvcache", "flash_attention", "scaled_dot_product_attention", "use_backend"]
 __all__ += ["linear_attention", "linformer_attention", "performer_attention", "performer_projection"]
+__all__ += ["sparse", "sparse_attention"]
 __all__ += ["convert", "patch_sdpa", "register_huggingface", "unpatch_sdpa"]
 __version__ = "0.1.0"

@@ -99,6 +99,17 @@ def linear_refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[s
     return reasons
 
 
+def sparse_refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout) -> list[str]:
+    """Reasons the block-sparse kernels cannot take these (already validated) inputs and
+    layout. Any layout block size works: the kernels tile inside it (a power of two >= 16)."""
+    reasons = device_refusals(q)
+    if q.dtype not in KERNEL_DTYPES:
+        reasons.append(f"dtype {q.dtype} is not one of {KERNEL_DTYPES}")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        reasons.append(f"head_dim {q.shape[-1]} / value dim {v.shape[-1]} exceeds {MAX_HEAD_DIM}")
+    return reasons
+
+
 def use_kernels(op: str, reasons: list[str]) -> bool:
     """Decide for one call: True -> kernels, False -> reference. Raises under "triton"."""
     backend = current_backend()
