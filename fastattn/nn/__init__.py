@@ -1,4 +1,14 @@
 """fastattn.nn: modules built only on fastattn's public functions."""
 from fastattn.nn.kv_cache import KVCache
 
+from fastattn.nn.attention import MultiHeadAttention, attention_weights
+from fastattn.nn.positional import (LearnedPositionalEmbedding, RelativePositionBias, RotaryEmbedding,
+                                    SinusoidalPositionalEmbedding, alibi_slopes)
+from fastattn.nn.layers import (FeedForward, MoEConfig, MoEFeedForward, RMSNorm, TransformerDecoder,
+                                TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer, aux_loss)
+
 __all__ = ["KVCache"]
+__all__ += ["MultiHeadAttention", "attention_weights", "LearnedPositionalEmbedding", "RelativePositionBias",
+            "RotaryEmbedding", "SinusoidalPositionalEmbedding", "alibi_slopes", "FeedForward", "MoEConfig",
+            "MoEFeedForward", "RMSNorm", "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder",
+            "TransformerEncoderLayer", "aux_loss"]
