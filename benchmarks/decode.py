@@ -1,7 +1,8 @@
 """Decoding suite: one new token per sequence attending to a KV cache, against cache length and
 batch. Memory-bound, so the figure of merit is GB/s of K/V read (B * Hkv * L * (D + Dv) bytes
 per call), next to a plain device copy of the same K/V (the bandwidth ceiling, counted as read
-+ write) and torch SDPA over the same cache (after the same in-place append).
++ write) and torch SDPA over the same cache (after the same in-place append). On CUDA,
+"fastattn-nosync" times the kernels without the public function's host-side length check.
 
 On a GPU: bf16, Llama-3-8B-like heads (Hq 32, Hkv 8, D 128), caches of 1k..128k tokens, batch
 1..64 (capped at 16 GB of cache). On a CPU: small fp32 sizes, where fastattn runs its
@@ -81,6 +82,15 @@ def build(b, hq, hkv, l, d, dtype, device):
         return k_cache[:, :, :l].clone(), v_cache[:, :, :l].clone()
 
     impls = {"fastattn": ours, "copy-ceiling": copy}
+    if torch.device(device).type == "cuda":
+        from fastattn.ops.decode import op as decode_op
+
+        def kernels_only():
+            # The launcher without the public function's validation, whose length check reads
+            # cache_seqlens on the host (a sync): shows what that check costs per call.
+            return decode_op.decode_attn(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new,
+                                         scale=d ** -0.5, window_right=0, max_seqlen_k=l)
+        impls["fastattn-nosync"] = kernels_only
     for name, backend in _sdpa_backends(device).items():
         fn = sdpa(backend)
         try:  # a backend that cannot take this input (GQA, dtype, device) is left out

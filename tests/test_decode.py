@@ -284,6 +284,19 @@ def test_torch_compile_fullgraph(device):
     assert max_err(got, want) < 1e-6 and torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
 
+def test_opcheck(device):
+    """The custom ops' schemas, fake implementations and declared mutation are consistent."""
+    b, hq, hkv, d = 2, 4, 2, 32
+    q = torch.randn(b, hq, 2, d, device=device, dtype=torch.float16)
+    kc = torch.randn(b, hkv, 30, d, device=device, dtype=torch.float16)
+    vc = torch.randn(b, hkv, 30, d, device=device, dtype=torch.float16)
+    kn, vn = torch.randn_like(kc[:, :, :2]), torch.randn_like(vc[:, :, :2])
+    sl = torch.tensor([4, 20], dtype=torch.int32, device=device)
+    torch.library.opcheck(decode_op.kvcache_append, (kc, vc, sl, kn, vn))
+    torch.library.opcheck(decode_op.decode_fwd, (q, kc, vc, sl + 2, torch.rand(hq, device=device),
+                                                 0.2, 3.0, 9, 0, 2, 3))
+
+
 # --- KVCache -----------------------------------------------------------------------------
 
 def test_kvcache_grows_by_chunks_and_keeps_contents(device):
@@ -363,7 +376,6 @@ class TinyStack:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_decoding_token_by_token_equals_full_sequence(dtype, device):
-    torch.manual_seed(0)
     b, length, prompt = 2, 23, 6
     model = TinyStack(device=device)
     x = torch.randn(b, length, 64, device=device)
