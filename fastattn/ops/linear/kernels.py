@@ -34,6 +34,23 @@ FEAT_RELU = tl.constexpr(2)
 
 
 @triton.jit
+def _round(x, DTYPE: tl.constexpr, FIX_BF16: tl.constexpr):
+    """fp32 -> DTYPE, rounding to nearest even as a GPU does. The interpreter's cast to bf16
+    truncates (even when asked for rtne), which biases every bf16 value by up to one unit;
+    with FIX_BF16 (set when interpreting bf16) the rounding is done on the bits first."""
+    if DTYPE == tl.float32:
+        return x
+    else:
+        if FIX_BF16:
+            bits = x.to(tl.uint32, bitcast=True)
+            # Add half a bf16 unit (minus one when the kept last bit is even: ties to even),
+            # then drop the 16 low bits; the truncating cast below is then exact.
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(DTYPE)
+
+
+@triton.jit
 def _phi(x, FEATURE: tl.constexpr):
     """Feature map of an fp32 tile."""
     if FEATURE == FEAT_ELU:
@@ -124,10 +141,12 @@ def linear_fwd_kernel(
             phik = _features(k_base, offs_m, offs_f, stride_kn, stride_kd, m_ok, f_ok, FEATURE)
             v_in = tl.load(v_base + offs_m[:, None].to(tl.int64) * stride_vn + offs_dv[None, :].to(tl.int64) * stride_vd,
                            mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
-            a = _dot(phiq.to(v_in.dtype), tl.trans(phik.to(v_in.dtype)), DOT_FP32, PRECISION)
-            a = tl.where(offs_m[:, None] >= offs_m[None, :], a, 0.0)  # key j <= query i
-            num += _dot(a.to(v_in.dtype), v_in, DOT_FP32, PRECISION)
-            den += tl.sum(a, 1)
+            a = _dot(_round(phiq, v_in.dtype, DOT_FP32), tl.trans(_round(phik, v_in.dtype, DOT_FP32)), DOT_FP32, PRECISION)
+            # key j <= query i; rounded to the input dtype once, for the tensor-core dot, and
+            # the normaliser sums the same rounded values so that their errors cancel in n / d.
+            a = _round(tl.where(offs_m[:, None] >= offs_m[None, :], a, 0.0), v_in.dtype, DOT_FP32)
+            num += _dot(a, v_in, DOT_FP32, PRECISION)
+            den += tl.sum(a.to(tl.float32), 1)
             # Fold the chunk into the state only now: it must not see itself twice.
             s += _dot(tl.trans(phik), v_in.to(tl.float32), False, STATE_PRECISION)
             z += tl.sum(phik, 0)
@@ -136,21 +155,23 @@ def linear_fwd_kernel(
             num = num / den[:, None]
             tl.store(DEN + bh.to(tl.int64) * seqlen_q + offs_m, den, mask=m_ok & (offs_c * 0 + pid_v == 0))  # one dv block writes d
         tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :].to(tl.int64) * stride_od,
-                 num.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+                 _round(num, O.dtype.element_ty, DOT_FP32), mask=m_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit
 def _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok, seqlen_q,
           NORMALIZE: tl.constexpr):
-    """dn = dout / d (C, dv) and g = -(dout . out) / d (C,) for a chunk of query rows."""
-    dn = _load(do_base, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok)
-    g = tl.zeros_like(offs_m).to(tl.float32)
+    """For a chunk of query rows: dout as loaded (input dtype, for the tensor-core dots),
+    dn = dout / d (fp32), 1 / d and g = -(dout . out) / d."""
+    do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :].to(tl.int64) * stride_dod,
+                 mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+    rden = tl.full(offs_m.shape, 1.0, tl.float32)
+    g = tl.zeros(offs_m.shape, tl.float32)
     if NORMALIZE:
         row = bh.to(tl.int64) * seqlen_q + offs_m
-        den = tl.load(DEN + row, mask=m_ok, other=1.0)
-        dn = dn / den[:, None]
+        rden = 1.0 / tl.load(DEN + row, mask=m_ok, other=1.0)
         g = tl.load(G + row, mask=m_ok, other=0.0)
-    return dn, g
+    return do, do.to(tl.float32) * rden[:, None], rden, g
 
 
 @triton.jit
@@ -200,7 +221,7 @@ def linear_bwd_dq_kernel(
     for start in range(0, seqlen_q, BLOCK_C):
         offs_m = start + offs_c
         m_ok = offs_m < seqlen_q
-        dn, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
+        do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
                       seqlen_q, NORMALIZE)
         dphiq = _dot(dn, tl.trans(s), False, STATE_PRECISION)  # S dn_i, from the state
         if NORMALIZE:
@@ -210,15 +231,17 @@ def linear_bwd_dq_kernel(
             v_in = tl.load(v_base + offs_m[:, None].to(tl.int64) * stride_vn + offs_dv[None, :].to(tl.int64) * stride_vd,
                            mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
             # d a_ij = dn_i . v_j + g_i for the keys j <= i of this chunk.
-            da = _dot(dn.to(v_in.dtype), tl.trans(v_in), DOT_FP32, PRECISION) + g[:, None]
+            # dout (not dout / d, which can overflow fp16 when d is tiny) meets v in the dot.
+            da = _dot(do, tl.trans(v_in), DOT_FP32, PRECISION) * rden[:, None] + g[:, None]
             da = tl.where((offs_m[:, None] >= offs_m[None, :]) & m_ok[None, :], da, 0.0)
-            dphiq += _dot(da.to(v_in.dtype), phik.to(v_in.dtype), DOT_FP32, PRECISION)
+            # fp32 (tf32 on a GPU): da scales like 1 / d and would overflow fp16 where d is tiny.
+            dphiq += _dot(da, phik, False, STATE_PRECISION)
             s += _dot(tl.trans(phik), v_in.to(tl.float32), False, STATE_PRECISION)
             z += tl.sum(phik, 0)
         x = _load(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok)
         dq = dphiq * _dphi(x, FEATURE)  # chain rule through the fused feature map
         tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + offs_f[None, :].to(tl.int64) * stride_dqd,
-                 dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & f_ok[None, :])
+                 _round(dq, DQ.dtype.element_ty, DOT_FP32), mask=m_ok[:, None] & f_ok[None, :])
 
 
 @triton.jit
@@ -259,7 +282,7 @@ def linear_bwd_dk_kernel(
             offs_m = start + offs_c
             m_ok = offs_m < seqlen_q
             phiq = _features(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok, FEATURE)
-            dn, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
+            do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
                           seqlen_q, NORMALIZE)
             ds += _dot(tl.trans(phiq), dn, False, STATE_PRECISION)
             dz += tl.sum(phiq * g[:, None], 0)
@@ -274,12 +297,13 @@ def linear_bwd_dk_kernel(
         dphik = _dot(v_in.to(tl.float32), tl.trans(ds), False, STATE_PRECISION) + dz[None, :]
         if CAUSAL:
             phiq = _features(q_base, offs_n, offs_f, stride_qm, stride_qd, n_ok, f_ok, FEATURE)
-            dn, g = _dn_g(DO, DEN, G, do_base, bh, offs_n, offs_dv, stride_dom, stride_dod, n_ok, dv_ok,
+            do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_n, offs_dv, stride_dom, stride_dod, n_ok, dv_ok,
                           seqlen_q, NORMALIZE)
             # d a_ij (rows: queries i, columns: keys j of this chunk), kept where j <= i.
-            da = _dot(dn.to(v_in.dtype), tl.trans(v_in), DOT_FP32, PRECISION) + g[:, None]
+            # dout (not dout / d, which can overflow fp16 when d is tiny) meets v in the dot.
+            da = _dot(do, tl.trans(v_in), DOT_FP32, PRECISION) * rden[:, None] + g[:, None]
             da = tl.where((offs_n[:, None] >= offs_n[None, :]) & n_ok[:, None], da, 0.0)
-            dphik += _dot(tl.trans(da.to(v_in.dtype)), phiq.to(v_in.dtype), DOT_FP32, PRECISION)
+            dphik += _dot(tl.trans(da), phiq, False, STATE_PRECISION)  # fp32: da ~ 1 / d may exceed fp16
             ds += _dot(tl.trans(phiq), dn, False, STATE_PRECISION)
             dz += tl.sum(phiq * g[:, None], 0)
         x = _load(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok)
@@ -324,7 +348,7 @@ def linear_bwd_dv_kernel(
             offs_m = start + offs_c
             m_ok = offs_m < seqlen_q
             phiq = _features(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok, FEATURE)
-            dn, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
+            do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
                           seqlen_q, NORMALIZE)
             ds += _dot(tl.trans(phiq), dn, False, STATE_PRECISION)
 
@@ -337,7 +361,7 @@ def linear_bwd_dv_kernel(
         dv = _dot(phik, ds, False, STATE_PRECISION)  # dS_j^T phi(k_j), from the later chunks
         if CAUSAL:
             phiq = _features(q_base, offs_n, offs_f, stride_qm, stride_qd, n_ok, f_ok, FEATURE)
-            dn, g = _dn_g(DO, DEN, G, do_base, bh, offs_n, offs_dv, stride_dom, stride_dod, n_ok, dv_ok,
+            do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_n, offs_dv, stride_dom, stride_dod, n_ok, dv_ok,
                           seqlen_q, NORMALIZE)
             a = _dot(phiq, tl.trans(phik), False, STATE_PRECISION)
             a = tl.where(offs_n[:, None] >= offs_n[None, :], a, 0.0)  # rows: queries, cols: keys
