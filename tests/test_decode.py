@@ -100,6 +100,20 @@ def test_matches_reference(case, dtype, device):
     run_and_check(q, k_cache, v_cache, lengths, k_new, v_new, num_splits=splits)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="long caches need a GPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_long_ragged_caches_on_gpu(dtype, device):
+    """Many splits over long caches (the heuristic's real regime), GQA 8, a ragged batch."""
+    b, hq, hkv, d, lengths = 3, 32, 4, 128, [1000, 17000, 32767]
+    q = torch.randn(b, hq, 1, d, device=device).to(dtype)
+    k_cache = make_cache(b, hkv, 32768, d, lengths, dtype, device)
+    v_cache = make_cache(b, hkv, 32768, d, lengths, dtype, device)
+    k_new = torch.randn(b, hkv, 1, d, device=device).to(dtype)
+    v_new = torch.randn(b, hkv, 1, d, device=device).to(dtype)
+    run_and_check(q, k_cache, v_cache, lengths, k_new, v_new)
+
+
 def _features(b, hq, device):
     return {
         "window-left": dict(window=(20, None)),
