@@ -154,7 +154,8 @@ def decode_split_kernel(
     row = (b * n_heads + h) * seqlen_q + pos_q  # (b, h, i) flattened
     out_mask = row_ok[:, None] & dv_ok[None, :]
     if SINGLE_SPLIT:
-        o_ptrs = O + b * stride_ob + h[:, None] * stride_oh + pos_q[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od
+        o_ptrs = (O + b * stride_ob + h[:, None] * stride_oh + pos_q[:, None].to(tl.int64) * stride_om
+                  + offs_dv[None, :] * stride_od)
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=out_mask)
         tl.store(LSE + row, lse, mask=row_ok)
     else:
