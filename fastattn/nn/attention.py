@@ -100,6 +100,9 @@ class MultiHeadAttention(nn.Module):
         if attention != "flash" and attention != "reference" and alibi:
             raise ValueError(f"MultiHeadAttention: alibi needs exact attention ('flash' or 'reference'), "
                              f"got {attention!r}")
+        if attention == "linformer" and causal:
+            raise ValueError("MultiHeadAttention: attention='linformer' cannot be causal (Linformer mixes all "
+                             "positions into each projected key)")
         if attention == "sparse" and not hasattr(fastattn, "sparse_attention"):
             raise ValueError("MultiHeadAttention: attention='sparse' needs fastattn.sparse_attention, "
                              "which this build of fastattn does not export")

@@ -1,0 +1,138 @@
+"""Pieces every model preset shares: the stack configuration, positional encodings by name, the
+layer factory and the initialisation."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastattn.nn.attention import MultiHeadAttention
+from fastattn.nn.layers import (FeedForward, MoEConfig, TransformerDecoderLayer, TransformerEncoderLayer, make_norm)
+from fastattn.nn.positional import (LearnedPositionalEmbedding, Positions, RelativePositionBias, RotaryEmbedding,
+                                    SinusoidalPositionalEmbedding)
+
+POSITIONALS = ("learned", "sinusoidal", "rope", "alibi", "t5", "none")
+
+
+@dataclass
+class StackConfig:
+    """Settings shared by every preset.
+
+    d_model, n_layers, n_heads, n_kv_heads (GQA; None = n_heads), d_ff (None = 4 d_model),
+    dropout; positional: "learned" | "sinusoidal" (added to the embeddings), "rope"
+    (``rope_base``, ``rope_scaling``), "alibi" (kernel slopes), "t5" (relative bias) or "none";
+    norm "layer" | "rms", norm_first (pre-norm), activation "relu" | "gelu" | "swiglu";
+    attention (see ``MultiHeadAttention``) with ``attention_options``; ``moe`` for a
+    mixture-of-experts feed-forward; max_seq_len bounds learned positions and generation.
+    """
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None
+    d_ff: Optional[int] = None
+    dropout: float = 0.0
+    positional: str = "learned"
+    norm: str = "layer"
+    norm_first: bool = True
+    activation: str = "gelu"
+    attention: str = "flash"
+    attention_options: Optional[dict] = None
+    moe: Optional[MoEConfig] = None
+    bias: bool = True
+    max_seq_len: int = 512
+    rope_base: float = 10000.0
+    rope_scaling: float = 1.0
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.positional not in POSITIONALS:
+            raise ValueError(f"positional must be one of {POSITIONALS}, got {self.positional!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} must be a multiple of n_heads {self.n_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+
+class Positional(nn.Module):
+    """The positional encoding a config names: ``add(x, offset)`` adds absolute positions,
+    ``layer_kwargs`` gives RoPE/ALiBi to the attention layers, ``bias(lq, lk)`` the T5 bias."""
+
+    def __init__(self, cfg: StackConfig, *, bidirectional: bool):
+        super().__init__()
+        self.kind = cfg.positional
+        self.absolute = None
+        self.relative = None
+        if self.kind == "learned":
+            self.absolute = LearnedPositionalEmbedding(cfg.max_seq_len, cfg.d_model)
+        elif self.kind == "sinusoidal":
+            self.absolute = SinusoidalPositionalEmbedding(cfg.d_model)
+        elif self.kind == "t5":
+            self.relative = RelativePositionBias(cfg.n_heads, bidirectional=bidirectional)
+        self.rotary_args = (cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
+
+    def add(self, x: Tensor, offset: Positions = 0) -> Tensor:
+        """x (B, L, E) + absolute positions offset .. offset + L - 1."""
+        if self.absolute is None:
+            return x
+        return x + self.absolute(x.shape[1], offset).to(x.dtype)
+
+    def layer_kwargs(self) -> dict:
+        return dict(rotary=RotaryEmbedding(*self.rotary_args) if self.kind == "rope" else None,
+                    alibi=self.kind == "alibi")
+
+    def bias(self, lq: int, lk: int, dtype) -> Optional[Tensor]:
+        """(1, H, Lq, Lk) T5 bias (queries are the last Lq of Lk positions), or None."""
+        return None if self.relative is None else self.relative(lq, lk).to(dtype)
+
+
+def encoder_layer(cfg: StackConfig, pos: Positional, *, causal: bool) -> TransformerEncoderLayer:
+    return TransformerEncoderLayer(
+        cfg.d_model, cfg.n_heads, cfg.d_ff or 4 * cfg.d_model, cfg.dropout, cfg.activation,
+        norm_first=cfg.norm_first, norm=cfg.norm, bias=cfg.bias, moe=cfg.moe, num_kv_heads=cfg.n_kv_heads,
+        causal=causal, attention=cfg.attention, options=cfg.attention_options, **pos.layer_kwargs())
+
+
+def decoder_layer(cfg: StackConfig, pos: Positional) -> TransformerDecoderLayer:
+    return TransformerDecoderLayer(
+        cfg.d_model, cfg.n_heads, cfg.d_ff or 4 * cfg.d_model, cfg.dropout, cfg.activation,
+        norm_first=cfg.norm_first, norm=cfg.norm, bias=cfg.bias, moe=cfg.moe, num_kv_heads=cfg.n_kv_heads,
+        causal=True, attention=cfg.attention, options=cfg.attention_options, **pos.layer_kwargs())
+
+
+def final_norm(cfg: StackConfig) -> Optional[nn.Module]:
+    """Pre-norm stacks end with a norm; post-norm ones are already normalised."""
+    return make_norm(cfg.norm, cfg.d_model) if cfg.norm_first else None
+
+
+def init_weights(model: nn.Module, cfg: StackConfig) -> None:
+    """GPT-2 style: linear and embedding weights N(0, init_std), biases 0, norms 1; the
+    projections that write into the residual stream (attention out_proj, feed-forward linear2)
+    scaled by 1/sqrt(2 n_layers) so the residual's variance does not grow with depth."""
+    std = cfg.init_std
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    residual_std = std / math.sqrt(2 * max(cfg.n_layers, 1))
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention):
+            nn.init.normal_(m.out_proj.weight, std=residual_std)
+        elif isinstance(m, FeedForward):
+            nn.init.normal_(m.linear2.weight, std=residual_std)
+
+
+def exact_attention(cfg: StackConfig) -> bool:
+    return cfg.attention in ("flash", "reference")
+
+
+__all__ = ["StackConfig", "Positional", "POSITIONALS", "field"]

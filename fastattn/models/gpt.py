@@ -1,0 +1,112 @@
+"""GPT: a decoder-only language model with KV-cache generation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastattn.models.common import (Positional, StackConfig, encoder_layer, exact_attention, final_norm,
+                                    init_weights)
+from fastattn.nn.kv_cache import KVCache
+from fastattn.nn.layers import TransformerEncoder, aux_loss
+
+
+@dataclass
+class GPTConfig(StackConfig):
+    """StackConfig plus ``vocab_size`` and ``tie_embeddings`` (the LM head shares the token
+    embedding matrix)."""
+    vocab_size: int = 1024
+    tie_embeddings: bool = True
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer: token embedding (+ absolute positions), ``n_layers`` causal
+    self-attention blocks, final norm (pre-norm), LM head.
+
+    forward(idx (B, L) int64, targets (B, L) or None) -> (logits (B, L, V), loss or None);
+    the loss is next-token cross entropy (targets already shifted by the caller; -100 ignored)
+    plus the MoE load-balancing loss when there are experts.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = Positional(cfg, bidirectional=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = TransformerEncoder(encoder_layer(cfg, self.pos, causal=True), cfg.n_layers, final_norm(cfg))
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        init_weights(self, cfg)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok.weight
+
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *, cache: Optional[KVCache] = None,
+                offset: int = 0):
+        """``cache``/``offset``: run only the new tokens ``idx`` at positions offset.. against
+        the keys cached so far (generation)."""
+        lq = idx.shape[1]
+        x = self.drop(self.pos.add(self.tok(idx), offset))  # (B, L, E)
+        bias = self.pos.bias(lq, lq, x.dtype)
+        x = self.blocks(x, attn_bias=bias, cache=cache, offset=offset)
+        logits = self.head(x)  # (B, L, V)
+        loss = None
+        if targets is not None:
+            # (B, L, V) -> (B L, V) against (B L,)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=-100) + aux_loss(self).to(logits.device)
+        return logits, loss
+
+    def can_cache(self) -> bool:
+        """The KV cache needs exact attention and no T5 bias (which it cannot pass to the
+        cache kernels); other models regenerate from the full sequence each step."""
+        return exact_attention(self.config) and self.config.positional != "t5"
+
+    def new_cache(self, batch_size: int, max_length: Optional[int] = None) -> KVCache:
+        cfg = self.config
+        p = self.tok.weight
+        return KVCache(cfg.n_layers, batch_size, cfg.kv_heads, cfg.head_dim, dtype=p.dtype, device=p.device,
+                       chunk_size=64, max_length=max_length)
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, *, use_cache: bool = True, temperature: float = 0.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Continue every prompt of ``idx`` (B, L) by ``max_new_tokens`` tokens -> (B, L + new).
+
+        ``temperature`` 0 is greedy; > 0 samples from softmax(logits / temperature), optionally
+        among the ``top_k`` most likely. ``use_cache`` keeps keys/values in a
+        ``fastattn.nn.KVCache`` (prefill once, then one token per step through
+        ``fastattn.attention_with_kvcache``); without it (or when ``can_cache()`` is False) the
+        whole sequence is recomputed every step. Both give the same tokens.
+        """
+        was_training = self.training
+        self.eval()
+        cfg = self.config
+        total = idx.shape[1] + max_new_tokens
+        if cfg.positional == "learned" and total > cfg.max_seq_len:
+            raise ValueError(f"GPT.generate: {total} tokens exceed max_seq_len={cfg.max_seq_len}")
+        cache = self.new_cache(idx.shape[0], total) if use_cache and self.can_cache() else None
+        out, step_in, offset = idx, idx, 0
+        for _ in range(max_new_tokens):
+            if cache is not None:
+                logits, _ = self(step_in, cache=cache, offset=offset)
+                offset += step_in.shape[1]
+            else:
+                logits, _ = self(out)
+            nxt = self._pick(logits[:, -1].float(), temperature, top_k, generator)  # (B, 1)
+            out = torch.cat([out, nxt], dim=1)
+            step_in = nxt
+        self.train(was_training)
+        return out
+
+    @staticmethod
+    def _pick(logits: Tensor, temperature: float, top_k: Optional[int], generator) -> Tensor:
+        if temperature <= 0:
+            return logits.argmax(-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
