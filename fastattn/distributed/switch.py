@@ -1,0 +1,93 @@
+"""The nn-level switch: make a model's attention calls run context-parallel.
+
+    cp = fastattn.distributed.context_parallel(group, method="ring")   # or "ulysses"
+    out = cp(q, k, v, causal=True)          # the flash_attention signature subset supported
+
+    with cp:                                # or activate it for code that asks for it
+        model(x_shard)                      # layers call fastattn.distributed.current()
+
+A model running under it holds, on every rank, the shard ``cp.shard(x)`` of the sequence,
+and uses ``cp.positions(seq_len)`` for position embeddings (RoPE, learned) of its tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.distributed as dist
+from torch import Tensor
+
+from fastattn.distributed import sharding
+from fastattn.distributed.ring import ring_attention
+from fastattn.distributed.ulysses import ulysses_attention
+
+METHODS = ("ring", "ulysses")
+_active: list["ContextParallel"] = []
+
+
+class ContextParallel:
+    """Context-parallel attention over ``group`` with one sequence layout.
+
+    Calling it runs ``ring_attention`` or ``ulysses_attention`` on this rank's shards with
+    the flash_attention keywords ``causal`` and ``scale`` (anything else raises ValueError).
+    Used as a context manager it becomes ``fastattn.distributed.current()`` inside the block.
+    """
+
+    def __init__(self, group=None, *, method: str = "ring", zigzag: Optional[bool] = None):
+        if method not in METHODS:
+            raise ValueError(f"context_parallel: method must be one of {METHODS}, got {method!r}")
+        self.group = group
+        self.method = method
+        # Zig-zag balances causal ring attention; Ulysses gathers the whole sequence anyway.
+        self.zigzag = (method == "ring") if zigzag is None else bool(zigzag)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                 scale: Optional[float] = None, **unsupported) -> Tensor:
+        if unsupported:
+            raise ValueError(f"context-parallel attention supports causal and scale only, got "
+                             f"{sorted(unsupported)}")
+        if self.method == "ring":
+            return ring_attention(q, k, v, self.group, causal=causal, scale=scale, zigzag=self.zigzag)
+        return ulysses_attention(q, k, v, self.group, causal=causal, scale=scale, zigzag=self.zigzag)
+
+    def shard(self, x: Tensor, dim: int = 2) -> Tensor:
+        """This rank's shard of the full sequence ``x`` (along ``dim``) in this layout."""
+        return sharding.shard_sequence(x, self.rank, self.world_size, zigzag=self.zigzag, dim=dim)
+
+    def gather(self, x: Tensor, dim: int = 2) -> Tensor:
+        """The full sequence from every rank's shard (collective, not differentiable)."""
+        return sharding.gather_sequence(x, self.group, zigzag=self.zigzag, dim=dim)
+
+    def positions(self, seq_len: int, device=None) -> Tensor:
+        """Global positions of this rank's tokens, for position embeddings."""
+        return sharding.shard_positions(seq_len, self.rank, self.world_size, zigzag=self.zigzag,
+                                        device=device)
+
+    def __enter__(self) -> "ContextParallel":
+        _active.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _active.remove(self)
+
+    def __repr__(self) -> str:
+        return f"ContextParallel(method={self.method!r}, zigzag={self.zigzag})"
+
+
+def context_parallel(group=None, *, method: str = "ring", zigzag: Optional[bool] = None) -> ContextParallel:
+    """A callable with the ``flash_attention(q, k, v, *, causal, scale)`` signature subset that
+    runs context-parallel over ``group`` (default: the world); also a context manager that
+    makes it ``current()``. See ``ContextParallel``."""
+    return ContextParallel(group, method=method, zigzag=zigzag)
+
+
+def current() -> Optional[ContextParallel]:
+    """The innermost active ``context_parallel`` (inside its ``with`` block), or None."""
+    return _active[-1] if _active else None

@@ -1,0 +1,228 @@
+"""Context-parallel attention (fastattn.distributed) on real process groups.
+
+Spawned jobs of 2 and 4 CPU processes with the gloo backend (loopback only, file://
+rendezvous in tmp_path, joined with a deadline) check ring and Ulysses attention, outputs
+and gradients of every rank's shard, against the float64 reference of the full sequence by
+the DESIGN.md rule, with single-process ``fastattn.flash_attention`` (fp32) as the yardstick.
+Process start-up is slow, so each job runs many cases. The torch path runs in the 2- and
+4-rank jobs; the Triton kernels (interpreter on CPU, under ``use_backend("triton")`` so a
+fallback cannot pass) in one 2-rank job.
+"""
+import os
+import random
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastattn
+import fastattn.distributed as fd
+from fastattn.ops.flash.reference import attention_reference
+from helpers import as64, assert_close_rule
+
+JOB_SECONDS = 240  # a hung collective fails the test instead of blocking CI
+
+
+def _poison_outputs():
+    """As tests/conftest.py does in-process: kernel outputs start as NaN in the workers too."""
+    from fastattn.ops.flash import op
+
+    def poisoned(*shape, like, dtype=None):
+        t = torch.empty(*shape, device=like.device, dtype=dtype or like.dtype)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(255)
+
+    op._empty = poisoned
+
+
+def _check_case(rank, world, case):
+    """One attention call on this rank's shard vs the full-sequence oracle."""
+    method, causal, zigzag, b, hq, hkv, length, d = (case[n] for n in
+                                                     ("method", "causal", "zigzag", "b", "hq", "hkv", "l", "d"))
+    gen = torch.Generator().manual_seed(case["seed"])  # same full tensors on every rank
+    q, k, v, do = (torch.randn(b, h, length, d, generator=gen) for h in (hq, hkv, hkv, hq))
+    full = {n: t.requires_grad_() for n, t in (("q", q), ("k", k), ("v", v))}
+
+    def shard(t):
+        return fd.shard_sequence(t, rank, world, zigzag=zigzag)
+
+    # Oracle: float64 reference; yardstick: single-process flash_attention in fp32.
+    args64 = {n: as64(t) for n, t in full.items()}
+    oracle = attention_reference(args64["q"], args64["k"], args64["v"], causal=causal)
+    grads64 = torch.autograd.grad(oracle, list(args64.values()), do.double())
+    with fastattn.use_backend("torch"):
+        base = fastattn.flash_attention(full["q"], full["k"], full["v"], causal=causal)
+    grads_base = torch.autograd.grad(base, list(full.values()), do)
+
+    local = {n: shard(t.detach()).clone().requires_grad_() for n, t in full.items()}
+    with fastattn.use_backend(case["backend"]):
+        if method == "ring":
+            out = fd.ring_attention(local["q"], local["k"], local["v"], causal=causal, zigzag=zigzag)
+        elif method == "ulysses":
+            out = fd.ulysses_attention(local["q"], local["k"], local["v"], causal=causal, zigzag=zigzag)
+        else:  # the nn-level switch, used as a context manager
+            with fd.context_parallel(method="ring", zigzag=zigzag) as cp:
+                assert fd.current() is cp
+                out = fd.current()(local["q"], local["k"], local["v"], causal=causal)
+            assert fd.current() is None
+        grads = torch.autograd.grad(out, list(local.values()), shard(do))
+    tag = f"rank {rank}/{world} {case}"
+    assert out.shape == (b, hq, length // world, d) and out.dtype == q.dtype, tag
+    assert_close_rule(f"out {tag}", out, shard(oracle), shard(base))
+    for name, g, g64, gb in zip(full, grads, grads64, grads_base):
+        assert_close_rule(f"d{name} {tag}", g, shard(g64), shard(gb), factor=3.0)
+
+
+def _check_rejections(rank, world):
+    """Bad sharding and head counts raise ValueError on every rank (no hang)."""
+    q = torch.randn(1, 2, 6 if rank == 0 else 4, 16)
+    with pytest.raises(ValueError, match="same shape"):
+        fd.ring_attention(q, q, q)
+    with pytest.raises(ValueError, match="same shape"):
+        fd.ulysses_attention(q, q, q)
+    odd = torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="even"):
+        fd.ring_attention(odd, odd, odd, causal=True)  # zig-zag by default under causal
+    heads = torch.randn(1, world + 1, 4, 16)
+    with pytest.raises(ValueError, match="divisible by the world size"):
+        fd.ulysses_attention(heads, heads, heads)
+    with pytest.raises(ValueError, match="context-parallel attention supports causal and scale"):
+        fd.context_parallel()(q, q, q, window=(1, 1))
+    # The helpers: this rank's positions, and a gather that undoes the layout.
+    x = torch.arange(4 * world).view(1, 1, 4 * world, 1).float()
+    for zigzag in (False, True):
+        mine = fd.shard_sequence(x, rank, world, zigzag=zigzag)
+        assert torch.equal(mine.view(-1).long(), fd.shard_positions(4 * world, rank, world, zigzag=zigzag))
+        assert torch.equal(fd.gather_sequence(mine, zigzag=zigzag), x)
+
+
+def _worker(rank, world, init_file, cases, kernels):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        if kernels:
+            _poison_outputs()
+        else:
+            _check_rejections(rank, world)
+        for case in cases:
+            _check_case(rank, world, case)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_job(tmp_path, world, cases, kernels=False):
+    ctx = mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous"), cases, kernels), nprocs=world,
+                   join=False)
+    deadline = time.monotonic() + JOB_SECONDS
+    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):  # raises on a worker error
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world}-process job did not finish in {JOB_SECONDS} s")
+
+
+def _case(method, causal, zigzag, hq, hkv, length, d=16, b=1, backend="torch"):
+    return dict(method=method, causal=causal, zigzag=zigzag, b=b, hq=hq, hkv=hkv, l=length, d=d,
+                backend=backend, seed=random.randrange(2**31))  # fresh inputs every run
+
+
+def test_two_ranks_torch(tmp_path):
+    cases = [
+        _case("ring", False, False, 2, 2, 34, d=40, b=2),      # not causal, contiguous
+        _case("ring", True, True, 4, 2, 36, d=32),             # causal zig-zag, GQA 2:1
+        _case("ring", True, False, 3, 1, 30, d=64),            # causal contiguous, MQA 3:1
+        _case("ulysses", True, False, 4, 2, 34, d=32),         # head-parallel, causal, GQA
+        _case("ulysses", False, True, 2, 2, 36, d=16),         # zig-zag input, not causal
+        _case("switch", True, True, 2, 2, 28, d=16),           # the nn-level switch
+    ]
+    _run_job(tmp_path, 2, cases)
+
+
+def test_four_ranks_torch(tmp_path):
+    cases = [
+        _case("ring", True, True, 4, 2, 48, d=32),             # zig-zag: 8 chunks of 6
+        _case("ring", True, False, 2, 2, 44, d=16, b=2),       # contiguous causal
+        _case("ring", False, False, 8, 1, 40, d=64),           # MQA 8:1, not causal
+        _case("ulysses", True, True, 8, 4, 48, d=16),          # head-parallel on zig-zag shards
+    ]
+    _run_job(tmp_path, 4, cases)
+
+
+def test_two_ranks_kernels(tmp_path):
+    pytest.importorskip("triton")
+    if not (torch.cuda.is_available() or fastattn.backend.interpreting()):
+        pytest.skip("kernels need CUDA or TRITON_INTERPRET=1")  # conftest sets it on CPU
+    cases = [
+        _case("ring", True, True, 4, 2, 44, d=32, backend="triton"),   # per-step flash_fwd/flash_bwd
+        _case("ring", False, False, 2, 2, 34, d=16, backend="triton"),
+        _case("ulysses", True, False, 2, 2, 36, d=16, backend="triton"),
+    ]
+    _run_job(tmp_path, 2, cases, kernels=True)
+
+
+# --- in-process checks of the helpers (no process group needed) -------------------------
+
+@pytest.mark.parametrize("zigzag", [False, True], ids=["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_shard_roundtrip(world, zigzag):
+    x = torch.randn(2, 3, 8 * world, 5)
+    shards = [fd.shard_sequence(x, r, world, zigzag=zigzag) for r in range(world)]
+    assert all(s.shape == (2, 3, 8, 5) for s in shards)
+    assert torch.equal(fd.unshard_sequence(shards, zigzag=zigzag), x)
+    if zigzag:  # rank r holds chunks r and 2W-1-r
+        c = 4
+        assert torch.equal(shards[0][:, :, c:], x[:, :, -c:])
+        positions = torch.cat([fd.shard_positions(8 * world, r, world, zigzag=True) for r in range(world)])
+        assert sorted(positions.tolist()) == list(range(8 * world))
+
+
+@pytest.mark.parametrize("length,world,zigzag", [(10, 4, False), (12, 4, True), (7, 2, False)])
+def test_uneven_shards_rejected(length, world, zigzag):
+    with pytest.raises(ValueError, match=f"sequence length {length} cannot be split evenly"):
+        fd.shard_sequence(torch.randn(1, 1, length, 4), 0, world, zigzag=zigzag)
+    with pytest.raises(ValueError, match="rank must be"):
+        fd.shard_sequence(torch.randn(1, 1, 8, 4), world, world)
+
+
+def test_merge_partials_exact():
+    """Attention over keys split in two, merged by LSE, equals attention over all keys;
+    a block a row cannot see (lse -inf) contributes nothing, and two empty blocks give 0."""
+    q, k, v = torch.randn(1, 2, 9, 8).double(), torch.randn(1, 2, 12, 8).double(), torch.randn(1, 2, 12, 8).double()
+    want, want_lse = attention_reference(q, k, v, causal=True, return_lse=True)
+    o1, l1 = attention_reference(q, k[:, :, :5], v[:, :, :5], window=(None, 7), return_lse=True)
+    o2, l2 = attention_reference(q, k[:, :, 5:], v[:, :, 5:], causal=True, return_lse=True)
+    assert torch.isneginf(l2).any()  # the early queries see nothing of the second block
+    out, lse = fd.merge_partials(o1, l1, o2, l2)
+    assert (out - want).abs().max() < 1e-12 and (lse - want_lse).abs().max() < 1e-12
+    empty = torch.full_like(l1, float("-inf"))
+    out0, lse0 = fd.merge_partials(torch.zeros_like(o1), empty, torch.zeros_like(o1), empty)
+    assert torch.equal(out0, torch.zeros_like(o1)) and torch.isneginf(lse0).all()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("hq,hkv,lq,lk", [(2, 2, 7, 7), (6, 2, 9, 5), (4, 1, 5, 11)], ids=str)
+def test_backward_torch_matches_autograd(hq, hkv, lq, lk, causal):
+    """The block backward with the block's own out/lse equals autograd of the reference,
+    GQA and bottom-right causal included (lq > lk leaves fully masked rows)."""
+    q = torch.randn(2, hq, lq, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, hkv, lk, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, hkv, lk, 16, dtype=torch.float64, requires_grad=True)
+    out, lse = attention_reference(q, k, v, causal=causal, return_lse=True)
+    do = torch.randn_like(out)
+    want = torch.autograd.grad(out, (q, k, v), do)
+    got = fd.attention_backward_torch(do, q.detach(), k.detach(), v.detach(), out.detach(), lse,
+                                      scale=16 ** -0.5, causal=causal)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and (g - w).abs().max() < 1e-10
+
+
+def test_not_initialised_and_bad_method():
+    q = torch.randn(1, 1, 4, 8)
+    if not dist.is_initialized():
+        with pytest.raises(ValueError, match="not initialised"):
+            fd.ring_attention(q, q, q)
+    with pytest.raises(ValueError, match="method must be"):
+        fd.context_parallel(method="tree")
