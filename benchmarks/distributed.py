@@ -1,0 +1,212 @@
+"""Context-parallel attention: communication volume, causal load balance, measured time.
+
+    python -m benchmarks.distributed [--quick] [--world 2 4] [--seq 1024 2048] [--threads 1]
+
+Three tables:
+1. Simulation of ring attention per step for one layer: bytes each rank sends (K/V forward;
+   K/V plus the fp32 dK/dV accumulator backward) and, for Ulysses, the all-to-all bytes.
+2. Causal work per rank (query-key pairs actually attended, counted from the same per-step
+   block schedule the implementation runs) for the contiguous and zig-zag layouts: max/mean
+   is the slowdown from imbalance (1.0 is perfect).
+3. Measured time: W processes on this machine with gloo (loopback), ring (contiguous and
+   zig-zag) and Ulysses, forward and forward+backward, vs one process running
+   ``fastattn.flash_attention`` on the full sequence. On a CPU without TRITON_INTERPRET the
+   ring's local attention is the pure-PyTorch reference (it needs the LSE, which torch's CPU
+   SDPA does not return), while Ulysses and the single process need no LSE and run torch's
+   fused CPU SDPA: compare ring layouts with each other, not with those two. With GPUs the
+   same code runs the kernels on NCCL (this script spawns CPU ranks only).
+
+It does not plug into ``fastattn bench`` (its cases need a process group per world size).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+# ---------------------------------------------------------------------------------------
+# Simulation (no processes).
+
+def comm_per_step(b, hq, hkv, seq_len, d, world, *, dtype_bytes=2) -> dict:
+    """Bytes one rank sends per ring step, and Ulysses bytes per layer, for one layer."""
+    local = seq_len // world
+    kv = 2 * b * hkv * local * d * dtype_bytes  # K and V shard
+    dkv = 2 * b * hkv * local * d * 4           # fp32 dK/dV accumulator
+    # Ulysses: each all-to-all keeps 1/W of the shard and sends the rest.
+    shard_q, shard_kv = b * hq * local * d * dtype_bytes, b * hkv * local * d * dtype_bytes
+    a2a = (world - 1) / world
+    return {
+        "ring_fwd_step": kv, "ring_fwd_steps": world - 1,
+        "ring_bwd_step": kv + dkv, "ring_bwd_steps": world,  # W-1 K/V sends, W dK/dV sends
+        "ring_fwd_total": kv * (world - 1), "ring_bwd_total": kv * (world - 1) + dkv * world,
+        "ulysses_fwd_total": a2a * (2 * shard_q + 2 * shard_kv),           # q, k, v in; out back
+        "ulysses_bwd_total": a2a * (2 * shard_q + 2 * shard_kv),           # dout in; dq, dk, dv back
+    }
+
+
+def causal_work(seq_len: int, world: int, zigzag: bool) -> list[int]:
+    """Attended query-key pairs per rank for causal ring attention, from the schedule that
+    ``fastattn.distributed.ring`` runs (a diagonal block counts its lower triangle)."""
+    from fastattn.distributed.ring import _blocks
+
+    local = seq_len // world
+    work = []
+    for rank in range(world):
+        total = 0
+        for step in range(world):
+            src = (rank - step) % world
+            for qs, ks, diag in _blocks(rank, src, local, local, True, zigzag):
+                lq = len(range(local)[qs])
+                lk = len(range(local)[ks])
+                total += lq * (lq + 1) // 2 if diag else lq * lk
+        work.append(total)
+    return work
+
+
+def simulation_tables(worlds, seq_len, b=1, hq=32, hkv=8, d=128) -> str:
+    lines = [f"Communication per rank, one layer: B={b} Hq={hq} Hkv={hkv} L={seq_len} D={d}, bf16 K/V",
+             f"{'W':>3} {'fwd/step MB':>12} {'fwd steps':>9} {'bwd/step MB':>12} {'bwd steps':>9} "
+             f"{'ring fwd+bwd MB':>16} {'ulysses fwd+bwd MB':>19}"]
+    for w in worlds:
+        c = comm_per_step(b, hq, hkv, seq_len, d, w)
+        mb = 1 / 2**20
+        lines.append(f"{w:>3} {c['ring_fwd_step'] * mb:>12.2f} {c['ring_fwd_steps']:>9} "
+                     f"{c['ring_bwd_step'] * mb:>12.2f} {c['ring_bwd_steps']:>9} "
+                     f"{(c['ring_fwd_total'] + c['ring_bwd_total']) * mb:>16.2f} "
+                     f"{(c['ulysses_fwd_total'] + c['ulysses_bwd_total']) * mb:>19.2f}")
+    lines += ["", f"Causal work per rank (attended pairs, L={seq_len}); imbalance = max / mean",
+              f"{'W':>3} {'layout':>10} {'min':>12} {'max':>12} {'imbalance':>9}"]
+    for w in worlds:
+        for zigzag in (False, True):
+            work = causal_work(seq_len, w, zigzag)
+            lines.append(f"{w:>3} {'zig-zag' if zigzag else 'contiguous':>10} {min(work):>12} {max(work):>12} "
+                         f"{max(work) / statistics.mean(work):>9.2f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Measurement (W CPU processes on gloo).
+
+def _time(fn, reps):
+    fn()
+    dist.barrier()
+    samples = []
+    for _ in range(reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def _bench_worker(rank, world, init_file, configs, reps, threads, results):
+    import fastattn.distributed as fd
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        rows = []
+        for b, hq, hkv, length, d in configs:
+            q, k, v = (torch.randn(b, h, length, d) for h in (hq, hkv, hkv))
+            for name, method, zigzag in (("ring-contiguous", "ring", False), ("ring-zigzag", "ring", True),
+                                         ("ulysses", "ulysses", False)):
+                if method == "ulysses" and (hq % world or hkv % world):
+                    continue
+                cp = fd.context_parallel(method=method, zigzag=zigzag)
+                ql, kl, vl = (cp.shard(t).clone().requires_grad_() for t in (q, k, v))
+                do = torch.randn_like(ql)
+
+                def fwd():
+                    with torch.no_grad():
+                        cp(ql, kl, vl, causal=True)
+
+                def fwd_bwd():
+                    torch.autograd.grad(cp(ql, kl, vl, causal=True), (ql, kl, vl), do)
+
+                t_f, t_fb = _time(fwd, reps), _time(fwd_bwd, reps)
+                # The slowest rank sets the pace: report the max over ranks.
+                both = torch.tensor([t_f, t_fb])
+                dist.all_reduce(both, op=dist.ReduceOp.MAX)
+                rows.append((f"b{b}-h{hq}:{hkv}-l{length}-d{d}", name, both[0].item(), both[1].item()))
+        if rank == 0:
+            results.put(rows)
+    finally:
+        dist.destroy_process_group()
+
+
+def _single_process(configs, reps, threads):
+    import fastattn
+
+    torch.set_num_threads(threads)
+    rows = []
+    for b, hq, hkv, length, d in configs:
+        q, k, v = (torch.randn(b, h, length, d, requires_grad=True) for h in (hq, hkv, hkv))
+        do = torch.randn_like(q)
+
+        def fwd():
+            with torch.no_grad():
+                fastattn.flash_attention(q, k, v, causal=True)
+
+        def fwd_bwd():
+            torch.autograd.grad(fastattn.flash_attention(q, k, v, causal=True), (q, k, v), do)
+
+        samples = {}
+        for key, fn in (("f", fwd), ("fb", fwd_bwd)):
+            fn()
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t0) * 1e3)
+            samples[key] = statistics.median(ts)
+        rows.append((f"b{b}-h{hq}:{hkv}-l{length}-d{d}", "flash_attention", samples["f"], samples["fb"]))
+    return rows
+
+
+def measure_ranks(world, configs, reps=5, threads=1, timeout=600):
+    """Spawn ``world`` gloo ranks and time every method; rows (config, impl, fwd ms, fwd+bwd ms)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = mp.spawn(_bench_worker, args=(world, os.path.join(tmp, "rdv"), configs, reps, threads, results),
+                         nprocs=world, join=False)
+        deadline = time.monotonic() + timeout
+        while not procs.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in procs.processes:
+                    p.kill()
+                raise TimeoutError(f"{world}-rank benchmark did not finish in {timeout} s")
+    return results.get()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--world", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--seq", type=int, nargs="+", default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args(argv)
+    print(simulation_tables([2, 4, 8, 16], 32768))
+    seqs = args.seq or ([512] if args.quick else [512, 1024, 2048])
+    configs = [(1, 8, 4, length, 64) for length in seqs]
+    print(f"\nMeasured on CPU with gloo, fp32, causal, {args.threads} torch thread(s) per process, "
+          f"{os.cpu_count()} cores; median ms, slowest rank")
+    print(f"{'config':>22} {'W':>3} {'impl':>16} {'fwd ms':>10} {'fwd+bwd ms':>11}")
+    for row in _single_process(configs, args.reps, args.threads):
+        print(f"{row[0]:>22} {1:>3} {row[1]:>16} {row[2]:>10.1f} {row[3]:>11.1f}")
+    for world in args.world:
+        for row in measure_ranks(world, configs, reps=args.reps, threads=args.threads):
+            print(f"{row[0]:>22} {world:>3} {row[1]:>16} {row[2]:>10.1f} {row[3]:>11.1f}")
+
+
+if __name__ == "__main__":
+    main()
