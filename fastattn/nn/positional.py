@@ -89,8 +89,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
     def cos_sin(self, length: int, offset: Positions = 0, dtype=torch.float32):
-        pos = positions_like(length, offset, self.inv_freq.device).to(torch.float32) / self.scaling
-        angles = pos[..., None] * self.inv_freq  # (..., L, dim/2)
+        """cos and sin of the angles, (L, dim) or (B, L, dim), computed in ``dtype`` (float32 at
+        least) so float64 inputs get float64 angles."""
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        device = self.inv_freq.device
+        inv_freq = self.base ** (-torch.arange(0, self.dim, 2, dtype=work, device=device) / self.dim)
+        pos = positions_like(length, offset, device).to(work) / self.scaling
+        angles = pos[..., None] * inv_freq  # (..., L, dim/2)
         angles = torch.cat([angles, angles], dim=-1)  # (..., L, dim): same angle for i and i + dim/2
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
