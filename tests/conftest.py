@@ -23,6 +23,7 @@ def device():
 # Launcher modules whose output buffers all come from their ``_empty(*shape, like, dtype)``.
 POISONED_MODULES = ["fastattn.ops.flash.op", "fastattn.ops.decode.op"]
 POISONED_MODULES += ["fastattn.ops.linear.op"]
+POISONED_MODULES += ["fastattn.ops.sparse.op"]
 
 
 @pytest.fixture(autouse=True)
