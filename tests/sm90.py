@@ -84,10 +84,14 @@ def decode_case(dtype, head_dim):
     ptr = PTR[dtype]
     split = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
                  BLOCK_D=block_d, BLOCK_DV=block_d, HAS_ALIBI=True, HAS_SOFTCAP=True,
-                 HAS_LEFT=True, HAS_RIGHT=True, DOT_FP32=False, PRECISION="ieee")
+                 HAS_LEFT=True, HAS_RIGHT=True, DOT_FP32=False, PRECISION="ieee",
+                 HAS_ROTARY=True, ROT_DIM=head_dim,
+                 ROT_INTERLEAVED=False)
+    rot_ptrs = {"COS": "*fp32", "SIN": "*fp32"}
     out = []
     for single in (False, True):
-        pointers = {"SEQLENS": "*i32", "ALIBI": "*fp32", "LSE": "*fp32", "O": ptr if single else "*fp32"}
+        pointers = {"SEQLENS": "*i32", "ALIBI": "*fp32", "LSE": "*fp32", "O": ptr if single else "*fp32",
+                    **rot_ptrs}
         out.append((f"split{'-single' if single else ''}",
                     compile_sm90(kernels.decode_split_kernel, {**split, "SINGLE_SPLIT": single}, warps,
                                  pointers, floats=("scale", "softcap"), default_pointer=ptr)))
@@ -96,8 +100,9 @@ def decode_case(dtype, head_dim):
         4, {"O_PART": "*fp32", "LSE_PART": "*fp32", "LSE": "*fp32"}, default_pointer=ptr)))
     out.append(("append", compile_sm90(
         kernels.kv_append_kernel, dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_L=32,
-                                       BLOCK_D=block_d, BLOCK_DV=block_d),
-        4, {"SEQLENS": "*i32"}, default_pointer=ptr)))
+                                       BLOCK_D=block_d, BLOCK_DV=block_d, HAS_ROTARY=True,
+                                       ROT_DIM=split["ROT_DIM"], ROT_INTERLEAVED=True),
+        4, {"SEQLENS": "*i32", **rot_ptrs}, default_pointer=ptr)))
     return out
 
 
@@ -106,6 +111,62 @@ CASES.update({
     for dtype in PTR for d in (16, 40, 64, 80, 128, 256)
 })
 
+
+def linear_case(dtype, feat_dim, head_dim_v):
+    """Linear attention: forward, dQ, dK, dV, causal (elu+1 fused) and non-causal (identity)."""
+    from fastattn.ops.linear import kernels, op
+
+    cfg = op.block_config(feat_dim, head_dim_v, dtype)
+    ptr = PTR[dtype]
+    fp32 = {"DEN": "*fp32", "G": "*fp32"}
+    out = []
+    for causal in (True, False):
+        common = dict(FEAT_DIM=feat_dim, HEAD_DIM_V=head_dim_v, BLOCK_C=cfg["chunk"],
+                      FEATURE=1 if causal else 0, CAUSAL=causal, NORMALIZE=True, DOT_FP32=False,
+                      PRECISION="ieee", STATE_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+        tag = "causal" if causal else "full"
+        for name, kernel, blocks, extra in (
+            ("fwd", kernels.linear_fwd_kernel, (cfg["full_f"], cfg["split_dv"]), {}),
+            ("dq", kernels.linear_bwd_dq_kernel, (cfg["split_f"], cfg["full_dv"]), {}),
+            ("dk", kernels.linear_bwd_dk_kernel, (cfg["split_f"], cfg["full_dv"]), {"DK": "*fp32"}),
+            ("dv", kernels.linear_bwd_dv_kernel, (cfg["full_f"], cfg["split_dv"]), {"DV": "*fp32"}),
+        ):
+            constexprs = dict(common, BLOCK_F=blocks[0], BLOCK_DV=blocks[1])
+            out.append((f"{name}-{tag}", compile_sm90(kernel, constexprs, cfg["num_warps"], {**fp32, **extra},
+                                                     floats=("eps",), default_pointer=ptr)))
+    return out
+
+
+CASES.update({
+    f"linear-{str(dtype)[6:]}-m{m}-dv{dv}": (lambda dtype=dtype, m=m, dv=dv: linear_case(dtype, m, dv))
+    for dtype in PTR for m, dv in ((16, 16), (64, 64), (96, 80), (128, 128), (256, 64), (256, 256))
+})
+
+
+def sparse_case(dtype, head_dim, layout_block):
+    """Block-sparse forward, dK/dV and dQ, causal, with the launcher's tiles for a layout block."""
+    from fastattn.ops.flash.op import block_config
+    from fastattn.ops.sparse import kernels
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    index = {n: "*i32" for n in ("CROW", "COL", "CCOL", "ROW")}
+    out = []
+    for name, kernel, backward in (("fwd", kernels.sparse_fwd_kernel, False),
+                                   ("dkdv", kernels.sparse_bwd_dkdv_kernel, True),
+                                   ("dq", kernels.sparse_bwd_dq_kernel, True)):
+        block_m, block_n, warps = block_config(head_dim, dtype, backward)
+        constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=min(block_m, layout_block),
+                          BLOCK_N=min(block_n, layout_block), BLOCK_D=block_d, BLOCK_DV=block_d,
+                          LAYOUT_BLOCK=layout_block, CAUSAL=True, DOT_FP32=False, PRECISION="ieee")
+        out.append((name, compile_sm90(kernel, constexprs, warps, {**index, "LSE": "*fp32", "DELTA": "*fp32"},
+                                       floats=("scale",), default_pointer=PTR[dtype])))
+    return out
+
+
+CASES.update({
+    f"sparse-{str(dtype)[6:]}-d{d}-bs{bs}": (lambda dtype=dtype, d=d, bs=bs: sparse_case(dtype, d, bs))
+    for dtype in PTR for d in (16, 64, 80, 128, 256) for bs in (16, 64, 128)
+})
 
 def run(name):
     sizes = {kernel: compiled.metadata.shared for kernel, compiled in CASES[name]()}

@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 HERE = os.path.dirname(__file__)
 CI_CASES = ["flash-float16-d128", "flash-bfloat16-d80", "flash-float32-d256"]
 CI_CASES += ["decode-bfloat16-d256"]
+CI_CASES += ["sparse-float16-d128-bs128"]
 
 
 @pytest.mark.parametrize("case", CI_CASES)
