@@ -10,6 +10,7 @@ fallback cannot pass) in one 2-rank job.
 """
 import os
 import random
+import sys
 import time
 
 import pytest
@@ -41,13 +42,14 @@ def _check_case(rank, world, case):
     method, causal, zigzag, b, hq, hkv, length, d = (case[n] for n in
                                                      ("method", "causal", "zigzag", "b", "hq", "hkv", "l", "d"))
     gen = torch.Generator().manual_seed(case["seed"])  # same full tensors on every rank
-    q, k, v, do = (torch.randn(b, h, length, d, generator=gen) for h in (hq, hkv, hkv, hq))
+    dtype = getattr(torch, case["dtype"])
+    q, k, v, do = (torch.randn(b, h, length, d, generator=gen).to(dtype) for h in (hq, hkv, hkv, hq))
     full = {n: t.requires_grad_() for n, t in (("q", q), ("k", k), ("v", v))}
 
     def shard(t):
         return fd.shard_sequence(t, rank, world, zigzag=zigzag)
 
-    # Oracle: float64 reference; yardstick: single-process flash_attention in fp32.
+    # Oracle: float64 reference; yardstick: single-process flash_attention (plain torch) in q's dtype.
     args64 = {n: as64(t) for n, t in full.items()}
     oracle = attention_reference(args64["q"], args64["k"], args64["v"], causal=causal)
     grads64 = torch.autograd.grad(oracle, list(args64.values()), do.double())
@@ -100,6 +102,12 @@ def _check_rejections(rank, world):
 def _worker(rank, world, init_file, cases, kernels):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     torch.set_num_threads(1)
+    if kernels:
+        # CPU ranks (gloo) run the kernels in the interpreter, GPU box or not. Triton reads
+        # this when @triton.jit decorates, i.e. when fastattn.ops.flash.op is first imported,
+        # which nothing in the worker has done yet.
+        assert fastattn.backend.interpreting() or "fastattn.ops.flash.kernels" not in sys.modules
+        os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         if kernels:
@@ -124,9 +132,9 @@ def _run_job(tmp_path, world, cases, kernels=False):
             pytest.fail(f"{world}-process job did not finish in {JOB_SECONDS} s")
 
 
-def _case(method, causal, zigzag, hq, hkv, length, d=16, b=1, backend="torch"):
+def _case(method, causal, zigzag, hq, hkv, length, d=16, b=1, backend="torch", dtype="float32"):
     return dict(method=method, causal=causal, zigzag=zigzag, b=b, hq=hq, hkv=hkv, l=length, d=d,
-                backend=backend, seed=random.randrange(2**31))  # fresh inputs every run
+                backend=backend, dtype=dtype, seed=random.randrange(2**31))  # fresh inputs every run
 
 
 def test_two_ranks_torch(tmp_path):
@@ -137,6 +145,8 @@ def test_two_ranks_torch(tmp_path):
         _case("ulysses", True, False, 4, 2, 34, d=32),         # head-parallel, causal, GQA
         _case("ulysses", False, True, 2, 2, 36, d=16),         # zig-zag input, not causal
         _case("switch", True, True, 2, 2, 28, d=16),           # the nn-level switch
+        _case("ring", True, True, 4, 2, 36, d=32, dtype="bfloat16"),
+        _case("ring", True, False, 2, 2, 36, d=32, dtype="float16"),
     ]
     _run_job(tmp_path, 2, cases)
 
@@ -153,12 +163,10 @@ def test_four_ranks_torch(tmp_path):
 
 def test_two_ranks_kernels(tmp_path):
     pytest.importorskip("triton")
-    if not (torch.cuda.is_available() or fastattn.backend.interpreting()):
-        pytest.skip("kernels need CUDA or TRITON_INTERPRET=1")  # conftest sets it on CPU
     cases = [
         _case("ring", True, True, 4, 2, 44, d=32, backend="triton"),   # per-step flash_fwd/flash_bwd
-        _case("ring", False, False, 2, 2, 34, d=16, backend="triton"),
         _case("ulysses", True, False, 2, 2, 36, d=16, backend="triton"),
+        _case("ring", True, True, 4, 2, 36, d=32, backend="triton", dtype="bfloat16"),
     ]
     _run_job(tmp_path, 2, cases, kernels=True)
 
