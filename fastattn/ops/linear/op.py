@@ -28,14 +28,18 @@ _INTERPRETER_SPLIT = 64
 _INTERPRETER_CHUNK = 32
 
 
-def block_config(feat_dim: int, head_dim_v: int) -> dict:
-    """Chunk length, full and split widths for M features and value dim Dv, and num_warps."""
+def block_config(feat_dim: int, head_dim_v: int, dtype: torch.dtype) -> dict:
+    """Chunk length, full and split widths for M features and value dim Dv, and num_warps.
+    tests/sm90.py checks that every kernel fits the H100's shared memory with these."""
     full_f = max(16, triton.next_power_of_2(feat_dim))
     full_dv = max(16, triton.next_power_of_2(head_dim_v))
+    widest = max(full_f, full_dv)
     if interpreting():
         chunk, split = _INTERPRETER_CHUNK, _INTERPRETER_SPLIT
+    elif dtype == torch.float32 and widest >= 256:
+        chunk, split = 16, 32  # fp32 tiles of 256 columns: halve the rows and the state split
     else:
-        chunk, split = (64 if max(full_f, full_dv) <= 128 else 32), _SPLIT
+        chunk, split = (64 if widest <= 128 else 32), _SPLIT
     return dict(chunk=chunk, full_f=full_f, full_dv=full_dv,
                 split_f=min(split, full_f), split_dv=min(split, full_dv), num_warps=4)
 
@@ -46,7 +50,7 @@ def _empty(*shape, like: Tensor, dtype=None) -> Tensor:
 
 
 def _meta(q: Tensor, v: Tensor, feature: str, causal: bool, normalize: bool) -> tuple[dict, dict]:
-    cfg = block_config(q.shape[-1], v.shape[-1])
+    cfg = block_config(q.shape[-1], v.shape[-1], q.dtype)
     meta = dict(
         FEAT_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_C=cfg["chunk"],
         FEATURE=FEATURE_CODES[feature], CAUSAL=causal, NORMALIZE=normalize,

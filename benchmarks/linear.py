@@ -1,0 +1,216 @@
+"""Linear-attention suite: time and memory against sequence length for fastattn's linear
+(elu+1) and Performer (FAVOR+) attention, causal and not, against exact attention
+(fastattn.flash_attention and torch SDPA), to show where linear attention overtakes them;
+and the memory of the chunked causal fallback against a cumulative-sum implementation,
+which materialises a (B, H, L, M, Dv) tensor.
+
+On a GPU: bf16, 16k tokens per batch (B = 16384 / L), 16 heads of 64, the kernels. On a CPU:
+fp32, B = 1, 4 heads of 64, and fastattn runs its pure-PyTorch fallbacks (the chunked
+reference; TRITON_INTERPRET=1 would time the interpreter instead, which means nothing).
+
+    python -m benchmarks.linear            # the time + memory table (CPU or CUDA)
+    python -m benchmarks.linear --quick
+    fastattn bench --suite linear          # timings through the common runner
+
+CPU memory: torch keeps no allocator statistics on CPU, so ``traced_peak_mb`` counts the
+bytes of every tensor that torch ops return while the call runs (a TorchDispatchMode),
+freeing them when the last tensor on that storage dies: the memory the algorithm asks for,
+without ATen's internal scratch. On CUDA it is the allocator's peak.
+
+FLOPs: exact attention as DESIGN.md (4 B H L^2 D, half causal). Linear attention:
+4 B H L M Dv (phi(K)^T V and phi(Q) S) plus, causal, 2 B H L C (M + Dv) / 2 for the masked
+chunk-local quadratic form (C = chunk length, 64).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import fastattn
+from benchmarks.common import Case, attention_flops, measure, peak_memory_mb
+from fastattn.ops.linear import reference as linear_ref
+
+SUITE = "linear"
+CHUNK = 64
+
+
+def linear_flops(b, h, l, m, dv, *, causal=False, backward=False) -> float:
+    fwd = 4.0 * b * h * l * m * dv
+    if causal:
+        fwd += b * h * l * CHUNK * (m + dv)
+    return fwd * 3.5 if backward else fwd
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the storages that torch ops create while active (see module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.refs: dict[int, list] = {}  # storage pointer -> [tensors alive, bytes]
+        self.external: set[int] = set()
+
+    def _release(self, key):
+        entry = self.refs.get(key)
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                key = t.untyped_storage().data_ptr()
+                if key not in self.refs:
+                    self.external.add(key)  # made before we started: not ours to count
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key == 0 or key in self.external:
+                continue
+            if key not in self.refs:
+                self.refs[key] = [0, storage.nbytes()]
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+            self.refs[key][0] += 1
+            weakref.finalize(t, self._release, key)
+        return out
+
+
+def traced_peak_mb(fn) -> float:
+    """Peak MB of tensors created by one call of ``fn`` (CPU or any device)."""
+    with torch.no_grad(), _LiveTensorBytes() as mode:
+        out = fn()
+        del out
+    return mode.peak / 2**20
+
+
+def peak_mb(fn, device) -> float:
+    if torch.device(device).type == "cuda":
+        with torch.no_grad():
+            return peak_memory_mb(fn, device)
+    return traced_peak_mb(fn)
+
+
+def _performer_pytorch(d, m, causal, device):
+    """performer-pytorch's FastAttention, if that package is installed (else None)."""
+    if importlib.util.find_spec("performer_pytorch") is None:
+        return None
+    from performer_pytorch import FastAttention
+
+    attn = FastAttention(dim_heads=d, nb_features=m, causal=causal).to(device)
+    return lambda q, k, v: attn(q, k, v)
+
+
+def impls(d, m, causal, device, projection):
+    """name -> f(q, k, v). Exact attention, linear (elu+1), Performer, and the foils."""
+    out = {
+        "fastattn-linear": lambda q, k, v: fastattn.linear_attention(q, k, v, causal=causal),
+        "fastattn-performer": lambda q, k, v: fastattn.performer_attention(q, k, v, projection, causal=causal),
+        "fastattn-flash": lambda q, k, v: fastattn.flash_attention(q, k, v, causal=causal),
+        "torch-sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+    }
+    if causal:
+        out["cumsum-linear"] = lambda q, k, v: linear_ref.linear_attention_cumsum(
+            linear_ref.elu_features(q), linear_ref.elu_features(k), v)
+    pp = _performer_pytorch(d, m, causal, device)
+    if pp is not None:
+        out["performer-pytorch"] = pp
+    return out
+
+
+def configs(device, quick):
+    """(b, h, l, d, m, causal): m = Performer features."""
+    if torch.device(device).type == "cuda":
+        lengths = [1024, 4096, 16384] if quick else [1024, 2048, 4096, 8192, 16384, 32768]
+        return [(max(1, 16384 // l), 16, l, 64, 128, c) for l in lengths for c in (False, True)]
+    lengths = [256, 1024, 4096] if quick else [256, 512, 1024, 2048, 4096, 8192]
+    return [(1, 4, l, 64, 64, c) for l in lengths for c in (False, True)]
+
+
+def _too_big(impl, b, h, l, d, m, dtype):
+    """Skip what would not fit or take minutes: the cumsum's (L, M, Dv) tensor, exact
+    attention's L x L scores on the CPU math path."""
+    itemsize = torch.finfo(dtype).bits // 8
+    if impl == "cumsum-linear":
+        return b * h * l * d * d * itemsize > 2 * 2**30
+    return False
+
+
+def _inputs(b, h, l, d, device, dtype, grad):
+    return [torch.randn(b, h, l, d, device=device, dtype=dtype, requires_grad=grad) for _ in range(3)]
+
+
+def cases(device, quick=False):
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    out = []
+    for b, h, l, d, m, causal in configs(device, quick):
+        name = f"b{b}-h{h}-l{l}-d{d}-m{m}" + ("-causal" if causal else "")
+        q, k, v = _inputs(b, h, l, d, device, dtype, True)
+        do = torch.randn_like(q)
+        projection = fastattn.performer_projection(m, d, generator=torch.Generator().manual_seed(0),
+                                                   device=device)
+        params = {"seq_len": l, "head_dim": d, "features": m, "causal": causal}
+        for impl, f in impls(d, m, causal, device, projection).items():
+            if _too_big(impl, b, h, l, d, m, dtype):
+                continue
+            exact = impl in ("fastattn-flash", "torch-sdpa")
+            flops = (attention_flops(b, h, l, l, d, causal=causal) if exact
+                     else linear_flops(b, h, l, d if impl.endswith("linear") else m, d, causal=causal))
+            out.append(Case(SUITE + "-fwd", name, impl, lambda f=f, q=q, k=k, v=v: f(q, k, v),
+                            flops=flops, params=params))
+            if impl != "cumsum-linear":
+                out.append(Case(SUITE + "-fwdbwd", name, impl,
+                                lambda f=f, q=q, k=k, v=v, do=do: torch.autograd.grad(f(q, k, v), (q, k, v), do),
+                                flops=flops * 3.5, params=params))
+    return out
+
+
+def table(device, quick=False, reps=5):
+    """Forward time and memory against sequence length, one row per (length, causal, impl)."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    rows = []
+    for b, h, l, d, m, causal in configs(device, quick):
+        q, k, v = _inputs(b, h, l, d, device, dtype, False)
+        projection = fastattn.performer_projection(m, d, generator=torch.Generator().manual_seed(0),
+                                                   device=device)
+        for impl, f in impls(d, m, causal, device, projection).items():
+            if _too_big(impl, b, h, l, d, m, dtype):
+                rows.append(dict(seq_len=l, causal=causal, impl=impl, median_ms=math.nan, peak_mb=math.nan,
+                                 note="skipped: (L, M, Dv) tensor > 2 GB"))
+                continue
+            with torch.no_grad():
+                samples = measure(lambda: f(q, k, v), device, warmup=1, reps=reps, max_seconds=3.0)
+            samples.sort()
+            rows.append(dict(seq_len=l, causal=causal, impl=impl, median_ms=samples[len(samples) // 2],
+                             peak_mb=peak_mb(lambda: f(q, k, v), device), note=""))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    rows = table(args.device, args.quick)
+    print(f"device {args.device}, torch {torch.__version__}, forward only")
+    print(f"{'L':>6} {'causal':>6} {'impl':20} {'median ms':>10} {'peak MB':>9}")
+    for r in rows:
+        print(f"{r['seq_len']:>6} {str(r['causal']):>6} {r['impl']:20} {r['median_ms']:>10.2f} "
+              f"{r['peak_mb']:>9.1f} {r['note']}")
+
+
+if __name__ == "__main__":
+    main()
