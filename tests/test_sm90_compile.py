@@ -16,6 +16,7 @@ HERE = os.path.dirname(__file__)
 CI_CASES = ["flash-float16-d128", "flash-bfloat16-d80", "flash-float32-d256"]
 CI_CASES += ["decode-bfloat16-d256"]
 CI_CASES += ["sparse-float16-d128-bs128"]
+CI_CASES += ["linear-bfloat16-m256-dv256"]
 
 
 @pytest.mark.parametrize("case", CI_CASES)
