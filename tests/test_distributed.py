@@ -57,10 +57,21 @@ def _check_case(rank, world, case):
         base = fastattn.flash_attention(full["q"], full["k"], full["v"], causal=causal)
     grads_base = torch.autograd.grad(base, list(full.values()), do)
 
-    local = {n: shard(t.detach()).clone().requires_grad_() for n, t in full.items()}
+    def local_copy(t):
+        t = shard(t.detach())
+        if case.get("transposed"):  # the (B, L, H, D) buffer a model produces, viewed as (B, H, L, D)
+            t = t.transpose(1, 2).contiguous().transpose(1, 2)
+        return t.clone(memory_format=torch.preserve_format).requires_grad_()
+
+    local = {n: local_copy(t) for n, t in full.items()}
     with fastattn.use_backend(case["backend"]):
         if method == "ring":
-            out = fd.ring_attention(local["q"], local["k"], local["v"], causal=causal, zigzag=zigzag)
+            out, lse = fd.ring_attention(local["q"], local["k"], local["v"], causal=causal, zigzag=zigzag,
+                                         return_lse=True)
+            _, lse64 = attention_reference(args64["q"], args64["k"], args64["v"], causal=causal, return_lse=True)
+            _, lse_base = attention_reference(q, k, v, causal=causal, return_lse=True)
+            assert lse.dtype == torch.float32
+            assert_close_rule(f"lse rank {rank}/{world} {case}", lse, shard(lse64), shard(lse_base))
         elif method == "ulysses":
             out = fd.ulysses_attention(local["q"], local["k"], local["v"], causal=causal, zigzag=zigzag)
         else:  # the nn-level switch, used as a context manager
@@ -132,9 +143,11 @@ def _run_job(tmp_path, world, cases, kernels=False):
             pytest.fail(f"{world}-process job did not finish in {JOB_SECONDS} s")
 
 
-def _case(method, causal, zigzag, hq, hkv, length, d=16, b=1, backend="torch", dtype="float32"):
+def _case(method, causal, zigzag, hq, hkv, length, d=16, b=1, backend="torch", dtype="float32",
+          transposed=False):
     return dict(method=method, causal=causal, zigzag=zigzag, b=b, hq=hq, hkv=hkv, l=length, d=d,
-                backend=backend, dtype=dtype, seed=random.randrange(2**31))  # fresh inputs every run
+                backend=backend, dtype=dtype, transposed=transposed,
+                seed=random.randrange(2**31))  # fresh inputs every run
 
 
 def test_two_ranks_torch(tmp_path):
@@ -145,7 +158,7 @@ def test_two_ranks_torch(tmp_path):
         _case("ulysses", True, False, 4, 2, 34, d=32),         # head-parallel, causal, GQA
         _case("ulysses", False, True, 2, 2, 36, d=16),         # zig-zag input, not causal
         _case("switch", True, True, 2, 2, 28, d=16),           # the nn-level switch
-        _case("ring", True, True, 4, 2, 36, d=32, dtype="bfloat16"),
+        _case("ring", True, True, 4, 2, 36, d=32, dtype="bfloat16", transposed=True),
         _case("ring", True, False, 2, 2, 36, d=32, dtype="float16"),
     ]
     _run_job(tmp_path, 2, cases)
@@ -164,7 +177,7 @@ def test_four_ranks_torch(tmp_path):
 def test_two_ranks_kernels(tmp_path):
     pytest.importorskip("triton")
     cases = [
-        _case("ring", True, True, 4, 2, 44, d=32, backend="triton"),   # per-step flash_fwd/flash_bwd
+        _case("ring", True, True, 4, 2, 44, d=32, backend="triton", transposed=True),  # flash_fwd/flash_bwd per step
         _case("ulysses", True, False, 2, 2, 36, d=16, backend="triton"),
         _case("ring", True, True, 4, 2, 36, d=32, backend="triton", dtype="bfloat16"),
     ]
@@ -225,6 +238,24 @@ def test_backward_torch_matches_autograd(hq, hkv, lq, lk, causal):
                                       scale=16 ** -0.5, causal=causal)
     for g, w in zip(got, want):
         assert g.shape == w.shape and (g - w).abs().max() < 1e-10
+
+
+def test_single_rank_group(tmp_path):
+    """World size 1 (in this process): one diagonal step, no P2P, same as flash_attention."""
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        q = torch.randn(1, 4, 12, 16, dtype=torch.float64, requires_grad=True)
+        k, v = (torch.randn(1, 2, 12, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        out = fd.ring_attention(q, k, v, causal=True)
+        want = attention_reference(q, k, v, causal=True)
+        do = torch.randn_like(out)
+        for g, w in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(want, (q, k, v), do)):
+            assert (g - w).abs().max() < 1e-10
+        assert (out - want).abs().max() < 1e-12
+    finally:
+        dist.destroy_process_group()
 
 
 def test_not_initialised_and_bad_method():

@@ -243,6 +243,8 @@ def _ring_backward(ring: _Ring, do, q, k, v, out, lse, scale, causal, zigzag, ke
             dq[:, :, qs] += dq_i
             dk[:, :, ks] += dk_i
             dv[:, :, ks] += dv_i
+        if ring.world == 1:
+            return dq, dk, dv  # nothing to pass on (and P2P to oneself is not allowed)
         if dkv_requests is not None:
             # The accumulator for block src, filled by the ranks that held it before us.
             ring.wait(dkv_requests)
