@@ -15,3 +15,12 @@ __all__ += ["linear_attention", "linformer_attention", "performer_attention", "p
 __all__ += ["sparse", "sparse_attention"]
 __all__ += ["convert", "patch_sdpa", "register_huggingface", "unpatch_sdpa"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # fastattn.distributed (context parallelism) loads on first use, not with fastattn.
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module("fastattn.distributed")
+    raise AttributeError(f"module 'fastattn' has no attribute {name!r}")

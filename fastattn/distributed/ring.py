@@ -118,15 +118,17 @@ class _Ring:
 
     def start(self, tensors, tag):
         """Post sends of ``tensors`` to the next rank and receives of same-shaped buffers from
-        the previous one. Returns (buffers, requests); the buffers are valid after ``wait``."""
+        the previous one. Returns (buffers, pending); the buffers are valid after ``wait``."""
         tensors = [t.contiguous() for t in tensors]
         bufs = [torch.empty_like(t) for t in tensors]
         ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag) for t in tensors]
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag) for t in bufs]
-        return bufs, dist.batch_isend_irecv(ops)
+        # The sent tensors (maybe fresh contiguous copies) stay referenced until the wait.
+        return bufs, (dist.batch_isend_irecv(ops), tensors)
 
     @staticmethod
-    def wait(requests):
+    def wait(pending):
+        requests, _sent = pending
         for r in requests:
             r.wait()
 
