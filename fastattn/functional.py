@@ -341,6 +341,9 @@ def attention_with_kvcache(
     alibi_slopes: Optional[Tensor] = None,
     softcap: Optional[float] = None,
     num_splits: Optional[int] = None,
+    rotary_cos: Optional[Tensor] = None,
+    rotary_sin: Optional[Tensor] = None,
+    rotary_interleaved: bool = False,
     return_lse: bool = False,
 ):
     """Attention of a few new tokens over a preallocated KV cache (incremental decoding).
@@ -369,6 +372,12 @@ def attention_with_kvcache(
         num_splits: how many chunks each sequence's keys are cut into (split-KV "flash
             decoding"); None picks it from batch, heads and length to fill the GPU.
             Results do not depend on it beyond rounding.
+        rotary_cos / rotary_sin: (P, R/2) float tables or None: rotary embedding (RoPE) of the
+            first R dims of q and k_new, applied inside the kernels (the cache then holds
+            rotated keys, as it must). New key t of sequence b is at position ``n + t``; query
+            row i at ``n + Lnew - Lq + i`` (its bottom-right diagonal; ``n + i`` when
+            Lq == Lnew). P must exceed the last position. ``rotary_interleaved``: rotate the
+            pairs (2j, 2j+1) (GPT-J) instead of (j, j + R/2) (GPT-NeoX).
         return_lse: also return the row logsumexp, float32 (B, Hq, Lq), natural log.
 
     Returns:
@@ -383,7 +392,8 @@ def attention_with_kvcache(
         Checking the lengths reads ``cache_seqlens`` on the host (one device sync); the check
         is skipped while ``torch.compile`` traces, where the kernels clamp to the buffer.
 
-    Equivalent code, per sequence b (n = cache_seqlens[b])::
+    Equivalent code, per sequence b (n = cache_seqlens[b]; q, k_new rotated first if asked,
+    see ``fastattn.ops.decode.reference.apply_rotary``)::
 
         k_cache[b, :, n:n + Lnew] = k_new[b]; v_cache[b, :, n:n + Lnew] = v_new[b]
         out[b] = flash_attention(q[b:b+1], k_cache[b:b+1, :, :n + Lnew],
@@ -395,6 +405,18 @@ def attention_with_kvcache(
                    softcap=softcap, dropout_p=0.0)
     lnew = 0 if k_new is None else k_new.shape[2]
     lmax = k_cache.shape[2]
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError(f"{op}: give both rotary_cos and rotary_sin, or neither")
+    if rotary_cos is not None:
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            if not isinstance(t, Tensor) or t.dim() != 2 or not t.dtype.is_floating_point:
+                raise ValueError(f"{op}: {name} must be a 2-D float Tensor (positions, rotary_dim / 2)")
+            if t.device != q.device:
+                raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+        if rotary_cos.shape != rotary_sin.shape or not 1 <= rotary_cos.shape[1] <= q.shape[-1] // 2:
+            raise ValueError(f"{op}: rotary_cos {_shape(rotary_cos)} and rotary_sin {_shape(rotary_sin)} "
+                             f"must have the same shape (P, R/2) with 2 <= R <= head_dim {q.shape[-1]}")
+        rotary_cos, rotary_sin = rotary_cos.contiguous(), rotary_sin.contiguous()
     max_seqlen_k = None
     if not torch.compiler.is_compiling() and seqlens.numel():
         lo, hi = (int(x) for x in torch.stack([seqlens.min(), seqlens.max()]).tolist())
@@ -406,10 +428,18 @@ def attention_with_kvcache(
                              f"overflow the cache: cache_seqlens + Lnew = {hi + lnew} > Lmax = {lmax} "
                              f"(k_cache {_shape(k_cache)})")
         max_seqlen_k = hi + lnew
+        if rotary_cos is not None:
+            if lo + lnew - q.shape[2] < 0:
+                raise ValueError(f"{op}: with rotary, Lq ({q.shape[2]}) may not exceed cache_seqlens + "
+                                 f"Lnew (smallest {lo + lnew}): query positions would be negative")
+            if hi + lnew > rotary_cos.shape[0]:
+                raise ValueError(f"{op}: rotary_cos {_shape(rotary_cos)} covers {rotary_cos.shape[0]} "
+                                 f"positions; the longest sequence reaches position {hi + lnew - 1}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     band = band_from(causal, window)
-    tensors = [t for t in (q, k_cache, v_cache, k_new, v_new, alibi_slopes) if t is not None]
+    tensors = [t for t in (q, k_cache, v_cache, k_new, v_new, alibi_slopes, rotary_cos, rotary_sin)
+               if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     reasons = backend.decode_refusals(q, k_cache, v_cache, needs_grad)
     if min(q.shape[0], q.shape[1], q.shape[2]) == 0:
@@ -420,16 +450,18 @@ def attention_with_kvcache(
         out, lse = decode_op.decode_attn(
             q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, alibi=alibi_slopes,
             scale=float(scale), softcap=float(softcap or 0.0), window_left=band[0],
-            window_right=band[1], num_splits=num_splits, max_seqlen_k=max_seqlen_k)
+            window_right=band[1], num_splits=num_splits, max_seqlen_k=max_seqlen_k,
+            rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
     else:
         from fastattn.ops.decode.reference import append_reference, decode_reference
 
         # band already holds causal
+        rot = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
         out, lse = decode_reference(q, k_cache, v_cache, seqlens, k_new, v_new, causal=False,
                                     window=band, scale=scale, alibi_slopes=alibi_slopes, softcap=softcap,
-                                    return_lse=True)
+                                    return_lse=True, **rot)
         if k_new is not None:
-            append_reference(k_cache, v_cache, seqlens, k_new, v_new)
+            append_reference(k_cache, v_cache, seqlens, k_new, v_new, **rot)
     return (out, lse) if return_lse else out
 
 

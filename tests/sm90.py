@@ -86,7 +86,7 @@ def decode_case(dtype, head_dim):
                  BLOCK_D=block_d, BLOCK_DV=block_d, HAS_ALIBI=True, HAS_SOFTCAP=True,
                  HAS_LEFT=True, HAS_RIGHT=True, DOT_FP32=False, PRECISION="ieee",
                  HAS_ROTARY=True, ROT_DIM=head_dim,
-                 ROT_INTERLEAVED=False)
+                 ROT_INTERLEAVED=False, BF16_RTNE=False)
     rot_ptrs = {"COS": "*fp32", "SIN": "*fp32"}
     out = []
     for single in (False, True):
@@ -96,12 +96,13 @@ def decode_case(dtype, head_dim):
                     compile_sm90(kernels.decode_split_kernel, {**split, "SINGLE_SPLIT": single}, warps,
                                  pointers, floats=("scale", "softcap"), default_pointer=ptr)))
     out.append(("merge", compile_sm90(
-        kernels.decode_merge_kernel, dict(HEAD_DIM_V=head_dim, BLOCK_S=128, CHUNK_S=8, BLOCK_DV=block_d),
+        kernels.decode_merge_kernel, dict(HEAD_DIM_V=head_dim, BLOCK_S=128, CHUNK_S=8, BLOCK_DV=block_d,
+                                          BF16_RTNE=False),
         4, {"O_PART": "*fp32", "LSE_PART": "*fp32", "LSE": "*fp32"}, default_pointer=ptr)))
     out.append(("append", compile_sm90(
         kernels.kv_append_kernel, dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_L=32,
                                        BLOCK_D=block_d, BLOCK_DV=block_d, HAS_ROTARY=True,
-                                       ROT_DIM=split["ROT_DIM"], ROT_INTERLEAVED=True),
+                                       ROT_DIM=split["ROT_DIM"], ROT_INTERLEAVED=True, BF16_RTNE=False),
         4, {"SEQLENS": "*i32", **rot_ptrs}, default_pointer=ptr)))
     return out
 

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 import fastattn  # noqa: E402
 from fastattn.nn import KVCache  # noqa: E402
 from fastattn.ops.decode import op as decode_op  # noqa: E402
-from fastattn.ops.decode.reference import decode_reference  # noqa: E402
+from fastattn.ops.decode.reference import apply_rotary, decode_reference, rotary_positions  # noqa: E402
 from fastattn.ops.flash.reference import attention_reference  # noqa: E402
 from helpers import assert_close_rule, max_err  # noqa: E402
 
@@ -61,10 +61,20 @@ def run_and_check(q, k_cache, v_cache, lengths, k_new, v_new, **kw):
     assert_close_rule("lse", lse, oracle_lse, base_lse)
     assert seqlens.tolist() == list(lengths), "cache_seqlens must not be updated by the call"
     expect_k, expect_v = k_before.clone(), v_before.clone()
+    rotary = kw.get("rotary_cos") is not None
     if k_new is not None:
+        lnew = k_new.shape[2]
+        k_store = k_new
+        if rotary:  # the cache holds rotated keys: checked by the rule, the rest bit for bit
+            pos = rotary_positions(seqlens, lnew, lnew, lnew)
+            rot = (lambda x: apply_rotary(x, kw["rotary_cos"], kw["rotary_sin"], pos, kw.get("rotary_interleaved", False)))
+            k64, k_t = rot(k_new.double()), rot(k_new)
+            written = torch.stack([k_cache[i, :, n:n + lnew] for i, n in enumerate(lengths)])
+            assert_close_rule("rotated k in the cache", written, k64, k_t)
+            k_store = written
         for i, n in enumerate(lengths):
-            expect_k[i, :, n:n + k_new.shape[2]] = k_new[i]
-            expect_v[i, :, n:n + v_new.shape[2]] = v_new[i]
+            expect_k[i, :, n:n + lnew] = k_store[i]
+            expect_v[i, :, n:n + lnew] = v_new[i]
     assert torch.equal(bits(k_cache), bits(expect_k)), "k_cache differs from old contents + k_new"
     assert torch.equal(bits(v_cache), bits(expect_v)), "v_cache differs from old contents + v_new"
     return out, lse
@@ -137,6 +147,45 @@ def test_features(feature, dtype, device):
     k_new = torch.randn(b, hkv, lnew, d, device=device).to(dtype)
     v_new = torch.randn(b, hkv, lnew, d, device=device).to(dtype)
     run_and_check(q, k_cache, v_cache, lengths, k_new, v_new, num_splits=3, **_features(b, hq, device)[feature])
+
+
+def rope_tables(positions, rot_dim, device):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2, device=device).float() / rot_dim))
+    angles = torch.arange(positions, device=device).float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("style", ["neox-partial", "gptj", "neox-q-fewer"])
+def test_rotary_in_kernel(style, dtype, device):
+    """q and k_new rotated inside the kernels = rotated first in plain torch; the cache ends
+    up holding the rotated keys at each sequence's own positions."""
+    b, hq, hkv, d, lengths = 2, 4, 2, 64, [10, 90]
+    lq = lnew = 3
+    if style == "neox-q-fewer":
+        lq = 2
+    rot_dim = 48 if style == "neox-partial" else d
+    lmax = max(lengths) + lnew + 4
+    cos, sin = rope_tables(lmax + 3, rot_dim, device)
+    q = torch.randn(b, hq, lq, d, device=device).to(dtype)
+    k_cache = make_cache(b, hkv, lmax, d, lengths, dtype, device)
+    v_cache = make_cache(b, hkv, lmax, d, lengths, dtype, device)
+    k_new = torch.randn(b, hkv, lnew, d, device=device).to(dtype)
+    v_new = torch.randn(b, hkv, lnew, d, device=device).to(dtype)
+    run_and_check(q, k_cache, v_cache, lengths, k_new, v_new, num_splits=2, rotary_cos=cos, rotary_sin=sin,
+                  rotary_interleaved=style == "gptj")
+
+
+def test_rotary_validation(device):
+    q, kc, vc, sl, kn, vn = _small(device)
+    cos, sin = rope_tables(8, 16, device)
+    with pytest.raises(ValueError, match="rotary"):
+        fastattn.attention_with_kvcache(q, kc, vc, sl, k_new=kn, v_new=vn, rotary_cos=cos)
+    with pytest.raises(ValueError, match="positions"):
+        fastattn.attention_with_kvcache(q, kc, vc, sl, k_new=kn, v_new=vn, rotary_cos=cos[:5], rotary_sin=sin[:5])
+    with pytest.raises(ValueError, match="rotary"):
+        fastattn.attention_with_kvcache(q, kc, vc, sl, k_new=kn, v_new=vn, rotary_cos=cos[:, :1].repeat(1, 9),
+                                        rotary_sin=sin[:, :1].repeat(1, 9))
 
 
 def test_window_leaves_a_sequence_with_no_keys(device):
@@ -309,6 +358,9 @@ def test_opcheck(device):
     torch.library.opcheck(decode_op.kvcache_append, (kc, vc, sl, kn, vn))
     torch.library.opcheck(decode_op.decode_fwd, (q, kc, vc, sl + 2, torch.rand(hq, device=device),
                                                  0.2, 3.0, 9, 0, 2, 3))
+    cos, sin = rope_tables(30, 32, device)
+    torch.library.opcheck(decode_op.kvcache_append, (kc, vc, sl, kn, vn, cos, sin, True))
+    torch.library.opcheck(decode_op.decode_fwd, (q, kc, vc, sl + 2, None, 0.2, 0.0, None, 0, 2, 1, cos, sin, False))
 
 
 # --- KVCache -----------------------------------------------------------------------------

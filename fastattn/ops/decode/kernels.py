@@ -20,17 +20,59 @@ from fastattn.ops.flash.kernels import LOG2E, _dot, _logits
 
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 -> fp32 holding x rounded to the nearest bf16 (ties to even). Triton's interpreter
+    converts fp32 to bf16 by truncation, doubling the rounding error of every bf16 result, so
+    under the interpreter (BF16_RTNE) values are rounded here first and the cast is then exact.
+    On a GPU the cast itself rounds to nearest and BF16_RTNE is off."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)  # carry into bit 16 iff the dropped half rounds up
+    return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rotary(x, row_ptrs, stride_d, rows_ok, pos, COS, SIN, stride_cs, offs_d,
+            ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """RoPE of the first ROT_DIM dims of the rows ``x`` (BLOCK, BLOCK_D), whose element d lies
+    at ``row_ptrs + d * stride_d``; row r turns by the angles of position ``pos[r]`` (cos/sin
+    tables (P, ROT_DIM / 2), row stride stride_cs). Returns fp32."""
+    half = ROT_DIM // 2
+    if INTERLEAVED:
+        # GPT-J pairs (2j, 2j + 1): out[2j] = x[2j] c - x[2j+1] s, out[2j+1] = x[2j+1] c + x[2j] s.
+        j = offs_d // 2
+        partner = offs_d + 1 - 2 * (offs_d % 2)
+        sign = 2.0 * (offs_d % 2).to(tl.float32) - 1.0
+    else:
+        # GPT-NeoX halves (j, j + R/2): out[j] = x[j] c - x[j+R/2] s, out[j+R/2] = x[j+R/2] c + x[j] s.
+        first = offs_d < half
+        j = tl.where(first, offs_d, offs_d - half)
+        partner = tl.where(first, offs_d + half, offs_d - half)
+        sign = tl.where(first, -1.0, 1.0)
+    in_rot = offs_d < ROT_DIM
+    m = rows_ok[:, None] & in_rot[None, :]
+    xp = tl.load(row_ptrs + partner[None, :] * stride_d, mask=m, other=0.0).to(tl.float32)
+    cs_off = pos[:, None].to(tl.int64) * stride_cs + j[None, :]
+    # Outside the rotated dims cos = 1, sin = 0: those dims pass through unchanged.
+    c = tl.load(COS + cs_off, mask=m, other=1.0).to(tl.float32)
+    sn = tl.load(SIN + cs_off, mask=m, other=0.0).to(tl.float32)
+    return x.to(tl.float32) * c + sign[None, :] * xp * sn
+
+
+@triton.jit
 def kv_append_kernel(
-    K_NEW, V_NEW, K, V, SEQLENS,
+    K_NEW, V_NEW, K, V, SEQLENS, COS, SIN,
     stride_knb, stride_knh, stride_knn, stride_knd,
     stride_vnb, stride_vnh, stride_vnn, stride_vnd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    n_kv_heads, seqlen_new, seqlen_max,
+    n_kv_heads, seqlen_new, seqlen_max, stride_cs,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_ROTARY: tl.constexpr, ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
+    BF16_RTNE: tl.constexpr,
 ):
-    """Copy new token t of (b, kv head) into cache slot SEQLENS[b] + t, for K and V."""
+    """Copy new token t of (b, kv head) into cache slot SEQLENS[b] + t, for K and V; with
+    HAS_ROTARY the key is first rotated by the angles of position SEQLENS[b] + t."""
     bhk = tl.program_id(0)
     b = (bhk // n_kv_heads).to(tl.int64)
     hk = (bhk % n_kv_heads).to(tl.int64)
@@ -41,8 +83,13 @@ def kv_append_kernel(
     # The launcher has checked pos < seqlen_max; the mask keeps a bad call inside the buffer.
     ok = (offs_t < seqlen_new) & (pos < seqlen_max)
     mk = ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K_NEW + b * stride_knb + hk * stride_knh + offs_t[:, None].to(tl.int64) * stride_knn
-                + offs_d[None, :] * stride_knd, mask=mk, other=0.0)
+    k_rows = K_NEW + b * stride_knb + hk * stride_knh + offs_t[:, None].to(tl.int64) * stride_knn
+    k = tl.load(k_rows + offs_d[None, :] * stride_knd, mask=mk, other=0.0)
+    if HAS_ROTARY:
+        k_rot = _rotary(k, k_rows, stride_knd, ok, pos, COS, SIN, stride_cs, offs_d, ROT_DIM, ROT_INTERLEAVED)
+        if BF16_RTNE:
+            k_rot = _round_bf16(k_rot)
+        k = k_rot.to(k.dtype)
     tl.store(K + b * stride_kb + hk * stride_kh + pos[:, None] * stride_kn + offs_d[None, :] * stride_kd,
              k, mask=mk)
     mv = ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
@@ -54,19 +101,21 @@ def kv_append_kernel(
 
 @triton.jit
 def decode_split_kernel(
-    Q, K, V, SEQLENS, ALIBI, O, LSE,
+    Q, K, V, SEQLENS, ALIBI, COS, SIN, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_ab, stride_ah,
     n_heads, group, seqlen_q, seqlen_new, seqlen_max, num_splits,
-    scale, softcap, window_left, window_right,
+    scale, softcap, window_left, window_right, stride_cs,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_ROTARY: tl.constexpr, ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BF16_RTNE: tl.constexpr,
 ):
     """One chunk of one (batch, kv head)'s keys for BLOCK_M of its group * seqlen_q query rows.
 
@@ -115,8 +164,16 @@ def decode_split_kernel(
     end = start + chunk
     end = hi + (end - hi) * (end < hi)  # min(end, hi); empty (end <= start) for trailing splits
 
-    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + pos_q[:, None].to(tl.int64) * stride_qm
-                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_rows = Q + b * stride_qb + h[:, None] * stride_qh + pos_q[:, None].to(tl.int64) * stride_qm
+    q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if HAS_ROTARY:
+        # Query row i is at key position i + diag (bottom-right); rounded back to q's dtype
+        # as a separately rotated q would be.
+        q_rot = _rotary(q, q_rows, stride_qd, row_ok, pos_q + diag, COS, SIN, stride_cs, offs_d,
+                        ROT_DIM, ROT_INTERLEAVED)
+        if BF16_RTNE:
+            q_rot = _round_bf16(q_rot)
+        q = q_rot.to(q.dtype)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     slope = 0.0
@@ -145,6 +202,8 @@ def decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+        if BF16_RTNE:
+            p = _round_bf16(p)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32, PRECISION)
         m_i = m_new
 
@@ -154,6 +213,8 @@ def decode_split_kernel(
     row = (b * n_heads + h) * seqlen_q + pos_q  # (b, h, i) flattened
     out_mask = row_ok[:, None] & dv_ok[None, :]
     if SINGLE_SPLIT:
+        if BF16_RTNE:
+            out = _round_bf16(out)
         o_ptrs = (O + b * stride_ob + h[:, None] * stride_oh + pos_q[:, None].to(tl.int64) * stride_om
                   + offs_dv[None, :] * stride_od)
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=out_mask)
@@ -170,6 +231,7 @@ def decode_merge_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     n_heads, seqlen_q, num_splits,
     HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BF16_RTNE: tl.constexpr,
 ):
     """Combine the num_splits partial results of one query row (b, h, i) by their lse."""
     row = tl.program_id(0).to(tl.int64)  # (b * n_heads + h) * seqlen_q + i
@@ -199,6 +261,8 @@ def decode_merge_kernel(
     empty = total == 0.0
     out = acc / tl.where(empty, 1.0, total)
     lse = tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, total)))
+    if BF16_RTNE:
+        out = _round_bf16(out)
     tl.store(O + b * stride_ob + h * stride_oh + i * stride_om + offs_dv * stride_od,
              out.to(O.dtype.element_ty), mask=dv_ok)
     tl.store(LSE + row, lse)

@@ -73,21 +73,35 @@ def choose_num_splits(programs: int, seqlen_k: int, block_n: int, num_sms: int) 
     return max(1, min(triton.cdiv(2 * num_sms, programs), most))
 
 
-def _append(k_cache, v_cache, seqlens, k_new, v_new):
+def _bf16_rtne(dtype: torch.dtype) -> bool:
+    # The interpreter truncates fp32 -> bf16; the kernels then round to nearest themselves.
+    return interpreting() and dtype == torch.bfloat16
+
+
+def _rotary_args(like: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], interleaved: bool):
+    """(COS, SIN, row stride) and the constexprs. cos/sin are contiguous (P, R/2) tables."""
+    if cos is None:
+        return (like, like, 0), dict(HAS_ROTARY=False, ROT_DIM=0, ROT_INTERLEAVED=False)
+    return (cos, sin, cos.stride(0)), dict(HAS_ROTARY=True, ROT_DIM=2 * cos.shape[1],
+                                           ROT_INTERLEAVED=interleaved)
+
+
+def _append(k_cache, v_cache, seqlens, k_new, v_new, cos=None, sin=None, interleaved=False):
     b, hkv, lnew, d = k_new.shape
     dv = v_new.shape[-1]
     block_l = 16 if interpreting() else 32
+    (cos_t, sin_t, stride_cs), rot = _rotary_args(k_new, cos, sin, interleaved)
     kernels.kv_append_kernel[(b * hkv, triton.cdiv(lnew, block_l))](
-        k_new, v_new, k_cache, v_cache, seqlens,
+        k_new, v_new, k_cache, v_cache, seqlens, cos_t, sin_t,
         *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
-        hkv, lnew, k_cache.shape[2],
+        hkv, lnew, k_cache.shape[2], stride_cs,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_L=block_l, BLOCK_D=_pad(d), BLOCK_DV=_pad(dv),
-        num_warps=4,
+        num_warps=4, BF16_RTNE=_bf16_rtne(k_new.dtype), **rot,
     )
 
 
 def _forward(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left, window_right,
-             seqlen_new, num_splits):
+             seqlen_new, num_splits, cos=None, sin=None, interleaved=False):
     b, hq, lq, d = q.shape
     hkv, lmax, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[-1]
     group = hq // hkv
@@ -96,6 +110,7 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left, w
     out = _empty(b, hq, lq, dv, like=q)
     lse = _empty(b, hq, lq, like=q, dtype=torch.float32)
     alibi_t, alibi_strides = _alibi_args(q, alibi)
+    (cos_t, sin_t, stride_cs), rot = _rotary_args(q, cos, sin, interleaved)
     single = num_splits == 1
     if single:
         o_t, lse_t = out, lse
@@ -106,22 +121,22 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left, w
         o_strides = (0, 0, 0, 0)
     grid = (b * hkv, triton.cdiv(rows, block_m), num_splits)
     kernels.decode_split_kernel[grid](
-        q, k_cache, v_cache, seqlens, alibi_t, o_t, lse_t,
+        q, k_cache, v_cache, seqlens, alibi_t, cos_t, sin_t, o_t, lse_t,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *o_strides, *alibi_strides,
         hq, group, lq, seqlen_new, lmax, num_splits,
-        scale, softcap or 1.0, **_band_args(window_left, window_right),
+        scale, softcap or 1.0, **_band_args(window_left, window_right), stride_cs=stride_cs, **rot,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=_pad(d), BLOCK_DV=_pad(dv),
         HAS_ALIBI=alibi is not None, HAS_SOFTCAP=bool(softcap), SINGLE_SPLIT=single,
         # bf16 dots are wrong under the interpreter; fp32 dots hold the same values exactly.
         DOT_FP32=interpreting() and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype),
-        num_warps=warps,
+        BF16_RTNE=_bf16_rtne(q.dtype), num_warps=warps,
     )
     if not single:
         kernels.decode_merge_kernel[(b * hq * lq,)](
             o_t, lse_t, out, lse, *out.stride(), hq, lq, num_splits,
             HEAD_DIM_V=dv, BLOCK_S=max(16, triton.next_power_of_2(num_splits)), CHUNK_S=8,
-            BLOCK_DV=_pad(dv), num_warps=4,
+            BLOCK_DV=_pad(dv), BF16_RTNE=_bf16_rtne(q.dtype), num_warps=4,
         )
     return out, lse
 
@@ -130,12 +145,14 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left, w
 # torch.library registration (custom_op, not triton_op: wrap_triton refuses interpreted kernels).
 
 @torch.library.custom_op("fastattn::kvcache_append", mutates_args=("k_cache", "v_cache"))
-def kvcache_append(k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, k_new: Tensor, v_new: Tensor) -> None:
-    _append(k_cache, v_cache, seqlens, k_new, v_new)
+def kvcache_append(k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, k_new: Tensor, v_new: Tensor,
+                   cos: Optional[Tensor] = None, sin: Optional[Tensor] = None,
+                   interleaved: bool = False) -> None:
+    _append(k_cache, v_cache, seqlens, k_new, v_new, cos, sin, interleaved)
 
 
 @kvcache_append.register_fake
-def _(k_cache, v_cache, seqlens, k_new, v_new):
+def _(k_cache, v_cache, seqlens, k_new, v_new, cos=None, sin=None, interleaved=False):
     return None
 
 
@@ -143,30 +160,33 @@ def _(k_cache, v_cache, seqlens, k_new, v_new):
 def decode_fwd(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, alibi: Optional[Tensor],
     scale: float, softcap: float, window_left: Optional[int], window_right: Optional[int],
-    seqlen_new: int, num_splits: int,
+    seqlen_new: int, num_splits: int, cos: Optional[Tensor] = None, sin: Optional[Tensor] = None,
+    interleaved: bool = False,
 ) -> tuple[Tensor, Tensor]:
     return _forward(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left, window_right,
-                    seqlen_new, num_splits)
+                    seqlen_new, num_splits, cos, sin, interleaved)
 
 
 @decode_fwd.register_fake
 def _(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left, window_right,
-      seqlen_new, num_splits):
+      seqlen_new, num_splits, cos=None, sin=None, interleaved=False):
     b, hq, lq, _ = q.shape
     return q.new_empty(b, hq, lq, v_cache.shape[-1]), q.new_empty(b, hq, lq, dtype=torch.float32)
 
 
 def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=None, scale,
                 softcap=0.0, window_left=None, window_right=None, num_splits=None,
-                max_seqlen_k=None):
+                max_seqlen_k=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=False):
     """Validated inputs -> (out, lse), after writing k_new/v_new into the caches.
 
     seqlens: int32 contiguous (B,). max_seqlen_k: the longest valid length after the append,
     if the caller knows it (it only steers the choice of num_splits); else Lmax.
+    rotary_cos/sin: contiguous (P, R/2) tables: q and k_new are rotated inside the kernels.
     """
+    rot = (rotary_cos, rotary_sin, rotary_interleaved)
     seqlen_new = 0 if k_new is None else k_new.shape[2]
     if seqlen_new:
-        kvcache_append(k_cache, v_cache, seqlens, k_new, v_new)
+        kvcache_append(k_cache, v_cache, seqlens, k_new, v_new, *rot)
     if num_splits is None:
         b, hq, lq, d = q.shape
         hkv = k_cache.shape[1]
@@ -177,4 +197,4 @@ def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=N
             length = min(length, window_left + lq + (window_right or 0))  # a window bounds the keys read
         num_splits = choose_num_splits(programs, length, block_n, _num_sms(str(q.device)))
     return decode_fwd(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left,
-                      window_right, seqlen_new, num_splits)
+                      window_right, seqlen_new, num_splits, *rot)

@@ -26,11 +26,47 @@ def _lengths(cache_seqlens: Tensor) -> list[int]:
     return [int(n) for n in cache_seqlens.tolist()]
 
 
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool = False) -> Tensor:
+    """Rotary embedding (RoPE) of the first ``R = 2 * cos.shape[-1]`` dims of ``x``.
+
+    x: (B, H, L, D). cos, sin: (P, R / 2), row p for position p. positions: int (B, L).
+    Non-interleaved (GPT-NeoX): dims ``j`` and ``j + R/2`` form a pair; interleaved (GPT-J):
+    dims ``2j`` and ``2j + 1``. Pair j turns by the angle whose cos/sin are ``cos[p, j]``,
+    ``sin[p, j]``. Computed in x's dtype; dims from R on pass through.
+    """
+    r = 2 * cos.shape[-1]
+    c = cos[positions].to(x.dtype)[:, None]  # (B, 1, L, R/2)
+    s = sin[positions].to(x.dtype)[:, None]
+    xr, rest = x[..., :r], x[..., r:]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., :r // 2], xr[..., r // 2:]
+        out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return torch.cat([out, rest], dim=-1)
+
+
+def rotary_positions(cache_seqlens: Tensor, length: int, seqlen_new: int, seqlen_q: int) -> Tensor:
+    """Rotary positions (B, length): ``n + seqlen_new - seqlen_q + t`` with n = cache_seqlens[b].
+
+    For k_new pass ``seqlen_q = seqlen_new``: token t sits at cache slot ``n + t``. For q pass
+    the real Lq: query row i sits on the bottom-right diagonal, at key position
+    ``n + Lnew - Lq + i`` (``n + i`` when Lq == Lnew)."""
+    n = cache_seqlens.long()[:, None]
+    return n + (seqlen_new - seqlen_q) + torch.arange(length, device=cache_seqlens.device)
+
+
 def append_reference(k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
-                     k_new: Tensor, v_new: Tensor) -> None:
+                     k_new: Tensor, v_new: Tensor, rotary_cos: Optional[Tensor] = None,
+                     rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = False) -> None:
     """Write ``k_new[b]`` / ``v_new[b]`` (Hkv, Lnew, D) into slots ``cache_seqlens[b]:`` of the
-    caches, in place. ``cache_seqlens`` itself is not changed."""
+    caches, in place (keys rotated first if ``rotary_cos``/``rotary_sin`` are given).
+    ``cache_seqlens`` itself is not changed."""
     lnew = k_new.shape[2]
+    if rotary_cos is not None:
+        k_new = apply_rotary(k_new, rotary_cos, rotary_sin,
+                             rotary_positions(cache_seqlens, lnew, lnew, lnew), rotary_interleaved)
     with torch.no_grad():
         for b, n in enumerate(_lengths(cache_seqlens)):
             k_cache[b, :, n:n + lnew] = k_new[b]
@@ -50,6 +86,9 @@ def decode_reference(
     window: Optional[tuple] = None,
     alibi_slopes: Optional[Tensor] = None,
     softcap: Optional[float] = None,
+    rotary_cos: Optional[Tensor] = None,
+    rotary_sin: Optional[Tensor] = None,
+    rotary_interleaved: bool = False,
     return_lse: bool = False,
 ):
     """Attention of ``q`` over each sequence's valid cache prefix plus its new tokens.
@@ -61,6 +100,9 @@ def decode_reference(
             the cached ones (the caches are NOT modified here; see ``append_reference``).
         causal, scale, window, alibi_slopes ((Hq,) or (B, Hq)), softcap: as
             ``attention_reference``, with bottom-right alignment per sequence.
+        rotary_cos / rotary_sin: (P, R/2) or None: rotary embedding of the first R dims of q
+            and k_new at their positions (``rotary_positions``) before attending; the cached
+            keys are taken as already rotated. ``rotary_interleaved``: GPT-J pairs.
         return_lse: also return the row logsumexp (B, Hq, Lq), float32 (float64 for float64).
 
     Returns:
@@ -72,6 +114,13 @@ def decode_reference(
         k_b = torch.cat([k_cache[b:b+1, :, :n], k_new[b:b+1]], dim=2)   # likewise v_b
         out[b:b+1] = attention_reference(q[b:b+1], k_b, v_b, causal=causal, ...)
     """
+    if rotary_cos is not None:
+        lnew, lq = (0 if k_new is None else k_new.shape[2]), q.shape[2]
+        q = apply_rotary(q, rotary_cos, rotary_sin, rotary_positions(cache_seqlens, lq, lnew, lq),
+                         rotary_interleaved)
+        if k_new is not None:
+            k_new = apply_rotary(k_new, rotary_cos, rotary_sin,
+                                 rotary_positions(cache_seqlens, lnew, lnew, lnew), rotary_interleaved)
     outs, lses = [], []
     for b, n in enumerate(_lengths(cache_seqlens)):
         k_b, v_b = k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n]
