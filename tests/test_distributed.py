@@ -265,3 +265,21 @@ def test_not_initialised_and_bad_method():
             fd.ring_attention(q, q, q)
     with pytest.raises(ValueError, match="method must be"):
         fd.context_parallel(method="tree")
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_schedule_covers_causal_pairs(world):
+    """The per-step blocks of causal ring attention attend exactly the causal pairs of the
+    rank's queries (counted from the global mask), and zig-zag gives every rank the same work."""
+    from benchmarks.distributed import causal_work
+
+    length = 4 * world
+    for zigzag in (False, True):
+        work = causal_work(length, world, zigzag)
+        for rank in range(world):
+            pos = fd.shard_positions(length, rank, world, zigzag=zigzag)
+            assert work[rank] == int((torch.arange(length)[None, :] <= pos[:, None]).sum())
+        if zigzag:
+            assert len(set(work)) == 1
+        else:  # the last rank sees the most keys
+            assert work == sorted(work) and work[-1] > work[0]
