@@ -440,20 +440,31 @@ class TinyStack:
         return x @ self.head.to(x.dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_decoding_token_by_token_equals_full_sequence(dtype, device):
+@pytest.mark.parametrize("dtype,rope", [(torch.float32, False), (torch.float16, False), (torch.bfloat16, False),
+                                        (torch.float32, True), (torch.bfloat16, True)],
+                         ids=["fp32", "fp16", "bf16", "fp32-rope", "bf16-rope"])
+def test_decoding_token_by_token_equals_full_sequence(dtype, rope, device):
+    """Prefill then one token at a time through KVCache (kernels) gives the logits of the
+    whole sequence run at once (reference). With rope, the full pass rotates q and k at
+    positions 0..L-1 in torch; the cached pass lets the kernels rotate at the cache offsets."""
     b, length, prompt = 2, 23, 6
     model = TinyStack(device=device)
     x = torch.randn(b, length, 64, device=device)
+    cos, sin = rope_tables(32, model.hd, device)
+    rot = dict(rotary_cos=cos, rotary_sin=sin) if rope else {}
 
-    def full(dt):
-        return model.forward(x.to(dt), lambda i, q, k, v: attention_reference(q, k, v, causal=True))
+    def full_attend(i, q, k, v):
+        if rope:
+            pos = torch.arange(length, device=device).expand(b, length)
+            q, k = apply_rotary(q, cos, sin, pos), apply_rotary(k, cos, sin, pos)
+        return attention_reference(q, k, v, causal=True)
 
-    oracle, base = full(torch.float64), full(dtype)
+    oracle, base = (model.forward(x.to(dt), full_attend) for dt in (torch.float64, dtype))
     cache = KVCache(len(model.layers), b, model.hkv, model.hd, dtype=dtype, device=device, chunk_size=8)
     steps = [(0, prompt)] + [(t, t + 1) for t in range(prompt, length)]  # prefill, then 1 token at a time
     with fastattn.use_backend("triton"):
-        got = torch.cat([model.forward(x[:, s:e].to(dtype), cache.attend) for s, e in steps], dim=1)
+        got = torch.cat([model.forward(x[:, s:e].to(dtype), lambda i, q, k, v: cache.attend(i, q, k, v, **rot))
+                         for s, e in steps], dim=1)
     assert cache.seqlens(0).tolist() == [length] * b and cache.capacity(0) == 24
     assert_close_rule("logits", got, oracle, base)
 
