@@ -9,7 +9,8 @@ so one program per (batch, head) would leave most of the GPU idle while it strea
 Instead the visible key range of every (batch, kv head) is cut into ``num_splits`` chunks, one
 program each. A program holds ALL the query rows that share its kv head (``group`` query heads
 times ``seqlen_q`` new tokens, row r = g * seqlen_q + i), so each K/V element is read from
-memory once however large the GQA ratio. Each program writes its chunk's normalised partial
+memory once however large the GQA ratio (while those rows fit one row block, 64 on a GPU;
+more rows, as in chunked prefill, take several row blocks). Each program writes its chunk's normalised partial
 output and logsumexp in fp32; ``decode_merge_kernel`` then combines them exactly:
 ``out = sum_s exp(lse_s - lse) * out_s`` with ``lse = logsumexp_s(lse_s)``.
 """
