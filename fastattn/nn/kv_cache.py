@@ -121,7 +121,8 @@ class KVCache:
         length, then return ``fastattn.attention_with_kvcache(q, ...)`` over what it holds.
 
         kwargs go to ``attention_with_kvcache`` (causal, scale, window, alibi_slopes, softcap,
-        num_splits, return_lse). Lengths of ``layer`` grow by Lnew.
+        num_splits, rotary_cos / rotary_sin / rotary_interleaved, return_lse). With rotary the
+        cache stores rotated keys. Lengths of ``layer`` grow by Lnew.
         """
         lnew = k_new.shape[2]
         self.reserve(layer, lnew)
