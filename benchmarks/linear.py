@@ -10,6 +10,7 @@ reference; TRITON_INTERPRET=1 would time the interpreter instead, which means no
 
     python -m benchmarks.linear            # the time + memory table (CPU or CUDA)
     python -m benchmarks.linear --quick
+    python -m benchmarks.linear --clock cpu  # single-threaded CPU time, for a busy machine
     fastattn bench --suite linear          # timings through the common runner
 
 CPU memory: torch keeps no allocator statistics on CPU, so ``traced_peak_mb`` counts the
@@ -178,8 +179,25 @@ def cases(device, quick=False):
     return out
 
 
-def table(device, quick=False, reps=5):
-    """Forward time and memory against sequence length, one row per (length, causal, impl)."""
+def _cpu_time_ms(fn, reps=5, max_seconds=3.0) -> list[float]:
+    """Process CPU time per call in ms: on a machine shared with other jobs, wall time
+    measures the load; CPU time of a single-threaded run measures the work."""
+    import time
+
+    fn()
+    samples, start = [], time.perf_counter()
+    for _ in range(reps):
+        t0 = time.process_time()
+        fn()
+        samples.append((time.process_time() - t0) * 1e3)
+        if len(samples) >= 3 and time.perf_counter() - start > max_seconds:
+            break
+    return samples
+
+
+def table(device, quick=False, reps=5, clock="wall"):
+    """Forward time and memory against sequence length, one row per (length, causal, impl).
+    ``clock="cpu"``: CPU time (meaningful on a CPU device only; run single-threaded)."""
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     rows = []
     for b, h, l, d, m, causal in configs(device, quick):
@@ -192,7 +210,10 @@ def table(device, quick=False, reps=5):
                                  note="skipped: (L, M, Dv) tensor > 2 GB"))
                 continue
             with torch.no_grad():
-                samples = measure(lambda: f(q, k, v), device, warmup=1, reps=reps, max_seconds=3.0)
+                if clock == "cpu":
+                    samples = _cpu_time_ms(lambda: f(q, k, v), reps=reps)
+                else:
+                    samples = measure(lambda: f(q, k, v), device, warmup=1, reps=reps, max_seconds=3.0)
             samples.sort()
             rows.append(dict(seq_len=l, causal=causal, impl=impl, median_ms=samples[len(samples) // 2],
                              peak_mb=peak_mb(lambda: f(q, k, v), device), note=""))
@@ -203,9 +224,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: single-threaded process CPU time (for a CPU shared with other jobs)")
     args = parser.parse_args(argv)
-    rows = table(args.device, args.quick)
-    print(f"device {args.device}, torch {torch.__version__}, forward only")
+    if args.clock == "cpu":
+        torch.set_num_threads(1)
+    rows = table(args.device, args.quick, clock=args.clock)
+    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"clock {args.clock}, forward only")
     print(f"{'L':>6} {'causal':>6} {'impl':20} {'median ms':>10} {'peak MB':>9}")
     for r in rows:
         print(f"{r['seq_len']:>6} {str(r['causal']):>6} {r['impl']:20} {r['median_ms']:>10.2f} "
