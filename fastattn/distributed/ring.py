@@ -133,11 +133,11 @@ class _Ring:
             r.wait()
 
 
-def _shape_check(op: str, group, **sizes) -> None:
+def _shape_check(op: str, group, device, **sizes) -> None:
     """ValueError on every rank when the ranks' shapes differ (a mismatched receive would
-    hang or corrupt memory). One small all_gather per call."""
+    hang or corrupt memory). One small all_gather per call, on the inputs' device (the one
+    the group must serve anyway)."""
     world = dist.get_world_size(group)
-    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
     mine = torch.tensor(list(sizes.values()), dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
@@ -168,7 +168,7 @@ def check_inputs(op: str, q: Tensor, k: Tensor, v: Tensor, group, *, causal: boo
         raise ValueError(f"{op}: a zig-zag shard holds two equal chunks, so its length must be even, "
                          f"got q {lq}, k {lk}; the full sequence must be a multiple of 2 * world_size")
     b, hq, _, d = q.shape
-    _shape_check(op, group, batch=b, q_heads=hq, kv_heads=k.shape[1], q_len=lq, k_len=lk,
+    _shape_check(op, group, q.device, batch=b, q_heads=hq, kv_heads=k.shape[1], q_len=lq, k_len=lk,
                  head_dim=d, v_dim=v.shape[-1])
 
 
