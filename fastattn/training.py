@@ -101,10 +101,12 @@ def autocast(device: torch.device | str, precision: str = "fp32"):
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Mean cross entropy of logits (..., V) against targets (...), in fp32, positions with
-    target -100 ignored, with label smoothing (the target gets 1 - eps + eps / V, every
-    class eps / V)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+    """Mean cross entropy of logits (..., V) against targets (...), in fp32 (fp64 logits stay
+    fp64), positions with target -100 ignored, with label smoothing (the target gets
+    1 - eps + eps / V, every class eps / V)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=-100, label_smoothing=label_smoothing)
 
 
@@ -175,7 +177,7 @@ class Trainer:
             # backward of loss * count, one micro-batch at a time (only one graph alive);
             # the gradients are divided by the total count below: sum_i count_i * mean_i / N
             # is the mean over the big batch, so the gradient equals the big batch's
-            scaled = loss.float() * count
+            scaled = (loss if loss.dtype == torch.float64 else loss.float()) * count
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += float(loss.detach()) * count
             total += count
@@ -280,6 +282,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, attentions=("flash",), d
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--precision", default="bf16", choices=PRECISIONS,
                         help="autocast dtype on CUDA (CPU always trains in fp32)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                        help="parameter dtype; float64 (with --backend torch) is the reference that the "
+                             "smoke tests hold the kernels' losses against")
     parser.add_argument("--steps", type=int, default=default_steps, help="optimizer steps")
     parser.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default: steps // 10)")
