@@ -29,8 +29,15 @@ ATTN_OPTIONS = {
 
 @pytest.fixture(autouse=True)
 def torch_backend():
-    with fastattn.use_backend("torch"):
-        yield
+    # One intra-op thread: these tensors are tiny, and with -n 2 on a shared 2-core machine two
+    # threads per worker oversubscribe the cores and run ~30x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with fastattn.use_backend("torch"):
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _copy64(module):

@@ -14,6 +14,11 @@ from fastattn.nn.kv_cache import KVCache
 from fastattn.nn.layers import TransformerDecoder, TransformerEncoder, aux_loss
 
 
+def _upcast(t: Tensor) -> Tensor:
+    """Log-probs and beam scores in float32 at least (float64 for a float64 model)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 @dataclass
 class EncoderDecoderConfig(StackConfig):
     """StackConfig (``n_layers`` encoder layers) plus ``n_decoder_layers`` (None = n_layers),
@@ -99,12 +104,12 @@ class EncoderDecoder(nn.Module):
                 offset = seqs.shape[1] - new.shape[1]
                 logits = self.decode(new, memory_key_padding_mask=mask, memory_kv=memory_kv, cache=cache,
                                      offset=offset)
-                return torch.log_softmax(logits[:, -1].float(), -1)
+                return torch.log_softmax(_upcast(logits[:, -1]), -1)
             return step, cache
 
         def step(seqs, new):
             logits = self.decode(seqs, memory, memory_key_padding_mask=mask)
-            return torch.log_softmax(logits[:, -1].float(), -1)
+            return torch.log_softmax(_upcast(logits[:, -1]), -1)
         return step, None
 
     @torch.no_grad()
@@ -130,10 +135,10 @@ class EncoderDecoder(nn.Module):
             mask = None if mask is None else mask.repeat_interleave(k, dim=0)
         step, cache = self._stepper(memory, mask, b * k, max_new_tokens + 1, use_cache)
         seqs = torch.full((b * k, 1), cfg.bos_token_id, dtype=torch.long, device=src.device)
-        scores = torch.zeros(b, k, device=src.device)
+        scores = torch.zeros(b, k, device=src.device, dtype=_upcast(memory).dtype)
         scores[:, 1:] = float("-inf")  # all beams start identical: keep only the first alive
         done = torch.zeros(b * k, dtype=torch.bool, device=src.device)
-        lengths = torch.zeros(b * k, device=src.device)
+        lengths = torch.zeros(b * k, device=src.device, dtype=scores.dtype)
         new = seqs
         for _ in range(max_new_tokens):
             logp = step(seqs, new)  # (B K, V)

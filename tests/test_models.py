@@ -1,0 +1,267 @@
+"""fastattn.models: GPT, Encoder (MLM), EncoderDecoder (greedy + beam search) and ViT.
+
+Tiny models on the torch backend (autouse fixture) except where a test enters
+``use_backend("triton")`` to run a whole model on the kernels (interpreter on CPU).
+"""
+import copy
+import io
+import itertools
+
+import pytest
+import torch
+
+import fastattn
+from fastattn.models import (GPT, Encoder, EncoderConfig, EncoderDecoder, EncoderDecoderConfig, GPTConfig, ViT,
+                             ViTConfig)
+from fastattn.nn import MoEConfig
+from tests.helpers import assert_close_rule
+
+POSITIONALS = ["learned", "sinusoidal", "rope", "alibi", "t5", "none"]
+TINY = dict(d_model=32, n_layers=2, n_heads=4, max_seq_len=32)
+
+
+@pytest.fixture(autouse=True)
+def torch_backend():
+    # One intra-op thread: these tensors are tiny, and with -n 2 on a shared 2-core machine two
+    # threads per worker oversubscribe the cores and run ~30x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with fastattn.use_backend("torch"):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model, batch, steps, lr=3e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        _, loss = model(*batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("positional", POSITIONALS)
+def test_gpt_overfits_and_caches(positional):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=24, n_kv_heads=2, positional=positional, **TINY))
+    x = torch.randint(0, 24, (4, 12))
+    losses = _train(m, (x[:, :-1], x[:, 1:]), 50, lr=1e-2)
+    assert losses[-1] < losses[0] / 5, losses[::10]
+    prompt = x[:, :3]
+    with_cache = m.generate(prompt, 8)
+    assert with_cache.shape == (4, 11)
+    torch.testing.assert_close(with_cache, m.generate(prompt, 8, use_cache=False), rtol=0, atol=0)
+    assert m.can_cache() == (positional != "t5")
+
+
+def test_gpt_cached_logits_equal_full_pass():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=24, positional="rope", **TINY)).double().eval()
+    x = torch.randint(0, 24, (2, 10))
+    full, _ = m(x)
+    cache = m.new_cache(2)
+    parts = [m(x[:, :4], cache=cache)[0]] + [m(x[:, t:t + 1], cache=cache, offset=t)[0] for t in range(4, 10)]
+    torch.testing.assert_close(torch.cat(parts, 1), full)
+
+
+def test_gpt_on_kernels_matches_torch_backend():
+    """A whole GPT forward + backward on the Triton kernels vs the torch backend (error rule),
+    and token-by-token generation on the decode kernels equal to recomputation."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, positional="alibi",
+                    max_seq_len=32)
+    m = GPT(cfg)
+    x = torch.randint(0, 16, (1, 17))
+
+    def run(model, backend):
+        with fastattn.use_backend(backend):
+            logits, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+        return logits, model.tok.weight.grad
+
+    oracle = run(copy.deepcopy(m).double(), "torch")
+    base = run(copy.deepcopy(m), "torch")
+    got = run(m, "triton")
+    assert_close_rule("logits", got[0], oracle[0], base[0])
+    assert_close_rule("d_embedding", got[1], oracle[1], base[1], factor=3.0)
+    with fastattn.use_backend("triton"):
+        cached = m.generate(x[:, :4], 5)
+    with fastattn.use_backend("torch"):
+        full = m.generate(x[:, :4], 5, use_cache=False)
+    torch.testing.assert_close(cached, full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attention", ["sparse", "performer", "linear"])
+def test_gpt_trains_with_each_causal_attention(attention):
+    torch.manual_seed(0)
+    opts = {"sparse": {"layout": fastattn.sparse.local(16, 16, block_size=16)},
+            "performer": {"num_features": 32}, "linear": None}[attention]
+    m = GPT(GPTConfig(vocab_size=24, attention=attention, attention_options=opts, **TINY))
+    x = torch.randint(0, 24, (4, 17))
+    losses = _train(m, (x[:, :-1], x[:, 1:]), 40)
+    assert losses[-1] < losses[0] / 3, losses[::10]
+    assert not m.can_cache()
+    if attention != "sparse":  # (a sparse layout is built for one sequence length)
+        torch.testing.assert_close(m.generate(x[:, :4], 4), m.generate(x[:, :4], 4, use_cache=True),
+                                   rtol=0, atol=0)  # recomputes every step: no cache to use
+
+
+def test_gpt_moe_trains_and_adds_balance_loss():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=24, moe=MoEConfig(num_experts=4, top_k=2, aux_weight=0.1), **TINY))
+    x = torch.randint(0, 24, (4, 12))
+    logits, loss = m(x[:, :-1], x[:, 1:])
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 24), x[:, 1:].reshape(-1))
+    assert loss.item() > ce.item() + 0.05  # 2 layers x 0.1 x (balance loss >= ~1)
+    losses = _train(m, (x[:, :-1], x[:, 1:]), 50)
+    assert losses[-1] < losses[0] / 3, losses[::10]
+
+
+@pytest.mark.parametrize("positional", ["learned", "rope", "alibi"])
+def test_encoder_mlm_overfits(positional):
+    torch.manual_seed(0)
+    cfg = EncoderConfig(vocab_size=24, positional=positional, **TINY)
+    m = Encoder(cfg)
+    ids = torch.randint(3, 24, (4, 12))
+    ids[1, 9:] = cfg.pad_token_id
+    inputs = ids.clone()
+    masked = torch.zeros_like(ids, dtype=torch.bool)
+    masked[:, 2::4] = True
+    masked &= ids != cfg.pad_token_id
+    inputs[masked] = cfg.mask_token_id
+    labels = torch.where(masked, ids, torch.full_like(ids, -100))
+    losses = _train(m, (inputs, None, labels), 80, lr=5e-3)
+    assert losses[-1] < losses[0] / 5, losses[::10]
+    logits, _ = m(inputs)
+    assert logits.shape == (4, 12, 24)
+    # padding is ignored: changing padded tokens changes nothing for the real ones
+    other = inputs.clone()
+    other[1, 9:] = 5
+    mask = inputs == cfg.pad_token_id
+    torch.testing.assert_close(m(other, key_padding_mask=mask)[0][1, :9], logits[1, :9])
+
+
+def test_encoder_linformer_forward_backward():
+    m = Encoder(EncoderConfig(vocab_size=24, attention="linformer", attention_options={"max_len": 16, "proj_dim": 8},
+                              **TINY))
+    ids = torch.randint(3, 24, (2, 16))
+    _, loss = m(ids, labels=ids)
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def _copy_task(n=4, length=6, vocab=12):
+    cfg = EncoderDecoderConfig(vocab_size=vocab, **TINY)
+    src = torch.randint(3, vocab, (n, length))
+    tgt = torch.cat([torch.full((n, 1), cfg.bos_token_id), src], 1)  # bos + copy
+    labels = torch.cat([src, torch.full((n, 1), cfg.eos_token_id)], 1)  # copy + eos
+    return cfg, src, tgt, labels
+
+
+@pytest.mark.parametrize("positional", ["sinusoidal", "alibi"])
+def test_encoder_decoder_learns_to_copy(positional):
+    torch.manual_seed(0)
+    cfg, src, tgt, labels = _copy_task()
+    cfg.positional = positional
+    m = EncoderDecoder(cfg)
+    losses = _train(m, (src, tgt, labels), 120)
+    assert losses[-1] < losses[0] / 10, losses[::20]
+    greedy = m.generate(src, 8)
+    torch.testing.assert_close(greedy, m.generate(src, 8, use_cache=False), rtol=0, atol=0)
+    torch.testing.assert_close(greedy[:, 1:7], src, rtol=0, atol=0)  # it copies
+    assert (greedy[:, 7] == cfg.eos_token_id).all()
+    beams = m.generate(src, 8, num_beams=3)  # greedy stops when all are done, beams may run on (pads)
+    torch.testing.assert_close(beams[:, :greedy.shape[1]], greedy, rtol=0, atol=0)  # a confident model
+    assert (beams[:, greedy.shape[1]:] == cfg.pad_token_id).all()
+
+
+def _sequence_logprob(m, src, seq):
+    """Sum of log-probs of seq[1:] given src, stopping after eos (pads after it cost nothing)."""
+    logp = torch.log_softmax(m(src, seq[:, :-1])[0].double(), -1)
+    total = 0.0
+    for t in range(1, seq.shape[1]):
+        total += logp[0, t - 1, seq[0, t]].item()
+        if seq[0, t] == m.config.eos_token_id:
+            break
+    return total
+
+
+def test_beam_search_is_exact_with_enough_beams():
+    """With V^(n-1) beams over n steps, beam search is exhaustive: it must find the most likely
+    sequence, and its reported score must be that sequence's log-probability."""
+    torch.manual_seed(3)
+    vocab, steps = 5, 3
+    cfg = EncoderDecoderConfig(vocab_size=vocab, d_model=16, n_layers=1, n_heads=2, positional="rope")
+    m = EncoderDecoder(cfg).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.7)  # a flat random model: greedy is usually not optimal
+    src = torch.randint(3, vocab, (2, 5))
+    out, scores = m.generate(src, steps, num_beams=vocab ** (steps - 1), length_penalty=0.0, return_scores=True)
+    greedy, gscores = m.generate(src, steps, return_scores=True)
+    for i in range(2):
+        best = max(_sequence_logprob(m, src[i:i + 1], torch.tensor([[cfg.bos_token_id, *s]]))
+                   for s in itertools.product(range(vocab), repeat=steps)
+                   if cfg.eos_token_id not in s[:-1] or all(t == cfg.pad_token_id for t in s[s.index(2) + 1:]))
+        assert abs(scores[i].item() - best) < 1e-9
+        assert abs(_sequence_logprob(m, src[i:i + 1], out[i:i + 1]) - best) < 1e-9
+        assert abs(_sequence_logprob(m, src[i:i + 1], greedy[i:i + 1]) - gscores[i].item()) < 1e-9
+        assert best >= gscores[i].item() - 1e-12
+    torch.testing.assert_close(out, m.generate(src, steps, num_beams=vocab ** (steps - 1), length_penalty=0.0,
+                                               use_cache=False), rtol=0, atol=0)
+    torch.testing.assert_close(greedy, m.generate(src, steps, num_beams=1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("positional", ["learned", "rope"])
+def test_vit_overfits(positional):
+    torch.manual_seed(0)
+    m = ViT(ViTConfig(image_size=8, patch_size=4, channels=3, num_classes=4, positional=positional, **TINY))
+    images, labels = torch.randn(8, 3, 8, 8), torch.arange(8) % 4
+    logits, loss = m(images, labels)
+    assert logits.shape == (8, 4) and abs(loss.item() - torch.log(torch.tensor(4.0)).item()) < 1e-4  # zero head
+    losses = _train(m, (images, labels), 40)
+    assert losses[-1] < losses[0] / 10, losses[::10]
+    with pytest.raises(ValueError, match="images must be"):
+        m(torch.randn(1, 3, 9, 9))
+
+
+@pytest.mark.parametrize("name", ["gpt", "encoder", "encoder_decoder", "vit"])
+def test_state_dict_round_trip(name):
+    torch.manual_seed(0)
+    make = {
+        "gpt": lambda: GPT(GPTConfig(vocab_size=24, positional="t5", **TINY)),
+        "encoder": lambda: Encoder(EncoderConfig(vocab_size=24, attention="performer", **TINY)),
+        "encoder_decoder": lambda: EncoderDecoder(EncoderDecoderConfig(vocab_size=24, norm="rms", **TINY)),
+        "vit": lambda: ViT(ViTConfig(image_size=8, patch_size=4, **TINY)),
+    }[name]
+    args = {"gpt": (torch.randint(0, 24, (2, 7)),), "encoder": (torch.randint(3, 24, (2, 7)),),
+            "encoder_decoder": (torch.randint(3, 24, (2, 7)), torch.randint(3, 24, (2, 5))),
+            "vit": (torch.randn(2, 3, 8, 8),)}[name]
+    a = make().eval()
+    if name == "vit":
+        torch.nn.init.normal_(a.head.weight)  # the head starts at zero: give the outputs something to show
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = make().eval()  # a fresh draw: different weights (and performer features) until loaded
+    assert not torch.equal(a(*args)[0], b(*args)[0])
+    b.load_state_dict(torch.load(buf))
+    torch.testing.assert_close(b(*args)[0], a(*args)[0], rtol=0, atol=0)
+    if hasattr(b, "tok") and hasattr(b, "head"):
+        assert b.head.weight is b.tok.weight  # tied weights stay tied
+
+
+def test_init_is_sensible():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=64, d_model=64, n_layers=4, n_heads=4))
+    x = torch.randint(0, 64, (4, 16))
+    _, loss = m(x[:, :-1], x[:, 1:])
+    assert abs(loss.item() - torch.log(torch.tensor(64.0)).item()) < 0.2  # near-uniform predictions
+    w = m.blocks.layers[0].self_attn.out_proj.weight
+    assert abs(w.std().item() - 0.02 / (2 * 4) ** 0.5) < 0.002  # residual projections scaled down
