@@ -65,8 +65,9 @@ class MultiHeadAttention(nn.Module):
         attention: which attention runs:
             "flash" (default): ``fastattn.flash_attention`` (kernels where they apply);
             "reference": the same call under ``fastattn.use_backend("torch")``;
-            "sparse": ``fastattn.sparse_attention`` with ``options["layout"]`` (a
-            ``fastattn.sparse`` layout covering the sequence);
+            "sparse": ``fastattn.sparse_attention`` with ``options["layout"]``: a
+            ``fastattn.sparse`` layout for the sequence length, or a callable (Lq, Lk) -> layout
+            for varying lengths (e.g. ``lambda lq, lk: fastattn.sparse.local(lk, 128)``);
             "performer": ``fastattn.performer_attention`` with a fixed random projection of
             ``options.get("num_features", 64)`` features (``redraw_projection()`` redraws it);
             "linformer": ``fastattn.linformer_attention`` with learned (P, max_len) projections,
@@ -278,7 +279,10 @@ class MultiHeadAttention(nn.Module):
         if bias is not None:
             raise ValueError(f"MultiHeadAttention: attention={kind!r} takes no key_padding_mask or attn_bias")
         if kind == "sparse":
-            return fastattn.sparse_attention(q, k, v, self.options["layout"], causal=causal)
+            layout = self.options["layout"]
+            if callable(layout):  # a builder: (Lq, Lk) -> layout
+                layout = layout(q.shape[2], k.shape[2])
+            return fastattn.sparse_attention(q, k, v, layout, causal=causal)
         if kind == "performer":
             return fastattn.performer_attention(q, k, v, self.projection.to(q.dtype), causal=causal)
         return fastattn.linear_attention(q, k, v, causal=causal, feature_map=self.options.get("feature_map", "elu"))
