@@ -14,7 +14,6 @@ import argparse
 
 import torch
 
-import fastattn
 from benchmarks.common import Case, run_case
 from fastattn.models import GPT, GPTConfig
 

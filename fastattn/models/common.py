@@ -3,10 +3,9 @@ layer factory and the initialisation."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from fastattn.nn.attention import MultiHeadAttention
@@ -135,4 +134,4 @@ def exact_attention(cfg: StackConfig) -> bool:
     return cfg.attention in ("flash", "reference")
 
 
-__all__ = ["StackConfig", "Positional", "POSITIONALS", "field"]
+__all__ = ["StackConfig", "Positional", "POSITIONALS"]
