@@ -62,7 +62,7 @@ def flash_case(dtype, head_dim):
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_D=block_d, BLOCK_DV=block_d, HAS_BIAS=True, BIAS_IS_BOOL=False,
             HAS_ALIBI=True, HAS_SOFTCAP=True, HAS_DROPOUT=True, HAS_LEFT=True, HAS_RIGHT=True,
-            DOT_FP32=False, PRECISION="ieee", **extra)
+            DOT_FP32=False, PRECISION="ieee", BF16_RTNE=False, **extra)
         out.append((name, compile_sm90(kernel, constexprs, warps, {**fp32, "SEED": "*i64"},
                                        floats=("scale", "softcap", "dropout_p"),
                                        default_pointer=PTR[dtype])))

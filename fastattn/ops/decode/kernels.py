@@ -17,18 +17,7 @@ output and logsumexp in fp32; ``decode_merge_kernel`` then combines them exactly
 import triton
 import triton.language as tl
 
-from fastattn.ops.flash.kernels import LOG2E, _dot, _logits
-
-
-@triton.jit
-def _round_bf16(x):
-    """fp32 -> fp32 holding x rounded to the nearest bf16 (ties to even). Triton's interpreter
-    converts fp32 to bf16 by truncation, doubling the rounding error of every bf16 result, so
-    under the interpreter (BF16_RTNE) values are rounded here first and the cast is then exact.
-    On a GPU the cast itself rounds to nearest and BF16_RTNE is off."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)  # carry into bit 16 iff the dropped half rounds up
-    return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+from fastattn.ops.flash.kernels import LOG2E, _dot, _logits, _round_bf16
 
 
 @triton.jit

@@ -21,6 +21,25 @@ def _tanh(x):
 
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 -> fp32 holding x rounded to the nearest bf16 (ties to even). Triton's interpreter
+    converts fp32 to bf16 by truncation, doubling the rounding error of every bf16 result, so
+    under the interpreter (BF16_RTNE) values are rounded here first and the cast is then exact.
+    On a GPU the cast itself rounds to nearest and BF16_RTNE is off."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)  # carry into bit 16 iff the dropped half rounds up
+    return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _cast(x, dtype, BF16_RTNE: tl.constexpr):
+    """x.to(dtype), rounding to nearest under the interpreter too (see _round_bf16)."""
+    if BF16_RTNE:
+        x = _round_bf16(x)
+    return x.to(dtype)
+
+
+@triton.jit
 def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     if DOT_FP32:
         # The interpreter's bf16 dot is wrong; fp32 operands hold bf16 values exactly.
@@ -62,6 +81,43 @@ def _dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p):
     # One Philox counter per (batch*head, query, key): the backward regenerates the same mask.
     offs = (bh.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
     return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def _bwd_tile(
+    q, k, v, do, lse, delta, offs_m, offs_n, bh, seed, slope, bias_base, stride_bm, stride_bn,
+    seqlen_q, seqlen_k, diag, scale, softcap, dropout_p, window_left, window_right,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Recompute one (BLOCK_M, BLOCK_N) tile of the forward and differentiate it.
+
+    Returns (p_drop, ds, ds_qk): the probabilities after dropout (for dV), the gradient of
+    the final logits (= of an additive bias), and the gradient of the scaled q.k (for dQ, dK).
+    """
+    qk = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
+    s = _logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, softcap, window_left, window_right,
+                bias_base, stride_bm, stride_bn, slope,
+                HAS_BIAS, BIAS_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT)
+    # A fully masked row has lse -inf; use +inf so that p = exp(-inf) = 0, not NaN.
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    p = tl.math.exp2((s - lse[:, None]) * LOG2E)  # the forward's softmax, recomputed
+    dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
+        p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    else:
+        p_drop = p
+    # Softmax backward: dS = P * (dP - rowsum(dO * O)).
+    ds = p * (dp - delta[:, None])
+    ds_qk = ds
+    if HAS_SOFTCAP:
+        t = _tanh(qk / softcap)
+        ds_qk = ds * (1.0 - t * t)  # d/dx [c * tanh(x / c)] = 1 - tanh^2
+    return p_drop, ds, ds_qk
 
 
 @triton.jit
@@ -118,7 +174,7 @@ def attn_fwd_kernel(
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -171,14 +227,14 @@ def attn_fwd_kernel(
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32, PRECISION)
+        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0  # every key masked: output 0, lse -inf, as torch >= 2.5
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(o_ptrs, _cast(out, O.dtype.element_ty, BF16_RTNE), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(LSE + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
 
 
@@ -198,7 +254,7 @@ def attn_bwd_dkdv_kernel(
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     """dK, dV for one block of keys of one kv head, summed over the group query heads that
     share it, so GQA never allocates Hq-sized key gradients. DK/DV are contiguous."""
@@ -246,33 +302,19 @@ def attn_bwd_dkdv_kernel(
                          mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
             lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
-            qk = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
-            s = _logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, softcap, window_left, window_right,
-                        bias_base, stride_bm, stride_bn, slope,
-                        HAS_BIAS, BIAS_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT)
-            # A fully masked row has lse -inf; use +inf so that p = exp(-inf) = 0, not NaN.
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            p = tl.math.exp2((s - lse[:, None]) * LOG2E)  # the forward's softmax, recomputed
-            dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
-                p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            else:
-                p_drop = p
-            dv += _dot(tl.trans(p_drop.to(do.dtype)), do, DOT_FP32, PRECISION)
-            # Softmax backward: dS = P * (dP - rowsum(dO * O)).
-            ds = p * (dp - delta[:, None])
-            if HAS_SOFTCAP:
-                t = _tanh(qk / softcap)
-                ds = ds * (1.0 - t * t)  # d/dx [c * tanh(x / c)] = 1 - tanh^2
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32, PRECISION)
+            p_drop, ds, ds_qk = _bwd_tile(
+                q, k, v, do, lse, delta, offs_m, offs_n, bh, seed, slope, bias_base, stride_bm, stride_bn,
+                seqlen_q, seqlen_k, diag, scale, softcap, dropout_p, window_left, window_right,
+                HAS_BIAS, BIAS_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, HAS_LEFT, HAS_RIGHT,
+                DOT_FP32, PRECISION)
+            dv += _dot(tl.trans(_cast(p_drop, do.dtype, BF16_RTNE)), do, DOT_FP32, PRECISION)
+            dk += _dot(tl.trans(_cast(ds_qk, q.dtype, BF16_RTNE)), q, DOT_FP32, PRECISION)
 
     dk = dk * scale  # the scores were q.k * scale
     out_rows = bhk.to(tl.int64) * seqlen_k + offs_n
-    tl.store(DK + out_rows[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty),
+    tl.store(DK + out_rows[:, None] * HEAD_DIM + offs_d[None, :], _cast(dk, DK.dtype.element_ty, BF16_RTNE),
              mask=col_ok[:, None] & d_ok[None, :])
-    tl.store(DV + out_rows[:, None] * HEAD_DIM_V + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+    tl.store(DV + out_rows[:, None] * HEAD_DIM_V + offs_dv[None, :], _cast(dv, DV.dtype.element_ty, BF16_RTNE),
              mask=col_ok[:, None] & dv_ok[None, :])
 
 
@@ -292,7 +334,7 @@ def attn_bwd_dq_kernel(
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, STORE_DS: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     """dQ for one block of queries (no atomics: deterministic). With STORE_DS it also writes
     dS, the gradient of the logits, which is the gradient of an additive bias. DQ, DS are
@@ -317,7 +359,6 @@ def attn_bwd_dq_kernel(
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
                  mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked row -> p = 0
     delta = tl.load(DELTA + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -338,27 +379,19 @@ def attn_bwd_dq_kernel(
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-        qk = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
-        s = _logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, softcap, window_left, window_right,
-                    bias_base, stride_bm, stride_bn, slope,
-                    HAS_BIAS, BIAS_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT)
-        p = tl.math.exp2((s - lse[:, None]) * LOG2E)
-        dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
+        _, ds, ds_qk = _bwd_tile(
+            q, k, v, do, lse, delta, offs_m, offs_n, bh, seed, slope, bias_base, stride_bm, stride_bn,
+            seqlen_q, seqlen_k, diag, scale, softcap, dropout_p, window_left, window_right,
+            HAS_BIAS, BIAS_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, HAS_LEFT, HAS_RIGHT,
+            DOT_FP32, PRECISION)
         if STORE_DS:
             ds_ptrs = DS + (bh.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
             tl.store(ds_ptrs, ds, mask=row_ok[:, None] & col_ok[None, :])
-        if HAS_SOFTCAP:
-            t = _tanh(qk / softcap)
-            ds = ds * (1.0 - t * t)
-        dq += _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
+        dq += _dot(_cast(ds_qk, k.dtype, BF16_RTNE), k, DOT_FP32, PRECISION)
 
     dq = dq * scale
     rows = bh.to(tl.int64) * seqlen_q + offs_m
-    tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], _cast(dq, DQ.dtype.element_ty, BF16_RTNE),
              mask=row_ok[:, None] & d_ok[None, :])
 
 

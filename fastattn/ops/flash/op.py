@@ -90,6 +90,8 @@ def _common(q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, 
         HAS_ALIBI=alibi is not None, HAS_SOFTCAP=bool(softcap), HAS_DROPOUT=dropout_p > 0.0,
         # bf16 dots are wrong under the interpreter; fp32 dots hold the same values exactly.
         DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
+        # ... and its fp32 -> bf16 casts truncate; round to nearest as a GPU does.
+        BF16_RTNE=interpreting() and q.dtype == torch.bfloat16,
         PRECISION=_precision(q.dtype),
         num_warps=warps,
         **bias_flags, **_band_args(window_left, window_right),
