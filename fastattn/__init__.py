@@ -1,19 +1,21 @@
 """fastattn: fused Triton attention kernels behind a drop-in PyTorch API.
 
-Importing needs only torch; Triton is imported the first time a kernel runs.
+Importing needs only torch; Triton is imported the first time a kernel runs, and
+torch.distributed machinery (fastattn.distributed) on first use.
 """
 from fastattn.backend import use_backend
+from fastattn.functional import (attention_with_kvcache, flash_attention, linear_attention, linformer_attention,
+                                 performer_attention, performer_projection, scaled_dot_product_attention,
+                                 sparse_attention)
+from fastattn import sparse  # noqa: E402  (layouts; needs the functions above)
 from fastattn.integrations import convert, patch_sdpa, register_huggingface, unpatch_sdpa
-from fastattn.functional import flash_attention, scaled_dot_product_attention
-from fastattn.functional import linear_attention, linformer_attention, performer_attention, performer_projection
-from fastattn.functional import attention_with_kvcache
-from fastattn.functional import sparse_attention
-from fastattn import sparse
+from fastattn import models, nn  # noqa: E402  (built on the public functions above)
 
-__all__ = ["attention_with_kvcache", "flash_attention", "scaled_dot_product_attention", "use_backend"]
-__all__ += ["linear_attention", "linformer_attention", "performer_attention", "performer_projection"]
-__all__ += ["sparse", "sparse_attention"]
-__all__ += ["convert", "patch_sdpa", "register_huggingface", "unpatch_sdpa"]
+__all__ = [
+    "attention_with_kvcache", "convert", "flash_attention", "linear_attention", "linformer_attention", "models",
+    "nn", "patch_sdpa", "performer_attention", "performer_projection", "register_huggingface",
+    "scaled_dot_product_attention", "sparse", "sparse_attention", "unpatch_sdpa", "use_backend",
+]
 __version__ = "0.1.0"
 
 

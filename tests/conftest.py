@@ -9,6 +9,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # pytest-xdist runs one worker per core; more threads per worker only oversubscribe them.
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 

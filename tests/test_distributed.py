@@ -88,6 +88,25 @@ def _check_case(rank, world, case):
         assert_close_rule(f"d{name} {tag}", g, shard(g64), shard(gb), factor=3.0)
 
 
+def _check_nn_module(rank, world):
+    """A fastattn.nn.MultiHeadAttention under the switch, fed this rank's shard of the tokens,
+    gives this rank's shard of the single-process output (causal, GQA, zig-zag)."""
+    gen = torch.Generator().manual_seed(1234)  # same weights and tokens on every rank
+    torch.manual_seed(1234)
+    mha = fastattn.nn.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True)
+    x = torch.randn(2, 8 * world, 32, generator=gen)
+    with fastattn.use_backend("torch"):
+        want = mha(x)
+        with fd.context_parallel(method="ring") as cp:
+            got = mha(cp.shard(x, dim=1))  # (B, L, E): the sequence is dim 1
+            with pytest.raises(ValueError, match="context-parallel"):
+                mha(cp.shard(x, dim=1), attn_bias=torch.ones(1, 1, 4 * world, 4 * world, dtype=torch.bool))
+    oracle = mha.double()(x.double())
+    mha.float()
+    shard = cp.shard
+    assert_close_rule(f"nn rank {rank}/{world}", got, shard(oracle, dim=1), shard(want, dim=1))
+
+
 def _check_rejections(rank, world):
     """Bad sharding and head counts raise ValueError on every rank (no hang)."""
     q = torch.randn(1, 2, 6 if rank == 0 else 4, 16)
@@ -126,6 +145,7 @@ def _worker(rank, world, init_file, cases, kernels):
             _poison_outputs()
         else:
             _check_rejections(rank, world)
+            _check_nn_module(rank, world)
         for case in cases:
             _check_case(rank, world, case)
         dist.barrier()

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -263,6 +264,12 @@ class MultiHeadAttention(nn.Module):
             if kind == "reference":
                 with fastattn.use_backend("torch"):
                     return fastattn.flash_attention(q, k, v, **kwargs)
+            cp = _context_parallel()
+            if cp is not None:  # this rank holds a shard of the sequence: attend across ranks
+                if bias is not None or self.alibi_slopes is not None or dropout_p:
+                    raise ValueError("MultiHeadAttention: context-parallel attention takes no mask, bias, "
+                                     "ALiBi or dropout")
+                return cp(q, k, v, causal=causal)
             return fastattn.flash_attention(q, k, v, **kwargs)
         if kind == "linformer":
             if bias is not None and key_padding_mask is None:
@@ -307,3 +314,10 @@ class MultiHeadAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"causal={self.causal}, attention={self.attention!r}, alibi={self.alibi_slopes is not None}")
+
+
+def _context_parallel():
+    """The active ``fastattn.distributed.context_parallel`` block, if any. Looked up in
+    sys.modules so that a model that never uses it never imports torch.distributed."""
+    module = sys.modules.get("fastattn.distributed")
+    return None if module is None else module.current()
