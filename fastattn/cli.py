@@ -124,36 +124,68 @@ def _bench(args) -> int:
     return 1 if wrong or not rows else 0
 
 
+def _check_cases(device):
+    """name -> function(dtype) returning (fastattn function, args, kwargs): one call per kernel
+    family and feature. Tensors in args/kwargs are inputs; the check copies them per run."""
+    import torch
+
+    import fastattn
+
+    def qkv(dtype, hq=4, hkv=2, lq=70, lk=90, d=64):
+        return (torch.randn(1, hq, lq, d, device=device, dtype=dtype),
+                torch.randn(1, hkv, lk, d, device=device, dtype=dtype),
+                torch.randn(1, hkv, lk, d, device=device, dtype=dtype))
+
+    def cache_call(dtype):
+        q, k_new, v_new = qkv(dtype, lq=3, lk=3)
+        caches = [torch.randn(2, 2, 96, 64, device=device, dtype=dtype) for _ in range(2)]
+        lens = torch.tensor([40, 77], device=device, dtype=torch.int32)
+        return fastattn.attention_with_kvcache, (q.expand(2, -1, -1, -1).contiguous(), *caches, lens), \
+            dict(k_new=k_new.expand(2, -1, -1, -1).contiguous(), v_new=v_new.expand(2, -1, -1, -1).contiguous())
+
+    flash = fastattn.flash_attention
+    return {
+        "flash": lambda dt: (flash, qkv(dt), {}),
+        "flash causal": lambda dt: (flash, qkv(dt), dict(causal=True)),
+        "flash window": lambda dt: (flash, qkv(dt), dict(window=(16, 4))),
+        "flash softcap+alibi": lambda dt: (flash, qkv(dt), dict(softcap=5.0, alibi_slopes=torch.rand(4, device=device))),
+        "flash bias": lambda dt: (flash, qkv(dt), dict(attn_bias=torch.randn(1, 4, 70, 90, device=device, dtype=dt))),
+        "sparse local causal": lambda dt: (fastattn.sparse_attention, qkv(dt, lq=96, lk=96),
+                                           dict(layout=fastattn.sparse.local(96, 32, block_size=16), causal=True)),
+        "linear causal": lambda dt: (fastattn.linear_attention, qkv(dt, lq=64, lk=64), dict(causal=True)),
+        "linear": lambda dt: (fastattn.linear_attention, qkv(dt), {}),
+        "decode with cache": cache_call,
+    }
+
+
 def _check(args) -> int:
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
     import fastattn
-    from fastattn.ops.flash.reference import attention_reference
 
     device = _device()
     failures = 0
-    configs = [dict(causal=False), dict(causal=True), dict(window=(16, 4)), dict(softcap=5.0),
-               dict(alibi=True), dict(bias=True)]
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for cfg in configs:
-            q = torch.randn(1, 4, 70, 64, device=device, dtype=dtype)
-            k, v = (torch.randn(1, 2, 90, 64, device=device, dtype=dtype) for _ in range(2))
-            kw = {n: x for n, x in cfg.items() if n not in ("alibi", "bias")}
-            if cfg.get("alibi"):
-                kw["alibi_slopes"] = torch.rand(4, device=device)
-            if cfg.get("bias"):
-                kw["attn_bias"] = torch.randn(1, 4, 70, 90, device=device, dtype=dtype)
-            with fastattn.use_backend("triton"):
-                out = fastattn.flash_attention(q, k, v, **kw)
-            kw64 = {n: (x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x) for n, x in kw.items()}
-            oracle = attention_reference(q.double(), k.double(), v.double(), **kw64)
-            err = (out.double() - oracle).abs().max().item()
-            base = (attention_reference(q, k, v, **kw).double() - oracle).abs().max().item()
-            ok = err <= 2 * base + (oracle.to(dtype).double() - oracle).abs().max().item() + 1e-5
+
+    def run(fn, call_args, kwargs, convert, backend):
+        copy = lambda x: convert(x.clone()) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        with fastattn.use_backend(backend):
+            out = fn(*(copy(a) for a in call_args), **{n: copy(x) for n, x in kwargs.items()})
+        return out.double()
+
+    as64 = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
+    for name, make in _check_cases(device).items():
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            fn, call_args, kwargs = make(dtype)
+            got = run(fn, call_args, kwargs, lambda t: t, "triton")
+            oracle = run(fn, call_args, kwargs, as64, "torch")
+            base = run(fn, call_args, kwargs, lambda t: t, "torch")
+            err, ref_err = (got - oracle).abs().max().item(), (base - oracle).abs().max().item()
+            rounding = (oracle.to(dtype).double() - oracle).abs().max().item()
+            ok = err <= 2 * ref_err + rounding + 1e-5
             failures += not ok
-            print(f"flash {str(dtype)[6:]:9} {str(cfg):28} error {err:.2e} (torch {base:.2e}) {'ok' if ok else 'FAIL'}")
+            print(f"{name:22} {str(dtype)[6:]:9} error {err:.2e} (torch {ref_err:.2e}) {'ok' if ok else 'FAIL'}")
     print("all kernels match their references" if not failures else f"{failures} FAILED")
     return 1 if failures else 0
 
