@@ -37,7 +37,9 @@ def block_config(feat_dim: int, head_dim_v: int, dtype: torch.dtype) -> dict:
     if interpreting():
         chunk, split = _INTERPRETER_CHUNK, _INTERPRETER_SPLIT
     elif dtype == torch.float32 and widest >= 256:
-        chunk, split = 16, 32  # fp32 tiles of 256 columns: halve the rows and the state split
+        chunk, split = 16, 32  # fp32 tiles take twice the bytes: fewer rows, narrower state split
+    elif dtype == torch.float32 and widest >= 128:
+        chunk, split = 32, _SPLIT
     else:
         chunk, split = (64 if widest <= 128 else 32), _SPLIT
     return dict(chunk=chunk, full_f=full_f, full_dv=full_dv,
