@@ -118,7 +118,8 @@ def sparse_attention_blocked(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor
                 query_pos = (chunk % nqb * bs)[:, None] + arange_bs  # (R, bs)
                 keep = keep & (key_pos[:, None, :] <= query_pos[:, :, None] + (lk - lq))
             s = torch.matmul(qb[:, chunk], kg.transpose(-1, -2)) * scale  # (B, R, bs, W*bs)
-            s = s.masked_fill(~keep, float("-inf"))
+            if not bool(keep.all()):  # padded slots, a partial last key block, or causal
+                s = s.masked_fill(~keep, float("-inf"))
             lse = torch.logsumexp(s.to(lse_dtype), dim=-1)
             p = torch.softmax(s, dim=-1).masked_fill(torch.isneginf(lse)[..., None], 0.0)
             outs.append(torch.matmul(p.to(v.dtype), vg))
