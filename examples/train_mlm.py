@@ -8,8 +8,8 @@
    bytes): 15% of the positions are chosen, 80% of those replaced by a mask token, 10% by a
    random byte, 10% left alone (BERT's recipe); the loss is on the chosen positions only.
    Reported: the masked-character accuracy on validation files.
-2. Transfer: a downstream task with few labels: is this window of code intact, or has a span of
-   it been reversed? The encoder plus a new linear head on mean-pooled states is fine-tuned on
+2. Transfer: a downstream task with few labels: is this window of code intact, or does it have
+   typos (--typos characters changed to other random printable ones)? The encoder plus a new linear head on mean-pooled states is fine-tuned on
    --ft-examples labelled windows from the training files, once starting from the pretrained
    weights and once from scratch (same architecture, same steps, same data), and both are
    tested on windows of the validation files. Pretraining shows up as the accuracy gap.
@@ -48,14 +48,16 @@ def mask_tokens(x, generator, rate: float = 0.15):
     return inputs, labels
 
 
-def corrupted(data, n: int, seq_len: int, span: int, generator):
-    """-> windows (n, L) and labels (n,): half intact (0), half with a random span reversed (1)."""
+def corrupted(data, n: int, seq_len: int, typos: int, generator):
+    """-> windows (n, L) and labels (n,): half intact (0), half with ``typos`` positions changed
+    to a different random printable character (1)."""
     x = windows(data, n, seq_len, generator)
     y = torch.randint(2, (n,), generator=generator)
-    starts = torch.randint(seq_len - span, (n,), generator=generator)
     for i in torch.nonzero(y).flatten().tolist():
-        s = int(starts[i])
-        x[i, s:s + span] = x[i, s:s + span].flip(0)
+        pos = torch.randperm(seq_len, generator=generator)[:typos]
+        shift = torch.randint(1, 95, (typos,), generator=generator)
+        # printable ASCII is 32..126: move each chosen character by 1..94 within that range
+        x[i, pos] = (x[i, pos].clamp(32, 126) - 32 + shift) % 95 + 32
     return x, y
 
 
@@ -141,13 +143,12 @@ def parse(argv=None):
     p.add_argument("--ft-steps", type=int, default=150)
     p.add_argument("--ft-batch", type=int, default=32)
     p.add_argument("--ft-lr", type=float, default=1e-3)
-    p.add_argument("--span", type=int, default=12, help="length of the reversed span")
+    p.add_argument("--typos", type=int, default=3, help="characters changed in a corrupted window")
     p.add_argument("--test-examples", type=int, default=1000)
     args = p.parse_args(argv)
     if args.tiny:
         args.max_bytes, args.seq_len, args.batch, args.d_model, args.layers, args.heads = 200_000, 32, 8, 32, 1, 2
         args.val_batches, args.ft_examples, args.ft_steps, args.ft_batch, args.test_examples = 2, 32, 3, 8, 32
-        args.span = 8
     return args
 
 
@@ -184,13 +185,13 @@ def main(argv=None) -> dict:
               f"{progress.tokens_per_second:,.0f} tokens/s, {pretrain_s:.0f}s")
 
         dg = torch.Generator().manual_seed(args.seed + 3)
-        ft_x, ft_y = corrupted(train, args.ft_examples, args.seq_len, args.span, dg)
-        test_x, test_y = corrupted(val, args.test_examples, args.seq_len, args.span, dg)
+        ft_x, ft_y = corrupted(train, args.ft_examples, args.seq_len, args.typos, dg)
+        test_x, test_y = corrupted(val, args.test_examples, args.seq_len, args.typos, dg)
         t0 = time.perf_counter()
         pre_acc, _ = finetune("finetune (pretrained)", encoder, args, ft_x, ft_y, test_x, test_y, device)
         scratch_acc, _ = finetune("finetune (scratch)", scratch, args, ft_x, ft_y, test_x, test_y, device)
         ft_s = time.perf_counter() - t0
-    print(f"result: reversed-span detection with {args.ft_examples} labelled windows, {args.ft_steps} steps: "
+    print(f"result: typo detection with {args.ft_examples} labelled windows, {args.ft_steps} steps: "
           f"pretrained {pre_acc:.4f} vs from scratch {scratch_acc:.4f} on {args.test_examples} held-out windows "
           f"(chance 0.5); pretraining {pretrain_s:.0f}s, fine-tunes {ft_s:.0f}s")
     return dict(losses=losses, mlm_accuracy=acc, pretrained=pre_acc, scratch=scratch_acc, pretrain_s=pretrain_s)

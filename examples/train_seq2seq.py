@@ -105,7 +105,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     training.add_common_args(p, attentions=("flash", "reference", "linear"), default_steps=800, lr=3e-3)
     p.add_argument("--max-number", type=int, default=99_999)
-    p.add_argument("--test", type=int, default=1000, help="held-out numbers")
+    p.add_argument("--test", type=int, default=500, help="held-out numbers")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=2, help="encoder layers (decoder: the same)")

@@ -19,13 +19,19 @@ def _example(name):
     return importlib.import_module(name)
 
 
+# The smoke tests run the plain-PyTorch backend: under the conftest's TRITON_INTERPRET=1 "auto"
+# would run every kernel in the interpreter, minutes per example. The kernels are exercised by
+# test_gpt_triton_matches_torch_losses (and by each op's own tests).
+TORCH = ["--backend", "torch"]
+
+
 def _falls(losses, k=3):
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
     assert last < first, f"loss did not fall: {losses}"
 
 
 def test_long_context(capsys):
-    results = _example("long_context").main(["--tiny", "--steps", "12", "--attention", "sparse"])
+    results = _example("long_context").main(["--tiny", "--steps", "12", "--attention", "sparse"] + TORCH)
     r = results[0]
     assert r["last_loss"] < r["first_loss"] and 0.0 <= r["accuracy"] <= 1.0
     assert "held-out accuracy" in capsys.readouterr().out
@@ -33,35 +39,35 @@ def test_long_context(capsys):
 
 @pytest.mark.parametrize("attention", ["flash", "linear"])
 def test_long_context_attentions(attention):
-    r = _example("long_context").main(["--tiny", "--steps", "10", "--attention", attention])[0]
+    r = _example("long_context").main(["--tiny", "--steps", "10", "--attention", attention] + TORCH)[0]
     assert r["last_loss"] < r["first_loss"]
 
 
 def test_train_vit():
     pytest.importorskip("sklearn", reason="pip install scikit-learn (the examples extra)")
-    r = _example("train_vit").main(["--tiny", "--steps", "12", "--lr", "1e-2"])
+    r = _example("train_vit").main(["--tiny", "--steps", "12", "--lr", "1e-2"] + TORCH)
     _falls(r["losses"])
     assert 0.0 <= r["test_accuracy"] <= 1.0
 
 
 def test_train_gpt(tmp_path):
     ck = str(tmp_path / "gpt.pt")
-    r = _example("train_gpt").main(["--tiny", "--steps", "10", "--checkpoint", ck])
+    r = _example("train_gpt").main(["--tiny", "--steps", "10", "--checkpoint", ck] + TORCH)
     _falls(r["losses"])
     assert r["cache_matches"], "greedy decoding with the KV cache differs from recomputing"
     # resuming from the checkpoint continues at step 10: two more steps only
-    r2 = _example("train_gpt").main(["--tiny", "--steps", "12", "--checkpoint", ck])
+    r2 = _example("train_gpt").main(["--tiny", "--steps", "12", "--checkpoint", ck] + TORCH)
     assert len(r2["losses"]) == 2
 
 
 def test_train_seq2seq():
-    r = _example("train_seq2seq").main(["--tiny", "--steps", "12"])
+    r = _example("train_seq2seq").main(["--tiny", "--steps", "12"] + TORCH)
     _falls(r["losses"])
     assert 0.0 <= r["greedy"] <= 1.0 and 0.0 <= r["beam"] <= 1.0
 
 
 def test_train_mlm():
-    r = _example("train_mlm").main(["--tiny", "--steps", "10"])
+    r = _example("train_mlm").main(["--tiny", "--steps", "10"] + TORCH)
     _falls(r["losses"])
     assert 0.0 <= r["pretrained"] <= 1.0 and 0.0 <= r["scratch"] <= 1.0
 
