@@ -9,10 +9,11 @@
    random byte, 10% left alone (BERT's recipe); the loss is on the chosen positions only.
    Reported: the masked-character accuracy on validation files.
 2. Transfer: a downstream task with few labels: is this window of code intact, or does it have
-   typos (--typos characters changed to other random printable ones)? The encoder plus a new linear head on mean-pooled states is fine-tuned on
-   --ft-examples labelled windows from the training files, once starting from the pretrained
-   weights and once from scratch (same architecture, same steps, same data), and both are
-   tested on windows of the validation files. Pretraining shows up as the accuracy gap.
+   typos (--typos characters changed to other random printable ones)? The encoder plus a new
+   linear head on mean-pooled states is fine-tuned on --ft-examples labelled windows from the
+   training files, once starting from the pretrained weights and once from scratch (same
+   initial weights, steps and data), and both are tested on windows of the validation files.
+   Pretraining shows up as the accuracy gap.
 """
 from __future__ import annotations
 
