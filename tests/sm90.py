@@ -158,7 +158,7 @@ def sparse_case(dtype, head_dim, layout_block):
         block_m, block_n, warps = block_config(head_dim, dtype, backward)
         constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=min(block_m, layout_block),
                           BLOCK_N=min(block_n, layout_block), BLOCK_D=block_d, BLOCK_DV=block_d,
-                          LAYOUT_BLOCK=layout_block, CAUSAL=True, DOT_FP32=False, PRECISION="ieee")
+                          LAYOUT_BLOCK=layout_block, CAUSAL=True, DOT_FP32=False, PRECISION="ieee", BF16_RTNE=False)
         out.append((name, compile_sm90(kernel, constexprs, warps, {**index, "LSE": "*fp32", "DELTA": "*fp32"},
                                        floats=("scale",), default_pointer=PTR[dtype])))
     return out

@@ -15,7 +15,7 @@ Positions follow flash: ``diag = Lk - Lq``; causal keeps key j for query i iff `
 import triton
 import triton.language as tl
 
-from fastattn.ops.flash.kernels import LOG2E, _dot, _logits
+from fastattn.ops.flash.kernels import LOG2E, _cast, _dot, _logits
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -99,14 +99,14 @@ def sparse_fwd_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                         mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32, PRECISION)
+            acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
             m_i = m_new
 
     empty = l_i == 0.0  # no kept key (empty layout row, or causal): output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(o_ptrs, _cast(out, O.dtype.element_ty, BF16_RTNE), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(LSE + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
 
 
@@ -122,7 +122,7 @@ def sparse_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     """dK, dV for one tile of keys of one kv head, summed over the group query heads that
     share it (each with its own layout row). Walks the transposed layout. DK/DV contiguous."""
@@ -183,16 +183,16 @@ def sparse_bwd_dkdv_kernel(
                 lse = tl.where(lse == float("-inf"), float("inf"), lse)
                 p = tl.math.exp2((s - lse[:, None]) * LOG2E)  # the forward's softmax, recomputed
                 dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
-                dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_FP32, PRECISION)
+                dv += _dot(tl.trans(_cast(p, do.dtype, BF16_RTNE)), do, DOT_FP32, PRECISION)
                 # Softmax backward: dS = P * (dP - rowsum(dO * O)).
                 ds = p * (dp - delta[:, None])
-                dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_FP32, PRECISION)
+                dk += _dot(tl.trans(_cast(ds, q.dtype, BF16_RTNE)), q, DOT_FP32, PRECISION)
 
     dk = dk * scale  # the scores were q.k * scale
     out_rows = bhk.to(tl.int64) * seqlen_k + offs_n
-    tl.store(DK + out_rows[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty),
+    tl.store(DK + out_rows[:, None] * HEAD_DIM + offs_d[None, :], _cast(dk, DK.dtype.element_ty, BF16_RTNE),
              mask=col_ok[:, None] & d_ok[None, :])
-    tl.store(DV + out_rows[:, None] * HEAD_DIM_V + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+    tl.store(DV + out_rows[:, None] * HEAD_DIM_V + offs_dv[None, :], _cast(dv, DV.dtype.element_ty, BF16_RTNE),
              mask=col_ok[:, None] & dv_ok[None, :])
 
 
@@ -208,7 +208,7 @@ def sparse_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     LAYOUT_BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     """dQ for one tile of queries over its row's kept key blocks (no atomics). DQ contiguous."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -255,9 +255,9 @@ def sparse_bwd_dq_kernel(
             p = tl.math.exp2((s - lse[:, None]) * LOG2E)
             dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
             ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
+            dq += _dot(_cast(ds, k.dtype, BF16_RTNE), k, DOT_FP32, PRECISION)
 
     dq = dq * scale
     rows = bh.to(tl.int64) * seqlen_q + offs_m
-    tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], _cast(dq, DQ.dtype.element_ty, BF16_RTNE),
              mask=row_ok[:, None] & d_ok[None, :])

@@ -36,6 +36,7 @@ def _meta(q: Tensor, v: Tensor, block_size: int, causal: bool, scale: float, bac
         LAYOUT_BLOCK=block_size, CAUSAL=causal,
         # bf16 dots are wrong under the interpreter; fp32 dots hold the same values exactly.
         DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
+        BF16_RTNE=interpreting() and q.dtype == torch.bfloat16,  # the interpreter's casts truncate
         PRECISION=_precision(q.dtype),
         num_warps=warps,
     )
