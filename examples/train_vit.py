@@ -58,7 +58,7 @@ def evaluate(model, x, y, batch: int = 512) -> float:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     training.add_common_args(p, attentions=("flash", "reference", "linear", "performer"), default_steps=500,
-                             lr=5e-3)
+                             lr=5e-3, checkpoint=True)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)

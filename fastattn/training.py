@@ -273,7 +273,9 @@ def peak_memory_mb(device) -> Optional[float]:
 
 # --- the flags every example shares -------------------------------------------------------
 def add_common_args(parser: argparse.ArgumentParser, *, attentions=("flash",), default_steps: int = 300,
-                    lr: float = 1e-3) -> argparse.ArgumentParser:
+                    lr: float = 1e-3, checkpoint: bool = False) -> argparse.ArgumentParser:
+    """The flags the examples share; ``checkpoint`` adds --checkpoint (for examples that
+    save, and resume, a checkpoint)."""
     parser.add_argument("--attention", default=attentions[0], choices=attentions,
                         help="attention of every layer (fastattn.nn.MultiHeadAttention)")
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
@@ -293,7 +295,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, attentions=("flash",), d
     parser.add_argument("--tiny", action="store_true", help="a very small model and data (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=None)
-    parser.add_argument("--checkpoint", default=None, help="save here at the end; resume from it if it exists")
+    if checkpoint:
+        parser.add_argument("--checkpoint", default=None, help="save here at the end; resume from it if it exists")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default 1 on CPU: on a shared, loaded machine small models "
                              "train several times faster on one thread than on oversubscribed cores)")
