@@ -165,11 +165,8 @@ def parse(argv=None):
     p.add_argument("--features", type=int, default=64, help="performer random features")
     p.add_argument("--eval-examples", type=int, default=1000)
     p.add_argument("--json", default=None, help="write the result here (used by --attention all)")
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.seq_len, args.batch, args.d_model, args.layers = 64, 8, 32, 2
-        args.block_size, args.window, args.eval_examples = 16, 16, 64
-    return args
+    return training.parse_args(p, argv, tiny=dict(seq_len=64, batch=8, d_model=32, layers=2, block_size=16,
+                                                  window=16, eval_examples=64))
 
 
 def main(argv=None):

@@ -100,11 +100,8 @@ def parse(argv=None):
     p.add_argument("--prompt", default="def __init__(self")
     p.add_argument("--sample-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.max_bytes, args.seq_len, args.batch, args.d_model = 200_000, 32, 8, 32
-        args.layers, args.heads, args.kv_heads, args.val_batches, args.sample_tokens = 1, 2, 1, 2, 8
-    return args
+    return training.parse_args(p, argv, tiny=dict(max_bytes=200_000, seq_len=32, batch=8, d_model=32, layers=1,
+                                                  heads=2, kv_heads=1, val_batches=2, sample_tokens=8))
 
 
 def main(argv=None) -> dict:

@@ -146,11 +146,9 @@ def parse(argv=None):
     p.add_argument("--ft-lr", type=float, default=1e-3)
     p.add_argument("--typos", type=int, default=3, help="characters changed in a corrupted window")
     p.add_argument("--test-examples", type=int, default=1000)
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.max_bytes, args.seq_len, args.batch, args.d_model, args.layers, args.heads = 200_000, 32, 8, 32, 1, 2
-        args.val_batches, args.ft_examples, args.ft_steps, args.ft_batch, args.test_examples = 2, 32, 3, 8, 32
-    return args
+    return training.parse_args(p, argv, tiny=dict(max_bytes=200_000, seq_len=32, batch=8, d_model=32, layers=1,
+                                                  heads=2, val_batches=2, ft_examples=32, ft_steps=3, ft_batch=8,
+                                                  test_examples=32))
 
 
 def main(argv=None) -> dict:

@@ -112,10 +112,7 @@ def parse(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--beams", type=int, default=4)
     p.add_argument("--label-smoothing", type=float, default=0.0)
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.d_model, args.layers, args.heads, args.batch, args.test, args.beams = 32, 1, 2, 16, 20, 2
-    return args
+    return training.parse_args(p, argv, tiny=dict(d_model=32, layers=1, heads=2, batch=16, test=20, beams=2))
 
 
 def main(argv=None) -> dict:

@@ -67,10 +67,7 @@ def parse(argv=None):
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--augment", action="store_true", help="random one-pixel shifts (helps with more steps)")
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.d_model, args.layers, args.heads, args.batch, args.patch = 32, 1, 2, 32, 4
-    return args
+    return training.parse_args(p, argv, tiny=dict(d_model=32, layers=1, heads=2, batch=32, patch=4))
 
 
 def main(argv=None) -> dict:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 __all__ = ["make_optimizer", "param_groups", "lr_lambda", "make_scheduler", "clip_gradients", "autocast",
            "cross_entropy", "Trainer", "Progress", "save_checkpoint", "load_checkpoint", "add_common_args",
-           "setup", "peak_memory_mb", "reset_peak_memory", "count_parameters"]
+           "setup", "parse_args", "peak_memory_mb", "reset_peak_memory", "count_parameters"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -226,6 +226,7 @@ class Progress:
     def update(self, step: int, loss: float, tokens: int = 0, lr: Optional[float] = None, **more) -> None:
         """``step`` is 1-based (the number of steps done); ``tokens`` processed by this step."""
         self.tokens += tokens
+        self.last = time.perf_counter()
         if step % self.every and step != self.total:
             return
         elapsed = time.perf_counter() - self.start
@@ -246,7 +247,10 @@ class Progress:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / max(self.elapsed, 1e-9)
+        """Tokens over the time from the start to the last ``update`` (evaluation after the
+        loop does not count)."""
+        end = self.last if self.last is not None else time.perf_counter()
+        return self.tokens / max(end - self.start, 1e-9)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -301,6 +305,15 @@ def add_common_args(parser: argparse.ArgumentParser, *, attentions=("flash",), d
                         help="torch CPU threads (default 1 on CPU: on a shared, loaded machine small models "
                              "train several times faster on one thread than on oversubscribed cores)")
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv=None, tiny: Optional[dict] = None):
+    """Parse; with --tiny, ``tiny`` replaces the defaults (flags given explicitly still win)."""
+    args = parser.parse_args(argv)
+    if args.tiny and tiny:
+        parser.set_defaults(**tiny)
+        args = parser.parse_args(argv)
+    return args
 
 
 def setup(args) -> torch.device:

@@ -162,3 +162,12 @@ def test_a_small_model_learns():
     assert last < 0.05 * first
     assert (model(x).argmax(-1) == y).all()
     assert F.cross_entropy(model(x).reshape(-1, 11), y.reshape(-1)) < 0.1
+
+
+def test_tiny_defaults_yield_to_explicit_flags():
+    import argparse
+    p = training.add_common_args(argparse.ArgumentParser(), default_steps=100)
+    p.add_argument("--width", type=int, default=64)
+    args = training.parse_args(p, ["--tiny", "--steps", "7"], tiny=dict(width=8, steps=2))
+    assert (args.width, args.steps) == (8, 7)
+    assert training.parse_args(p, [], tiny=dict(width=8)).width == 64
