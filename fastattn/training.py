@@ -311,8 +311,12 @@ def parse_args(parser: argparse.ArgumentParser, argv=None, tiny: Optional[dict] 
     """Parse; with --tiny, ``tiny`` replaces the defaults (flags given explicitly still win)."""
     args = parser.parse_args(argv)
     if args.tiny and tiny:
+        saved = {k: parser.get_default(k) for k in tiny}
         parser.set_defaults(**tiny)
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        finally:
+            parser.set_defaults(**saved)  # the parser is left as it was
     return args
 
 
