@@ -86,7 +86,8 @@ def decode(tokens) -> str:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     training.add_common_args(p, attentions=("flash", "reference", "linear", "performer"), default_steps=800,
-                             lr=3e-3, checkpoint=True)
+                             lr=3e-3, checkpoint=True,
+                             dtype=True)
     p.add_argument("--max-bytes", type=int, default=4_000_000, help="how much of the stdlib to read")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)

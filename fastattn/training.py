@@ -277,9 +277,9 @@ def peak_memory_mb(device) -> Optional[float]:
 
 # --- the flags every example shares -------------------------------------------------------
 def add_common_args(parser: argparse.ArgumentParser, *, attentions=("flash",), default_steps: int = 300,
-                    lr: float = 1e-3, checkpoint: bool = False) -> argparse.ArgumentParser:
+                    lr: float = 1e-3, checkpoint: bool = False, dtype: bool = False) -> argparse.ArgumentParser:
     """The flags the examples share; ``checkpoint`` adds --checkpoint (for examples that
-    save, and resume, a checkpoint)."""
+    save, and resume, a checkpoint), ``dtype`` adds --dtype float32|float64."""
     parser.add_argument("--attention", default=attentions[0], choices=attentions,
                         help="attention of every layer (fastattn.nn.MultiHeadAttention)")
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
@@ -288,9 +288,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, attentions=("flash",), d
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--precision", default="bf16", choices=PRECISIONS,
                         help="autocast dtype on CUDA (CPU always trains in fp32)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
-                        help="parameter dtype; float64 (with --backend torch) is the reference that the "
-                             "smoke tests hold the kernels' losses against")
+    if dtype:
+        parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                            help="parameter dtype; float64 (with --backend torch) is the reference that the "
+                                 "smoke tests hold the kernels' losses against")
     parser.add_argument("--steps", type=int, default=default_steps, help="optimizer steps")
     parser.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default: steps // 10)")
