@@ -482,8 +482,7 @@ def _linear_dispatch(op, q, k, v, *, feature, causal, normalize, eps):
     if backend.use_kernels(op, reasons):
         from fastattn.ops.linear import op as linear_op  # imports triton, so only when used
 
-        return linear_op.linear_attn(q, k, v, feature=feature, causal=causal, normalize=normalize,
-                                     eps=float(eps))
+        return linear_op.linear_attn(q, k, v, feature=feature, causal=causal, normalize=normalize, eps=eps)
     from fastattn.ops.linear import reference as linear_ref
 
     return linear_ref.linear_attention_chunked(
@@ -578,6 +577,9 @@ def performer_attention(
             x scaled by sqrt(scale); the key stabiliser is one constant per (batch, head) over
             the sequence and the query one per row, so both cancel) or "relu" (the generalized
             ReLU kernel ``relu(W x)/sqrt(M)``).
+        eps: added to the normaliser of the unstabilised kernel; for "softmax" it is scaled by
+            the stabilisers (``favor_eps``), so the result does not depend on them and, causal,
+            no output depends on a later key.
 
     Returns:
         (B, Hq, Lq, Dv): an unbiased-kernel estimate of softmax attention whose error falls as
@@ -589,9 +591,10 @@ def performer_attention(
 
     Equivalent code::
 
-        fq = favor_features(q, W, is_query=True); fk = favor_features(k, W, is_query=False)
+        sq = favor_stabiliser(q, W, is_query=True); sk = favor_stabiliser(k, W, is_query=False)
+        fq = favor_features(q, W, is_query=True, stabiliser=sq)   # and fk likewise with sk
         a = fq @ fk.transpose(-1, -2)            # tril() if causal
-        out = (a @ v) / (a.sum(-1, keepdim=True) + eps)
+        out = (a @ v) / (a.sum(-1, keepdim=True) + favor_eps(eps, sq, sk))
     """
     op = "performer_attention"
     _check_qkv(op, q, k, v)
@@ -608,8 +611,13 @@ def performer_attention(
     from fastattn.ops.linear import reference as linear_ref
 
     if kernel == "softmax":
-        fq = linear_ref.favor_features(q, projection, is_query=True, scale=scale)
-        fk = linear_ref.favor_features(k, projection, is_query=False, scale=scale)
+        stab_q = linear_ref.favor_stabiliser(q, projection, is_query=True, scale=scale)  # (B, Hq, Lq, 1)
+        stab_k = linear_ref.favor_stabiliser(k, projection, is_query=False, scale=scale)  # (B, Hkv, 1, 1)
+        fq = linear_ref.favor_features(q, projection, is_query=True, scale=scale, stabiliser=stab_q)
+        fk = linear_ref.favor_features(k, projection, is_query=False, scale=scale, stabiliser=stab_k)
+        # eps scaled like the features, so the stabilisers cancel exactly and (causal) a large
+        # future key cannot reach past outputs through the key stabiliser.
+        eps = linear_ref.favor_eps(eps, stab_q, stab_k)
     elif kernel == "relu":
         fq, fk = linear_ref.relu_features(q, projection), linear_ref.relu_features(k, projection)
     else:

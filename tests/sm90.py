@@ -119,7 +119,7 @@ def linear_case(dtype, feat_dim, head_dim_v):
 
     cfg = op.block_config(feat_dim, head_dim_v, dtype)
     ptr = PTR[dtype]
-    fp32 = {"DEN": "*fp32", "G": "*fp32"}
+    fp32 = {"DEN": "*fp32", "G": "*fp32", "EPS": "*fp32"}
     out = []
     for causal in (True, False):
         common = dict(FEAT_DIM=feat_dim, HEAD_DIM_V=head_dim_v, BLOCK_C=cfg["chunk"],
@@ -134,7 +134,7 @@ def linear_case(dtype, feat_dim, head_dim_v):
         ):
             constexprs = dict(common, BLOCK_F=blocks[0], BLOCK_DV=blocks[1])
             out.append((f"{name}-{tag}", compile_sm90(kernel, constexprs, cfg["num_warps"], {**fp32, **extra},
-                                                     floats=("eps",), default_pointer=ptr)))
+                                                     default_pointer=ptr)))
     return out
 
 

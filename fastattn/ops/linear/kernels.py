@@ -1,7 +1,7 @@
 """Triton kernels for linear attention: forward, dQ, dK and dV.
 
 Math (see ``reference.py``): with features phi (M of them per row),
-``out_i = n_i / d_i``, ``n_i = sum_j a_ij v_j``, ``d_i = sum_j a_ij + eps``, ``a_ij = phi(q_i).phi(k_j)``
+``out_i = n_i / d_i``, ``n_i = sum_j a_ij v_j``, ``d_i = sum_j a_ij + eps_i``, ``a_ij = phi(q_i).phi(k_j)``
 over all keys (non-causal) or keys j <= i (causal, Lq == Lk).
 
 Every kernel runs one (batch, query head) per program and walks the sequence in chunks of
@@ -90,12 +90,13 @@ def _features(base, offs_r, offs_c, stride_r, stride_c, r_ok, c_ok, FEATURE: tl.
 
 @triton.jit
 def linear_fwd_kernel(
-    Q, K, V, O, DEN,
+    Q, K, V, O, DEN, EPS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    n_heads, group, seqlen_q, seqlen_k, eps,
+    stride_eb, stride_eh, stride_em,
+    n_heads, group, seqlen_q, seqlen_k,
     FEAT_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
     FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -151,7 +152,8 @@ def linear_fwd_kernel(
             s += _dot(tl.trans(phik), v_in.to(tl.float32), False, STATE_PRECISION)
             z += tl.sum(phik, 0)
         if NORMALIZE:
-            den = den + eps
+            # eps per query row (FAVOR+ scales it with its stabilisers; a plain eps has stride 0)
+            den = den + tl.load(EPS + b * stride_eb + h * stride_eh + offs_m.to(tl.int64) * stride_em, mask=m_ok, other=1.0)
             num = num / den[:, None]
             tl.store(DEN + bh.to(tl.int64) * seqlen_q + offs_m, den, mask=m_ok & (offs_c * 0 + pid_v == 0))  # one dv block writes d
         tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :].to(tl.int64) * stride_od,

@@ -9,6 +9,8 @@ autograd formula, so ``torch.compile(fullgraph=True)`` sees one opaque node per 
 """
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 import triton
 from torch import Tensor
@@ -75,8 +77,8 @@ def _forward(q, k, v, feature, causal, normalize, eps):
     cfg, meta = _meta(q, v, feature, causal, normalize)
     grid = (triton.cdiv(v.shape[-1], cfg["split_dv"]), b * h)
     kernels.linear_fwd_kernel[grid](
-        q, k, v, out, den, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        h, h // hkv, lq, lk, eps, BLOCK_F=cfg["full_f"], BLOCK_DV=cfg["split_dv"], **meta)
+        q, k, v, out, den, eps, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *eps.stride(),
+        h, h // hkv, lq, lk, BLOCK_F=cfg["full_f"], BLOCK_DV=cfg["split_dv"], **meta)
     return out, den
 
 
@@ -117,7 +119,7 @@ def _backward(do, q, k, v, out, den, feature, causal, normalize):
 
 @torch.library.custom_op("fastattn::linear_fwd", mutates_args=())
 def linear_fwd(q: Tensor, k: Tensor, v: Tensor, feature: str, causal: bool, normalize: bool,
-               eps: float) -> tuple[Tensor, Tensor]:
+               eps: Tensor) -> tuple[Tensor, Tensor]:
     return _forward(q, k, v, feature, causal, normalize, eps)
 
 
@@ -156,7 +158,11 @@ linear_fwd.register_autograd(_linear_fwd_backward, setup_context=_setup_context)
 
 
 def linear_attn(q: Tensor, k: Tensor, v: Tensor, *, feature: str = "identity", causal: bool = False,
-                normalize: bool = True, eps: float = 1e-6) -> Tensor:
-    """Validated inputs -> out (B, Hq, Lq, Dv). q: (B, Hq, Lq, M), k: (B, Hkv, Lk, M)."""
-    out, _ = linear_fwd(q, k, v, feature, causal, normalize, float(eps))
+                normalize: bool = True, eps: Union[float, Tensor] = 1e-6) -> Tensor:
+    """Validated inputs -> out (B, Hq, Lq, Dv). q: (B, Hq, Lq, M), k: (B, Hkv, Lk, M);
+    eps a number or a tensor broadcastable to (B, Hq, Lq, 1) (one value per query row)."""
+    b, h, lq, _ = q.shape
+    eps = torch.as_tensor(eps, dtype=torch.float32, device=q.device)
+    eps = eps.reshape(eps.shape[:3] if eps.dim() == 4 else (1,) * 3).expand(b, h, lq)  # (B, Hq, Lq), stride 0 where broadcast
+    out, _ = linear_fwd(q, k, v, feature, causal, normalize, eps)
     return out

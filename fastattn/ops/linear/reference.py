@@ -7,6 +7,9 @@ map ``phi: R^D -> R^M``. Written with features (all tensors (B, H, L, .)):
     A   = phi(Q) phi(K)^T                      (Lq, Lk), lower-triangular masked if causal
     out = (A V) / (A 1 + eps)                  normalised (``normalize=False``: out = A V)
 
+``eps`` is a number or a tensor broadcastable to (B, Hq, Lq, 1): one value per query row, which
+FAVOR+ needs to keep its stabilised features exact (see ``favor_eps``).
+
 Because ``A V = phi(Q) (phi(K)^T V)``, the non-causal form costs O(L M Dv), and the causal one
 is a running state ``S_i = sum_{j<=i} phi(k_j) v_j^T`` (M, Dv), ``z_i = sum_{j<=i} phi(k_j)`` (M).
 
@@ -97,6 +100,22 @@ def performer_projection(
     return w.to(device=device, dtype=dtype)
 
 
+def favor_stabiliser(x: Tensor, projection: Tensor, *, is_query: bool, scale: Optional[float] = None) -> Tensor:
+    """The default FAVOR+ stabiliser of ``favor_features``, detached: for queries the max of
+    ``W x'`` over the features of each row, (..., L, 1); for keys the max over the whole
+    sequence and all features, (..., 1, 1), so that it is one constant per (batch, head)."""
+    xs = _favor_scaled(x, scale)
+    proj = (xs @ projection.to(xs.dtype).t()).detach()  # (..., L, M)
+    return proj.amax(dim=-1, keepdim=True) if is_query else proj.amax(dim=(-1, -2), keepdim=True)
+
+
+def _favor_scaled(x: Tensor, scale: Optional[float]) -> Tensor:
+    """x * sqrt(scale) in at least float32 (default scale 1/sqrt(D))."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(x.shape[-1])
+    return x.to(torch.promote_types(x.dtype, torch.float32)) * math.sqrt(scale)
+
+
 def favor_features(
     x: Tensor,
     projection: Tensor,
@@ -113,31 +132,50 @@ def favor_features(
 
     so that E[phi(q) . phi(k)] = exp(scale q.k) * exp(-stab_q - stab_k). The stabiliser keeps
     exp finite; it cancels in the normalised attention as long as it is constant along the
-    keys: for keys it is the max of ``W x'`` over the whole sequence and all features
-    (per batch and head), for queries the max over the features of each row. It is detached
-    (it does not change the normalised result, so it carries no gradient). Pass a number or
-    tensor to fix it, e.g. for decoding, where the future keys are unknown.
+    keys and ``eps`` is scaled with it (``favor_eps``). The default is ``favor_stabiliser``:
+    for keys the max of ``W x'`` over the whole sequence and all features (per batch and head),
+    for queries the max over the features of each row. It is detached (it does not change
+    the normalised result, so it carries no gradient). Pass a number or tensor to fix it, e.g.
+    for decoding, where the future keys are unknown.
 
     x: (..., L, D). Returns (..., L, M) in x's dtype, computed in at least float32.
     """
-    d = x.shape[-1]
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    work = torch.promote_types(x.dtype, torch.float32)
-    xs = x.to(work) * math.sqrt(scale)
-    proj = xs @ projection.to(work).t()  # (..., L, M)
+    xs = _favor_scaled(x, scale)
+    proj = xs @ projection.to(xs.dtype).t()  # (..., L, M)
     sq = 0.5 * (xs * xs).sum(-1, keepdim=True)
     if stabiliser is None:
-        if is_query:
-            stabiliser = proj.detach().amax(dim=-1, keepdim=True)
-        else:
-            stabiliser = proj.detach().amax(dim=(-1, -2), keepdim=True)
+        stabiliser = favor_stabiliser(x, projection, is_query=is_query, scale=scale)
     phi = torch.exp(proj - sq - stabiliser) / math.sqrt(projection.shape[0])
     return phi.to(x.dtype)
 
 
+def favor_eps(eps: float, stab_q: Tensor, stab_k: Tensor) -> Tensor:
+    """The normaliser's eps in the units of the stabilised features: (B, Hq, Lq, 1) float32.
+
+    Features scaled by exp(-stab_q) and exp(-stab_k) scale ``A 1`` by exp(-stab_q - stab_k);
+    adding ``eps`` unscaled would make the result depend on the stabiliser, and the key
+    stabiliser is a max over the whole sequence: under ``causal`` a large future key would then
+    change past outputs. ``eps * exp(-stab_q - stab_k)`` keeps ``out`` equal to the
+    unstabilised ``A V / (A 1 + eps)``, which only sees the past. The exponent is clamped to
+    float32's range (beyond it the eps is negligible or the features have underflowed anyway)
+    and the result kept above float32's smallest normal, so that a row whose features all
+    underflowed still divides by a positive number.
+
+    stab_q: (B, Hq, Lq, 1); stab_k: (B, Hkv, 1, 1), Hkv dividing Hq (GQA).
+    """
+    group = stab_q.shape[1] // stab_k.shape[1]
+    exponent = -(stab_q.float() + stab_k.float().repeat_interleave(group, dim=1))
+    tiny = torch.finfo(torch.float32).tiny
+    return (eps * exponent.clamp(-80.0, 80.0).exp()).clamp_min(tiny if eps > 0 else 0.0)
+
+
 # ---------------------------------------------------------------------------------------
 # Linear attention on features
+
+def _per_row(eps) -> bool:
+    """eps given per query row, (B, Hq, Lq, 1) (see favor_eps), rather than one number."""
+    return isinstance(eps, Tensor) and eps.dim() == 4 and eps.shape[2] > 1
+
 
 def _expand_kv(phi_q: Tensor, *kv: Tensor) -> list[Tensor]:
     hq, hkv = phi_q.shape[1], kv[0].shape[1]
@@ -149,7 +187,7 @@ def _expand_kv(phi_q: Tensor, *kv: Tensor) -> list[Tensor]:
 
 def linear_attention_quadratic(
     phi_q: Tensor, phi_k: Tensor, v: Tensor, *, causal: bool = False,
-    normalize: bool = True, eps: float = DEFAULT_EPS,
+    normalize: bool = True, eps: Union[float, Tensor] = DEFAULT_EPS,
 ) -> Tensor:
     """The oracle: ``A = phi(Q) phi(K)^T`` (causally masked), ``out = A V / (A 1 + eps)``.
 
@@ -168,7 +206,7 @@ def linear_attention_quadratic(
 
 def linear_attention_chunked(
     phi_q: Tensor, phi_k: Tensor, v: Tensor, *, causal: bool = False,
-    normalize: bool = True, eps: float = DEFAULT_EPS, chunk_size: int = 64,
+    normalize: bool = True, eps: Union[float, Tensor] = DEFAULT_EPS, chunk_size: int = 64,
 ) -> Tensor:
     """The CPU fallback: same result as ``linear_attention_quadratic`` in O(L) memory.
 
@@ -199,7 +237,8 @@ def linear_attention_chunked(
         a = (qc @ kc.transpose(-1, -2)).tril()  # within the chunk: key j <= query i
         num = qc @ s + a @ vc
         if normalize:
-            num = num / (qc @ z + a.sum(-1, keepdim=True) + eps)
+            eps_c = eps[:, :, start:start + chunk_size] if _per_row(eps) else eps
+            num = num / (qc @ z + a.sum(-1, keepdim=True) + eps_c)
         outs.append(num.to(v.dtype))
         s = s + kc.transpose(-1, -2) @ vc
         z = z + kc.sum(-2).unsqueeze(-1)
