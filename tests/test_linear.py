@@ -95,14 +95,7 @@ def make_qkv(shape, dtype, device, lk_extra=0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_elu_kernels_match_reference(shape, dtype, causal, request, device):
-    if causal and shape[3] == 1 and dtype != torch.float32:
-        # Known defect, left open in issue 4: for a single causal token the kernels' dV is off
-        # by up to one unit in the last place of fp16/bf16 (about 1 time in 5 with fresh
-        # inputs), where plain torch is exact. The forward and backward round the features
-        # differently around the intra-chunk product.
-        request.applymarker(pytest.mark.xfail(reason="dV at L=1 causal: one-ulp rounding defect (issue 4)",
-                                              strict=False))
+def test_elu_kernels_match_reference(shape, dtype, causal, device):
     # Non-causal also gets Lk != Lq.
     q, k, v = make_qkv(shape, dtype, device, lk_extra=0 if causal else 11)
     check_against_reference("elu", q, k, v, causal)

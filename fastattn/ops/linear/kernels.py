@@ -365,8 +365,13 @@ def linear_bwd_dv_kernel(
             phiq = _features(q_base, offs_n, offs_f, stride_qm, stride_qd, n_ok, f_ok, FEATURE)
             do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_n, offs_dv, stride_dom, stride_dod, n_ok, dv_ok,
                           seqlen_q, NORMALIZE)
-            a = _dot(phiq, tl.trans(phik), False, STATE_PRECISION)
+            # a exactly as the forward made it (features and product rounded to V's dtype): the
+            # forward divided by a normaliser summed from these rounded values, so any other
+            # a here would be off by their rounding, one unit of fp16/bf16 in dV.
+            a = _dot(_round(phiq, V.dtype.element_ty, DOT_FP32), tl.trans(_round(phik, V.dtype.element_ty, DOT_FP32)),
+                     DOT_FP32, PRECISION)
             a = tl.where(offs_n[:, None] >= offs_n[None, :], a, 0.0)  # rows: queries, cols: keys
+            a = _round(a, V.dtype.element_ty, DOT_FP32).to(tl.float32)
             dv += _dot(tl.trans(a), dn, False, STATE_PRECISION)
             ds += _dot(tl.trans(phiq), dn, False, STATE_PRECISION)
         rows = bh.to(tl.int64) * seqlen_k + offs_n
