@@ -8,6 +8,7 @@ half that when causal, and the backward counts 2.5x the forward.
 """
 from __future__ import annotations
 
+import ctypes
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -44,9 +45,37 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+_MALLOC_STEADY = False
+
+
+def steady_cpu_malloc() -> None:
+    """Make the CPU process's resident set track tensors, so peak RSS measures them.
+
+    glibc's malloc raises its mmap threshold (up to 32 MB) each time a large block is freed;
+    after that, freed tensors below the threshold stay in the heap and are reused, and the
+    resident set no longer moves when a call allocates them: peak RSS reads 0 for everything
+    but the largest tensors. Setting the threshold (M_MMAP_THRESHOLD) to 128 KiB turns that
+    adjustment off: every buffer of 128 KiB or more gets its own mapping, returned on free.
+    Done once per process (``measure`` and ``peak_memory_mb`` call it), before the first
+    timing, so that every implementation is timed under the same allocator. No-op where
+    glibc is not the allocator."""
+    global _MALLOC_STEADY
+    if _MALLOC_STEADY:
+        return
+    _MALLOC_STEADY = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3  # glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 128 * 1024)
+
+
 def measure(fn, device, *, warmup=3, reps=10, max_seconds=5.0) -> list[float]:
     """Milliseconds per call, one sample per rep after warm-up. CUDA events on a GPU,
     perf_counter on CPU. Stops early once ``max_seconds`` is spent (at least 3 samples)."""
+    if torch.device(device).type == "cpu":
+        steady_cpu_malloc()
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -79,8 +108,10 @@ def _rss_kb(field: str) -> int:
 
 def peak_memory_mb(fn, device) -> float:
     """Peak extra memory of one call in MB. CUDA: the allocator's peak. CPU (Linux): the
-    process's resident-set high-water mark, reset just before the call (large tensors are
-    mmapped and returned on free, so this tracks them); NaN where /proc is not available."""
+    process's resident-set high-water mark, reset just before the call; with
+    ``steady_cpu_malloc`` every buffer of 128 KiB or more is mapped on allocation and returned
+    on free, so this counts the call's tensors and its kernels' scratch (smaller buffers, a
+    few MB at most, can hide in the heap). NaN where /proc is not available."""
     if torch.device(device).type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats()
@@ -88,6 +119,7 @@ def peak_memory_mb(fn, device) -> float:
         fn()
         _sync(device)
         return (torch.cuda.max_memory_allocated() - before) / 2**20
+    steady_cpu_malloc()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM, the peak resident set size

@@ -13,10 +13,8 @@ reference; TRITON_INTERPRET=1 would time the interpreter instead, which means no
     python -m benchmarks.linear --clock cpu  # single-threaded CPU time, for a busy machine
     fastattn bench --suite linear          # timings through the common runner
 
-CPU memory: torch keeps no allocator statistics on CPU, so ``traced_peak_mb`` counts the
-bytes of every tensor that torch ops return while the call runs (a TorchDispatchMode),
-freeing them when the last tensor on that storage dies: the memory the algorithm asks for,
-without ATen's internal scratch. On CUDA it is the allocator's peak.
+Memory: ``benchmarks.common.peak_memory_mb`` of a no-grad forward (the allocator's peak on
+CUDA; the resident-set high-water mark on CPU).
 
 FLOPs: exact attention as DESIGN.md (4 B H L^2 D, half causal). Linear attention:
 4 B H L M Dv (phi(K)^T V and phi(Q) S) plus, causal, 2 B H L C (M + Dv) / 2 for the masked
@@ -27,12 +25,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import fastattn
 from benchmarks.common import Case, attention_flops, measure, peak_memory_mb
@@ -49,60 +44,9 @@ def linear_flops(b, h, l, m, dv, *, causal=False, backward=False) -> float:
     return fwd * 3.5 if backward else fwd
 
 
-class _LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of the storages that torch ops create while active (see module docstring)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.refs: dict[int, list] = {}  # storage pointer -> [tensors alive, bytes]
-        self.external: set[int] = set()
-
-    def _release(self, key):
-        entry = self.refs.get(key)
-        if entry is None:
-            return
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.live -= entry[1]
-            del self.refs[key]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for t in tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor):
-                key = t.untyped_storage().data_ptr()
-                if key not in self.refs:
-                    self.external.add(key)  # made before we started: not ours to count
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key == 0 or key in self.external:
-                continue
-            if key not in self.refs:
-                self.refs[key] = [0, storage.nbytes()]
-                self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
-            self.refs[key][0] += 1
-            weakref.finalize(t, self._release, key)
-        return out
-
-
-def traced_peak_mb(fn) -> float:
-    """Peak MB of tensors created by one call of ``fn`` (CPU or any device)."""
-    with torch.no_grad(), _LiveTensorBytes() as mode:
-        out = fn()
-        del out
-    return mode.peak / 2**20
-
-
 def peak_mb(fn, device) -> float:
-    if torch.device(device).type == "cuda":
-        with torch.no_grad():
-            return peak_memory_mb(fn, device)
-    return traced_peak_mb(fn)
+    with torch.no_grad():
+        return peak_memory_mb(fn, device)
 
 
 def _performer_pytorch(d, m, causal, device):

@@ -42,3 +42,25 @@ def test_speedups_pair_each_peer_with_fastattn_on_the_same_config():
             {"suite": "s", "config": "a", "impl": "copy-ceiling", "median_ms": 1.0},
             {"suite": "s", "config": "b", "impl": "torch-math", "median_ms": 1.0}]
     assert report.speedups(rows) == [{"suite": "s", "config": "a", "peer": "torch-math", "speedup": 3.0}]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_cpu_peak_memory_counts_a_mid_sized_tensor_after_a_large_one_was_freed():
+    """glibc raises its mmap threshold when a large block is freed; after that a 4 MB tensor
+    comes from the heap, and from the second call on it reuses freed heap memory that peak
+    RSS cannot see. peak_memory_mb must see it on every call. Run in a fresh interpreter: the
+    allocator setting is per process."""
+    import subprocess
+
+    script = (
+        "import sys, torch; sys.path.insert(0, '.')\n"
+        "torch.empty(20 * 2**20, dtype=torch.uint8).fill_(1)  # 20 MB, mapped then freed\n"
+        "from benchmarks.common import peak_memory_mb\n"
+        "f = lambda: torch.empty(4 * 2**20, dtype=torch.uint8).fill_(1)\n"
+        "print([peak_memory_mb(f, 'cpu') for _ in range(3)])\n")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True)
+    calls = eval(out.stdout.strip().splitlines()[-1])
+    # RSS is read in pages around the call, so allow a few per cent under the tensor's 4 MB;
+    # nothing else in the call is large.
+    assert all(3.6 <= mb < 5.0 for mb in calls), calls
