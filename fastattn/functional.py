@@ -765,5 +765,6 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool = 
     else:
         from fastattn.ops.sparse.reference import sparse_attention_blocked
 
-        out, lse = sparse_attention_blocked(q, k, v, dense, layout.block_size, causal=causal, scale=scale)
+        out, lse = sparse_attention_blocked(q, k, v, dense, layout.block_size, causal=causal, scale=scale,
+                                            return_lse=return_lse)
     return (out, lse) if return_lse else out

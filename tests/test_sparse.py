@@ -17,11 +17,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 
-def check(q, k, v, layout, *, causal, backend="triton", grad=True):
+def check(q, k, v, layout, *, causal, backend="triton", grad=True, return_lse=True):
     """Output, lse and dq/dk/dv of sparse_attention on ``backend`` vs the float64 reference,
-    with the reference in q's dtype as the yardstick. Returns (out, lse)."""
+    with the reference in q's dtype as the yardstick. Returns (out, lse). ``return_lse=False``
+    checks the call without lse (the torch fallback then takes torch's fused SDPA per chunk)."""
     with fastattn.use_backend(backend):
-        out, lse = fastattn.sparse_attention(q, k, v, layout, causal=causal, return_lse=True)
+        out = fastattn.sparse_attention(q, k, v, layout, causal=causal, return_lse=return_lse)
+    out, lse = out if return_lse else (out, None)
     block_mask = layout.to_dense()
 
     def ref(convert):
@@ -32,9 +34,10 @@ def check(q, k, v, layout, *, causal, backend="triton", grad=True):
     oracle, oracle_lse, args64 = ref(as64)
     base, base_lse, args_t = ref(same_dtype_copy)
     assert out.shape == oracle.shape and out.dtype == q.dtype
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(oracle_lse))
     assert_close_rule("out", out, oracle, base)
-    assert_close_rule("lse", lse, oracle_lse, base_lse)
+    if return_lse:
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(oracle_lse))
+        assert_close_rule("lse", lse, oracle_lse, base_lse)
     if grad:
         do = torch.randn_like(out)
         grads = torch.autograd.grad(out, [q, k, v], do)
@@ -76,15 +79,19 @@ def test_kernels_match_reference_for_every_pattern(pattern, causal, dtype, devic
 
 
 # Rectangular layouts from random per-head block masks: block sizes 16 (one tile per block)
-# and 64 (2x2 interpreter tiles per block), Lq != Lk both ways, GQA 3:1.
+# and 64 (2x2 interpreter tiles per block), Lq != Lk both ways (causal with Lq > Lk leaves
+# query rows that see no key inside kept blocks), GQA 3:1. The torch fallback both ways:
+# with lse (explicit softmax) and without (torch's SDPA per chunk).
+@pytest.mark.parametrize("backend,return_lse", [("triton", True), ("torch", True), ("torch", False)],
+                         ids=["triton", "torch-lse", "torch-sdpa"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("block_size,lq,lk", [(16, 45, 97), (64, 130, 70)], ids=["bs16-q45-k97", "bs64-q130-k70"])
-def test_random_per_head_layouts_and_rectangular_shapes(block_size, lq, lk, causal, device):
+def test_random_per_head_layouts_and_rectangular_shapes(block_size, lq, lk, causal, backend, return_lse, device):
     nq, nk = -(-lq // block_size), -(-lk // block_size)
     mask = torch.rand(3, nq, nk) < 0.5
     layout = sparse.from_dense(mask, block_size, (lq, lk))
     q, k, v = qkv(torch.float16, device, hq=3, hkv=1, lq=lq, lk=lk, d=48, dv=24)
-    check(q, k, v, layout, causal=causal)
+    check(q, k, v, layout, causal=causal, backend=backend, return_lse=return_lse)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -102,6 +109,14 @@ def test_all_blocks_layout_equals_flash_attention(causal, dtype, device):
     assert_close_rule("flash", flash, oracle, base)
     assert_close_rule("sparse-vs-flash", out, flash.double(), base - oracle.to(base.dtype) + flash)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(flash_lse))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_all_blocks_fallback_without_lse(causal, device):
+    """The torch fallback sends a layout of all blocks (square when causal) to dense SDPA."""
+    layout = sparse.from_dense(torch.ones(3, 3, dtype=torch.bool), 32, 80)
+    q, k, v = qkv(torch.float32, device, hq=4, hkv=2, lq=80, lk=80, d=32)
+    check(q, k, v, layout, causal=causal, backend="torch", return_lse=False)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -129,11 +144,13 @@ def test_empty_row_gives_zero_and_neg_inf_lse(dtype, backend, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("pattern", ["bigbird", "longformer"])
 def test_torch_fallback_matches_reference(pattern, dtype, device):
-    """The blockwise fallback (gathered kept blocks) against the dense float64 reference."""
+    """The blockwise fallback (gathered kept blocks) against the dense float64 reference,
+    with lse (explicit softmax) and without (torch's SDPA per chunk)."""
     for causal in (False, True):
-        layout = PATTERNS[pattern][0](causal)
-        q, k, v = qkv(dtype, device, hq=2, hkv=1, d=32)
-        check(q, k, v, layout, causal=causal, backend="torch")
+        for return_lse in (True, False):
+            layout = PATTERNS[pattern][0](causal)
+            q, k, v = qkv(dtype, device, hq=2, hkv=1, d=32)
+            check(q, k, v, layout, causal=causal, backend="torch", return_lse=return_lse)
 
 
 def test_fallback_bucketing_many_widths_matches_reference(device):
