@@ -457,12 +457,41 @@ def attention_with_kvcache(
 
         # band already holds causal
         rot = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
+        if not (needs_grad or return_lse):
+            return _decode_by_prefix(q, k_cache, v_cache, seqlens, k_new, v_new, band=band, scale=scale,
+                                     alibi_slopes=alibi_slopes, softcap=softcap, rot=rot)
         out, lse = decode_reference(q, k_cache, v_cache, seqlens, k_new, v_new, causal=False,
                                     window=band, scale=scale, alibi_slopes=alibi_slopes, softcap=softcap,
                                     return_lse=True, **rot)
         if k_new is not None:
             append_reference(k_cache, v_cache, seqlens, k_new, v_new, **rot)
     return (out, lse) if return_lse else out
+
+
+def _decode_by_prefix(q, k_cache, v_cache, seqlens, k_new, v_new, *, band, scale, alibi_slopes, softcap, rot):
+    """The fallback of a generation step (no gradients, no lse): append first, then each
+    sequence's valid prefix through ``_attend``, which hands what torch's fused SDPA can
+    express to it (on a CPU many times faster than the reference, which builds the scores).
+    Same result as ``decode_reference`` followed by ``append_reference``."""
+    from fastattn.ops.decode.reference import append_reference, apply_rotary, rotary_positions
+
+    lq, lnew = q.shape[2], (0 if k_new is None else k_new.shape[2])
+    if rot["rotary_cos"] is not None:
+        q = apply_rotary(q, rot["rotary_cos"], rot["rotary_sin"], rotary_positions(seqlens, lq, lnew, lq),
+                         rot["rotary_interleaved"])
+    if k_new is not None:
+        append_reference(k_cache, v_cache, seqlens, k_new, v_new, **rot)  # rotates k_new as it writes
+    outs = []
+    for b, n in enumerate(seqlens.tolist()):
+        if n + lnew == 0:  # nothing to attend to: out 0, as everywhere in fastattn
+            outs.append(q.new_zeros(1, q.shape[1], lq, v_cache.shape[-1]))
+            continue
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        out, _ = _attend("attention_with_kvcache", q[b:b + 1], k_cache[b:b + 1, :, :n + lnew],
+                         v_cache[b:b + 1, :, :n + lnew], band=band, scale=scale, attn_bias=None,
+                         alibi_slopes=slopes, softcap=softcap, dropout_p=0.0, need_lse=False)
+        outs.append(out)
+    return torch.cat(outs)  # (B, Hq, Lq, Dv)
 
 
 # ---------------------------------------------------------------------------------------

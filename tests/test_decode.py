@@ -15,7 +15,8 @@ pytest.importorskip("triton")
 import fastattn  # noqa: E402
 from fastattn.nn import KVCache  # noqa: E402
 from fastattn.ops.decode import op as decode_op  # noqa: E402
-from fastattn.ops.decode.reference import apply_rotary, decode_reference, rotary_positions  # noqa: E402
+from fastattn.ops.decode.reference import (  # noqa: E402
+    append_reference, apply_rotary, decode_reference, rotary_positions)
 from fastattn.ops.flash.reference import attention_reference  # noqa: E402
 from helpers import assert_close_rule, max_err  # noqa: E402
 
@@ -223,6 +224,47 @@ def test_torch_backend_appends_and_matches(device):
     out, _ = run_and_check(q, k_cache, v_cache, lengths, k_new, v_new)
     assert torch.equal(bits(k2), bits(k_cache)) and torch.equal(bits(v2), bits(v_cache))
     assert max_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("feature", ["plain", "one-token", "no-new", "rotary"] + list(_features(1, 1, "cpu")))
+def test_auto_fallback_of_a_generation_step(feature, monkeypatch):
+    """Without kernels (CPU, no interpreter), a call with no gradients and no lse appends first,
+    then attends over each sequence's valid prefix, through torch's fused SDPA where it can
+    express the call: same output as the float64 reference (DESIGN.md rule), same caches,
+    bit for bit, as the reference's append; an empty sequence gives 0."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    b, hq, hkv, d, lengths = 3, 4, 2, 32, [0, 17, 60]
+    lq = lnew = {"one-token": 1, "no-new": 0}.get(feature, 3)
+    lq = max(lq, 1)
+    kw = {"plain": {}, "one-token": {}, "no-new": {}}.get(feature)
+    if feature == "rotary":
+        cos, sin = rope_tables(80, d, "cpu")
+        kw = dict(rotary_cos=cos, rotary_sin=sin)
+    elif kw is None:
+        kw = _features(b, hq, "cpu")[feature]
+    lmax = max(lengths) + lnew + 5
+    q = torch.randn(b, hq, lq, d)
+    k_cache, v_cache = (make_cache(b, hkv, lmax, d, lengths, torch.float32, "cpu") for _ in range(2))
+    k_new = v_new = None
+    if lnew:
+        k_new, v_new = torch.randn(b, hkv, lnew, d), torch.randn(b, hkv, lnew, d)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    if feature == "no-new":
+        seqlens[0] = 0  # nothing at all to attend to
+    oracle = decode_reference(q.double(), k_cache.double(), v_cache.double(), seqlens,
+                              None if k_new is None else k_new.double(), None if v_new is None else v_new.double(),
+                              **kw)
+    base = decode_reference(q, k_cache, v_cache, seqlens, k_new, v_new, **kw)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    if k_new is not None:
+        rot = {n: a for n, a in kw.items() if n.startswith("rotary")}
+        append_reference(k_want, v_want, seqlens, k_new, v_new, **rot)
+    with torch.no_grad():
+        out = fastattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, **kw)
+    assert_close_rule("out", out, oracle, base)
+    assert torch.equal(bits(k_cache), bits(k_want)) and torch.equal(bits(v_cache), bits(v_want))
+    if feature == "no-new":
+        assert torch.all(out[0] == 0)
 
 
 def test_num_splits_heuristic_fills_the_gpu():

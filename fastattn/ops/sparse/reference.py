@@ -46,9 +46,10 @@ def sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, block_mask: Tens
                                return_lse=return_lse)
 
 
-# Cap on the elements of one chunk's score matrix, so the fallback's peak memory stays
-# proportional to the kept blocks of a chunk, not of the whole layout.
-_CHUNK_SCORES = 1 << 24
+# Cap on the elements one chunk of query blocks holds at once (its gathered K and V and its
+# score block), so the fallback's peak memory is a constant (16 MB in fp32), whatever the
+# sequence length and layout.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def _row_buckets(counts: Tensor) -> list[tuple[int, Tensor]]:
@@ -110,7 +111,7 @@ def sparse_attention_blocked(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor
             lses.append(torch.full((b, rows.numel(), bs), float("-inf"), dtype=lse_dtype, device=q.device))
             rows_done.append(rows)
             continue
-        step = max(1, _CHUNK_SCORES // (b * bs * width * bs))
+        step = max(1, _CHUNK_ELEMENTS // (b * width * bs * (bs + d + dv)))  # rows per chunk
         for chunk in rows.split(step):
             cols = order[chunk, :width]  # (R, W) key blocks, padded past the row's count
             slot_ok = torch.arange(width, device=q.device)[None, :] < counts[chunk, None]
