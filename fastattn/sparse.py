@@ -17,7 +17,6 @@ Pure PyTorch (no Triton import); everything is kept on the CPU and copied to a d
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
