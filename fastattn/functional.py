@@ -620,8 +620,8 @@ def performer_attention(
 
     Equivalent code::
 
-        sq = favor_stabiliser(q, W, is_query=True); sk = favor_stabiliser(k, W, is_query=False)
-        fq = favor_features(q, W, is_query=True, stabiliser=sq)   # and fk likewise with sk
+        fq, sq = favor_features(q, W, is_query=True, return_stabiliser=True)
+        fk, sk = favor_features(k, W, is_query=False, return_stabiliser=True)
         a = fq @ fk.transpose(-1, -2)            # tril() if causal
         out = (a @ v) / (a.sum(-1, keepdim=True) + favor_eps(eps, sq, sk))
     """
@@ -640,10 +640,9 @@ def performer_attention(
     from fastattn.ops.linear import reference as linear_ref
 
     if kernel == "softmax":
-        stab_q = linear_ref.favor_stabiliser(q, projection, is_query=True, scale=scale)  # (B, Hq, Lq, 1)
-        stab_k = linear_ref.favor_stabiliser(k, projection, is_query=False, scale=scale)  # (B, Hkv, 1, 1)
-        fq = linear_ref.favor_features(q, projection, is_query=True, scale=scale, stabiliser=stab_q)
-        fk = linear_ref.favor_features(k, projection, is_query=False, scale=scale, stabiliser=stab_k)
+        # stabilisers: (B, Hq, Lq, 1) per query row, (B, Hkv, 1, 1) for the keys
+        fq, stab_q = linear_ref.favor_features(q, projection, is_query=True, scale=scale, return_stabiliser=True)
+        fk, stab_k = linear_ref.favor_features(k, projection, is_query=False, scale=scale, return_stabiliser=True)
         # eps scaled like the features, so the stabilisers cancel exactly and (causal) a large
         # future key cannot reach past outputs through the key stabiliser.
         eps = linear_ref.favor_eps(eps, stab_q, stab_k)

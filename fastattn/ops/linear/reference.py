@@ -105,7 +105,11 @@ def favor_stabiliser(x: Tensor, projection: Tensor, *, is_query: bool, scale: Op
     ``W x'`` over the features of each row, (..., L, 1); for keys the max over the whole
     sequence and all features, (..., 1, 1), so that it is one constant per (batch, head)."""
     xs = _favor_scaled(x, scale)
-    proj = (xs @ projection.to(xs.dtype).t()).detach()  # (..., L, M)
+    return _default_stabiliser(xs @ projection.to(xs.dtype).t(), is_query)
+
+
+def _default_stabiliser(proj: Tensor, is_query: bool) -> Tensor:
+    proj = proj.detach()  # (..., L, M)
     return proj.amax(dim=-1, keepdim=True) if is_query else proj.amax(dim=(-1, -2), keepdim=True)
 
 
@@ -123,7 +127,8 @@ def favor_features(
     is_query: bool,
     scale: Optional[float] = None,
     stabiliser: Optional[Union[float, Tensor]] = None,
-) -> Tensor:
+    return_stabiliser: bool = False,
+):
     """FAVOR+ positive random features of the softmax kernel exp(scale * q.k).
 
     With ``x' = x * sqrt(scale)`` (default scale 1/sqrt(D)) and W = ``projection`` (M, D):
@@ -138,15 +143,16 @@ def favor_features(
     the normalised result, so it carries no gradient). Pass a number or tensor to fix it, e.g.
     for decoding, where the future keys are unknown.
 
-    x: (..., L, D). Returns (..., L, M) in x's dtype, computed in at least float32.
+    x: (..., L, D). Returns (..., L, M) in x's dtype, computed in at least float32, and with
+    ``return_stabiliser`` the stabiliser used, as a tensor (for ``favor_eps``).
     """
     xs = _favor_scaled(x, scale)
     proj = xs @ projection.to(xs.dtype).t()  # (..., L, M)
     sq = 0.5 * (xs * xs).sum(-1, keepdim=True)
     if stabiliser is None:
-        stabiliser = favor_stabiliser(x, projection, is_query=is_query, scale=scale)
-    phi = torch.exp(proj - sq - stabiliser) / math.sqrt(projection.shape[0])
-    return phi.to(x.dtype)
+        stabiliser = _default_stabiliser(proj, is_query)
+    phi = (torch.exp(proj - sq - stabiliser) / math.sqrt(projection.shape[0])).to(x.dtype)
+    return (phi, torch.as_tensor(stabiliser, device=x.device)) if return_stabiliser else phi
 
 
 def favor_eps(eps: float, stab_q: Tensor, stab_k: Tensor) -> Tensor:
