@@ -1,5 +1,6 @@
-"""Flash attention suite: fastattn vs torch SDPA's backends and FlexAttention, forward and
-forward+backward, causal and not, across head dims and sequence lengths (and GQA).
+"""Flash attention suite: fastattn vs torch SDPA's backends, FlexAttention and (if installed)
+flash-attn, forward and forward+backward, causal and not, across head dims and sequence
+lengths (and GQA).
 
 On a GPU: bf16, 16k tokens per batch at hidden 2048 (B = 16384 / L, H = 2048 / D), the
 setting of the FlashAttention papers. On a CPU: small fp32 sizes, where fastattn runs its
@@ -78,6 +79,9 @@ def cases(device, quick=False):
         flex = _flex(device, causal, l, l)
         if flex is not None:
             impls["flex"] = flex
+        flash_attn = _flash_attn(device, causal)
+        if flash_attn is not None:
+            impls["flash-attn"] = flash_attn
         params = {"seq_len": l, "head_dim": d, "causal": causal, "gqa": hq // hkv}
         for impl, f in impls.items():
             fwd_flops = attention_flops(b, hq, l, l, d, causal=causal)
@@ -88,6 +92,20 @@ def cases(device, quick=False):
                             lambda f=f, q=q, k=k, v=v, do=do: torch.autograd.grad(f(q, k, v), (q, k, v), do),
                             flops=attention_flops(b, hq, l, l, d, causal=causal, backward=True), params=params))
     return out
+
+
+def _flash_attn(device, causal):
+    """The flash-attn package's kernel, if it is installed (CUDA only), else None. It takes
+    (B, L, H, D) and GQA natively; the transposes are views, not copies. Its causal is
+    bottom-right, the same as top-left here (Lq == Lk)."""
+    if torch.device(device).type != "cuda":
+        return None
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           causal=causal).transpose(1, 2)
 
 
 def _in(ctx, fn, *args, **kw):

@@ -59,21 +59,67 @@ def _performer_pytorch(d, m, causal, device):
     return lambda q, k, v: attn(q, k, v)
 
 
-def impls(d, m, causal, device, projection):
-    """name -> f(q, k, v). Exact attention, linear (elu+1), Performer, and the foils."""
+def _fla(causal, device):
+    """flash-linear-attention's chunked causal linear attention (identity features, its own
+    normaliser), if installed: Triton kernels for CUDA only, so None elsewhere."""
+    if not causal or torch.device(device).type != "cuda" or importlib.util.find_spec("fla") is None:
+        return None
+    from fla.ops.linear_attn import chunk_linear_attn
+
+    # It takes (B, L, H, D); the transposes are views.
+    return lambda q, k, v: chunk_linear_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             normalize=True)[0].transpose(1, 2)
+
+
+def _linformer_layer(h, l, d, m, device, dtype):
+    """The linformer package's LinformerSelfAttention (k = m projected rows), if installed. It is
+    a whole layer: its time includes its q/k/v/out projections (fastattn-linformer's does not)."""
+    if importlib.util.find_spec("linformer") is None:
+        return None
+    from linformer import LinformerSelfAttention
+
+    layer = LinformerSelfAttention(dim=h * d, seq_len=l, k=m, heads=h, dim_head=d).to(device, dtype)
+    # (B, H, L, D) -> (B, L, H*D): the layer's input is the token sequence
+    return lambda q, k, v: layer(q.transpose(1, 2).reshape(q.shape[0], l, h * d))
+
+
+def impls(h, l, d, m, causal, device, dtype, projection):
+    """name -> f(q, k, v). Exact attention, linear (elu+1), Performer, Linformer (non-causal,
+    P = m rows, the same budget as Performer's m features), and the foils and peers."""
     out = {
         "fastattn-linear": lambda q, k, v: fastattn.linear_attention(q, k, v, causal=causal),
-        "fastattn-performer": lambda q, k, v: fastattn.performer_attention(q, k, v, projection, causal=causal),
+        "fastattn-performer": lambda q, k, v: fastattn.performer_attention(q, k, v, projection.to(q.dtype),
+                                                                           causal=causal),
         "fastattn-flash": lambda q, k, v: fastattn.flash_attention(q, k, v, causal=causal),
         "torch-sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
     }
     if causal:
         out["cumsum-linear"] = lambda q, k, v: linear_ref.linear_attention_cumsum(
             linear_ref.elu_features(q), linear_ref.elu_features(k), v)
-    pp = _performer_pytorch(d, m, causal, device)
-    if pp is not None:
-        out["performer-pytorch"] = pp
+    else:
+        e = torch.randn(m, l, device=device, generator=torch.Generator(device).manual_seed(0)) / math.sqrt(l)
+        out["fastattn-linformer"] = lambda q, k, v: fastattn.linformer_attention(q, k, v, e.to(q.dtype), e.to(q.dtype))
+        layer = _linformer_layer(h, l, d, m, device, dtype)
+        if layer is not None:
+            out["linformer-layer"] = layer
+    peers = {"performer-pytorch": _performer_pytorch(d, m, causal, device), "fla-linear": _fla(causal, device)}
+    out.update({name: f for name, f in peers.items() if f is not None})
     return out
+
+
+def _checker(f, d, dtype, device):
+    """Before timing a fastattn function: on a small instance (L = 128) its error vs the same
+    call in float64 on the torch backend (the references) is within 2x the error of that
+    reference in the benchmark dtype, plus 1e-5 (DESIGN.md)."""
+    def check():
+        q, k, v = (torch.randn(1, 2, 128, d, device=device, dtype=dtype) for _ in range(3))
+        with fastattn.use_backend("torch"):
+            oracle = f(q.double(), k.double(), v.double())
+            base = (f(q, k, v).double() - oracle).abs().max().item()
+        ours = (f(q, k, v).double() - oracle).abs().max().item()
+        if not ours <= 2 * base + 1e-5:  # also catches NaN
+            raise AssertionError(f"error {ours:.3e} > 2 x the reference's {base:.3e}")
+    return check
 
 
 def configs(device, quick):
@@ -108,15 +154,20 @@ def cases(device, quick=False):
         projection = fastattn.performer_projection(m, d, generator=torch.Generator().manual_seed(0),
                                                    device=device)
         params = {"seq_len": l, "head_dim": d, "features": m, "causal": causal}
-        for impl, f in impls(d, m, causal, device, projection).items():
+        for impl, f in impls(h, l, d, m, causal, device, dtype, projection).items():
             if _too_big(impl, b, h, l, d, m, dtype):
                 continue
             exact = impl in ("fastattn-flash", "torch-sdpa")
-            flops = (attention_flops(b, h, l, l, d, causal=causal) if exact
-                     else linear_flops(b, h, l, d if impl.endswith("linear") else m, d, causal=causal))
+            if exact:
+                flops = attention_flops(b, h, l, l, d, causal=causal)
+            elif "linformer" in impl:  # exact attention over the m projected keys
+                flops = attention_flops(b, h, l, m, d)
+            else:
+                flops = linear_flops(b, h, l, d if impl.endswith("linear") else m, d, causal=causal)
+            check = _checker(f, d, dtype, device) if impl in ("fastattn-linear", "fastattn-performer") else None
             out.append(Case(SUITE + "-fwd", name, impl, lambda f=f, q=q, k=k, v=v: f(q, k, v),
-                            flops=flops, params=params))
-            if impl != "cumsum-linear":
+                            flops=flops, params=params, check=check))
+            if impl not in ("cumsum-linear", "linformer-layer"):  # the layer's own weights take the gradient
                 out.append(Case(SUITE + "-fwdbwd", name, impl,
                                 lambda f=f, q=q, k=k, v=v, do=do: torch.autograd.grad(f(q, k, v), (q, k, v), do),
                                 flops=flops * 3.5, params=params))
@@ -148,7 +199,7 @@ def table(device, quick=False, reps=5, clock="wall"):
         q, k, v = _inputs(b, h, l, d, device, dtype, False)
         projection = fastattn.performer_projection(m, d, generator=torch.Generator().manual_seed(0),
                                                    device=device)
-        for impl, f in impls(d, m, causal, device, projection).items():
+        for impl, f in impls(h, l, d, m, causal, device, dtype, projection).items():
             if _too_big(impl, b, h, l, d, m, dtype):
                 rows.append(dict(seq_len=l, causal=causal, impl=impl, median_ms=math.nan, peak_mb=math.nan,
                                  note="skipped: (L, M, Dv) tensor > 2 GB"))
