@@ -71,6 +71,15 @@ def steady_cpu_malloc() -> None:
     libc.mallopt(m_mmap_threshold, 128 * 1024)
 
 
+def _release_free_heap() -> None:
+    """Hand the heap's free pages back to the kernel (glibc's malloc_trim), so that memory a
+    call reuses from the heap is faulted in again and shows in the resident set."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def measure(fn, device, *, warmup=3, reps=10, max_seconds=5.0) -> list[float]:
     """Milliseconds per call, one sample per rep after warm-up. CUDA events on a GPU,
     perf_counter on CPU. Stops early once ``max_seconds`` is spent (at least 3 samples)."""
@@ -110,8 +119,9 @@ def peak_memory_mb(fn, device) -> float:
     """Peak extra memory of one call in MB. CUDA: the allocator's peak. CPU (Linux): the
     process's resident-set high-water mark, reset just before the call; with
     ``steady_cpu_malloc`` every buffer of 128 KiB or more is mapped on allocation and returned
-    on free, so this counts the call's tensors and its kernels' scratch (smaller buffers, a
-    few MB at most, can hide in the heap). NaN where /proc is not available."""
+    on free, and the heap's free pages are handed back before the call (malloc_trim), so
+    smaller buffers are faulted in again too: this counts the call's tensors and its kernels'
+    scratch, to within a few pages. NaN where /proc is not available."""
     if torch.device(device).type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats()
@@ -120,6 +130,7 @@ def peak_memory_mb(fn, device) -> float:
         _sync(device)
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     steady_cpu_malloc()
+    _release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM, the peak resident set size
