@@ -13,7 +13,7 @@ import torch
 import fastattn
 from fastattn.models import (GPT, Encoder, EncoderConfig, EncoderDecoder, EncoderDecoderConfig, GPTConfig, ViT,
                              ViTConfig)
-from fastattn.nn import MoEConfig
+from fastattn.nn import MoEConfig, RotaryEmbedding
 from tests.helpers import assert_close_rule
 
 POSITIONALS = ["learned", "sinusoidal", "rope", "alibi", "t5", "none"]
@@ -60,14 +60,23 @@ def test_gpt_overfits_and_caches(positional):
     assert m.can_cache() == (positional != "t5")
 
 
-def test_gpt_cached_logits_equal_full_pass():
+@pytest.mark.parametrize("rope_dim", [None, 4], ids=["rope-all-channels", "rope-4-of-8-channels"])
+def test_gpt_cached_logits_equal_full_pass(rope_dim):
     torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=24, positional="rope", **TINY)).double().eval()
+    m = GPT(GPTConfig(vocab_size=24, positional="rope", rope_dim=rope_dim, **TINY)).double().eval()
+    rotaries = [mod for mod in m.modules() if isinstance(mod, RotaryEmbedding)]
+    assert rotaries and all(r.dim == (rope_dim or 8) for r in rotaries)
     x = torch.randint(0, 24, (2, 10))
     full, _ = m(x)
     cache = m.new_cache(2)
     parts = [m(x[:, :4], cache=cache)[0]] + [m(x[:, t:t + 1], cache=cache, offset=t)[0] for t in range(4, 10)]
     torch.testing.assert_close(torch.cat(parts, 1), full)
+
+
+@pytest.mark.parametrize("rope_dim", [0, 3, 10], ids=["zero", "odd", "above-head-dim"])
+def test_rope_dim_must_be_even_and_within_the_head(rope_dim):
+    with pytest.raises(ValueError, match="rope_dim"):
+        GPTConfig(vocab_size=24, positional="rope", rope_dim=rope_dim, **TINY)
 
 
 def test_gpt_on_kernels_matches_torch_backend():

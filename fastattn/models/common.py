@@ -22,7 +22,8 @@ class StackConfig:
 
     d_model, n_layers, n_heads, n_kv_heads (GQA; None = n_heads), d_ff (None = 4 d_model),
     dropout; positional: "learned" | "sinusoidal" (added to the embeddings), "rope"
-    (``rope_base``, ``rope_scaling``), "alibi" (kernel slopes), "t5" (relative bias) or "none";
+    (``rope_base``, ``rope_scaling``; ``rope_dim`` channels of each head rotated, the rest
+    passed through: partial rotary as in GPT-NeoX, None = all), "alibi" (kernel slopes), "t5" (relative bias) or "none";
     norm "layer" | "rms", norm_first (pre-norm), activation "relu" | "gelu" | "swiglu";
     attention (see ``MultiHeadAttention``) with ``attention_options``; ``moe`` for a
     mixture-of-experts feed-forward; max_seq_len bounds learned positions and generation.
@@ -44,6 +45,7 @@ class StackConfig:
     max_seq_len: int = 512
     rope_base: float = 10000.0
     rope_scaling: float = 1.0
+    rope_dim: Optional[int] = None
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -51,6 +53,8 @@ class StackConfig:
             raise ValueError(f"positional must be one of {POSITIONALS}, got {self.positional!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} must be a multiple of n_heads {self.n_heads}")
+        if self.rope_dim is not None and not (0 < self.rope_dim <= self.head_dim and self.rope_dim % 2 == 0):
+            raise ValueError(f"rope_dim must be even and in (0, head_dim={self.head_dim}], got {self.rope_dim}")
 
     @property
     def head_dim(self) -> int:
@@ -76,7 +80,7 @@ class Positional(nn.Module):
             self.absolute = SinusoidalPositionalEmbedding(cfg.d_model)
         elif self.kind == "t5":
             self.relative = RelativePositionBias(cfg.n_heads, bidirectional=bidirectional)
-        self.rotary_args = (cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
+        self.rotary_args = (cfg.rope_dim or cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
 
     def add(self, x: Tensor, offset: Positions = 0) -> Tensor:
         """x (B, L, E) + absolute positions offset .. offset + L - 1."""
