@@ -137,7 +137,7 @@ def train_one(args) -> dict:
         args.warmup = max(1, (args.warm_steps + args.steps) // 10)
     device = training.setup(args)
     vocab = Vocab(args.keys, args.values, args.filler)
-    model = build_model(args, vocab).to(device)
+    model = build_model(args, vocab).to(device, getattr(torch, args.dtype))
     print(f"{args.attention}: {training.count_parameters(model):,} parameters, {args.warm_steps} steps at "
           f"L={args.warm_len} then {args.steps} at L={args.seq_len}, backend={args.backend}, device={device}")
     total = args.warm_steps + args.steps
@@ -177,7 +177,7 @@ def train_one(args) -> dict:
     memory = peak if device.type == "cuda" else (peak - base if peak is not None and base is not None else None)
     result = dict(attention=args.attention, accuracy=acc, warm_accuracy=warm_acc, warm_s=warm_s,
                   train_s=long_s, step_s=long_s / max(args.steps, 1), memory_mb=memory,
-                  tokens_per_s=tokens_per_s, first_loss=losses[0], last_loss=losses[-1],
+                  tokens_per_s=tokens_per_s, losses=losses, first_loss=losses[0], last_loss=losses[-1],
                   chance=1.0 / args.values, device=str(device), backend=args.backend)
     print(f"{args.attention}: held-out accuracy at L={args.seq_len}: {acc:.3f} (chance {1 / args.values:.3f}), "
           f"{long_s / max(args.steps, 1):.2f} s/step at L={args.seq_len}, "
@@ -187,7 +187,8 @@ def train_one(args) -> dict:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    training.add_common_args(p, attentions=("all",) + ATTENTIONS, default_steps=30, lr=2e-3)
+    training.add_common_args(p, attentions=("all",) + ATTENTIONS, default_steps=30, lr=2e-3,
+                             dtype=True)
     p.add_argument("--seq-len", type=int, default=2048, help="the length trained last and evaluated")
     p.add_argument("--warm-len", type=int, default=128, help="the curriculum's first, short length")
     p.add_argument("--warm-steps", type=int, default=400, help="steps at --warm-len before --steps at --seq-len")
@@ -207,8 +208,9 @@ def parse(argv=None):
     p.add_argument("--features", type=int, default=64, help="performer random features")
     p.add_argument("--eval-examples", type=int, default=256)
     p.add_argument("--json", default=None, help="write the result here (used by --attention all)")
-    return training.parse_args(p, argv, tiny=dict(seq_len=128, warm_len=64, warm_steps=4, batch=8, d_model=32,
-                                                  layers=2, block_size=16, window=16, eval_examples=16))
+    tiny = dict(seq_len=128, warm_len=64, warm_steps=4, batch=8, d_model=32, heads=2, layers=2, block_size=16,
+                window=16, eval_examples=16)
+    return training.parse_args(p, argv, tiny=tiny)
 
 
 def main(argv=None):

@@ -82,3 +82,19 @@ def test_gpt_triton_matches_torch_losses():
     kern = gpt.main(common + ["--backend", "triton"])["losses"]
     assert_close_rule("train_gpt losses", torch.tensor(kern, dtype=torch.float32),
                       torch.tensor(ref64, dtype=torch.float64), torch.tensor(ref32, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("attention", ["sparse", "linear", "performer"])
+def test_long_context_triton_matches_torch_losses(attention):
+    """long_context's first losses (tiny, 2 steps at 32 tokens then 1 at 64) with the sparse,
+    linear and Performer kernels vs the plain-PyTorch run, both against float64 (error rule)."""
+    lc = _example("long_context")
+    common = ["--tiny", "--attention", attention, "--warm-len", "32", "--seq-len", "64", "--warm-steps", "2",
+              "--steps", "1", "--warmup", "1", "--eval-examples", "8"]
+    ref64 = lc.main(common + ["--backend", "torch", "--dtype", "float64"])[0]
+    ref32 = lc.main(common + ["--backend", "torch"])[0]
+    kern = lc.main(common + ["--backend", "triton"])[0]
+    losses = [torch.tensor(r["losses"], dtype=dt)
+              for r, dt in ((kern, torch.float32), (ref64, torch.float64), (ref32, torch.float32))]
+    assert len(losses[0]) == 3
+    assert_close_rule(f"long_context {attention} losses", *losses)
