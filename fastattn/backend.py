@@ -50,7 +50,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
+    # A constant to torch.compile: torch 2.11's dynamo refuses to trace importlib's find_spec
+    # (a graph break, an error under fullgraph=True); 2.13's traces it.
     return importlib.util.find_spec("triton") is not None
 
 
