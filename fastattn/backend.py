@@ -17,6 +17,7 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+MAX_GRID_YZ = 65535  # CUDA's limit on the second and third axes of a launch grid
 
 # Plain module state (not a ContextVar) so torch.compile can guard on it without a graph break.
 _state = {"backend": "auto"}
@@ -68,6 +69,13 @@ def device_refusals(*tensors: torch.Tensor) -> list[str]:
     return reasons
 
 
+def grid_refusals(batch: int, heads: int) -> list[str]:
+    """The attention kernels launch (blocks, heads, batch) grids, as FlashAttention does; CUDA
+    caps the last two axes."""
+    return [f"{name} {n} exceeds {MAX_GRID_YZ}, CUDA's limit on a launch grid's second and third axes"
+            for name, n in (("batch", batch), ("heads", heads)) if n > MAX_GRID_YZ]
+
+
 def flash_refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
     """Reasons the flash kernels cannot take these (already validated) inputs."""
     reasons = device_refusals(q)
@@ -75,7 +83,7 @@ def flash_refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[st
         reasons.append(f"dtype {q.dtype} is not one of {KERNEL_DTYPES}")
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         reasons.append(f"head_dim {q.shape[-1]} / value dim {v.shape[-1]} exceeds {MAX_HEAD_DIM}")
-    return reasons
+    return reasons + grid_refusals(q.shape[0], q.shape[1])
 
 
 def decode_refusals(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -99,7 +107,7 @@ def linear_refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[s
         reasons.append(f"dtype {q.dtype} is not one of {KERNEL_DTYPES}")
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         reasons.append(f"feature dim {q.shape[-1]} / value dim {v.shape[-1]} exceeds {MAX_HEAD_DIM}")
-    return reasons
+    return reasons + grid_refusals(q.shape[0], q.shape[1])
 
 
 def sparse_refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout) -> list[str]:
@@ -110,7 +118,7 @@ def sparse_refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout) -
         reasons.append(f"dtype {q.dtype} is not one of {KERNEL_DTYPES}")
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         reasons.append(f"head_dim {q.shape[-1]} / value dim {v.shape[-1]} exceeds {MAX_HEAD_DIM}")
-    return reasons
+    return reasons + grid_refusals(q.shape[0], q.shape[1])
 
 
 def use_kernels(op: str, reasons: list[str]) -> bool:

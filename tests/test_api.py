@@ -71,6 +71,21 @@ def test_triton_backend_refuses_with_reasons_and_auto_falls_back():
             pass
 
 
+@pytest.mark.parametrize("op", ["flash", "linear", "sparse"])
+def test_batch_beyond_the_cuda_grid_limit_is_refused(op):
+    """The kernels launch (blocks, heads, batch) grids and CUDA caps batch at 65535: "triton"
+    refuses a larger batch saying so, "auto" runs without the kernels (flash: torch's SDPA)."""
+    q, k, v = (torch.randn(65536, 1, 16, 16) for _ in range(3))
+    call = {"flash": lambda: fastattn.flash_attention(q, k, v),
+            "linear": lambda: fastattn.linear_attention(q, k, v),
+            "sparse": lambda: fastattn.sparse_attention(q, k, v, fastattn.sparse.local(16, 16, block_size=16))}[op]
+    with fastattn.use_backend("triton"), pytest.raises(ValueError, match="batch 65536 exceeds 65535"):
+        call()
+    with fastattn.use_backend("torch"):
+        want = call()
+    torch.testing.assert_close(call(), want)
+
+
 def test_torch_backend_uses_the_reference(device):
     q, k, v = qkv(device)
     with fastattn.use_backend("torch"):

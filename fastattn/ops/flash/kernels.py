@@ -177,9 +177,9 @@ def attn_fwd_kernel(
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): CUDA caps axes 1 and 2 at 65535
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * n_heads + h
     hk = h // group  # GQA: query head h reads kv head h // group, no copy of K/V
     diag = seqlen_k - seqlen_q
 
@@ -259,9 +259,9 @@ def attn_bwd_dkdv_kernel(
     """dK, dV for one block of keys of one kv head, summed over the group query heads that
     share it, so GQA never allocates Hq-sized key gradients. DK/DV are contiguous."""
     start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    b = (bhk // n_kv_heads).to(tl.int64)
-    hk = (bhk % n_kv_heads).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)  # grid (blocks, kv heads, batch)
+    b = tl.program_id(2).to(tl.int64)
+    bhk = b * n_kv_heads + hk
     n_heads = n_kv_heads * group
     diag = seqlen_k - seqlen_q
 
@@ -340,9 +340,9 @@ def attn_bwd_dq_kernel(
     dS, the gradient of the logits, which is the gradient of an additive bias. DQ, DS are
     contiguous."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): CUDA caps axes 1 and 2 at 65535
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * n_heads + h
     hk = h // group
     diag = seqlen_k - seqlen_q
 
@@ -396,12 +396,14 @@ def attn_bwd_dq_kernel(
 
 
 @triton.jit
-def dropout_mask_kernel(KEEP, SEED, seqlen_q, seqlen_k, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def dropout_mask_kernel(KEEP, SEED, n_heads, seqlen_q, seqlen_k, dropout_p,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes the keep-mask the attention kernels draw, (B*H, Lq, Lk) uint8: for tests and
     for anyone who needs to reproduce a dropout pattern with the reference."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    bh = tl.program_id(2)
+    n_blocks = tl.cdiv(seqlen_k, BLOCK_N)  # grid (Lq blocks x Lk blocks, heads, batch)
+    offs_m = (tl.program_id(0) // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(2).to(tl.int64) * n_heads + tl.program_id(1)
     keep = _dropout_keep(tl.load(SEED), bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
     ptrs = KEEP + (bh.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.uint8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))

@@ -108,7 +108,7 @@ def _forward(q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left,
     lse = _empty(b, h, lq, like=q, dtype=torch.float32)
     (bias_t, alibi_t, seed_t), strides, meta = _common(
         q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right, False)
-    grid = (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
+    grid = (triton.cdiv(lq, meta["BLOCK_M"]), h, b)
     kernels.attn_fwd_kernel[grid](
         q, k, v, out, lse, bias_t, alibi_t, seed_t,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *strides,
@@ -132,11 +132,11 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, scale, softcap, dropout_
     (bias_t, alibi_t, seed_t), strides, meta = _common(
         q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right, True)
     args = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *strides)
-    kernels.attn_bwd_dkdv_kernel[(triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)](
+    kernels.attn_bwd_dkdv_kernel[(triton.cdiv(lk, meta["BLOCK_N"]), hkv, b)](
         q, k, v, do, lse, delta, dk, dv, bias_t, alibi_t, seed_t, *args,
         hkv, h // hkv, lq, lk, **meta,
     )
-    kernels.attn_bwd_dq_kernel[(triton.cdiv(lq, meta["BLOCK_M"]), b * h)](
+    kernels.attn_bwd_dq_kernel[(triton.cdiv(lq, meta["BLOCK_M"]), h, b)](
         q, k, v, do, lse, delta, dq, ds, bias_t, alibi_t, seed_t, *args,
         h, h // hkv, lq, lk, STORE_DS=bias_grad, **meta,
     )
@@ -210,6 +210,6 @@ def flash_attn(q, k, v, *, bias=None, alibi=None, seed=None, scale, softcap=0.0,
 def dropout_keep_mask(seed: Tensor, b: int, h: int, lq: int, lk: int, dropout_p: float) -> Tensor:
     """The bool keep-mask (B, H, Lq, Lk) that the kernels draw for ``seed``."""
     keep = _empty(b * h, lq, lk, like=seed, dtype=torch.uint8)
-    grid = (triton.cdiv(lq, 32), triton.cdiv(lk, 32), b * h)
-    kernels.dropout_mask_kernel[grid](keep, seed, lq, lk, dropout_p, BLOCK_M=32, BLOCK_N=32)
+    grid = (triton.cdiv(lq, 32) * triton.cdiv(lk, 32), h, b)
+    kernels.dropout_mask_kernel[grid](keep, seed, h, lq, lk, dropout_p, BLOCK_M=32, BLOCK_N=32)
     return keep.view(b, h, lq, lk).bool()

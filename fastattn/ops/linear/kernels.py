@@ -105,9 +105,9 @@ def linear_fwd_kernel(
     """out[:, dv block] (and the normaliser d, from the first dv block) for one (batch, head).
     BLOCK_F covers all M features; the state is S[:, dv block] (M, BLOCK_DV) and z (M,)."""
     pid_v = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): CUDA caps axes 1 and 2 at 65535
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * n_heads + h
     hk = h // group  # GQA: query head h reads kv head h // group, no copy of K/V
 
     offs_c = tl.arange(0, BLOCK_C)
@@ -193,9 +193,9 @@ def linear_bwd_dq_kernel(
     """dQ[:, f block] for one (batch, head). BLOCK_DV covers all of Dv; the state is
     S[f block, :] (BLOCK_F, Dv) and z[f block]."""
     pid_f = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): CUDA caps axes 1 and 2 at 65535
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * n_heads + h
     hk = h // group
 
     offs_c = tl.arange(0, BLOCK_C)
@@ -262,9 +262,9 @@ def linear_bwd_dk_kernel(
     """dK[:, f block] from one query head (DK is fp32 (B, Hq, Lk, M), contiguous; the launcher
     sums the group). State dS[f block, :] (BLOCK_F, Dv), dz[f block], walked from the end."""
     pid_f = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): CUDA caps axes 1 and 2 at 65535
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * n_heads + h
     hk = h // group
 
     offs_c = tl.arange(0, BLOCK_C)
@@ -330,9 +330,9 @@ def linear_bwd_dv_kernel(
     """dV[:, dv block] from one query head (DV is fp32 (B, Hq, Lk, Dv), contiguous). BLOCK_F
     covers all M features; state dS[:, dv block] (M, BLOCK_DV), walked from the end."""
     pid_v = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): CUDA caps axes 1 and 2 at 65535
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * n_heads + h
     hk = h // group
 
     offs_c = tl.arange(0, BLOCK_C)

@@ -75,7 +75,7 @@ def _forward(q, k, v, feature, causal, normalize, eps):
     out = _empty(b, h, lq, v.shape[-1], like=q)
     den = _empty(b, h, lq if normalize else 0, like=q, dtype=torch.float32)
     cfg, meta = _meta(q, v, feature, causal, normalize)
-    grid = (triton.cdiv(v.shape[-1], cfg["split_dv"]), b * h)
+    grid = (triton.cdiv(v.shape[-1], cfg["split_dv"]), h, b)
     kernels.linear_fwd_kernel[grid](
         q, k, v, out, den, eps, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *eps.stride(),
         h, h // hkv, lq, lk, BLOCK_F=cfg["full_f"], BLOCK_DV=cfg["split_dv"], **meta)
@@ -99,8 +99,8 @@ def _backward(do, q, k, v, out, den, feature, causal, normalize):
     args = (q, k, v, do, den, g)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     scalars = (h, h // hkv, lq, lk)
-    grid_f = (triton.cdiv(m, cfg["split_f"]), b * h)
-    grid_v = (triton.cdiv(dv_dim, cfg["split_dv"]), b * h)
+    grid_f = (triton.cdiv(m, cfg["split_f"]), h, b)
+    grid_v = (triton.cdiv(dv_dim, cfg["split_dv"]), h, b)
     kernels.linear_bwd_dq_kernel[grid_f](*args, dq, *strides, *dq.stride(), *scalars,
                                          BLOCK_F=cfg["split_f"], BLOCK_DV=cfg["full_dv"], **meta)
     kernels.linear_bwd_dk_kernel[grid_f](*args, dk, *strides, *scalars,

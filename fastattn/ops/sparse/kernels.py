@@ -55,9 +55,9 @@ def sparse_fwd_kernel(
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): CUDA caps axes 1 and 2 at 65535
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * n_heads + h
     hk = h // group  # GQA: query head h reads kv head h // group, no copy of K/V
     diag = seqlen_k - seqlen_q
 
@@ -127,9 +127,9 @@ def sparse_bwd_dkdv_kernel(
     """dK, dV for one tile of keys of one kv head, summed over the group query heads that
     share it (each with its own layout row). Walks the transposed layout. DK/DV contiguous."""
     start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    b = (bhk // n_kv_heads).to(tl.int64)
-    hk = (bhk % n_kv_heads).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)  # grid (blocks, kv heads, batch)
+    b = tl.program_id(2).to(tl.int64)
+    bhk = b * n_kv_heads + hk
     n_heads = n_kv_heads * group
     diag = seqlen_k - seqlen_q
 
@@ -212,9 +212,9 @@ def sparse_bwd_dq_kernel(
 ):
     """dQ for one tile of queries over its row's kept key blocks (no atomics). DQ contiguous."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): CUDA caps axes 1 and 2 at 65535
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * n_heads + h
     hk = h // group
     diag = seqlen_k - seqlen_q
 

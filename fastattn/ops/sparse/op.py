@@ -54,7 +54,7 @@ def _forward(q, k, v, crow, col, block_size, scale, causal):
     lse = _empty(b, h, lq, like=q, dtype=torch.float32)
     meta = _meta(q, v, block_size, causal, scale, False)
     stride_h = _layout_stride(crow, h, triton.cdiv(lq, block_size))
-    grid = (triton.cdiv(lq, meta["BLOCK_M"]), b * h)
+    grid = (triton.cdiv(lq, meta["BLOCK_M"]), h, b)
     kernels.sparse_fwd_kernel[grid](
         q, k, v, out, lse, crow, col,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -75,11 +75,11 @@ def _backward(do, q, k, v, out, lse, crow, col, ccol, row, block_size, scale, ca
     args = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     stride_q = _layout_stride(crow, h, triton.cdiv(lq, block_size))
     stride_k = _layout_stride(ccol, h, triton.cdiv(lk, block_size))
-    kernels.sparse_bwd_dkdv_kernel[(triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)](
+    kernels.sparse_bwd_dkdv_kernel[(triton.cdiv(lk, meta["BLOCK_N"]), hkv, b)](
         q, k, v, do, lse, delta, dk, dv, ccol, row, *args,
         hkv, h // hkv, lq, lk, stride_k, **meta,
     )
-    kernels.sparse_bwd_dq_kernel[(triton.cdiv(lq, meta["BLOCK_M"]), b * h)](
+    kernels.sparse_bwd_dq_kernel[(triton.cdiv(lq, meta["BLOCK_M"]), h, b)](
         q, k, v, do, lse, delta, dq, crow, col, *args,
         h, h // hkv, lq, lk, stride_q, **meta,
     )
