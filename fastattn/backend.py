@@ -51,6 +51,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def gpu_tiles() -> bool:
+    """Whether the launchers pick the tile sizes they use on a GPU: always when compiled, and
+    under the interpreter only with FASTATTN_GPU_TILES=1. The interpreter's own tiles are
+    smaller (faster in NumPy), so without this the GPU's tile sizes would never be checked on a
+    machine without a GPU; tests/test_gpu_tiles.py sets it."""
+    return not interpreting() or os.environ.get("FASTATTN_GPU_TILES", "0") not in ("", "0")
+
+
 @torch.compiler.assume_constant_result
 def triton_available() -> bool:
     # A constant to torch.compile: torch 2.11's dynamo refuses to trace importlib's find_spec

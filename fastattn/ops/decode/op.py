@@ -17,7 +17,7 @@ import torch
 import triton
 from torch import Tensor
 
-from fastattn.backend import interpreting
+from fastattn.backend import gpu_tiles, interpreting
 from fastattn.ops.decode import kernels
 from fastattn.ops.flash.op import _alibi_args, _band_args, _precision
 
@@ -44,7 +44,7 @@ def _pad(d: int) -> int:
 def block_config(head_dim: int, rows: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for ``rows`` = group * new tokens query rows per kv head."""
     block_m = min(_MAX_BLOCK_M, _pad(rows))
-    if interpreting():
+    if not gpu_tiles():
         return block_m, _INTERPRETER_BLOCK_N, 4
     block_n = _BLOCK_N[_pad(head_dim)]
     if dtype == torch.float32 and head_dim > 64:
@@ -91,7 +91,7 @@ def _rotary_args(like: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], int
 def _append(k_cache, v_cache, seqlens, k_new, v_new, cos=None, sin=None, interleaved=False):
     b, hkv, lnew, d = k_new.shape
     dv = v_new.shape[-1]
-    block_l = 16 if interpreting() else 32
+    block_l = 32 if gpu_tiles() else 16
     (cos_t, sin_t, stride_cs), rot = _rotary_args(k_new, cos, sin, interleaved)
     kernels.kv_append_kernel[(b * hkv, triton.cdiv(lnew, block_l))](
         k_new, v_new, k_cache, v_cache, seqlens, cos_t, sin_t,

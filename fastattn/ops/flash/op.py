@@ -13,7 +13,7 @@ import torch
 import triton
 from torch import Tensor
 
-from fastattn.backend import interpreting
+from fastattn.backend import gpu_tiles, interpreting
 from fastattn.ops.flash import kernels
 
 # (BLOCK_M, BLOCK_N, num_warps) by padded head dim when compiled for a GPU, hand-picked so
@@ -28,7 +28,7 @@ _INTERPRETER_BLOCKS = (32, 32, 4)
 
 def block_config(head_dim: int, dtype: torch.dtype, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for a head dim (the larger of q's and v's)."""
-    if interpreting():
+    if not gpu_tiles():
         return _INTERPRETER_BLOCKS
     table = _BWD_BLOCKS if backward else _FWD_BLOCKS
     block_m, block_n, warps = table[max(16, triton.next_power_of_2(head_dim))]

@@ -15,7 +15,7 @@ import torch
 import triton
 from torch import Tensor
 
-from fastattn.backend import interpreting
+from fastattn.backend import gpu_tiles, interpreting
 from fastattn.ops.flash.op import _precision
 from fastattn.ops.linear import kernels
 
@@ -36,7 +36,7 @@ def block_config(feat_dim: int, head_dim_v: int, dtype: torch.dtype) -> dict:
     full_f = max(16, triton.next_power_of_2(feat_dim))
     full_dv = max(16, triton.next_power_of_2(head_dim_v))
     widest = max(full_f, full_dv)
-    if interpreting():
+    if not gpu_tiles():
         chunk, split = _INTERPRETER_CHUNK, _INTERPRETER_SPLIT
     elif dtype == torch.float32 and widest >= 256:
         chunk, split = 16, 32  # fp32 tiles take twice the bytes: fewer rows, narrower state split

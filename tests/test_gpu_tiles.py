@@ -1,0 +1,95 @@
+"""The kernels with the tile sizes they use on a GPU, checked in the interpreter.
+
+Under TRITON_INTERPRET=1 the launchers pick small tiles (fast in NumPy), so the other test
+files never run the GPU's: 128 x 64 flash tiles, BLOCK_M != BLOCK_N, 64-token linear chunks,
+64-key decode blocks. FASTATTN_GPU_TILES=1 (``fastattn.backend.gpu_tiles``) makes the
+interpreter take the GPU's choices; here every family runs with them at shapes that leave
+partial tiles, against float64 by the DESIGN.md rule. On CUDA these are the GPU's tiles
+anyway, so the file adds nothing there but runs as a plain kernel test.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fastattn import sparse  # noqa: E402
+from fastattn.ops.flash import op as flash_op  # noqa: E402
+from fastattn.ops.linear import op as linear_op  # noqa: E402
+from helpers import randn  # noqa: E402
+from test_decode import make_cache, run_and_check  # noqa: E402
+from test_flash import check_against_reference as check_flash  # noqa: E402
+from test_linear import check_against_reference as check_linear  # noqa: E402
+from test_sparse import check as check_sparse  # noqa: E402
+
+# fp16 takes the same tiles as bf16, and bf16 has the extra paths (rounding, fp32 dots).
+DTYPES = [torch.float32, torch.bfloat16]
+DTYPE_IDS = ["fp32", "bf16"]
+HEAD_DIMS = [64, 128, 256]
+
+
+@pytest.fixture(autouse=True)
+def gpu_tiles(monkeypatch):
+    monkeypatch.setenv("FASTATTN_GPU_TILES", "1")
+
+
+def test_the_switch_changes_the_tiles(monkeypatch):
+    """Guards this file's premise: with the switch the interpreter gets the GPU's tiles."""
+    gpu = flash_op.block_config(128, torch.float16, False)
+    monkeypatch.setenv("FASTATTN_GPU_TILES", "0")
+    assert flash_op.block_config(128, torch.float16, False) != gpu or torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("case", ["causal-everything", "full-q>k"])
+def test_flash(case, d, dtype, device):
+    """Lengths that leave partial 128- and 64-row tiles; GQA 2:1; every feature on (causal,
+    window, softcap, ALiBi, a bias with its gradient) or none with Lq > Lk."""
+    b, hq, hkv = 1, 4, 2
+    lq, lk = (200, 330) if case == "causal-everything" else (330, 200)
+    q = randn((b, hq, lq, d), dtype, device, requires_grad=True, transposed=True)
+    k = randn((b, hkv, lk, d), dtype, device, requires_grad=True)
+    v = randn((b, hkv, lk, d), dtype, device, requires_grad=True)
+    kw = {}
+    if case == "causal-everything":
+        kw = dict(causal=True, window=(150, None), softcap=5.0, scale=0.3,
+                  alibi_slopes=torch.rand(hq, device=device),
+                  attn_bias=randn((1, hq, lq, lk), dtype, device, requires_grad=True))
+    check_flash(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("d", [64, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_sparse(causal, d, dtype, device):
+    """Layout blocks of 128, so the flash tiles are not clipped; a partial last block."""
+    length = 330
+    layout = sparse.longformer(length, 128, [0], block_size=128, causal=causal)
+    q = randn((1, 2, length, d), dtype, device, requires_grad=True, transposed=True)
+    k, v = (randn((1, 1, length, d), dtype, device, requires_grad=True) for _ in range(2))
+    check_sparse(q, k, v, layout, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_linear(causal, d, dtype, device):
+    """elu+1 features: 64- (or 32-/16-) token chunks, state split in 64-wide blocks; GQA 2:1."""
+    cfg = linear_op.block_config(d, d, dtype)
+    length = 3 * cfg["chunk"] + 5
+    q = randn((1, 4, length, d), dtype, device, requires_grad=True, transposed=True)
+    k, v = (randn((1, 2, length, d), dtype, device, requires_grad=True) for _ in range(2))
+    check_linear("elu", q, k, v, causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"d{d}")
+def test_decode(d, dtype, device):
+    """64-key blocks (32 at d256, 16 for fp32 above d64) over ragged caches, split four ways,
+    two new tokens appended in 32-token blocks; GQA 4:1."""
+    lengths = [5, 300]
+    q = torch.randn(2, 8, 2, d, device=device).to(dtype)
+    k_cache = make_cache(2, 2, 320, d, lengths, dtype, device)
+    v_cache = make_cache(2, 2, 320, d, lengths, dtype, device)
+    k_new, v_new = (torch.randn(2, 2, 2, d, device=device).to(dtype) for _ in range(2))
+    run_and_check(q, k_cache, v_cache, lengths, k_new, v_new, num_splits=4)
