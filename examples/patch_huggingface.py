@@ -77,7 +77,7 @@ def main():
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
 
     probe = torch.zeros(1, 1, 1, args.width // args.heads, device=device, dtype=dtype)
-    reasons = fastattn.backend.flash_refusals(probe, probe, probe)
+    reasons = fastattn.backend.refusals("flash", probe, probe, probe)
     print(f"device {device}, dtype {dtype}, fastattn path: "
           + ("Triton kernels" if not reasons else "torch fallback (" + "; ".join(reasons) + ")"))
     logits = {}

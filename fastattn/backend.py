@@ -1,16 +1,26 @@
-"""Which implementation runs: the Triton kernels or the pure-PyTorch references.
+"""Which implementation runs a call: the Triton kernels, torch's own SDPA, or the reference.
 
 ``use_backend("triton" | "torch" | "auto")`` works like ``torch.nn.attention.sdpa_kernel``.
-Every kernel family states what it supports through a ``*_refusals`` function that returns
-the reasons it cannot take an input (an empty list means it can). Under "auto" a refused
-input goes to the reference; under "triton" it raises ``ValueError`` with the reasons.
+Each kernel family declares what it takes (``FAMILIES``); ``refusals()`` lists every reason
+a family cannot take an input, and ``route()`` is the one place that decides, for every
+caller (``fastattn.functional``, ``patch_sdpa``, ``fastattn.nn``, ``fastattn.distributed``):
+
+    backend   kernels take it   kernels refuse it                     empty input
+    auto      kernel            torch's SDPA if it can express the    reference
+                                call, else the reference
+    triton    kernel            ValueError with every reason          reference
+    torch     reference         reference                             reference
+
+An empty input (a zero batch, heads, sequence or head dim) has nothing for a kernel to
+compute, so every backend gives the result torch gives, from the reference.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import os
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 
@@ -18,6 +28,10 @@ BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 MAX_GRID_YZ = 65535  # CUDA's limit on the second and third axes of a launch grid
+
+# torch's own SDPA, captured once at import, before fastattn.patch_sdpa() can replace the
+# attribute: every fallback calls this, so a patched torch never calls back into fastattn.
+TORCH_SDPA = torch.nn.functional.scaled_dot_product_attention
 
 # Plain module state (not a ContextVar) so torch.compile can guard on it without a graph break.
 _state = {"backend": "auto"}
@@ -28,9 +42,12 @@ def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed fastattn calls on one backend.
 
     "auto" (default): kernels where they apply (CUDA tensors, or CPU tensors when
-    TRITON_INTERPRET=1), the pure-PyTorch reference otherwise.
-    "triton": kernels only; an input they cannot take raises ValueError saying why.
-    "torch": the pure-PyTorch references.
+    TRITON_INTERPRET=1), torch's fused SDPA or the pure-PyTorch reference otherwise.
+    "triton": kernels only; an input they cannot take raises ValueError with every reason.
+    "torch": the pure-PyTorch implementations.
+
+    Raises:
+        ValueError: ``name`` is not one of "auto", "triton", "torch".
     """
     if name not in BACKENDS:
         raise ValueError(f"use_backend: name must be one of {BACKENDS}, got {name!r}")
@@ -66,76 +83,91 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def device_refusals(*tensors: torch.Tensor) -> list[str]:
-    """Reasons no Triton kernel can run on these tensors at all."""
+@dataclass(frozen=True)
+class KernelFamily:
+    """What one family of Triton kernels takes."""
+
+    name: str
+    dim_name: str = "head_dim"       # what the last dim of q/k is called in messages
+    dtypes: tuple = KERNEL_DTYPES
+    max_dim: int = MAX_HEAD_DIM      # largest q/k and v last dim
+    grid_limited: bool = True        # launches (blocks, heads, batch): CUDA caps the last two axes
+    gradients: bool = True           # has backward kernels
+
+
+FAMILIES = {f.name: f for f in (
+    KernelFamily("flash"),
+    KernelFamily("sparse"),
+    KernelFamily("linear", dim_name="feature dim"),
+    # Split-KV decoding is forward-only; its grid folds batch and heads into one axis.
+    KernelFamily("decode", grid_limited=False, gradients=False),
+)}
+
+
+def empty_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
+    """Names of the zero-size dims of (B, H, L, D) inputs: nothing for a kernel to compute."""
+    sizes = {"batch": q.shape[0], "query heads": q.shape[1], "key/value heads": k.shape[1],
+             "Lq": q.shape[2], "Lk": k.shape[2], "head_dim": q.shape[-1], "value dim": v.shape[-1]}
+    return [name for name, n in sizes.items() if n == 0]
+
+
+def refusals(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+             needs_grad: bool = False) -> list[str]:
+    """Every reason the kernels of ``family`` cannot take these (already validated) 4-D
+    (B, H, L, D) inputs; an empty list means they can. ``needs_grad``: the call must be
+    differentiable. Empty inputs are not a refusal (see ``route``)."""
+    spec = FAMILIES[family]
     reasons = []
     if not triton_available():
         reasons.append("triton is not installed")
-    device = tensors[0].device
+    device = q.device
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         reasons.append(f"tensors are on {device}; the kernels need CUDA (or CPU with TRITON_INTERPRET=1)")
+    if q.dtype not in spec.dtypes:
+        reasons.append(f"dtype {q.dtype} is not one of {spec.dtypes}")
+    if max(q.shape[-1], v.shape[-1]) > spec.max_dim:
+        reasons.append(f"{spec.dim_name} {q.shape[-1]} / value dim {v.shape[-1]} exceeds {spec.max_dim}")
+    if spec.grid_limited:
+        reasons += [f"{name} {n} exceeds {MAX_GRID_YZ}, CUDA's limit on a launch grid's second and third axes"
+                    for name, n in (("batch", q.shape[0]), ("heads", q.shape[1])) if n > MAX_GRID_YZ]
+    if needs_grad and not spec.gradients:
+        reasons.append(f"the {family} kernels compute no gradients (an input requires grad)")
     return reasons
 
 
-def grid_refusals(batch: int, heads: int) -> list[str]:
-    """The attention kernels launch (blocks, heads, batch) grids, as FlashAttention does; CUDA
-    caps the last two axes."""
-    return [f"{name} {n} exceeds {MAX_GRID_YZ}, CUDA's limit on a launch grid's second and third axes"
-            for name, n in (("batch", batch), ("heads", heads)) if n > MAX_GRID_YZ]
+class Route(NamedTuple):
+    """Where a call goes: "kernel", "torch_sdpa" or "reference", and why not the kernels."""
+
+    impl: str
+    reasons: tuple = ()
 
 
-def flash_refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
-    """Reasons the flash kernels cannot take these (already validated) inputs."""
-    reasons = device_refusals(q)
-    if q.dtype not in KERNEL_DTYPES:
-        reasons.append(f"dtype {q.dtype} is not one of {KERNEL_DTYPES}")
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        reasons.append(f"head_dim {q.shape[-1]} / value dim {v.shape[-1]} exceeds {MAX_HEAD_DIM}")
-    return reasons + grid_refusals(q.shape[0], q.shape[1])
+def route(op: str, family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+          needs_grad: bool = False, torch_sdpa: bool = False,
+          extra_refusals: Optional[list] = None) -> Route:
+    """The one decision of which implementation runs a call (see the module docstring).
 
+    Args:
+        op: the public function's name, for messages.
+        family: a key of ``FAMILIES``.
+        q, k, v: the validated (B, H, L, D) inputs (for decode, k/v are the caches).
+        needs_grad: the call must be differentiable.
+        torch_sdpa: torch's fused SDPA can express this call exactly (the caller knows).
+        extra_refusals: reasons of the call's own that the kernels cannot take it.
 
-def decode_refusals(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    needs_grad: bool = False) -> list[str]:
-    """Reasons the KV-cache (decode) kernels cannot take these (already validated) inputs."""
-    reasons = device_refusals(q)
-    if q.dtype not in KERNEL_DTYPES:
-        reasons.append(f"dtype {q.dtype} is not one of {KERNEL_DTYPES}")
-    if max(q.shape[-1], v_cache.shape[-1]) > MAX_HEAD_DIM:
-        reasons.append(f"head_dim {q.shape[-1]} / value dim {v_cache.shape[-1]} exceeds {MAX_HEAD_DIM}")
-    if needs_grad:
-        reasons.append("the decode kernels compute no gradients (an input requires grad)")
-    return reasons
-
-
-def linear_refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
-    """Reasons the linear-attention kernels cannot take these (already validated) inputs.
-    q/k hold the features (or the inputs of an elementwise feature map): (B, H, L, M)."""
-    reasons = device_refusals(q)
-    if q.dtype not in KERNEL_DTYPES:
-        reasons.append(f"dtype {q.dtype} is not one of {KERNEL_DTYPES}")
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        reasons.append(f"feature dim {q.shape[-1]} / value dim {v.shape[-1]} exceeds {MAX_HEAD_DIM}")
-    return reasons + grid_refusals(q.shape[0], q.shape[1])
-
-
-def sparse_refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout) -> list[str]:
-    """Reasons the block-sparse kernels cannot take these (already validated) inputs and
-    layout. Any layout block size works: the kernels tile inside it (a power of two >= 16)."""
-    reasons = device_refusals(q)
-    if q.dtype not in KERNEL_DTYPES:
-        reasons.append(f"dtype {q.dtype} is not one of {KERNEL_DTYPES}")
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        reasons.append(f"head_dim {q.shape[-1]} / value dim {v.shape[-1]} exceeds {MAX_HEAD_DIM}")
-    return reasons + grid_refusals(q.shape[0], q.shape[1])
-
-
-def use_kernels(op: str, reasons: list[str]) -> bool:
-    """Decide for one call: True -> kernels, False -> reference. Raises under "triton"."""
+    Raises:
+        ValueError: under ``use_backend("triton")``, when the kernels refuse a non-empty
+            input; the message lists every reason.
+    """
+    empty = empty_dims(q, k, v)
+    if empty:
+        return Route("reference", (f"empty input ({', '.join(empty)} = 0): nothing to compute",))
     backend = current_backend()
     if backend == "torch":
-        return False
+        return Route("reference", ("use_backend('torch')",))
+    reasons = refusals(family, q, k, v, needs_grad=needs_grad) + list(extra_refusals or ())
     if not reasons:
-        return True
+        return Route("kernel")
     if backend == "triton":
         raise ValueError(f"{op}: the triton backend cannot take this input: " + "; ".join(reasons))
-    return False
+    return Route("torch_sdpa" if torch_sdpa else "reference", tuple(reasons))

@@ -198,7 +198,7 @@ def _info(args) -> int:
     for key, value in env.items():
         print(f"{key:12} {value}")
     probe = torch.zeros(1, 1, 1, 16, device=env["device"])
-    reasons = backend.flash_refusals(probe, probe, probe)
+    reasons = backend.refusals("flash", probe, probe, probe)
     print(f"{'kernels':12} {'available' if not reasons else 'not here: ' + '; '.join(reasons)}")
     print(f"{'backend':12} {backend.current_backend()} (kernels where they apply, pure PyTorch otherwise)")
     peers = {"torch SDPA": True}

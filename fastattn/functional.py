@@ -1,7 +1,8 @@
-"""Public attention functions: input validation and dispatch, nothing else.
+"""Public attention functions: signatures and docstrings; each body checks, routes, calls.
 
-The math lives in ``fastattn/ops/<op>/reference.py`` (pure PyTorch) and the kernels in
-``fastattn/ops/<op>/kernels.py``; ``fastattn.backend`` decides which one runs.
+Validation is ``fastattn.validation``; ``fastattn.backend.route`` decides which implementation
+runs (the kernels in ``fastattn/ops/<op>/op.py``, torch's fused SDPA, or the pure-PyTorch
+reference in ``fastattn/ops/<op>/reference.py``); the math of each op lives beside it.
 """
 from __future__ import annotations
 
@@ -12,94 +13,26 @@ import torch
 from torch import Tensor
 
 from fastattn import backend
+from fastattn.backend import TORCH_SDPA
+from fastattn.ops.flash.fallback import sdpa_attention, sdpa_expressible
 from fastattn.ops.flash.reference import attention_reference, band_from
+from fastattn.validation import (check_bias, check_eps, check_kvcache, check_linear, check_options, check_qkv,
+                                 check_rotary, default_scale, shape_str)
 
 
-def _shape(t: Tensor) -> str:
-    return "x".join(str(s) for s in t.shape)
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
-    """ValueError naming the argument and shapes for anything the contract forbids."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be 4-D (batch, heads, seq, head_dim), got shape {_shape(t)}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{op}: {name}.dtype {t.dtype} differs from q.dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
-    if not q.dtype.is_floating_point:
-        raise ValueError(f"{op}: q must be floating point, got {q.dtype}")
-    if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"{op}: batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
-    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
-        raise ValueError(f"{op}: k {_shape(k)} and v {_shape(v)} must agree in heads and seq")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"{op}: head_dim of q {_shape(q)} and k {_shape(k)} differ")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(
-            f"{op}: query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}); "
-            f"q {_shape(q)}, k {_shape(k)}")
-
-
-def _check_bias(op: str, name: str, bias: Optional[Tensor], q: Tensor, k: Tensor) -> None:
-    if bias is None:
-        return
-    if not isinstance(bias, Tensor):
-        raise ValueError(f"{op}: {name} must be a Tensor or None, got {type(bias).__name__}")
-    if bias.dtype != torch.bool and not bias.dtype.is_floating_point:
-        raise ValueError(f"{op}: {name} must be bool (True = attend) or floating point, got {bias.dtype}")
-    if bias.device != q.device:
-        raise ValueError(f"{op}: {name} is on {bias.device} but q is on {q.device}")
-    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    try:
-        if bias.dim() > 4 or torch.broadcast_shapes(bias.shape, target) != target:
-            raise RuntimeError
-    except RuntimeError:
-        raise ValueError(
-            f"{op}: {name} of shape {_shape(bias)} does not broadcast to "
-            f"(batch, heads, Lq, Lk) = {target}") from None
-
-
-def _check_options(op: str, q: Tensor, *, scale, window, alibi_slopes, softcap, dropout_p) -> None:
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"{op}: scale must be a finite float or None, got {scale!r}")
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"{op}: softcap must be a positive float or None, got {softcap!r}")
-    if window is not None:
-        if not (isinstance(window, (tuple, list)) and len(window) == 2):
-            raise ValueError(f"{op}: window must be (left, right), got {window!r}")
-        for side, w in zip(("left", "right"), window):
-            if w is not None and not (isinstance(w, int) and w >= 0):
-                raise ValueError(f"{op}: window {side} must be an int >= 0 or None, got {w!r}")
-    if alibi_slopes is not None:
-        b, h = q.shape[0], q.shape[1]
-        if not isinstance(alibi_slopes, Tensor) or tuple(alibi_slopes.shape) not in ((h,), (b, h)):
-            shape = _shape(alibi_slopes) if isinstance(alibi_slopes, Tensor) else type(alibi_slopes).__name__
-            raise ValueError(f"{op}: alibi_slopes must have shape ({h},) or ({b}, {h}), got {shape}")
-        if alibi_slopes.device != q.device or not alibi_slopes.dtype.is_floating_point:
-            raise ValueError(f"{op}: alibi_slopes must be floating point on {q.device}")
-
-
-def _attend(op, q, k, v, *, band, scale, attn_bias, alibi_slopes, softcap, dropout_p, need_lse):
-    """Validated inputs -> (out, lse) from the kernels, torch's own SDPA, or the reference.
-
-    Without kernels ("auto" on a CPU, say), a call that torch's fused SDPA can express and
-    that needs no lse goes there: on a CPU it is several times faster than the reference and
-    never materialises Lq x Lk. Everything else, and all of use_backend("torch"), runs the
-    reference. lse is None when it was not needed and torch's SDPA ran.
-    """
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    reasons = backend.flash_refusals(q, k, v)
-    if min(q.shape[2], k.shape[2], q.shape[0], q.shape[1]) == 0:
-        reasons.append("an empty dimension")
-    if backend.use_kernels(op, reasons):
+def _flash(op, q, k, v, *, band, scale, attn_bias=None, alibi_slopes=None, softcap=None, dropout_p=0.0,
+           need_lse=False):
+    """Validated flash inputs -> (out, lse) from the route's implementation. lse is None when
+    it was not asked for and torch's SDPA ran."""
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    expressible = sdpa_expressible(q, k, band=band, attn_bias=attn_bias, alibi_slopes=alibi_slopes,
+                                   softcap=softcap, need_lse=need_lse)
+    route = backend.route(op, "flash", q, k, v, torch_sdpa=expressible)
+    if route.impl == "kernel":
         from fastattn.ops.flash import op as flash_op  # imports triton, so only when used
 
         b, h, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
@@ -108,37 +41,13 @@ def _attend(op, q, k, v, *, band, scale, attn_bias, alibi_slopes, softcap, dropo
         # dropout and nothing syncs with the host.
         seed = torch.randint(0, 2**62, (1,), device=q.device) if dropout_p > 0 else None
         return flash_op.flash_attn(
-            q, k, v, bias=bias, alibi=alibi_slopes, seed=seed, scale=float(scale),
-            softcap=float(softcap or 0.0), dropout_p=float(dropout_p),
-            window_left=band[0], window_right=band[1])
-    if backend.current_backend() == "auto" and not need_lse and alibi_slopes is None and not softcap:
-        causal = _torch_sdpa_causal(band, q.shape[2], k.shape[2])
-        if causal is False or (causal and attn_bias is None):  # torch takes a mask or a causal flag
-            if causal == "lower_right":
-                from torch.nn.attention.bias import causal_lower_right
-
-                attn_bias = causal_lower_right(q.shape[2], k.shape[2])
-            elif attn_bias is not None and attn_bias.dtype not in (torch.bool, q.dtype):
-                attn_bias = attn_bias.to(q.dtype)  # torch wants a float mask in q's dtype
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_bias, dropout_p=dropout_p, is_causal=causal == "upper_left",
-                scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-            return out, None
+            q, k, v, bias=bias, alibi=alibi_slopes, seed=seed, scale=scale, softcap=float(softcap or 0.0),
+            dropout_p=float(dropout_p), window_left=band[0], window_right=band[1])
+    if route.impl == "torch_sdpa":
+        return sdpa_attention(q, k, v, band=band, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p), None
     return attention_reference(
         q, k, v, window=band, scale=scale, attn_bias=attn_bias, alibi_slopes=alibi_slopes,
         softcap=softcap, dropout_p=dropout_p, return_lse=True)
-
-
-def _torch_sdpa_causal(band, lq: int, lk: int):
-    """How torch's SDPA expresses a band: False (no mask), "upper_left" (its is_causal),
-    "lower_right" (its causal_lower_right bias), or None (it cannot)."""
-    if band == (None, None):
-        return False
-    if band == (None, lq - lk):
-        return "upper_left"
-    if band == (None, 0) and lq <= lk:  # torch warns its lower-right bias gives NaN rows for lq > lk
-        return "lower_right"
-    return None
 
 
 def flash_attention(
@@ -188,13 +97,12 @@ def flash_attention(
         out = dropout(softmax(s, -1)) @ v.repeat_interleave(Hq // Hkv, 1)
     """
     op = "flash_attention"
-    _check_qkv(op, q, k, v)
-    _check_bias(op, "attn_bias", attn_bias, q, k)
-    _check_options(op, q, scale=scale, window=window, alibi_slopes=alibi_slopes,
-                   softcap=softcap, dropout_p=dropout_p)
-    out, lse = _attend(op, q, k, v, band=band_from(causal, window), scale=scale,
-                       attn_bias=attn_bias, alibi_slopes=alibi_slopes, softcap=softcap,
-                       dropout_p=dropout_p, need_lse=return_lse)
+    check_qkv(op, q, k, v)
+    check_bias(op, "attn_bias", attn_bias, q, k)
+    check_options(op, q, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+                  dropout_p=dropout_p)
+    out, lse = _flash(op, q, k, v, band=band_from(causal, window), scale=scale, attn_bias=attn_bias,
+                      alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, need_lse=return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -228,45 +136,101 @@ def scaled_dot_product_attention(
     Equivalent code: ``torch.nn.functional.scaled_dot_product_attention`` itself.
     """
     op = "scaled_dot_product_attention"
-    unbatched = isinstance(query, Tensor) and query.dim() == 3
-    if unbatched:
-        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-    _check_qkv(op, query, key, value)
-    lq, lk = query.shape[2], key.shape[2]
-    band = (None, None)
+    call, why_not = _sdpa_as_flash(op, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if call is not None:
+        q, k, v, band, mask, out_shape = call
+        route = backend.route(op, "flash", q, k, v, torch_sdpa=True)
+        if route.impl == "kernel":
+            out, _ = _flash(op, q, k, v, band=band, scale=scale, attn_bias=mask, dropout_p=dropout_p)
+            return out.reshape(*out_shape, out.shape[-1])  # (B, Hq, Lq, Ev) -> (*batch, Hq, Lq, Ev)
+    elif backend.current_backend() == "triton":
+        raise ValueError(f"{op}: the triton backend cannot take this input: {why_not}")
+    # Everything the kernels do not run is torch's own function, so it behaves exactly as torch.
+    return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                      scale=scale, enable_gqa=enable_gqa)
+
+
+def _sdpa_as_flash(op, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """torch's SDPA arguments -> ((q, k, v, band, mask, out_shape), None) for the flash op, on
+    4-D (B, H, L, E) views of the inputs; or (None, why) for a call only torch's own function
+    runs (torch then gives its own result or error). Raises ValueError for what torch refuses
+    too, where fastattn has always named the argument (GQA heads without enable_gqa, a mask
+    that is neither a Tensor nor a CausalBias, a mask with is_causal)."""
+    tensors = (query, key, value)
+    if not all(isinstance(t, Tensor) for t in tensors):
+        return None, "query, key and value must be plain Tensors"
+    if min(t.dim() for t in tensors) < 2:
+        return None, "query, key and value must have at least 2 dims (L, E)"
+    if any(t.is_nested for t in tensors):
+        return None, "nested tensors go to torch's SDPA"
+    if len({t.dtype for t in tensors}) > 1 or len({t.device for t in tensors}) > 1:
+        return None, "query, key and value differ in dtype or device"
+    if not query.dtype.is_floating_point:
+        return None, f"dtype {query.dtype} is not floating point"
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        return None, f"dropout_p {dropout_p!r} is not in [0, 1)"
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        return None, f"scale {scale!r} is not a finite float"
+    # Pad every input to the same rank (at least 3: heads, L, E); dims before heads are batch.
+    rank = max(3, *(t.dim() for t in tensors))
+    q, k, v = (t.reshape((1,) * (rank - t.dim()) + t.shape) for t in tensors)  # views
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except RuntimeError:
+        return None, f"batch dims of {shape_str(query)}, {shape_str(key)}, {shape_str(value)} do not broadcast"
+    hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+    if hk != hv or k.shape[-2] != v.shape[-2] or q.shape[-1] != k.shape[-1]:
+        return None, f"key {shape_str(key)} and value {shape_str(value)} do not fit query {shape_str(query)}"
+    if hq == 1 and hk > 1:
+        hq = hk  # query heads broadcast over the key/value heads
+    elif hq != hk and hk != 1:  # one kv head broadcasts; anything else is grouped-query attention
+        if not enable_gqa:
+            raise ValueError(f"{op}: query heads ({hq}) differ from key heads ({hk}); "
+                             "pass enable_gqa=True for grouped-query attention")
+        if hq % hk:
+            raise ValueError(f"{op}: query heads ({hq}) must be a multiple of key/value heads ({hk})")
+    lq, lk, nb = q.shape[-2], k.shape[-2], math.prod(batch)
+    # (*batch, H, L, E) -> (B, H, L, E): a view for ordinary layouts, a copy only when
+    # broadcast (stride-0) batch dims cannot merge with the others.
+    q = q.expand(*batch, hq, lq, q.shape[-1]).reshape(nb, hq, lq, q.shape[-1])
+    k = k.expand(*batch, hk, lk, k.shape[-1]).reshape(nb, hk, lk, k.shape[-1])
+    v = v.expand(*batch, hv, lk, v.shape[-1]).reshape(nb, hv, lk, v.shape[-1])
+    band, mask = (None, None), attn_mask
     if attn_mask is not None and (_is_causal_bias(attn_mask) or not isinstance(attn_mask, Tensor)):
-        band = _causal_bias_band(op, attn_mask, lq, lk)
-        attn_mask = None
+        band, mask = _causal_bias_band(op, attn_mask, lq, lk), None
     if is_causal:
-        if attn_mask is not None:
+        if mask is not None:
             raise ValueError(f"{op}: attn_mask must be None when is_causal=True (as in torch)")
         band = (None, lq - lk)  # top-left: j <= i, i.e. rel = j - i - (lk - lq) <= lq - lk
-    if query.shape[1] != key.shape[1] and not enable_gqa:
-        raise ValueError(
-            f"{op}: query heads ({query.shape[1]}) differ from key heads ({key.shape[1]}); "
-            "pass enable_gqa=True for grouped-query attention")
-    _check_bias(op, "attn_mask", attn_mask, query, key)
-    _check_options(op, query, scale=scale, window=None, alibi_slopes=None, softcap=None,
-                   dropout_p=dropout_p)
-    out, _ = _attend(op, query, key, value, band=band, scale=scale, attn_bias=attn_mask,
-                     alibi_slopes=None, softcap=None, dropout_p=dropout_p, need_lse=False)
-    return out.squeeze(0) if unbatched else out
+    if mask is not None:
+        if mask.dim() < 2 or mask.device != query.device or mask.dtype not in (torch.bool, query.dtype):
+            return None, (f"attn_mask ({mask.dtype}, {mask.dim()}-D, on {mask.device}) is not a bool or "
+                          f"{query.dtype} mask of 2+ dims on {query.device}")
+        full = (*batch, hq, lq, lk)
+        try:
+            if torch.broadcast_shapes(mask.shape, full) != full:
+                raise RuntimeError
+        except RuntimeError:
+            return None, f"attn_mask {shape_str(mask)} does not broadcast to {full}"
+        mask = mask.expand(full).reshape(nb, hq, lq, lk)  # (*batch, Hq, Lq, Lk) -> (B, Hq, Lq, Lk)
+    out_shape = (*batch, hq, lq) if query.dim() > 2 or key.dim() > 2 else (lq,)
+    return (q, k, v, band, mask, out_shape), None
 
 
 def _is_causal_bias(mask) -> bool:
     try:
         from torch.nn.attention.bias import CausalBias
-    except ImportError:
+    except ImportError:  # an older torch
         return False
-    return isinstance(mask, CausalBias)
+    return isinstance(mask, CausalBias)  # a Tensor subclass
 
 
 def _causal_bias_band(op: str, mask, lq: int, lk: int) -> tuple:
     """torch's CausalBias objects -> band. Lower-right is ours; upper-left is torch's is_causal."""
-    if not _is_causal_bias(mask):
-        raise ValueError(f"{op}: attn_mask must be a Tensor, a CausalBias or None, got {type(mask).__name__}")
     from torch.nn.attention.bias import CausalVariant
 
+    if not _is_causal_bias(mask):
+        raise ValueError(f"{op}: attn_mask must be a Tensor, a CausalBias or None, got {type(mask).__name__}")
     if (mask.seq_len_q, mask.seq_len_kv) != (lq, lk):
         raise ValueError(
             f"{op}: causal bias is for ({mask.seq_len_q}, {mask.seq_len_kv}) but the inputs have "
@@ -274,57 +238,6 @@ def _causal_bias_band(op: str, mask, lq: int, lk: int) -> tuple:
     if mask.variant == CausalVariant.LOWER_RIGHT:
         return (None, 0)
     return (None, lq - lk)
-
-
-def _check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens,
-                   k_new: Optional[Tensor], v_new: Optional[Tensor], num_splits) -> Tensor:
-    """ValueErrors for attention_with_kvcache; returns cache_seqlens as a (B,) int32 tensor."""
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{op}: {name} must be 4-D (batch, heads, seq, head_dim), got shape {_shape(t)}")
-    if not q.dtype.is_floating_point:
-        raise ValueError(f"{op}: q must be floating point, got {q.dtype}")
-    b, hq, _, d = q.shape
-    hkv, lmax = k_cache.shape[1], k_cache.shape[2]
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{op}: {name}.dtype {t.dtype} differs from q.dtype {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
-        if t.shape[0] != b:
-            raise ValueError(f"{op}: batch sizes differ: q {_shape(q)}, {name} {_shape(t)}")
-    if v_cache.shape[1] != hkv or v_cache.shape[2] != lmax:
-        raise ValueError(f"{op}: k_cache {_shape(k_cache)} and v_cache {_shape(v_cache)} must agree in heads and Lmax")
-    if k_cache.shape[-1] != d:
-        raise ValueError(f"{op}: head_dim of q {_shape(q)} and k_cache {_shape(k_cache)} differ")
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"{op}: query heads ({hq}) must be a multiple of key/value heads ({hkv}); "
-                         f"q {_shape(q)}, k_cache {_shape(k_cache)}")
-    if (k_new is None) != (v_new is None):
-        raise ValueError(f"{op}: give both k_new and v_new, or neither")
-    if k_new is not None:
-        for name, t, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
-            if not isinstance(t, Tensor) or t.dim() != 4:
-                raise ValueError(f"{op}: {name} must be a 4-D Tensor (batch, kv_heads, Lnew, head_dim)")
-            if t.dtype != q.dtype or t.device != q.device:
-                raise ValueError(f"{op}: {name} ({t.dtype}, {t.device}) must match q ({q.dtype}, {q.device})")
-            if (t.shape[0], t.shape[1], t.shape[3]) != (b, hkv, cache.shape[3]):
-                raise ValueError(f"{op}: {name} {_shape(t)} must be ({b}, {hkv}, Lnew, {cache.shape[3]}) "
-                                 f"to go into {'k' if cache is k_cache else 'v'}_cache {_shape(cache)}")
-        if k_new.shape[2] != v_new.shape[2]:
-            raise ValueError(f"{op}: k_new {_shape(k_new)} and v_new {_shape(v_new)} differ in Lnew")
-    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        cache_seqlens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=q.device)
-    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{op}: cache_seqlens must be an int32/int64 Tensor of shape ({b},) or an int")
-    if tuple(cache_seqlens.shape) != (b,) or cache_seqlens.device != q.device:
-        raise ValueError(f"{op}: cache_seqlens must have shape ({b},) on {q.device}, got "
-                         f"{_shape(cache_seqlens)} on {cache_seqlens.device}")
-    if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
-        raise ValueError(f"{op}: num_splits must be an int >= 1 or None, got {num_splits!r}")
-    return cache_seqlens.to(torch.int32).contiguous()
 
 
 def attention_with_kvcache(
@@ -400,115 +313,74 @@ def attention_with_kvcache(
                                  v_cache[b:b+1, :, :n + Lnew], causal=causal, ...)[0]
     """
     op = "attention_with_kvcache"
-    seqlens = _check_kvcache(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new, num_splits)
-    _check_options(op, q, scale=scale, window=window, alibi_slopes=alibi_slopes,
-                   softcap=softcap, dropout_p=0.0)
-    lnew = 0 if k_new is None else k_new.shape[2]
-    lmax = k_cache.shape[2]
-    if (rotary_cos is None) != (rotary_sin is None):
-        raise ValueError(f"{op}: give both rotary_cos and rotary_sin, or neither")
+    seqlens = check_kvcache(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new, num_splits)
+    check_options(op, q, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap)
+    check_rotary(op, q, rotary_cos, rotary_sin)
     if rotary_cos is not None:
-        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
-            if not isinstance(t, Tensor) or t.dim() != 2 or not t.dtype.is_floating_point:
-                raise ValueError(f"{op}: {name} must be a 2-D float Tensor (positions, rotary_dim / 2)")
-            if t.device != q.device:
-                raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
-        if rotary_cos.shape != rotary_sin.shape or not 1 <= rotary_cos.shape[1] <= q.shape[-1] // 2:
-            raise ValueError(f"{op}: rotary_cos {_shape(rotary_cos)} and rotary_sin {_shape(rotary_sin)} "
-                             f"must have the same shape (P, R/2) with 2 <= R <= head_dim {q.shape[-1]}")
         rotary_cos, rotary_sin = rotary_cos.contiguous(), rotary_sin.contiguous()
+    lnew = 0 if k_new is None else k_new.shape[2]
     max_seqlen_k = None
     if not torch.compiler.is_compiling() and seqlens.numel():
-        lo, hi = (int(x) for x in torch.stack([seqlens.min(), seqlens.max()]).tolist())
-        if lo < 0 or hi > lmax:
-            raise ValueError(f"{op}: cache_seqlens must lie in [0, {lmax}] (Lmax of k_cache "
-                             f"{_shape(k_cache)}), got values in [{lo}, {hi}]")
-        if hi + lnew > lmax:
-            raise ValueError(f"{op}: appending {lnew} new tokens to a sequence holding {hi} would "
-                             f"overflow the cache: cache_seqlens + Lnew = {hi + lnew} > Lmax = {lmax} "
-                             f"(k_cache {_shape(k_cache)})")
-        max_seqlen_k = hi + lnew
-        if rotary_cos is not None:
-            if lo + lnew - q.shape[2] < 0:
-                raise ValueError(f"{op}: with rotary, Lq ({q.shape[2]}) may not exceed cache_seqlens + "
-                                 f"Lnew (smallest {lo + lnew}): query positions would be negative")
-            if hi + lnew > rotary_cos.shape[0]:
-                raise ValueError(f"{op}: rotary_cos {_shape(rotary_cos)} covers {rotary_cos.shape[0]} "
-                                 f"positions; the longest sequence reaches position {hi + lnew - 1}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        max_seqlen_k = _check_cache_lengths(op, q, k_cache, seqlens, lnew, rotary_cos)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     band = band_from(causal, window)
-    tensors = [t for t in (q, k_cache, v_cache, k_new, v_new, alibi_slopes, rotary_cos, rotary_sin)
-               if t is not None]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    reasons = backend.decode_refusals(q, k_cache, v_cache, needs_grad)
-    if min(q.shape[0], q.shape[1], q.shape[2]) == 0:
-        reasons.append("an empty dimension")
-    if backend.use_kernels(op, reasons):
+    rot = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
+    needs_grad = _needs_grad(q, k_cache, v_cache, k_new, v_new, alibi_slopes, rotary_cos, rotary_sin)
+    route = backend.route(op, "decode", q, k_cache, v_cache, needs_grad=needs_grad,
+                          torch_sdpa=not (needs_grad or return_lse))
+    if route.impl == "kernel":
         from fastattn.ops.decode import op as decode_op  # imports triton, so only when used
 
         out, lse = decode_op.decode_attn(
-            q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, alibi=alibi_slopes,
-            scale=float(scale), softcap=float(softcap or 0.0), window_left=band[0],
-            window_right=band[1], num_splits=num_splits, max_seqlen_k=max_seqlen_k,
-            rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
+            q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, alibi=alibi_slopes, scale=scale,
+            softcap=float(softcap or 0.0), window_left=band[0], window_right=band[1], num_splits=num_splits,
+            max_seqlen_k=max_seqlen_k, **rot)
+    elif route.impl == "torch_sdpa":
+        from fastattn.ops.decode.fallback import decode_by_prefix
+
+        return decode_by_prefix(q, k_cache, v_cache, seqlens, k_new, v_new, band=band, scale=scale,
+                                alibi_slopes=alibi_slopes, softcap=softcap, **rot)
     else:
         from fastattn.ops.decode.reference import append_reference, decode_reference
 
-        # band already holds causal
-        rot = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
-        if not (needs_grad or return_lse):
-            return _decode_by_prefix(q, k_cache, v_cache, seqlens, k_new, v_new, band=band, scale=scale,
-                                     alibi_slopes=alibi_slopes, softcap=softcap, rot=rot)
-        out, lse = decode_reference(q, k_cache, v_cache, seqlens, k_new, v_new, causal=False,
-                                    window=band, scale=scale, alibi_slopes=alibi_slopes, softcap=softcap,
-                                    return_lse=True, **rot)
+        out, lse = decode_reference(q, k_cache, v_cache, seqlens, k_new, v_new, causal=False, window=band,
+                                    scale=scale, alibi_slopes=alibi_slopes, softcap=softcap, return_lse=True,
+                                    **rot)  # band already holds causal
         if k_new is not None:
             append_reference(k_cache, v_cache, seqlens, k_new, v_new, **rot)
     return (out, lse) if return_lse else out
 
 
-def _decode_by_prefix(q, k_cache, v_cache, seqlens, k_new, v_new, *, band, scale, alibi_slopes, softcap, rot):
-    """The fallback of a generation step (no gradients, no lse): append first, then each
-    sequence's valid prefix through ``_attend``, which hands what torch's fused SDPA can
-    express to it (on a CPU many times faster than the reference, which builds the scores).
-    Same result as ``decode_reference`` followed by ``append_reference``."""
-    from fastattn.ops.decode.reference import append_reference, apply_rotary, rotary_positions
-
-    lq, lnew = q.shape[2], (0 if k_new is None else k_new.shape[2])
-    if rot["rotary_cos"] is not None:
-        q = apply_rotary(q, rot["rotary_cos"], rot["rotary_sin"], rotary_positions(seqlens, lq, lnew, lq),
-                         rot["rotary_interleaved"])
-    if k_new is not None:
-        append_reference(k_cache, v_cache, seqlens, k_new, v_new, **rot)  # rotates k_new as it writes
-    outs = []
-    for b, n in enumerate(seqlens.tolist()):
-        if n + lnew == 0:  # nothing to attend to: out 0, as everywhere in fastattn
-            outs.append(q.new_zeros(1, q.shape[1], lq, v_cache.shape[-1]))
-            continue
-        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-        out, _ = _attend("attention_with_kvcache", q[b:b + 1], k_cache[b:b + 1, :, :n + lnew],
-                         v_cache[b:b + 1, :, :n + lnew], band=band, scale=scale, attn_bias=None,
-                         alibi_slopes=slopes, softcap=softcap, dropout_p=0.0, need_lse=False)
-        outs.append(out)
-    return torch.cat(outs)  # (B, Hq, Lq, Dv)
+def _check_cache_lengths(op, q, k_cache, seqlens, lnew, rotary_cos) -> int:
+    """ValueError unless every write fits the cache (and the rotary table); returns the
+    longest sequence after the append. Reads cache_seqlens on the host (one sync)."""
+    lmax = k_cache.shape[2]
+    lo, hi = (int(x) for x in torch.stack([seqlens.min(), seqlens.max()]).tolist())
+    if lo < 0 or hi > lmax:
+        raise ValueError(f"{op}: cache_seqlens must lie in [0, {lmax}] (Lmax of k_cache "
+                         f"{shape_str(k_cache)}), got values in [{lo}, {hi}]")
+    if hi + lnew > lmax:
+        raise ValueError(f"{op}: appending {lnew} new tokens to a sequence holding {hi} would "
+                         f"overflow the cache: cache_seqlens + Lnew = {hi + lnew} > Lmax = {lmax} "
+                         f"(k_cache {shape_str(k_cache)})")
+    if rotary_cos is not None:
+        if lo + lnew - q.shape[2] < 0:
+            raise ValueError(f"{op}: with rotary, Lq ({q.shape[2]}) may not exceed cache_seqlens + "
+                             f"Lnew (smallest {lo + lnew}): query positions would be negative")
+        if hi + lnew > rotary_cos.shape[0]:
+            raise ValueError(f"{op}: rotary_cos {shape_str(rotary_cos)} covers {rotary_cos.shape[0]} "
+                             f"positions; the longest sequence reaches position {hi + lnew - 1}")
+    return hi + lnew
 
 
 # ---------------------------------------------------------------------------------------
 # Linear-complexity attention (fastattn/ops/linear)
 
-def _check_eps(op: str, eps) -> None:
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
-
-
-def _linear_dispatch(op, q, k, v, *, feature, causal, normalize, eps):
+def _linear(op, q, k, v, *, feature, causal, normalize, eps):
     """Validated inputs -> out. q/k are the inputs of the elementwise map ``feature``
     ("identity" when the features were computed in torch)."""
-    reasons = backend.linear_refusals(q, k, v)
-    if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
-        reasons.append("an empty dimension")
-    if backend.use_kernels(op, reasons):
+    route = backend.route(op, "linear", q, k, v)
+    if route.impl == "kernel":
         from fastattn.ops.linear import op as linear_op  # imports triton, so only when used
 
         return linear_op.linear_attn(q, k, v, feature=feature, causal=causal, normalize=normalize, eps=eps)
@@ -517,15 +389,6 @@ def _linear_dispatch(op, q, k, v, *, feature, causal, normalize, eps):
     return linear_ref.linear_attention_chunked(
         linear_ref.feature_map(q, feature), linear_ref.feature_map(k, feature), v,
         causal=causal, normalize=normalize, eps=eps)
-
-
-def _check_linear(op: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
-    _check_qkv(op, q, k, v)
-    if causal and q.shape[2] != k.shape[2]:
-        raise ValueError(
-            f"{op}: causal linear attention needs Lq == Lk (query i sees keys j <= i), got "
-            f"q {_shape(q)}, k {_shape(k)}; decode token by token with "
-            "fastattn.ops.linear.reference.linear_attention_step")
 
 
 def linear_attention(
@@ -567,8 +430,8 @@ def linear_attention(
         out = (a @ v.repeat_interleave(Hq // Hkv, 1)) / (a.sum(-1, keepdim=True) + eps)
     """
     op = "linear_attention"
-    _check_qkv(op, q, k, v)
-    _check_eps(op, eps)
+    check_qkv(op, q, k, v)
+    check_eps(op, eps)
     feature = feature_map
     if callable(feature_map):
         q, k = feature_map(q), feature_map(k)
@@ -578,9 +441,8 @@ def linear_attention(
         feature = "identity"
     elif feature_map not in ("elu", "relu", "identity"):
         raise ValueError(f"{op}: feature_map must be 'elu', 'relu', 'identity' or a callable, got {feature_map!r}")
-    _check_linear(op, q, k, v, causal)
-    return _linear_dispatch(op, q, k, v, feature=feature, causal=bool(causal),
-                            normalize=bool(normalize), eps=eps)
+    check_linear(op, q, k, v, causal)
+    return _linear(op, q, k, v, feature=feature, causal=bool(causal), normalize=bool(normalize), eps=eps)
 
 
 def performer_attention(
@@ -626,31 +488,23 @@ def performer_attention(
         out = (a @ v) / (a.sum(-1, keepdim=True) + favor_eps(eps, sq, sk))
     """
     op = "performer_attention"
-    _check_qkv(op, q, k, v)
-    _check_eps(op, eps)
+    check_qkv(op, q, k, v)
+    check_eps(op, eps)
     if not isinstance(projection, Tensor) or projection.dim() != 2 or projection.shape[1] != q.shape[-1]:
-        shape = _shape(projection) if isinstance(projection, Tensor) else type(projection).__name__
+        shape = shape_str(projection) if isinstance(projection, Tensor) else type(projection).__name__
         raise ValueError(f"{op}: projection must be (num_features, head_dim={q.shape[-1]}), got {shape}")
     if projection.device != q.device or not projection.dtype.is_floating_point:
         raise ValueError(f"{op}: projection must be floating point on {q.device}, got {projection.dtype} "
                          f"on {projection.device}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"{op}: scale must be a positive float or None, got {scale!r}")
-    _check_linear(op, q, k, v, causal)
-    from fastattn.ops.linear import reference as linear_ref
-
-    if kernel == "softmax":
-        # stabilisers: (B, Hq, Lq, 1) per query row, (B, Hkv, 1, 1) for the keys
-        fq, stab_q = linear_ref.favor_features(q, projection, is_query=True, scale=scale, return_stabiliser=True)
-        fk, stab_k = linear_ref.favor_features(k, projection, is_query=False, scale=scale, return_stabiliser=True)
-        # eps scaled like the features, so the stabilisers cancel exactly and (causal) a large
-        # future key cannot reach past outputs through the key stabiliser.
-        eps = linear_ref.favor_eps(eps, stab_q, stab_k)
-    elif kernel == "relu":
-        fq, fk = linear_ref.relu_features(q, projection), linear_ref.relu_features(k, projection)
-    else:
+    if kernel not in ("softmax", "relu"):
         raise ValueError(f"{op}: kernel must be 'softmax' or 'relu', got {kernel!r}")
-    return _linear_dispatch(op, fq, fk, v, feature="identity", causal=bool(causal), normalize=True, eps=eps)
+    check_linear(op, q, k, v, causal)
+    from fastattn.ops.linear.performer import performer_features
+
+    fq, fk, eps = performer_features(q, k, projection, kernel=kernel, scale=scale, eps=eps)
+    return _linear(op, fq, fk, v, feature="identity", causal=bool(causal), normalize=True, eps=eps)
 
 
 def performer_projection(
@@ -720,18 +574,18 @@ def linformer_attention(
             f"{op}: causal=True is not supported: Linformer is non-causal by design (each projected "
             "key/value row is a mix of all sequence positions, future ones included). Use "
             "flash_attention(causal=True) or linear_attention(causal=True) instead.")
-    _check_qkv(op, q, k, v)
+    check_qkv(op, q, k, v)
     hkv, lk = k.shape[1], k.shape[2]
     for name, p in (("e_proj", e_proj), ("f_proj", f_proj)):
         if not isinstance(p, Tensor):
             raise ValueError(f"{op}: {name} must be a Tensor, got {type(p).__name__}")
         if not (p.dim() == 2 or (p.dim() == 3 and p.shape[0] == hkv)) or p.shape[-1] != lk or p.shape[-2] < 1:
-            raise ValueError(f"{op}: {name} must be (P, Lk={lk}) or (Hkv={hkv}, P, Lk={lk}), got {_shape(p)}")
+            raise ValueError(f"{op}: {name} must be (P, Lk={lk}) or (Hkv={hkv}, P, Lk={lk}), got {shape_str(p)}")
         if p.dtype != q.dtype or p.device != q.device:
             raise ValueError(f"{op}: {name} must have q's dtype {q.dtype} and device {q.device}, got "
                              f"{p.dtype} on {p.device}")
     if e_proj.shape[-2] != f_proj.shape[-2]:
-        raise ValueError(f"{op}: e_proj {_shape(e_proj)} and f_proj {_shape(f_proj)} must project to the "
+        raise ValueError(f"{op}: e_proj {shape_str(e_proj)} and f_proj {shape_str(f_proj)} must project to the "
                          "same number of rows")
     from fastattn.ops.linear.reference import linformer_project
 
@@ -774,22 +628,19 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool = 
     from fastattn.sparse import BlockSparseLayout
 
     op = "sparse_attention"
-    _check_qkv(op, q, k, v)
-    _check_options(op, q, scale=scale, window=None, alibi_slopes=None, softcap=None, dropout_p=0.0)
+    check_qkv(op, q, k, v)
+    check_options(op, q, scale=scale)
     if not isinstance(layout, BlockSparseLayout):
         raise ValueError(f"{op}: layout must be a fastattn.sparse.BlockSparseLayout, got {type(layout).__name__}")
     layout.check_for(op, q, k)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     crow, col, ccol, row, dense = layout.device_tensors(q.device)
-    reasons = backend.sparse_refusals(q, k, v, layout)
-    if min(q.shape[0], q.shape[1], q.shape[-1]) == 0:
-        reasons.append("an empty dimension")
-    if backend.use_kernels(op, reasons):
+    route = backend.route(op, "sparse", q, k, v)
+    if route.impl == "kernel":
         from fastattn.ops.sparse import op as sparse_op  # imports triton, so only when used
 
         out, lse = sparse_op.sparse_attn(q, k, v, crow, col, ccol, row, block_size=layout.block_size,
-                                         scale=float(scale), causal=bool(causal))
+                                         scale=scale, causal=bool(causal))
     else:
         from fastattn.ops.sparse.reference import sparse_attention_blocked
 

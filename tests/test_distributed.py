@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 import fastattn
 import fastattn.distributed as fd
-from fastattn.ops.flash.reference import attention_reference
+from fastattn.ops.flash.reference import attention_backward, attention_reference
 from helpers import as64, assert_close_rule
 
 JOB_SECONDS = 240  # a hung collective fails the test instead of blocking CI
@@ -255,8 +255,8 @@ def test_backward_torch_matches_autograd(hq, hkv, lq, lk, causal):
     out, lse = attention_reference(q, k, v, causal=causal, return_lse=True)
     do = torch.randn_like(out)
     want = torch.autograd.grad(out, (q, k, v), do)
-    got = fd.attention_backward_torch(do, q.detach(), k.detach(), v.detach(), out.detach(), lse,
-                                      scale=16 ** -0.5, causal=causal)
+    got = attention_backward(do, q.detach(), k.detach(), v.detach(), out.detach(), lse,
+                             scale=16 ** -0.5, causal=causal)
     for g, w in zip(got, want):
         assert g.shape == w.shape and (g - w).abs().max() < 1e-10
 

@@ -31,13 +31,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastattn import backend
-from fastattn.ops.flash.reference import band_mask
+from fastattn.functional import flash_attention
+from fastattn.ops.flash.reference import attention_backward
+from fastattn.validation import check_options, check_qkv
 
 _KV_TAG, _DKV_TAG = 0, 1  # gloo matches messages by (peer, tag); NCCL ignores tags
 
 
 # ---------------------------------------------------------------------------------------
-# Pure-torch pieces: LSE merge and the attention backward given the global out and lse.
+# The LSE merge (pure torch).
 
 def merge_partials(out: Tensor, lse: Tensor, out_i: Tensor, lse_i: Tensor) -> tuple[Tensor, Tensor]:
     """Merge two partial attention results over disjoint key sets, exactly.
@@ -56,50 +58,6 @@ def merge_partials(out: Tensor, lse: Tensor, out_i: Tensor, lse_i: Tensor) -> tu
     shift = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
     w, w_i = torch.exp(lse - shift), torch.exp(lse_i.to(lse.dtype) - shift)
     return out * w[..., None] + out_i.to(out.dtype) * w_i[..., None], new
-
-
-def attention_backward_torch(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                             *, scale: float, causal: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of attention of q over (k, v) when the softmax normaliser is a given ``lse``.
-
-    With the global out and lse of a query row, this gives that row's share of the gradients
-    for just this block of keys, so summing over the blocks gives the full gradients.
-    q, do, out: (B, Hq, Lq, D/Dv); k, v: (B, Hkv, Lk, D/Dv), Hq a multiple of Hkv; lse
-    (B, Hq, Lq). causal: bottom-right (key j seen by query i iff j <= i + Lk - Lq). Returns
-    (dq, dk, dv) in fp32 (float64 for float64 inputs); masked entries contribute 0, a -inf
-    lse row contributes 0.
-
-    Equivalent code::
-
-        p = exp(q @ k^T * scale - lse)               # masked entries 0
-        dv = p^T @ do;  dp = do @ v^T
-        ds = p * (dp - rowsum(do * out))
-        dq = ds @ k * scale;  dk = ds^T @ q * scale  # dk, dv summed over each kv head's query heads
-    """
-    ct = torch.promote_types(q.dtype, torch.float32)
-    b, hq, lq, _ = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    group = hq // hkv
-    q, do, out = q.to(ct), do.to(ct), out.to(ct)
-    # Query head h reads kv head h // group: view the query heads as (Hkv, group).
-    qg = q.view(b, hkv, group, lq, q.shape[-1])
-    dog = do.view(b, hkv, group, lq, do.shape[-1])
-    kk, vv = k.to(ct)[:, :, None], v.to(ct)[:, :, None]
-    s = torch.matmul(qg, kk.transpose(-1, -2)) * scale
-    lse = lse.to(ct).view(b, hkv, group, lq)
-    # A row with every key masked has lse -inf; +inf makes its p exp(-inf) = 0, not NaN.
-    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, math.inf), lse)
-    p = torch.exp(s - lse[..., None])
-    if causal:
-        keep = band_mask(lq, lk, None, 0, device=q.device)
-        p = p.masked_fill(~keep, 0.0)
-    dv = torch.matmul(p.transpose(-1, -2), dog).sum(2)
-    dp = torch.matmul(dog, vv.transpose(-1, -2))
-    delta = (dog * out.view_as(dog)).sum(-1, keepdim=True)  # rowsum(dO * O), the softmax Jacobian term
-    ds = p * (dp - delta)
-    dq = torch.matmul(ds, kk).mul_(scale).view(b, hq, lq, k.shape[-1])
-    dk = torch.matmul(ds.transpose(-1, -2), qg).sum(2).mul_(scale)
-    return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------
@@ -154,12 +112,10 @@ def _shape_check(op: str, group, device, **sizes) -> None:
 def check_inputs(op: str, q: Tensor, k: Tensor, v: Tensor, group, *, causal: bool, zigzag: bool,
                  scale) -> None:
     """Local and cross-rank validation shared by ring and Ulysses attention."""
-    from fastattn.functional import _check_options, _check_qkv
-
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(f"{op}: torch.distributed is not initialised (call init_process_group first)")
-    _check_qkv(op, q, k, v)
-    _check_options(op, q, scale=scale, window=None, alibi_slopes=None, softcap=None, dropout_p=0.0)
+    check_qkv(op, q, k, v)
+    check_options(op, q, scale=scale)
     lq, lk = q.shape[2], k.shape[2]
     if causal and lq != lk:
         raise ValueError(f"{op}: causal context-parallel attention needs q and k shards of one length, "
@@ -192,15 +148,12 @@ def _blocks(rank: int, src: int, lq: int, lk: int, causal: bool, zigzag: bool):
 
 
 def _local_attention(q, k, v, scale, diag):
-    import fastattn
-
-    out, lse = fastattn.flash_attention(q, k, v, causal=diag, scale=scale, return_lse=True)
-    return out, lse
+    return flash_attention(q, k, v, causal=diag, scale=scale, return_lse=True)
 
 
 def _block_grads(do, q, k, v, out, lse, scale, diag, kernels):
     if not kernels:
-        return attention_backward_torch(do, q, k, v, out, lse, scale=scale, causal=diag)
+        return attention_backward(do, q, k, v, out, lse, scale=scale, causal=diag)
     import fastattn.ops.flash.op  # noqa: F401  registers torch.ops.fastattn.flash_bwd
 
     c = [t.contiguous() for t in (do, q, k, v, out, lse)]  # the kernels index lse/dk/dv densely
@@ -324,9 +277,6 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool 
     zigzag = causal if zigzag is None else bool(zigzag)
     check_inputs(op, q, k, v, group, causal=causal, zigzag=zigzag, scale=scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    reasons = backend.flash_refusals(q, k, v)
-    if min(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) == 0:
-        reasons.append("an empty dimension")
-    kernels = backend.use_kernels(op, reasons)
+    kernels = backend.route(op, "flash", q, k, v).impl == "kernel"
     out, lse = _RingAttention.apply(q, k, v, _Ring(group), scale, causal, zigzag, kernels)
     return (out, lse) if return_lse else out

@@ -129,3 +129,47 @@ def attention_reference(
         p = p.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
     out = torch.matmul(p.to(v.dtype), v)
     return (out, lse) if return_lse else out
+
+
+def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       *, scale: float, causal: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of attention of q over (k, v) when the softmax normaliser is a given ``lse``.
+
+    With the global out and lse of a query row, this gives that row's share of the gradients
+    for just this block of keys, so summing over the blocks gives the full gradients.
+    q, do, out: (B, Hq, Lq, D/Dv); k, v: (B, Hkv, Lk, D/Dv), Hq a multiple of Hkv; lse
+    (B, Hq, Lq). causal: bottom-right (key j seen by query i iff j <= i + Lk - Lq). Returns
+    (dq, dk, dv) in fp32 (float64 for float64 inputs); masked entries contribute 0, a -inf
+    lse row contributes 0.
+
+    Equivalent code::
+
+        p = exp(q @ k^T * scale - lse)               # masked entries 0
+        dv = p^T @ do;  dp = do @ v^T
+        ds = p * (dp - rowsum(do * out))
+        dq = ds @ k * scale;  dk = ds^T @ q * scale  # dk, dv summed over each kv head's query heads
+    """
+    ct = torch.promote_types(q.dtype, torch.float32)
+    b, hq, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    q, do, out = q.to(ct), do.to(ct), out.to(ct)
+    # Query head h reads kv head h // group: view the query heads as (Hkv, group).
+    qg = q.view(b, hkv, group, lq, q.shape[-1])
+    dog = do.view(b, hkv, group, lq, do.shape[-1])
+    kk, vv = k.to(ct)[:, :, None], v.to(ct)[:, :, None]
+    s = torch.matmul(qg, kk.transpose(-1, -2)) * scale
+    lse = lse.to(ct).view(b, hkv, group, lq)
+    # A row with every key masked has lse -inf; +inf makes its p exp(-inf) = 0, not NaN.
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, math.inf), lse)
+    p = torch.exp(s - lse[..., None])
+    if causal:
+        keep = band_mask(lq, lk, None, 0, device=q.device)
+        p = p.masked_fill(~keep, 0.0)
+    dv = torch.matmul(p.transpose(-1, -2), dog).sum(2)
+    dp = torch.matmul(dog, vv.transpose(-1, -2))
+    delta = (dog * out.view_as(dog)).sum(-1, keepdim=True)  # rowsum(dO * O), the softmax Jacobian term
+    ds = p * (dp - delta)
+    dq = torch.matmul(ds, kk).mul_(scale).view(b, hq, lq, k.shape[-1])
+    dk = torch.matmul(ds.transpose(-1, -2), qg).sum(2).mul_(scale)
+    return dq, dk, dv

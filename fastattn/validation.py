@@ -1,0 +1,162 @@
+"""Input validation shared by the public functions and fastattn.distributed.
+
+Every check raises ``ValueError`` naming the argument and the shapes, never lets a bad input
+reach a kernel (a Triton compile error) or a silent wrong answer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def shape_str(t: Tensor) -> str:
+    return "x".join(str(s) for s in t.shape)
+
+
+def default_scale(head_dim: int) -> float:
+    """``1 / sqrt(head_dim)``; with head_dim 0 every score is 0 whatever the scale, so 1."""
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+
+
+def check_tensors(op: str, q: Tensor, **others: Tensor) -> None:
+    """q and ``others`` are 4-D tensors (batch, heads, seq, dim) of q's dtype and device, and
+    q is floating point."""
+    for name, t in (("q", q), *others.items()):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D (batch, heads, seq, head_dim), got shape {shape_str(t)}")
+    for name, t in others.items():
+        if t.dtype != q.dtype:
+            raise ValueError(f"{op}: {name}.dtype {t.dtype} differs from q.dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"{op}: q must be floating point, got {q.dtype}")
+
+
+def check_qkv(op: str, q: Tensor, k: Tensor, v: Tensor, *, names: tuple = ("k", "v"),
+              seq: str = "seq") -> None:
+    """q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) with Hq a multiple of Hkv.
+    ``names``/``seq`` name k, v and their sequence dim in messages (e.g. the caches' Lmax)."""
+    kn, vn = names
+    check_tensors(op, q, **{kn: k, vn: v})
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"{op}: batch sizes differ: q {shape_str(q)}, {kn} {shape_str(k)}, {vn} {shape_str(v)}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"{op}: {kn} {shape_str(k)} and {vn} {shape_str(v)} must agree in heads and {seq}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{op}: head_dim of q {shape_str(q)} and {kn} {shape_str(k)} differ")
+    hq, hkv = q.shape[1], k.shape[1]
+    if (hkv == 0 and hq != 0) or (hkv and hq % hkv):
+        raise ValueError(
+            f"{op}: query heads ({hq}) must be a multiple of key/value heads ({hkv}); "
+            f"q {shape_str(q)}, {kn} {shape_str(k)}")
+
+
+def check_bias(op: str, name: str, bias: Optional[Tensor], q: Tensor, k: Tensor) -> None:
+    """bias: None, or bool / floating, broadcastable to (B, Hq, Lq, Lk), on q's device."""
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor):
+        raise ValueError(f"{op}: {name} must be a Tensor or None, got {type(bias).__name__}")
+    if bias.dtype != torch.bool and not bias.dtype.is_floating_point:
+        raise ValueError(f"{op}: {name} must be bool (True = attend) or floating point, got {bias.dtype}")
+    if bias.device != q.device:
+        raise ValueError(f"{op}: {name} is on {bias.device} but q is on {q.device}")
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    try:
+        if bias.dim() > 4 or torch.broadcast_shapes(bias.shape, target) != target:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"{op}: {name} of shape {shape_str(bias)} does not broadcast to "
+            f"(batch, heads, Lq, Lk) = {target}") from None
+
+
+def check_options(op: str, q: Tensor, *, scale=None, window=None, alibi_slopes=None, softcap=None,
+                  dropout_p=0.0) -> None:
+    """The non-tensor options of the flash family (and ALiBi slopes (Hq,) or (B, Hq))."""
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"{op}: scale must be a finite float or None, got {scale!r}")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"{op}: softcap must be a positive float or None, got {softcap!r}")
+    if window is not None:
+        if not (isinstance(window, (tuple, list)) and len(window) == 2):
+            raise ValueError(f"{op}: window must be (left, right), got {window!r}")
+        for side, w in zip(("left", "right"), window):
+            if w is not None and not (isinstance(w, int) and w >= 0):
+                raise ValueError(f"{op}: window {side} must be an int >= 0 or None, got {w!r}")
+    if alibi_slopes is not None:
+        b, h = q.shape[0], q.shape[1]
+        if not isinstance(alibi_slopes, Tensor) or tuple(alibi_slopes.shape) not in ((h,), (b, h)):
+            shape = shape_str(alibi_slopes) if isinstance(alibi_slopes, Tensor) else type(alibi_slopes).__name__
+            raise ValueError(f"{op}: alibi_slopes must have shape ({h},) or ({b}, {h}), got {shape}")
+        if alibi_slopes.device != q.device or not alibi_slopes.dtype.is_floating_point:
+            raise ValueError(f"{op}: alibi_slopes must be floating point on {q.device}")
+
+
+def check_eps(op: str, eps) -> None:
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")
+
+
+def check_linear(op: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
+    """Linear-attention inputs: as check_qkv, and causal needs Lq == Lk."""
+    check_qkv(op, q, k, v)
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"{op}: causal linear attention needs Lq == Lk (query i sees keys j <= i), got "
+            f"q {shape_str(q)}, k {shape_str(k)}; decode token by token with "
+            "fastattn.ops.linear.reference.linear_attention_step")
+
+
+def check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens,
+                  k_new: Optional[Tensor], v_new: Optional[Tensor], num_splits) -> Tensor:
+    """attention_with_kvcache's tensors; returns cache_seqlens as a (B,) int32 tensor."""
+    check_qkv(op, q, k_cache, v_cache, names=("k_cache", "v_cache"), seq="Lmax")
+    b, hkv = q.shape[0], k_cache.shape[1]
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"{op}: give both k_new and v_new, or neither")
+    if k_new is not None:
+        for name, t, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
+            if not isinstance(t, Tensor) or t.dim() != 4:
+                raise ValueError(f"{op}: {name} must be a 4-D Tensor (batch, kv_heads, Lnew, head_dim)")
+            if t.dtype != q.dtype or t.device != q.device:
+                raise ValueError(f"{op}: {name} ({t.dtype}, {t.device}) must match q ({q.dtype}, {q.device})")
+            if (t.shape[0], t.shape[1], t.shape[3]) != (b, hkv, cache.shape[3]):
+                raise ValueError(f"{op}: {name} {shape_str(t)} must be ({b}, {hkv}, Lnew, {cache.shape[3]}) "
+                                 f"to go into {'k' if cache is k_cache else 'v'}_cache {shape_str(cache)}")
+        if k_new.shape[2] != v_new.shape[2]:
+            raise ValueError(f"{op}: k_new {shape_str(k_new)} and v_new {shape_str(v_new)} differ in Lnew")
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: cache_seqlens must be an int32/int64 Tensor of shape ({b},) or an int")
+    if tuple(cache_seqlens.shape) != (b,) or cache_seqlens.device != q.device:
+        raise ValueError(f"{op}: cache_seqlens must have shape ({b},) on {q.device}, got "
+                         f"{shape_str(cache_seqlens)} on {cache_seqlens.device}")
+    if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
+        raise ValueError(f"{op}: num_splits must be an int >= 1 or None, got {num_splits!r}")
+    return cache_seqlens.to(torch.int32).contiguous()
+
+
+def check_rotary(op: str, q: Tensor, rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor]) -> None:
+    """rotary_cos / rotary_sin: both None, or the same (P, R/2) float shape, 2 <= R <= D."""
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError(f"{op}: give both rotary_cos and rotary_sin, or neither")
+    if rotary_cos is None:
+        return
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if not isinstance(t, Tensor) or t.dim() != 2 or not t.dtype.is_floating_point:
+            raise ValueError(f"{op}: {name} must be a 2-D float Tensor (positions, rotary_dim / 2)")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
+    if rotary_cos.shape != rotary_sin.shape or not 1 <= rotary_cos.shape[1] <= q.shape[-1] // 2:
+        raise ValueError(f"{op}: rotary_cos {shape_str(rotary_cos)} and rotary_sin {shape_str(rotary_sin)} "
+                         f"must have the same shape (P, R/2) with 2 <= R <= head_dim {q.shape[-1]}")
