@@ -118,20 +118,32 @@ def scaled_dot_product_attention(
 ) -> Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
+    The rule: it behaves exactly like torch's function, including what it accepts and what it
+    refuses. Calls the kernels can take run the kernels; every other call (a backend or input
+    the kernels do not take, an empty input, dropout_p=1.0, a NaN scale, a float mask of
+    another dtype, nested tensors, ...) runs torch's own function, captured at import, so the
+    result or the error is torch's. ``flash_attention`` is the stricter fastattn contract.
+
     Args:
-        query: (B, Hq, Lq, E) or (Hq, Lq, E). key: (B, Hkv, Lk, E). value: (B, Hkv, Lk, Ev).
-        attn_mask: broadcastable to (B, Hq, Lq, Lk): bool (True = attend) or additive float;
-            or torch's ``causal_lower_right(...)`` / ``causal_upper_left(...)`` bias objects.
+        query: (N..., Hq, Lq, E), any number of leading batch dims (or none: (Lq, E)).
+        key: (N..., Hkv, Lk, E). value: (N..., Hkv, Lk, Ev). Leading dims broadcast as in
+            torch; a single kv (or query) head broadcasts over the other's heads. Leading
+            dims are folded into one batch dim as a view (a copy only where their strides
+            cannot merge).
+        attn_mask: broadcastable to (N..., Hq, Lq, Lk): bool (True = attend) or additive
+            float in query's dtype; or torch's ``causal_lower_right(...)`` /
+            ``causal_upper_left(...)`` bias objects.
         is_causal: top-left aligned, as torch: query i sees key j iff ``j <= i``.
-        enable_gqa: allow Hq to be a multiple of Hkv (otherwise they must be equal).
+        enable_gqa: allow Hq to be a multiple of Hkv (otherwise they must be equal, or 1).
 
     Returns:
-        (B, Hq, Lq, Ev) (or without B if the inputs had none). Fully masked rows give 0, as
-        torch >= 2.5 does.
+        (N..., Hq, Lq, Ev). Fully masked rows give 0, as torch >= 2.5 does.
 
     Raises:
-        ValueError: as ``flash_attention``, plus ``attn_mask`` given with ``is_causal``, and
-            Hq != Hkv without ``enable_gqa``.
+        ValueError: Hq != Hkv without ``enable_gqa``; an ``attn_mask`` that is neither a
+            Tensor, a CausalBias nor None, or given with ``is_causal``; under
+            ``use_backend("triton")``, any input the kernels cannot take (with the reasons).
+            Otherwise what torch's function raises.
 
     Equivalent code: ``torch.nn.functional.scaled_dot_product_attention`` itself.
     """

@@ -127,3 +127,61 @@ def test_fully_masked_rows_are_zero_like_torch(device):
         out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.all(out[:, :, 3] == 0)
     check_like_torch(q, k, v, attn_mask=mask)
+
+
+def plain_broadcast_attention(q, k, v):
+    """matmul-softmax-matmul in the inputs' dtype, broadcasting leading dims as torch does."""
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.softmax(s, dim=-1) @ v
+
+
+# name -> (q, k, v shapes, enable_gqa): layouts torch's SDPA takes and a drop-in must take too.
+LEADING_DIMS = {
+    "2d": ((20, 16), (24, 16), (24, 16), False),
+    "5d": ((2, 3, 2, 20, 16), (2, 3, 2, 24, 16), (2, 3, 2, 24, 16), False),
+    "6d-broadcast": ((2, 1, 3, 2, 20, 16), (1, 2, 3, 2, 24, 16), (1, 2, 3, 2, 24, 16), False),
+    "3d-q-4d-kv": ((2, 20, 16), (3, 2, 24, 16), (3, 2, 24, 16), False),
+    "4d-q-3d-kv": ((3, 2, 20, 16), (2, 24, 16), (2, 24, 16), False),
+    "kv-batch-1": ((3, 2, 20, 16), (1, 2, 24, 16), (1, 2, 24, 16), False),
+    "one-kv-head-no-gqa": ((2, 4, 20, 16), (2, 1, 24, 16), (2, 1, 24, 16), False),
+    "one-q-head": ((2, 1, 20, 16), (2, 4, 24, 16), (2, 4, 24, 16), False),
+    "5d-gqa": ((2, 3, 4, 20, 16), (2, 3, 2, 24, 16), (2, 3, 2, 24, 16), True),
+}
+
+
+@pytest.mark.parametrize("case", list(LEADING_DIMS))
+def test_any_leading_dims_like_torch(case, device):
+    """Before: anything but 3-D/4-D inputs of one batch raised "q must be 4-D"."""
+    qs, ks, vs, gqa = LEADING_DIMS[case]
+    q, k, v = (torch.randn(s, device=device, requires_grad=True) for s in (qs, ks, vs))
+    with fastattn.use_backend("triton"):  # the kernels, no fallback
+        out = fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    oracle = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), enable_gqa=gqa)
+    kr, vr = (t.repeat_interleave(qs[-3] // ks[-3], -3) if gqa else t for t in (k, v))
+    base = plain_broadcast_attention(q, kr, vr)
+    assert out.shape == oracle.shape
+    assert_close_rule("out", out, oracle, base)
+    do = torch.randn_like(out)
+    for name, g, g64, gt in zip("qkv", torch.autograd.grad(out, (q, k, v), do),
+                                torch.autograd.grad(oracle, (q, k, v), do.double()),
+                                torch.autograd.grad(base, (q, k, v), do)):
+        assert g.shape == g64.shape
+        assert_close_rule(f"d{name}", g, g64, gt, factor=3.0)
+
+
+def test_leading_dims_are_read_in_place(monkeypatch):
+    """(N, M, H, L, E) inputs, and (N, M, L, H, E) buffers viewed as (N, M, H, L, E), reach
+    the kernel as views of the caller's memory: no copy. (Leading dims whose strides cannot
+    merge into one batch stride are copied.)"""
+    from fastattn.ops.flash import op as flash_op
+
+    seen = []
+    launch = flash_op.flash_attn
+    monkeypatch.setattr(flash_op, "flash_attn", lambda q, k, v, **kw: seen.append((q, k, v)) or launch(q, k, v, **kw))
+    q, k, v = (torch.randn(2, 3, 2, 20, 16) for _ in range(3))
+    qt = torch.randn(2, 3, 20, 2, 16).transpose(2, 3)  # (N, M, L, H, E) -> (N, M, H, L, E)
+    with fastattn.use_backend("triton"):
+        fastattn.scaled_dot_product_attention(q, k, v)
+        fastattn.scaled_dot_product_attention(qt, k, v)
+    assert [t.data_ptr() for t in seen[0]] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]
+    assert seen[1][0].data_ptr() == qt.data_ptr() and seen[1][0].stride(-2) == 2 * 16
