@@ -31,7 +31,10 @@ def _flash(op, q, k, v, *, band, scale, attn_bias=None, alibi_slopes=None, softc
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     expressible = sdpa_expressible(q, k, band=band, attn_bias=attn_bias, alibi_slopes=alibi_slopes,
                                    softcap=softcap, need_lse=need_lse)
-    route = backend.route(op, "flash", q, k, v, torch_sdpa=expressible)
+    # The kernels give no gradient for ALiBi slopes: a call that needs one runs the reference.
+    extra = ["alibi_slopes requires grad; the kernels compute no gradient for the slopes"] \
+        if _needs_grad(alibi_slopes) else []
+    route = backend.route(op, "flash", q, k, v, torch_sdpa=expressible, extra_refusals=extra)
     if route.impl == "kernel":
         from fastattn.ops.flash import op as flash_op  # imports triton, so only when used
 
@@ -47,7 +50,7 @@ def _flash(op, q, k, v, *, band, scale, attn_bias=None, alibi_slopes=None, softc
         return sdpa_attention(q, k, v, band=band, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p), None
     return attention_reference(
         q, k, v, window=band, scale=scale, attn_bias=attn_bias, alibi_slopes=alibi_slopes,
-        softcap=softcap, dropout_p=dropout_p, return_lse=True)
+        softcap=softcap, dropout_p=dropout_p, return_lse=True, upcast=True)
 
 
 def flash_attention(
@@ -133,7 +136,9 @@ def scaled_dot_product_attention(
         attn_mask: broadcastable to (N..., Hq, Lq, Lk): bool (True = attend) or additive
             float in query's dtype; or torch's ``causal_lower_right(...)`` /
             ``causal_upper_left(...)`` bias objects.
-        is_causal: top-left aligned, as torch: query i sees key j iff ``j <= i``.
+        is_causal: top-left aligned, as torch: query i sees key j iff ``j <= i``. With an
+            ``attn_mask`` both apply, as in torch's default path (torch's math backend
+            refuses the pair; its default CPU and CUDA dispatch combine them).
         enable_gqa: allow Hq to be a multiple of Hkv (otherwise they must be equal, or 1).
 
     Returns:
@@ -141,7 +146,7 @@ def scaled_dot_product_attention(
 
     Raises:
         ValueError: Hq != Hkv without ``enable_gqa``; an ``attn_mask`` that is neither a
-            Tensor, a CausalBias nor None, or given with ``is_causal``; under
+            Tensor, a CausalBias nor None; under
             ``use_backend("triton")``, any input the kernels cannot take (with the reasons).
             Otherwise what torch's function raises.
 
@@ -167,7 +172,7 @@ def _sdpa_as_flash(op, query, key, value, attn_mask, dropout_p, is_causal, scale
     4-D (B, H, L, E) views of the inputs; or (None, why) for a call only torch's own function
     runs (torch then gives its own result or error). Raises ValueError for what torch refuses
     too, where fastattn has always named the argument (GQA heads without enable_gqa, a mask
-    that is neither a Tensor nor a CausalBias, a mask with is_causal)."""
+    that is neither a Tensor nor a CausalBias)."""
     tensors = (query, key, value)
     if not all(isinstance(t, Tensor) for t in tensors):
         return None, "query, key and value must be plain Tensors"
@@ -210,9 +215,7 @@ def _sdpa_as_flash(op, query, key, value, attn_mask, dropout_p, is_causal, scale
     band, mask = (None, None), attn_mask
     if attn_mask is not None and (_is_causal_bias(attn_mask) or not isinstance(attn_mask, Tensor)):
         band, mask = _causal_bias_band(op, attn_mask, lq, lk), None
-    if is_causal:
-        if mask is not None:
-            raise ValueError(f"{op}: attn_mask must be None when is_causal=True (as in torch)")
+    if is_causal:  # with a mask too, both apply, as torch's default path does
         band = (None, lq - lk)  # top-left: j <= i, i.e. rel = j - i - (lk - lq) <= lq - lk
     if mask is not None:
         if mask.dim() < 2 or mask.device != query.device or mask.dtype not in (torch.bool, query.dtype):
@@ -332,8 +335,9 @@ def attention_with_kvcache(
         rotary_cos, rotary_sin = rotary_cos.contiguous(), rotary_sin.contiguous()
     lnew = 0 if k_new is None else k_new.shape[2]
     max_seqlen_k = None
-    if not torch.compiler.is_compiling() and seqlens.numel():
+    if not torch.compiler.is_compiling() and seqlens.numel():  # on the given dtype: int64 must not wrap
         max_seqlen_k = _check_cache_lengths(op, q, k_cache, seqlens, lnew, rotary_cos)
+    seqlens = seqlens.to(torch.int32).contiguous()
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     band = band_from(causal, window)
     rot = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
@@ -357,7 +361,7 @@ def attention_with_kvcache(
 
         out, lse = decode_reference(q, k_cache, v_cache, seqlens, k_new, v_new, causal=False, window=band,
                                     scale=scale, alibi_slopes=alibi_slopes, softcap=softcap, return_lse=True,
-                                    **rot)  # band already holds causal
+                                    upcast=True, **rot)  # band already holds causal
         if k_new is not None:
             append_reference(k_cache, v_cache, seqlens, k_new, v_new, **rot)
     return (out, lse) if return_lse else out
@@ -446,11 +450,14 @@ def linear_attention(
     check_eps(op, eps)
     feature = feature_map
     if callable(feature_map):
-        q, k = feature_map(q), feature_map(k)
-        for name, t in (("feature_map(q)", q), ("feature_map(k)", k)):
+        fq, fk = feature_map(q), feature_map(k)
+        for name, t, x in (("feature_map(q)", fq, q), ("feature_map(k)", fk, k)):
             if not isinstance(t, Tensor) or t.dim() != 4:
                 raise ValueError(f"{op}: {name} must return a 4-D Tensor")
-        feature = "identity"
+            if t.dtype != x.dtype or t.shape[:3] != x.shape[:3]:
+                raise ValueError(f"{op}: {name} must keep its input's dtype {x.dtype} and first three dims "
+                                 f"{tuple(x.shape[:3])}, got {t.dtype} {shape_str(t)}")
+        q, k, feature = fq, fk, "identity"
     elif feature_map not in ("elu", "relu", "identity"):
         raise ValueError(f"{op}: feature_map must be 'elu', 'relu', 'identity' or a callable, got {feature_map!r}")
     check_linear(op, q, k, v, causal)
@@ -502,12 +509,14 @@ def performer_attention(
     op = "performer_attention"
     check_qkv(op, q, k, v)
     check_eps(op, eps)
-    if not isinstance(projection, Tensor) or projection.dim() != 2 or projection.shape[1] != q.shape[-1]:
+    if not isinstance(projection, Tensor) or projection.dim() != 2 or projection.shape[1] != q.shape[-1] \
+            or projection.shape[0] < 1:
         shape = shape_str(projection) if isinstance(projection, Tensor) else type(projection).__name__
-        raise ValueError(f"{op}: projection must be (num_features, head_dim={q.shape[-1]}), got {shape}")
-    if projection.device != q.device or not projection.dtype.is_floating_point:
-        raise ValueError(f"{op}: projection must be floating point on {q.device}, got {projection.dtype} "
-                         f"on {projection.device}")
+        raise ValueError(f"{op}: projection must be (num_features >= 1, head_dim={q.shape[-1]}), got {shape}")
+    if not projection.dtype.is_floating_point:
+        raise ValueError(f"{op}: projection must be floating point, got {projection.dtype}")
+    if projection.device != q.device:
+        raise ValueError(f"{op}: projection is on {projection.device} but q is on {q.device}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"{op}: scale must be a positive float or None, got {scale!r}")
     if kernel not in ("softmax", "relu"):
@@ -515,6 +524,7 @@ def performer_attention(
     check_linear(op, q, k, v, causal)
     from fastattn.ops.linear.performer import performer_features
 
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     fq, fk, eps = performer_features(q, k, projection, kernel=kernel, scale=scale, eps=eps)
     return _linear(op, fq, fk, v, feature="identity", causal=bool(causal), normalize=True, eps=eps)
 
@@ -540,6 +550,8 @@ def performer_projection(
     for name, n in (("num_features", num_features), ("head_dim", head_dim)):
         if not (isinstance(n, int) and n >= 1):
             raise ValueError(f"performer_projection: {name} must be an int >= 1, got {n!r}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"performer_projection: dtype must be a floating-point torch.dtype, got {dtype!r}")
     from fastattn.ops.linear import reference as linear_ref
 
     return linear_ref.performer_projection(num_features, head_dim, orthogonal=orthogonal,

@@ -84,8 +84,8 @@ def check_options(op: str, q: Tensor, *, scale=None, window=None, alibi_slopes=N
         raise ValueError(f"{op}: scale must be a finite float or None, got {scale!r}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"{op}: softcap must be a positive float or None, got {softcap!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
+        raise ValueError(f"{op}: softcap must be a positive finite float or None, got {softcap!r}")
     if window is not None:
         if not (isinstance(window, (tuple, list)) and len(window) == 2):
             raise ValueError(f"{op}: window must be (left, right), got {window!r}")
@@ -118,12 +118,23 @@ def check_linear(op: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None
 
 def check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens,
                   k_new: Optional[Tensor], v_new: Optional[Tensor], num_splits) -> Tensor:
-    """attention_with_kvcache's tensors; returns cache_seqlens as a (B,) int32 tensor."""
+    """attention_with_kvcache's tensors; returns cache_seqlens as a (B,) int32 or int64 tensor
+    (an int becomes int32). Its values are checked by the caller, before any int32 cast."""
     check_qkv(op, q, k_cache, v_cache, names=("k_cache", "v_cache"), seq="Lmax")
     b, hkv = q.shape[0], k_cache.shape[1]
     if (k_new is None) != (v_new is None):
         raise ValueError(f"{op}: give both k_new and v_new, or neither")
     if k_new is not None:
+        # The new tokens are written in place: a broadcast (stride-0) dim would put one
+        # sequence's token in another's slot, and one buffer as both caches would lose the keys.
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if any(st == 0 and n > 1 for st, n in zip(cache.stride(), cache.shape)):
+                raise ValueError(f"{op}: {name} {shape_str(cache)} has a broadcast (stride-0) dim, strides "
+                                 f"{tuple(cache.stride())}; k_new/v_new are written into it in place, so it "
+                                 "must own its memory (e.g. .contiguous())")
+        if k_cache.data_ptr() == v_cache.data_ptr() and k_cache.numel():
+            raise ValueError(f"{op}: k_cache and v_cache are the same memory; k_new and v_new would "
+                             "overwrite each other")
         for name, t, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
             if not isinstance(t, Tensor) or t.dim() != 4:
                 raise ValueError(f"{op}: {name} must be a 4-D Tensor (batch, kv_heads, Lnew, head_dim)")
@@ -143,7 +154,7 @@ def check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
                          f"{shape_str(cache_seqlens)} on {cache_seqlens.device}")
     if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
         raise ValueError(f"{op}: num_splits must be an int >= 1 or None, got {num_splits!r}")
-    return cache_seqlens.to(torch.int32).contiguous()
+    return cache_seqlens
 
 
 def check_rotary(op: str, q: Tensor, rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor]) -> None:

@@ -51,8 +51,6 @@ def test_sdpa_specific_errors():
     with pytest.raises(ValueError, match="enable_gqa"):
         fastattn.scaled_dot_product_attention(q, k, v)
     q, k, v = qkv("cpu")
-    with pytest.raises(ValueError, match="is_causal"):
-        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True)
     with pytest.raises(ValueError, match="attn_mask must be"):
         fastattn.scaled_dot_product_attention(q, k, v, attn_mask="causal")
 

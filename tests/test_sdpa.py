@@ -185,3 +185,18 @@ def test_leading_dims_are_read_in_place(monkeypatch):
         fastattn.scaled_dot_product_attention(qt, k, v)
     assert [t.data_ptr() for t in seen[0]] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]
     assert seen[1][0].data_ptr() == qt.data_ptr() and seen[1][0].stride(-2) == 2 * 16
+
+
+@pytest.mark.parametrize("lq,lk", [(20, 20), (12, 20), (20, 12)], ids=["q=k", "q<k", "q>k"])
+def test_mask_with_is_causal_applies_both_like_torchs_default_path(lq, lk, device):
+    """torch's default dispatch combines attn_mask with top-left is_causal (only its math
+    backend refuses the pair). Before: fastattn raised ValueError."""
+    q = randn((1, 2, lq, 32), torch.float32, device, requires_grad=True)
+    k = randn((1, 2, lk, 32), torch.float32, device, requires_grad=True)
+    v = randn((1, 2, lk, 32), torch.float32, device, requires_grad=True)
+    mask = torch.rand(lq, lk, device=device) > 0.3
+    both = mask & torch.ones(lq, lk, dtype=torch.bool, device=device).tril()
+    with fastattn.use_backend("triton"):
+        out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+    torch_default = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), attn_mask=mask, is_causal=True)
+    assert_close_rule("out", out, torch_default, plain_attention(q, k, v, attn_mask=both))

@@ -36,5 +36,5 @@ def decode_by_prefix(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tenso
             outs.append(sdpa_attention(qb, kb, vb, band=band, scale=scale, attn_bias=None, dropout_p=0.0))
         else:
             outs.append(attention_reference(qb, kb, vb, window=band, scale=scale, alibi_slopes=slopes,
-                                            softcap=softcap))
-    return torch.cat(outs)  # (B, Hq, Lq, Dv)
+                                            softcap=softcap, upcast=True))
+    return torch.cat(outs)  # (B, Hq, Lq, Dv); B >= 1 here (the router sends batch 0 to the reference)

@@ -90,6 +90,7 @@ def decode_reference(
     rotary_sin: Optional[Tensor] = None,
     rotary_interleaved: bool = False,
     return_lse: bool = False,
+    upcast: bool = False,
 ):
     """Attention of ``q`` over each sequence's valid cache prefix plus its new tokens.
 
@@ -104,6 +105,7 @@ def decode_reference(
             and k_new at their positions (``rotary_positions``) before attending; the cached
             keys are taken as already rotated. ``rotary_interleaved``: GPT-J pairs.
         return_lse: also return the row logsumexp (B, Hq, Lq), float32 (float64 for float64).
+        upcast: as ``attention_reference`` (float32 scores for fp16/bf16; the CPU fallback's).
 
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype, and lse if requested. A sequence with no valid key
@@ -132,8 +134,12 @@ def decode_reference(
             slopes = slopes[b]
         out, lse = attention_reference(
             q[b:b + 1], k_b, v_b, causal=causal, scale=scale, window=window,
-            alibi_slopes=slopes, softcap=softcap, return_lse=True)
+            alibi_slopes=slopes, softcap=softcap, return_lse=True, upcast=upcast)
         outs.append(out)
         lses.append(lse)
-    out, lse = torch.cat(outs), torch.cat(lses)
+    if not outs:  # batch 0: nothing to concatenate
+        out = q.new_zeros(*q.shape[:3], v_cache.shape[-1])
+        lse = q.new_zeros(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
+    else:
+        out, lse = torch.cat(outs), torch.cat(lses)
     return (out, lse) if return_lse else out

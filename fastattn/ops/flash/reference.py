@@ -41,15 +41,16 @@ def band_mask(lq: int, lk: int, left: Optional[int], right: Optional[int], devic
     return keep
 
 
-def alibi_bias(slopes: Tensor, lq: int, lk: int) -> Tensor:
+def alibi_bias(slopes: Tensor, lq: int, lk: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """ALiBi as FlashAttention defines it: ``-slope * |i + Lk - Lq - j|``.
 
-    slopes: (H,) or (B, H). Returns float32 (1 or B, H, lq, lk).
+    slopes: (H,) or (B, H). Returns (1 or B, H, lq, lk) in ``dtype`` (the scores' dtype, so
+    float64 scores get a float64 bias).
     """
     i = torch.arange(lq, device=slopes.device)[:, None]
     j = torch.arange(lk, device=slopes.device)[None, :]
-    dist = (i + (lk - lq) - j).abs().to(torch.float32)
-    slopes = slopes.to(torch.float32)
+    dist = (i + (lk - lq) - j).abs().to(dtype)
+    slopes = slopes.to(dtype)
     if slopes.dim() == 1:
         slopes = slopes[None]
     return -slopes[:, :, None, None] * dist
@@ -69,8 +70,9 @@ def attention_reference(
     dropout_p: float = 0.0,
     dropout_mask: Optional[Tensor] = None,
     return_lse: bool = False,
+    upcast: bool = False,
 ):
-    """Exact attention in plain PyTorch, in the dtype of the inputs.
+    """Exact attention in plain PyTorch, in the dtype of the inputs (or float32, ``upcast``).
 
     Args:
         q: (B, Hq, Lq, D). k: (B, Hkv, Lk, D). v: (B, Hkv, Lk, Dv); Hq a multiple of Hkv,
@@ -85,10 +87,13 @@ def attention_reference(
             keep) is given it is used as is; otherwise one is drawn with ``torch.rand``.
         return_lse: also return the natural-log logsumexp of each row, (B, Hq, Lq), in float32
             (float64 for float64 inputs).
+        upcast: compute the scores, softmax and P @ V of fp16/bf16 inputs in float32, as the
+            kernels do (the CPU fallback's choice: no fp16 overflow of q @ k^T). Off, every
+            step runs in the inputs' dtype: the plain-PyTorch yardstick of the error rule.
 
     Returns:
-        out (B, Hq, Lq, Dv), and lse if requested. Rows with every key masked give out 0 and
-        lse -inf.
+        out (B, Hq, Lq, Dv) in v's dtype, and lse if requested. Rows with every key masked
+        give out 0 and lse -inf, with zero (not NaN) gradients through them.
 
     Equivalent code::
 
@@ -103,7 +108,8 @@ def attention_reference(
         # The oracle may copy K/V per query head; the kernels index instead.
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    ct = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
+    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     masked = None
@@ -113,21 +119,25 @@ def attention_reference(
         else:
             s = s + attn_bias.to(s.dtype)
     if alibi_slopes is not None:
-        s = s + alibi_bias(alibi_slopes, lq, lk).to(s.dtype)
+        s = s + alibi_bias(alibi_slopes, lq, lk, torch.promote_types(s.dtype, torch.float32)).to(s.dtype)
     keep = band_mask(lq, lk, *band_from(causal, window), device=q.device)
     if keep is not None:
         masked = ~keep if masked is None else (masked | ~keep)
     if masked is not None:
         s = s.masked_fill(masked, float("-inf"))
+    # A row whose every score is -inf (masked, or an all -inf bias) is empty. Its softmax is
+    # 0/0: compute it on zeros instead, so neither the values nor the gradients (through the
+    # bias, too) see a NaN, then give the row p = 0 and lse = -inf, as torch >= 2.5 does.
+    empty = torch.isneginf(s).all(dim=-1, keepdim=True)
+    s = torch.where(empty, torch.zeros((), dtype=s.dtype, device=s.device), s)
     lse = torch.logsumexp(s.to(torch.promote_types(s.dtype, torch.float32)), dim=-1)
-    # softmax of a fully masked row is 0/0; torch >= 2.5 returns 0 there, and so do we.
-    empty = torch.isneginf(lse)[..., None]
+    lse = lse.masked_fill(empty[..., 0], float("-inf"))
     p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
     if dropout_p > 0.0:
         if dropout_mask is None:
             dropout_mask = torch.rand(s.shape, device=s.device) >= dropout_p
         p = p.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
-    out = torch.matmul(p.to(v.dtype), v)
+    out = torch.matmul(p, v.to(ct)).to(v.dtype) if upcast else torch.matmul(p.to(v.dtype), v)
     return (out, lse) if return_lse else out
 
 

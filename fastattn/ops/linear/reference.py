@@ -110,7 +110,11 @@ def favor_stabiliser(x: Tensor, projection: Tensor, *, is_query: bool, scale: Op
 
 def _default_stabiliser(proj: Tensor, is_query: bool) -> Tensor:
     proj = proj.detach()  # (..., L, M)
-    return proj.amax(dim=-1, keepdim=True) if is_query else proj.amax(dim=(-1, -2), keepdim=True)
+    if is_query:
+        return proj.amax(dim=-1, keepdim=True)
+    if proj.shape[-2] == 0:  # no keys: nothing to stabilise (a max over nothing has no value)
+        return proj.new_zeros(*proj.shape[:-2], 1, 1)
+    return proj.amax(dim=(-1, -2), keepdim=True)
 
 
 def _favor_scaled(x: Tensor, scale: Optional[float]) -> Tensor:
@@ -248,7 +252,7 @@ def linear_attention_chunked(
         outs.append(num.to(v.dtype))
         s = s + kc.transpose(-1, -2) @ vc
         z = z + kc.sum(-2).unsqueeze(-1)
-    return torch.cat(outs, dim=2)
+    return torch.cat(outs, dim=2) if outs else v.new_zeros(b, h, 0, v.shape[-1])  # L = 0: no chunk
 
 
 def linear_attention_cumsum(
