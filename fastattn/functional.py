@@ -160,7 +160,7 @@ def scaled_dot_product_attention(
         if route.impl == "kernel":
             out, _ = _flash(op, q, k, v, band=band, scale=scale, attn_bias=mask, dropout_p=dropout_p)
             return out.reshape(*out_shape, out.shape[-1])  # (B, Hq, Lq, Ev) -> (*batch, Hq, Lq, Ev)
-    elif backend.current_backend() == "triton":
+    elif why_not is not None and backend.current_backend() == "triton":
         raise ValueError(f"{op}: the triton backend cannot take this input: {why_not}")
     # Everything the kernels do not run is torch's own function, so it behaves exactly as torch.
     return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
@@ -170,7 +170,8 @@ def scaled_dot_product_attention(
 def _sdpa_as_flash(op, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """torch's SDPA arguments -> ((q, k, v, band, mask, out_shape), None) for the flash op, on
     4-D (B, H, L, E) views of the inputs; or (None, why) for a call only torch's own function
-    runs (torch then gives its own result or error). Raises ValueError for what torch refuses
+    runs (torch then gives its own result or error; why is None for an empty input, which
+    every backend hands to torch: nothing to compute). Raises ValueError for what torch refuses
     too, where fastattn has always named the argument (GQA heads without enable_gqa, a mask
     that is neither a Tensor nor a CausalBias)."""
     tensors = (query, key, value)
@@ -184,6 +185,8 @@ def _sdpa_as_flash(op, query, key, value, attn_mask, dropout_p, is_causal, scale
         return None, "query, key and value differ in dtype or device"
     if not query.dtype.is_floating_point:
         return None, f"dtype {query.dtype} is not floating point"
+    if any(t.numel() == 0 for t in tensors):
+        return None, None
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         return None, f"dropout_p {dropout_p!r} is not in [0, 1)"
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):

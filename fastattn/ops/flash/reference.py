@@ -103,7 +103,7 @@ def attention_reference(
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     if scale is None:
-        scale = 1.0 / math.sqrt(d)
+        scale = 1.0 / math.sqrt(d) if d else 1.0  # head_dim 0: every score is 0 anyway
     if hq != hkv:
         # The oracle may copy K/V per query head; the kernels index instead.
         k = k.repeat_interleave(hq // hkv, dim=1)

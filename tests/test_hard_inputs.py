@@ -1,0 +1,325 @@
+"""Bad, empty and extreme inputs: each case here gave a wrong number, a wrong exception or none
+before its fix. The property tests at the end draw such inputs for every public function and
+accept one of three outcomes: the float64 reference's answer by the error rule, torch's SDPA's
+own outcome, or a ValueError that names an argument."""
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+import fastattn  # noqa: E402
+from fastattn.backend import TORCH_SDPA  # noqa: E402
+from fastattn.ops.flash.reference import attention_reference  # noqa: E402
+from helpers import as64, assert_close_rule, max_err  # noqa: E402
+
+BACKENDS = ["torch", "auto", "triton"]
+
+
+# ------------------------------------------------------------------ wrong numbers, no error
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_all_minus_inf_bias_row_has_zero_not_nan_gradients(name):
+    """Before, on the torch path: q.grad row 4 and the bias grad were NaN (the softmax of a
+    full -inf row, patched afterwards, sent NaN back through s + bias)."""
+    q, k, v = (torch.randn(1, 2, 24, 24, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 24, 24)
+    bias[..., 4, :] = -math.inf
+    bias.requires_grad_()
+    with fastattn.use_backend(name):
+        out = fastattn.flash_attention(q, k, v, attn_bias=bias)
+    out.sum().backward()
+    assert torch.all(out[..., 4, :] == 0)
+    for t in (q, k, v, bias):
+        assert torch.isfinite(t.grad).all()
+    assert torch.all(q.grad[..., 4, :] == 0)
+
+
+@pytest.mark.parametrize("op", ["flash", "sdpa", "kvcache"])
+def test_fp16_large_logits_on_the_torch_path(op):
+    """Before: q.k^T ran in fp16 before the scale, so most outputs were NaN."""
+    q, k = ((35 * torch.randn(1, 2, 24, 64)).half() for _ in range(2))
+    v = torch.randn(1, 2, 24, 64).half()
+    calls = {
+        "flash": lambda q, k, v: fastattn.flash_attention(q, k, v),
+        "sdpa": lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v),
+        "kvcache": lambda q, k, v: fastattn.attention_with_kvcache(q, k, v, k.shape[2], causal=False),
+    }
+    with fastattn.use_backend("torch"):
+        out = calls[op](q, k, v)
+    oracle = attention_reference(*map(as64, (q, k, v)))
+    assert torch.isfinite(out).all()
+    # the yardstick: the kernels' own recipe (fp32 logits) in plain torch, rounded to fp16
+    assert_close_rule("out", out, oracle, attention_reference(q, k, v, upcast=True))
+
+
+def test_fp16_bias_minus_1e4_on_the_torch_path():
+    """Before: error 1.1 (the fp16 scores plus the bias lost everything)."""
+    q, k, v = (torch.randn(1, 2, 24, 64).half() for _ in range(3))
+    bias = torch.zeros(24, 24).half()
+    bias[:, ::2] = -1e4
+    with fastattn.use_backend("torch"):
+        out = fastattn.flash_attention(q, k, v, attn_bias=bias)
+    oracle = attention_reference(*map(as64, (q, k, v)), attn_bias=bias.double())
+    assert max_err(out, oracle) < 4e-3  # fp16 rounding of outputs of order 1
+
+
+def test_float64_alibi_is_float64_accurate():
+    """Before: the ALiBi bias was always built in float32 (errors ~1e-6 in float64)."""
+    q, k, v = (torch.randn(1, 4, 40, 16, dtype=torch.float64) for _ in range(3))
+    slopes = torch.rand(4, dtype=torch.float64) * 0.3
+    out = fastattn.flash_attention(q, k, v, alibi_slopes=slopes, causal=True)
+    i = torch.arange(40, dtype=torch.float64)
+    bias = -slopes[:, None, None] * (i[:, None] - i[None, :]).abs()
+    want = attention_reference(q, k, v, attn_bias=bias, causal=True)
+    assert max_err(out, want) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["auto", "triton"])
+def test_alibi_slopes_gradient_is_computed_or_refused(name, device):
+    """Before: on the kernel path ``alibi_slopes.grad`` silently stayed None. Now "auto" runs
+    the reference (which differentiates the slopes) and "triton" refuses saying why."""
+    q, k, v = (torch.randn(1, 2, 16, 16, device=device, requires_grad=True) for _ in range(3))
+    slopes = torch.rand(2, device=device, requires_grad=True)
+    with fastattn.use_backend(name):
+        if name == "triton":
+            with pytest.raises(ValueError, match="alibi_slopes requires grad"):
+                fastattn.flash_attention(q, k, v, alibi_slopes=slopes)
+            return
+        fastattn.flash_attention(q, k, v, alibi_slopes=slopes).sum().backward()
+    s64 = slopes.detach().double().requires_grad_()
+    attention_reference(*map(as64, (q, k, v)), alibi_slopes=s64).sum().backward()
+    assert slopes.grad is not None and max_err(slopes.grad, s64.grad) < 1e-4
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_softcap_must_be_finite(name):
+    """Before: softcap=inf was accepted and gave all NaN."""
+    q = torch.randn(1, 2, 8, 16)
+    with fastattn.use_backend(name), pytest.raises(ValueError, match="softcap"):
+        fastattn.flash_attention(q, q, q, softcap=math.inf)
+
+
+def test_int64_cache_seqlens_does_not_wrap():
+    """Before: 2**32 + 3 was cast to int32 (3) before the range check."""
+    q, kc, vc = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    with pytest.raises(ValueError, match="cache_seqlens must lie in"):
+        fastattn.attention_with_kvcache(q, kc, vc, torch.tensor([2**32 + 3]))
+
+
+def test_writes_into_a_broadcast_or_shared_cache_are_refused():
+    """Before: an expanded cache took sequence 0's token in sequence 1's slot, and one tensor
+    as both caches replaced the keys with the values."""
+    q, new = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
+    expanded = torch.randn(1, 2, 10, 16).expand(2, 2, 10, 16)
+    with pytest.raises(ValueError, match="stride-0"):
+        fastattn.attention_with_kvcache(q, expanded, expanded.clone(), 3, k_new=new, v_new=new)
+    cache = torch.randn(2, 2, 10, 16)
+    with pytest.raises(ValueError, match="same memory"):
+        fastattn.attention_with_kvcache(q, cache, cache, 3, k_new=new, v_new=new)
+    # reading (no write) an expanded cache is fine
+    out = fastattn.attention_with_kvcache(q, expanded, expanded, 3)
+    assert out.shape == (2, 2, 1, 16)
+
+
+# ------------------------------------------------------------------ empty inputs
+
+EMPTY = {  # (q shape, k/v shape)
+    "B0": ((0, 2, 5, 8), (0, 2, 6, 8)), "H0": ((1, 0, 5, 8), (1, 0, 6, 8)),
+    "Lq0": ((1, 2, 0, 8), (1, 2, 6, 8)), "Lk0": ((1, 2, 5, 8), (1, 2, 0, 8)),
+    "D0": ((1, 2, 5, 0), (1, 2, 6, 0)),
+}
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("case", list(EMPTY))
+def test_empty_inputs_give_what_torch_gives(case, name):
+    """Before: head_dim 0 raised ZeroDivisionError; H = 0 was refused; several ops leaked
+    torch.cat's "expected a non-empty list"."""
+    qs, ks = EMPTY[case]
+    q, k, v = torch.randn(qs, requires_grad=True), torch.randn(ks, requires_grad=True), torch.randn(ks)
+    want = TORCH_SDPA(q, k, v)
+    with fastattn.use_backend(name):
+        for out in (fastattn.flash_attention(q, k, v), fastattn.scaled_dot_product_attention(q, k, v)):
+            assert out.shape == want.shape
+            assert_close_rule("out", out, TORCH_SDPA(*map(as64, (q, k, v))), attention_reference(q, k, v))
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("case", ["B0", "Lq0", "Lk0"])
+def test_empty_inputs_of_the_other_ops(case, name):
+    qs, ks = EMPTY[case]
+    q, k, v = torch.randn(qs), torch.randn(ks), torch.randn(ks)
+    with fastattn.use_backend(name):
+        outs = [fastattn.linear_attention(q, k, v),
+                fastattn.performer_attention(q, k, v, fastattn.performer_projection(4, 8))]
+        if case != "Lk0":
+            sq = q.shape[2]
+            outs.append(fastattn.linear_attention(q, q, v[:, :, :sq] if sq <= v.shape[2] else q, causal=True))
+        if case == "B0":
+            outs.append(fastattn.attention_with_kvcache(q[:, :, :1], k, v, 0, k_new=k[:, :, :1].clone(),
+                                                        v_new=v[:, :, :1].clone()))
+    for out in outs:
+        assert out.shape[:3] == (q.shape[0], q.shape[1], out.shape[2]) and torch.isfinite(out).all()
+
+
+def test_performer_with_no_keys_or_no_features():
+    """Before: IndexError from amax (Lk = 0), or from a (0, D) projection."""
+    q = torch.randn(1, 2, 5, 8)
+    out = fastattn.performer_attention(q, q[:, :, :0], q[:, :, :0], fastattn.performer_projection(4, 8))
+    assert torch.equal(out, torch.zeros(1, 2, 5, 8))
+    with pytest.raises(ValueError, match="projection"):
+        fastattn.performer_attention(q, q, q, torch.randn(0, 8))
+
+
+# ------------------------------------------------------------------ the SDPA drop-in is torch's
+
+SDPA_CASES = {
+    "dropout_p=1": dict(dropout_p=1.0),
+    "scale=nan": dict(scale=float("nan")),
+    "scale=inf": dict(scale=float("inf")),
+    "float64-mask-on-float32": dict(attn_mask=torch.randn(5, 6, dtype=torch.float64)),
+    "1d-mask": dict(attn_mask=torch.ones(6, dtype=torch.bool)),
+    "0d-mask": dict(attn_mask=torch.tensor(True)),
+}
+
+
+@pytest.mark.parametrize("case", list(SDPA_CASES))
+def test_sdpa_accepts_and_refuses_what_torch_does(case):
+    """Before: dropout_p=1 and NaN/inf scales raised; a float64 mask on float32 inputs and
+    1-D / 0-D masks were accepted."""
+    q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    kw = SDPA_CASES[case]
+    try:
+        want = F.scaled_dot_product_attention(q, k, v, **kw)
+    except Exception as e:  # torch refuses: so must we, with torch's own error
+        with pytest.raises(type(e)):
+            fastattn.scaled_dot_product_attention(q, k, v, **kw)
+        return
+    got = fastattn.scaled_dot_product_attention(q, k, v, **kw)
+    assert got.shape == want.shape and torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def test_sdpa_under_patch_takes_torchs_broadcasts():
+    """Before: under patch_sdpa, k/v batch 1 broadcast against q raised where torch worked."""
+    q, k, v = torch.randn(3, 2, 5, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    with fastattn.patch_sdpa():
+        got = F.scaled_dot_product_attention(q, k, v)
+    assert_close_rule("out", got, TORCH_SDPA(*map(as64, (q, k, v))), TORCH_SDPA(q, k, v))
+
+
+# ------------------------------------------------------------------ helpers and messages
+
+def test_performer_projection_refuses_integer_dtypes():
+    with pytest.raises(ValueError, match="dtype"):
+        fastattn.performer_projection(4, 8, dtype=torch.int32)
+
+
+def test_messages_name_the_real_problem():
+    """Before: a float64 feature map reported "v.dtype float32 differs from q.dtype float64",
+    and a meta-device call "projection must be floating point on meta, got float32 on cpu"."""
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match=r"feature_map\(q\) must keep its input's dtype"):
+        fastattn.linear_attention(q, q, q, feature_map=lambda x: x.double())
+    meta = torch.empty(1, 2, 5, 8, device="meta")
+    with pytest.raises(ValueError, match="projection is on cpu but q is on meta"):
+        fastattn.performer_attention(meta, meta, meta, torch.randn(4, 8))
+
+
+# ------------------------------------------------------------------ properties
+
+ARGUMENT = re.compile(r"^\w+: (the triton backend cannot take this input: .+|.*\b(q|k|v|attn_bias|attn_mask|"
+                      r"window|scale|softcap|dropout_p|alibi_slopes|projection|feature_map|layout|query heads)\b)")
+
+
+def outcome_ok(call, reference):
+    """Run ``call``: a ValueError that starts with the op's name and names an argument (or
+    gives the triton backend's reasons) is fine; a result must match ``reference()`` (float64
+    oracle, same-dtype yardstick) by the error rule."""
+    try:
+        got = call()
+    except ValueError as e:
+        assert ARGUMENT.match(str(e)), str(e)
+        return
+    oracle, base = reference()
+    assert got.shape == oracle.shape
+    assert_close_rule("out", got, oracle, base)
+
+
+SHAPES = dict(b=st.integers(0, 2), hkv=st.integers(0, 2), group=st.sampled_from([1, 2]),
+              lq=st.integers(0, 40), lk=st.integers(0, 40), d=st.sampled_from([0, 8, 16, 40]),
+              dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+              transposed=st.booleans(), name=st.sampled_from(BACKENDS))
+PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def draw_qkv(b, hkv, group, lq, lk, d, dtype, transposed):
+    hq = hkv * group
+
+    def make(h, l):
+        t = torch.randn(b, l, h, d).to(dtype)
+        return t.transpose(1, 2) if transposed else t.transpose(1, 2).contiguous()
+    return make(hq, lq), make(hkv, lk), make(hkv, lk)
+
+
+@PROPERTY
+@given(causal=st.booleans(), window=st.sampled_from([None, (3, 0), (None, 2)]),
+       mask=st.sampled_from(["none", "bool", "float"]), **SHAPES)
+def test_property_flash_attention(b, hkv, group, lq, lk, d, dtype, transposed, name, causal, window, mask):
+    q, k, v = draw_qkv(b, hkv, group, lq, lk, d, dtype, transposed)
+    bias = None
+    if mask == "bool":
+        bias = torch.rand(lq, lk) > 0.3
+    elif mask == "float":
+        bias = torch.randn(lq, lk).to(dtype)
+    kw = dict(causal=causal, window=window, attn_bias=bias)
+    with fastattn.use_backend(name):
+        outcome_ok(lambda: fastattn.flash_attention(q, k, v, **kw),
+                   lambda: (attention_reference(*map(as64, (q, k, v)), **{**kw, "attn_bias": as64(bias)}),
+                            attention_reference(q, k, v, upcast=True, **kw)))
+
+
+@PROPERTY
+@given(is_causal=st.booleans(), gqa=st.booleans(), mask=st.sampled_from(["none", "bool"]), **SHAPES)
+def test_property_sdpa_has_torchs_outcome(b, hkv, group, lq, lk, d, dtype, transposed, name, is_causal, gqa,
+                                          mask):
+    q, k, v = draw_qkv(b, hkv, group, lq, lk, d, dtype, transposed)
+    kw = dict(is_causal=is_causal, enable_gqa=gqa, attn_mask=torch.rand(lq, lk) > 0.3 if mask == "bool" else None)
+    try:
+        want = TORCH_SDPA(*map(as64, (q, k, v)), **kw)
+    except Exception as e:
+        with fastattn.use_backend(name), pytest.raises((type(e), ValueError)):
+            fastattn.scaled_dot_product_attention(q, k, v, **kw)
+        return
+    with fastattn.use_backend(name):
+        try:
+            got = fastattn.scaled_dot_product_attention(q, k, v, **kw)
+        except ValueError as e:  # only "triton" may refuse what torch takes, saying why
+            assert name == "triton" and "triton backend cannot take" in str(e)
+            return
+    assert got.shape == want.shape
+    assert_close_rule("out", got, want, TORCH_SDPA(q, k, v, **kw))
+
+
+@PROPERTY
+@given(causal=st.booleans(), feature=st.sampled_from(["elu", "relu"]), **SHAPES)
+def test_property_linear_attention(b, hkv, group, lq, lk, d, dtype, transposed, name, causal, feature):
+    from fastattn.ops.linear.reference import feature_map, linear_attention_quadratic
+
+    q, k, v = draw_qkv(b, hkv, group, lq, lk, d, dtype, transposed)
+    normalize = feature == "elu"  # relu features can leave a row's normaliser 0
+
+    def ref(q, k, v):
+        return linear_attention_quadratic(feature_map(q, feature), feature_map(k, feature), v, causal=causal,
+                                          normalize=normalize)
+    with fastattn.use_backend(name):
+        outcome_ok(lambda: fastattn.linear_attention(q, k, v, causal=causal, feature_map=feature,
+                                                     normalize=normalize),
+                   lambda: (ref(*map(as64, (q, k, v))), ref(q, k, v)))
