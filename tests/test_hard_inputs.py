@@ -323,3 +323,28 @@ def test_property_linear_attention(b, hkv, group, lq, lk, d, dtype, transposed, 
         outcome_ok(lambda: fastattn.linear_attention(q, k, v, causal=causal, feature_map=feature,
                                                      normalize=normalize),
                    lambda: (ref(*map(as64, (q, k, v))), ref(q, k, v)))
+
+
+CONVERT_CASES = {
+    "is_causal-without-mask": dict(is_causal=True),
+    "attn_mask-wrong-shape": dict(attn_mask=torch.zeros(3, 7, dtype=torch.bool)),
+    "key_padding_mask-wrong-shape": dict(key_padding_mask=torch.zeros(2, 9, dtype=torch.bool)),
+}
+
+
+@pytest.mark.parametrize("case", list(CONVERT_CASES))
+def test_converted_mha_refuses_what_torch_refuses(case):
+    """Before: is_causal without attn_mask was accepted, and wrong-shape masks gave a
+    confusing error from .view; now the converted module raises torch's own error."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    x = torch.randn(2, 5, 16)
+    kw = dict(CONVERT_CASES[case], need_weights=False)
+    with pytest.raises(Exception) as torch_error:
+        mha(x, x, x, **kw)
+    fastattn.convert(mha)
+    with pytest.raises(type(torch_error.value)) as ours:
+        mha(x, x, x, **kw)
+    assert str(ours.value) == str(torch_error.value)

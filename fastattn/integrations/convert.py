@@ -19,14 +19,17 @@ class FastMultiheadAttention(nn.MultiheadAttention):
 
     Same arguments, masks and outputs as torch's module. Calls that need what the fused path
     cannot give are passed to torch's own forward: ``need_weights=True`` (the weights need the
-    full score matrix), ``add_bias_kv`` / ``add_zero_attn``, and unbatched (L, E) inputs.
+    full score matrix), ``add_bias_kv`` / ``add_zero_attn``, unbatched (L, E) inputs, and
+    masks of shapes torch's forward would refuse, or ``is_causal`` without ``attn_mask``
+    (torch's forward then raises its own error, exactly as the unconverted module).
     With ``need_weights=False`` the returned weights are None, as in torch.
     """
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None,
                 average_attn_weights: bool = True, is_causal: bool = False):
-        if need_weights or self.bias_k is not None or self.add_zero_attn or query.dim() != 3:
+        if (need_weights or self.bias_k is not None or self.add_zero_attn or query.dim() != 3
+                or not _masks_fit(self, query, key, attn_mask, key_padding_mask, is_causal)):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=need_weights, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
@@ -50,6 +53,18 @@ class FastMultiheadAttention(nn.MultiheadAttention):
         out = out.transpose(1, 2).reshape(b, lq, e)  # (B, H, L, E/H) -> (B, L, E)
         out = self.out_proj(out)
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def _masks_fit(mha, query, key, attn_mask, key_padding_mask, is_causal) -> bool:
+    """Whether the masks have the shapes torch's forward takes (attn_mask (L, S) or
+    (B*H, L, S), key_padding_mask (B, S)), and is_causal comes with an attn_mask."""
+    b, lq, lk = (query.shape[0], query.shape[1], key.shape[1]) if mha.batch_first else \
+        (query.shape[1], query.shape[0], key.shape[0])
+    if is_causal and attn_mask is None:
+        return False
+    if attn_mask is not None and tuple(attn_mask.shape) not in ((lq, lk), (b * mha.num_heads, lq, lk)):
+        return False
+    return key_padding_mask is None or tuple(key_padding_mask.shape) == (b, lk)
 
 
 def _sdpa_mask(attn_mask, key_padding_mask, b, h, lq, lk, dtype) -> Optional[Tensor]:
