@@ -236,7 +236,8 @@ def test_messages_name_the_real_problem():
 # ------------------------------------------------------------------ properties
 
 ARGUMENT = re.compile(r"^\w+: (the triton backend cannot take this input: .+|.*\b(q|k|v|attn_bias|attn_mask|"
-                      r"window|scale|softcap|dropout_p|alibi_slopes|projection|feature_map|layout|query heads)\b)")
+                      r"window|scale|softcap|dropout_p|alibi_slopes|projection|feature_map|layout|query heads|"
+                      r"cache_seqlens|k_cache|v_cache|k_new|v_new|e_proj|f_proj)\b)")
 
 
 def outcome_ok(call, reference):
@@ -348,3 +349,54 @@ def test_converted_mha_refuses_what_torch_refuses(case):
     with pytest.raises(type(torch_error.value)) as ours:
         mha(x, x, x, **kw)
     assert str(ours.value) == str(torch_error.value)
+
+
+@PROPERTY
+@given(causal=st.booleans(), m=st.sampled_from([0, 4, 16]), **SHAPES)
+def test_property_performer_attention(b, hkv, group, lq, lk, d, dtype, transposed, name, causal, m):
+    from fastattn.ops.linear.performer import performer_features
+    from fastattn.ops.linear.reference import linear_attention_quadratic
+
+    q, k, v = draw_qkv(b, hkv, group, lq, lk, d, dtype, transposed)
+    w = torch.randn(m, d)
+
+    def ref(q, k, v):
+        fq, fk, eps = performer_features(q, k, w.to(q.dtype), kernel="softmax", scale=1.0 / max(d, 1) ** 0.5,
+                                         eps=1e-6)
+        return linear_attention_quadratic(fq, fk, v, causal=causal, eps=eps)
+    with fastattn.use_backend(name):
+        outcome_ok(lambda: fastattn.performer_attention(q, k, v, w.to(dtype), causal=causal),
+                   lambda: (ref(*map(as64, (q, k, v))), ref(q, k, v)))
+
+
+@PROPERTY
+@given(p=st.sampled_from([1, 8]), **SHAPES)
+def test_property_linformer_attention(b, hkv, group, lq, lk, d, dtype, transposed, name, p):
+    q, k, v = draw_qkv(b, hkv, group, lq, lk, d, dtype, transposed)
+    e = (torch.randn(p, lk) / max(lk, 1) ** 0.5).to(dtype)
+
+    def ref(q, k, v):
+        return attention_reference(q, e.to(q.dtype) @ k, e.to(q.dtype) @ v, upcast=q.dtype != torch.float64)
+    with fastattn.use_backend(name):
+        outcome_ok(lambda: fastattn.linformer_attention(q, k, v, e, e), lambda: (ref(*map(as64, (q, k, v))),
+                                                                                 ref(q, k, v)))
+
+
+@PROPERTY
+@given(lnew=st.integers(0, 3), lmax=st.integers(0, 12), causal=st.booleans(), **SHAPES)
+def test_property_attention_with_kvcache(b, hkv, group, lq, lk, d, dtype, transposed, name, lnew, lmax, causal):
+    from fastattn.ops.decode.reference import decode_reference
+
+    q, _, _ = draw_qkv(b, hkv, group, min(lq, 3), 0, d, dtype, transposed)
+    k_cache, v_cache = (torch.randn(b, hkv, lmax, d).to(dtype) for _ in range(2))
+    seqlens = torch.randint(0, max(lmax - lnew, 0) + 1, (b,), dtype=torch.int32)
+    new = [torch.randn(b, hkv, lnew, d).to(dtype) for _ in range(2)] if lnew else [None, None]
+    kw = dict(causal=causal)
+
+    def ref(q, kc, vc, kn, vn):
+        return decode_reference(q, kc, vc, seqlens, kn, vn, upcast=q.dtype != torch.float64, **kw)
+    args64 = [as64(t) for t in (q, k_cache, v_cache, *new)]
+    oracle_base = (ref(*args64), ref(q, k_cache.clone(), v_cache.clone(), *new))
+    with fastattn.use_backend(name):
+        outcome_ok(lambda: fastattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, k_new=new[0], v_new=new[1],
+                                                           **kw), lambda: oracle_base)

@@ -173,7 +173,7 @@ def favor_eps(eps: float, stab_q: Tensor, stab_k: Tensor) -> Tensor:
 
     stab_q: (B, Hq, Lq, 1); stab_k: (B, Hkv, 1, 1), Hkv dividing Hq (GQA).
     """
-    group = stab_q.shape[1] // stab_k.shape[1]
+    group = stab_q.shape[1] // max(stab_k.shape[1], 1)  # no heads at all: nothing to repeat
     exponent = -(stab_q.float() + stab_k.float().repeat_interleave(group, dim=1))
     tiny = torch.finfo(torch.float32).tiny
     return (eps * exponent.clamp(-80.0, 80.0).exp()).clamp_min(tiny if eps > 0 else 0.0)
