@@ -200,3 +200,14 @@ def test_mask_with_is_causal_applies_both_like_torchs_default_path(lq, lk, devic
         out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
     torch_default = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), attn_mask=mask, is_causal=True)
     assert_close_rule("out", out, torch_default, plain_attention(q, k, v, attn_mask=both))
+
+
+def test_nested_jagged_inputs_go_to_torchs_sdpa():
+    """Jagged nested tensors (N, H, j, E) are torch's own business: same result as torch."""
+    seqs = [torch.randn(5, 2, 8), torch.randn(3, 2, 8)]  # (L_i, H, E)
+    nt = torch.nested.nested_tensor(seqs, layout=torch.jagged).transpose(1, 2)  # (N, H, j, E)
+    got = fastattn.scaled_dot_product_attention(nt, nt, nt)
+    want = fastattn.backend.TORCH_SDPA(nt, nt, nt)
+    assert got.is_nested
+    for g, w in zip(got.unbind(), want.unbind()):
+        assert torch.equal(g, w)
