@@ -16,8 +16,8 @@ from fastattn import backend
 from fastattn.backend import TORCH_SDPA
 from fastattn.ops.flash.fallback import sdpa_attention, sdpa_expressible
 from fastattn.ops.flash.reference import attention_reference, band_from
-from fastattn.validation import (check_bias, check_eps, check_kvcache, check_linear, check_options, check_qkv,
-                                 check_rotary, default_scale, shape_str)
+from fastattn.validation import (check_alibi, check_bias, check_eps, check_kvcache, check_linear, check_options, check_qkv,
+                                 check_rotary, check_varlen, default_scale, shape_str)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -106,6 +106,79 @@ def flash_attention(
                   dropout_p=dropout_p)
     out, lse = _flash(op, q, k, v, band=band_from(causal, window), scale=scale, attn_bias=attn_bias,
                       alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, need_lse=return_lse)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    window: Optional[tuple] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+):
+    """Exact attention over packed variable-length sequences (FlashAttention's varlen layout).
+
+    Several sequences share one packed tensor with no padding; each attends only inside
+    itself. Every ``flash_attention`` feature applies per sequence.
+
+    Args:
+        q: (total_q, Hq, D). k: (total_k, Hkv, D). v: (total_k, Hkv, Dv). Any strides; Hq a
+            multiple of Hkv (GQA by index).
+        cu_seqlens_q, cu_seqlens_k: int32 (B+1,) offsets: sequence b holds rows
+            ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``
+            of k/v (a sequence may have no keys: its rows give 0).
+        max_seqlen_q, max_seqlen_k: the longest sequence, or None (then derived from the
+            offsets); must not be below the real maximum.
+        causal, scale, window, alibi_slopes ((Hq,) or (B, Hq)), softcap, dropout_p: as
+            ``flash_attention``, bottom-right aligned per sequence (query i of sequence b sees
+            key j iff ``j <= i + Lk_b - Lq_b``).
+        return_lse: also return the row logsumexp, float32 (Hq, total_q), natural log.
+
+    Returns:
+        out (total_q, Hq, Dv) in q's dtype, or ``(out, lse)``.
+
+    Raises:
+        ValueError: as ``flash_attention``, plus offsets that are not int32 (B+1,), do not start
+            at 0, decrease, or do not end at the packed totals (checked on the host, except
+            while torch.compile traces), or a max_seqlen below the longest sequence.
+
+    Equivalent code, per sequence b (q_b = q[cu_seqlens_q[b]:cu_seqlens_q[b+1]], likewise k_b, v_b)::
+
+        out[cu_seqlens_q[b]:cu_seqlens_q[b+1]] = flash_attention(
+            q_b.transpose(0, 1)[None], k_b.transpose(0, 1)[None], v_b.transpose(0, 1)[None],
+            causal=causal, ...)[0].transpose(0, 1)
+    """
+    op = "flash_attention_varlen"
+    check_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_options(op, q.transpose(0, 1)[None], scale=scale, window=window, softcap=softcap, dropout_p=dropout_p)
+    check_alibi(op, alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device)
+    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    band = band_from(causal, window)
+    packed = [t.transpose(0, 1)[None] for t in (q, k, v)]  # (total, H, D) -> (1, H, total, D): views
+    # No varlen kernels yet: the route says why, "auto" runs the per-sequence fallback.
+    route = backend.route(op, "flash", *packed, torch_sdpa=not return_lse,
+                          extra_refusals=["the flash kernels take no packed (varlen) sequences yet"])
+    from fastattn.ops.flash import fallback
+
+    if route.impl == "torch_sdpa":
+        out, lse = fallback.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, band=band, scale=scale,
+                                             alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p)
+    else:
+        from fastattn.ops.flash.reference import varlen_attention_reference
+
+        out, lse = varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, window=band, scale=scale,
+                                              alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
+                                              return_lse=True, upcast=True)
     return (out, lse) if return_lse else out
 
 

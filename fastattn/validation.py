@@ -92,13 +92,18 @@ def check_options(op: str, q: Tensor, *, scale=None, window=None, alibi_slopes=N
         for side, w in zip(("left", "right"), window):
             if w is not None and not (isinstance(w, int) and w >= 0):
                 raise ValueError(f"{op}: window {side} must be an int >= 0 or None, got {w!r}")
-    if alibi_slopes is not None:
-        b, h = q.shape[0], q.shape[1]
-        if not isinstance(alibi_slopes, Tensor) or tuple(alibi_slopes.shape) not in ((h,), (b, h)):
-            shape = shape_str(alibi_slopes) if isinstance(alibi_slopes, Tensor) else type(alibi_slopes).__name__
-            raise ValueError(f"{op}: alibi_slopes must have shape ({h},) or ({b}, {h}), got {shape}")
-        if alibi_slopes.device != q.device or not alibi_slopes.dtype.is_floating_point:
-            raise ValueError(f"{op}: alibi_slopes must be floating point on {q.device}")
+    check_alibi(op, alibi_slopes, q.shape[0], q.shape[1], q.device)
+
+
+def check_alibi(op: str, alibi_slopes, batch: int, heads: int, device) -> None:
+    """ALiBi slopes: None, or floating point (heads,) or (batch, heads) on ``device``."""
+    if alibi_slopes is None:
+        return
+    if not isinstance(alibi_slopes, Tensor) or tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        shape = shape_str(alibi_slopes) if isinstance(alibi_slopes, Tensor) else type(alibi_slopes).__name__
+        raise ValueError(f"{op}: alibi_slopes must have shape ({heads},) or ({batch}, {heads}), got {shape}")
+    if alibi_slopes.device != device or not alibi_slopes.dtype.is_floating_point:
+        raise ValueError(f"{op}: alibi_slopes must be floating point on {device}")
 
 
 def check_eps(op: str, eps) -> None:
@@ -171,3 +176,40 @@ def check_rotary(op: str, q: Tensor, rotary_cos: Optional[Tensor], rotary_sin: O
     if rotary_cos.shape != rotary_sin.shape or not 1 <= rotary_cos.shape[1] <= q.shape[-1] // 2:
         raise ValueError(f"{op}: rotary_cos {shape_str(rotary_cos)} and rotary_sin {shape_str(rotary_sin)} "
                          f"must have the same shape (P, R/2) with 2 <= R <= head_dim {q.shape[-1]}")
+
+
+def check_varlen(op: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                 max_seqlen_k) -> None:
+    """Packed inputs q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv) and int32
+    (B+1,) offsets. The offsets' values (0 first, non-decreasing, the totals last) are read on
+    the host, except while torch.compile traces."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            got = shape_str(t) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{op}: {name} must be a 3-D Tensor (total, heads, head_dim), got {got}")
+    # The packed tensors as (1, H, total, D) views: the 4-D checks name the same arguments.
+    check_qkv(op, *(t.transpose(0, 1)[None] for t in (q, k, v)))
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+            got = f"{cu.dtype} {shape_str(cu)}" if isinstance(cu, Tensor) else type(cu).__name__
+            raise ValueError(f"{op}: {name} must be an int32 Tensor of shape (batch + 1,), got {got}")
+        if cu.device != q.device:
+            raise ValueError(f"{op}: {name} is on {cu.device} but q is on {q.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"{op}: cu_seqlens_q {shape_str(cu_seqlens_q)} and cu_seqlens_k "
+                         f"{shape_str(cu_seqlens_k)} must describe the same number of sequences")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if m is not None and not (isinstance(m, int) and not isinstance(m, bool) and m >= 0):
+            raise ValueError(f"{op}: {name} must be an int >= 0 or None, got {m!r}")
+    if torch.compiler.is_compiling():
+        return
+    for name, cu, total, m in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                               ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        lengths = cu.diff()
+        first, last = int(cu[0]), int(cu[-1])
+        if first != 0 or last != total or bool((lengths < 0).any()):
+            raise ValueError(f"{op}: {name} must start at 0, never decrease, and end at the packed total "
+                             f"{total}; got {cu.tolist() if cu.numel() <= 16 else shape_str(cu)}")
+        if m is not None and lengths.numel() and int(lengths.max()) > m:
+            raise ValueError(f"{op}: {name.replace('cu_seqlens', 'max_seqlen')}={m} is below the longest "
+                             f"sequence, {int(lengths.max())}")

@@ -10,8 +10,7 @@ import torch
 from torch import Tensor
 
 from fastattn.ops.decode.reference import append_reference, apply_rotary, rotary_positions
-from fastattn.ops.flash.fallback import sdpa_attention, sdpa_expressible
-from fastattn.ops.flash.reference import attention_reference
+from fastattn.ops.flash.fallback import attention
 
 
 def decode_by_prefix(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, k_new, v_new, *,
@@ -30,11 +29,7 @@ def decode_by_prefix(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tenso
             outs.append(q.new_zeros(1, q.shape[1], lq, v_cache.shape[-1]))
             continue
         slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-        qb, kb, vb = q[b:b + 1], k_cache[b:b + 1, :, :n + lnew], v_cache[b:b + 1, :, :n + lnew]
-        if sdpa_expressible(qb, kb, band=band, attn_bias=None, alibi_slopes=slopes, softcap=softcap,
-                            need_lse=False):
-            outs.append(sdpa_attention(qb, kb, vb, band=band, scale=scale, attn_bias=None, dropout_p=0.0))
-        else:
-            outs.append(attention_reference(qb, kb, vb, window=band, scale=scale, alibi_slopes=slopes,
-                                            softcap=softcap, upcast=True))
+        out, _ = attention(q[b:b + 1], k_cache[b:b + 1, :, :n + lnew], v_cache[b:b + 1, :, :n + lnew], band=band,
+                           scale=scale, alibi_slopes=slopes, softcap=softcap)
+        outs.append(out)
     return torch.cat(outs)  # (B, Hq, Lq, Dv); B >= 1 here (the router sends batch 0 to the reference)

@@ -1,0 +1,110 @@
+"""Packed variable-length sequences (``fastattn.flash_attention_varlen``) against the
+per-sequence reference in float64, by the error rule; documents never see each other."""
+import pytest
+import torch
+
+import fastattn
+from fastattn.ops.flash.reference import attention_reference, varlen_attention_reference
+from helpers import assert_close_rule
+
+# lengths per sequence: (queries, keys); awkward mixes, a sequence with no keys, Lq != Lk
+MIXES = {
+    "equal": ([17, 63, 1, 113], [17, 63, 1, 113]),
+    "lq<lk": ([1, 17, 5], [9, 40, 63]),
+    "lq>lk-and-empty-keys": ([20, 3, 7], [5, 0, 7]),
+}
+
+
+def cu(lengths, device):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def packed(lengths_q, lengths_k, dtype, device, hq=4, hkv=2, d=32):
+    q = torch.randn(sum(lengths_q), hq, d, device=device).to(dtype).requires_grad_()
+    k = torch.randn(sum(lengths_k), hkv, d, device=device).to(dtype).requires_grad_()
+    v = torch.randn(sum(lengths_k), hkv, d, device=device).to(dtype).requires_grad_()
+    return q, k, v, cu(lengths_q, device), cu(lengths_k, device)
+
+
+FEATURES = {"plain": {}, "causal": dict(causal=True), "window": dict(window=(4, 2)), "softcap": dict(softcap=5.0),
+            "alibi": dict(alibi_slopes="per-seq")}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_varlen_matches_the_reference(mix, feature, dtype, device):
+    lq, lk = MIXES[mix]
+    q, k, v, cq, ck = packed(lq, lk, dtype, device)
+    kw = dict(FEATURES[feature])
+    if kw.get("alibi_slopes") == "per-seq":
+        kw["alibi_slopes"] = torch.rand(len(lq), q.shape[1], device=device)
+    out, lse = fastattn.flash_attention_varlen(q, k, v, cq, ck, **kw, return_lse=True)
+    ref_kw = {**kw, "window": fastattn.ops.flash.reference.band_from(kw.pop("causal", False), kw.pop("window", None))}
+    args64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    oracle, lse64 = varlen_attention_reference(*args64, cq, ck, **ref_kw, return_lse=True)
+    args_t = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    base = varlen_attention_reference(*args_t, cq, ck, **ref_kw)
+    assert out.shape == (q.shape[0], q.shape[1], v.shape[-1]) and lse.shape == (q.shape[1], q.shape[0])
+    assert_close_rule("out", out, oracle, base)
+    assert_close_rule("lse", lse, lse64, varlen_attention_reference(*args_t, cq, ck, **ref_kw, return_lse=True)[1])
+    do = torch.randn_like(out)
+    for name, g, g64, gt in zip("qkv", torch.autograd.grad(out, (q, k, v), do),
+                                torch.autograd.grad(oracle, args64, do.double()),
+                                torch.autograd.grad(base, args_t, do)):
+        assert_close_rule(f"d{name}", g, g64, gt, factor=3.0)
+
+
+def test_reference_is_per_sequence_dense_attention():
+    lq, lk = MIXES["lq<lk"]
+    q, k, v, cq, ck = packed(lq, lk, torch.float64, "cpu")
+    out = varlen_attention_reference(q, k, v, cq, ck, window=(None, 0))
+    for b in range(len(lq)):
+        qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        want = attention_reference(*(t[s].transpose(0, 1)[None] for t, s in ((q, qs), (k, ks), (v, ks))), causal=True)
+        assert torch.equal(out[qs], want[0].transpose(0, 1))
+
+
+def test_changing_one_document_never_changes_another(device):
+    """Bit for bit: outputs and gradients of sequences 0 and 2 do not move when sequence 1's
+    tokens change."""
+    lq = lk = [17, 30, 9]
+    q, k, v, cq, ck = packed(lq, lk, torch.float32, device)
+    do = torch.randn(q.shape[0], q.shape[1], v.shape[-1], device=device)
+
+    def run(q, k, v):
+        out = fastattn.flash_attention_varlen(q, k, v, cq, ck, causal=True)
+        return out, torch.autograd.grad(out, (q, k, v), do)
+
+    out1, g1 = run(q, k, v)
+    q2, k2, v2 = (t.detach().clone() for t in (q, k, v))
+    for t in (q2, k2, v2):
+        t[17:47] = torch.randn_like(t[17:47])  # sequence 1 only
+    out2, g2 = run(*(t.requires_grad_() for t in (q2, k2, v2)))
+    keep = torch.ones(q.shape[0], dtype=torch.bool)
+    keep[17:47] = False
+    assert torch.equal(out1[keep], out2[keep])
+    for a, b in zip(g1, g2):
+        assert torch.equal(a[keep], b[keep])
+
+
+BAD = {
+    "offsets-int64": (lambda cq: cq.long(), "int32"),
+    "first-not-0": (lambda cq: cq + 1, "start at 0"),
+    "decreasing": (lambda cq: cq.flip(0), "start at 0"),
+    "total-mismatch": (lambda cq: torch.cat([cq[:-1], cq[-1:] - 1]), "end at the packed total"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_offsets_raise_naming_them(case):
+    q, k, v, cq, ck = packed([3, 4], [3, 4], torch.float32, "cpu")
+    change, message = BAD[case]
+    with pytest.raises(ValueError, match=message):
+        fastattn.flash_attention_varlen(q, k, v, change(cq), ck)
+
+
+def test_max_seqlen_below_the_longest_raises():
+    q, k, v, cq, ck = packed([3, 9], [3, 9], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="max_seqlen_q=4 is below the longest sequence, 9"):
+        fastattn.flash_attention_varlen(q, k, v, cq, ck, 4, 9)
