@@ -427,6 +427,11 @@ def attention_with_kvcache(
             q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, alibi=alibi_slopes, scale=scale,
             softcap=float(softcap or 0.0), window_left=band[0], window_right=band[1], num_splits=num_splits,
             max_seqlen_k=max_seqlen_k, **rot)
+    elif torch.compiler.is_compiling():  # the per-sequence fallbacks read the lengths on the host
+        from fastattn.ops.decode.fallback import decode_masked
+
+        out, lse = decode_masked(q, k_cache, v_cache, seqlens, k_new, v_new, band=band, scale=scale,
+                                 alibi_slopes=alibi_slopes, softcap=softcap, **rot)
     elif route.impl == "torch_sdpa":
         from fastattn.ops.decode.fallback import decode_by_prefix
 

@@ -137,7 +137,7 @@ def check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
                 raise ValueError(f"{op}: {name} {shape_str(cache)} has a broadcast (stride-0) dim, strides "
                                  f"{tuple(cache.stride())}; k_new/v_new are written into it in place, so it "
                                  "must own its memory (e.g. .contiguous())")
-        if k_cache.data_ptr() == v_cache.data_ptr() and k_cache.numel():
+        if not torch.compiler.is_compiling() and k_cache.data_ptr() == v_cache.data_ptr() and k_cache.numel():
             raise ValueError(f"{op}: k_cache and v_cache are the same memory; k_new and v_new would "
                              "overwrite each other")
         for name, t, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
