@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastattn.models.common import (Positional, StackConfig, decoder_layer, encoder_layer, exact_attention,
-                                    final_norm, init_weights)
+from fastattn.models.common import (Positional, StackConfig, can_cache, decoder_layer, encoder_layer, final_norm,
+                                    init_weights)
 from fastattn.nn.kv_cache import KVCache
 from fastattn.nn.layers import TransformerDecoder, TransformerEncoder, aux_loss
 
@@ -87,7 +87,8 @@ class EncoderDecoder(nn.Module):
 
     # --- generation ----------------------------------------------------------------------
     def can_cache(self) -> bool:
-        return exact_attention(self.config) and self.config.positional != "t5"
+        """As ``GPT.can_cache``: the decoder's self-attention kind decodes with a cache, no T5 bias."""
+        return can_cache(self.decoder, self.config)
 
     def _stepper(self, memory, mask, batch: int, max_len: int, use_cache: bool):
         """A function (tokens so far (N, t), new tokens (N, n)) -> next-token log-probs (N, V),
