@@ -419,6 +419,8 @@ def test_learned_positions():
     torch.testing.assert_close(pe(2, offset=offs), torch.stack([pe.weight[0:2], pe.weight[4:6]]))
     with pytest.raises(ValueError, match="max_len"):
         pe(5, offset=12)
+    with pytest.raises(ValueError, match="max_len"):
+        pe(2, offset=torch.tensor([0, 15]))
 
 
 @pytest.mark.parametrize("scaling", [1.0, 4.0])

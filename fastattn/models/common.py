@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import torch
 from torch import Tensor, nn
 
 from fastattn.nn.attention import MultiHeadAttention
@@ -148,6 +149,25 @@ def can_cache(stack: nn.Module, cfg: StackConfig) -> bool:
     if cfg.positional == "t5":
         return False
     return all(m.kind.supports.kv_cache for m in stack.modules() if isinstance(m, MultiHeadAttention))
+
+
+def padding_mask(mask: Tensor, model: nn.Module) -> Optional[Tensor]:
+    """``mask`` (B, L) bool, True at padding, as the encoder self-attention of ``model`` gets
+    it, or None when it is not needed.
+
+    Eager: None when nothing is padded (one host read; the kernels then skip the mask).
+    Under ``torch.compile`` there is no host read: the mask is always passed when the
+    attention takes one; an attention without key_padding_mask gets None and an on-device
+    assert that fails (RuntimeError) if any token is padding, instead of silently attending to
+    it.
+    """
+    takes_mask = all(m.kind.supports.key_padding_mask for m in model.modules() if isinstance(m, MultiHeadAttention))
+    if torch.compiler.is_compiling():
+        if takes_mask:
+            return mask
+        torch._assert_async(~mask.any(), "padding tokens, but the attention takes no key_padding_mask")
+        return None
+    return mask if bool(mask.any()) else None
 
 
 __all__ = ["StackConfig", "Positional", "POSITIONALS"]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastattn.models.common import (Positional, StackConfig, can_cache, decoder_layer, encoder_layer, final_norm,
-                                    init_weights)
+                                    init_weights, padding_mask)
 from fastattn.nn.kv_cache import KVCache
 from fastattn.nn.layers import TransformerDecoder, TransformerEncoder, aux_loss
 
@@ -55,9 +55,8 @@ class EncoderDecoder(nn.Module):
         self.head.weight = self.tok.weight
 
     def _src_mask(self, src: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
-        if mask is None:
-            mask = src == self.config.pad_token_id
-        return mask if bool(mask.any()) else None
+        """(B, Ls) True at padding (default: src == pad_token_id), or None (see ``padding_mask``)."""
+        return padding_mask(src == self.config.pad_token_id if mask is None else mask, self.encoder)
 
     def encode(self, src: Tensor, src_key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """src (B, Ls) -> memory (B, Ls, E)."""
