@@ -350,6 +350,19 @@ def test_a_kind_is_a_spec_each_layer_binds_its_own():
     assert p0.shape == (16, 8) and p0.data_ptr() != p1.data_ptr()
 
 
+@pytest.mark.parametrize("kind", [Performer(16), Linformer(32, 8)], ids=["performer", "linformer"])
+def test_checkpoints_from_before_kinds_load(kind):
+    """State dicts saved when the kind's tensors sat on the module itself (projection,
+    e_proj, f_proj) load into the kind."""
+    m = MultiHeadAttention(32, 4, attention=kind)
+    old = {k.replace("kind.", ""): v.clone() for k, v in m.state_dict().items()}
+    assert any(k in old for k in ("projection", "e_proj"))
+    fresh = MultiHeadAttention(32, 4, attention=kind)
+    fresh.load_state_dict(old)
+    for k, v in m.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
 def test_layers_give_attention_dropout_only_to_kinds_that_have_it():
     """A layer's dropout (residual and feed-forward) is not an error for an approximate kind;
     the attention-probability dropout goes only where the kind has it."""

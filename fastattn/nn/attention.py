@@ -211,6 +211,15 @@ class MultiHeadAttention(nn.Module):
         return (out, weights) if need_weights else out
 
     # --- interop -----------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints from before attention kinds kept Performer's / Linformer's tensors on the
+        # module itself ("projection", "e_proj", "f_proj"); they now live under "kind.".
+        for name in ("projection", "e_proj", "f_proj"):
+            old, new = prefix + name, prefix + "kind." + name
+            if old in state_dict and new not in state_dict:
+                state_dict[new] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def load_torch(self, mha: nn.MultiheadAttention) -> "MultiHeadAttention":
         """Copy the weights of a ``torch.nn.MultiheadAttention`` (same embed_dim and heads,
