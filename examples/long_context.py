@@ -49,8 +49,11 @@ import time
 import torch
 
 import fastattn
-from fastattn import sparse, training
+from fastattn import sparse
 from fastattn.models import Encoder, EncoderConfig
+from fastattn.nn import Flash, Linear, Performer, Sparse
+
+import training  # examples/training.py: the loop pieces the examples share (not part of fastattn)
 
 ATTENTIONS = ("flash", "sparse", "local", "linear", "performer")
 PAD, MASK, QUERY = 0, 1, 2  # special tokens; keys, values and filler follow
@@ -94,19 +97,16 @@ def make_layout(kind: str, window: int, block_size: int):
 
 
 def build_model(args, vocab: Vocab) -> Encoder:
-    options = None
-    attention = args.attention
-    if attention in ("sparse", "local"):
-        layout = make_layout(attention, args.window, args.block_size)
-        options = {"layout": layout}
-        attention = "sparse"
+    if args.attention in ("sparse", "local"):
+        layout = make_layout(args.attention, args.window, args.block_size)
+        attention = Sparse(layout)  # a builder (Lq, Lk) -> layout: one layout per curriculum length
         for length in sorted({args.warm_len, args.seq_len}):
             print(f"layout at L={length}: density {layout(length, length).density:.3f}")
-    elif attention == "performer":
-        options = {"num_features": args.features}
+    else:
+        attention = {"flash": Flash(), "linear": Linear(), "performer": Performer(args.features)}[args.attention]
     cfg = EncoderConfig(vocab_size=vocab.size, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                         max_seq_len=max(args.seq_len, args.warm_len), attention=attention,
-                        attention_options=options, positional=args.positional,
+                        positional=args.positional,
                         rope_dim=args.rope_dim or args.d_model // args.heads // 2, pad_token_id=PAD,
                         mask_token_id=MASK)
     return Encoder(cfg)

@@ -28,8 +28,10 @@ import time
 import torch
 
 import fastattn
-from fastattn import training
 from fastattn.models import GPT, GPTConfig
+from fastattn.nn import Flash, Linear, Performer
+
+import training  # examples/training.py: the loop pieces the examples share (not part of fastattn)
 
 
 def stdlib_text(max_bytes: int, val_fraction: float = 0.1):
@@ -85,7 +87,7 @@ def decode(tokens) -> str:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    training.add_common_args(p, attentions=("flash", "reference", "linear", "performer"), default_steps=800,
+    training.add_common_args(p, attentions=("flash", "linear", "performer"), default_steps=800,
                              lr=3e-3, checkpoint=True,
                              dtype=True)
     p.add_argument("--max-bytes", type=int, default=4_000_000, help="how much of the stdlib to read")
@@ -111,10 +113,10 @@ def main(argv=None) -> dict:
     train, val = stdlib_text(args.max_bytes)
     print(f"data: {len(train):,} train / {len(val):,} validation bytes of standard library source "
           f"({os.path.dirname(os.__file__)})")
-    options = {"num_features": 64} if args.attention == "performer" else None
+    attention = {"flash": Flash(), "linear": Linear(), "performer": Performer(64)}[args.attention]
     cfg = GPTConfig(vocab_size=256, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                    n_kv_heads=args.kv_heads, positional="rope", dropout=args.dropout, attention=args.attention,
-                    attention_options=options, max_seq_len=max(args.seq_len, 1024))
+                    n_kv_heads=args.kv_heads, positional="rope", dropout=args.dropout, attention=attention,
+                    max_seq_len=max(args.seq_len, 1024))
     model = GPT(cfg).to(device, getattr(torch, args.dtype))
     print(f"GPT: {training.count_parameters(model):,} parameters, {args.layers} layers, {args.heads} heads / "
           f"{args.kv_heads} kv heads, RoPE, attention={args.attention}, backend={args.backend}, device={device}")

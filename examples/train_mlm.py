@@ -25,8 +25,10 @@ import torch
 from torch import nn
 
 import fastattn
-from fastattn import training
 from fastattn.models import Encoder, EncoderConfig
+from fastattn.nn import Flash, Linear, Performer
+
+import training  # examples/training.py: the loop pieces the examples share (not part of fastattn)
 from train_gpt import stdlib_text  # the same text, read the same way
 
 PAD, MASK = 256, 257  # bytes are 0..255; two extra ids
@@ -131,7 +133,7 @@ def finetune(name, encoder, args, ft_x, ft_y, test_x, test_y, device) -> tuple[f
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    training.add_common_args(p, attentions=("flash", "reference", "linear", "performer"), default_steps=400,
+    training.add_common_args(p, attentions=("flash", "linear", "performer"), default_steps=400,
                              lr=2e-3)
     p.add_argument("--max-bytes", type=int, default=4_000_000)
     p.add_argument("--seq-len", type=int, default=64)
@@ -155,10 +157,10 @@ def main(argv=None) -> dict:
     args = parse(argv)
     device = training.setup(args)
     train, val = stdlib_text(args.max_bytes)
-    options = {"num_features": 64} if args.attention == "performer" else None
+    attention = {"flash": Flash(), "linear": Linear(), "performer": Performer(64)}[args.attention]
     cfg = EncoderConfig(vocab_size=VOCAB, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                        positional="learned", max_seq_len=args.seq_len, attention=args.attention,
-                        attention_options=options, pad_token_id=PAD, mask_token_id=MASK)
+                        positional="learned", max_seq_len=args.seq_len, attention=attention,
+                        pad_token_id=PAD, mask_token_id=MASK)
     encoder = Encoder(cfg).to(device)
     scratch = copy.deepcopy(encoder)  # the same initial weights, never pretrained
     print(f"Encoder: {training.count_parameters(encoder):,} parameters, attention={args.attention}, "

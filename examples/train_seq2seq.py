@@ -22,8 +22,9 @@ import time
 import torch
 
 import fastattn
-from fastattn import training
 from fastattn.models import EncoderDecoder, EncoderDecoderConfig
+
+import training  # examples/training.py: the loop pieces the examples share (not part of fastattn)
 
 ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
         "sixteen seventeen eighteen nineteen").split()
@@ -103,7 +104,7 @@ def exact_match(model, numbers, device, num_beams: int, batch: int = 250) -> tup
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    training.add_common_args(p, attentions=("flash", "reference", "linear"), default_steps=800, lr=3e-3)
+    training.add_common_args(p, attentions=("flash", "linear"), default_steps=800, lr=3e-3)
     p.add_argument("--max-number", type=int, default=99_999)
     p.add_argument("--test", type=int, default=500, help="held-out numbers")
     p.add_argument("--batch", type=int, default=64)

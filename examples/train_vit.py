@@ -19,8 +19,10 @@ import time
 import torch
 
 import fastattn
-from fastattn import training
 from fastattn.models import ViT, ViTConfig
+from fastattn.nn import Flash, Linear, Performer
+
+import training  # examples/training.py: the loop pieces the examples share (not part of fastattn)
 
 
 def load_digits(device, seed: int = 0):
@@ -57,7 +59,7 @@ def evaluate(model, x, y, batch: int = 512) -> float:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    training.add_common_args(p, attentions=("flash", "reference", "linear", "performer"), default_steps=500,
+    training.add_common_args(p, attentions=("flash", "linear", "performer"), default_steps=500,
                              lr=5e-3, checkpoint=True)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--d-model", type=int, default=64)
@@ -74,10 +76,9 @@ def main(argv=None) -> dict:
     args = parse(argv)
     device = training.setup(args)
     (x_train, y_train), (x_test, y_test) = load_digits(device, args.seed)
-    options = {"num_features": 32} if args.attention == "performer" else None
+    attention = {"flash": Flash(), "linear": Linear(), "performer": Performer(32)}[args.attention]
     cfg = ViTConfig(image_size=8, patch_size=args.patch, channels=1, num_classes=10, d_model=args.d_model,
-                    n_layers=args.layers, n_heads=args.heads, dropout=args.dropout, attention=args.attention,
-                    attention_options=options)
+                    n_layers=args.layers, n_heads=args.heads, dropout=args.dropout, attention=attention)
     model = ViT(cfg).to(device)
     print(f"ViT: {training.count_parameters(model):,} parameters, {cfg.num_patches} patches + class token, "
           f"attention={args.attention}, backend={args.backend}, device={device}; "

@@ -89,18 +89,24 @@ def _check_case(rank, world, case):
 
 
 def _check_nn_module(rank, world):
-    """A fastattn.nn.MultiHeadAttention under the switch, fed this rank's shard of the tokens,
-    gives this rank's shard of the single-process output (causal, GQA, zig-zag)."""
+    """A fastattn.nn.MultiHeadAttention whose kind is ContextParallelAttention(cp), fed this
+    rank's shard of the tokens, gives this rank's shard of the single-process output (causal,
+    GQA, zig-zag)."""
     gen = torch.Generator().manual_seed(1234)  # same weights and tokens on every rank
     torch.manual_seed(1234)
     mha = fastattn.nn.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True)
     x = torch.randn(2, 8 * world, 32, generator=gen)
+    cp = fd.context_parallel(method="ring")
+    sharded = fastattn.nn.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True,
+                                             attention=fastattn.nn.ContextParallelAttention(cp))
+    sharded.load_state_dict(mha.state_dict())
     with fastattn.use_backend("torch"):
         want = mha(x)
-        with fd.context_parallel(method="ring") as cp:
-            got = mha(cp.shard(x, dim=1))  # (B, L, E): the sequence is dim 1
-            with pytest.raises(ValueError, match="context-parallel"):
-                mha(cp.shard(x, dim=1), attn_bias=torch.ones(1, 1, 4 * world, 4 * world, dtype=torch.bool))
+        got = sharded(cp.shard(x, dim=1))  # (B, L, E): the sequence is dim 1
+        with pytest.raises(ValueError, match="context-parallel"):
+            sharded(cp.shard(x, dim=1), attn_bias=torch.ones(1, 1, 4 * world, 4 * world, dtype=torch.bool))
+        with cp:  # the with-block only sets fd.current(); a layer attends across ranks only by its kind
+            assert torch.equal(mha(x), want)
     oracle = mha.double()(x.double())
     mha.float()
     shard = cp.shard

@@ -185,6 +185,136 @@ def test_huggingface_generation_gives_the_same_tokens(hf_name):
     assert torch.equal(got, want)
 
 
+def _mistral_sliding(window=8):
+    from transformers import MistralConfig
+
+    return MistralConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
+                         sliding_window=window)
+
+
+def _pair(config, impl, reference_impl="eager"):
+    """(reference model, fastattn model) with the same random weights, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=reference_impl).eval()
+    fast = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=impl).eval()
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padded"])
+def test_huggingface_sliding_window_runs_the_band(padded, hf_name, monkeypatch):
+    """Mistral with sliding_window=8 over 23 tokens: logits within the error rule of eager (the
+    float64 eager model is the oracle). Without padding the kernel gets causal + window
+    (W - 1, 0) and no dense mask, so it skips the tiles outside the band (before: the window
+    was ignored and a dense (B, 1, L, L) mask walked every tile); a padded batch still passes
+    transformers' dense mask."""
+    from fastattn.integrations import huggingface
+
+    reference, fast = _pair(_mistral_sliding(8), hf_name)
+    b, l = 2, 23
+    ids = torch.randint(0, 97, (b, l))
+    attention_mask = torch.ones(b, l, dtype=torch.long)
+    if padded:
+        attention_mask[1, :6] = 0  # left padding, as for batched generation
+    seen = []
+    real = huggingface.flash_attention
+
+    def spy(q, k, v, **kw):
+        seen.append(dict(causal=kw["causal"], window=kw["window"], dense=kw["attn_bias"] is not None))
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(huggingface, "flash_attention", spy)
+
+    class Logits(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(input_ids=ids, attention_mask=attention_mask).logits
+
+    valid = attention_mask.bool()
+    compare_models(lambda: Logits(reference), lambda: [ids], lambda _: Logits(fast), select=lambda out: out[valid])
+    want = dict(causal=False, window=None, dense=True) if padded else dict(causal=True, window=(7, 0), dense=False)
+    assert seen and all(call == want for call in seen), seen
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "left-padded"])
+def test_huggingface_sliding_window_generation(padded, hf_name):
+    """Greedy generation past the window (9 + 10 tokens, window 4) through the dynamic cache
+    gives eager's tokens, on the band path (no padding) and the dense-mask path (padding)."""
+    reference, fast = _pair(_mistral_sliding(4), hf_name)
+    ids = torch.randint(0, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), fastattn.use_backend("triton"):
+        got = fast.generate(ids, **kw)
+    with torch.no_grad():
+        want = reference.generate(ids, **kw)
+    assert torch.equal(got, want)
+
+
+MASK_CASES = {  # name: (mask_function, local_size, q_offset, kv_offset, q_length, kv_length, padded, band?)
+    "causal-prefill": ("causal", None, 0, 0, 6, 6, False, True),
+    "causal-decode": ("causal", None, 9, 0, 1, 10, False, True),
+    "sliding-decode-window-cache": ("sliding", 4, 9, 6, 1, 4, False, True),
+    "sliding-prefill": ("sliding", 4, 0, 0, 12, 12, False, True),
+    "sliding-padded": ("sliding", 4, 0, 0, 12, 12, True, False),
+    "chunked": ("chunked", 4, 0, 0, 12, 12, False, False),
+    "static-cache-prefill": ("causal", None, 0, 0, 6, 16, False, False),
+}
+
+
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_huggingface_mask_is_none_only_where_the_band_is_exact(case):
+    """fastattn_mask returns None (the attention then runs bottom-right causal + window)
+    exactly where that equals transformers' mask; otherwise transformers' dense mask."""
+    from transformers import masking_utils as mu
+
+    from fastattn.integrations.huggingface import fastattn_mask
+
+    kind, local, q_off, kv_off, lq, lk, padded, band = MASK_CASES[case]
+    fn = {"causal": mu.causal_mask_function, "sliding": mu.sliding_window_causal_mask_function(local or 0),
+          "chunked": mu.chunked_causal_mask_function(local or 1, torch.zeros(2, dtype=torch.long))}[kind]
+    pad = torch.ones(2, kv_off + lk, dtype=torch.long)
+    if padded:
+        pad[1, :3] = 0
+    args = dict(batch_size=2, q_length=lq, kv_length=lk, q_offset=q_off, kv_offset=kv_off, mask_function=fn,
+                attention_mask=pad.bool(), local_size=local)
+    got = fastattn_mask(**args)
+    dense = mu.sdpa_mask(**args, allow_is_causal_skip=False)
+    if band:
+        assert got is None
+        # what the attention then computes: bottom-right causal, window (local - 1, 0)
+        i = torch.arange(lq)[:, None] + (lk - lq)
+        j = torch.arange(lk)[None, :]
+        keep = (j <= i) & ((j >= i - (local - 1)) if local else True)
+        assert torch.equal(dense, keep.expand(2, 1, lq, lk))
+    else:
+        assert got is not None and torch.equal(got, dense)
+
+
+def test_huggingface_refuses_attention_sinks(hf_name):
+    """gpt-oss passes its learned sinks as s_aux; fastattn has none yet, so it refuses instead
+    of dropping them (before: logits 0.2 away from eager and no word said). Eager runs."""
+    from transformers import GptOssConfig
+
+    config = GptOssConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, intermediate_size=64, num_local_experts=4,
+                          num_experts_per_tok=2, sliding_window=8, max_position_embeddings=128,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    reference, fast = _pair(config, hf_name)
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        assert torch.isfinite(reference(ids).logits).all()
+        with pytest.raises(ValueError, match="GptOssAttention passes attention sinks"):
+            fast(ids)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_converted_model_compiles_fullgraph(training):
     """torch.compile(fullgraph=True) of a model using fastattn: no graph breaks from our ops."""

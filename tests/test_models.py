@@ -13,7 +13,7 @@ import torch
 import fastattn
 from fastattn.models import (GPT, Encoder, EncoderConfig, EncoderDecoder, EncoderDecoderConfig, GPTConfig, ViT,
                              ViTConfig)
-from fastattn.nn import MoEConfig, RotaryEmbedding
+from fastattn.nn import Linear, MoEConfig, Performer, RotaryEmbedding, Sparse
 from tests.helpers import assert_close_rule
 
 POSITIONALS = ["learned", "sinusoidal", "rope", "alibi", "t5", "none"]
@@ -109,9 +109,9 @@ def test_gpt_on_kernels_matches_torch_backend():
 @pytest.mark.parametrize("attention", ["sparse", "performer", "linear"])
 def test_gpt_trains_with_each_causal_attention(attention):
     torch.manual_seed(0)
-    opts = {"sparse": {"layout": lambda lq, lk: fastattn.sparse.local(lk, 16, block_size=16, causal=True)},
-            "performer": {"num_features": 32}, "linear": None}[attention]
-    m = GPT(GPTConfig(vocab_size=24, attention=attention, attention_options=opts, **TINY))
+    kind = {"sparse": Sparse(lambda lq, lk: fastattn.sparse.local(lk, 16, block_size=16, causal=True)),
+            "performer": Performer(32), "linear": Linear()}[attention]
+    m = GPT(GPTConfig(vocab_size=24, attention=kind, **TINY))
     x = torch.randint(0, 24, (4, 17))
     losses = _train(m, (x[:, :-1], x[:, 1:]), 40)
     assert losses[-1] < losses[0] / 3, losses[::10]
@@ -155,7 +155,21 @@ def test_encoder_mlm_overfits(positional):
     torch.testing.assert_close(m(other, key_padding_mask=mask)[0][1, :9], logits[1, :9])
 
 
-def test_encoder_linformer_forward_backward():
+def test_config_checks_the_attention_at_construction():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        GPTConfig(vocab_size=24, attention="flashy", **TINY)
+    with pytest.raises(ValueError, match="use_backend"):
+        EncoderConfig(vocab_size=24, attention="reference", **TINY)
+    with pytest.raises(ValueError, match="unknown"):
+        GPTConfig(vocab_size=24, attention="linear", attention_options={"featuremap": "elu"}, **TINY)
+    # a kind object is a spec: every layer of every model built from the config binds its own
+    cfg = GPTConfig(vocab_size=24, attention=Performer(16), **TINY)
+    a, b = GPT(cfg), GPT(cfg)
+    assert a.blocks.layers[0].self_attn.kind.projection.data_ptr() != b.blocks.layers[0].self_attn.kind.projection.data_ptr()
+    assert not a.can_cache() and GPT(GPTConfig(vocab_size=24, **TINY)).can_cache()
+
+
+def test_encoder_linformer_forward_backward():  # the string form with options still works
     m = Encoder(EncoderConfig(vocab_size=24, attention="linformer", attention_options={"max_len": 16, "proj_dim": 8},
                               **TINY))
     ids = torch.randint(3, 24, (2, 16))

@@ -4,23 +4,25 @@ Most tests run on the pure-PyTorch path (``use_backend("torch")``, set for every
 autouse fixture) because they check module logic, not kernels; the kernel tests enter
 ``use_backend("triton")`` themselves at tiny sizes and compare with the error rule.
 """
+import ast
 import copy
 import math
+import pathlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastattn
-from fastattn.nn import (FeedForward, KVCache, MoEConfig, MoEFeedForward, MultiHeadAttention, RMSNorm,
-                         LearnedPositionalEmbedding, RelativePositionBias, RotaryEmbedding,
-                         SinusoidalPositionalEmbedding, TransformerDecoder, TransformerDecoderLayer,
-                         TransformerEncoder, TransformerEncoderLayer, alibi_slopes, attention_weights, aux_loss)
+from fastattn.nn import (ContextParallelAttention, FeedForward, Flash, KVCache, Linear, Linformer, MoEConfig,
+                         MoEFeedForward, MultiHeadAttention, Performer, RMSNorm, LearnedPositionalEmbedding,
+                         RelativePositionBias, RotaryEmbedding, SinusoidalPositionalEmbedding, Sparse,
+                         TransformerDecoder, TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer,
+                         alibi_slopes, attention_kind, attention_weights, aux_loss)
 from tests.helpers import assert_close_rule
 
 ATTN_OPTIONS = {
     "flash": None,
-    "reference": None,
     "performer": {"num_features": 16},
     "linformer": {"max_len": 32, "proj_dim": 16},
     "linear": None,
@@ -66,10 +68,22 @@ def test_mha_validation():
         MultiHeadAttention(32, 4, attention="flashy")
     with pytest.raises(ValueError, match="cannot be causal"):
         MultiHeadAttention(32, 4, attention="linformer", causal=True, options={"max_len": 8})
+    with pytest.raises(ValueError, match="cannot be causal"):
+        MultiHeadAttention(32, 4, attention=Linformer(8), causal=True)
     with pytest.raises(ValueError, match="max_len"):
         MultiHeadAttention(32, 4, attention="linformer")
     with pytest.raises(ValueError, match="layout"):
         MultiHeadAttention(32, 4, attention="sparse")
+    with pytest.raises(ValueError, match="layout must be"):
+        Sparse(16)
+    # options the kind does not have were silently ignored before
+    with pytest.raises(ValueError, match="unknown.*num_feature"):
+        MultiHeadAttention(32, 4, attention="performer", options={"num_feature": 8})
+    with pytest.raises(ValueError, match="go to the kind's constructor"):
+        MultiHeadAttention(32, 4, attention=Performer(8), options={"num_features": 8})
+    # the backend is not an attention kind any more; the message says where it went
+    with pytest.raises(ValueError, match="use_backend"):
+        MultiHeadAttention(32, 4, attention="reference")
     m = MultiHeadAttention(32, 4)
     with pytest.raises(ValueError, match="key_padding_mask"):
         m(torch.randn(2, 5, 32), key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
@@ -134,7 +148,7 @@ def test_mha_gqa_equals_repeated_kv_heads():
 
 # performer is left out: fastattn.performer_attention(causal=True) leaks the future through its
 # eps term (the key stabiliser is a max over the whole sequence, future keys included); reported.
-@pytest.mark.parametrize("attention", ["flash", "reference", "linear"])
+@pytest.mark.parametrize("attention", ["flash", "linear"])
 def test_causal_ignores_the_future(attention):
     m = MultiHeadAttention(32, 4, causal=True, attention=attention, options=ATTN_OPTIONS[attention]).double()
     x = torch.randn(2, 12, 32, dtype=torch.float64)
@@ -182,7 +196,7 @@ def _sparse_options(seq):
     return {"layout": fastattn.sparse.local(seq, 16, block_size=16)}
 
 
-@pytest.mark.parametrize("attention", ["flash", "reference", "sparse", "performer", "linformer", "linear"])
+@pytest.mark.parametrize("attention", ["flash", "sparse", "performer", "linformer", "linear"])
 def test_every_attention_forward_backward(attention):
     opts = _sparse_options(32) if attention == "sparse" else ATTN_OPTIONS[attention]
     causal = attention not in ("linformer",)
@@ -233,17 +247,166 @@ def test_need_weights_uses_reference_and_matches_output():
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 6, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("attention", ["flash", "reference"])
-def test_mha_kv_cache_equals_full_causal(attention):
+def test_mha_kv_cache_equals_full_causal():
     """Prefill 5 tokens then 1 token at a time through a KVCache = one causal pass."""
     rot = RotaryEmbedding(8)
-    m = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, attention=attention, rotary=rot, alibi=True).double()
+    m = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, rotary=rot, alibi=True).double()
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     full = m(x)
     cache = KVCache(1, 2, 2, 8, dtype=torch.float64, chunk_size=4)
     parts = [m(x[:, :5], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(5, 9)]
     torch.testing.assert_close(torch.cat(parts, 1), full)
     assert int(cache.seqlens(0)[0]) == 9
+
+
+# --- attention kinds -----------------------------------------------------------------------
+
+def _layout32():
+    return fastattn.sparse.local(32, 16, block_size=16)
+
+
+STRING_FORMS = {  # name, options -> the kind object they map to
+    "flash": (None, lambda: Flash()),
+    "sparse": ({"layout": _layout32()}, lambda: Sparse(_layout32())),
+    "performer": ({"num_features": 16}, lambda: Performer(16)),
+    "linformer": ({"max_len": 32, "proj_dim": 8, "share_kv": True}, lambda: Linformer(32, 8, share_kv=True)),
+    "linear": ({"feature_map": "elu"}, lambda: Linear("elu")),
+}
+
+
+@pytest.mark.parametrize("name", list(STRING_FORMS))
+def test_string_form_maps_to_the_kind(name):
+    """attention="performer", options={...} is Performer(...): same type, settings, state dict
+    keys and outputs (the string form stays for configs and --attention flags)."""
+    options, make = STRING_FORMS[name]
+    kind = attention_kind(name, options)
+    assert type(kind) is type(make()) and kind.settings.keys() == make().settings.keys()
+    causal = name != "linformer"
+    by_name = MultiHeadAttention(32, 4, num_kv_heads=2, causal=causal, attention=name, options=options).double()
+    by_kind = MultiHeadAttention(32, 4, num_kv_heads=2, causal=causal, attention=make()).double()
+    assert by_name.state_dict().keys() == by_kind.state_dict().keys()
+    by_kind.load_state_dict(by_name.state_dict())
+    x = torch.randn(2, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(by_kind(x), by_name(x), rtol=0, atol=0)
+
+
+class _FakeContextParallel:
+    """Stands in for fastattn.distributed.context_parallel(...) in one process (world of 1):
+    records the calls and attends like flash_attention."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, q, k, v, *, causal=False, scale=None):
+        self.calls.append(dict(causal=causal, shapes=(q.shape, k.shape)))
+        return fastattn.functional.flash_attention(q, k, v, causal=causal, scale=scale)
+
+
+def _kinds():
+    return {"flash": Flash(), "sparse": Sparse(_layout32()), "performer": Performer(16),
+            "linformer": Linformer(32, 8), "linear": Linear(), "context-parallel": ContextParallelAttention(
+                _FakeContextParallel())}
+
+
+FEATURES = ["causal", "alibi", "dropout", "attn_bias", "key_padding_mask", "kv_cache", "need_weights"]
+KIND_FEATURES = [(k, f) for k in _kinds() for f in FEATURES]
+
+
+@pytest.mark.parametrize("kind_name,feature", KIND_FEATURES, ids=[f"{k}-{f}" for k, f in KIND_FEATURES])
+def test_kind_supports_is_the_truth(kind_name, feature):
+    """Every feature a kind claims works; every other one is refused with a ValueError that
+    names it (before: dropout on the approximate kinds and unknown options were dropped
+    silently)."""
+    kind = _kinds()[kind_name]
+    claimed = getattr(kind.supports, feature)
+    x = torch.randn(2, 32, 32, dtype=torch.float64)
+    init = dict(causal=feature == "causal", alibi=feature == "alibi", dropout=0.1 if feature == "dropout" else 0.0)
+    call = {"attn_bias": dict(attn_bias=torch.randn(1, 4, 32, 32, dtype=torch.float64)),
+            "key_padding_mask": dict(key_padding_mask=torch.arange(32).expand(2, 32) >= 30),
+            "kv_cache": dict(cache=KVCache(1, 2, 2, 8, dtype=torch.float64)),
+            "need_weights": dict(need_weights=True)}.get(feature, {})
+
+    def run():
+        m = MultiHeadAttention(32, 4, num_kv_heads=2, attention=kind, **init).double()
+        return m(x, **call)
+    if claimed:
+        out = run()
+        out = out[0] if isinstance(out, tuple) else out
+        assert out.shape == x.shape and torch.isfinite(out).all()
+    else:
+        words = {"kv_cache": "KV cache", "dropout": "dropout", "alibi": "ALiBi", "causal": "cannot be causal"}
+        with pytest.raises(ValueError, match=f"{kind.label}.*{words.get(feature, feature)}"):
+            run()
+
+
+def test_a_kind_is_a_spec_each_layer_binds_its_own():
+    spec = Linformer(32, 8)
+    a, b = (MultiHeadAttention(32, 4, attention=spec) for _ in range(2))
+    assert list(spec.parameters()) == []  # the spec holds no state
+    assert a.kind is not spec and a.kind.e_proj is not b.kind.e_proj
+    assert repr(spec) == "Linformer(max_len=32, proj_dim=8, share_kv=False)" and repr(Flash()) == "Flash()"
+    enc = TransformerEncoder(TransformerEncoderLayer(32, 4, 64, attention=Performer(16)), 2)
+    p0, p1 = (layer.self_attn.kind.projection for layer in enc.layers)
+    assert p0.shape == (16, 8) and p0.data_ptr() != p1.data_ptr()
+
+
+@pytest.mark.parametrize("kind", [Performer(16), Linformer(32, 8)], ids=["performer", "linformer"])
+def test_checkpoints_from_before_kinds_load(kind):
+    """State dicts saved when the kind's tensors sat on the module itself (projection,
+    e_proj, f_proj) load into the kind."""
+    m = MultiHeadAttention(32, 4, attention=kind)
+    old = {k.replace("kind.", ""): v.clone() for k, v in m.state_dict().items()}
+    assert any(k in old for k in ("projection", "e_proj"))
+    fresh = MultiHeadAttention(32, 4, attention=kind)
+    fresh.load_state_dict(old)
+    for k, v in m.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_layers_give_attention_dropout_only_to_kinds_that_have_it():
+    """A layer's dropout (residual and feed-forward) is not an error for an approximate kind;
+    the attention-probability dropout goes only where the kind has it."""
+    assert TransformerEncoderLayer(32, 4, 64, dropout=0.1).self_attn.dropout == 0.1
+    assert TransformerEncoderLayer(32, 4, 64, dropout=0.1, attention=Linear()).self_attn.dropout == 0.0
+    with pytest.raises(ValueError, match="dropout"):
+        MultiHeadAttention(32, 4, dropout=0.1, attention=Linear())
+
+
+def test_context_parallel_is_a_kind():
+    """ContextParallelAttention(cp) calls cp(q, k, v, causal=...) with this rank's q/k/v
+    (here a one-process stand-in: equal to Flash); refused inputs name context-parallel."""
+    cp = _FakeContextParallel()
+    m = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, attention=ContextParallelAttention(cp)).double()
+    plain = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True).double()
+    plain.load_state_dict(m.state_dict())
+    x = torch.randn(2, 12, 32, dtype=torch.float64)
+    torch.testing.assert_close(m(x), plain(x), rtol=0, atol=0)
+    assert cp.calls == [dict(causal=True, shapes=(torch.Size([2, 4, 12, 8]), torch.Size([2, 2, 12, 8])))]
+    with pytest.raises(ValueError, match="context-parallel.*attn_bias"):
+        m(x, attn_bias=torch.ones(1, 1, 12, 12, dtype=torch.bool))
+    stack = TransformerEncoder(TransformerEncoderLayer(32, 4, 64, attention=ContextParallelAttention(cp)), 2)
+    assert all(layer.self_attn.kind.cp is cp for layer in stack.layers)  # copies share the group, never copy it
+
+
+def test_nn_imports_only_the_public_functions():
+    """fastattn.nn is built on fastattn.functional (and fastattn.sparse layouts): no import of
+    the package root (which imports nn), of ops/backend/Triton or of fastattn.distributed, and
+    no sys.modules lookups."""
+    allowed = {"fastattn.functional", "fastattn.sparse"}
+    for path in sorted(pathlib.Path(fastattn.nn.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        assert "sys.modules" not in path.read_text(), path.name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module] if node.module != "fastattn" else [f"fastattn.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith("triton"), (path.name, name)
+                if name == "fastattn" or name.startswith("fastattn."):
+                    assert name in allowed or name.startswith("fastattn.nn."), (path.name, name)
 
 
 # --- positional encodings ----------------------------------------------------------------
@@ -269,6 +432,8 @@ def test_learned_positions():
     torch.testing.assert_close(pe(2, offset=offs), torch.stack([pe.weight[0:2], pe.weight[4:6]]))
     with pytest.raises(ValueError, match="max_len"):
         pe(5, offset=12)
+    with pytest.raises(ValueError, match="max_len"):
+        pe(2, offset=torch.tensor([0, 15]))
 
 
 @pytest.mark.parametrize("scaling", [1.0, 4.0])
@@ -318,12 +483,12 @@ def test_alibi_goes_to_the_kernel_as_slopes(monkeypatch):
     m = MultiHeadAttention(32, 4, causal=True, alibi=True).double()
     x = torch.randn(2, 7, 32, dtype=torch.float64)
     seen = {}
-    real = fastattn.flash_attention
+    real = fastattn.functional.flash_attention
 
     def spy(q, k, v, **kw):
         seen.update(kw)
         return real(q, k, v, **kw)
-    monkeypatch.setattr(fastattn, "flash_attention", spy)
+    monkeypatch.setattr(fastattn.functional, "flash_attention", spy)
     y = m(x)
     assert seen["attn_bias"] is None and seen["alibi_slopes"].shape == (4,)
     i = torch.arange(7)

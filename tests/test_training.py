@@ -1,13 +1,19 @@
-"""fastattn.training: schedule values, clipping, accumulation, checkpoints, loss, param groups."""
+"""examples/training.py (the examples' training loop pieces, not part of the fastattn package):
+schedule values, clipping, accumulation, checkpoints, loss, param groups."""
 import io
 import math
+import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastattn import training
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+if EXAMPLES not in sys.path:  # the examples import it from beside them, as ``training``
+    sys.path.insert(0, EXAMPLES)
+import training  # noqa: E402
 
 
 def _model(seed=0):
@@ -162,6 +168,13 @@ def test_a_small_model_learns():
     assert last < 0.05 * first
     assert (model(x).argmax(-1) == y).all()
     assert F.cross_entropy(model(x).reshape(-1, 11), y.reshape(-1)) < 0.1
+
+
+def test_training_is_not_part_of_the_package():
+    import importlib.util
+
+    assert importlib.util.find_spec("fastattn.training") is None
+    assert os.path.dirname(os.path.abspath(training.__file__)) == EXAMPLES
 
 
 def test_tiny_defaults_yield_to_explicit_flags():

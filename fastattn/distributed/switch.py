@@ -3,8 +3,13 @@
     cp = fastattn.distributed.context_parallel(group, method="ring")   # or "ulysses"
     out = cp(q, k, v, causal=True)          # the flash_attention signature subset supported
 
-    with cp:                                # or activate it for code that asks for it
-        model(x_shard)                      # layers call fastattn.distributed.current()
+    # a model's layers attend across ranks when cp is their attention kind:
+    mha = fastattn.nn.MultiHeadAttention(E, H, causal=True,
+                                         attention=fastattn.nn.ContextParallelAttention(cp))
+    mha(cp.shard(x, dim=1))                 # this rank's shard of the output
+
+    with cp:                                # makes it fastattn.distributed.current() for code
+        ...                                 # that asks for it (fastattn.nn does not)
 
 A model running under it holds, on every rank, the shard ``cp.shard(x)`` of the sequence,
 and uses ``cp.positions(seq_len)`` for position embeddings (RoPE, learned) of its tokens.
@@ -29,7 +34,8 @@ class ContextParallel:
 
     Calling it runs ``ring_attention`` or ``ulysses_attention`` on this rank's shards with
     the flash_attention keywords ``causal`` and ``scale`` (anything else raises ValueError).
-    Used as a context manager it becomes ``fastattn.distributed.current()`` inside the block.
+    Used as a context manager it becomes ``fastattn.distributed.current()`` inside the block;
+    ``fastattn.nn`` layers use it only as their kind (``fastattn.nn.ContextParallelAttention(cp)``).
     """
 
     def __init__(self, group=None, *, method: str = "ring", zigzag: Optional[bool] = None):

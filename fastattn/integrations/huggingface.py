@@ -4,12 +4,20 @@
     fastattn.register_huggingface()
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="fastattn")
 
+Two pieces are registered under the name: the attention function (``fastattn_attention_forward``,
+on ``fastattn.flash_attention``) and the mask function (``fastattn_mask``). The mask function
+returns None whenever the layer's pattern is plain causal or sliding-window causal with no
+padding and the queries are the last positions of the keys; the attention function then runs
+``causal=True`` with ``window=(sliding_window - 1, 0)`` and no dense mask, so the kernel skips
+every tile outside the band. Anything else gets transformers' own dense mask (``sdpa_mask``).
+
 transformers is optional: nothing here is imported until ``register_huggingface()`` is called.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from fastattn.functional import flash_attention
@@ -18,17 +26,43 @@ from fastattn.functional import flash_attention
 def fastattn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                                attention_mask: Optional[Tensor], dropout: float = 0.0,
                                scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                               sliding_window: Optional[int] = None, s_aux: Optional[Tensor] = None,
                                **kwargs) -> tuple[Tensor, None]:
-    """transformers' attention-function contract: query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D)
-    with KV heads unrepeated (GQA runs by index in the kernel), attention_mask from the sdpa
-    mask function (bool, True = attend, or None when plain causal suffices). Returns
-    ((B, Lq, Hq, D), None): no attention weights, as with "sdpa"."""
+    """transformers' attention-function contract.
+
+    Args:
+        module: the calling attention module (its ``is_causal`` is the default of ``is_causal``).
+        query: (B, Hq, Lq, D). key, value: (B, Hkv, Lk, D), KV heads unrepeated (GQA runs by
+            index in the kernel).
+        attention_mask: from the registered mask function: bool (B or 1, 1, Lq, Lk), True =
+            attend, with causality, window and padding in it; or None: plain causal (sliding
+            when ``sliding_window`` is set), bottom-right aligned, is exact.
+        dropout, scaling: attention dropout probability and the softmax scale.
+        sliding_window: the layer's window W (transformers: key j is visible to query i iff
+            ``i - W < j <= i``); with no mask it becomes ``window=(W - 1, 0)``.
+        s_aux: attention sinks (gpt-oss): refused, see Raises.
+        kwargs: ``softcap`` (Gemma 2's logit soft-capping), ``position_bias`` (T5-style additive
+            bias, combined with the mask); the rest is ignored.
+
+    Returns:
+        ((B, Lq, Hq, D), None): no attention weights, as with "sdpa".
+
+    Raises:
+        ValueError: ``s_aux`` (or ``sinks``) is not None: fastattn has no attention sinks yet,
+            and dropping them would silently change the model's outputs (gpt-oss).
+    """
+    sinks = s_aux if s_aux is not None else kwargs.get("sinks")
+    if sinks is not None:
+        raise ValueError(f"fastattn (attn_implementation='fastattn'): {type(module).__name__} passes attention "
+                         f"sinks (s_aux, shape {tuple(sinks.shape)}), which fastattn does not support yet; "
+                         f"ignoring them would change the outputs. Use attn_implementation='eager' or 'sdpa' "
+                         f"for this model.")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(is_causal and attention_mask is None and query.shape[2] > 1)
-    if causal and key.shape[2] > query.shape[2]:
-        # Prefill into a preallocated cache: transformers' convention (as in its sdpa path) is
-        # that the first Lq keys are the real ones.
-        key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+    causal, window = False, None
+    if attention_mask is None and is_causal:
+        causal = True  # the mask function returns None only where bottom-right causal is exact
+        if sliding_window is not None:
+            window = (int(sliding_window) - 1, 0)
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:  # T5-style: an additive bias combined with the mask
         if attention_mask is None:
@@ -37,17 +71,76 @@ def fastattn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, va
             attention_mask = position_bias + attention_mask
         else:
             attention_mask = position_bias.masked_fill(~attention_mask, float("-inf"))
-    out = flash_attention(query, key, value, causal=causal, scale=scaling, attn_bias=attention_mask,
+    out = flash_attention(query, key, value, causal=causal, window=window, scale=scaling, attn_bias=attention_mask,
                           softcap=kwargs.get("softcap"), dropout_p=dropout)
     return out.transpose(1, 2).contiguous(), None  # (B, H, L, D) -> (B, L, H, D)
 
 
+def _band_pattern(mask_function, local_size: Optional[int]) -> bool:
+    """Whether ``mask_function`` is plain causal (``local_size`` None) or sliding-window causal
+    with window ``local_size`` (transformers: ``i - W < j <= i``), read off two rows past the
+    window so that any other pattern (chunked attention, which also comes with a local_size)
+    is told apart. Index-based mask functions only (transformers' plain patterns are)."""
+    w = 1 if local_size is None else int(local_size)
+    q_idx = torch.arange(w + 1, w + 3)[:, None]  # (2, 1): rows w+1, w+2
+    kv_idx = torch.arange(w + 4)[None, :]  # (1, w+4)
+    zero = torch.zeros((), dtype=torch.long)
+    try:
+        got = torch.as_tensor(mask_function(zero, zero, q_idx, kv_idx)).expand(2, w + 4)
+    except Exception:  # not index-based: not one of the plain patterns
+        return False
+    want = kv_idx <= q_idx
+    if local_size is not None:
+        want = want & (kv_idx > q_idx - w)
+    return bool(torch.equal(got.to(torch.bool), want))
+
+
+def fastattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask: Optional[Tensor] = None, local_size: Optional[int] = None,
+                  allow_is_causal_skip: bool = True, **kwargs):
+    """transformers' mask-interface contract (the arguments of ``masking_utils.sdpa_mask``).
+
+    Returns None, meaning "bottom-right causal, with ``window=(local_size - 1, 0)`` for a
+    sliding layer, is exact", when all of: transformers allows skipping the mask
+    (``allow_is_causal_skip``: no custom overlays or packing), the pattern is plain causal or
+    sliding-window causal, no key in range is padding (``attention_mask`` (B, >= kv_offset +
+    kv_length) all ones; not read under torch.compile), and the queries are the last positions
+    of the keys (integer offsets with ``q_offset - kv_offset == kv_length - q_length``, as with a
+    dynamic cache; a static cache's preallocated keys are not). Otherwise transformers'
+    ``sdpa_mask`` (a bool (B, 1, Lq, Lk) mask, True = attend, or None where it finds none needed).
+    """
+    from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
+
+    mask_function = causal_mask_function if mask_function is None else mask_function
+    # Every fallback is transformers' dense mask: its own "None = use is_causal" cases assume
+    # torch SDPA's top-left alignment (e.g. a static cache's prefill), not this function's.
+    dense = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                 kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                 local_size=local_size, allow_is_causal_skip=False, **kwargs)
+    aligned = (isinstance(q_offset, int) and isinstance(kv_offset, int)
+               and q_offset - kv_offset == kv_length - q_length)
+    if not (allow_is_causal_skip and aligned):
+        return sdpa_mask(**dense)
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is not None:
+        if torch.compiler.is_compiling():
+            return sdpa_mask(**dense)  # reading it would break the graph
+        if not bool(padding[:, kv_offset:kv_offset + kv_length].all()):
+            return sdpa_mask(**dense)
+    if mask_function is causal_mask_function and local_size is None:
+        return None
+    if torch.compiler.is_compiling():
+        return sdpa_mask(**dense)  # the pattern probe reads values
+    return None if _band_pattern(mask_function, local_size) else sdpa_mask(**dense)
+
+
 def register_huggingface(name: str = "fastattn") -> str:
-    """Register fastattn with transformers' attention and mask interfaces; returns the name to
-    pass as ``attn_implementation``. Raises ImportError if transformers is not installed."""
+    """Register fastattn with transformers' attention and mask interfaces (``fastattn_attention_forward``
+    and ``fastattn_mask``); returns the name to pass as ``attn_implementation``. Raises
+    ImportError if transformers is not installed."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(name, fastattn_attention_forward)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, fastattn_mask)
     return name

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
+import torch
 from torch import Tensor, nn
 
 from fastattn.nn.attention import MultiHeadAttention
+from fastattn.nn.kinds import AttentionKind, attention_kind
 from fastattn.nn.layers import (FeedForward, MoEConfig, TransformerDecoderLayer, TransformerEncoderLayer, make_norm)
 from fastattn.nn.positional import (LearnedPositionalEmbedding, Positions, RelativePositionBias, RotaryEmbedding,
                                     SinusoidalPositionalEmbedding)
@@ -25,8 +27,13 @@ class StackConfig:
     (``rope_base``, ``rope_scaling``; ``rope_dim`` channels of each head rotated, the rest
     passed through: partial rotary as in GPT-NeoX, None = all), "alibi" (kernel slopes), "t5" (relative bias) or "none";
     norm "layer" | "rms", norm_first (pre-norm), activation "relu" | "gelu" | "swiglu";
-    attention (see ``MultiHeadAttention``) with ``attention_options``; ``moe`` for a
-    mixture-of-experts feed-forward; max_seq_len bounds learned positions and generation.
+    attention: a kind for every self-attention layer (``fastattn.nn.Flash()``,
+    ``Sparse(layout)``, ``Performer(num_features)``, ``Linformer(max_len, proj_dim)``,
+    ``Linear(feature_map)``, ``ContextParallelAttention(cp)``; each layer binds its own copy),
+    or its name "flash" | "sparse" | "performer" | "linformer" | "linear" with
+    ``attention_options`` (the kind's constructor arguments); cross-attention is always Flash.
+    ``moe`` for a mixture-of-experts feed-forward; max_seq_len bounds learned positions and
+    generation. Raises ValueError for unknown names/options (at construction).
     """
     d_model: int = 256
     n_layers: int = 4
@@ -38,7 +45,7 @@ class StackConfig:
     norm: str = "layer"
     norm_first: bool = True
     activation: str = "gelu"
-    attention: str = "flash"
+    attention: Union[str, AttentionKind] = "flash"
     attention_options: Optional[dict] = None
     moe: Optional[MoEConfig] = None
     bias: bool = True
@@ -55,6 +62,7 @@ class StackConfig:
             raise ValueError(f"d_model {self.d_model} must be a multiple of n_heads {self.n_heads}")
         if self.rope_dim is not None and not (0 < self.rope_dim <= self.head_dim and self.rope_dim % 2 == 0):
             raise ValueError(f"rope_dim must be even and in (0, head_dim={self.head_dim}], got {self.rope_dim}")
+        attention_kind(self.attention, self.attention_options)  # a bad name or option raises here
 
     @property
     def head_dim(self) -> int:
@@ -134,8 +142,32 @@ def init_weights(model: nn.Module, cfg: StackConfig) -> None:
             nn.init.normal_(m.linear2.weight, std=residual_std)
 
 
-def exact_attention(cfg: StackConfig) -> bool:
-    return cfg.attention in ("flash", "reference")
+def can_cache(stack: nn.Module, cfg: StackConfig) -> bool:
+    """Whether the decoding ``stack`` can use a KV cache: every attention kind in it supports
+    one (``kind.supports.kv_cache``), and there is no T5 bias (the cache kernels take no
+    additive bias)."""
+    if cfg.positional == "t5":
+        return False
+    return all(m.kind.supports.kv_cache for m in stack.modules() if isinstance(m, MultiHeadAttention))
+
+
+def padding_mask(mask: Tensor, model: nn.Module) -> Optional[Tensor]:
+    """``mask`` (B, L) bool, True at padding, as the encoder self-attention of ``model`` gets
+    it, or None when it is not needed.
+
+    Eager: None when nothing is padded (one host read; the kernels then skip the mask).
+    Under ``torch.compile`` there is no host read: the mask is always passed when the
+    attention takes one; an attention without key_padding_mask gets None and an on-device
+    assert that fails (RuntimeError) if any token is padding, instead of silently attending to
+    it.
+    """
+    takes_mask = all(m.kind.supports.key_padding_mask for m in model.modules() if isinstance(m, MultiHeadAttention))
+    if torch.compiler.is_compiling():
+        if takes_mask:
+            return mask
+        torch._assert_async(~mask.any(), "padding tokens, but the attention takes no key_padding_mask")
+        return None
+    return mask if bool(mask.any()) else None
 
 
 __all__ = ["StackConfig", "Positional", "POSITIONALS"]

@@ -7,7 +7,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastattn.models.common import Positional, StackConfig, encoder_layer, final_norm, init_weights
+from fastattn.models.common import Positional, StackConfig, encoder_layer, final_norm, init_weights, padding_mask
 from fastattn.nn.layers import TransformerEncoder, aux_loss, make_norm
 
 
@@ -43,10 +43,8 @@ class Encoder(nn.Module):
         self.mlm_decoder.weight = self.tok.weight
 
     def encode(self, input_ids: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
-        if key_padding_mask is None:
-            key_padding_mask = input_ids == self.config.pad_token_id
-            if not bool(key_padding_mask.any()):
-                key_padding_mask = None
+        if key_padding_mask is None:  # padding tokens, or None (see fastattn.models.common.padding_mask)
+            key_padding_mask = padding_mask(input_ids == self.config.pad_token_id, self.blocks)
         x = self.drop(self.pos.add(self.tok(input_ids)))  # (B, L, E)
         bias = self.pos.bias(input_ids.shape[1], input_ids.shape[1], x.dtype)
         return self.blocks(x, key_padding_mask=key_padding_mask, attn_bias=bias)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastattn.models.common import (Positional, StackConfig, decoder_layer, encoder_layer, exact_attention,
-                                    final_norm, init_weights)
+from fastattn.models.common import (Positional, StackConfig, can_cache, decoder_layer, encoder_layer, final_norm,
+                                    init_weights, padding_mask)
 from fastattn.nn.kv_cache import KVCache
 from fastattn.nn.layers import TransformerDecoder, TransformerEncoder, aux_loss
 
@@ -55,9 +55,8 @@ class EncoderDecoder(nn.Module):
         self.head.weight = self.tok.weight
 
     def _src_mask(self, src: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
-        if mask is None:
-            mask = src == self.config.pad_token_id
-        return mask if bool(mask.any()) else None
+        """(B, Ls) True at padding (default: src == pad_token_id), or None (see ``padding_mask``)."""
+        return padding_mask(src == self.config.pad_token_id if mask is None else mask, self.encoder)
 
     def encode(self, src: Tensor, src_key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """src (B, Ls) -> memory (B, Ls, E)."""
@@ -87,7 +86,8 @@ class EncoderDecoder(nn.Module):
 
     # --- generation ----------------------------------------------------------------------
     def can_cache(self) -> bool:
-        return exact_attention(self.config) and self.config.positional != "t5"
+        """As ``GPT.can_cache``: the decoder's self-attention kind decodes with a cache, no T5 bias."""
+        return can_cache(self.decoder, self.config)
 
     def _stepper(self, memory, mask, batch: int, max_len: int, use_cache: bool):
         """A function (tokens so far (N, t), new tokens (N, n)) -> next-token log-probs (N, V),

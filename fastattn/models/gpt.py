@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastattn.models.common import (Positional, StackConfig, encoder_layer, exact_attention, final_norm,
-                                    init_weights)
+from fastattn.models.common import Positional, StackConfig, can_cache, encoder_layer, final_norm, init_weights
 from fastattn.nn.kv_cache import KVCache
 from fastattn.nn.layers import TransformerEncoder, aux_loss
 
@@ -62,7 +61,7 @@ class GPT(nn.Module):
     def can_cache(self) -> bool:
         """The KV cache needs exact attention and no T5 bias (which it cannot pass to the
         cache kernels); other models regenerate from the full sequence each step."""
-        return exact_attention(self.config) and self.config.positional != "t5"
+        return can_cache(self.blocks, self.config)
 
     def new_cache(self, batch_size: int, max_length: Optional[int] = None) -> KVCache:
         cfg = self.config

@@ -1,6 +1,8 @@
 """fastattn.nn: modules built only on fastattn's public functions."""
 from fastattn.nn.kv_cache import KVCache
 
+from fastattn.nn.kinds import (AttentionKind, ContextParallelAttention, Flash, Linear, Linformer, Performer, Sparse,
+                               Supports, attention_kind)
 from fastattn.nn.attention import MultiHeadAttention, attention_weights
 from fastattn.nn.positional import (LearnedPositionalEmbedding, RelativePositionBias, RotaryEmbedding,
                                     SinusoidalPositionalEmbedding, alibi_slopes)
@@ -8,6 +10,8 @@ from fastattn.nn.layers import (FeedForward, MoEConfig, MoEFeedForward, RMSNorm,
                                 TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer, aux_loss)
 
 __all__ = ["KVCache"]
+__all__ += ["AttentionKind", "ContextParallelAttention", "Flash", "Linear", "Linformer", "Performer", "Sparse",
+            "Supports", "attention_kind"]
 __all__ += ["MultiHeadAttention", "attention_weights", "LearnedPositionalEmbedding", "RelativePositionBias",
             "RotaryEmbedding", "SinusoidalPositionalEmbedding", "alibi_slopes", "FeedForward", "MoEConfig",
             "MoEFeedForward", "RMSNorm", "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder",

@@ -1,54 +1,23 @@
 """Multi-head attention built on fastattn's public functions.
 
-``MultiHeadAttention`` never touches Triton: it calls ``fastattn.flash_attention``,
-``fastattn.sparse_attention``, ``fastattn.performer_attention``, ``fastattn.linformer_attention``,
-``fastattn.linear_attention`` or ``fastattn.attention_with_kvcache`` (through
-``fastattn.nn.KVCache``), so ``fastattn.use_backend`` switches every module at once.
+``MultiHeadAttention`` projects q, k, v and hands them to its attention kind
+(``fastattn.nn.kinds``: ``Flash()``, ``Sparse(layout)``, ``Performer(...)``, ``Linformer(...)``,
+``Linear(...)``, ``ContextParallelAttention(cp)``), which calls one of fastattn's public
+functions; ``fastattn.use_backend`` switches every module between kernels and plain PyTorch.
+Never touches Triton.
 """
 from __future__ import annotations
 
-import math
-import sys
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import fastattn
+from fastattn.nn.kinds import ATTENTION_NAMES, AttentionKind, attention_kind, attention_weights
 from fastattn.nn.positional import Positions, RotaryEmbedding, alibi_slopes
 
-__all__ = ["MultiHeadAttention", "ATTENTIONS", "attention_weights"]
-
-ATTENTIONS = ("flash", "reference", "sparse", "performer", "linformer", "linear")
-_EXACT = ("flash", "reference")
-
-
-def attention_weights(q: Tensor, k: Tensor, *, causal: bool = False, scale: Optional[float] = None,
-                      attn_bias: Optional[Tensor] = None, alibi: Optional[Tensor] = None) -> Tensor:
-    """Materialised softmax attention probabilities (B, Hq, Lq, Lk), plain torch, with the
-    semantics of ``fastattn.flash_attention`` (bottom-right causal, GQA, bool or additive bias,
-    ALiBi, fully masked rows 0). For inspection only: it is O(Lq * Lk) memory."""
-    b, hq, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    k = k.repeat_interleave(hq // hkv, dim=1)  # (B, Hkv, Lk, D) -> (B, Hq, Lk, D)
-    s = (q @ k.transpose(-1, -2)) * scale  # (B, Hq, Lq, Lk)
-    i = torch.arange(lq, device=q.device)[:, None] + (lk - lq)  # query i's diagonal (bottom-right)
-    j = torch.arange(lk, device=q.device)[None, :]
-    if alibi is not None:
-        # (Hq,) or (B, Hq) -> (., Hq, 1, 1) times |i - j| (Lq, Lk)
-        s = s - alibi.to(s.dtype).reshape(*alibi.shape, 1, 1) * (i - j).abs().to(s.dtype)
-    keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
-    if causal:
-        keep = j <= i
-    if attn_bias is not None:
-        if attn_bias.dtype == torch.bool:
-            keep = keep & attn_bias
-        else:
-            s = s + attn_bias.to(s.dtype)
-    s = s.masked_fill(~keep, float("-inf"))
-    return torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows: 0, as the kernels
+__all__ = ["MultiHeadAttention", "ATTENTION_NAMES", "attention_weights"]
 
 
 class MultiHeadAttention(nn.Module):
@@ -60,36 +29,36 @@ class MultiHeadAttention(nn.Module):
         num_kv_heads: key/value heads (GQA); 1 is multi-query; default H. H must be a multiple.
         causal: mask future keys in self-attention (bottom-right aligned, so it stays right with
             a KV cache or when queries are the last Lq of Lk positions).
-        dropout: on the attention probabilities, in training only (flash and reference paths;
-            the approximate attentions have no dropout).
+        dropout: on the attention probabilities, in training only (kinds whose
+            ``supports.dropout`` is True: ``Flash``).
         bias: biases in the projections.
-        attention: which attention runs:
-            "flash" (default): ``fastattn.flash_attention`` (kernels where they apply);
-            "reference": the same call under ``fastattn.use_backend("torch")``;
-            "sparse": ``fastattn.sparse_attention`` with ``options["layout"]``: a
-            ``fastattn.sparse`` layout for the sequence length, or a callable (Lq, Lk) -> layout
-            for varying lengths (e.g. ``lambda lq, lk: fastattn.sparse.local(lk, 128)``);
-            "performer": ``fastattn.performer_attention`` with a fixed random projection of
-            ``options.get("num_features", 64)`` features (``redraw_projection()`` redraws it);
-            "linformer": ``fastattn.linformer_attention`` with learned (P, max_len) projections,
-            ``options["max_len"]`` and ``options.get("proj_dim", 64)``; sequences shorter than
-            max_len use the first Lk columns;
-            "linear": ``fastattn.linear_attention`` with ``options.get("feature_map", "elu")``.
-        options: per-attention settings, see above.
+        attention: the attention kind, e.g. ``Flash()`` (the default), ``Sparse(layout)``,
+            ``Performer(num_features=64)``, ``Linformer(max_len, proj_dim=64, share_kv=False)``,
+            ``Linear(feature_map="elu")``, ``ContextParallelAttention(cp)``; each layer binds
+            its own copy (own parameters). The string form ``"flash" | "sparse" | "performer" |
+            "linformer" | "linear"`` with ``options`` (the kind's constructor arguments) is
+            mapped by ``fastattn.nn.attention_kind``.
+        options: settings of a string ``attention`` only.
         rotary: a ``RotaryEmbedding`` applied to q and k of self-attention (RoPE), or None.
-        alibi: add ALiBi (slopes from ``alibi_slopes(H)``, given to the kernel, never
-            materialised) in flash/reference self-attention.
+        alibi: ALiBi in self-attention (slopes from ``alibi_slopes(H)``, given to the kernel,
+            never materialised); kinds whose ``supports.alibi`` is True.
+
+    Raises:
+        ValueError: embed_dim not a multiple of num_heads, num_heads not a multiple of
+            num_kv_heads, an unknown attention, or causal / alibi / dropout that the kind does
+            not support (``kind.supports``).
 
     Projections: one fused ``in_proj`` ((H + 2 Hkv) * head_dim, E) whose rows are
     [q | k | v], the layout of ``torch.nn.MultiheadAttention.in_proj_weight``: self-attention
     does one matmul; cross-attention applies the q rows to ``x`` and the k/v rows to
-    ``context``. ``from_torch`` copies a ``torch.nn.MultiheadAttention``.
+    ``context``. ``load_torch`` copies a ``torch.nn.MultiheadAttention``. The bound kind is
+    ``self.kind`` (its parameters, if any, are under ``kind.`` in the state dict).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
-                 causal: bool = False, dropout: float = 0.0, bias: bool = True, attention: str = "flash",
-                 options: Optional[dict] = None, rotary: Optional[RotaryEmbedding] = None,
-                 alibi: bool = False):
+                 causal: bool = False, dropout: float = 0.0, bias: bool = True,
+                 attention: Union[str, AttentionKind] = "flash", options: Optional[dict] = None,
+                 rotary: Optional[RotaryEmbedding] = None, alibi: bool = False):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if embed_dim % num_heads:
@@ -97,21 +66,18 @@ class MultiHeadAttention(nn.Module):
         if num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"MultiHeadAttention: num_heads {num_heads} must be a multiple of "
                              f"num_kv_heads {num_kv_heads}")
-        if attention not in ATTENTIONS:
-            raise ValueError(f"MultiHeadAttention: attention must be one of {ATTENTIONS}, got {attention!r}")
-        if attention != "flash" and attention != "reference" and alibi:
-            raise ValueError(f"MultiHeadAttention: alibi needs exact attention ('flash' or 'reference'), "
-                             f"got {attention!r}")
-        if attention == "linformer" and causal:
-            raise ValueError("MultiHeadAttention: attention='linformer' cannot be causal (Linformer mixes all "
-                             "positions into each projected key)")
-        if attention == "sparse" and not hasattr(fastattn, "sparse_attention"):
-            raise ValueError("MultiHeadAttention: attention='sparse' needs fastattn.sparse_attention, "
-                             "which this build of fastattn does not export")
+        try:
+            kind = attention_kind(attention, options)
+        except ValueError as e:
+            raise ValueError(f"MultiHeadAttention: {e}") from None
+        can = kind.supports
+        for asked, ok, what in ((causal, can.causal, "cannot be causal"), (alibi, can.alibi, "takes no ALiBi"),
+                                (dropout > 0, can.dropout, f"has no attention dropout (dropout={dropout})")):
+            if asked and not ok:
+                raise ValueError(f"MultiHeadAttention: {kind.label} attention {kind!r} {what}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
-        self.causal, self.dropout, self.attention = causal, dropout, attention
-        self.options = dict(options or {})
+        self.causal, self.dropout = causal, dropout
         self.rotary = rotary
         rows = (num_heads + 2 * num_kv_heads) * self.head_dim
         self.in_proj = nn.Linear(embed_dim, rows, bias=bias)
@@ -120,18 +86,7 @@ class MultiHeadAttention(nn.Module):
             self.register_buffer("alibi_slopes", alibi_slopes(num_heads), persistent=False)
         else:
             self.alibi_slopes = None
-        if attention == "performer":
-            m = int(self.options.get("num_features", 64))
-            self.register_buffer("projection", fastattn.performer_projection(m, self.head_dim))
-        elif attention == "linformer":
-            if "max_len" not in self.options:
-                raise ValueError("MultiHeadAttention: attention='linformer' needs options['max_len']")
-            p, n = int(self.options.get("proj_dim", 64)), int(self.options["max_len"])
-            self.e_proj = nn.Parameter(torch.randn(p, n) / math.sqrt(p))
-            self.f_proj = self.e_proj if self.options.get("share_kv", False) else nn.Parameter(
-                torch.randn(p, n) / math.sqrt(p))
-        elif attention == "sparse" and "layout" not in self.options:
-            raise ValueError("MultiHeadAttention: attention='sparse' needs options['layout']")
+        self.kind = kind.bind(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=self.head_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -142,10 +97,10 @@ class MultiHeadAttention(nn.Module):
                 nn.init.zeros_(lin.bias)
 
     def redraw_projection(self, generator: Optional[torch.Generator] = None) -> None:
-        """Performer: draw new random features (in place)."""
-        if self.attention == "performer":
-            new = fastattn.performer_projection(self.projection.shape[0], self.head_dim, generator=generator)
-            self.projection.copy_(new)
+        """Random-feature kinds (``Performer``): draw new features in place; others: nothing."""
+        redraw = getattr(self.kind, "redraw", None)
+        if redraw is not None:
+            redraw(generator)
 
     # --- projections -------------------------------------------------------------------
     def _split_heads(self, t: Tensor, heads: int) -> Tensor:
@@ -176,6 +131,25 @@ class MultiHeadAttention(nn.Module):
         return self._split_heads(kv[..., :nkv], self.num_kv_heads), self._split_heads(kv[..., nkv:], self.num_kv_heads)
 
     # --- forward -----------------------------------------------------------------------
+    def _check_call(self, self_attn: bool, cache, attn_bias, key_padding_mask, need_weights, b: int, lk: int):
+        """Refuse, once and by name, what this layer's kind does not support."""
+        kind, can = self.kind, self.kind.supports
+        asked = (("attn_bias", attn_bias is not None, can.attn_bias),
+                 ("key_padding_mask", key_padding_mask is not None, can.key_padding_mask),
+                 ("a KV cache", cache is not None, can.kv_cache),
+                 ("need_weights", need_weights, can.need_weights))
+        for what, on, ok in asked:
+            if on and not ok:
+                raise ValueError(f"MultiHeadAttention: {kind.label} attention {kind!r} takes no {what}")
+        if cache is not None and (not self_attn or key_padding_mask is not None or attn_bias is not None
+                                  or need_weights):
+            raise ValueError("MultiHeadAttention: a KV cache works with self-attention only, without "
+                             "key_padding_mask, attn_bias or need_weights")
+        if key_padding_mask is not None and (key_padding_mask.shape != (b, lk)
+                                             or key_padding_mask.dtype != torch.bool):
+            raise ValueError(f"MultiHeadAttention: key_padding_mask must be bool ({b}, {lk}), got "
+                             f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+
     def forward(self, x: Tensor, context: Optional[Tensor] = None, *, key_padding_mask: Optional[Tensor] = None,
                 attn_bias: Optional[Tensor] = None, kv: Optional[tuple] = None, cache=None, layer: int = 0,
                 offset: Positions = 0, need_weights: bool = False):
@@ -187,19 +161,23 @@ class MultiHeadAttention(nn.Module):
             key_padding_mask: (B, Lk) bool, True at PADDED keys (torch.nn.MultiheadAttention's
                 convention), which are ignored.
             attn_bias: broadcastable to (B, H, Lq, Lk): bool (True = attend) or additive float
-                (e.g. ``RelativePositionBias``). Exact attention only.
+                (e.g. ``RelativePositionBias``).
             kv: precomputed (k, v) from ``project_kv`` (cross-attention during generation).
             cache: a ``fastattn.nn.KVCache``; self-attention appends this call's k/v into slot
                 ``layer`` and attends over everything cached (``attention_with_kvcache``).
-                Exact attention only; no key_padding_mask or attn_bias.
+                No key_padding_mask, attn_bias or need_weights with it.
             offset: position of x's first token for RoPE (an int, or (B,) per sequence);
                 with a cache it defaults to the cached length.
             need_weights: also return the attention probabilities (B, H, Lq, Lk). This
-                necessarily runs the materialised plain-torch reference path (O(Lq Lk)
-                memory, no kernel), for 'flash' and 'reference' only.
+                necessarily runs the materialised plain-torch path (O(Lq Lk) memory, no kernel).
 
         Returns:
             (B, Lq, E), or (out, weights) when need_weights.
+
+        Raises:
+            ValueError: an argument this layer's kind does not support (``self.kind.supports``:
+                attn_bias, key_padding_mask, cache, need_weights), a cache with cross-attention,
+                or a key_padding_mask that is not bool (B, Lk).
         """
         b, lq, _ = x.shape
         if kv is not None:
@@ -210,91 +188,38 @@ class MultiHeadAttention(nn.Module):
         else:
             q, k, v = self.project_qkv(x, context)
         self_attn = context is None and kv is None
-        if cache is not None:
-            if not self_attn or key_padding_mask is not None or attn_bias is not None or need_weights:
-                raise ValueError("MultiHeadAttention: a KV cache works with self-attention only, without "
-                                 "key_padding_mask, attn_bias or need_weights")
-            if self.attention not in _EXACT:
-                raise ValueError(f"MultiHeadAttention: a KV cache needs exact attention, not {self.attention!r}")
-            if isinstance(offset, int) and offset == 0:
-                offset = cache.max_seqlen(layer)
+        self._check_call(self_attn, cache, attn_bias, key_padding_mask, need_weights, b, k.shape[2])
+        if cache is not None and isinstance(offset, int) and offset == 0:
+            offset = cache.max_seqlen(layer)
         if self.rotary is not None and self_attn:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
         causal = self.causal and self_attn
-        bias = self._bias(attn_bias, key_padding_mask, b, k.shape[2])
         dropout_p = self.dropout if self.training else 0.0
 
         weights = None
         if cache is not None:
-            if self.attention == "reference":
-                with fastattn.use_backend("torch"):
-                    out = cache.attend(layer, q, k, v, causal=causal, alibi_slopes=self.alibi_slopes)
-            else:
-                out = cache.attend(layer, q, k, v, causal=causal, alibi_slopes=self.alibi_slopes)
+            out = self.kind.attend_cache(cache, layer, q, k, v, causal=causal, alibi_slopes=self.alibi_slopes)
         elif need_weights:
-            if self.attention not in _EXACT:
-                raise ValueError(f"MultiHeadAttention: need_weights needs exact attention, not {self.attention!r}")
-            weights = attention_weights(q, k, causal=causal, attn_bias=bias, alibi=self.alibi_slopes)
-            probs = F.dropout(weights, dropout_p, training=dropout_p > 0)
-            # (B, Hq, Lq, Lk) @ (B, Hq, Lk, D): the kv heads repeated for GQA
-            out = probs.to(v.dtype) @ v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            out, weights = self.kind.attend_with_weights(q, k, v, causal=causal, attn_bias=attn_bias,
+                                                         key_padding_mask=key_padding_mask,
+                                                         alibi_slopes=self.alibi_slopes, dropout_p=dropout_p)
         else:
-            out = self._attend(q, k, v, causal, bias, key_padding_mask, dropout_p)
+            out = self.kind(q, k, v, causal=causal, attn_bias=attn_bias, key_padding_mask=key_padding_mask,
+                            alibi_slopes=self.alibi_slopes, dropout_p=dropout_p)
         # (B, H, Lq, D) -> (B, Lq, H, D) -> (B, Lq, E)
         out = self.out_proj(out.transpose(1, 2).reshape(b, lq, self.embed_dim))
         return (out, weights) if need_weights else out
 
-    def _bias(self, attn_bias, key_padding_mask, b, lk):
-        if key_padding_mask is None:
-            return attn_bias
-        if key_padding_mask.shape != (b, lk) or key_padding_mask.dtype != torch.bool:
-            raise ValueError(f"MultiHeadAttention: key_padding_mask must be bool ({b}, {lk}), got "
-                             f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
-        keep = ~key_padding_mask[:, None, None, :]  # (B, Lk) -> (B, 1, 1, Lk), True = attend
-        if attn_bias is None:
-            return keep
-        if attn_bias.dtype == torch.bool:
-            return attn_bias & keep
-        return attn_bias.masked_fill(~keep, float("-inf"))
-
-    def _attend(self, q, k, v, causal, bias, key_padding_mask, dropout_p):
-        kind = self.attention
-        if kind in _EXACT:
-            kwargs = dict(causal=causal, attn_bias=bias, alibi_slopes=self.alibi_slopes, dropout_p=dropout_p)
-            if kind == "reference":
-                with fastattn.use_backend("torch"):
-                    return fastattn.flash_attention(q, k, v, **kwargs)
-            cp = _context_parallel()
-            if cp is not None:  # this rank holds a shard of the sequence: attend across ranks
-                if bias is not None or self.alibi_slopes is not None or dropout_p:
-                    raise ValueError("MultiHeadAttention: context-parallel attention takes no mask, bias, "
-                                     "ALiBi or dropout")
-                return cp(q, k, v, causal=causal)
-            return fastattn.flash_attention(q, k, v, **kwargs)
-        if kind == "linformer":
-            if bias is not None and key_padding_mask is None:
-                raise ValueError("MultiHeadAttention: linformer takes a key_padding_mask but no attn_bias")
-            lk = k.shape[2]
-            if lk > self.e_proj.shape[1]:
-                raise ValueError(f"MultiHeadAttention: linformer sequence {lk} > options['max_len'] "
-                                 f"{self.e_proj.shape[1]}")
-            if key_padding_mask is not None:
-                keep = (~key_padding_mask)[:, None, :, None].to(k.dtype)  # (B, Lk) -> (B, 1, Lk, 1)
-                k, v = k * keep, v * keep  # padded keys contribute nothing to the projections
-            e, f = self.e_proj[:, :lk].to(q.dtype), self.f_proj[:, :lk].to(q.dtype)
-            return fastattn.linformer_attention(q, k, v, e, f)
-        if bias is not None:
-            raise ValueError(f"MultiHeadAttention: attention={kind!r} takes no key_padding_mask or attn_bias")
-        if kind == "sparse":
-            layout = self.options["layout"]
-            if callable(layout):  # a builder: (Lq, Lk) -> layout
-                layout = layout(q.shape[2], k.shape[2])
-            return fastattn.sparse_attention(q, k, v, layout, causal=causal)
-        if kind == "performer":
-            return fastattn.performer_attention(q, k, v, self.projection.to(q.dtype), causal=causal)
-        return fastattn.linear_attention(q, k, v, causal=causal, feature_map=self.options.get("feature_map", "elu"))
-
     # --- interop -----------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints from before attention kinds kept Performer's / Linformer's tensors on the
+        # module itself ("projection", "e_proj", "f_proj"); they now live under "kind.".
+        for name in ("projection", "e_proj", "f_proj"):
+            old, new = prefix + name, prefix + "kind." + name
+            if old in state_dict and new not in state_dict:
+                state_dict[new] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def load_torch(self, mha: nn.MultiheadAttention) -> "MultiHeadAttention":
         """Copy the weights of a ``torch.nn.MultiheadAttention`` (same embed_dim and heads,
@@ -313,11 +238,5 @@ class MultiHeadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"causal={self.causal}, attention={self.attention!r}, alibi={self.alibi_slopes is not None}")
+                f"causal={self.causal}, alibi={self.alibi_slopes is not None}")
 
-
-def _context_parallel():
-    """The active ``fastattn.distributed.context_parallel`` block, if any. Looked up in
-    sys.modules so that a model that never uses it never imports torch.distributed."""
-    module = sys.modules.get("fastattn.distributed")
-    return None if module is None else module.current()

@@ -7,13 +7,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastattn.nn.attention import MultiHeadAttention
+from fastattn.nn.kinds import AttentionKind, Flash, attention_kind
 from fastattn.nn.positional import Positions, RotaryEmbedding
 
 __all__ = ["RMSNorm", "make_norm", "FeedForward", "MoEFeedForward", "MoEConfig", "TransformerEncoderLayer",
@@ -140,6 +141,14 @@ def _ffn(d_model, dim_feedforward, activation, dropout, bias, moe):
     return MoEFeedForward(d_model, dim_feedforward, moe, activation, dropout, bias)
 
 
+def _self_attention(d_model, nhead, num_kv_heads, causal, dropout, bias, attention, options, rotary, alibi):
+    """The layer's self-attention; attention-probability dropout only where the kind has it."""
+    kind = attention_kind(attention, options)
+    return MultiHeadAttention(d_model, nhead, num_kv_heads=num_kv_heads, causal=causal,
+                              dropout=dropout if kind.supports.dropout else 0.0, bias=bias, attention=kind,
+                              rotary=rotary, alibi=alibi)
+
+
 class TransformerEncoderLayer(nn.Module):
     """Self-attention + feed-forward with residuals, pre-norm (``norm_first=True``) or post-norm.
 
@@ -148,17 +157,19 @@ class TransformerEncoderLayer(nn.Module):
 
     Attention options go to ``MultiHeadAttention`` (num_kv_heads, attention, options, rotary,
     alibi, causal); ``moe`` (a ``MoEConfig``) swaps the feed-forward for a mixture of experts.
+    ``dropout`` applies to the residual branches and the feed-forward, and to the attention
+    probabilities where the attention kind has dropout (``kind.supports.dropout``: ``Flash``).
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation: str = "relu", *, norm_first: bool = False, norm: str = "layer",
                  layer_norm_eps: float = 1e-5, bias: bool = True, moe: Optional[MoEConfig] = None,
-                 num_kv_heads: Optional[int] = None, causal: bool = False, attention: str = "flash",
-                 options: Optional[dict] = None, rotary: Optional[RotaryEmbedding] = None, alibi: bool = False):
+                 num_kv_heads: Optional[int] = None, causal: bool = False,
+                 attention: Union[str, AttentionKind] = "flash", options: Optional[dict] = None,
+                 rotary: Optional[RotaryEmbedding] = None, alibi: bool = False):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, nhead, num_kv_heads=num_kv_heads, causal=causal,
-                                            dropout=dropout, bias=bias, attention=attention, options=options,
-                                            rotary=rotary, alibi=alibi)
+        self.self_attn = _self_attention(d_model, nhead, num_kv_heads, causal, dropout, bias, attention, options,
+                                         rotary, alibi)
         self.ff = _ffn(d_model, dim_feedforward, activation, dropout, bias, moe)
         self.norm1 = make_norm(norm, d_model, layer_norm_eps)
         self.norm2 = make_norm(norm, d_model, layer_norm_eps)
@@ -191,15 +202,15 @@ class TransformerDecoderLayer(nn.Module):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation: str = "relu", *, norm_first: bool = False, norm: str = "layer",
                  layer_norm_eps: float = 1e-5, bias: bool = True, moe: Optional[MoEConfig] = None,
-                 num_kv_heads: Optional[int] = None, causal: bool = True, attention: str = "flash",
-                 options: Optional[dict] = None, rotary: Optional[RotaryEmbedding] = None, alibi: bool = False):
+                 num_kv_heads: Optional[int] = None, causal: bool = True,
+                 attention: Union[str, AttentionKind] = "flash", options: Optional[dict] = None,
+                 rotary: Optional[RotaryEmbedding] = None, alibi: bool = False):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, nhead, num_kv_heads=num_kv_heads, causal=causal,
-                                            dropout=dropout, bias=bias, attention=attention, options=options,
-                                            rotary=rotary, alibi=alibi)
-        # cross-attention is exact: the approximate attentions are for long self-attention
+        self.self_attn = _self_attention(d_model, nhead, num_kv_heads, causal, dropout, bias, attention, options,
+                                         rotary, alibi)
+        # cross-attention is exact (Flash): the approximate attentions are for long self-attention
         self.cross_attn = MultiHeadAttention(d_model, nhead, num_kv_heads=num_kv_heads, dropout=dropout, bias=bias,
-                                             attention="reference" if attention == "reference" else "flash")
+                                             attention=Flash())
         self.ff = _ffn(d_model, dim_feedforward, activation, dropout, bias, moe)
         self.norm1, self.norm2, self.norm3 = (make_norm(norm, d_model, layer_norm_eps) for _ in range(3))
         self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(dropout) for _ in range(3))

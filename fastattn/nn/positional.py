@@ -61,10 +61,25 @@ class LearnedPositionalEmbedding(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, length: int, offset: Positions = 0) -> Tensor:
-        pos = positions_like(length, offset, self.weight.device)
-        hi = int(pos.max()) if pos.numel() else 0
-        if hi >= self.max_len:
-            raise ValueError(f"LearnedPositionalEmbedding: position {hi} >= max_len={self.max_len}")
+        """Rows ``offset .. offset + length - 1``: (length, dim), or (B, length, dim) for a (B,)
+        tensor ``offset``.
+
+        Raises ValueError for a position >= max_len (or < 0). The check of an int offset is
+        host arithmetic; a tensor offset is checked by reading it (eager) or, under
+        ``torch.compile``, by an on-device assert (RuntimeError), so a compiled graph never
+        syncs with the device."""
+        if not isinstance(offset, Tensor):
+            lo, hi = offset, offset + length - 1  # ints (SymInts under torch.compile): no device read
+            if length > 0 and (lo < 0 or hi >= self.max_len):
+                raise ValueError(f"LearnedPositionalEmbedding: positions {lo}..{hi} outside [0, max_len={self.max_len})")
+            return self.weight[lo:lo + length]
+        pos = positions_like(length, offset, self.weight.device)  # (B, length)
+        if torch.compiler.is_compiling():
+            torch._assert_async(((pos >= 0) & (pos < self.max_len)).all(),
+                                "LearnedPositionalEmbedding: position outside [0, max_len)")
+        elif pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= self.max_len):
+            raise ValueError(f"LearnedPositionalEmbedding: position {int(pos.max())} >= max_len={self.max_len} "
+                             f"(or {int(pos.min())} < 0)")
         return self.weight[pos]
 
 

@@ -80,7 +80,16 @@ def sparse_attention_blocked(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor
     or (out, None) with ``return_lse=False``: then each chunk goes to torch's fused
     scaled_dot_product_attention (which returns no lse), several times faster on a CPU than
     the explicit softmax below.
+
+    Under ``torch.compile`` the grouping by row counts (host reads of the layout) cannot be
+    traced, so it computes the same result as ``sparse_attention_reference`` (dense, the
+    layout as a token mask: O(Lq Lk) memory); compiled code wanting the block-sparse cost
+    uses the kernels.
     """
+    if torch.compiler.is_compiling():
+        out, lse = sparse_attention_reference(q, k, v, block_mask, block_size, causal=causal, scale=scale,
+                                              return_lse=True)
+        return out, (lse if return_lse else None)
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     bs, group = block_size, hq // hkv

@@ -1,4 +1,5 @@
-"""Small, plain training utilities used by the examples.
+"""Small, plain training utilities shared by the examples (examples/*.py import it as
+``training``, from beside them). Not part of the fastattn package.
 
 Nothing here is specific to attention; it is the usual loop, written out so the examples stay
 short and readable:
