@@ -33,13 +33,9 @@ def _has_triton():
 NO_TRITON = pytest.mark.skipif(not _has_triton(), reason="triton is not installed")
 BACKENDS = [pytest.param("torch", id="fallback"), pytest.param("triton", id="kernels", marks=NO_TRITON)]
 
-# attention_with_kvcache's CPU fallback reads every sequence's cache length on the host, which a
-# traced graph cannot: fastattn/functional.py _decode_by_prefix (``seqlens.tolist()``, the
-# no-grad path) and fastattn/ops/decode/reference.py decode_reference (``_lengths(cache_seqlens)``,
-# the grad path). Strict: these flip to failures (remove the mark) once that is fixed there.
-KVCACHE_FALLBACK = pytest.param("torch", id="fallback", marks=pytest.mark.xfail(
-    strict=True, raises=(torch._dynamo.exc.UserError, torch._inductor.exc.InductorError),
-    reason="attention_with_kvcache's fallback syncs on cache_seqlens (functional.py / ops/decode/reference.py)"))
+# attention_with_kvcache's CPU fallback reads the cache lengths on the host; under compile it
+# takes ops/decode/fallback.py decode_masked instead, which does not.
+KVCACHE_FALLBACK = pytest.param("torch", id="fallback")
 KVCACHE_BACKENDS = [KVCACHE_FALLBACK, pytest.param("triton", id="kernels", marks=NO_TRITON)]
 
 
