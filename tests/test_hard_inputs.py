@@ -400,3 +400,60 @@ def test_property_attention_with_kvcache(b, hkv, group, lq, lk, d, dtype, transp
     with fastattn.use_backend(name):
         outcome_ok(lambda: fastattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, k_new=new[0], v_new=new[1],
                                                            **kw), lambda: oracle_base)
+
+
+# ------------------------------------------------------------------ the sparse fallback
+
+def test_sparse_layout_keeping_nothing_still_trains():
+    """Before: the fallback's output was detached when no block was kept; backward() failed."""
+    q, k, v = (torch.randn(1, 2, 32, 16, requires_grad=True) for _ in range(3))
+    layout = fastattn.sparse.from_dense(torch.zeros(2, 2, dtype=torch.bool), 16)
+    with fastattn.use_backend("torch"):
+        out = fastattn.sparse_attention(q, k, v, layout)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out))
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in (q, k, v))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 2), (1, 0)], ids=["B0", "H0"])
+def test_sparse_empty_batch_or_heads(shape, name):
+    """Before: batch 0 gave ZeroDivisionError, Hq = 0 a RuntimeError from torch.cat."""
+    b, h = shape
+    q = torch.randn(b, h, 32, 16, requires_grad=True)
+    with fastattn.use_backend(name):
+        out, lse = fastattn.sparse_attention(q, q, q, fastattn.sparse.local(32, 16, block_size=16), return_lse=True)
+    assert out.shape == (b, h, 32, 16) and lse.shape == (b, h, 32)
+    out.sum().backward()
+
+
+def test_sparse_on_the_meta_device():
+    """Before: RuntimeError from .item() (the fallback grouped rows on the host)."""
+    q = torch.empty(1, 2, 32, 16, device="meta")
+    out = fastattn.sparse_attention(q, q, q, fastattn.sparse.local(32, 16, block_size=16))
+    assert out.shape == (1, 2, 32, 16) and out.device.type == "meta"
+
+
+def test_sparse_fallback_fp16_large_logits_and_empty_rows_without_nan():
+    """The explicit-softmax fallback (lse asked for) had fp16 scores and NaN gradients through
+    query rows that see no key, the flash reference's bugs in another place."""
+    q, k = ((35 * torch.randn(1, 2, 32, 64)).half().requires_grad_() for _ in range(2))
+    v = torch.randn(1, 2, 32, 64).half().requires_grad_()
+    mask = torch.tensor([[True, False], [False, False]])  # query block 1 sees nothing
+    with fastattn.use_backend("torch"):
+        out, lse = fastattn.sparse_attention(q, k, v, fastattn.sparse.from_dense(mask, 16), return_lse=True)
+    out.float().sum().backward()
+    assert torch.isfinite(out).all() and torch.all(out[:, :, 16:] == 0) and torch.isneginf(lse[:, :, 16:]).all()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_sparse_fallback_calls_torchs_own_sdpa_under_patch(monkeypatch):
+    """The fallbacks call torch's SDPA captured at import, never the patched attribute."""
+    from fastattn.integrations import sdpa_patch
+
+    q = torch.randn(1, 2, 32, 16)
+    calls = []
+    monkeypatch.setattr(sdpa_patch, "_fastattn_sdpa", lambda *a, **kw: calls.append(1))
+    with fastattn.patch_sdpa(), fastattn.use_backend("torch"):
+        out = fastattn.sparse_attention(q, q, q, fastattn.sparse.local(32, 16, block_size=16))
+    assert not calls and out.shape == q.shape

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastattn.backend import TORCH_SDPA
 from fastattn.ops.flash.reference import attention_reference
 
 
@@ -81,22 +82,25 @@ def sparse_attention_blocked(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor
     scaled_dot_product_attention (which returns no lse), several times faster on a CPU than
     the explicit softmax below.
 
-    Under ``torch.compile`` the grouping by row counts (host reads of the layout) cannot be
-    traced, so it computes the same result as ``sparse_attention_reference`` (dense, the
-    layout as a token mask: O(Lq Lk) memory); compiled code wanting the block-sparse cost
-    uses the kernels.
+    Under ``torch.compile``, and on the meta device, the grouping by row counts (host reads
+    of the layout) cannot run, so it computes the same result as ``sparse_attention_reference``
+    (dense, the layout as a token mask: O(Lq Lk) memory); compiled code wanting the
+    block-sparse cost uses the kernels. Scores of fp16/bf16 inputs are computed in float32.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or q.is_meta:
         out, lse = sparse_attention_reference(q, k, v, block_mask, block_size, causal=causal, scale=scale,
                                               return_lse=True)
         return out, (lse if return_lse else None)
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    lse_dtype = torch.promote_types(q.dtype, torch.float32)
+    if min(b, hq, lq) == 0:  # nothing to compute (and no row to group)
+        out = _attached(q.new_zeros(b, hq, lq, dv), q, k, v)
+        return out, (q.new_zeros(b, hq, lq, dtype=lse_dtype) if return_lse else None)
     bs, group = block_size, hq // hkv
     nqb, nkb = -(-lq // bs), -(-lk // bs)
     if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    lse_dtype = torch.promote_types(q.dtype, torch.float32)
+        scale = 1.0 / math.sqrt(d) if d else 1.0
 
     # Whole blocks: pad the last partial query / key block (padded keys are masked below).
     qb = F.pad(q, (0, 0, 0, nqb * bs - lq)).reshape(b, hq * nqb, bs, d)
@@ -105,7 +109,7 @@ def sparse_attention_blocked(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor
 
     if not return_lse and bool(block_mask.all()) and (not causal or lq == lk):
         # Every block kept: plain dense attention, without gathering K/V per query block.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1), None
+        return TORCH_SDPA(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1), None
 
     mask = block_mask.to(q.device).expand(hq, nqb, nkb).reshape(hq * nqb, nkb)
     counts = mask.sum(-1)
@@ -136,26 +140,43 @@ def sparse_attention_blocked(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor
                 keep = keep & (key_pos[:, None, :] <= query_pos[:, :, None] + (lk - lq))
             masked = not bool(keep.all())  # padded slots, a partial last key block, or causal
             if not return_lse:
-                o = F.scaled_dot_product_attention(qb[:, chunk], kg, vg, attn_mask=keep if masked else None,
-                                                   scale=scale)  # (B, R, bs, Dv)
+                o = TORCH_SDPA(qb[:, chunk], kg, vg, attn_mask=keep if masked else None,
+                               scale=scale)  # (B, R, bs, Dv)
                 if masked:  # a query that sees no key here gives 0, as everywhere in fastattn
                     o = o.masked_fill(~keep.any(-1)[None, :, :, None], 0.0)
                 outs.append(o)
                 rows_done.append(chunk)
                 continue
-            s = torch.matmul(qb[:, chunk], kg.transpose(-1, -2)) * scale  # (B, R, bs, W*bs)
+            # (B, R, bs, W*bs) scores, in float32 for fp16/bf16 (no overflow of q.k)
+            s = torch.matmul(qb[:, chunk].to(lse_dtype), kg.to(lse_dtype).transpose(-1, -2)) * scale
             if masked:
                 s = s.masked_fill(~keep, float("-inf"))
-            lse = torch.logsumexp(s.to(lse_dtype), dim=-1)
-            p = torch.softmax(s, dim=-1).masked_fill(torch.isneginf(lse)[..., None], 0.0)
-            outs.append(torch.matmul(p.to(v.dtype), vg))
+            # A query that sees no key: softmax on zeros instead of 0/0, so no NaN reaches the
+            # values or the gradients; then p = 0 and lse = -inf.
+            empty = torch.isneginf(s).all(-1, keepdim=True)
+            s = torch.where(empty, torch.zeros((), dtype=s.dtype, device=s.device), s)
+            lse = torch.logsumexp(s, dim=-1).masked_fill(empty[..., 0], float("-inf"))
+            p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
+            outs.append(torch.matmul(p, vg.to(lse_dtype)).to(v.dtype))
             lses.append(lse)
             rows_done.append(chunk)
 
     # Put the rows back in (head, query block) order.
     inverse = torch.argsort(torch.cat(rows_done))
-    out = torch.cat(outs, 1)[:, inverse].reshape(b, hq, nqb * bs, dv)[:, :, :lq]
+    out = _attached(torch.cat(outs, 1)[:, inverse].reshape(b, hq, nqb * bs, dv)[:, :, :lq], q, k, v)
     if not return_lse:
         return out, None
     lse = torch.cat(lses, 1)[:, inverse].reshape(b, hq, nqb * bs)[:, :, :lq]
     return out, lse
+
+
+def _attached(out: Tensor, *inputs: Tensor) -> Tensor:
+    """``out`` unchanged, but part of the autograd graph of ``inputs`` that require grad even
+    when no kept block touched them (a layout that keeps nothing), so backward() works and
+    gives zero gradients, as dense attention over no key does. ``where`` takes the values of
+    ``out`` alone: nothing of the inputs (not even a NaN) reaches the result."""
+    needs = [t for t in inputs if t.requires_grad]
+    if out.requires_grad or not needs or not torch.is_grad_enabled():
+        return out
+    anchor = sum(t.sum() for t in needs)  # () scalar in the graph of every input
+    return torch.where(torch.ones((), dtype=torch.bool, device=out.device), out, anchor.to(out.dtype))
