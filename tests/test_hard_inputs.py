@@ -457,3 +457,57 @@ def test_sparse_fallback_calls_torchs_own_sdpa_under_patch(monkeypatch):
     with fastattn.patch_sdpa(), fastattn.use_backend("torch"):
         out = fastattn.sparse_attention(q, q, q, fastattn.sparse.local(32, 16, block_size=16))
     assert not calls and out.shape == q.shape
+
+
+# ------------------------------------------------------------------ module and helper validation
+
+MHA_BAD = {
+    "num_heads=0": (dict(embed_dim=16, num_heads=0), "num_heads must be an int >= 1"),
+    "embed_dim=0": (dict(embed_dim=0, num_heads=2), "embed_dim must be an int >= 1"),
+    "num_heads=-4": (dict(embed_dim=16, num_heads=-4), "num_heads must be an int >= 1"),
+    "dropout=1.5": (dict(embed_dim=16, num_heads=2, dropout=1.5), "dropout must be in"),
+}
+
+
+@pytest.mark.parametrize("case", list(MHA_BAD))
+def test_multihead_attention_constructor_refuses(case):
+    """Before: ZeroDivisionError, "-4 must be a multiple of -4", or silently accepted."""
+    kw, message = MHA_BAD[case]
+    with pytest.raises(ValueError, match=message):
+        fastattn.nn.MultiHeadAttention(**kw)
+
+
+@pytest.mark.parametrize("x", [torch.randn(5, 16), torch.randn(1, 2, 5, 16), torch.randn(2, 5, 12),
+                               torch.ones(2, 5, 16, dtype=torch.long)], ids=["2d", "4d", "width-12", "int"])
+def test_multihead_attention_forward_refuses_bad_x(x):
+    """Before: "not enough values to unpack" or a RuntimeError from F.linear."""
+    with pytest.raises(ValueError, match="x must be a floating"):
+        fastattn.nn.MultiHeadAttention(16, 2)(x)
+
+
+def make_cache(**kw):
+    return fastattn.nn.KVCache(2, 2, 2, 8, **kw)
+
+
+KVCACHE_BAD = {
+    "layer==num_layers": (lambda c: c.keys(2), "layer must be an int in"),
+    "layer=-1": (lambda c: c.append(-1, torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8)), "layer must be"),
+    "reorder-out-of-range": (lambda c: c.reorder([0, 5]), "beam_indices must lie in"),
+    "reorder-float": (lambda c: c.reorder(torch.tensor([0.0, 1.0])), "integer"),
+    "set_seqlens-float": (lambda c: c.set_seqlens([2.7, 1]), "integers"),
+    "append-smaller-head-dim": (lambda c: c.append(0, torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)),
+                                "must be \\(2, 2, Lnew, 8 / 8\\)"),
+    "max_length=-1": (lambda c: make_cache(max_length=-1), "max_length"),
+    "head_dim_v=0": (lambda c: make_cache(head_dim_v=0), "head_dim_v"),
+}
+
+
+@pytest.mark.parametrize("case", list(KVCACHE_BAD))
+def test_kv_cache_refuses(case):
+    """Before: IndexError, silent use of the last layer, silent truncation, half-written
+    channels with the lengths advanced, or accepted nonsense sizes."""
+    cache = make_cache()
+    call, message = KVCACHE_BAD[case]
+    with pytest.raises(ValueError, match=message):
+        call(cache)
+    assert torch.equal(cache.seqlens(0), torch.zeros(2, dtype=torch.int32))

@@ -61,9 +61,14 @@ class MultiHeadAttention(nn.Module):
                  rotary: Optional[RotaryEmbedding] = None, alibi: bool = False):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, n in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+                raise ValueError(f"MultiHeadAttention: {name} must be an int >= 1, got {n!r}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"MultiHeadAttention: dropout must be in [0, 1), got {dropout!r}")
         if embed_dim % num_heads:
             raise ValueError(f"MultiHeadAttention: embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
-        if num_kv_heads < 1 or num_heads % num_kv_heads:
+        if num_heads % num_kv_heads:
             raise ValueError(f"MultiHeadAttention: num_heads {num_heads} must be a multiple of "
                              f"num_kv_heads {num_kv_heads}")
         try:
@@ -177,8 +182,15 @@ class MultiHeadAttention(nn.Module):
         Raises:
             ValueError: an argument this layer's kind does not support (``self.kind.supports``:
                 attn_bias, key_padding_mask, cache, need_weights), a cache with cross-attention,
-                or a key_padding_mask that is not bool (B, Lk).
+                a key_padding_mask that is not bool (B, Lk), or an ``x`` / ``context`` that is
+                not a floating (B, L, embed_dim) tensor.
         """
+        for name, t in (("x", x), ("context", context)):
+            if t is not None and not (isinstance(t, Tensor) and t.dim() == 3 and t.shape[-1] == self.embed_dim
+                                      and t.is_floating_point()):
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"MultiHeadAttention: {name} must be a floating (batch, seq, "
+                                 f"embed_dim={self.embed_dim}) tensor, got {got}")
         b, lq, _ = x.shape
         if kv is not None:
             q = self._split_heads(F.linear(x, self.in_proj.weight[:self.embed_dim],

@@ -53,6 +53,9 @@ class KVCache:
                             ("chunk_size", chunk_size)):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"KVCache: {name} must be an int >= 1, got {value!r}")
+        for name, value in (("head_dim_v", head_dim_v), ("max_length", max_length), ("capacity", capacity)):
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"KVCache: {name} must be an int >= 1 or None, got {value!r}")
         self.num_layers = num_layers
         self.batch_size = batch_size
         self.num_kv_heads = num_kv_heads
@@ -71,6 +74,12 @@ class KVCache:
         self._max = [0] * num_layers
 
     # --- sizes ---------------------------------------------------------------------------
+    def _layer(self, layer) -> int:
+        """``layer`` checked: an int in [0, num_layers) (no negative indexing: -1 is a bug)."""
+        if not (isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < self.num_layers):
+            raise ValueError(f"KVCache: layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        return layer
+
     def _round_up(self, n: int) -> int:
         n = -(-max(n, 1) // self.chunk_size) * self.chunk_size
         if self.max_length is not None:
@@ -82,27 +91,27 @@ class KVCache:
 
     def capacity(self, layer: int = 0) -> int:
         """Slots per sequence currently allocated for ``layer``."""
-        return self._k[layer].shape[2]
+        return self._k[self._layer(layer)].shape[2]
 
     def max_seqlen(self, layer: int = 0) -> int:
         """Upper bound on the longest sequence in ``layer`` (known on the host, no sync)."""
-        return self._max[layer]
+        return self._max[self._layer(layer)]
 
     def seqlens(self, layer: int = 0) -> Tensor:
         """int32 (batch,): tokens held per sequence in ``layer`` (a copy is not made)."""
-        return self._len[layer]
+        return self._len[self._layer(layer)]
 
     def keys(self, layer: int) -> Tensor:
         """(batch, kv_heads, capacity, head_dim) storage of ``layer``."""
-        return self._k[layer]
+        return self._k[self._layer(layer)]
 
     def values(self, layer: int) -> Tensor:
         """(batch, kv_heads, capacity, head_dim_v) storage of ``layer``."""
-        return self._v[layer]
+        return self._v[self._layer(layer)]
 
     def reserve(self, layer: int, new_tokens: int) -> None:
         """Make room for ``new_tokens`` more per sequence in ``layer``, growing by whole chunks."""
-        need = self._max[layer] + new_tokens
+        need = self._max[self._layer(layer)] + new_tokens
         if self.max_length is not None and need > self.max_length:
             raise ValueError(f"KVCache: layer {layer} would hold {need} tokens, more than "
                              f"max_length={self.max_length}")
@@ -134,9 +143,11 @@ class KVCache:
     def append(self, layer: int, k_new: Tensor, v_new: Tensor) -> None:
         """Append without attending (e.g. a prompt whose attention was computed elsewhere)."""
         b, h, lnew, _ = k_new.shape
-        if (b, h) != (self.batch_size, self.num_kv_heads) or v_new.shape[:3] != k_new.shape[:3]:
+        if ((b, h) != (self.batch_size, self.num_kv_heads) or v_new.shape[:3] != k_new.shape[:3]
+                or (k_new.shape[-1], v_new.shape[-1]) != (self.head_dim, self.head_dim_v)):
             raise ValueError(f"KVCache.append: k_new {tuple(k_new.shape)} / v_new {tuple(v_new.shape)} "
-                             f"must be ({self.batch_size}, {self.num_kv_heads}, Lnew, ...)")
+                             f"must be ({self.batch_size}, {self.num_kv_heads}, Lnew, "
+                             f"{self.head_dim} / {self.head_dim_v})")
         self.reserve(layer, lnew)
         # Slot of token t of sequence b: seqlens[b] + t (ragged), as a scatter index.
         pos = self._len[layer].long()[:, None] + torch.arange(lnew, device=self.device)
@@ -152,12 +163,15 @@ class KVCache:
     def set_seqlens(self, lengths: Tensor, layer: Optional[int] = None) -> None:
         """Declare how many tokens each sequence holds (e.g. after a padded ragged prefill:
         set the real lengths so later tokens overwrite the padding). All layers by default.
-        Lengths must lie within the capacity; reads ``lengths`` on the host."""
-        lengths = torch.as_tensor(lengths, dtype=torch.int32, device=self.device)
+        Lengths must be integers within the capacity; reads ``lengths`` on the host."""
+        lengths = torch.as_tensor(lengths, device=self.device)
+        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise ValueError(f"KVCache.set_seqlens: lengths must be integers, got {lengths.dtype}")
+        lengths = lengths.to(torch.int32)
         if tuple(lengths.shape) != (self.batch_size,):
             raise ValueError(f"KVCache.set_seqlens: lengths must have shape ({self.batch_size},)")
         longest = int(lengths.max()) if lengths.numel() else 0
-        for i in range(self.num_layers) if layer is None else (layer,):
+        for i in range(self.num_layers) if layer is None else (self._layer(layer),):
             if int(lengths.min()) < 0 or longest > self.capacity(i):
                 raise ValueError(f"KVCache.set_seqlens: lengths must lie in [0, {self.capacity(i)}]")
             self._len[i] = lengths.clone()
@@ -167,9 +181,14 @@ class KVCache:
         """Beam search: new sequence b continues old sequence ``beam_indices[b]`` (its keys,
         values and length, in every layer). The batch size becomes ``len(beam_indices)``, so
         this also expands a prompt to several beams."""
-        idx = torch.as_tensor(beam_indices, device=self.device).long()
-        if idx.dim() != 1:
-            raise ValueError(f"KVCache.reorder: beam_indices must be 1-D, got shape {tuple(idx.shape)}")
+        idx = torch.as_tensor(beam_indices, device=self.device)
+        if idx.dim() != 1 or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise ValueError(f"KVCache.reorder: beam_indices must be a 1-D integer tensor, got {idx.dtype} "
+                             f"{tuple(idx.shape)}")
+        idx = idx.long()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.batch_size):
+            raise ValueError(f"KVCache.reorder: beam_indices must lie in [0, {self.batch_size}), got "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
         for i in range(self.num_layers):
             self._k[i] = self._k[i].index_select(0, idx)
             self._v[i] = self._v[i].index_select(0, idx)
