@@ -5,9 +5,8 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks import report  # noqa: E402
-from benchmarks.common import Case, attention_flops, measure, summarize  # noqa: E402
+from fastattn.bench import report
+from fastattn.bench.common import Case, attention_flops, measure, summarize
 
 
 def test_attention_flops_follow_the_flashattention_convention():
@@ -53,9 +52,9 @@ def test_cpu_peak_memory_sees_tensors_that_reuse_heap_memory():
     import subprocess
 
     script = (
-        "import sys, torch; sys.path.insert(0, '.')\n"
+        "import torch\n"
         "torch.empty(20 * 2**20, dtype=torch.uint8).fill_(1)  # 20 MB, mapped then freed\n"
-        "from benchmarks.common import peak_memory_mb\n"
+        "from fastattn.bench.common import peak_memory_mb\n"
         "f = lambda: torch.empty(4 * 2**20, dtype=torch.uint8).fill_(1)\n"
         "# 64 pieces of 64 KB (below the mmap threshold: from the heap, reused on later calls)\n"
         "# live together, then their 4 MB concatenation: 8 MB at the peak\n"

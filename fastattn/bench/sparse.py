@@ -15,7 +15,7 @@ CPU: fp32, B=1, H=4, D=64, 8192 tokens, forward only. CUDA: bf16, 16384 tokens, 
 D=128, forward and forward+backward. FLOPs count only the kept blocks for every impl (the
 useful work), so TFLOP/s of a dense-masked impl shows how much it wastes.
 
-    python -m benchmarks.sparse            # table on the terminal
+    python -m fastattn.bench.sparse            # table on the terminal
     fastattn bench --suite sparse          # the same cases through the CLI
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-from benchmarks.common import Case, attention_flops
+from fastattn.bench.common import Case, attention_flops
 
 SUITE = "sparse"
 DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
@@ -125,7 +125,7 @@ def _checker(layout, d, dtype, device):
 def main():
     import argparse
 
-    from benchmarks.common import run_case
+    from fastattn.bench.common import run_case
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
