@@ -68,3 +68,24 @@ def test_cpu_peak_memory_sees_tensors_that_reuse_heap_memory():
     # in the call is large.
     assert all(3.6 <= mb < 5.0 for mb in big), big
     assert all(7.2 <= mb < 9.0 for mb in pieces), pieces
+
+
+def test_plots_draw_each_suite_and_the_grouped_speedups(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = []
+    for impl, ms in (("fastattn", 1.0), ("torch-math", 3.0)):
+        for l in (128, 256):
+            for causal in (False, True):
+                rows.append({"suite": "flash-fwd", "config": f"l{l}-{causal}", "impl": impl, "median_ms": ms * l,
+                             "tflops": 0.1, "gbps": float("nan"), "peak_mem_mb": 1.0, "seq_len": l, "causal": causal})
+    for impl, ms in (("sparse", 1.0), ("dense", 2.0), ("sdpa-masked", 4.0)):
+        for density in (0.1, 1.0):
+            rows.append({"suite": "sparse-fwd", "config": f"local-{density}", "impl": impl, "median_ms": ms,
+                         "tflops": 0.1, "gbps": float("nan"), "peak_mem_mb": 0.0, "seq_len": 8192,
+                         "density": density, "layout": "local"})
+    labels = report._series_labels([r for r in rows if r["suite"] == "flash-fwd"], "seq_len")
+    assert set(labels.values()) == {"causal", "non-causal"}
+    written = report.plots(rows, tmp_path, {"device": "cpu"})
+    assert sorted(p.name for p in written) == ["flash-fwd.png", "sparse-fwd.png", "speedup.png"]
+    assert all(p.stat().st_size > 10_000 for p in written)
+    assert {u["peer"] for u in report.speedups(rows)} == {"torch-math", "dense", "sdpa-masked"}

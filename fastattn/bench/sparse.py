@@ -53,7 +53,7 @@ def configs(device, quick):
     if torch.device(device).type == "cuda":
         return [(1, 16, 16384, 128, 128, torch.bfloat16, DENSITIES),
                 (1, 16, 16384, 64, 64, torch.bfloat16, (1.0, 0.1) if quick else DENSITIES)]
-    return [(1, 4, 8192, 64, 64, torch.float32, (1.0, 0.1) if quick else DENSITIES)]
+    return [(1, 4, 8192, 64, 64, torch.float32, (1.0, 0.25, 0.1, 0.05) if quick else DENSITIES)]
 
 
 def cases(device, quick=False):
@@ -64,7 +64,8 @@ def cases(device, quick=False):
         do = torch.randn_like(q)
         for lname, layout in layouts(seq, bs, densities).items():
             name = f"b{b}-h{h}-l{seq}-d{d}-bs{bs}-{lname}"
-            params = {"seq_len": seq, "head_dim": d, "block_size": bs, "density": layout.density}
+            params = {"seq_len": seq, "head_dim": d, "block_size": bs, "density": layout.density,
+                      "layout": lname.split("-")[0].replace("all", "local")}  # every block: the widest window
             mask = layout.to_element_mask().to(device)[None]  # (1, 1, L, L) bool, built once
             impls = {
                 "sparse": lambda q, k, v, lay=layout: fastattn.sparse_attention(q, k, v, lay),
