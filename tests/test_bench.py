@@ -89,3 +89,18 @@ def test_plots_draw_each_suite_and_the_grouped_speedups(tmp_path):
     assert sorted(p.name for p in written) == ["flash-fwd.png", "sparse-fwd.png", "speedup.png"]
     assert all(p.stat().st_size > 10_000 for p in written)
     assert {u["peer"] for u in report.speedups(rows)} == {"torch-math", "dense", "sdpa-masked"}
+
+
+def test_pytest_benchmark_entry_points_collect_every_suite():
+    """benchmarks/test_suites.py lies outside testpaths: collecting it here keeps it working."""
+    import subprocess
+
+    from fastattn import bench
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "benchmarks/test_suites.py"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    ids = [line for line in out.stdout.splitlines() if "::test_suite[" in line]
+    for name in bench.SUITES:
+        assert any(f"test_suite[{name}" in i for i in ids), name
