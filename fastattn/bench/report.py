@@ -218,7 +218,7 @@ def _speedup_figure(plt, ups: list[dict], device: str):
     ax.grid(True, axis="x", which="major", alpha=0.3)
     peers = list(dict.fromkeys(u["peer"] for u in bars))
     ax.legend(handles=[Line2D([], [], color=colour(p), linewidth=6, label=p) for p in peers], title="peer",
-              loc="lower right", fontsize=7)
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     fig.tight_layout()
     return fig
 
