@@ -4,13 +4,13 @@
     fastattn check          # every kernel against its reference on this device
     fastattn info           # device, versions, which backends run here and why not
 
-The benchmark suites live in the source tree's ``benchmarks/`` folder (a module per suite
-with ``cases(device, quick)``), so ``bench`` needs a source checkout (``pip install -e .``).
+The benchmark suites ship in the package (``fastattn.bench``, a module per suite with
+``cases(device, quick)``), so ``bench`` runs from any folder after any install.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import os
 import platform
 import subprocess
@@ -18,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from fastattn import bench  # the suites' names only: their modules load when run
+
+REPO = Path(__file__).resolve().parent.parent  # the source checkout, when run from one
 
 
 def _device() -> str:
@@ -28,11 +30,13 @@ def _device() -> str:
 
 
 def _environment() -> dict:
-    """Device, versions and git commit, recorded beside every result."""
+    """Device, versions and git commit (of a source checkout), recorded beside every result."""
     import torch
 
-    env = {"device": _device(), "python": platform.python_version(), "torch": torch.__version__,
-           "platform": platform.platform(), "cpu_count": os.cpu_count(),
+    import fastattn
+
+    env = {"device": _device(), "fastattn": fastattn.__version__, "python": platform.python_version(),
+           "torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
            "interpreter": os.environ.get("TRITON_INTERPRET", "0")}
     if env["device"] == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
@@ -42,29 +46,14 @@ def _environment() -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                           text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        env["git_commit"] = None
+    env["git_commit"] = None  # an installed wheel has none; its site-packages may sit in another repo
+    if (REPO / ".git").exists():
+        try:
+            env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                               text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            pass
     return env
-
-
-def _suites() -> dict:
-    """suite name -> module, for every benchmarks/<name>.py that defines ``cases``."""
-    if not (REPO / "benchmarks" / "common.py").exists():
-        raise SystemExit("fastattn bench: benchmarks/ not found; run it from a source checkout "
-                         "installed with `pip install -e .`")
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    found = {}
-    for path in sorted((REPO / "benchmarks").glob("*.py")):
-        if path.stem in ("common", "__init__") or path.stem.startswith("test_"):
-            continue
-        module = importlib.import_module(f"benchmarks.{path.stem}")
-        if hasattr(module, "cases"):
-            found[path.stem] = module
-    return found
 
 
 def _progress(i: int, n: int, label: str, started: float) -> None:
@@ -77,16 +66,11 @@ def _progress(i: int, n: int, label: str, started: float) -> None:
 
 
 def _bench(args) -> int:
-    suites = _suites()
-    chosen = args.suite or list(suites)
-    unknown = [s for s in chosen if s not in suites]
-    if unknown:
-        raise SystemExit(f"fastattn bench: unknown suite(s) {unknown}; have {list(suites)}")
-    from benchmarks import report
-    from benchmarks.common import ceilings, run_case
+    from fastattn.bench import report
+    from fastattn.bench.common import ceilings, run_case
 
     device = _device()
-    cases = [c for s in chosen for c in suites[s].cases(device, quick=args.quick)]
+    cases = [c for s in args.suite or bench.SUITES for c in bench.suite(s).cases(device, quick=args.quick)]
     if args.impl:
         cases = [c for c in cases if any(i in c.impl for i in args.impl)]
     out = Path(args.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}")
@@ -221,7 +205,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="run the benchmark suites")
     b.add_argument("--quick", action="store_true", help="fewer, smaller sizes")
-    b.add_argument("--suite", action="append", help="only this suite (repeatable)")
+    b.add_argument("--suite", action="append", choices=bench.SUITES, help="only this suite (repeatable)")
     b.add_argument("--impl", action="append", help="only implementations whose name contains this")
     b.add_argument("--out", help="output folder (default bench-results/<time>)")
     b.add_argument("--reps", type=int, default=10, help="timed repetitions per case")

@@ -298,7 +298,7 @@ def test_not_initialised_and_bad_method():
 def test_schedule_covers_causal_pairs(world):
     """The per-step blocks of causal ring attention attend exactly the causal pairs of the
     rank's queries (counted from the global mask), and zig-zag gives every rank the same work."""
-    from benchmarks.distributed import causal_work
+    from fastattn.bench.distributed import causal_work
 
     length = 4 * world
     for zigzag in (False, True):

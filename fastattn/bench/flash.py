@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-from benchmarks.common import Case, attention_flops
+from fastattn.bench.common import Case, attention_flops
 
 SUITE = "flash"
 
@@ -115,7 +115,7 @@ def _in(ctx, fn, *args, **kw):
 
 def _checker(f, causal, hq, hkv, d, dtype, device):
     """Before timing: on a small instance of the same config, fastattn's error vs torch in
-    float64 is within 2x of torch's own error in the benchmark dtype (the DESIGN.md rule)."""
+    float64 is within 2x of torch's own error in the benchmark dtype (the docs/design.md rule)."""
     def check():
         l = 256
         q = torch.randn(1, hq, l, d, device=device, dtype=dtype)

@@ -15,7 +15,7 @@ CPU: fp32, B=1, H=4, D=64, 8192 tokens, forward only. CUDA: bf16, 16384 tokens, 
 D=128, forward and forward+backward. FLOPs count only the kept blocks for every impl (the
 useful work), so TFLOP/s of a dense-masked impl shows how much it wastes.
 
-    python -m benchmarks.sparse            # table on the terminal
+    python -m fastattn.bench.sparse            # table on the terminal
     fastattn bench --suite sparse          # the same cases through the CLI
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-from benchmarks.common import Case, attention_flops
+from fastattn.bench.common import Case, attention_flops
 
 SUITE = "sparse"
 DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
@@ -53,7 +53,7 @@ def configs(device, quick):
     if torch.device(device).type == "cuda":
         return [(1, 16, 16384, 128, 128, torch.bfloat16, DENSITIES),
                 (1, 16, 16384, 64, 64, torch.bfloat16, (1.0, 0.1) if quick else DENSITIES)]
-    return [(1, 4, 8192, 64, 64, torch.float32, (1.0, 0.1) if quick else DENSITIES)]
+    return [(1, 4, 8192, 64, 64, torch.float32, (1.0, 0.25, 0.1, 0.05) if quick else DENSITIES)]
 
 
 def cases(device, quick=False):
@@ -64,7 +64,8 @@ def cases(device, quick=False):
         do = torch.randn_like(q)
         for lname, layout in layouts(seq, bs, densities).items():
             name = f"b{b}-h{h}-l{seq}-d{d}-bs{bs}-{lname}"
-            params = {"seq_len": seq, "head_dim": d, "block_size": bs, "density": layout.density}
+            params = {"seq_len": seq, "head_dim": d, "block_size": bs, "density": layout.density,
+                      "layout": lname.split("-")[0].replace("all", "local")}  # every block: the widest window
             mask = layout.to_element_mask().to(device)[None]  # (1, 1, L, L) bool, built once
             impls = {
                 "sparse": lambda q, k, v, lay=layout: fastattn.sparse_attention(q, k, v, lay),
@@ -125,7 +126,7 @@ def _checker(layout, d, dtype, device):
 def main():
     import argparse
 
-    from benchmarks.common import run_case
+    from fastattn.bench.common import run_case
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")

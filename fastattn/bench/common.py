@@ -1,10 +1,11 @@
 """Timing, FLOP counting and result rows shared by every benchmark suite.
 
-A suite is a module in benchmarks/ with ``cases(device, quick) -> list[Case]``. ``fastattn
-bench`` and the pytest-benchmark entry points both run those cases, so the numbers agree.
+A suite is a module in fastattn/bench/ with ``cases(device, quick) -> list[Case]``.
+``fastattn bench`` and the pytest-benchmark entry points (benchmarks/test_suites.py) both run
+those cases, so the numbers agree.
 
-FLOPs follow the FlashAttention papers (DESIGN.md): 4 * B * H * Lq * Lk * D for the forward,
-half that when causal, and the backward counts 2.5x the forward.
+FLOPs follow the FlashAttention papers (docs/design.md): 4 * B * H * Lq * Lk * D for the
+forward, half that when causal, and the backward counts 2.5x the forward.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastattn
-from benchmarks.common import Case, attention_flops
+from fastattn.bench.common import Case, attention_flops
 
 SUITE = "block"
 

@@ -1,6 +1,6 @@
 """Context-parallel attention: communication volume, causal load balance, measured time.
 
-    python -m benchmarks.distributed [--quick] [--world 2 4] [--seq 1024 2048] [--threads 1]
+    python -m fastattn.bench.distributed [--quick] [--world 2 4] [--seq 1024 2048] [--threads 1]
 
 Three tables:
 1. Simulation of ring attention per step for one layer: bytes each rank sends (K/V forward;

@@ -8,15 +8,15 @@ On a GPU: bf16, 16k tokens per batch (B = 16384 / L), 16 heads of 64, the kernel
 fp32, B = 1, 4 heads of 64, and fastattn runs its pure-PyTorch fallbacks (the chunked
 reference; TRITON_INTERPRET=1 would time the interpreter instead, which means nothing).
 
-    python -m benchmarks.linear            # the time + memory table (CPU or CUDA)
-    python -m benchmarks.linear --quick
-    python -m benchmarks.linear --clock cpu  # single-threaded CPU time, for a busy machine
+    python -m fastattn.bench.linear            # the time + memory table (CPU or CUDA)
+    python -m fastattn.bench.linear --quick
+    python -m fastattn.bench.linear --clock cpu  # single-threaded CPU time, for a busy machine
     fastattn bench --suite linear          # timings through the common runner
 
-Memory: ``benchmarks.common.peak_memory_mb`` of a no-grad forward (the allocator's peak on
+Memory: ``fastattn.bench.common.peak_memory_mb`` of a no-grad forward (the allocator's peak on
 CUDA; the resident-set high-water mark on CPU).
 
-FLOPs: exact attention as DESIGN.md (4 B H L^2 D, half causal). Linear attention:
+FLOPs: exact attention as docs/design.md (4 B H L^2 D, half causal). Linear attention:
 4 B H L M Dv (phi(K)^T V and phi(Q) S) plus, causal, 2 B H L C (M + Dv) / 2 for the masked
 chunk-local quadratic form (C = chunk length, 64).
 """
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-from benchmarks.common import Case, attention_flops, measure, peak_memory_mb
+from fastattn.bench.common import Case, attention_flops, measure, peak_memory_mb
 from fastattn.ops.linear import reference as linear_ref
 
 SUITE = "linear"
@@ -110,7 +110,7 @@ def impls(h, l, d, m, causal, device, dtype, projection):
 def _checker(f, d, dtype, device):
     """Before timing a fastattn function: on a small instance (L = 128) its error vs the same
     call in float64 on the torch backend (the references) is within 2x the error of that
-    reference in the benchmark dtype, plus 1e-5 (DESIGN.md)."""
+    reference in the benchmark dtype, plus 1e-5 (docs/design.md)."""
     def check():
         q, k, v = (torch.randn(1, 2, 128, d, device=device, dtype=dtype) for _ in range(3))
         with fastattn.use_backend("torch"):

@@ -6,7 +6,7 @@ the attention is one part of each.
 On a GPU: bf16, a GPT-2-small-like model (12 layers, width 768, 12 heads). On a CPU: fp32, a
 4-layer width-256 model, where fastattn runs its PyTorch fallback.
 
-    python -m benchmarks.models [--quick]       # a table on the terminal
+    python -m fastattn.bench.models [--quick]       # a table on the terminal
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import Case, run_case
+from fastattn.bench.common import Case, run_case
 from fastattn.models import GPT, GPTConfig
 
 SUITE = "models"

@@ -8,7 +8,7 @@ On a GPU: bf16, Llama-3-8B-like heads (Hq 32, Hkv 8, D 128), caches of 1k..128k 
 1..64 (capped at 16 GB of cache). On a CPU: small fp32 sizes, where fastattn runs its
 pure-PyTorch fallback (or the interpreted kernels under TRITON_INTERPRET=1).
 
-    python -m benchmarks.decode [--quick]       # a table on the terminal
+    python -m fastattn.bench.decode [--quick]       # a table on the terminal
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-from benchmarks.common import Case, run_case
+from fastattn.bench.common import Case, run_case
 
 SUITE = "decode"
 MAX_CACHE_BYTES = 16 * 2**30
@@ -104,7 +104,7 @@ def build(b, hq, hkv, l, d, dtype, device):
 
 
 def _checker(inputs, l):
-    """Before timing: the output matches the float64 reference within the DESIGN.md rule
+    """Before timing: the output matches the float64 reference within the docs/design.md rule
     (plain torch in the same dtype as the yardstick)."""
     from fastattn.ops.decode.reference import decode_reference
 
