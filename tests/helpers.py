@@ -1,4 +1,4 @@
-"""Shared test helpers: random inputs in any layout, and the DESIGN.md error rule."""
+"""Shared test helpers: random inputs in any layout, and the docs/design.md error rule."""
 import torch
 
 
@@ -23,7 +23,7 @@ def max_err(x, ref):
 
 
 def assert_close_rule(name, got, oracle, torch_same_dtype, factor=2.0):
-    """DESIGN.md: error vs the float64 oracle is at most ``factor`` x the error of plain
+    """docs/design.md: error vs the float64 oracle is at most ``factor`` x the error of plain
     PyTorch in the same dtype, plus 1e-5 (factor 2 for outputs, 3 for gradients).
 
     One refinement: we also allow the error of merely rounding the exact answer to the

@@ -105,7 +105,7 @@ FALLBACK_CASES = {
 @pytest.mark.parametrize("lq,lk", [(12, 20), (20, 12)], ids=["q<k", "q>k"])
 def test_auto_without_kernels_matches_the_reference(case, lq, lk, monkeypatch):
     """On a CPU without the interpreter, "auto" runs torch's SDPA where it can express the
-    call, else the reference; both must give the reference's answer (by the DESIGN.md rule)."""
+    call, else the reference; both must give the reference's answer (by the docs/design.md rule)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = qkv("cpu", torch.float16, hq=4, hkv=2, lq=lq, lk=lk)
     kw = dict(FALLBACK_CASES[case])

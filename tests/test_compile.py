@@ -4,7 +4,7 @@ kernels (interpreter on CPU) and on the plain-PyTorch fallback.
 
 fullgraph=True turns any graph break into an error, and a host sync (``.item()``, ``.tolist()``,
 ``bool(tensor)``) is a graph break, so passing here means none is left on the compiled path.
-Numbers are judged by the DESIGN.md rule: the compiled run vs the float64 eager run on the
+Numbers are judged by the docs/design.md rule: the compiled run vs the float64 eager run on the
 torch backend (oracle), against the float32 eager torch-backend run (yardstick).
 
 The other test files' compile checks (test_api, test_sparse, test_linear, test_decode) use

@@ -1,4 +1,4 @@
-"""attention_with_kvcache: split-KV kernels vs the float64 reference (DESIGN.md rule), the cache
+"""attention_with_kvcache: split-KV kernels vs the float64 reference (docs/design.md rule), the cache
 after the call, the split heuristic, validation, KVCache, and token-by-token decoding of a small
 attention stack against running the whole sequence again.
 
@@ -230,7 +230,7 @@ def test_torch_backend_appends_and_matches(device):
 def test_auto_fallback_of_a_generation_step(feature, monkeypatch):
     """Without kernels (CPU, no interpreter), a call with no gradients and no lse appends first,
     then attends over each sequence's valid prefix, through torch's fused SDPA where it can
-    express the call: same output as the float64 reference (DESIGN.md rule), same caches,
+    express the call: same output as the float64 reference (docs/design.md rule), same caches,
     bit for bit, as the reference's append; an empty sequence gives 0."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     b, hq, hkv, d, lengths = 3, 4, 2, 32, [0, 17, 60]

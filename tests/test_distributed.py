@@ -3,7 +3,7 @@
 Spawned jobs of 2 and 4 CPU processes with the gloo backend (loopback only, file://
 rendezvous in tmp_path, joined with a deadline) check ring and Ulysses attention, outputs
 and gradients of every rank's shard, against the float64 reference of the full sequence by
-the DESIGN.md rule, with single-process ``fastattn.flash_attention`` on the torch backend
+the docs/design.md rule, with single-process ``fastattn.flash_attention`` on the torch backend
 (plain PyTorch in the inputs' dtype) as the yardstick: fp32 mostly, plus bf16 and fp16 cases.
 Process start-up is slow, so each job runs many cases. The torch path runs in the 2- and
 4-rank jobs; the Triton kernels (interpreter on CPU, under ``use_backend("triton")`` so a

@@ -1,6 +1,6 @@
 """Smoke tests of examples/: each trains a tiny config for a few steps on CPU and its loss falls;
 train_gpt on the Triton kernels (interpreter on CPU) follows the plain-PyTorch losses within the
-DESIGN.md error rule, measured against the same run in float64."""
+docs/design.md error rule, measured against the same run in float64."""
 import importlib
 import os
 import sys

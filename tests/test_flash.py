@@ -1,4 +1,4 @@
-"""Flash kernels against the float64 reference, forward and backward, by the DESIGN.md rule.
+"""Flash kernels against the float64 reference, forward and backward, by the docs/design.md rule.
 
 Kernels run on CUDA when present, otherwise under TRITON_INTERPRET=1 (see conftest.py).
 Every call goes through ``use_backend("triton")`` so a silent fallback cannot pass a test.
@@ -51,7 +51,7 @@ def check_against_reference(q, k, v, *, grad=True, **kw):
     return out
 
 
-# (B, Hq, Hkv, Lq, Lk, D): the awkward shapes of DESIGN.md. Lq != Lk both ways, GQA
+# (B, Hq, Hkv, Lq, Lk, D): the awkward shapes of docs/design.md. Lq != Lk both ways, GQA
 # ratios 1/2/3/8 and MQA, head dims that are not powers of two.
 SHAPES = [
     (1, 1, 1, 1, 1, 16),

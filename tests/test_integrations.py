@@ -1,5 +1,5 @@
 """Existing models get fastattn without being rewritten: patch_sdpa, convert(model) and the
-Hugging Face attention registration, judged against the unpatched models by the DESIGN.md
+Hugging Face attention registration, judged against the unpatched models by the docs/design.md
 rule (the unpatched model in float64 is the oracle, in float32 the yardstick)."""
 import copy
 

@@ -1,4 +1,4 @@
-"""Linear attention: kernels vs the float64 quadratic oracle (DESIGN.md rule), forward and
+"""Linear attention: kernels vs the float64 quadratic oracle (docs/design.md rule), forward and
 backward, causal and not; chunked = recurrent = quadratic; FAVOR+ as an estimator of softmax
 attention; Linformer.
 

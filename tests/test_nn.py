@@ -118,7 +118,7 @@ def _torch_mha_case(batch_first, cross, padding):
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
 def test_mha_matches_torch_multihead_attention(batch_first, cross, padding):
     """Same weights as torch.nn.MultiheadAttention -> same outputs and weights, judged by the
-    DESIGN.md rule against torch's module in float64."""
+    docs/design.md rule against torch's module in float64."""
     tm, mine, x, ctx, kpm, run_torch = _torch_mha_case(batch_first, cross, padding)
     oracle, w64 = run_torch(copy.deepcopy(tm).double(), x, ctx, torch.float64)
     torch32, w32 = run_torch(tm, x, ctx, torch.float32)

@@ -1,6 +1,6 @@
 """fastattn.scaled_dot_product_attention is a drop-in for torch's: same results on randomized
 inputs (shapes, masks, GQA, causal with Lq < Lk and Lq > Lk, non-contiguous views), judged by
-the DESIGN.md rule against torch's own function run in float64."""
+the docs/design.md rule against torch's own function run in float64."""
 import random
 
 import pytest
@@ -16,7 +16,7 @@ from helpers import as64, assert_close_rule, randn, same_dtype_copy  # noqa: E40
 
 def plain_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, **_):
     """Plain PyTorch math (matmul, softmax, matmul) in the inputs' dtype: the yardstick of the
-    DESIGN.md rule. torch's fused CPU kernels accumulate in fp32, so they are no yardstick."""
+    docs/design.md rule. torch's fused CPU kernels accumulate in fp32, so they are no yardstick."""
     lq, lk = q.shape[-2], k.shape[-2]
     window = (None, lq - lk) if is_causal else None  # top-left causal, in bottom-right terms
     unbatched = q.dim() == 3

@@ -1,5 +1,5 @@
 """Block-sparse attention: layouts and patterns, the kernels and the blockwise torch fallback
-against the float64 dense-masked reference (the DESIGN.md rule), forward and backward.
+against the float64 dense-masked reference (the docs/design.md rule), forward and backward.
 
 Kernels run on CUDA when present, otherwise under TRITON_INTERPRET=1 (see conftest.py); kernel
 calls go through ``use_backend("triton")`` so a silent fallback cannot pass.
