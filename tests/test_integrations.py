@@ -331,3 +331,44 @@ def test_converted_model_compiles_fullgraph(training):
                           model.float()(x, mask=mask, is_causal=True))
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("source", ["collator-kwargs", "position-ids"])
+def test_huggingface_padding_free_batch_equals_the_padded_one(source, hf_name, monkeypatch):
+    """Packed documents in one row (DataCollatorWithFlattening's cu_seq_lens_q/k, or only
+    position_ids restarting at 0) give the padded batch's loss and gradients, through
+    flash_attention_varlen (no dense block-diagonal mask reaches the attention)."""
+    from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
+
+    config, _ = _hf_configs()["llama-gqa"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=hf_name).double()
+    docs = [torch.randint(0, 97, (n,)).tolist() for n in (5, 11, 3)]
+
+    def loss_and_grads(**batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    padded = torch.zeros(3, 11, dtype=torch.long)
+    mask = torch.zeros(3, 11, dtype=torch.long)
+    for i, d in enumerate(docs):
+        padded[i, :len(d)], mask[i, :len(d)] = torch.tensor(d), 1
+    labels = padded.masked_fill(mask == 0, -100)
+    want_loss, want_grads = loss_and_grads(input_ids=padded, attention_mask=mask, labels=labels)
+
+    flat = DataCollatorWithFlattening(return_flash_attn_kwargs=source == "collator-kwargs", return_tensors="pt")(
+        [{"input_ids": d} for d in docs])
+    if source == "position-ids":
+        assert "cu_seq_lens_q" not in flat
+    varlen_calls = []
+    from fastattn.integrations import huggingface
+
+    real = huggingface.flash_attention_varlen
+    monkeypatch.setattr(huggingface, "flash_attention_varlen", lambda *a, **kw: varlen_calls.append(1) or real(*a, **kw))
+    got_loss, got_grads = loss_and_grads(**flat)
+    assert varlen_calls, "the packed batch did not go through flash_attention_varlen"
+    # Same tokens, same loss terms (the padded loss averages the same 16 predicted tokens).
+    assert (got_loss - want_loss).abs() < 1e-12 * max(1.0, want_loss.abs())
+    assert (got_grads - want_grads).abs().max() < 1e-10

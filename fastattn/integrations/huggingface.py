@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastattn.functional import flash_attention
+from fastattn.functional import flash_attention, flash_attention_varlen
 
 
 def fastattn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -42,7 +42,12 @@ def fastattn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, va
             ``i - W < j <= i``); with no mask it becomes ``window=(W - 1, 0)``.
         s_aux: attention sinks (gpt-oss): refused, see Raises.
         kwargs: ``softcap`` (Gemma 2's logit soft-capping), ``position_bias`` (T5-style additive
-            bias, combined with the mask); the rest is ignored.
+            bias, combined with the mask); ``cu_seq_lens_q`` / ``cu_seq_lens_k`` /
+            ``max_length_q`` / ``max_length_k`` (padding-free batches from
+            ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``) or ``position_ids``
+            that restart at 0 in a batch of one row: the packed documents go through
+            ``fastattn.flash_attention_varlen`` and the dense block-diagonal mask is not used.
+            The rest is ignored.
 
     Returns:
         ((B, Lq, Hq, D), None): no attention weights, as with "sdpa".
@@ -58,6 +63,15 @@ def fastattn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, va
                          f"ignoring them would change the outputs. Use attn_implementation='eager' or 'sdpa' "
                          f"for this model.")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    packed = _packed_offsets(query, key, kwargs)
+    if packed is not None:
+        (cu_q, cu_k), (max_q, max_k) = packed
+        window = (int(sliding_window) - 1, 0) if sliding_window is not None and is_causal else None
+        # (1, H, total, D) -> (total, H, D): views
+        out = flash_attention_varlen(*(t[0].transpose(0, 1) for t in (query, key, value)), cu_q, cu_k, max_q, max_k,
+                                     causal=bool(is_causal), window=window, scale=scaling,
+                                     softcap=kwargs.get("softcap"), dropout_p=dropout)
+        return out[None], None  # (total, H, D) -> (1, total, H, D)
     causal, window = False, None
     if attention_mask is None and is_causal:
         causal = True  # the mask function returns None only where bottom-right causal is exact
@@ -74,6 +88,32 @@ def fastattn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, va
     out = flash_attention(query, key, value, causal=causal, window=window, scale=scaling, attn_bias=attention_mask,
                           softcap=kwargs.get("softcap"), dropout_p=dropout)
     return out.transpose(1, 2).contiguous(), None  # (B, H, L, D) -> (B, L, H, D)
+
+
+def _packed_offsets(query: Tensor, key: Tensor, kwargs: dict):
+    """((cu_q, cu_k), (max_q, max_k)) int32 offsets of a padding-free batch, or None.
+
+    From ``cu_seq_lens_q/k`` (and ``max_length_q/k``) when the data collator gave them, else
+    from ``position_ids`` restarting at 0 inside one row (read on the host, not under
+    torch.compile). Only a batch of one row whose queries are its keys (training, prefill
+    without a cache) is packed."""
+    if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return None
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        as_int = [None if m is None else int(m) for m in (max_q, max_k)] if not torch.compiler.is_compiling() \
+            else [None, None]
+        return (cu_q.to(torch.int32), cu_k.to(torch.int32)), tuple(as_int)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or position_ids.shape[-1] != query.shape[2] or torch.compiler.is_compiling():
+        return None
+    pos = position_ids.reshape(-1)
+    starts = (pos == 0).nonzero().flatten()
+    if starts.numel() <= 1 or int(starts[0]) != 0:  # one document (or not restarting at 0): not packed
+        return None
+    cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
+    return (cu, cu), (None, None)
 
 
 def _band_pattern(mask_function, local_size: Optional[int]) -> bool:
