@@ -287,3 +287,32 @@ def test_init_is_sensible():
     assert abs(loss.item() - torch.log(torch.tensor(64.0)).item()) < 0.2  # near-uniform predictions
     w = m.blocks.layers[0].self_attn.out_proj.weight
     assert abs(w.std().item() - 0.02 / (2 * 4) ** 0.5) < 0.002  # residual projections scaled down
+
+
+@pytest.mark.parametrize("positional", ["rope", "learned", "alibi"])
+def test_gpt_packed_documents_equal_separate_runs(positional):
+    """GPT(idx (1, total), cu_seqlens=...): documents packed in one row, no padding, give each
+    document's own logits and the same gradients as running them one by one."""
+    from fastattn.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, positional=positional,
+                          max_seq_len=64)).double()
+    docs = [torch.randint(0, 50, (n,)) for n in (5, 11, 1, 3)]
+    cu = torch.tensor([0, 5, 16, 17, 20], dtype=torch.int32)
+    logits, _ = model(torch.cat(docs)[None], cu_seqlens=cu)
+    grads = torch.autograd.grad(logits.sum(), list(model.parameters()))
+    separate = [model(d[None])[0][0] for d in docs]
+    want_grads = torch.autograd.grad(sum(s.sum() for s in separate), list(model.parameters()))
+    assert (logits[0] - torch.cat(separate)).abs().max() < 1e-12
+    assert max((g - w).abs().max() for g, w in zip(grads, want_grads)) < 1e-10
+
+
+def test_packed_documents_need_one_row_and_a_kind_that_packs():
+    from fastattn.nn import Linear, MultiHeadAttention
+
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        MultiHeadAttention(16, 2)(torch.randn(2, 8, 16), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="linear does not"):
+        MultiHeadAttention(16, 2, attention=Linear())(torch.randn(1, 8, 16), cu_seqlens=cu)

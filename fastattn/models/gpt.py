@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from fastattn.models.common import Positional, StackConfig, can_cache, encoder_layer, final_norm, init_weights
 from fastattn.nn.kv_cache import KVCache
 from fastattn.nn.layers import TransformerEncoder, aux_loss
+from fastattn.nn.positional import packed_positions
 
 
 @dataclass
@@ -43,13 +44,20 @@ class GPT(nn.Module):
             self.head.weight = self.tok.weight
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *, cache: Optional[KVCache] = None,
-                offset: int = 0):
+                offset: int = 0, cu_seqlens: Optional[Tensor] = None):
         """``cache``/``offset``: run only the new tokens ``idx`` at positions offset.. against
-        the keys cached so far (generation)."""
+        the keys cached so far (generation). ``cu_seqlens``: int32 (docs + 1,) offsets of
+        packed documents in one row (idx (1, total)): no padding, each document attends only
+        inside itself and its positions restart at 0 (the targets should not cross a
+        document boundary: set those to -100). Exact attention, no T5 bias."""
         lq = idx.shape[1]
+        if cu_seqlens is not None:
+            if self.pos.relative is not None:
+                raise ValueError("GPT: packed documents (cu_seqlens) take no T5 relative bias")
+            offset = packed_positions(cu_seqlens, lq)  # (1, total)
         x = self.drop(self.pos.add(self.tok(idx), offset))  # (B, L, E)
         bias = self.pos.bias(lq, lq, x.dtype)
-        x = self.blocks(x, attn_bias=bias, cache=cache, offset=offset)
+        x = self.blocks(x, attn_bias=bias, cache=cache, offset=offset, cu_seqlens=cu_seqlens)
         logits = self.head(x)  # (B, L, V)
         loss = None
         if targets is not None:

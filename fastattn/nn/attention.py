@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastattn.nn.kinds import ATTENTION_NAMES, AttentionKind, attention_kind, attention_weights
-from fastattn.nn.positional import Positions, RotaryEmbedding, alibi_slopes
+from fastattn.nn.positional import Positions, RotaryEmbedding, alibi_slopes, packed_positions
 
 __all__ = ["MultiHeadAttention", "ATTENTION_NAMES", "attention_weights"]
 
@@ -157,7 +157,7 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, *, key_padding_mask: Optional[Tensor] = None,
                 attn_bias: Optional[Tensor] = None, kv: Optional[tuple] = None, cache=None, layer: int = 0,
-                offset: Positions = 0, need_weights: bool = False):
+                offset: Positions = 0, need_weights: bool = False, cu_seqlens: Optional[Tensor] = None):
         """Attend.
 
         Args:
@@ -175,6 +175,10 @@ class MultiHeadAttention(nn.Module):
                 with a cache it defaults to the cached length.
             need_weights: also return the attention probabilities (B, H, Lq, Lk). This
                 necessarily runs the materialised plain-torch path (O(Lq Lk) memory, no kernel).
+            cu_seqlens: int32 (docs + 1,) offsets of packed documents in a batch of one row
+                (x (1, total, E)): each attends only inside itself (self-attention, kinds with
+                ``supports.varlen``); RoPE positions restart per document unless ``offset``
+                gives them.
 
         Returns:
             (B, Lq, E), or (out, weights) when need_weights.
@@ -201,6 +205,15 @@ class MultiHeadAttention(nn.Module):
             q, k, v = self.project_qkv(x, context)
         self_attn = context is None and kv is None
         self._check_call(self_attn, cache, attn_bias, key_padding_mask, need_weights, b, k.shape[2])
+        if cu_seqlens is not None:
+            if not (self_attn and b == 1 and cache is None and attn_bias is None and key_padding_mask is None
+                    and not need_weights and self.kind.supports.varlen):
+                raise ValueError(f"MultiHeadAttention: cu_seqlens (packed documents) needs self-attention on one "
+                                 f"row (x (1, total, E), got batch {b}), no cache, mask, bias or need_weights, and "
+                                 f"a kind that takes packed documents ({self.kind.label} does "
+                                 f"{'' if self.kind.supports.varlen else 'not'})")
+            if isinstance(offset, int) and offset == 0:
+                offset = packed_positions(cu_seqlens, lq)  # (1, total): restart per document
         if cache is not None and isinstance(offset, int) and offset == 0:
             offset = cache.max_seqlen(layer)
         if self.rotary is not None and self_attn:
@@ -209,7 +222,10 @@ class MultiHeadAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
 
         weights = None
-        if cache is not None:
+        if cu_seqlens is not None:
+            out = self.kind.attend_packed(q, k, v, cu_seqlens, causal=causal, alibi_slopes=self.alibi_slopes,
+                                          dropout_p=dropout_p)
+        elif cache is not None:
             out = self.kind.attend_cache(cache, layer, q, k, v, causal=causal, alibi_slopes=self.alibi_slopes)
         elif need_weights:
             out, weights = self.kind.attend_with_weights(q, k, v, causal=causal, attn_bias=attn_bias,

@@ -44,7 +44,7 @@ class Supports:
     causal: a causal mask (bottom-right aligned). attn_bias: an additive or bool bias
     (B, H, Lq, Lk). key_padding_mask: (B, Lk) padding. alibi: ALiBi slopes. dropout: dropout on
     the attention probabilities. kv_cache: ``fastattn.nn.KVCache`` decoding. need_weights:
-    returning the attention probabilities.
+    returning the attention probabilities. varlen: packed documents (``cu_seqlens``).
     """
     causal: bool = False
     attn_bias: bool = False
@@ -53,6 +53,7 @@ class Supports:
     dropout: bool = False
     kv_cache: bool = False
     need_weights: bool = False
+    varlen: bool = False
 
 
 def merge_padding(attn_bias: Optional[Tensor], key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -120,7 +121,7 @@ class Flash(AttentionKind):
     additive bias, ALiBi slopes, dropout), ``fastattn.attention_with_kvcache`` through a
     ``KVCache``, and the materialised probabilities for ``need_weights``. Supports everything."""
     supports = Supports(causal=True, attn_bias=True, key_padding_mask=True, alibi=True, dropout=True,
-                        kv_cache=True, need_weights=True)
+                        kv_cache=True, need_weights=True, varlen=True)
     label = "flash"
 
     def __init__(self):
@@ -133,6 +134,14 @@ class Flash(AttentionKind):
 
     def attend_cache(self, cache, layer, q, k, v, *, causal, alibi_slopes):
         return cache.attend(layer, q, k, v, causal=causal, alibi_slopes=alibi_slopes)
+
+    def attend_packed(self, q, k, v, cu_seqlens, *, causal=False, alibi_slopes=None, dropout_p=0.0):
+        """Packed documents in one row: q (1, Hq, total, D), k/v (1, Hkv, total, D) ->
+        (1, Hq, total, Dv), each document attending only inside itself
+        (``fastattn.flash_attention_varlen``)."""
+        out = functional.flash_attention_varlen(*(t[0].transpose(0, 1) for t in (q, k, v)), cu_seqlens, cu_seqlens,
+                                                causal=causal, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
+        return out.transpose(0, 1)[None]  # (total, Hq, Dv) -> (1, Hq, total, Dv)
 
     def attend_with_weights(self, q, k, v, *, causal=False, attn_bias=None, key_padding_mask=None,
                             alibi_slopes=None, dropout_p=0.0):

@@ -177,12 +177,12 @@ class TransformerEncoderLayer(nn.Module):
         self.norm_first = norm_first
 
     def forward(self, x: Tensor, *, key_padding_mask: Optional[Tensor] = None, attn_bias: Optional[Tensor] = None,
-                cache=None, layer: int = 0, offset: Positions = 0) -> Tensor:
+                cache=None, layer: int = 0, offset: Positions = 0, cu_seqlens: Optional[Tensor] = None) -> Tensor:
         """x (B, L, E); key_padding_mask (B, L) True at padding; attn_bias broadcastable to
-        (B, H, L, L); cache/layer/offset as ``MultiHeadAttention.forward``."""
+        (B, H, L, L); cache/layer/offset/cu_seqlens as ``MultiHeadAttention.forward``."""
         def sa(h):
             return self.dropout1(self.self_attn(h, key_padding_mask=key_padding_mask, attn_bias=attn_bias,
-                                                cache=cache, layer=layer, offset=offset))
+                                                cache=cache, layer=layer, offset=offset, cu_seqlens=cu_seqlens))
         if self.norm_first:
             x = x + sa(self.norm1(x))
             return x + self.dropout2(self.ff(self.norm2(x)))
@@ -240,16 +240,18 @@ class TransformerDecoderLayer(nn.Module):
 class TransformerEncoder(nn.Module):
     """``num_layers`` deep copies of ``encoder_layer`` and an optional final ``norm`` (as
     torch.nn.TransformerEncoder). forward(x, key_padding_mask=None, attn_bias=None, cache=None,
-    offset=0): layer i uses cache slot i."""
+    offset=0, cu_seqlens=None): layer i uses cache slot i."""
 
     def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(num_layers))
         self.norm = norm
 
-    def forward(self, x: Tensor, *, key_padding_mask=None, attn_bias=None, cache=None, offset: Positions = 0):
+    def forward(self, x: Tensor, *, key_padding_mask=None, attn_bias=None, cache=None, offset: Positions = 0,
+                cu_seqlens: Optional[Tensor] = None):
         for i, layer in enumerate(self.layers):
-            x = layer(x, key_padding_mask=key_padding_mask, attn_bias=attn_bias, cache=cache, layer=i, offset=offset)
+            x = layer(x, key_padding_mask=key_padding_mask, attn_bias=attn_bias, cache=cache, layer=i, offset=offset,
+                      cu_seqlens=cu_seqlens)
         return x if self.norm is None else self.norm(x)
 
 

@@ -18,13 +18,24 @@ __all__ = ["SinusoidalPositionalEmbedding", "LearnedPositionalEmbedding", "Rotar
 Positions = Union[int, Tensor]
 
 
+def packed_positions(cu_seqlens: Tensor, total: int) -> Tensor:
+    """(1, total) positions of packed documents: each restarts at 0 where its document
+    begins (document b is tokens ``cu_seqlens[b]:cu_seqlens[b+1]``). No host sync."""
+    token = torch.arange(total, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:].long(), token, right=True)  # the document of each token
+    return (token - cu_seqlens.long()[doc])[None]
+
+
 def positions_like(length: int, offset: Positions = 0, device=None) -> Tensor:
     """Absolute positions of ``length`` tokens starting at ``offset``.
 
-    ``offset`` is an int (all sequences) -> (length,) int64, or a (B,) tensor (ragged
-    sequences) -> (B, length).
+    ``offset`` is an int (all sequences) -> (length,) int64, a (B,) tensor (ragged
+    sequences) -> (B, length), or a (B, length) tensor: the positions themselves (packed
+    documents, see ``packed_positions``).
     """
     ar = torch.arange(length, device=device)
+    if isinstance(offset, Tensor) and offset.dim() == 2:
+        return offset.to(device=ar.device, dtype=torch.long)
     if isinstance(offset, Tensor):
         # (B,) -> (B, 1) + (length,) -> (B, length)
         return offset.to(device=ar.device, dtype=torch.long)[:, None] + ar
