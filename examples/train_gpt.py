@@ -4,6 +4,8 @@
     python examples/train_gpt.py --device cuda --d-model 384 --layers 6 --seq-len 512 \\
         --batch 64 --steps 5000                         # a GPU
     python examples/train_gpt.py --attention linear     # causal linear attention instead
+    python examples/train_gpt.py --docs                 # documents of long-tailed lengths, padded
+    python examples/train_gpt.py --docs --pack          # the same documents packed in one row
 
 The text is every ``.py`` file under the directory of the running interpreter's ``os`` module
 (sorted by path, so the split is the same on every run of one Python installation): always
@@ -59,6 +61,33 @@ def stdlib_text(max_bytes: int, val_fraction: float = 0.1):
     return train, val
 
 
+def doc_lengths(n: int, seq_len: int, generator) -> list[int]:
+    """``n`` document lengths from a long-tailed (log-normal) distribution in [8, seq_len]:
+    most are short, a few fill the context, as in real corpora."""
+    lengths = torch.empty(n).log_normal_(math.log(seq_len / 6), 1.0, generator=generator)
+    return lengths.clamp(8, seq_len).long().tolist()
+
+
+def get_docs(data, batch: int, seq_len: int, generator, device, pack: bool):
+    """``batch`` documents (windows of long-tailed lengths) as a batch: padded, x and y (B, Lmax)
+    with targets -100 past each document's end; or packed, x and y (1, total) plus
+    ``cu_seqlens`` (each document's targets stay inside it). Returns (x, y, cu_seqlens or None)."""
+    lengths = doc_lengths(batch, seq_len, generator)
+    starts = torch.randint(len(data) - seq_len - 1, (batch,), generator=generator).tolist()
+    windows = [data[s:s + n + 1].long() for s, n in zip(starts, lengths)]  # n inputs + their targets
+    if pack:
+        x = torch.cat([w[:-1] for w in windows])[None]  # (1, total)
+        y = torch.cat([w[1:] for w in windows])[None]
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        return x.to(device), y.to(device), cu.to(device)
+    lmax = max(lengths)
+    x = torch.zeros(batch, lmax, dtype=torch.long)
+    y = torch.full((batch, lmax), -100, dtype=torch.long)  # padding predicts nothing
+    for i, w in enumerate(windows):
+        x[i, :len(w) - 1], y[i, :len(w) - 1] = w[:-1], w[1:]
+    return x.to(device), y.to(device), None
+
+
 def get_batch(data, batch: int, seq_len: int, generator, device):
     """Random windows: x (B, L) and the next-character targets y (B, L)."""
     start = torch.randint(len(data) - seq_len - 1, (batch,), generator=generator)
@@ -100,6 +129,10 @@ def parse(argv=None):
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--val-batches", type=int, default=20)
+    p.add_argument("--docs", action="store_true",
+                   help="train on documents of long-tailed lengths (<= --seq-len) instead of full windows")
+    p.add_argument("--pack", action="store_true",
+                   help="with --docs: pack each batch's documents into one row (cu_seqlens, no padding)")
     p.add_argument("--prompt", default="def __init__(self")
     p.add_argument("--sample-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -133,18 +166,30 @@ def main(argv=None) -> dict:
     losses = []
 
     def loss_fn(batch):
-        x, y = batch
-        logits, _ = model(x)
-        return training.cross_entropy(logits, y, args.label_smoothing), y.numel()
+        x, y, cu = batch
+        logits, _ = model(x, cu_seqlens=cu)
+        return training.cross_entropy(logits, y, args.label_smoothing), int((y != -100).sum())
+
+    def next_batch():
+        if args.docs:
+            return get_docs(train, args.batch, args.seq_len, g, device, args.pack)
+        return (*get_batch(train, args.batch, args.seq_len, g, device), None)
 
     with fastattn.use_backend(args.backend):
         start = time.perf_counter()
+        training.reset_peak_memory(device)
         for step in range(start_step + 1, args.steps + 1):
-            micro = [get_batch(train, args.batch, args.seq_len, g, device) for _ in range(args.accum)]
+            micro = [next_batch() for _ in range(args.accum)]
             loss, _ = trainer.step(micro, loss_fn)
             losses.append(loss)
-            progress.update(step, loss, tokens=args.batch * args.accum * args.seq_len, lr=trainer.lr)
+            # real (predicted) tokens only: padding is work, not progress
+            progress.update(step, loss, tokens=sum(int((y != -100).sum()) for _, y, _ in micro), lr=trainer.lr)
         train_s = time.perf_counter() - start
+        peak_mb = training.peak_memory_mb(device)
+        if args.docs:
+            what = "CUDA max allocated" if device.type == "cuda" else "CPU peak RSS of the process"
+            print(f"documents ({'packed' if args.pack else 'padded'}): {progress.tokens_per_second:,.0f} real "
+                  f"tokens/s, peak memory {peak_mb or 0:.1f} MiB ({what})")
         val_loss = validation_loss(model, val, args, device, args.val_batches)
         print(f"result: validation loss {val_loss:.4f} nats/char ({val_loss / math.log(2):.3f} bits/char; "
               f"uniform over 256 bytes would be {math.log(256):.2f}), training {progress.tokens_per_second:,.0f} "
@@ -168,7 +213,7 @@ def main(argv=None) -> dict:
         print(f"greedy {args.sample_tokens} tokens: KV cache {timings[True]:.2f}s, recompute {timings[False]:.2f}s "
               f"(cache used: {model.can_cache()}); same tokens: {same}")
     return dict(losses=losses, val_loss=val_loss, tokens_per_s=progress.tokens_per_second, train_s=train_s,
-                cache_matches=same, sample=decode(sample[0]))
+                cache_matches=same, sample=decode(sample[0]), peak_mb=peak_mb)
 
 
 if __name__ == "__main__":
