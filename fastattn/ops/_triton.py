@@ -67,6 +67,13 @@ def program_heads(n_heads, group):
 
 
 @triton.jit
+def span(start, BLOCK: tl.constexpr, n):
+    """Offsets start .. start + BLOCK - 1 and which of them are < n."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < n
+
+
+@triton.jit
 def load_tile(base, rows, cols, stride_r, stride_c, row_ok, col_ok):
     """The (rows, cols) tile at base + rows * stride_r + cols * stride_c, 0 where masked.
     int64 offsets: one (batch, head) slice may hold more than 2^31 elements."""
@@ -125,6 +132,13 @@ def dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p):
     # One Philox counter per (batch*head, query, key): the backward regenerates the same mask.
     offs = (bh.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
     return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def softmax_init(BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """(m, l, acc) of BLOCK_M rows that have seen no key yet: max -inf, sum 0, output 0."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    return m_i, tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
 
 @triton.jit
@@ -202,3 +216,14 @@ def load_row_stats(LSE, DELTA, row0, offs_m, row_ok):
     lse = tl.load(LSE + row0 + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row0 + offs_m, mask=row_ok, other=0.0)
     return lse, delta
+
+
+@triton.jit
+def store_key_grads(DK, DV, dk, dv, row0, scale, offs_n, offs_d, offs_dv, col_ok, d_ok, dv_ok,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BF16_RTNE: tl.constexpr):
+    """Stores a key block's dK (scaled: the scores were q.k * scale) and dV into contiguous
+    (B * Hkv * Lk, D) buffers; row0 is the (batch, kv head)'s first row."""
+    store_tile(DK + row0 * HEAD_DIM, cast(dk * scale, DK.dtype.element_ty, BF16_RTNE),
+               offs_n, offs_d, HEAD_DIM, 1, col_ok, d_ok)
+    store_tile(DV + row0 * HEAD_DIM_V, cast(dv, DV.dtype.element_ty, BF16_RTNE),
+               offs_n, offs_dv, HEAD_DIM_V, 1, col_ok, dv_ok)

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from fastattn.ops._triton import (
-    LOG2E, cast, dot, load_tile, logits, row_lse, softmax_finish, softmax_update, store_tile,
+    LOG2E, cast, dot, load_tile, logits, row_lse, softmax_finish, softmax_init, softmax_update, span,
+    store_tile,
 )
 
 
@@ -69,13 +70,11 @@ def kv_append_kernel(
     b = (bhk // n_kv_heads).to(tl.int64)
     hk = (bhk % n_kv_heads).to(tl.int64)
     offs_t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
     pos = tl.load(SEQLENS + b).to(tl.int64) + offs_t  # each sequence writes at its own offset
     # The launcher has checked pos < seqlen_max; the mask keeps a bad call inside the buffer.
     ok = (offs_t < seqlen_new) & (pos < seqlen_max)
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
     k_new = K_NEW + b * stride_knb + hk * stride_knh
     k = load_tile(k_new, offs_t, offs_d, stride_knn, stride_knd, ok, d_ok)
     if HAS_ROTARY:
@@ -122,11 +121,8 @@ def decode_split_kernel(
     row_ok = offs_r < group * seqlen_q
     pos_q = offs_r % seqlen_q  # which new token the row is
     h = hk * group + (offs_r // seqlen_q).to(tl.int64)  # which query head: GQA heads stacked as rows
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
     seqlen_k = tl.load(SEQLENS + b).to(tl.int32) + seqlen_new
     # min(seqlen_k, seqlen_max) as arithmetic (interpreter): never read past the buffer.
@@ -167,12 +163,9 @@ def decode_split_kernel(
         # One slope per row (its query head), as a column so it broadcasts over the keys.
         slope = tl.load(ALIBI + b * stride_ab + h * stride_ah, mask=row_ok, other=0.0).to(tl.float32)[:, None]
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_DV)
     for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + offs_n0
-        col_ok = offs_n < end  # keys of the next split belong to the next split
+        offs_n, col_ok = span(start_n, BLOCK_N, end)  # keys of the next split belong to the next split
         k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
         qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
         # logits masks keys >= its seqlen_k argument: pass `end`, the split's own limit.

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from fastattn.ops._triton import (
     bwd_tile, cast, dot, dropout_keep, load_row_stats, load_tile, logits, program_heads, softmax_finish,
-    softmax_update, store_tile,
+    softmax_init, softmax_update, span, store_key_grads, store_tile,
 )
 
 
@@ -91,13 +91,9 @@ def attn_fwd_kernel(
     b, h, bh, hk = program_heads(n_heads, group)
     diag = seqlen_k - seqlen_q
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < seqlen_q
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
+    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
     q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, row_ok, d_ok)
     k_base = K + b * stride_kb + hk * stride_kh
@@ -105,14 +101,11 @@ def attn_fwd_kernel(
     bias_base = BIAS + b * stride_bb + h * stride_bh
     slope, seed = _head_terms(ALIBI, SEED, b, h, stride_ab, stride_ah, HAS_ALIBI, HAS_DROPOUT)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_DV)
 
     lo, hi = _key_range(start_m, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        col_ok = offs_n < seqlen_k
+        offs_n, col_ok = span(start_n, BLOCK_N, seqlen_k)
         k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
         qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
         s = logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, softcap, window_left, window_right,
@@ -157,13 +150,9 @@ def attn_bwd_dkdv_kernel(
     n_heads = n_kv_heads * group
     diag = seqlen_k - seqlen_q
 
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    col_ok = offs_n < seqlen_k
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    offs_n, col_ok = span(start_n, BLOCK_N, seqlen_k)
+    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
     k = load_tile(K + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
     v = load_tile(V + b * stride_vb + hk * stride_vh, offs_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok)
@@ -179,8 +168,7 @@ def attn_bwd_dkdv_kernel(
         bias_base = BIAS + b * stride_bb + h * stride_bh
         slope, seed = _head_terms(ALIBI, SEED, b, h, stride_ab, stride_ah, HAS_ALIBI, HAS_DROPOUT)
         for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + offs_m0
-            row_ok = offs_m < seqlen_q
+            offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
             q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, row_ok, d_ok)
             do = load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dod, row_ok, dv_ok)
             lse, delta = load_row_stats(LSE, DELTA, bh * seqlen_q, offs_m, row_ok)
@@ -192,11 +180,8 @@ def attn_bwd_dkdv_kernel(
             dv += dot(tl.trans(cast(p_drop, do.dtype, BF16_RTNE)), do, DOT_FP32, PRECISION)
             dk += dot(tl.trans(cast(ds_qk, q.dtype, BF16_RTNE)), q, DOT_FP32, PRECISION)
 
-    dk = dk * scale  # the scores were q.k * scale
-    store_tile(DK + bhk * seqlen_k * HEAD_DIM, cast(dk, DK.dtype.element_ty, BF16_RTNE),
-               offs_n, offs_d, HEAD_DIM, 1, col_ok, d_ok)
-    store_tile(DV + bhk * seqlen_k * HEAD_DIM_V, cast(dv, DV.dtype.element_ty, BF16_RTNE),
-               offs_n, offs_dv, HEAD_DIM_V, 1, col_ok, dv_ok)
+    store_key_grads(DK, DV, dk, dv, bhk * seqlen_k, scale, offs_n, offs_d, offs_dv, col_ok, d_ok, dv_ok,
+                    HEAD_DIM, HEAD_DIM_V, BF16_RTNE)
 
 
 @triton.jit
@@ -224,13 +209,9 @@ def attn_bwd_dq_kernel(
     b, h, bh, hk = program_heads(n_heads, group)
     diag = seqlen_k - seqlen_q
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < seqlen_q
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
+    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
     q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, row_ok, d_ok)
     do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dom, stride_dod, row_ok, dv_ok)
@@ -243,8 +224,7 @@ def attn_bwd_dq_kernel(
 
     lo, hi = _key_range(start_m, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        col_ok = offs_n < seqlen_k
+        offs_n, col_ok = span(start_n, BLOCK_N, seqlen_k)
         k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
         v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok)
         _, ds, ds_qk = bwd_tile(

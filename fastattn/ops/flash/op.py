@@ -1,9 +1,11 @@
 """Launchers, torch.library registration and autograd for the flash kernels.
 
-``flash_attn(...)`` is what ``fastattn.functional`` calls once it has validated the inputs.
-The forward and backward are registered as custom ops (``fastattn::flash_fwd`` and
-``fastattn::flash_bwd``) with fake implementations and an autograd formula, so
+``flash_attn(...)`` is what ``fastattn.functional`` calls once it has validated the inputs;
+``flash_backward(...)`` is the backward for callers that differentiate on their own (context
+parallelism). The forward and backward are registered as custom ops (``fastattn::flash_fwd``
+and ``fastattn::flash_bwd``) with fake implementations and an autograd formula, so
 ``torch.compile(fullgraph=True)`` sees one opaque node per call instead of breaking the graph.
+Their non-tensor arguments are ``FlashOptions``, in its field order.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ Backward, with dn_i = dout_i / d_i and g_i = -(dout_i . out_i) / d_i (the gradie
 import triton
 import triton.language as tl
 
-from fastattn.ops._triton import cast, dot, load_tile, program_heads, store_tile
+from fastattn.ops._triton import cast, dot, load_tile, program_heads, span, store_tile
 
 FEAT_IDENTITY = tl.constexpr(0)
 FEAT_ELU = tl.constexpr(1)
@@ -65,6 +65,25 @@ def _features(base, offs_r, offs_c, stride_r, stride_c, r_ok, c_ok, FEATURE: tl.
 
 
 @triton.jit
+def _key_state(k_base, v_base, offs_f, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, f_ok, dv_ok,
+               seqlen_k, BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
+               FEATURE: tl.constexpr, CAUSAL: tl.constexpr, STATE_PRECISION: tl.constexpr):
+    """The state (S, z) = (phi(K)^T V, phi(K)^T 1) of a program's (features, values) block
+    before its first query chunk: over every key when non-causal; empty when causal (it
+    then grows chunk by chunk)."""
+    s = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)
+    z = tl.zeros([BLOCK_F], tl.float32)
+    if not CAUSAL:
+        for start in range(0, seqlen_k, BLOCK_C):
+            offs_n, n_ok = span(start, BLOCK_C, seqlen_k)
+            phik = _features(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok, FEATURE)
+            v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, n_ok, dv_ok).to(tl.float32)
+            s += dot(tl.trans(phik), v, False, STATE_PRECISION)
+            z += tl.sum(phik, 0)
+    return s, z
+
+
+@triton.jit
 def linear_fwd_kernel(
     Q, K, V, O, DEN, EPS,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -84,29 +103,19 @@ def linear_fwd_kernel(
     b, h, bh, hk = program_heads(n_heads, group)
 
     offs_c = tl.arange(0, BLOCK_C)
-    offs_f = tl.arange(0, BLOCK_F)
-    offs_dv = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    f_ok = offs_f < FEAT_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    offs_f, f_ok = span(0, BLOCK_F, FEAT_DIM)
+    offs_dv, dv_ok = span(pid_v * BLOCK_DV, BLOCK_DV, HEAD_DIM_V)
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     o_base = O + b * stride_ob + h * stride_oh
 
-    s = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)  # sum phi(k) v^T over the keys seen so far
-    z = tl.zeros([BLOCK_F], tl.float32)  # sum phi(k)
-    if not CAUSAL:
-        for start in range(0, seqlen_k, BLOCK_C):
-            offs_n = start + offs_c
-            n_ok = offs_n < seqlen_k
-            phik = _features(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok, FEATURE)
-            v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, n_ok, dv_ok).to(tl.float32)
-            s += dot(tl.trans(phik), v, False, STATE_PRECISION)
-            z += tl.sum(phik, 0)
+    # sum phi(k) v^T and sum phi(k) over the keys seen so far
+    s, z = _key_state(k_base, v_base, offs_f, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, f_ok, dv_ok,
+                      seqlen_k, BLOCK_C, BLOCK_F, BLOCK_DV, FEATURE, CAUSAL, STATE_PRECISION)
 
     for start in range(0, seqlen_q, BLOCK_C):
-        offs_m = start + offs_c
-        m_ok = offs_m < seqlen_q
+        offs_m, m_ok = span(start, BLOCK_C, seqlen_q)
         phiq = _features(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok, FEATURE)
         num = dot(phiq, s, False, STATE_PRECISION)  # what the earlier chunks (or all keys) give
         den = tl.sum(phiq * z[None, :], 1)
@@ -147,49 +156,47 @@ def _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok
 
 
 @triton.jit
+def _query_chunk(q_base, DO, DEN, G, do_base, bh, offs_m, offs_f, offs_dv, stride_qm, stride_qd,
+                 stride_dom, stride_dod, m_ok, f_ok, dv_ok, seqlen_q, FEATURE: tl.constexpr,
+                 NORMALIZE: tl.constexpr):
+    """phi(q) of a chunk of query rows, and their _dn_g."""
+    phiq = _features(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok, FEATURE)
+    do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
+                            seqlen_q, NORMALIZE)
+    return phiq, do, dn, rden, g
+
+
+@triton.jit
 def linear_bwd_dq_kernel(
     Q, K, V, DO, DEN, G, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     n_heads, group, seqlen_q, seqlen_k,
     FEAT_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
     FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr, STATE_PRECISION: tl.constexpr,
 ):
-    """dQ[:, f block] for one (batch, head). BLOCK_DV covers all of Dv; the state is
-    S[f block, :] (BLOCK_F, Dv) and z[f block]."""
+    """dQ[:, f block] for one (batch, head) (DQ contiguous). BLOCK_DV covers all of Dv; the
+    state is S[f block, :] (BLOCK_F, Dv) and z[f block]."""
     pid_f = tl.program_id(0)
     b, h, bh, hk = program_heads(n_heads, group)
 
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    f_ok = offs_f < FEAT_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    offs_f, f_ok = span(pid_f * BLOCK_F, BLOCK_F, FEAT_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     do_base = DO + b * stride_dob + h * stride_doh
-    dq_base = DQ + b * stride_dqb + h * stride_dqh
 
-    s = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)
-    z = tl.zeros([BLOCK_F], tl.float32)
-    if not CAUSAL:
-        for start in range(0, seqlen_k, BLOCK_C):
-            offs_n = start + offs_c
-            n_ok = offs_n < seqlen_k
-            phik = _features(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok, FEATURE)
-            v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, n_ok, dv_ok).to(tl.float32)
-            s += dot(tl.trans(phik), v, False, STATE_PRECISION)
-            z += tl.sum(phik, 0)
+    # sum phi(k) v^T and sum phi(k) over the keys seen so far
+    s, z = _key_state(k_base, v_base, offs_f, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, f_ok, dv_ok,
+                      seqlen_k, BLOCK_C, BLOCK_F, BLOCK_DV, FEATURE, CAUSAL, STATE_PRECISION)
 
     for start in range(0, seqlen_q, BLOCK_C):
-        offs_m = start + offs_c
-        m_ok = offs_m < seqlen_q
+        offs_m, m_ok = span(start, BLOCK_C, seqlen_q)
         do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
                       seqlen_q, NORMALIZE)
         dphiq = dot(dn, tl.trans(s), False, STATE_PRECISION)  # S dn_i, from the state
@@ -208,7 +215,8 @@ def linear_bwd_dq_kernel(
             z += tl.sum(phik, 0)
         x = load_tile(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok).to(tl.float32)
         dq = dphiq * _dphi(x, FEATURE)  # chain rule through the fused feature map
-        store_tile(dq_base, cast(dq, DQ.dtype.element_ty, BF16_RTNE), offs_m, offs_f, stride_dqm, stride_dqd, m_ok, f_ok)
+        store_tile(DQ + bh * seqlen_q * FEAT_DIM, cast(dq, DQ.dtype.element_ty, BF16_RTNE),
+                   offs_m, offs_f, FEAT_DIM, 1, m_ok, f_ok)
 
 
 @triton.jit
@@ -229,11 +237,8 @@ def linear_bwd_dk_kernel(
     pid_f = tl.program_id(0)
     b, h, bh, hk = program_heads(n_heads, group)
 
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    f_ok = offs_f < FEAT_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    offs_f, f_ok = span(pid_f * BLOCK_F, BLOCK_F, FEAT_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -243,25 +248,23 @@ def linear_bwd_dk_kernel(
     dz = tl.zeros([BLOCK_F], tl.float32)  # sum g_i phi(q_i)
     if not CAUSAL:
         for start in range(0, seqlen_q, BLOCK_C):
-            offs_m = start + offs_c
-            m_ok = offs_m < seqlen_q
-            phiq = _features(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok, FEATURE)
-            do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
-                          seqlen_q, NORMALIZE)
+            offs_m, m_ok = span(start, BLOCK_C, seqlen_q)
+            phiq, do, dn, rden, g = _query_chunk(q_base, DO, DEN, G, do_base, bh, offs_m, offs_f, offs_dv, stride_qm,
+                                                 stride_qd, stride_dom, stride_dod, m_ok, f_ok, dv_ok, seqlen_q,
+                                                 FEATURE, NORMALIZE)
             ds += dot(tl.trans(phiq), dn, False, STATE_PRECISION)
             dz += tl.sum(phiq * g[:, None], 0)
 
     n_chunks = (seqlen_k + BLOCK_C - 1) // BLOCK_C
     for i in range(0, n_chunks):
         start = (n_chunks - 1 - i) * BLOCK_C  # last chunk first: causal keys see later queries
-        offs_n = start + offs_c
-        n_ok = offs_n < seqlen_k
+        offs_n, n_ok = span(start, BLOCK_C, seqlen_k)
         v_in = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, n_ok, dv_ok)
         dphik = dot(v_in.to(tl.float32), tl.trans(ds), False, STATE_PRECISION) + dz[None, :]
         if CAUSAL:
-            phiq = _features(q_base, offs_n, offs_f, stride_qm, stride_qd, n_ok, f_ok, FEATURE)
-            do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_n, offs_dv, stride_dom, stride_dod, n_ok, dv_ok,
-                          seqlen_q, NORMALIZE)
+            phiq, do, dn, rden, g = _query_chunk(q_base, DO, DEN, G, do_base, bh, offs_n, offs_f, offs_dv, stride_qm,
+                                                 stride_qd, stride_dom, stride_dod, n_ok, f_ok, dv_ok, seqlen_q,
+                                                 FEATURE, NORMALIZE)
             # d a_ij (rows: queries i, columns: keys j of this chunk), kept where j <= i.
             # dout (not dout / d, which can overflow fp16 when d is tiny) meets v in the dot.
             da = dot(do, tl.trans(v_in), DOT_FP32, PRECISION) * rden[:, None] + g[:, None]
@@ -292,11 +295,8 @@ def linear_bwd_dv_kernel(
     pid_v = tl.program_id(0)
     b, h, bh, hk = program_heads(n_heads, group)
 
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_f = tl.arange(0, BLOCK_F)
-    offs_dv = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    f_ok = offs_f < FEAT_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    offs_f, f_ok = span(0, BLOCK_F, FEAT_DIM)
+    offs_dv, dv_ok = span(pid_v * BLOCK_DV, BLOCK_DV, HEAD_DIM_V)
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + hk * stride_kh
     do_base = DO + b * stride_dob + h * stride_doh
@@ -304,24 +304,22 @@ def linear_bwd_dv_kernel(
     ds = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)
     if not CAUSAL:
         for start in range(0, seqlen_q, BLOCK_C):
-            offs_m = start + offs_c
-            m_ok = offs_m < seqlen_q
-            phiq = _features(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok, FEATURE)
-            do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
-                          seqlen_q, NORMALIZE)
+            offs_m, m_ok = span(start, BLOCK_C, seqlen_q)
+            phiq, do, dn, rden, g = _query_chunk(q_base, DO, DEN, G, do_base, bh, offs_m, offs_f, offs_dv, stride_qm,
+                                                 stride_qd, stride_dom, stride_dod, m_ok, f_ok, dv_ok, seqlen_q,
+                                                 FEATURE, NORMALIZE)
             ds += dot(tl.trans(phiq), dn, False, STATE_PRECISION)
 
     n_chunks = (seqlen_k + BLOCK_C - 1) // BLOCK_C
     for i in range(0, n_chunks):
         start = (n_chunks - 1 - i) * BLOCK_C
-        offs_n = start + offs_c
-        n_ok = offs_n < seqlen_k
+        offs_n, n_ok = span(start, BLOCK_C, seqlen_k)
         phik = _features(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok, FEATURE)
         dv = dot(phik, ds, False, STATE_PRECISION)  # dS_j^T phi(k_j), from the later chunks
         if CAUSAL:
-            phiq = _features(q_base, offs_n, offs_f, stride_qm, stride_qd, n_ok, f_ok, FEATURE)
-            do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_n, offs_dv, stride_dom, stride_dod, n_ok, dv_ok,
-                          seqlen_q, NORMALIZE)
+            phiq, do, dn, rden, g = _query_chunk(q_base, DO, DEN, G, do_base, bh, offs_n, offs_f, offs_dv, stride_qm,
+                                                 stride_qd, stride_dom, stride_dod, n_ok, f_ok, dv_ok, seqlen_q,
+                                                 FEATURE, NORMALIZE)
             # a exactly as the forward made it (features and product rounded to V's dtype): the
             # forward divided by a normaliser summed from these rounded values, so any other
             # a here would be off by their rounding, one unit of fp16/bf16 in dV.

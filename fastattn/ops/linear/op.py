@@ -92,7 +92,7 @@ def _backward(do, q, k, v, out, den, feature, causal, normalize):
     scalars = (h, h // hkv, lq, lk)
     grid_f = (triton.cdiv(m, cfg["split_f"]), h, b)
     grid_v = (triton.cdiv(dv_dim, cfg["split_dv"]), h, b)
-    kernels.linear_bwd_dq_kernel[grid_f](*args, dq, *strides, *dq.stride(), *scalars,
+    kernels.linear_bwd_dq_kernel[grid_f](*args, dq, *strides, *scalars,
                                          BLOCK_F=cfg["split_f"], BLOCK_DV=cfg["full_dv"], **meta)
     kernels.linear_bwd_dk_kernel[grid_f](*args, dk, *strides, *scalars,
                                          BLOCK_F=cfg["split_f"], BLOCK_DV=cfg["full_dv"], **meta)
