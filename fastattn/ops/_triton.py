@@ -210,12 +210,16 @@ def bwd_tile(
 
 
 @triton.jit
-def load_row_stats(LSE, DELTA, row0, offs_m, row_ok):
-    """The forward's lse and the backward's delta = rowsum(dO * O) of query rows offs_m; both
-    are contiguous (B * H, Lq) and row0 is the (batch, head)'s first row, b * H * Lq + h * Lq."""
-    lse = tl.load(LSE + row0 + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + row0 + offs_m, mask=row_ok, other=0.0)
-    return lse, delta
+def load_query_rows(Q, DO, LSE, DELTA, b, h, bh, offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok,
+                    stride_qb, stride_qh, stride_qm, stride_qd,
+                    stride_dob, stride_doh, stride_dom, stride_dod, seqlen_q):
+    """What the backward needs of query rows offs_m of head (b, h): q, dO, the forward's lse
+    and delta = rowsum(dO * O); LSE and DELTA are contiguous (B * H, Lq), bh = b * H + h."""
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, row_ok, d_ok)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dom, stride_dod, row_ok, dv_ok)
+    lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
+    return q, do, lse, delta
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from fastattn.ops._triton import (
-    bwd_tile, cast, dot, dropout_keep, load_row_stats, load_tile, logits, program_heads, softmax_finish,
+    bwd_tile, cast, dot, dropout_keep, load_query_rows, load_tile, logits, program_heads, softmax_finish,
     softmax_init, softmax_update, span, store_key_grads, store_tile,
 )
 
@@ -163,15 +163,13 @@ def attn_bwd_dkdv_kernel(
     for g in range(0, group):
         h = hk * group + g
         bh = b * n_heads + h
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
         bias_base = BIAS + b * stride_bb + h * stride_bh
         slope, seed = _head_terms(ALIBI, SEED, b, h, stride_ab, stride_ah, HAS_ALIBI, HAS_DROPOUT)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
-            q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, row_ok, d_ok)
-            do = load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dod, row_ok, dv_ok)
-            lse, delta = load_row_stats(LSE, DELTA, bh * seqlen_q, offs_m, row_ok)
+            q, do, lse, delta = load_query_rows(
+                Q, DO, LSE, DELTA, b, h, bh, offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok,
+                stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod, seqlen_q)
             p_drop, ds, ds_qk = bwd_tile(
                 q, k, v, do, lse, delta, offs_m, offs_n, bh, seed, slope, bias_base, stride_bm, stride_bn,
                 seqlen_q, seqlen_k, diag, scale, softcap, dropout_p, window_left, window_right,
@@ -213,9 +211,9 @@ def attn_bwd_dq_kernel(
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, row_ok, d_ok)
-    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dom, stride_dod, row_ok, dv_ok)
-    lse, delta = load_row_stats(LSE, DELTA, bh * seqlen_q, offs_m, row_ok)
+    q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, b, h, bh, offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok,
+                                        stride_qb, stride_qh, stride_qm, stride_qd,
+                                        stride_dob, stride_doh, stride_dom, stride_dod, seqlen_q)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     bias_base = BIAS + b * stride_bb + h * stride_bh

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from fastattn.ops._triton import (
-    band_mask, bwd_tile, cast, dot, load_row_stats, load_tile, program_heads, softmax_finish,
+    band_mask, bwd_tile, cast, dot, load_query_rows, load_tile, program_heads, softmax_finish,
     softmax_init, softmax_update, span, store_key_grads, store_tile,
 )
 
@@ -130,8 +130,6 @@ def sparse_bwd_dkdv_kernel(
     for g in range(0, group):
         h = hk * group + g
         bh = b * n_heads + h
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
         row = h * layout_stride_h + kblock  # (layout head, key block) of the transposed layout
         first = tl.load(CCOL + row)
         last = tl.load(CCOL + row + 1)
@@ -148,9 +146,9 @@ def sparse_bwd_dkdv_kernel(
                 lo = (lo // BLOCK_M) * BLOCK_M
             for sub in range(lo, hi, BLOCK_M):
                 offs_m, row_ok = span(qb_start + sub, BLOCK_M, seqlen_q)
-                q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, row_ok, d_ok)
-                do = load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dod, row_ok, dv_ok)
-                lse, delta = load_row_stats(LSE, DELTA, bh * seqlen_q, offs_m, row_ok)
+                q, do, lse, delta = load_query_rows(
+                    Q, DO, LSE, DELTA, b, h, bh, offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok,
+                    stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod, seqlen_q)
                 p, ds = _tile_grads(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, scale, Q,
                                     CAUSAL, DOT_FP32, PRECISION)
                 dv += dot(tl.trans(cast(p, do.dtype, BF16_RTNE)), do, DOT_FP32, PRECISION)
@@ -183,9 +181,9 @@ def sparse_bwd_dq_kernel(
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, row_ok, d_ok)
-    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dom, stride_dod, row_ok, dv_ok)
-    lse, delta = load_row_stats(LSE, DELTA, bh * seqlen_q, offs_m, row_ok)
+    q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, b, h, bh, offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok,
+                                        stride_qb, stride_qh, stride_qm, stride_qd,
+                                        stride_dob, stride_doh, stride_dom, stride_dod, seqlen_q)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
