@@ -124,7 +124,8 @@ def linear_case(dtype, feat_dim, head_dim_v):
     for causal in (True, False):
         common = dict(FEAT_DIM=feat_dim, HEAD_DIM_V=head_dim_v, BLOCK_C=cfg["chunk"],
                       FEATURE=1 if causal else 0, CAUSAL=causal, NORMALIZE=True, DOT_FP32=False,
-                      PRECISION="ieee", STATE_PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                      PRECISION="ieee", BF16_RTNE=False,
+                      STATE_PRECISION="ieee" if dtype == torch.float32 else "tf32")
         tag = "causal" if causal else "full"
         for name, kernel, blocks, extra in (
             ("fwd", kernels.linear_fwd_kernel, (cfg["full_f"], cfg["split_dv"]), {}),
@@ -146,7 +147,7 @@ CASES.update({
 
 def sparse_case(dtype, head_dim, layout_block):
     """Block-sparse forward, dK/dV and dQ, causal, with the launcher's tiles for a layout block."""
-    from fastattn.ops.flash.op import block_config
+    from fastattn.ops._launch import block_config
     from fastattn.ops.sparse import kernels
 
     block_d = max(16, triton.next_power_of_2(head_dim))

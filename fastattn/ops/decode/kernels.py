@@ -17,7 +17,10 @@ output and logsumexp in fp32; ``decode_merge_kernel`` then combines them exactly
 import triton
 import triton.language as tl
 
-from fastattn.ops.flash.kernels import LOG2E, _dot, _logits, _round_bf16
+from fastattn.ops._triton import (
+    LOG2E, cast, dot, load_tile, logits, row_lse, softmax_finish, softmax_init, softmax_update, span,
+    store_tile,
+)
 
 
 @triton.jit
@@ -67,26 +70,20 @@ def kv_append_kernel(
     b = (bhk // n_kv_heads).to(tl.int64)
     hk = (bhk % n_kv_heads).to(tl.int64)
     offs_t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
     pos = tl.load(SEQLENS + b).to(tl.int64) + offs_t  # each sequence writes at its own offset
     # The launcher has checked pos < seqlen_max; the mask keeps a bad call inside the buffer.
     ok = (offs_t < seqlen_new) & (pos < seqlen_max)
-    mk = ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    k_rows = K_NEW + b * stride_knb + hk * stride_knh + offs_t[:, None].to(tl.int64) * stride_knn
-    k = tl.load(k_rows + offs_d[None, :] * stride_knd, mask=mk, other=0.0)
+    k_new = K_NEW + b * stride_knb + hk * stride_knh
+    k = load_tile(k_new, offs_t, offs_d, stride_knn, stride_knd, ok, d_ok)
     if HAS_ROTARY:
+        k_rows = k_new + offs_t[:, None].to(tl.int64) * stride_knn
         k_rot = _rotary(k, k_rows, stride_knd, ok, pos, COS, SIN, stride_cs, offs_d, ROT_DIM, ROT_INTERLEAVED)
-        if BF16_RTNE:
-            k_rot = _round_bf16(k_rot)
-        k = k_rot.to(k.dtype)
-    tl.store(K + b * stride_kb + hk * stride_kh + pos[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-             k, mask=mk)
-    mv = ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
-    v = tl.load(V_NEW + b * stride_vnb + hk * stride_vnh + offs_t[:, None].to(tl.int64) * stride_vnn
-                + offs_dv[None, :] * stride_vnd, mask=mv, other=0.0)
-    tl.store(V + b * stride_vb + hk * stride_vh + pos[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-             v, mask=mv)
+        k = cast(k_rot, k.dtype, BF16_RTNE)
+    store_tile(K + b * stride_kb + hk * stride_kh, k, pos, offs_d, stride_kn, stride_kd, ok, d_ok)
+    v = load_tile(V_NEW + b * stride_vnb + hk * stride_vnh, offs_t, offs_dv, stride_vnn, stride_vnd, ok, dv_ok)
+    store_tile(V + b * stride_vb + hk * stride_vh, v, pos, offs_dv, stride_vn, stride_vd, ok, dv_ok)
 
 
 @triton.jit
@@ -124,11 +121,8 @@ def decode_split_kernel(
     row_ok = offs_r < group * seqlen_q
     pos_q = offs_r % seqlen_q  # which new token the row is
     h = hk * group + (offs_r // seqlen_q).to(tl.int64)  # which query head: GQA heads stacked as rows
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
     seqlen_k = tl.load(SEQLENS + b).to(tl.int32) + seqlen_new
     # min(seqlen_k, seqlen_max) as arithmetic (interpreter): never read past the buffer.
@@ -161,9 +155,7 @@ def decode_split_kernel(
         # as a separately rotated q would be.
         q_rot = _rotary(q, q_rows, stride_qd, row_ok, pos_q + diag, COS, SIN, stride_cs, offs_d,
                         ROT_DIM, ROT_INTERLEAVED)
-        if BF16_RTNE:
-            q_rot = _round_bf16(q_rot)
-        q = q_rot.to(q.dtype)
+        q = cast(q_rot, q.dtype, BF16_RTNE)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     slope = 0.0
@@ -171,47 +163,29 @@ def decode_split_kernel(
         # One slope per row (its query head), as a column so it broadcasts over the keys.
         slope = tl.load(ALIBI + b * stride_ab + h * stride_ah, mask=row_ok, other=0.0).to(tl.float32)[:, None]
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_DV)
     for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + offs_n0
-        col_ok = offs_n < end  # keys of the next split belong to the next split
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        qk = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
-        # _logits masks keys >= its seqlen_k argument: pass `end`, the split's own limit.
-        s = _logits(qk, pos_q, offs_n, seqlen_q, end, diag, softcap, window_left, window_right,
-                    Q, 0, 0, slope,
-                    False, False, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen only masked keys has max -inf; subtract 0 so exp gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
-        alpha = tl.math.exp2((m_i - m_safe) * LOG2E)  # rescales what was summed under the old max
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-        if BF16_RTNE:
-            p = _round_bf16(p)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32, PRECISION)
-        m_i = m_new
+        offs_n, col_ok = span(start_n, BLOCK_N, end)  # keys of the next split belong to the next split
+        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
+        qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
+        # logits masks keys >= its seqlen_k argument: pass `end`, the split's own limit.
+        s = logits(qk, pos_q, offs_n, seqlen_q, end, diag, softcap, window_left, window_right,
+                   Q, 0, 0, slope,
+                   False, False, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT)
+        p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)
+        v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok)
+        acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
 
-    empty = l_i == 0.0  # no visible key in this chunk: output 0, lse -inf (weight 0 in the merge)
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    out, lse = softmax_finish(acc, m_i, l_i)  # no visible key in this chunk: 0, -inf (weight 0 in the merge)
     row = (b * n_heads + h) * seqlen_q + pos_q  # (b, h, i) flattened
-    out_mask = row_ok[:, None] & dv_ok[None, :]
     if SINGLE_SPLIT:
-        if BF16_RTNE:
-            out = _round_bf16(out)
         o_ptrs = (O + b * stride_ob + h[:, None] * stride_oh + pos_q[:, None].to(tl.int64) * stride_om
-                  + offs_dv[None, :] * stride_od)
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=out_mask)
+                  + offs_dv[None, :].to(tl.int64) * stride_od)
+        tl.store(o_ptrs, cast(out, O.dtype.element_ty, BF16_RTNE), mask=row_ok[:, None] & dv_ok[None, :])
         tl.store(LSE + row, lse, mask=row_ok)
     else:
         part = row * num_splits + split
-        tl.store(O + part[:, None] * HEAD_DIM_V + offs_dv[None, :], out, mask=out_mask)
+        store_tile(O, out, part, offs_dv, HEAD_DIM_V, 1, row_ok, dv_ok)
         tl.store(LSE + part, lse, mask=row_ok)
 
 
@@ -248,11 +222,7 @@ def decode_merge_kernel(
                     mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
         acc += tl.sum(o * w[:, None], 0)
 
-    empty = total == 0.0
-    out = acc / tl.where(empty, 1.0, total)
-    lse = tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, total)))
-    if BF16_RTNE:
-        out = _round_bf16(out)
+    out = acc / tl.where(total == 0.0, 1.0, total)  # every split empty: output 0, lse -inf
     tl.store(O + b * stride_ob + h * stride_oh + i * stride_om + offs_dv * stride_od,
-             out.to(O.dtype.element_ty), mask=dv_ok)
-    tl.store(LSE + row, lse)
+             cast(out, O.dtype.element_ty, BF16_RTNE), mask=dv_ok)
+    tl.store(LSE + row, row_lse(m_safe, total))

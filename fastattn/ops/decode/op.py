@@ -17,9 +17,10 @@ import torch
 import triton
 from torch import Tensor
 
-from fastattn.backend import gpu_tiles, interpreting
+from fastattn.backend import gpu_tiles
+from fastattn.ops import _launch
+from fastattn.ops._launch import pad
 from fastattn.ops.decode import kernels
-from fastattn.ops.flash.op import _alibi_args, _band_args, _precision
 
 H100_SMS = 132
 MAX_SPLITS = 128
@@ -32,21 +33,12 @@ _MAX_BLOCK_M = 64
 _INTERPRETER_BLOCK_N = 16
 
 
-def _empty(*shape, like: Tensor, dtype=None) -> Tensor:
-    """Every output buffer comes from here, so tests can poison them with NaN."""
-    return torch.empty(*shape, device=like.device, dtype=dtype or like.dtype)
-
-
-def _pad(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
 def block_config(head_dim: int, rows: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for ``rows`` = group * new tokens query rows per kv head."""
-    block_m = min(_MAX_BLOCK_M, _pad(rows))
+    block_m = min(_MAX_BLOCK_M, pad(rows))
     if not gpu_tiles():
         return block_m, _INTERPRETER_BLOCK_N, 4
-    block_n = _BLOCK_N[_pad(head_dim)]
+    block_n = _BLOCK_N[pad(head_dim)]
     if dtype == torch.float32 and head_dim > 64:
         block_n = max(16, block_n // 2)  # fp32 tiles take twice the bytes
     return block_m, block_n, 4
@@ -75,11 +67,6 @@ def choose_num_splits(programs: int, seqlen_k: int, block_n: int, num_sms: int) 
     return max(1, min(triton.cdiv(2 * num_sms, programs), most))
 
 
-def _bf16_rtne(dtype: torch.dtype) -> bool:
-    # The interpreter truncates fp32 -> bf16; the kernels then round to nearest themselves.
-    return interpreting() and dtype == torch.bfloat16
-
-
 def _rotary_args(like: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], interleaved: bool):
     """(COS, SIN, row stride) and the constexprs. cos/sin are contiguous (P, R/2) tables."""
     if cos is None:
@@ -97,8 +84,8 @@ def _append(k_cache, v_cache, seqlens, k_new, v_new, cos=None, sin=None, interle
         k_new, v_new, k_cache, v_cache, seqlens, cos_t, sin_t,
         *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
         hkv, lnew, k_cache.shape[2], stride_cs,
-        HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_L=block_l, BLOCK_D=_pad(d), BLOCK_DV=_pad(dv),
-        num_warps=4, BF16_RTNE=_bf16_rtne(k_new.dtype), **rot,
+        HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_L=block_l, BLOCK_D=pad(d), BLOCK_DV=pad(dv),
+        num_warps=4, BF16_RTNE=_launch.dtype_flags(k_new.dtype)["BF16_RTNE"], **rot,
     )
 
 
@@ -109,36 +96,33 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left, w
     group = hq // hkv
     rows = group * lq
     block_m, block_n, warps = block_config(max(d, dv), rows, q.dtype)
-    out = _empty(b, hq, lq, dv, like=q)
-    lse = _empty(b, hq, lq, like=q, dtype=torch.float32)
-    alibi_t, alibi_strides = _alibi_args(q, alibi)
+    out = _launch.empty(b, hq, lq, dv, like=q)
+    lse = _launch.empty(b, hq, lq, like=q, dtype=torch.float32)
+    alibi_t, alibi_strides = _launch.alibi_args(q, alibi)
     (cos_t, sin_t, stride_cs), rot = _rotary_args(q, cos, sin, interleaved)
     single = num_splits == 1
     if single:
         o_t, lse_t = out, lse
         o_strides = out.stride()
     else:
-        o_t = _empty(b, hq, lq, num_splits, dv, like=q, dtype=torch.float32)
-        lse_t = _empty(b, hq, lq, num_splits, like=q, dtype=torch.float32)
+        o_t = _launch.empty(b, hq, lq, num_splits, dv, like=q, dtype=torch.float32)
+        lse_t = _launch.empty(b, hq, lq, num_splits, like=q, dtype=torch.float32)
         o_strides = (0, 0, 0, 0)
+    flags = _launch.dtype_flags(q.dtype)
     grid = (b * hkv, triton.cdiv(rows, block_m), num_splits)
     kernels.decode_split_kernel[grid](
         q, k_cache, v_cache, seqlens, alibi_t, cos_t, sin_t, o_t, lse_t,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *o_strides, *alibi_strides,
-        hq, group, lq, seqlen_new, lmax, num_splits,
-        scale, softcap or 1.0, **_band_args(window_left, window_right), stride_cs=stride_cs, **rot,
-        HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=_pad(d), BLOCK_DV=_pad(dv),
-        HAS_ALIBI=alibi is not None, HAS_SOFTCAP=bool(softcap), SINGLE_SPLIT=single,
-        # bf16 dots are wrong under the interpreter; fp32 dots hold the same values exactly.
-        DOT_FP32=interpreting() and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype),
-        BF16_RTNE=_bf16_rtne(q.dtype), num_warps=warps,
+        hq, group, lq, seqlen_new, lmax, num_splits, scale=scale, stride_cs=stride_cs,
+        **_launch.softcap_args(softcap), **_launch.band_args(window_left, window_right), **rot,
+        HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=pad(d), BLOCK_DV=pad(dv),
+        HAS_ALIBI=alibi is not None, SINGLE_SPLIT=single, num_warps=warps, **flags,
     )
     if not single:
         kernels.decode_merge_kernel[(b * hq * lq,)](
             o_t, lse_t, out, lse, *out.stride(), hq, lq, num_splits,
-            HEAD_DIM_V=dv, BLOCK_S=max(16, triton.next_power_of_2(num_splits)), CHUNK_S=8,
-            BLOCK_DV=_pad(dv), BF16_RTNE=_bf16_rtne(q.dtype), num_warps=4,
+            HEAD_DIM_V=dv, BLOCK_S=pad(num_splits), CHUNK_S=8,
+            BLOCK_DV=pad(dv), BF16_RTNE=flags["BF16_RTNE"], num_warps=4,
         )
     return out, lse
 
@@ -161,7 +145,7 @@ def _(k_cache, v_cache, seqlens, k_new, v_new, cos=None, sin=None, interleaved=F
 @torch.library.custom_op("fastattn::decode_fwd", mutates_args=())
 def decode_fwd(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, alibi: Optional[Tensor],
-    scale: float, softcap: float, window_left: Optional[int], window_right: Optional[int],
+    scale: float, softcap: Optional[float], window_left: Optional[int], window_right: Optional[int],
     seqlen_new: int, num_splits: int, cos: Optional[Tensor] = None, sin: Optional[Tensor] = None,
     interleaved: bool = False,
 ) -> tuple[Tensor, Tensor]:
@@ -177,13 +161,14 @@ def _(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left, window_r
 
 
 def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=None, scale,
-                softcap=0.0, window_left=None, window_right=None, num_splits=None,
+                softcap=None, window_left=None, window_right=None, num_splits=None,
                 max_seqlen_k=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=False):
     """Validated inputs -> (out, lse), after writing k_new/v_new into the caches.
 
     seqlens: int32 contiguous (B,). max_seqlen_k: the longest valid length after the append,
     if the caller knows it (it only steers the choice of num_splits); else Lmax.
     rotary_cos/sin: contiguous (P, R/2) tables: q and k_new are rotated inside the kernels.
+    softcap None (or 0.0) is no cap.
     """
     rot = (rotary_cos, rotary_sin, rotary_interleaved)
     seqlen_new = 0 if k_new is None else k_new.shape[2]
@@ -198,5 +183,5 @@ def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=N
         if window_left is not None:
             length = min(length, window_left + lq + (window_right or 0))  # a window bounds the keys read
         num_splits = choose_num_splits(programs, length, block_n, _num_sms(str(q.device)))
-    return decode_fwd(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left,
+    return decode_fwd(q, k_cache, v_cache, seqlens, alibi, scale, softcap or None, window_left,
                       window_right, seqlen_new, num_splits, *rot)

@@ -1,61 +1,34 @@
 """Launchers, torch.library registration and autograd for the flash kernels.
 
-``flash_attn(...)`` is what ``fastattn.functional`` calls once it has validated the inputs.
-The forward and backward are registered as custom ops (``fastattn::flash_fwd`` and
-``fastattn::flash_bwd``) with fake implementations and an autograd formula, so
+``flash_attn(...)`` is what ``fastattn.functional`` calls once it has validated the inputs;
+``flash_backward(...)`` is the backward for callers that differentiate on their own (context
+parallelism). The forward and backward are registered as custom ops (``fastattn::flash_fwd``
+and ``fastattn::flash_bwd``) with fake implementations and an autograd formula, so
 ``torch.compile(fullgraph=True)`` sees one opaque node per call instead of breaking the graph.
+Their non-tensor arguments are ``FlashOptions``, in its field order.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 from torch import Tensor
 
-from fastattn.backend import gpu_tiles, interpreting
+from fastattn.ops import _launch
+from fastattn.ops._launch import block_config
 from fastattn.ops.flash import kernels
 
-# (BLOCK_M, BLOCK_N, num_warps) by padded head dim when compiled for a GPU, hand-picked so
-# every kernel fits the H100's 227 KB of shared memory (tests/test_flash_compile.py checks
-# this without a GPU); per-device autotuning is the H100 issue's work. fp32 tiles take twice
-# the bytes, so they get half the query rows. The interpreter runs one program at a time in
-# NumPy, where fewer, larger blocks are faster.
-_FWD_BLOCKS = {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 4), 128: (128, 64, 8), 256: (64, 32, 8)}
-_BWD_BLOCKS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8), 256: (64, 32, 8)}
-_INTERPRETER_BLOCKS = (32, 32, 4)
 
+class FlashOptions(NamedTuple):
+    """The flash ops' non-tensor options, in their custom ops' argument order, so
+    ``flash_fwd(q, k, v, bias, alibi, seed, *options)`` is a call."""
 
-def block_config(head_dim: int, dtype: torch.dtype, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for a head dim (the larger of q's and v's)."""
-    if not gpu_tiles():
-        return _INTERPRETER_BLOCKS
-    table = _BWD_BLOCKS if backward else _FWD_BLOCKS
-    block_m, block_n, warps = table[max(16, triton.next_power_of_2(head_dim))]
-    if dtype == torch.float32:
-        block_m = max(32, block_m // 2)
-    return block_m, block_n, warps
-
-
-def _empty(*shape, like: Tensor, dtype=None) -> Tensor:
-    """Every output buffer comes from here, so tests can poison them with NaN."""
-    return torch.empty(*shape, device=like.device, dtype=dtype or like.dtype)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's own matmul setting, so results match torch's on the same GPU.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
-        return "tf32"
-    return "ieee"
-
-
-def _band_args(window_left: Optional[int], window_right: Optional[int]) -> dict:
-    return dict(
-        window_left=0 if window_left is None else window_left,
-        window_right=0 if window_right is None else window_right,
-        HAS_LEFT=window_left is not None,
-        HAS_RIGHT=window_right is not None,
-    )
+    scale: float
+    softcap: Optional[float] = None  # None: no cap (0.0 is read as None too)
+    dropout_p: float = 0.0
+    window_left: Optional[int] = None  # band edges around the diagonal; None: unbounded
+    window_right: Optional[int] = None
 
 
 def _bias_args(q: Tensor, bias: Optional[Tensor]):
@@ -67,47 +40,30 @@ def _bias_args(q: Tensor, bias: Optional[Tensor]):
     return t, bias.stride(), dict(HAS_BIAS=True, BIAS_IS_BOOL=is_bool)
 
 
-def _alibi_args(q: Tensor, alibi: Optional[Tensor]):
-    """ALiBi slopes as (B, H) with stride 0 over the batch when given per head only."""
-    if alibi is None:
-        return q, (0, 0)
-    if alibi.dim() == 1:
-        alibi = alibi[None]
-    alibi = alibi.expand(q.shape[0], q.shape[1])
-    return alibi, alibi.stride()
-
-
-def _common(q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right, backward):
+def _launch_args(q, v, bias, alibi, seed, options: FlashOptions, backward: bool):
+    """(bias, alibi, seed) pointers, their strides, and the kernels' keyword arguments."""
     bias_t, bias_strides, bias_flags = _bias_args(q, bias)
-    alibi_t, alibi_strides = _alibi_args(q, alibi)
+    alibi_t, alibi_strides = _launch.alibi_args(q, alibi)
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
     block_m, block_n, warps = block_config(max(head_dim, head_dim_v), q.dtype, backward)
     meta = dict(
-        scale=scale, softcap=softcap or 1.0, dropout_p=dropout_p,
+        scale=options.scale, dropout_p=options.dropout_p,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
-        HAS_ALIBI=alibi is not None, HAS_SOFTCAP=bool(softcap), HAS_DROPOUT=dropout_p > 0.0,
-        # bf16 dots are wrong under the interpreter; fp32 dots hold the same values exactly.
-        DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
-        # ... and its fp32 -> bf16 casts truncate; round to nearest as a GPU does.
-        BF16_RTNE=interpreting() and q.dtype == torch.bfloat16,
-        PRECISION=_precision(q.dtype),
-        num_warps=warps,
-        **bias_flags, **_band_args(window_left, window_right),
+        BLOCK_D=_launch.pad(head_dim), BLOCK_DV=_launch.pad(head_dim_v),
+        HAS_ALIBI=alibi is not None, HAS_DROPOUT=options.dropout_p > 0.0, num_warps=warps,
+        **bias_flags, **_launch.softcap_args(options.softcap),
+        **_launch.band_args(options.window_left, options.window_right), **_launch.dtype_flags(q.dtype),
     )
     tensors = (bias_t, alibi_t, q if seed is None else seed)
-    strides = (*bias_strides, *alibi_strides)
-    return tensors, strides, meta
+    return tensors, (*bias_strides, *alibi_strides), meta
 
 
-def _forward(q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right):
+def _forward(q, k, v, bias, alibi, seed, options: FlashOptions):
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    out = _empty(b, h, lq, v.shape[-1], like=q)
-    lse = _empty(b, h, lq, like=q, dtype=torch.float32)
-    (bias_t, alibi_t, seed_t), strides, meta = _common(
-        q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right, False)
+    out = _launch.empty(b, h, lq, v.shape[-1], like=q)
+    lse = _launch.empty(b, h, lq, like=q, dtype=torch.float32)
+    (bias_t, alibi_t, seed_t), strides, meta = _launch_args(q, v, bias, alibi, seed, options, False)
     grid = (triton.cdiv(lq, meta["BLOCK_M"]), h, b)
     kernels.attn_fwd_kernel[grid](
         q, k, v, out, lse, bias_t, alibi_t, seed_t,
@@ -117,20 +73,15 @@ def _forward(q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left,
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, bias, alibi, seed, scale, softcap, dropout_p,
-              window_left, window_right, bias_grad):
+def _backward(do, q, k, v, out, lse, bias, alibi, seed, options: FlashOptions, bias_grad: bool):
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    # Softmax backward needs rowsum(dO * O) per query row.
-    delta = torch.linalg.vecdot(do.float(), out.float()).contiguous()
-    dq = _empty(b, h, lq, q.shape[-1], like=q)
-    dk = _empty(b, hkv, lk, k.shape[-1], like=k)
-    dv = _empty(b, hkv, lk, v.shape[-1], like=v)
+    delta = _launch.softmax_delta(do, out)
+    dq, dk, dv = (_launch.empty(*t.shape, like=t) for t in (q, k, v))
     # Zeros, not empty: blocks outside the causal/window band are skipped, and their bias
     # gradient is 0.
     ds = torch.zeros(b, h, lq, lk if bias_grad else 0, device=q.device, dtype=torch.float32)
-    (bias_t, alibi_t, seed_t), strides, meta = _common(
-        q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right, True)
+    (bias_t, alibi_t, seed_t), strides, meta = _launch_args(q, v, bias, alibi, seed, options, True)
     args = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *strides)
     kernels.attn_bwd_dkdv_kernel[(triton.cdiv(lk, meta["BLOCK_N"]), hkv, b)](
         q, k, v, do, lse, delta, dk, dv, bias_t, alibi_t, seed_t, *args,
@@ -151,10 +102,11 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, scale, softcap, dropout_
 @torch.library.custom_op("fastattn::flash_fwd", mutates_args=())
 def flash_fwd(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], alibi: Optional[Tensor],
-    seed: Optional[Tensor], scale: float, softcap: float, dropout_p: float,
+    seed: Optional[Tensor], scale: float, softcap: Optional[float], dropout_p: float,
     window_left: Optional[int], window_right: Optional[int],
 ) -> tuple[Tensor, Tensor]:
-    return _forward(q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right)
+    options = FlashOptions(scale, softcap, dropout_p, window_left, window_right)
+    return _forward(q, k, v, bias, alibi, seed, options)
 
 
 @flash_fwd.register_fake
@@ -167,11 +119,11 @@ def _(q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window
 def flash_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     bias: Optional[Tensor], alibi: Optional[Tensor], seed: Optional[Tensor],
-    scale: float, softcap: float, dropout_p: float,
+    scale: float, softcap: Optional[float], dropout_p: float,
     window_left: Optional[int], window_right: Optional[int], bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backward(do, q, k, v, out, lse, bias, alibi, seed, scale, softcap, dropout_p,
-                     window_left, window_right, bias_grad)
+    options = FlashOptions(scale, softcap, dropout_p, window_left, window_right)
+    return _backward(do, q, k, v, out, lse, bias, alibi, seed, options, bias_grad)
 
 
 @flash_bwd.register_fake
@@ -183,33 +135,52 @@ def _(do, q, k, v, out, lse, bias, alibi, seed, scale, softcap, dropout_p,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right = inputs
+    q, k, v, bias, alibi, seed = inputs[:6]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, bias, alibi, seed)
-    ctx.args = (scale, softcap, dropout_p, window_left, window_right)
+    ctx.options = FlashOptions(*inputs[6:])
     ctx.bias_grad = bias is not None and bias.requires_grad
 
 
 def _flash_fwd_backward(ctx, dout, dlse):
     # dlse is not propagated: lse is returned for merging partial results, not for training.
     q, k, v, out, lse, bias, alibi, seed = ctx.saved_tensors
-    dq, dk, dv, ds = flash_bwd(dout, q, k, v, out, lse, bias, alibi, seed, *ctx.args, ctx.bias_grad)
+    dq, dk, dv, ds = flash_bwd(dout, q, k, v, out, lse, bias, alibi, seed, *ctx.options, ctx.bias_grad)
     dbias = ds.to(bias.dtype) if ctx.bias_grad else None
-    return dq, dk, dv, dbias, None, None, None, None, None, None, None
+    return (dq, dk, dv, dbias, None, None) + (None,) * len(FlashOptions._fields)
 
 
 flash_fwd.register_autograd(_flash_fwd_backward, setup_context=_setup_context)
 
 
-def flash_attn(q, k, v, *, bias=None, alibi=None, seed=None, scale, softcap=0.0, dropout_p=0.0,
+def flash_attn(q, k, v, *, bias=None, alibi=None, seed=None, scale, softcap=None, dropout_p=0.0,
                window_left=None, window_right=None):
-    """Validated inputs -> (out, lse). ``bias`` is already expanded to (B, Hq, Lq, Lk)."""
-    return flash_fwd(q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right)
+    """Validated inputs -> (out, lse). ``bias`` is already expanded to (B, Hq, Lq, Lk);
+    softcap None (or 0.0) is no cap."""
+    options = FlashOptions(scale, softcap or None, dropout_p, window_left, window_right)
+    return flash_fwd(q, k, v, bias, alibi, seed, *options)
+
+
+def flash_backward(do, q, k, v, out, lse, *, bias=None, alibi=None, seed=None, scale, softcap=None,
+                   dropout_p=0.0, window_left=None, window_right=None, bias_grad=False):
+    """Gradients of ``flash_attn``'s output, for callers that run the backward themselves
+    (context parallelism merges the blocks' forwards by their lse, then differentiates each).
+
+    Shapes: q (B, Hq, Lq, D); k (B, Hkv, Lk, D); v (B, Hkv, Lk, Dv); out and do (B, Hq, Lq, Dv),
+    any strides; lse float32 (B, Hq, Lq), the forward's (natural log; -inf for a row that sees
+    no key). The options are flash_attn's, and must be the forward's (the same seed redraws
+    the same dropout). Returns ``(dq, dk, dv, ds)``: dq, dk, dv contiguous in q's, k's, v's
+    shapes and dtypes (dk, dv summed over each kv head's GQA group), and ds, the gradient
+    of the logits (= of an additive bias), float32 (B, Hq, Lq, Lk) when ``bias_grad``, else
+    an empty (B, Hq, Lq, 0). Runs as the ``fastattn::flash_bwd`` custom op.
+    """
+    options = FlashOptions(scale, softcap or None, dropout_p, window_left, window_right)
+    return flash_bwd(do, q, k, v, out, lse.contiguous(), bias, alibi, seed, *options, bias_grad)
 
 
 def dropout_keep_mask(seed: Tensor, b: int, h: int, lq: int, lk: int, dropout_p: float) -> Tensor:
     """The bool keep-mask (B, H, Lq, Lk) that the kernels draw for ``seed``."""
-    keep = _empty(b * h, lq, lk, like=seed, dtype=torch.uint8)
+    keep = _launch.empty(b * h, lq, lk, like=seed, dtype=torch.uint8)
     grid = (triton.cdiv(lq, 32) * triton.cdiv(lk, 32), h, b)
     kernels.dropout_mask_kernel[grid](keep, seed, h, lq, lk, dropout_p, BLOCK_M=32, BLOCK_N=32)
     return keep.view(b, h, lq, lk).bool()

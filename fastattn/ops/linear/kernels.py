@@ -26,28 +26,11 @@ Backward, with dn_i = dout_i / d_i and g_i = -(dout_i . out_i) / d_i (the gradie
 import triton
 import triton.language as tl
 
-from fastattn.ops.flash.kernels import _dot
+from fastattn.ops._triton import cast, dot, load_tile, program_heads, span, store_tile
 
 FEAT_IDENTITY = tl.constexpr(0)
 FEAT_ELU = tl.constexpr(1)
 FEAT_RELU = tl.constexpr(2)
-
-
-@triton.jit
-def _round(x, DTYPE: tl.constexpr, FIX_BF16: tl.constexpr):
-    """fp32 -> DTYPE, rounding to nearest even as a GPU does. The interpreter's cast to bf16
-    truncates (even when asked for rtne), which biases every bf16 value by up to one unit;
-    with FIX_BF16 (set when interpreting bf16) the rounding is done on the bits first."""
-    if DTYPE == tl.float32:
-        return x
-    else:
-        if FIX_BF16:
-            bits = x.to(tl.uint32, bitcast=True)
-            # Add half a bf16 unit (minus one when the kept last bit is even: ties to even),
-            # then drop the 16 low bits; the truncating cast below is then exact.
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
-        return x.to(DTYPE)
 
 
 @triton.jit
@@ -74,18 +57,30 @@ def _dphi(x, FEATURE: tl.constexpr):
 
 
 @triton.jit
-def _load(base, offs_r, offs_c, stride_r, stride_c, r_ok, c_ok):
-    """(rows, cols) tile as fp32, 0 outside the bounds."""
-    ptrs = base + offs_r[:, None].to(tl.int64) * stride_r + offs_c[None, :].to(tl.int64) * stride_c
-    return tl.load(ptrs, mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _features(base, offs_r, offs_c, stride_r, stride_c, r_ok, c_ok, FEATURE: tl.constexpr):
     """phi of a tile, 0 outside the bounds (phi(0) = 1 for elu+1, so padding must be re-zeroed
     or padded keys would enter the state and padded features the dot products)."""
-    x = _load(base, offs_r, offs_c, stride_r, stride_c, r_ok, c_ok)
+    x = load_tile(base, offs_r, offs_c, stride_r, stride_c, r_ok, c_ok).to(tl.float32)
     return tl.where(r_ok[:, None] & c_ok[None, :], _phi(x, FEATURE), 0.0)
+
+
+@triton.jit
+def _key_state(k_base, v_base, offs_f, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, f_ok, dv_ok,
+               seqlen_k, BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
+               FEATURE: tl.constexpr, CAUSAL: tl.constexpr, STATE_PRECISION: tl.constexpr):
+    """The state (S, z) = (phi(K)^T V, phi(K)^T 1) of a program's (features, values) block
+    before its first query chunk: over every key when non-causal; empty when causal (it
+    then grows chunk by chunk)."""
+    s = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)
+    z = tl.zeros([BLOCK_F], tl.float32)
+    if not CAUSAL:
+        for start in range(0, seqlen_k, BLOCK_C):
+            offs_n, n_ok = span(start, BLOCK_C, seqlen_k)
+            phik = _features(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok, FEATURE)
+            v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, n_ok, dv_ok).to(tl.float32)
+            s += dot(tl.trans(phik), v, False, STATE_PRECISION)
+            z += tl.sum(phik, 0)
+    return s, z
 
 
 @triton.jit
@@ -100,64 +95,49 @@ def linear_fwd_kernel(
     FEAT_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
     FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr, STATE_PRECISION: tl.constexpr,
 ):
     """out[:, dv block] (and the normaliser d, from the first dv block) for one (batch, head).
     BLOCK_F covers all M features; the state is S[:, dv block] (M, BLOCK_DV) and z (M,)."""
     pid_v = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): CUDA caps axes 1 and 2 at 65535
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * n_heads + h
-    hk = h // group  # GQA: query head h reads kv head h // group, no copy of K/V
+    b, h, bh, hk = program_heads(n_heads, group)
 
     offs_c = tl.arange(0, BLOCK_C)
-    offs_f = tl.arange(0, BLOCK_F)
-    offs_dv = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    f_ok = offs_f < FEAT_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    offs_f, f_ok = span(0, BLOCK_F, FEAT_DIM)
+    offs_dv, dv_ok = span(pid_v * BLOCK_DV, BLOCK_DV, HEAD_DIM_V)
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     o_base = O + b * stride_ob + h * stride_oh
 
-    s = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)  # sum phi(k) v^T over the keys seen so far
-    z = tl.zeros([BLOCK_F], tl.float32)  # sum phi(k)
-    if not CAUSAL:
-        for start in range(0, seqlen_k, BLOCK_C):
-            offs_n = start + offs_c
-            n_ok = offs_n < seqlen_k
-            phik = _features(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok, FEATURE)
-            v = _load(v_base, offs_n, offs_dv, stride_vn, stride_vd, n_ok, dv_ok)
-            s += _dot(tl.trans(phik), v, False, STATE_PRECISION)
-            z += tl.sum(phik, 0)
+    # sum phi(k) v^T and sum phi(k) over the keys seen so far
+    s, z = _key_state(k_base, v_base, offs_f, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, f_ok, dv_ok,
+                      seqlen_k, BLOCK_C, BLOCK_F, BLOCK_DV, FEATURE, CAUSAL, STATE_PRECISION)
 
     for start in range(0, seqlen_q, BLOCK_C):
-        offs_m = start + offs_c
-        m_ok = offs_m < seqlen_q
+        offs_m, m_ok = span(start, BLOCK_C, seqlen_q)
         phiq = _features(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok, FEATURE)
-        num = _dot(phiq, s, False, STATE_PRECISION)  # what the earlier chunks (or all keys) give
+        num = dot(phiq, s, False, STATE_PRECISION)  # what the earlier chunks (or all keys) give
         den = tl.sum(phiq * z[None, :], 1)
         if CAUSAL:
             # Lq == Lk: the chunk's keys are the same rows as its queries.
             phik = _features(k_base, offs_m, offs_f, stride_kn, stride_kd, m_ok, f_ok, FEATURE)
-            v_in = tl.load(v_base + offs_m[:, None].to(tl.int64) * stride_vn + offs_dv[None, :].to(tl.int64) * stride_vd,
-                           mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
-            a = _dot(_round(phiq, v_in.dtype, DOT_FP32), tl.trans(_round(phik, v_in.dtype, DOT_FP32)), DOT_FP32, PRECISION)
+            v_in = load_tile(v_base, offs_m, offs_dv, stride_vn, stride_vd, m_ok, dv_ok)
+            a = dot(cast(phiq, v_in.dtype, BF16_RTNE), tl.trans(cast(phik, v_in.dtype, BF16_RTNE)), DOT_FP32, PRECISION)
             # key j <= query i; rounded to the input dtype once, for the tensor-core dot, and
             # the normaliser sums the same rounded values so that their errors cancel in n / d.
-            a = _round(tl.where(offs_m[:, None] >= offs_m[None, :], a, 0.0), v_in.dtype, DOT_FP32)
-            num += _dot(a, v_in, DOT_FP32, PRECISION)
+            a = cast(tl.where(offs_m[:, None] >= offs_m[None, :], a, 0.0), v_in.dtype, BF16_RTNE)
+            num += dot(a, v_in, DOT_FP32, PRECISION)
             den += tl.sum(a.to(tl.float32), 1)
             # Fold the chunk into the state only now: it must not see itself twice.
-            s += _dot(tl.trans(phik), v_in.to(tl.float32), False, STATE_PRECISION)
+            s += dot(tl.trans(phik), v_in.to(tl.float32), False, STATE_PRECISION)
             z += tl.sum(phik, 0)
         if NORMALIZE:
             # eps per query row (FAVOR+ scales it with its stabilisers; a plain eps has stride 0)
             den = den + tl.load(EPS + b * stride_eb + h * stride_eh + offs_m.to(tl.int64) * stride_em, mask=m_ok, other=1.0)
             num = num / den[:, None]
             tl.store(DEN + bh.to(tl.int64) * seqlen_q + offs_m, den, mask=m_ok & (offs_c * 0 + pid_v == 0))  # one dv block writes d
-        tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :].to(tl.int64) * stride_od,
-                 _round(num, O.dtype.element_ty, DOT_FP32), mask=m_ok[:, None] & dv_ok[None, :])
+        store_tile(o_base, cast(num, O.dtype.element_ty, BF16_RTNE), offs_m, offs_dv, stride_om, stride_od, m_ok, dv_ok)
 
 
 @triton.jit
@@ -165,8 +145,7 @@ def _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok
           NORMALIZE: tl.constexpr):
     """For a chunk of query rows: dout as loaded (input dtype, for the tensor-core dots),
     dn = dout / d (fp32), 1 / d and g = -(dout . out) / d."""
-    do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :].to(tl.int64) * stride_dod,
-                 mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+    do = load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok)
     rden = tl.full(offs_m.shape, 1.0, tl.float32)
     g = tl.zeros(offs_m.shape, tl.float32)
     if NORMALIZE:
@@ -177,73 +156,67 @@ def _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok
 
 
 @triton.jit
+def _query_chunk(q_base, DO, DEN, G, do_base, bh, offs_m, offs_f, offs_dv, stride_qm, stride_qd,
+                 stride_dom, stride_dod, m_ok, f_ok, dv_ok, seqlen_q, FEATURE: tl.constexpr,
+                 NORMALIZE: tl.constexpr):
+    """phi(q) of a chunk of query rows, and their _dn_g."""
+    phiq = _features(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok, FEATURE)
+    do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
+                            seqlen_q, NORMALIZE)
+    return phiq, do, dn, rden, g
+
+
+@triton.jit
 def linear_bwd_dq_kernel(
     Q, K, V, DO, DEN, G, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     n_heads, group, seqlen_q, seqlen_k,
     FEAT_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
     FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr, STATE_PRECISION: tl.constexpr,
 ):
-    """dQ[:, f block] for one (batch, head). BLOCK_DV covers all of Dv; the state is
-    S[f block, :] (BLOCK_F, Dv) and z[f block]."""
+    """dQ[:, f block] for one (batch, head) (DQ contiguous). BLOCK_DV covers all of Dv; the
+    state is S[f block, :] (BLOCK_F, Dv) and z[f block]."""
     pid_f = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): CUDA caps axes 1 and 2 at 65535
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * n_heads + h
-    hk = h // group
+    b, h, bh, hk = program_heads(n_heads, group)
 
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    f_ok = offs_f < FEAT_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    offs_f, f_ok = span(pid_f * BLOCK_F, BLOCK_F, FEAT_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     do_base = DO + b * stride_dob + h * stride_doh
-    dq_base = DQ + b * stride_dqb + h * stride_dqh
 
-    s = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)
-    z = tl.zeros([BLOCK_F], tl.float32)
-    if not CAUSAL:
-        for start in range(0, seqlen_k, BLOCK_C):
-            offs_n = start + offs_c
-            n_ok = offs_n < seqlen_k
-            phik = _features(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok, FEATURE)
-            v = _load(v_base, offs_n, offs_dv, stride_vn, stride_vd, n_ok, dv_ok)
-            s += _dot(tl.trans(phik), v, False, STATE_PRECISION)
-            z += tl.sum(phik, 0)
+    # sum phi(k) v^T and sum phi(k) over the keys seen so far
+    s, z = _key_state(k_base, v_base, offs_f, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, f_ok, dv_ok,
+                      seqlen_k, BLOCK_C, BLOCK_F, BLOCK_DV, FEATURE, CAUSAL, STATE_PRECISION)
 
     for start in range(0, seqlen_q, BLOCK_C):
-        offs_m = start + offs_c
-        m_ok = offs_m < seqlen_q
+        offs_m, m_ok = span(start, BLOCK_C, seqlen_q)
         do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
                       seqlen_q, NORMALIZE)
-        dphiq = _dot(dn, tl.trans(s), False, STATE_PRECISION)  # S dn_i, from the state
+        dphiq = dot(dn, tl.trans(s), False, STATE_PRECISION)  # S dn_i, from the state
         if NORMALIZE:
             dphiq += g[:, None] * z[None, :]  # g_i z: the normaliser's share
         if CAUSAL:
             phik = _features(k_base, offs_m, offs_f, stride_kn, stride_kd, m_ok, f_ok, FEATURE)
-            v_in = tl.load(v_base + offs_m[:, None].to(tl.int64) * stride_vn + offs_dv[None, :].to(tl.int64) * stride_vd,
-                           mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+            v_in = load_tile(v_base, offs_m, offs_dv, stride_vn, stride_vd, m_ok, dv_ok)
             # d a_ij = dn_i . v_j + g_i for the keys j <= i of this chunk.
             # dout (not dout / d, which can overflow fp16 when d is tiny) meets v in the dot.
-            da = _dot(do, tl.trans(v_in), DOT_FP32, PRECISION) * rden[:, None] + g[:, None]
+            da = dot(do, tl.trans(v_in), DOT_FP32, PRECISION) * rden[:, None] + g[:, None]
             da = tl.where((offs_m[:, None] >= offs_m[None, :]) & m_ok[None, :], da, 0.0)
             # fp32 (tf32 on a GPU): da scales like 1 / d and would overflow fp16 where d is tiny.
-            dphiq += _dot(da, phik, False, STATE_PRECISION)
-            s += _dot(tl.trans(phik), v_in.to(tl.float32), False, STATE_PRECISION)
+            dphiq += dot(da, phik, False, STATE_PRECISION)
+            s += dot(tl.trans(phik), v_in.to(tl.float32), False, STATE_PRECISION)
             z += tl.sum(phik, 0)
-        x = _load(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok)
+        x = load_tile(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok).to(tl.float32)
         dq = dphiq * _dphi(x, FEATURE)  # chain rule through the fused feature map
-        tl.store(dq_base + offs_m[:, None].to(tl.int64) * stride_dqm + offs_f[None, :].to(tl.int64) * stride_dqd,
-                 _round(dq, DQ.dtype.element_ty, DOT_FP32), mask=m_ok[:, None] & f_ok[None, :])
+        store_tile(DQ + bh * seqlen_q * FEAT_DIM, cast(dq, DQ.dtype.element_ty, BF16_RTNE),
+                   offs_m, offs_f, FEAT_DIM, 1, m_ok, f_ok)
 
 
 @triton.jit
@@ -257,21 +230,15 @@ def linear_bwd_dk_kernel(
     FEAT_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
     FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr, STATE_PRECISION: tl.constexpr,
 ):
     """dK[:, f block] from one query head (DK is fp32 (B, Hq, Lk, M), contiguous; the launcher
     sums the group). State dS[f block, :] (BLOCK_F, Dv), dz[f block], walked from the end."""
     pid_f = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): CUDA caps axes 1 and 2 at 65535
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * n_heads + h
-    hk = h // group
+    b, h, bh, hk = program_heads(n_heads, group)
 
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    f_ok = offs_f < FEAT_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    offs_f, f_ok = span(pid_f * BLOCK_F, BLOCK_F, FEAT_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -281,37 +248,33 @@ def linear_bwd_dk_kernel(
     dz = tl.zeros([BLOCK_F], tl.float32)  # sum g_i phi(q_i)
     if not CAUSAL:
         for start in range(0, seqlen_q, BLOCK_C):
-            offs_m = start + offs_c
-            m_ok = offs_m < seqlen_q
-            phiq = _features(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok, FEATURE)
-            do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
-                          seqlen_q, NORMALIZE)
-            ds += _dot(tl.trans(phiq), dn, False, STATE_PRECISION)
+            offs_m, m_ok = span(start, BLOCK_C, seqlen_q)
+            phiq, do, dn, rden, g = _query_chunk(q_base, DO, DEN, G, do_base, bh, offs_m, offs_f, offs_dv, stride_qm,
+                                                 stride_qd, stride_dom, stride_dod, m_ok, f_ok, dv_ok, seqlen_q,
+                                                 FEATURE, NORMALIZE)
+            ds += dot(tl.trans(phiq), dn, False, STATE_PRECISION)
             dz += tl.sum(phiq * g[:, None], 0)
 
     n_chunks = (seqlen_k + BLOCK_C - 1) // BLOCK_C
     for i in range(0, n_chunks):
         start = (n_chunks - 1 - i) * BLOCK_C  # last chunk first: causal keys see later queries
-        offs_n = start + offs_c
-        n_ok = offs_n < seqlen_k
-        v_in = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :].to(tl.int64) * stride_vd,
-                       mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-        dphik = _dot(v_in.to(tl.float32), tl.trans(ds), False, STATE_PRECISION) + dz[None, :]
+        offs_n, n_ok = span(start, BLOCK_C, seqlen_k)
+        v_in = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, n_ok, dv_ok)
+        dphik = dot(v_in.to(tl.float32), tl.trans(ds), False, STATE_PRECISION) + dz[None, :]
         if CAUSAL:
-            phiq = _features(q_base, offs_n, offs_f, stride_qm, stride_qd, n_ok, f_ok, FEATURE)
-            do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_n, offs_dv, stride_dom, stride_dod, n_ok, dv_ok,
-                          seqlen_q, NORMALIZE)
+            phiq, do, dn, rden, g = _query_chunk(q_base, DO, DEN, G, do_base, bh, offs_n, offs_f, offs_dv, stride_qm,
+                                                 stride_qd, stride_dom, stride_dod, n_ok, f_ok, dv_ok, seqlen_q,
+                                                 FEATURE, NORMALIZE)
             # d a_ij (rows: queries i, columns: keys j of this chunk), kept where j <= i.
             # dout (not dout / d, which can overflow fp16 when d is tiny) meets v in the dot.
-            da = _dot(do, tl.trans(v_in), DOT_FP32, PRECISION) * rden[:, None] + g[:, None]
+            da = dot(do, tl.trans(v_in), DOT_FP32, PRECISION) * rden[:, None] + g[:, None]
             da = tl.where((offs_n[:, None] >= offs_n[None, :]) & n_ok[:, None], da, 0.0)
-            dphik += _dot(tl.trans(da), phiq, False, STATE_PRECISION)  # fp32: da ~ 1 / d may exceed fp16
-            ds += _dot(tl.trans(phiq), dn, False, STATE_PRECISION)
+            dphik += dot(tl.trans(da), phiq, False, STATE_PRECISION)  # fp32: da ~ 1 / d may exceed fp16
+            ds += dot(tl.trans(phiq), dn, False, STATE_PRECISION)
             dz += tl.sum(phiq * g[:, None], 0)
-        x = _load(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok)
+        x = load_tile(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok).to(tl.float32)
         dk = dphik * _dphi(x, FEATURE)
-        rows = bh.to(tl.int64) * seqlen_k + offs_n
-        tl.store(DK + rows[:, None] * FEAT_DIM + offs_f[None, :], dk, mask=n_ok[:, None] & f_ok[None, :])
+        store_tile(DK + bh * seqlen_k * FEAT_DIM, dk, offs_n, offs_f, FEAT_DIM, 1, n_ok, f_ok)
 
 
 @triton.jit
@@ -325,21 +288,15 @@ def linear_bwd_dv_kernel(
     FEAT_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
     FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr, STATE_PRECISION: tl.constexpr,
 ):
     """dV[:, dv block] from one query head (DV is fp32 (B, Hq, Lk, Dv), contiguous). BLOCK_F
     covers all M features; state dS[:, dv block] (M, BLOCK_DV), walked from the end."""
     pid_v = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): CUDA caps axes 1 and 2 at 65535
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * n_heads + h
-    hk = h // group
+    b, h, bh, hk = program_heads(n_heads, group)
 
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_f = tl.arange(0, BLOCK_F)
-    offs_dv = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    f_ok = offs_f < FEAT_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    offs_f, f_ok = span(0, BLOCK_F, FEAT_DIM)
+    offs_dv, dv_ok = span(pid_v * BLOCK_DV, BLOCK_DV, HEAD_DIM_V)
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + hk * stride_kh
     do_base = DO + b * stride_dob + h * stride_doh
@@ -347,32 +304,29 @@ def linear_bwd_dv_kernel(
     ds = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)
     if not CAUSAL:
         for start in range(0, seqlen_q, BLOCK_C):
-            offs_m = start + offs_c
-            m_ok = offs_m < seqlen_q
-            phiq = _features(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok, FEATURE)
-            do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
-                          seqlen_q, NORMALIZE)
-            ds += _dot(tl.trans(phiq), dn, False, STATE_PRECISION)
+            offs_m, m_ok = span(start, BLOCK_C, seqlen_q)
+            phiq, do, dn, rden, g = _query_chunk(q_base, DO, DEN, G, do_base, bh, offs_m, offs_f, offs_dv, stride_qm,
+                                                 stride_qd, stride_dom, stride_dod, m_ok, f_ok, dv_ok, seqlen_q,
+                                                 FEATURE, NORMALIZE)
+            ds += dot(tl.trans(phiq), dn, False, STATE_PRECISION)
 
     n_chunks = (seqlen_k + BLOCK_C - 1) // BLOCK_C
     for i in range(0, n_chunks):
         start = (n_chunks - 1 - i) * BLOCK_C
-        offs_n = start + offs_c
-        n_ok = offs_n < seqlen_k
+        offs_n, n_ok = span(start, BLOCK_C, seqlen_k)
         phik = _features(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok, FEATURE)
-        dv = _dot(phik, ds, False, STATE_PRECISION)  # dS_j^T phi(k_j), from the later chunks
+        dv = dot(phik, ds, False, STATE_PRECISION)  # dS_j^T phi(k_j), from the later chunks
         if CAUSAL:
-            phiq = _features(q_base, offs_n, offs_f, stride_qm, stride_qd, n_ok, f_ok, FEATURE)
-            do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_n, offs_dv, stride_dom, stride_dod, n_ok, dv_ok,
-                          seqlen_q, NORMALIZE)
+            phiq, do, dn, rden, g = _query_chunk(q_base, DO, DEN, G, do_base, bh, offs_n, offs_f, offs_dv, stride_qm,
+                                                 stride_qd, stride_dom, stride_dod, n_ok, f_ok, dv_ok, seqlen_q,
+                                                 FEATURE, NORMALIZE)
             # a exactly as the forward made it (features and product rounded to V's dtype): the
             # forward divided by a normaliser summed from these rounded values, so any other
             # a here would be off by their rounding, one unit of fp16/bf16 in dV.
-            a = _dot(_round(phiq, V.dtype.element_ty, DOT_FP32), tl.trans(_round(phik, V.dtype.element_ty, DOT_FP32)),
+            a = dot(cast(phiq, V.dtype.element_ty, BF16_RTNE), tl.trans(cast(phik, V.dtype.element_ty, BF16_RTNE)),
                      DOT_FP32, PRECISION)
             a = tl.where(offs_n[:, None] >= offs_n[None, :], a, 0.0)  # rows: queries, cols: keys
-            a = _round(a, V.dtype.element_ty, DOT_FP32).to(tl.float32)
-            dv += _dot(tl.trans(a), dn, False, STATE_PRECISION)
-            ds += _dot(tl.trans(phiq), dn, False, STATE_PRECISION)
-        rows = bh.to(tl.int64) * seqlen_k + offs_n
-        tl.store(DV + rows[:, None] * HEAD_DIM_V + offs_dv[None, :], dv, mask=n_ok[:, None] & dv_ok[None, :])
+            a = cast(a, V.dtype.element_ty, BF16_RTNE).to(tl.float32)
+            dv += dot(tl.trans(a), dn, False, STATE_PRECISION)
+            ds += dot(tl.trans(phiq), dn, False, STATE_PRECISION)
+        store_tile(DV + bh * seqlen_k * HEAD_DIM_V, dv, offs_n, offs_dv, HEAD_DIM_V, 1, n_ok, dv_ok)

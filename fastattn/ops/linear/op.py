@@ -16,7 +16,7 @@ import triton
 from torch import Tensor
 
 from fastattn.backend import gpu_tiles, interpreting
-from fastattn.ops.flash.op import _precision
+from fastattn.ops import _launch
 from fastattn.ops.linear import kernels
 
 FEATURE_CODES = {"identity": 0, "elu": 1, "relu": 2}
@@ -33,8 +33,7 @@ _INTERPRETER_CHUNK = 32
 def block_config(feat_dim: int, head_dim_v: int, dtype: torch.dtype) -> dict:
     """Chunk length, full and split widths for M features and value dim Dv, and num_warps.
     tests/sm90.py checks that every kernel fits the H100's shared memory with these."""
-    full_f = max(16, triton.next_power_of_2(feat_dim))
-    full_dv = max(16, triton.next_power_of_2(head_dim_v))
+    full_f, full_dv = _launch.pad(feat_dim), _launch.pad(head_dim_v)
     widest = max(full_f, full_dv)
     if not gpu_tiles():
         chunk, split = _INTERPRETER_CHUNK, _INTERPRETER_SPLIT
@@ -48,23 +47,15 @@ def block_config(feat_dim: int, head_dim_v: int, dtype: torch.dtype) -> dict:
                 split_f=min(split, full_f), split_dv=min(split, full_dv), num_warps=4)
 
 
-def _empty(*shape, like: Tensor, dtype=None) -> Tensor:
-    """Every output buffer comes from here, so tests can poison them with NaN."""
-    return torch.empty(*shape, device=like.device, dtype=dtype or like.dtype)
-
-
 def _meta(q: Tensor, v: Tensor, feature: str, causal: bool, normalize: bool) -> tuple[dict, dict]:
     cfg = block_config(q.shape[-1], v.shape[-1], q.dtype)
     meta = dict(
         FEAT_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_C=cfg["chunk"],
         FEATURE=FEATURE_CODES[feature], CAUSAL=causal, NORMALIZE=normalize,
-        # bf16 dots are wrong under the interpreter; fp32 dots hold the same values exactly.
-        DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
-        PRECISION=_precision(q.dtype),
         # The fp32 state dots: tf32 (as precise as the fp16/bf16 inputs) on a GPU, else
         # torch's fp32 matmul setting.
-        STATE_PRECISION="tf32" if (q.dtype != torch.float32 and not interpreting()) else _precision(torch.float32),
-        num_warps=cfg["num_warps"],
+        STATE_PRECISION="tf32" if (q.dtype != torch.float32 and not interpreting()) else _launch.precision(torch.float32),
+        num_warps=cfg["num_warps"], **_launch.dtype_flags(q.dtype),
     )
     return cfg, meta
 
@@ -72,8 +63,8 @@ def _meta(q: Tensor, v: Tensor, feature: str, causal: bool, normalize: bool) -> 
 def _forward(q, k, v, feature, causal, normalize, eps):
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    out = _empty(b, h, lq, v.shape[-1], like=q)
-    den = _empty(b, h, lq if normalize else 0, like=q, dtype=torch.float32)
+    out = _launch.empty(b, h, lq, v.shape[-1], like=q)
+    den = _launch.empty(b, h, lq if normalize else 0, like=q, dtype=torch.float32)
     cfg, meta = _meta(q, v, feature, causal, normalize)
     grid = (triton.cdiv(v.shape[-1], cfg["split_dv"]), h, b)
     kernels.linear_fwd_kernel[grid](
@@ -92,16 +83,16 @@ def _backward(do, q, k, v, out, den, feature, causal, normalize):
     else:
         g = den
     cfg, meta = _meta(q, v, feature, causal, normalize)
-    dq = _empty(b, h, lq, m, like=q)
+    dq = _launch.empty(b, h, lq, m, like=q)
     # Key/value gradients per query head in fp32, summed over the GQA group below.
-    dk = _empty(b, h, lk, m, like=q, dtype=torch.float32)
-    dv = _empty(b, h, lk, dv_dim, like=q, dtype=torch.float32)
+    dk = _launch.empty(b, h, lk, m, like=q, dtype=torch.float32)
+    dv = _launch.empty(b, h, lk, dv_dim, like=q, dtype=torch.float32)
     args = (q, k, v, do, den, g)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     scalars = (h, h // hkv, lq, lk)
     grid_f = (triton.cdiv(m, cfg["split_f"]), h, b)
     grid_v = (triton.cdiv(dv_dim, cfg["split_dv"]), h, b)
-    kernels.linear_bwd_dq_kernel[grid_f](*args, dq, *strides, *dq.stride(), *scalars,
+    kernels.linear_bwd_dq_kernel[grid_f](*args, dq, *strides, *scalars,
                                          BLOCK_F=cfg["split_f"], BLOCK_DV=cfg["full_dv"], **meta)
     kernels.linear_bwd_dk_kernel[grid_f](*args, dk, *strides, *scalars,
                                          BLOCK_F=cfg["split_f"], BLOCK_DV=cfg["full_dv"], **meta)

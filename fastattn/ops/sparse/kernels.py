@@ -9,22 +9,28 @@ work is proportional to them; a dropped block is never loaded.
 Kernel tiles (BLOCK_M x BLOCK_N) divide the layout's block (LAYOUT_BLOCK, a power of two
 >= 16): one program owns BLOCK_M rows inside one layout block, and each kept layout block is
 walked in BLOCK_N (or BLOCK_M) sub-tiles. The per-tile math (online softmax, masking of the
-partial last block and of causal positions) is the flash kernels', reused from there.
+partial last block and of causal positions, the backward tile) is the softmax-attention
+helpers' of ``fastattn/ops/_triton.py``, with flash's other logit terms off.
 Positions follow flash: ``diag = Lk - Lq``; causal keeps key j for query i iff ``j <= i + diag``.
 """
 import triton
 import triton.language as tl
 
-from fastattn.ops.flash.kernels import LOG2E, _cast, _dot, _logits
+from fastattn.ops._triton import (
+    band_mask, bwd_tile, cast, dot, load_query_rows, load_tile, program_heads, softmax_finish,
+    softmax_init, softmax_update, span, store_key_grads, store_tile,
+)
 
 
 @triton.jit
-def _tile_logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, Q, CAUSAL: tl.constexpr):
-    # Only bounds and causal masking apply here; the flash helper's other features are off
-    # (Q stands in for the unused bias pointer).
-    return _logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, 1.0, 0, 0,
-                   Q, 0, 0, 0.0,
-                   False, False, False, False, False, CAUSAL)
+def _tile_grads(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, scale, Q,
+                CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """(p, ds) of one tile: the backward tile with causal (a band whose right edge is the
+    diagonal) as the only logit term; Q stands in for the unused bias pointer."""
+    p, ds, _ = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, 0, 0, 0.0, Q, 0, 0,
+                        seqlen_q, seqlen_k, diag, scale, 1.0, 0.0, 0, 0,
+                        False, False, False, False, False, False, CAUSAL, DOT_FP32, PRECISION)
+    return p, ds
 
 
 @triton.jit
@@ -55,26 +61,18 @@ def sparse_fwd_kernel(
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): CUDA caps axes 1 and 2 at 65535
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * n_heads + h
-    hk = h // group  # GQA: query head h reads kv head h // group, no copy of K/V
+    b, h, bh, hk = program_heads(n_heads, group)
     diag = seqlen_k - seqlen_q
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < seqlen_q
+    offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
+    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, row_ok, d_ok)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_DV)
 
     # This tile lies inside one layout row: (layout head, query block).
     row = h * layout_stride_h + start_m // LAYOUT_BLOCK
@@ -84,30 +82,18 @@ def sparse_fwd_kernel(
         kb_start = tl.load(COL + i) * LAYOUT_BLOCK  # first key of this kept block
         hi = _key_tiles_end(start_m, kb_start, seqlen_k, diag, BLOCK_M, LAYOUT_BLOCK, CAUSAL)
         for sub in range(0, hi, BLOCK_N):
-            offs_n = kb_start + sub + offs_n0
-            col_ok = offs_n < seqlen_k
-            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            qk = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
-            s = _tile_logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, Q, CAUSAL)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row that has seen only masked keys has max -inf; subtract 0 instead so that
-            # exp(-inf - m) is 0 rather than NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
-            alpha = tl.math.exp2((m_i - m_safe) * LOG2E)  # rescales what was summed under the old max
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-            acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
-            m_i = m_new
+            offs_n, col_ok = span(kb_start + sub, BLOCK_N, seqlen_k)
+            k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
+            qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
+            causal = band_mask(offs_m, offs_n, seqlen_q, seqlen_k, diag, 0, 0, False, CAUSAL)
+            p, alpha, m_i, l_i = softmax_update(tl.where(causal, qk, float("-inf")), m_i, l_i)
+            v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok)
+            acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
 
-    empty = l_i == 0.0  # no kept key (empty layout row, or causal): output 0, lse -inf
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, _cast(out, O.dtype.element_ty, BF16_RTNE), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(LSE + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
+    out, lse = softmax_finish(acc, m_i, l_i)  # no kept key (empty layout row, or causal): 0, -inf
+    store_tile(O + b * stride_ob + h * stride_oh, cast(out, O.dtype.element_ty, BF16_RTNE),
+               offs_m, offs_dv, stride_om, stride_od, row_ok, dv_ok)
+    tl.store(LSE + bh * seqlen_q + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -127,24 +113,16 @@ def sparse_bwd_dkdv_kernel(
     """dK, dV for one tile of keys of one kv head, summed over the group query heads that
     share it (each with its own layout row). Walks the transposed layout. DK/DV contiguous."""
     start_n = tl.program_id(0) * BLOCK_N
-    hk = tl.program_id(1).to(tl.int64)  # grid (blocks, kv heads, batch)
-    b = tl.program_id(2).to(tl.int64)
-    bhk = b * n_kv_heads + hk
+    b, hk, bhk, _ = program_heads(n_kv_heads, 1)  # grid (blocks, kv heads, batch)
     n_heads = n_kv_heads * group
     diag = seqlen_k - seqlen_q
 
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    col_ok = offs_n < seqlen_k
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    offs_n, col_ok = span(start_n, BLOCK_N, seqlen_k)
+    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
-                mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+    k = load_tile(K + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
+    v = load_tile(V + b * stride_vb + hk * stride_vh, offs_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     kblock = start_n // LAYOUT_BLOCK
@@ -152,8 +130,6 @@ def sparse_bwd_dkdv_kernel(
     for g in range(0, group):
         h = hk * group + g
         bh = b * n_heads + h
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
         row = h * layout_stride_h + kblock  # (layout head, key block) of the transposed layout
         first = tl.load(CCOL + row)
         last = tl.load(CCOL + row + 1)
@@ -169,31 +145,17 @@ def sparse_bwd_dkdv_kernel(
                 lo = lo * (lo > 0)
                 lo = (lo // BLOCK_M) * BLOCK_M
             for sub in range(lo, hi, BLOCK_M):
-                offs_m = qb_start + sub + offs_m0
-                row_ok = offs_m < seqlen_q
-                q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
-                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
-                             mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-                lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
-                delta = tl.load(DELTA + bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
-                qk = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
-                s = _tile_logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, Q, CAUSAL)
-                # A row with no kept key has lse -inf; use +inf so p = exp(-inf) = 0, not NaN.
-                lse = tl.where(lse == float("-inf"), float("inf"), lse)
-                p = tl.math.exp2((s - lse[:, None]) * LOG2E)  # the forward's softmax, recomputed
-                dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
-                dv += _dot(tl.trans(_cast(p, do.dtype, BF16_RTNE)), do, DOT_FP32, PRECISION)
-                # Softmax backward: dS = P * (dP - rowsum(dO * O)).
-                ds = p * (dp - delta[:, None])
-                dk += _dot(tl.trans(_cast(ds, q.dtype, BF16_RTNE)), q, DOT_FP32, PRECISION)
+                offs_m, row_ok = span(qb_start + sub, BLOCK_M, seqlen_q)
+                q, do, lse, delta = load_query_rows(
+                    Q, DO, LSE, DELTA, b, h, bh, offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok,
+                    stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod, seqlen_q)
+                p, ds = _tile_grads(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, scale, Q,
+                                    CAUSAL, DOT_FP32, PRECISION)
+                dv += dot(tl.trans(cast(p, do.dtype, BF16_RTNE)), do, DOT_FP32, PRECISION)
+                dk += dot(tl.trans(cast(ds, q.dtype, BF16_RTNE)), q, DOT_FP32, PRECISION)
 
-    dk = dk * scale  # the scores were q.k * scale
-    out_rows = bhk.to(tl.int64) * seqlen_k + offs_n
-    tl.store(DK + out_rows[:, None] * HEAD_DIM + offs_d[None, :], _cast(dk, DK.dtype.element_ty, BF16_RTNE),
-             mask=col_ok[:, None] & d_ok[None, :])
-    tl.store(DV + out_rows[:, None] * HEAD_DIM_V + offs_dv[None, :], _cast(dv, DV.dtype.element_ty, BF16_RTNE),
-             mask=col_ok[:, None] & dv_ok[None, :])
+    store_key_grads(DK, DV, dk, dv, bhk * seqlen_k, scale, offs_n, offs_d, offs_dv, col_ok, d_ok, dv_ok,
+                    HEAD_DIM, HEAD_DIM_V, BF16_RTNE)
 
 
 @triton.jit
@@ -212,27 +174,16 @@ def sparse_bwd_dq_kernel(
 ):
     """dQ for one tile of queries over its row's kept key blocks (no atomics). DQ contiguous."""
     start_m = tl.program_id(0) * BLOCK_M
-    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): CUDA caps axes 1 and 2 at 65535
-    b = tl.program_id(2).to(tl.int64)
-    bh = b * n_heads + h
-    hk = h // group
+    b, h, bh, hk = program_heads(n_heads, group)
     diag = seqlen_k - seqlen_q
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < seqlen_q
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < HEAD_DIM_V
+    offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
+    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
-                 mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # row with no kept key -> p = 0
-    delta = tl.load(DELTA + bh.to(tl.int64) * seqlen_q + offs_m, mask=row_ok, other=0.0)
+    q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, b, h, bh, offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok,
+                                        stride_qb, stride_qh, stride_qm, stride_qd,
+                                        stride_dob, stride_doh, stride_dom, stride_dod, seqlen_q)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -244,20 +195,13 @@ def sparse_bwd_dq_kernel(
         kb_start = tl.load(COL + i) * LAYOUT_BLOCK
         hi = _key_tiles_end(start_m, kb_start, seqlen_k, diag, BLOCK_M, LAYOUT_BLOCK, CAUSAL)
         for sub in range(0, hi, BLOCK_N):
-            offs_n = kb_start + sub + offs_n0
-            col_ok = offs_n < seqlen_k
-            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-            qk = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
-            s = _tile_logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, Q, CAUSAL)
-            p = tl.math.exp2((s - lse[:, None]) * LOG2E)
-            dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(_cast(ds, k.dtype, BF16_RTNE), k, DOT_FP32, PRECISION)
+            offs_n, col_ok = span(kb_start + sub, BLOCK_N, seqlen_k)
+            k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
+            v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok)
+            _, ds = _tile_grads(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, scale, Q,
+                                CAUSAL, DOT_FP32, PRECISION)
+            dq += dot(cast(ds, k.dtype, BF16_RTNE), k, DOT_FP32, PRECISION)
 
-    dq = dq * scale
-    rows = bh.to(tl.int64) * seqlen_q + offs_m
-    tl.store(DQ + rows[:, None] * HEAD_DIM + offs_d[None, :], _cast(dq, DQ.dtype.element_ty, BF16_RTNE),
-             mask=row_ok[:, None] & d_ok[None, :])
+    dq = dq * scale  # the scores were q.k * scale
+    store_tile(DQ + bh * seqlen_q * HEAD_DIM, cast(dq, DQ.dtype.element_ty, BF16_RTNE),
+               offs_m, offs_d, HEAD_DIM, 1, row_ok, d_ok)

@@ -12,33 +12,21 @@ import torch
 import triton
 from torch import Tensor
 
-from fastattn.backend import interpreting
-from fastattn.ops.flash.op import _precision, block_config
+from fastattn.ops import _launch
 from fastattn.ops.sparse import kernels
-
-
-def _empty(*shape, like: Tensor, dtype=None) -> Tensor:
-    """Every output buffer comes from here, so tests can poison them with NaN."""
-    return torch.empty(*shape, device=like.device, dtype=dtype or like.dtype)
 
 
 def _meta(q: Tensor, v: Tensor, block_size: int, causal: bool, scale: float, backward: bool) -> dict:
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
-    # The flash tiles (which fit the H100's shared memory), clipped to the layout block so a
-    # tile never straddles two layout blocks; both are powers of two, so they divide it.
-    block_m, block_n, warps = block_config(max(head_dim, head_dim_v), q.dtype, backward)
+    # The softmax-attention tiles (which fit the H100's shared memory), clipped to the layout
+    # block so a tile never straddles two layout blocks; both are powers of two, so they divide it.
+    block_m, block_n, warps = _launch.block_config(max(head_dim, head_dim_v), q.dtype, backward)
     return dict(
         scale=scale,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_M=min(block_m, block_size), BLOCK_N=min(block_n, block_size),
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
-        LAYOUT_BLOCK=block_size, CAUSAL=causal,
-        # bf16 dots are wrong under the interpreter; fp32 dots hold the same values exactly.
-        DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
-        BF16_RTNE=interpreting() and q.dtype == torch.bfloat16,  # the interpreter's casts truncate
-        PRECISION=_precision(q.dtype),
-        num_warps=warps,
+        BLOCK_D=_launch.pad(head_dim), BLOCK_DV=_launch.pad(head_dim_v),
+        LAYOUT_BLOCK=block_size, CAUSAL=causal, num_warps=warps, **_launch.dtype_flags(q.dtype),
     )
 
 
@@ -50,8 +38,8 @@ def _layout_stride(index_ptr: Tensor, heads: int, blocks: int) -> int:
 def _forward(q, k, v, crow, col, block_size, scale, causal):
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    out = _empty(b, h, lq, v.shape[-1], like=q)
-    lse = _empty(b, h, lq, like=q, dtype=torch.float32)
+    out = _launch.empty(b, h, lq, v.shape[-1], like=q)
+    lse = _launch.empty(b, h, lq, like=q, dtype=torch.float32)
     meta = _meta(q, v, block_size, causal, scale, False)
     stride_h = _layout_stride(crow, h, triton.cdiv(lq, block_size))
     grid = (triton.cdiv(lq, meta["BLOCK_M"]), h, b)
@@ -66,11 +54,8 @@ def _forward(q, k, v, crow, col, block_size, scale, causal):
 def _backward(do, q, k, v, out, lse, crow, col, ccol, row, block_size, scale, causal):
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    # Softmax backward needs rowsum(dO * O) per query row.
-    delta = torch.linalg.vecdot(do.float(), out.float()).contiguous()
-    dq = _empty(b, h, lq, q.shape[-1], like=q)
-    dk = _empty(b, hkv, lk, k.shape[-1], like=k)
-    dv = _empty(b, hkv, lk, v.shape[-1], like=v)
+    delta = _launch.softmax_delta(do, out)
+    dq, dk, dv = (_launch.empty(*t.shape, like=t) for t in (q, k, v))
     meta = _meta(q, v, block_size, causal, scale, True)
     args = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     stride_q = _layout_stride(crow, h, triton.cdiv(lq, block_size))

@@ -1,0 +1,97 @@
+"""Launch plumbing every op shares: output buffers, dot precision and the interpreter's
+flags, the softmax-attention tiles, and the host side of the logit terms (band, ALiBi,
+softcap). The kernels' side of the flags is described in ``fastattn/ops/_triton.py``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from fastattn.backend import gpu_tiles, interpreting
+
+
+def empty(*shape, like: Tensor, dtype=None) -> Tensor:
+    """Every buffer a kernel writes comes from here, so tests can poison them all with NaN
+    (call it as ``_launch.empty``, so that a patch of this name reaches every op)."""
+    return torch.empty(*shape, device=like.device, dtype=dtype or like.dtype)
+
+
+def pad(dim: int) -> int:
+    """A tile's width for ``dim`` elements: a power of two, at least tl.dot's 16."""
+    return max(16, triton.next_power_of_2(dim))
+
+
+def precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision. fp32 inputs follow torch's own matmul setting, so results
+    match torch's on the same GPU."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+        return "tf32"
+    return "ieee"
+
+
+def dtype_flags(dtype: torch.dtype) -> dict:
+    """The kernels' DOT_FP32, BF16_RTNE and PRECISION for inputs of ``dtype``."""
+    bf16_interpreted = interpreting() and dtype == torch.bfloat16
+    return dict(
+        DOT_FP32=bf16_interpreted,  # the interpreter's bf16 dots are wrong; fp32 ones are exact
+        BF16_RTNE=bf16_interpreted,  # ... and its fp32 -> bf16 casts truncate
+        PRECISION=precision(dtype),
+    )
+
+
+# (BLOCK_M, BLOCK_N, num_warps) of the softmax-attention kernels (flash, and sparse within a
+# layout block) by padded head dim when compiled for a GPU, hand-picked so every kernel fits
+# the H100's 227 KB of shared memory (tests/sm90.py checks this without a GPU); per-device
+# autotuning is the H100 issue's work. fp32 tiles take twice the bytes, so they get half the
+# query rows. The interpreter runs one program at a time in NumPy, where fewer, larger
+# blocks are faster.
+_FWD_BLOCKS = {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 4), 128: (128, 64, 8), 256: (64, 32, 8)}
+_BWD_BLOCKS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8), 256: (64, 32, 8)}
+_INTERPRETER_BLOCKS = (32, 32, 4)
+
+
+def block_config(head_dim: int, dtype: torch.dtype, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the softmax-attention kernels for a head dim (the
+    larger of q's and v's)."""
+    if not gpu_tiles():
+        return _INTERPRETER_BLOCKS
+    table = _BWD_BLOCKS if backward else _FWD_BLOCKS
+    block_m, block_n, warps = table[pad(head_dim)]
+    if dtype == torch.float32:
+        block_m = max(32, block_m // 2)
+    return block_m, block_n, warps
+
+
+def softcap_args(softcap: Optional[float]) -> dict:
+    """None (or 0.0, an older spelling) is no cap: HAS_SOFTCAP off. The kernels divide by
+    softcap only under HAS_SOFTCAP, so 1.0 is just a placeholder of the right type."""
+    return dict(softcap=float(softcap) if softcap else 1.0, HAS_SOFTCAP=bool(softcap))
+
+
+def band_args(window_left: Optional[int], window_right: Optional[int]) -> dict:
+    """A band edge is None for unbounded; the kernels get a flag and a placeholder 0."""
+    return dict(
+        window_left=0 if window_left is None else window_left,
+        window_right=0 if window_right is None else window_right,
+        HAS_LEFT=window_left is not None,
+        HAS_RIGHT=window_right is not None,
+    )
+
+
+def alibi_args(q: Tensor, alibi: Optional[Tensor]) -> tuple[Tensor, tuple[int, int]]:
+    """ALiBi slopes as (B, H) with stride 0 over the batch when given per head only; q
+    stands in for the pointer when there are none."""
+    if alibi is None:
+        return q, (0, 0)
+    if alibi.dim() == 1:
+        alibi = alibi[None]
+    alibi = alibi.expand(q.shape[0], q.shape[1])
+    return alibi, alibi.stride()
+
+
+def softmax_delta(do: Tensor, out: Tensor) -> Tensor:
+    """rowsum(dO * O) per query row, fp32 and contiguous: the softmax backward needs it."""
+    return torch.linalg.vecdot(do.float(), out.float()).contiguous()

@@ -1,0 +1,233 @@
+"""@triton.jit helpers that every op's kernels are built from.
+
+Dots and casts that are also right under Triton's interpreter, tile loads and stores, the
+program's (batch, head), the terms that turn scores into logits (band, bias, ALiBi, softcap),
+dropout, and the online softmax with its empty-row rule. Kernel files import triton and this
+module only; no op imports another op's kernels.
+
+The launchers set these compile-time flags (``fastattn/ops/_launch.py``):
+
+- ``DOT_FP32``: interpreting bf16. The interpreter's bf16 ``tl.dot`` is wrong, so the operands
+  go up to fp32, which holds every bf16 value exactly.
+- ``BF16_RTNE``: interpreting bf16. The interpreter's fp32 -> bf16 cast truncates; ``cast``
+  rounds the bits to nearest even first, as a GPU's cast does.
+- ``PRECISION``: ``tl.dot``'s input_precision, "ieee" or (fp32 on a GPU, as torch allows) "tf32".
+
+Positions: ``rel = j - i - diag`` is key j's distance from query i's diagonal, with
+``diag = Lk - Lq`` (bottom-right aligned); a band keeps ``-window_left <= rel <= window_right``.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E); exp2 is the fast hardware path
+
+
+@triton.jit
+def dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b with an fp32 accumulator."""
+    if DOT_FP32:
+        # The interpreter's bf16 dot is wrong; fp32 operands hold bf16 values exactly.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 -> fp32 holding x rounded to the nearest bf16, ties to even (the cast to bf16 that
+    follows is then exact, even a truncating one)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)  # carry into bit 16 iff the dropped half rounds up
+    return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def cast(x, DTYPE: tl.constexpr, BF16_RTNE: tl.constexpr):
+    """x.to(DTYPE), rounding to nearest under the interpreter too."""
+    if BF16_RTNE:
+        if DTYPE == tl.bfloat16:
+            x = round_bf16(x)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def tanh(x):
+    # tanh(x) = 2 * sigmoid(2x) - 1; exact at the limits, and tl has no portable tanh.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def program_heads(n_heads, group):
+    """(b, h, bh, hk) of a program on a (blocks, heads, batch) grid: batch, head, their flat
+    index b * n_heads + h, and the kv head h // group that GQA head h reads (no copy of K/V).
+    Heads and batch get grid axes of their own because CUDA caps axes 1 and 2 at 65535.
+    int64: they multiply strides."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    return b, h, b * n_heads + h, h // group
+
+
+@triton.jit
+def span(start, BLOCK: tl.constexpr, n):
+    """Offsets start .. start + BLOCK - 1 and which of them are < n."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < n
+
+
+@triton.jit
+def load_tile(base, rows, cols, stride_r, stride_c, row_ok, col_ok):
+    """The (rows, cols) tile at base + rows * stride_r + cols * stride_c, 0 where masked.
+    int64 offsets: one (batch, head) slice may hold more than 2^31 elements."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
+    return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def store_tile(base, x, rows, cols, stride_r, stride_c, row_ok, col_ok):
+    """Stores x where load_tile would have loaded it."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
+    tl.store(ptrs, x, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def band_mask(offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """(queries, keys) True where query offs_m may see key offs_n: both in bounds, and inside
+    the band where it has an edge (causal is HAS_RIGHT with window_right 0)."""
+    valid = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
+    rel = offs_n[None, :] - offs_m[:, None] - diag
+    if HAS_LEFT:
+        valid = valid & (rel >= -window_left)
+    if HAS_RIGHT:
+        valid = valid & (rel <= window_right)
+    return valid
+
+
+@triton.jit
+def logits(
+    qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, softcap, window_left, window_right,
+    bias_base, stride_bm, stride_bn, slope,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+):
+    """Scaled scores ``qk`` (queries, keys) -> final logits, -inf where masked:
+    softcap * tanh(qk / softcap), then + bias (or a bool mask), - slope * |rel| (ALiBi)."""
+    s = qk
+    if HAS_SOFTCAP:
+        s = softcap * tanh(s / softcap)
+    valid = band_mask(offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+    if HAS_BIAS:
+        bias = load_tile(bias_base, offs_m, offs_n, stride_bm, stride_bn, offs_m < seqlen_q, offs_n < seqlen_k)
+        if BIAS_IS_BOOL:
+            valid = valid & (bias != 0)
+        else:
+            s = s + bias.to(tl.float32)
+    if HAS_ALIBI:
+        rel = offs_n[None, :] - offs_m[:, None] - diag
+        s = s - slope * tl.abs(rel).to(tl.float32)
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p):
+    # One Philox counter per (batch*head, query, key): the backward regenerates the same mask.
+    offs = (bh.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
+    return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def softmax_init(BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """(m, l, acc) of BLOCK_M rows that have seen no key yet: max -inf, sum 0, output 0."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    return m_i, tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+
+@triton.jit
+def softmax_update(s, m_i, l_i):
+    """Takes the logits s (rows, keys) of one key block into a running softmax with row max
+    m_i and row sum l_i = sum exp(s - m_i). Returns (p, alpha, m, l): the block's
+    exp(s - m), the factor exp(m_i - m) that rescales whatever was summed under the old max,
+    and the new max and sum."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # While a row has seen only masked keys its max is -inf; subtract 0 instead so that
+    # exp(-inf - m) is 0 rather than NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2((s - m_safe[:, None]) * LOG2E)
+    alpha = tl.math.exp2((m_i - m_safe) * LOG2E)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def row_lse(m, l):
+    """Natural-log logsumexp m + log(l) of rows with max m and sum l; -inf where l is 0."""
+    empty = l == 0.0
+    return tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
+
+
+@triton.jit
+def softmax_finish(acc, m_i, l_i):
+    """(out, lse) of a running softmax: acc / l and the logsumexp. A row that saw no key
+    (l = 0) gets out 0 and lse -inf, as torch >= 2.5."""
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    return out, row_lse(m_i, l_i)
+
+
+@triton.jit
+def bwd_tile(
+    q, k, v, do, lse, delta, offs_m, offs_n, bh, seed, slope, bias_base, stride_bm, stride_bn,
+    seqlen_q, seqlen_k, diag, scale, softcap, dropout_p, window_left, window_right,
+    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Recomputes one (queries, keys) tile of a softmax-attention forward from its lse and
+    differentiates it; delta is rowsum(dO * O).
+
+    Returns (p_drop, ds, ds_qk): the probabilities after dropout (for dV), the gradient of
+    the final logits (= of an additive bias), and the gradient of the scaled q.k (for dQ, dK).
+    """
+    qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
+    s = logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, softcap, window_left, window_right,
+               bias_base, stride_bm, stride_bn, slope,
+               HAS_BIAS, BIAS_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT)
+    # A row that saw no key has lse -inf; use +inf so that p = exp(-inf) = 0, not NaN.
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    p = tl.math.exp2((s - lse[:, None]) * LOG2E)  # the forward's softmax, recomputed
+    dp = dot(do, tl.trans(v), DOT_FP32, PRECISION)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
+        p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    else:
+        p_drop = p
+    # Softmax backward: dS = P * (dP - rowsum(dO * O)).
+    ds = p * (dp - delta[:, None])
+    ds_qk = ds
+    if HAS_SOFTCAP:
+        t = tanh(qk / softcap)
+        ds_qk = ds * (1.0 - t * t)  # d/dx [c * tanh(x / c)] = 1 - tanh^2
+    return p_drop, ds, ds_qk
+
+
+@triton.jit
+def load_query_rows(Q, DO, LSE, DELTA, b, h, bh, offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok,
+                    stride_qb, stride_qh, stride_qm, stride_qd,
+                    stride_dob, stride_doh, stride_dom, stride_dod, seqlen_q):
+    """What the backward needs of query rows offs_m of head (b, h): q, dO, the forward's lse
+    and delta = rowsum(dO * O); LSE and DELTA are contiguous (B * H, Lq), bh = b * H + h."""
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, row_ok, d_ok)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dom, stride_dod, row_ok, dv_ok)
+    lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def store_key_grads(DK, DV, dk, dv, row0, scale, offs_n, offs_d, offs_dv, col_ok, d_ok, dv_ok,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BF16_RTNE: tl.constexpr):
+    """Stores a key block's dK (scaled: the scores were q.k * scale) and dV into contiguous
+    (B * Hkv * Lk, D) buffers; row0 is the (batch, kv head)'s first row."""
+    store_tile(DK + row0 * HEAD_DIM, cast(dk * scale, DK.dtype.element_ty, BF16_RTNE),
+               offs_n, offs_d, HEAD_DIM, 1, col_ok, d_ok)
+    store_tile(DV + row0 * HEAD_DIM_V, cast(dv, DV.dtype.element_ty, BF16_RTNE),
+               offs_n, offs_dv, HEAD_DIM_V, 1, col_ok, dv_ok)
