@@ -44,7 +44,7 @@ def _flash(op, q, k, v, *, band, scale, attn_bias=None, alibi_slopes=None, softc
         # dropout and nothing syncs with the host.
         seed = torch.randint(0, 2**62, (1,), device=q.device) if dropout_p > 0 else None
         return flash_op.flash_attn(
-            q, k, v, bias=bias, alibi=alibi_slopes, seed=seed, scale=scale, softcap=float(softcap or 0.0),
+            q, k, v, bias=bias, alibi=alibi_slopes, seed=seed, scale=scale, softcap=softcap,
             dropout_p=float(dropout_p), window_left=band[0], window_right=band[1])
     if route.impl == "torch_sdpa":
         return sdpa_attention(q, k, v, band=band, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p), None
@@ -425,7 +425,7 @@ def attention_with_kvcache(
 
         out, lse = decode_op.decode_attn(
             q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, alibi=alibi_slopes, scale=scale,
-            softcap=float(softcap or 0.0), window_left=band[0], window_right=band[1], num_splits=num_splits,
+            softcap=softcap, window_left=band[0], window_right=band[1], num_splits=num_splits,
             max_seqlen_k=max_seqlen_k, **rot)
     elif torch.compiler.is_compiling():  # the per-sequence fallbacks read the lengths on the host
         from fastattn.ops.decode.fallback import decode_masked

@@ -154,11 +154,9 @@ def _local_attention(q, k, v, scale, diag):
 def _block_grads(do, q, k, v, out, lse, scale, diag, kernels):
     if not kernels:
         return attention_backward(do, q, k, v, out, lse, scale=scale, causal=diag)
-    import fastattn.ops.flash.op  # noqa: F401  registers torch.ops.fastattn.flash_bwd
+    from fastattn.ops.flash.op import flash_backward  # imports triton, so only when used
 
-    c = [t.contiguous() for t in (do, q, k, v, out, lse)]  # the kernels index lse/dk/dv densely
-    dq, dk, dv, _ = torch.ops.fastattn.flash_bwd(
-        *c, None, None, None, scale, 0.0, 0.0, None, 0 if diag else None, False)
+    dq, dk, dv, _ = flash_backward(do, q, k, v, out, lse, scale=scale, window_right=0 if diag else None)
     return dq, dk, dv
 
 

@@ -3,7 +3,7 @@
 Two custom ops, so ``torch.compile(fullgraph=True)`` sees one opaque node each:
 ``fastattn::kvcache_append`` (writes the new tokens into the caches in place; declared as
 mutating them) and ``fastattn::decode_fwd`` (split-KV attention + merge; pure). The decode
-kernels are forward-only: ``fastattn.backend.decode_refusals`` sends calls that need gradients
+kernels are forward-only: ``fastattn.backend.route`` (the decode family declares no gradients) sends calls that need gradients
 to the (differentiable) reference. Rotary embeddings, when asked for, are applied to k_new by
 the append kernel and to q by the split kernel, so neither is rotated in a separate pass.
 Block sizes and the split heuristic are first choices, not yet measured on an H100.
