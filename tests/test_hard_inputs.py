@@ -511,3 +511,47 @@ def test_kv_cache_refuses(case):
     with pytest.raises(ValueError, match=message):
         call(cache)
     assert torch.equal(cache.seqlens(0), torch.zeros(2, dtype=torch.int32))
+
+
+# ------------------------------------------------------------------ kernel precision at the edges
+
+@pytest.mark.parametrize("softcap", [1e3, 1e4, 1e6], ids=["1e3", "1e4", "1e6"])
+def test_kernel_softcap_keeps_precision_as_the_cap_grows(softcap, device):
+    """Before: tanh as 2 sigmoid(2x) - 1 cancelled at small x: errors 5e-5 (cap 1e3) to 4e-2
+    (cap 1e6) where torch stays at 3e-7."""
+    q, k, v = (torch.randn(1, 2, 40, 32, device=device, requires_grad=True) for _ in range(3))
+    with fastattn.use_backend("triton"):
+        out = fastattn.flash_attention(q, k, v, softcap=softcap)
+    args64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    oracle = attention_reference(*args64, softcap=softcap)
+    assert_close_rule("out", out, oracle, attention_reference(q, k, v, softcap=softcap))
+    do = torch.randn_like(out)
+    args_t = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    for name, g, g64, gt in zip("qkv", torch.autograd.grad(out, (q, k, v), do),
+                                torch.autograd.grad(oracle, args64, do.double()),
+                                torch.autograd.grad(attention_reference(*args_t, softcap=softcap), args_t, do)):
+        assert_close_rule(f"d{name}", g, g64, gt, factor=3.0)
+
+
+def test_fp16_causal_linear_kernel_does_not_overflow(device):
+    """Before: (50 * randn).half() inputs gave 576 NaN: the intra-chunk score tile was rounded
+    to fp16 (values past 65504); the torch path was finite."""
+    from fastattn.ops.linear.reference import feature_map, linear_attention_quadratic
+
+    q, k = ((50 * torch.randn(1, 2, 130, 64, device=device)).half().requires_grad_() for _ in range(2))
+    v = torch.randn(1, 2, 130, 64, device=device).half().requires_grad_()
+    with fastattn.use_backend("triton"):
+        out = fastattn.linear_attention(q, k, v, causal=True)
+    assert torch.isfinite(out).all()
+
+    def ref(q, k, v):
+        return linear_attention_quadratic(feature_map(q, "elu"), feature_map(k, "elu"), v, causal=True)
+    args64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    oracle = ref(*args64)
+    # the yardstick: the torch path (fp32 accumulation), which was finite before
+    with fastattn.use_backend("torch"):
+        base = fastattn.linear_attention(q, k, v, causal=True)
+    assert_close_rule("out", out, oracle, base)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    assert all(torch.isfinite(g).all() for g in grads)

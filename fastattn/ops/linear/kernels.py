@@ -96,6 +96,7 @@ def linear_fwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
     FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    INTRA_FP32: tl.constexpr,
 ):
     """out[:, dv block] (and the normaliser d, from the first dv block) for one (batch, head).
     BLOCK_F covers all M features; the state is S[:, dv block] (M, BLOCK_DV) and z (M,)."""
@@ -124,11 +125,18 @@ def linear_fwd_kernel(
             phik = _features(k_base, offs_m, offs_f, stride_kn, stride_kd, m_ok, f_ok, FEATURE)
             v_in = load_tile(v_base, offs_m, offs_dv, stride_vn, stride_vd, m_ok, dv_ok)
             a = dot(cast(phiq, v_in.dtype, BF16_RTNE), tl.trans(cast(phik, v_in.dtype, BF16_RTNE)), DOT_FP32, PRECISION)
-            # key j <= query i; rounded to the input dtype once, for the tensor-core dot, and
-            # the normaliser sums the same rounded values so that their errors cancel in n / d.
-            a = cast(tl.where(offs_m[:, None] >= offs_m[None, :], a, 0.0), v_in.dtype, BF16_RTNE)
-            num += dot(a, v_in, DOT_FP32, PRECISION)
-            den += tl.sum(a.to(tl.float32), 1)
+            a = tl.where(offs_m[:, None] >= offs_m[None, :], a, 0.0)  # key j <= query i
+            if INTRA_FP32:
+                # fp16: a (a sum of D products of features) can pass 65504, so it and its
+                # product with V stay in fp32.
+                num += dot(a, v_in.to(tl.float32), False, STATE_PRECISION)
+                den += tl.sum(a, 1)
+            else:
+                # Rounded to the input dtype once, for the tensor-core dot, and the normaliser
+                # sums the same rounded values so that their errors cancel in n / d.
+                a = cast(a, v_in.dtype, BF16_RTNE)
+                num += dot(a, v_in, DOT_FP32, PRECISION)
+                den += tl.sum(a.to(tl.float32), 1)
             # Fold the chunk into the state only now: it must not see itself twice.
             s += dot(tl.trans(phik), v_in.to(tl.float32), False, STATE_PRECISION)
             z += tl.sum(phik, 0)
@@ -178,6 +186,7 @@ def linear_bwd_dq_kernel(
     BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
     FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    INTRA_FP32: tl.constexpr,
 ):
     """dQ[:, f block] for one (batch, head) (DQ contiguous). BLOCK_DV covers all of Dv; the
     state is S[f block, :] (BLOCK_F, Dv) and z[f block]."""
@@ -231,6 +240,7 @@ def linear_bwd_dk_kernel(
     BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
     FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    INTRA_FP32: tl.constexpr,
 ):
     """dK[:, f block] from one query head (DK is fp32 (B, Hq, Lk, M), contiguous; the launcher
     sums the group). State dS[f block, :] (BLOCK_F, Dv), dz[f block], walked from the end."""
@@ -289,6 +299,7 @@ def linear_bwd_dv_kernel(
     BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
     FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr, STATE_PRECISION: tl.constexpr,
+    INTRA_FP32: tl.constexpr,
 ):
     """dV[:, dv block] from one query head (DV is fp32 (B, Hq, Lk, Dv), contiguous). BLOCK_F
     covers all M features; state dS[:, dv block] (M, BLOCK_DV), walked from the end."""
@@ -326,7 +337,8 @@ def linear_bwd_dv_kernel(
             a = dot(cast(phiq, V.dtype.element_ty, BF16_RTNE), tl.trans(cast(phik, V.dtype.element_ty, BF16_RTNE)),
                      DOT_FP32, PRECISION)
             a = tl.where(offs_n[:, None] >= offs_n[None, :], a, 0.0)  # rows: queries, cols: keys
-            a = cast(a, V.dtype.element_ty, BF16_RTNE).to(tl.float32)
+            if not INTRA_FP32:
+                a = cast(a, V.dtype.element_ty, BF16_RTNE).to(tl.float32)
             dv += dot(tl.trans(a), dn, False, STATE_PRECISION)
             ds += dot(tl.trans(phiq), dn, False, STATE_PRECISION)
         store_tile(DV + bh * seqlen_k * HEAD_DIM_V, dv, offs_n, offs_dv, HEAD_DIM_V, 1, n_ok, dv_ok)

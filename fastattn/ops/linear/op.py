@@ -55,6 +55,9 @@ def _meta(q: Tensor, v: Tensor, feature: str, causal: bool, normalize: bool) -> 
         # The fp32 state dots: tf32 (as precise as the fp16/bf16 inputs) on a GPU, else
         # torch's fp32 matmul setting.
         STATE_PRECISION="tf32" if (q.dtype != torch.float32 and not interpreting()) else _launch.precision(torch.float32),
+        # The causal intra-chunk product of fp16 features can overflow fp16: it stays fp32
+        # (forward and dV kernels; the dQ/dK kernels never round it).
+        INTRA_FP32=q.dtype == torch.float16,
         num_warps=cfg["num_warps"], **_launch.dtype_flags(q.dtype),
     )
     return cfg, meta
