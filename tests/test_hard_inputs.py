@@ -555,3 +555,23 @@ def test_fp16_causal_linear_kernel_does_not_overflow(device):
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@PROPERTY
+@given(causal=st.booleans(), block=st.sampled_from([16, 32]), density=st.sampled_from([0.0, 0.3, 1.0]),
+       per_head=st.booleans(), **SHAPES)
+def test_property_sparse_attention(b, hkv, group, lq, lk, d, dtype, transposed, name, causal, block, density,
+                                   per_head):
+    from fastattn.ops.sparse.reference import sparse_attention_reference
+
+    lq, lk = max(lq, 1), max(lk, 1)  # a layout needs a positive length
+    q, k, v = draw_qkv(b, hkv, group, lq, lk, d, dtype, transposed)
+    heads = hkv * group if per_head and hkv * group else 1
+    mask = torch.rand(heads, -(-lq // block), -(-lk // block)) < density
+    layout = fastattn.sparse.from_dense(mask, block, (lq, lk))
+
+    def ref(q, k, v, **kw):
+        return sparse_attention_reference(q, k, v, mask, block, causal=causal, **kw)
+    with fastattn.use_backend(name):
+        outcome_ok(lambda: fastattn.sparse_attention(q, k, v, layout, causal=causal),
+                   lambda: (ref(*map(as64, (q, k, v))), ref(q, k, v)))
