@@ -85,3 +85,16 @@ def test_bench_time_budget_runs_the_first_case_and_skips_the_rest(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["results"]) == 1
     assert results["skipped"] and all("time budget" in s["error"] for s in results["skipped"])
+
+
+def test_flex_may_recompile_for_every_headline_shape():
+    from torch._dynamo import config
+
+    from fastattn.bench import headline
+
+    saved = config.recompile_limit
+    try:
+        headline.allow_flex_recompiles()
+        assert config.recompile_limit >= 256
+    finally:
+        config.recompile_limit = saved
