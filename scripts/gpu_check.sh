@@ -109,11 +109,13 @@ stage_env() {
         "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0]); \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version()); \
 print('triton', triton.__version__); \
-print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu (no GPU)')"
+print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu (no GPU)'); \
+from importlib.metadata import distributions as d; \
+print('packages:', ', '.join(sorted(f'{x.metadata[\"Name\"]} {x.version}' for x in d() if x.metadata['Name'] and \
+any(k in x.metadata['Name'].lower() for k in ('torch', 'triton', 'numpy', 'pytest', 'flash', 'fla', 'performer', \
+'linformer', 'matplotlib', 'nvidia-cudnn')))))"
         echo
         "$PY" -m fastattn info
-        echo
-        "$PY" -m pip list 2>/dev/null | grep -iE '^(torch|triton|numpy|pytest|flash|fla|performer|linformer|matplotlib)' || true
     } >"$RES/env.txt" 2>&1
     cat "$RES/env.txt"
 }
@@ -137,16 +139,11 @@ stage_tests() {
     args=(-q -rfE -p no:cacheprovider --durations=25 --junitxml="$RES/tests/junit.xml")
     local workers=4
     if [[ $DRY_RUN == 1 ]]; then
-        # The whole GPU selection must collect (a renamed test fails here, not on the GPU)...
-        "$PY" -m pytest --collect-only -q -p no:cacheprovider "${selection[@]}" >"$RES/tests/collected.txt" 2>&1 \
-            || { tail -20 "$RES/tests/collected.txt"; echo "the GPU test selection does not collect"; return 1; }
-        tail -1 "$RES/tests/collected.txt"
-        # ...and a few of it run, one per kernel family, in the interpreter.
-        selection=("tests/test_scale.py::test_full_gpu_is_bitwise_repeatable[flash]"
-                   "tests/test_scale.py::test_full_gpu_is_bitwise_repeatable[linear]"
-                   "tests/test_scale.py::test_long_sequence_backward"
-                   "tests/test_sparse.py::test_kernels_match_reference_for_every_pattern[local-full-fp32]"
-                   "tests/test_decode.py::test_matches_reference[gqa4-3tok-split1-fp32]")
+        # The whole GPU selection is collected (a renamed test fails here, not on the GPU: pytest
+        # errors on a node id it cannot find); of it, one test per kernel family runs, interpreted.
+        args+=(-k "test_full_gpu_is_bitwise_repeatable[flash] or test_full_gpu_is_bitwise_repeatable[linear] \
+or test_long_sequence_backward or test_kernels_match_reference_for_every_pattern[local-full-fp32] \
+or test_matches_reference[gqa4-3tok-split1-fp32]")
         workers=2
     fi
     if "$PY" -c "import xdist" 2>/dev/null; then args+=(-n "$workers"); fi

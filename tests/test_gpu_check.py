@@ -42,9 +42,9 @@ def test_dry_run_packs_env_tests_and_bench_results(tmp_path):
 
     junit = ET.parse(res / "tests" / "junit.xml").getroot()
     suite = junit if junit.tag == "testsuite" else junit.find("testsuite")
-    assert int(suite.get("tests")) >= 5 and suite.get("failures") == "0" and suite.get("errors") == "0"
-    assert "passed" in (res / "logs" / "tests.log").read_text()
-    assert "tests collected" in (res / "tests" / "collected.txt").read_text()  # the whole GPU selection
+    # one per kernel family, picked out of the whole GPU selection (all of which must collect)
+    assert int(suite.get("tests")) == 5 and suite.get("failures") == "0" and suite.get("errors") == "0"
+    assert "5 passed" in (res / "logs" / "tests.log").read_text()
 
     results = json.loads((res / "bench" / "results.json").read_text())
     suites = {r["suite"] for r in results["results"]}
