@@ -80,6 +80,10 @@ def _bench(args) -> int:
     started = time.perf_counter()
     for i, case in enumerate(cases):
         _progress(i, len(cases), f"{case.suite} {case.config} {case.impl}", started)
+        if args.time_budget is not None and i and time.perf_counter() - started > args.time_budget:
+            skipped.append({"suite": case.suite, "config": case.config, "impl": case.impl,
+                            "error": f"not run: the {args.time_budget:g} s time budget was spent"})
+            continue
         try:
             if case.check is not None:
                 case.check()
@@ -87,7 +91,7 @@ def _bench(args) -> int:
             wrong.append({"suite": case.suite, "config": case.config, "impl": case.impl, "error": str(e)[:300]})
             continue
         try:
-            rows.append(run_case(case, device, reps=args.reps, limits=limits))
+            rows.append(run_case(case, device, warmup=args.warmup, reps=args.reps, limits=limits))
         except Exception as e:  # a peer that cannot run this config is reported, not fatal
             skipped.append({"suite": case.suite, "config": case.config, "impl": case.impl,
                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
@@ -205,10 +209,14 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="run the benchmark suites")
     b.add_argument("--quick", action="store_true", help="fewer, smaller sizes")
-    b.add_argument("--suite", action="append", choices=bench.SUITES, help="only this suite (repeatable)")
+    b.add_argument("--suite", action="append", choices=bench.SUITES + bench.SELECTIONS,
+                   help="only this suite (repeatable); 'headline': the GPU check's set (fastattn.bench.headline)")
     b.add_argument("--impl", action="append", help="only implementations whose name contains this")
     b.add_argument("--out", help="output folder (default bench-results/<time>)")
     b.add_argument("--reps", type=int, default=10, help="timed repetitions per case")
+    b.add_argument("--warmup", type=int, default=3, help="untimed calls per case before timing")
+    b.add_argument("--time-budget", type=float, help="seconds: start no case after this but the first (the "
+                   "rest are reported as skipped), so a run with a deadline still writes its results")
     sub.add_parser("check", help="every kernel against its reference on this device")
     sub.add_parser("info", help="device, versions, available backends and peers")
     args = parser.parse_args(argv)

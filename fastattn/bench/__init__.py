@@ -8,10 +8,12 @@ Nothing here is imported by ``import fastattn``.
 import importlib
 
 SUITES = ("flash", "sparse", "linear", "decode", "block", "models")
+# Selections of the suites' cases at chosen configs, run only when named (--suite headline).
+SELECTIONS = ("headline",)
 
 
 def suite(name: str):
     """The module of one suite, imported on demand."""
-    if name not in SUITES:
-        raise ValueError(f"unknown benchmark suite {name!r}; have {', '.join(SUITES)}")
+    if name not in SUITES + SELECTIONS:
+        raise ValueError(f"unknown benchmark suite {name!r}; have {', '.join(SUITES + SELECTIONS)}")
     return importlib.import_module(f"fastattn.bench.{name}")

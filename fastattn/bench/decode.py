@@ -121,10 +121,11 @@ def _checker(inputs, l):
     return check
 
 
-def cases(device, quick=False):
+def cases(device, quick=False, config_list=None):
+    # config_list: tuples as configs() returns, to run instead of this suite's own (bench.headline)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     out = []
-    for b, hq, hkv, l, d in configs(device, quick):
+    for b, hq, hkv, l, d in (config_list if config_list is not None else configs(device, quick)):
         impls, inputs = build(b, hq, hkv, l, d, dtype, device)
         kv_bytes = b * hkv * l * 2 * d * dtype.itemsize  # K and V, each read once
         params = {"seq_len": l, "batch": b, "head_dim": d, "gqa": hq // hkv}

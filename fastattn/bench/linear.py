@@ -144,10 +144,11 @@ def _inputs(b, h, l, d, device, dtype, grad):
     return [torch.randn(b, h, l, d, device=device, dtype=dtype, requires_grad=grad) for _ in range(3)]
 
 
-def cases(device, quick=False):
+def cases(device, quick=False, config_list=None):
+    # config_list: tuples as configs() returns, to run instead of this suite's own (bench.headline)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     out = []
-    for b, h, l, d, m, causal in configs(device, quick):
+    for b, h, l, d, m, causal in (config_list if config_list is not None else configs(device, quick)):
         name = f"b{b}-h{h}-l{l}-d{d}-m{m}" + ("-causal" if causal else "")
         q, k, v = _inputs(b, h, l, d, device, dtype, True)
         do = torch.randn_like(q)

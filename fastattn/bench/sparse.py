@@ -56,10 +56,11 @@ def configs(device, quick):
     return [(1, 4, 8192, 64, 64, torch.float32, (1.0, 0.25, 0.1, 0.05) if quick else DENSITIES)]
 
 
-def cases(device, quick=False):
+def cases(device, quick=False, config_list=None):
+    # config_list: tuples as configs() returns, to run instead of this suite's own (bench.headline)
     cuda = torch.device(device).type == "cuda"
     out = []
-    for b, h, seq, d, bs, dtype, densities in configs(device, quick):
+    for b, h, seq, d, bs, dtype, densities in (config_list if config_list is not None else configs(device, quick)):
         q, k, v = (torch.randn(b, h, seq, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         do = torch.randn_like(q)
         for lname, layout in layouts(seq, bs, densities).items():
