@@ -43,13 +43,17 @@ def dtype_flags(dtype: torch.dtype) -> dict:
 
 
 # (BLOCK_M, BLOCK_N, num_warps) of the softmax-attention kernels (flash, and sparse within a
-# layout block) by padded head dim when compiled for a GPU, hand-picked so every kernel fits
-# the H100's 227 KB of shared memory (tests/sm90.py checks this without a GPU); per-device
-# autotuning is the H100 issue's work. fp32 tiles take twice the bytes, so they get half the
-# query rows. The interpreter runs one program at a time in NumPy, where fewer, larger
-# blocks are faster.
-_FWD_BLOCKS = {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 4), 128: (128, 64, 8), 256: (64, 32, 8)}
+# layout block) by padded head dim when compiled for a GPU, picked from the static read of
+# the compiled sm_90 code (tests/sm90.py): every kernel fits the H100's 227 KB of shared
+# memory with no register spills. The d128 and d256 forward tiles (128x64, 64x64) are the
+# largest that compile without spills on the pointer path (128x128 spills at d128).
+# fp32 tiles take twice the bytes, so they get half the query rows. The interpreter runs one
+# program at a time in NumPy, where fewer, larger blocks are faster.
+_FWD_BLOCKS = {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 4), 128: (128, 64, 8), 256: (64, 64, 8)}
 _BWD_BLOCKS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8), 256: (64, 32, 8)}
+# Software-pipeline depth where Triton's default (3) does not fit: the d256 forward's 64x64
+# K and V tiles take 64 KB a stage.
+_FWD_STAGES = {256: 2}
 _INTERPRETER_BLOCKS = (32, 32, 4)
 
 
@@ -62,6 +66,8 @@ def block_config(head_dim: int, dtype: torch.dtype, backward: bool) -> tuple[int
     block_m, block_n, warps = table[pad(head_dim)]
     if dtype == torch.float32:
         block_m = max(32, block_m // 2)
+        if pad(head_dim) == 256:
+            block_n = min(block_n, 32)  # fp32 K and V tiles of 64 x 256 would not fit two stages
     return block_m, block_n, warps
 
 
@@ -77,6 +83,7 @@ class Terms(NamedTuple):
     DROPOUT: bool = False
     LEFT: bool = False
     RIGHT: bool = False
+    SINKS: bool = False  # a per-head sink logit joins every softmax denominator
 
 
 def logit_scalars(scale: float, softcap: Optional[float] = None, dropout_p: float = 0.0,
@@ -86,6 +93,13 @@ def logit_scalars(scale: float, softcap: Optional[float] = None, dropout_p: floa
     divide by softcap only under TERMS.SOFTCAP), 0 for an unbounded band edge."""
     return (float(scale), float(softcap) if softcap else 1.0, float(dropout_p),
             0 if window_left is None else int(window_left), 0 if window_right is None else int(window_right))
+
+
+def num_stages(head_dim: int, backward: bool) -> dict:
+    """``num_stages`` for a softmax-attention launch, as keyword arguments ({} for the default)."""
+    if backward or not gpu_tiles() or pad(head_dim) not in _FWD_STAGES:
+        return {}
+    return dict(num_stages=_FWD_STAGES[pad(head_dim)])
 
 
 def softcap_args(softcap: Optional[float]) -> dict:

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E); exp2 is the fast hardware path
+LN2 = tl.constexpr(0.6931471805599453)  # 1 / LOG2E: log2 units back to natural ones
 
 
 @triton.jit
@@ -225,8 +226,9 @@ def bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, 
 def sequence(CU_SEQLENS, seq, seqlen, VARLEN: tl.constexpr):
     """(first row, length) of sequence ``seq``: its slice of a packed tensor, from the int32
     offsets CU_SEQLENS (B + 1,), when VARLEN; else (0, seqlen), a row of a padded batch."""
-    start = seq * 0
-    length = seqlen + seq * 0
+    # Plain int32 (a padded batch's offset is the constant 0): position math stays 32-bit.
+    start = 0
+    length = seqlen
     if VARLEN:
         start = tl.load(CU_SEQLENS + seq)
         length = tl.load(CU_SEQLENS + seq + 1) - start

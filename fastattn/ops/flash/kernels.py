@@ -13,16 +13,18 @@ are recomputed blockwise, and the softmax is carried online (running max ``m`` a
 
 Positions (see ``reference.py``): ``rel = j - i - diag`` is key j's distance from query i's
 diagonal, with diag = Lk - Lq. The band keeps ``-window_left <= rel <= window_right``. The
-per-tile math (logits, online softmax, the backward tile) is ``fastattn/ops/_triton.py``'s;
-what is flash's own is the band's block ranges and the three kernels' loops.
+per-tile math (logit terms, the backward tile) is ``fastattn/ops/_triton.py``'s; what is
+flash's own is the band's block ranges, the three kernels' loops, and the forward's lean
+inner loop: tiles every row sees whole run without masks or the empty-row guard, and the
+softmax runs in log2 units so the scale folds into the multiply-add before exp2 (the static
+sm_90 read is in ``benchmarks/results/sm90-static.md``).
 """
 import triton
 import triton.language as tl
 
 from fastattn.ops._triton import (
-    bwd_tile, cast, dot, dropout_keep, load_query_rows, load_rows, load_tile, program_heads, rows_base,
-    sequence, softmax_finish, softmax_init, softmax_update, span, store_key_grads, store_rows, store_tile,
-    term_logits,
+    LN2, LOG2E, bwd_tile, cast, dot, dropout_keep, load_query_rows, load_rows, load_tile, program_heads,
+    rows_base, sequence, softmax_finish, softmax_init, span, store_key_grads, store_rows, store_tile, term_logits,
 )
 
 
@@ -75,6 +77,105 @@ def _query_range(start_n, seqlen_q, diag, window_left, window_right,
 
 
 @triton.jit
+def _interior(start_m, lo, hi, seqlen_k, diag, window_left, window_right,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TERMS: tl.constexpr):
+    """[ilo, ihi), inside [lo, hi): the key tiles that every row of query block start_m sees
+    whole (no band edge crosses them and none passes seqlen_k), so they need no mask. Tile
+    starts are multiples of BLOCK_N; an empty interior is (lo, lo). Values are clamped at 0
+    before dividing: the interpreter's // floors, compiled code truncates."""
+    ihi = (seqlen_k // BLOCK_N) * BLOCK_N  # tiles before a partial last one
+    ilo = lo
+    if TERMS.RIGHT:
+        # Tile [n, n + BLOCK_N) is inside every row's right edge iff its last key is inside the
+        # first row's: n + BLOCK_N - 1 - start_m - diag <= window_right.
+        r = start_m + diag + window_right + 1
+        r = (r * (r > 0)) // BLOCK_N * BLOCK_N
+        ihi = ihi + (r - ihi) * (r < ihi)
+    if TERMS.LEFT:
+        # ... and inside every row's left edge iff its first key is inside the last row's:
+        # n - (start_m + BLOCK_M - 1) - diag >= -window_left.
+        left = start_m + BLOCK_M - 1 + diag - window_left
+        left = (left * (left > 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        ilo = ilo + (left - ilo) * (left > ilo)
+    empty = ihi <= ilo
+    return ilo + (lo - ilo) * empty, ihi + (lo - ihi) * empty
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_N: tl.constexpr, TERMS: tl.constexpr, MASKED: tl.constexpr,
+               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr):
+    """Takes key tiles lo, lo + BLOCK_N, .. < hi into the running softmax (m_i, l_i, acc).
+    m_i is in log2 units (the max of logits * log2(e)), so one multiply-add per score feeds
+    exp2. MASKED tiles may hold keys some row must not see (a band edge, the partial last
+    tile): they are masked, and a row that has seen no key yet is guarded. Unmasked tiles
+    are seen whole by every row and skip both."""
+    q, k_ptrs, v_ptrs, k_step, v_step = kv
+    offs_m, offs_n0, d_ok, dv_ok, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope, seed, bh = rows
+    PLAIN: tl.constexpr = not (TERMS.BIAS or TERMS.ALIBI or TERMS.SOFTCAP)
+    # With bias terms a row can be empty in any tile (a bool mask, or -inf in a float bias).
+    GUARD: tl.constexpr = MASKED or TERMS.BIAS
+    if PLAIN:
+        c = scalars[0] * LOG2E  # scale and the change of base, in one multiply
+    else:
+        c = LOG2E  # the logit terms work in natural units
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        col_ok = offs_n < seqlen_k
+        step = tl.cast(start_n, tl.int64)
+        k = _load_kv(k_ptrs[0] + step * k_step + k_ptrs[1], col_ok, d_ok, MASKED, HEAD_DIM == BLOCK_D)
+        qk = dot(q, tl.trans(k), DOT_FP32, PRECISION)
+        if PLAIN:
+            if MASKED:
+                qk = tl.where(_visible(offs_m, offs_n, seqlen_k, diag, scalars[3], scalars[4], TERMS),
+                              qk, float("-inf"))
+        else:
+            qk = term_logits(qk * scalars[0], offs_m, offs_n, seqlen_q, seqlen_k, diag, scalars, bias_base,
+                             bias_strides, slope, TERMS)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
+        if GUARD:
+            # A row that has seen only masked keys keeps max -inf; subtract 0 instead so that
+            # exp2(-inf - m) is 0, not NaN.
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk * c - m_new[:, None])  # one FMA, then exp2
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        v = _load_kv(v_ptrs[0] + step * v_step + v_ptrs[1], col_ok, dv_ok, MASKED, HEAD_DIM_V == BLOCK_DV)
+        if TERMS.DROPOUT:
+            # The softmax normalises by the undropped sum l; dropout scales what reaches V.
+            keep = dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, scalars[2])
+            p = tl.where(keep, p / (1.0 - scalars[2]), 0.0)
+        acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _visible(offs_m, offs_n, seqlen_k, diag, window_left, window_right, TERMS: tl.constexpr):
+    """(queries, keys) True where a query may see a key: in bounds and inside the band. Rows
+    past seqlen_q are not checked: they are never stored."""
+    visible = (offs_n < seqlen_k)[None, :]
+    rel = offs_n[None, :] - offs_m[:, None] - diag
+    if TERMS.LEFT:
+        visible = visible & (rel >= -window_left)
+    if TERMS.RIGHT:
+        visible = visible & (rel <= window_right)
+    return visible
+
+
+@triton.jit
+def _load_kv(ptrs, row_ok, col_ok, MASKED: tl.constexpr, EVEN: tl.constexpr):
+    """A K or V tile; masked rows (keys) only in MASKED tiles, masked columns only when the
+    head dim is not a power of two."""
+    if MASKED:
+        return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+
+
+@triton.jit
 def attn_fwd_kernel(
     Q, K, V, O, LSE, BIAS, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
     q_strides, k_strides, v_strides, o_strides, lse_strides, bias_strides, alibi_strides,
@@ -84,7 +185,9 @@ def attn_fwd_kernel(
     TERMS: tl.constexpr, VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BF16_RTNE: tl.constexpr,
 ):
-    """Output and lse of one block of queries of one (sequence, head)."""
+    """Output and lse of one block of queries of one (sequence, head). The key tiles run in
+    three loops: first those every row sees whole (no masks), then the band's left-edge
+    tiles and the right-edge/diagonal and partial tiles (masked)."""
     start_m = tl.program_id(0) * BLOCK_M
     b, h, bh, hk = program_heads(n_heads, group)
     q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
@@ -93,36 +196,35 @@ def attn_fwd_kernel(
         if start_m >= seqlen_q:  # the grid covers the longest sequence
             return
     diag = seqlen_k - seqlen_q
-    scale, dropout_p, window_left, window_right = scalars[0], scalars[2], scalars[3], scalars[4]
 
     offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
+    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
     q = load_rows(Q, q_strides, b, h, q0, offs_m, offs_d, row_ok, d_ok)
-    k_base = rows_base(K, k_strides, b, hk, k0)
-    v_base = rows_base(V, v_strides, b, hk, k0)
+    # Element offsets of keys 0 .. BLOCK_N - 1 in a tile (int32: a tile spans far less than
+    # 2^31 elements); the loops move the int64 base pointer by start_n rows.
+    k_ptrs = (rows_base(K, k_strides, b, hk, k0), offs_n0[:, None] * k_strides[2] + offs_d[None, :] * k_strides[3])
+    v_ptrs = (rows_base(V, v_strides, b, hk, k0), offs_n0[:, None] * v_strides[2] + offs_dv[None, :] * v_strides[3])
     bias_base = rows_base(BIAS, bias_strides, b, h, 0)
     slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
 
     m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_DV)
+    lo, hi = _key_range(start_m, seqlen_k, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
+    ilo, ihi = _interior(start_m, lo, hi, seqlen_k, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
+    kv = (q, k_ptrs, v_ptrs, k_strides[2], v_strides[2])
+    rows = (offs_m, offs_n0, d_ok, dv_ok, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope, seed, bh)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, kv, ihi, hi, rows, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                               BLOCK_N, TERMS, True, DOT_FP32, PRECISION, BF16_RTNE)
+    if TERMS.LEFT:
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, kv, lo, ilo, rows, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                                   BLOCK_N, TERMS, True, DOT_FP32, PRECISION, BF16_RTNE)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, kv, ilo, ihi, rows, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                               BLOCK_N, TERMS, False, DOT_FP32, PRECISION, BF16_RTNE)
 
-    lo, hi = _key_range(start_m, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N, TERMS)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n, col_ok = span(start_n, BLOCK_N, seqlen_k)
-        k = load_tile(k_base, offs_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
-        qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
-        s = term_logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope,
-                        TERMS)
-        p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)
-        v = load_tile(v_base, offs_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
-        if TERMS.DROPOUT:
-            # The softmax normalises by the undropped sum l; dropout scales what reaches V.
-            keep = dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
-
-    out, lse = softmax_finish(acc, m_i, l_i)  # every key masked: output 0, lse -inf, as torch >= 2.5
+    # m_i is in log2 units; every key masked: output 0, lse -inf, as torch >= 2.5.
+    out, lse = softmax_finish(acc, m_i * LN2, l_i)
     store_rows(O, o_strides, b, h, q0, out, offs_m, offs_dv, row_ok, dv_ok, BF16_RTNE)
     lse_row = b * lse_strides[0] + h * lse_strides[1] + (tl.cast(q0, tl.int64) + offs_m) * lse_strides[2]
     tl.store(LSE + lse_row, lse, mask=row_ok)

@@ -129,7 +129,7 @@ def sparse_bwd_dkdv_kernel(
                 offs_m, row_ok = span(qb_start + sub, BLOCK_M, seqlen_q)
                 q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, 0,
                                                     offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok)
-                p, ds, _ = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
+                p, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
                                     bh, 0, 0.0, Q, q_strides, scalars, TERMS, DOT_FP32, PRECISION)
                 dv += dot(tl.trans(cast(p, do.dtype, BF16_RTNE)), do, DOT_FP32, PRECISION)
                 dk += dot(tl.trans(cast(ds, q.dtype, BF16_RTNE)), q, DOT_FP32, PRECISION)
@@ -173,7 +173,7 @@ def sparse_bwd_dq_kernel(
             offs_n, col_ok = span(kb_start + sub, BLOCK_N, seqlen_k)
             k = load_tile(k_base, offs_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
             v = load_tile(v_base, offs_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
-            _, ds, _ = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
+            _, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
                                 bh, 0, 0.0, Q, q_strides, scalars, TERMS, DOT_FP32, PRECISION)
             dq += dot(cast(ds, k.dtype, BF16_RTNE), k, DOT_FP32, PRECISION)
 

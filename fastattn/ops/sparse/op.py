@@ -27,6 +27,7 @@ def _meta(q: Tensor, v: Tensor, block_size: int, causal: bool, scale: float, bac
         BLOCK_M=min(block_m, block_size), BLOCK_N=min(block_n, block_size),
         BLOCK_D=_launch.pad(head_dim), BLOCK_DV=_launch.pad(head_dim_v),
         LAYOUT_BLOCK=block_size, TERMS=_launch.Terms(RIGHT=causal), num_warps=warps,
+        **_launch.num_stages(max(head_dim, head_dim_v), backward),
         **_launch.dtype_flags(q.dtype),
     )
 
