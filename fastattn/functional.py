@@ -17,7 +17,7 @@ from fastattn.backend import TORCH_SDPA
 from fastattn.ops.flash.fallback import sdpa_attention, sdpa_expressible
 from fastattn.ops.flash.reference import attention_reference, band_from
 from fastattn.validation import (check_alibi, check_bias, check_eps, check_kvcache, check_linear, check_options, check_qkv,
-                                 check_rotary, check_varlen, default_scale, shape_str)
+                                 check_rotary, check_sinks, check_varlen, default_scale, shape_str)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -25,12 +25,12 @@ def _needs_grad(*tensors) -> bool:
 
 
 def _flash(op, q, k, v, *, band, scale, attn_bias=None, alibi_slopes=None, softcap=None, dropout_p=0.0,
-           need_lse=False):
+           sinks=None, need_lse=False):
     """Validated flash inputs -> (out, lse) from the route's implementation. lse is None when
     it was not asked for and torch's SDPA ran."""
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    expressible = sdpa_expressible(q, k, band=band, attn_bias=attn_bias, alibi_slopes=alibi_slopes,
-                                   softcap=softcap, need_lse=need_lse)
+    expressible = sinks is None and sdpa_expressible(q, k, band=band, attn_bias=attn_bias,
+                                                     alibi_slopes=alibi_slopes, softcap=softcap, need_lse=need_lse)
     # The kernels give no gradient for ALiBi slopes: a call that needs one runs the reference.
     extra = ["alibi_slopes requires grad; the kernels compute no gradient for the slopes"] \
         if _needs_grad(alibi_slopes) else []
@@ -44,13 +44,13 @@ def _flash(op, q, k, v, *, band, scale, attn_bias=None, alibi_slopes=None, softc
         # dropout and nothing syncs with the host.
         seed = torch.randint(0, 2**62, (1,), device=q.device) if dropout_p > 0 else None
         return flash_op.flash_attn(
-            q, k, v, bias=bias, alibi=alibi_slopes, seed=seed, scale=scale, softcap=softcap,
+            q, k, v, bias=bias, alibi=alibi_slopes, seed=seed, sinks=sinks, scale=scale, softcap=softcap,
             dropout_p=float(dropout_p), window_left=band[0], window_right=band[1])
     if route.impl == "torch_sdpa":
         return sdpa_attention(q, k, v, band=band, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p), None
     return attention_reference(
         q, k, v, window=band, scale=scale, attn_bias=attn_bias, alibi_slopes=alibi_slopes,
-        softcap=softcap, dropout_p=dropout_p, return_lse=True, upcast=True)
+        softcap=softcap, dropout_p=dropout_p, sinks=sinks, return_lse=True, upcast=True)
 
 
 def flash_attention(
@@ -65,6 +65,7 @@ def flash_attention(
     alibi_slopes: Optional[Tensor] = None,
     softcap: Optional[float] = None,
     dropout_p: float = 0.0,
+    sinks: Optional[Tensor] = None,
     return_lse: bool = False,
 ):
     """Exact attention with every FlashAttention feature, computed blockwise.
@@ -83,11 +84,14 @@ def flash_attention(
         softcap: logits become ``softcap * tanh(logits / softcap)`` (before bias and masks).
         dropout_p: dropout on the attention probabilities, drawn inside the kernel from
             torch's generator (``torch.manual_seed`` makes it repeatable).
-        return_lse: also return the row logsumexp, float32 (B, Hq, Lq), natural log.
+        sinks: (Hq,) learnable attention-sink logits (gpt-oss's ``s_aux``): head h's softmax
+            denominator gains ``exp(sinks[h])``, a key with no value. Differentiable.
+        return_lse: also return the row logsumexp, float32 (B, Hq, Lq), natural log (with
+            sinks, the sink's term included).
 
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype, or ``(out, lse)``. A row whose keys are all masked
-        gives out 0 and lse -inf.
+        gives out 0 and lse -inf (with sinks: lse = sinks[h]).
 
     Raises:
         ValueError: bad ranks, shapes, dtypes, devices or options (the message names the
@@ -98,14 +102,17 @@ def flash_attention(
         s = q @ k.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2) * scale
         s = softcap * tanh(s / softcap) + attn_bias + alibi, masked by causal/window
         out = dropout(softmax(s, -1)) @ v.repeat_interleave(Hq // Hkv, 1)
+        # with sinks: softmax(cat([s, sinks[None, :, None, None].expand(B, Hq, Lq, 1)], -1), -1)[..., :Lk]
     """
     op = "flash_attention"
     check_qkv(op, q, k, v)
     check_bias(op, "attn_bias", attn_bias, q, k)
     check_options(op, q, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
                   dropout_p=dropout_p)
+    check_sinks(op, sinks, q.shape[1], q.device)
     out, lse = _flash(op, q, k, v, band=band_from(causal, window), scale=scale, attn_bias=attn_bias,
-                      alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, need_lse=return_lse)
+                      alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, sinks=sinks,
+                      need_lse=return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -124,6 +131,7 @@ def flash_attention_varlen(
     alibi_slopes: Optional[Tensor] = None,
     softcap: Optional[float] = None,
     dropout_p: float = 0.0,
+    sinks: Optional[Tensor] = None,
     return_lse: bool = False,
 ):
     """Exact attention over packed variable-length sequences (FlashAttention's varlen layout).
@@ -139,7 +147,7 @@ def flash_attention_varlen(
             of k/v (a sequence may have no keys: its rows give 0).
         max_seqlen_q, max_seqlen_k: the longest sequence, or None (then derived from the
             offsets); must not be below the real maximum.
-        causal, scale, window, alibi_slopes ((Hq,) or (B, Hq)), softcap, dropout_p: as
+        causal, scale, window, alibi_slopes ((Hq,) or (B, Hq)), softcap, dropout_p, sinks: as
             ``flash_attention``, bottom-right aligned per sequence (query i of sequence b sees
             key j iff ``j <= i + Lk_b - Lq_b``).
         return_lse: also return the row logsumexp, float32 (Hq, total_q), natural log.
@@ -162,18 +170,19 @@ def flash_attention_varlen(
     check_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     check_options(op, q.transpose(0, 1)[None], scale=scale, window=window, softcap=softcap, dropout_p=dropout_p)
     check_alibi(op, alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device)
+    check_sinks(op, sinks, q.shape[1], q.device)
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     band = band_from(causal, window)
     packed = [t.transpose(0, 1)[None] for t in (q, k, v)]  # (total, H, D) -> (1, H, total, D): views
     extra = ["alibi_slopes requires grad; the kernels compute no gradient for the slopes"] \
         if _needs_grad(alibi_slopes) else []
-    route = backend.route(op, "flash", *packed, torch_sdpa=not return_lse, extra_refusals=extra)
+    route = backend.route(op, "flash", *packed, torch_sdpa=not return_lse and sinks is None, extra_refusals=extra)
     if route.impl == "kernel":
         from fastattn.ops.flash import op as flash_op  # imports triton, so only when used
 
         seed = torch.randint(0, 2**62, (1,), device=q.device) if dropout_p > 0 else None
         out, lse = flash_op.flash_attn(
-            *packed, alibi=alibi_slopes, seed=seed, scale=scale, softcap=softcap, dropout_p=float(dropout_p),
+            *packed, alibi=alibi_slopes, seed=seed, sinks=sinks, scale=scale, softcap=softcap, dropout_p=float(dropout_p),
             window_left=band[0], window_right=band[1], cu_seqlens_q=cu_seqlens_q.contiguous(),
             cu_seqlens_k=cu_seqlens_k.contiguous(), max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
         out, lse = out[0].transpose(0, 1), lse[0]  # (1, Hq, total, Dv) -> (total, Hq, Dv); lse (Hq, total)
@@ -181,13 +190,14 @@ def flash_attention_varlen(
         from fastattn.ops.flash import fallback
 
         out, lse = fallback.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, band=band, scale=scale,
-                                             alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p)
+                                             alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
+                                             sinks=sinks)
     else:
         from fastattn.ops.flash.reference import varlen_attention_reference
 
         out, lse = varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, window=band, scale=scale,
                                               alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
-                                              return_lse=True, upcast=True)
+                                              sinks=sinks, return_lse=True, upcast=True)
     return (out, lse) if return_lse else out
 
 

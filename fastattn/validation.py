@@ -106,6 +106,17 @@ def check_alibi(op: str, alibi_slopes, batch: int, heads: int, device) -> None:
         raise ValueError(f"{op}: alibi_slopes must be floating point on {device}")
 
 
+def check_sinks(op: str, sinks, heads: int, device) -> None:
+    """Attention sinks: None, or floating point (heads,) logits on ``device``."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, Tensor) or tuple(sinks.shape) != (heads,):
+        shape = shape_str(sinks) if isinstance(sinks, Tensor) else type(sinks).__name__
+        raise ValueError(f"{op}: sinks must have shape ({heads},) (one logit per query head), got {shape}")
+    if sinks.device != device or not sinks.dtype.is_floating_point:
+        raise ValueError(f"{op}: sinks must be floating point on {device}, got {sinks.dtype} on {sinks.device}")
+
+
 def check_eps(op: str, eps) -> None:
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{op}: eps must be a finite float >= 0, got {eps!r}")

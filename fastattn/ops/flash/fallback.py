@@ -52,22 +52,24 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, band: tuple, scale: float
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, band: tuple, scale: float, attn_bias=None, alibi_slopes=None,
-              softcap=None, dropout_p: float = 0.0, need_lse: bool = False):
-    """flash_attention's semantics without kernels: torch's SDPA where it expresses the call,
-    else the reference with fp32 scores. Returns (out, lse); lse None from torch's SDPA."""
-    if sdpa_expressible(q, k, band=band, attn_bias=attn_bias, alibi_slopes=alibi_slopes, softcap=softcap,
-                        need_lse=need_lse):
+              softcap=None, dropout_p: float = 0.0, sinks=None, need_lse: bool = False):
+    """flash_attention's semantics without kernels: torch's SDPA where it expresses the call
+    (it has no sinks), else the reference with fp32 scores. Returns (out, lse); lse None from
+    torch's SDPA."""
+    if sinks is None and sdpa_expressible(q, k, band=band, attn_bias=attn_bias, alibi_slopes=alibi_slopes,
+                                          softcap=softcap, need_lse=need_lse):
         return sdpa_attention(q, k, v, band=band, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p), None
     return attention_reference(q, k, v, window=band, scale=scale, attn_bias=attn_bias, alibi_slopes=alibi_slopes,
-                               softcap=softcap, dropout_p=dropout_p, return_lse=True, upcast=True)
+                               softcap=softcap, dropout_p=dropout_p, sinks=sinks, return_lse=True, upcast=True)
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *, band: tuple,
-                     scale: float, alibi_slopes=None, softcap=None, dropout_p: float = 0.0, need_lse: bool = False):
+                     scale: float, alibi_slopes=None, softcap=None, dropout_p: float = 0.0, sinks=None,
+                     need_lse: bool = False):
     """Packed sequences without kernels: ``attention`` per sequence (q (total_q, Hq, D), k/v
     (total_k, Hkv, D/Dv)). Returns out (total_q, Hq, Dv) and lse (Hq, total_q) or None."""
     def attend(qb, kb, vb, slopes):
         return attention(qb, kb, vb, band=band, scale=scale, alibi_slopes=slopes, softcap=softcap,
-                         dropout_p=dropout_p, need_lse=need_lse)
+                         dropout_p=dropout_p, sinks=sinks, need_lse=need_lse)
 
     return per_sequence(attend, q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)

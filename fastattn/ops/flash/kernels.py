@@ -177,7 +177,7 @@ def _load_kv(ptrs, row_ok, col_ok, MASKED: tl.constexpr, EVEN: tl.constexpr):
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, BIAS, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
+    Q, K, V, O, LSE, BIAS, ALIBI, SEED, SINKS, CU_SEQLENS_Q, CU_SEQLENS_K,
     q_strides, k_strides, v_strides, o_strides, lse_strides, bias_strides, alibi_strides,
     n_heads, group, seqlen_q, seqlen_k, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -211,6 +211,11 @@ def attn_fwd_kernel(
     slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
 
     m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_DV)
+    if TERMS.SINKS:
+        # The sink is a key every row sees, with no value: start the running softmax from it
+        # (max = the sink in log2 units, sum exp2(0) = 1), so no row is ever empty.
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h).to(tl.float32) * LOG2E
+        l_i = l_i + 1.0
     lo, hi = _key_range(start_m, seqlen_k, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
     ilo, ihi = _interior(start_m, lo, hi, seqlen_k, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
     kv = (q, k_ptrs, v_ptrs, k_strides[2], v_strides[2])
@@ -223,7 +228,8 @@ def attn_fwd_kernel(
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, kv, ilo, ihi, rows, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
                                BLOCK_N, TERMS, False, DOT_FP32, PRECISION, BF16_RTNE)
 
-    # m_i is in log2 units; every key masked: output 0, lse -inf, as torch >= 2.5.
+    # m_i is in log2 units. Every key masked: output 0, lse -inf, as torch >= 2.5 (with a sink:
+    # output 0, lse the sink).
     out, lse = softmax_finish(acc, m_i * LN2, l_i)
     store_rows(O, o_strides, b, h, q0, out, offs_m, offs_dv, row_ok, dv_ok, BF16_RTNE)
     lse_row = b * lse_strides[0] + h * lse_strides[1] + (tl.cast(q0, tl.int64) + offs_m) * lse_strides[2]
@@ -232,7 +238,7 @@ def attn_fwd_kernel(
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, ALIBI, SEED, SINKS, CU_SEQLENS_Q, CU_SEQLENS_K,
     q_strides, k_strides, v_strides, do_strides, lse_strides, dk_strides, dv_strides, bias_strides,
     alibi_strides,
     n_kv_heads, group, seqlen_q, seqlen_k, scalars,
@@ -283,7 +289,7 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DS, BIAS, ALIBI, SEED, CU_SEQLENS_Q, CU_SEQLENS_K,
+    Q, K, V, DO, LSE, DELTA, DQ, DS, DS_ROWS, BIAS, ALIBI, SEED, SINKS, CU_SEQLENS_Q, CU_SEQLENS_K,
     q_strides, k_strides, v_strides, do_strides, lse_strides, dq_strides, bias_strides, alibi_strides,
     n_heads, group, seqlen_q, seqlen_k, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -293,7 +299,8 @@ def attn_bwd_dq_kernel(
 ):
     """dQ for one block of queries (no atomics: deterministic). With STORE_DS it also writes
     dS, the gradient of the logits, which is the gradient of an additive bias; DS is
-    contiguous (B * H, Lq, Lk) (no packed sequences)."""
+    contiguous (B * H, Lq, Lk) (no packed sequences). With sinks it writes each row's sum of
+    dS into DS_ROWS (laid out as LSE), from which the launcher forms the sinks' gradient."""
     start_m = tl.program_id(0) * BLOCK_M
     b, h, bh, hk = program_heads(n_heads, group)
     q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
@@ -313,6 +320,7 @@ def attn_bwd_dq_kernel(
     bias_base = rows_base(BIAS, bias_strides, b, h, 0)
     slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    ds_rows = tl.zeros([BLOCK_M], tl.float32)
 
     lo, hi = _key_range(start_m, seqlen_k, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
     for start_n in range(lo, hi, BLOCK_N):
@@ -324,7 +332,12 @@ def attn_bwd_dq_kernel(
         if STORE_DS:
             store_tile(DS + bh * seqlen_q * seqlen_k, ds, offs_m, offs_n, seqlen_k, 1, row_ok, col_ok)
         dq += dot(cast(ds_qk, k.dtype, BF16_RTNE), k, DOT_FP32, PRECISION)
+        if TERMS.SINKS:
+            ds_rows += tl.sum(ds, 1)
 
+    if TERMS.SINKS:
+        lse_row = b * lse_strides[0] + h * lse_strides[1] + (tl.cast(q0, tl.int64) + offs_m) * lse_strides[2]
+        tl.store(DS_ROWS + lse_row, ds_rows, mask=row_ok)
     # The scores were q.k * scale.
     store_rows(DQ, dq_strides, b, h, q0, dq * scalars[0], offs_m, offs_d, row_ok, d_ok, BF16_RTNE)
 

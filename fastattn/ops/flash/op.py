@@ -42,7 +42,7 @@ def _bias_args(q: Tensor, bias: Optional[Tensor]):
     return (bias.view(torch.uint8) if bias.dtype == torch.bool else bias), bias.stride()
 
 
-def _launch_args(q, v, bias, alibi, seed, cu_seqlens, options: FlashOptions, backward: bool):
+def _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions, backward: bool):
     """The kernels' pointer arguments after q, k, v and their outputs, the strides of bias
     and alibi, the grid's batch axis, and the keyword arguments."""
     varlen = cu_seqlens[0] is not None
@@ -54,15 +54,16 @@ def _launch_args(q, v, bias, alibi, seed, cu_seqlens, options: FlashOptions, bac
     terms = _launch.Terms(
         BIAS=bias is not None, BIAS_IS_BOOL=bias is not None and bias.dtype == torch.bool,
         ALIBI=alibi is not None, SOFTCAP=bool(options.softcap), DROPOUT=options.dropout_p > 0.0,
-        LEFT=options.window_left is not None, RIGHT=options.window_right is not None)
+        LEFT=options.window_left is not None, RIGHT=options.window_right is not None, SINKS=sinks is not None)
     meta = dict(
         scalars=_launch.logit_scalars(*options[:5]),
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=_launch.pad(head_dim), BLOCK_DV=_launch.pad(head_dim_v), TERMS=terms,
-        VARLEN=varlen, num_warps=warps, **_launch.dtype_flags(q.dtype),
+        VARLEN=varlen, num_warps=warps, **_launch.num_stages(max(head_dim, head_dim_v), backward),
+        **_launch.dtype_flags(q.dtype),
     )
     cu_q, cu_k = cu_seqlens if varlen else (q, q)  # q stands in for the unused pointers
-    pointers = (bias_t, alibi_t, q if seed is None else seed, cu_q, cu_k)
+    pointers = (bias_t, alibi_t, q if seed is None else seed, q if sinks is None else sinks, cu_q, cu_k)
     return pointers, (bias_strides, alibi_strides), batch, meta
 
 
@@ -86,13 +87,13 @@ def _output(q: Tensor, head_dim_v: int, varlen: bool, empty) -> Tensor:
     return empty(*q.shape[:3], head_dim_v)
 
 
-def _forward(q, k, v, bias, alibi, seed, cu_seqlens, options: FlashOptions):
+def _forward(q, k, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions):
     _, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     varlen = cu_seqlens[0] is not None
     out = _output(q, v.shape[-1], varlen, lambda *shape: _launch.empty(*shape, like=q))
     lse = _launch.empty(*q.shape[:3], like=q, dtype=torch.float32)
-    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, cu_seqlens, options, False)
+    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, False)
     grid = (_grid_len(options.max_seqlen_q, lq, meta["BLOCK_M"]), h, batch)
     kernels.attn_fwd_kernel[grid](
         q, k, v, out, lse, *pointers,
@@ -102,7 +103,7 @@ def _forward(q, k, v, bias, alibi, seed, cu_seqlens, options: FlashOptions):
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, bias, alibi, seed, cu_seqlens, options: FlashOptions, bias_grad: bool):
+def _backward(do, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions, bias_grad: bool):
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     varlen = cu_seqlens[0] is not None
@@ -111,19 +112,35 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, cu_seqlens, options: Fla
     # Zeros, not empty: blocks outside the causal/window band are skipped, and their bias
     # gradient is 0.
     ds = torch.zeros(b, h, lq, lk if bias_grad else 0, device=q.device, dtype=torch.float32)
-    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, cu_seqlens, options, True)
+    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, True)
     q_k_v_do_lse = tuple(_strides(t, varlen) for t in (q, k, v, do, lse))
     kernels.attn_bwd_dkdv_kernel[(_grid_len(options.max_seqlen_k, lk, meta["BLOCK_N"]), hkv, batch)](
         q, k, v, do, lse, delta, dk, dv, *pointers,
         *q_k_v_do_lse, _strides(dk, varlen), _strides(dv, varlen), *strides,
         hkv, h // hkv, lq, lk, **meta,
     )
+    ds_rows = lse if sinks is None else _launch.empty(*lse.shape, like=lse)  # lse: an unused stand-in
     kernels.attn_bwd_dq_kernel[(_grid_len(options.max_seqlen_q, lq, meta["BLOCK_M"]), h, batch)](
-        q, k, v, do, lse, delta, dq, ds, *pointers,
+        q, k, v, do, lse, delta, dq, ds, ds_rows, *pointers,
         *q_k_v_do_lse, _strides(dq, varlen), *strides,
         h, h // hkv, lq, lk, STORE_DS=bias_grad, **meta,
     )
-    return dq, dk, dv, ds
+    return dq, dk, dv, ds, _sinks_grad(sinks, lse, delta, ds_rows)
+
+
+def _sinks_grad(sinks: Optional[Tensor], lse: Tensor, delta: Tensor, ds_rows: Tensor) -> Tensor:
+    """d loss / d sinks[h] = -sum over rows i of p_sink_i * t_i, with p_sink_i = exp(sink - lse_i)
+    and t_i = sum_j p_ij dP_ij: the sink is a key whose value is 0, so its dP is 0.
+
+    t_i equals delta_i = rowsum(dO * O) in exact arithmetic, but delta comes from the rounded
+    output (bf16: ~3 digits), and the sum over every row would carry that error. The dQ kernel
+    gives rowsum(dS) = t - delta * sum_j p_ij with the same delta, and sum_j p_ij = 1 - p_sink,
+    so t = rowsum(dS) + delta * (1 - p_sink) cancels delta's rounding. lse, delta, ds_rows
+    (B, H, L) float32; returns float32 (H,), or an empty (0,) without sinks."""
+    if sinks is None:
+        return lse.new_zeros(0)
+    p_sink = torch.exp(sinks.float()[None, :, None] - lse)  # (B, H, L)
+    return -(p_sink * (ds_rows + delta * (1.0 - p_sink))).sum(dim=(0, 2))
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,16 +151,16 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, cu_seqlens, options: Fla
 @torch.library.custom_op("fastattn::flash_fwd", mutates_args=())
 def flash_fwd(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], alibi: Optional[Tensor],
-    seed: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+    seed: Optional[Tensor], sinks: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     scale: float, softcap: Optional[float], dropout_p: float,
     window_left: Optional[int], window_right: Optional[int], max_seqlen_q: int, max_seqlen_k: int,
 ) -> tuple[Tensor, Tensor]:
     options = FlashOptions(scale, softcap, dropout_p, window_left, window_right, max_seqlen_q, max_seqlen_k)
-    return _forward(q, k, v, bias, alibi, seed, (cu_seqlens_q, cu_seqlens_k), options)
+    return _forward(q, k, v, bias, alibi, seed, sinks, (cu_seqlens_q, cu_seqlens_k), options)
 
 
 @flash_fwd.register_fake
-def _(q, k, v, bias, alibi, seed, cu_seqlens_q, cu_seqlens_k, *options):
+def _(q, k, v, bias, alibi, seed, sinks, cu_seqlens_q, cu_seqlens_k, *options):
     out = _output(q, v.shape[-1], cu_seqlens_q is not None, q.new_empty)
     return out, q.new_empty(*q.shape[:3], dtype=torch.float32)
 
@@ -151,53 +168,58 @@ def _(q, k, v, bias, alibi, seed, cu_seqlens_q, cu_seqlens_k, *options):
 @torch.library.custom_op("fastattn::flash_bwd", mutates_args=())
 def flash_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    bias: Optional[Tensor], alibi: Optional[Tensor], seed: Optional[Tensor],
+    bias: Optional[Tensor], alibi: Optional[Tensor], seed: Optional[Tensor], sinks: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     scale: float, softcap: Optional[float], dropout_p: float,
     window_left: Optional[int], window_right: Optional[int], max_seqlen_q: int, max_seqlen_k: int,
     bias_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     options = FlashOptions(scale, softcap, dropout_p, window_left, window_right, max_seqlen_q, max_seqlen_k)
-    return _backward(do, q, k, v, out, lse, bias, alibi, seed, (cu_seqlens_q, cu_seqlens_k), options, bias_grad)
+    return _backward(do, q, k, v, out, lse, bias, alibi, seed, sinks, (cu_seqlens_q, cu_seqlens_k), options,
+                     bias_grad)
 
 
 @flash_bwd.register_fake
-def _(do, q, k, v, out, lse, bias, alibi, seed, cu_seqlens_q, cu_seqlens_k, *options_and_bias_grad):
+def _(do, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens_q, cu_seqlens_k, *options_and_bias_grad):
     b, h, lq, _ = q.shape
     ds = q.new_empty(b, h, lq, k.shape[2] if options_and_bias_grad[-1] else 0, dtype=torch.float32)
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds)
+    dsinks = q.new_empty(h if sinks is not None else 0, dtype=torch.float32)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds, dsinks)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, alibi, seed, cu_seqlens_q, cu_seqlens_k = inputs[:8]
+    q, k, v, bias, alibi, seed, sinks, cu_seqlens_q, cu_seqlens_k = inputs[:9]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, alibi, seed, cu_seqlens_q, cu_seqlens_k)
-    ctx.options = FlashOptions(*inputs[8:])
+    ctx.save_for_backward(q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens_q, cu_seqlens_k)
+    ctx.options = FlashOptions(*inputs[9:])
     ctx.bias_grad = bias is not None and bias.requires_grad
 
 
 def _flash_fwd_backward(ctx, dout, dlse):
     # dlse is not propagated: lse is returned for merging partial results, not for training.
-    q, k, v, out, lse, bias, alibi, seed, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    dq, dk, dv, ds = flash_bwd(dout, q, k, v, out, lse, bias, alibi, seed, cu_seqlens_q, cu_seqlens_k,
-                               *ctx.options, ctx.bias_grad)
+    q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv, ds, dsinks = flash_bwd(dout, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens_q,
+                                       cu_seqlens_k, *ctx.options, ctx.bias_grad)
     dbias = ds.to(bias.dtype) if ctx.bias_grad else None
-    return (dq, dk, dv, dbias) + (None,) * (4 + len(FlashOptions._fields))
+    dsinks = dsinks.to(sinks.dtype) if sinks is not None else None
+    return (dq, dk, dv, dbias, None, None, dsinks) + (None,) * (2 + len(FlashOptions._fields))
 
 
 flash_fwd.register_autograd(_flash_fwd_backward, setup_context=_setup_context)
 
 
-def flash_attn(q, k, v, *, bias=None, alibi=None, seed=None, scale, softcap=None, dropout_p=0.0,
+def flash_attn(q, k, v, *, bias=None, alibi=None, seed=None, sinks=None, scale, softcap=None, dropout_p=0.0,
                window_left=None, window_right=None, cu_seqlens_q=None, cu_seqlens_k=None,
                max_seqlen_q=None, max_seqlen_k=None):
     """Validated inputs -> (out, lse). ``bias`` is already expanded to (B, Hq, Lq, Lk);
-    softcap None (or 0.0) is no cap. Packed sequences: q, k, v are (1, H, total, D) views,
-    ``cu_seqlens_q/k`` int32 (B + 1,) contiguous, ``max_seqlen_q/k`` an int or None (then the
-    grid covers the packed total: no host sync); out and lse come back (1, H, total, ...)."""
+    softcap None (or 0.0) is no cap; ``sinks`` (Hq,) or None. Packed sequences: q, k, v are
+    (1, H, total, D) views, ``cu_seqlens_q/k`` int32 (B + 1,) contiguous, ``max_seqlen_q/k``
+    an int or None (then the grid covers the packed total: no host sync); out and lse come
+    back (1, H, total, ...)."""
     options = FlashOptions(scale, softcap or None, dropout_p, window_left, window_right,
                            max_seqlen_q or 0, max_seqlen_k or 0)
-    return flash_fwd(q, k, v, bias, alibi, seed, cu_seqlens_q, cu_seqlens_k, *options)
+    sinks = None if sinks is None else sinks.contiguous()
+    return flash_fwd(q, k, v, bias, alibi, seed, sinks, cu_seqlens_q, cu_seqlens_k, *options)
 
 
 def flash_backward(do, q, k, v, out, lse, *, bias=None, alibi=None, seed=None, scale, softcap=None,
@@ -214,7 +236,8 @@ def flash_backward(do, q, k, v, out, lse, *, bias=None, alibi=None, seed=None, s
     an empty (B, Hq, Lq, 0). Runs as the ``fastattn::flash_bwd`` custom op.
     """
     options = FlashOptions(scale, softcap or None, dropout_p, window_left, window_right)
-    return flash_bwd(do, q, k, v, out, lse.contiguous(), bias, alibi, seed, None, None, *options, bias_grad)
+    return flash_bwd(do, q, k, v, out, lse.contiguous(), bias, alibi, seed, None, None, None, *options,
+                     bias_grad)[:4]
 
 
 def dropout_keep_mask(seed: Tensor, b: int, h: int, lq: int, lk: int, dropout_p: float) -> Tensor:

@@ -69,6 +69,7 @@ def attention_reference(
     softcap: Optional[float] = None,
     dropout_p: float = 0.0,
     dropout_mask: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
     return_lse: bool = False,
     upcast: bool = False,
 ):
@@ -85,6 +86,9 @@ def attention_reference(
         softcap: logits become ``softcap * tanh(logits / softcap)`` before bias and masks.
         dropout_p / dropout_mask: if ``dropout_mask`` (bool, broadcastable to the scores, True =
             keep) is given it is used as is; otherwise one is drawn with ``torch.rand``.
+        sinks: (Hq,) attention-sink logits (gpt-oss): head h's softmax denominator gains
+            ``exp(sinks[h])``, a key that carries no value. The lse includes it; a row with
+            every key masked then gives out 0 and lse = sinks[h].
         return_lse: also return the natural-log logsumexp of each row, (B, Hq, Lq), in float32
             (float64 for float64 inputs).
         upcast: compute the scores, softmax and P @ V of fp16/bf16 inputs in float32, as the
@@ -98,7 +102,7 @@ def attention_reference(
     Equivalent code::
 
         s = softcap_fn(q @ k.transpose(-1, -2) * scale) + bias + alibi, masked to -inf
-        out = dropout(softmax(s, -1)) @ v
+        out = dropout(softmax(cat([s, sinks], -1), -1)[..., :Lk]) @ v   # no sinks: softmax(s, -1)
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -125,6 +129,9 @@ def attention_reference(
         masked = ~keep if masked is None else (masked | ~keep)
     if masked is not None:
         s = s.masked_fill(masked, float("-inf"))
+    if sinks is not None:
+        # The sink is one more column of logits, dropped again after the softmax.
+        s = torch.cat([s, sinks.to(s.dtype).view(1, hq, 1, 1).expand(b, hq, lq, 1)], dim=-1)
     # A row whose every score is -inf (masked, or an all -inf bias) is empty. Its softmax is
     # 0/0: compute it on zeros instead, so neither the values nor the gradients (through the
     # bias, too) see a NaN, then give the row p = 0 and lse = -inf, as torch >= 2.5 does.
@@ -133,9 +140,11 @@ def attention_reference(
     lse = torch.logsumexp(s.to(torch.promote_types(s.dtype, torch.float32)), dim=-1)
     lse = lse.masked_fill(empty[..., 0], float("-inf"))
     p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
+    if sinks is not None:
+        p = p[..., :lk]
     if dropout_p > 0.0:
         if dropout_mask is None:
-            dropout_mask = torch.rand(s.shape, device=s.device) >= dropout_p
+            dropout_mask = torch.rand(p.shape, device=p.device) >= dropout_p
         p = p.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
     out = torch.matmul(p, v.to(ct)).to(v.dtype) if upcast else torch.matmul(p.to(v.dtype), v)
     return (out, lse) if return_lse else out
