@@ -435,6 +435,16 @@ def test_varlen_torch_backend_is_the_per_sequence_chunked_fallback(device):
         assert torch.equal(got[a:b], chunked[0].transpose(0, 1)), f"sequence {s}"
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_varlen_with_no_tokens_gives_empty_output_and_gradients(backend, device):
+    q, k, v, cu = packed_qkv([0, 0], torch.float32, device)
+    with fastattn.use_backend(backend):
+        out = fastattn.linear_attention_varlen(q, k, v, cu, causal=True)
+    assert out.shape == (0, q.shape[1], v.shape[-1])
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert [g.shape for g in grads] == [t.shape for t in (q, k, v)]
+
+
 def test_varlen_bad_inputs_raise_value_errors(device):
     q, k, v, cu = packed_qkv([3, 5], torch.float32, device)
     with pytest.raises(ValueError, match="cu_seqlens_q must be an int32"):

@@ -255,7 +255,9 @@ def linear_attention_chunked(
         outs.append(num.to(v.dtype))
         s = s + kc.transpose(-1, -2) @ vc
         z = z + kc.sum(-2).unsqueeze(-1)
-    return torch.cat(outs, dim=2) if outs else v.new_zeros(b, h, 0, v.shape[-1])  # L = 0: no chunk
+    if not outs:  # L = 0: no chunk; the (empty) quadratic form keeps the autograd graph
+        return linear_attention_quadratic(phi_q, phi_k, v, causal=True, normalize=normalize, eps=eps)
+    return torch.cat(outs, dim=2)
 
 
 def linear_attention_varlen(
