@@ -19,7 +19,8 @@ CUDA: bf16, 16 heads of 128, budgets of 16k and 32k tokens, documents up to 8192
 4 heads of 64, budgets of 1024 and 4096 tokens, documents up to 1024; ``--quick``: 1 head of
 16, 128 and 256 tokens, documents up to 128: without the interpreter under a minute; under
 TRITON_INTERPRET=1 minutes (each interpreted program takes tens of ms, and the padded batch
-and the loop run one or more per document). On a CPU without the interpreter fastattn runs its fallbacks.
+and the loop run one or more per document). On a CPU without the interpreter fastattn runs its
+fallbacks.
 
     python -m fastattn.bench.varlen [--quick]    # the table on the terminal
     fastattn bench --suite varlen [--quick]      # the same cases through the CLI
