@@ -120,9 +120,10 @@ def cases(device, quick=False, config_list=None):
         for sigma in SIGMAS:
             lengths = document_lengths(budget, max_len, sigma)
             lmax = max(lengths)
-            name = f"h{h}-d{d}-t{budget}-lognormal{sigma:g}-docs{len(lengths)}-lmax{lmax}"
-            params = {"seq_len": budget, "sigma": sigma, "docs": len(lengths), "max_doc": lmax,
-                      "padding": round(1 - budget / (len(lengths) * lmax), 3)}
+            padding = 1 - budget / (len(lengths) * lmax)  # of the padded batch
+            name = f"h{h}-d{d}-t{budget}-lognormal{sigma:g}-docs{len(lengths)}-lmax{lmax}-pad{round(100 * padding)}"
+            # the plot's series: sigma (documents, longest and padding are in the config's name)
+            params = {"seq_len": budget, "sigma": sigma}
             flops = sum(attention_flops(1, h, n, n, d, causal=True) for n in lengths)
             q, k, v = (torch.randn(budget, h, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
             for impl, (f, leaves) in impls(q, k, v, lengths, device).items():
