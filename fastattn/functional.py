@@ -492,19 +492,48 @@ def _check_cache_lengths(op, q, k_cache, seqlens, lnew, rotary_cos) -> int:
 # ---------------------------------------------------------------------------------------
 # Linear-complexity attention (fastattn/ops/linear)
 
-def _linear(op, q, k, v, *, feature, causal, normalize, eps):
+def _linear(op, q, k, v, *, feature, causal, normalize, eps, cu_seqlens=None):
     """Validated inputs -> out. q/k are the inputs of the elementwise map ``feature``
-    ("identity" when the features were computed in torch)."""
-    route = backend.route(op, "linear", q, k, v)
+    ("identity" when the features were computed in torch). With ``cu_seqlens`` (int32 (S+1,))
+    q/k/v are packed, (total, H, .), and so is out."""
+    if cu_seqlens is None:
+        views, extra = (q, k, v), []
+    else:
+        views = [t.transpose(0, 1)[None] for t in (q, k, v)]  # (total, H, .) -> (1, H, total, .): views
+        n_seq = cu_seqlens.numel() - 1
+        extra = [f"{n_seq} sequences exceed {backend.MAX_GRID_YZ}, CUDA's limit on a launch grid's third axis"] \
+            if n_seq > backend.MAX_GRID_YZ else []
+    route = backend.route(op, "linear", *views, extra_refusals=extra)
     if route.impl == "kernel":
         from fastattn.ops.linear import op as linear_op  # imports triton, so only when used
 
-        return linear_op.linear_attn(q, k, v, feature=feature, causal=causal, normalize=normalize, eps=eps)
+        out = linear_op.linear_attn(*views, feature=feature, causal=causal, normalize=normalize, eps=eps,
+                                    cu_seqlens=cu_seqlens)
+        return out if cu_seqlens is None else out[0].transpose(0, 1)  # (1, H, total, Dv) -> (total, H, Dv)
     from fastattn.ops.linear import reference as linear_ref
 
-    return linear_ref.linear_attention_chunked(
-        linear_ref.feature_map(q, feature), linear_ref.feature_map(k, feature), v,
-        causal=causal, normalize=normalize, eps=eps)
+    fq, fk = linear_ref.feature_map(q, feature), linear_ref.feature_map(k, feature)
+    if cu_seqlens is None:
+        return linear_ref.linear_attention_chunked(fq, fk, v, causal=causal, normalize=normalize, eps=eps)
+    return linear_ref.linear_attention_varlen(fq, fk, v, cu_seqlens, causal=causal, normalize=normalize, eps=eps,
+                                              chunk_size=64)
+
+
+def _linear_features(op, q, k, feature_map):
+    """(q, k, feature) for the kernels: a callable feature map runs here, in torch, and must
+    keep every dim but the last, and the dtype; a named one is checked and applied later."""
+    if callable(feature_map):
+        fq, fk = feature_map(q), feature_map(k)
+        for name, t, x in (("feature_map(q)", fq, q), ("feature_map(k)", fk, k)):
+            if not isinstance(t, Tensor) or t.dim() != x.dim():
+                raise ValueError(f"{op}: {name} must return a {x.dim()}-D Tensor")
+            if t.dtype != x.dtype or t.shape[:-1] != x.shape[:-1]:
+                raise ValueError(f"{op}: {name} must keep its input's dtype {x.dtype} and all dims but the last "
+                                 f"{tuple(x.shape[:-1])}, got {t.dtype} {shape_str(t)}")
+        return fq, fk, "identity"
+    if feature_map not in ("elu", "relu", "identity"):
+        raise ValueError(f"{op}: feature_map must be 'elu', 'relu', 'identity' or a callable, got {feature_map!r}")
+    return q, k, feature_map
 
 
 def linear_attention(
@@ -548,20 +577,57 @@ def linear_attention(
     op = "linear_attention"
     check_qkv(op, q, k, v)
     check_eps(op, eps)
-    feature = feature_map
-    if callable(feature_map):
-        fq, fk = feature_map(q), feature_map(k)
-        for name, t, x in (("feature_map(q)", fq, q), ("feature_map(k)", fk, k)):
-            if not isinstance(t, Tensor) or t.dim() != 4:
-                raise ValueError(f"{op}: {name} must return a 4-D Tensor")
-            if t.dtype != x.dtype or t.shape[:3] != x.shape[:3]:
-                raise ValueError(f"{op}: {name} must keep its input's dtype {x.dtype} and first three dims "
-                                 f"{tuple(x.shape[:3])}, got {t.dtype} {shape_str(t)}")
-        q, k, feature = fq, fk, "identity"
-    elif feature_map not in ("elu", "relu", "identity"):
-        raise ValueError(f"{op}: feature_map must be 'elu', 'relu', 'identity' or a callable, got {feature_map!r}")
+    q, k, feature = _linear_features(op, q, k, feature_map)
     check_linear(op, q, k, v, causal)
     return _linear(op, q, k, v, feature=feature, causal=bool(causal), normalize=bool(normalize), eps=eps)
+
+
+def linear_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    *,
+    causal: bool = False,
+    feature_map="elu",
+    normalize: bool = True,
+    eps: float = 1e-6,
+) -> Tensor:
+    """``linear_attention`` over packed variable-length sequences (FlashAttention's varlen layout).
+
+    Several sequences share one packed tensor with no padding; each attends only inside
+    itself. Causal, the running state (S, z) starts empty at every sequence's first row, in
+    the forward and the backward; non-causal, each sequence's queries see all of its own keys.
+
+    Args:
+        q: (total, Hq, D). k: (total, Hkv, D). v: (total, Hkv, Dv). Any strides; Hq a multiple
+            of Hkv (GQA by index).
+        cu_seqlens: int32 (S+1,) offsets, for queries and keys alike: sequence s holds rows
+            ``cu_seqlens[s]:cu_seqlens[s+1]`` of q, k and v (Lq == Lk per sequence; a
+            sequence may be empty). The kernels read them on the device (no host sync).
+        causal, feature_map, normalize, eps: as ``linear_attention``, per sequence. A callable
+            feature_map takes (total, H, D) and must return (total, H, M), row by row.
+
+    Returns:
+        (total, Hq, Dv) in q's dtype, contiguous.
+
+    Raises:
+        ValueError: as ``linear_attention``, plus offsets that are not int32 (S+1,), do not start
+            at 0, decrease, or do not end at the packed total (checked on the host, except
+            while torch.compile traces), and under ``use_backend("triton")`` more than 65535
+            sequences (CUDA's grid limit).
+
+    Equivalent code, per sequence s (x_s = x[cu_seqlens[s]:cu_seqlens[s+1]].transpose(0, 1)[None])::
+
+        out[cu_seqlens[s]:cu_seqlens[s+1]] = linear_attention(q_s, k_s, v_s, causal=causal, ...)[0].transpose(0, 1)
+    """
+    op = "linear_attention_varlen"
+    check_varlen(op, q, k, v, cu_seqlens, cu_seqlens, None, None)
+    check_eps(op, eps)
+    q, k, feature = _linear_features(op, q, k, feature_map)
+    check_qkv(op, *(t.transpose(0, 1)[None] for t in (q, k, v)))  # the features, as (1, H, total, .) views
+    return _linear(op, q, k, v, feature=feature, causal=bool(causal), normalize=bool(normalize), eps=eps,
+                   cu_seqlens=cu_seqlens)
 
 
 def performer_attention(

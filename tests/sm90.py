@@ -26,14 +26,17 @@ H100_SHARED_BYTES = 232448  # 227 KB usable per block on sm_90
 PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
 
-def compile_sm90(kernel, constexprs, num_warps, pointers, floats=(), default_pointer="*fp32"):
+def compile_sm90(kernel, constexprs, num_warps, pointers, floats=(), default_pointer="*fp32", tuples=None):
     """Compile ``kernel`` for sm_90. Arguments in ``pointers`` (name -> "*fp16" etc.) and
     upper-case names (pointers, by the kernels' naming rule, typed ``default_pointer``) are
-    pointers; ``floats`` are fp32 scalars; other runtime arguments are i32."""
+    pointers; ``floats`` are fp32 scalars; ``tuples`` (name -> length) are tuples of i32 (a
+    tensor's strides); other runtime arguments are i32."""
     signature = {}
     for p in kernel.params:
         if p.is_constexpr:
             signature[p.name] = "constexpr"
+        elif tuples and p.name in tuples:
+            signature[p.name] = ("i32",) * tuples[p.name]
         elif p.name in pointers:
             signature[p.name] = pointers[p.name]
         elif p.name.isupper():
@@ -114,28 +117,33 @@ CASES.update({
 
 
 def linear_case(dtype, feat_dim, head_dim_v):
-    """Linear attention: forward, dQ, dK, dV, causal (elu+1 fused) and non-causal (identity)."""
+    """Linear attention: forward and the dQ, dK, dV backward, causal on packed sequences (elu+1
+    fused) and non-causal on a batch (identity)."""
     from fastattn.ops.linear import kernels, op
 
     cfg = op.block_config(feat_dim, head_dim_v, dtype)
     ptr = PTR[dtype]
-    fp32 = {"DEN": "*fp32", "G": "*fp32", "EPS": "*fp32"}
+    fp32 = {"DEN": "*fp32", "G": "*fp32", "EPS": "*fp32", "CU": "*i32"}
+    strides = {name: 4 for name in ("q_strides", "k_strides", "v_strides", "o_strides", "do_strides", "dx_strides")}
+    strides.update(den_strides=3, eps_strides=3)
     out = []
     for causal in (True, False):
         common = dict(FEAT_DIM=feat_dim, HEAD_DIM_V=head_dim_v, BLOCK_C=cfg["chunk"],
-                      FEATURE=1 if causal else 0, CAUSAL=causal, NORMALIZE=True, DOT_FP32=False,
+                      FEATURE=1 if causal else 0, CAUSAL=causal, NORMALIZE=True, VARLEN=causal, DOT_FP32=False,
                       PRECISION="ieee", BF16_RTNE=False,
-                      STATE_PRECISION="ieee" if dtype == torch.float32 else "tf32")
-        tag = "causal" if causal else "full"
+                      STATE_PRECISION="ieee" if dtype == torch.float32 else "tf32", INTRA_FP32=dtype == torch.float16)
+        tag = "causal-varlen" if causal else "full"
         for name, kernel, blocks, extra in (
             ("fwd", kernels.linear_fwd_kernel, (cfg["full_f"], cfg["split_dv"]), {}),
-            ("dq", kernels.linear_bwd_dq_kernel, (cfg["split_f"], cfg["full_dv"]), {}),
-            ("dk", kernels.linear_bwd_dk_kernel, (cfg["split_f"], cfg["full_dv"]), {"DK": "*fp32"}),
-            ("dv", kernels.linear_bwd_dv_kernel, (cfg["full_f"], cfg["split_dv"]), {"DV": "*fp32"}),
+            ("dq", kernels.linear_bwd_kernel, (cfg["split_f"], cfg["full_dv"]), {"GRAD": 0}),
+            ("dk", kernels.linear_bwd_kernel, (cfg["split_f"], cfg["full_dv"]), {"GRAD": 1, "DX": "*fp32"}),
+            ("dv", kernels.linear_bwd_kernel, (cfg["full_f"], cfg["split_dv"]), {"GRAD": 2, "DX": "*fp32"}),
         ):
-            constexprs = dict(common, BLOCK_F=blocks[0], BLOCK_DV=blocks[1])
-            out.append((f"{name}-{tag}", compile_sm90(kernel, constexprs, cfg["num_warps"], {**fp32, **extra},
-                                                     default_pointer=ptr)))
+            pointers = {**fp32, **{n: t for n, t in extra.items() if n == "DX"}}
+            constexprs = dict(common, BLOCK_F=blocks[0], BLOCK_DV=blocks[1],
+                              **{n: c for n, c in extra.items() if n == "GRAD"})
+            out.append((f"{name}-{tag}", compile_sm90(kernel, constexprs, cfg["num_warps"], pointers,
+                                                     default_pointer=ptr, tuples=strides)))
     return out
 
 

@@ -104,3 +104,62 @@ def test_pytest_benchmark_entry_points_collect_every_suite():
     ids = [line for line in out.stdout.splitlines() if "::test_suite[" in line]
     for name in bench.SUITES:
         assert any(f"test_suite[{name}" in i for i in ids), name
+
+
+def test_varlen_document_lengths_fill_the_budget_with_a_long_tail():
+    from fastattn.bench.varlen import document_lengths
+
+    for sigma in (1.0, 1.75):
+        lengths = document_lengths(4096, 1024, sigma, seed=3)
+        assert sum(lengths) == 4096 and min(lengths) >= 1 and max(lengths) <= 1024
+        assert lengths == document_lengths(4096, 1024, sigma, seed=3)
+    # ~2000 documents each (the last one, cut to fit, left out): median max_len / 16 = 64, and
+    # the wider log-normal puts far more documents past 4x the median (P(Z > ln 4 / sigma))
+    draws = {s: torch.tensor(document_lengths(1 << 18, 1024, s)[:-1], dtype=torch.float64) for s in (1.0, 1.75)}
+    assert all(abs(x.median().item() / 64 - 1) < 0.15 for x in draws.values())
+    tail = {s: (x > 4 * 64).double().mean().item() for s, x in draws.items()}
+    assert tail[1.75] > 2 * tail[1.0] > 0
+    with pytest.raises(ValueError, match="budget"):
+        document_lengths(0, 16, 1.0)
+
+
+def test_varlen_suite_impls_agree_and_its_cases_run():
+    """The smallest quick CPU config, long-tailed mix: packed, padded-with-mask and the loop give
+    the same output on every real token; its cases run (the padded ones under the interpreter
+    take seconds), the checked one passes its check."""
+    from fastattn.bench import varlen
+
+    config = varlen.configs("cpu", quick=True)[0]
+    h, d, budget, max_len, dtype = config
+    lengths = varlen.document_lengths(budget, max_len, varlen.SIGMAS[1])
+    q, k, v = (torch.randn(budget, h, d) for _ in range(3))
+    outs = {name: f() for name, (f, _) in varlen.impls(q, k, v, lengths, "cpu").items()}
+    # (B, H, Lmax, D) -> the real rows of each document, packed (total, H, D)
+    unpadded = torch.cat([outs["padded-masked"][i, :, :n].transpose(0, 1) for i, n in enumerate(lengths)])
+    assert outs["fastattn"].shape == (budget, h, d)
+    for name, got in (("loop", outs["loop"]), ("padded-masked", unpadded)):
+        assert (got - outs["fastattn"]).abs().max() < 1e-5, name
+    cases = varlen.cases("cpu", quick=True, config_list=[config])
+    assert {(c.suite, c.impl) for c in cases} == {(s, i) for s in ("varlen-fwd", "varlen-fwdbwd")
+                                                   for i in ("fastattn", "padded-masked", "loop")}
+    assert [c.impl for c in cases if c.check is not None] == ["fastattn"] * len(varlen.SIGMAS)
+    tail = f"lognormal{varlen.SIGMAS[1]:g}-docs{len(lengths)}-"
+    for case in cases:
+        if case.check is not None:
+            case.check()
+        if case.suite == "varlen-fwdbwd" and tail in case.config:  # the forwards ran above
+            grads = case.fn()
+            assert len(grads) == 3 and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_varlen_check_catches_a_wrong_answer(monkeypatch):
+    import fastattn
+    from fastattn.bench import varlen
+
+    case = next(c for c in varlen.cases("cpu", quick=True, config_list=varlen.configs("cpu", True)[:1])
+                if c.check is not None)
+    case.check()
+    real = fastattn.flash_attention_varlen
+    monkeypatch.setattr(fastattn, "flash_attention_varlen", lambda *a, **kw: real(*a, **kw) * 1.01)
+    with pytest.raises(AssertionError, match="error"):
+        case.check()

@@ -333,11 +333,14 @@ def test_converted_model_compiles_fullgraph(training):
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
 @pytest.mark.parametrize("source", ["collator-kwargs", "position-ids"])
-def test_huggingface_padding_free_batch_equals_the_padded_one(source, hf_name, monkeypatch):
+def test_huggingface_padding_free_batch_equals_the_padded_one(source, use_cache, hf_name, monkeypatch):
     """Packed documents in one row (DataCollatorWithFlattening's cu_seq_lens_q/k, or only
     position_ids restarting at 0) give the padded batch's loss and gradients, through
-    flash_attention_varlen (no dense block-diagonal mask reaches the attention)."""
+    flash_attention_varlen, and no dense block-diagonal mask is built or used. Without a cache
+    (use_cache=False, as under gradient checkpointing) transformers detects the packing itself
+    and asks the mask function for the block-diagonal pattern."""
     from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
     config, _ = _hf_configs()["llama-gqa"]
@@ -347,7 +350,7 @@ def test_huggingface_padding_free_batch_equals_the_padded_one(source, hf_name, m
 
     def loss_and_grads(**batch):
         model.zero_grad()
-        loss = model(**batch).loss
+        loss = model(**batch, use_cache=use_cache).loss
         loss.backward()
         return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -362,13 +365,60 @@ def test_huggingface_padding_free_batch_equals_the_padded_one(source, hf_name, m
         [{"input_ids": d} for d in docs])
     if source == "position-ids":
         assert "cu_seq_lens_q" not in flat
-    varlen_calls = []
+    varlen_calls, dense_masks, dense_calls = [], [], []
+    from transformers import masking_utils
+
     from fastattn.integrations import huggingface
 
     real = huggingface.flash_attention_varlen
     monkeypatch.setattr(huggingface, "flash_attention_varlen", lambda *a, **kw: varlen_calls.append(1) or real(*a, **kw))
+    # Spies on every way a dense mask could be built or used: transformers' sdpa_mask (what
+    # fastattn_mask falls back to) and the dense attention function.
+    real_mask = masking_utils.sdpa_mask
+    monkeypatch.setattr(masking_utils, "sdpa_mask", lambda *a, **kw: dense_masks.append(1) or real_mask(*a, **kw))
+    real_dense = huggingface.flash_attention
+    monkeypatch.setattr(huggingface, "flash_attention", lambda *a, **kw: dense_calls.append(1) or real_dense(*a, **kw))
     got_loss, got_grads = loss_and_grads(**flat)
     assert varlen_calls, "the packed batch did not go through flash_attention_varlen"
+    assert not dense_masks, "a dense (L, L) mask was built for the packed batch"
+    assert not dense_calls, "the packed batch reached the dense attention"
     # Same tokens, same loss terms (the padded loss averages the same 16 predicted tokens).
     assert (got_loss - want_loss).abs() < 1e-12 * max(1.0, want_loss.abs())
     assert (got_grads - want_grads).abs().max() < 1e-10
+
+
+def _packed_pattern(lengths, window=None, bidirectional=False, rows=1):
+    """transformers' mask function for documents of these lengths packed in each of ``rows``
+    rows: causal (or not) on the positions restarting per document, within a document only."""
+    from transformers.masking_utils import (and_masks, causal_mask_function, packed_sequence_mask_function,
+                                            remap_positions_for_packed_sequence, sliding_window_overlay)
+
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].expand(rows, -1)  # (rows, L)
+    docs = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None].expand(rows, -1)
+    pattern = causal_mask_function if window is None else and_masks(causal_mask_function,
+                                                                    sliding_window_overlay(window))
+    if bidirectional:
+        pattern = lambda b, h, q, kv: torch.ones_like(torch.as_tensor(q), dtype=torch.bool)  # noqa: E731
+    return and_masks(remap_positions_for_packed_sequence(pattern, positions), packed_sequence_mask_function(docs))
+
+
+@pytest.mark.parametrize("case", ["causal", "sliding", "one-document", "bidirectional", "window-differs", "two-rows"])
+def test_huggingface_mask_gives_offsets_only_for_packed_causal_documents(case):
+    """fastattn_mask on a packed batch: the documents' offsets (O(L), no dense mask) where the
+    pattern is causal (or sliding with the layer's window) per document, else the dense mask."""
+    pytest.importorskip("transformers")
+    from fastattn.integrations.huggingface import fastattn_mask
+
+    lengths = {"one-document": [12]}.get(case, [5, 1, 9, 3])
+    window = 4 if case in ("sliding", "window-differs") else None
+    batch = 2 if case == "two-rows" else 1
+    pattern = _packed_pattern(lengths, window=window, bidirectional=case == "bidirectional", rows=batch)
+    l = sum(lengths)
+    got = fastattn_mask(batch, l, l, mask_function=pattern, allow_is_causal_skip=False,
+                        local_size=3 if case == "window-differs" else window, device="cpu")
+    if case in ("causal", "sliding"):
+        assert got.dtype == torch.int32 and got.tolist() == [0, 5, 6, 15, 18]
+    else:
+        want = torch.stack([torch.stack([torch.as_tensor(pattern(0, 0, torch.tensor(i), torch.tensor(j)))
+                                         for j in range(l)]) for i in range(l)])
+        assert got.shape == (batch, 1, l, l) and torch.equal(got[0, 0], want)

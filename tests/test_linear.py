@@ -337,6 +337,139 @@ def test_linformer_bad_projections_raise(bad, device):
         fastattn.linformer_attention(q, k, v, e, f)
 
 
+# ------------------------------------------------------------- packed sequences (cu_seqlens)
+
+# Awkward length mixes: one row, partial chunks, an empty sequence in the middle and at the end.
+VARLEN_MIXES = {"1-17-0-63-113": [1, 17, 0, 63, 113], "40-0": [40, 0]}
+
+
+def cu_of(lengths, device):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def packed_qkv(lengths, dtype, device, hq=4, hkv=2, d=32, dv=24):
+    """Packed (total, H, .) q, k, v (k a non-contiguous view of an (H, total, D) buffer) and
+    their offsets."""
+    total = sum(lengths)
+    q = torch.randn(total, hq, d, device=device).to(dtype).requires_grad_()
+    k = torch.randn(hkv, total, d, device=device).to(dtype).transpose(0, 1).requires_grad_()
+    v = torch.randn(total, hkv, dv, device=device).to(dtype).requires_grad_()
+    return q, k, v, cu_of(lengths, device)
+
+
+# (feature map, mix, dtype): elu+1 on every mix and dtype, the other maps once in fp32
+VARLEN_CASES = [("elu", mix, dtype) for mix in VARLEN_MIXES for dtype in DTYPES]
+VARLEN_CASES += [(kind, "1-17-0-63-113", torch.float32) for kind in ("relu", "identity-unnormalized")]
+
+
+@pytest.mark.parametrize("kind,mix,dtype", VARLEN_CASES,
+                         ids=[f"{kind}-{mix}-{DTYPE_IDS[DTYPES.index(dt)]}" for kind, mix, dt in VARLEN_CASES])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen_kernels_match_the_per_sequence_oracle(causal, kind, mix, dtype, device):
+    """Packed sequences through the kernels vs the per-sequence float64 oracle (error rule),
+    forward and gradients."""
+    q, k, v, cu = packed_qkv(VARLEN_MIXES[mix], dtype, device)
+    name, normalize = kind.partition("-")[0], kind != "identity-unnormalized"
+    with fastattn.use_backend("triton"):
+        out = fastattn.linear_attention_varlen(q, k, v, cu, causal=causal, feature_map=name, normalize=normalize)
+
+    def run_ref(convert):
+        qa, ka, va = (convert(t) for t in (q, k, v))
+        return R.linear_attention_varlen(R.feature_map(qa, name), R.feature_map(ka, name), va, cu, causal=causal,
+                                         normalize=normalize), (qa, ka, va)
+
+    oracle, args64 = run_ref(as64)
+    base, args_t = run_ref(same_dtype_copy)
+    assert out.shape == (q.shape[0], q.shape[1], v.shape[-1]) and out.dtype == q.dtype and out.is_contiguous()
+    assert_close_rule("out", out, oracle, base)
+    do = torch.randn_like(out)
+    for gname, g, g64, gt in zip("qkv", torch.autograd.grad(out, (q, k, v), do),
+                                 torch.autograd.grad(oracle, args64, do.double()),
+                                 torch.autograd.grad(base, args_t, do)):
+        assert_close_rule(f"d{gname}", g, g64, gt, factor=3.0)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen_changing_one_document_never_changes_another(causal, device):
+    """Bit for bit: the outputs and gradients of sequences 0 and 2 do not move when sequence
+    1's tokens change, and each sequence gives what linear_attention gives on it alone."""
+    lengths = [17, 30, 9]
+    q, k, v, cu = packed_qkv(lengths, torch.float32, device)
+    do = torch.randn(q.shape[0], q.shape[1], v.shape[-1], device=device)
+
+    def run(q, k, v):
+        with fastattn.use_backend("triton"):
+            out = fastattn.linear_attention_varlen(q, k, v, cu, causal=causal)
+        return out, torch.autograd.grad(out, (q, k, v), do)
+
+    out1, g1 = run(q, k, v)
+    q2, k2, v2 = (t.detach().clone() for t in (q, k, v))
+    for t in (q2, k2, v2):
+        t[17:47] = torch.randn_like(t[17:47]) * 3
+    out2, g2 = run(*(t.requires_grad_() for t in (q2, k2, v2)))
+    others = torch.ones(q.shape[0], dtype=torch.bool, device=device)
+    others[17:47] = False
+    assert not torch.equal(out1[~others], out2[~others])
+    assert torch.equal(out1[others], out2[others])
+    for a, b in zip(g1, g2):
+        assert torch.equal(a[others], b[others])
+    # sequence 2 on its own: (L, H, .) -> (1, H, L, .)
+    alone = [t[47:].detach().transpose(0, 1)[None].requires_grad_() for t in (q, k, v)]
+    with fastattn.use_backend("triton"):
+        want = fastattn.linear_attention(*alone, causal=causal)
+    assert torch.equal(out1[47:], want[0].transpose(0, 1))
+    for g, ga in zip(g1, torch.autograd.grad(want, alone, do[47:].transpose(0, 1)[None])):
+        assert torch.equal(g[47:], ga[0].transpose(0, 1))
+
+
+def test_varlen_torch_backend_is_the_per_sequence_chunked_fallback(device):
+    q, k, v, cu = packed_qkv([5, 0, 70], torch.float32, device)
+    with fastattn.use_backend("torch"):
+        got = fastattn.linear_attention_varlen(q, k, v, cu, causal=True)
+    want = R.linear_attention_varlen(*(R.feature_map(t, "elu") for t in (q, k)), v, cu, causal=True)
+    assert_close_rule("out", got, as64(want), want)
+    for s, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):  # the chunked form, one sequence at a time
+        seq = [t[a:b].transpose(0, 1)[None] for t in (q, k, v)]
+        chunked = R.linear_attention_chunked(R.feature_map(seq[0], "elu"), R.feature_map(seq[1], "elu"), seq[2],
+                                             causal=True)
+        assert torch.equal(got[a:b], chunked[0].transpose(0, 1)), f"sequence {s}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_varlen_with_no_tokens_gives_empty_output_and_gradients(backend, device):
+    q, k, v, cu = packed_qkv([0, 0], torch.float32, device)
+    with fastattn.use_backend(backend):
+        out = fastattn.linear_attention_varlen(q, k, v, cu, causal=True)
+    assert out.shape == (0, q.shape[1], v.shape[-1])
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert [g.shape for g in grads] == [t.shape for t in (q, k, v)]
+
+
+def test_varlen_bad_inputs_raise_value_errors(device):
+    q, k, v, cu = packed_qkv([3, 5], torch.float32, device)
+    with pytest.raises(ValueError, match="cu_seqlens_q must be an int32"):
+        fastattn.linear_attention_varlen(q, k, v, cu.long())
+    with pytest.raises(ValueError, match="end at the packed total 8"):
+        fastattn.linear_attention_varlen(q, k, v, cu_of([3, 4], device))
+    with pytest.raises(ValueError, match="3-D"):
+        fastattn.linear_attention_varlen(q[None], k, v, cu)
+    with pytest.raises(ValueError, match=r"feature_map\(q\) must keep"):
+        fastattn.linear_attention_varlen(q, k, v, cu, feature_map=lambda x: x[:4])
+    with pytest.raises(ValueError, match="feature_map"):
+        fastattn.linear_attention_varlen(q, k, v, cu, feature_map="softmax")
+
+
+def test_varlen_triton_backend_refuses_more_sequences_than_the_grid_takes(device):
+    n = 65536
+    q = torch.randn(n, 1, 16, device=device)
+    cu = torch.arange(n + 1, dtype=torch.int32, device=device)  # n sequences of one token
+    with fastattn.use_backend("triton"), pytest.raises(ValueError, match="65536 sequences exceed 65535"):
+        fastattn.linear_attention_varlen(q, q, q, cu)
+    with fastattn.use_backend("torch"):  # the per-sequence fallback takes them (just slowly)
+        small = fastattn.linear_attention_varlen(q[:3], q[:3], q[:3], cu[:4])
+    assert torch.allclose(small, q[:3])  # one key each: out = v * a / (a + eps)
+
+
 # ------------------------------------------------------------- validation and dispatch
 
 def test_bad_inputs_raise_value_errors(device):
@@ -380,17 +513,19 @@ def test_callable_feature_map_and_generalized_relu(device):
 
 # ------------------------------------------------------------- torch.library / torch.compile
 
-def test_opcheck_forward_and_backward(device):
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
+def test_opcheck_forward_and_backward(packed, device):
     from fastattn.ops.linear import op
 
     q = randn((1, 4, 20, 32), torch.float16, device, requires_grad=True)
     k, v = (randn((1, 2, 20, 32), torch.float16, device, requires_grad=True) for _ in range(2))
     eps = torch.full((1, 4, 20), 1e-6, device=device)  # one per query row (FAVOR+ scales it)
-    fwd_args = (q, k, v, "elu", True, True, eps)
+    cu = torch.tensor([0, 7, 7, 20], dtype=torch.int32, device=device) if packed else None
+    fwd_args = (q, k, v, "elu", True, True, eps, cu)
     torch.library.opcheck(op.linear_fwd, fwd_args)
     with torch.no_grad():
         out, den = op.linear_fwd(*fwd_args)
-    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, den, "elu", True, True)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, den, "elu", True, True, cu)
     torch.library.opcheck(op.linear_bwd, bwd_args)
 
 
@@ -414,3 +549,17 @@ def test_torch_compile_fullgraph(device):
         assert max_err(got, want) < 1e-6
         got.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_varlen_torch_compile_fullgraph(device):
+    """Packed sequences compile into one graph: nothing reads the offsets on the host."""
+    q, k, v, cu = packed_qkv([9, 0, 20], torch.float32, device)
+    torch._dynamo.reset()
+    with fastattn.use_backend("triton"):
+        compiled = torch.compile(lambda q, k, v, cu: fastattn.linear_attention_varlen(q, k, v, cu, causal=True),
+                                 fullgraph=True, backend="aot_eager")
+        got = compiled(q, k, v, cu)
+        want = fastattn.linear_attention_varlen(q, k, v, cu, causal=True)
+        assert torch.equal(got, want)
+        got.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))

@@ -76,7 +76,7 @@ COLOURS = {
     "torch-cudnn": "#aec7e8", "dense": "#393b79", "sdpa-masked": "#8c6d31", "torch-layer": "#6b6ecf",
     "cumsum-linear": "#525252", "copy-ceiling": "#000000",
     "flex": "#2ca02c", "flash-attn": "#637939", "performer-pytorch": "#2ca02c", "linformer-layer": "#bcbd22",
-    "fla-linear": "#98df8a",
+    "fla-linear": "#98df8a", "padded-masked": "#8c6d31", "loop": "#393b79",
 }
 OTHER_COLOURS = ("#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363", "#a55194")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")

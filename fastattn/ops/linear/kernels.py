@@ -1,11 +1,11 @@
-"""Triton kernels for linear attention: forward, dQ, dK and dV.
+"""Triton kernels for linear attention: the forward and one backward kernel (dQ, dK or dV).
 
 Math (see ``reference.py``): with features phi (M of them per row),
 ``out_i = n_i / d_i``, ``n_i = sum_j a_ij v_j``, ``d_i = sum_j a_ij + eps_i``, ``a_ij = phi(q_i).phi(k_j)``
 over all keys (non-causal) or keys j <= i (causal, Lq == Lk).
 
-Every kernel runs one (batch, query head) per program and walks the sequence in chunks of
-BLOCK_C rows while it carries a state in fp32 registers:
+Every kernel runs one (sequence, query head) per program on a (blocks, heads, sequences) grid
+and walks the sequence in chunks of BLOCK_C rows while it carries a state in fp32 registers:
 - non-causal: a first pass sums the state over the whole sequence (e.g. S = phi(K)^T V,
   z = phi(K)^T 1), a second pass applies it to every chunk;
 - causal: one pass; inside a chunk the masked quadratic form, across chunks the running state.
@@ -13,6 +13,15 @@ The state is split over programs along one of its two dims (the output's), so ea
 keeps (M, BLOCK_DV) or (BLOCK_F, Dv) of it. GQA: query head h reads kv head h // group; the
 key/value gradients are written per query head (fp32) and summed over the group by the
 launcher.
+
+Sequences: batch b of (B, H, L, .) tensors (L rows each), or with VARLEN packed sequences in
+one batch row: sequence s is rows cu[s]:cu[s+1] of q, k and v alike (the launcher passes
+(1, H, total, .) views of FlashAttention's (total, H, .) layout), read from the offsets CU on
+the device. A program never reads a row outside its sequence, so the state starts empty at
+each boundary.
+
+Every tensor comes with its strides as one tuple, (batch, head, row, col) for 4-D tensors
+and (batch, head, row) for the per-row fp32 buffers (normaliser, its gradient, eps).
 
 Elementwise feature maps (FEATURE: 0 identity, 1 elu+1, 2 relu) are applied to the loaded
 tiles, so phi(Q), phi(K) never go to memory; FAVOR+ features are computed in torch first
@@ -26,11 +35,16 @@ Backward, with dn_i = dout_i / d_i and g_i = -(dout_i . out_i) / d_i (the gradie
 import triton
 import triton.language as tl
 
-from fastattn.ops._triton import cast, dot, load_tile, program_heads, span, store_tile
+from fastattn.ops._triton import cast, dot, load_tile, span, store_tile
 
 FEAT_IDENTITY = tl.constexpr(0)
 FEAT_ELU = tl.constexpr(1)
 FEAT_RELU = tl.constexpr(2)
+
+# Which gradient linear_bwd_kernel computes.
+GRAD_Q = tl.constexpr(0)
+GRAD_K = tl.constexpr(1)
+GRAD_V = tl.constexpr(2)
 
 
 @triton.jit
@@ -57,27 +71,67 @@ def _dphi(x, FEATURE: tl.constexpr):
 
 
 @triton.jit
-def _features(base, offs_r, offs_c, stride_r, stride_c, r_ok, c_ok, FEATURE: tl.constexpr):
-    """phi of a tile, 0 outside the bounds (phi(0) = 1 for elu+1, so padding must be re-zeroed
-    or padded keys would enter the state and padded features the dot products)."""
-    x = load_tile(base, offs_r, offs_c, stride_r, stride_c, r_ok, c_ok).to(tl.float32)
-    return tl.where(r_ok[:, None] & c_ok[None, :], _phi(x, FEATURE), 0.0)
+def _program(CU, group, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """(b, h, hk, row0, n_q, n_k) of a program on a (blocks, heads, sequences) grid: its batch
+    index, query head, the kv head h // group that GQA head h reads (no copy of K/V), the
+    first row of its sequence and the sequence's query and key counts. Packed (VARLEN): batch
+    0, rows cu[s]:cu[s+1]; else batch s, rows 0:seqlen_q of q and 0:seqlen_k of k/v.
+    int64: they multiply strides."""
+    h = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(2).to(tl.int64)
+    if VARLEN:
+        row0 = tl.load(CU + s).to(tl.int64)
+        n_q = tl.load(CU + s + 1).to(tl.int64) - row0
+        n_k = n_q
+        b = s * 0
+    else:
+        row0 = s * 0
+        n_q = seqlen_q
+        n_k = seqlen_k
+        b = s
+    return b, h, h // group, row0, n_q, n_k
 
 
 @triton.jit
-def _key_state(k_base, v_base, offs_f, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, f_ok, dv_ok,
-               seqlen_k, BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
+def _rows(X, strides, b, h, row0):
+    """Pointer to row row0 of (batch b, head h) of a tensor with (batch, head, row, ...) strides."""
+    return X + b * strides[0] + h * strides[1] + row0 * strides[2]
+
+
+@triton.jit
+def _tile(base, strides, rows, cols, row_ok, col_ok):
+    """load_tile of a (rows, cols) tile from base (a _rows pointer) with a 4-D tensor's strides."""
+    return load_tile(base, rows, cols, strides[2], strides[3], row_ok, col_ok)
+
+
+@triton.jit
+def _features(base, strides, rows, cols, row_ok, col_ok, FEATURE: tl.constexpr):
+    """phi of a tile, 0 outside the bounds (phi(0) = 1 for elu+1, so padding must be re-zeroed
+    or padded keys would enter the state and padded features the dot products)."""
+    x = _tile(base, strides, rows, cols, row_ok, col_ok).to(tl.float32)
+    return tl.where(row_ok[:, None] & col_ok[None, :], _phi(x, FEATURE), 0.0)
+
+
+@triton.jit
+def _row_ptrs(X, strides, b, h, row0, offs):
+    """Pointers to rows row0 + offs of (batch b, head h) of a (B, H, L) per-row buffer."""
+    return X + b * strides[0] + h * strides[1] + (row0 + offs.to(tl.int64)) * strides[2]
+
+
+@triton.jit
+def _key_state(k_base, v_base, k_strides, v_strides, offs_f, offs_dv, f_ok, dv_ok, n_k,
+               BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
                FEATURE: tl.constexpr, CAUSAL: tl.constexpr, STATE_PRECISION: tl.constexpr):
     """The state (S, z) = (phi(K)^T V, phi(K)^T 1) of a program's (features, values) block
-    before its first query chunk: over every key when non-causal; empty when causal (it
-    then grows chunk by chunk)."""
+    before its first query chunk: over every key of the sequence when non-causal; empty when
+    causal (it then grows chunk by chunk)."""
     s = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)
     z = tl.zeros([BLOCK_F], tl.float32)
     if not CAUSAL:
-        for start in range(0, seqlen_k, BLOCK_C):
-            offs_n, n_ok = span(start, BLOCK_C, seqlen_k)
-            phik = _features(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok, FEATURE)
-            v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, n_ok, dv_ok).to(tl.float32)
+        for start in range(0, n_k, BLOCK_C):
+            offs_n, n_ok = span(start, BLOCK_C, n_k)
+            phik = _features(k_base, k_strides, offs_n, offs_f, n_ok, f_ok, FEATURE)
+            v = _tile(v_base, v_strides, offs_n, offs_dv, n_ok, dv_ok).to(tl.float32)
             s += dot(tl.trans(phik), v, False, STATE_PRECISION)
             z += tl.sum(phik, 0)
     return s, z
@@ -85,45 +139,40 @@ def _key_state(k_base, v_base, offs_f, offs_dv, stride_kn, stride_kd, stride_vn,
 
 @triton.jit
 def linear_fwd_kernel(
-    Q, K, V, O, DEN, EPS,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_eb, stride_eh, stride_em,
-    n_heads, group, seqlen_q, seqlen_k,
+    Q, K, V, O, DEN, EPS, CU, q_strides, k_strides, v_strides, o_strides, den_strides, eps_strides,
+    group, seqlen_q, seqlen_k,
     FEAT_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
-    FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
+    FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, VARLEN: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr, STATE_PRECISION: tl.constexpr,
     INTRA_FP32: tl.constexpr,
 ):
-    """out[:, dv block] (and the normaliser d, from the first dv block) for one (batch, head).
+    """out[:, dv block] (and the normaliser d, from the first dv block) for one (sequence, head).
     BLOCK_F covers all M features; the state is S[:, dv block] (M, BLOCK_DV) and z (M,)."""
     pid_v = tl.program_id(0)
-    b, h, bh, hk = program_heads(n_heads, group)
+    b, h, hk, row0, n_q, n_k = _program(CU, group, seqlen_q, seqlen_k, VARLEN)
 
     offs_c = tl.arange(0, BLOCK_C)
     offs_f, f_ok = span(0, BLOCK_F, FEAT_DIM)
     offs_dv, dv_ok = span(pid_v * BLOCK_DV, BLOCK_DV, HEAD_DIM_V)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    o_base = O + b * stride_ob + h * stride_oh
+    q_base = _rows(Q, q_strides, b, h, row0)
+    k_base = _rows(K, k_strides, b, hk, row0)
+    v_base = _rows(V, v_strides, b, hk, row0)
+    o_base = _rows(O, o_strides, b, h, row0)
 
     # sum phi(k) v^T and sum phi(k) over the keys seen so far
-    s, z = _key_state(k_base, v_base, offs_f, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, f_ok, dv_ok,
-                      seqlen_k, BLOCK_C, BLOCK_F, BLOCK_DV, FEATURE, CAUSAL, STATE_PRECISION)
+    s, z = _key_state(k_base, v_base, k_strides, v_strides, offs_f, offs_dv, f_ok, dv_ok, n_k,
+                      BLOCK_C, BLOCK_F, BLOCK_DV, FEATURE, CAUSAL, STATE_PRECISION)
 
-    for start in range(0, seqlen_q, BLOCK_C):
-        offs_m, m_ok = span(start, BLOCK_C, seqlen_q)
-        phiq = _features(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok, FEATURE)
+    for start in range(0, n_q, BLOCK_C):
+        offs_m, m_ok = span(start, BLOCK_C, n_q)
+        phiq = _features(q_base, q_strides, offs_m, offs_f, m_ok, f_ok, FEATURE)
         num = dot(phiq, s, False, STATE_PRECISION)  # what the earlier chunks (or all keys) give
         den = tl.sum(phiq * z[None, :], 1)
         if CAUSAL:
             # Lq == Lk: the chunk's keys are the same rows as its queries.
-            phik = _features(k_base, offs_m, offs_f, stride_kn, stride_kd, m_ok, f_ok, FEATURE)
-            v_in = load_tile(v_base, offs_m, offs_dv, stride_vn, stride_vd, m_ok, dv_ok)
+            phik = _features(k_base, k_strides, offs_m, offs_f, m_ok, f_ok, FEATURE)
+            v_in = _tile(v_base, v_strides, offs_m, offs_dv, m_ok, dv_ok)
             a = dot(cast(phiq, v_in.dtype, BF16_RTNE), tl.trans(cast(phik, v_in.dtype, BF16_RTNE)), DOT_FP32, PRECISION)
             a = tl.where(offs_m[:, None] >= offs_m[None, :], a, 0.0)  # key j <= query i
             if INTRA_FP32:
@@ -142,203 +191,133 @@ def linear_fwd_kernel(
             z += tl.sum(phik, 0)
         if NORMALIZE:
             # eps per query row (FAVOR+ scales it with its stabilisers; a plain eps has stride 0)
-            den = den + tl.load(EPS + b * stride_eb + h * stride_eh + offs_m.to(tl.int64) * stride_em, mask=m_ok, other=1.0)
+            den = den + tl.load(_row_ptrs(EPS, eps_strides, b, h, row0, offs_m), mask=m_ok, other=1.0)
             num = num / den[:, None]
-            tl.store(DEN + bh.to(tl.int64) * seqlen_q + offs_m, den, mask=m_ok & (offs_c * 0 + pid_v == 0))  # one dv block writes d
-        store_tile(o_base, cast(num, O.dtype.element_ty, BF16_RTNE), offs_m, offs_dv, stride_om, stride_od, m_ok, dv_ok)
+            # one dv block writes d
+            tl.store(_row_ptrs(DEN, den_strides, b, h, row0, offs_m), den, mask=m_ok & (offs_c * 0 + pid_v == 0))
+        store_tile(o_base, cast(num, O.dtype.element_ty, BF16_RTNE), offs_m, offs_dv, o_strides[2], o_strides[3],
+                   m_ok, dv_ok)
 
 
 @triton.jit
-def _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok, seqlen_q,
-          NORMALIZE: tl.constexpr):
-    """For a chunk of query rows: dout as loaded (input dtype, for the tensor-core dots),
-    dn = dout / d (fp32), 1 / d and g = -(dout . out) / d."""
-    do = load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok)
+def _query_chunk(q_base, q_strides, do_base, do_strides, DEN, G, den_strides, b, h, row0, offs_m, offs_f,
+                 offs_dv, m_ok, f_ok, dv_ok, FEATURE: tl.constexpr, NORMALIZE: tl.constexpr):
+    """For a chunk of query rows: phi(q), dout as loaded (input dtype, for the tensor-core
+    dots), dn = dout / d (fp32), 1 / d and g = -(dout . out) / d (DEN and G share a layout)."""
+    phiq = _features(q_base, q_strides, offs_m, offs_f, m_ok, f_ok, FEATURE)
+    do = _tile(do_base, do_strides, offs_m, offs_dv, m_ok, dv_ok)
     rden = tl.full(offs_m.shape, 1.0, tl.float32)
     g = tl.zeros(offs_m.shape, tl.float32)
     if NORMALIZE:
-        row = bh.to(tl.int64) * seqlen_q + offs_m
-        rden = 1.0 / tl.load(DEN + row, mask=m_ok, other=1.0)
-        g = tl.load(G + row, mask=m_ok, other=0.0)
-    return do, do.to(tl.float32) * rden[:, None], rden, g
+        rden = 1.0 / tl.load(_row_ptrs(DEN, den_strides, b, h, row0, offs_m), mask=m_ok, other=1.0)
+        g = tl.load(_row_ptrs(G, den_strides, b, h, row0, offs_m), mask=m_ok, other=0.0)
+    return phiq, do, do.to(tl.float32) * rden[:, None], rden, g
 
 
 @triton.jit
-def _query_chunk(q_base, DO, DEN, G, do_base, bh, offs_m, offs_f, offs_dv, stride_qm, stride_qd,
-                 stride_dom, stride_dod, m_ok, f_ok, dv_ok, seqlen_q, FEATURE: tl.constexpr,
-                 NORMALIZE: tl.constexpr):
-    """phi(q) of a chunk of query rows, and their _dn_g."""
-    phiq = _features(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok, FEATURE)
-    do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
-                            seqlen_q, NORMALIZE)
-    return phiq, do, dn, rden, g
-
-
-@triton.jit
-def linear_bwd_dq_kernel(
-    Q, K, V, DO, DEN, G, DQ,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    n_heads, group, seqlen_q, seqlen_k,
+def linear_bwd_kernel(
+    Q, K, V, DO, DEN, G, DX, CU, q_strides, k_strides, v_strides, do_strides, den_strides, dx_strides,
+    group, seqlen_q, seqlen_k,
     FEAT_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
-    FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
+    FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, VARLEN: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr, STATE_PRECISION: tl.constexpr,
-    INTRA_FP32: tl.constexpr,
+    INTRA_FP32: tl.constexpr, GRAD: tl.constexpr,
 ):
-    """dQ[:, f block] for one (batch, head) (DQ contiguous). BLOCK_DV covers all of Dv; the
-    state is S[f block, :] (BLOCK_F, Dv) and z[f block]."""
-    pid_f = tl.program_id(0)
-    b, h, bh, hk = program_heads(n_heads, group)
+    """One gradient (GRAD) of one (sequence, query head), a block of its columns per program:
+    - GRAD_Q: dQ[:, f block] (DX in q's dtype). BLOCK_DV covers all of Dv; the state is
+      S[f block, :] (BLOCK_F, Dv) and z[f block], walked from the start.
+    - GRAD_K: dK[:, f block] from this query head (DX fp32, (B, Hq, Lk, M); the launcher sums
+      the group). State dS[f block, :] (BLOCK_F, Dv), dz[f block], walked from the end.
+    - GRAD_V: dV[:, dv block] from this query head (DX fp32, (B, Hq, Lk, Dv)). BLOCK_F covers
+      all M features; state dS[:, dv block] (M, BLOCK_DV), walked from the end.
+    DEN and G (the normaliser and its gradient) share den_strides."""
+    pid = tl.program_id(0)
+    b, h, hk, row0, n_q, n_k = _program(CU, group, seqlen_q, seqlen_k, VARLEN)
+    if GRAD == GRAD_V:
+        offs_f, f_ok = span(0, BLOCK_F, FEAT_DIM)
+        offs_dv, dv_ok = span(pid * BLOCK_DV, BLOCK_DV, HEAD_DIM_V)
+    else:
+        offs_f, f_ok = span(pid * BLOCK_F, BLOCK_F, FEAT_DIM)
+        offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
+    q_base = _rows(Q, q_strides, b, h, row0)
+    k_base = _rows(K, k_strides, b, hk, row0)
+    v_base = _rows(V, v_strides, b, hk, row0)
+    do_base = _rows(DO, do_strides, b, h, row0)
+    dx_base = _rows(DX, dx_strides, b, h, row0)
 
-    offs_f, f_ok = span(pid_f * BLOCK_F, BLOCK_F, FEAT_DIM)
-    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    do_base = DO + b * stride_dob + h * stride_doh
-
-    # sum phi(k) v^T and sum phi(k) over the keys seen so far
-    s, z = _key_state(k_base, v_base, offs_f, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd, f_ok, dv_ok,
-                      seqlen_k, BLOCK_C, BLOCK_F, BLOCK_DV, FEATURE, CAUSAL, STATE_PRECISION)
-
-    for start in range(0, seqlen_q, BLOCK_C):
-        offs_m, m_ok = span(start, BLOCK_C, seqlen_q)
-        do, dn, rden, g = _dn_g(DO, DEN, G, do_base, bh, offs_m, offs_dv, stride_dom, stride_dod, m_ok, dv_ok,
-                      seqlen_q, NORMALIZE)
-        dphiq = dot(dn, tl.trans(s), False, STATE_PRECISION)  # S dn_i, from the state
-        if NORMALIZE:
-            dphiq += g[:, None] * z[None, :]  # g_i z: the normaliser's share
-        if CAUSAL:
-            phik = _features(k_base, offs_m, offs_f, stride_kn, stride_kd, m_ok, f_ok, FEATURE)
-            v_in = load_tile(v_base, offs_m, offs_dv, stride_vn, stride_vd, m_ok, dv_ok)
-            # d a_ij = dn_i . v_j + g_i for the keys j <= i of this chunk.
-            # dout (not dout / d, which can overflow fp16 when d is tiny) meets v in the dot.
-            da = dot(do, tl.trans(v_in), DOT_FP32, PRECISION) * rden[:, None] + g[:, None]
-            da = tl.where((offs_m[:, None] >= offs_m[None, :]) & m_ok[None, :], da, 0.0)
-            # fp32 (tf32 on a GPU): da scales like 1 / d and would overflow fp16 where d is tiny.
-            dphiq += dot(da, phik, False, STATE_PRECISION)
-            s += dot(tl.trans(phik), v_in.to(tl.float32), False, STATE_PRECISION)
-            z += tl.sum(phik, 0)
-        x = load_tile(q_base, offs_m, offs_f, stride_qm, stride_qd, m_ok, f_ok).to(tl.float32)
-        dq = dphiq * _dphi(x, FEATURE)  # chain rule through the fused feature map
-        store_tile(DQ + bh * seqlen_q * FEAT_DIM, cast(dq, DQ.dtype.element_ty, BF16_RTNE),
-                   offs_m, offs_f, FEAT_DIM, 1, m_ok, f_ok)
-
-
-@triton.jit
-def linear_bwd_dk_kernel(
-    Q, K, V, DO, DEN, G, DK,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    n_heads, group, seqlen_q, seqlen_k,
-    FEAT_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
-    FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr, STATE_PRECISION: tl.constexpr,
-    INTRA_FP32: tl.constexpr,
-):
-    """dK[:, f block] from one query head (DK is fp32 (B, Hq, Lk, M), contiguous; the launcher
-    sums the group). State dS[f block, :] (BLOCK_F, Dv), dz[f block], walked from the end."""
-    pid_f = tl.program_id(0)
-    b, h, bh, hk = program_heads(n_heads, group)
-
-    offs_f, f_ok = span(pid_f * BLOCK_F, BLOCK_F, FEAT_DIM)
-    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    do_base = DO + b * stride_dob + h * stride_doh
-
-    ds = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)  # sum phi(q_i) dn_i^T over the queries that see the key
-    dz = tl.zeros([BLOCK_F], tl.float32)  # sum g_i phi(q_i)
-    if not CAUSAL:
-        for start in range(0, seqlen_q, BLOCK_C):
-            offs_m, m_ok = span(start, BLOCK_C, seqlen_q)
-            phiq, do, dn, rden, g = _query_chunk(q_base, DO, DEN, G, do_base, bh, offs_m, offs_f, offs_dv, stride_qm,
-                                                 stride_qd, stride_dom, stride_dod, m_ok, f_ok, dv_ok, seqlen_q,
-                                                 FEATURE, NORMALIZE)
-            ds += dot(tl.trans(phiq), dn, False, STATE_PRECISION)
-            dz += tl.sum(phiq * g[:, None], 0)
-
-    n_chunks = (seqlen_k + BLOCK_C - 1) // BLOCK_C
-    for i in range(0, n_chunks):
-        start = (n_chunks - 1 - i) * BLOCK_C  # last chunk first: causal keys see later queries
-        offs_n, n_ok = span(start, BLOCK_C, seqlen_k)
-        v_in = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, n_ok, dv_ok)
-        dphik = dot(v_in.to(tl.float32), tl.trans(ds), False, STATE_PRECISION) + dz[None, :]
-        if CAUSAL:
-            phiq, do, dn, rden, g = _query_chunk(q_base, DO, DEN, G, do_base, bh, offs_n, offs_f, offs_dv, stride_qm,
-                                                 stride_qd, stride_dom, stride_dod, n_ok, f_ok, dv_ok, seqlen_q,
-                                                 FEATURE, NORMALIZE)
-            # d a_ij (rows: queries i, columns: keys j of this chunk), kept where j <= i.
-            # dout (not dout / d, which can overflow fp16 when d is tiny) meets v in the dot.
-            da = dot(do, tl.trans(v_in), DOT_FP32, PRECISION) * rden[:, None] + g[:, None]
-            da = tl.where((offs_n[:, None] >= offs_n[None, :]) & n_ok[:, None], da, 0.0)
-            dphik += dot(tl.trans(da), phiq, False, STATE_PRECISION)  # fp32: da ~ 1 / d may exceed fp16
-            ds += dot(tl.trans(phiq), dn, False, STATE_PRECISION)
-            dz += tl.sum(phiq * g[:, None], 0)
-        x = load_tile(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok).to(tl.float32)
-        dk = dphik * _dphi(x, FEATURE)
-        store_tile(DK + bh * seqlen_k * FEAT_DIM, dk, offs_n, offs_f, FEAT_DIM, 1, n_ok, f_ok)
-
-
-@triton.jit
-def linear_bwd_dv_kernel(
-    Q, K, V, DO, DEN, G, DV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    n_heads, group, seqlen_q, seqlen_k,
-    FEAT_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_DV: tl.constexpr,
-    FEATURE: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr, STATE_PRECISION: tl.constexpr,
-    INTRA_FP32: tl.constexpr,
-):
-    """dV[:, dv block] from one query head (DV is fp32 (B, Hq, Lk, Dv), contiguous). BLOCK_F
-    covers all M features; state dS[:, dv block] (M, BLOCK_DV), walked from the end."""
-    pid_v = tl.program_id(0)
-    b, h, bh, hk = program_heads(n_heads, group)
-
-    offs_f, f_ok = span(0, BLOCK_F, FEAT_DIM)
-    offs_dv, dv_ok = span(pid_v * BLOCK_DV, BLOCK_DV, HEAD_DIM_V)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + hk * stride_kh
-    do_base = DO + b * stride_dob + h * stride_doh
-
-    ds = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)
-    if not CAUSAL:
-        for start in range(0, seqlen_q, BLOCK_C):
-            offs_m, m_ok = span(start, BLOCK_C, seqlen_q)
-            phiq, do, dn, rden, g = _query_chunk(q_base, DO, DEN, G, do_base, bh, offs_m, offs_f, offs_dv, stride_qm,
-                                                 stride_qd, stride_dom, stride_dod, m_ok, f_ok, dv_ok, seqlen_q,
-                                                 FEATURE, NORMALIZE)
-            ds += dot(tl.trans(phiq), dn, False, STATE_PRECISION)
-
-    n_chunks = (seqlen_k + BLOCK_C - 1) // BLOCK_C
-    for i in range(0, n_chunks):
-        start = (n_chunks - 1 - i) * BLOCK_C
-        offs_n, n_ok = span(start, BLOCK_C, seqlen_k)
-        phik = _features(k_base, offs_n, offs_f, stride_kn, stride_kd, n_ok, f_ok, FEATURE)
-        dv = dot(phik, ds, False, STATE_PRECISION)  # dS_j^T phi(k_j), from the later chunks
-        if CAUSAL:
-            phiq, do, dn, rden, g = _query_chunk(q_base, DO, DEN, G, do_base, bh, offs_n, offs_f, offs_dv, stride_qm,
-                                                 stride_qd, stride_dom, stride_dod, n_ok, f_ok, dv_ok, seqlen_q,
-                                                 FEATURE, NORMALIZE)
-            # a exactly as the forward made it (features and product rounded to V's dtype): the
-            # forward divided by a normaliser summed from these rounded values, so any other
-            # a here would be off by their rounding, one unit of fp16/bf16 in dV.
-            a = dot(cast(phiq, V.dtype.element_ty, BF16_RTNE), tl.trans(cast(phik, V.dtype.element_ty, BF16_RTNE)),
-                     DOT_FP32, PRECISION)
-            a = tl.where(offs_n[:, None] >= offs_n[None, :], a, 0.0)  # rows: queries, cols: keys
-            if not INTRA_FP32:
-                a = cast(a, V.dtype.element_ty, BF16_RTNE).to(tl.float32)
-            dv += dot(tl.trans(a), dn, False, STATE_PRECISION)
-            ds += dot(tl.trans(phiq), dn, False, STATE_PRECISION)
-        store_tile(DV + bh * seqlen_k * HEAD_DIM_V, dv, offs_n, offs_dv, HEAD_DIM_V, 1, n_ok, dv_ok)
+    if GRAD == GRAD_Q:
+        # sum phi(k) v^T and sum phi(k) over the keys seen so far
+        s, z = _key_state(k_base, v_base, k_strides, v_strides, offs_f, offs_dv, f_ok, dv_ok, n_k,
+                          BLOCK_C, BLOCK_F, BLOCK_DV, FEATURE, CAUSAL, STATE_PRECISION)
+        for start in range(0, n_q, BLOCK_C):
+            offs_m, m_ok = span(start, BLOCK_C, n_q)
+            _, do, dn, rden, g = _query_chunk(q_base, q_strides, do_base, do_strides, DEN, G, den_strides, b, h,
+                                              row0, offs_m, offs_f, offs_dv, m_ok, f_ok, dv_ok, FEATURE, NORMALIZE)
+            dphiq = dot(dn, tl.trans(s), False, STATE_PRECISION)  # S dn_i, from the state
+            if NORMALIZE:
+                dphiq += g[:, None] * z[None, :]  # g_i z: the normaliser's share
+            if CAUSAL:
+                phik = _features(k_base, k_strides, offs_m, offs_f, m_ok, f_ok, FEATURE)
+                v_in = _tile(v_base, v_strides, offs_m, offs_dv, m_ok, dv_ok)
+                # d a_ij = dn_i . v_j + g_i for the keys j <= i of this chunk.
+                # dout (not dout / d, which can overflow fp16 when d is tiny) meets v in the dot.
+                da = dot(do, tl.trans(v_in), DOT_FP32, PRECISION) * rden[:, None] + g[:, None]
+                da = tl.where((offs_m[:, None] >= offs_m[None, :]) & m_ok[None, :], da, 0.0)
+                # fp32 (tf32 on a GPU): da scales like 1 / d and would overflow fp16 where d is tiny.
+                dphiq += dot(da, phik, False, STATE_PRECISION)
+                s += dot(tl.trans(phik), v_in.to(tl.float32), False, STATE_PRECISION)
+                z += tl.sum(phik, 0)
+            x = _tile(q_base, q_strides, offs_m, offs_f, m_ok, f_ok).to(tl.float32)
+            dq = dphiq * _dphi(x, FEATURE)  # chain rule through the fused feature map
+            store_tile(dx_base, cast(dq, DX.dtype.element_ty, BF16_RTNE), offs_m, offs_f, dx_strides[2],
+                       dx_strides[3], m_ok, f_ok)
+    else:
+        ds = tl.zeros([BLOCK_F, BLOCK_DV], tl.float32)  # sum phi(q_i) dn_i^T over the queries that see the key
+        dz = tl.zeros([BLOCK_F], tl.float32)  # sum g_i phi(q_i) (dK only)
+        if not CAUSAL:
+            for start in range(0, n_q, BLOCK_C):
+                offs_m, m_ok = span(start, BLOCK_C, n_q)
+                phiq, do, dn, rden, g = _query_chunk(q_base, q_strides, do_base, do_strides, DEN, G, den_strides,
+                                                     b, h, row0, offs_m, offs_f, offs_dv, m_ok, f_ok, dv_ok,
+                                                     FEATURE, NORMALIZE)
+                ds += dot(tl.trans(phiq), dn, False, STATE_PRECISION)
+                if GRAD == GRAD_K:
+                    dz += tl.sum(phiq * g[:, None], 0)
+        n_chunks = (n_k + BLOCK_C - 1) // BLOCK_C
+        for i in range(0, n_chunks):
+            start = (n_chunks - 1 - i) * BLOCK_C  # last chunk first: causal keys see later queries
+            offs_n, n_ok = span(start, BLOCK_C, n_k)
+            if GRAD == GRAD_K:
+                v_in = _tile(v_base, v_strides, offs_n, offs_dv, n_ok, dv_ok)
+                dx = dot(v_in.to(tl.float32), tl.trans(ds), False, STATE_PRECISION) + dz[None, :]  # dphi(k)
+            else:
+                phik = _features(k_base, k_strides, offs_n, offs_f, n_ok, f_ok, FEATURE)
+                dx = dot(phik, ds, False, STATE_PRECISION)  # dS_j^T phi(k_j), from the later chunks
+            if CAUSAL:
+                phiq, do, dn, rden, g = _query_chunk(q_base, q_strides, do_base, do_strides, DEN, G, den_strides,
+                                                     b, h, row0, offs_n, offs_f, offs_dv, n_ok, f_ok, dv_ok,
+                                                     FEATURE, NORMALIZE)
+                if GRAD == GRAD_K:
+                    # d a_ij (rows: queries i, columns: keys j of this chunk), kept where j <= i.
+                    # dout (not dout / d, which can overflow fp16 when d is tiny) meets v in the dot.
+                    da = dot(do, tl.trans(v_in), DOT_FP32, PRECISION) * rden[:, None] + g[:, None]
+                    da = tl.where((offs_n[:, None] >= offs_n[None, :]) & n_ok[:, None], da, 0.0)
+                    dx += dot(tl.trans(da), phiq, False, STATE_PRECISION)  # fp32: da ~ 1 / d may exceed fp16
+                    dz += tl.sum(phiq * g[:, None], 0)
+                else:
+                    # a exactly as the forward made it (features and product rounded to V's dtype):
+                    # the forward divided by a normaliser summed from these rounded values, so any
+                    # other a here would be off by their rounding, one unit of fp16/bf16 in dV.
+                    a = dot(cast(phiq, V.dtype.element_ty, BF16_RTNE),
+                            tl.trans(cast(phik, V.dtype.element_ty, BF16_RTNE)), DOT_FP32, PRECISION)
+                    a = tl.where(offs_n[:, None] >= offs_n[None, :], a, 0.0)  # rows: queries, cols: keys
+                    if not INTRA_FP32:
+                        a = cast(a, V.dtype.element_ty, BF16_RTNE).to(tl.float32)
+                    dx += dot(tl.trans(a), dn, False, STATE_PRECISION)
+                ds += dot(tl.trans(phiq), dn, False, STATE_PRECISION)
+            if GRAD == GRAD_K:
+                x = _tile(k_base, k_strides, offs_n, offs_f, n_ok, f_ok).to(tl.float32)
+                store_tile(dx_base, dx * _dphi(x, FEATURE), offs_n, offs_f, dx_strides[2], dx_strides[3], n_ok, f_ok)
+            else:
+                store_tile(dx_base, dx, offs_n, offs_dv, dx_strides[2], dx_strides[3], n_ok, dv_ok)

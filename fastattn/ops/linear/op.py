@@ -9,7 +9,7 @@ autograd formula, so ``torch.compile(fullgraph=True)`` sees one opaque node per 
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import triton
@@ -47,36 +47,53 @@ def block_config(feat_dim: int, head_dim_v: int, dtype: torch.dtype) -> dict:
                 split_f=min(split, full_f), split_dv=min(split, full_dv), num_warps=4)
 
 
-def _meta(q: Tensor, v: Tensor, feature: str, causal: bool, normalize: bool) -> tuple[dict, dict]:
+def _meta(q: Tensor, v: Tensor, feature: str, causal: bool, normalize: bool, varlen: bool) -> tuple[dict, dict]:
     cfg = block_config(q.shape[-1], v.shape[-1], q.dtype)
     meta = dict(
         FEAT_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_C=cfg["chunk"],
-        FEATURE=FEATURE_CODES[feature], CAUSAL=causal, NORMALIZE=normalize,
+        FEATURE=FEATURE_CODES[feature], CAUSAL=causal, NORMALIZE=normalize, VARLEN=varlen,
         # The fp32 state dots: tf32 (as precise as the fp16/bf16 inputs) on a GPU, else
         # torch's fp32 matmul setting.
         STATE_PRECISION="tf32" if (q.dtype != torch.float32 and not interpreting()) else _launch.precision(torch.float32),
         # The causal intra-chunk product of fp16 features can overflow fp16: it stays fp32
-        # (forward and dV kernels; the dQ/dK kernels never round it).
+        # (forward and dV; dQ and dK never round it).
         INTRA_FP32=q.dtype == torch.float16,
         num_warps=cfg["num_warps"], **_launch.dtype_flags(q.dtype),
     )
     return cfg, meta
 
 
-def _forward(q, k, v, feature, causal, normalize, eps):
+def _sequences(q: Tensor, cu_seqlens: Optional[Tensor]) -> tuple[int, Tensor]:
+    """The grid's sequence count and the offsets the kernels read (a placeholder, never read,
+    when the inputs are not packed)."""
+    if cu_seqlens is None:
+        return q.shape[0], q
+    return cu_seqlens.numel() - 1, cu_seqlens
+
+
+def _out_buffer(b: int, h: int, lq: int, dv: int, like: Tensor, packed: bool) -> Tensor:
+    """out (B, Hq, Lq, Dv); packed: a (1, Hq, total, Dv) view of a contiguous (total, Hq, Dv)
+    buffer, FlashAttention's layout."""
+    if packed:
+        return _launch.empty(lq, h, dv, like=like).transpose(0, 1)[None]  # (total, H, Dv) -> (1, H, total, Dv)
+    return _launch.empty(b, h, lq, dv, like=like)
+
+
+def _forward(q, k, v, feature, causal, normalize, eps, cu_seqlens):
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    out = _launch.empty(b, h, lq, v.shape[-1], like=q)
+    out = _out_buffer(b, h, lq, v.shape[-1], q, cu_seqlens is not None)
     den = _launch.empty(b, h, lq if normalize else 0, like=q, dtype=torch.float32)
-    cfg, meta = _meta(q, v, feature, causal, normalize)
-    grid = (triton.cdiv(v.shape[-1], cfg["split_dv"]), h, b)
+    cfg, meta = _meta(q, v, feature, causal, normalize, cu_seqlens is not None)
+    n_seq, cu = _sequences(q, cu_seqlens)
+    grid = (triton.cdiv(v.shape[-1], cfg["split_dv"]), h, n_seq)
     kernels.linear_fwd_kernel[grid](
-        q, k, v, out, den, eps, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *eps.stride(),
-        h, h // hkv, lq, lk, BLOCK_F=cfg["full_f"], BLOCK_DV=cfg["split_dv"], **meta)
+        q, k, v, out, den, eps, cu, q.stride(), k.stride(), v.stride(), out.stride(), den.stride(), eps.stride(),
+        h // hkv, lq, lk, BLOCK_F=cfg["full_f"], BLOCK_DV=cfg["split_dv"], **meta)
     return out, den
 
 
-def _backward(do, q, k, v, out, den, feature, causal, normalize):
+def _backward(do, q, k, v, out, den, feature, causal, normalize, cu_seqlens):
     b, h, lq, m = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     dv_dim = v.shape[-1]
@@ -85,25 +102,23 @@ def _backward(do, q, k, v, out, den, feature, causal, normalize):
         g = (-torch.linalg.vecdot(do.float(), out.float()) / den).contiguous()
     else:
         g = den
-    cfg, meta = _meta(q, v, feature, causal, normalize)
+    cfg, meta = _meta(q, v, feature, causal, normalize, cu_seqlens is not None)
+    n_seq, cu = _sequences(q, cu_seqlens)
     dq = _launch.empty(b, h, lq, m, like=q)
     # Key/value gradients per query head in fp32, summed over the GQA group below.
     dk = _launch.empty(b, h, lk, m, like=q, dtype=torch.float32)
     dv = _launch.empty(b, h, lk, dv_dim, like=q, dtype=torch.float32)
-    args = (q, k, v, do, den, g)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    scalars = (h, h // hkv, lq, lk)
-    grid_f = (triton.cdiv(m, cfg["split_f"]), h, b)
-    grid_v = (triton.cdiv(dv_dim, cfg["split_dv"]), h, b)
-    kernels.linear_bwd_dq_kernel[grid_f](*args, dq, *strides, *scalars,
-                                         BLOCK_F=cfg["split_f"], BLOCK_DV=cfg["full_dv"], **meta)
-    kernels.linear_bwd_dk_kernel[grid_f](*args, dk, *strides, *scalars,
-                                         BLOCK_F=cfg["split_f"], BLOCK_DV=cfg["full_dv"], **meta)
-    kernels.linear_bwd_dv_kernel[grid_v](*args, dv, *strides, *scalars,
-                                         BLOCK_F=cfg["full_f"], BLOCK_DV=cfg["split_dv"], **meta)
+    split_f = dict(BLOCK_F=cfg["split_f"], BLOCK_DV=cfg["full_dv"])  # dQ, dK: a block of features each
+    split_dv = dict(BLOCK_F=cfg["full_f"], BLOCK_DV=cfg["split_dv"])  # dV: a block of value columns each
+    for grad, dx, blocks, n_blocks in ((kernels.GRAD_Q, dq, split_f, triton.cdiv(m, cfg["split_f"])),
+                                       (kernels.GRAD_K, dk, split_f, triton.cdiv(m, cfg["split_f"])),
+                                       (kernels.GRAD_V, dv, split_dv, triton.cdiv(dv_dim, cfg["split_dv"]))):
+        kernels.linear_bwd_kernel[(n_blocks, h, n_seq)](
+            q, k, v, do, den, g, dx, cu, q.stride(), k.stride(), v.stride(), do.stride(), den.stride(), dx.stride(),
+            h // hkv, lq, lk, GRAD=grad, **blocks, **meta)
     if h != hkv:
-        dk = dk.view(b, hkv, h // hkv, lk, m).sum(2)
-        dv = dv.view(b, hkv, h // hkv, lk, dv_dim).sum(2)
+        dk = dk.view(b, hkv, h // hkv, lk, m).sum(2)  # (B, Hq, Lk, M) -> (B, Hkv, Lk, M)
+        dv = dv.view(b, hkv, h // hkv, lk, dv_dim).sum(2)  # (B, Hq, Lk, Dv) -> (B, Hkv, Lk, Dv)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -113,50 +128,59 @@ def _backward(do, q, k, v, out, den, feature, causal, normalize):
 
 @torch.library.custom_op("fastattn::linear_fwd", mutates_args=())
 def linear_fwd(q: Tensor, k: Tensor, v: Tensor, feature: str, causal: bool, normalize: bool,
-               eps: Tensor) -> tuple[Tensor, Tensor]:
-    return _forward(q, k, v, feature, causal, normalize, eps)
+               eps: Tensor, cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    return _forward(q, k, v, feature, causal, normalize, eps, cu_seqlens)
 
 
 @linear_fwd.register_fake
-def _(q, k, v, feature, causal, normalize, eps):
+def _(q, k, v, feature, causal, normalize, eps, cu_seqlens=None):
     b, h, lq, _ = q.shape
-    return q.new_empty(b, h, lq, v.shape[-1]), q.new_empty(b, h, lq if normalize else 0, dtype=torch.float32)
+    out = q.new_empty(lq, h, v.shape[-1]).transpose(0, 1)[None] if cu_seqlens is not None \
+        else q.new_empty(b, h, lq, v.shape[-1])  # the real buffer's layout (see _out_buffer)
+    return out, q.new_empty(b, h, lq if normalize else 0, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastattn::linear_bwd", mutates_args=())
 def linear_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, den: Tensor, feature: str,
-               causal: bool, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(do, q, k, v, out, den, feature, causal, normalize)
+               causal: bool, normalize: bool, cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(do, q, k, v, out, den, feature, causal, normalize, cu_seqlens)
 
 
 @linear_bwd.register_fake
-def _(do, q, k, v, out, den, feature, causal, normalize):
+def _(do, q, k, v, out, den, feature, causal, normalize, cu_seqlens=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, feature, causal, normalize, eps = inputs
+    q, k, v, feature, causal, normalize, eps, cu_seqlens = inputs
     out, den = output
-    ctx.save_for_backward(q, k, v, out, den)
+    ctx.save_for_backward(q, k, v, out, den, cu_seqlens)
     ctx.args = (feature, causal, normalize)
 
 
 def _linear_fwd_backward(ctx, dout, dden):
     # dden is not propagated: the normaliser is returned for the backward only.
-    q, k, v, out, den = ctx.saved_tensors
-    dq, dk, dv = linear_bwd(dout.contiguous(), q, k, v, out, den, *ctx.args)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, den, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = linear_bwd(dout.contiguous(), q, k, v, out, den, *ctx.args, cu_seqlens)
+    return dq, dk, dv, None, None, None, None, None
 
 
 linear_fwd.register_autograd(_linear_fwd_backward, setup_context=_setup_context)
 
 
 def linear_attn(q: Tensor, k: Tensor, v: Tensor, *, feature: str = "identity", causal: bool = False,
-                normalize: bool = True, eps: Union[float, Tensor] = 1e-6) -> Tensor:
+                normalize: bool = True, eps: Union[float, Tensor] = 1e-6,
+                cu_seqlens: Optional[Tensor] = None) -> Tensor:
     """Validated inputs -> out (B, Hq, Lq, Dv). q: (B, Hq, Lq, M), k: (B, Hkv, Lk, M);
-    eps a number or a tensor broadcastable to (B, Hq, Lq, 1) (one value per query row)."""
+    eps a number or a tensor broadcastable to (B, Hq, Lq, 1) (one value per query row).
+
+    cu_seqlens: int32 (S+1,) offsets of packed sequences; then q, k, v are (1, H, total, .)
+    views of FlashAttention's (total, H, .) layout (Lq == Lk == total), sequence s is rows
+    cu_seqlens[s]:cu_seqlens[s+1] of all three, each attends only inside itself, and out is a
+    (1, Hq, total, Dv) view of a contiguous (total, Hq, Dv) tensor. The kernels read the
+    offsets on the device: nothing syncs with the host."""
     b, h, lq, _ = q.shape
     eps = torch.as_tensor(eps, dtype=torch.float32, device=q.device)
     eps = eps.reshape(eps.shape[:3] if eps.dim() == 4 else (1,) * 3).expand(b, h, lq)  # (B, Hq, Lq), stride 0 where broadcast
-    out, _ = linear_fwd(q, k, v, feature, causal, normalize, eps)
+    out, _ = linear_fwd(q, k, v, feature, causal, normalize, eps, cu_seqlens)
     return out

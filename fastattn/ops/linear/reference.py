@@ -14,7 +14,8 @@ Because ``A V = phi(Q) (phi(K)^T V)``, the non-causal form costs O(L M Dv), and 
 is a running state ``S_i = sum_{j<=i} phi(k_j) v_j^T`` (M, Dv), ``z_i = sum_{j<=i} phi(k_j)`` (M).
 
 Causal here means query i sees keys j <= i and needs Lq == Lk (a prefix of a longer context
-is the recurrent state, see ``linear_attention_step``).
+is the recurrent state, see ``linear_attention_step``). Packed variable-length sequences
+(``linear_attention_varlen``) run each sequence on its own: the state resets at each boundary.
 
 Everything is ordinary differentiable torch code that runs in any dtype, float64 included.
 GQA: kv head ``h // (Hq // Hkv)`` serves query head h.
@@ -27,6 +28,8 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fastattn.ops.flash.reference import per_sequence
 
 FEATURE_MAPS = ("elu", "relu", "identity")
 DEFAULT_EPS = 1e-6
@@ -252,7 +255,27 @@ def linear_attention_chunked(
         outs.append(num.to(v.dtype))
         s = s + kc.transpose(-1, -2) @ vc
         z = z + kc.sum(-2).unsqueeze(-1)
-    return torch.cat(outs, dim=2) if outs else v.new_zeros(b, h, 0, v.shape[-1])  # L = 0: no chunk
+    if not outs:  # L = 0: no chunk; the (empty) quadratic form keeps the autograd graph
+        return linear_attention_quadratic(phi_q, phi_k, v, causal=True, normalize=normalize, eps=eps)
+    return torch.cat(outs, dim=2)
+
+
+def linear_attention_varlen(
+    phi_q: Tensor, phi_k: Tensor, v: Tensor, cu_seqlens: Tensor, *, causal: bool = False,
+    normalize: bool = True, eps: float = DEFAULT_EPS, chunk_size: Optional[int] = None,
+) -> Tensor:
+    """Packed sequences, one at a time: sequence s is rows ``cu_seqlens[s]:cu_seqlens[s+1]`` of
+    phi_q (total, Hq, M), phi_k (total, Hkv, M) and v (total, Hkv, Dv) (FlashAttention's
+    layout), and attends only inside itself: causal, its running state starts empty at its
+    first row. ``chunk_size`` None: the quadratic oracle per sequence; an int: the chunked CPU
+    fallback. Returns (total, Hq, Dv). Reads the offsets on the host."""
+    def attend(qs, ks, vs, _):  # (1, H, L, .) views of one sequence
+        if chunk_size is None:
+            return linear_attention_quadratic(qs, ks, vs, causal=causal, normalize=normalize, eps=eps), None
+        return linear_attention_chunked(qs, ks, vs, causal=causal, normalize=normalize, eps=eps,
+                                        chunk_size=chunk_size), None
+
+    return per_sequence(attend, phi_q, phi_k, v, cu_seqlens, cu_seqlens)[0]
 
 
 def linear_attention_cumsum(
