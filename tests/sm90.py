@@ -34,6 +34,7 @@ subprocess)::
 
     python tests/sm90.py flash-bfloat16-d128-causal          # one case, JSON on stdout
     python tests/sm90.py all --out DIR                       # every case, one JSON line each
+    python tests/sm90.py flash-float16-d64-full --kernel dq  # one kernel of a case
     python tests/sm90.py baseline                            # rewrite tests/sm90_baseline.json
 
 Case names: ``flash-<dtype>-d<D>-<causal|full>`` (features off, the headline shapes: 16k
@@ -138,31 +139,81 @@ def compile_launch(launch: Launch):
 _INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
-def sass_instructions(sass: str) -> list[tuple[int, str, str]]:
-    """(address, opcode, text) of each SASS instruction; the opcode has its predicate and
-    modifiers stripped (``@!P0 HGMMA.64x64x16.F32.BF16 ...`` -> ``HGMMA``)."""
+def sass_instructions(sass: str) -> list[tuple[int, str, str, bool]]:
+    """(address, opcode, text, predicated) of each SASS instruction; the opcode has its
+    predicate and modifiers stripped (``@!P0 HGMMA.64x64x16.F32.BF16 ...`` -> ``HGMMA``)."""
     out = []
     for line in sass.splitlines():
         m = _INSTR.match(line)
         if m:
             text = re.sub(r"^@!?U?P[T0-9]+\s+", "", m.group(2))
-            out.append((int(m.group(1), 16), text.split()[0].split(".")[0], text))
+            out.append((int(m.group(1), 16), text.split()[0].split(".")[0], text, text != m.group(2)))
     return out
 
 
-def mma_loops(instrs: list[tuple[int, str, str]]) -> list[dict]:
-    """Innermost loops holding MMA instructions, in address order: a loop is a backward BRA
-    and its target (back edges to one target are one loop, up to the last); innermost: it
-    holds no other MMA-holding loop."""
-    ends = {}
-    for addr, op, text in instrs:
+def _branch_target(text: str) -> int:
+    return int(re.findall(r"0x([0-9a-f]+)", text)[-1], 16)
+
+
+def back_edges(instrs: list[tuple[int, str, str, bool]]) -> list[tuple[int, int]]:
+    """(target, branch) addresses of the loop back edges: a BRA whose target dominates it in
+    the control-flow graph. This leaves out the jumps back from out-of-line blocks (ptxas puts
+    e.g. the retry of a barrier wait after the EXIT, and jumps back into the loop from there),
+    which are backward branches but close no loop."""
+    index = {addr: i for i, (addr, *_) in enumerate(instrs)}
+    leaders = {0}
+    for i, (_, op, text, _) in enumerate(instrs):
         if op == "BRA":
-            target = int(re.findall(r"0x([0-9a-f]+)", text)[-1], 16)
-            if target <= addr:
-                ends[target] = max(addr, ends.get(target, addr))
+            leaders.add(index[_branch_target(text)])
+        if op in ("BRA", "EXIT", "RET") and i + 1 < len(instrs):
+            leaders.add(i + 1)
+    starts = sorted(leaders)
+    block_of = {}
+    for b, first in enumerate(starts):
+        for i in range(first, starts[b + 1] if b + 1 < len(starts) else len(instrs)):
+            block_of[i] = b
+    succs = []
+    for b, first in enumerate(starts):
+        last = (starts[b + 1] if b + 1 < len(starts) else len(instrs)) - 1
+        _, op, text, predicated = instrs[last]
+        out = set()
+        if op == "BRA":
+            out.add(block_of[index[_branch_target(text)]])
+        if (op not in ("BRA", "EXIT", "RET") or predicated) and b + 1 < len(starts):
+            out.add(b + 1)
+        succs.append((last, out))
+    preds = [set() for _ in starts]
+    for b, (_, out) in enumerate(succs):
+        for s in out:
+            preds[s].add(b)
+    everything = set(range(len(starts)))
+    dom = [{0}] + [set(everything) for _ in starts[1:]]
+    changed = True
+    while changed:  # iterate dom(b) = {b} | intersection of dom(p) over predecessors p
+        changed = False
+        for b in range(1, len(starts)):
+            new = set.intersection(*(dom[p] for p in preds[b])) | {b} if preds[b] else {b}
+            if new != dom[b]:
+                dom[b], changed = new, True
+    edges = []
+    for b, (last, out) in enumerate(succs):
+        addr, op, text, _ = instrs[last]
+        for s in out:
+            if op == "BRA" and s in dom[b] and instrs[starts[s]][0] == _branch_target(text) <= addr:
+                edges.append((instrs[starts[s]][0], addr))
+    return edges
+
+
+def mma_loops(instrs: list[tuple[int, str, str, bool]]) -> list[dict]:
+    """Innermost loops holding MMA instructions, in address order. A loop is a back edge (see
+    ``back_edges``) and the address range from its target to it (back edges to one target
+    are one loop, up to the last); innermost: it holds no other MMA-holding loop."""
+    ends = {}
+    for target, addr in back_edges(instrs):
+        ends[target] = max(addr, ends.get(target, addr))
     loops = []
     for start, end in sorted(ends.items()):
-        body = [op for addr, op, _ in instrs if start <= addr <= end]
+        body = [op for addr, op, *_ in instrs if start <= addr <= end]
         if any(op in MMA_OPS for op in body):
             loops.append(dict(start=start, end=end, instructions=len(body),
                               hgmma=body.count("HGMMA"), hmma=body.count("HMMA")))
@@ -192,7 +243,7 @@ def analyse(compiled, options, name: str, out_dir: str, step: Optional[tuple[str
                   paths["ptx"], "-o", os.devnull)
     sass = _tool(os.path.join(BIN, "cuobjdump"), "-sass", paths["cubin"])
     instrs = sass_instructions(sass)
-    ops = [op for _, op, _ in instrs]
+    ops = [op for _, op, *_ in instrs]
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
     loops = mma_loops(instrs)
     for loop in loops:
@@ -222,16 +273,21 @@ class Case(NamedTuple):
     kernels: dict  # kernel function name -> (short name, (walks, step constexpr name))
 
 
-def run_case(case: Case, out_dir: str) -> list[dict]:
-    """Compile and read every kernel launch of the case."""
+def run_case(case: Case, out_dir: str, only: Optional[str] = None) -> list[dict]:
+    """Compile and read every kernel launch of the case (only the kernel named ``only``,
+    e.g. "dkdv" or "split-single", if given)."""
     results = []
     for launch in case.launch():
         fn_name = launch.kernel.fn.__name__
         short, (walks, step_name) = case.kernels.get(fn_name, (fn_name.removesuffix("_kernel"), (None, None)))
+        kernel = short + (f"-{launch.tag}" if launch.tag else "")
+        if only is not None and kernel != only:
+            continue
         compiled, options, bound = compile_launch(launch)
         step = (walks, bound[step_name]) if step_name in bound else None
-        kernel = short + (f"-{launch.tag}" if launch.tag else "")
         results.append(analyse(compiled, options, f"{case.op}-{kernel}-{case.rest}", out_dir, step))
+    if only is not None and not results:
+        raise ValueError(f"case {case.op}-{case.rest} launches no kernel {only!r}")
     return results
 
 
@@ -387,8 +443,8 @@ HEADLINE = [f"flash-{dt}-d{d}-{c}" for dt in ("bfloat16", "float16") for d in (6
             for c in ("causal", "full")]
 
 
-def run(name: str, out_dir: str) -> dict:
-    kernels = run_case(CASES[name], out_dir)
+def run(name: str, out_dir: str, only: Optional[str] = None) -> dict:
+    kernels = run_case(CASES[name], out_dir, only)
     return {"case": name, "kernels": kernels, "fits": all(k["fits"] for k in kernels)}
 
 
@@ -398,11 +454,14 @@ def baseline_entry(kernel: dict) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    out_dir = None
-    if "--out" in argv:
-        i = argv.index("--out")
-        out_dir = argv[i + 1]
-        argv = argv[:i] + argv[i + 2:]
+    options = {}
+    for flag in ("--out", "--kernel"):
+        if flag in argv:
+            i = argv.index(flag)
+            options[flag] = argv[i + 1]
+            argv = argv[:i] + argv[i + 2:]
+    out_dir, only = options.get("--out"), options.get("--kernel")
+    if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = out_dir or tmp
@@ -411,9 +470,12 @@ def main(argv: list[str]) -> None:
             for name in HEADLINE:
                 for kernel in run(name, out_dir)["kernels"]:
                     entries[kernel["name"]] = baseline_entry(kernel)
-            with open(BASELINE, "w") as f:
-                json.dump({"triton": triton.__version__, "kernels": entries}, f, indent=1, sort_keys=True)
-                f.write("\n")
+            commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE,
+                                    capture_output=True, text=True).stdout.strip()
+            lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(entries.items())]
+            with open(BASELINE, "w") as f:  # one kernel a line, so a diff shows what moved
+                f.write(f'{{"triton": "{triton.__version__}", "commit": "{commit}",\n "kernels": {{\n')
+                f.write(",\n".join(lines) + "\n}}\n")
             print(f"wrote {BASELINE} ({len(entries)} kernels)")
             return
         names = list(CASES) if argv == ["all"] else argv
@@ -421,7 +483,7 @@ def main(argv: list[str]) -> None:
         if unknown or not names:
             sys.exit(f"unknown case(s) {unknown}; known: 'all', 'baseline' or e.g. {HEADLINE[0]}")
         for name in names:
-            print(json.dumps(run(name, out_dir)), flush=True)
+            print(json.dumps(run(name, out_dir, only)), flush=True)
 
 
 if __name__ == "__main__":
