@@ -4,7 +4,7 @@ softcap). The kernels' side of the flags is described in ``fastattn/ops/_triton.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -63,6 +63,29 @@ def block_config(head_dim: int, dtype: torch.dtype, backward: bool) -> tuple[int
     if dtype == torch.float32:
         block_m = max(32, block_m // 2)
     return block_m, block_n, warps
+
+
+class Terms(NamedTuple):
+    """The logit terms a softmax-attention kernel compiles in, passed as one constexpr
+    ``TERMS`` (read as ``if TERMS.ALIBI:`` in a kernel) instead of one flag per term.
+    LEFT/RIGHT are the band's edges (causal is RIGHT with window_right 0)."""
+
+    BIAS: bool = False
+    BIAS_IS_BOOL: bool = False
+    ALIBI: bool = False
+    SOFTCAP: bool = False
+    DROPOUT: bool = False
+    LEFT: bool = False
+    RIGHT: bool = False
+
+
+def logit_scalars(scale: float, softcap: Optional[float] = None, dropout_p: float = 0.0,
+                  window_left: Optional[int] = None, window_right: Optional[int] = None) -> tuple:
+    """The kernels' runtime ``scalars`` tuple (scale, softcap, dropout_p, window_left,
+    window_right), with placeholders for terms that are off: 1.0 for no cap (the kernels
+    divide by softcap only under TERMS.SOFTCAP), 0 for an unbounded band edge."""
+    return (float(scale), float(softcap) if softcap else 1.0, float(dropout_p),
+            0 if window_left is None else int(window_left), 0 if window_right is None else int(window_right))
 
 
 def softcap_args(softcap: Optional[float]) -> dict:

@@ -137,6 +137,16 @@ def logits(
 
 
 @triton.jit
+def term_logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope,
+                TERMS: tl.constexpr):
+    """``logits`` with the flags of a ``TERMS`` constexpr (``fastattn/ops/_launch.py: Terms``)
+    and the runtime ``scalars = (scale, softcap, dropout_p, window_left, window_right)``."""
+    return logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, scalars[1], scalars[3], scalars[4],
+                  bias_base, bias_strides[2], bias_strides[3], slope,
+                  TERMS.BIAS, TERMS.BIAS_IS_BOOL, TERMS.ALIBI, TERMS.SOFTCAP, TERMS.LEFT, TERMS.RIGHT)
+
+
+@triton.jit
 def dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p):
     # One Philox counter per (batch*head, query, key): the backward regenerates the same mask.
     offs = (bh.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
@@ -181,29 +191,22 @@ def softmax_finish(acc, m_i, l_i):
 
 
 @triton.jit
-def bwd_tile(
-    q, k, v, do, lse, delta, offs_m, offs_n, bh, seed, slope, bias_base, stride_bm, stride_bn,
-    seqlen_q, seqlen_k, diag, scale, softcap, dropout_p, window_left, window_right,
-    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-):
+def bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, bh, seed, slope,
+             bias_base, bias_strides, scalars, TERMS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """Recomputes one (queries, keys) tile of a softmax-attention forward from its lse and
-    differentiates it; delta is rowsum(dO * O).
+    differentiates it; delta is rowsum(dO * O). ``scalars`` and ``TERMS`` as ``term_logits``.
 
     Returns (p_drop, ds, ds_qk): the probabilities after dropout (for dV), the gradient of
     the final logits (= of an additive bias), and the gradient of the scaled q.k (for dQ, dK).
     """
+    scale, softcap, dropout_p = scalars[0], scalars[1], scalars[2]
     qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
-    s = logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, softcap, window_left, window_right,
-               bias_base, stride_bm, stride_bn, slope,
-               HAS_BIAS, BIAS_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT)
+    s = term_logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope, TERMS)
     # A row that saw no key has lse -inf; use +inf so that p = exp(-inf) = 0, not NaN.
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     p = tl.math.exp2((s - lse[:, None]) * LOG2E)  # the forward's softmax, recomputed
     dp = dot(do, tl.trans(v), DOT_FP32, PRECISION)
-    if HAS_DROPOUT:
+    if TERMS.DROPOUT:
         keep = dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
         p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
@@ -212,20 +215,31 @@ def bwd_tile(
     # Softmax backward: dS = P * (dP - rowsum(dO * O)).
     ds = p * (dp - delta[:, None])
     ds_qk = ds
-    if HAS_SOFTCAP:
+    if TERMS.SOFTCAP:
         t = tanh(qk / softcap)
         ds_qk = ds * (1.0 - t * t)  # d/dx [c * tanh(x / c)] = 1 - tanh^2
     return p_drop, ds, ds_qk
 
 
 @triton.jit
-def load_query_rows(Q, DO, LSE, DELTA, b, h, bh, offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok,
-                    stride_qb, stride_qh, stride_qm, stride_qd,
-                    stride_dob, stride_doh, stride_dom, stride_dod, seqlen_q):
+def head_slice(PTR, strides, b, h):
+    """Base pointer of head (b, h) of a (B, H, L, D) tensor with strides ``strides``."""
+    return PTR + b * strides[0] + h * strides[1]
+
+
+@triton.jit
+def load_rows(PTR, strides, b, h, rows, cols, row_ok, col_ok):
+    """The (rows, cols) tile of head (b, h) of a (B, H, L, D) tensor with strides ``strides``."""
+    return load_tile(head_slice(PTR, strides, b, h), rows, cols, strides[2], strides[3], row_ok, col_ok)
+
+
+@triton.jit
+def load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, b, h, bh, offs_m, row_ok, offs_d, d_ok,
+                    offs_dv, dv_ok, seqlen_q):
     """What the backward needs of query rows offs_m of head (b, h): q, dO, the forward's lse
     and delta = rowsum(dO * O); LSE and DELTA are contiguous (B * H, Lq), bh = b * H + h."""
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, row_ok, d_ok)
-    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dom, stride_dod, row_ok, dv_ok)
+    q = load_rows(Q, q_strides, b, h, offs_m, offs_d, row_ok, d_ok)
+    do = load_rows(DO, do_strides, b, h, offs_m, offs_dv, row_ok, dv_ok)
     lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
     return q, do, lse, delta

@@ -1,7 +1,9 @@
 """Triton kernels for exact (flash) attention: forward, dK/dV and dQ.
 
 Layout: every tensor is (batch, heads, seq, dim) with arbitrary strides; the launchers in
-``op.py`` pass all strides. One program owns one block of rows (queries in the forward and
+``op.py`` pass each tensor's strides as one tuple (``q_strides``...). The logit terms compiled
+in are one constexpr, ``TERMS`` (``fastattn/ops/_launch.py: Terms``); their runtime values are
+the ``scalars`` tuple (scale, softcap, dropout_p, window_left, window_right). One program owns one block of rows (queries in the forward and
 dQ kernels, keys in the dK/dV kernel) of one (batch, head). Scores are never stored: they
 are recomputed blockwise, and the softmax is carried online (running max ``m`` and sum ``l``).
 
@@ -14,27 +16,26 @@ import triton
 import triton.language as tl
 
 from fastattn.ops._triton import (
-    bwd_tile, cast, dot, dropout_keep, load_query_rows, load_tile, logits, program_heads, softmax_finish,
-    softmax_init, softmax_update, span, store_key_grads, store_tile,
+    bwd_tile, cast, dot, dropout_keep, head_slice, load_query_rows, load_rows, load_tile, program_heads,
+    softmax_finish, softmax_init, softmax_update, span, store_key_grads, store_tile, term_logits,
 )
 
 
 @triton.jit
-def _head_terms(ALIBI, SEED, b, h, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """(ALiBi slope of head h, dropout seed); 0 for a feature that is off."""
+def _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS: tl.constexpr):
+    """(ALiBi slope of head h, dropout seed); 0 for a term that is off."""
     slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(ALIBI + b * stride_ab + h * stride_ah).to(tl.float32)
+    if TERMS.ALIBI:
+        slope = tl.load(ALIBI + b * alibi_strides[0] + h * alibi_strides[1]).to(tl.float32)
     seed = 0
-    if HAS_DROPOUT:
+    if TERMS.DROPOUT:
         seed = tl.load(SEED)
     return slope, seed
 
 
 @triton.jit
 def _key_range(start_m, seqlen_k, diag, window_left, window_right,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TERMS: tl.constexpr):
     """[lo, hi) of key positions that query rows start_m .. start_m + BLOCK_M - 1 can see.
 
     Blocks outside it are skipped entirely. max/min are written as arithmetic because the
@@ -42,11 +43,11 @@ def _key_range(start_m, seqlen_k, diag, window_left, window_right,
     """
     lo = start_m * 0
     hi = lo + seqlen_k
-    if HAS_LEFT:
+    if TERMS.LEFT:
         lo = start_m + diag - window_left
         lo = lo * (lo > 0)
         lo = (lo // BLOCK_N) * BLOCK_N
-    if HAS_RIGHT:
+    if TERMS.RIGHT:
         hi = start_m + BLOCK_M + diag + window_right  # one past the last visible key
         hi = seqlen_k + (hi - seqlen_k) * (hi < seqlen_k)
     return lo, hi
@@ -54,16 +55,15 @@ def _key_range(start_m, seqlen_k, diag, window_left, window_right,
 
 @triton.jit
 def _query_range(start_n, seqlen_q, diag, window_left, window_right,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TERMS: tl.constexpr):
     """[lo, hi) of query positions that can see key columns start_n .. start_n + BLOCK_N - 1."""
     lo = start_n * 0
     hi = lo + seqlen_q
-    if HAS_RIGHT:
+    if TERMS.RIGHT:
         lo = start_n - diag - window_right  # rel <= right  <=>  i >= j - diag - right
         lo = lo * (lo > 0)
         lo = (lo // BLOCK_M) * BLOCK_M
-    if HAS_LEFT:
+    if TERMS.LEFT:
         hi = start_n + BLOCK_N - diag + window_left  # rel >= -left  <=>  i <= j - diag + left
         hi = seqlen_q + (hi - seqlen_q) * (hi < seqlen_q)
     return lo, hi
@@ -72,76 +72,59 @@ def _query_range(start_n, seqlen_q, diag, window_left, window_right,
 @triton.jit
 def attn_fwd_kernel(
     Q, K, V, O, LSE, BIAS, ALIBI, SEED,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_bb, stride_bh, stride_bm, stride_bn,
-    stride_ab, stride_ah,
-    n_heads, group, seqlen_q, seqlen_k,
-    scale, softcap, dropout_p, window_left, window_right,
+    q_strides, k_strides, v_strides, o_strides, bias_strides, alibi_strides,
+    n_heads, group, seqlen_q, seqlen_k, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
+    TERMS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
+    """Output and lse of one block of queries of one (batch, head)."""
     start_m = tl.program_id(0) * BLOCK_M
     b, h, bh, hk = program_heads(n_heads, group)
     diag = seqlen_k - seqlen_q
+    scale, dropout_p, window_left, window_right = scalars[0], scalars[2], scalars[3], scalars[4]
 
     offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, row_ok, d_ok)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    bias_base = BIAS + b * stride_bb + h * stride_bh
-    slope, seed = _head_terms(ALIBI, SEED, b, h, stride_ab, stride_ah, HAS_ALIBI, HAS_DROPOUT)
+    q = load_rows(Q, q_strides, b, h, offs_m, offs_d, row_ok, d_ok)
+    k_base = head_slice(K, k_strides, b, hk)
+    v_base = head_slice(V, v_strides, b, hk)
+    bias_base = head_slice(BIAS, bias_strides, b, h)
+    slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
 
     m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_DV)
 
-    lo, hi = _key_range(start_m, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, hi = _key_range(start_m, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N, TERMS)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n, col_ok = span(start_n, BLOCK_N, seqlen_k)
-        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
+        k = load_tile(k_base, offs_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
         qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
-        s = logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, softcap, window_left, window_right,
-                   bias_base, stride_bm, stride_bn, slope,
-                   HAS_BIAS, BIAS_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT)
-        # The softmax normaliser counts dropped entries too: dropout comes after it.
+        s = term_logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope,
+                        TERMS)
         p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)
-        if HAS_DROPOUT:
+        v = load_tile(v_base, offs_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
+        if TERMS.DROPOUT:
+            # The softmax normalises by the undropped sum l; dropout scales what reaches V.
             keep = dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok)
         acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
 
     out, lse = softmax_finish(acc, m_i, l_i)  # every key masked: output 0, lse -inf, as torch >= 2.5
-    store_tile(O + b * stride_ob + h * stride_oh, cast(out, O.dtype.element_ty, BF16_RTNE),
-               offs_m, offs_dv, stride_om, stride_od, row_ok, dv_ok)
+    store_tile(head_slice(O, o_strides, b, h), cast(out, O.dtype.element_ty, BF16_RTNE),
+               offs_m, offs_dv, o_strides[2], o_strides[3], row_ok, dv_ok)
     tl.store(LSE + bh * seqlen_q + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, ALIBI, SEED,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_bb, stride_bh, stride_bm, stride_bn,
-    stride_ab, stride_ah,
-    n_kv_heads, group, seqlen_q, seqlen_k,
-    scale, softcap, dropout_p, window_left, window_right,
+    q_strides, k_strides, v_strides, do_strides, bias_strides, alibi_strides,
+    n_kv_heads, group, seqlen_q, seqlen_k, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
+    TERMS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     """dK, dV for one block of keys of one kv head, summed over the group query heads that
     share it, so GQA never allocates Hq-sized key gradients. DK/DV are contiguous."""
@@ -154,50 +137,39 @@ def attn_bwd_dkdv_kernel(
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
-    k = load_tile(K + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
-    v = load_tile(V + b * stride_vb + hk * stride_vh, offs_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok)
+    k = load_rows(K, k_strides, b, hk, offs_n, offs_d, col_ok, d_ok)
+    v = load_rows(V, v_strides, b, hk, offs_n, offs_dv, col_ok, dv_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
-    lo, hi = _query_range(start_n, seqlen_q, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, hi = _query_range(start_n, seqlen_q, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
     for g in range(0, group):
         h = hk * group + g
         bh = b * n_heads + h
-        bias_base = BIAS + b * stride_bb + h * stride_bh
-        slope, seed = _head_terms(ALIBI, SEED, b, h, stride_ab, stride_ah, HAS_ALIBI, HAS_DROPOUT)
+        bias_base = head_slice(BIAS, bias_strides, b, h)
+        slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
-            q, do, lse, delta = load_query_rows(
-                Q, DO, LSE, DELTA, b, h, bh, offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok,
-                stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod, seqlen_q)
-            p_drop, ds, ds_qk = bwd_tile(
-                q, k, v, do, lse, delta, offs_m, offs_n, bh, seed, slope, bias_base, stride_bm, stride_bn,
-                seqlen_q, seqlen_k, diag, scale, softcap, dropout_p, window_left, window_right,
-                HAS_BIAS, BIAS_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, HAS_LEFT, HAS_RIGHT,
-                DOT_FP32, PRECISION)
+            q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, b, h, bh,
+                                                offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok, seqlen_q)
+            p_drop, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
+                                         bh, seed, slope, bias_base, bias_strides, scalars,
+                                         TERMS, DOT_FP32, PRECISION)
             dv += dot(tl.trans(cast(p_drop, do.dtype, BF16_RTNE)), do, DOT_FP32, PRECISION)
             dk += dot(tl.trans(cast(ds_qk, q.dtype, BF16_RTNE)), q, DOT_FP32, PRECISION)
 
-    store_key_grads(DK, DV, dk, dv, bhk * seqlen_k, scale, offs_n, offs_d, offs_dv, col_ok, d_ok, dv_ok,
+    store_key_grads(DK, DV, dk, dv, bhk * seqlen_k, scalars[0], offs_n, offs_d, offs_dv, col_ok, d_ok, dv_ok,
                     HEAD_DIM, HEAD_DIM_V, BF16_RTNE)
 
 
 @triton.jit
 def attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DS, BIAS, ALIBI, SEED,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_bb, stride_bh, stride_bm, stride_bn,
-    stride_ab, stride_ah,
-    n_heads, group, seqlen_q, seqlen_k,
-    scale, softcap, dropout_p, window_left, window_right,
+    q_strides, k_strides, v_strides, do_strides, bias_strides, alibi_strides,
+    n_heads, group, seqlen_q, seqlen_k, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, STORE_DS: tl.constexpr,
+    TERMS: tl.constexpr, STORE_DS: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     """dQ for one block of queries (no atomics: deterministic). With STORE_DS it also writes
@@ -211,30 +183,26 @@ def attn_bwd_dq_kernel(
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
-    q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, b, h, bh, offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok,
-                                        stride_qb, stride_qh, stride_qm, stride_qd,
-                                        stride_dob, stride_doh, stride_dom, stride_dod, seqlen_q)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    bias_base = BIAS + b * stride_bb + h * stride_bh
-    slope, seed = _head_terms(ALIBI, SEED, b, h, stride_ab, stride_ah, HAS_ALIBI, HAS_DROPOUT)
+    q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, b, h, bh,
+                                        offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok, seqlen_q)
+    k_base = head_slice(K, k_strides, b, hk)
+    v_base = head_slice(V, v_strides, b, hk)
+    bias_base = head_slice(BIAS, bias_strides, b, h)
+    slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    lo, hi = _key_range(start_m, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, hi = _key_range(start_m, seqlen_k, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n, col_ok = span(start_n, BLOCK_N, seqlen_k)
-        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
-        v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok)
-        _, ds, ds_qk = bwd_tile(
-            q, k, v, do, lse, delta, offs_m, offs_n, bh, seed, slope, bias_base, stride_bm, stride_bn,
-            seqlen_q, seqlen_k, diag, scale, softcap, dropout_p, window_left, window_right,
-            HAS_BIAS, BIAS_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, HAS_LEFT, HAS_RIGHT,
-            DOT_FP32, PRECISION)
+        k = load_tile(k_base, offs_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
+        v = load_tile(v_base, offs_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
+        _, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
+                                bh, seed, slope, bias_base, bias_strides, scalars, TERMS, DOT_FP32, PRECISION)
         if STORE_DS:
             store_tile(DS + bh * seqlen_q * seqlen_k, ds, offs_m, offs_n, seqlen_k, 1, row_ok, col_ok)
         dq += dot(cast(ds_qk, k.dtype, BF16_RTNE), k, DOT_FP32, PRECISION)
 
-    dq = dq * scale  # the scores were q.k * scale
+    dq = dq * scalars[0]  # the scores were q.k * scale
     store_tile(DQ + bh * seqlen_q * HEAD_DIM, cast(dq, DQ.dtype.element_ty, BF16_RTNE),
                offs_m, offs_d, HEAD_DIM, 1, row_ok, d_ok)
 

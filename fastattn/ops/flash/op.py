@@ -32,30 +32,29 @@ class FlashOptions(NamedTuple):
 
 
 def _bias_args(q: Tensor, bias: Optional[Tensor]):
-    """Bias as (tensor, 4 strides, flags). bool masks are read as bytes (same itemsize)."""
+    """Bias as (tensor, strides). bool masks are read as bytes (same itemsize)."""
     if bias is None:
-        return q, (0, 0, 0, 0), dict(HAS_BIAS=False, BIAS_IS_BOOL=False)
-    is_bool = bias.dtype == torch.bool
-    t = bias.view(torch.uint8) if is_bool else bias
-    return t, bias.stride(), dict(HAS_BIAS=True, BIAS_IS_BOOL=is_bool)
+        return q, (0, 0, 0, 0)
+    return (bias.view(torch.uint8) if bias.dtype == torch.bool else bias), bias.stride()
 
 
 def _launch_args(q, v, bias, alibi, seed, options: FlashOptions, backward: bool):
-    """(bias, alibi, seed) pointers, their strides, and the kernels' keyword arguments."""
-    bias_t, bias_strides, bias_flags = _bias_args(q, bias)
+    """The kernels' (bias, alibi, seed) pointers, their stride tuples, and keyword arguments."""
+    bias_t, bias_strides = _bias_args(q, bias)
     alibi_t, alibi_strides = _launch.alibi_args(q, alibi)
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
     block_m, block_n, warps = block_config(max(head_dim, head_dim_v), q.dtype, backward)
+    terms = _launch.Terms(
+        BIAS=bias is not None, BIAS_IS_BOOL=bias is not None and bias.dtype == torch.bool,
+        ALIBI=alibi is not None, SOFTCAP=bool(options.softcap), DROPOUT=options.dropout_p > 0.0,
+        LEFT=options.window_left is not None, RIGHT=options.window_right is not None)
     meta = dict(
-        scale=options.scale, dropout_p=options.dropout_p,
+        scalars=_launch.logit_scalars(*options),
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=_launch.pad(head_dim), BLOCK_DV=_launch.pad(head_dim_v),
-        HAS_ALIBI=alibi is not None, HAS_DROPOUT=options.dropout_p > 0.0, num_warps=warps,
-        **bias_flags, **_launch.softcap_args(options.softcap),
-        **_launch.band_args(options.window_left, options.window_right), **_launch.dtype_flags(q.dtype),
+        BLOCK_D=_launch.pad(head_dim), BLOCK_DV=_launch.pad(head_dim_v), TERMS=terms, num_warps=warps,
+        **_launch.dtype_flags(q.dtype),
     )
-    tensors = (bias_t, alibi_t, q if seed is None else seed)
-    return tensors, (*bias_strides, *alibi_strides), meta
+    return (bias_t, alibi_t, q if seed is None else seed), (bias_strides, alibi_strides), meta
 
 
 def _forward(q, k, v, bias, alibi, seed, options: FlashOptions):
@@ -67,7 +66,7 @@ def _forward(q, k, v, bias, alibi, seed, options: FlashOptions):
     grid = (triton.cdiv(lq, meta["BLOCK_M"]), h, b)
     kernels.attn_fwd_kernel[grid](
         q, k, v, out, lse, bias_t, alibi_t, seed_t,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *strides,
+        q.stride(), k.stride(), v.stride(), out.stride(), *strides,
         h, h // hkv, lq, lk, **meta,
     )
     return out, lse
@@ -82,13 +81,13 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, options: FlashOptions, b
     # gradient is 0.
     ds = torch.zeros(b, h, lq, lk if bias_grad else 0, device=q.device, dtype=torch.float32)
     (bias_t, alibi_t, seed_t), strides, meta = _launch_args(q, v, bias, alibi, seed, options, True)
-    args = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *strides)
+    strides = (q.stride(), k.stride(), v.stride(), do.stride(), *strides)
     kernels.attn_bwd_dkdv_kernel[(triton.cdiv(lk, meta["BLOCK_N"]), hkv, b)](
-        q, k, v, do, lse, delta, dk, dv, bias_t, alibi_t, seed_t, *args,
+        q, k, v, do, lse, delta, dk, dv, bias_t, alibi_t, seed_t, *strides,
         hkv, h // hkv, lq, lk, **meta,
     )
     kernels.attn_bwd_dq_kernel[(triton.cdiv(lq, meta["BLOCK_M"]), h, b)](
-        q, k, v, do, lse, delta, dq, ds, bias_t, alibi_t, seed_t, *args,
+        q, k, v, do, lse, delta, dq, ds, bias_t, alibi_t, seed_t, *strides,
         h, h // hkv, lq, lk, STORE_DS=bias_grad, **meta,
     )
     return dq, dk, dv, ds

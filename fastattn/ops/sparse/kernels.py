@@ -10,37 +10,27 @@ Kernel tiles (BLOCK_M x BLOCK_N) divide the layout's block (LAYOUT_BLOCK, a powe
 >= 16): one program owns BLOCK_M rows inside one layout block, and each kept layout block is
 walked in BLOCK_N (or BLOCK_M) sub-tiles. The per-tile math (online softmax, masking of the
 partial last block and of causal positions, the backward tile) is the softmax-attention
-helpers' of ``fastattn/ops/_triton.py``, with flash's other logit terms off.
+helpers' of ``fastattn/ops/_triton.py``, with ``TERMS`` holding causal (a band whose right
+edge is the diagonal) as the only logit term and ``scalars`` = (scale, 1.0, 0.0, 0, 0).
 Positions follow flash: ``diag = Lk - Lq``; causal keeps key j for query i iff ``j <= i + diag``.
 """
 import triton
 import triton.language as tl
 
 from fastattn.ops._triton import (
-    band_mask, bwd_tile, cast, dot, load_query_rows, load_tile, program_heads, softmax_finish,
-    softmax_init, softmax_update, span, store_key_grads, store_tile,
+    bwd_tile, cast, dot, head_slice, load_query_rows, load_rows, load_tile, program_heads, softmax_finish,
+    softmax_init, softmax_update, span, store_key_grads, store_tile, term_logits,
 )
 
 
 @triton.jit
-def _tile_grads(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, scale, Q,
-                CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """(p, ds) of one tile: the backward tile with causal (a band whose right edge is the
-    diagonal) as the only logit term; Q stands in for the unused bias pointer."""
-    p, ds, _ = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, 0, 0, 0.0, Q, 0, 0,
-                        seqlen_q, seqlen_k, diag, scale, 1.0, 0.0, 0, 0,
-                        False, False, False, False, False, False, CAUSAL, DOT_FP32, PRECISION)
-    return p, ds
-
-
-@triton.jit
 def _key_tiles_end(start_m, kb_start, seqlen_k, diag,
-                   BLOCK_M: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
+                   BLOCK_M: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, TERMS: tl.constexpr):
     """End (exclusive, relative to kb_start) of the key sub-tiles of a kept block that rows
     start_m .. start_m + BLOCK_M - 1 need. min is written as arithmetic (interpreter)."""
     hi = seqlen_k - kb_start  # the partial last key block stops at seqlen_k
     hi = LAYOUT_BLOCK + (hi - LAYOUT_BLOCK) * (hi < LAYOUT_BLOCK)
-    if CAUSAL:
+    if TERMS.RIGHT:  # causal
         c = start_m + BLOCK_M + diag - kb_start  # keys from here on are after every row's diagonal
         hi = hi + (c - hi) * (c < hi)
     return hi
@@ -49,15 +39,11 @@ def _key_tiles_end(start_m, kb_start, seqlen_k, diag,
 @triton.jit
 def sparse_fwd_kernel(
     Q, K, V, O, LSE, CROW, COL,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    n_heads, group, seqlen_q, seqlen_k, layout_stride_h,
-    scale,
+    q_strides, k_strides, v_strides, o_strides,
+    n_heads, group, seqlen_q, seqlen_k, layout_stride_h, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    LAYOUT_BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
+    LAYOUT_BLOCK: tl.constexpr, TERMS: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
@@ -68,9 +54,9 @@ def sparse_fwd_kernel(
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, row_ok, d_ok)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    q = load_rows(Q, q_strides, b, h, offs_m, offs_d, row_ok, d_ok)
+    k_base = head_slice(K, k_strides, b, hk)
+    v_base = head_slice(V, v_strides, b, hk)
 
     m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_DV)
 
@@ -80,34 +66,30 @@ def sparse_fwd_kernel(
     last = tl.load(CROW + row + 1)
     for i in range(first, last):
         kb_start = tl.load(COL + i) * LAYOUT_BLOCK  # first key of this kept block
-        hi = _key_tiles_end(start_m, kb_start, seqlen_k, diag, BLOCK_M, LAYOUT_BLOCK, CAUSAL)
+        hi = _key_tiles_end(start_m, kb_start, seqlen_k, diag, BLOCK_M, LAYOUT_BLOCK, TERMS)
         for sub in range(0, hi, BLOCK_N):
             offs_n, col_ok = span(kb_start + sub, BLOCK_N, seqlen_k)
-            k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
-            qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
-            causal = band_mask(offs_m, offs_n, seqlen_q, seqlen_k, diag, 0, 0, False, CAUSAL)
-            p, alpha, m_i, l_i = softmax_update(tl.where(causal, qk, float("-inf")), m_i, l_i)
-            v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok)
+            k = load_tile(k_base, offs_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
+            qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scalars[0]
+            s = term_logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, scalars, Q, q_strides, 0.0, TERMS)
+            p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)
+            v = load_tile(v_base, offs_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
             acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
 
     out, lse = softmax_finish(acc, m_i, l_i)  # no kept key (empty layout row, or causal): 0, -inf
-    store_tile(O + b * stride_ob + h * stride_oh, cast(out, O.dtype.element_ty, BF16_RTNE),
-               offs_m, offs_dv, stride_om, stride_od, row_ok, dv_ok)
+    store_tile(head_slice(O, o_strides, b, h), cast(out, O.dtype.element_ty, BF16_RTNE),
+               offs_m, offs_dv, o_strides[2], o_strides[3], row_ok, dv_ok)
     tl.store(LSE + bh * seqlen_q + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
 def sparse_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CCOL, ROW,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    n_kv_heads, group, seqlen_q, seqlen_k, layout_stride_h,
-    scale,
+    q_strides, k_strides, v_strides, do_strides,
+    n_kv_heads, group, seqlen_q, seqlen_k, layout_stride_h, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    LAYOUT_BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
+    LAYOUT_BLOCK: tl.constexpr, TERMS: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     """dK, dV for one tile of keys of one kv head, summed over the group query heads that
@@ -121,8 +103,8 @@ def sparse_bwd_dkdv_kernel(
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
-    k = load_tile(K + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
-    v = load_tile(V + b * stride_vb + hk * stride_vh, offs_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok)
+    k = load_rows(K, k_strides, b, hk, offs_n, offs_d, col_ok, d_ok)
+    v = load_rows(V, v_strides, b, hk, offs_n, offs_dv, col_ok, dv_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     kblock = start_n // LAYOUT_BLOCK
@@ -138,7 +120,7 @@ def sparse_bwd_dkdv_kernel(
             hi = seqlen_q - qb_start  # the partial last query block stops at seqlen_q
             hi = LAYOUT_BLOCK + (hi - LAYOUT_BLOCK) * (hi < LAYOUT_BLOCK)
             lo = qb_start * 0
-            if CAUSAL:
+            if TERMS.RIGHT:  # causal
                 # Query i sees key j iff i >= j - diag: rows before start_n - diag see none
                 # of this tile; start at the sub-tile holding that row.
                 lo = start_n - diag - qb_start
@@ -146,30 +128,25 @@ def sparse_bwd_dkdv_kernel(
                 lo = (lo // BLOCK_M) * BLOCK_M
             for sub in range(lo, hi, BLOCK_M):
                 offs_m, row_ok = span(qb_start + sub, BLOCK_M, seqlen_q)
-                q, do, lse, delta = load_query_rows(
-                    Q, DO, LSE, DELTA, b, h, bh, offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok,
-                    stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod, seqlen_q)
-                p, ds = _tile_grads(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, scale, Q,
-                                    CAUSAL, DOT_FP32, PRECISION)
+                q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, b, h, bh,
+                                                    offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok, seqlen_q)
+                p, ds, _ = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
+                                    bh, 0, 0.0, Q, q_strides, scalars, TERMS, DOT_FP32, PRECISION)
                 dv += dot(tl.trans(cast(p, do.dtype, BF16_RTNE)), do, DOT_FP32, PRECISION)
                 dk += dot(tl.trans(cast(ds, q.dtype, BF16_RTNE)), q, DOT_FP32, PRECISION)
 
-    store_key_grads(DK, DV, dk, dv, bhk * seqlen_k, scale, offs_n, offs_d, offs_dv, col_ok, d_ok, dv_ok,
+    store_key_grads(DK, DV, dk, dv, bhk * seqlen_k, scalars[0], offs_n, offs_d, offs_dv, col_ok, d_ok, dv_ok,
                     HEAD_DIM, HEAD_DIM_V, BF16_RTNE)
 
 
 @triton.jit
 def sparse_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CROW, COL,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    n_heads, group, seqlen_q, seqlen_k, layout_stride_h,
-    scale,
+    q_strides, k_strides, v_strides, do_strides,
+    n_heads, group, seqlen_q, seqlen_k, layout_stride_h, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    LAYOUT_BLOCK: tl.constexpr, CAUSAL: tl.constexpr,
+    LAYOUT_BLOCK: tl.constexpr, TERMS: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     """dQ for one tile of queries over its row's kept key blocks (no atomics). DQ contiguous."""
@@ -181,11 +158,10 @@ def sparse_bwd_dq_kernel(
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
-    q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, b, h, bh, offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok,
-                                        stride_qb, stride_qh, stride_qm, stride_qd,
-                                        stride_dob, stride_doh, stride_dom, stride_dod, seqlen_q)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, b, h, bh,
+                                        offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok, seqlen_q)
+    k_base = head_slice(K, k_strides, b, hk)
+    v_base = head_slice(V, v_strides, b, hk)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     row = h * layout_stride_h + start_m // LAYOUT_BLOCK
@@ -193,15 +169,15 @@ def sparse_bwd_dq_kernel(
     last = tl.load(CROW + row + 1)
     for i in range(first, last):
         kb_start = tl.load(COL + i) * LAYOUT_BLOCK
-        hi = _key_tiles_end(start_m, kb_start, seqlen_k, diag, BLOCK_M, LAYOUT_BLOCK, CAUSAL)
+        hi = _key_tiles_end(start_m, kb_start, seqlen_k, diag, BLOCK_M, LAYOUT_BLOCK, TERMS)
         for sub in range(0, hi, BLOCK_N):
             offs_n, col_ok = span(kb_start + sub, BLOCK_N, seqlen_k)
-            k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
-            v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok)
-            _, ds = _tile_grads(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, scale, Q,
-                                CAUSAL, DOT_FP32, PRECISION)
+            k = load_tile(k_base, offs_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
+            v = load_tile(v_base, offs_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
+            _, ds, _ = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
+                                bh, 0, 0.0, Q, q_strides, scalars, TERMS, DOT_FP32, PRECISION)
             dq += dot(cast(ds, k.dtype, BF16_RTNE), k, DOT_FP32, PRECISION)
 
-    dq = dq * scale  # the scores were q.k * scale
+    dq = dq * scalars[0]  # the scores were q.k * scale
     store_tile(DQ + bh * seqlen_q * HEAD_DIM, cast(dq, DQ.dtype.element_ty, BF16_RTNE),
                offs_m, offs_d, HEAD_DIM, 1, row_ok, d_ok)

@@ -22,11 +22,12 @@ def _meta(q: Tensor, v: Tensor, block_size: int, causal: bool, scale: float, bac
     # block so a tile never straddles two layout blocks; both are powers of two, so they divide it.
     block_m, block_n, warps = _launch.block_config(max(head_dim, head_dim_v), q.dtype, backward)
     return dict(
-        scale=scale,
+        scalars=_launch.logit_scalars(scale),
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_M=min(block_m, block_size), BLOCK_N=min(block_n, block_size),
         BLOCK_D=_launch.pad(head_dim), BLOCK_DV=_launch.pad(head_dim_v),
-        LAYOUT_BLOCK=block_size, CAUSAL=causal, num_warps=warps, **_launch.dtype_flags(q.dtype),
+        LAYOUT_BLOCK=block_size, TERMS=_launch.Terms(RIGHT=causal), num_warps=warps,
+        **_launch.dtype_flags(q.dtype),
     )
 
 
@@ -45,7 +46,7 @@ def _forward(q, k, v, crow, col, block_size, scale, causal):
     grid = (triton.cdiv(lq, meta["BLOCK_M"]), h, b)
     kernels.sparse_fwd_kernel[grid](
         q, k, v, out, lse, crow, col,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q.stride(), k.stride(), v.stride(), out.stride(),
         h, h // hkv, lq, lk, stride_h, **meta,
     )
     return out, lse
@@ -57,7 +58,7 @@ def _backward(do, q, k, v, out, lse, crow, col, ccol, row, block_size, scale, ca
     delta = _launch.softmax_delta(do, out)
     dq, dk, dv = (_launch.empty(*t.shape, like=t) for t in (q, k, v))
     meta = _meta(q, v, block_size, causal, scale, True)
-    args = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    args = (q.stride(), k.stride(), v.stride(), do.stride())
     stride_q = _layout_stride(crow, h, triton.cdiv(lq, block_size))
     stride_k = _layout_stride(ccol, h, triton.cdiv(lk, block_size))
     kernels.sparse_bwd_dkdv_kernel[(triton.cdiv(lk, meta["BLOCK_N"]), hkv, b)](
