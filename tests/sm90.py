@@ -27,7 +27,7 @@ and reports:
   range, holding no other such loop), in address order, with its SASS instruction count per
   iteration and ``per_row`` = that / the rows one iteration walks: ``BLOCK_N`` keys for a loop
   over keys, ``BLOCK_M`` queries for a loop over queries (dK/dV), ``BLOCK_C`` rows (linear);
-  ``walks`` says which.
+  ``walks`` says which; ``blocks``: the launch's BLOCK_* constexprs.
 
 Usage (TRITON_INTERPRET must be 0; the script sets it; tests/test_sm90_compile.py runs it in a
 subprocess)::
@@ -285,7 +285,9 @@ def run_case(case: Case, out_dir: str, only: Optional[str] = None) -> list[dict]
             continue
         compiled, options, bound = compile_launch(launch)
         step = (walks, bound[step_name]) if step_name in bound else None
-        results.append(analyse(compiled, options, f"{case.op}-{kernel}-{case.rest}", out_dir, step))
+        result = analyse(compiled, options, f"{case.op}-{kernel}-{case.rest}", out_dir, step)
+        result["blocks"] = {k: v for k, v in bound.items() if k.startswith("BLOCK_")}
+        results.append(result)
     if only is not None and not results:
         raise ValueError(f"case {case.op}-{case.rest} launches no kernel {only!r}")
     return results
@@ -301,8 +303,11 @@ def _qkv(b, h, hkv, lq, lk, d, dtype):
 
 
 def headline_shape(d: int) -> tuple[int, int, int]:
-    """(B, L, H): 16k tokens per batch, hidden 2048."""
-    return 4, 4096, max(1, 2048 // d)
+    """(B, L, H) compiled for the headline, 16k tokens per batch (B=4, L=4096) at hidden 2048.
+    B is 1: the batch reaches the kernels only as a grid size and through the batch stride,
+    H * L * D at any B, so the binary is B=4's (the same ttgir), while the backward launcher's
+    rowsum(dO * O) on these CPU tensors costs a quarter."""
+    return 1, 4096, max(1, 2048 // d)
 
 
 def flash_launches(dtype, d, causal, features):
