@@ -90,28 +90,34 @@ class Launch(NamedTuple):
 @contextlib.contextmanager
 def recording(tag: str = ""):
     """Within the block, kernel launches are recorded into the yielded list instead of run.
-    An autotuned kernel records one launch per config its pruning keeps (its pre_hooks run,
-    as before a real launch: they may set TMA block shapes)."""
+    An autotuned kernel records one launch per config its pruning keeps, tagged ``cfg<i>``
+    (its pre_hooks run, as before a real launch: they may set TMA block shapes). A launcher
+    that asks ``torch.cuda.get_device_capability()`` (e.g. whether TMA is there) is told
+    (9, 0), the H100/H200's."""
     launches = []
+    config_tag = [""]
 
     def record(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, args, kwargs, grid, tag))
+        launches.append(Launch(self, args, kwargs, grid, "-".join(t for t in (tag, config_tag[0]) if t)))
 
     def record_configs(self, *args, **kwargs):
         self.nargs = dict(zip(self.arg_names, args))
-        for config in self.prune_configs(kwargs):
+        for i, config in enumerate(self.prune_configs(kwargs)):
             if config.pre_hook is not None:
                 config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
+            config_tag[0] = f"cfg{i}"
             self.fn.run(*args, **kwargs, **config.all_kwargs())
+        config_tag[0] = ""
         self.nargs = None
 
-    saved = triton_jit.JITFunction.run, triton_autotuner.Autotuner.run
+    saved = triton_jit.JITFunction.run, triton_autotuner.Autotuner.run, torch.cuda.get_device_capability
     triton_jit.JITFunction.run = record
     triton_autotuner.Autotuner.run = record_configs
+    torch.cuda.get_device_capability = lambda device=None: (TARGET.arch // 10, TARGET.arch % 10)
     try:
         yield launches
     finally:
-        triton_jit.JITFunction.run, triton_autotuner.Autotuner.run = saved
+        triton_jit.JITFunction.run, triton_autotuner.Autotuner.run, torch.cuda.get_device_capability = saved
 
 
 def compile_launch(launch: Launch):
