@@ -10,7 +10,10 @@ binder that ``JITFunction.run`` builds (``create_function_from_signature``) and
 ``JITFunction._pack_args``. So integers equal to 1 become constants, 16-aligned pointers and
 multiples of 16 get ``tt.divisibility=16``, and the launcher's constexprs, num_warps and
 num_stages are used, as on the GPU (CPU tensors from torch.empty are 16-aligned like CUDA ones).
-A kernel under ``triton.autotune`` is compiled once per config that survives its pruning.
+A kernel under ``triton.autotune`` is compiled once per config that survives its pruning
+(named ``<kernel>-cfg<i>``); a launcher asking ``torch.cuda.get_device_capability()`` gets (9, 0).
+A launcher that decides on ``tensor.is_cuda`` sees CPU tensors, so gate GPU-only paths (TMA) on
+the capability or on ``fastattn.backend.interpreting()``, or this compiles the other path.
 
 Per kernel it writes ``<name>.cubin/.ptx/.ttgir`` to ``--out`` (default: a temporary folder),
 ``<name>`` being ``<op>-<kernel>-<rest of the case name>`` (e.g. flash-fwd-bfloat16-d128-causal),
@@ -23,8 +26,8 @@ and reports:
 - ``shared``: bytes of shared memory (``metadata.shared``) and ``fits`` (<= 227 KB);
 - ``hgmma``/``hmma``: SASS counts of Hopper warpgroup MMA (wgmma) and of the older mma.sync;
   ``utmaldg``/``ldgsts``: TMA tensor loads and cp.async loads; ``num_stages``, ``num_warps``;
-- ``loops``: each innermost loop that holds MMA instructions (a backward ``BRA`` and its target
-  range, holding no other such loop), in address order, with its SASS instruction count per
+- ``loops``: each innermost loop that holds MMA instructions (a backward ``BRA`` whose target
+  dominates it, and the address range between them, holding no other such loop), in address order, with its SASS instruction count per
   iteration and ``per_row`` = that / the rows one iteration walks: ``BLOCK_N`` keys for a loop
   over keys, ``BLOCK_M`` queries for a loop over queries (dK/dV), ``BLOCK_C`` rows (linear);
   ``walks`` says which; ``blocks``: the launch's BLOCK_* constexprs.
@@ -38,7 +41,8 @@ subprocess)::
     python tests/sm90.py baseline                            # rewrite tests/sm90_baseline.json
 
 Case names: ``flash-<dtype>-d<D>-<causal|full>`` (features off, the headline shapes: 16k
-tokens per batch, hidden 2048: B=4, L=4096, H=2048/D) and ``...-features`` (bias with its
+tokens per batch, hidden 2048: L=4096, H=2048/D, compiled at B=1, which gives B=4's binary;
+see ``headline_shape``) and ``...-features`` (bias with its
 gradient, ALiBi, softcap, dropout, a left window: the largest footprint, smaller L);
 ``decode-<dtype>-d<D>-<causal|full>[-features]``; ``sparse-<dtype>-d<D>-bs<block>-<causal|full>``;
 ``linear-<dtype>-m<M>-dv<Dv>-<causal|full>``.
