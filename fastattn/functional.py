@@ -165,12 +165,21 @@ def flash_attention_varlen(
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     band = band_from(causal, window)
     packed = [t.transpose(0, 1)[None] for t in (q, k, v)]  # (total, H, D) -> (1, H, total, D): views
-    # No varlen kernels yet: the route says why, "auto" runs the per-sequence fallback.
-    route = backend.route(op, "flash", *packed, torch_sdpa=not return_lse,
-                          extra_refusals=["the flash kernels take no packed (varlen) sequences yet"])
-    from fastattn.ops.flash import fallback
+    extra = ["alibi_slopes requires grad; the kernels compute no gradient for the slopes"] \
+        if _needs_grad(alibi_slopes) else []
+    route = backend.route(op, "flash", *packed, torch_sdpa=not return_lse, extra_refusals=extra)
+    if route.impl == "kernel":
+        from fastattn.ops.flash import op as flash_op  # imports triton, so only when used
 
-    if route.impl == "torch_sdpa":
+        seed = torch.randint(0, 2**62, (1,), device=q.device) if dropout_p > 0 else None
+        out, lse = flash_op.flash_attn(
+            *packed, alibi=alibi_slopes, seed=seed, scale=scale, softcap=softcap, dropout_p=float(dropout_p),
+            window_left=band[0], window_right=band[1], cu_seqlens_q=cu_seqlens_q.contiguous(),
+            cu_seqlens_k=cu_seqlens_k.contiguous(), max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+        out, lse = out[0].transpose(0, 1), lse[0]  # (1, Hq, total, Dv) -> (total, Hq, Dv); lse (Hq, total)
+    elif route.impl == "torch_sdpa":
+        from fastattn.ops.flash import fallback
+
         out, lse = fallback.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, band=band, scale=scale,
                                              alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p)
     else:

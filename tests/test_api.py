@@ -143,12 +143,12 @@ def test_opcheck_forward_and_backward(device):
     v = randn((b, hkv, lk, d), torch.float16, device, requires_grad=True)
     bias = randn((b, h, lq, lk), torch.float32, device, requires_grad=True)
     alibi = torch.rand(h, device=device)
-    fwd_args = (q, k, v, bias, alibi, None, 0.2, 3.0, 0.0, 5, 0)
+    fwd_args = (q, k, v, bias, alibi, None, None, None, 0.2, 3.0, 0.0, 5, 0, 0, 0)
     torch.library.opcheck(op.flash_fwd, fwd_args)
     with torch.no_grad():
         out, lse = op.flash_fwd(*fwd_args)
     bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, bias.detach(), alibi,
-                None, 0.2, 3.0, 0.0, 5, 0, True)
+                None, None, None, 0.2, 3.0, 0.0, 5, 0, 0, 0, True)
     torch.library.opcheck(op.flash_bwd, bwd_args)
 
 

@@ -13,6 +13,7 @@ MIXES = {
     "lq<lk": ([1, 17, 5], [9, 40, 63]),
     "lq>lk-and-empty-keys": ([20, 3, 7], [5, 0, 7]),
 }
+LONG_MIX = ([1023, 17, 1], [1023, 63, 2])
 
 
 def cu(lengths, device):
@@ -30,16 +31,18 @@ FEATURES = {"plain": {}, "causal": dict(causal=True), "window": dict(window=(4, 
             "alibi": dict(alibi_slopes="per-seq")}
 
 
-@pytest.mark.parametrize("feature", list(FEATURES))
-@pytest.mark.parametrize("mix", list(MIXES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_varlen_matches_the_reference(mix, feature, dtype, device):
-    lq, lk = MIXES[mix]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def check_varlen(lq, lk, feature, dtype, device, max_seqlens=(None, None), backend="triton"):
+    """The kernels (an explicit backend: no silent fallback) or the torch fallback against
+    the per-sequence float64 reference by the error rule: output, lse and gradients."""
     q, k, v, cq, ck = packed(lq, lk, dtype, device)
     kw = dict(FEATURES[feature])
     if kw.get("alibi_slopes") == "per-seq":
         kw["alibi_slopes"] = torch.rand(len(lq), q.shape[1], device=device)
-    out, lse = fastattn.flash_attention_varlen(q, k, v, cq, ck, **kw, return_lse=True)
+    with fastattn.use_backend(backend):
+        out, lse = fastattn.flash_attention_varlen(q, k, v, cq, ck, *max_seqlens, **kw, return_lse=True)
     ref_kw = {**kw, "window": fastattn.ops.flash.reference.band_from(kw.pop("causal", False), kw.pop("window", None))}
     args64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     oracle, lse64 = varlen_attention_reference(*args64, cq, ck, **ref_kw, return_lse=True)
@@ -53,6 +56,62 @@ def test_varlen_matches_the_reference(mix, feature, dtype, device):
                                 torch.autograd.grad(oracle, args64, do.double()),
                                 torch.autograd.grad(base, args_t, do)):
         assert_close_rule(f"d{name}", g, g64, gt, factor=3.0)
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_varlen_kernels_match_the_reference(mix, feature, dtype, device):
+    check_varlen(*MIXES[mix], feature, dtype, device)
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_varlen_torch_fallback_matches_the_reference(feature, device):
+    check_varlen(*MIXES["lq>lk-and-empty-keys"], feature, torch.float32, device, backend="torch")
+
+
+@pytest.mark.parametrize("feature", ["causal", "window"])
+def test_varlen_kernels_on_a_long_sequence_with_given_max_seqlens(feature, device):
+    check_varlen(*LONG_MIX, feature, torch.float16, device, max_seqlens=(1023, 1023))
+
+
+def test_max_seqlen_only_sizes_the_grid(device):
+    """None (the grid covers the packed total) and the true maxima give the same bits."""
+    lq, lk = MIXES["lq<lk"]
+    q, k, v, cq, ck = packed(lq, lk, torch.float16, device)
+    with fastattn.use_backend("triton"):
+        a = fastattn.flash_attention_varlen(q, k, v, cq, ck, causal=True)
+        b = fastattn.flash_attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=True)
+    assert torch.equal(a, b) and a.is_contiguous()
+
+
+def test_varlen_dropout_matches_the_reference_with_the_kernels_mask(device):
+    """Sequence b draws the mask a padded (B, H, Lq_b, Lk_b) call draws for its batch row b."""
+    from fastattn.ops.flash import op
+
+    lq, lk, p = [9, 30, 4], [12, 30, 0], 0.3
+    q, k, v, cq, ck = packed(lq, lk, torch.float32, device)
+    torch.manual_seed(5)
+    with fastattn.use_backend("triton"):
+        out = fastattn.flash_attention_varlen(q, k, v, cq, ck, causal=True, dropout_p=p)
+    torch.manual_seed(5)
+    seed = torch.randint(0, 2**62, (1,), device=device)  # the seed the call drew
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    for b in range(len(lq)):
+        qs, ks = slice(int(cq[b]), int(cq[b + 1])), slice(int(ck[b]), int(ck[b + 1]))
+        keep = op.dropout_keep_mask(seed, len(lq), q.shape[1], lq[b], lk[b], p)[b:b + 1]
+        per_seq = [t.detach()[s].transpose(0, 1)[None] for t, s in ((q, qs), (k, ks), (v, ks))]
+        args64 = [t.double().requires_grad_() for t in per_seq]
+        args32 = [t.clone().requires_grad_() for t in per_seq]
+        ref = attention_reference(*args64, causal=True, dropout_p=p, dropout_mask=keep)
+        base = attention_reference(*args32, causal=True, dropout_p=p, dropout_mask=keep)
+        assert_close_rule(f"out[{b}]", out[qs], ref[0].transpose(0, 1), base[0].transpose(0, 1))
+        do_b = do[qs].transpose(0, 1)[None]
+        g64 = torch.autograd.grad(ref, args64, do_b.double())
+        g32 = torch.autograd.grad(base, args32, do_b)
+        for name, g, s, want, yard in zip("qkv", grads, (qs, ks, ks), g64, g32):
+            assert_close_rule(f"d{name}[{b}]", g[s], want[0].transpose(0, 1), yard[0].transpose(0, 1), factor=3.0)
 
 
 def test_reference_is_per_sequence_dense_attention():

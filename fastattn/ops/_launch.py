@@ -104,14 +104,15 @@ def band_args(window_left: Optional[int], window_right: Optional[int]) -> dict:
     )
 
 
-def alibi_args(q: Tensor, alibi: Optional[Tensor]) -> tuple[Tensor, tuple[int, int]]:
+def alibi_args(q: Tensor, alibi: Optional[Tensor], batch: Optional[int] = None) -> tuple[Tensor, tuple[int, int]]:
     """ALiBi slopes as (B, H) with stride 0 over the batch when given per head only; q
-    stands in for the pointer when there are none."""
+    stands in for the pointer when there are none. ``batch``: B when q's own batch dim is
+    not it (packed sequences)."""
     if alibi is None:
         return q, (0, 0)
     if alibi.dim() == 1:
         alibi = alibi[None]
-    alibi = alibi.expand(q.shape[0], q.shape[1])
+    alibi = alibi.expand(q.shape[0] if batch is None else batch, q.shape[1])
     return alibi, alibi.stride()
 
 

@@ -222,35 +222,54 @@ def bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, 
 
 
 @triton.jit
-def head_slice(PTR, strides, b, h):
-    """Base pointer of head (b, h) of a (B, H, L, D) tensor with strides ``strides``."""
-    return PTR + b * strides[0] + h * strides[1]
+def sequence(CU_SEQLENS, seq, seqlen, VARLEN: tl.constexpr):
+    """(first row, length) of sequence ``seq``: its slice of a packed tensor, from the int32
+    offsets CU_SEQLENS (B + 1,), when VARLEN; else (0, seqlen), a row of a padded batch."""
+    start = seq * 0
+    length = seqlen + seq * 0
+    if VARLEN:
+        start = tl.load(CU_SEQLENS + seq)
+        length = tl.load(CU_SEQLENS + seq + 1) - start
+    return start, length
 
 
 @triton.jit
-def load_rows(PTR, strides, b, h, rows, cols, row_ok, col_ok):
-    """The (rows, cols) tile of head (b, h) of a (B, H, L, D) tensor with strides ``strides``."""
-    return load_tile(head_slice(PTR, strides, b, h), rows, cols, strides[2], strides[3], row_ok, col_ok)
+def rows_base(PTR, strides, b, h, row0):
+    """Pointer to row row0 of head (b, h) of a (B, H, L, D) tensor with strides ``strides``.
+    int64: a packed tensor's row offset times its stride can pass 2^31."""
+    return PTR + b * strides[0] + h * strides[1] + tl.cast(row0, tl.int64) * strides[2]
 
 
 @triton.jit
-def load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, b, h, bh, offs_m, row_ok, offs_d, d_ok,
-                    offs_dv, dv_ok, seqlen_q):
-    """What the backward needs of query rows offs_m of head (b, h): q, dO, the forward's lse
-    and delta = rowsum(dO * O); LSE and DELTA are contiguous (B * H, Lq), bh = b * H + h."""
-    q = load_rows(Q, q_strides, b, h, offs_m, offs_d, row_ok, d_ok)
-    do = load_rows(DO, do_strides, b, h, offs_m, offs_dv, row_ok, dv_ok)
-    lse = tl.load(LSE + bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
+def load_rows(PTR, strides, b, h, row0, rows, cols, row_ok, col_ok):
+    """The (rows, cols) tile of head (b, h) of a (B, H, L, D) tensor, rows counted from row0."""
+    return load_tile(rows_base(PTR, strides, b, h, row0), rows, cols, strides[2], strides[3], row_ok, col_ok)
+
+
+@triton.jit
+def store_rows(PTR, strides, b, h, row0, x, rows, cols, row_ok, col_ok, BF16_RTNE: tl.constexpr):
+    """Stores x, cast to PTR's dtype, where load_rows would have loaded it."""
+    store_tile(rows_base(PTR, strides, b, h, row0), cast(x, PTR.dtype.element_ty, BF16_RTNE),
+               rows, cols, strides[2], strides[3], row_ok, col_ok)
+
+
+@triton.jit
+def load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, q0, offs_m, row_ok,
+                    offs_d, d_ok, offs_dv, dv_ok):
+    """What the backward needs of query rows offs_m (from row q0) of head (b, h): q, dO, the
+    forward's lse and delta = rowsum(dO * O). LSE and DELTA are (B, H, L) with ``lse_strides``."""
+    q = load_rows(Q, q_strides, b, h, q0, offs_m, offs_d, row_ok, d_ok)
+    do = load_rows(DO, do_strides, b, h, q0, offs_m, offs_dv, row_ok, dv_ok)
+    row = b * lse_strides[0] + h * lse_strides[1] + (tl.cast(q0, tl.int64) + offs_m) * lse_strides[2]
+    lse = tl.load(LSE + row, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
     return q, do, lse, delta
 
 
 @triton.jit
-def store_key_grads(DK, DV, dk, dv, row0, scale, offs_n, offs_d, offs_dv, col_ok, d_ok, dv_ok,
-                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BF16_RTNE: tl.constexpr):
-    """Stores a key block's dK (scaled: the scores were q.k * scale) and dV into contiguous
-    (B * Hkv * Lk, D) buffers; row0 is the (batch, kv head)'s first row."""
-    store_tile(DK + row0 * HEAD_DIM, cast(dk * scale, DK.dtype.element_ty, BF16_RTNE),
-               offs_n, offs_d, HEAD_DIM, 1, col_ok, d_ok)
-    store_tile(DV + row0 * HEAD_DIM_V, cast(dv, DV.dtype.element_ty, BF16_RTNE),
-               offs_n, offs_dv, HEAD_DIM_V, 1, col_ok, dv_ok)
+def store_key_grads(DK, DV, dk_strides, dv_strides, dk, dv, b, hk, k0, scale, offs_n, offs_d, offs_dv,
+                    col_ok, d_ok, dv_ok, BF16_RTNE: tl.constexpr):
+    """Stores a key block's dK (scaled: the scores were q.k * scale) and dV, rows offs_n
+    (from row k0) of kv head (b, hk)."""
+    store_rows(DK, dk_strides, b, hk, k0, dk * scale, offs_n, offs_d, col_ok, d_ok, BF16_RTNE)
+    store_rows(DV, dv_strides, b, hk, k0, dv, offs_n, offs_dv, col_ok, dv_ok, BF16_RTNE)

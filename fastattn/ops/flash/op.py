@@ -29,6 +29,10 @@ class FlashOptions(NamedTuple):
     dropout_p: float = 0.0
     window_left: Optional[int] = None  # band edges around the diagonal; None: unbounded
     window_right: Optional[int] = None
+    # Packed (varlen) calls only: the longest sequence, which sizes the grid; 0 when unknown
+    # (the packed total then bounds it, and the surplus programs exit at once).
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
 
 
 def _bias_args(q: Tensor, bias: Optional[Tensor]):
@@ -38,10 +42,13 @@ def _bias_args(q: Tensor, bias: Optional[Tensor]):
     return (bias.view(torch.uint8) if bias.dtype == torch.bool else bias), bias.stride()
 
 
-def _launch_args(q, v, bias, alibi, seed, options: FlashOptions, backward: bool):
-    """The kernels' (bias, alibi, seed) pointers, their stride tuples, and keyword arguments."""
+def _launch_args(q, v, bias, alibi, seed, cu_seqlens, options: FlashOptions, backward: bool):
+    """The kernels' pointer arguments after q, k, v and their outputs, the strides of bias
+    and alibi, the grid's batch axis, and the keyword arguments."""
+    varlen = cu_seqlens[0] is not None
+    batch = cu_seqlens[0].numel() - 1 if varlen else q.shape[0]
     bias_t, bias_strides = _bias_args(q, bias)
-    alibi_t, alibi_strides = _launch.alibi_args(q, alibi)
+    alibi_t, alibi_strides = _launch.alibi_args(q, alibi, batch)
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
     block_m, block_n, warps = block_config(max(head_dim, head_dim_v), q.dtype, backward)
     terms = _launch.Terms(
@@ -49,45 +56,71 @@ def _launch_args(q, v, bias, alibi, seed, options: FlashOptions, backward: bool)
         ALIBI=alibi is not None, SOFTCAP=bool(options.softcap), DROPOUT=options.dropout_p > 0.0,
         LEFT=options.window_left is not None, RIGHT=options.window_right is not None)
     meta = dict(
-        scalars=_launch.logit_scalars(*options),
+        scalars=_launch.logit_scalars(*options[:5]),
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=_launch.pad(head_dim), BLOCK_DV=_launch.pad(head_dim_v), TERMS=terms, num_warps=warps,
-        **_launch.dtype_flags(q.dtype),
+        BLOCK_D=_launch.pad(head_dim), BLOCK_DV=_launch.pad(head_dim_v), TERMS=terms,
+        VARLEN=varlen, num_warps=warps, **_launch.dtype_flags(q.dtype),
     )
-    return (bias_t, alibi_t, q if seed is None else seed), (bias_strides, alibi_strides), meta
+    cu_q, cu_k = cu_seqlens if varlen else (q, q)  # q stands in for the unused pointers
+    pointers = (bias_t, alibi_t, q if seed is None else seed, cu_q, cu_k)
+    return pointers, (bias_strides, alibi_strides), batch, meta
 
 
-def _forward(q, k, v, bias, alibi, seed, options: FlashOptions):
-    b, h, lq, _ = q.shape
+def _strides(t: Tensor, varlen: bool) -> tuple:
+    """t's strides for the kernels: a packed (1, H, total, D) view's batch stride is 0, so the
+    grid's batch axis (the sequence) moves nothing and CU_SEQLENS give the row offsets."""
+    return (0, *t.stride()[1:]) if varlen else t.stride()
+
+
+def _grid_len(max_seqlen: int, length: int, block: int) -> int:
+    """Row blocks per sequence: the longest sequence's, else (unknown) the whole length's."""
+    return triton.cdiv(max_seqlen or length, block)
+
+
+def _output(q: Tensor, head_dim_v: int, varlen: bool, empty) -> Tensor:
+    """The output buffer (B, H, L, Dv); a packed one is stored as FlashAttention returns it,
+    (total, H, Dv) contiguous, and viewed as (1, H, total, Dv)."""
+    _, h, lq, _ = q.shape
+    if varlen:
+        return empty(lq, h, head_dim_v).transpose(0, 1)[None]  # (total, H, Dv) -> (1, H, total, Dv)
+    return empty(*q.shape[:3], head_dim_v)
+
+
+def _forward(q, k, v, bias, alibi, seed, cu_seqlens, options: FlashOptions):
+    _, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    out = _launch.empty(b, h, lq, v.shape[-1], like=q)
-    lse = _launch.empty(b, h, lq, like=q, dtype=torch.float32)
-    (bias_t, alibi_t, seed_t), strides, meta = _launch_args(q, v, bias, alibi, seed, options, False)
-    grid = (triton.cdiv(lq, meta["BLOCK_M"]), h, b)
+    varlen = cu_seqlens[0] is not None
+    out = _output(q, v.shape[-1], varlen, lambda *shape: _launch.empty(*shape, like=q))
+    lse = _launch.empty(*q.shape[:3], like=q, dtype=torch.float32)
+    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, cu_seqlens, options, False)
+    grid = (_grid_len(options.max_seqlen_q, lq, meta["BLOCK_M"]), h, batch)
     kernels.attn_fwd_kernel[grid](
-        q, k, v, out, lse, bias_t, alibi_t, seed_t,
-        q.stride(), k.stride(), v.stride(), out.stride(), *strides,
+        q, k, v, out, lse, *pointers,
+        *(_strides(t, varlen) for t in (q, k, v, out, lse)), *strides,
         h, h // hkv, lq, lk, **meta,
     )
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, bias, alibi, seed, options: FlashOptions, bias_grad: bool):
+def _backward(do, q, k, v, out, lse, bias, alibi, seed, cu_seqlens, options: FlashOptions, bias_grad: bool):
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
+    varlen = cu_seqlens[0] is not None
     delta = _launch.softmax_delta(do, out)
     dq, dk, dv = (_launch.empty(*t.shape, like=t) for t in (q, k, v))
     # Zeros, not empty: blocks outside the causal/window band are skipped, and their bias
     # gradient is 0.
     ds = torch.zeros(b, h, lq, lk if bias_grad else 0, device=q.device, dtype=torch.float32)
-    (bias_t, alibi_t, seed_t), strides, meta = _launch_args(q, v, bias, alibi, seed, options, True)
-    strides = (q.stride(), k.stride(), v.stride(), do.stride(), *strides)
-    kernels.attn_bwd_dkdv_kernel[(triton.cdiv(lk, meta["BLOCK_N"]), hkv, b)](
-        q, k, v, do, lse, delta, dk, dv, bias_t, alibi_t, seed_t, *strides,
+    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, cu_seqlens, options, True)
+    q_k_v_do_lse = tuple(_strides(t, varlen) for t in (q, k, v, do, lse))
+    kernels.attn_bwd_dkdv_kernel[(_grid_len(options.max_seqlen_k, lk, meta["BLOCK_N"]), hkv, batch)](
+        q, k, v, do, lse, delta, dk, dv, *pointers,
+        *q_k_v_do_lse, _strides(dk, varlen), _strides(dv, varlen), *strides,
         hkv, h // hkv, lq, lk, **meta,
     )
-    kernels.attn_bwd_dq_kernel[(triton.cdiv(lq, meta["BLOCK_M"]), h, b)](
-        q, k, v, do, lse, delta, dq, ds, bias_t, alibi_t, seed_t, *strides,
+    kernels.attn_bwd_dq_kernel[(_grid_len(options.max_seqlen_q, lq, meta["BLOCK_M"]), h, batch)](
+        q, k, v, do, lse, delta, dq, ds, *pointers,
+        *q_k_v_do_lse, _strides(dq, varlen), *strides,
         h, h // hkv, lq, lk, STORE_DS=bias_grad, **meta,
     )
     return dq, dk, dv, ds
@@ -101,63 +134,70 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, options: FlashOptions, b
 @torch.library.custom_op("fastattn::flash_fwd", mutates_args=())
 def flash_fwd(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], alibi: Optional[Tensor],
-    seed: Optional[Tensor], scale: float, softcap: Optional[float], dropout_p: float,
-    window_left: Optional[int], window_right: Optional[int],
+    seed: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+    scale: float, softcap: Optional[float], dropout_p: float,
+    window_left: Optional[int], window_right: Optional[int], max_seqlen_q: int, max_seqlen_k: int,
 ) -> tuple[Tensor, Tensor]:
-    options = FlashOptions(scale, softcap, dropout_p, window_left, window_right)
-    return _forward(q, k, v, bias, alibi, seed, options)
+    options = FlashOptions(scale, softcap, dropout_p, window_left, window_right, max_seqlen_q, max_seqlen_k)
+    return _forward(q, k, v, bias, alibi, seed, (cu_seqlens_q, cu_seqlens_k), options)
 
 
 @flash_fwd.register_fake
-def _(q, k, v, bias, alibi, seed, scale, softcap, dropout_p, window_left, window_right):
-    b, h, lq, _ = q.shape
-    return q.new_empty(b, h, lq, v.shape[-1]), q.new_empty(b, h, lq, dtype=torch.float32)
+def _(q, k, v, bias, alibi, seed, cu_seqlens_q, cu_seqlens_k, *options):
+    out = _output(q, v.shape[-1], cu_seqlens_q is not None, q.new_empty)
+    return out, q.new_empty(*q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("fastattn::flash_bwd", mutates_args=())
 def flash_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     bias: Optional[Tensor], alibi: Optional[Tensor], seed: Optional[Tensor],
+    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     scale: float, softcap: Optional[float], dropout_p: float,
-    window_left: Optional[int], window_right: Optional[int], bias_grad: bool,
+    window_left: Optional[int], window_right: Optional[int], max_seqlen_q: int, max_seqlen_k: int,
+    bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    options = FlashOptions(scale, softcap, dropout_p, window_left, window_right)
-    return _backward(do, q, k, v, out, lse, bias, alibi, seed, options, bias_grad)
+    options = FlashOptions(scale, softcap, dropout_p, window_left, window_right, max_seqlen_q, max_seqlen_k)
+    return _backward(do, q, k, v, out, lse, bias, alibi, seed, (cu_seqlens_q, cu_seqlens_k), options, bias_grad)
 
 
 @flash_bwd.register_fake
-def _(do, q, k, v, out, lse, bias, alibi, seed, scale, softcap, dropout_p,
-      window_left, window_right, bias_grad):
+def _(do, q, k, v, out, lse, bias, alibi, seed, cu_seqlens_q, cu_seqlens_k, *options_and_bias_grad):
     b, h, lq, _ = q.shape
-    ds = q.new_empty(b, h, lq, k.shape[2] if bias_grad else 0, dtype=torch.float32)
+    ds = q.new_empty(b, h, lq, k.shape[2] if options_and_bias_grad[-1] else 0, dtype=torch.float32)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, alibi, seed = inputs[:6]
+    q, k, v, bias, alibi, seed, cu_seqlens_q, cu_seqlens_k = inputs[:8]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, alibi, seed)
-    ctx.options = FlashOptions(*inputs[6:])
+    ctx.save_for_backward(q, k, v, out, lse, bias, alibi, seed, cu_seqlens_q, cu_seqlens_k)
+    ctx.options = FlashOptions(*inputs[8:])
     ctx.bias_grad = bias is not None and bias.requires_grad
 
 
 def _flash_fwd_backward(ctx, dout, dlse):
     # dlse is not propagated: lse is returned for merging partial results, not for training.
-    q, k, v, out, lse, bias, alibi, seed = ctx.saved_tensors
-    dq, dk, dv, ds = flash_bwd(dout, q, k, v, out, lse, bias, alibi, seed, *ctx.options, ctx.bias_grad)
+    q, k, v, out, lse, bias, alibi, seed, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv, ds = flash_bwd(dout, q, k, v, out, lse, bias, alibi, seed, cu_seqlens_q, cu_seqlens_k,
+                               *ctx.options, ctx.bias_grad)
     dbias = ds.to(bias.dtype) if ctx.bias_grad else None
-    return (dq, dk, dv, dbias, None, None) + (None,) * len(FlashOptions._fields)
+    return (dq, dk, dv, dbias) + (None,) * (4 + len(FlashOptions._fields))
 
 
 flash_fwd.register_autograd(_flash_fwd_backward, setup_context=_setup_context)
 
 
 def flash_attn(q, k, v, *, bias=None, alibi=None, seed=None, scale, softcap=None, dropout_p=0.0,
-               window_left=None, window_right=None):
+               window_left=None, window_right=None, cu_seqlens_q=None, cu_seqlens_k=None,
+               max_seqlen_q=None, max_seqlen_k=None):
     """Validated inputs -> (out, lse). ``bias`` is already expanded to (B, Hq, Lq, Lk);
-    softcap None (or 0.0) is no cap."""
-    options = FlashOptions(scale, softcap or None, dropout_p, window_left, window_right)
-    return flash_fwd(q, k, v, bias, alibi, seed, *options)
+    softcap None (or 0.0) is no cap. Packed sequences: q, k, v are (1, H, total, D) views,
+    ``cu_seqlens_q/k`` int32 (B + 1,) contiguous, ``max_seqlen_q/k`` an int or None (then the
+    grid covers the packed total: no host sync); out and lse come back (1, H, total, ...)."""
+    options = FlashOptions(scale, softcap or None, dropout_p, window_left, window_right,
+                           max_seqlen_q or 0, max_seqlen_k or 0)
+    return flash_fwd(q, k, v, bias, alibi, seed, cu_seqlens_q, cu_seqlens_k, *options)
 
 
 def flash_backward(do, q, k, v, out, lse, *, bias=None, alibi=None, seed=None, scale, softcap=None,
@@ -174,7 +214,7 @@ def flash_backward(do, q, k, v, out, lse, *, bias=None, alibi=None, seed=None, s
     an empty (B, Hq, Lq, 0). Runs as the ``fastattn::flash_bwd`` custom op.
     """
     options = FlashOptions(scale, softcap or None, dropout_p, window_left, window_right)
-    return flash_bwd(do, q, k, v, out, lse.contiguous(), bias, alibi, seed, *options, bias_grad)
+    return flash_bwd(do, q, k, v, out, lse.contiguous(), bias, alibi, seed, None, None, *options, bias_grad)
 
 
 def dropout_keep_mask(seed: Tensor, b: int, h: int, lq: int, lk: int, dropout_p: float) -> Tensor:

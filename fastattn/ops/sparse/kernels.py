@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from fastattn.ops._triton import (
-    bwd_tile, cast, dot, head_slice, load_query_rows, load_rows, load_tile, program_heads, softmax_finish,
-    softmax_init, softmax_update, span, store_key_grads, store_tile, term_logits,
+    bwd_tile, dot, cast, load_query_rows, load_rows, load_tile, program_heads, rows_base, softmax_finish,
+    softmax_init, softmax_update, span, store_key_grads, store_rows, term_logits,
 )
 
 
@@ -39,7 +39,7 @@ def _key_tiles_end(start_m, kb_start, seqlen_k, diag,
 @triton.jit
 def sparse_fwd_kernel(
     Q, K, V, O, LSE, CROW, COL,
-    q_strides, k_strides, v_strides, o_strides,
+    q_strides, k_strides, v_strides, o_strides, lse_strides,
     n_heads, group, seqlen_q, seqlen_k, layout_stride_h, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -54,9 +54,9 @@ def sparse_fwd_kernel(
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
-    q = load_rows(Q, q_strides, b, h, offs_m, offs_d, row_ok, d_ok)
-    k_base = head_slice(K, k_strides, b, hk)
-    v_base = head_slice(V, v_strides, b, hk)
+    q = load_rows(Q, q_strides, b, h, 0, offs_m, offs_d, row_ok, d_ok)
+    k_base = rows_base(K, k_strides, b, hk, 0)
+    v_base = rows_base(V, v_strides, b, hk, 0)
 
     m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_DV)
 
@@ -77,15 +77,14 @@ def sparse_fwd_kernel(
             acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
 
     out, lse = softmax_finish(acc, m_i, l_i)  # no kept key (empty layout row, or causal): 0, -inf
-    store_tile(head_slice(O, o_strides, b, h), cast(out, O.dtype.element_ty, BF16_RTNE),
-               offs_m, offs_dv, o_strides[2], o_strides[3], row_ok, dv_ok)
-    tl.store(LSE + bh * seqlen_q + offs_m, lse, mask=row_ok)
+    store_rows(O, o_strides, b, h, 0, out, offs_m, offs_dv, row_ok, dv_ok, BF16_RTNE)
+    tl.store(LSE + b * lse_strides[0] + h * lse_strides[1] + offs_m * lse_strides[2], lse, mask=row_ok)
 
 
 @triton.jit
 def sparse_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CCOL, ROW,
-    q_strides, k_strides, v_strides, do_strides,
+    q_strides, k_strides, v_strides, do_strides, lse_strides, dk_strides, dv_strides,
     n_kv_heads, group, seqlen_q, seqlen_k, layout_stride_h, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -95,7 +94,7 @@ def sparse_bwd_dkdv_kernel(
     """dK, dV for one tile of keys of one kv head, summed over the group query heads that
     share it (each with its own layout row). Walks the transposed layout. DK/DV contiguous."""
     start_n = tl.program_id(0) * BLOCK_N
-    b, hk, bhk, _ = program_heads(n_kv_heads, 1)  # grid (blocks, kv heads, batch)
+    b, hk, _, _ = program_heads(n_kv_heads, 1)  # grid (blocks, kv heads, batch)
     n_heads = n_kv_heads * group
     diag = seqlen_k - seqlen_q
 
@@ -103,8 +102,8 @@ def sparse_bwd_dkdv_kernel(
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
-    k = load_rows(K, k_strides, b, hk, offs_n, offs_d, col_ok, d_ok)
-    v = load_rows(V, v_strides, b, hk, offs_n, offs_dv, col_ok, dv_ok)
+    k = load_rows(K, k_strides, b, hk, 0, offs_n, offs_d, col_ok, d_ok)
+    v = load_rows(V, v_strides, b, hk, 0, offs_n, offs_dv, col_ok, dv_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     kblock = start_n // LAYOUT_BLOCK
@@ -128,21 +127,21 @@ def sparse_bwd_dkdv_kernel(
                 lo = (lo // BLOCK_M) * BLOCK_M
             for sub in range(lo, hi, BLOCK_M):
                 offs_m, row_ok = span(qb_start + sub, BLOCK_M, seqlen_q)
-                q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, b, h, bh,
-                                                    offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok, seqlen_q)
+                q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, 0,
+                                                    offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok)
                 p, ds, _ = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
                                     bh, 0, 0.0, Q, q_strides, scalars, TERMS, DOT_FP32, PRECISION)
                 dv += dot(tl.trans(cast(p, do.dtype, BF16_RTNE)), do, DOT_FP32, PRECISION)
                 dk += dot(tl.trans(cast(ds, q.dtype, BF16_RTNE)), q, DOT_FP32, PRECISION)
 
-    store_key_grads(DK, DV, dk, dv, bhk * seqlen_k, scalars[0], offs_n, offs_d, offs_dv, col_ok, d_ok, dv_ok,
-                    HEAD_DIM, HEAD_DIM_V, BF16_RTNE)
+    store_key_grads(DK, DV, dk_strides, dv_strides, dk, dv, b, hk, 0, scalars[0], offs_n, offs_d, offs_dv,
+                    col_ok, d_ok, dv_ok, BF16_RTNE)
 
 
 @triton.jit
 def sparse_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CROW, COL,
-    q_strides, k_strides, v_strides, do_strides,
+    q_strides, k_strides, v_strides, do_strides, lse_strides, dq_strides,
     n_heads, group, seqlen_q, seqlen_k, layout_stride_h, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -158,10 +157,10 @@ def sparse_bwd_dq_kernel(
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
-    q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, b, h, bh,
-                                        offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok, seqlen_q)
-    k_base = head_slice(K, k_strides, b, hk)
-    v_base = head_slice(V, v_strides, b, hk)
+    q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, 0,
+                                        offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok)
+    k_base = rows_base(K, k_strides, b, hk, 0)
+    v_base = rows_base(V, v_strides, b, hk, 0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     row = h * layout_stride_h + start_m // LAYOUT_BLOCK
@@ -178,6 +177,5 @@ def sparse_bwd_dq_kernel(
                                 bh, 0, 0.0, Q, q_strides, scalars, TERMS, DOT_FP32, PRECISION)
             dq += dot(cast(ds, k.dtype, BF16_RTNE), k, DOT_FP32, PRECISION)
 
-    dq = dq * scalars[0]  # the scores were q.k * scale
-    store_tile(DQ + bh * seqlen_q * HEAD_DIM, cast(dq, DQ.dtype.element_ty, BF16_RTNE),
-               offs_m, offs_d, HEAD_DIM, 1, row_ok, d_ok)
+    # The scores were q.k * scale.
+    store_rows(DQ, dq_strides, b, h, 0, dq * scalars[0], offs_m, offs_d, row_ok, d_ok, BF16_RTNE)

@@ -46,7 +46,7 @@ def _forward(q, k, v, crow, col, block_size, scale, causal):
     grid = (triton.cdiv(lq, meta["BLOCK_M"]), h, b)
     kernels.sparse_fwd_kernel[grid](
         q, k, v, out, lse, crow, col,
-        q.stride(), k.stride(), v.stride(), out.stride(),
+        q.stride(), k.stride(), v.stride(), out.stride(), lse.stride(),
         h, h // hkv, lq, lk, stride_h, **meta,
     )
     return out, lse
@@ -58,15 +58,15 @@ def _backward(do, q, k, v, out, lse, crow, col, ccol, row, block_size, scale, ca
     delta = _launch.softmax_delta(do, out)
     dq, dk, dv = (_launch.empty(*t.shape, like=t) for t in (q, k, v))
     meta = _meta(q, v, block_size, causal, scale, True)
-    args = (q.stride(), k.stride(), v.stride(), do.stride())
+    args = (q.stride(), k.stride(), v.stride(), do.stride(), lse.stride())
     stride_q = _layout_stride(crow, h, triton.cdiv(lq, block_size))
     stride_k = _layout_stride(ccol, h, triton.cdiv(lk, block_size))
     kernels.sparse_bwd_dkdv_kernel[(triton.cdiv(lk, meta["BLOCK_N"]), hkv, b)](
-        q, k, v, do, lse, delta, dk, dv, ccol, row, *args,
+        q, k, v, do, lse, delta, dk, dv, ccol, row, *args, dk.stride(), dv.stride(),
         hkv, h // hkv, lq, lk, stride_k, **meta,
     )
     kernels.sparse_bwd_dq_kernel[(triton.cdiv(lq, meta["BLOCK_M"]), h, b)](
-        q, k, v, do, lse, delta, dq, crow, col, *args,
+        q, k, v, do, lse, delta, dq, crow, col, *args, dq.stride(),
         h, h // hkv, lq, lk, stride_q, **meta,
     )
     return dq, dk, dv
