@@ -1,189 +1,505 @@
-"""Compile kernels for the H100 (sm_90) on a machine without a GPU, and check that they fit
-its shared memory. Triton compiles to a cubin ahead of time when given the target.
+"""Compile the kernels for the H100/H200 (sm_90) exactly as their launchers launch them, on a
+machine without a GPU, and read the machine code. These are compiler output (static counts),
+not timings: they say what the GPU must issue, not how fast it runs.
 
-This catches what the interpreter cannot: compile errors (non-constexpr globals, type
-mismatches between branches, dot shapes) and tiles that would not fit on the device.
-It must run with TRITON_INTERPRET=0 (an interpreted kernel cannot be compiled), so
-tests/test_sm90_compile.py runs it in a subprocess:
+How a kernel is compiled "as launched": each case calls the real launchers in
+``fastattn/ops/<op>/op.py`` on CPU tensors of the case's shapes while ``JITFunction.run`` is
+patched to record its arguments instead of launching (nothing runs; there is no GPU). Each
+recorded launch then goes through Triton's own launch-time machinery for an sm_90 target: the
+binder that ``JITFunction.run`` builds (``create_function_from_signature``) and
+``JITFunction._pack_args``. So integers equal to 1 become constants, 16-aligned pointers and
+multiples of 16 get ``tt.divisibility=16``, and the launcher's constexprs, num_warps and
+num_stages are used, as on the GPU (CPU tensors from torch.empty are 16-aligned like CUDA ones).
+A kernel under ``triton.autotune`` is compiled once per config that survives its pruning
+(named ``<kernel>-cfg<i>``); a launcher asking ``torch.cuda.get_device_capability()`` gets (9, 0).
+A launcher that decides on ``tensor.is_cuda`` sees CPU tensors, so gate GPU-only paths (TMA) on
+the capability or on ``fastattn.backend.interpreting()``, or this compiles the other path.
 
-    python tests/sm90.py flash-fp16-d128        # one case, prints JSON
-    python tests/sm90.py all                    # every case, one line each
+Per kernel it writes ``<name>.cubin/.ptx/.ttgir`` to ``--out`` (default: a temporary folder),
+``<name>`` being ``<op>-<kernel>-<rest of the case name>`` (e.g. flash-fwd-bfloat16-d128-causal),
+and reports:
 
-Each op registers its cases in CASES: name -> function returning [(kernel_name, compiled)].
-Use the launchers' own block configs with every feature on (the largest footprint).
+- ``registers``: per thread (``cuobjdump -res-usage``); ``spill_stores``/``spill_loads``/
+  ``stack``: bytes (``ptxas -arch=sm_90a -v`` on the ptx: the ptxas Triton compiles with,
+  ``triton/backends/nvidia/bin/ptxas-blackwell`` for sm_90 in triton 3.9, with its
+  ``--regAllocOptLevel=2``; the ``bin/ptxas`` beside it is too old for Triton's PTX);
+- ``shared``: bytes of shared memory (``metadata.shared``) and ``fits`` (<= 227 KB);
+- ``hgmma``/``hmma``: SASS counts of Hopper warpgroup MMA (wgmma) and of the older mma.sync;
+  ``utmaldg``/``ldgsts``: TMA tensor loads and cp.async loads; ``num_stages``, ``num_warps``;
+- ``loops``: each innermost loop that holds MMA instructions (a backward ``BRA`` whose target
+  dominates it, and the address range between them, holding no other such loop), in address order, with its SASS instruction count per
+  iteration and ``per_row`` = that / the rows one iteration walks: ``BLOCK_N`` keys for a loop
+  over keys, ``BLOCK_M`` queries for a loop over queries (dK/dV), ``BLOCK_C`` rows (linear);
+  ``walks`` says which; ``blocks``: the launch's BLOCK_* constexprs.
+
+Usage (TRITON_INTERPRET must be 0; the script sets it; tests/test_sm90_compile.py runs it in a
+subprocess)::
+
+    python tests/sm90.py flash-bfloat16-d128-causal          # one case, JSON on stdout
+    python tests/sm90.py all --out DIR                       # every case, one JSON line each
+    python tests/sm90.py flash-float16-d64-full --kernel dq  # one kernel of a case
+    python tests/sm90.py baseline                            # rewrite tests/sm90_baseline.json
+
+Case names: ``flash-<dtype>-d<D>-<causal|full>`` (features off, the headline shapes: 16k
+tokens per batch, hidden 2048: L=4096, H=2048/D, compiled at B=1, which gives B=4's binary;
+see ``headline_shape``) and ``...-features`` (bias with its
+gradient, ALiBi, softcap, dropout, a left window: the largest footprint, smaller L);
+``decode-<dtype>-d<D>-<causal|full>[-features]``; ``sparse-<dtype>-d<D>-bs<block>-<causal|full>``;
+``linear-<dtype>-m<M>-dv<Dv>-<causal|full>``.
 """
+import contextlib
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from typing import Callable, NamedTuple, Optional
 
 os.environ["TRITON_INTERPRET"] = "0"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime import autotuner as triton_autotuner  # noqa: E402
+from triton.runtime import jit as triton_jit  # noqa: E402
 
+TARGET = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 232448  # 227 KB usable per block on sm_90
-PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+HERE = os.path.dirname(os.path.abspath(__file__))
+BASELINE = os.path.join(HERE, "sm90_baseline.json")
+MMA_OPS = ("HGMMA", "HMMA")
 
 
-def compile_sm90(kernel, constexprs, num_warps, pointers, floats=(), default_pointer="*fp32", tuples=None):
-    """Compile ``kernel`` for sm_90. Arguments in ``pointers`` (name -> "*fp16" etc.) and
-    upper-case names (pointers, by the kernels' naming rule, typed ``default_pointer``) are
-    pointers; ``floats`` are fp32 scalars; ``tuples`` (name -> length) are tuples of i32 (a
-    tensor's strides); other runtime arguments are i32."""
-    signature = {}
-    for p in kernel.params:
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-        elif tuples and p.name in tuples:
-            signature[p.name] = ("i32",) * tuples[p.name]
-        elif p.name in pointers:
-            signature[p.name] = pointers[p.name]
-        elif p.name.isupper():
-            signature[p.name] = default_pointer
-        elif p.name in floats:
-            signature[p.name] = "fp32"
-        else:
-            signature[p.name] = "i32"
-    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+# ---------------------------------------------------------------------------------------
+# Recording launches
+
+class Launch(NamedTuple):
+    """One ``kernel[grid](*args, **kwargs)`` call a launcher made (kwargs include the
+    autotuner config's, if any); ``tag`` tells apart launches of one kernel in one case."""
+
+    kernel: triton_jit.JITFunction
+    args: tuple
+    kwargs: dict
+    grid: object
+    tag: str
 
 
-def flash_case(dtype, head_dim):
-    from fastattn.ops.flash import kernels, op
+@contextlib.contextmanager
+def recording(tag: str = ""):
+    """Within the block, kernel launches are recorded into the yielded list instead of run.
+    An autotuned kernel records one launch per config its pruning keeps, tagged ``cfg<i>``
+    (its pre_hooks run, as before a real launch: they may set TMA block shapes). A launcher
+    that asks ``torch.cuda.get_device_capability()`` (e.g. whether TMA is there) is told
+    (9, 0), the H100/H200's."""
+    launches = []
+    config_tag = [""]
 
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    fp32 = {n: "*fp32" for n in ("LSE", "ALIBI", "DELTA", "DS", "BIAS")}
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, kwargs, grid, "-".join(t for t in (tag, config_tag[0]) if t)))
+
+    def record_configs(self, *args, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args))
+        for i, config in enumerate(self.prune_configs(kwargs)):
+            if config.pre_hook is not None:
+                config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
+            config_tag[0] = f"cfg{i}"
+            self.fn.run(*args, **kwargs, **config.all_kwargs())
+        config_tag[0] = ""
+        self.nargs = None
+
+    saved = triton_jit.JITFunction.run, triton_autotuner.Autotuner.run, torch.cuda.get_device_capability
+    triton_jit.JITFunction.run = record
+    triton_autotuner.Autotuner.run = record_configs
+    torch.cuda.get_device_capability = lambda device=None: (TARGET.arch // 10, TARGET.arch % 10)
+    try:
+        yield launches
+    finally:
+        triton_jit.JITFunction.run, triton_autotuner.Autotuner.run, torch.cuda.get_device_capability = saved
+
+
+def compile_launch(launch: Launch):
+    """The sm_90 binary that ``launch`` would run: Triton's binder and ``_pack_args`` for the
+    sm_90 backend (the same calls ``JITFunction.run`` makes), then ``triton.compile``.
+    Returns (compiled kernel, its options)."""
+    kernel = launch.kernel
+    backend = make_backend(TARGET)
+    binder = triton_jit.create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(launch.kwargs)
+    # What JITFunction.run adds to the launch's keyword arguments before binding them.
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    bound, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=TARGET, options=options.__dict__), options, bound
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the binary
+
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def sass_instructions(sass: str) -> list[tuple[int, str, str, bool]]:
+    """(address, opcode, text, predicated) of each SASS instruction; the opcode has its
+    predicate and modifiers stripped (``@!P0 HGMMA.64x64x16.F32.BF16 ...`` -> ``HGMMA``)."""
     out = []
-    for name, kernel, backward, extra in (
-        ("fwd", kernels.attn_fwd_kernel, False, {}),
-        ("dkdv", kernels.attn_bwd_dkdv_kernel, True, {}),
-        ("dq", kernels.attn_bwd_dq_kernel, True, {"STORE_DS": True}),
-    ):
-        block_m, block_n, warps = op.block_config(head_dim, dtype, backward)
-        constexprs = dict(
-            HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_D=block_d, BLOCK_DV=block_d, HAS_BIAS=True, BIAS_IS_BOOL=False,
-            HAS_ALIBI=True, HAS_SOFTCAP=True, HAS_DROPOUT=True, HAS_LEFT=True, HAS_RIGHT=True,
-            DOT_FP32=False, PRECISION="ieee", BF16_RTNE=False, **extra)
-        out.append((name, compile_sm90(kernel, constexprs, warps, {**fp32, "SEED": "*i64"},
-                                       floats=("scale", "softcap", "dropout_p"),
-                                       default_pointer=PTR[dtype])))
+    for line in sass.splitlines():
+        m = _INSTR.match(line)
+        if m:
+            text = re.sub(r"^@!?U?P[T0-9]+\s+", "", m.group(2))
+            out.append((int(m.group(1), 16), text.split()[0].split(".")[0], text, text != m.group(2)))
     return out
 
 
-CASES = {
-    f"flash-{str(dtype)[6:]}-d{d}": (lambda dtype=dtype, d=d: flash_case(dtype, d))
-    for dtype in PTR for d in (16, 32, 40, 64, 80, 96, 128, 160, 256)
-}
+def _branch_target(text: str) -> int:
+    return int(re.findall(r"0x([0-9a-f]+)", text)[-1], 16)
 
 
-def decode_case(dtype, head_dim):
-    """Append, split (partial and single-split) and merge kernels, largest row block."""
-    from fastattn.ops.decode import kernels, op
-
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n, warps = op.block_config(head_dim, op._MAX_BLOCK_M, dtype)
-    ptr = PTR[dtype]
-    split = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                 BLOCK_D=block_d, BLOCK_DV=block_d, HAS_ALIBI=True, HAS_SOFTCAP=True,
-                 HAS_LEFT=True, HAS_RIGHT=True, DOT_FP32=False, PRECISION="ieee",
-                 HAS_ROTARY=True, ROT_DIM=head_dim,
-                 ROT_INTERLEAVED=False, BF16_RTNE=False)
-    rot_ptrs = {"COS": "*fp32", "SIN": "*fp32"}
-    out = []
-    for single in (False, True):
-        pointers = {"SEQLENS": "*i32", "ALIBI": "*fp32", "LSE": "*fp32", "O": ptr if single else "*fp32",
-                    **rot_ptrs}
-        out.append((f"split{'-single' if single else ''}",
-                    compile_sm90(kernels.decode_split_kernel, {**split, "SINGLE_SPLIT": single}, warps,
-                                 pointers, floats=("scale", "softcap"), default_pointer=ptr)))
-    out.append(("merge", compile_sm90(
-        kernels.decode_merge_kernel, dict(HEAD_DIM_V=head_dim, BLOCK_S=128, CHUNK_S=8, BLOCK_DV=block_d,
-                                          BF16_RTNE=False),
-        4, {"O_PART": "*fp32", "LSE_PART": "*fp32", "LSE": "*fp32"}, default_pointer=ptr)))
-    out.append(("append", compile_sm90(
-        kernels.kv_append_kernel, dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_L=32,
-                                       BLOCK_D=block_d, BLOCK_DV=block_d, HAS_ROTARY=True,
-                                       ROT_DIM=split["ROT_DIM"], ROT_INTERLEAVED=True, BF16_RTNE=False),
-        4, {"SEQLENS": "*i32", **rot_ptrs}, default_pointer=ptr)))
-    return out
-
-
-CASES.update({
-    f"decode-{str(dtype)[6:]}-d{d}": (lambda dtype=dtype, d=d: decode_case(dtype, d))
-    for dtype in PTR for d in (16, 40, 64, 80, 128, 256)
-})
-
-
-def linear_case(dtype, feat_dim, head_dim_v):
-    """Linear attention: forward and the dQ, dK, dV backward, causal on packed sequences (elu+1
-    fused) and non-causal on a batch (identity)."""
-    from fastattn.ops.linear import kernels, op
-
-    cfg = op.block_config(feat_dim, head_dim_v, dtype)
-    ptr = PTR[dtype]
-    fp32 = {"DEN": "*fp32", "G": "*fp32", "EPS": "*fp32", "CU": "*i32"}
-    strides = {name: 4 for name in ("q_strides", "k_strides", "v_strides", "o_strides", "do_strides", "dx_strides")}
-    strides.update(den_strides=3, eps_strides=3)
-    out = []
-    for causal in (True, False):
-        common = dict(FEAT_DIM=feat_dim, HEAD_DIM_V=head_dim_v, BLOCK_C=cfg["chunk"],
-                      FEATURE=1 if causal else 0, CAUSAL=causal, NORMALIZE=True, VARLEN=causal, DOT_FP32=False,
-                      PRECISION="ieee", BF16_RTNE=False,
-                      STATE_PRECISION="ieee" if dtype == torch.float32 else "tf32", INTRA_FP32=dtype == torch.float16)
-        tag = "causal-varlen" if causal else "full"
-        for name, kernel, blocks, extra in (
-            ("fwd", kernels.linear_fwd_kernel, (cfg["full_f"], cfg["split_dv"]), {}),
-            ("dq", kernels.linear_bwd_kernel, (cfg["split_f"], cfg["full_dv"]), {"GRAD": 0}),
-            ("dk", kernels.linear_bwd_kernel, (cfg["split_f"], cfg["full_dv"]), {"GRAD": 1, "DX": "*fp32"}),
-            ("dv", kernels.linear_bwd_kernel, (cfg["full_f"], cfg["split_dv"]), {"GRAD": 2, "DX": "*fp32"}),
-        ):
-            pointers = {**fp32, **{n: t for n, t in extra.items() if n == "DX"}}
-            constexprs = dict(common, BLOCK_F=blocks[0], BLOCK_DV=blocks[1],
-                              **{n: c for n, c in extra.items() if n == "GRAD"})
-            out.append((f"{name}-{tag}", compile_sm90(kernel, constexprs, cfg["num_warps"], pointers,
-                                                     default_pointer=ptr, tuples=strides)))
-    return out
+def back_edges(instrs: list[tuple[int, str, str, bool]]) -> list[tuple[int, int]]:
+    """(target, branch) addresses of the loop back edges: a BRA whose target dominates it in
+    the control-flow graph. This leaves out the jumps back from out-of-line blocks (ptxas puts
+    e.g. the retry of a barrier wait after the EXIT, and jumps back into the loop from there),
+    which are backward branches but close no loop."""
+    index = {addr: i for i, (addr, *_) in enumerate(instrs)}
+    leaders = {0}
+    for i, (_, op, text, _) in enumerate(instrs):
+        if op == "BRA":
+            leaders.add(index[_branch_target(text)])
+        if op in ("BRA", "EXIT", "RET") and i + 1 < len(instrs):
+            leaders.add(i + 1)
+    starts = sorted(leaders)
+    block_of = {}
+    for b, first in enumerate(starts):
+        for i in range(first, starts[b + 1] if b + 1 < len(starts) else len(instrs)):
+            block_of[i] = b
+    succs = []
+    for b, first in enumerate(starts):
+        last = (starts[b + 1] if b + 1 < len(starts) else len(instrs)) - 1
+        _, op, text, predicated = instrs[last]
+        out = set()
+        if op == "BRA":
+            out.add(block_of[index[_branch_target(text)]])
+        if (op not in ("BRA", "EXIT", "RET") or predicated) and b + 1 < len(starts):
+            out.add(b + 1)
+        succs.append((last, out))
+    preds = [set() for _ in starts]
+    for b, (_, out) in enumerate(succs):
+        for s in out:
+            preds[s].add(b)
+    everything = set(range(len(starts)))
+    dom = [{0}] + [set(everything) for _ in starts[1:]]
+    changed = True
+    while changed:  # iterate dom(b) = {b} | intersection of dom(p) over predecessors p
+        changed = False
+        for b in range(1, len(starts)):
+            new = set.intersection(*(dom[p] for p in preds[b])) | {b} if preds[b] else {b}
+            if new != dom[b]:
+                dom[b], changed = new, True
+    edges = []
+    for b, (last, out) in enumerate(succs):
+        addr, op, text, _ = instrs[last]
+        for s in out:
+            if op == "BRA" and s in dom[b] and instrs[starts[s]][0] == _branch_target(text) <= addr:
+                edges.append((instrs[starts[s]][0], addr))
+    return edges
 
 
-CASES.update({
-    f"linear-{str(dtype)[6:]}-m{m}-dv{dv}": (lambda dtype=dtype, m=m, dv=dv: linear_case(dtype, m, dv))
-    for dtype in PTR for m, dv in ((16, 16), (64, 64), (96, 80), (128, 128), (256, 64), (256, 256))
-})
+def mma_loops(instrs: list[tuple[int, str, str, bool]]) -> list[dict]:
+    """Innermost loops holding MMA instructions, in address order. A loop is a back edge (see
+    ``back_edges``) and the address range from its target to it (back edges to one target
+    are one loop, up to the last); innermost: it holds no other MMA-holding loop."""
+    ends = {}
+    for target, addr in back_edges(instrs):
+        ends[target] = max(addr, ends.get(target, addr))
+    loops = []
+    for start, end in sorted(ends.items()):
+        body = [op for addr, op, *_ in instrs if start <= addr <= end]
+        if any(op in MMA_OPS for op in body):
+            loops.append(dict(start=start, end=end, instructions=len(body),
+                              hgmma=body.count("HGMMA"), hmma=body.count("HMMA")))
+    inner = [a for a in loops
+             if not any(b is not a and a["start"] <= b["start"] and b["end"] <= a["end"] for b in loops)]
+    for loop in inner:
+        loop["start"], loop["end"] = hex(loop["start"]), hex(loop["end"])
+    return inner
 
 
-def sparse_case(dtype, head_dim, layout_block):
-    """Block-sparse forward, dK/dV and dQ, causal, with the launcher's tiles for a layout block."""
-    from fastattn.ops._launch import block_config
-    from fastattn.ops.sparse import kernels
-
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    index = {n: "*i32" for n in ("CROW", "COL", "CCOL", "ROW")}
-    out = []
-    for name, kernel, backward in (("fwd", kernels.sparse_fwd_kernel, False),
-                                   ("dkdv", kernels.sparse_bwd_dkdv_kernel, True),
-                                   ("dq", kernels.sparse_bwd_dq_kernel, True)):
-        block_m, block_n, warps = block_config(head_dim, dtype, backward)
-        constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_M=min(block_m, layout_block),
-                          BLOCK_N=min(block_n, layout_block), BLOCK_D=block_d, BLOCK_DV=block_d,
-                          LAYOUT_BLOCK=layout_block, CAUSAL=True, DOT_FP32=False, PRECISION="ieee", BF16_RTNE=False)
-        out.append((name, compile_sm90(kernel, constexprs, warps, {**index, "LSE": "*fp32", "DELTA": "*fp32"},
-                                       floats=("scale",), default_pointer=PTR[dtype])))
-    return out
+def _tool(*args) -> str:
+    proc = subprocess.run(args, capture_output=True, text=True, check=True)
+    return proc.stdout + proc.stderr
 
 
-CASES.update({
-    f"sparse-{str(dtype)[6:]}-d{d}-bs{bs}": (lambda dtype=dtype, d=d, bs=bs: sparse_case(dtype, d, bs))
-    for dtype in PTR for d in (16, 64, 80, 128, 256) for bs in (16, 64, 128)
-})
+def analyse(compiled, options, name: str, out_dir: str, step: Optional[tuple[str, int]]) -> dict:
+    """Writes ``name``.cubin/.ptx/.ttgir into out_dir and reads them (see the module
+    docstring). step: (what one loop iteration walks, how many rows), or None if unknown."""
+    paths = {}
+    for ext in ("cubin", "ptx", "ttgir"):
+        paths[ext] = os.path.join(out_dir, f"{name}.{ext}")
+        data = compiled.asm[ext]
+        with open(paths[ext], "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+    res = _tool(os.path.join(BIN, "cuobjdump"), "-res-usage", paths["cubin"])
+    ptxas = _tool(get_ptxas(TARGET.arch).path, "-arch=sm_90a", "-v", "--regAllocOptLevel=2",
+                  paths["ptx"], "-o", os.devnull)
+    sass = _tool(os.path.join(BIN, "cuobjdump"), "-sass", paths["cubin"])
+    instrs = sass_instructions(sass)
+    ops = [op for _, op, *_ in instrs]
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
+    loops = mma_loops(instrs)
+    for loop in loops:
+        loop["per_row"] = round(loop["instructions"] / step[1], 2) if step else None
+    shared = compiled.metadata.shared
+    return dict(
+        name=name,
+        registers=int(re.search(r"REG:(\d+)", res).group(1)),
+        stack=int(frame.group(1)), spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)),
+        shared=shared, fits=shared <= H100_SHARED_BYTES,
+        hgmma=ops.count("HGMMA"), hmma=ops.count("HMMA"),
+        utmaldg=ops.count("UTMALDG"), ldgsts=ops.count("LDGSTS"),
+        num_warps=options.num_warps, num_stages=options.num_stages,
+        walks=step[0] if step else None, rows_per_iteration=step[1] if step else None,
+        loops=loops, sass_instructions=len(instrs),
+    )
 
-def run(name):
-    sizes = {kernel: compiled.metadata.shared for kernel, compiled in CASES[name]()}
-    return {"case": name, "shared": sizes, "fits": all(v <= H100_SHARED_BYTES for v in sizes.values())}
+
+# ---------------------------------------------------------------------------------------
+# Cases: each calls launchers under ``recording`` and says, per kernel, its short name and
+# the constexpr that one innermost-loop iteration advances by.
+
+class Case(NamedTuple):
+    op: str
+    rest: str  # the case name after "<op>-"
+    launch: Callable[[], list[Launch]]
+    kernels: dict  # kernel function name -> (short name, (walks, step constexpr name))
+
+
+def run_case(case: Case, out_dir: str, only: Optional[str] = None) -> list[dict]:
+    """Compile and read every kernel launch of the case (only the kernel named ``only``,
+    e.g. "dkdv" or "split-single", if given)."""
+    results = []
+    for launch in case.launch():
+        fn_name = launch.kernel.fn.__name__
+        short, (walks, step_name) = case.kernels.get(fn_name, (fn_name.removesuffix("_kernel"), (None, None)))
+        kernel = short + (f"-{launch.tag}" if launch.tag else "")
+        if only is not None and kernel != only:
+            continue
+        compiled, options, bound = compile_launch(launch)
+        step = (walks, bound[step_name]) if step_name in bound else None
+        result = analyse(compiled, options, f"{case.op}-{kernel}-{case.rest}", out_dir, step)
+        result["blocks"] = {k: v for k, v in bound.items() if k.startswith("BLOCK_")}
+        results.append(result)
+    if only is not None and not results:
+        raise ValueError(f"case {case.op}-{case.rest} launches no kernel {only!r}")
+    return results
+
+
+SOFTMAX_KERNELS = {"fwd": ("key", "BLOCK_N"), "dkdv": ("query", "BLOCK_M"), "dq": ("key", "BLOCK_N")}
+
+
+def _qkv(b, h, hkv, lq, lk, d, dtype):
+    """Contiguous (B, H, L, D) q, k, v; torch.empty: nothing touches them."""
+    return (torch.empty(b, h, lq, d, dtype=dtype), torch.empty(b, hkv, lk, d, dtype=dtype),
+            torch.empty(b, hkv, lk, d, dtype=dtype))
+
+
+def headline_shape(d: int) -> tuple[int, int, int]:
+    """(B, L, H) compiled for the headline, 16k tokens per batch (B=4, L=4096) at hidden 2048.
+    B is 1: the batch reaches the kernels only as a grid size and through the batch stride,
+    H * L * D at any B, so the binary is B=4's (the same ttgir), while the backward launcher's
+    rowsum(dO * O) on these CPU tensors costs a quarter."""
+    return 1, 4096, max(1, 2048 // d)
+
+
+def flash_launches(dtype, d, causal, features):
+    from fastattn.ops.flash import op
+
+    if features:  # bias with gradient: a float32 (B, H, Lq, Lk) ds is written, so short rows
+        b, length, h = 1, 512, headline_shape(d)[2]
+    else:
+        b, length, h = headline_shape(d)
+    q, k, v = _qkv(b, h, h, length, length, d, dtype)
+    opts = dict(scale=d ** -0.5, window_right=0 if causal else None)
+    if features:
+        bias = torch.empty(1, 1, length, length, dtype=torch.float32).expand(b, h, length, length)
+        opts.update(bias=bias, alibi=torch.empty(h), seed=torch.zeros(1, dtype=torch.int64),
+                    softcap=30.0, dropout_p=0.1, window_left=256)
+    with recording() as launches:
+        out, lse = op.flash_attn(q, k, v, **opts)
+        do = torch.empty_like(out)
+        op.flash_backward(do, q, k, v, out, lse, bias_grad=features, **opts)
+    return launches
+
+
+def _flash_cases():
+    names = {"attn_fwd_kernel": "fwd", "attn_bwd_dkdv_kernel": "dkdv", "attn_bwd_dq_kernel": "dq"}
+    kernels = {fn: (short, SOFTMAX_KERNELS[short]) for fn, short in names.items()}
+    cases = {}
+    for dname, dtype in DTYPES.items():
+        for d in (16, 32, 40, 64, 80, 96, 128, 160, 256):
+            for causal in (True, False):
+                for features in (False, True):
+                    rest = f"{dname}-d{d}-{'causal' if causal else 'full'}" + ("-features" if features else "")
+                    cases[f"flash-{rest}"] = Case("flash", rest, (
+                        lambda dtype=dtype, d=d, causal=causal, features=features:
+                        flash_launches(dtype, d, causal, features)), kernels)
+    return cases
+
+
+def decode_launches(dtype, d, causal, features):
+    """Append then split-KV decode (the launcher's own number of splits, then one split) of
+    8 new tokens per sequence, GQA group 8 (64 query rows per kv head: the largest row block)."""
+    from fastattn.ops.decode import op
+
+    b, hkv, group, lnew, lmax = 4, 2, 8, 8, 4096
+    q = torch.empty(b, hkv * group, lnew, d, dtype=dtype)
+    k_cache, v_cache = (torch.empty(b, hkv, lmax, d, dtype=dtype) for _ in range(2))
+    k_new, v_new = (torch.empty(b, hkv, lnew, d, dtype=dtype) for _ in range(2))
+    seqlens = torch.full((b,), lmax - lnew, dtype=torch.int32)
+    opts = dict(scale=d ** -0.5, window_right=0 if causal else None)
+    if features:
+        rot = torch.empty(lmax, d // 2, dtype=torch.float32)
+        opts.update(alibi=torch.empty(hkv * group), softcap=30.0, window_left=1024, rotary_cos=rot,
+                    rotary_sin=rot.clone())
+    with recording() as launches:
+        op.decode_attn(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, **opts)
+    with recording("single") as single:
+        op.decode_attn(q, k_cache, v_cache, seqlens, num_splits=1, **opts)
+    return launches + single
+
+
+def _decode_cases():
+    kernels = {"decode_split_kernel": ("split", ("key", "BLOCK_N")),
+               "decode_merge_kernel": ("merge", (None, None)),
+               "kv_append_kernel": ("append", (None, None))}
+    cases = {}
+    for dname, dtype in DTYPES.items():
+        for d in (16, 40, 64, 80, 128, 256):
+            for causal in (True, False):
+                for features in (False, True):
+                    rest = f"{dname}-d{d}-{'causal' if causal else 'full'}" + ("-features" if features else "")
+                    cases[f"decode-{rest}"] = Case("decode", rest, (
+                        lambda dtype=dtype, d=d, causal=causal, features=features:
+                        decode_launches(dtype, d, causal, features)), kernels)
+    return cases
+
+
+def sparse_launches(dtype, d, block, causal):
+    """Forward and backward on a local (banded) layout; headline shapes."""
+    from fastattn import sparse
+    from fastattn.ops.sparse import op
+
+    b, length, h = headline_shape(d)
+    q, k, v = _qkv(b, h, h, length, length, d, dtype)
+    layout = sparse.local(length, 4 * block, block_size=block, causal=causal)
+    crow, col, ccol, row, _ = layout.device_tensors(q.device)
+    with recording() as launches:
+        out, lse = op.sparse_attn(q, k, v, crow, col, ccol, row, block_size=block, scale=d ** -0.5, causal=causal)
+        op.sparse_bwd(torch.empty_like(out), q, k, v, out, lse, crow, col, ccol, row, block, d ** -0.5, causal)
+    return launches
+
+
+def _sparse_cases():
+    names = {"sparse_fwd_kernel": "fwd", "sparse_bwd_dkdv_kernel": "dkdv", "sparse_bwd_dq_kernel": "dq"}
+    kernels = {fn: (short, SOFTMAX_KERNELS[short]) for fn, short in names.items()}
+    cases = {}
+    for dname, dtype in DTYPES.items():
+        for d in (16, 64, 80, 128, 256):
+            for block in (16, 64, 128):
+                for causal in (True, False):
+                    rest = f"{dname}-d{d}-bs{block}-{'causal' if causal else 'full'}"
+                    cases[f"sparse-{rest}"] = Case("sparse", rest, (
+                        lambda dtype=dtype, d=d, block=block, causal=causal:
+                        sparse_launches(dtype, d, block, causal)), kernels)
+    return cases
+
+
+def linear_launches(dtype, m, dv, causal):
+    """Forward and backward; causal with elu+1 features (fused), non-causal identity."""
+    from fastattn.ops.linear import op
+
+    b, length, h = 4, 4096, max(1, 2048 // max(m, dv))
+    q, k = (torch.empty(b, h, length, m, dtype=dtype) for _ in range(2))
+    v = torch.empty(b, h, length, dv, dtype=dtype)
+    feature = "elu" if causal else "identity"
+    with recording() as launches:
+        out = op.linear_attn(q, k, v, feature=feature, causal=causal)
+        den = torch.empty(b, h, length, dtype=torch.float32)
+        op.linear_bwd(torch.empty_like(out), q, k, v, out, den, feature, causal, True)
+    return launches
+
+
+def _linear_cases():
+    kernels = {f"linear_{n}_kernel": (n.removeprefix("bwd_"), ("chunk row", "BLOCK_C"))
+               for n in ("fwd", "bwd_dq", "bwd_dk", "bwd_dv")}
+    cases = {}
+    for dname, dtype in DTYPES.items():
+        for m, dv in ((16, 16), (64, 64), (96, 80), (128, 128), (256, 64), (256, 256)):
+            for causal in (True, False):
+                rest = f"{dname}-m{m}-dv{dv}-{'causal' if causal else 'full'}"
+                cases[f"linear-{rest}"] = Case("linear", rest, (
+                    lambda dtype=dtype, m=m, dv=dv, causal=causal: linear_launches(dtype, m, dv, causal)), kernels)
+    return cases
+
+
+CASES = {**_flash_cases(), **_decode_cases(), **_sparse_cases(), **_linear_cases()}
+
+# The configs CI holds to the baseline: the headline flash kernels, features off.
+HEADLINE = [f"flash-{dt}-d{d}-{c}" for dt in ("bfloat16", "float16") for d in (64, 128, 256)
+            for c in ("causal", "full")]
+
+
+def run(name: str, out_dir: str, only: Optional[str] = None) -> dict:
+    kernels = run_case(CASES[name], out_dir, only)
+    return {"case": name, "kernels": kernels, "fits": all(k["fits"] for k in kernels)}
+
+
+def baseline_entry(kernel: dict) -> dict:
+    """What the baseline records of a kernel: its loops' instructions per row."""
+    return {"per_row": [loop["per_row"] for loop in kernel["loops"]]}
+
+
+def main(argv: list[str]) -> None:
+    options = {}
+    for flag in ("--out", "--kernel"):
+        if flag in argv:
+            i = argv.index(flag)
+            options[flag] = argv[i + 1]
+            argv = argv[:i] + argv[i + 2:]
+    out_dir, only = options.get("--out"), options.get("--kernel")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = out_dir or tmp
+        if argv == ["baseline"]:
+            entries = {}
+            for name in HEADLINE:
+                for kernel in run(name, out_dir)["kernels"]:
+                    entries[kernel["name"]] = baseline_entry(kernel)
+            commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE,
+                                    capture_output=True, text=True).stdout.strip()
+            lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(entries.items())]
+            with open(BASELINE, "w") as f:  # one kernel a line, so a diff shows what moved
+                f.write(f'{{"triton": "{triton.__version__}", "commit": "{commit}",\n "kernels": {{\n')
+                f.write(",\n".join(lines) + "\n}}\n")
+            print(f"wrote {BASELINE} ({len(entries)} kernels)")
+            return
+        names = list(CASES) if argv == ["all"] else argv
+        unknown = [n for n in names if n not in CASES]
+        if unknown or not names:
+            sys.exit(f"unknown case(s) {unknown}; known: 'all', 'baseline' or e.g. {HEADLINE[0]}")
+        for name in names:
+            print(json.dumps(run(name, out_dir, only)), flush=True)
 
 
 if __name__ == "__main__":
-    names = list(CASES) if sys.argv[1:] == ["all"] else sys.argv[1:]
-    for name in names:
-        print(json.dumps(run(name)), flush=True)
+    main(sys.argv[1:])
