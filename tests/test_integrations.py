@@ -298,21 +298,45 @@ def test_huggingface_mask_is_none_only_where_the_band_is_exact(case):
         assert got is not None and torch.equal(got, dense)
 
 
-def test_huggingface_refuses_attention_sinks(hf_name):
-    """gpt-oss passes its learned sinks as s_aux; fastattn has none yet, so it refuses instead
-    of dropping them (before: logits 0.2 away from eager and no word said). Eager runs."""
+def test_huggingface_gpt_oss_sinks_match_eager(hf_name, monkeypatch):
+    """gpt-oss passes its learned sinks as s_aux; through attn_implementation="fastattn" they
+    reach the kernels as ``sinks`` (a spy sees them), and logits and every parameter gradient
+    (the sinks' included) meet the error rule against eager in float64 (before: s_aux was
+    ignored and the logits were 0.2 away from eager). Sinks of size ~2, sliding and full layers."""
     from transformers import GptOssConfig
+
+    from fastattn.integrations import huggingface
 
     config = GptOssConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=16, intermediate_size=64, num_local_experts=4,
                           num_experts_per_tok=2, sliding_window=8, max_position_embeddings=128,
-                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                          experts_implementation="eager")  # the float64 oracle: grouped_mm takes no float64
     reference, fast = _pair(config, hf_name)
-    ids = torch.randint(0, 97, (1, 12))
     with torch.no_grad():
-        assert torch.isfinite(reference(ids).logits).all()
-        with pytest.raises(ValueError, match="GptOssAttention passes attention sinks"):
-            fast(ids)
+        for model in (reference, fast):
+            torch.manual_seed(1)
+            for layer in model.model.layers:
+                layer.self_attn.sinks.copy_(torch.randn_like(layer.self_attn.sinks) * 2)
+    seen = []
+    real = huggingface.flash_attention
+
+    def spy(q, k, v, **kw):
+        seen.append(kw["sinks"] is not None)
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(huggingface, "flash_attention", spy)
+
+    class Logits(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(input_ids=ids).logits
+
+    ids = torch.randint(0, 97, (1, 12))
+    compare_models(lambda: Logits(reference), lambda: [ids], lambda _: Logits(fast))
+    assert seen and all(seen), seen
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -44,7 +44,8 @@ def fastattn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, va
         dropout, scaling: attention dropout probability and the softmax scale.
         sliding_window: the layer's window W (transformers: key j is visible to query i iff
             ``i - W < j <= i``); with no mask it becomes ``window=(W - 1, 0)``.
-        s_aux: attention sinks (gpt-oss): refused, see Raises.
+        s_aux: (Hq,) attention-sink logits (gpt-oss), or None: passed on as ``sinks``
+            (differentiable: the model's sinks train).
         kwargs: ``softcap`` (Gemma 2's logit soft-capping), ``position_bias`` (T5-style additive
             bias, combined with the mask); ``cu_seq_lens_q`` / ``cu_seq_lens_k`` /
             ``max_length_q`` / ``max_length_k`` (padding-free batches from
@@ -57,15 +58,9 @@ def fastattn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, va
         ((B, Lq, Hq, D), None): no attention weights, as with "sdpa".
 
     Raises:
-        ValueError: ``s_aux`` (or ``sinks``) is not None: fastattn has no attention sinks yet,
-            and dropping them would silently change the model's outputs (gpt-oss).
+        ValueError: as ``fastattn.flash_attention`` (e.g. sinks not of shape (Hq,)).
     """
     sinks = s_aux if s_aux is not None else kwargs.get("sinks")
-    if sinks is not None:
-        raise ValueError(f"fastattn (attn_implementation='fastattn'): {type(module).__name__} passes attention "
-                         f"sinks (s_aux, shape {tuple(sinks.shape)}), which fastattn does not support yet; "
-                         f"ignoring them would change the outputs. Use attn_implementation='eager' or 'sdpa' "
-                         f"for this model.")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     packed = _packed_offsets(query, key, attention_mask, kwargs)
     if packed is not None:
@@ -74,7 +69,7 @@ def fastattn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, va
         # (1, H, total, D) -> (total, H, D): views
         out = flash_attention_varlen(*(t[0].transpose(0, 1) for t in (query, key, value)), cu_q, cu_k, max_q, max_k,
                                      causal=bool(is_causal), window=window, scale=scaling,
-                                     softcap=kwargs.get("softcap"), dropout_p=dropout)
+                                     softcap=kwargs.get("softcap"), dropout_p=dropout, sinks=sinks)
         return out[None], None  # (total, H, D) -> (1, total, H, D)
     causal, window = False, None
     if attention_mask is None and is_causal:
@@ -90,7 +85,7 @@ def fastattn_attention_forward(module: nn.Module, query: Tensor, key: Tensor, va
         else:
             attention_mask = position_bias.masked_fill(~attention_mask, float("-inf"))
     out = flash_attention(query, key, value, causal=causal, window=window, scale=scaling, attn_bias=attention_mask,
-                          softcap=kwargs.get("softcap"), dropout_p=dropout)
+                          softcap=kwargs.get("softcap"), dropout_p=dropout, sinks=sinks)
     return out.transpose(1, 2).contiguous(), None  # (B, H, L, D) -> (B, L, H, D)
 
 
