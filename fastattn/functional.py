@@ -16,8 +16,8 @@ from fastattn import backend
 from fastattn.backend import TORCH_SDPA
 from fastattn.ops.flash.fallback import sdpa_attention, sdpa_expressible
 from fastattn.ops.flash.reference import attention_reference, band_from
-from fastattn.validation import (check_alibi, check_bias, check_eps, check_kvcache, check_linear, check_options, check_qkv,
-                                 check_rotary, check_varlen, default_scale, shape_str)
+from fastattn.validation import (check_alibi, check_bias, check_eps, check_kvcache, check_linear, check_options,
+                                 check_paged_values, check_qkv, check_rotary, check_varlen, default_scale, shape_str)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -348,6 +348,7 @@ def attention_with_kvcache(
     rotary_cos: Optional[Tensor] = None,
     rotary_sin: Optional[Tensor] = None,
     rotary_interleaved: bool = False,
+    block_table: Optional[Tensor] = None,
     return_lse: bool = False,
 ):
     """Attention of a few new tokens over a preallocated KV cache (incremental decoding).
@@ -358,14 +359,16 @@ def attention_with_kvcache(
     attends to the ``n + Lnew`` valid keys of its own sequence. Slots beyond are never read or
     written. ``cache_seqlens`` is NOT updated (as in FlashAttention's
     ``flash_attn_with_kvcache``): the caller adds ``Lnew`` for the next step
-    (``fastattn.nn.KVCache`` does this bookkeeping).
+    (``fastattn.nn.KVCache`` / ``fastattn.nn.PagedKVCache`` do this bookkeeping).
 
     Args:
         q: (B, Hq, Lq, D), the new tokens' queries (1 for plain decoding, more for speculative
             decoding or chunked prefill). Any strides.
         k_cache: (B, Hkv, Lmax, D). v_cache: (B, Hkv, Lmax, Dv). Hq a multiple of Hkv (GQA:
             query head h reads kv head ``h // (Hq // Hkv)``). Any strides, e.g. a
-            (B, Lmax, Hkv, D) buffer viewed with ``.transpose(1, 2)``.
+            (B, Lmax, Hkv, D) buffer viewed with ``.transpose(1, 2)``. With ``block_table``
+            they are pages instead: (num_pages, page_size, Hkv, D) / (num_pages, page_size,
+            Hkv, Dv) (FlashAttention's and vLLM's layout), page_size a power of two >= 16.
         cache_seqlens: int32 (or int64) (B,) tensor, or an int for every sequence: tokens
             already in the cache, before this call's ``k_new``.
         k_new / v_new: (B, Hkv, Lnew, D) / (B, Hkv, Lnew, Dv), or None.
@@ -374,14 +377,18 @@ def attention_with_kvcache(
         scale, window, alibi_slopes ((Hq,) or (B, Hq)), softcap: as ``flash_attention``,
             with positions measured per sequence (key j is cache slot j).
         num_splits: how many chunks each sequence's keys are cut into (split-KV "flash
-            decoding"); None picks it from batch, heads and length to fill the GPU.
-            Results do not depend on it beyond rounding.
+            decoding"); None picks it from the shapes (batch, heads, Lmax; never from the
+            values) to fill the GPU. Results do not depend on it beyond rounding.
         rotary_cos / rotary_sin: (P, R/2) float tables or None: rotary embedding (RoPE) of the
             first R dims of q and k_new, applied inside the kernels (the cache then holds
             rotated keys, as it must). New key t of sequence b is at position ``n + t``; query
             row i at ``n + Lnew - Lq + i`` (its bottom-right diagonal; ``n + i`` when
             Lq == Lnew). P must exceed the last position. ``rotary_interleaved``: rotate the
             pairs (2j, 2j+1) (GPT-J) instead of (j, j + R/2) (GPT-NeoX).
+        block_table: int32 (B, P) or None. Row b lists sequence b's pages in order: its slot j
+            is row ``j % page_size`` of page ``block_table[b, j // page_size]``, so Lmax is
+            ``P * page_size``. Entries past a sequence's last used page are never read; page
+            rows other than the new tokens' are never written.
         return_lse: also return the row logsumexp, float32 (B, Hq, Lq), natural log.
 
     Returns:
@@ -391,34 +398,50 @@ def attention_with_kvcache(
     Raises:
         ValueError: bad ranks, shapes, dtypes, devices, options (the message names the
             argument), ``cache_seqlens`` negative or above Lmax, ``n + Lnew > Lmax`` (the write
-            would overflow the cache), or, under ``use_backend("triton")``, an input the
+            would overflow the cache), a used block-table entry that is not a page, two new
+            tokens mapped to one page row, or, under ``use_backend("triton")``, an input the
             kernels cannot take (e.g. one that requires grad: the kernels are forward-only).
-        Checking the lengths reads ``cache_seqlens`` on the host (one device sync); the check
-        is skipped while ``torch.compile`` traces, where the kernels clamp to the buffer.
+        The values of ``cache_seqlens`` / ``block_table`` are checked only where reading them
+        costs no device sync: not on CUDA (a decode step never waits for the host there, so
+        it can be captured in a CUDA graph) and not while ``torch.compile`` traces. Unchecked,
+        the kernels clamp every read and write to the buffers.
 
     Equivalent code, per sequence b (n = cache_seqlens[b]; q, k_new rotated first if asked,
-    see ``fastattn.ops.decode.reference.apply_rotary``)::
+    see ``fastattn.ops.decode.reference.apply_rotary``; for pages read
+    ``fastattn.ops.decode.reference.gather_pages(k_cache, block_table)`` for ``k_cache``)::
 
         k_cache[b, :, n:n + Lnew] = k_new[b]; v_cache[b, :, n:n + Lnew] = v_new[b]
         out[b] = flash_attention(q[b:b+1], k_cache[b:b+1, :, :n + Lnew],
                                  v_cache[b:b+1, :, :n + Lnew], causal=causal, ...)[0]
     """
     op = "attention_with_kvcache"
-    seqlens = check_kvcache(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new, num_splits)
+    seqlens = check_kvcache(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new, num_splits, block_table)
     check_options(op, q, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap)
     check_rotary(op, q, rotary_cos, rotary_sin)
     if rotary_cos is not None:
         rotary_cos, rotary_sin = rotary_cos.contiguous(), rotary_sin.contiguous()
+    paged = block_table is not None
+    b, hq = q.shape[:2]
+    if paged:
+        hkv, lmax = k_cache.shape[2], block_table.shape[1] * k_cache.shape[1]
+        block_table = block_table.contiguous()
+    else:
+        hkv, lmax = k_cache.shape[1], k_cache.shape[2]
     lnew = 0 if k_new is None else k_new.shape[2]
     max_seqlen_k = None
-    if not torch.compiler.is_compiling() and seqlens.numel():  # on the given dtype: int64 must not wrap
-        max_seqlen_k = _check_cache_lengths(op, q, k_cache, seqlens, lnew, rotary_cos)
+    if _values_readable(q) and seqlens.numel():  # on the given dtype: int64 must not wrap
+        max_seqlen_k = _check_cache_lengths(op, q, k_cache, lmax, seqlens, lnew, rotary_cos)
+        if paged:
+            check_paged_values(op, block_table, k_cache.shape[0], k_cache.shape[1], seqlens, lnew)
     seqlens = seqlens.to(torch.int32).contiguous()
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     band = band_from(causal, window)
     rot = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
     needs_grad = _needs_grad(q, k_cache, v_cache, k_new, v_new, alibi_slopes, rotary_cos, rotary_sin)
-    route = backend.route(op, "decode", q, k_cache, v_cache, needs_grad=needs_grad,
+    # The router reads shapes only: for pages, the logical (B, Hkv, Lmax, D) caches.
+    k_shape, v_shape = (_shape_only(b, hkv, lmax, k_cache.shape[-1]), _shape_only(b, hkv, lmax, v_cache.shape[-1])) \
+        if paged else (k_cache, v_cache)
+    route = backend.route(op, "decode", q, k_shape, v_shape, needs_grad=needs_grad,
                           torch_sdpa=not (needs_grad or return_lse))
     if route.impl == "kernel":
         from fastattn.ops.decode import op as decode_op  # imports triton, so only when used
@@ -426,8 +449,14 @@ def attention_with_kvcache(
         out, lse = decode_op.decode_attn(
             q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, alibi=alibi_slopes, scale=scale,
             softcap=softcap, window_left=band[0], window_right=band[1], num_splits=num_splits,
-            max_seqlen_k=max_seqlen_k, **rot)
-    elif torch.compiler.is_compiling():  # the per-sequence fallbacks read the lengths on the host
+            max_seqlen_k=max_seqlen_k, block_table=block_table, **rot)
+        return (out, lse) if return_lse else out
+    pages = None
+    if paged:  # the fallbacks run on each sequence's logical cache, gathered before the append
+        from fastattn.ops.decode.reference import gather_pages
+
+        pages, k_cache, v_cache = (k_cache, v_cache), gather_pages(k_cache, block_table), gather_pages(v_cache, block_table)
+    if torch.compiler.is_compiling():  # the per-sequence fallbacks read the lengths on the host
         from fastattn.ops.decode.fallback import decode_masked
 
         out, lse = decode_masked(q, k_cache, v_cache, seqlens, k_new, v_new, band=band, scale=scale,
@@ -435,23 +464,38 @@ def attention_with_kvcache(
     elif route.impl == "torch_sdpa":
         from fastattn.ops.decode.fallback import decode_by_prefix
 
-        return decode_by_prefix(q, k_cache, v_cache, seqlens, k_new, v_new, band=band, scale=scale,
-                                alibi_slopes=alibi_slopes, softcap=softcap, **rot)
+        out = decode_by_prefix(q, k_cache, v_cache, seqlens, k_new, v_new, band=band, scale=scale,
+                               alibi_slopes=alibi_slopes, softcap=softcap, **rot)
+        lse = None
     else:
         from fastattn.ops.decode.reference import append_reference, decode_reference
 
         out, lse = decode_reference(q, k_cache, v_cache, seqlens, k_new, v_new, causal=False, window=band,
                                     scale=scale, alibi_slopes=alibi_slopes, softcap=softcap, return_lse=True,
                                     upcast=True, **rot)  # band already holds causal
-        if k_new is not None:
+        if k_new is not None and not paged:
             append_reference(k_cache, v_cache, seqlens, k_new, v_new, **rot)
+    if paged and k_new is not None:
+        from fastattn.ops.decode.reference import append_paged_reference
+
+        append_paged_reference(*pages, block_table, seqlens, k_new, v_new, **rot)
     return (out, lse) if return_lse else out
 
 
-def _check_cache_lengths(op, q, k_cache, seqlens, lnew, rotary_cos) -> int:
+def _values_readable(q: Tensor) -> bool:
+    """Whether the cache lengths / block table may be read on the host: not while tracing,
+    not on CUDA (it would stall every step and break CUDA-graph capture)."""
+    return not torch.compiler.is_compiling() and q.device.type != "cuda"
+
+
+def _shape_only(*shape) -> Tensor:
+    """A tensor with this shape and no memory (a broadcast meta scalar), for shape-only checks."""
+    return torch.empty((), device="meta").expand(*shape)
+
+
+def _check_cache_lengths(op, q, k_cache, lmax, seqlens, lnew, rotary_cos) -> int:
     """ValueError unless every write fits the cache (and the rotary table); returns the
     longest sequence after the append. Reads cache_seqlens on the host (one sync)."""
-    lmax = k_cache.shape[2]
     lo, hi = (int(x) for x in torch.stack([seqlens.min(), seqlens.max()]).tolist())
     if lo < 0 or hi > lmax:
         raise ValueError(f"{op}: cache_seqlens must lie in [0, {lmax}] (Lmax of k_cache "

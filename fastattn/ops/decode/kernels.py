@@ -2,7 +2,9 @@
 
 Layout: q (B, Hq, Lq, D), caches (B, Hkv, Lmax, D), any strides; ``SEQLENS`` (B,) holds the
 tokens already cached per sequence, so sequence b has ``seqlen_k = SEQLENS[b] + seqlen_new``
-valid keys once the new ones are appended (see ``reference.py``).
+valid keys once the new ones are appended (see ``reference.py``). Paged caches (``PAGED``):
+pages (num_pages, page_size, Hkv, D) and a block table (B, P) mapping each sequence's logical
+slots to page rows; the kernels translate positions through the table.
 
 Flash decoding: with one or a few new tokens there is only a handful of query rows per head,
 so one program per (batch, head) would leave most of the GPU idle while it streams a long cache.
@@ -52,20 +54,33 @@ def _rotary(x, row_ptrs, stride_d, rows_ok, pos, COS, SIN, stride_cs, offs_d,
 
 
 @triton.jit
+def _page_of(BT, b, stride_btb, slot, n_pages, ok, PAGE_SIZE: tl.constexpr):
+    """int64 page holding logical slot ``slot`` (scalar or vector) of sequence b, read from the
+    block table and clamped to [0, n_pages) so that a bad table never leaves the buffer."""
+    page = tl.load(BT + b * stride_btb + slot // PAGE_SIZE, mask=ok, other=0).to(tl.int64)
+    page = page * (page > 0)
+    return page - (page - (n_pages - 1)) * (page > n_pages - 1)
+
+
+@triton.jit
 def kv_append_kernel(
-    K_NEW, V_NEW, K, V, SEQLENS, COS, SIN,
+    K_NEW, V_NEW, K, V, SEQLENS, COS, SIN, BT,
     stride_knb, stride_knh, stride_knn, stride_knd,
     stride_vnb, stride_vnh, stride_vnn, stride_vnd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    n_kv_heads, seqlen_new, seqlen_max, stride_cs,
+    n_kv_heads, seqlen_new, seqlen_max, stride_cs, stride_btb, n_pages,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_ROTARY: tl.constexpr, ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
-    BF16_RTNE: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     """Copy new token t of (b, kv head) into cache slot SEQLENS[b] + t, for K and V; with
-    HAS_ROTARY the key is first rotated by the angles of position SEQLENS[b] + t."""
+    HAS_ROTARY the key is first rotated by the angles of position SEQLENS[b] + t.
+
+    PAGED: K/V are pages (num_pages, page_size, Hkv, D) (stride_kb is the page stride) and
+    slot j of sequence b is row j % PAGE_SIZE of page BT[b, j // PAGE_SIZE]; seqlen_max is
+    the table's P * PAGE_SIZE."""
     bhk = tl.program_id(0)
     b = (bhk // n_kv_heads).to(tl.int64)
     hk = (bhk % n_kv_heads).to(tl.int64)
@@ -81,26 +96,35 @@ def kv_append_kernel(
         k_rows = k_new + offs_t[:, None].to(tl.int64) * stride_knn
         k_rot = _rotary(k, k_rows, stride_knd, ok, pos, COS, SIN, stride_cs, offs_d, ROT_DIM, ROT_INTERLEAVED)
         k = cast(k_rot, k.dtype, BF16_RTNE)
-    store_tile(K + b * stride_kb + hk * stride_kh, k, pos, offs_d, stride_kn, stride_kd, ok, d_ok)
     v = load_tile(V_NEW + b * stride_vnb + hk * stride_vnh, offs_t, offs_dv, stride_vnn, stride_vnd, ok, dv_ok)
-    store_tile(V + b * stride_vb + hk * stride_vh, v, pos, offs_dv, stride_vn, stride_vd, ok, dv_ok)
+    if PAGED:
+        page = _page_of(BT, b, stride_btb, pos, n_pages, ok, PAGE_SIZE)  # (BLOCK_L,) page of each token
+        row = pos % PAGE_SIZE
+        k_rows = K + page * stride_kb + hk * stride_kh + row * stride_kn  # (BLOCK_L,) row pointers
+        tl.store(k_rows[:, None] + offs_d[None, :].to(tl.int64) * stride_kd, k, mask=ok[:, None] & d_ok[None, :])
+        v_rows = V + page * stride_vb + hk * stride_vh + row * stride_vn
+        tl.store(v_rows[:, None] + offs_dv[None, :].to(tl.int64) * stride_vd, v, mask=ok[:, None] & dv_ok[None, :])
+    else:
+        store_tile(K + b * stride_kb + hk * stride_kh, k, pos, offs_d, stride_kn, stride_kd, ok, d_ok)
+        store_tile(V + b * stride_vb + hk * stride_vh, v, pos, offs_dv, stride_vn, stride_vd, ok, dv_ok)
 
 
 @triton.jit
 def decode_split_kernel(
-    Q, K, V, SEQLENS, ALIBI, COS, SIN, O, LSE,
+    Q, K, V, SEQLENS, ALIBI, COS, SIN, BT, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_ab, stride_ah,
     n_heads, group, seqlen_q, seqlen_new, seqlen_max, num_splits,
-    scale, softcap, window_left, window_right, stride_cs,
+    scale, softcap, window_left, window_right, stride_cs, stride_btb, n_pages,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_ROTARY: tl.constexpr, ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BF16_RTNE: tl.constexpr,
 ):
@@ -109,6 +133,11 @@ def decode_split_kernel(
     SINGLE_SPLIT: the chunk is the whole key range, so the result is final: O/LSE are the
     output (B, Hq, Lq, Dv) with strides, and (B, Hq, Lq) fp32. Otherwise O/LSE are the
     contiguous fp32 partials (B, Hq, Lq, num_splits, Dv) and (B, Hq, Lq, num_splits).
+
+    PAGED: K/V are pages (num_pages, page_size, Hkv, D), stride_kb / stride_vb the page
+    stride, and BT the (B, P) block table (row stride stride_btb). BLOCK_N divides PAGE_SIZE
+    and every key tile starts at a multiple of BLOCK_N, so a tile lies in one page: one table
+    read per tile.
     """
     bhk = tl.program_id(0)
     start_m = tl.program_id(1) * BLOCK_M
@@ -140,6 +169,8 @@ def decode_split_kernel(
         hi = seqlen_k + window_right  # one past the last token's last visible key
         hi = seqlen_k + (hi - seqlen_k) * (hi < seqlen_k)
         hi = hi * (hi > 0)
+    if PAGED:
+        lo = lo // BLOCK_N * BLOCK_N  # tiles aligned to BLOCK_N never straddle a page (the window masks the extra keys)
     hi = lo + (hi - lo) * (hi > lo)
     # Chunk of this split, a whole number of key blocks so loads stay aligned.
     chunk = (hi - lo + num_splits - 1) // num_splits
@@ -166,14 +197,20 @@ def decode_split_kernel(
     m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_DV)
     for start_n in range(start, end, BLOCK_N):
         offs_n, col_ok = span(start_n, BLOCK_N, end)  # keys of the next split belong to the next split
-        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
+        rows_n = offs_n  # key rows from k_base / v_base
+        if PAGED:
+            page = _page_of(BT, b, stride_btb, start_n, n_pages, start_n < end, PAGE_SIZE)
+            rows_n = offs_n - start_n // PAGE_SIZE * PAGE_SIZE  # rows within the page, < PAGE_SIZE
+            k_base = K + page * stride_kb + hk * stride_kh
+            v_base = V + page * stride_vb + hk * stride_vh
+        k = load_tile(k_base, rows_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
         qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
         # logits masks keys >= its seqlen_k argument: pass `end`, the split's own limit.
         s = logits(qk, pos_q, offs_n, seqlen_q, end, diag, softcap, window_left, window_right,
                    Q, 0, 0, slope,
                    False, False, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT)
         p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)
-        v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok)
+        v = load_tile(v_base, rows_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok)
         acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
 
     out, lse = softmax_finish(acc, m_i, l_i)  # no visible key in this chunk: 0, -inf (weight 0 in the merge)
