@@ -17,7 +17,8 @@ from fastattn.backend import TORCH_SDPA
 from fastattn.ops.flash.fallback import sdpa_attention, sdpa_expressible
 from fastattn.ops.flash.reference import attention_reference, band_from
 from fastattn.validation import (check_alibi, check_bias, check_eps, check_kvcache, check_linear, check_options,
-                                 check_paged_values, check_qkv, check_rotary, check_varlen, default_scale, shape_str)
+                                 check_paged_values, check_qkv, check_ragged_q, check_rotary, check_varlen,
+                                 default_scale, shape_str)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -349,6 +350,8 @@ def attention_with_kvcache(
     rotary_sin: Optional[Tensor] = None,
     rotary_interleaved: bool = False,
     block_table: Optional[Tensor] = None,
+    cu_seqlens_q: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
     return_lse: bool = False,
 ):
     """Attention of a few new tokens over a preallocated KV cache (incremental decoding).
@@ -389,6 +392,15 @@ def attention_with_kvcache(
             is row ``j % page_size`` of page ``block_table[b, j // page_size]``, so Lmax is
             ``P * page_size``. Entries past a sequence's last used page are never read; page
             rows other than the new tokens' are never written.
+        cu_seqlens_q: int32 (B+1,) or None: ragged new tokens (chunked prefill and decoding
+            mixed in one batch). Sequence b brings ``cu[b+1] - cu[b]`` tokens, packed as
+            FlashAttention's varlen functions and FlashInfer do: q is (total, Hq, D) and
+            k_new / v_new (total, Hkv, D / Dv) with the same offsets (each sequence appends
+            its own tokens' keys; with k_new None they are already in the cache); the output
+            is (total, Hq, Dv) and lse (Hq, total). Causal stays bottom-right per sequence
+            (its own Lq and Lnew). Equals one call per sequence.
+        max_seqlen_q: with cu_seqlens_q, an upper bound on any sequence's token count (sizes
+            the kernel grid without reading the offsets); None uses total.
         return_lse: also return the row logsumexp, float32 (B, Hq, Lq), natural log.
 
     Returns:
@@ -415,6 +427,10 @@ def attention_with_kvcache(
                                  v_cache[b:b+1, :, :n + Lnew], causal=causal, ...)[0]
     """
     op = "attention_with_kvcache"
+    ragged = cu_seqlens_q is not None
+    packed = (q, k_new, v_new)
+    if ragged:  # the 4-D checks below see (B, H, total, D) views of the packed tensors
+        q, k_new, v_new = check_ragged_q(op, q, k_new, v_new, cu_seqlens_q, max_seqlen_q, _values_readable(q))
     seqlens = check_kvcache(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new, num_splits, block_table)
     check_options(op, q, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap)
     check_rotary(op, q, rotary_cos, rotary_sin)
@@ -427,10 +443,14 @@ def attention_with_kvcache(
         block_table = block_table.contiguous()
     else:
         hkv, lmax = k_cache.shape[1], k_cache.shape[2]
+    lq = q.shape[2]
     lnew = 0 if k_new is None else k_new.shape[2]
+    if ragged:  # per sequence: its own count of queries and of new keys
+        lq = cu_seqlens_q.diff()
+        lnew = lq if k_new is not None else 0
     max_seqlen_k = None
     if _values_readable(q) and seqlens.numel():  # on the given dtype: int64 must not wrap
-        max_seqlen_k = _check_cache_lengths(op, q, k_cache, lmax, seqlens, lnew, rotary_cos)
+        max_seqlen_k = _check_cache_lengths(op, q, k_cache, lmax, seqlens, lnew, lq, rotary_cos)
         if paged:
             check_paged_values(op, block_table, k_cache.shape[0], k_cache.shape[1], seqlens, lnew)
     seqlens = seqlens.to(torch.int32).contiguous()
@@ -446,11 +466,18 @@ def attention_with_kvcache(
     if route.impl == "kernel":
         from fastattn.ops.decode import op as decode_op  # imports triton, so only when used
 
+        if ragged:
+            q, k_new, v_new = packed
         out, lse = decode_op.decode_attn(
             q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, alibi=alibi_slopes, scale=scale,
             softcap=softcap, window_left=band[0], window_right=band[1], num_splits=num_splits,
-            max_seqlen_k=max_seqlen_k, block_table=block_table, **rot)
+            max_seqlen_k=max_seqlen_k, block_table=block_table,
+            cu_seqlens_q=None if not ragged else cu_seqlens_q.contiguous(), max_seqlen_q=max_seqlen_q, **rot)
         return (out, lse) if return_lse else out
+    if ragged:
+        return _ragged_by_sequence(packed, k_cache, v_cache, seqlens, cu_seqlens_q, block_table, return_lse,
+                                   dict(causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes,
+                                        softcap=softcap, num_splits=num_splits, **rot))
     pages = None
     if paged:  # the fallbacks run on each sequence's logical cache, gathered before the append
         from fastattn.ops.decode.reference import gather_pages
@@ -482,6 +509,34 @@ def attention_with_kvcache(
     return (out, lse) if return_lse else out
 
 
+def _ragged_by_sequence(packed, k_cache, v_cache, seqlens, cu_seqlens_q, block_table, return_lse, kw):
+    """Ragged new tokens without the kernels: one attention_with_kvcache call per sequence
+    (reads ``cu_seqlens_q`` on the host). packed: q (total, Hq, D), k_new / v_new (total,
+    Hkv, D) or None. Returns out (total, Hq, Dv) (and lse (Hq, total))."""
+    q, k_new, v_new = packed
+    alibi = kw.pop("alibi_slopes")
+    outs, lses = [], []
+    bounds = cu_seqlens_q.tolist()
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if e == s:  # a sequence with no tokens this step: nothing to compute or append
+            continue
+        def one(t):  # (total, H, D) -> (1, H, L_b, D)
+            return None if t is None else t[s:e].transpose(0, 1)[None]
+        if block_table is None:
+            kc, vc, bt = k_cache[i:i + 1], v_cache[i:i + 1], None
+        else:
+            kc, vc, bt = k_cache, v_cache, block_table[i:i + 1]
+        out, lse = attention_with_kvcache(
+            one(q), kc, vc, seqlens[i:i + 1], k_new=one(k_new), v_new=one(v_new), block_table=bt,
+            alibi_slopes=alibi if alibi is None or alibi.dim() == 1 else alibi[i:i + 1], return_lse=True, **kw)
+        outs.append(out[0].transpose(0, 1))  # (1, Hq, L_b, Dv) -> (L_b, Hq, Dv)
+        lses.append(lse[0])  # (Hq, L_b)
+    dv = v_cache.shape[-1]
+    out = torch.cat(outs) if outs else q.new_zeros(0, q.shape[1], dv)
+    lse = torch.cat(lses, dim=1) if lses else q.new_zeros(q.shape[1], 0, dtype=torch.float32)
+    return (out, lse) if return_lse else out
+
+
 def _values_readable(q: Tensor) -> bool:
     """Whether the cache lengths / block table may be read on the host: not while tracing,
     not on CUDA (it would stall every step and break CUDA-graph capture)."""
@@ -493,25 +548,28 @@ def _shape_only(*shape) -> Tensor:
     return torch.empty((), device="meta").expand(*shape)
 
 
-def _check_cache_lengths(op, q, k_cache, lmax, seqlens, lnew, rotary_cos) -> int:
+def _check_cache_lengths(op, q, k_cache, lmax, seqlens, lnew, lq, rotary_cos) -> int:
     """ValueError unless every write fits the cache (and the rotary table); returns the
-    longest sequence after the append. Reads cache_seqlens on the host (one sync)."""
-    lo, hi = (int(x) for x in torch.stack([seqlens.min(), seqlens.max()]).tolist())
+    longest sequence after the append. ``lnew`` / ``lq``: ints, or (B,) tensors for ragged
+    new tokens. Reads cache_seqlens on the host (one sync)."""
+    s = seqlens.long()
+    ends = s + lnew  # (B,) keys per sequence after the append
+    starts = ends - lq  # (B,) position of each sequence's first query
+    lo, hi, end, first = (int(x) for x in torch.stack([s.min(), s.max(), ends.max(), starts.min()]).tolist())
     if lo < 0 or hi > lmax:
         raise ValueError(f"{op}: cache_seqlens must lie in [0, {lmax}] (Lmax of k_cache "
                          f"{shape_str(k_cache)}), got values in [{lo}, {hi}]")
-    if hi + lnew > lmax:
-        raise ValueError(f"{op}: appending {lnew} new tokens to a sequence holding {hi} would "
-                         f"overflow the cache: cache_seqlens + Lnew = {hi + lnew} > Lmax = {lmax} "
-                         f"(k_cache {shape_str(k_cache)})")
+    if end > lmax:
+        raise ValueError(f"{op}: appending new tokens would overflow the cache: cache_seqlens + Lnew "
+                         f"reaches {end} > Lmax = {lmax} (k_cache {shape_str(k_cache)})")
     if rotary_cos is not None:
-        if lo + lnew - q.shape[2] < 0:
-            raise ValueError(f"{op}: with rotary, Lq ({q.shape[2]}) may not exceed cache_seqlens + "
-                             f"Lnew (smallest {lo + lnew}): query positions would be negative")
-        if hi + lnew > rotary_cos.shape[0]:
+        if first < 0:
+            raise ValueError(f"{op}: with rotary, Lq may not exceed cache_seqlens + Lnew (a query "
+                             f"would sit at position {first}): query positions would be negative")
+        if end > rotary_cos.shape[0]:
             raise ValueError(f"{op}: rotary_cos {shape_str(rotary_cos)} covers {rotary_cos.shape[0]} "
-                             f"positions; the longest sequence reaches position {hi + lnew - 1}")
-    return hi + lnew
+                             f"positions; the longest sequence reaches position {end - 1}")
+    return end
 
 
 # ---------------------------------------------------------------------------------------

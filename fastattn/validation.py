@@ -200,10 +200,11 @@ def check_pages(op: str, q: Tensor, k_pages: Tensor, v_pages: Tensor, block_tabl
 
 
 def check_paged_values(op: str, block_table: Tensor, num_pages: int, page_size: int, seqlens: Tensor,
-                       lnew: int) -> None:
-    """ValueError unless every page a sequence uses (its ``seqlens[b] + lnew`` slots) is in
-    [0, num_pages), and no two new tokens are written to the same page row. Reads the table
-    on the host: the caller calls it only where that costs no device sync."""
+                       lnew) -> None:
+    """ValueError unless every page a sequence uses (its ``seqlens[b] + lnew`` slots; ``lnew``
+    an int or a (B,) tensor) is in [0, num_pages), and no two new tokens are written to the same
+    page row. Reads the table on the host: the caller calls it only where that costs no sync."""
+    lnew = torch.as_tensor(lnew, device=seqlens.device).long().expand(seqlens.shape)  # (B,)
     used = (seqlens.long() + lnew + page_size - 1) // page_size  # (B,) pages in use per sequence
     in_use = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < used[:, None]  # (B, P)
     bad = in_use & ((block_table < 0) | (block_table >= num_pages))
@@ -211,12 +212,60 @@ def check_paged_values(op: str, block_table: Tensor, num_pages: int, page_size: 
         b, j = (int(x) for x in bad.nonzero()[0])
         raise ValueError(f"{op}: block_table[{b}, {j}] = {int(block_table[b, j])} is not a page index in "
                          f"[0, {num_pages}) (sequence {b} uses {int(used[b])} pages)")
-    if lnew:
-        slots = seqlens.long()[:, None] + torch.arange(lnew, device=seqlens.device)  # (B, Lnew)
-        rows = block_table.long().gather(1, slots // page_size) * page_size + slots % page_size  # (B, Lnew)
+    most = int(lnew.max()) if lnew.numel() else 0
+    if most:
+        t = torch.arange(most, device=seqlens.device)
+        slots = seqlens.long()[:, None] + t  # (B, most)
+        writes = t[None, :] < lnew[:, None]  # (B, most): the slots really written
+        slots = slots.where(writes, 0)
+        rows = block_table.long().gather(1, slots // page_size) * page_size + slots % page_size  # (B, most)
+        rows = rows[writes]
         if rows.unique().numel() != rows.numel():
             raise ValueError(f"{op}: block_table {shape_str(block_table)} maps new tokens of two sequences to the "
                              "same page row; a page that is written must belong to one sequence")
+
+
+def check_ragged_q(op: str, q: Tensor, k_new: Optional[Tensor], v_new: Optional[Tensor], cu_seqlens_q,
+                   max_seqlen_q, values: bool) -> tuple:
+    """Ragged new tokens for attention_with_kvcache: q (total, Hq, D), k_new / v_new (total, Hkv,
+    D / Dv) or None, packed by the int32 (B+1,) offsets ``cu_seqlens_q`` (sequence b's tokens
+    are rows cu[b] .. cu[b+1] - 1 of all three). ``values``: also read the offsets on the host
+    (0 first, non-decreasing, total last, none longer than max_seqlen_q). Returns (B, Hq, total,
+    D)-shaped views (q4, k_new4, v_new4) (stride 0 over the batch) for the 4-D checks."""
+    if not isinstance(cu_seqlens_q, Tensor) or cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.dim() != 1 \
+            or cu_seqlens_q.numel() < 1:
+        got = f"{cu_seqlens_q.dtype} {shape_str(cu_seqlens_q)}" if isinstance(cu_seqlens_q, Tensor) else \
+            type(cu_seqlens_q).__name__
+        raise ValueError(f"{op}: cu_seqlens_q must be an int32 Tensor of shape (batch + 1,), got {got}")
+    if max_seqlen_q is not None and not (isinstance(max_seqlen_q, int) and not isinstance(max_seqlen_q, bool)
+                                         and max_seqlen_q >= 0):
+        raise ValueError(f"{op}: max_seqlen_q must be an int >= 0 or None, got {max_seqlen_q!r}")
+    views = []
+    for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new)):
+        if t is None:
+            views.append(None)
+            continue
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            got = shape_str(t) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{op}: with cu_seqlens_q, {name} must be packed, a 3-D Tensor (total, heads, "
+                             f"head_dim), got {got}")
+        if t.shape[0] != q.shape[0]:
+            raise ValueError(f"{op}: {name} {shape_str(t)} and q {shape_str(q)} must hold the same packed tokens "
+                             "(cu_seqlens_q describes both)")
+        # (total, H, D) -> (B, H, total, D), stride 0 over the batch: shapes for the 4-D checks.
+        views.append(t.transpose(0, 1)[None].expand(cu_seqlens_q.numel() - 1, -1, -1, -1))
+    if cu_seqlens_q.device != q.device:
+        raise ValueError(f"{op}: cu_seqlens_q is on {cu_seqlens_q.device} but q is on {q.device}")
+    if values:
+        lengths = cu_seqlens_q.diff()
+        if int(cu_seqlens_q[0]) != 0 or int(cu_seqlens_q[-1]) != q.shape[0] or bool((lengths < 0).any()):
+            got = cu_seqlens_q.tolist() if cu_seqlens_q.numel() <= 16 else shape_str(cu_seqlens_q)
+            raise ValueError(f"{op}: cu_seqlens_q must start at 0, never decrease, and end at the packed total "
+                             f"{q.shape[0]} (q {shape_str(q)}); got {got}")
+        if max_seqlen_q is not None and lengths.numel() and int(lengths.max()) > max_seqlen_q:
+            raise ValueError(f"{op}: max_seqlen_q={max_seqlen_q} is below the longest sequence, "
+                             f"{int(lengths.max())}")
+    return tuple(views)
 
 
 def check_rotary(op: str, q: Tensor, rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor]) -> None:

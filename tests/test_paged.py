@@ -267,3 +267,143 @@ def test_unused_table_entries_are_never_read(device):
     with fastattn.use_backend("triton"):
         out = fastattn.attention_with_kvcache(q, kp, vp, sl, k_new=kn, v_new=vn, block_table=table)
     assert torch.isfinite(out).all()
+
+
+# --- ragged new tokens (cu_seqlens_q) ----------------------------------------------------
+
+def ragged_oracle(q, kc, vc, seqlens, cu, k_new, v_new, kw):
+    """Per-sequence decode_reference of packed inputs (total, H, D) -> (out (total, Hq, Dv),
+    lse (Hq, total)); kw's per-batch ALiBi slopes are sliced per sequence."""
+    outs, lses = [], []
+    bounds = cu.tolist()
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        def one(t):  # (total, H, D) -> (1, H, L_b, D)
+            return None if t is None else t[s:e].transpose(0, 1)[None]
+        kwi = dict(kw)
+        if kwi.get("alibi_slopes") is not None and kwi["alibi_slopes"].dim() == 2:
+            kwi["alibi_slopes"] = kwi["alibi_slopes"][i:i + 1]
+        out, lse = decode_reference(one(q), kc[i:i + 1], vc[i:i + 1], seqlens[i:i + 1], one(k_new), one(v_new),
+                                    return_lse=True, **kwi)
+        outs.append(out[0].transpose(0, 1))  # (L_b, Hq, Dv)
+        lses.append(lse[0])  # (Hq, L_b)
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+RAGGED_FEATURES = ["plain", "window-left", "alibi-per-batch", "softcap", "rotary-neox", "noncausal"]
+
+
+# Every feature on pages with appends; the contiguous layout and "no k_new" on a few.
+RAGGED_CASES = [(f, "paged", "append") for f in RAGGED_FEATURES] + [
+    ("plain", "contiguous", "append"), ("rotary-neox", "contiguous", "append"),
+    ("alibi-per-batch", "contiguous", "append"), ("plain", "paged", "cached"), ("window-left", "contiguous", "cached")]
+
+
+@pytest.mark.parametrize("feature,layout,new_keys", RAGGED_CASES, ids=["-".join(c) for c in RAGGED_CASES])
+def test_ragged_kernel_equals_per_sequence(feature, layout, new_keys, device):
+    """One batch mixing decoding (1 token), chunked prefill (a 19-token chunk after 40 cached,
+    a first chunk of 9 into an empty cache) and a sequence with no token this step: the
+    kernels vs per-sequence float64 calls (error rule), the caches bit for bit as a
+    per-sequence kernel call leaves them. ``cached``: no k_new, the keys are already there."""
+    hq, hkv, d, page = 4, 2, 32, 16
+    lengths, counts = [30, 40, 0, 12], [1, 19, 9, 0]
+    dtype = torch.float16
+    b = len(lengths)
+    cu = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    total = sum(counts)
+    append = new_keys == "append"
+    if not append:  # the tokens' keys are in the cache already: they count in the lengths
+        lengths = [n + c for n, c in zip(lengths, counts)]
+    kw = {} if feature == "plain" else _feature(feature, b, hq, device)
+    kp, vp, table = make_paged(hkv, d, lengths, max(counts) if append else 0, page, dtype, device)
+    kc, vc = contiguous_of(kp, table, lengths), contiguous_of(vp, table, lengths)
+    q = torch.randn(total, hq, d, device=device).to(dtype)
+    k_new = v_new = None
+    if append:
+        k_new = torch.randn(total, hkv, d, device=device).to(dtype)
+        v_new = torch.randn(total, hkv, d, device=device).to(dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    as64 = (lambda t: None if t is None else t.double())
+    oracle, oracle_lse = ragged_oracle(q.double(), kc.double(), vc.double(), seqlens, cu, as64(k_new), as64(v_new), kw)
+    base, base_lse = ragged_oracle(q, kc, vc, seqlens, cu, k_new, v_new, kw)
+    paged = layout == "paged"
+    kk, vv = (kp, vp) if paged else (kc.clone(), vc.clone())
+    with fastattn.use_backend("triton"):
+        out, lse = fastattn.attention_with_kvcache(
+            q, kk, vv, seqlens, k_new=k_new, v_new=v_new, cu_seqlens_q=cu, max_seqlen_q=19 if paged else None,
+            block_table=table if paged else None, num_splits=2, return_lse=True, **kw)
+        # The caches as per-sequence kernel calls leave them.
+        want_k, want_v = kc.clone(), vc.clone()
+        for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+            if append and e > s:
+                kwi = {n: a for n, a in kw.items() if n.startswith("rotary")}
+                fastattn.attention_with_kvcache(q[s:e].transpose(0, 1)[None], want_k[i:i + 1], want_v[i:i + 1],
+                                                seqlens[i:i + 1], k_new=k_new[s:e].transpose(0, 1)[None],
+                                                v_new=v_new[s:e].transpose(0, 1)[None], **kwi)
+    assert out.shape == (total, hq, d) and lse.shape == (hq, total)
+    assert_close_rule("out", out, oracle, base)
+    assert_close_rule("lse", lse, oracle_lse, base_lse)
+    got_k, got_v = (contiguous_of(kp, table, [n + c for n, c in zip(lengths, counts)] if append else lengths),
+                    contiguous_of(vp, table, [n + c for n, c in zip(lengths, counts)] if append else lengths)) \
+        if paged else (kk, vv)
+    ends = [n + c for n, c in zip(lengths, counts)] if append else lengths
+    for i, n in enumerate(ends):
+        assert torch.equal(bits(got_k[i, :, :n]), bits(want_k[i, :, :n])), f"k cache of sequence {i}"
+        assert torch.equal(bits(got_v[i, :, :n]), bits(want_v[i, :, :n])), f"v cache of sequence {i}"
+    if not paged:  # beyond each sequence's keys nothing was written (NaN stays NaN)
+        for i, n in enumerate(ends):
+            assert torch.isnan(kk[i, :, n:]).all() and torch.isnan(vv[i, :, n:]).all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_ragged_fallback_equals_kernel(layout, device):
+    """use_backend("torch") runs one call per sequence: same output, same cache writes."""
+    hq, hkv, d = 4, 2, 16
+    lengths, counts = [3, 0, 20], [2, 5, 1]
+    cu = torch.tensor([0, 2, 7, 8], dtype=torch.int32, device=device)
+    kp, vp, table = make_paged(hkv, d, lengths, 5, 16, torch.float32, device)
+    if layout == "contiguous":
+        kp, vp, table = contiguous_of(kp, table, lengths), contiguous_of(vp, table, lengths), None
+    q, kn, vn = (torch.randn(8, h, d, device=device) for h in (hq, hkv, hkv))
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    results = []
+    for backend in ("torch", "triton"):
+        k2, v2 = kp.clone(), vp.clone()
+        with fastattn.use_backend(backend):
+            out, lse = fastattn.attention_with_kvcache(q, k2, v2, seqlens, k_new=kn, v_new=vn, cu_seqlens_q=cu,
+                                                       block_table=table, return_lse=True)
+        results.append((out, lse, k2, v2))
+    (o1, l1, k1, v1), (o2, l2, k2, v2) = results
+    assert max_err(o1, o2) < 1e-5 and max_err(l1, l2) < 1e-5
+    assert torch.equal(bits(k1), bits(k2)) and torch.equal(bits(v1), bits(v2))
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("cu-int64", "int32"), ("cu-not-zero", "start at 0"), ("cu-decreasing", "never decrease"),
+    ("cu-total", "packed total"), ("q-4d", "3-D"), ("knew-total", "same packed tokens"),
+    ("max-below", "max_seqlen_q"), ("cu-batch", "batch sizes differ"),
+])
+def test_ragged_bad_input_raises_value_error(bad, match):
+    hq, hkv, d = 4, 2, 16
+    q, kn, vn = (torch.randn(6, h, d) for h in (hq, hkv, hkv))
+    kc, vc = torch.zeros(2, hkv, 32, d), torch.zeros(2, hkv, 32, d)
+    cu, sl, kw = torch.tensor([0, 2, 6], dtype=torch.int32), torch.tensor([1, 4], dtype=torch.int32), {}
+    if bad == "cu-int64":
+        cu = cu.long()
+    elif bad == "cu-not-zero":
+        cu = torch.tensor([1, 2, 6], dtype=torch.int32)
+    elif bad == "cu-decreasing":
+        cu = torch.tensor([0, 4, 3, 6], dtype=torch.int32)
+        sl = torch.tensor([1, 4, 0], dtype=torch.int32)
+        kc, vc = torch.zeros(3, hkv, 32, d), torch.zeros(3, hkv, 32, d)
+    elif bad == "cu-total":
+        cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    elif bad == "q-4d":
+        q = q[None]
+    elif bad == "knew-total":
+        kn = kn[:5]
+    elif bad == "max-below":
+        kw = dict(max_seqlen_q=3)
+    elif bad == "cu-batch":
+        cu = torch.tensor([0, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        fastattn.attention_with_kvcache(q, kc, vc, sl, k_new=kn, v_new=vn, cu_seqlens_q=cu, **kw)

@@ -64,7 +64,7 @@ def _page_of(BT, b, stride_btb, slot, n_pages, ok, PAGE_SIZE: tl.constexpr):
 
 @triton.jit
 def kv_append_kernel(
-    K_NEW, V_NEW, K, V, SEQLENS, COS, SIN, BT,
+    K_NEW, V_NEW, K, V, SEQLENS, COS, SIN, BT, CU_Q,
     stride_knb, stride_knh, stride_knn, stride_knd,
     stride_vnb, stride_vnh, stride_vnn, stride_vnd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -73,14 +73,16 @@ def kv_append_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_ROTARY: tl.constexpr, ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, BF16_RTNE: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, VARLEN: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     """Copy new token t of (b, kv head) into cache slot SEQLENS[b] + t, for K and V; with
     HAS_ROTARY the key is first rotated by the angles of position SEQLENS[b] + t.
 
     PAGED: K/V are pages (num_pages, page_size, Hkv, D) (stride_kb is the page stride) and
     slot j of sequence b is row j % PAGE_SIZE of page BT[b, j // PAGE_SIZE]; seqlen_max is
-    the table's P * PAGE_SIZE."""
+    the table's P * PAGE_SIZE. VARLEN: k_new / v_new are packed (total, Hkv, D), sequence b's
+    tokens are rows CU_Q[b] .. CU_Q[b+1] - 1 (stride_knb = stride_vnb = 0), seqlen_new an
+    upper bound on any sequence's count."""
     bhk = tl.program_id(0)
     b = (bhk // n_kv_heads).to(tl.int64)
     hk = (bhk % n_kv_heads).to(tl.int64)
@@ -90,13 +92,18 @@ def kv_append_kernel(
     pos = tl.load(SEQLENS + b).to(tl.int64) + offs_t  # each sequence writes at its own offset
     # The launcher has checked pos < seqlen_max; the mask keeps a bad call inside the buffer.
     ok = (offs_t < seqlen_new) & (pos < seqlen_max)
+    src = offs_t.to(tl.int64)  # row of the token in k_new / v_new
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        ok = ok & (offs_t < tl.load(CU_Q + b + 1) - q_start)
+        src = q_start.to(tl.int64) + offs_t
     k_new = K_NEW + b * stride_knb + hk * stride_knh
-    k = load_tile(k_new, offs_t, offs_d, stride_knn, stride_knd, ok, d_ok)
+    k = load_tile(k_new, src, offs_d, stride_knn, stride_knd, ok, d_ok)
     if HAS_ROTARY:
-        k_rows = k_new + offs_t[:, None].to(tl.int64) * stride_knn
+        k_rows = k_new + src[:, None] * stride_knn
         k_rot = _rotary(k, k_rows, stride_knd, ok, pos, COS, SIN, stride_cs, offs_d, ROT_DIM, ROT_INTERLEAVED)
         k = cast(k_rot, k.dtype, BF16_RTNE)
-    v = load_tile(V_NEW + b * stride_vnb + hk * stride_vnh, offs_t, offs_dv, stride_vnn, stride_vnd, ok, dv_ok)
+    v = load_tile(V_NEW + b * stride_vnb + hk * stride_vnh, src, offs_dv, stride_vnn, stride_vnd, ok, dv_ok)
     if PAGED:
         page = _page_of(BT, b, stride_btb, pos, n_pages, ok, PAGE_SIZE)  # (BLOCK_L,) page of each token
         row = pos % PAGE_SIZE
@@ -111,11 +118,12 @@ def kv_append_kernel(
 
 @triton.jit
 def decode_split_kernel(
-    Q, K, V, SEQLENS, ALIBI, COS, SIN, BT, O, LSE,
+    Q, K, V, SEQLENS, ALIBI, COS, SIN, BT, CU_Q, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
     stride_ab, stride_ah,
     n_heads, group, seqlen_q, seqlen_new, seqlen_max, num_splits,
     scale, softcap, window_left, window_right, stride_cs, stride_btb, n_pages,
@@ -124,15 +132,21 @@ def decode_split_kernel(
     HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_ROTARY: tl.constexpr, ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, VARLEN: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BF16_RTNE: tl.constexpr,
 ):
     """One chunk of one (batch, kv head)'s keys for BLOCK_M of its group * seqlen_q query rows.
 
     SINGLE_SPLIT: the chunk is the whole key range, so the result is final: O/LSE are the
-    output (B, Hq, Lq, Dv) with strides, and (B, Hq, Lq) fp32. Otherwise O/LSE are the
-    contiguous fp32 partials (B, Hq, Lq, num_splits, Dv) and (B, Hq, Lq, num_splits).
+    output (B, Hq, Lq, Dv) and the fp32 lse (B, Hq, Lq), both with strides. Otherwise O/LSE are
+    the contiguous fp32 partials (B, Hq, Lq, num_splits, Dv) and (B, Hq, Lq, num_splits).
+
+    VARLEN: sequence b brings its own ``CU_Q[b+1] - CU_Q[b]`` new tokens, packed: q and the
+    output are (total_q, Hq, D) (stride_qb = stride_ob = stride_lb = 0, token t of sequence b
+    is row CU_Q[b] + t) and seqlen_q is only an upper bound (the rows per head in the grid
+    and the partials); seqlen_new is 1 when each sequence also appended its tokens' keys
+    (so it has SEQLENS[b] + its own Lq keys), else 0.
 
     PAGED: K/V are pages (num_pages, page_size, Hkv, D), stride_kb / stride_vb the page
     stride, and BT the (B, P) block table (row stride stride_btb). BLOCK_N divides PAGE_SIZE
@@ -153,10 +167,18 @@ def decode_split_kernel(
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
+    lq = seqlen_q  # this sequence's new tokens
+    tok = pos_q.to(tl.int64)  # the row's token in q / the output
     seqlen_k = tl.load(SEQLENS + b).to(tl.int32) + seqlen_new
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        lq = tl.load(CU_Q + b + 1) - q_start
+        row_ok = row_ok & (pos_q < lq)
+        tok = q_start.to(tl.int64) + pos_q
+        seqlen_k = tl.load(SEQLENS + b).to(tl.int32) + lq * seqlen_new
     # min(seqlen_k, seqlen_max) as arithmetic (interpreter): never read past the buffer.
     seqlen_k = seqlen_k - (seqlen_k - seqlen_max) * (seqlen_k > seqlen_max)
-    diag = seqlen_k - seqlen_q  # bottom-right: new token i sits at key position i + diag
+    diag = seqlen_k - lq  # bottom-right: new token i sits at key position i + diag
 
     # Keys any new token of this sequence may see (the band of the first and last token);
     # the splits divide this range, so a sliding window never streams the whole cache.
@@ -179,7 +201,7 @@ def decode_split_kernel(
     end = start + chunk
     end = hi + (end - hi) * (end < hi)  # min(end, hi); empty (end <= start) for trailing splits
 
-    q_rows = Q + b * stride_qb + h[:, None] * stride_qh + pos_q[:, None].to(tl.int64) * stride_qm
+    q_rows = Q + b * stride_qb + h[:, None] * stride_qh + tok[:, None] * stride_qm
     q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if HAS_ROTARY:
         # Query row i is at key position i + diag (bottom-right); rounded back to q's dtype
@@ -206,7 +228,7 @@ def decode_split_kernel(
         k = load_tile(k_base, rows_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
         qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
         # logits masks keys >= its seqlen_k argument: pass `end`, the split's own limit.
-        s = logits(qk, pos_q, offs_n, seqlen_q, end, diag, softcap, window_left, window_right,
+        s = logits(qk, pos_q, offs_n, lq, end, diag, softcap, window_left, window_right,
                    Q, 0, 0, slope,
                    False, False, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT)
         p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)
@@ -216,10 +238,10 @@ def decode_split_kernel(
     out, lse = softmax_finish(acc, m_i, l_i)  # no visible key in this chunk: 0, -inf (weight 0 in the merge)
     row = (b * n_heads + h) * seqlen_q + pos_q  # (b, h, i) flattened
     if SINGLE_SPLIT:
-        o_ptrs = (O + b * stride_ob + h[:, None] * stride_oh + pos_q[:, None].to(tl.int64) * stride_om
+        o_ptrs = (O + b * stride_ob + h[:, None] * stride_oh + tok[:, None] * stride_om
                   + offs_dv[None, :].to(tl.int64) * stride_od)
         tl.store(o_ptrs, cast(out, O.dtype.element_ty, BF16_RTNE), mask=row_ok[:, None] & dv_ok[None, :])
-        tl.store(LSE + row, lse, mask=row_ok)
+        tl.store(LSE + b * stride_lb + h * stride_lh + tok * stride_lm, lse, mask=row_ok)
     else:
         part = row * num_splits + split
         store_tile(O, out, part, offs_dv, HEAD_DIM_V, 1, row_ok, dv_ok)
@@ -228,21 +250,31 @@ def decode_split_kernel(
 
 @triton.jit
 def decode_merge_kernel(
-    O_PART, LSE_PART, O, LSE,
+    O_PART, LSE_PART, O, LSE, CU_Q,
     stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
     n_heads, seqlen_q, num_splits,
     HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BF16_RTNE: tl.constexpr,
+    VARLEN: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
-    """Combine the num_splits partial results of one query row (b, h, i) by their lse."""
+    """Combine the num_splits partial results of one query row (b, h, i) by their lse.
+    VARLEN: as in decode_split_kernel, token i of sequence b is output row CU_Q[b] + i, and
+    rows i past the sequence's own tokens store nothing."""
     row = tl.program_id(0).to(tl.int64)  # (b * n_heads + h) * seqlen_q + i
     i = row % seqlen_q
     h = (row // seqlen_q) % n_heads
     b = row // seqlen_q // n_heads
+    tok = i
+    n_rows = seqlen_q  # tokens of sequence b
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        n_rows = tl.load(CU_Q + b + 1) - q_start
+        tok = q_start + i
     offs_s = tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, CHUNK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = offs_dv < HEAD_DIM_V
+    # (the row test as a vector: the interpreter cannot AND a scalar mask into a vector one)
+    dv_ok = (offs_dv < HEAD_DIM_V) & ((offs_dv * 0 + i) < n_rows)
 
     lse_s = tl.load(LSE_PART + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
     m = tl.max(lse_s, 0)
@@ -260,6 +292,6 @@ def decode_merge_kernel(
         acc += tl.sum(o * w[:, None], 0)
 
     out = acc / tl.where(total == 0.0, 1.0, total)  # every split empty: output 0, lse -inf
-    tl.store(O + b * stride_ob + h * stride_oh + i * stride_om + offs_dv * stride_od,
+    tl.store(O + b * stride_ob + h * stride_oh + tok * stride_om + offs_dv * stride_od,
              cast(out, O.dtype.element_ty, BF16_RTNE), mask=dv_ok)
-    tl.store(LSE + row, row_lse(m_safe, total))
+    tl.store(LSE + b * stride_lb + h * stride_lh + tok * stride_lm, row_lse(m_safe, total), mask=i < n_rows)
