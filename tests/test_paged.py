@@ -407,3 +407,78 @@ def test_ragged_bad_input_raises_value_error(bad, match):
         cu = torch.tensor([0, 6], dtype=torch.int32)
     with pytest.raises(ValueError, match=match):
         fastattn.attention_with_kvcache(q, kc, vc, sl, k_new=kn, v_new=vn, cu_seqlens_q=cu, **kw)
+
+
+# --- no host sync per step ---------------------------------------------------------------
+
+def _step_inputs(device, ragged=False):
+    hq, hkv, d, lengths = 4, 2, 32, [9, 40, 0]
+    kp, vp, table = make_paged(hkv, d, lengths, 3, 16, torch.float16, device)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    if ragged:
+        cu = torch.tensor([0, 1, 4, 6], dtype=torch.int32, device=device)
+        q, kn, vn = (torch.randn(6, h, d, device=device).half() for h in (hq, hkv, hkv))
+        return q, kp, vp, seqlens, kn, vn, table, dict(cu_seqlens_q=cu, max_seqlen_q=3)
+    q, kn, vn = (torch.randn(3, h, 1, d, device=device).half() for h in (hq, hkv, hkv))
+    return q, kp, vp, seqlens, kn, vn, table, {}
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["decode", "ragged"])
+def test_kernel_step_reads_no_value_on_the_host(ragged, device, monkeypatch):
+    """Where the values are not read for validation (CUDA), a paged decode step through the
+    kernels never asks the device for a value: .item(), .tolist() and bool() of a tensor
+    raise here, and the step still runs (split count from shapes)."""
+    import fastattn.functional as F
+
+    q, kp, vp, seqlens, kn, vn, table, kw = _step_inputs(device, ragged)
+    monkeypatch.setattr(F, "_values_readable", lambda q: False)
+
+    def sync(*args, **kwargs):
+        raise AssertionError("a decode step read a tensor value on the host")
+
+    with fastattn.use_backend("triton"):
+        want = fastattn.attention_with_kvcache(q, kp.clone(), vp.clone(), seqlens, k_new=kn, v_new=vn,
+                                               block_table=table, **kw)
+        for name in ("item", "tolist", "__bool__"):
+            monkeypatch.setattr(torch.Tensor, name, sync)
+        got = fastattn.attention_with_kvcache(q, kp, vp, seqlens, k_new=kn, v_new=vn, block_table=table, **kw)
+    monkeypatch.undo()
+    assert torch.equal(bits(got), bits(want))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("ragged", [False, True], ids=["decode", "ragged"])
+def test_cuda_graph_capture_and_replay(ragged, device):
+    """A paged decode step (append + attention) captured in a CUDA graph and replayed with new
+    inputs and lengths written into the same buffers equals the eager step."""
+    q, kp, vp, seqlens, kn, vn, table, kw = _step_inputs(device, ragged)
+    torch.cuda.set_sync_debug_mode("error")  # any device sync in the step raises
+    try:
+        with fastattn.use_backend("triton"):
+            step = lambda: fastattn.attention_with_kvcache(q, kp, vp, seqlens, k_new=kn, v_new=vn,  # noqa: E731
+                                                           block_table=table, **kw)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):  # warm up (compiles the kernels) outside the capture
+                step()
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step()
+            for _ in range(2):  # replay: new tokens, lengths advanced in place
+                kp_ref, vp_ref = kp.clone(), vp.clone()
+                q.copy_(torch.randn_like(q))
+                kn.copy_(torch.randn_like(kn))
+                vn.copy_(torch.randn_like(vn))
+                graph.replay()
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode(0)
+                want = fastattn.attention_with_kvcache(q, kp_ref, vp_ref, seqlens, k_new=kn, v_new=vn,
+                                                       block_table=table, **kw)
+                torch.cuda.set_sync_debug_mode("error")
+                assert torch.equal(out, want)
+                assert torch.equal(bits(kp), bits(kp_ref)) and torch.equal(bits(vp), bits(vp_ref))
+                seqlens.add_(0 if ragged else 1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
