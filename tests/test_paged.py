@@ -14,7 +14,10 @@ import fastattn  # noqa: E402
 from fastattn.ops.decode.reference import (  # noqa: E402
     append_paged_reference, decode_reference, gather_pages)
 from helpers import assert_close_rule, max_err  # noqa: E402
-from test_decode import _features, bits, rope_tables  # noqa: E402
+from fastattn.nn import PagedKVCache  # noqa: E402
+from fastattn.ops.decode.reference import apply_rotary  # noqa: E402
+from fastattn.ops.flash.reference import attention_reference  # noqa: E402
+from test_decode import TinyStack, _features, bits, rope_tables  # noqa: E402
 
 
 def make_paged(hkv, d, lengths, lnew, page_size, dtype, device, *, spare_pages=3, extra_table=1):
@@ -482,3 +485,114 @@ def test_cuda_graph_capture_and_replay(ragged, device):
                 seqlens.add_(0 if ragged else 1)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+# --- PagedKVCache ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,rope", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16-rope"])
+def test_paged_cache_decoding_equals_full_sequence(dtype, rope, device):
+    """Prefill then one token at a time through PagedKVCache (kernels, pages of 16, a ragged
+    pair of prompts) gives the logits of the whole sequences run at once."""
+    length, prompts = 37, [6, 11]
+    model = TinyStack(device=device)
+    x = torch.randn(2, length, 64, device=device)
+    cos, sin = rope_tables(48, model.hd, device)
+    rot = dict(rotary_cos=cos, rotary_sin=sin) if rope else {}
+
+    def full_attend(i, q, k, v):
+        if rope:
+            pos = torch.arange(length, device=device).expand(q.shape[0], length)
+            q, k = apply_rotary(q, cos, sin, pos), apply_rotary(k, cos, sin, pos)
+        return attention_reference(q, k, v, causal=True)
+
+    oracle, base = (model.forward(x.to(dt), full_attend) for dt in (torch.float64, dtype))
+    cache = PagedKVCache(len(model.layers), model.hkv, model.hd, num_pages=8, page_size=16, dtype=dtype,
+                         device=device)
+    ids = [cache.add(), cache.add()]
+    got = [[], []]
+    attend = (lambda i, q, k, v: cache.attend(i, q, k, v, **rot))  # noqa: E731
+    with fastattn.use_backend("triton"):
+        for b, n in enumerate(prompts):  # prefill each prompt alone
+            cache.set_batch([ids[b]])
+            got[b].append(model.forward(x[b:b + 1, :n].to(dtype), attend))
+        cache.set_batch(ids)
+        for t in range(length - max(prompts)):  # then both together, one token per step, ragged lengths
+            steps = [x[b:b + 1, n + t:n + t + 1] for b, n in enumerate(prompts)]
+            out = model.forward(torch.cat(steps).to(dtype), attend)
+            for b in range(2):
+                got[b].append(out[b:b + 1])
+    assert cache.used_pages() == sum(cache.pages_for(cache.length(i)) for i in ids) == 5
+    for b, n in enumerate(prompts):
+        end = length - max(prompts) + n
+        assert_close_rule(f"logits of sequence {b}", torch.cat(got[b], dim=1), oracle[b:b + 1, :end], base[b:b + 1, :end])
+
+
+def test_paged_cache_pool_allocates_and_frees():
+    cache = PagedKVCache(2, 1, 16, num_pages=4, page_size=16)
+    a, b = cache.add(), cache.add()
+    cache.set_batch([a, b])
+    k = torch.randn(2, 1, 20, 16)
+    cache.attend(0, torch.randn(2, 1, 20, 16), k, k)
+    cache.attend(1, torch.randn(2, 1, 20, 16), k, k)
+    assert cache.used_pages() == 4 and cache.free_pages() == 0 and cache.peak_pages == 4
+    assert not cache.can_fit(a, 13) and cache.can_fit(a, 12)  # 20 + 12 = 32 fills its second page exactly
+    with pytest.raises(ValueError, match="pages"):
+        cache.attend(0, torch.randn(2, 1, 13, 16), *(torch.randn(2, 1, 13, 16),) * 2)
+    with pytest.raises(ValueError, match="in the current batch"):
+        cache.free(a)
+    cache.set_batch([b])
+    cache.free(a)
+    assert cache.free_pages() == 2 and cache.add() not in (a, b)  # ids are never reused
+    with pytest.raises(ValueError, match="no sequence"):
+        cache.length(a)
+    with pytest.raises(ValueError, match="power of two"):
+        PagedKVCache(1, 1, 16, num_pages=2, page_size=24)
+
+
+def test_paged_cache_fork_shares_a_prompt_and_copies_on_write(device):
+    """Two forks of one 20-token prompt share its full page and copy the partly filled one on
+    their first write; each continues exactly as an unshared sequence would, and the parent's
+    tokens are unchanged."""
+    hkv, d = 2, 16
+    cache = PagedKVCache(1, hkv, d, num_pages=8, page_size=16, device=device)
+    alone = PagedKVCache(1, hkv, d, num_pages=8, page_size=16, device=device)
+    prompt = torch.randn(1, hkv, 20, d, device=device)
+    parent = cache.add()
+    cache.set_batch([parent])
+    with fastattn.use_backend("triton"):
+        cache.attend(0, torch.randn(1, 4, 20, d, device=device), prompt, prompt)
+        parent_pages = cache.pages(parent)
+        snapshot = [cache.keys(0)[p].clone() for p in parent_pages]
+        kids = [cache.fork(parent), cache.fork(parent)]
+        assert cache.used_pages() == 2  # forks copy nothing
+        cache.set_batch(kids)
+        singles = [alone.add(), alone.add()]
+        alone.set_batch(singles)
+        alone.attend(0, torch.randn(2, 4, 20, d, device=device), prompt.expand(2, -1, -1, -1).contiguous(),
+                     prompt.expand(2, -1, -1, -1).contiguous())
+        for _ in range(3):
+            q = torch.randn(2, 4, 1, d, device=device)
+            kn, vn = torch.randn(2, hkv, 1, d, device=device), torch.randn(2, hkv, 1, d, device=device)
+            got, want = cache.attend(0, q, kn, vn), alone.attend(0, q, kn, vn)
+            assert torch.equal(got, want)
+    kid_pages = [cache.pages(k) for k in kids]
+    assert kid_pages[0][0] == kid_pages[1][0] == parent_pages[0]  # the full page is still shared
+    assert len({kid_pages[0][1], kid_pages[1][1], parent_pages[1]}) == 3  # the partly filled one was copied
+    for p, before in zip(parent_pages, snapshot):
+        assert torch.equal(cache.keys(0)[p], before)
+    cache.set_batch([])
+    for k in kids + [parent]:
+        cache.free(k)
+    assert cache.free_pages() == 8
+
+
+def test_gpt_generate_with_a_paged_cache():
+    """GPT.generate(paged=True) gives the tokens of the contiguous cache and of no cache."""
+    from fastattn.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=32, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, max_seq_len=64,
+                      positional="rope"))
+    prompt = torch.randint(0, 32, (3, 5))
+    paged = m.generate(prompt, 20, paged=True)
+    assert torch.equal(paged, m.generate(prompt, 20)) and torch.equal(paged, m.generate(prompt, 20, use_cache=False))
