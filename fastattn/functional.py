@@ -488,6 +488,11 @@ def attention_with_kvcache(
 
         out, lse = decode_masked(q, k_cache, v_cache, seqlens, k_new, v_new, band=band, scale=scale,
                                  alibi_slopes=alibi_slopes, softcap=softcap, **rot)
+    elif route.impl == "torch_sdpa" and q.shape[2] == 1:  # plain decoding: one batched masked call, no loop
+        from fastattn.ops.decode.fallback import decode_masked
+
+        out, lse = decode_masked(q, k_cache, v_cache, seqlens, k_new, v_new, band=band, scale=scale,
+                                 alibi_slopes=alibi_slopes, softcap=softcap, **rot)
     elif route.impl == "torch_sdpa":
         from fastattn.ops.decode.fallback import decode_by_prefix
 

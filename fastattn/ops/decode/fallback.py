@@ -2,7 +2,8 @@
 
 ``decode_by_prefix`` (no gradients, no lse): append, then each sequence's valid prefix
 through torch's fused SDPA where it can express the call (on a CPU many times faster than
-the reference, which builds the scores). ``decode_masked``: no host sync, for torch.compile.
+the reference, which builds the scores). ``decode_masked``: no host sync, for torch.compile,
+and for single-token steps (one batched call instead of a call per sequence).
 Both give the result of ``decode_reference`` followed by ``append_reference``. No Triton here.
 """
 from __future__ import annotations
