@@ -352,6 +352,7 @@ def attention_with_kvcache(
     block_table: Optional[Tensor] = None,
     cu_seqlens_q: Optional[Tensor] = None,
     max_seqlen_q: Optional[int] = None,
+    sinks: Optional[Tensor] = None,
     return_lse: bool = False,
 ):
     """Attention of a few new tokens over a preallocated KV cache (incremental decoding).
@@ -401,6 +402,11 @@ def attention_with_kvcache(
             (its own Lq and Lnew). Equals one call per sequence.
         max_seqlen_q: with cu_seqlens_q, an upper bound on any sequence's token count (sizes
             the kernel grid without reading the offsets); None uses total.
+        sinks: (Hq,) float logits or None: learnable attention sinks (gpt-oss's ``s_aux``).
+            Sink h joins every softmax denominator of query head h as ``exp(sinks[h])`` and
+            contributes no value; the lse includes it (a sequence with no key gives out 0 and
+            lse ``sinks[h]``). Not scaled by ``scale``. Forward in the kernels; a call that
+            needs its gradient runs the (differentiable) reference.
         return_lse: also return the row logsumexp, float32 (B, Hq, Lq), natural log.
 
     Returns:
@@ -433,6 +439,12 @@ def attention_with_kvcache(
         q, k_new, v_new = check_ragged_q(op, q, k_new, v_new, cu_seqlens_q, max_seqlen_q, _values_readable(q))
     seqlens = check_kvcache(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new, num_splits, block_table)
     check_options(op, q, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap)
+    if sinks is not None and not (isinstance(sinks, Tensor) and sinks.dtype.is_floating_point
+                                  and tuple(sinks.shape) == (q.shape[1],) and sinks.device == q.device):
+        got = f"{sinks.dtype} {shape_str(sinks)} on {sinks.device}" if isinstance(sinks, Tensor) else \
+            type(sinks).__name__
+        raise ValueError(f"{op}: sinks must be a floating ({q.shape[1]},) Tensor (one logit per query head) on "
+                         f"{q.device}, got {got}")
     check_rotary(op, q, rotary_cos, rotary_sin)
     if rotary_cos is not None:
         rotary_cos, rotary_sin = rotary_cos.contiguous(), rotary_sin.contiguous()
@@ -457,12 +469,13 @@ def attention_with_kvcache(
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     band = band_from(causal, window)
     rot = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
-    needs_grad = _needs_grad(q, k_cache, v_cache, k_new, v_new, alibi_slopes, rotary_cos, rotary_sin)
+    needs_grad = _needs_grad(q, k_cache, v_cache, k_new, v_new, alibi_slopes, rotary_cos, rotary_sin, sinks)
     # The router reads shapes only: for pages, the logical (B, Hkv, Lmax, D) caches.
     k_shape, v_shape = (_shape_only(b, hkv, lmax, k_cache.shape[-1]), _shape_only(b, hkv, lmax, v_cache.shape[-1])) \
         if paged else (k_cache, v_cache)
+    # torch's SDPA gives no lse, which sinks need, except on the single-token (masked) path.
     route = backend.route(op, "decode", q, k_shape, v_shape, needs_grad=needs_grad,
-                          torch_sdpa=not (needs_grad or return_lse))
+                          torch_sdpa=not (needs_grad or return_lse or (sinks is not None and q.shape[2] > 1)))
     if route.impl == "kernel":
         from fastattn.ops.decode import op as decode_op  # imports triton, so only when used
 
@@ -472,12 +485,13 @@ def attention_with_kvcache(
             q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, alibi=alibi_slopes, scale=scale,
             softcap=softcap, window_left=band[0], window_right=band[1], num_splits=num_splits,
             max_seqlen_k=max_seqlen_k, block_table=block_table,
-            cu_seqlens_q=None if not ragged else cu_seqlens_q.contiguous(), max_seqlen_q=max_seqlen_q, **rot)
+            cu_seqlens_q=None if not ragged else cu_seqlens_q.contiguous(), max_seqlen_q=max_seqlen_q,
+            sinks=None if sinks is None else sinks.float().contiguous(), **rot)
         return (out, lse) if return_lse else out
     if ragged:
         return _ragged_by_sequence(packed, k_cache, v_cache, seqlens, cu_seqlens_q, block_table, return_lse,
                                    dict(causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes,
-                                        softcap=softcap, num_splits=num_splits, **rot))
+                                        softcap=softcap, num_splits=num_splits, sinks=sinks, **rot))
     pages = None
     if paged:  # the fallbacks run on each sequence's logical cache, gathered before the append
         from fastattn.ops.decode.reference import gather_pages
@@ -488,11 +502,13 @@ def attention_with_kvcache(
 
         out, lse = decode_masked(q, k_cache, v_cache, seqlens, k_new, v_new, band=band, scale=scale,
                                  alibi_slopes=alibi_slopes, softcap=softcap, **rot)
+        out, lse = _sinks(out, lse, sinks)
     elif route.impl == "torch_sdpa" and q.shape[2] == 1:  # plain decoding: one batched masked call, no loop
         from fastattn.ops.decode.fallback import decode_masked
 
         out, lse = decode_masked(q, k_cache, v_cache, seqlens, k_new, v_new, band=band, scale=scale,
                                  alibi_slopes=alibi_slopes, softcap=softcap, **rot)
+        out, lse = _sinks(out, lse, sinks)
     elif route.impl == "torch_sdpa":
         from fastattn.ops.decode.fallback import decode_by_prefix
 
@@ -504,7 +520,7 @@ def attention_with_kvcache(
 
         out, lse = decode_reference(q, k_cache, v_cache, seqlens, k_new, v_new, causal=False, window=band,
                                     scale=scale, alibi_slopes=alibi_slopes, softcap=softcap, return_lse=True,
-                                    upcast=True, **rot)  # band already holds causal
+                                    upcast=True, sinks=sinks, **rot)  # band already holds causal
         if k_new is not None and not paged:
             append_reference(k_cache, v_cache, seqlens, k_new, v_new, **rot)
     if paged and k_new is not None:
@@ -540,6 +556,15 @@ def _ragged_by_sequence(packed, k_cache, v_cache, seqlens, cu_seqlens_q, block_t
     out = torch.cat(outs) if outs else q.new_zeros(0, q.shape[1], dv)
     lse = torch.cat(lses, dim=1) if lses else q.new_zeros(q.shape[1], 0, dtype=torch.float32)
     return (out, lse) if return_lse else out
+
+
+def _sinks(out, lse, sinks):
+    """(out, lse) with the attention sinks (Hq,) joined in, if any."""
+    if sinks is None:
+        return out, lse
+    from fastattn.ops.decode.reference import apply_sinks
+
+    return apply_sinks(out, lse, sinks)
 
 
 def _values_readable(q: Tensor) -> bool:

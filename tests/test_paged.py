@@ -598,3 +598,90 @@ def test_gpt_generate_with_a_paged_cache():
         paged = m.generate(prompt, 14, paged=True)  # 19 tokens: two pages each
         assert torch.equal(paged, m.generate(prompt, 14))
         assert torch.equal(paged, m.generate(prompt, 14, use_cache=False))
+
+
+# --- attention sinks ---------------------------------------------------------------------
+
+def test_sink_reference_is_an_extra_key_with_no_value():
+    """decode_reference(sinks=...) equals attention over one more key whose logit is the sink
+    and whose value is 0 (an independent formulation), forward and gradients, float64."""
+    b, hq, hkv, lq, d, lengths = 2, 4, 2, 3, 16, [5, 12]
+    q = torch.randn(b, hq, lq, d, dtype=torch.float64, requires_grad=True)
+    kc, vc = torch.randn(b, hkv, 16, d, dtype=torch.float64), torch.randn(b, hkv, 16, d, dtype=torch.float64)
+    sinks = (2 * torch.randn(hq, dtype=torch.float64)).requires_grad_(True)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    out, lse = decode_reference(q, kc, vc, seqlens, sinks=sinks, return_lse=True)
+    want, want_lse = [], []
+    for i, n in enumerate(lengths):
+        k = torch.cat([kc[i:i + 1, :, :n].repeat_interleave(2, 1), torch.zeros(1, hq, 1, d, dtype=torch.float64)], 2)
+        v = torch.cat([vc[i:i + 1, :, :n].repeat_interleave(2, 1), torch.zeros(1, hq, 1, d, dtype=torch.float64)], 2)
+        keep = torch.ones(lq, n + 1, dtype=torch.bool).tril(n - lq)  # bottom-right causal over the real keys
+        keep[:, n] = True  # the sink is seen by every query
+        bias = torch.zeros(1, hq, lq, n + 1, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+        bias[..., n] = sinks[:, None]  # the sink's logit (its key is 0, so it scores 0 before the bias)
+        o, l = attention_reference(q[i:i + 1], k, v, attn_bias=bias, return_lse=True)
+        want.append(o)
+        want_lse.append(l)
+    want, want_lse = torch.cat(want), torch.cat(want_lse)
+    assert max_err(out, want) < 1e-12 and max_err(lse, want_lse) < 1e-12
+    g = torch.autograd.grad((out.square().sum() + lse.sum()), (q, sinks))
+    g2 = torch.autograd.grad((want.square().sum() + want_lse.sum()), (q, sinks))
+    assert max_err(g[0], g2[0]) < 1e-10 and max_err(g[1], g2[1]) < 1e-10
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged", "ragged-paged"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_sinks_in_the_kernels(layout, splits, device):
+    """The kernels' sinks (the first split starts from the sink) vs the float64 reference, with
+    an empty sequence (out 0, lse = the sink) and large sinks (~2), fp16."""
+    dtype, hq, hkv, d, lengths = torch.float16, 4, 2, 32, [0, 21, 70]
+    sinks = (2 * torch.randn(hq, device=device)).float()
+    b = len(lengths)
+    kp, vp, table = make_paged(hkv, d, lengths, 0, 16, dtype, device)
+    kc, vc = contiguous_of(kp, table, lengths), contiguous_of(vp, table, lengths)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    if layout == "ragged-paged":
+        cu = torch.tensor([0, 1, 4, 6], dtype=torch.int32, device=device)  # 1, 3 and 2 queries
+        q = torch.randn(6, hq, d, device=device).to(dtype)
+        kw = dict(cu_seqlens_q=cu, block_table=table)
+        oracle, oracle_lse = ragged_oracle(q.double(), kc.double(), vc.double(), seqlens, cu, None, None,
+                                           dict(sinks=sinks.double(), causal=False))
+        base, base_lse = ragged_oracle(q, kc, vc, seqlens, cu, None, None, dict(sinks=sinks, causal=False))
+    else:
+        q = torch.randn(b, hq, 1, d, device=device).to(dtype)
+        kw = dict(block_table=table) if layout == "paged" else {}
+        oracle, oracle_lse = decode_reference(q.double(), kc.double(), vc.double(), seqlens, sinks=sinks.double(),
+                                              causal=False, return_lse=True)
+        base, base_lse = decode_reference(q, kc, vc, seqlens, sinks=sinks, causal=False, return_lse=True)
+    caches = (kp, vp) if "paged" in layout else (kc, vc)
+    with fastattn.use_backend("triton"):
+        out, lse = fastattn.attention_with_kvcache(q, *caches, seqlens, sinks=sinks, causal=False,
+                                                   num_splits=splits, return_lse=True, **kw)
+    assert_close_rule("out", out, oracle, base)
+    assert_close_rule("lse", lse, oracle_lse, base_lse)
+    if layout != "ragged-paged":  # sequence 0 holds no key: only its sink
+        assert torch.all(out[0] == 0) and torch.equal(lse[0, :, 0], sinks)
+
+
+@pytest.mark.parametrize("lq", [1, 3])
+def test_sinks_in_the_fallbacks(lq, monkeypatch):
+    """Without kernels: the masked single-token path and the reference give the sinks' result;
+    a call needing the sinks' gradient runs the reference."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    hq, hkv, d, lengths = 4, 2, 16, [0, 9, 30]
+    kc, vc = torch.randn(3, hkv, 40, d), torch.randn(3, hkv, 40, d)
+    q, kn, vn = torch.randn(3, hq, lq, d), torch.randn(3, hkv, lq, d), torch.randn(3, hkv, lq, d)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    sinks = 2 * torch.randn(hq)
+    oracle = decode_reference(q.double(), kc.double(), vc.double(), seqlens, kn.double(), vn.double(),
+                              sinks=sinks.double())
+    base = decode_reference(q, kc, vc, seqlens, kn, vn, sinks=sinks)
+    with torch.no_grad():
+        out = fastattn.attention_with_kvcache(q, kc.clone(), vc.clone(), seqlens, k_new=kn, v_new=vn, sinks=sinks)
+    assert_close_rule("out", out, oracle, base)
+    sinks.requires_grad_(True)
+    out = fastattn.attention_with_kvcache(q, kc.clone(), vc.clone(), seqlens, k_new=kn, v_new=vn, sinks=sinks)
+    (g,) = torch.autograd.grad(out.sum(), sinks)
+    assert torch.isfinite(g).all() and (g != 0).any()
+    with pytest.raises(ValueError, match="sinks"):
+        fastattn.attention_with_kvcache(q, kc, vc, seqlens, sinks=torch.zeros(3))

@@ -118,7 +118,7 @@ def kv_append_kernel(
 
 @triton.jit
 def decode_split_kernel(
-    Q, K, V, SEQLENS, ALIBI, COS, SIN, BT, CU_Q, O, LSE,
+    Q, K, V, SEQLENS, ALIBI, COS, SIN, BT, CU_Q, SINKS, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -132,7 +132,7 @@ def decode_split_kernel(
     HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HAS_ROTARY: tl.constexpr, ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, VARLEN: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, VARLEN: tl.constexpr, HAS_SINKS: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BF16_RTNE: tl.constexpr,
 ):
@@ -147,6 +147,10 @@ def decode_split_kernel(
     is row CU_Q[b] + t) and seqlen_q is only an upper bound (the rows per head in the grid
     and the partials); seqlen_new is 1 when each sequence also appended its tokens' keys
     (so it has SEQLENS[b] + its own Lq keys), else 0.
+
+    HAS_SINKS: SINKS (Hq,) holds a logit per query head that joins the softmax denominator
+    once: split 0 starts its running softmax from it (max = sink, sum = 1, output 0), so
+    the merge counts it once and the lse includes it.
 
     PAGED: K/V are pages (num_pages, page_size, Hkv, D), stride_kb / stride_vb the page
     stride, and BT the (B, P) block table (row stride stride_btb). BLOCK_N divides PAGE_SIZE
@@ -217,6 +221,11 @@ def decode_split_kernel(
         slope = tl.load(ALIBI + b * stride_ab + h * stride_ah, mask=row_ok, other=0.0).to(tl.float32)[:, None]
 
     m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_DV)
+    if HAS_SINKS:
+        first = (offs_r * 0 + split) == 0  # (a vector: the interpreter's where wants one)
+        sink = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32)
+        m_i = tl.where(first, sink, m_i)
+        l_i = tl.where(first, 1.0, l_i)
     for start_n in range(start, end, BLOCK_N):
         offs_n, col_ok = span(start_n, BLOCK_N, end)  # keys of the next split belong to the next split
         rows_n = offs_n  # key rows from k_base / v_base

@@ -117,7 +117,7 @@ def _append(k_cache, v_cache, seqlens, k_new, v_new, cos=None, sin=None, interle
 
 def _forward(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left, window_right,
              seqlen_new, num_splits, cos=None, sin=None, interleaved=False, block_table=None,
-             cu_seqlens_q=None, max_seqlen_q=0):
+             cu_seqlens_q=None, max_seqlen_q=0, sinks=None):
     varlen = cu_seqlens_q is not None
     hq, d = q.shape[1], q.shape[-1]  # q (B, Hq, Lq, D) or packed (total, Hq, D)
     hkv = k_cache.shape[1] if block_table is None else k_cache.shape[2]
@@ -155,10 +155,10 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left, w
     flags = _launch.dtype_flags(q.dtype)
     grid = (b * hkv, triton.cdiv(rows, block_m), num_splits)
     kernels.decode_split_kernel[grid](
-        q, k_cache, v_cache, seqlens, alibi_t, cos_t, sin_t, bt, cu, o_t, lse_t,
+        q, k_cache, v_cache, seqlens, alibi_t, cos_t, sin_t, bt, cu, q if sinks is None else sinks, o_t, lse_t,
         *q_strides, *k_strides, *v_strides, *o_strides, *l_strides, *alibi_strides,
         hq, group, lq, seqlen_new, lmax, num_splits, scale=scale, stride_cs=stride_cs,
-        stride_btb=stride_btb, n_pages=n_pages, VARLEN=varlen, **paged,
+        stride_btb=stride_btb, n_pages=n_pages, VARLEN=varlen, HAS_SINKS=sinks is not None, **paged,
         **_launch.softcap_args(softcap), **_launch.band_args(window_left, window_right), **rot,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=pad(d), BLOCK_DV=pad(dv),
         HAS_ALIBI=alibi is not None, SINGLE_SPLIT=single, num_warps=warps, **flags,
@@ -195,16 +195,16 @@ def decode_fwd(
     scale: float, softcap: Optional[float], window_left: Optional[int], window_right: Optional[int],
     seqlen_new: int, num_splits: int, cos: Optional[Tensor] = None, sin: Optional[Tensor] = None,
     interleaved: bool = False, block_table: Optional[Tensor] = None,
-    cu_seqlens_q: Optional[Tensor] = None, max_seqlen_q: int = 0,
+    cu_seqlens_q: Optional[Tensor] = None, max_seqlen_q: int = 0, sinks: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     return _forward(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left, window_right,
-                    seqlen_new, num_splits, cos, sin, interleaved, block_table, cu_seqlens_q, max_seqlen_q)
+                    seqlen_new, num_splits, cos, sin, interleaved, block_table, cu_seqlens_q, max_seqlen_q, sinks)
 
 
 @decode_fwd.register_fake
 def _(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left, window_right,
       seqlen_new, num_splits, cos=None, sin=None, interleaved=False, block_table=None,
-      cu_seqlens_q=None, max_seqlen_q=0):
+      cu_seqlens_q=None, max_seqlen_q=0, sinks=None):
     if cu_seqlens_q is not None:  # packed (total, Hq, D) -> (total, Hq, Dv), lse (Hq, total)
         total, hq, _ = q.shape
         return q.new_empty(total, hq, v_cache.shape[-1]), q.new_empty(hq, total, dtype=torch.float32)
@@ -215,7 +215,7 @@ def _(q, k_cache, v_cache, seqlens, alibi, scale, softcap, window_left, window_r
 def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=None, scale,
                 softcap=None, window_left=None, window_right=None, num_splits=None,
                 max_seqlen_k=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
-                block_table=None, cu_seqlens_q=None, max_seqlen_q=None):
+                block_table=None, cu_seqlens_q=None, max_seqlen_q=None, sinks=None):
     """Validated inputs -> (out, lse), after writing k_new/v_new into the caches.
 
     seqlens: int32 contiguous (B,). max_seqlen_k: the longest valid length after the append,
@@ -225,7 +225,7 @@ def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=N
     the caches are pages (num_pages, page_size, Hkv, D). cu_seqlens_q: int32 contiguous
     (B+1,) or None; with it q is packed (total, Hq, D), k_new/v_new (total, Hkv, D) with the
     same offsets, out (total, Hq, Dv), lse (Hq, total); max_seqlen_q an upper bound on any
-    sequence's tokens (default total). No host sync: the split count comes from shapes (and
+    sequence's tokens (default total). sinks: contiguous fp32 (Hq,) logits or None. No host sync: the split count comes from shapes (and
     max_seqlen_k when given).
     """
     rot = (rotary_cos, rotary_sin, rotary_interleaved)
@@ -252,4 +252,5 @@ def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=N
             length = min(length, window_left + lq + (window_right or 0))  # a window bounds the keys read
         num_splits = choose_num_splits(programs, length, block_n, _num_sms(str(q.device)))
     return decode_fwd(q, k_cache, v_cache, seqlens, alibi, scale, softcap or None, window_left,
-                      window_right, seqlen_new, num_splits, *rot, block_table, cu_seqlens_q, lq if varlen else 0)
+                      window_right, seqlen_new, num_splits, *rot, block_table, cu_seqlens_q, lq if varlen else 0,
+                      sinks)

@@ -91,6 +91,7 @@ def decode_reference(
     rotary_interleaved: bool = False,
     return_lse: bool = False,
     upcast: bool = False,
+    sinks: Optional[Tensor] = None,
 ):
     """Attention of ``q`` over each sequence's valid cache prefix plus its new tokens.
 
@@ -106,6 +107,9 @@ def decode_reference(
             keys are taken as already rotated. ``rotary_interleaved``: GPT-J pairs.
         return_lse: also return the row logsumexp (B, Hq, Lq), float32 (float64 for float64).
         upcast: as ``attention_reference`` (float32 scores for fp16/bf16; the CPU fallback's).
+        sinks: (Hq,) float logits or None (learnable attention sinks): sink h joins every
+            softmax denominator of query head h as ``exp(sinks[h])`` and contributes no value,
+            so the weights of the keys sum to less than 1; lse includes it (``apply_sinks``).
 
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype, and lse if requested. A sequence with no valid key
@@ -142,7 +146,20 @@ def decode_reference(
         lse = q.new_zeros(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
     else:
         out, lse = torch.cat(outs), torch.cat(lses)
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
+
+
+def apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention without sinks -> with them: out (B, Hq, Lq, Dv), lse (B, Hq, Lq), sinks (Hq,).
+
+    With a sink logit z added to the denominator, out becomes ``out * exp(lse - lse')`` with
+    ``lse' = logaddexp(lse, z)`` (exactly: the numerator is unchanged). A row with no key
+    (lse -inf) keeps out 0 and gets lse' = z. Differentiable in all three."""
+    z = sinks.to(lse.dtype)[:, None]  # (Hq, 1): broadcasts over (B, Hq, Lq)
+    total = torch.logaddexp(lse, z)
+    return out * torch.exp(lse - total)[..., None].to(out.dtype), total
 
 
 # ---------------------------------------------------------------------------------------
