@@ -685,3 +685,19 @@ def test_sinks_in_the_fallbacks(lq, monkeypatch):
     assert torch.isfinite(g).all() and (g != 0).any()
     with pytest.raises(ValueError, match="sinks"):
         fastattn.attention_with_kvcache(q, kc, vc, seqlens, sinks=torch.zeros(3))
+
+
+def test_opcheck_paged_ragged_sinks(device):
+    """The custom ops' schemas and fake implementations hold with pages, packed tokens and sinks."""
+    from fastattn.ops.decode import op as decode_op
+
+    hq, hkv, d = 4, 2, 16
+    kp, vp, table = make_paged(hkv, d, [3, 20], 4, 16, torch.float16, device)
+    kp, vp = kp.nan_to_num(), vp.nan_to_num()
+    sl = torch.tensor([3, 20], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, 1, 4], dtype=torch.int32, device=device)
+    q, kn, vn = (torch.randn(4, h, d, device=device).half() for h in (hq, hkv, hkv))
+    sinks = torch.randn(hq, device=device)
+    torch.library.opcheck(decode_op.kvcache_append, (kp, vp, sl, kn, vn, None, None, False, table, cu, 3))
+    torch.library.opcheck(decode_op.decode_fwd, (q, kp, vp, sl, None, 0.25, None, None, 0, 1, 2, None, None, False,
+                                                 table, cu, 3, sinks))
