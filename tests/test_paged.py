@@ -73,6 +73,7 @@ def run_paged_and_contiguous(q, lengths, lnew, page_size, dtype, num_splits, bac
                                                    num_splits=num_splits, return_lse=True, **kw)
         fastattn.attention_with_kvcache(q, kc, vc, seqlens, k_new=k_new, v_new=v_new, num_splits=num_splits, **kw)
     assert out.shape == oracle.shape and out.dtype == q.dtype
+    assert torch.isfinite(oracle).all() and torch.isfinite(out).all()  # (the rule passes NaN == NaN)
     assert_close_rule("out", out, oracle, base)
     assert_close_rule("lse", lse, oracle_lse, base_lse)
     assert seqlens.tolist() == list(lengths)
@@ -343,6 +344,7 @@ def test_ragged_kernel_equals_per_sequence(feature, layout, new_keys, device):
                                                 seqlens[i:i + 1], k_new=k_new[s:e].transpose(0, 1)[None],
                                                 v_new=v_new[s:e].transpose(0, 1)[None], **kwi)
     assert out.shape == (total, hq, d) and lse.shape == (hq, total)
+    assert torch.isfinite(oracle).all() and torch.isfinite(out).all()  # (the rule passes NaN == NaN)
     assert_close_rule("out", out, oracle, base)
     assert_close_rule("lse", lse, oracle_lse, base_lse)
     got_k, got_v = (contiguous_of(kp, table, [n + c for n, c in zip(lengths, counts)] if append else lengths),
@@ -653,6 +655,7 @@ def test_sinks_in_the_kernels(layout, splits, device):
         oracle, oracle_lse = decode_reference(q.double(), kc.double(), vc.double(), seqlens, sinks=sinks.double(),
                                               causal=False, return_lse=True)
         base, base_lse = decode_reference(q, kc, vc, seqlens, sinks=sinks, causal=False, return_lse=True)
+    assert torch.isfinite(oracle).all()
     caches = (kp, vp) if "paged" in layout else (kc, vc)
     with fastattn.use_backend("triton"):
         out, lse = fastattn.attention_with_kvcache(q, *caches, seqlens, sinks=sinks, causal=False,
@@ -701,3 +704,27 @@ def test_opcheck_paged_ragged_sinks(device):
     torch.library.opcheck(decode_op.kvcache_append, (kp, vp, sl, kn, vn, None, None, False, table, cu, 3))
     torch.library.opcheck(decode_op.decode_fwd, (q, kp, vp, sl, None, 0.25, None, None, 0, 1, 2, None, None, False,
                                                  table, cu, 3, sinks))
+
+
+def test_ragged_rows_over_several_row_blocks(device):
+    """A 37-token chunk next to a decoding sequence: with GQA 2 the chunk's 74 query rows take
+    two row blocks (64 rows each at most), the decoding sequence's second block streams nothing."""
+    hq, hkv, d, lengths = 4, 2, 16, [51, 45]  # the tokens' keys (1 and 37 of them) already cached
+    kc, vc = (make_cache_nan(2, hkv, 64, d, lengths, device) for _ in range(2))
+    cu = torch.tensor([0, 1, 38], dtype=torch.int32, device=device)
+    q = torch.randn(38, hq, d, device=device)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    oracle, _ = ragged_oracle(q.double(), kc.double(), vc.double(), seqlens, cu, None, None, {})
+    base, _ = ragged_oracle(q, kc, vc, seqlens, cu, None, None, {})
+    with fastattn.use_backend("triton"):
+        out = fastattn.attention_with_kvcache(q, kc, vc, seqlens, cu_seqlens_q=cu, max_seqlen_q=37, num_splits=2)
+    assert torch.isfinite(oracle).all() and torch.isfinite(out).all()
+    assert_close_rule("out", out, oracle, base)
+
+
+def make_cache_nan(b, hkv, lmax, d, lengths, device):
+    """(B, Hkv, Lmax, D) fp32: random below each length, NaN beyond."""
+    c = torch.full((b, hkv, lmax, d), float("nan"), device=device)
+    for i, n in enumerate(lengths):
+        c[i, :, :n] = torch.randn(hkv, n, d, device=device)
+    return c

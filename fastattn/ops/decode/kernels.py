@@ -146,7 +146,8 @@ def decode_split_kernel(
     output are (total_q, Hq, D) (stride_qb = stride_ob = stride_lb = 0, token t of sequence b
     is row CU_Q[b] + t) and seqlen_q is only an upper bound (the rows per head in the grid
     and the partials); seqlen_new is 1 when each sequence also appended its tokens' keys
-    (so it has SEQLENS[b] + its own Lq keys), else 0.
+    (so it has SEQLENS[b] + its own Lq keys), else 0. Rows are token-major there (r = i * group
+    + g), and a row block holding none of the sequence's tokens streams no key.
 
     HAS_SINKS: SINKS (Hq,) holds a logit per query head that joins the softmax denominator
     once: split 0 starts its running softmax from it (max = sink, sum = 1, output 0), so
@@ -175,9 +176,13 @@ def decode_split_kernel(
     tok = pos_q.to(tl.int64)  # the row's token in q / the output
     seqlen_k = tl.load(SEQLENS + b).to(tl.int32) + seqlen_new
     if VARLEN:
+        # Rows token-major (r = i * group + g): a sequence's valid rows are the prefix
+        # r < group * lq, so a decoding sequence fills one row block, whatever seqlen_q.
         q_start = tl.load(CU_Q + b)
         lq = tl.load(CU_Q + b + 1) - q_start
-        row_ok = row_ok & (pos_q < lq)
+        pos_q = offs_r // group
+        h = hk * group + (offs_r % group).to(tl.int64)
+        row_ok = offs_r < group * lq
         tok = q_start.to(tl.int64) + pos_q
         seqlen_k = tl.load(SEQLENS + b).to(tl.int32) + lq * seqlen_new
     # min(seqlen_k, seqlen_max) as arithmetic (interpreter): never read past the buffer.
@@ -204,6 +209,8 @@ def decode_split_kernel(
     start = lo + split * chunk
     end = start + chunk
     end = hi + (end - hi) * (end < hi)  # min(end, hi); empty (end <= start) for trailing splits
+    if VARLEN:  # a row block past this sequence's tokens streams no key
+        end = tl.where(start_m < group * lq, end, start)
 
     q_rows = Q + b * stride_qb + h[:, None] * stride_qh + tok[:, None] * stride_qm
     q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
