@@ -496,7 +496,8 @@ def attention_with_kvcache(
     if paged:  # the fallbacks run on each sequence's logical cache, gathered before the append
         from fastattn.ops.decode.reference import gather_pages
 
-        pages, k_cache, v_cache = (k_cache, v_cache), gather_pages(k_cache, block_table), gather_pages(v_cache, block_table)
+        pages = (k_cache, v_cache)
+        k_cache, v_cache = gather_pages(k_cache, block_table), gather_pages(v_cache, block_table)
     if torch.compiler.is_compiling():  # the per-sequence fallbacks read the lengths on the host
         from fastattn.ops.decode.fallback import decode_masked
 

@@ -526,7 +526,8 @@ def test_paged_cache_decoding_equals_full_sequence(dtype, rope, device):
     assert cache.used_pages() == sum(cache.pages_for(cache.length(i)) for i in ids) == 4
     for b, n in enumerate(prompts):
         end = length - max(prompts) + n
-        assert_close_rule(f"logits of sequence {b}", torch.cat(got[b], dim=1), oracle[b:b + 1, :end], base[b:b + 1, :end])
+        assert_close_rule(f"logits of sequence {b}", torch.cat(got[b], dim=1), oracle[b:b + 1, :end],
+                          base[b:b + 1, :end])
 
 
 def test_paged_cache_pool_allocates_and_frees():

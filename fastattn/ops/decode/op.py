@@ -225,8 +225,8 @@ def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=N
     the caches are pages (num_pages, page_size, Hkv, D). cu_seqlens_q: int32 contiguous
     (B+1,) or None; with it q is packed (total, Hq, D), k_new/v_new (total, Hkv, D) with the
     same offsets, out (total, Hq, Dv), lse (Hq, total); max_seqlen_q an upper bound on any
-    sequence's tokens (default total). sinks: contiguous fp32 (Hq,) logits or None. No host sync: the split count comes from shapes (and
-    max_seqlen_k when given).
+    sequence's tokens (default total). sinks: contiguous fp32 (Hq,) logits or None. No host
+    sync: the split count comes from shapes (and max_seqlen_k when given).
     """
     rot = (rotary_cos, rotary_sin, rotary_interleaved)
     varlen = cu_seqlens_q is not None
