@@ -13,8 +13,14 @@ softmax_lse is (batch, nheads, seqlen) or (nheads, total). The differences from 
   ``fastattn.nn.attention_weights`` for inspection.
 - ``deterministic`` is accepted and changes nothing: fastattn's backward is always
   deterministic.
-- The paged-cache arguments (``block_table``, ``cache_batch_idx``, ``cache_leftpad``) raise
-  ValueError: fastattn has no paged cache yet.
+- ``flash_attn_with_kvcache``'s ``cache_batch_idx`` and ``cache_leftpad`` are served by
+  plain torch around ``fastattn.attention_with_kvcache``: the first gathers the selected
+  cache rows and writes them back (a copy of those rows per call; a ``block_table`` is the
+  zero-copy indirection), the second runs one call per sequence (it reads the offsets on the
+  host). ``block_table`` (paged caches, any power-of-two page size >= 16, not only
+  FlashAttention 2's multiples of 256) goes to the kernels as it is. As in FlashAttention 2,
+  ``cache_leftpad`` cannot be combined with ``block_table``, and neither can
+  ``cache_batch_idx`` here.
 - ``flash_attn_with_kvcache`` with rotary and ``seqlen_q > 1`` must be causal or local:
   FlashAttention then rotates query i at ``cache_seqlens + i``, as fastattn does; it rotates
   every query at ``cache_seqlens`` otherwise, which fastattn does not implement (ValueError).
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
 from torch import Tensor
 
 from fastattn.functional import attention_with_kvcache, flash_attention, flash_attention_varlen
@@ -80,9 +87,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     (total_k, Hkv, D), int32 (B+1,) offsets -> out (total_q, Hq, D). Equivalent to
     ``fastattn.flash_attention_varlen``."""
     op = "flash_attn_varlen_func"
-    if block_table is not None:
-        raise ValueError(f"{op}: block_table (a paged KV cache) is not supported yet")
     kw = _options(op, window_size, softcap, return_attn_probs)
+    if block_table is not None:
+        # Paged keys: k/v are pages (num_pages, page_size, Hkv, D), sequence b holds
+        # cu_seqlens_k[b+1] - cu_seqlens_k[b] keys in its pages; its queries are packed in q.
+        if dropout_p:
+            raise ValueError(f"{op}: dropout_p must be 0 with block_table (a paged cache is read forward-only)")
+        if not isinstance(cu_seqlens_k, Tensor) or cu_seqlens_k.dim() != 1:
+            raise ValueError(f"{op}: cu_seqlens_k must be an int32 Tensor of shape (batch + 1,)")
+        return attention_with_kvcache(q, k, v, cu_seqlens_k.diff().to(torch.int32), causal=causal,
+                                      scale=softmax_scale, alibi_slopes=alibi_slopes, block_table=block_table,
+                                      cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, **kw)
     return flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                   scale=softmax_scale, alibi_slopes=alibi_slopes, dropout_p=dropout_p, **kw)
 
@@ -111,17 +126,24 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             block_table: Optional[Tensor] = None, softmax_scale=None, causal=False,
                             window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
                             num_splits=0, return_softmax_lse=False):
-    """FlashAttention's ``flash_attn_with_kvcache``: q (B, Lq, Hq, D), caches (B, Lmax, Hkv, D)
-    updated IN PLACE with k/v (B, Lnew, Hkv, D) at ``cache_seqlens`` (None: the caches are
-    full), then attention over each sequence's valid keys -> out (B, Lq, Hq, D) (and
+    """FlashAttention's ``flash_attn_with_kvcache``: q (B, Lq, Hq, D), caches (B_cache, Lmax,
+    Hkv, D) updated IN PLACE with k/v (B, Lnew, Hkv, D) at ``cache_seqlens`` (None: the caches
+    are full), then attention over each sequence's valid keys -> out (B, Lq, Hq, D) (and
     softmax_lse (B, Hq, Lq) if ``return_softmax_lse``). Note FlashAttention's defaults:
     ``causal=False``, ``rotary_interleaved=True``. Forward only (no backward, as in
-    FlashAttention). Equivalent to ``fastattn.attention_with_kvcache`` on transposed views."""
+    FlashAttention). Equivalent to ``fastattn.attention_with_kvcache`` on transposed views.
+
+    - ``block_table`` int32 (B, P): the caches are pages (num_pages, page_size, Hkv, D).
+    - ``cache_batch_idx`` int32 (B,): sequence b lives in cache row ``cache_batch_idx[b]``
+      (default b). Rows not named are untouched; with duplicates and k/v, which write lands is
+      unspecified (as in FlashAttention).
+    - ``cache_leftpad`` int32 (B,): sequence b's keys start at slot ``cache_leftpad[b]`` (its
+      valid keys are slots leftpad .. cache_seqlens - 1; new ones go at cache_seqlens); rotary
+      positions count from the leftpad.
+    """
     op = "flash_attn_with_kvcache"
-    for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad),
-                    ("block_table", block_table)):
-        if t is not None:
-            raise ValueError(f"{op}: {name} (a paged or indirect KV cache) is not supported yet")
+    if block_table is not None and (cache_batch_idx is not None or cache_leftpad is not None):
+        raise ValueError(f"{op}: block_table cannot be combined with cache_batch_idx or cache_leftpad")
     kw = _options(op, window_size, softcap)
     if rotary_cos is not None and q.shape[1] > 1 and not causal and kw["window"] is None:
         raise ValueError(f"{op}: rotary with seqlen_q > 1 needs causal=True or a window: fastattn rotates query i "
@@ -130,13 +152,69 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_seqlens is None:
         if k is not None:
             raise ValueError(f"{op}: appending k/v needs cache_seqlens (None means the caches are full)")
-        cache_seqlens = k_cache.shape[1]
-    out = attention_with_kvcache(
-        _bhld(q), _bhld(k_cache), _bhld(v_cache), cache_seqlens,
-        k_new=None if k is None else _bhld(k), v_new=None if v is None else _bhld(v), causal=causal,
-        scale=softmax_scale, alibi_slopes=alibi_slopes, num_splits=num_splits or None, rotary_cos=rotary_cos,
-        rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved, return_lse=return_softmax_lse, **kw)
-    if return_softmax_lse:
-        out, lse = out
-        return _bhld(out).contiguous(), lse
-    return _bhld(out).contiguous()  # (B, H, L, D) -> (B, L, H, D)
+        cache_seqlens = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    kw.update(causal=causal, scale=softmax_scale, num_splits=num_splits or None, rotary_cos=rotary_cos,
+              rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
+    paged = block_table is not None
+    caches = (k_cache, v_cache) if paged else (_bhld(k_cache), _bhld(v_cache))  # pages stay as they are
+    new = (None, None) if k is None else (_bhld(k), None if v is None else _bhld(v))
+    if cache_batch_idx is not None:
+        out, lse = _with_batch_idx(op, _bhld(q), *caches, cache_seqlens, *new, cache_batch_idx, alibi_slopes, kw)
+    elif cache_leftpad is not None:
+        out, lse = _with_leftpad(op, _bhld(q), *caches, cache_seqlens, *new, cache_leftpad, alibi_slopes, kw)
+    else:  # without lse the CPU fallback may use torch's fused SDPA
+        out = attention_with_kvcache(_bhld(q), *caches, cache_seqlens, k_new=new[0], v_new=new[1],
+                                     alibi_slopes=alibi_slopes, block_table=block_table,
+                                     return_lse=return_softmax_lse, **kw)
+        out, lse = out if return_softmax_lse else (out, None)
+    out = _bhld(out).contiguous()  # (B, H, L, D) -> (B, L, H, D)
+    return (out, lse) if return_softmax_lse else out
+
+
+def _index(op: str, name: str, t, b: int, device) -> Tensor:
+    if not isinstance(t, Tensor) or t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != (b,) \
+            or t.device != device:
+        got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{op}: {name} must be an int32 Tensor of shape ({b},) on {device}, got {got}")
+    return t.long()
+
+
+def _with_batch_idx(op, q, k_cache, v_cache, seqlens, k_new, v_new, idx, alibi, kw):
+    """cache_batch_idx: attend over the cache rows ``idx`` (B,) of (B_cache, Hkv, Lmax, D)
+    caches, gathered; then write the rows back where new keys were appended."""
+    idx = _index(op, "cache_batch_idx", idx, q.shape[0], q.device)
+    if idx.numel() and q.device.type != "cuda" and not torch.compiler.is_compiling() and \
+            (int(idx.min()) < 0 or int(idx.max()) >= k_cache.shape[0]):
+        raise ValueError(f"{op}: cache_batch_idx must lie in [0, {k_cache.shape[0]}) (the caches' batch), got "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+    k_rows, v_rows = k_cache.index_select(0, idx), v_cache.index_select(0, idx)  # (B, Hkv, Lmax, D) copies
+    out, lse = attention_with_kvcache(q, k_rows, v_rows, seqlens, k_new=k_new, v_new=v_new, alibi_slopes=alibi,
+                                      return_lse=True, **kw)
+    if k_new is not None:
+        k_cache.index_copy_(0, idx, k_rows)
+        v_cache.index_copy_(0, idx, v_rows)
+    return out, lse
+
+
+def _with_leftpad(op, q, k_cache, v_cache, seqlens, k_new, v_new, leftpad, alibi, kw):
+    """cache_leftpad: sequence b's cache is slots leftpad[b]: of its row, so one call per
+    sequence on that slice, with cache_seqlens - leftpad tokens in it."""
+    b = q.shape[0]
+    leftpad = _index(op, "cache_leftpad", leftpad, b, q.device)
+    if isinstance(seqlens, int):
+        seqlens = torch.full((b,), seqlens, dtype=torch.int32, device=q.device)
+    pads, ends = leftpad.tolist(), seqlens.tolist()
+    outs, lses = [], []
+    for i, (lp, n) in enumerate(zip(pads, ends)):
+        if not 0 <= lp <= n:
+            raise ValueError(f"{op}: cache_leftpad[{i}] = {lp} must lie in [0, cache_seqlens[{i}] = {n}]")
+        one = (lambda t: None if t is None else t[i:i + 1])  # noqa: E731
+        out, lse = attention_with_kvcache(
+            q[i:i + 1], k_cache[i:i + 1, :, lp:], v_cache[i:i + 1, :, lp:], n - lp, k_new=one(k_new),
+            v_new=one(v_new), alibi_slopes=alibi if alibi is None or alibi.dim() == 1 else alibi[i:i + 1],
+            return_lse=True, **kw)
+        outs.append(out)
+        lses.append(lse)
+    if not outs:
+        return q.new_zeros(*q.shape[:3], v_cache.shape[-1]), q.new_zeros(q.shape[:3], dtype=torch.float32)
+    return torch.cat(outs), torch.cat(lses)

@@ -133,11 +133,18 @@ def check_linear(op: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None
 
 
 def check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens,
-                  k_new: Optional[Tensor], v_new: Optional[Tensor], num_splits) -> Tensor:
+                  k_new: Optional[Tensor], v_new: Optional[Tensor], num_splits,
+                  block_table: Optional[Tensor] = None) -> Tensor:
     """attention_with_kvcache's tensors; returns cache_seqlens as a (B,) int32 or int64 tensor
-    (an int becomes int32). Its values are checked by the caller, before any int32 cast."""
-    check_qkv(op, q, k_cache, v_cache, names=("k_cache", "v_cache"), seq="Lmax")
-    b, hkv = q.shape[0], k_cache.shape[1]
+    (an int becomes int32). Its values are checked by the caller, before any int32 cast.
+    With ``block_table`` the caches are pages (see ``check_pages``)."""
+    if block_table is None:
+        check_qkv(op, q, k_cache, v_cache, names=("k_cache", "v_cache"), seq="Lmax")
+        hkv = k_cache.shape[1]
+    else:
+        check_pages(op, q, k_cache, v_cache, block_table)
+        hkv = k_cache.shape[2]
+    b = q.shape[0]
     if (k_new is None) != (v_new is None):
         raise ValueError(f"{op}: give both k_new and v_new, or neither")
     if k_new is not None:
@@ -171,6 +178,105 @@ def check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
         raise ValueError(f"{op}: num_splits must be an int >= 1 or None, got {num_splits!r}")
     return cache_seqlens
+
+
+def check_pages(op: str, q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table) -> None:
+    """Paged caches: q (B, Hq, Lq, D), k_pages (num_pages, page_size, Hkv, D), v_pages
+    (num_pages, page_size, Hkv, Dv) of q's dtype and device, page_size a power of two >= 16,
+    Hq a multiple of Hkv; block_table an int32 (B, P) tensor on q's device, P >= 1. The table's
+    values are checked by the caller (``check_paged_values``)."""
+    check_tensors(op, q, k_cache=k_pages, v_cache=v_pages)
+    if k_pages.shape[:3] != v_pages.shape[:3]:
+        raise ValueError(f"{op}: paged k_cache {shape_str(k_pages)} and v_cache {shape_str(v_pages)} must agree in "
+                         "(num_pages, page_size, kv_heads)")
+    n_pages, page, hkv, d = k_pages.shape
+    if page < 16 or page & (page - 1):
+        raise ValueError(f"{op}: page_size (dim 1 of k_cache {shape_str(k_pages)}) must be a power of two >= 16, "
+                         f"got {page}")
+    if n_pages < 1:
+        raise ValueError(f"{op}: paged k_cache {shape_str(k_pages)} holds no page")
+    if q.shape[-1] != d:
+        raise ValueError(f"{op}: head_dim of q {shape_str(q)} and k_cache {shape_str(k_pages)} differ")
+    hq = q.shape[1]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"{op}: query heads ({hq}) must be a multiple of key/value heads ({hkv}); "
+                         f"q {shape_str(q)}, paged k_cache {shape_str(k_pages)}")
+    if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
+        got = f"{block_table.dtype} {shape_str(block_table)}" if isinstance(block_table, Tensor) else \
+            type(block_table).__name__
+        raise ValueError(f"{op}: block_table must be an int32 Tensor (batch, max_pages_per_seq), got {got}")
+    if block_table.shape[0] != q.shape[0] or block_table.shape[1] < 1 or block_table.device != q.device:
+        raise ValueError(f"{op}: block_table {shape_str(block_table)} on {block_table.device} must be "
+                         f"({q.shape[0]}, P >= 1) on {q.device}")
+
+
+def check_paged_values(op: str, block_table: Tensor, num_pages: int, page_size: int, seqlens: Tensor,
+                       lnew) -> None:
+    """ValueError unless every page a sequence uses (its ``seqlens[b] + lnew`` slots; ``lnew``
+    an int or a (B,) tensor) is in [0, num_pages), and no two new tokens are written to the same
+    page row. Reads the table on the host: the caller calls it only where that costs no sync."""
+    lnew = torch.as_tensor(lnew, device=seqlens.device).long().expand(seqlens.shape)  # (B,)
+    used = (seqlens.long() + lnew + page_size - 1) // page_size  # (B,) pages in use per sequence
+    in_use = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < used[:, None]  # (B, P)
+    bad = in_use & ((block_table < 0) | (block_table >= num_pages))
+    if bool(bad.any()):
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"{op}: block_table[{b}, {j}] = {int(block_table[b, j])} is not a page index in "
+                         f"[0, {num_pages}) (sequence {b} uses {int(used[b])} pages)")
+    most = int(lnew.max()) if lnew.numel() else 0
+    if most:
+        t = torch.arange(most, device=seqlens.device)
+        slots = seqlens.long()[:, None] + t  # (B, most)
+        writes = t[None, :] < lnew[:, None]  # (B, most): the slots really written
+        slots = slots.where(writes, 0)
+        rows = block_table.long().gather(1, slots // page_size) * page_size + slots % page_size  # (B, most)
+        rows = rows[writes]
+        if rows.unique().numel() != rows.numel():
+            raise ValueError(f"{op}: block_table {shape_str(block_table)} maps new tokens of two sequences to the "
+                             "same page row; a page that is written must belong to one sequence")
+
+
+def check_ragged_q(op: str, q: Tensor, k_new: Optional[Tensor], v_new: Optional[Tensor], cu_seqlens_q,
+                   max_seqlen_q, values: bool) -> tuple:
+    """Ragged new tokens for attention_with_kvcache: q (total, Hq, D), k_new / v_new (total, Hkv,
+    D / Dv) or None, packed by the int32 (B+1,) offsets ``cu_seqlens_q`` (sequence b's tokens
+    are rows cu[b] .. cu[b+1] - 1 of all three). ``values``: also read the offsets on the host
+    (0 first, non-decreasing, total last, none longer than max_seqlen_q). Returns (B, Hq, total,
+    D)-shaped views (q4, k_new4, v_new4) (stride 0 over the batch) for the 4-D checks."""
+    if not isinstance(cu_seqlens_q, Tensor) or cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.dim() != 1 \
+            or cu_seqlens_q.numel() < 1:
+        got = f"{cu_seqlens_q.dtype} {shape_str(cu_seqlens_q)}" if isinstance(cu_seqlens_q, Tensor) else \
+            type(cu_seqlens_q).__name__
+        raise ValueError(f"{op}: cu_seqlens_q must be an int32 Tensor of shape (batch + 1,), got {got}")
+    if max_seqlen_q is not None and not (isinstance(max_seqlen_q, int) and not isinstance(max_seqlen_q, bool)
+                                         and max_seqlen_q >= 0):
+        raise ValueError(f"{op}: max_seqlen_q must be an int >= 0 or None, got {max_seqlen_q!r}")
+    views = []
+    for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new)):
+        if t is None:
+            views.append(None)
+            continue
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            got = shape_str(t) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{op}: with cu_seqlens_q, {name} must be packed, a 3-D Tensor (total, heads, "
+                             f"head_dim), got {got}")
+        if t.shape[0] != q.shape[0]:
+            raise ValueError(f"{op}: {name} {shape_str(t)} and q {shape_str(q)} must hold the same packed tokens "
+                             "(cu_seqlens_q describes both)")
+        # (total, H, D) -> (B, H, total, D), stride 0 over the batch: shapes for the 4-D checks.
+        views.append(t.transpose(0, 1)[None].expand(cu_seqlens_q.numel() - 1, -1, -1, -1))
+    if cu_seqlens_q.device != q.device:
+        raise ValueError(f"{op}: cu_seqlens_q is on {cu_seqlens_q.device} but q is on {q.device}")
+    if values:
+        lengths = cu_seqlens_q.diff()
+        if int(cu_seqlens_q[0]) != 0 or int(cu_seqlens_q[-1]) != q.shape[0] or bool((lengths < 0).any()):
+            got = cu_seqlens_q.tolist() if cu_seqlens_q.numel() <= 16 else shape_str(cu_seqlens_q)
+            raise ValueError(f"{op}: cu_seqlens_q must start at 0, never decrease, and end at the packed total "
+                             f"{q.shape[0]} (q {shape_str(q)}); got {got}")
+        if max_seqlen_q is not None and lengths.numel() and int(lengths.max()) > max_seqlen_q:
+            raise ValueError(f"{op}: max_seqlen_q={max_seqlen_q} is below the longest sequence, "
+                             f"{int(lengths.max())}")
+    return tuple(views)
 
 
 def check_rotary(op: str, q: Tensor, rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor]) -> None:

@@ -110,3 +110,14 @@ def test_long_context_triton_matches_torch_losses(attention):
               for r, dt in ((kern, torch.float32), (ref64, torch.float64), (ref32, torch.float32))]
     assert len(losses[0]) == 3
     assert_close_rule(f"long_context {attention} losses", *losses)
+
+
+def test_serve_gpt(capsys):
+    """Continuous batching over a paged cache and static padded batching serve the same tiny
+    workload to the same tokens; the paged pool peaks below the padded buffers."""
+    r = _example("serve_gpt").main(["--tiny"] + TORCH)
+    assert r["same_tokens"] == 1.0
+    c, s = r["continuous"], r["static"]
+    assert c["tokens"] == s["tokens"] > 0 and c["tokens_per_s"] > 0 and s["tokens_per_s"] > 0
+    assert c["peak_cache_mib"] <= s["peak_cache_mib"]
+    assert "same tokens for 100%" in capsys.readouterr().out

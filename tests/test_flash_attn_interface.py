@@ -100,9 +100,88 @@ def test_what_fastattn_cannot_give_raises_clearly():
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(ValueError, match="return_attn_probs"):
         flash_attn_func(q, q, q, return_attn_probs=True)
-    cu = torch.tensor([0, 8], dtype=torch.int32)
-    with pytest.raises(ValueError, match="block_table"):
-        flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 8, 8, block_table=torch.zeros(1, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match="cache_batch_idx"):
-        flash_attn_with_kvcache(q, q, q, cache_seqlens=4, cache_batch_idx=torch.zeros(1, dtype=torch.int32))
+        flash_attn_with_kvcache(q, q, q, cache_seqlens=4, cache_batch_idx=torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        flash_attn_with_kvcache(q, q, q, cache_seqlens=4, block_table=torch.zeros(1, 1, dtype=torch.int32),
+                                cache_leftpad=torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="cache_leftpad"):
+        flash_attn_with_kvcache(q, q, q, cache_seqlens=4, cache_leftpad=torch.full((1,), 5, dtype=torch.int32))
     assert fastattn.flash_attn_interface.flash_attn_func is flash_attn_func
+
+
+def _paged_of(cache, page):
+    """(B, Lmax, Hkv, D) FlashAttention cache -> pages (B * Lmax / page, page, Hkv, D) in shuffled
+    order and the int32 block table that maps each sequence onto them."""
+    b, lmax = cache.shape[:2]
+    per = lmax // page
+    perm = torch.randperm(b * per, device=cache.device)
+    pages = torch.empty(b * per, page, *cache.shape[2:], dtype=cache.dtype, device=cache.device)
+    pages[perm] = cache.reshape(b * per, page, *cache.shape[2:])  # logical page j of seq i -> perm[i * per + j]
+    return pages, perm.view(b, per).to(torch.int32)
+
+
+@pytest.mark.parametrize("mode", ["block_table", "cache_batch_idx", "cache_leftpad"])
+def test_flash_attn_with_kvcache_indirection(mode, device):
+    """FlashAttention 2's paged and indirect caches give what the plain call gives on the
+    equivalent contiguous cache, and write the new token to the same place."""
+    b, lmax, hq, hkv, d = 3, 64, 4, 2, 16
+    k_cache, v_cache = (torch.randn(b, lmax, hkv, d, device=device) for _ in range(2))
+    seqlens = torch.tensor([5, 40, 17], dtype=torch.int32, device=device)
+    q = torch.randn(b, 2, hq, d, device=device)
+    k, v = (torch.randn(b, 2, hkv, d, device=device) for _ in range(2))
+    kw = dict(cache_seqlens=seqlens, causal=True, return_softmax_lse=True)
+    if mode == "cache_leftpad":
+        pad = torch.tensor([2, 0, 9], dtype=torch.int32, device=device)
+        want, want_lse = [], []
+        for i in range(b):  # the same sequence moved to the left of its own cache
+            kc, vc = k_cache[i:i + 1, pad[i]:].clone(), v_cache[i:i + 1, pad[i]:].clone()
+            o, lse = flash_attn_with_kvcache(q[i:i + 1], kc, vc, k[i:i + 1], v[i:i + 1], causal=True,
+                                             cache_seqlens=int(seqlens[i] - pad[i]), return_softmax_lse=True)
+            want.append(o)
+            want_lse.append(lse)
+        want, want_lse = torch.cat(want), torch.cat(want_lse)
+        out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_leftpad=pad, **kw)
+        for i in range(b):
+            assert torch.equal(k_cache[i, seqlens[i]:seqlens[i] + 2], k[i])
+    elif mode == "cache_batch_idx":
+        rows = torch.tensor([4, 0, 2], dtype=torch.int32, device=device)
+        big_k, big_v = (torch.randn(5, lmax, hkv, d, device=device) for _ in range(2))
+        big_k[rows.long()], big_v[rows.long()] = k_cache, v_cache
+        untouched = big_k[[1, 3]].clone()
+        want, want_lse = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, **kw)
+        out, lse = flash_attn_with_kvcache(q, big_k, big_v, k, v, cache_batch_idx=rows, **kw)
+        assert torch.equal(big_k[rows.long()], k_cache) and torch.equal(big_v[rows.long()], v_cache)
+        assert torch.equal(big_k[[1, 3]], untouched)
+    else:
+        kp, table = _paged_of(k_cache, 16)
+        vp = torch.empty_like(kp)
+        vp[table.flatten().long()] = v_cache.reshape(-1, 16, hkv, d)
+        want, want_lse = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, **kw)
+        out, lse = flash_attn_with_kvcache(q, kp, vp, k, v, block_table=table, **kw)
+        assert torch.equal(kp[table.flatten().long()].reshape(b, lmax, hkv, d), k_cache)
+        assert torch.equal(vp[table.flatten().long()].reshape(b, lmax, hkv, d), v_cache)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(lse, want_lse)
+
+
+def test_flash_attn_varlen_func_over_pages(device):
+    """flash_attn_varlen_func(block_table=...): packed queries over paged keys, equal to one
+    flash_attn_func per sequence (bottom-right causal)."""
+    hq, hkv, d, page = 4, 2, 16, 16
+    lq, lk = [3, 1, 6], [20, 9, 6]
+    cu_q = torch.tensor([0, 3, 4, 10], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 20, 29, 35], dtype=torch.int32, device=device)
+    keys = [torch.randn(n, hkv, d, device=device) for n in lk]
+    values = [torch.randn(n, hkv, d, device=device) for n in lk]
+    kp, vp = torch.zeros(8, page, hkv, d, device=device), torch.zeros(8, page, hkv, d, device=device)
+    table = torch.tensor([[5, 1], [7, 0], [2, 3]], dtype=torch.int32, device=device)
+    for i, n in enumerate(lk):
+        for j in range(n):
+            kp[table[i, j // page], j % page], vp[table[i, j // page], j % page] = keys[i][j], values[i][j]
+    q = torch.randn(10, hq, d, device=device)
+    out = flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, 6, 20, causal=True, block_table=table)
+    for i in range(3):
+        s, e = cu_q[i].item(), cu_q[i + 1].item()
+        want = flash_attn_func(q[None, s:e], keys[i][None], values[i][None], causal=True)[0]
+        torch.testing.assert_close(out[s:e], want)

@@ -1,8 +1,10 @@
 """Decoding suite: one new token per sequence attending to a KV cache, against cache length and
 batch. Memory-bound, so the figure of merit is GB/s of K/V read (B * Hkv * L * (D + Dv) bytes
 per call), next to a plain device copy of the same K/V (the bandwidth ceiling, counted as read
-+ write) and torch SDPA over the same cache (after the same in-place append). On CUDA,
-"fastattn-nosync" times the kernels without the public function's host-side length check.
++ write) and torch SDPA over the same cache (after the same in-place append). "fastattn-paged"
+is the same step over the same keys in pages of 16 tokens (vLLM's size) in a shuffled order,
+through a block table. On CUDA, "fastattn-nosync" times the launcher without the public
+function's validation (which reads no value on CUDA, so it costs Python time only).
 
 On a GPU: bf16, Llama-3-8B-like heads (Hq 32, Hkv 8, D 128), caches of 1k..128k tokens, batch
 1..64 (capped at 16 GB of cache). On a CPU: small fp32 sizes, where fastattn runs its
@@ -21,7 +23,7 @@ import fastattn
 from fastattn.bench.common import Case, run_case
 
 SUITE = "decode"
-MAX_CACHE_BYTES = 16 * 2**30
+MAX_CACHE_BYTES = 16 * 2**30  # per copy: the paged row holds a second one
 
 
 def configs(device, quick):
@@ -83,13 +85,31 @@ def build(b, hq, hkv, l, d, dtype, device):
     def copy():  # into buffers allocated once: the ceiling is the copy, not page faults
         return k_dst.copy_(k_cache[:, :, :l]), v_dst.copy_(v_cache[:, :, :l])
 
-    impls = {"fastattn": ours, "copy-ceiling": copy}
+    page = 16
+    n_pages = b * -(-lmax // page)
+    order = torch.randperm(n_pages, device=device)  # pages of a sequence scattered over the pool
+    table = order.view(b, -1).to(torch.int32)  # (B, P): sequence i's j-th page is order[i * P + j]
+
+    def paged(cache):  # (B, Hkv, Lmax, D) -> pages (num_pages, page, Hkv, D) holding the same keys
+        padded = torch.zeros(b, hkv, table.shape[1] * page, d, device=device, dtype=dtype)
+        padded[:, :, :lmax] = cache
+        pages = torch.empty(n_pages, page, hkv, d, device=device, dtype=dtype)
+        # (B, Hkv, P * page, D) -> (B, P, page, Hkv, D) -> (B * P, page, Hkv, D), into pool order
+        pages[order] = padded.view(b, hkv, -1, page, d).permute(0, 2, 3, 1, 4).reshape(n_pages, page, hkv, d)
+        return pages
+
+    k_pages, v_pages = paged(k_cache), paged(v_cache)
+
+    def ours_paged():
+        return fastattn.attention_with_kvcache(q, k_pages, v_pages, seqlens, k_new=k_new, v_new=v_new,
+                                               block_table=table)
+
+    impls = {"fastattn": ours, "fastattn-paged": ours_paged, "copy-ceiling": copy}
     if torch.device(device).type == "cuda":
         from fastattn.ops.decode import op as decode_op
 
         def kernels_only():
-            # The launcher without the public function's validation, whose length check reads
-            # cache_seqlens on the host (a sync): shows what that check costs per call.
+            # The launcher without the public function's validation: what that Python costs.
             return decode_op.decode_attn(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new,
                                          scale=d ** -0.5, window_right=0, max_seqlen_k=l)
         impls["fastattn-nosync"] = kernels_only
@@ -100,21 +120,28 @@ def build(b, hq, hkv, l, d, dtype, device):
         except RuntimeError:
             continue
         impls[f"torch-{name}"] = fn
-    return impls, (q, k_cache, v_cache, seqlens, k_new, v_new)
+    return impls, (q, k_cache, v_cache, seqlens, k_new, v_new, k_pages, v_pages, table)
 
 
-def _checker(inputs, l):
+def _checker(inputs, l, paged=False):
     """Before timing: the output matches the float64 reference within the docs/design.md rule
-    (plain torch in the same dtype as the yardstick)."""
-    from fastattn.ops.decode.reference import decode_reference
+    (plain torch in the same dtype as the yardstick); ``paged`` checks the paged call."""
+    from fastattn.ops.decode.reference import decode_reference, gather_pages
 
     def check():
-        q, k_cache, v_cache, seqlens, k_new, v_new = inputs
-        kc, vc = k_cache[:1, :, :l + 1].clone(), v_cache[:1, :, :l + 1].clone()
+        q, k_cache, v_cache, seqlens, k_new, v_new, k_pages, v_pages, table = inputs
         sl = seqlens[:1]
+        if paged:  # the first sequence's logical cache, read back from its pages
+            kc, vc = gather_pages(k_pages, table[:1])[:, :, :l + 1], gather_pages(v_pages, table[:1])[:, :, :l + 1]
+        else:
+            kc, vc = k_cache[:1, :, :l + 1].clone(), v_cache[:1, :, :l + 1].clone()
         oracle = decode_reference(q[:1].double(), kc.double(), vc.double(), sl, k_new[:1].double(), v_new[:1].double())
         base = decode_reference(q[:1], kc, vc, sl, k_new[:1], v_new[:1])
-        ours = fastattn.attention_with_kvcache(q[:1], kc, vc, sl, k_new=k_new[:1], v_new=v_new[:1])
+        if paged:
+            ours = fastattn.attention_with_kvcache(q[:1], k_pages.clone(), v_pages.clone(), sl, k_new=k_new[:1],
+                                                   v_new=v_new[:1], block_table=table[:1])
+        else:
+            ours = fastattn.attention_with_kvcache(q[:1], kc, vc, sl, k_new=k_new[:1], v_new=v_new[:1])
         err, ref_err = ((x.double() - oracle).abs().max().item() for x in (ours, base))
         if not err <= 2 * ref_err + 1e-5:
             raise AssertionError(f"decode: fastattn error {err:.3e} > 2 x torch's {ref_err:.3e}")
@@ -132,7 +159,8 @@ def cases(device, quick=False, config_list=None):
         name = f"b{b}-h{hq}:{hkv}-cache{l}-d{d}"
         for impl, fn in impls.items():
             out.append(Case(SUITE, name, impl, fn, bytes=2 * kv_bytes if impl == "copy-ceiling" else kv_bytes,
-                            params=params, check=_checker(inputs, l) if impl == "fastattn" else None))
+                            params=params, check=_checker(inputs, l, impl == "fastattn-paged")
+                            if impl in ("fastattn", "fastattn-paged") else None))
     return out
 
 

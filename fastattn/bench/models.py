@@ -1,5 +1,6 @@
 """Model suite: GPT text generation with the KV cache (prefill once, then one token per step
-through fastattn.attention_with_kvcache) against recomputing the whole sequence every step,
+through fastattn.attention_with_kvcache; contiguous ``KVCache`` or paged ``PagedKVCache``)
+against recomputing the whole sequence every step,
 and one GPT training step (forward + backward) per attention choice. Whole-model numbers:
 the attention is one part of each.
 
@@ -37,9 +38,11 @@ def cases(device, quick=False):
     batch, prompt, new = (8, 512, 128) if cuda else (2, 64, 16 if quick else 32)
     idx = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
     params = {"batch": batch, "prompt": prompt, "new_tokens": new}
-    for impl, use_cache in (("kv-cache", True), ("recompute", False)):
+    for impl, use_cache, paged in (("kv-cache", True, False), ("paged-kv-cache", True, True),
+                                   ("recompute", False, False)):
         out.append(Case(SUITE, f"generate-b{batch}-p{prompt}-n{new}", impl,
-                        lambda use_cache=use_cache: model.generate(idx, new, use_cache=use_cache), params=params))
+                        lambda use_cache=use_cache, paged=paged: model.generate(idx, new, use_cache=use_cache,
+                                                                                paged=paged), params=params))
     seq = 1024 if cuda else 128
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     choices = {"flash": None, "performer": {"num_features": 64}, "linear": None}

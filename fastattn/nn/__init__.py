@@ -1,5 +1,5 @@
 """fastattn.nn: modules built only on fastattn's public functions."""
-from fastattn.nn.kv_cache import KVCache
+from fastattn.nn.kv_cache import KVCache, PagedKVCache
 
 from fastattn.nn.kinds import (AttentionKind, ContextParallelAttention, Flash, Linear, Linformer, Performer, Sparse,
                                Supports, attention_kind)
@@ -9,7 +9,7 @@ from fastattn.nn.positional import (LearnedPositionalEmbedding, RelativePosition
 from fastattn.nn.layers import (FeedForward, MoEConfig, MoEFeedForward, RMSNorm, TransformerDecoder,
                                 TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer, aux_loss)
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "PagedKVCache"]
 __all__ += ["AttentionKind", "ContextParallelAttention", "Flash", "Linear", "Linformer", "Performer", "Sparse",
             "Supports", "attention_kind"]
 __all__ += ["MultiHeadAttention", "attention_weights", "LearnedPositionalEmbedding", "RelativePositionBias",

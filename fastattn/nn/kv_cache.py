@@ -205,3 +205,254 @@ class KVCache:
         return (f"KVCache(layers={self.num_layers}, batch={self.batch_size}, kv_heads={self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, capacity={self.capacity()}, max_seqlen={self.max_seqlen()}, "
                 f"dtype={self.dtype}, device={self.device})")
+
+
+class PagedKVCache:
+    """A pool of fixed-size K/V pages shared by many sequences (vLLM-style paged attention).
+
+    Storage per layer: pages ``(num_pages, page_size, kv_heads, head_dim)`` for keys and values
+    (``keys(layer)`` / ``values(layer)``). A sequence owns a list of pages, in order; its slot j
+    is row ``j % page_size`` of its ``j // page_size``-th page. Pages come from a free list
+    when a sequence grows and go back when it is freed, so memory follows the tokens really
+    held, not batch x longest. Pages are reference counted: ``fork`` gives a new sequence the
+    same pages (a shared prompt, a beam), and the first write into a shared, partly filled page
+    copies it first (copy on write), so forks never see each other's tokens.
+
+    Every page index is the same in every layer (one allocation serves all layers); lengths are
+    kept per layer, as in ``KVCache``, so a model can run its layers one after the other.
+
+    Use: ``add()`` makes sequences; ``set_batch(ids)`` picks the ones the next calls attend for
+    (batch row b is ``ids[b]``); ``attend(layer, q, k_new, v_new, **kw)`` appends and attends
+    (``fastattn.attention_with_kvcache`` with ``block_table``); ``free(id)`` returns pages.
+    The same ``attend`` / ``max_seqlen`` / ``reorder`` methods as ``KVCache``, so the model
+    presets' ``generate(..., paged=True)`` and ``MultiHeadAttention(cache=...)`` take it.
+
+    Args:
+        num_layers, num_kv_heads, head_dim (``head_dim_v``): sizes of the cached tensors.
+        num_pages: pages in the pool (its memory is allocated up front).
+        page_size: tokens per page, a power of two >= 16.
+        dtype, device: of the storage.
+
+    Raises:
+        ValueError: bad sizes, an unknown or freed sequence id, or a pool with too few free
+        pages for an append (``can_fit`` tells beforehand).
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, num_pages: int,
+                 page_size: int = 16, head_dim_v: Optional[int] = None, dtype: torch.dtype = torch.float32,
+                 device: Union[str, torch.device, None] = None):
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                            ("num_pages", num_pages)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"PagedKVCache: {name} must be an int >= 1, got {value!r}")
+        if not (isinstance(page_size, int) and page_size >= 16 and page_size & (page_size - 1) == 0):
+            raise ValueError(f"PagedKVCache: page_size must be a power of two >= 16, got {page_size!r}")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
+        self.num_pages, self.page_size, self.dtype = num_pages, page_size, dtype
+        self.device = torch.device("cpu" if device is None else device)
+        self._k = [torch.zeros(num_pages, page_size, num_kv_heads, head_dim, dtype=dtype, device=self.device)
+                   for _ in range(num_layers)]
+        self._v = [torch.zeros(num_pages, page_size, num_kv_heads, self.head_dim_v, dtype=dtype, device=self.device)
+                   for _ in range(num_layers)]
+        self._free = list(range(num_pages - 1, -1, -1))  # a stack: pop() gives the lowest free page
+        self._refs = [0] * num_pages
+        self._pages: dict[int, list[int]] = {}  # sequence id -> its pages, in order
+        self._lens: dict[int, list[int]] = {}  # sequence id -> tokens held, per layer
+        self._next_id = 0
+        self._batch: list[int] = []
+        self._table: Optional[Tensor] = None  # int32 (B, P) of the batch, rebuilt when pages change
+        self._dev_lens: list[Tensor] = []  # per layer, int32 (B,) of the batch, advanced on the device
+        self.peak_pages = 0
+
+    # --- the pool ------------------------------------------------------------------------
+    def free_pages(self) -> int:
+        """Pages not held by any sequence."""
+        return len(self._free)
+
+    def used_pages(self) -> int:
+        return self.num_pages - len(self._free)
+
+    def page_bytes(self) -> int:
+        """Bytes of one page over all layers, keys and values."""
+        elt = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * self.page_size * self.num_kv_heads * (self.head_dim + self.head_dim_v) * elt
+
+    def pages_for(self, tokens: int) -> int:
+        """Pages that ``tokens`` tokens occupy."""
+        return -(-tokens // self.page_size)
+
+    def can_fit(self, seq_id: int, new_tokens: int) -> bool:
+        """Whether ``new_tokens`` more tokens of ``seq_id`` fit the free pages (counting the copy
+        of a shared last page)."""
+        return self._pages_needed(self._check(seq_id), new_tokens) <= len(self._free)
+
+    def _pages_needed(self, seq_id: int, new_tokens: int) -> int:
+        n = max(self._lens[seq_id])
+        pages = self._pages[seq_id]
+        need = self.pages_for(n + new_tokens) - len(pages)
+        if new_tokens and n % self.page_size and self._refs[pages[n // self.page_size]] > 1:
+            need += 1  # the shared, partly filled last page is copied before it is written
+        return max(need, 0) if new_tokens else 0
+
+    def _take(self) -> int:
+        if not self._free:
+            raise ValueError(f"PagedKVCache: the pool of {self.num_pages} pages is exhausted")
+        page = self._free.pop()
+        self._refs[page] = 1
+        self.peak_pages = max(self.peak_pages, self.used_pages())
+        return page
+
+    def _release(self, page: int) -> None:
+        self._refs[page] -= 1
+        if self._refs[page] == 0:
+            self._free.append(page)
+
+    # --- sequences -----------------------------------------------------------------------
+    def _check(self, seq_id) -> int:
+        if seq_id not in self._pages:
+            raise ValueError(f"PagedKVCache: no sequence {seq_id!r} (never added, or freed)")
+        return seq_id
+
+    def add(self) -> int:
+        """A new empty sequence; returns its id (ids are never reused)."""
+        seq_id = self._next_id
+        self._next_id += 1
+        self._pages[seq_id], self._lens[seq_id] = [], [0] * self.num_layers
+        return seq_id
+
+    def fork(self, seq_id: int) -> int:
+        """A new sequence holding the same tokens as ``seq_id``, sharing its pages (reference
+        counted, copied on the first write into a shared page). Returns the new id."""
+        pages = self._pages[self._check(seq_id)]
+        new = self._next_id
+        self._next_id += 1
+        for p in pages:
+            self._refs[p] += 1
+        self._pages[new], self._lens[new] = list(pages), list(self._lens[seq_id])
+        return new
+
+    def free(self, seq_id: int) -> None:
+        """Forget ``seq_id``: its pages go back to the pool unless another sequence shares them.
+        It must not be in the current batch (call ``set_batch`` first)."""
+        if self._check(seq_id) in self._batch:
+            raise ValueError(f"PagedKVCache: sequence {seq_id} is in the current batch; set_batch without it first")
+        for p in self._pages.pop(seq_id):
+            self._release(p)
+        del self._lens[seq_id]
+
+    def length(self, seq_id: int, layer: int = 0) -> int:
+        """Tokens ``seq_id`` holds in ``layer``."""
+        return self._lens[self._check(seq_id)][self._layer(layer)]
+
+    def pages(self, seq_id: int) -> list:
+        """The pages of ``seq_id``, in order (a copy)."""
+        return list(self._pages[self._check(seq_id)])
+
+    # --- the batch -----------------------------------------------------------------------
+    def set_batch(self, seq_ids) -> None:
+        """The sequences the next ``attend`` calls are for: batch row b is ``seq_ids[b]``."""
+        ids = [self._check(i) for i in seq_ids]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"PagedKVCache: set_batch got a sequence twice: {ids}")
+        self._batch = ids
+        self._table = None
+        self._dev_lens = [torch.tensor([self._lens[i][layer] for i in ids], dtype=torch.int32, device=self.device)
+                          for layer in range(self.num_layers)]
+
+    @property
+    def batch(self) -> list:
+        return list(self._batch)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._batch)
+
+    def block_table(self) -> Tensor:
+        """int32 (B, P) of the batch: row b lists ``batch[b]``'s pages, padded with 0 (never
+        read) to the longest."""
+        if self._table is None:
+            width = max([len(self._pages[i]) for i in self._batch] + [1])
+            rows = [self._pages[i] + [0] * (width - len(self._pages[i])) for i in self._batch]
+            self._table = torch.tensor(rows, dtype=torch.int32, device=self.device).reshape(len(rows), width)
+        return self._table
+
+    def seqlens(self, layer: int = 0) -> Tensor:
+        """int32 (B,): tokens each batch sequence holds in ``layer``."""
+        return self._dev_lens[self._layer(layer)]
+
+    def max_seqlen(self, layer: int = 0) -> int:
+        """Longest batch sequence in ``layer`` (known on the host)."""
+        return max([self._lens[i][self._layer(layer)] for i in self._batch] + [0])
+
+    def keys(self, layer: int) -> Tensor:
+        """(num_pages, page_size, kv_heads, head_dim) pages of ``layer``."""
+        return self._k[self._layer(layer)]
+
+    def values(self, layer: int) -> Tensor:
+        return self._v[self._layer(layer)]
+
+    def _layer(self, layer) -> int:
+        if not (isinstance(layer, int) and not isinstance(layer, bool) and 0 <= layer < self.num_layers):
+            raise ValueError(f"PagedKVCache: layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        return layer
+
+    def _make_room(self, layer: int, new_tokens: int) -> None:
+        """Pages for ``new_tokens`` more tokens of every batch sequence in ``layer``: a private
+        copy of a shared page about to be written, fresh pages past the end."""
+        need = sum(self._pages_needed(i, new_tokens) for i in self._batch
+                   if self._lens[i][layer] == max(self._lens[i]))
+        if need > len(self._free):
+            raise ValueError(f"PagedKVCache: appending {new_tokens} tokens to {len(self._batch)} sequences needs "
+                             f"{need} pages, {len(self._free)} are free")
+        changed = False
+        for i in self._batch:
+            n, pages = self._lens[i][layer], self._pages[i]
+            first = n // self.page_size  # the page the first new token goes to
+            if new_tokens and n % self.page_size and self._refs[pages[first]] > 1:
+                copy = self._take()
+                for store in (self._k, self._v):  # every layer: the copy serves them all
+                    for t in store:
+                        t[copy] = t[pages[first]]
+                self._release(pages[first])
+                pages[first] = copy
+                changed = True
+            while len(pages) < self.pages_for(n + new_tokens):
+                pages.append(self._take())
+                changed = True
+        if changed:
+            self._table = None
+
+    def attend(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, **kwargs):
+        """Append ``k_new``/``v_new`` (B, kv_heads, Lnew, D) of the batch sequences to ``layer``
+        at their lengths, then ``fastattn.attention_with_kvcache(q, ..., block_table=...)``.
+        kwargs as ``KVCache.attend``. Lengths of ``layer`` grow by Lnew."""
+        if k_new.shape[0] != len(self._batch):
+            raise ValueError(f"PagedKVCache.attend: k_new {tuple(k_new.shape)} has batch {k_new.shape[0]}, the "
+                             f"current batch has {len(self._batch)} sequences (set_batch)")
+        lnew = k_new.shape[2]
+        self._make_room(self._layer(layer), lnew)
+        out = attention_with_kvcache(q, self._k[layer], self._v[layer], self._dev_lens[layer], k_new=k_new,
+                                     v_new=v_new, block_table=self.block_table(), **kwargs)
+        self._dev_lens[layer] = self._dev_lens[layer] + lnew
+        for i in self._batch:
+            self._lens[i][layer] += lnew
+        return out
+
+    def reorder(self, beam_indices) -> None:
+        """Beam search: batch row b continues row ``beam_indices[b]``; rows are forked (pages
+        shared, not copied) and the old ones freed. Reads ``beam_indices`` on the host."""
+        idx = torch.as_tensor(beam_indices).tolist()
+        if any(not isinstance(i, int) or not 0 <= i < len(self._batch) for i in idx):
+            raise ValueError(f"PagedKVCache.reorder: beam_indices must be ints in [0, {len(self._batch)}), got {idx}")
+        old = self._batch
+        new = [self.fork(old[i]) for i in idx]
+        self._batch = []
+        for i in old:
+            self.free(i)
+        self.set_batch(new)
+
+    def __repr__(self) -> str:
+        return (f"PagedKVCache(layers={self.num_layers}, pages={self.num_pages}x{self.page_size}, "
+                f"used={self.used_pages()}, sequences={len(self._pages)}, batch={len(self._batch)}, "
+                f"dtype={self.dtype}, device={self.device})")

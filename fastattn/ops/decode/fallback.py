@@ -2,7 +2,8 @@
 
 ``decode_by_prefix`` (no gradients, no lse): append, then each sequence's valid prefix
 through torch's fused SDPA where it can express the call (on a CPU many times faster than
-the reference, which builds the scores). ``decode_masked``: no host sync, for torch.compile.
+the reference, which builds the scores). ``decode_masked``: no host sync, for torch.compile,
+and for single-token steps (one batched call instead of a call per sequence).
 Both give the result of ``decode_reference`` followed by ``append_reference``. No Triton here.
 """
 from __future__ import annotations
@@ -63,6 +64,9 @@ def decode_masked(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, 
     total = n + lnew  # (B,) valid keys per sequence
     query_pos = total[:, None] - lq + torch.arange(lq, device=q.device)  # (B, Lq): bottom-right diagonal
     key_pos = torch.arange(lmax, device=q.device)
+    # Slots beyond a sequence's keys may hold anything (NaN): zero them, or 0 * NaN would leak.
+    slot_ok = (key_pos[None, :] < total[:, None])[:, None, :, None]  # (B, 1, Lmax, 1)
+    keys, values = keys.where(slot_ok, 0.0), values.where(slot_ok, 0.0)
     rel = key_pos[None, None, :] - query_pos[:, :, None]  # (B, Lq, Lmax): key relative to the diagonal
     keep = (key_pos[None, None, :] < total[:, None, None]).expand_as(rel)  # (B, Lq, Lmax)
     if band[0] is not None:

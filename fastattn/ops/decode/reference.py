@@ -91,6 +91,7 @@ def decode_reference(
     rotary_interleaved: bool = False,
     return_lse: bool = False,
     upcast: bool = False,
+    sinks: Optional[Tensor] = None,
 ):
     """Attention of ``q`` over each sequence's valid cache prefix plus its new tokens.
 
@@ -106,6 +107,9 @@ def decode_reference(
             keys are taken as already rotated. ``rotary_interleaved``: GPT-J pairs.
         return_lse: also return the row logsumexp (B, Hq, Lq), float32 (float64 for float64).
         upcast: as ``attention_reference`` (float32 scores for fp16/bf16; the CPU fallback's).
+        sinks: (Hq,) float logits or None (learnable attention sinks): sink h joins every
+            softmax denominator of query head h as ``exp(sinks[h])`` and contributes no value,
+            so the weights of the keys sum to less than 1; lse includes it (``apply_sinks``).
 
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype, and lse if requested. A sequence with no valid key
@@ -142,4 +146,57 @@ def decode_reference(
         lse = q.new_zeros(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
     else:
         out, lse = torch.cat(outs), torch.cat(lses)
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out
+
+
+def apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention without sinks -> with them: out (B, Hq, Lq, Dv), lse (B, Hq, Lq), sinks (Hq,).
+
+    With a sink logit z added to the denominator, out becomes ``out * exp(lse - lse')`` with
+    ``lse' = logaddexp(lse, z)`` (exactly: the numerator is unchanged). A row with no key
+    (lse -inf) keeps out 0 and gets lse' = z. Differentiable in all three."""
+    z = sinks.to(lse.dtype)[:, None]  # (Hq, 1): broadcasts over (B, Hq, Lq)
+    total = torch.logaddexp(lse, z)
+    return out * torch.exp(lse - total)[..., None].to(out.dtype), total
+
+
+# ---------------------------------------------------------------------------------------
+# Paged caches (FlashAttention's / vLLM's layout): the keys of every sequence live in pages
+# ``(num_pages, page_size, Hkv, D)``; row b of the int32 block table ``(B, P)`` lists the pages
+# of sequence b in order, so its logical slot j is row ``j % page_size`` of page
+# ``block_table[b, j // page_size]``. Table entries past a sequence's last used page are never
+# read (they may hold anything, e.g. -1).
+
+def gather_pages(pages: Tensor, block_table: Tensor) -> Tensor:
+    """pages (num_pages, page_size, Hkv, D), block_table int (B, P) -> (B, Hkv, P * page_size, D):
+    each sequence's logical cache as a copy (a contiguous cache with Lmax = P * page_size).
+    Table entries outside [0, num_pages) (unused slots) read page 0: they lie beyond every
+    valid prefix, so what they hold is never attended to."""
+    idx = block_table.long().clamp(0, max(pages.shape[0] - 1, 0))  # (B, P)
+    g = pages[idx]  # (B, P, page_size, Hkv, D)
+    return g.flatten(1, 2).transpose(1, 2)  # (B, P * page_size, Hkv, D) -> (B, Hkv, L, D)
+
+
+def paged_slots(block_table: Tensor, page_size: int, cache_seqlens: Tensor, lnew: int) -> tuple[Tensor, Tensor]:
+    """(page, row) int64 (B, Lnew) of new token t of sequence b, logical slot
+    ``cache_seqlens[b] + t``. The caller guarantees the slots lie inside the table."""
+    slots = cache_seqlens.long()[:, None] + torch.arange(lnew, device=block_table.device)  # (B, Lnew)
+    return block_table.long().gather(1, slots // page_size), slots % page_size
+
+
+def append_paged_reference(k_pages: Tensor, v_pages: Tensor, block_table: Tensor, cache_seqlens: Tensor,
+                           k_new: Tensor, v_new: Tensor, rotary_cos: Optional[Tensor] = None,
+                           rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = False) -> None:
+    """``append_reference`` for paged caches: new token t (of ``k_new`` / ``v_new``,
+    (B, Hkv, Lnew, D)) of sequence b goes, in place, into logical slot ``cache_seqlens[b] + t``
+    of its pages (keys rotated first if asked). No other page row is written; no host sync."""
+    lnew = k_new.shape[2]
+    if rotary_cos is not None:
+        k_new = apply_rotary(k_new, rotary_cos, rotary_sin,
+                             rotary_positions(cache_seqlens, lnew, lnew, lnew), rotary_interleaved)
+    page, row = paged_slots(block_table, k_pages.shape[1], cache_seqlens, lnew)
+    with torch.no_grad():
+        k_pages[page, row] = k_new.transpose(1, 2)  # (B, Lnew, Hkv, D) into (B, Lnew) page rows
+        v_pages[page, row] = v_new.transpose(1, 2)
