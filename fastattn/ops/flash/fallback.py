@@ -12,7 +12,8 @@ from typing import Optional
 from torch import Tensor
 
 from fastattn.backend import TORCH_SDPA
-from fastattn.ops.flash.reference import attention_reference, per_sequence
+from fastattn.ops._sequences import per_sequence
+from fastattn.ops.flash.reference import attention_reference
 
 
 def torch_causal(band: tuple, lq: int, lk: int):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastattn.ops.flash.reference import per_sequence
+from fastattn.ops._sequences import per_sequence
 
 FEATURE_MAPS = ("elu", "relu", "identity")
 DEFAULT_EPS = 1e-6
