@@ -56,11 +56,14 @@ def _bhld(t: Tensor) -> Tensor:
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None):
     """FlashAttention's ``flash_attn_func``: q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D) -> out
-    (B, Lq, Hq, D); bottom-right causal; ``alibi_slopes`` (Hq,) or (B, Hq) fp32.
-    Equivalent to ``fastattn.flash_attention`` on ``.transpose(1, 2)`` views."""
+    (B, Lq, Hq, D); bottom-right causal; ``alibi_slopes`` (Hq,) or (B, Hq) fp32. ``sinks``
+    ((Hq,) attention-sink logits, keyword only) is fastattn's addition, as in
+    ``fastattn.flash_attention``. Equivalent to ``fastattn.flash_attention`` on
+    ``.transpose(1, 2)`` views."""
     kw = _options("flash_attn_func", window_size, softcap, return_attn_probs)
+    kw["sinks"] = sinks
     out = flash_attention(_bhld(q), _bhld(k), _bhld(v), causal=causal, scale=softmax_scale,
                           alibi_slopes=alibi_slopes, dropout_p=dropout_p, **kw)
     return _bhld(out).contiguous()  # (B, H, L, D) -> (B, L, H, D), contiguous as FlashAttention's
@@ -82,12 +85,13 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+                           deterministic=False, return_attn_probs=False, block_table=None, *, sinks=None):
     """FlashAttention's ``flash_attn_varlen_func``: packed q (total_q, Hq, D), k/v
-    (total_k, Hkv, D), int32 (B+1,) offsets -> out (total_q, Hq, D). Equivalent to
-    ``fastattn.flash_attention_varlen``."""
+    (total_k, Hkv, D), int32 (B+1,) offsets -> out (total_q, Hq, D); ``sinks`` (keyword only)
+    as ``flash_attn_func``'s. Equivalent to ``fastattn.flash_attention_varlen``."""
     op = "flash_attn_varlen_func"
     kw = _options(op, window_size, softcap, return_attn_probs)
+    kw["sinks"] = sinks
     if block_table is not None:
         # Paged keys: k/v are pages (num_pages, page_size, Hkv, D), sequence b holds
         # cu_seqlens_k[b+1] - cu_seqlens_k[b] keys in its pages; its queries are packed in q.
@@ -125,7 +129,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
                             block_table: Optional[Tensor] = None, softmax_scale=None, causal=False,
                             window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
-                            num_splits=0, return_softmax_lse=False):
+                            num_splits=0, return_softmax_lse=False, *, sinks=None):
     """FlashAttention's ``flash_attn_with_kvcache``: q (B, Lq, Hq, D), caches (B_cache, Lmax,
     Hkv, D) updated IN PLACE with k/v (B, Lnew, Hkv, D) at ``cache_seqlens`` (None: the caches
     are full), then attention over each sequence's valid keys -> out (B, Lq, Hq, D) (and
@@ -140,6 +144,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     - ``cache_leftpad`` int32 (B,): sequence b's keys start at slot ``cache_leftpad[b]`` (its
       valid keys are slots leftpad .. cache_seqlens - 1; new ones go at cache_seqlens); rotary
       positions count from the leftpad.
+    - ``sinks`` (Hq,) attention-sink logits, keyword only: fastattn's addition, as in
+      ``fastattn.attention_with_kvcache``.
     """
     op = "flash_attn_with_kvcache"
     if block_table is not None and (cache_batch_idx is not None or cache_leftpad is not None):
@@ -154,7 +160,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError(f"{op}: appending k/v needs cache_seqlens (None means the caches are full)")
         cache_seqlens = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
     kw.update(causal=causal, scale=softmax_scale, num_splits=num_splits or None, rotary_cos=rotary_cos,
-              rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
+              rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved, sinks=sinks)
     paged = block_table is not None
     caches = (k_cache, v_cache) if paged else (_bhld(k_cache), _bhld(v_cache))  # pages stay as they are
     new = (None, None) if k is None else (_bhld(k), None if v is None else _bhld(v))

@@ -88,3 +88,25 @@ def test_bad_sinks_raise_naming_them(bad):
     sinks = torch.zeros(3) if bad == "shape" else torch.zeros(4, dtype=torch.int32)
     with pytest.raises(ValueError, match="sinks"):
         fastattn.flash_attention(q, k, v, sinks=sinks)
+
+
+def test_flash_attn_interface_takes_sinks(device):
+    """fastattn's keyword addition to FlashAttention's functions: the same as the native call."""
+    from fastattn.flash_attn_interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+
+    q, k, v = (randn((2, 4, 9, 16), torch.float32, device) for _ in range(3))
+    sinks = torch.randn(4, device=device) * 2
+    with fastattn.use_backend("triton"):
+        want = fastattn.flash_attention(q, k, v, causal=True, sinks=sinks)
+        got = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, sinks=sinks)
+        assert torch.equal(got, want.transpose(1, 2))
+        cu = torch.tensor([0, 9, 18], dtype=torch.int32, device=device)
+        packed = [t.transpose(1, 2).reshape(18, 4, 16) for t in (q, k, v)]  # (B, H, L, D) -> (B*L, H, D)
+        got = flash_attn_varlen_func(*packed, cu, cu, 9, 9, causal=True, sinks=sinks)
+        assert torch.equal(got, want.transpose(1, 2).reshape(18, 4, 16))  # the same tiles, in the same order
+    k_cache, v_cache = (t.transpose(1, 2).contiguous() for t in (k, v))  # (B, L, H, D)
+    out = flash_attn_with_kvcache(q[:, :, -1:].transpose(1, 2), k_cache, v_cache,
+                                  cache_seqlens=torch.full((2,), 9, dtype=torch.int32, device=device), sinks=sinks)
+    ref = attention_reference(*(as64(t) for t in (q[:, :, -1:], k, v)), sinks=sinks.double())
+    base = attention_reference(q[:, :, -1:], k, v, sinks=sinks)
+    assert_close_rule("kvcache", out.transpose(1, 2), ref, base)
