@@ -117,8 +117,12 @@ def _feature(name, b, hq, device, d=32):
     return _features(b, hq, device)[name]
 
 
-@pytest.mark.parametrize("page", [16, 32])
-@pytest.mark.parametrize("feature", FEATURES)
+# Every feature on 16-token pages (one interpreter key tile a page), and everything at once on
+# 32-token pages (two tiles a page).
+FEATURE_CASES = [(f, 16) for f in FEATURES] + [("everything", 32)]
+
+
+@pytest.mark.parametrize("feature,page", FEATURE_CASES, ids=[f"{f}-p{p}" for f, p in FEATURE_CASES])
 def test_paged_kernel_features(feature, page, device):
     """Every feature of the contiguous path, on pages: a left window that starts mid-tile,
     a right window, ALiBi, softcap, rotary inside the kernels; GQA 2, 3 new tokens, 3 splits."""
