@@ -204,6 +204,31 @@ def _pair(config, impl, reference_impl="eager"):
     return reference, fast
 
 
+class _Logits(nn.Module):
+    """A causal LM as ids -> logits, so compare_models can differentiate it."""
+
+    def __init__(self, model, attention_mask=None):
+        super().__init__()
+        self.model, self.attention_mask = model, attention_mask
+
+    def forward(self, ids):
+        return self.model(input_ids=ids, attention_mask=self.attention_mask).logits
+
+
+def _spy_flash(monkeypatch, record):
+    """Replaces the Hugging Face integration's flash_attention with a call that appends
+    ``record(kwargs)`` to the returned list, then runs the real one."""
+    from fastattn.integrations import huggingface
+
+    seen, real = [], huggingface.flash_attention
+
+    def spy(q, k, v, **kw):
+        seen.append(record(kw))
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(huggingface, "flash_attention", spy)
+    return seen
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padded"])
 def test_huggingface_sliding_window_runs_the_band(padded, hf_name, monkeypatch):
     """Mistral with sliding_window=8 over 23 tokens: logits within the error rule of eager (the
@@ -211,32 +236,17 @@ def test_huggingface_sliding_window_runs_the_band(padded, hf_name, monkeypatch):
     (W - 1, 0) and no dense mask, so it skips the tiles outside the band (before: the window
     was ignored and a dense (B, 1, L, L) mask walked every tile); a padded batch still passes
     transformers' dense mask."""
-    from fastattn.integrations import huggingface
-
     reference, fast = _pair(_mistral_sliding(8), hf_name)
     b, l = 2, 23
     ids = torch.randint(0, 97, (b, l))
     attention_mask = torch.ones(b, l, dtype=torch.long)
     if padded:
         attention_mask[1, :6] = 0  # left padding, as for batched generation
-    seen = []
-    real = huggingface.flash_attention
-
-    def spy(q, k, v, **kw):
-        seen.append(dict(causal=kw["causal"], window=kw["window"], dense=kw["attn_bias"] is not None))
-        return real(q, k, v, **kw)
-    monkeypatch.setattr(huggingface, "flash_attention", spy)
-
-    class Logits(nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids):
-            return self.model(input_ids=ids, attention_mask=attention_mask).logits
-
+    seen = _spy_flash(monkeypatch, lambda kw: dict(causal=kw["causal"], window=kw["window"],
+                                                   dense=kw["attn_bias"] is not None))
     valid = attention_mask.bool()
-    compare_models(lambda: Logits(reference), lambda: [ids], lambda _: Logits(fast), select=lambda out: out[valid])
+    compare_models(lambda: _Logits(reference, attention_mask), lambda: [ids], lambda _: _Logits(fast, attention_mask),
+                   select=lambda out: out[valid])
     want = dict(causal=False, window=None, dense=True) if padded else dict(causal=True, window=(7, 0), dense=False)
     assert seen and all(call == want for call in seen), seen
 
@@ -305,8 +315,6 @@ def test_huggingface_gpt_oss_sinks_match_eager(hf_name, monkeypatch):
     ignored and the logits were 0.2 away from eager). Sinks of size ~2, sliding and full layers."""
     from transformers import GptOssConfig
 
-    from fastattn.integrations import huggingface
-
     config = GptOssConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=16, intermediate_size=64, num_local_experts=4,
                           num_experts_per_tok=2, sliding_window=8, max_position_embeddings=128,
@@ -318,24 +326,9 @@ def test_huggingface_gpt_oss_sinks_match_eager(hf_name, monkeypatch):
             torch.manual_seed(1)
             for layer in model.model.layers:
                 layer.self_attn.sinks.copy_(torch.randn_like(layer.self_attn.sinks) * 2)
-    seen = []
-    real = huggingface.flash_attention
-
-    def spy(q, k, v, **kw):
-        seen.append(kw["sinks"] is not None)
-        return real(q, k, v, **kw)
-    monkeypatch.setattr(huggingface, "flash_attention", spy)
-
-    class Logits(nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids):
-            return self.model(input_ids=ids).logits
-
+    seen = _spy_flash(monkeypatch, lambda kw: kw["sinks"] is not None)
     ids = torch.randint(0, 97, (1, 12))
-    compare_models(lambda: Logits(reference), lambda: [ids], lambda _: Logits(fast))
+    compare_models(lambda: _Logits(reference), lambda: [ids], lambda _: _Logits(fast))
     assert seen and all(seen), seen
 
 
