@@ -343,15 +343,21 @@ def flash_launches(dtype, d, causal, features):
 def _flash_cases():
     names = {"attn_fwd_kernel": "fwd", "attn_bwd_dkdv_kernel": "dkdv", "attn_bwd_dq_kernel": "dq"}
     kernels = {fn: (short, SOFTMAX_KERNELS[short]) for fn, short in names.items()}
+    return _grid("flash", (16, 32, 40, 64, 80, 96, 128, 160, 256), flash_launches, kernels)
+
+
+def _grid(op, head_dims, launches, kernels):
+    """Cases ``<op>-<dtype>-d<D>-<causal|full>[-features]`` over every dtype, head dim, causal
+    and features on/off, each launching ``launches(dtype, d, causal, features)``."""
     cases = {}
     for dname, dtype in DTYPES.items():
-        for d in (16, 32, 40, 64, 80, 96, 128, 160, 256):
+        for d in head_dims:
             for causal in (True, False):
                 for features in (False, True):
                     rest = f"{dname}-d{d}-{'causal' if causal else 'full'}" + ("-features" if features else "")
-                    cases[f"flash-{rest}"] = Case("flash", rest, (
+                    cases[f"{op}-{rest}"] = Case(op, rest, (
                         lambda dtype=dtype, d=d, causal=causal, features=features:
-                        flash_launches(dtype, d, causal, features)), kernels)
+                        launches(dtype, d, causal, features)), kernels)
     return cases
 
 
@@ -381,16 +387,7 @@ def _decode_cases():
     kernels = {"decode_split_kernel": ("split", ("key", "BLOCK_N")),
                "decode_merge_kernel": ("merge", (None, None)),
                "kv_append_kernel": ("append", (None, None))}
-    cases = {}
-    for dname, dtype in DTYPES.items():
-        for d in (16, 40, 64, 80, 128, 256):
-            for causal in (True, False):
-                for features in (False, True):
-                    rest = f"{dname}-d{d}-{'causal' if causal else 'full'}" + ("-features" if features else "")
-                    cases[f"decode-{rest}"] = Case("decode", rest, (
-                        lambda dtype=dtype, d=d, causal=causal, features=features:
-                        decode_launches(dtype, d, causal, features)), kernels)
-    return cases
+    return _grid("decode", (16, 40, 64, 80, 128, 256), decode_launches, kernels)
 
 
 def sparse_launches(dtype, d, block, causal):
