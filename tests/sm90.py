@@ -30,7 +30,9 @@ and reports:
   dominates it, and the address range between them, holding no other such loop), in address order, with its SASS instruction count per
   iteration and ``per_row`` = that / the rows one iteration walks: ``BLOCK_N`` keys for a loop
   over keys, ``BLOCK_M`` queries for a loop over queries (dK/dV), ``BLOCK_C`` rows (linear);
-  ``walks`` says which; ``blocks``: the launch's BLOCK_* constexprs.
+  ``walks`` says which; ``per_pair`` (softmax-attention kernels) = instructions x num_warps /
+  (BLOCK_M x BLOCK_N): warp instructions per (query, key) pair, the count that compares tiles
+  and warp counts; ``blocks``: the launch's BLOCK_* constexprs.
 
 Usage (TRITON_INTERPRET must be 0; the script sets it; tests/test_sm90_compile.py runs it in a
 subprocess)::
@@ -297,6 +299,11 @@ def run_case(case: Case, out_dir: str, only: Optional[str] = None) -> list[dict]
         step = (walks, bound[step_name]) if step_name in bound else None
         result = analyse(compiled, options, f"{case.op}-{kernel}-{case.rest}", out_dir, step)
         result["blocks"] = {k: v for k, v in bound.items() if k.startswith("BLOCK_")}
+        if "BLOCK_M" in bound and "BLOCK_N" in bound:
+            # Warp instructions per (query, key) pair: comparable across tiles and warp counts.
+            for loop in result["loops"]:
+                loop["per_pair"] = round(loop["instructions"] * result["num_warps"]
+                                         / (bound["BLOCK_M"] * bound["BLOCK_N"]), 3)
         results.append(result)
     if only is not None and not results:
         raise ValueError(f"case {case.op}-{case.rest} launches no kernel {only!r}")
@@ -337,7 +344,10 @@ def flash_launches(dtype, d, causal, features):
         out, lse = op.flash_attn(q, k, v, **opts)
         do = torch.empty_like(out)
         op.flash_backward(do, q, k, v, out, lse, bias_grad=features, **opts)
-    return launches
+    # A dK/dV kernel launched once per gradient (GRAD_K xor GRAD_V) is read per launch.
+    return [launch._replace(tag="dk" if launch.kwargs["GRAD_K"] else "dv")
+            if launch.kwargs.get("GRAD_K", True) != launch.kwargs.get("GRAD_V", True) else launch
+            for launch in launches]
 
 
 def _flash_cases():

@@ -224,7 +224,7 @@ def test_blocks_outside_the_band_are_never_read(device):
     into its output if they were loaded and masked rather than skipped."""
     from fastattn.ops.flash import op
 
-    block_m, _, _ = op.block_config(64, torch.float16, backward=False)
+    block_m, _, _ = op.block_config(64, torch.float16, "fwd")
     length = 4 * block_m
     q, k, v = (randn((1, 2, length, 64), torch.float16, device) for _ in range(3))
     v[:, :, block_m:] = float("nan")

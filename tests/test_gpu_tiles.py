@@ -34,9 +34,9 @@ def gpu_tiles(monkeypatch):
 
 def test_the_switch_changes_the_tiles(monkeypatch):
     """Guards this file's premise: with the switch the interpreter gets the GPU's tiles."""
-    gpu = flash_op.block_config(128, torch.float16, False)
+    gpu = flash_op.block_config(128, torch.float16, "fwd")
     monkeypatch.setenv("FASTATTN_GPU_TILES", "0")
-    assert flash_op.block_config(128, torch.float16, False) != gpu or torch.cuda.is_available()
+    assert flash_op.block_config(128, torch.float16, "fwd") != gpu or torch.cuda.is_available()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -43,31 +43,34 @@ def dtype_flags(dtype: torch.dtype) -> dict:
 
 
 # (BLOCK_M, BLOCK_N, num_warps) of the softmax-attention kernels (flash, and sparse within a
-# layout block) by padded head dim when compiled for a GPU, picked from the static read of
-# the compiled sm_90 code (tests/sm90.py): every kernel fits the H100's 227 KB of shared
-# memory with no register spills. The d128 and d256 forward tiles (128x64, 64x64) are the
-# largest that compile without spills on the pointer path (128x128 spills at d128).
-# fp32 tiles take twice the bytes, so they get half the query rows. The interpreter runs one
-# program at a time in NumPy, where fewer, larger blocks are faster.
-_FWD_BLOCKS = {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 4), 128: (128, 64, 8), 256: (64, 64, 8)}
-_BWD_BLOCKS = {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8), 256: (64, 32, 8)}
-# Software-pipeline depth where Triton's default (3) does not fit: the d256 forward's 64x64
-# K and V tiles take 64 KB a stage.
-_FWD_STAGES = {256: 2}
+# layout block) by kernel and padded head dim when compiled for a GPU, picked from the static
+# read of the compiled sm_90 code (tests/sm90.py; benchmarks/results/sm90-static.md): every
+# kernel fits the H100's 227 KB of shared memory with no register spills, and every product
+# runs on wgmma, which needs 64 rows per warpgroup on its tall side: the query block (BLOCK_M)
+# in "fwd" and "dq", the key block (BLOCK_N) in "dkdv", whose tiles are (keys, queries).
+# Among those, the tiles that issue the fewest instructions per (query, key) pair. d256 runs
+# one warpgroup (4 warps): with two, each would recompute the whole 64-row score tile. fp32
+# tiles take twice the bytes, so they get half the rows on the short side. The interpreter
+# runs one program at a time in NumPy, where fewer, larger blocks are faster.
+_BLOCKS = {
+    "fwd": {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 4), 128: (128, 64, 8), 256: (64, 32, 4)},
+    "dkdv": {16: (64, 128, 8), 32: (64, 128, 8), 64: (64, 128, 8), 128: (32, 128, 8), 256: (32, 64, 4)},
+    "dq": {16: (128, 128, 8), 32: (128, 128, 8), 64: (128, 128, 8), 128: (128, 64, 8), 256: (64, 32, 4)},
+}
 _INTERPRETER_BLOCKS = (32, 32, 4)
 
 
-def block_config(head_dim: int, dtype: torch.dtype, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the softmax-attention kernels for a head dim (the
-    larger of q's and v's)."""
+def block_config(head_dim: int, dtype: torch.dtype, kernel: str) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of a softmax-attention kernel ("fwd", "dkdv" or "dq")
+    for a head dim (the larger of q's and v's)."""
     if not gpu_tiles():
         return _INTERPRETER_BLOCKS
-    table = _BWD_BLOCKS if backward else _FWD_BLOCKS
-    block_m, block_n, warps = table[pad(head_dim)]
+    block_m, block_n, warps = _BLOCKS[kernel][pad(head_dim)]
     if dtype == torch.float32:
-        block_m = max(32, block_m // 2)
-        if pad(head_dim) == 256:
-            block_n = min(block_n, 32)  # fp32 K and V tiles of 64 x 256 would not fit two stages
+        if kernel == "dkdv":
+            block_m = max(16, block_m // 2)  # the query step; the key block stays wgmma's 64+ rows
+        else:
+            block_m = max(32, block_m // 2)
     return block_m, block_n, warps
 
 
@@ -95,11 +98,18 @@ def logit_scalars(scale: float, softcap: Optional[float] = None, dropout_p: floa
             0 if window_left is None else int(window_left), 0 if window_right is None else int(window_right))
 
 
-def num_stages(head_dim: int, backward: bool) -> dict:
-    """``num_stages`` for a softmax-attention launch, as keyword arguments ({} for the default)."""
-    if backward or not gpu_tiles() or pad(head_dim) not in _FWD_STAGES:
-        return {}
-    return dict(num_stages=_FWD_STAGES[pad(head_dim)])
+# Head dims whose dK/dV kernel runs as two launches, one per gradient: at d256 the two fp32
+# 64 x 256 accumulators take every register and spill. The second launch recomputes the
+# scores (one more Q.K^T of the five backward products).
+_SPLIT_KEY_GRADS = {256}
+
+
+def key_grads(head_dim: int) -> list[dict]:
+    """The dK/dV kernel's launches, as GRAD_K/GRAD_V keyword arguments: one for both, or (on a
+    GPU, at a head dim in _SPLIT_KEY_GRADS) one per gradient."""
+    if gpu_tiles() and pad(head_dim) in _SPLIT_KEY_GRADS:
+        return [dict(GRAD_K=False, GRAD_V=True), dict(GRAD_K=True, GRAD_V=False)]
+    return [dict(GRAD_K=True, GRAD_V=True)]
 
 
 def softcap_args(softcap: Optional[float]) -> dict:

@@ -99,12 +99,15 @@ def store_tile(base, x, rows, cols, stride_r, stride_c, row_ok, col_ok):
 
 
 @triton.jit
-def band_mask(offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right,
+def band_mask(qi, kj, seqlen_q, seqlen_k, diag, window_left, window_right,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """(queries, keys) True where query offs_m may see key offs_n: both in bounds, and inside
-    the band where it has an edge (causal is HAS_RIGHT with window_right 0)."""
-    valid = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
-    rel = offs_n[None, :] - offs_m[:, None] - diag
+    """True where query qi may see key kj: both in bounds, and inside the band where it has an
+    edge (causal is HAS_RIGHT with window_right 0). qi and kj are positions shaped to broadcast
+    to the tile: ``offs_m[:, None], offs_n[None, :]`` for a (queries, keys) tile, or
+    ``offs_m[None, :], offs_n[:, None]`` for a (keys, queries) one (the same for ``logits``
+    and ``dropout_keep``)."""
+    valid = (qi < seqlen_q) & (kj < seqlen_k)
+    rel = kj - qi - diag
     if HAS_LEFT:
         valid = valid & (rel >= -window_left)
     if HAS_RIGHT:
@@ -114,43 +117,46 @@ def band_mask(offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left, window_righ
 
 @triton.jit
 def logits(
-    qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, softcap, window_left, window_right,
+    qk, qi, kj, seqlen_q, seqlen_k, diag, softcap, window_left, window_right,
     bias_base, stride_bm, stride_bn, slope,
     HAS_BIAS: tl.constexpr, BIAS_IS_BOOL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
 ):
-    """Scaled scores ``qk`` (queries, keys) -> final logits, -inf where masked:
-    softcap * tanh(qk / softcap), then + bias (or a bool mask), - slope * |rel| (ALiBi)."""
+    """Scaled scores ``qk`` -> final logits, -inf where masked: softcap * tanh(qk / softcap),
+    then + bias (or a bool mask), - slope * |rel| (ALiBi). qi, kj as ``band_mask``'s; the bias
+    is (queries, keys) with strides stride_bm, stride_bn."""
     s = qk
     if HAS_SOFTCAP:
         s = softcap * tanh(s / softcap)
-    valid = band_mask(offs_m, offs_n, seqlen_q, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+    valid = band_mask(qi, kj, seqlen_q, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
     if HAS_BIAS:
-        bias = load_tile(bias_base, offs_m, offs_n, stride_bm, stride_bn, offs_m < seqlen_q, offs_n < seqlen_k)
+        # int64 offsets: one (batch, head) bias slice may hold more than 2^31 elements.
+        ptrs = bias_base + qi.to(tl.int64) * stride_bm + kj.to(tl.int64) * stride_bn
+        bias = tl.load(ptrs, mask=(qi < seqlen_q) & (kj < seqlen_k), other=0.0)
         if BIAS_IS_BOOL:
             valid = valid & (bias != 0)
         else:
             s = s + bias.to(tl.float32)
     if HAS_ALIBI:
-        rel = offs_n[None, :] - offs_m[:, None] - diag
-        s = s - slope * tl.abs(rel).to(tl.float32)
+        s = s - slope * tl.abs(kj - qi - diag).to(tl.float32)
     return tl.where(valid, s, float("-inf"))
 
 
 @triton.jit
-def term_logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope,
+def term_logits(qk, qi, kj, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope,
                 TERMS: tl.constexpr):
     """``logits`` with the flags of a ``TERMS`` constexpr (``fastattn/ops/_launch.py: Terms``)
     and the runtime ``scalars = (scale, softcap, dropout_p, window_left, window_right)``."""
-    return logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, scalars[1], scalars[3], scalars[4],
+    return logits(qk, qi, kj, seqlen_q, seqlen_k, diag, scalars[1], scalars[3], scalars[4],
                   bias_base, bias_strides[2], bias_strides[3], slope,
                   TERMS.BIAS, TERMS.BIAS_IS_BOOL, TERMS.ALIBI, TERMS.SOFTCAP, TERMS.LEFT, TERMS.RIGHT)
 
 
 @triton.jit
-def dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p):
+def dropout_keep(seed, bh, qi, kj, seqlen_q, seqlen_k, dropout_p):
+    """Where dropout keeps (query qi, key kj); qi, kj as ``band_mask``'s."""
     # One Philox counter per (batch*head, query, key): the backward regenerates the same mask.
-    offs = (bh.to(tl.int64) * seqlen_q + offs_m[:, None]) * seqlen_k + offs_n[None, :]
+    offs = (bh.to(tl.int64) * seqlen_q + qi) * seqlen_k + kj
     return tl.rand(seed, offs) >= dropout_p
 
 
@@ -193,28 +199,40 @@ def softmax_finish(acc, m_i, l_i):
 
 @triton.jit
 def bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, bh, seed, slope,
-             bias_base, bias_strides, scalars, TERMS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """Recomputes one (queries, keys) tile of a softmax-attention forward from its lse and
-    differentiates it; delta is rowsum(dO * O). ``scalars`` and ``TERMS`` as ``term_logits``.
+             bias_base, bias_strides, scalars, TERMS: tl.constexpr, KEY_MAJOR: tl.constexpr,
+             DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """Recomputes one tile of a softmax-attention forward from its lse and differentiates it;
+    delta is rowsum(dO * O). ``scalars`` and ``TERMS`` as ``term_logits``.
 
     Returns (p_drop, ds, ds_qk): the probabilities after dropout (for dV), the gradient of
     the final logits (= of an additive bias), and the gradient of the scaled q.k (for dQ, dK).
+    They are (queries, keys) tiles, or with KEY_MAJOR (keys, queries): the transposes, which
+    a key block multiplies as they are (dV += P^T dO, dK += dS^T Q), so that its key rows are
+    the MMA's tall side (Hopper's wgmma needs 64 rows per warpgroup).
     """
     scale, softcap, dropout_p = scalars[0], scalars[1], scalars[2]
-    qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
-    s = term_logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope, TERMS)
+    if KEY_MAJOR:
+        qk = dot(k, tl.trans(q), DOT_FP32, PRECISION) * scale
+        dp = dot(v, tl.trans(do), DOT_FP32, PRECISION)
+        qi, kj = offs_m[None, :], offs_n[:, None]
+        lse, delta = lse[None, :], delta[None, :]
+    else:
+        qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
+        dp = dot(do, tl.trans(v), DOT_FP32, PRECISION)
+        qi, kj = offs_m[:, None], offs_n[None, :]
+        lse, delta = lse[:, None], delta[:, None]
+    s = term_logits(qk, qi, kj, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope, TERMS)
     # A row that saw no key has lse -inf; use +inf so that p = exp(-inf) = 0, not NaN.
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    p = tl.math.exp2((s - lse[:, None]) * LOG2E)  # the forward's softmax, recomputed
-    dp = dot(do, tl.trans(v), DOT_FP32, PRECISION)
+    p = tl.math.exp2((s - lse) * LOG2E)  # the forward's softmax, recomputed
     if TERMS.DROPOUT:
-        keep = dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
+        keep = dropout_keep(seed, bh, qi, kj, seqlen_q, seqlen_k, dropout_p)
         p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     else:
         p_drop = p
     # Softmax backward: dS = P * (dP - rowsum(dO * O)).
-    ds = p * (dp - delta[:, None])
+    ds = p * (dp - delta)
     ds_qk = ds
     if TERMS.SOFTCAP:
         t = tanh(qk / softcap)
@@ -256,13 +274,24 @@ def store_rows(PTR, strides, b, h, row0, x, rows, cols, row_ok, col_ok, BF16_RTN
 
 
 @triton.jit
-def load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, q0, offs_m, row_ok,
+def load_block(base, rows, cols, stride_r, stride_c, row_ok, col_ok):
+    """load_tile of a block whose first row is at ``base``: rows and cols count from it, in
+    int32 (a block spans far less than 2^31 elements; the int64 part is in base), so a loop
+    that moves base keeps the offsets loop-invariant."""
+    return tl.load(base + (rows[:, None] * stride_r + cols[None, :] * stride_c),
+                   mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, row0, offs, row_ok,
                     offs_d, d_ok, offs_dv, dv_ok):
-    """What the backward needs of query rows offs_m (from row q0) of head (b, h): q, dO, the
-    forward's lse and delta = rowsum(dO * O). LSE and DELTA are (B, H, L) with ``lse_strides``."""
-    q = load_rows(Q, q_strides, b, h, q0, offs_m, offs_d, row_ok, d_ok)
-    do = load_rows(DO, do_strides, b, h, q0, offs_m, offs_dv, row_ok, dv_ok)
-    row = b * lse_strides[0] + h * lse_strides[1] + (tl.cast(q0, tl.int64) + offs_m) * lse_strides[2]
+    """What the backward needs of a block of query rows row0 + offs (offs from 0) of head
+    (b, h): q, dO, the forward's lse and delta = rowsum(dO * O). LSE and DELTA are (B, H, L)
+    with ``lse_strides``."""
+    q = load_block(rows_base(Q, q_strides, b, h, row0), offs, offs_d, q_strides[2], q_strides[3], row_ok, d_ok)
+    do = load_block(rows_base(DO, do_strides, b, h, row0), offs, offs_dv, do_strides[2], do_strides[3],
+                    row_ok, dv_ok)
+    row = b * lse_strides[0] + h * lse_strides[1] + tl.cast(row0, tl.int64) * lse_strides[2] + offs * lse_strides[2]
     lse = tl.load(LSE + row, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
     return q, do, lse, delta

@@ -244,7 +244,7 @@ def decode_split_kernel(
         k = load_tile(k_base, rows_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
         qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
         # logits masks keys >= its seqlen_k argument: pass `end`, the split's own limit.
-        s = logits(qk, pos_q, offs_n, lq, end, diag, softcap, window_left, window_right,
+        s = logits(qk, pos_q[:, None], offs_n[None, :], lq, end, diag, softcap, window_left, window_right,
                    Q, 0, 0, slope,
                    False, False, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT)
         p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from fastattn.ops._triton import (
-    LN2, LOG2E, bwd_tile, cast, dot, dropout_keep, load_query_rows, load_rows, load_tile, program_heads,
-    rows_base, sequence, softmax_finish, softmax_init, span, store_key_grads, store_rows, store_tile, term_logits,
+    LN2, LOG2E, bwd_tile, cast, dot, dropout_keep, load_block, load_query_rows, load_rows, program_heads,
+    rows_base, sequence, softmax_finish, softmax_init, span, store_rows, store_tile, term_logits,
 )
 
 
@@ -131,8 +131,8 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows,
                 qk = tl.where(_visible(offs_m, offs_n, seqlen_k, diag, scalars[3], scalars[4], TERMS),
                               qk, float("-inf"))
         else:
-            qk = term_logits(qk * scalars[0], offs_m, offs_n, seqlen_q, seqlen_k, diag, scalars, bias_base,
-                             bias_strides, slope, TERMS)
+            qk = term_logits(qk * scalars[0], offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag, scalars,
+                             bias_base, bias_strides, slope, TERMS)
         m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
         if GUARD:
             # A row that has seen only masked keys keeps max -inf; subtract 0 instead so that
@@ -145,7 +145,7 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows,
         v = _load_kv(v_ptrs[0] + step * v_step + v_ptrs[1], col_ok, dv_ok, MASKED, HEAD_DIM_V == BLOCK_DV)
         if TERMS.DROPOUT:
             # The softmax normalises by the undropped sum l; dropout scales what reaches V.
-            keep = dropout_keep(seed, bh, offs_m, offs_n, seqlen_q, seqlen_k, scalars[2])
+            keep = dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, scalars[2])
             p = tl.where(keep, p / (1.0 - scalars[2]), 0.0)
         acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
     return acc, m_i, l_i
@@ -244,11 +244,13 @@ def attn_bwd_dkdv_kernel(
     n_kv_heads, group, seqlen_q, seqlen_k, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    TERMS: tl.constexpr, VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BF16_RTNE: tl.constexpr,
+    TERMS: tl.constexpr, VARLEN: tl.constexpr, GRAD_K: tl.constexpr, GRAD_V: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
-    """dK, dV for one block of keys of one kv head, summed over the group query heads that
-    share it, so GQA never allocates Hq-sized key gradients."""
+    """dK (GRAD_K) and dV (GRAD_V) for one block of keys of one kv head, summed over the group
+    query heads that share it, so GQA never allocates Hq-sized key gradients. A launch with
+    only one of them holds half the accumulators (d256: two fp32 64 x 256 tiles would not fit
+    the registers); what it does not need of the shared tile (dV needs no dP) compiles away."""
     start_n = tl.program_id(0) * BLOCK_N
     b, hk, _, _ = program_heads(n_kv_heads, 1)  # grid (blocks, kv heads, sequences)
     q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
@@ -268,6 +270,7 @@ def attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
     lo, hi = _query_range(start_n, seqlen_q, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
+    offs_m0 = tl.arange(0, BLOCK_M)
     for g in range(0, group):
         h = hk * group + g
         bh = b * n_heads + h
@@ -275,16 +278,21 @@ def attn_bwd_dkdv_kernel(
         slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
-            q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, q0,
-                                                offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok)
+            q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h,
+                                                q0 + start_m, offs_m0, row_ok, offs_d, d_ok, offs_dv, dv_ok)
+            # (keys, queries) tiles: the key block is the tall side of all four products.
             p_drop, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
                                          bh, seed, slope, bias_base, bias_strides, scalars,
-                                         TERMS, DOT_FP32, PRECISION)
-            dv += dot(tl.trans(cast(p_drop, do.dtype, BF16_RTNE)), do, DOT_FP32, PRECISION)
-            dk += dot(tl.trans(cast(ds_qk, q.dtype, BF16_RTNE)), q, DOT_FP32, PRECISION)
+                                         TERMS, True, DOT_FP32, PRECISION)
+            if GRAD_V:
+                dv += dot(cast(p_drop, do.dtype, BF16_RTNE), do, DOT_FP32, PRECISION)
+            if GRAD_K:
+                dk += dot(cast(ds_qk, q.dtype, BF16_RTNE), q, DOT_FP32, PRECISION)
 
-    store_key_grads(DK, DV, dk_strides, dv_strides, dk, dv, b, hk, k0, scalars[0], offs_n, offs_d, offs_dv,
-                    col_ok, d_ok, dv_ok, BF16_RTNE)
+    if GRAD_K:  # the scores were q.k * scale
+        store_rows(DK, dk_strides, b, hk, k0, dk * scalars[0], offs_n, offs_d, col_ok, d_ok, BF16_RTNE)
+    if GRAD_V:
+        store_rows(DV, dv_strides, b, hk, k0, dv, offs_n, offs_dv, col_ok, dv_ok, BF16_RTNE)
 
 
 @triton.jit
@@ -313,8 +321,8 @@ def attn_bwd_dq_kernel(
     offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
-    q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, q0,
-                                        offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok)
+    q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, q0 + start_m,
+                                        offs_m - start_m, row_ok, offs_d, d_ok, offs_dv, dv_ok)
     k_base = rows_base(K, k_strides, b, hk, k0)
     v_base = rows_base(V, v_strides, b, hk, k0)
     bias_base = rows_base(BIAS, bias_strides, b, h, 0)
@@ -323,12 +331,14 @@ def attn_bwd_dq_kernel(
     ds_rows = tl.zeros([BLOCK_M], tl.float32)
 
     lo, hi = _key_range(start_m, seqlen_k, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
+    offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n, col_ok = span(start_n, BLOCK_N, seqlen_k)
-        k = load_tile(k_base, offs_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
-        v = load_tile(v_base, offs_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
+        step = tl.cast(start_n, tl.int64)
+        k = load_block(k_base + step * k_strides[2], offs_n0, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
+        v = load_block(v_base + step * v_strides[2], offs_n0, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
         _, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
-                                bh, seed, slope, bias_base, bias_strides, scalars, TERMS, DOT_FP32, PRECISION)
+                                bh, seed, slope, bias_base, bias_strides, scalars, TERMS, False, DOT_FP32, PRECISION)
         if STORE_DS:
             store_tile(DS + bh * seqlen_q * seqlen_k, ds, offs_m, offs_n, seqlen_k, 1, row_ok, col_ok)
         dq += dot(cast(ds_qk, k.dtype, BF16_RTNE), k, DOT_FP32, PRECISION)
@@ -351,6 +361,6 @@ def dropout_mask_kernel(KEEP, SEED, n_heads, seqlen_q, seqlen_k, dropout_p,
     offs_m = (tl.program_id(0) // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     bh = tl.program_id(2).to(tl.int64) * n_heads + tl.program_id(1)
-    keep = dropout_keep(tl.load(SEED), bh, offs_m, offs_n, seqlen_q, seqlen_k, dropout_p)
+    keep = dropout_keep(tl.load(SEED), bh, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, dropout_p)
     store_tile(KEEP + bh * seqlen_q * seqlen_k, keep.to(tl.uint8), offs_m, offs_n, seqlen_k, 1,
                offs_m < seqlen_q, offs_n < seqlen_k)

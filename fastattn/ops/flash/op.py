@@ -42,15 +42,15 @@ def _bias_args(q: Tensor, bias: Optional[Tensor]):
     return (bias.view(torch.uint8) if bias.dtype == torch.bool else bias), bias.stride()
 
 
-def _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions, backward: bool):
-    """The kernels' pointer arguments after q, k, v and their outputs, the strides of bias
-    and alibi, the grid's batch axis, and the keyword arguments."""
+def _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions, kernel: str):
+    """The pointer arguments of kernel "fwd", "dkdv" or "dq" after q, k, v and their outputs,
+    the strides of bias and alibi, the grid's batch axis, and the keyword arguments."""
     varlen = cu_seqlens[0] is not None
     batch = cu_seqlens[0].numel() - 1 if varlen else q.shape[0]
     bias_t, bias_strides = _bias_args(q, bias)
     alibi_t, alibi_strides = _launch.alibi_args(q, alibi, batch)
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
-    block_m, block_n, warps = block_config(max(head_dim, head_dim_v), q.dtype, backward)
+    block_m, block_n, warps = block_config(max(head_dim, head_dim_v), q.dtype, kernel)
     terms = _launch.Terms(
         BIAS=bias is not None, BIAS_IS_BOOL=bias is not None and bias.dtype == torch.bool,
         ALIBI=alibi is not None, SOFTCAP=bool(options.softcap), DROPOUT=options.dropout_p > 0.0,
@@ -59,7 +59,7 @@ def _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptio
         scalars=_launch.logit_scalars(*options[:5]),
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=_launch.pad(head_dim), BLOCK_DV=_launch.pad(head_dim_v), TERMS=terms,
-        VARLEN=varlen, num_warps=warps, **_launch.num_stages(max(head_dim, head_dim_v), backward),
+        VARLEN=varlen, num_warps=warps,
         **_launch.dtype_flags(q.dtype),
     )
     cu_q, cu_k = cu_seqlens if varlen else (q, q)  # q stands in for the unused pointers
@@ -93,7 +93,7 @@ def _forward(q, k, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOption
     varlen = cu_seqlens[0] is not None
     out = _output(q, v.shape[-1], varlen, lambda *shape: _launch.empty(*shape, like=q))
     lse = _launch.empty(*q.shape[:3], like=q, dtype=torch.float32)
-    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, False)
+    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "fwd")
     grid = (_grid_len(options.max_seqlen_q, lq, meta["BLOCK_M"]), h, batch)
     kernels.attn_fwd_kernel[grid](
         q, k, v, out, lse, *pointers,
@@ -112,14 +112,16 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens, optio
     # Zeros, not empty: blocks outside the causal/window band are skipped, and their bias
     # gradient is 0.
     ds = torch.zeros(b, h, lq, lk if bias_grad else 0, device=q.device, dtype=torch.float32)
-    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, True)
+    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "dkdv")
     q_k_v_do_lse = tuple(_strides(t, varlen) for t in (q, k, v, do, lse))
-    kernels.attn_bwd_dkdv_kernel[(_grid_len(options.max_seqlen_k, lk, meta["BLOCK_N"]), hkv, batch)](
-        q, k, v, do, lse, delta, dk, dv, *pointers,
-        *q_k_v_do_lse, _strides(dk, varlen), _strides(dv, varlen), *strides,
-        hkv, h // hkv, lq, lk, **meta,
-    )
+    for grads in _launch.key_grads(max(q.shape[-1], v.shape[-1])):
+        kernels.attn_bwd_dkdv_kernel[(_grid_len(options.max_seqlen_k, lk, meta["BLOCK_N"]), hkv, batch)](
+            q, k, v, do, lse, delta, dk, dv, *pointers,
+            *q_k_v_do_lse, _strides(dk, varlen), _strides(dv, varlen), *strides,
+            hkv, h // hkv, lq, lk, **grads, **meta,
+        )
     ds_rows = lse if sinks is None else _launch.empty(*lse.shape, like=lse)  # lse: an unused stand-in
+    meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "dq")[3]
     kernels.attn_bwd_dq_kernel[(_grid_len(options.max_seqlen_q, lq, meta["BLOCK_M"]), h, batch)](
         q, k, v, do, lse, delta, dq, ds, ds_rows, *pointers,
         *q_k_v_do_lse, _strides(dq, varlen), *strides,

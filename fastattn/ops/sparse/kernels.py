@@ -71,7 +71,7 @@ def sparse_fwd_kernel(
             offs_n, col_ok = span(kb_start + sub, BLOCK_N, seqlen_k)
             k = load_tile(k_base, offs_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
             qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scalars[0]
-            s = term_logits(qk, offs_m, offs_n, seqlen_q, seqlen_k, diag, scalars, Q, q_strides, 0.0, TERMS)
+            s = term_logits(qk, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag, scalars, Q, q_strides, 0.0, TERMS)
             p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)
             v = load_tile(v_base, offs_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
             acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
@@ -127,12 +127,14 @@ def sparse_bwd_dkdv_kernel(
                 lo = (lo // BLOCK_M) * BLOCK_M
             for sub in range(lo, hi, BLOCK_M):
                 offs_m, row_ok = span(qb_start + sub, BLOCK_M, seqlen_q)
-                q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, 0,
-                                                    offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok)
+                q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h,
+                                                    qb_start + sub, offs_m - qb_start - sub, row_ok,
+                                                    offs_d, d_ok, offs_dv, dv_ok)
+                # (keys, queries) tiles: the key block is the tall side of all four products.
                 p, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
-                                    bh, 0, 0.0, Q, q_strides, scalars, TERMS, DOT_FP32, PRECISION)
-                dv += dot(tl.trans(cast(p, do.dtype, BF16_RTNE)), do, DOT_FP32, PRECISION)
-                dk += dot(tl.trans(cast(ds, q.dtype, BF16_RTNE)), q, DOT_FP32, PRECISION)
+                                        bh, 0, 0.0, Q, q_strides, scalars, TERMS, True, DOT_FP32, PRECISION)
+                dv += dot(cast(p, do.dtype, BF16_RTNE), do, DOT_FP32, PRECISION)
+                dk += dot(cast(ds, q.dtype, BF16_RTNE), q, DOT_FP32, PRECISION)
 
     store_key_grads(DK, DV, dk_strides, dv_strides, dk, dv, b, hk, 0, scalars[0], offs_n, offs_d, offs_dv,
                     col_ok, d_ok, dv_ok, BF16_RTNE)
@@ -157,8 +159,8 @@ def sparse_bwd_dq_kernel(
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
-    q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, 0,
-                                        offs_m, row_ok, offs_d, d_ok, offs_dv, dv_ok)
+    q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, start_m,
+                                        offs_m - start_m, row_ok, offs_d, d_ok, offs_dv, dv_ok)
     k_base = rows_base(K, k_strides, b, hk, 0)
     v_base = rows_base(V, v_strides, b, hk, 0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -174,7 +176,7 @@ def sparse_bwd_dq_kernel(
             k = load_tile(k_base, offs_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
             v = load_tile(v_base, offs_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
             _, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
-                                bh, 0, 0.0, Q, q_strides, scalars, TERMS, DOT_FP32, PRECISION)
+                                bh, 0, 0.0, Q, q_strides, scalars, TERMS, False, DOT_FP32, PRECISION)
             dq += dot(cast(ds, k.dtype, BF16_RTNE), k, DOT_FP32, PRECISION)
 
     # The scores were q.k * scale.

@@ -16,18 +16,17 @@ from fastattn.ops import _launch
 from fastattn.ops.sparse import kernels
 
 
-def _meta(q: Tensor, v: Tensor, block_size: int, causal: bool, scale: float, backward: bool) -> dict:
+def _meta(q: Tensor, v: Tensor, block_size: int, causal: bool, scale: float, kernel: str) -> dict:
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
     # The softmax-attention tiles (which fit the H100's shared memory), clipped to the layout
     # block so a tile never straddles two layout blocks; both are powers of two, so they divide it.
-    block_m, block_n, warps = _launch.block_config(max(head_dim, head_dim_v), q.dtype, backward)
+    block_m, block_n, warps = _launch.block_config(max(head_dim, head_dim_v), q.dtype, kernel)
     return dict(
         scalars=_launch.logit_scalars(scale),
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_M=min(block_m, block_size), BLOCK_N=min(block_n, block_size),
         BLOCK_D=_launch.pad(head_dim), BLOCK_DV=_launch.pad(head_dim_v),
         LAYOUT_BLOCK=block_size, TERMS=_launch.Terms(RIGHT=causal), num_warps=warps,
-        **_launch.num_stages(max(head_dim, head_dim_v), backward),
         **_launch.dtype_flags(q.dtype),
     )
 
@@ -42,7 +41,7 @@ def _forward(q, k, v, crow, col, block_size, scale, causal):
     hkv, lk = k.shape[1], k.shape[2]
     out = _launch.empty(b, h, lq, v.shape[-1], like=q)
     lse = _launch.empty(b, h, lq, like=q, dtype=torch.float32)
-    meta = _meta(q, v, block_size, causal, scale, False)
+    meta = _meta(q, v, block_size, causal, scale, "fwd")
     stride_h = _layout_stride(crow, h, triton.cdiv(lq, block_size))
     grid = (triton.cdiv(lq, meta["BLOCK_M"]), h, b)
     kernels.sparse_fwd_kernel[grid](
@@ -58,7 +57,7 @@ def _backward(do, q, k, v, out, lse, crow, col, ccol, row, block_size, scale, ca
     hkv, lk = k.shape[1], k.shape[2]
     delta = _launch.softmax_delta(do, out)
     dq, dk, dv = (_launch.empty(*t.shape, like=t) for t in (q, k, v))
-    meta = _meta(q, v, block_size, causal, scale, True)
+    meta = _meta(q, v, block_size, causal, scale, "dkdv")
     args = (q.stride(), k.stride(), v.stride(), do.stride(), lse.stride())
     stride_q = _layout_stride(crow, h, triton.cdiv(lq, block_size))
     stride_k = _layout_stride(ccol, h, triton.cdiv(lk, block_size))
@@ -66,6 +65,7 @@ def _backward(do, q, k, v, out, lse, crow, col, ccol, row, block_size, scale, ca
         q, k, v, do, lse, delta, dk, dv, ccol, row, *args, dk.stride(), dv.stride(),
         hkv, h // hkv, lq, lk, stride_k, **meta,
     )
+    meta = _meta(q, v, block_size, causal, scale, "dq")
     kernels.sparse_bwd_dq_kernel[(triton.cdiv(lq, meta["BLOCK_M"]), h, b)](
         q, k, v, do, lse, delta, dq, crow, col, *args, dq.stride(),
         h, h // hkv, lq, lk, stride_q, **meta,
