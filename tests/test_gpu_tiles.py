@@ -93,3 +93,68 @@ def test_decode(d, dtype, device):
     v_cache = make_cache(2, 2, 320, d, lengths, dtype, device)
     k_new, v_new = (torch.randn(2, 2, 2, d, device=device).to(dtype) for _ in range(2))
     run_and_check(q, k_cache, v_cache, lengths, k_new, v_new, num_splits=4)
+
+
+def test_the_headline_flash_launch_reads_through_tma(device):
+    """Guards the next tests' premise: with the GPU's tiles (and on a Hopper GPU) contiguous
+    bf16 tensors take the TMA path, and a tensor TMA cannot read (a base not 16-byte aligned)
+    or fp32 does not."""
+    from fastattn.ops import _launch
+
+    x = randn((1, 2, 64, 64), torch.bfloat16, device)
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9.0")
+    assert _launch.tma(x, x)
+    assert not _launch.tma(x, torch.empty(64 * 64 * 2 + 1, dtype=torch.bfloat16, device=device)[1:].view(1, 2, 64, 64))
+    assert not _launch.tma(x.float())
+
+
+@pytest.mark.parametrize("d", [64, 128], ids=lambda d: f"d{d}")
+def test_flash_pointer_path_for_unaligned_inputs(d, device):
+    """K and V at an odd element offset (not 16-byte aligned) go through the pointer path,
+    with the same tiles otherwise; every feature off, causal."""
+    lq = lk = 200
+    q = randn((1, 2, lq, d), torch.bfloat16, device, requires_grad=True)
+    k, v = (torch.randn(2 * lk * d + 1, device=device).to(torch.bfloat16)[1:].view(1, 2, lk, d).requires_grad_()
+            for _ in range(2))
+    check_flash(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("feature", ["causal", "alibi"])
+def test_varlen(feature, dtype, device):
+    """Packed sequences with the GPU's tiles (TMA on sm_90): lengths that leave partial
+    128-row tiles and one shorter than a tile."""
+    from test_varlen import check_varlen
+
+    lengths = [130, 7, 300]
+    check_varlen(lengths, lengths, feature, dtype, device)
+
+
+def test_nan_in_one_packed_sequence_never_reaches_another(device):
+    """A packed sequence's last partial tile reaches into the next sequence's rows (TMA reads
+    whole tiles): NaN in sequence 1's q, k, v must not reach sequences 0 and 2, whose outputs
+    and gradients stay finite and bit-identical."""
+    import fastattn
+    from test_varlen import packed
+
+    lengths = [70, 150, 45]
+    q, k, v, cq, ck = packed(lengths, lengths, torch.bfloat16, device, d=64)
+    do = torch.randn(q.shape[0], q.shape[1], v.shape[-1], device=device).to(q.dtype)
+
+    def run(q, k, v):
+        with fastattn.use_backend("triton"):
+            out = fastattn.flash_attention_varlen(q, k, v, cq, ck, causal=True)
+        return out, torch.autograd.grad(out, (q, k, v), do)
+
+    out1, g1 = run(q, k, v)
+    poisoned = [t.detach().clone() for t in (q, k, v)]
+    for t in poisoned:
+        t[70:220] = float("nan")  # sequence 1 only
+    out2, g2 = run(*(t.requires_grad_() for t in poisoned))
+    keep = torch.ones(q.shape[0], dtype=torch.bool)
+    keep[70:220] = False
+    assert out1[keep].isfinite().all()
+    assert torch.equal(out1[keep], out2[keep])
+    for a, b in zip(g1, g2):
+        assert a[keep].isfinite().all() and torch.equal(a[keep], b[keep])

@@ -57,21 +57,91 @@ _BLOCKS = {
     "dkdv": {16: (64, 128, 8), 32: (64, 128, 8), 64: (64, 128, 8), 128: (32, 128, 8), 256: (32, 64, 4)},
     "dq": {16: (128, 128, 8), 32: (128, 128, 8), 64: (128, 128, 8), 128: (128, 64, 8), 256: (64, 32, 4)},
 }
+# With logit terms that cost registers in the inner loop (bias, ALiBi, softcap, dropout) the
+# tiles above spill; these are the largest that compile without (or, fp32 at d256, with
+# the fewest) spills.
+_FEATURE_BLOCKS = {
+    "fwd": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 4), 256: (64, 32, 4)},
+    "dkdv": {16: (32, 128, 8), 32: (32, 128, 8), 64: (32, 128, 8), 128: (16, 128, 8), 256: (16, 64, 4)},
+    "dq": {16: (128, 32, 8), 32: (128, 32, 8), 64: (128, 32, 8), 128: (128, 32, 8), 256: (64, 16, 4)},
+}
+# When a kernel's loop reads its tiles through TMA (``tma``), there are no address registers
+# and the loads issue no instructions per thread, so larger tiles fit, with 2 stages
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): forward d128 128x128 (the pointer path spills
+# there) and d256 128x64 (two warpgroups of 64 rows), dQ d128 128x128 and d256 64x64. The
+# third stage would not fit the shared memory.
+_TMA_BLOCKS = {
+    "fwd": {128: (128, 128, 8, 2), 256: (128, 64, 8, 2)},
+    "dkdv": {},
+    "dq": {128: (128, 128, 8, 2), 256: (64, 64, 4, 2)},
+}
 _INTERPRETER_BLOCKS = (32, 32, 4)
 
 
-def block_config(head_dim: int, dtype: torch.dtype, kernel: str) -> tuple[int, int, int]:
+def block_config(head_dim: int, dtype: torch.dtype, kernel: str, tma: bool = False,
+                 features: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of a softmax-attention kernel ("fwd", "dkdv" or "dq")
-    for a head dim (the larger of q's and v's)."""
+    for a head dim (the larger of q's and v's); ``tma``: its loop reads tiles through TMA;
+    ``features``: a bias, ALiBi, softcap or dropout is on."""
     if not gpu_tiles():
         return _INTERPRETER_BLOCKS
-    block_m, block_n, warps = _BLOCKS[kernel][pad(head_dim)]
+    block_m, block_n, warps = (_FEATURE_BLOCKS if features else _BLOCKS)[kernel][pad(head_dim)]
+    if tma and not features and pad(head_dim) in _TMA_BLOCKS[kernel]:
+        block_m, block_n, warps, _ = _TMA_BLOCKS[kernel][pad(head_dim)]
     if dtype == torch.float32:
+        # fp32 tiles take twice the bytes: half the rows on the short side. Their products run
+        # on FMA (no wgmma), which spreads a tile over 8 warps' registers without spilling.
+        warps = 8
         if kernel == "dkdv":
-            block_m = max(16, block_m // 2)  # the query step; the key block stays wgmma's 64+ rows
+            block_m = max(16, block_m // 2)  # the query step
         else:
             block_m = max(32, block_m // 2)
+            block_n = min(block_n, 8192 // pad(head_dim))  # a K or V tile of at most 32 KB a stage
     return block_m, block_n, warps
+
+
+def num_stages(head_dim: int, kernel: str, tma: bool = False, features: bool = False) -> dict:
+    """``num_stages`` for a softmax-attention launch (block_config's arguments), as keyword
+    arguments: {} for Triton's default (3)."""
+    if tma and not features and gpu_tiles() and pad(head_dim) in _TMA_BLOCKS[kernel]:
+        return dict(num_stages=_TMA_BLOCKS[kernel][pad(head_dim)][3])
+    return {}
+
+
+def tma(*tensors: Tensor) -> bool:
+    """Whether kernels read these (B, H, L, D) tensors through TMA tensor descriptors: when
+    compiled for a GPU of compute capability 9.0 or more (Hopper's copy engine), or under the
+    interpreter with FASTATTN_GPU_TILES=1 (the GPU's launch, tested without a GPU), and every
+    tensor's layout is one TMA takes: last stride 1, and a 16-byte aligned base and strides.
+    Not fp32: its products run on FMA, where the TMA build only spilled (tests/sm90.py).
+    The capability is asked of torch, not read off ``tensor.is_cuda``, so tests/sm90.py (which
+    answers 9.0 on CPU tensors) compiles this path."""
+    if interpreting():
+        if not gpu_tiles():
+            return False
+    elif torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    for t in tensors:
+        if t.dtype == torch.float32:
+            return False
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in _tma_strides(t)[:-1]):
+            return False
+    return True
+
+
+def _tma_strides(t: Tensor) -> list[int]:
+    """t's strides for a descriptor. A dim of size 1 is never stepped, so its stride (which
+    torch leaves arbitrary, 0 in a packed view) is replaced by the span of the dims inside it."""
+    return [s if n > 1 else max(m * st for m, st in zip(t.shape[i + 1:], t.stride()[i + 1:]))
+            if i + 1 < t.dim() else s for i, (n, s) in enumerate(zip(t.shape, t.stride()))]
+
+
+def descriptor(t: Tensor, block: list[int]):
+    """A TMA descriptor of t reading ``block``-shaped tiles (see ``tma``)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), _tma_strides(t), block)
 
 
 class Terms(NamedTuple):
@@ -87,6 +157,10 @@ class Terms(NamedTuple):
     LEFT: bool = False
     RIGHT: bool = False
     SINKS: bool = False  # a per-head sink logit joins every softmax denominator
+
+    def costly(self) -> bool:
+        """Whether a term that costs registers in the inner loop is on (the tile choice)."""
+        return self.BIAS or self.ALIBI or self.SOFTCAP or self.DROPOUT
 
 
 def logit_scalars(scale: float, softcap: Optional[float] = None, dropout_p: float = 0.0,

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from fastattn.ops._triton import (
-    LN2, LOG2E, bwd_tile, cast, dot, dropout_keep, load_block, load_query_rows, load_rows, program_heads,
+    LN2, LOG2E, bwd_tile, cast, dot, dropout_keep, load_query_rows, load_rows, program_heads,
     rows_base, sequence, softmax_finish, softmax_init, span, store_rows, store_tile, term_logits,
 )
 
@@ -104,14 +104,14 @@ def _interior(start_m, lo, hi, seqlen_k, diag, window_left, window_right,
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-               BLOCK_N: tl.constexpr, TERMS: tl.constexpr, MASKED: tl.constexpr,
-               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr):
+               BLOCK_N: tl.constexpr, TERMS: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
+               VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr):
     """Takes key tiles lo, lo + BLOCK_N, .. < hi into the running softmax (m_i, l_i, acc).
     m_i is in log2 units (the max of logits * log2(e)), so one multiply-add per score feeds
     exp2. MASKED tiles may hold keys some row must not see (a band edge, the partial last
     tile): they are masked, and a row that has seen no key yet is guarded. Unmasked tiles
     are seen whole by every row and skip both."""
-    q, k_ptrs, v_ptrs, k_step, v_step = kv
+    q, k_src, v_src = kv
     offs_m, offs_n0, d_ok, dv_ok, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope, seed, bh = rows
     PLAIN: tl.constexpr = not (TERMS.BIAS or TERMS.ALIBI or TERMS.SOFTCAP)
     # With bias terms a row can be empty in any tile (a bool mask, or -inf in a float bias).
@@ -123,8 +123,7 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows,
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < seqlen_k
-        step = tl.cast(start_n, tl.int64)
-        k = _load_kv(k_ptrs[0] + step * k_step + k_ptrs[1], col_ok, d_ok, MASKED, HEAD_DIM == BLOCK_D)
+        k = _row_tile(k_src, start_n, col_ok, d_ok, BLOCK_N, BLOCK_D, MASKED, HEAD_DIM == BLOCK_D, TMA, VARLEN)
         qk = dot(q, tl.trans(k), DOT_FP32, PRECISION)
         if PLAIN:
             if MASKED:
@@ -142,7 +141,7 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows,
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-        v = _load_kv(v_ptrs[0] + step * v_step + v_ptrs[1], col_ok, dv_ok, MASKED, HEAD_DIM_V == BLOCK_DV)
+        v = _row_tile(v_src, start_n, col_ok, dv_ok, BLOCK_N, BLOCK_DV, MASKED, HEAD_DIM_V == BLOCK_DV, TMA, VARLEN)
         if TERMS.DROPOUT:
             # The softmax normalises by the undropped sum l; dropout scales what reaches V.
             keep = dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, scalars[2])
@@ -165,14 +164,48 @@ def _visible(offs_m, offs_n, seqlen_k, diag, window_left, window_right, TERMS: t
 
 
 @triton.jit
-def _load_kv(ptrs, row_ok, col_ok, MASKED: tl.constexpr, EVEN: tl.constexpr):
-    """A K or V tile; masked rows (keys) only in MASKED tiles, masked columns only when the
-    head dim is not a power of two."""
-    if MASKED:
-        return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    if EVEN:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+def _rows_source(PTR, strides, b, h, row0, offs_r0, offs_c, TMA: tl.constexpr, VARLEN: tl.constexpr):
+    """Where ``_row_tile`` reads the row tiles of head (b, h) of a (B, H, L, D) tensor, rows
+    counted from row0. With TMA, PTR is a tensor descriptor and this is (descriptor, batch row,
+    head, row0) as int32 coordinates; else (int64 pointer to row row0, int32 offsets of the
+    tile's elements from its first row, the row stride): the loops move the pointer by whole
+    rows (int32 offsets: a tile spans far less than 2^31 elements)."""
+    if TMA:
+        tb = b.to(tl.int32)
+        if VARLEN:
+            tb = tb * 0  # a packed tensor is one batch row; row0 is the sequence's first row
+        src = (PTR, tb, h.to(tl.int32), row0)
+    else:
+        src = (rows_base(PTR, strides, b, h, row0), offs_r0[:, None] * strides[2] + offs_c[None, :] * strides[3],
+               strides[2])
+    return src
+
+
+@triton.jit
+def _row_tile(src, start, row_ok, col_ok, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+              MASKED: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr, VARLEN: tl.constexpr):
+    """Rows start .. start + BLOCK_R - 1 of a ``_rows_source``, 0 past the sequence's end.
+
+    With TMA the copy engine reads the tile and fills rows and columns past the tensor's
+    bounds with 0, so no tile needs a mask, except a packed sequence's last one, whose next
+    rows are the next sequence's (zeroed: 0 * NaN there would leak). Else masked rows only in
+    MASKED tiles, masked columns only when the head dim is not a power of two."""
+    if TMA:
+        desc, b, h, row0 = src
+        x = desc.load([b, h, (row0 + start).to(tl.int32), 0]).reshape(BLOCK_R, BLOCK_C)
+        if VARLEN:
+            if MASKED:
+                x = tl.where(row_ok[:, None], x, 0.0)
+    else:
+        base, offs, step = src
+        ptrs = base + tl.cast(start, tl.int64) * step + offs
+        if MASKED:
+            x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        elif EVEN:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    return x
 
 
 @triton.jit
@@ -182,12 +215,13 @@ def attn_fwd_kernel(
     n_heads, group, seqlen_q, seqlen_k, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    TERMS: tl.constexpr, VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BF16_RTNE: tl.constexpr,
+    TERMS: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     """Output and lse of one block of queries of one (sequence, head). The key tiles run in
-    three loops: first those every row sees whole (no masks), then the band's left-edge
-    tiles and the right-edge/diagonal and partial tiles (masked)."""
+    three loops: first the right-edge/diagonal and partial tiles, then the band's left-edge
+    tiles (both masked), then those every row sees whole (no masks). With TMA, K and V are
+    tensor descriptors of their (B, H, L, D) tensors with blocks (1, 1, BLOCK_N, BLOCK_D)."""
     start_m = tl.program_id(0) * BLOCK_M
     b, h, bh, hk = program_heads(n_heads, group)
     q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
@@ -203,10 +237,8 @@ def attn_fwd_kernel(
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
 
     q = load_rows(Q, q_strides, b, h, q0, offs_m, offs_d, row_ok, d_ok)
-    # Element offsets of keys 0 .. BLOCK_N - 1 in a tile (int32: a tile spans far less than
-    # 2^31 elements); the loops move the int64 base pointer by start_n rows.
-    k_ptrs = (rows_base(K, k_strides, b, hk, k0), offs_n0[:, None] * k_strides[2] + offs_d[None, :] * k_strides[3])
-    v_ptrs = (rows_base(V, v_strides, b, hk, k0), offs_n0[:, None] * v_strides[2] + offs_dv[None, :] * v_strides[3])
+    k_src = _rows_source(K, k_strides, b, hk, k0, offs_n0, offs_d, TMA, VARLEN)
+    v_src = _rows_source(V, v_strides, b, hk, k0, offs_n0, offs_dv, TMA, VARLEN)
     bias_base = rows_base(BIAS, bias_strides, b, h, 0)
     slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
 
@@ -218,15 +250,15 @@ def attn_fwd_kernel(
         l_i = l_i + 1.0
     lo, hi = _key_range(start_m, seqlen_k, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
     ilo, ihi = _interior(start_m, lo, hi, seqlen_k, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
-    kv = (q, k_ptrs, v_ptrs, k_strides[2], v_strides[2])
+    kv = (q, k_src, v_src)
     rows = (offs_m, offs_n0, d_ok, dv_ok, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope, seed, bh)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, kv, ihi, hi, rows, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
-                               BLOCK_N, TERMS, True, DOT_FP32, PRECISION, BF16_RTNE)
+                               BLOCK_N, TERMS, True, TMA, VARLEN, DOT_FP32, PRECISION, BF16_RTNE)
     if TERMS.LEFT:
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, kv, lo, ilo, rows, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
-                                   BLOCK_N, TERMS, True, DOT_FP32, PRECISION, BF16_RTNE)
+                                   BLOCK_N, TERMS, True, TMA, VARLEN, DOT_FP32, PRECISION, BF16_RTNE)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, kv, ilo, ihi, rows, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
-                               BLOCK_N, TERMS, False, DOT_FP32, PRECISION, BF16_RTNE)
+                               BLOCK_N, TERMS, False, TMA, VARLEN, DOT_FP32, PRECISION, BF16_RTNE)
 
     # m_i is in log2 units. Every key masked: output 0, lse -inf, as torch >= 2.5 (with a sink:
     # output 0, lse the sink).
@@ -244,13 +276,14 @@ def attn_bwd_dkdv_kernel(
     n_kv_heads, group, seqlen_q, seqlen_k, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    TERMS: tl.constexpr, VARLEN: tl.constexpr, GRAD_K: tl.constexpr, GRAD_V: tl.constexpr,
+    TERMS: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr, GRAD_K: tl.constexpr, GRAD_V: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     """dK (GRAD_K) and dV (GRAD_V) for one block of keys of one kv head, summed over the group
     query heads that share it, so GQA never allocates Hq-sized key gradients. A launch with
     only one of them holds half the accumulators (d256: two fp32 64 x 256 tiles would not fit
-    the registers); what it does not need of the shared tile (dV needs no dP) compiles away."""
+    the registers); what it does not need of the shared tile (dV needs no dP) compiles away.
+    With TMA, Q and DO are tensor descriptors (blocks (1, 1, BLOCK_M, BLOCK_D/DV))."""
     start_n = tl.program_id(0) * BLOCK_N
     b, hk, _, _ = program_heads(n_kv_heads, 1)  # grid (blocks, kv heads, sequences)
     q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
@@ -276,10 +309,16 @@ def attn_bwd_dkdv_kernel(
         bh = b * n_heads + h
         bias_base = rows_base(BIAS, bias_strides, b, h, 0)
         slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
+        q_src = _rows_source(Q, q_strides, b, h, q0, offs_m0, offs_d, TMA, VARLEN)
+        do_src = _rows_source(DO, do_strides, b, h, q0, offs_m0, offs_dv, TMA, VARLEN)
+        lse_base = b * lse_strides[0] + h * lse_strides[1] + tl.cast(q0, tl.int64) * lse_strides[2]
         for start_m in range(lo, hi, BLOCK_M):
             offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
-            q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h,
-                                                q0 + start_m, offs_m0, row_ok, offs_d, d_ok, offs_dv, dv_ok)
+            q = _row_tile(q_src, start_m, row_ok, d_ok, BLOCK_M, BLOCK_D, True, HEAD_DIM == BLOCK_D, TMA, VARLEN)
+            do = _row_tile(do_src, start_m, row_ok, dv_ok, BLOCK_M, BLOCK_DV, True, HEAD_DIM_V == BLOCK_DV,
+                           TMA, VARLEN)
+            lse = tl.load(LSE + lse_base + offs_m * lse_strides[2], mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + lse_base + offs_m * lse_strides[2], mask=row_ok, other=0.0)
             # (keys, queries) tiles: the key block is the tall side of all four products.
             p_drop, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
                                          bh, seed, slope, bias_base, bias_strides, scalars,
@@ -302,13 +341,14 @@ def attn_bwd_dq_kernel(
     n_heads, group, seqlen_q, seqlen_k, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    TERMS: tl.constexpr, STORE_DS: tl.constexpr, VARLEN: tl.constexpr,
+    TERMS: tl.constexpr, STORE_DS: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     """dQ for one block of queries (no atomics: deterministic). With STORE_DS it also writes
     dS, the gradient of the logits, which is the gradient of an additive bias; DS is
     contiguous (B * H, Lq, Lk) (no packed sequences). With sinks it writes each row's sum of
-    dS into DS_ROWS (laid out as LSE), from which the launcher forms the sinks' gradient."""
+    dS into DS_ROWS (laid out as LSE), from which the launcher forms the sinks' gradient.
+    With TMA, K and V are tensor descriptors (blocks (1, 1, BLOCK_N, BLOCK_D/DV))."""
     start_m = tl.program_id(0) * BLOCK_M
     b, h, bh, hk = program_heads(n_heads, group)
     q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
@@ -323,20 +363,19 @@ def attn_bwd_dq_kernel(
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
     q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, q0 + start_m,
                                         offs_m - start_m, row_ok, offs_d, d_ok, offs_dv, dv_ok)
-    k_base = rows_base(K, k_strides, b, hk, k0)
-    v_base = rows_base(V, v_strides, b, hk, k0)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    k_src = _rows_source(K, k_strides, b, hk, k0, offs_n0, offs_d, TMA, VARLEN)
+    v_src = _rows_source(V, v_strides, b, hk, k0, offs_n0, offs_dv, TMA, VARLEN)
     bias_base = rows_base(BIAS, bias_strides, b, h, 0)
     slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     ds_rows = tl.zeros([BLOCK_M], tl.float32)
 
     lo, hi = _key_range(start_m, seqlen_k, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
-    offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n, col_ok = span(start_n, BLOCK_N, seqlen_k)
-        step = tl.cast(start_n, tl.int64)
-        k = load_block(k_base + step * k_strides[2], offs_n0, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
-        v = load_block(v_base + step * v_strides[2], offs_n0, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
+        k = _row_tile(k_src, start_n, col_ok, d_ok, BLOCK_N, BLOCK_D, True, HEAD_DIM == BLOCK_D, TMA, VARLEN)
+        v = _row_tile(v_src, start_n, col_ok, dv_ok, BLOCK_N, BLOCK_DV, True, HEAD_DIM_V == BLOCK_DV, TMA, VARLEN)
         _, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
                                 bh, seed, slope, bias_base, bias_strides, scalars, TERMS, False, DOT_FP32, PRECISION)
         if STORE_DS:

@@ -42,24 +42,26 @@ def _bias_args(q: Tensor, bias: Optional[Tensor]):
     return (bias.view(torch.uint8) if bias.dtype == torch.bool else bias), bias.stride()
 
 
-def _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions, kernel: str):
+def _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions, kernel: str, tma=False):
     """The pointer arguments of kernel "fwd", "dkdv" or "dq" after q, k, v and their outputs,
-    the strides of bias and alibi, the grid's batch axis, and the keyword arguments."""
+    the strides of bias and alibi, the grid's batch axis, and the keyword arguments (``tma``:
+    the kernel reads K and V through TMA descriptors)."""
     varlen = cu_seqlens[0] is not None
     batch = cu_seqlens[0].numel() - 1 if varlen else q.shape[0]
     bias_t, bias_strides = _bias_args(q, bias)
     alibi_t, alibi_strides = _launch.alibi_args(q, alibi, batch)
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
-    block_m, block_n, warps = block_config(max(head_dim, head_dim_v), q.dtype, kernel)
     terms = _launch.Terms(
         BIAS=bias is not None, BIAS_IS_BOOL=bias is not None and bias.dtype == torch.bool,
         ALIBI=alibi is not None, SOFTCAP=bool(options.softcap), DROPOUT=options.dropout_p > 0.0,
         LEFT=options.window_left is not None, RIGHT=options.window_right is not None, SINKS=sinks is not None)
+    tiles = dict(head_dim=max(head_dim, head_dim_v), kernel=kernel, tma=tma, features=terms.costly())
+    block_m, block_n, warps = block_config(dtype=q.dtype, **tiles)
     meta = dict(
         scalars=_launch.logit_scalars(*options[:5]),
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=_launch.pad(head_dim), BLOCK_DV=_launch.pad(head_dim_v), TERMS=terms,
-        VARLEN=varlen, num_warps=warps,
+        VARLEN=varlen, num_warps=warps, **_launch.num_stages(**tiles),
         **_launch.dtype_flags(q.dtype),
     )
     cu_q, cu_k = cu_seqlens if varlen else (q, q)  # q stands in for the unused pointers
@@ -87,18 +89,29 @@ def _output(q: Tensor, head_dim_v: int, varlen: bool, empty) -> Tensor:
     return empty(*q.shape[:3], head_dim_v)
 
 
+def _tiles_in(tma: bool, block_rows: int, *tensors: Tensor) -> tuple:
+    """The (B, H, L, D) tensors a kernel loop walks, as the kernel reads them: with TMA as
+    tensor descriptors of (1, 1, block_rows, padded D) blocks (kernels._row_tile), else as
+    they are."""
+    if not tma:
+        return tensors
+    return tuple(_launch.descriptor(t, [1, 1, block_rows, _launch.pad(t.shape[-1])]) for t in tensors)
+
+
 def _forward(q, k, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions):
     _, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     varlen = cu_seqlens[0] is not None
     out = _output(q, v.shape[-1], varlen, lambda *shape: _launch.empty(*shape, like=q))
     lse = _launch.empty(*q.shape[:3], like=q, dtype=torch.float32)
-    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "fwd")
+    tma = _launch.tma(k, v)
+    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "fwd", tma)
     grid = (_grid_len(options.max_seqlen_q, lq, meta["BLOCK_M"]), h, batch)
+    k_in, v_in = _tiles_in(tma, meta["BLOCK_N"], k, v)
     kernels.attn_fwd_kernel[grid](
-        q, k, v, out, lse, *pointers,
+        q, k_in, v_in, out, lse, *pointers,
         *(_strides(t, varlen) for t in (q, k, v, out, lse)), *strides,
-        h, h // hkv, lq, lk, **meta,
+        h, h // hkv, lq, lk, TMA=tma, **meta,
     )
     return out, lse
 
@@ -112,20 +125,26 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens, optio
     # Zeros, not empty: blocks outside the causal/window band are skipped, and their bias
     # gradient is 0.
     ds = torch.zeros(b, h, lq, lk if bias_grad else 0, device=q.device, dtype=torch.float32)
-    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "dkdv")
     q_k_v_do_lse = tuple(_strides(t, varlen) for t in (q, k, v, do, lse))
+
+    tma = _launch.tma(q, do)  # the dK/dV loop walks query rows
+    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "dkdv", tma)
+    q_in, do_in = _tiles_in(tma, meta["BLOCK_M"], q, do)
     for grads in _launch.key_grads(max(q.shape[-1], v.shape[-1])):
         kernels.attn_bwd_dkdv_kernel[(_grid_len(options.max_seqlen_k, lk, meta["BLOCK_N"]), hkv, batch)](
-            q, k, v, do, lse, delta, dk, dv, *pointers,
+            q_in, k, v, do_in, lse, delta, dk, dv, *pointers,
             *q_k_v_do_lse, _strides(dk, varlen), _strides(dv, varlen), *strides,
-            hkv, h // hkv, lq, lk, **grads, **meta,
+            hkv, h // hkv, lq, lk, TMA=tma, **grads, **meta,
         )
+
     ds_rows = lse if sinks is None else _launch.empty(*lse.shape, like=lse)  # lse: an unused stand-in
-    meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "dq")[3]
+    tma = _launch.tma(k, v)  # the dQ loop walks key rows
+    meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "dq", tma)[3]
+    k_in, v_in = _tiles_in(tma, meta["BLOCK_N"], k, v)
     kernels.attn_bwd_dq_kernel[(_grid_len(options.max_seqlen_q, lq, meta["BLOCK_M"]), h, batch)](
-        q, k, v, do, lse, delta, dq, ds, ds_rows, *pointers,
+        q, k_in, v_in, do, lse, delta, dq, ds, ds_rows, *pointers,
         *q_k_v_do_lse, _strides(dq, varlen), *strides,
-        h, h // hkv, lq, lk, STORE_DS=bias_grad, **meta,
+        h, h // hkv, lq, lk, STORE_DS=bias_grad, TMA=tma, **meta,
     )
     return dq, dk, dv, ds, _sinks_grad(sinks, lse, delta, ds_rows)
 
