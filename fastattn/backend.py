@@ -69,10 +69,11 @@ def interpreting() -> bool:
 
 
 def gpu_tiles() -> bool:
-    """Whether the launchers pick the tile sizes they use on a GPU: always when compiled, and
-    under the interpreter only with FASTATTN_GPU_TILES=1. The interpreter's own tiles are
-    smaller (faster in NumPy), so without this the GPU's tile sizes would never be checked on a
-    machine without a GPU; tests/test_gpu_tiles.py sets it."""
+    """Whether the launchers pick the tile sizes (and the TMA reads, ``ops._launch.tma``) they
+    use on a GPU: always when compiled, and under the interpreter only with
+    FASTATTN_GPU_TILES=1. The interpreter's own tiles are smaller (faster in NumPy), so without
+    this the GPU's launches would never be checked on a machine without a GPU;
+    tests/test_gpu_tiles.py sets it."""
     return not interpreting() or os.environ.get("FASTATTN_GPU_TILES", "0") not in ("", "0")
 
 
