@@ -22,19 +22,19 @@ from fastattn.ops.linear import kernels
 FEATURE_CODES = {"identity": 0, "elu": 1, "relu": 2}
 MAX_DIM = 256  # features (M) and value dim: one program holds a (M, block) fp32 state
 
-# The state split (BLOCK_F of dQ/dK, BLOCK_DV of out/dV) on a GPU; the chunk length shrinks
-# with the feature count so that a (C, M) tile stays in registers. The interpreter runs one
+# The state split (BLOCK_F of dQ/dK, BLOCK_DV of out/dV) on a GPU. The interpreter runs one
 # program at a time in NumPy, where fewer, larger blocks are faster.
 _SPLIT = 64
 _INTERPRETER_SPLIT = 64
 _INTERPRETER_CHUNK = 32
 
 
-def block_config(feat_dim: int, head_dim_v: int, dtype: torch.dtype) -> dict:
-    """Chunk length, full and split widths for M features and value dim Dv, and num_warps.
-    tests/sm90.py checks that every kernel fits the H100's shared memory with these."""
+def block_config(feat_dim: int, head_dim_v: int, dtype: torch.dtype, causal: bool = False) -> dict:
+    """Chunk length, full and split widths for M features and value dim Dv, num_warps and
+    num_stages. tests/sm90.py checks that every kernel fits the H100's shared memory with these."""
     full_f, full_dv = _launch.pad(feat_dim), _launch.pad(head_dim_v)
     widest = max(full_f, full_dv)
+    warps, stages = 4, 3
     if not gpu_tiles():
         chunk, split = _INTERPRETER_CHUNK, _INTERPRETER_SPLIT
     elif dtype == torch.float32 and widest >= 256:
@@ -42,13 +42,20 @@ def block_config(feat_dim: int, head_dim_v: int, dtype: torch.dtype) -> dict:
     elif dtype == torch.float32 and widest >= 128:
         chunk, split = 32, _SPLIT
     else:
-        chunk, split = (64 if widest <= 128 else 32), _SPLIT
+        # 64-row chunks: the (chunk, .) products get wgmma only with M >= 64 (sm_90). A program
+        # then holds (64, M) fp32 features (two when causal) and an (M, 64) fp32 state, past
+        # 4 warps' 255 registers a thread at M = 256 or causal M >= 64 (tests/sm90.py): 8 warps.
+        chunk, split = 64, _SPLIT
+        if widest >= 256 or (causal and widest >= 64):
+            warps = 8
+        if causal and widest >= 256:
+            stages = 2  # 3 copies of the causal M = 256 tiles take 272 KB of shared memory, 2 take 200
     return dict(chunk=chunk, full_f=full_f, full_dv=full_dv,
-                split_f=min(split, full_f), split_dv=min(split, full_dv), num_warps=4)
+                split_f=min(split, full_f), split_dv=min(split, full_dv), num_warps=warps, num_stages=stages)
 
 
 def _meta(q: Tensor, v: Tensor, feature: str, causal: bool, normalize: bool, varlen: bool) -> tuple[dict, dict]:
-    cfg = block_config(q.shape[-1], v.shape[-1], q.dtype)
+    cfg = block_config(q.shape[-1], v.shape[-1], q.dtype, causal)
     meta = dict(
         FEAT_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_C=cfg["chunk"],
         FEATURE=FEATURE_CODES[feature], CAUSAL=causal, NORMALIZE=normalize, VARLEN=varlen,
@@ -58,7 +65,7 @@ def _meta(q: Tensor, v: Tensor, feature: str, causal: bool, normalize: bool, var
         # The causal intra-chunk product of fp16 features can overflow fp16: it stays fp32
         # (forward and dV; dQ and dK never round it).
         INTRA_FP32=q.dtype == torch.float16,
-        num_warps=cfg["num_warps"], **_launch.dtype_flags(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_launch.dtype_flags(q.dtype),
     )
     return cfg, meta
 
