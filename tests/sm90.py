@@ -344,7 +344,12 @@ def flash_launches(dtype, d, causal, features):
         out, lse = op.flash_attn(q, k, v, **opts)
         do = torch.empty_like(out)
         op.flash_backward(do, q, k, v, out, lse, bias_grad=features, **opts)
-    # A dK/dV kernel launched once per gradient (GRAD_K xor GRAD_V) is read per launch.
+    return _per_gradient(launches)
+
+
+def _per_gradient(launches):
+    """A dK/dV kernel launched once per gradient (GRAD_K xor GRAD_V) is read per launch,
+    tagged ``dk`` or ``dv``."""
     return [launch._replace(tag="dk" if launch.kwargs["GRAD_K"] else "dv")
             if launch.kwargs.get("GRAD_K", True) != launch.kwargs.get("GRAD_V", True) else launch
             for launch in launches]
@@ -412,7 +417,7 @@ def sparse_launches(dtype, d, block, causal):
     with recording() as launches:
         out, lse = op.sparse_attn(q, k, v, crow, col, ccol, row, block_size=block, scale=d ** -0.5, causal=causal)
         op.sparse_bwd(torch.empty_like(out), q, k, v, out, lse, crow, col, ccol, row, block, d ** -0.5, causal)
-    return launches
+    return _per_gradient(launches)
 
 
 def _sparse_cases():

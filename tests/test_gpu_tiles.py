@@ -70,6 +70,18 @@ def test_sparse(causal, d, dtype, device):
     check_sparse(q, k, v, layout, causal=causal)
 
 
+def test_sparse_d256_runs_dk_and_dv_as_two_launches(device):
+    """At d256 the dK/dV kernel runs once per gradient (``_launch.key_grads``)."""
+    from fastattn.ops import _launch
+
+    assert len(_launch.key_grads(256)) == 2
+    length = 200
+    layout = sparse.longformer(length, 128, [0], block_size=64, causal=True)
+    q = randn((1, 2, length, 256), torch.bfloat16, device, requires_grad=True)
+    k, v = (randn((1, 1, length, 256), torch.bfloat16, device, requires_grad=True) for _ in range(2))
+    check_sparse(q, k, v, layout, causal=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

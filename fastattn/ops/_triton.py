@@ -295,12 +295,3 @@ def load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h,
     lse = tl.load(LSE + row, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
     return q, do, lse, delta
-
-
-@triton.jit
-def store_key_grads(DK, DV, dk_strides, dv_strides, dk, dv, b, hk, k0, scale, offs_n, offs_d, offs_dv,
-                    col_ok, d_ok, dv_ok, BF16_RTNE: tl.constexpr):
-    """Stores a key block's dK (scaled: the scores were q.k * scale) and dV, rows offs_n
-    (from row k0) of kv head (b, hk)."""
-    store_rows(DK, dk_strides, b, hk, k0, dk * scale, offs_n, offs_d, col_ok, d_ok, BF16_RTNE)
-    store_rows(DV, dv_strides, b, hk, k0, dv, offs_n, offs_dv, col_ok, dv_ok, BF16_RTNE)

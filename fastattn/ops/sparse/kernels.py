@@ -19,7 +19,7 @@ import triton.language as tl
 
 from fastattn.ops._triton import (
     bwd_tile, dot, cast, load_query_rows, load_rows, load_tile, program_heads, rows_base, softmax_finish,
-    softmax_init, softmax_update, span, store_key_grads, store_rows, term_logits,
+    softmax_init, softmax_update, span, store_rows, term_logits,
 )
 
 
@@ -88,11 +88,12 @@ def sparse_bwd_dkdv_kernel(
     n_kv_heads, group, seqlen_q, seqlen_k, layout_stride_h, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    LAYOUT_BLOCK: tl.constexpr, TERMS: tl.constexpr,
+    LAYOUT_BLOCK: tl.constexpr, TERMS: tl.constexpr, GRAD_K: tl.constexpr, GRAD_V: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
-    """dK, dV for one tile of keys of one kv head, summed over the group query heads that
-    share it (each with its own layout row). Walks the transposed layout. DK/DV contiguous."""
+    """dK (GRAD_K) and dV (GRAD_V) for one tile of keys of one kv head, summed over the group
+    query heads that share it (each with its own layout row). Walks the transposed layout.
+    DK/DV contiguous. One gradient per launch at d256, as flash (``_launch.key_grads``)."""
     start_n = tl.program_id(0) * BLOCK_N
     b, hk, _, _ = program_heads(n_kv_heads, 1)  # grid (blocks, kv heads, batch)
     n_heads = n_kv_heads * group
@@ -133,11 +134,15 @@ def sparse_bwd_dkdv_kernel(
                 # (keys, queries) tiles: the key block is the tall side of all four products.
                 p, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
                                         bh, 0, 0.0, Q, q_strides, scalars, TERMS, True, DOT_FP32, PRECISION)
-                dv += dot(cast(p, do.dtype, BF16_RTNE), do, DOT_FP32, PRECISION)
-                dk += dot(cast(ds, q.dtype, BF16_RTNE), q, DOT_FP32, PRECISION)
+                if GRAD_V:
+                    dv += dot(cast(p, do.dtype, BF16_RTNE), do, DOT_FP32, PRECISION)
+                if GRAD_K:
+                    dk += dot(cast(ds, q.dtype, BF16_RTNE), q, DOT_FP32, PRECISION)
 
-    store_key_grads(DK, DV, dk_strides, dv_strides, dk, dv, b, hk, 0, scalars[0], offs_n, offs_d, offs_dv,
-                    col_ok, d_ok, dv_ok, BF16_RTNE)
+    if GRAD_K:  # the scores were q.k * scale
+        store_rows(DK, dk_strides, b, hk, 0, dk * scalars[0], offs_n, offs_d, col_ok, d_ok, BF16_RTNE)
+    if GRAD_V:
+        store_rows(DV, dv_strides, b, hk, 0, dv, offs_n, offs_dv, col_ok, dv_ok, BF16_RTNE)
 
 
 @triton.jit

@@ -61,10 +61,11 @@ def _backward(do, q, k, v, out, lse, crow, col, ccol, row, block_size, scale, ca
     args = (q.stride(), k.stride(), v.stride(), do.stride(), lse.stride())
     stride_q = _layout_stride(crow, h, triton.cdiv(lq, block_size))
     stride_k = _layout_stride(ccol, h, triton.cdiv(lk, block_size))
-    kernels.sparse_bwd_dkdv_kernel[(triton.cdiv(lk, meta["BLOCK_N"]), hkv, b)](
-        q, k, v, do, lse, delta, dk, dv, ccol, row, *args, dk.stride(), dv.stride(),
-        hkv, h // hkv, lq, lk, stride_k, **meta,
-    )
+    for grads in _launch.key_grads(max(q.shape[-1], v.shape[-1])):
+        kernels.sparse_bwd_dkdv_kernel[(triton.cdiv(lk, meta["BLOCK_N"]), hkv, b)](
+            q, k, v, do, lse, delta, dk, dv, ccol, row, *args, dk.stride(), dv.stride(),
+            hkv, h // hkv, lq, lk, stride_k, **grads, **meta,
+        )
     meta = _meta(q, v, block_size, causal, scale, "dq")
     kernels.sparse_bwd_dq_kernel[(triton.cdiv(lq, meta["BLOCK_M"]), h, b)](
         q, k, v, do, lse, delta, dq, crow, col, *args, dq.stride(),
