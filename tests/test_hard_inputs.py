@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 import fastattn  # noqa: E402
 from fastattn.backend import TORCH_SDPA  # noqa: E402
 from fastattn.ops.flash.reference import attention_reference  # noqa: E402
-from helpers import as64, assert_close_rule, max_err  # noqa: E402
+from helpers import as64, assert_close_rule, max_err, same_dtype_copy  # noqa: E402
 
 BACKENDS = ["torch", "auto", "triton"]
 
@@ -78,6 +78,50 @@ def test_float64_alibi_is_float64_accurate():
     bias = -slopes[:, None, None] * (i[:, None] - i[None, :]).abs()
     want = attention_reference(q, k, v, attn_bias=bias, causal=True)
     assert max_err(out, want) < 1e-12
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, -0.125, 1e-30], ids=["0", "-1", "-0.125", "1e-30"])
+@pytest.mark.parametrize("op", ["flash", "sdpa", "linformer"])
+def test_kernels_take_zero_negative_and_tiny_scales(op, scale, device):
+    """Before: all-NaN outputs at scales 0 and below. The lean forward took the row max of the
+    unscaled scores and scaled it after: the row minimum for a negative scale, 0 x -inf at 0.
+    The oracle is fastattn's float64 reference (for the drop-in, flash_attention's: Lq = Lk,
+    so both causal alignments agree): torch 2.13's own SDPA gives NaN at these scales on CPU."""
+    q, k, v = (torch.randn(1, 2, 40, 32, device=device, requires_grad=True) for _ in range(3))
+    e = torch.randn(8, 40, device=device) / 40 ** 0.5
+    calls = {
+        "flash": lambda q, k, v, **kw: fastattn.flash_attention(q, k, v, causal=True, **kw),
+        "sdpa": lambda q, k, v, **kw: fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, **kw),
+        "linformer": lambda q, k, v, **kw: fastattn.linformer_attention(q, k, v, e.to(q.dtype), e.to(q.dtype), **kw),
+    }
+    with fastattn.use_backend("triton"):
+        out = calls[op](q, k, v, scale=scale)
+    reference = calls["flash" if op == "sdpa" else op]
+    with fastattn.use_backend("torch"):
+        q64, k64, v64 = map(as64, (q, k, v))
+        q32, k32, v32 = map(same_dtype_copy, (q, k, v))
+        oracle = reference(q64, k64, v64, scale=scale)
+        base = reference(q32, k32, v32, scale=scale)
+    assert_close_rule("out", out, oracle, base)
+    do = torch.randn_like(out)
+    for name, g, g64, g32 in zip("qkv", torch.autograd.grad(out, (q, k, v), do),
+                                 torch.autograd.grad(oracle, (q64, k64, v64), do.double()),
+                                 torch.autograd.grad(base, (q32, k32, v32), do)):
+        assert_close_rule(f"d{name}", g, g64, g32, factor=3.0)
+
+
+def test_row_whose_first_tile_is_masked_keeps_its_far_below_zero_logits(device):
+    """Before: error 0.77. The forward visits a partial last key tile first; a row that tile
+    masks wholly got the clamped max 0 as its running max, and its later logits, shifted by
+    -150 (which the softmax does not see), underflowed against it: output 0."""
+    q, k, v = (torch.randn(1, 2, 40, 32, device=device) for _ in range(3))
+    bias = torch.zeros(1, 1, 40, 40, device=device)
+    bias[..., 0, :] = -150.0
+    bias[..., 0, 32:] = -math.inf
+    with fastattn.use_backend("triton"):
+        out = fastattn.flash_attention(q, k, v, attn_bias=bias)
+    oracle = attention_reference(*map(as64, (q, k, v)), attn_bias=bias.double())
+    assert_close_rule("out", out, oracle, attention_reference(q, k, v, attn_bias=bias))
 
 
 @pytest.mark.parametrize("name", ["auto", "triton"])
@@ -272,15 +316,15 @@ def draw_qkv(b, hkv, group, lq, lk, d, dtype, transposed):
 
 @PROPERTY
 @given(causal=st.booleans(), window=st.sampled_from([None, (3, 0), (None, 2)]),
-       mask=st.sampled_from(["none", "bool", "float"]), **SHAPES)
-def test_property_flash_attention(b, hkv, group, lq, lk, d, dtype, transposed, name, causal, window, mask):
+       mask=st.sampled_from(["none", "bool", "float"]), scale=st.sampled_from([None, 0.0, -0.5, 1e-30]), **SHAPES)
+def test_property_flash_attention(b, hkv, group, lq, lk, d, dtype, transposed, name, causal, window, mask, scale):
     q, k, v = draw_qkv(b, hkv, group, lq, lk, d, dtype, transposed)
     bias = None
     if mask == "bool":
         bias = torch.rand(lq, lk) > 0.3
     elif mask == "float":
         bias = torch.randn(lq, lk).to(dtype)
-    kw = dict(causal=causal, window=window, attn_bias=bias)
+    kw = dict(causal=causal, window=window, attn_bias=bias, scale=scale)
     with fastattn.use_backend(name):
         outcome_ok(lambda: fastattn.flash_attention(q, k, v, **kw),
                    lambda: (attention_reference(*map(as64, (q, k, v)), **{**kw, "attn_bias": as64(bias)}),

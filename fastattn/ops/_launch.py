@@ -157,6 +157,7 @@ class Terms(NamedTuple):
     LEFT: bool = False
     RIGHT: bool = False
     SINKS: bool = False  # a per-head sink logit joins every softmax denominator
+    SCALE_FIRST: bool = False  # the scale is not positive: scale the scores before the row max
 
     def costly(self) -> bool:
         """Whether a term that costs registers in the inner loop is on (the tile choice)."""

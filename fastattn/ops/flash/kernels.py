@@ -113,7 +113,9 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows,
     are seen whole by every row and skip both."""
     q, k_src, v_src = kv
     offs_m, offs_n0, d_ok, dv_ok, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope, seed, bh = rows
-    PLAIN: tl.constexpr = not (TERMS.BIAS or TERMS.ALIBI or TERMS.SOFTCAP)
+    # The lean path takes the row max of the unscaled scores and scales it after, which is
+    # only the max of the logits when the scale is positive (SCALE_FIRST: it is not).
+    PLAIN: tl.constexpr = not (TERMS.BIAS or TERMS.ALIBI or TERMS.SOFTCAP or TERMS.SCALE_FIRST)
     # With bias terms a row can be empty in any tile (a bool mask, or -inf in a float bias).
     GUARD: tl.constexpr = MASKED or TERMS.BIAS
     if PLAIN:
@@ -133,12 +135,16 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows,
             qk = term_logits(qk * scalars[0], offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag, scalars,
                              bias_base, bias_strides, slope, TERMS)
         m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
+        m_sub = m_new
         if GUARD:
             # A row that has seen only masked keys keeps max -inf; subtract 0 instead so that
-            # exp2(-inf - m) is 0, not NaN.
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk * c - m_new[:, None])  # one FMA, then exp2
-        alpha = tl.math.exp2(m_i - m_new)
+            # exp2(-inf - m) is 0, not NaN. Only for the subtraction: the row keeps max -inf,
+            # or a later tile's logits far below 0 would be taken relative to 0 and underflow.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # One rounding, as the GPU's fused multiply-add: qk * c alone may be ~1e4, whose
+        # rounding would be a relative error of P.
+        p = tl.math.exp2(tl.fma(qk, c, -m_sub[:, None]))
+        alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         v = _row_tile(v_src, start_n, col_ok, dv_ok, BLOCK_N, BLOCK_DV, MASKED, HEAD_DIM_V == BLOCK_DV, TMA, VARLEN)

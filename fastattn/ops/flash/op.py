@@ -54,7 +54,8 @@ def _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptio
     terms = _launch.Terms(
         BIAS=bias is not None, BIAS_IS_BOOL=bias is not None and bias.dtype == torch.bool,
         ALIBI=alibi is not None, SOFTCAP=bool(options.softcap), DROPOUT=options.dropout_p > 0.0,
-        LEFT=options.window_left is not None, RIGHT=options.window_right is not None, SINKS=sinks is not None)
+        LEFT=options.window_left is not None, RIGHT=options.window_right is not None, SINKS=sinks is not None,
+        SCALE_FIRST=not options.scale > 0.0)
     tiles = dict(head_dim=max(head_dim, head_dim_v), kernel=kernel, tma=tma, features=terms.costly())
     block_m, block_n, warps = block_config(dtype=q.dtype, **tiles)
     meta = dict(
