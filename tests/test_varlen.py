@@ -89,7 +89,9 @@ def test_max_seqlen_only_sizes_the_grid(device):
 
 
 def test_varlen_dropout_matches_the_reference_with_the_kernels_mask(device):
-    """Sequence b draws the mask a padded (B, H, Lq_b, Lk_b) call draws for its batch row b."""
+    """Sequence b draws its block of the mask of the packed scores (H, total_q, total_k), which a
+    padded (1, H, total_q, total_k) call draws (before: the padded (B, H, Lq_b, Lk_b) call's
+    row b, whose counters overlapped between sequences of different lengths)."""
     from fastattn.ops.flash import op
 
     lq, lk, p = [9, 30, 4], [12, 30, 0], 0.3
@@ -101,9 +103,12 @@ def test_varlen_dropout_matches_the_reference_with_the_kernels_mask(device):
     seed = torch.randint(0, 2**62, (1,), device=device)  # the seed the call drew
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
+    # One counter space for the packed scores (H, total_q, total_k): no two sequences share a
+    # draw (per-sequence spaces overlapped, and documents repeated each other's patterns).
+    packed_keep = op.dropout_keep_mask(seed, 1, q.shape[1], q.shape[0], k.shape[0], p)
     for b in range(len(lq)):
         qs, ks = slice(int(cq[b]), int(cq[b + 1])), slice(int(ck[b]), int(ck[b + 1]))
-        keep = op.dropout_keep_mask(seed, len(lq), q.shape[1], lq[b], lk[b], p)[b:b + 1]
+        keep = packed_keep[:, :, qs, ks]
         per_seq = [t.detach()[s].transpose(0, 1)[None] for t, s in ((q, qs), (k, ks), (v, ks))]
         args64 = [t.double().requires_grad_() for t in per_seq]
         args32 = [t.clone().requires_grad_() for t in per_seq]

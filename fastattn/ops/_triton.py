@@ -153,11 +153,24 @@ def term_logits(qk, qi, kj, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_s
 
 
 @triton.jit
-def dropout_keep(seed, bh, qi, kj, seqlen_q, seqlen_k, dropout_p):
-    """Where dropout keeps (query qi, key kj); qi, kj as ``band_mask``'s."""
-    # One Philox counter per (batch*head, query, key): the backward regenerates the same mask.
-    offs = (bh.to(tl.int64) * seqlen_q + qi) * seqlen_k + kj
-    return tl.rand(seed, offs) >= dropout_p
+def dropout_frame(b, h, n_heads, q0, k0, rows_q, rows_k, VARLEN: tl.constexpr):
+    """(first, per_row): head (b, h)'s dropout counters, counter(i, j) = first + i * per_row + j
+    for its query i and key j (``dropout_keep``). The counters index the (B * H, Lq, Lk)
+    scores, or with VARLEN the packed (H, total_q, total_k) ones (rows_q/k: the packed totals,
+    q0/k0: the sequence's first rows), so no two sequences, heads or batch rows share one
+    and the backward redraws the forward's mask. int64: B * H * Lq * Lk passes 2^31."""
+    if VARLEN:
+        first = (h.to(tl.int64) * rows_q + q0) * rows_k + k0
+    else:
+        first = (b.to(tl.int64) * n_heads + h) * rows_q * rows_k
+    return first, rows_k
+
+
+@triton.jit
+def dropout_keep(seed, frame, qi, kj, dropout_p):
+    """Where dropout keeps (query qi, key kj); qi, kj as ``band_mask``'s, ``frame`` the
+    (first, per_row) of ``dropout_frame``: one Philox counter per score."""
+    return tl.rand(seed, frame[0] + qi.to(tl.int64) * frame[1] + kj) >= dropout_p
 
 
 @triton.jit
@@ -198,11 +211,12 @@ def softmax_finish(acc, m_i, l_i):
 
 
 @triton.jit
-def bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, bh, seed, slope,
+def bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, frame, seed, slope,
              bias_base, bias_strides, scalars, TERMS: tl.constexpr, KEY_MAJOR: tl.constexpr,
              DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """Recomputes one tile of a softmax-attention forward from its lse and differentiates it;
-    delta is rowsum(dO * O). ``scalars`` and ``TERMS`` as ``term_logits``.
+    delta is rowsum(dO * O). ``scalars`` and ``TERMS`` as ``term_logits``; ``frame``: the
+    head's dropout counters (``dropout_frame``).
 
     Returns (p_drop, ds, ds_qk): the probabilities after dropout (for dV), the gradient of
     the final logits (= of an additive bias), and the gradient of the scaled q.k (for dQ, dK).
@@ -226,7 +240,7 @@ def bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, 
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     p = tl.math.exp2((s - lse) * LOG2E)  # the forward's softmax, recomputed
     if TERMS.DROPOUT:
-        keep = dropout_keep(seed, bh, qi, kj, seqlen_q, seqlen_k, dropout_p)
+        keep = dropout_keep(seed, frame, qi, kj, dropout_p)
         p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     else:

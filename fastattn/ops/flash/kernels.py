@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from fastattn.ops._triton import (
-    LN2, LOG2E, bwd_tile, cast, dot, dropout_keep, load_query_rows, load_rows, program_heads,
-    rows_base, sequence, softmax_finish, softmax_init, span, store_rows, store_tile, term_logits,
+    LN2, LOG2E, bwd_tile, cast, dot, dropout_frame, dropout_keep, load_query_rows, load_rows, program_heads,
+    rows_base, sequence, softmax_init, span, store_rows, store_tile, term_logits,
 )
 
 
@@ -107,21 +107,19 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows,
                BLOCK_N: tl.constexpr, TERMS: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
                VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr):
     """Takes key tiles lo, lo + BLOCK_N, .. < hi into the running softmax (m_i, l_i, acc).
-    m_i is in log2 units (the max of logits * log2(e)), so one multiply-add per score feeds
-    exp2. MASKED tiles may hold keys some row must not see (a band edge, the partial last
+    m_i is the row max in score units (``_score_units``), and one multiply-add per score
+    takes a score to log2 units relative to it, which feeds exp2. MASKED tiles may hold keys some row must not see (a band edge, the partial last
     tile): they are masked, and a row that has seen no key yet is guarded. Unmasked tiles
     are seen whole by every row and skip both."""
     q, k_src, v_src = kv
-    offs_m, offs_n0, d_ok, dv_ok, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope, seed, bh = rows
-    # The lean path takes the row max of the unscaled scores and scales it after, which is
-    # only the max of the logits when the scale is positive (SCALE_FIRST: it is not).
+    offs_m, offs_n0, d_ok, dv_ok, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope, seed, frame = rows
+    # The lean path: q.k unscaled, the scale folded into the multiply-add before exp2. Not
+    # with logit terms (they work on scaled logits), nor when the scale is not positive
+    # (SCALE_FIRST: the max of the unscaled scores would not be that of the logits).
     PLAIN: tl.constexpr = not (TERMS.BIAS or TERMS.ALIBI or TERMS.SOFTCAP or TERMS.SCALE_FIRST)
     # With bias terms a row can be empty in any tile (a bool mask, or -inf in a float bias).
     GUARD: tl.constexpr = MASKED or TERMS.BIAS
-    if PLAIN:
-        c = scalars[0] * LOG2E  # scale and the change of base, in one multiply
-    else:
-        c = LOG2E  # the logit terms work in natural units
+    c, _ = _score_units(scalars[0], PLAIN)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < seqlen_k
@@ -134,26 +132,40 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows,
         else:
             qk = term_logits(qk * scalars[0], offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, diag, scalars,
                              bias_base, bias_strides, slope, TERMS)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * c)
-        m_sub = m_new
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_sub = m_new * c  # log2 units; c > 0, so the max of the scores is that of the logits
         if GUARD:
             # A row that has seen only masked keys keeps max -inf; subtract 0 instead so that
             # exp2(-inf - m) is 0, not NaN. Only for the subtraction: the row keeps max -inf,
             # or a later tile's logits far below 0 would be taken relative to 0 and underflow.
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_sub)
         # One rounding, as the GPU's fused multiply-add: qk * c alone may be ~1e4, whose
         # rounding would be a relative error of P.
         p = tl.math.exp2(tl.fma(qk, c, -m_sub[:, None]))
-        alpha = tl.math.exp2(m_i - m_sub)
+        alpha = tl.math.exp2(m_i * c - m_sub)  # m_i * c is the previous tile's m_sub, bit for bit
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         v = _row_tile(v_src, start_n, col_ok, dv_ok, BLOCK_N, BLOCK_DV, MASKED, HEAD_DIM_V == BLOCK_DV, TMA, VARLEN)
         if TERMS.DROPOUT:
             # The softmax normalises by the undropped sum l; dropout scales what reaches V.
-            keep = dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, scalars[2])
+            keep = dropout_keep(seed, frame, offs_m[:, None], offs_n[None, :], scalars[2])
             p = tl.where(keep, p / (1.0 - scalars[2]), 0.0)
         acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _score_units(scale, PLAIN: tl.constexpr):
+    """(c, unit) of the forward's scores: a score times c is a logit in log2 units, times unit
+    one in natural units. The lean (PLAIN) path's scores are q.k unscaled; the logit terms'
+    are natural. The running max is kept in score units, so the lse is max * unit + log(l)
+    with one rounding (a log2-unit max scaled back by ln 2 rounded twice more: several ulps
+    of an lse of order 1e3)."""
+    if PLAIN:
+        unit = scale
+    else:
+        unit = scale * 0.0 + 1.0
+    return unit * LOG2E, unit
 
 
 @triton.jit
@@ -229,13 +241,15 @@ def attn_fwd_kernel(
     tiles (both masked), then those every row sees whole (no masks). With TMA, K and V are
     tensor descriptors of their (B, H, L, D) tensors with blocks (1, 1, BLOCK_N, BLOCK_D)."""
     start_m = tl.program_id(0) * BLOCK_M
-    b, h, bh, hk = program_heads(n_heads, group)
+    b, h, _, hk = program_heads(n_heads, group)
+    rows_q, rows_k = seqlen_q, seqlen_k  # with VARLEN, the packed totals
     q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
     k0, seqlen_k = sequence(CU_SEQLENS_K, b, seqlen_k, VARLEN)
     if VARLEN:
         if start_m >= seqlen_q:  # the grid covers the longest sequence
             return
     diag = seqlen_k - seqlen_q
+    frame = dropout_frame(b, h, n_heads, q0, k0, rows_q, rows_k, VARLEN)
 
     offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -249,15 +263,17 @@ def attn_fwd_kernel(
     slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
 
     m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_DV)
+    PLAIN: tl.constexpr = not (TERMS.BIAS or TERMS.ALIBI or TERMS.SOFTCAP or TERMS.SCALE_FIRST)  # _fwd_tiles'
+    c, unit = _score_units(scalars[0], PLAIN)
     if TERMS.SINKS:
         # The sink is a key every row sees, with no value: start the running softmax from it
-        # (max = the sink in log2 units, sum exp2(0) = 1), so no row is ever empty.
-        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h).to(tl.float32) * LOG2E
+        # (max = the sink in score units, sum exp2(0) = 1), so no row is ever empty.
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h).to(tl.float32) / unit
         l_i = l_i + 1.0
     lo, hi = _key_range(start_m, seqlen_k, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
     ilo, ihi = _interior(start_m, lo, hi, seqlen_k, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
     kv = (q, k_src, v_src)
-    rows = (offs_m, offs_n0, d_ok, dv_ok, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope, seed, bh)
+    rows = (offs_m, offs_n0, d_ok, dv_ok, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope, seed, frame)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, kv, ihi, hi, rows, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
                                BLOCK_N, TERMS, True, TMA, VARLEN, DOT_FP32, PRECISION, BF16_RTNE)
     if TERMS.LEFT:
@@ -266,9 +282,15 @@ def attn_fwd_kernel(
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, kv, ilo, ihi, rows, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
                                BLOCK_N, TERMS, False, TMA, VARLEN, DOT_FP32, PRECISION, BF16_RTNE)
 
-    # m_i is in log2 units. Every key masked: output 0, lse -inf, as torch >= 2.5 (with a sink:
-    # output 0, lse the sink).
-    out, lse = softmax_finish(acc, m_i * LN2, l_i)
+    # Every key masked: output 0, lse -inf, as torch >= 2.5 (with a sink: output 0, lse the
+    # sink). l is relative to the last tile's m_sub = m_i * c, rounded: it holds a factor
+    # exp2(r) with r = m_i * c - m_sub, which the fma gives exactly. Without taking r out, the
+    # lse of a row of logits ~1e3 was an ulp off whenever the max dominated (l ~ 1).
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    r = tl.fma(m_i, c, -(m_i * c))
+    log_l = tl.log(tl.where(empty, 1.0, l_i)) - r * LN2
+    lse = tl.where(empty, float("-inf"), tl.fma(m_i, unit, log_l))
     store_rows(O, o_strides, b, h, q0, out, offs_m, offs_dv, row_ok, dv_ok, BF16_RTNE)
     lse_row = b * lse_strides[0] + h * lse_strides[1] + (tl.cast(q0, tl.int64) + offs_m) * lse_strides[2]
     tl.store(LSE + lse_row, lse, mask=row_ok)
@@ -292,6 +314,7 @@ def attn_bwd_dkdv_kernel(
     With TMA, Q and DO are tensor descriptors (blocks (1, 1, BLOCK_M, BLOCK_D/DV))."""
     start_n = tl.program_id(0) * BLOCK_N
     b, hk, _, _ = program_heads(n_kv_heads, 1)  # grid (blocks, kv heads, sequences)
+    rows_q, rows_k = seqlen_q, seqlen_k  # with VARLEN, the packed totals
     q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
     k0, seqlen_k = sequence(CU_SEQLENS_K, b, seqlen_k, VARLEN)
     if VARLEN:
@@ -312,7 +335,7 @@ def attn_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     for g in range(0, group):
         h = hk * group + g
-        bh = b * n_heads + h
+        frame = dropout_frame(b, h, n_heads, q0, k0, rows_q, rows_k, VARLEN)
         bias_base = rows_base(BIAS, bias_strides, b, h, 0)
         slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
         q_src = _rows_source(Q, q_strides, b, h, q0, offs_m0, offs_d, TMA, VARLEN)
@@ -327,7 +350,7 @@ def attn_bwd_dkdv_kernel(
             delta = tl.load(DELTA + lse_base + offs_m * lse_strides[2], mask=row_ok, other=0.0)
             # (keys, queries) tiles: the key block is the tall side of all four products.
             p_drop, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
-                                         bh, seed, slope, bias_base, bias_strides, scalars,
+                                         frame, seed, slope, bias_base, bias_strides, scalars,
                                          TERMS, True, DOT_FP32, PRECISION)
             if GRAD_V:
                 dv += dot(cast(p_drop, do.dtype, BF16_RTNE), do, DOT_FP32, PRECISION)
@@ -357,12 +380,14 @@ def attn_bwd_dq_kernel(
     With TMA, K and V are tensor descriptors (blocks (1, 1, BLOCK_N, BLOCK_D/DV))."""
     start_m = tl.program_id(0) * BLOCK_M
     b, h, bh, hk = program_heads(n_heads, group)
+    rows_q, rows_k = seqlen_q, seqlen_k  # with VARLEN, the packed totals
     q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
     k0, seqlen_k = sequence(CU_SEQLENS_K, b, seqlen_k, VARLEN)
     if VARLEN:
         if start_m >= seqlen_q:
             return
     diag = seqlen_k - seqlen_q
+    frame = dropout_frame(b, h, n_heads, q0, k0, rows_q, rows_k, VARLEN)
 
     offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
@@ -383,7 +408,8 @@ def attn_bwd_dq_kernel(
         k = _row_tile(k_src, start_n, col_ok, d_ok, BLOCK_N, BLOCK_D, True, HEAD_DIM == BLOCK_D, TMA, VARLEN)
         v = _row_tile(v_src, start_n, col_ok, dv_ok, BLOCK_N, BLOCK_DV, True, HEAD_DIM_V == BLOCK_DV, TMA, VARLEN)
         _, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
-                                bh, seed, slope, bias_base, bias_strides, scalars, TERMS, False, DOT_FP32, PRECISION)
+                                frame, seed, slope, bias_base, bias_strides, scalars, TERMS, False, DOT_FP32,
+                                PRECISION)
         if STORE_DS:
             store_tile(DS + bh * seqlen_q * seqlen_k, ds, offs_m, offs_n, seqlen_k, 1, row_ok, col_ok)
         dq += dot(cast(ds_qk, k.dtype, BF16_RTNE), k, DOT_FP32, PRECISION)
@@ -406,6 +432,7 @@ def dropout_mask_kernel(KEEP, SEED, n_heads, seqlen_q, seqlen_k, dropout_p,
     offs_m = (tl.program_id(0) // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     bh = tl.program_id(2).to(tl.int64) * n_heads + tl.program_id(1)
-    keep = dropout_keep(tl.load(SEED), bh, offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, dropout_p)
+    frame = dropout_frame(tl.program_id(2), tl.program_id(1), n_heads, 0, 0, seqlen_q, seqlen_k, False)
+    keep = dropout_keep(tl.load(SEED), frame, offs_m[:, None], offs_n[None, :], dropout_p)
     store_tile(KEEP + bh * seqlen_q * seqlen_k, keep.to(tl.uint8), offs_m, offs_n, seqlen_k, 1,
                offs_m < seqlen_q, offs_n < seqlen_k)

@@ -47,7 +47,7 @@ def sparse_fwd_kernel(
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    b, h, bh, hk = program_heads(n_heads, group)
+    b, h, _, hk = program_heads(n_heads, group)
     diag = seqlen_k - seqlen_q
 
     offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
@@ -111,7 +111,6 @@ def sparse_bwd_dkdv_kernel(
 
     for g in range(0, group):
         h = hk * group + g
-        bh = b * n_heads + h
         row = h * layout_stride_h + kblock  # (layout head, key block) of the transposed layout
         first = tl.load(CCOL + row)
         last = tl.load(CCOL + row + 1)
@@ -133,7 +132,7 @@ def sparse_bwd_dkdv_kernel(
                                                     offs_d, d_ok, offs_dv, dv_ok)
                 # (keys, queries) tiles: the key block is the tall side of all four products.
                 p, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
-                                        bh, 0, 0.0, Q, q_strides, scalars, TERMS, True, DOT_FP32, PRECISION)
+                                        (0, 0), 0, 0.0, Q, q_strides, scalars, TERMS, True, DOT_FP32, PRECISION)
                 if GRAD_V:
                     dv += dot(cast(p, do.dtype, BF16_RTNE), do, DOT_FP32, PRECISION)
                 if GRAD_K:
@@ -157,7 +156,7 @@ def sparse_bwd_dq_kernel(
 ):
     """dQ for one tile of queries over its row's kept key blocks (no atomics). DQ contiguous."""
     start_m = tl.program_id(0) * BLOCK_M
-    b, h, bh, hk = program_heads(n_heads, group)
+    b, h, _, hk = program_heads(n_heads, group)
     diag = seqlen_k - seqlen_q
 
     offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
@@ -181,7 +180,7 @@ def sparse_bwd_dq_kernel(
             k = load_tile(k_base, offs_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
             v = load_tile(v_base, offs_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
             _, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
-                                bh, 0, 0.0, Q, q_strides, scalars, TERMS, False, DOT_FP32, PRECISION)
+                                (0, 0), 0, 0.0, Q, q_strides, scalars, TERMS, False, DOT_FP32, PRECISION)
             dq += dot(cast(ds, k.dtype, BF16_RTNE), k, DOT_FP32, PRECISION)
 
     # The scores were q.k * scale.
