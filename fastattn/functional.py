@@ -146,8 +146,8 @@ def flash_attention_varlen(
         cu_seqlens_q, cu_seqlens_k: int32 (B+1,) offsets: sequence b holds rows
             ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``
             of k/v (a sequence may have no keys: its rows give 0).
-        max_seqlen_q, max_seqlen_k: the longest sequence, or None (then derived from the
-            offsets); must not be below the real maximum.
+        max_seqlen_q, max_seqlen_k: the longest sequence, or None; FlashAttention's arguments,
+            checked (on CPU) but not needed: the grid comes from shapes.
         causal, scale, window, alibi_slopes ((Hq,) or (B, Hq)), softcap, dropout_p, sinks: as
             ``flash_attention``, bottom-right aligned per sequence (query i of sequence b sees
             key j iff ``j <= i + Lk_b - Lq_b``).
@@ -158,8 +158,9 @@ def flash_attention_varlen(
 
     Raises:
         ValueError: as ``flash_attention``, plus offsets that are not int32 (B+1,), do not start
-            at 0, decrease, or do not end at the packed totals (checked on the host, except
-            while torch.compile traces), or a max_seqlen below the longest sequence.
+            at 0, decrease, or do not end at the packed totals, or a max_seqlen below the longest
+            sequence (these values are checked on CPU tensors, outside torch.compile's tracing;
+            on a GPU nothing is read on the host, and the kernels clamp the offsets instead).
 
     Equivalent code, per sequence b (q_b = q[cu_seqlens_q[b]:cu_seqlens_q[b+1]], likewise k_b, v_b)::
 
@@ -185,7 +186,7 @@ def flash_attention_varlen(
         out, lse = flash_op.flash_attn(
             *packed, alibi=alibi_slopes, seed=seed, sinks=sinks, scale=scale, softcap=softcap, dropout_p=float(dropout_p),
             window_left=band[0], window_right=band[1], cu_seqlens_q=cu_seqlens_q.contiguous(),
-            cu_seqlens_k=cu_seqlens_k.contiguous(), max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+            cu_seqlens_k=cu_seqlens_k.contiguous())
         out, lse = out[0].transpose(0, 1), lse[0]  # (1, Hq, total, Dv) -> (total, Hq, Dv); lse (Hq, total)
     elif route.impl == "torch_sdpa":
         from fastattn.ops.flash import fallback
@@ -746,8 +747,9 @@ def linear_attention_varlen(
 
     Raises:
         ValueError: as ``linear_attention``, plus offsets that are not int32 (S+1,), do not start
-            at 0, decrease, or do not end at the packed total (checked on the host, except
-            while torch.compile traces), and under ``use_backend("triton")`` more than 65535
+            at 0, decrease, or do not end at the packed total (checked on CPU tensors, outside
+            torch.compile's tracing; on a GPU nothing is read on the host, and the kernels clamp
+            the offsets instead), and under ``use_backend("triton")`` more than 65535
             sequences (CUDA's grid limit).
 
     Equivalent code, per sequence s (x_s = x[cu_seqlens[s]:cu_seqlens[s+1]].transpose(0, 1)[None])::

@@ -298,8 +298,10 @@ def check_rotary(op: str, q: Tensor, rotary_cos: Optional[Tensor], rotary_sin: O
 def check_varlen(op: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                  max_seqlen_k) -> None:
     """Packed inputs q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv) and int32
-    (B+1,) offsets. The offsets' values (0 first, non-decreasing, the totals last) are read on
-    the host, except while torch.compile traces."""
+    (B+1,) offsets. The offsets' values (0 first, non-decreasing, the totals last) are checked
+    only where reading them is free: on CPU tensors, outside torch.compile's tracing. On a GPU
+    a packed call never syncs with the host (it can be captured in a CUDA graph); there the
+    kernels clamp what they read to the packed tensors instead."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 3:
             got = shape_str(t) if isinstance(t, Tensor) else type(t).__name__
@@ -318,7 +320,7 @@ def check_varlen(op: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seql
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if m is not None and not (isinstance(m, int) and not isinstance(m, bool) and m >= 0):
             raise ValueError(f"{op}: {name} must be an int >= 0 or None, got {m!r}")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or q.device.type != "cpu":
         return
     for name, cu, total, m in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):

@@ -78,8 +78,8 @@ def test_varlen_kernels_on_a_long_sequence_with_given_max_seqlens(device):
     check_varlen(*LONG_MIX, "causal", torch.float16, device, max_seqlens=(1023, 1023))
 
 
-def test_max_seqlen_only_sizes_the_grid(device):
-    """None (the grid covers the packed total) and the true maxima give the same bits."""
+def test_max_seqlen_changes_nothing(device):
+    """None and the true maxima give the same bits (the grid comes from shapes alone)."""
     lq, lk = MIXES["lq<lk"]
     q, k, v, cq, ck = packed(lq, lk, torch.float16, device)
     with fastattn.use_backend("triton"):
@@ -175,3 +175,74 @@ def test_max_seqlen_below_the_longest_raises():
     q, k, v, cq, ck = packed([3, 9], [3, 9], torch.float32, "cpu")
     with pytest.raises(ValueError, match="max_seqlen_q=4 is below the longest sequence, 9"):
         fastattn.flash_attention_varlen(q, k, v, cq, ck, 4, 9)
+
+
+def test_grid_walks_the_sequences_blocks_not_a_total_per_sequence(monkeypatch, device):
+    """Before: without max_seqlen the grid was sequences x blocks of the whole packed total
+    (16 documents of 16 tokens: 16 x the total's blocks). Now cdiv(total, block) + B programs
+    at most, whatever the lengths, sized without reading them."""
+    from fastattn.ops.flash import op
+
+    grids = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return self.kernel[grid]
+
+    for name in ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"):
+        monkeypatch.setattr(op.kernels, name, Spy(getattr(op.kernels, name)))
+    docs, length = 16, 16
+    q, k, v, cq, ck = packed([length] * docs, [length] * docs, torch.float32, device, hq=2, hkv=2, d=16)
+    with fastattn.use_backend("triton"):
+        out = fastattn.flash_attention_varlen(q, k, v, cq, ck, causal=True)
+    out.sum().backward()
+    assert len(grids) == 3
+    for grid in grids:  # every kernel's blocks are at least 16 rows: at most 16 + 16 programs per head
+        assert grid[0] * grid[2] <= docs * length // 16 + docs, grid
+
+
+def test_offsets_are_not_read_off_the_cpu():
+    """On a GPU a packed call must not sync with the host (nor fail CUDA-graph capture): the
+    offsets' values are checked only on CPU tensors, where reading them is free. A meta tensor
+    stands in for a CUDA one (reading its values raises)."""
+    from fastattn.validation import check_varlen
+
+    q, k, v = (torch.empty(12, 2, 16, device="meta") for _ in range(3))
+    cu_meta = torch.empty(4, dtype=torch.int32, device="meta")
+    check_varlen("flash_attention_varlen", q, k, v, cu_meta, cu_meta, None, None)
+    with pytest.raises(ValueError, match="cu_seqlens_q must start at 0"):
+        bad = torch.tensor([1, 4, 8, 12], dtype=torch.int32)
+        check_varlen("flash_attention_varlen", *(torch.empty(t.shape) for t in (q, k, v)), bad, bad, None, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs and CUDA graphs need a GPU")
+def test_packed_call_never_syncs_and_captures_in_a_cuda_graph():
+    """Before: the offsets were read on the host 6-8 times per call, so a packed call synced
+    and CUDA-graph capture failed. Forward and backward under sync-debug "error", then the
+    forward captured and replayed."""
+    q, k, v, cq, ck = packed(*MIXES["lq<lk"], torch.bfloat16, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with fastattn.use_backend("triton"):
+            out = fastattn.flash_attention_varlen(q, k, v, cq, ck, causal=True)
+            grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(g).all() for g in grads)
+    q, k, v = (t.detach() for t in (q, k, v))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), fastattn.use_backend("triton"):  # warm-up: compile outside capture
+        fastattn.flash_attention_varlen(q, k, v, cq, ck, causal=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), fastattn.use_backend("triton"):
+        captured = fastattn.flash_attention_varlen(q, k, v, cq, ck, causal=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, out.detach())

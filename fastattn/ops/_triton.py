@@ -256,15 +256,39 @@ def bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, 
 
 @triton.jit
 def sequence(CU_SEQLENS, seq, seqlen, VARLEN: tl.constexpr):
-    """(first row, length) of sequence ``seq``: its slice of a packed tensor, from the int32
-    offsets CU_SEQLENS (B + 1,), when VARLEN; else (0, seqlen), a row of a padded batch."""
+    """(first row, length) of sequence ``seq``: its slice of a packed tensor of ``seqlen`` rows,
+    from the int32 offsets CU_SEQLENS (B + 1,), when VARLEN; else (0, seqlen), a row of a
+    padded batch. Offsets are clamped into [0, seqlen] and made non-decreasing, so offsets the
+    host never checked (on a GPU) read nothing outside the tensor. max/min are written as
+    arithmetic because the interpreter turns tl.minimum of two scalars into an array."""
     # Plain int32 (a padded batch's offset is the constant 0): position math stays 32-bit.
     start = 0
     length = seqlen
     if VARLEN:
         start = tl.load(CU_SEQLENS + seq)
-        length = tl.load(CU_SEQLENS + seq + 1) - start
+        end = tl.load(CU_SEQLENS + seq + 1)
+        start = start * (start > 0)
+        start = seqlen + (start - seqlen) * (start < seqlen)
+        end = end + (start - end) * (end < start)
+        end = seqlen + (end - seqlen) * (end < seqlen)
+        length = end - start
     return start, length
+
+
+@triton.jit
+def packed_block(BLOCKS, b, BLOCK: tl.constexpr, VARLEN: tl.constexpr):
+    """(sequence, first row) of the program's block of rows. On a padded batch's grid (blocks,
+    heads, batch): (b, program_id(0) * BLOCK). With VARLEN the grid's axis 0 walks the blocks
+    of every packed sequence, and BLOCKS, int32 (grid, 2) built by the launcher without reading
+    the lengths on the host, holds each program's (sequence, first row); sequence -1 marks a
+    program with no block (the grid is sized from shapes alone, an upper bound)."""
+    pid = tl.program_id(0)
+    if VARLEN:
+        b = tl.load(BLOCKS + 2 * pid).to(tl.int64)
+        start = tl.load(BLOCKS + 2 * pid + 1)
+    else:
+        start = pid * BLOCK
+    return b, start
 
 
 @triton.jit

@@ -3,8 +3,8 @@
 Layout: every tensor is (batch, heads, seq, dim) with arbitrary strides; the launchers in
 ``op.py`` pass each tensor's strides as one tuple (``q_strides``...). With VARLEN the batch
 holds packed sequences (FlashAttention's varlen layout): the tensors are (1, heads, total,
-dim) views with batch stride 0, the grid's batch axis walks the sequences, and
-``CU_SEQLENS_Q/K`` give each sequence's first row and length; every position below is then
+dim) views with batch stride 0, the grid's first axis walks the row blocks of every
+sequence (``packed_block``), and ``CU_SEQLENS_Q/K`` give each sequence's first row and length; every position below is then
 local to its sequence, so no tile reads across a boundary. The logit terms compiled
 in are one constexpr, ``TERMS`` (``fastattn/ops/_launch.py: Terms``); their runtime values are
 the ``scalars`` tuple (scale, softcap, dropout_p, window_left, window_right). One program owns one block of rows (queries in the forward and
@@ -24,7 +24,7 @@ import triton.language as tl
 
 from fastattn.ops._triton import (
     LN2, LOG2E, bwd_tile, cast, dot, dropout_frame, dropout_keep, load_query_rows, load_rows, program_heads,
-    rows_base, sequence, softmax_init, span, store_rows, store_tile, term_logits,
+    packed_block, rows_base, sequence, softmax_init, span, store_rows, store_tile, term_logits,
 )
 
 
@@ -228,7 +228,7 @@ def _row_tile(src, start, row_ok, col_ok, BLOCK_R: tl.constexpr, BLOCK_C: tl.con
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, BIAS, ALIBI, SEED, SINKS, CU_SEQLENS_Q, CU_SEQLENS_K,
+    Q, K, V, O, LSE, BIAS, ALIBI, SEED, SINKS, CU_SEQLENS_Q, CU_SEQLENS_K, BLOCKS,
     q_strides, k_strides, v_strides, o_strides, lse_strides, bias_strides, alibi_strides,
     n_heads, group, seqlen_q, seqlen_k, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -240,14 +240,14 @@ def attn_fwd_kernel(
     three loops: first the right-edge/diagonal and partial tiles, then the band's left-edge
     tiles (both masked), then those every row sees whole (no masks). With TMA, K and V are
     tensor descriptors of their (B, H, L, D) tensors with blocks (1, 1, BLOCK_N, BLOCK_D)."""
-    start_m = tl.program_id(0) * BLOCK_M
     b, h, _, hk = program_heads(n_heads, group)
+    b, start_m = packed_block(BLOCKS, b, BLOCK_M, VARLEN)
+    if VARLEN:
+        if b < 0:  # past the packed sequences' blocks
+            return
     rows_q, rows_k = seqlen_q, seqlen_k  # with VARLEN, the packed totals
     q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
     k0, seqlen_k = sequence(CU_SEQLENS_K, b, seqlen_k, VARLEN)
-    if VARLEN:
-        if start_m >= seqlen_q:  # the grid covers the longest sequence
-            return
     diag = seqlen_k - seqlen_q
     frame = dropout_frame(b, h, n_heads, q0, k0, rows_q, rows_k, VARLEN)
 
@@ -298,7 +298,7 @@ def attn_fwd_kernel(
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, ALIBI, SEED, SINKS, CU_SEQLENS_Q, CU_SEQLENS_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, ALIBI, SEED, SINKS, CU_SEQLENS_Q, CU_SEQLENS_K, BLOCKS,
     q_strides, k_strides, v_strides, do_strides, lse_strides, dk_strides, dv_strides, bias_strides,
     alibi_strides,
     n_kv_heads, group, seqlen_q, seqlen_k, scalars,
@@ -312,14 +312,14 @@ def attn_bwd_dkdv_kernel(
     only one of them holds half the accumulators (d256: two fp32 64 x 256 tiles would not fit
     the registers); what it does not need of the shared tile (dV needs no dP) compiles away.
     With TMA, Q and DO are tensor descriptors (blocks (1, 1, BLOCK_M, BLOCK_D/DV))."""
-    start_n = tl.program_id(0) * BLOCK_N
-    b, hk, _, _ = program_heads(n_kv_heads, 1)  # grid (blocks, kv heads, sequences)
+    b, hk, _, _ = program_heads(n_kv_heads, 1)  # grid (blocks, kv heads, batch)
+    b, start_n = packed_block(BLOCKS, b, BLOCK_N, VARLEN)
+    if VARLEN:
+        if b < 0:
+            return
     rows_q, rows_k = seqlen_q, seqlen_k  # with VARLEN, the packed totals
     q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
     k0, seqlen_k = sequence(CU_SEQLENS_K, b, seqlen_k, VARLEN)
-    if VARLEN:
-        if start_n >= seqlen_k:
-            return
     n_heads = n_kv_heads * group
     diag = seqlen_k - seqlen_q
 
@@ -365,7 +365,7 @@ def attn_bwd_dkdv_kernel(
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DS, DS_ROWS, BIAS, ALIBI, SEED, SINKS, CU_SEQLENS_Q, CU_SEQLENS_K,
+    Q, K, V, DO, LSE, DELTA, DQ, DS, DS_ROWS, BIAS, ALIBI, SEED, SINKS, CU_SEQLENS_Q, CU_SEQLENS_K, BLOCKS,
     q_strides, k_strides, v_strides, do_strides, lse_strides, dq_strides, bias_strides, alibi_strides,
     n_heads, group, seqlen_q, seqlen_k, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -378,14 +378,14 @@ def attn_bwd_dq_kernel(
     contiguous (B * H, Lq, Lk) (no packed sequences). With sinks it writes each row's sum of
     dS into DS_ROWS (laid out as LSE), from which the launcher forms the sinks' gradient.
     With TMA, K and V are tensor descriptors (blocks (1, 1, BLOCK_N, BLOCK_D/DV))."""
-    start_m = tl.program_id(0) * BLOCK_M
     b, h, bh, hk = program_heads(n_heads, group)
+    b, start_m = packed_block(BLOCKS, b, BLOCK_M, VARLEN)
+    if VARLEN:
+        if b < 0:
+            return
     rows_q, rows_k = seqlen_q, seqlen_k  # with VARLEN, the packed totals
     q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
     k0, seqlen_k = sequence(CU_SEQLENS_K, b, seqlen_k, VARLEN)
-    if VARLEN:
-        if start_m >= seqlen_q:
-            return
     diag = seqlen_k - seqlen_q
     frame = dropout_frame(b, h, n_heads, q0, k0, rows_q, rows_k, VARLEN)
 

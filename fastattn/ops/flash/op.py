@@ -29,10 +29,6 @@ class FlashOptions(NamedTuple):
     dropout_p: float = 0.0
     window_left: Optional[int] = None  # band edges around the diagonal; None: unbounded
     window_right: Optional[int] = None
-    # Packed (varlen) calls only: the longest sequence, which sizes the grid; 0 when unknown
-    # (the packed total then bounds it, and the surplus programs exit at once).
-    max_seqlen_q: int = 0
-    max_seqlen_k: int = 0
 
 
 def _bias_args(q: Tensor, bias: Optional[Tensor]):
@@ -76,9 +72,25 @@ def _strides(t: Tensor, varlen: bool) -> tuple:
     return (0, *t.stride()[1:]) if varlen else t.stride()
 
 
-def _grid_len(max_seqlen: int, length: int, block: int) -> int:
-    """Row blocks per sequence: the longest sequence's, else (unknown) the whole length's."""
-    return triton.cdiv(max_seqlen or length, block)
+def _grid(rows: Tensor, heads: int, batch: int, block: int, cu_seqlens: Optional[Tensor]):
+    """(grid, BLOCKS) of a kernel over blocks of ``block`` rows of (B, H, L, D) ``rows``: grid
+    (L blocks, heads, B); packed, (blocks of every sequence, heads, 1) and BLOCKS, int32
+    (programs, 2), each program's (sequence, first row in it) (``_triton.packed_block``),
+    computed on the device: no length is read on the host (no sync, CUDA-graph capturable).
+    A sequence of n rows has ceil(n / block) <= n / block + 1 blocks, so cdiv(total, block)
+    + B programs cover every packing; the ones past the last block get sequence -1."""
+    if cu_seqlens is None:
+        return (triton.cdiv(rows.shape[2], block), heads, batch), rows  # rows: an unused stand-in
+    programs = triton.cdiv(rows.shape[2], block) + batch
+    counts = (cu_seqlens.diff() + block - 1) // block  # blocks per sequence
+    ends = torch.cumsum(counts, 0)  # one past each sequence's last block
+    pid = torch.arange(programs, device=rows.device)
+    seq = torch.searchsorted(ends, pid, right=True)  # the sequence whose blocks hold pid
+    first = ends.new_zeros(batch + 1)
+    first[1:] = ends
+    start = ((pid - first[seq]) * block).clamp_(min=0)  # >= 0 even for offsets nobody checked
+    blocks = torch.stack([torch.where(seq < batch, seq, -1), start], dim=1).to(torch.int32)
+    return (programs, heads, 1), blocks
 
 
 def _output(q: Tensor, head_dim_v: int, varlen: bool, empty) -> Tensor:
@@ -107,10 +119,10 @@ def _forward(q, k, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOption
     lse = _launch.empty(*q.shape[:3], like=q, dtype=torch.float32)
     tma = _launch.tma(k, v)
     pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "fwd", tma)
-    grid = (_grid_len(options.max_seqlen_q, lq, meta["BLOCK_M"]), h, batch)
+    grid, blocks = _grid(q, h, batch, meta["BLOCK_M"], cu_seqlens[0])
     k_in, v_in = _tiles_in(tma, meta["BLOCK_N"], k, v)
     kernels.attn_fwd_kernel[grid](
-        q, k_in, v_in, out, lse, *pointers,
+        q, k_in, v_in, out, lse, *pointers, blocks,
         *(_strides(t, varlen) for t in (q, k, v, out, lse)), *strides,
         h, h // hkv, lq, lk, TMA=tma, **meta,
     )
@@ -131,9 +143,10 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens, optio
     tma = _launch.tma(q, do)  # the dK/dV loop walks query rows
     pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "dkdv", tma)
     q_in, do_in = _tiles_in(tma, meta["BLOCK_M"], q, do)
+    grid, blocks = _grid(k, hkv, batch, meta["BLOCK_N"], cu_seqlens[1])
     for grads in _launch.key_grads(max(q.shape[-1], v.shape[-1])):
-        kernels.attn_bwd_dkdv_kernel[(_grid_len(options.max_seqlen_k, lk, meta["BLOCK_N"]), hkv, batch)](
-            q_in, k, v, do_in, lse, delta, dk, dv, *pointers,
+        kernels.attn_bwd_dkdv_kernel[grid](
+            q_in, k, v, do_in, lse, delta, dk, dv, *pointers, blocks,
             *q_k_v_do_lse, _strides(dk, varlen), _strides(dv, varlen), *strides,
             hkv, h // hkv, lq, lk, TMA=tma, **grads, **meta,
         )
@@ -142,8 +155,9 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens, optio
     tma = _launch.tma(k, v)  # the dQ loop walks key rows
     meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "dq", tma)[3]
     k_in, v_in = _tiles_in(tma, meta["BLOCK_N"], k, v)
-    kernels.attn_bwd_dq_kernel[(_grid_len(options.max_seqlen_q, lq, meta["BLOCK_M"]), h, batch)](
-        q, k_in, v_in, do, lse, delta, dq, ds, ds_rows, *pointers,
+    grid, blocks = _grid(q, h, batch, meta["BLOCK_M"], cu_seqlens[0])
+    kernels.attn_bwd_dq_kernel[grid](
+        q, k_in, v_in, do, lse, delta, dq, ds, ds_rows, *pointers, blocks,
         *q_k_v_do_lse, _strides(dq, varlen), *strides,
         h, h // hkv, lq, lk, STORE_DS=bias_grad, TMA=tma, **meta,
     )
@@ -175,9 +189,9 @@ def flash_fwd(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], alibi: Optional[Tensor],
     seed: Optional[Tensor], sinks: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     scale: float, softcap: Optional[float], dropout_p: float,
-    window_left: Optional[int], window_right: Optional[int], max_seqlen_q: int, max_seqlen_k: int,
+    window_left: Optional[int], window_right: Optional[int],
 ) -> tuple[Tensor, Tensor]:
-    options = FlashOptions(scale, softcap, dropout_p, window_left, window_right, max_seqlen_q, max_seqlen_k)
+    options = FlashOptions(scale, softcap, dropout_p, window_left, window_right)
     return _forward(q, k, v, bias, alibi, seed, sinks, (cu_seqlens_q, cu_seqlens_k), options)
 
 
@@ -193,10 +207,9 @@ def flash_bwd(
     bias: Optional[Tensor], alibi: Optional[Tensor], seed: Optional[Tensor], sinks: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     scale: float, softcap: Optional[float], dropout_p: float,
-    window_left: Optional[int], window_right: Optional[int], max_seqlen_q: int, max_seqlen_k: int,
-    bias_grad: bool,
+    window_left: Optional[int], window_right: Optional[int], bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    options = FlashOptions(scale, softcap, dropout_p, window_left, window_right, max_seqlen_q, max_seqlen_k)
+    options = FlashOptions(scale, softcap, dropout_p, window_left, window_right)
     return _backward(do, q, k, v, out, lse, bias, alibi, seed, sinks, (cu_seqlens_q, cu_seqlens_k), options,
                      bias_grad)
 
@@ -231,15 +244,12 @@ flash_fwd.register_autograd(_flash_fwd_backward, setup_context=_setup_context)
 
 
 def flash_attn(q, k, v, *, bias=None, alibi=None, seed=None, sinks=None, scale, softcap=None, dropout_p=0.0,
-               window_left=None, window_right=None, cu_seqlens_q=None, cu_seqlens_k=None,
-               max_seqlen_q=None, max_seqlen_k=None):
+               window_left=None, window_right=None, cu_seqlens_q=None, cu_seqlens_k=None):
     """Validated inputs -> (out, lse). ``bias`` is already expanded to (B, Hq, Lq, Lk);
     softcap None (or 0.0) is no cap; ``sinks`` (Hq,) or None. Packed sequences: q, k, v are
-    (1, H, total, D) views, ``cu_seqlens_q/k`` int32 (B + 1,) contiguous, ``max_seqlen_q/k``
-    an int or None (then the grid covers the packed total: no host sync); out and lse come
-    back (1, H, total, ...)."""
-    options = FlashOptions(scale, softcap or None, dropout_p, window_left, window_right,
-                           max_seqlen_q or 0, max_seqlen_k or 0)
+    (1, H, total, D) views, ``cu_seqlens_q/k`` int32 (B + 1,) contiguous, never read on the
+    host (the grid comes from shapes); out and lse come back (1, H, total, ...)."""
+    options = FlashOptions(scale, softcap or None, dropout_p, window_left, window_right)
     sinks = None if sinks is None else sinks.contiguous()
     return flash_fwd(q, k, v, bias, alibi, seed, sinks, cu_seqlens_q, cu_seqlens_k, *options)
 

@@ -35,7 +35,7 @@ Backward, with dn_i = dout_i / d_i and g_i = -(dout_i . out_i) / d_i (the gradie
 import triton
 import triton.language as tl
 
-from fastattn.ops._triton import cast, dot, load_tile, span, store_tile
+from fastattn.ops._triton import cast, dot, load_tile, sequence, span, store_tile
 
 FEAT_IDENTITY = tl.constexpr(0)
 FEAT_ELU = tl.constexpr(1)
@@ -80,8 +80,9 @@ def _program(CU, group, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
     h = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2).to(tl.int64)
     if VARLEN:
-        row0 = tl.load(CU + s).to(tl.int64)
-        n_q = tl.load(CU + s + 1).to(tl.int64) - row0
+        row0, n_q = sequence(CU, s, seqlen_q, VARLEN)  # clamped into the packed rows
+        row0 = row0.to(tl.int64)
+        n_q = n_q.to(tl.int64)
         n_k = n_q
         b = s * 0
     else:

@@ -96,7 +96,6 @@ def sparse_bwd_dkdv_kernel(
     DK/DV contiguous. One gradient per launch at d256, as flash (``_launch.key_grads``)."""
     start_n = tl.program_id(0) * BLOCK_N
     b, hk, _, _ = program_heads(n_kv_heads, 1)  # grid (blocks, kv heads, batch)
-    n_heads = n_kv_heads * group
     diag = seqlen_k - seqlen_q
 
     offs_n, col_ok = span(start_n, BLOCK_N, seqlen_k)
