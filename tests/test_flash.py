@@ -237,3 +237,26 @@ def test_blocks_outside_the_band_are_never_read(device):
         out = fastattn.flash_attention(q, k, v, causal=True)
     assert torch.isfinite(out[:, :, :block_m]).all()
     assert torch.isnan(out[:, :, block_m:]).all()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_another_gpu_than_the_current_one():
+    """Before: no device guard. Triton launches on the current device, so tensors on cuda:1
+    (Hugging Face's device_map="auto") were read by a launch on cuda:0. Every kernel family,
+    forward and backward, on cuda:1 while cuda:0 is current, gives cuda:0's bits."""
+    from fastattn import sparse
+
+    def run(device):
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(2, 4, 128, 64, device=device, dtype=torch.float16, requires_grad=True)
+                   for _ in range(3))
+        with fastattn.use_backend("triton"):
+            outs = [fastattn.flash_attention(q, k, v, causal=True),
+                    fastattn.sparse_attention(q, k, v, sparse.local(128, 32, block_size=32)),
+                    fastattn.linear_attention(q, k, v, causal=True)]
+        grads = torch.autograd.grad(sum(o.float().sum() for o in outs), (q, k, v))
+        return [t.cpu() for t in (*outs, *grads)]
+
+    torch.cuda.set_device(0)
+    for a, b in zip(run("cuda:0"), run("cuda:1")):
+        assert torch.equal(a, b)

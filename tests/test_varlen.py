@@ -246,3 +246,16 @@ def test_packed_call_never_syncs_and_captures_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, out.detach())
+
+
+def test_more_sequences_than_a_grid_axis_holds(device):
+    """Before: the grid's third axis walked the sequences, and more than 65,535 of them (CUDA's
+    limit there) were not refused. Now they share the first axis with the row blocks."""
+    from fastattn.ops.flash import op
+
+    n = 70_000
+    q = torch.empty(1, 2, n, 16, device=device)
+    cu = torch.arange(n + 1, dtype=torch.int32, device=device)  # n sequences of one row
+    grid, blocks = op._grid(q, 2, n, 16, cu)
+    assert grid[1] <= 65535 and grid[2] <= 65535 and grid[0] < 2**31
+    assert torch.equal(blocks[:n, 0].long(), torch.arange(n, device=device)) and (blocks[n:, 0] == -1).all()

@@ -4,6 +4,8 @@ softcap). The kernels' side of the flags is described in ``fastattn/ops/_triton.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -17,6 +19,18 @@ def empty(*shape, like: Tensor, dtype=None) -> Tensor:
     """Every buffer a kernel writes comes from here, so tests can poison them all with NaN
     (call it as ``_launch.empty``, so that a patch of this name reaches every op)."""
     return torch.empty(*shape, device=like.device, dtype=dtype or like.dtype)
+
+
+def on_device(launcher):
+    """Runs ``launcher`` with its first tensor argument's CUDA device current: Triton launches
+    on the current device, not the tensors' (tensors on cuda:1, as Hugging Face's
+    ``device_map="auto"`` places them, would otherwise be read by a launch on cuda:0)."""
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        first = next(a for a in (*args, *kwargs.values()) if isinstance(a, Tensor))
+        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+            return launcher(*args, **kwargs)
+    return launch
 
 
 def pad(dim: int) -> int:

@@ -111,6 +111,7 @@ def _tiles_in(tma: bool, block_rows: int, *tensors: Tensor) -> tuple:
     return tuple(_launch.descriptor(t, [1, 1, block_rows, _launch.pad(t.shape[-1])]) for t in tensors)
 
 
+@_launch.on_device
 def _forward(q, k, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions):
     _, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -129,6 +130,7 @@ def _forward(q, k, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOption
     return out, lse
 
 
+@_launch.on_device
 def _backward(do, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions, bias_grad: bool):
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -272,6 +274,7 @@ def flash_backward(do, q, k, v, out, lse, *, bias=None, alibi=None, seed=None, s
                      bias_grad)[:4]
 
 
+@_launch.on_device
 def dropout_keep_mask(seed: Tensor, b: int, h: int, lq: int, lk: int, dropout_p: float) -> Tensor:
     """The bool keep-mask (B, H, Lq, Lk) that the kernels draw for ``seed``."""
     keep = _launch.empty(b * h, lq, lk, like=seed, dtype=torch.uint8)

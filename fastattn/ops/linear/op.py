@@ -86,6 +86,7 @@ def _out_buffer(b: int, h: int, lq: int, dv: int, like: Tensor, packed: bool) ->
     return _launch.empty(b, h, lq, dv, like=like)
 
 
+@_launch.on_device
 def _forward(q, k, v, feature, causal, normalize, eps, cu_seqlens):
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -100,6 +101,7 @@ def _forward(q, k, v, feature, causal, normalize, eps, cu_seqlens):
     return out, den
 
 
+@_launch.on_device
 def _backward(do, q, k, v, out, den, feature, causal, normalize, cu_seqlens):
     b, h, lq, m = q.shape
     hkv, lk = k.shape[1], k.shape[2]

@@ -36,6 +36,7 @@ def _layout_stride(index_ptr: Tensor, heads: int, blocks: int) -> int:
     return blocks if index_ptr.numel() - 1 == heads * blocks and heads > 1 else 0
 
 
+@_launch.on_device
 def _forward(q, k, v, crow, col, block_size, scale, causal):
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -52,6 +53,7 @@ def _forward(q, k, v, crow, col, block_size, scale, causal):
     return out, lse
 
 
+@_launch.on_device
 def _backward(do, q, k, v, out, lse, crow, col, ccol, row, block_size, scale, causal):
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
