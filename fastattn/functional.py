@@ -39,8 +39,8 @@ def _flash(op, q, k, v, *, band, scale, attn_bias=None, alibi_slopes=None, softc
     if route.impl == "kernel":
         from fastattn.ops.flash import op as flash_op  # imports triton, so only when used
 
-        b, h, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-        bias = None if attn_bias is None else attn_bias.expand(b, h, lq, lk)
+        # 4-D, unexpanded: the op reads it in place and gives its gradient in its own shape.
+        bias = None if attn_bias is None else attn_bias[(None,) * (4 - attn_bias.dim())]
         # The seed is drawn from torch's generator on the device, so torch.manual_seed governs
         # dropout and nothing syncs with the host.
         seed = torch.randint(0, 2**62, (1,), device=q.device) if dropout_p > 0 else None

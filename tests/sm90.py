@@ -337,7 +337,7 @@ def flash_launches(dtype, d, causal, features):
     q, k, v = _qkv(b, h, h, length, length, d, dtype)
     opts = dict(scale=d ** -0.5, window_right=0 if causal else None)
     if features:
-        bias = torch.empty(1, 1, length, length, dtype=torch.float32).expand(b, h, length, length)
+        bias = torch.empty(1, 1, length, length, dtype=torch.float32)  # broadcast: its gradient is the dbias kernel's
         opts.update(bias=bias, alibi=torch.empty(h), seed=torch.zeros(1, dtype=torch.int64),
                     softcap=30.0, dropout_p=0.1, window_left=256)
     with recording() as launches:
@@ -356,8 +356,9 @@ def _per_gradient(launches):
 
 
 def _flash_cases():
-    names = {"attn_fwd_kernel": "fwd", "attn_bwd_dkdv_kernel": "dkdv", "attn_bwd_dq_kernel": "dq"}
-    kernels = {fn: (short, SOFTMAX_KERNELS[short]) for fn, short in names.items()}
+    names = {"attn_fwd_kernel": "fwd", "attn_bwd_dkdv_kernel": "dkdv", "attn_bwd_dq_kernel": "dq",
+             "attn_bwd_dbias_kernel": "dbias"}
+    kernels = {fn: (short, SOFTMAX_KERNELS.get(short, (None, None))) for fn, short in names.items()}
     return _grid("flash", (16, 32, 40, 64, 80, 96, 128, 160, 256), flash_launches, kernels)
 
 

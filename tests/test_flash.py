@@ -260,3 +260,56 @@ def test_tensors_on_another_gpu_than_the_current_one():
     torch.cuda.set_device(0)
     for a, b in zip(run("cuda:0"), run("cuda:1")):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 45, 70), (2, 1, 45, 70), (45, 70), (2, 1, 1, 70)],
+                         ids=["heads", "batch", "shared", "keys"])
+def test_broadcast_bias_gradient_comes_in_its_own_shape(shape, monkeypatch, device):
+    """Before: a bias that broadcasts and needs a gradient got a float32 (B, H, Lq, Lk) gradient
+    plus a cast copy, summed by autograd (a learned (1, 16, 16k, 16k) bias at batch 2: 48 GiB).
+    Now the backward allocates nothing of that size, and the gradient meets the rule."""
+    from fastattn.ops import _launch
+
+    b, h, lq, lk = 2, 4, 45, 70
+    sizes = []
+    for module, name in ((_launch, "empty"), (torch, "zeros")):
+        def record(*size, _alloc=getattr(module, name), **kw):
+            sizes.append(math.prod(size[0] if len(size) == 1 and not isinstance(size[0], int) else size))
+            return _alloc(*size, **kw)
+        monkeypatch.setattr(module, name, record)
+    q, k, v = (randn((b, h, n, 32), torch.float32, device, requires_grad=True) for n in (lq, lk, lk))
+    bias = randn(shape, torch.float32, device, requires_grad=True)
+    with fastattn.use_backend("triton"):
+        out = fastattn.flash_attention(q, k, v, attn_bias=bias, causal=True)
+    do = torch.randn_like(out)
+    sizes.clear()
+    (dbias,) = torch.autograd.grad(out, [bias], do)
+    assert dbias.shape == bias.shape and max(sizes) < b * h * lq * lk
+    args64 = [as64(t) for t in (q, k, v, bias)]
+    args32 = [same_dtype_copy(t) for t in (q, k, v, bias)]
+    ref = attention_reference(*args64[:3], attn_bias=args64[3], causal=True)
+    base = attention_reference(*args32[:3], attn_bias=args32[3], causal=True)
+    (g64,) = torch.autograd.grad(ref, [args64[3]], do.double())
+    (g32,) = torch.autograd.grad(base, [args32[3]], do)
+    assert_close_rule("dbias", dbias, g64, g32, factor=3.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory at 8k tokens needs a GPU")
+def test_learned_broadcast_bias_backward_memory_at_8k():
+    """A learned (1, 16, 8k, 8k) bf16 bias at batch 2 (2 GiB): the backward's peak stays near
+    the bias's own size; before it allocated a float32 (2, 16, 8k, 8k) gradient and a bf16
+    copy (12 GiB)."""
+    b, h, length = 2, 16, 8192
+    q, k, v = (torch.randn(b, h, length, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    bias = torch.randn(1, h, length, length, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with fastattn.use_backend("triton"):
+        out = fastattn.flash_attention(q, k, v, attn_bias=bias, causal=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out.backward(torch.randn_like(out))
+    torch.cuda.synchronize()
+    bias_bytes = bias.numel() * bias.element_size()
+    assert torch.cuda.max_memory_allocated() - before < 2 * bias_bytes, torch.cuda.max_memory_allocated() - before
+    assert torch.isfinite(bias.grad).all()

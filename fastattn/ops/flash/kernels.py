@@ -375,7 +375,7 @@ def attn_bwd_dq_kernel(
 ):
     """dQ for one block of queries (no atomics: deterministic). With STORE_DS it also writes
     dS, the gradient of the logits, which is the gradient of an additive bias; DS is
-    contiguous (B * H, Lq, Lk) (no packed sequences). With sinks it writes each row's sum of
+    contiguous (B * H, Lq, Lk) in the bias's dtype (no packed sequences). With sinks it writes each row's sum of
     dS into DS_ROWS (laid out as LSE), from which the launcher forms the sinks' gradient.
     With TMA, K and V are tensor descriptors (blocks (1, 1, BLOCK_N, BLOCK_D/DV))."""
     b, h, bh, hk = program_heads(n_heads, group)
@@ -411,7 +411,8 @@ def attn_bwd_dq_kernel(
                                 frame, seed, slope, bias_base, bias_strides, scalars, TERMS, False, DOT_FP32,
                                 PRECISION)
         if STORE_DS:
-            store_tile(DS + bh * seqlen_q * seqlen_k, ds, offs_m, offs_n, seqlen_k, 1, row_ok, col_ok)
+            store_tile(DS + bh * seqlen_q * seqlen_k, cast(ds, DS.dtype.element_ty, BF16_RTNE), offs_m, offs_n,
+                       seqlen_k, 1, row_ok, col_ok)
         dq += dot(cast(ds_qk, k.dtype, BF16_RTNE), k, DOT_FP32, PRECISION)
         if TERMS.SINKS:
             ds_rows += tl.sum(ds, 1)
@@ -421,6 +422,58 @@ def attn_bwd_dq_kernel(
         tl.store(DS_ROWS + lse_row, ds_rows, mask=row_ok)
     # The scores were q.k * scale.
     store_rows(DQ, dq_strides, b, h, q0, dq * scalars[0], offs_m, offs_d, row_ok, d_ok, BF16_RTNE)
+
+
+@triton.jit
+def attn_bwd_dbias_kernel(
+    Q, K, V, DO, LSE, DELTA, DBIAS, BIAS, ALIBI, SEED,
+    q_strides, k_strides, v_strides, do_strides, lse_strides, dbias_strides, bias_strides, alibi_strides,
+    n_heads, group, n_batch, seqlen_q, seqlen_k, scalars,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    TERMS: tl.constexpr, BROADCAST_B: tl.constexpr, BROADCAST_H: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
+):
+    """The gradient of a bias broadcast over the batch (BROADCAST_B) and/or the heads
+    (BROADCAST_H), for one (query block, key block) tile of one (bias batch row, bias head):
+    dS of every (batch row, head) the tile is broadcast to, summed in registers in a fixed
+    order (deterministic, no atomics). Grid (query blocks x key blocks, bias heads, bias batch
+    rows); DBIAS (bias batch rows, bias heads, Lq, Lk), written whole (tiles outside the band
+    get 0). Each (batch row, head) recomputes the tile's P and dP (``bwd_tile``)."""
+    n_key_blocks = tl.cdiv(seqlen_k, BLOCK_N)
+    start_m = (tl.program_id(0) // n_key_blocks) * BLOCK_M
+    start_n = (tl.program_id(0) % n_key_blocks) * BLOCK_N
+    bias_h = tl.program_id(1).to(tl.int64)
+    bias_b = tl.program_id(2).to(tl.int64)
+    diag = seqlen_k - seqlen_q
+    offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
+    offs_n, col_ok = span(start_n, BLOCK_N, seqlen_k)
+    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
+    # The (batch row, head) pairs this bias entry is broadcast to: b_first + i, h_first + j.
+    b_first, n_b = bias_b, 1
+    if BROADCAST_B:
+        b_first, n_b = bias_b * 0, n_batch
+    h_first, n_h = bias_h, 1
+    if BROADCAST_H:
+        h_first, n_h = bias_h * 0, n_heads
+    dbias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for i in range(0, n_b):
+        b = b_first + i
+        for j in range(0, n_h):
+            h = h_first + j
+            q, do, lse, delta = load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, start_m,
+                                                offs_m - start_m, row_ok, offs_d, d_ok, offs_dv, dv_ok)
+            k = load_rows(K, k_strides, b, h // group, 0, offs_n, offs_d, col_ok, d_ok)
+            v = load_rows(V, v_strides, b, h // group, 0, offs_n, offs_dv, col_ok, dv_ok)
+            slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
+            frame = dropout_frame(b, h, n_heads, 0, 0, seqlen_q, seqlen_k, False)
+            _, ds, _ = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, frame, seed,
+                                slope, rows_base(BIAS, bias_strides, b, h, 0), bias_strides, scalars, TERMS, False,
+                                DOT_FP32, PRECISION)
+            dbias += ds
+    store_tile(rows_base(DBIAS, dbias_strides, bias_b, bias_h, 0), cast(dbias, DBIAS.dtype.element_ty, BF16_RTNE),
+               offs_m, offs_n, dbias_strides[2], dbias_strides[3], row_ok, col_ok)
 
 
 @triton.jit

@@ -111,10 +111,17 @@ def _tiles_in(tma: bool, block_rows: int, *tensors: Tensor) -> tuple:
     return tuple(_launch.descriptor(t, [1, 1, block_rows, _launch.pad(t.shape[-1])]) for t in tensors)
 
 
+def _expanded(bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
+    """A 4-D bias broadcastable to (B, Hq, Lq, Lk) as an expanded view of that shape (stride 0
+    on the broadcast dims: the kernels read it in place)."""
+    return None if bias is None else bias.expand(*q.shape[:3], k.shape[2])
+
+
 @_launch.on_device
 def _forward(q, k, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions):
     _, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
+    bias = _expanded(bias, q, k)
     varlen = cu_seqlens[0] is not None
     out = _output(q, v.shape[-1], varlen, lambda *shape: _launch.empty(*shape, like=q))
     lse = _launch.empty(*q.shape[:3], like=q, dtype=torch.float32)
@@ -137,9 +144,11 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens, optio
     varlen = cu_seqlens[0] is not None
     delta = _launch.softmax_delta(do, out)
     dq, dk, dv = (_launch.empty(*t.shape, like=t) for t in (q, k, v))
-    # Zeros, not empty: blocks outside the causal/window band are skipped, and their bias
-    # gradient is 0.
-    ds = torch.zeros(b, h, lq, lk if bias_grad else 0, device=q.device, dtype=torch.float32)
+    small_bias, bias = bias, _expanded(bias, q, k)
+    # The dQ kernel writes the bias gradient only for a bias with every dim its own; zeros, not
+    # empty: blocks outside the causal/window band are skipped, and their gradient is 0.
+    store_ds = bias_grad and tuple(small_bias.shape) == (b, h, lq, lk)
+    ds = torch.zeros(b, h, lq, lk, device=q.device, dtype=small_bias.dtype) if store_ds else lse
     q_k_v_do_lse = tuple(_strides(t, varlen) for t in (q, k, v, do, lse))
 
     tma = _launch.tma(q, do)  # the dK/dV loop walks query rows
@@ -161,9 +170,40 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens, optio
     kernels.attn_bwd_dq_kernel[grid](
         q, k_in, v_in, do, lse, delta, dq, ds, ds_rows, *pointers, blocks,
         *q_k_v_do_lse, _strides(dq, varlen), *strides,
-        h, h // hkv, lq, lk, STORE_DS=bias_grad, TMA=tma, **meta,
+        h, h // hkv, lq, lk, STORE_DS=store_ds, TMA=tma, **meta,
     )
+    if bias_grad and not store_ds:
+        ds = _broadcast_bias_grad(do, q, k, v, lse, delta, small_bias, alibi, seed, options)
+    elif not bias_grad:
+        ds = lse.new_zeros(0)
     return dq, dk, dv, ds, _sinks_grad(sinks, lse, delta, ds_rows)
+
+
+def _broadcast_bias_grad(do, q, k, v, lse, delta, bias, alibi, seed, options: FlashOptions) -> Tensor:
+    """The gradient of a 4-D bias that broadcasts over some of (B, Hq, Lq, Lk), in its own
+    shape and dtype, never (B, Hq, Lq, Lk): a learned (1, H, L, L) bias at 16k tokens would ask
+    for B * H * L^2 fp32 there. The dbias kernel sums dS over the batch rows and heads the bias
+    is broadcast to, in a fixed order in registers (deterministic, no atomics), recomputing each
+    tile's P and dP (two of the backward's five products, again); a size-1 query or key dim is
+    then summed here."""
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    bb, hb = bias.shape[0], bias.shape[1]
+    full = _expanded(bias, q, k)
+    pointers, strides, _, meta = _launch_args(q, v, full, alibi, seed, None, (None, None), options, "dq")
+    del meta["VARLEN"]  # never packed: a bias takes no packed sequences
+    # One stage: the loop walks the few (batch row, head) pairs a tile is broadcast to, and
+    # pipelining its q/k/v/dO loads took more than the H100's shared memory.
+    meta["num_stages"] = 1
+    dbias = _launch.empty(bb, hb, lq, lk, like=bias)
+    grid = (triton.cdiv(lq, meta["BLOCK_M"]) * triton.cdiv(lk, meta["BLOCK_N"]), hb, bb)
+    kernels.attn_bwd_dbias_kernel[grid](
+        q, k, v, do, lse, delta, dbias, *pointers[:3],
+        q.stride(), k.stride(), v.stride(), do.stride(), lse.stride(), dbias.stride(), *strides,
+        h, h // k.shape[1], b, lq, lk, BROADCAST_B=bb != b, BROADCAST_H=hb != h, **meta,
+    )
+    rows_or_keys = [d for d in (2, 3) if bias.shape[d] == 1]
+    return dbias.sum(dim=rows_or_keys, keepdim=True) if rows_or_keys else dbias  # sum(dim=[]) sums all
 
 
 def _sinks_grad(sinks: Optional[Tensor], lse: Tensor, delta: Tensor, ds_rows: Tensor) -> Tensor:
@@ -218,8 +258,7 @@ def flash_bwd(
 
 @flash_bwd.register_fake
 def _(do, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens_q, cu_seqlens_k, *options_and_bias_grad):
-    b, h, lq, _ = q.shape
-    ds = q.new_empty(b, h, lq, k.shape[2] if options_and_bias_grad[-1] else 0, dtype=torch.float32)
+    ds = bias.new_empty(bias.shape) if options_and_bias_grad[-1] else q.new_empty(0, dtype=torch.float32)
     dsinks = q.new_empty(h if sinks is not None else 0, dtype=torch.float32)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds, dsinks)
 
@@ -237,7 +276,7 @@ def _flash_fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     dq, dk, dv, ds, dsinks = flash_bwd(dout, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens_q,
                                        cu_seqlens_k, *ctx.options, ctx.bias_grad)
-    dbias = ds.to(bias.dtype) if ctx.bias_grad else None
+    dbias = ds if ctx.bias_grad else None
     dsinks = dsinks.to(sinks.dtype) if sinks is not None else None
     return (dq, dk, dv, dbias, None, None, dsinks) + (None,) * (2 + len(FlashOptions._fields))
 
@@ -247,8 +286,8 @@ flash_fwd.register_autograd(_flash_fwd_backward, setup_context=_setup_context)
 
 def flash_attn(q, k, v, *, bias=None, alibi=None, seed=None, sinks=None, scale, softcap=None, dropout_p=0.0,
                window_left=None, window_right=None, cu_seqlens_q=None, cu_seqlens_k=None):
-    """Validated inputs -> (out, lse). ``bias`` is already expanded to (B, Hq, Lq, Lk);
-    softcap None (or 0.0) is no cap; ``sinks`` (Hq,) or None. Packed sequences: q, k, v are
+    """Validated inputs -> (out, lse). ``bias``: 4-D, broadcastable to (B, Hq, Lq, Lk) (read in
+    place; its gradient comes back in its own shape and dtype, never (B, Hq, Lq, Lk)); softcap None (or 0.0) is no cap; ``sinks`` (Hq,) or None. Packed sequences: q, k, v are
     (1, H, total, D) views, ``cu_seqlens_q/k`` int32 (B + 1,) contiguous, never read on the
     host (the grid comes from shapes); out and lse come back (1, H, total, ...)."""
     options = FlashOptions(scale, softcap or None, dropout_p, window_left, window_right)
@@ -266,8 +305,9 @@ def flash_backward(do, q, k, v, out, lse, *, bias=None, alibi=None, seed=None, s
     no key). The options are flash_attn's, and must be the forward's (the same seed redraws
     the same dropout). Returns ``(dq, dk, dv, ds)``: dq, dk, dv contiguous in q's, k's, v's
     shapes and dtypes (dk, dv summed over each kv head's GQA group), and ds, the gradient
-    of the logits (= of an additive bias), float32 (B, Hq, Lq, Lk) when ``bias_grad``, else
-    an empty (B, Hq, Lq, 0). Runs as the ``fastattn::flash_bwd`` custom op.
+    of the 4-D ``bias`` (the logits' gradient summed over the dims it broadcasts over), in its
+    shape and dtype, when ``bias_grad``; else an empty float32 (0,). Runs as the
+    ``fastattn::flash_bwd`` custom op.
     """
     options = FlashOptions(scale, softcap or None, dropout_p, window_left, window_right)
     return flash_bwd(do, q, k, v, out, lse.contiguous(), bias, alibi, seed, None, None, None, *options,
