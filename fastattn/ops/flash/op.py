@@ -259,7 +259,7 @@ def flash_bwd(
 @flash_bwd.register_fake
 def _(do, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens_q, cu_seqlens_k, *options_and_bias_grad):
     ds = bias.new_empty(bias.shape) if options_and_bias_grad[-1] else q.new_empty(0, dtype=torch.float32)
-    dsinks = q.new_empty(h if sinks is not None else 0, dtype=torch.float32)
+    dsinks = q.new_empty(q.shape[1] if sinks is not None else 0, dtype=torch.float32)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds, dsinks)
 
 
