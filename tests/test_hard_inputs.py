@@ -619,3 +619,25 @@ def test_property_sparse_attention(b, hkv, group, lq, lk, d, dtype, transposed, 
     with fastattn.use_backend(name):
         outcome_ok(lambda: fastattn.sparse_attention(q, k, v, layout, causal=causal),
                    lambda: (ref(*map(as64, (q, k, v))), ref(q, k, v)))
+
+
+def test_linear_state_products_round_as_the_gpus_tf32_under_the_interpreter(device):
+    """Before: the causal linear kernels' fp32 state products ran in tf32 on a GPU and exactly
+    in the interpreter, so no CPU test saw the GPU's precision. Now the interpreter rounds
+    their operands to tf32 as the GPU does: the output moves off the exact-dot one by about
+    tf32's rounding, and still meets the error rule (test_linear.py)."""
+    import triton
+
+    from fastattn.ops.linear import op
+
+    if not triton.knobs.runtime.interpret:
+        pytest.skip("on a GPU the dots are the GPU's own")
+    q, k, v = (torch.randn(1, 2, 96, 32, device=device).half() for _ in range(3))
+    meta = op._meta(q, v, "elu", True, True, False)[1]
+    assert meta["STATE_PRECISION"] == "tf32-interpreted"
+    with fastattn.use_backend("triton"):
+        out = fastattn.linear_attention(q, k, v, causal=True)
+    with fastattn.use_backend("triton"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(op, "interpreting", lambda: False)  # "tf32", which the interpreter runs exactly
+        exact = fastattn.linear_attention(q, k, v, causal=True)
+    assert not torch.equal(out, exact)

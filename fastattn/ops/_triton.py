@@ -11,7 +11,8 @@ The launchers set these compile-time flags (``fastattn/ops/_launch.py``):
   go up to fp32, which holds every bf16 value exactly.
 - ``BF16_RTNE``: interpreting bf16. The interpreter's fp32 -> bf16 cast truncates; ``cast``
   rounds the bits to nearest even first, as a GPU's cast does.
-- ``PRECISION``: ``tl.dot``'s input_precision, "ieee" or (fp32 on a GPU, as torch allows) "tf32".
+- ``PRECISION``: ``tl.dot``'s input_precision, "ieee" or (fp32 on a GPU, as torch allows) "tf32";
+  "tf32-interpreted" runs a GPU's tf32 dot under the interpreter (``dot``).
 
 Positions: ``rel = j - i - diag`` is key j's distance from query i's diagonal, with
 ``diag = Lk - Lq`` (bottom-right aligned); a band keeps ``-window_left <= rel <= window_right``.
@@ -24,8 +25,20 @@ LN2 = tl.constexpr(0.6931471805599453)  # 1 / LOG2E: log2 units back to natural 
 
 
 @triton.jit
+def round_tf32(x):
+    """fp32 -> fp32 rounded to tf32's 10 mantissa bits, ties to even (what a GPU's tf32 dot
+    does to its operands)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0xFFF + ((bits >> 13) & 1)  # carry into bit 13 iff the dropped bits round up
+    return ((bits >> 13) << 13).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """a @ b with an fp32 accumulator."""
+    """a @ b with an fp32 accumulator. PRECISION "tf32-interpreted": a tf32 dot as a GPU runs
+    it, under the interpreter (whose dots are exact): operands rounded to tf32 first."""
+    if PRECISION == "tf32-interpreted":
+        return tl.dot(round_tf32(a.to(tl.float32)), round_tf32(b.to(tl.float32)), input_precision="ieee")
     if DOT_FP32:
         # The interpreter's bf16 dot is wrong; fp32 operands hold bf16 values exactly.
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
