@@ -313,3 +313,22 @@ def test_learned_broadcast_bias_backward_memory_at_8k():
     bias_bytes = bias.numel() * bias.element_size()
     assert torch.cuda.max_memory_allocated() - before < 2 * bias_bytes, torch.cuda.max_memory_allocated() - before
     assert torch.isfinite(bias.grad).all()
+
+
+def test_softmax_delta_reads_do_and_o_in_place(monkeypatch, device):
+    """Before: rowsum(dO * O) made float32 copies of dO and O (4x O's bytes in bf16). Now one
+    kernel reads both once, in place, and its fp32 sum meets the rule."""
+    from fastattn.ops import _launch
+
+    do = randn((2, 3, 45, 80), torch.bfloat16, device, transposed=True)
+    out = randn((2, 3, 45, 80), torch.bfloat16, device)
+    yardstick = torch.linalg.vecdot(do.float(), out.float())
+    oracle = torch.linalg.vecdot(do.double(), out.double())
+
+    def no_copy(self, *args, **kwargs):
+        raise AssertionError("softmax_delta copied a tensor to float32")
+    monkeypatch.setattr(torch.Tensor, "float", no_copy)
+    delta = _launch.softmax_delta(do, out)
+    monkeypatch.undo()
+    assert delta.dtype == torch.float32 and delta.is_contiguous()
+    assert_close_rule("delta", delta, oracle, yardstick)

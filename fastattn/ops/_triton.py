@@ -346,3 +346,19 @@ def load_query_rows(Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h,
     lse = tl.load(LSE + row, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
     return q, do, lse, delta
+
+
+@triton.jit
+def row_dot_kernel(A, B, OUT, a_strides, b_strides, out_strides, seqlen,
+                   DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """OUT[b, h, i] = sum_d A[b, h, i, d] * B[b, h, i, d] in fp32 for (B, H, L, D) A and B of any
+    strides and dtype, reading each once (the softmax backward's rowsum(dO * O), without fp32
+    copies of dO and O). Grid (row blocks, heads, batch)."""
+    rows, row_ok = span(tl.program_id(0) * BLOCK_R, BLOCK_R, seqlen)
+    cols, col_ok = span(0, BLOCK_D, DIM)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    a = load_rows(A, a_strides, b, h, 0, rows, cols, row_ok, col_ok).to(tl.float32)
+    x = load_rows(B, b_strides, b, h, 0, rows, cols, row_ok, col_ok).to(tl.float32)
+    out = OUT + b * out_strides[0] + h * out_strides[1] + rows.to(tl.int64) * out_strides[2]
+    tl.store(out, tl.sum(a * x, 1), mask=row_ok)
