@@ -6,7 +6,7 @@ reach a kernel (a Triton compile error) or a silent wrong answer.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -130,6 +130,35 @@ def check_linear(op: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None
             f"{op}: causal linear attention needs Lq == Lk (query i sees keys j <= i), got "
             f"q {shape_str(q)}, k {shape_str(k)}; decode token by token with "
             "fastattn.ops.linear.reference.linear_attention_step")
+
+
+class CacheLayout(NamedTuple):
+    """The geometry of attention_with_kvcache's caches, from their shapes only.
+
+    Contiguous caches are (batch, kv_heads, lmax, head_dim) / (.., head_dim_v); paged ones are
+    pages (num_pages, page_size, kv_heads, head_dim) read through a block table (batch, P),
+    so lmax = P * page_size. page_size is None for contiguous caches (num_pages 0)."""
+
+    batch: int
+    kv_heads: int
+    lmax: int
+    head_dim: int
+    head_dim_v: int
+    page_size: Optional[int] = None
+    num_pages: int = 0
+
+    @property
+    def paged(self) -> bool:
+        return self.page_size is not None
+
+    @classmethod
+    def of(cls, k_cache: Tensor, v_cache: Tensor, block_table: Optional[Tensor] = None) -> "CacheLayout":
+        """The layout of (already validated) caches and block table."""
+        if block_table is None:
+            b, hkv, lmax, d = k_cache.shape
+            return cls(b, hkv, lmax, d, v_cache.shape[-1])
+        n_pages, page, hkv, d = k_cache.shape
+        return cls(block_table.shape[0], hkv, block_table.shape[1] * page, d, v_cache.shape[-1], page, n_pages)
 
 
 def check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens,

@@ -401,11 +401,12 @@ def test_opcheck(device):
     kn, vn = torch.randn_like(kc[:, :, :2]), torch.randn_like(vc[:, :, :2])
     sl = torch.tensor([4, 20], dtype=torch.int32, device=device)
     torch.library.opcheck(decode_op.kvcache_append, (kc, vc, sl, kn, vn))
-    torch.library.opcheck(decode_op.decode_fwd, (q, kc, vc, sl + 2, torch.rand(hq, device=device),
-                                                 0.2, 3.0, 9, 0, 2, 3))
+    torch.library.opcheck(decode_op.decode_fwd, (q, kc, vc, sl + 2, torch.rand(hq, device=device)),
+                          dict(scale=0.2, softcap=3.0, window_left=9, window_right=0, seqlen_new=2, num_splits=3))
     cos, sin = rope_tables(30, 32, device)
-    torch.library.opcheck(decode_op.kvcache_append, (kc, vc, sl, kn, vn, cos, sin, True))
-    torch.library.opcheck(decode_op.decode_fwd, (q, kc, vc, sl + 2, None, 0.2, 0.0, None, 0, 2, 1, cos, sin, False))
+    torch.library.opcheck(decode_op.kvcache_append, (kc, vc, sl, kn, vn, cos, sin), dict(interleaved=True))
+    torch.library.opcheck(decode_op.decode_fwd, (q, kc, vc, sl + 2, None, cos, sin),
+                          dict(scale=0.2, window_right=0, seqlen_new=2, num_splits=1))
 
 
 # --- KVCache -----------------------------------------------------------------------------

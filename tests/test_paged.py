@@ -709,10 +709,10 @@ def test_opcheck_paged_ragged_sinks(device):
     cu = torch.tensor([0, 1, 4], dtype=torch.int32, device=device)
     q, kn, vn = (torch.randn(4, h, d, device=device).half() for h in (hq, hkv, hkv))
     sinks = torch.randn(hq, device=device)
-    torch.library.opcheck(decode_op.kvcache_append, (kp, vp, sl, kn, vn, None, None, False, table, cu, 3))
+    torch.library.opcheck(decode_op.kvcache_append, (kp, vp, sl, kn, vn, None, None, table, cu), dict(max_seqlen_q=3))
     # one split: the fake implementation does not depend on the split count (spares the merge kernel)
-    torch.library.opcheck(decode_op.decode_fwd, (q, kp, vp, sl, None, 0.25, None, None, 0, 1, 1, None, None, False,
-                                                 table, cu, 3, sinks))
+    torch.library.opcheck(decode_op.decode_fwd, (q, kp, vp, sl, None, None, None, table, cu, sinks),
+                          dict(scale=0.25, window_right=0, seqlen_new=1, num_splits=1, max_seqlen_q=3))
 
 
 def test_ragged_rows_over_several_row_blocks(device):
