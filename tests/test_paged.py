@@ -737,3 +737,28 @@ def make_cache_nan(b, hkv, lmax, d, lengths, device):
     for i, n in enumerate(lengths):
         c[i, :, :n] = torch.randn(hkv, n, d, device=device)
     return c
+
+
+def test_ragged_scratch_is_sized_by_the_packed_tokens(device, monkeypatch):
+    """Without max_seqlen_q the launcher knows only the packed total: the split partials are
+    kept per packed row (total x Hq x splits x Dv), not per sequence x total rows."""
+    from fastattn.ops import _launch
+    from fastattn.ops.decode import op as decode_op
+
+    b, hq, hkv, d, splits = 4, 4, 2, 16, 2
+    kc, vc = torch.randn(b, hkv, 32, d, device=device), torch.randn(b, hkv, 32, d, device=device)
+    q = torch.randn(b, hq, d, device=device)  # one new token per sequence, packed
+    cu = torch.arange(b + 1, dtype=torch.int32, device=device)
+    sl = torch.tensor([3, 17, 0, 30], dtype=torch.int32, device=device)
+    sizes, poisoned = [], _launch.empty
+
+    def recorded(*shape, like, dtype=None):
+        sizes.append(torch.Size(shape).numel())
+        return poisoned(*shape, like=like, dtype=dtype)
+
+    monkeypatch.setattr(_launch, "empty", recorded)
+    out, lse = decode_op.decode_attn(q, kc, vc, sl, scale=0.25, window_right=0, num_splits=splits, cu_seqlens_q=cu)
+    assert max(sizes) <= b * hq * splits * d, sizes
+    want, want_lse = decode_op.decode_attn(q, kc, vc, sl, scale=0.25, window_right=0, num_splits=splits,
+                                           cu_seqlens_q=cu, max_seqlen_q=1)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
