@@ -181,7 +181,7 @@ def check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
         # The new tokens are written in place: a broadcast (stride-0) dim would put one
         # sequence's token in another's slot, and one buffer as both caches would lose the keys.
         for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if any(st == 0 and n > 1 for st, n in zip(cache.stride(), cache.shape)):
+            if 0 in cache.stride() and any(st == 0 and n > 1 for st, n in zip(cache.stride(), cache.shape)):
                 raise ValueError(f"{op}: {name} {shape_str(cache)} has a broadcast (stride-0) dim, strides "
                                  f"{tuple(cache.stride())}; k_new/v_new are written into it in place, so it "
                                  "must own its memory (e.g. .contiguous())")
@@ -372,9 +372,9 @@ class DecodeCall(NamedTuple):
 
     q, k_new, v_new stay as given: (B, Hq, Lq, D) / (B, Hkv, Lnew, D), or packed (total, H, D)
     with ``cu_seqlens_q``. seqlens: int32 contiguous (B,). ``band``: causal and window as one
-    (left, right) band; ``scale`` resolved. rotary tables, block_table, cu_seqlens_q and sinks
-    (fp32) are contiguous. ``max_seqlen_k``: the longest sequence after the append where the
-    lengths were read on the host, else None. ``needs_grad``: some input requires grad."""
+    (left, right) band; ``scale`` resolved. rotary tables, block_table and cu_seqlens_q are
+    contiguous, sinks as given. ``key_range``: (fewest, most) keys of any sequence after the append
+    where the lengths were read on the host, else None. ``needs_grad``: some input requires grad."""
 
     q: Tensor
     k_cache: Tensor
@@ -394,7 +394,7 @@ class DecodeCall(NamedTuple):
     block_table: Optional[Tensor]
     cu_seqlens_q: Optional[Tensor]
     max_seqlen_q: Optional[int]
-    max_seqlen_k: Optional[int]
+    key_range: Optional[tuple]
     sinks: Optional[Tensor]
     return_lse: bool
     needs_grad: bool
@@ -429,9 +429,9 @@ def check_decode(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seq
     if cu_seqlens_q is not None:  # per sequence: its own count of queries and of new keys
         lq = cu_seqlens_q.diff()
         lnew = lq if k_new is not None else 0
-    max_seqlen_k = None
+    key_range = None
     if readable and seqlens.numel():  # on the given dtype: int64 must not wrap
-        max_seqlen_k = check_cache_lengths(op, k_cache, layout.lmax, seqlens, lnew, lq, rotary_cos)
+        key_range = check_cache_lengths(op, k_cache, layout.lmax, seqlens, lnew, lq, rotary_cos)
         if layout.paged:
             check_paged_values(op, block_table, layout.num_pages, layout.page_size, seqlens, lnew)
     left, right = (None, None) if window is None else window
@@ -443,18 +443,22 @@ def check_decode(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seq
         q, k_cache, v_cache, seqlens.to(torch.int32).contiguous(), k_new, v_new, layout,
         default_scale(q.shape[-1]) if scale is None else float(scale), (left, right), alibi_slopes, softcap or None,
         num_splits, contiguous(rotary_cos), contiguous(rotary_sin), rotary_interleaved, contiguous(block_table),
-        contiguous(cu_seqlens_q), max_seqlen_q, max_seqlen_k, sinks,
+        contiguous(cu_seqlens_q), max_seqlen_q, key_range, sinks,
         return_lse, torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads))
 
 
-def check_cache_lengths(op: str, k_cache: Tensor, lmax: int, seqlens: Tensor, lnew, lq, rotary_cos) -> int:
+def check_cache_lengths(op: str, k_cache: Tensor, lmax: int, seqlens: Tensor, lnew, lq, rotary_cos) -> tuple:
     """ValueError unless every write fits the cache (and the rotary table); returns the
-    longest sequence after the append. ``lnew`` / ``lq``: ints, or (B,) tensors for ragged
-    new tokens. Reads cache_seqlens on the host (one sync)."""
-    s = seqlens.long()
-    ends = s + lnew  # (B,) keys per sequence after the append
-    starts = ends - lq  # (B,) position of each sequence's first query
-    lo, hi, end, first = (int(x) for x in torch.stack([s.min(), s.max(), ends.max(), starts.min()]).tolist())
+    (fewest, most) keys of any sequence after the append. ``lnew`` / ``lq``: ints, or (B,)
+    tensors for ragged new tokens. Reads cache_seqlens on the host (one sync)."""
+    if isinstance(lnew, int):  # one reduction; the rest is host arithmetic
+        lo, hi = torch.stack(seqlens.aminmax()).tolist()
+        least, end, first = lo + lnew, hi + lnew, lo + lnew - lq
+    else:
+        s = seqlens.long()
+        ends = s + lnew  # (B,) keys per sequence after the append
+        starts = ends - lq  # (B,) position of each sequence's first query
+        lo, hi, least, end, first = torch.stack([s.min(), s.max(), ends.min(), ends.max(), starts.min()]).tolist()
     if lo < 0 or hi > lmax:
         raise ValueError(f"{op}: cache_seqlens must lie in [0, {lmax}] (Lmax of k_cache "
                          f"{shape_str(k_cache)}), got values in [{lo}, {hi}]")
@@ -468,4 +472,4 @@ def check_cache_lengths(op: str, k_cache: Tensor, lmax: int, seqlens: Tensor, ln
         if end > rotary_cos.shape[0]:
             raise ValueError(f"{op}: rotary_cos {shape_str(rotary_cos)} covers {rotary_cos.shape[0]} "
                              f"positions; the longest sequence reaches position {end - 1}")
-    return end
+    return least, end

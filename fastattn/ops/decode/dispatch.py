@@ -59,10 +59,11 @@ def _kernels(call: DecodeCall):
     from fastattn.ops.decode import op as decode_op  # imports triton, so only when used
 
     left, right = call.band
+    longest = None if call.key_range is None else call.key_range[1]  # steers the split count only
     return decode_op.decode_attn(
         call.q, call.k_cache, call.v_cache, call.seqlens, k_new=call.k_new, v_new=call.v_new,
         alibi=call.alibi_slopes, scale=call.scale, softcap=call.softcap, window_left=left, window_right=right,
-        num_splits=call.num_splits, max_seqlen_k=call.max_seqlen_k, block_table=call.block_table,
+        num_splits=call.num_splits, max_seqlen_k=longest, block_table=call.block_table,
         cu_seqlens_q=call.cu_seqlens_q, max_seqlen_q=call.max_seqlen_q,
         sinks=None if call.sinks is None else call.sinks.float().contiguous(), **call.rotary())
 
@@ -108,7 +109,7 @@ def _ragged_by_sequence(call: DecodeCall):
             q=one(q), k_cache=kc, v_cache=vc, seqlens=call.seqlens[i:i + 1], k_new=one(call.k_new),
             v_new=one(call.v_new), layout=CacheLayout.of(kc, vc, table), block_table=table,
             alibi_slopes=alibi if alibi is None or alibi.dim() == 1 else alibi[i:i + 1], cu_seqlens_q=None,
-            max_seqlen_q=None, max_seqlen_k=None, return_lse=True))
+            max_seqlen_q=None, key_range=None, return_lse=True))
         outs.append(out[0].transpose(0, 1))  # (1, Hq, L_b, Dv) -> (L_b, Hq, Dv)
         lses.append(lse[0])  # (Hq, L_b)
     out = torch.cat(outs) if outs else q.new_zeros(0, q.shape[1], call.layout.head_dim_v)

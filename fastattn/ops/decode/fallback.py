@@ -18,7 +18,7 @@ from fastattn.backend import TORCH_SDPA
 from fastattn.ops.decode.reference import (
     append_paged_reference, apply_rotary, apply_sinks, gather_pages, rotary_positions)
 from fastattn.ops.flash.reference import attention_reference
-from fastattn.validation import DecodeCall, values_readable
+from fastattn.validation import DecodeCall
 
 
 def sdpa_expressible(call: DecodeCall) -> bool:
@@ -48,7 +48,14 @@ def _slots(call: DecodeCall, k_new: Tensor) -> list[Tensor]:
 
 
 def _append(call: DecodeCall, k_new: Tensor) -> None:
-    """Write the (rotated) new tokens into the caches in place: one scatter per cache."""
+    """Write the (rotated) new tokens into the caches in place: one copy per cache where every
+    sequence is known to hold as many tokens, else one scatter per cache."""
+    lnew = k_new.shape[2]
+    if call.key_range is not None and call.key_range[0] == call.key_range[1] and not call.layout.paged:
+        n = call.key_range[0] - lnew  # every sequence's cached tokens
+        call.k_cache.narrow(2, n, lnew).copy_(k_new.detach())
+        call.v_cache.narrow(2, n, lnew).copy_(call.v_new.detach())
+        return
     with torch.no_grad():
         if call.layout.paged:
             append_paged_reference(call.k_cache, call.v_cache, call.block_table, call.seqlens, k_new.detach(),
@@ -96,17 +103,14 @@ def _zero_invalid(keys: Tensor, values: Tensor, total: Tensor) -> tuple[Tensor, 
 
 def decode_sdpa(call: DecodeCall) -> Tensor:
     """One generation step through torch's fused SDPA, for calls ``sdpa_expressible`` takes.
-    q (B, Hq, Lq, D) -> out (B, Hq, Lq, Dv). Reads the lengths on the host where that is free
-    (``values_readable``) to attend over the longest sequence's slots only, unmasked when
-    every sequence has them all and the band hides none; else over all Lmax slots, masked."""
+    q (B, Hq, Lq, D) -> out (B, Hq, Lq, Dv). Where the lengths were read on the host
+    (``call.key_range``) it attends over the longest sequence's slots only, unmasked when every
+    sequence has them all and the band hides none; else over all Lmax slots, masked."""
     q, k_new = _rotated(call)
     lq, lnew = q.shape[2], (0 if k_new is None else k_new.shape[2])
     if k_new is not None:
         _append(call, k_new)
-    total = call.seqlens.long() + lnew  # (B,) keys per sequence after the append
-    shortest, length = 0, call.layout.lmax
-    if values_readable(q):
-        shortest, length = (int(x) for x in torch.stack([total.min(), total.max()]).tolist())
+    shortest, length = (0, call.layout.lmax) if call.key_range is None else call.key_range
     if length == 0:  # no sequence has a key: out 0, as everywhere in fastattn
         return q.new_zeros(*q.shape[:3], call.layout.head_dim_v)
     keys, values = _logical(call, length)
@@ -115,6 +119,7 @@ def decode_sdpa(call: DecodeCall) -> Tensor:
             and (left is None or length - 1 <= left):
         bias = None  # every query sees every slot
     else:
+        total = call.seqlens.long() + lnew  # (B,) keys per sequence after the append
         bias = _bias(call, total, lq, length)
         if shortest < length:
             keys, values = _zero_invalid(keys, values, total)
