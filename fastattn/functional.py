@@ -350,29 +350,15 @@ def _causal_bias_band(op: str, mask, lq: int, lk: int) -> tuple:
     return (None, lq - lk)
 
 
-def attention_with_kvcache(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    cache_seqlens,
-    *,
-    k_new: Optional[Tensor] = None,
-    v_new: Optional[Tensor] = None,
-    causal: bool = True,
-    scale: Optional[float] = None,
-    window: Optional[tuple] = None,
-    alibi_slopes: Optional[Tensor] = None,
-    softcap: Optional[float] = None,
-    num_splits: Optional[int] = None,
-    rotary_cos: Optional[Tensor] = None,
-    rotary_sin: Optional[Tensor] = None,
-    rotary_interleaved: bool = False,
-    block_table: Optional[Tensor] = None,
-    cu_seqlens_q: Optional[Tensor] = None,
-    max_seqlen_q: Optional[int] = None,
-    sinks: Optional[Tensor] = None,
-    return_lse: bool = False,
-):
+def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, *,
+                           k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None, causal: bool = True,
+                           scale: Optional[float] = None, window: Optional[tuple] = None,
+                           alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None,
+                           num_splits: Optional[int] = None, rotary_cos: Optional[Tensor] = None,
+                           rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = False,
+                           block_table: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
+                           max_seqlen_q: Optional[int] = None, sinks: Optional[Tensor] = None,
+                           return_lse: bool = False):
     """Attention of a few new tokens over a preallocated KV cache (incremental decoding).
 
     Sequence ``b`` holds ``n = cache_seqlens[b]`` tokens in slots ``0 .. n - 1`` of the caches
@@ -437,10 +423,11 @@ def attention_with_kvcache(
             would overflow the cache), a used block-table entry that is not a page, two new
             tokens mapped to one page row, or, under ``use_backend("triton")``, an input the
             kernels cannot take (e.g. one that requires grad: the kernels are forward-only).
-        The values of ``cache_seqlens`` / ``block_table`` are checked only where reading them
-        costs no device sync: not on CUDA (a decode step never waits for the host there, so
-        it can be captured in a CUDA graph) and not while ``torch.compile`` traces. Unchecked,
-        the kernels clamp every read and write to the buffers.
+        The values of ``cache_seqlens`` (given as a tensor) / ``block_table`` are checked only
+        where reading them costs no device sync: not on CUDA (a decode step never waits for
+        the host there, so it can be captured in a CUDA graph) and not while ``torch.compile``
+        traces. Unchecked, the kernels clamp every read and write to the buffers: a length to
+        [0, Lmax], a page index to the pool, a rotary position to the table's rows.
 
     Equivalent code, per sequence b (n = cache_seqlens[b]; q, k_new rotated first if asked,
     see ``fastattn.ops.decode.reference.apply_rotary``; for pages read
