@@ -267,6 +267,22 @@ def test_auto_fallback_of_a_generation_step(feature, monkeypatch):
         assert torch.all(out[0] == 0)
 
 
+@pytest.mark.parametrize("lq", [1, 3])
+def test_cpu_generation_step_is_one_fused_sdpa_call(lq, monkeypatch):
+    """Without kernels, a step torch's SDPA can express runs as one fused SDPA call for the
+    whole ragged batch (torch-flash's speed), not one per sequence or the reference's math."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    lengths = [0, 17, 60]
+    q = torch.randn(3, 4, lq, 32)
+    k_cache, v_cache = (make_cache(3, 2, 70, 32, lengths, torch.float32, "cpu") for _ in range(2))
+    k_new, v_new = torch.randn(3, 2, lq, 32), torch.randn(3, 2, lq, 32)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fastattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new)
+    calls = [e.name for e in prof.events() if e.name == "aten::scaled_dot_product_attention"]
+    assert len(calls) == 1, calls
+
+
 def test_num_splits_heuristic_fills_the_gpu():
     choose = decode_op.choose_num_splits
     # Batch 1, 8 kv heads, 32k keys in blocks of 64: two programs per SM of an H100.
