@@ -393,15 +393,20 @@ class _GridRecorder:
         return lambda *args, **kwargs: None
 
 
-def test_split_grid_stays_within_cuda_limits(monkeypatch):
+def test_grids_stay_within_cuda_limits(monkeypatch):
     """CUDA caps a grid's axes 1 and 2 at 65535: 64 query heads x 65536 new tokens are 65536
-    row blocks, which must not land on either (the router lets any shape through to decode)."""
-    recorder = _GridRecorder()
-    monkeypatch.setattr(decode_op.kernels, "decode_split_kernel", recorder)
+    row blocks, 2^21 appended tokens as many token blocks; neither may land on those axes
+    (the router lets any shape through to decode). Nothing runs: the launches are recorded."""
+    split, append = _GridRecorder(), _GridRecorder()
+    monkeypatch.setattr(decode_op.kernels, "decode_split_kernel", split)
+    monkeypatch.setattr(decode_op.kernels, "kv_append_kernel", append)
     q = torch.zeros((), dtype=torch.float16).expand(1, 64, 65536, 16)  # no memory
-    cache = torch.zeros(1, 1, 16, 16, dtype=torch.float16)
-    decode_op.decode_attn(q, cache, cache, torch.zeros(1, dtype=torch.int32), scale=0.25, num_splits=1)
-    assert recorder.grids and all(max(grid[1:], default=1) <= 65535 for grid in recorder.grids), recorder.grids
+    new = torch.zeros((), dtype=torch.float16).expand(1, 1, 2**21, 16)
+    cache = torch.zeros((), dtype=torch.float16).expand(1, 1, 2**21, 16)
+    decode_op.decode_attn(q, cache, cache, torch.zeros(1, dtype=torch.int32), k_new=new, v_new=new, scale=0.25,
+                          num_splits=1)
+    grids = split.grids + append.grids
+    assert len(grids) == 2 and all(max(grid[1:], default=1) <= 65535 for grid in grids), grids
 
 
 def test_unchecked_rotary_positions_stay_in_the_table(device):

@@ -103,11 +103,14 @@ def kv_append_kernel(
     slot j of sequence b is row j % PAGE_SIZE of page BT[b, j // PAGE_SIZE]; seqlen_max is
     the table's P * PAGE_SIZE. VARLEN: k_new / v_new are packed (total, Hkv, D), sequence b's
     tokens are rows CU_Q[b] .. CU_Q[b+1] - 1 (batch strides 0), seqlen_new an upper bound on
-    any sequence's count."""
-    bhk = tl.program_id(0)
+    any sequence's count.
+
+    Grid (B * Hkv * token blocks,): one axis, which CUDA lets grow past 65535."""
+    token_blocks = (seqlen_new + BLOCK_L - 1) // BLOCK_L
+    bhk = tl.program_id(0) // token_blocks
     b = (bhk // n_kv_heads).to(tl.int64)
     hk = (bhk % n_kv_heads).to(tl.int64)
-    offs_t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_t = tl.program_id(0) % token_blocks * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
     pos = _cached(SEQLENS, b, seqlen_max).to(tl.int64) + offs_t  # each sequence writes at its own offset

@@ -126,7 +126,7 @@ def _append(k_cache, v_cache, seqlens, k_new, v_new, cos, sin, interleaved, bloc
     (cos_t, sin_t, rotary), rot = _rotary_args(k_new, cos, sin, interleaved)
     k_strides, v_strides, bt, table, paged = _cache_args(k_cache, v_cache, block_table, layout)
     with on_device(k_new):
-        kernels.kv_append_kernel[(layout.batch * layout.kv_heads, triton.cdiv(lnew, block_l))](
+        kernels.kv_append_kernel[(layout.batch * layout.kv_heads * triton.cdiv(lnew, block_l),)](
             k_new, v_new, k_cache, v_cache, seqlens, cos_t, sin_t, bt, seqlens if not varlen else cu_seqlens_q,
             *new_strides, k_strides, v_strides, layout.kv_heads, lnew, layout.lmax, rotary, table,
             HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_L=block_l, BLOCK_D=pad(d), BLOCK_DV=pad(dv), VARLEN=varlen,
