@@ -4,8 +4,8 @@ reference. Nothing else chooses among them.
 
     route        plain or paged call                          ragged new tokens
     kernel       ops/decode/op.py (append + split-KV)         the same, packed
-    torch_sdpa   fallback.decode_sdpa: one batched SDPA call  one call of this table per sequence
-    reference    reference.decode_reference + the append      one call of this table per sequence
+    reference    reference.decode_reference + the append      ``run`` per sequence (with its lse:
+    torch_sdpa   fallback.decode_sdpa: one batched SDPA call  the reference) and concatenated
 
 While torch.compile traces, every call off the kernels runs ``fallback.decode_masked``, which
 reads nothing on the host.
