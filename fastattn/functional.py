@@ -16,9 +16,8 @@ from fastattn import backend
 from fastattn.backend import TORCH_SDPA
 from fastattn.ops.flash.fallback import sdpa_attention, sdpa_expressible
 from fastattn.ops.flash.reference import attention_reference, band_from
-from fastattn.validation import (check_alibi, check_bias, check_eps, check_kvcache, check_linear, check_options,
-                                 check_paged_values, check_qkv, check_ragged_q, check_rotary, check_sinks,
-                                 check_varlen, default_scale, shape_str)
+from fastattn.validation import (check_alibi, check_bias, check_decode, check_eps, check_linear, check_options,
+                                 check_qkv, check_sinks, check_varlen, default_scale, shape_str)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -352,29 +351,15 @@ def _causal_bias_band(op: str, mask, lq: int, lk: int) -> tuple:
     return (None, lq - lk)
 
 
-def attention_with_kvcache(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    cache_seqlens,
-    *,
-    k_new: Optional[Tensor] = None,
-    v_new: Optional[Tensor] = None,
-    causal: bool = True,
-    scale: Optional[float] = None,
-    window: Optional[tuple] = None,
-    alibi_slopes: Optional[Tensor] = None,
-    softcap: Optional[float] = None,
-    num_splits: Optional[int] = None,
-    rotary_cos: Optional[Tensor] = None,
-    rotary_sin: Optional[Tensor] = None,
-    rotary_interleaved: bool = False,
-    block_table: Optional[Tensor] = None,
-    cu_seqlens_q: Optional[Tensor] = None,
-    max_seqlen_q: Optional[int] = None,
-    sinks: Optional[Tensor] = None,
-    return_lse: bool = False,
-):
+def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, *,
+                           k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None, causal: bool = True,
+                           scale: Optional[float] = None, window: Optional[tuple] = None,
+                           alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None,
+                           num_splits: Optional[int] = None, rotary_cos: Optional[Tensor] = None,
+                           rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = False,
+                           block_table: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
+                           max_seqlen_q: Optional[int] = None, sinks: Optional[Tensor] = None,
+                           return_lse: bool = False):
     """Attention of a few new tokens over a preallocated KV cache (incremental decoding).
 
     Sequence ``b`` holds ``n = cache_seqlens[b]`` tokens in slots ``0 .. n - 1`` of the caches
@@ -439,10 +424,11 @@ def attention_with_kvcache(
             would overflow the cache), a used block-table entry that is not a page, two new
             tokens mapped to one page row, or, under ``use_backend("triton")``, an input the
             kernels cannot take (e.g. one that requires grad: the kernels are forward-only).
-        The values of ``cache_seqlens`` / ``block_table`` are checked only where reading them
-        costs no device sync: not on CUDA (a decode step never waits for the host there, so
-        it can be captured in a CUDA graph) and not while ``torch.compile`` traces. Unchecked,
-        the kernels clamp every read and write to the buffers.
+        The values of ``cache_seqlens`` (given as a tensor) / ``block_table`` are checked only
+        where reading them costs no device sync: not on CUDA (a decode step never waits for
+        the host there, so it can be captured in a CUDA graph) and not while ``torch.compile``
+        traces. Unchecked, the kernels clamp every read and write to the buffers: a length to
+        [0, Lmax], a page index to the pool, a rotary position to the table's rows.
 
     Equivalent code, per sequence b (n = cache_seqlens[b]; q, k_new rotated first if asked,
     see ``fastattn.ops.decode.reference.apply_rotary``; for pages read
@@ -452,175 +438,14 @@ def attention_with_kvcache(
         out[b] = flash_attention(q[b:b+1], k_cache[b:b+1, :, :n + Lnew],
                                  v_cache[b:b+1, :, :n + Lnew], causal=causal, ...)[0]
     """
-    op = "attention_with_kvcache"
-    ragged = cu_seqlens_q is not None
-    packed = (q, k_new, v_new)
-    if ragged:  # the 4-D checks below see (B, H, total, D) views of the packed tensors
-        q, k_new, v_new = check_ragged_q(op, q, k_new, v_new, cu_seqlens_q, max_seqlen_q, _values_readable(q))
-    seqlens = check_kvcache(op, q, k_cache, v_cache, cache_seqlens, k_new, v_new, num_splits, block_table)
-    check_options(op, q, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap)
-    if sinks is not None and not (isinstance(sinks, Tensor) and sinks.dtype.is_floating_point
-                                  and tuple(sinks.shape) == (q.shape[1],) and sinks.device == q.device):
-        got = f"{sinks.dtype} {shape_str(sinks)} on {sinks.device}" if isinstance(sinks, Tensor) else \
-            type(sinks).__name__
-        raise ValueError(f"{op}: sinks must be a floating ({q.shape[1]},) Tensor (one logit per query head) on "
-                         f"{q.device}, got {got}")
-    check_rotary(op, q, rotary_cos, rotary_sin)
-    if rotary_cos is not None:
-        rotary_cos, rotary_sin = rotary_cos.contiguous(), rotary_sin.contiguous()
-    paged = block_table is not None
-    b, hq = q.shape[:2]
-    if paged:
-        hkv, lmax = k_cache.shape[2], block_table.shape[1] * k_cache.shape[1]
-        block_table = block_table.contiguous()
-    else:
-        hkv, lmax = k_cache.shape[1], k_cache.shape[2]
-    lq = q.shape[2]
-    lnew = 0 if k_new is None else k_new.shape[2]
-    if ragged:  # per sequence: its own count of queries and of new keys
-        lq = cu_seqlens_q.diff()
-        lnew = lq if k_new is not None else 0
-    max_seqlen_k = None
-    if _values_readable(q) and seqlens.numel():  # on the given dtype: int64 must not wrap
-        max_seqlen_k = _check_cache_lengths(op, q, k_cache, lmax, seqlens, lnew, lq, rotary_cos)
-        if paged:
-            check_paged_values(op, block_table, k_cache.shape[0], k_cache.shape[1], seqlens, lnew)
-    seqlens = seqlens.to(torch.int32).contiguous()
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    band = band_from(causal, window)
-    rot = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
-    needs_grad = _needs_grad(q, k_cache, v_cache, k_new, v_new, alibi_slopes, rotary_cos, rotary_sin, sinks)
-    # The router reads shapes only: for pages, the logical (B, Hkv, Lmax, D) caches.
-    k_shape, v_shape = (_shape_only(b, hkv, lmax, k_cache.shape[-1]), _shape_only(b, hkv, lmax, v_cache.shape[-1])) \
-        if paged else (k_cache, v_cache)
-    # torch's SDPA gives no lse, which sinks need, except on the single-token (masked) path.
-    route = backend.route(op, "decode", q, k_shape, v_shape, needs_grad=needs_grad,
-                          torch_sdpa=not (needs_grad or return_lse or (sinks is not None and q.shape[2] > 1)))
-    if route.impl == "kernel":
-        from fastattn.ops.decode import op as decode_op  # imports triton, so only when used
+    from fastattn.ops.decode import dispatch
 
-        if ragged:
-            q, k_new, v_new = packed
-        out, lse = decode_op.decode_attn(
-            q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, alibi=alibi_slopes, scale=scale,
-            softcap=softcap, window_left=band[0], window_right=band[1], num_splits=num_splits,
-            max_seqlen_k=max_seqlen_k, block_table=block_table,
-            cu_seqlens_q=None if not ragged else cu_seqlens_q.contiguous(), max_seqlen_q=max_seqlen_q,
-            sinks=None if sinks is None else sinks.float().contiguous(), **rot)
-        return (out, lse) if return_lse else out
-    if ragged:
-        return _ragged_by_sequence(packed, k_cache, v_cache, seqlens, cu_seqlens_q, block_table, return_lse,
-                                   dict(causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes,
-                                        softcap=softcap, num_splits=num_splits, sinks=sinks, **rot))
-    pages = None
-    if paged:  # the fallbacks run on each sequence's logical cache, gathered before the append
-        from fastattn.ops.decode.reference import gather_pages
-
-        pages = (k_cache, v_cache)
-        k_cache, v_cache = gather_pages(k_cache, block_table), gather_pages(v_cache, block_table)
-    if torch.compiler.is_compiling():  # the per-sequence fallbacks read the lengths on the host
-        from fastattn.ops.decode.fallback import decode_masked
-
-        out, lse = decode_masked(q, k_cache, v_cache, seqlens, k_new, v_new, band=band, scale=scale,
-                                 alibi_slopes=alibi_slopes, softcap=softcap, **rot)
-        out, lse = _sinks(out, lse, sinks)
-    elif route.impl == "torch_sdpa" and q.shape[2] == 1:  # plain decoding: one batched masked call, no loop
-        from fastattn.ops.decode.fallback import decode_masked
-
-        out, lse = decode_masked(q, k_cache, v_cache, seqlens, k_new, v_new, band=band, scale=scale,
-                                 alibi_slopes=alibi_slopes, softcap=softcap, **rot)
-        out, lse = _sinks(out, lse, sinks)
-    elif route.impl == "torch_sdpa":
-        from fastattn.ops.decode.fallback import decode_by_prefix
-
-        out = decode_by_prefix(q, k_cache, v_cache, seqlens, k_new, v_new, band=band, scale=scale,
-                               alibi_slopes=alibi_slopes, softcap=softcap, **rot)
-        lse = None
-    else:
-        from fastattn.ops.decode.reference import append_reference, decode_reference
-
-        out, lse = decode_reference(q, k_cache, v_cache, seqlens, k_new, v_new, causal=False, window=band,
-                                    scale=scale, alibi_slopes=alibi_slopes, softcap=softcap, return_lse=True,
-                                    upcast=True, sinks=sinks, **rot)  # band already holds causal
-        if k_new is not None and not paged:
-            append_reference(k_cache, v_cache, seqlens, k_new, v_new, **rot)
-    if paged and k_new is not None:
-        from fastattn.ops.decode.reference import append_paged_reference
-
-        append_paged_reference(*pages, block_table, seqlens, k_new, v_new, **rot)
-    return (out, lse) if return_lse else out
-
-
-def _ragged_by_sequence(packed, k_cache, v_cache, seqlens, cu_seqlens_q, block_table, return_lse, kw):
-    """Ragged new tokens without the kernels: one attention_with_kvcache call per sequence
-    (reads ``cu_seqlens_q`` on the host). packed: q (total, Hq, D), k_new / v_new (total,
-    Hkv, D) or None. Returns out (total, Hq, Dv) (and lse (Hq, total))."""
-    q, k_new, v_new = packed
-    alibi = kw.pop("alibi_slopes")
-    outs, lses = [], []
-    bounds = cu_seqlens_q.tolist()
-    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if e == s:  # a sequence with no tokens this step: nothing to compute or append
-            continue
-        def one(t):  # (total, H, D) -> (1, H, L_b, D)
-            return None if t is None else t[s:e].transpose(0, 1)[None]
-        if block_table is None:
-            kc, vc, bt = k_cache[i:i + 1], v_cache[i:i + 1], None
-        else:
-            kc, vc, bt = k_cache, v_cache, block_table[i:i + 1]
-        out, lse = attention_with_kvcache(
-            one(q), kc, vc, seqlens[i:i + 1], k_new=one(k_new), v_new=one(v_new), block_table=bt,
-            alibi_slopes=alibi if alibi is None or alibi.dim() == 1 else alibi[i:i + 1], return_lse=True, **kw)
-        outs.append(out[0].transpose(0, 1))  # (1, Hq, L_b, Dv) -> (L_b, Hq, Dv)
-        lses.append(lse[0])  # (Hq, L_b)
-    dv = v_cache.shape[-1]
-    out = torch.cat(outs) if outs else q.new_zeros(0, q.shape[1], dv)
-    lse = torch.cat(lses, dim=1) if lses else q.new_zeros(q.shape[1], 0, dtype=torch.float32)
-    return (out, lse) if return_lse else out
-
-
-def _sinks(out, lse, sinks):
-    """(out, lse) with the attention sinks (Hq,) joined in, if any."""
-    if sinks is None:
-        return out, lse
-    from fastattn.ops.decode.reference import apply_sinks
-
-    return apply_sinks(out, lse, sinks)
-
-
-def _values_readable(q: Tensor) -> bool:
-    """Whether the cache lengths / block table may be read on the host: not while tracing,
-    not on CUDA (it would stall every step and break CUDA-graph capture)."""
-    return not torch.compiler.is_compiling() and q.device.type != "cuda"
-
-
-def _shape_only(*shape) -> Tensor:
-    """A tensor with this shape and no memory (a broadcast meta scalar), for shape-only checks."""
-    return torch.empty((), device="meta").expand(*shape)
-
-
-def _check_cache_lengths(op, q, k_cache, lmax, seqlens, lnew, lq, rotary_cos) -> int:
-    """ValueError unless every write fits the cache (and the rotary table); returns the
-    longest sequence after the append. ``lnew`` / ``lq``: ints, or (B,) tensors for ragged
-    new tokens. Reads cache_seqlens on the host (one sync)."""
-    s = seqlens.long()
-    ends = s + lnew  # (B,) keys per sequence after the append
-    starts = ends - lq  # (B,) position of each sequence's first query
-    lo, hi, end, first = (int(x) for x in torch.stack([s.min(), s.max(), ends.max(), starts.min()]).tolist())
-    if lo < 0 or hi > lmax:
-        raise ValueError(f"{op}: cache_seqlens must lie in [0, {lmax}] (Lmax of k_cache "
-                         f"{shape_str(k_cache)}), got values in [{lo}, {hi}]")
-    if end > lmax:
-        raise ValueError(f"{op}: appending new tokens would overflow the cache: cache_seqlens + Lnew "
-                         f"reaches {end} > Lmax = {lmax} (k_cache {shape_str(k_cache)})")
-    if rotary_cos is not None:
-        if first < 0:
-            raise ValueError(f"{op}: with rotary, Lq may not exceed cache_seqlens + Lnew (a query "
-                             f"would sit at position {first}): query positions would be negative")
-        if end > rotary_cos.shape[0]:
-            raise ValueError(f"{op}: rotary_cos {shape_str(rotary_cos)} covers {rotary_cos.shape[0]} "
-                             f"positions; the longest sequence reaches position {end - 1}")
-    return end
+    call = check_decode("attention_with_kvcache", q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new,
+                        causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+                        num_splits=num_splits, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                        rotary_interleaved=rotary_interleaved, block_table=block_table, cu_seqlens_q=cu_seqlens_q,
+                        max_seqlen_q=max_seqlen_q, sinks=sinks, return_lse=return_lse)
+    return dispatch.run(call)
 
 
 # ---------------------------------------------------------------------------------------

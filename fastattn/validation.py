@@ -6,7 +6,7 @@ reach a kernel (a Triton compile error) or a silent wrong answer.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -132,11 +132,41 @@ def check_linear(op: str, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None
             "fastattn.ops.linear.reference.linear_attention_step")
 
 
+class CacheLayout(NamedTuple):
+    """The geometry of attention_with_kvcache's caches, from their shapes only.
+
+    Contiguous caches are (batch, kv_heads, lmax, head_dim) / (.., head_dim_v); paged ones are
+    pages (num_pages, page_size, kv_heads, head_dim) read through a block table (batch, P),
+    so lmax = P * page_size. page_size is None for contiguous caches (num_pages 0)."""
+
+    batch: int
+    kv_heads: int
+    lmax: int
+    head_dim: int
+    head_dim_v: int
+    page_size: Optional[int] = None
+    num_pages: int = 0
+
+    @property
+    def paged(self) -> bool:
+        return self.page_size is not None
+
+    @classmethod
+    def of(cls, k_cache: Tensor, v_cache: Tensor, block_table: Optional[Tensor] = None) -> "CacheLayout":
+        """The layout of (already validated) caches and block table."""
+        if block_table is None:
+            b, hkv, lmax, d = k_cache.shape
+            return cls(b, hkv, lmax, d, v_cache.shape[-1])
+        n_pages, page, hkv, d = k_cache.shape
+        return cls(block_table.shape[0], hkv, block_table.shape[1] * page, d, v_cache.shape[-1], page, n_pages)
+
+
 def check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens,
                   k_new: Optional[Tensor], v_new: Optional[Tensor], num_splits,
                   block_table: Optional[Tensor] = None) -> Tensor:
     """attention_with_kvcache's tensors; returns cache_seqlens as a (B,) int32 or int64 tensor
-    (an int becomes int32). Its values are checked by the caller, before any int32 cast.
+    (an int, which must lie in [0, Lmax], becomes int32). A tensor's values are checked by the
+    caller (``check_cache_lengths``), before any int32 cast.
     With ``block_table`` the caches are pages (see ``check_pages``)."""
     if block_table is None:
         check_qkv(op, q, k_cache, v_cache, names=("k_cache", "v_cache"), seq="Lmax")
@@ -151,7 +181,7 @@ def check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
         # The new tokens are written in place: a broadcast (stride-0) dim would put one
         # sequence's token in another's slot, and one buffer as both caches would lose the keys.
         for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if any(st == 0 and n > 1 for st, n in zip(cache.stride(), cache.shape)):
+            if 0 in cache.stride() and any(st == 0 and n > 1 for st, n in zip(cache.stride(), cache.shape)):
                 raise ValueError(f"{op}: {name} {shape_str(cache)} has a broadcast (stride-0) dim, strides "
                                  f"{tuple(cache.stride())}; k_new/v_new are written into it in place, so it "
                                  "must own its memory (e.g. .contiguous())")
@@ -169,7 +199,12 @@ def check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
         if k_new.shape[2] != v_new.shape[2]:
             raise ValueError(f"{op}: k_new {shape_str(k_new)} and v_new {shape_str(v_new)} differ in Lnew")
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        cache_seqlens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=q.device)
+        lmax = CacheLayout.of(k_cache, v_cache, block_table).lmax
+        if not 0 <= cache_seqlens <= lmax:  # a host int: checked on every device (and before any cast)
+            raise ValueError(f"{op}: cache_seqlens must lie in [0, {lmax}] (Lmax of k_cache {shape_str(k_cache)}), "
+                             f"got {cache_seqlens}")
+        cache_seqlens = torch.full((b,), cache_seqlens, dtype=torch.int32 if cache_seqlens < 2**31 else torch.int64,
+                                   device=q.device)
     if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{op}: cache_seqlens must be an int32/int64 Tensor of shape ({b},) or an int")
     if tuple(cache_seqlens.shape) != (b,) or cache_seqlens.device != q.device:
@@ -332,3 +367,111 @@ def check_varlen(op: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seql
         if m is not None and lengths.numel() and int(lengths.max()) > m:
             raise ValueError(f"{op}: {name.replace('cu_seqlens', 'max_seqlen')}={m} is below the longest "
                              f"sequence, {int(lengths.max())}")
+
+
+class DecodeCall(NamedTuple):
+    """attention_with_kvcache's arguments, validated (see its docstring for their meaning).
+
+    q, k_new, v_new stay as given: (B, Hq, Lq, D) / (B, Hkv, Lnew, D), or packed (total, H, D)
+    with ``cu_seqlens_q``. seqlens: int32 contiguous (B,). ``band``: causal and window as one
+    (left, right) band; ``scale`` resolved. rotary tables, block_table and cu_seqlens_q are
+    contiguous, sinks as given. ``key_range``: (fewest, most) keys of any sequence after the append
+    where the lengths were read on the host, else None. ``needs_grad``: some input requires grad."""
+
+    q: Tensor
+    k_cache: Tensor
+    v_cache: Tensor
+    seqlens: Tensor
+    k_new: Optional[Tensor]
+    v_new: Optional[Tensor]
+    layout: CacheLayout
+    scale: float
+    band: tuple
+    alibi_slopes: Optional[Tensor]
+    softcap: Optional[float]
+    num_splits: Optional[int]
+    rotary_cos: Optional[Tensor]
+    rotary_sin: Optional[Tensor]
+    rotary_interleaved: bool
+    block_table: Optional[Tensor]
+    cu_seqlens_q: Optional[Tensor]
+    max_seqlen_q: Optional[int]
+    key_range: Optional[tuple]
+    sinks: Optional[Tensor]
+    return_lse: bool
+    needs_grad: bool
+
+    def rotary(self) -> dict:
+        """The rotary options as keyword arguments (rotary_cos, rotary_sin, rotary_interleaved)."""
+        return dict(rotary_cos=self.rotary_cos, rotary_sin=self.rotary_sin, rotary_interleaved=self.rotary_interleaved)
+
+
+def values_readable(q: Tensor) -> bool:
+    """Whether cache lengths, offsets and block tables may be read on the host: not while
+    tracing, not on CUDA (it would stall every decode step and break CUDA-graph capture)."""
+    return not torch.compiler.is_compiling() and q.device.type != "cuda"
+
+
+def check_decode(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, *, k_new, v_new, causal,
+                 scale, window, alibi_slopes, softcap, num_splits, rotary_cos, rotary_sin, rotary_interleaved,
+                 block_table, cu_seqlens_q, max_seqlen_q, sinks, return_lse) -> DecodeCall:
+    """Every check of attention_with_kvcache (its docstring lists what raises); returns the
+    validated call. The values of cache_seqlens, cu_seqlens_q and block_table are read only
+    where ``values_readable``."""
+    readable = values_readable(q)
+    q4, k_new4, v_new4 = q, k_new, v_new
+    if cu_seqlens_q is not None:  # the 4-D checks see (B, H, total, D) views of the packed tensors
+        q4, k_new4, v_new4 = check_ragged_q(op, q, k_new, v_new, cu_seqlens_q, max_seqlen_q, readable)
+    seqlens = check_kvcache(op, q4, k_cache, v_cache, cache_seqlens, k_new4, v_new4, num_splits, block_table)
+    check_options(op, q4, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap)
+    check_sinks(op, sinks, q4.shape[1], q.device)
+    check_rotary(op, q4, rotary_cos, rotary_sin)
+    layout = CacheLayout.of(k_cache, v_cache, block_table)
+    lq, lnew = q4.shape[2], (0 if k_new is None else k_new4.shape[2])
+    if cu_seqlens_q is not None:  # per sequence: its own count of queries and of new keys
+        lq = cu_seqlens_q.diff()
+        lnew = lq if k_new is not None else 0
+    key_range = None
+    if readable and seqlens.numel():  # on the given dtype: int64 must not wrap
+        key_range = check_cache_lengths(op, k_cache, layout.lmax, seqlens, lnew, lq, rotary_cos)
+        if layout.paged:
+            check_paged_values(op, block_table, layout.num_pages, layout.page_size, seqlens, lnew)
+    left, right = (None, None) if window is None else window
+    if causal:  # causal is the band's right edge at the diagonal
+        right = 0 if right is None else min(right, 0)
+    grads = (q, k_cache, v_cache, k_new, v_new, alibi_slopes, rotary_cos, rotary_sin, sinks)
+    contiguous = (lambda t: None if t is None else t.contiguous())  # noqa: E731
+    return DecodeCall(
+        q, k_cache, v_cache, seqlens.to(torch.int32).contiguous(), k_new, v_new, layout,
+        default_scale(q.shape[-1]) if scale is None else float(scale), (left, right), alibi_slopes, softcap or None,
+        num_splits, contiguous(rotary_cos), contiguous(rotary_sin), rotary_interleaved, contiguous(block_table),
+        contiguous(cu_seqlens_q), max_seqlen_q, key_range, sinks,
+        return_lse, torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads))
+
+
+def check_cache_lengths(op: str, k_cache: Tensor, lmax: int, seqlens: Tensor, lnew, lq, rotary_cos) -> tuple:
+    """ValueError unless every write fits the cache (and the rotary table); returns the
+    (fewest, most) keys of any sequence after the append. ``lnew`` / ``lq``: ints, or (B,)
+    tensors for ragged new tokens. Reads cache_seqlens on the host (one sync)."""
+    if isinstance(lnew, int):  # one reduction; the rest is host arithmetic
+        lo, hi = torch.stack(seqlens.aminmax()).tolist()
+        least, end, first = lo + lnew, hi + lnew, lo + lnew - lq
+    else:
+        s = seqlens.long()
+        ends = s + lnew  # (B,) keys per sequence after the append
+        starts = ends - lq  # (B,) position of each sequence's first query
+        lo, hi, least, end, first = torch.stack([s.min(), s.max(), ends.min(), ends.max(), starts.min()]).tolist()
+    if lo < 0 or hi > lmax:
+        raise ValueError(f"{op}: cache_seqlens must lie in [0, {lmax}] (Lmax of k_cache "
+                         f"{shape_str(k_cache)}), got values in [{lo}, {hi}]")
+    if end > lmax:
+        raise ValueError(f"{op}: appending new tokens would overflow the cache: cache_seqlens + Lnew "
+                         f"reaches {end} > Lmax = {lmax} (k_cache {shape_str(k_cache)})")
+    if rotary_cos is not None:
+        if first < 0:
+            raise ValueError(f"{op}: with rotary, Lq may not exceed cache_seqlens + Lnew (a query "
+                             f"would sit at position {first}): query positions would be negative")
+        if end > rotary_cos.shape[0]:
+            raise ValueError(f"{op}: rotary_cos {shape_str(rotary_cos)} covers {rotary_cos.shape[0]} "
+                             f"positions; the longest sequence reaches position {end - 1}")
+    return least, end

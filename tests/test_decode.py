@@ -267,6 +267,22 @@ def test_auto_fallback_of_a_generation_step(feature, monkeypatch):
         assert torch.all(out[0] == 0)
 
 
+@pytest.mark.parametrize("lq", [1, 3])
+def test_cpu_generation_step_is_one_fused_sdpa_call(lq, monkeypatch):
+    """Without kernels, a step torch's SDPA can express runs as one fused SDPA call for the
+    whole ragged batch (torch-flash's speed), not one per sequence or the reference's math."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    lengths = [0, 17, 60]
+    q = torch.randn(3, 4, lq, 32)
+    k_cache, v_cache = (make_cache(3, 2, 70, 32, lengths, torch.float32, "cpu") for _ in range(2))
+    k_new, v_new = torch.randn(3, 2, lq, 32), torch.randn(3, 2, lq, 32)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fastattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new)
+    calls = [e.name for e in prof.events() if e.name == "aten::scaled_dot_product_attention"]
+    assert len(calls) == 1, calls
+
+
 def test_num_splits_heuristic_fills_the_gpu():
     choose = decode_op.choose_num_splits
     # Batch 1, 8 kv heads, 32k keys in blocks of 64: two programs per SM of an H100.
@@ -357,6 +373,86 @@ def test_bad_input_raises_value_error(bad, device):
         fastattn.attention_with_kvcache(q, kc, vc, sl, **kw)
 
 
+@pytest.mark.parametrize("value", [2**40, 2**70], ids=["over-int32", "over-int64"])
+def test_int_seqlens_out_of_range_raises_value_error(value, device):
+    """An int cache_seqlens is on the host: checked against Lmax on every device, as a
+    ValueError naming it (not torch's RuntimeError from converting it to a tensor)."""
+    q, kc, vc, _, _, _ = _small(device)
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[0, 8\]"):
+        fastattn.attention_with_kvcache(q, kc, vc, value)
+
+
+class _GridRecorder:
+    """Stands in for a kernel: records the grids it is launched on, runs nothing."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return lambda *args, **kwargs: None
+
+
+def test_grids_stay_within_cuda_limits(monkeypatch):
+    """CUDA caps a grid's axes 1 and 2 at 65535: 64 query heads x 65536 new tokens are 65536
+    row blocks, 2^21 appended tokens as many token blocks; neither may land on those axes
+    (the router lets any shape through to decode). Nothing runs: the launches are recorded."""
+    split, append = _GridRecorder(), _GridRecorder()
+    monkeypatch.setattr(decode_op.kernels, "decode_split_kernel", split)
+    monkeypatch.setattr(decode_op.kernels, "kv_append_kernel", append)
+    q = torch.zeros((), dtype=torch.float16).expand(1, 64, 65536, 16)  # no memory
+    new = torch.zeros((), dtype=torch.float16).expand(1, 1, 2**21, 16)
+    cache = torch.zeros((), dtype=torch.float16).expand(1, 1, 2**21, 16)
+    decode_op.decode_attn(q, cache, cache, torch.zeros(1, dtype=torch.int32), k_new=new, v_new=new, scale=0.25,
+                          num_splits=1)
+    grids = split.grids + append.grids
+    assert len(grids) == 2 and all(max(grid[1:], default=1) <= 65535 for grid in grids), grids
+
+
+def test_unchecked_rotary_positions_stay_in_the_table(device):
+    """On CUDA nothing checks that the rotary table covers the positions; the kernels clamp to
+    its last row instead of reading what lies after it (NaN here)."""
+    q, kc, vc, sl, kn, vn = _small(device, lengths=(3, 5), lmax=8, lnew=2)
+    table = torch.full((8, 4), float("nan"), device=device)
+    cos, sin = rope_tables(4, 8, device)  # positions 0..3 only; the sequences reach 6
+    table[:4] = cos
+    sin_table = torch.full_like(table, float("nan"))
+    sin_table[:4] = sin
+    out, lse = decode_op.decode_attn(q, kc, vc, sl, k_new=kn, v_new=vn, scale=0.25, window_right=0,
+                                     rotary_cos=table[:4], rotary_sin=sin_table[:4])
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert torch.isfinite(kc).all(), "a rotated key read the table past its end"
+
+
+def test_unchecked_negative_seqlens_write_inside_the_cache(device):
+    """On CUDA nothing checks cache_seqlens: a negative length counts as 0, and the append
+    writes inside the sequence's own slots, never before the cache (a canary row here)."""
+    q, _, _, _, kn, vn = _small(device, lengths=(0, 5), lmax=8, lnew=2)
+    k_buf, v_buf = torch.full((3, 2, 8, 16), 7.0, device=device), torch.full((3, 2, 8, 16), 7.0, device=device)
+    kc, vc = k_buf[1:], v_buf[1:]  # row 0 of the buffers lies just before the caches
+    sl = torch.tensor([-3, 5], dtype=torch.int32, device=device)
+    out, _ = decode_op.decode_attn(q, kc, vc, sl, k_new=kn, v_new=vn, scale=0.25, window_right=0)
+    assert torch.all(k_buf[0] == 7.0) and torch.all(v_buf[0] == 7.0), "the append wrote before the cache"
+    assert torch.equal(kc[0, :, :2], kn[0]) and torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="values go unchecked only on CUDA")
+def test_cuda_rotary_past_the_table_and_negative_lengths_stay_in_bounds(device):
+    """The public function on CUDA reads no value, so these reach the kernels unchecked: rotary
+    positions past the table's end read its last row, a negative length counts as 0."""
+    q, _, _, _, kn, vn = _small(device, lengths=(0, 5), lmax=8, lnew=2)
+    k_buf, v_buf = torch.full((3, 2, 8, 16), 7.0, device=device), torch.full((3, 2, 8, 16), 7.0, device=device)
+    cos, sin = (torch.full((8, 4), float("nan"), device=device) for _ in range(2))
+    cos[:4], sin[:4] = rope_tables(4, 8, device)
+    sl = torch.tensor([-3, 5], dtype=torch.int32, device=device)
+    with fastattn.use_backend("triton"):
+        out = fastattn.attention_with_kvcache(q, k_buf[1:], v_buf[1:], sl, k_new=kn, v_new=vn,
+                                              rotary_cos=cos[:4], rotary_sin=sin[:4])
+    assert torch.all(k_buf[0] == 7.0) and torch.all(v_buf[0] == 7.0), "the append wrote before the cache"
+    assert torch.isfinite(out).all() and torch.isfinite(k_buf).all()
+
+
 def test_gradients_fall_back_to_the_reference(device):
     """The kernels are forward-only: under "triton" a call needing gradients raises; under
     "auto" it runs the (differentiable) reference, whose gradients match flash_attention's."""
@@ -401,11 +497,12 @@ def test_opcheck(device):
     kn, vn = torch.randn_like(kc[:, :, :2]), torch.randn_like(vc[:, :, :2])
     sl = torch.tensor([4, 20], dtype=torch.int32, device=device)
     torch.library.opcheck(decode_op.kvcache_append, (kc, vc, sl, kn, vn))
-    torch.library.opcheck(decode_op.decode_fwd, (q, kc, vc, sl + 2, torch.rand(hq, device=device),
-                                                 0.2, 3.0, 9, 0, 2, 3))
+    torch.library.opcheck(decode_op.decode_fwd, (q, kc, vc, sl + 2, torch.rand(hq, device=device)),
+                          dict(scale=0.2, softcap=3.0, window_left=9, window_right=0, seqlen_new=2, num_splits=3))
     cos, sin = rope_tables(30, 32, device)
-    torch.library.opcheck(decode_op.kvcache_append, (kc, vc, sl, kn, vn, cos, sin, True))
-    torch.library.opcheck(decode_op.decode_fwd, (q, kc, vc, sl + 2, None, 0.2, 0.0, None, 0, 2, 1, cos, sin, False))
+    torch.library.opcheck(decode_op.kvcache_append, (kc, vc, sl, kn, vn, cos, sin), dict(interleaved=True))
+    torch.library.opcheck(decode_op.decode_fwd, (q, kc, vc, sl + 2, None, cos, sin),
+                          dict(scale=0.2, window_right=0, seqlen_new=2, num_splits=1))
 
 
 # --- KVCache -----------------------------------------------------------------------------

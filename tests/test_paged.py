@@ -439,10 +439,10 @@ def test_kernel_step_reads_no_value_on_the_host(ragged, device, monkeypatch):
     """Where the values are not read for validation (CUDA), a paged decode step through the
     kernels never asks the device for a value: .item(), .tolist() and bool() of a tensor
     raise here, and the step still runs (split count from shapes)."""
-    import fastattn.functional as F
+    from fastattn import validation
 
     q, kp, vp, seqlens, kn, vn, table, kw = _step_inputs(device, ragged)
-    monkeypatch.setattr(F, "_values_readable", lambda q: False)
+    monkeypatch.setattr(validation, "values_readable", lambda q: False)
 
     def sync(*args, **kwargs):
         raise AssertionError("a decode step read a tensor value on the host")
@@ -709,10 +709,10 @@ def test_opcheck_paged_ragged_sinks(device):
     cu = torch.tensor([0, 1, 4], dtype=torch.int32, device=device)
     q, kn, vn = (torch.randn(4, h, d, device=device).half() for h in (hq, hkv, hkv))
     sinks = torch.randn(hq, device=device)
-    torch.library.opcheck(decode_op.kvcache_append, (kp, vp, sl, kn, vn, None, None, False, table, cu, 3))
+    torch.library.opcheck(decode_op.kvcache_append, (kp, vp, sl, kn, vn, None, None, table, cu), dict(max_seqlen_q=3))
     # one split: the fake implementation does not depend on the split count (spares the merge kernel)
-    torch.library.opcheck(decode_op.decode_fwd, (q, kp, vp, sl, None, 0.25, None, None, 0, 1, 1, None, None, False,
-                                                 table, cu, 3, sinks))
+    torch.library.opcheck(decode_op.decode_fwd, (q, kp, vp, sl, None, None, None, table, cu, sinks),
+                          dict(scale=0.25, window_right=0, seqlen_new=1, num_splits=1, max_seqlen_q=3))
 
 
 def test_ragged_rows_over_several_row_blocks(device):
@@ -737,3 +737,28 @@ def make_cache_nan(b, hkv, lmax, d, lengths, device):
     for i, n in enumerate(lengths):
         c[i, :, :n] = torch.randn(hkv, n, d, device=device)
     return c
+
+
+def test_ragged_scratch_is_sized_by_the_packed_tokens(device, monkeypatch):
+    """Without max_seqlen_q the launcher knows only the packed total: the split partials are
+    kept per packed row (total x Hq x splits x Dv), not per sequence x total rows."""
+    from fastattn.ops import _launch
+    from fastattn.ops.decode import op as decode_op
+
+    b, hq, hkv, d, splits = 4, 4, 2, 16, 2
+    kc, vc = torch.randn(b, hkv, 32, d, device=device), torch.randn(b, hkv, 32, d, device=device)
+    q = torch.randn(b, hq, d, device=device)  # one new token per sequence, packed
+    cu = torch.arange(b + 1, dtype=torch.int32, device=device)
+    sl = torch.tensor([3, 17, 0, 30], dtype=torch.int32, device=device)
+    sizes, poisoned = [], _launch.empty
+
+    def recorded(*shape, like, dtype=None):
+        sizes.append(torch.Size(shape).numel())
+        return poisoned(*shape, like=like, dtype=dtype)
+
+    monkeypatch.setattr(_launch, "empty", recorded)
+    out, lse = decode_op.decode_attn(q, kc, vc, sl, scale=0.25, window_right=0, num_splits=splits, cu_seqlens_q=cu)
+    assert max(sizes) <= b * hq * splits * d, sizes
+    want, want_lse = decode_op.decode_attn(q, kc, vc, sl, scale=0.25, window_right=0, num_splits=splits,
+                                           cu_seqlens_q=cu, max_seqlen_q=1)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)

@@ -201,22 +201,6 @@ def key_grads(head_dim: int) -> list[dict]:
     return [dict(GRAD_K=True, GRAD_V=True)]
 
 
-def softcap_args(softcap: Optional[float]) -> dict:
-    """None (or 0.0, an older spelling) is no cap: HAS_SOFTCAP off. The kernels divide by
-    softcap only under HAS_SOFTCAP, so 1.0 is just a placeholder of the right type."""
-    return dict(softcap=float(softcap) if softcap else 1.0, HAS_SOFTCAP=bool(softcap))
-
-
-def band_args(window_left: Optional[int], window_right: Optional[int]) -> dict:
-    """A band edge is None for unbounded; the kernels get a flag and a placeholder 0."""
-    return dict(
-        window_left=0 if window_left is None else window_left,
-        window_right=0 if window_right is None else window_right,
-        HAS_LEFT=window_left is not None,
-        HAS_RIGHT=window_right is not None,
-    )
-
-
 def alibi_args(q: Tensor, alibi: Optional[Tensor], batch: Optional[int] = None) -> tuple[Tensor, tuple[int, int]]:
     """ALiBi slopes as (B, H) with stride 0 over the batch when given per head only; q
     stands in for the pointer when there are none. ``batch``: B when q's own batch dim is

@@ -1,10 +1,17 @@
 """Triton kernels for attention over a KV cache: append, split-KV attention, merge.
 
-Layout: q (B, Hq, Lq, D), caches (B, Hkv, Lmax, D), any strides; ``SEQLENS`` (B,) holds the
+Layout: q (B, Hq, Lq, D), caches (B, Hkv, Lmax, D), any strides, each tensor's four strides
+passed as one tuple (``q_strides``, ...) in (b, h, row, d) order; ``SEQLENS`` (B,) holds the
 tokens already cached per sequence, so sequence b has ``seqlen_k = SEQLENS[b] + seqlen_new``
 valid keys once the new ones are appended (see ``reference.py``). Paged caches (``PAGED``):
 pages (num_pages, page_size, Hkv, D) and a block table (B, P) mapping each sequence's logical
-slots to page rows; the kernels translate positions through the table.
+slots to page rows; the kernels translate positions through the table (``table`` is the
+tuple (row stride of the table, num_pages)). ``rotary`` is (row stride of the cos/sin tables,
+their number of positions); ``ROT_DIM`` 0 is no rotary embedding.
+
+Values the launcher does not check (on CUDA it reads none) are clamped, so a bad call never
+leaves the buffers: cache lengths to [0, Lmax], rotary positions to the table's rows, page
+indices to [0, num_pages).
 
 Flash decoding: with one or a few new tokens there is only a handful of query rows per head,
 so one program per (batch, head) would leave most of the GPU idle while it streams a long cache.
@@ -12,25 +19,40 @@ Instead the visible key range of every (batch, kv head) is cut into ``num_splits
 program each. A program holds ALL the query rows that share its kv head (``group`` query heads
 times ``seqlen_q`` new tokens, row r = g * seqlen_q + i), so each K/V element is read from
 memory once however large the GQA ratio (while those rows fit one row block, 64 on a GPU;
-more rows, as in chunked prefill, take several row blocks). Each program writes its chunk's normalised partial
-output and logsumexp in fp32; ``decode_merge_kernel`` then combines them exactly:
-``out = sum_s exp(lse_s - lse) * out_s`` with ``lse = logsumexp_s(lse_s)``.
+more rows, as in chunked prefill, take several row blocks). Each program writes its chunk's
+normalised partial output and logsumexp in fp32; ``decode_merge_kernel`` then combines them
+exactly: ``out = sum_s exp(lse_s - lse) * out_s`` with ``lse = logsumexp_s(lse_s)``.
 """
 import triton
 import triton.language as tl
 
 from fastattn.ops._triton import (
-    LOG2E, cast, dot, load_tile, logits, row_lse, softmax_finish, softmax_init, softmax_update, span,
-    store_tile,
+    LOG2E, cast, dot, load_rows, load_tile, row_lse, rows_base, softmax_finish, softmax_init, softmax_update,
+    span, store_tile, term_logits,
 )
 
 
 @triton.jit
-def _rotary(x, row_ptrs, stride_d, rows_ok, pos, COS, SIN, stride_cs, offs_d,
+def _clamp(x, lo, hi):
+    """min(max(x, lo), hi) as arithmetic (the interpreter turns tl.minimum of scalars into an array)."""
+    x = x - (x - lo) * (x < lo)
+    return x - (x - hi) * (x > hi)
+
+
+@triton.jit
+def _cached(SEQLENS, b, seqlen_max):
+    """Tokens already in sequence b's cache, clamped to [0, seqlen_max] (an unchecked negative
+    length would write before the cache, a long one past it)."""
+    return _clamp(tl.load(SEQLENS + b).to(tl.int32), 0, seqlen_max)
+
+
+@triton.jit
+def _rotary(x, row_ptrs, stride_d, rows_ok, pos, COS, SIN, rotary, offs_d,
             ROT_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
     """RoPE of the first ROT_DIM dims of the rows ``x`` (BLOCK, BLOCK_D), whose element d lies
     at ``row_ptrs + d * stride_d``; row r turns by the angles of position ``pos[r]`` (cos/sin
-    tables (P, ROT_DIM / 2), row stride stride_cs). Returns fp32."""
+    tables (P, ROT_DIM / 2), ``rotary`` = (row stride, P)). Positions outside the table read
+    its first or last row. Returns fp32."""
     half = ROT_DIM // 2
     if INTERLEAVED:
         # GPT-J pairs (2j, 2j + 1): out[2j] = x[2j] c - x[2j+1] s, out[2j+1] = x[2j+1] c + x[2j] s.
@@ -46,7 +68,8 @@ def _rotary(x, row_ptrs, stride_d, rows_ok, pos, COS, SIN, stride_cs, offs_d,
     in_rot = offs_d < ROT_DIM
     m = rows_ok[:, None] & in_rot[None, :]
     xp = tl.load(row_ptrs + partner[None, :] * stride_d, mask=m, other=0.0).to(tl.float32)
-    cs_off = pos[:, None].to(tl.int64) * stride_cs + j[None, :]
+    pos = _clamp(pos.to(tl.int64), 0, rotary[1] - 1)  # never read outside the table
+    cs_off = pos[:, None] * rotary[0] + j[None, :]
     # Outside the rotated dims cos = 1, sin = 0: those dims pass through unchanged.
     c = tl.load(COS + cs_off, mask=m, other=1.0).to(tl.float32)
     sn = tl.load(SIN + cs_off, mask=m, other=0.0).to(tl.float32)
@@ -54,149 +77,109 @@ def _rotary(x, row_ptrs, stride_d, rows_ok, pos, COS, SIN, stride_cs, offs_d,
 
 
 @triton.jit
-def _page_of(BT, b, stride_btb, slot, n_pages, ok, PAGE_SIZE: tl.constexpr):
+def _page_of(BT, b, table, slot, ok, PAGE_SIZE: tl.constexpr):
     """int64 page holding logical slot ``slot`` (scalar or vector) of sequence b, read from the
-    block table and clamped to [0, n_pages) so that a bad table never leaves the buffer."""
-    page = tl.load(BT + b * stride_btb + slot // PAGE_SIZE, mask=ok, other=0).to(tl.int64)
+    block table (``table`` = (row stride, num_pages)) and clamped to [0, num_pages) so that a
+    bad table never leaves the buffer."""
+    page = tl.load(BT + b * table[0] + slot // PAGE_SIZE, mask=ok, other=0).to(tl.int64)
     page = page * (page > 0)
-    return page - (page - (n_pages - 1)) * (page > n_pages - 1)
+    return page - (page - (table[1] - 1)) * (page > table[1] - 1)
 
 
 @triton.jit
 def kv_append_kernel(
     K_NEW, V_NEW, K, V, SEQLENS, COS, SIN, BT, CU_Q,
-    stride_knb, stride_knh, stride_knn, stride_knd,
-    stride_vnb, stride_vnh, stride_vnn, stride_vnd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    n_kv_heads, seqlen_new, seqlen_max, stride_cs, stride_btb, n_pages,
+    kn_strides, vn_strides, k_strides, v_strides,
+    n_kv_heads, seqlen_new, seqlen_max, rotary, table,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_ROTARY: tl.constexpr, ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
+    ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, VARLEN: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     """Copy new token t of (b, kv head) into cache slot SEQLENS[b] + t, for K and V; with
-    HAS_ROTARY the key is first rotated by the angles of position SEQLENS[b] + t.
+    ROT_DIM the key is first rotated by the angles of position SEQLENS[b] + t.
 
-    PAGED: K/V are pages (num_pages, page_size, Hkv, D) (stride_kb is the page stride) and
+    PAGED: K/V are pages (num_pages, page_size, Hkv, D) (k_strides[0] is the page stride) and
     slot j of sequence b is row j % PAGE_SIZE of page BT[b, j // PAGE_SIZE]; seqlen_max is
     the table's P * PAGE_SIZE. VARLEN: k_new / v_new are packed (total, Hkv, D), sequence b's
-    tokens are rows CU_Q[b] .. CU_Q[b+1] - 1 (stride_knb = stride_vnb = 0), seqlen_new an
-    upper bound on any sequence's count."""
-    bhk = tl.program_id(0)
+    tokens are rows CU_Q[b] .. CU_Q[b+1] - 1 (batch strides 0), seqlen_new an upper bound on
+    any sequence's count.
+
+    Grid (B * Hkv * token blocks,): one axis, which CUDA lets grow past 65535."""
+    token_blocks = (seqlen_new + BLOCK_L - 1) // BLOCK_L
+    bhk = tl.program_id(0) // token_blocks
     b = (bhk // n_kv_heads).to(tl.int64)
     hk = (bhk % n_kv_heads).to(tl.int64)
-    offs_t = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_t = tl.program_id(0) % token_blocks * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
-    pos = tl.load(SEQLENS + b).to(tl.int64) + offs_t  # each sequence writes at its own offset
+    pos = _cached(SEQLENS, b, seqlen_max).to(tl.int64) + offs_t  # each sequence writes at its own offset
     # The launcher has checked pos < seqlen_max; the mask keeps a bad call inside the buffer.
     ok = (offs_t < seqlen_new) & (pos < seqlen_max)
-    src = offs_t.to(tl.int64)  # row of the token in k_new / v_new
+    q_start = 0  # row of the sequence's first token in k_new / v_new
     if VARLEN:
         q_start = tl.load(CU_Q + b)
         ok = ok & (offs_t < tl.load(CU_Q + b + 1) - q_start)
-        src = q_start.to(tl.int64) + offs_t
-    k_new = K_NEW + b * stride_knb + hk * stride_knh
-    k = load_tile(k_new, src, offs_d, stride_knn, stride_knd, ok, d_ok)
-    if HAS_ROTARY:
-        k_rows = k_new + src[:, None] * stride_knn
-        k_rot = _rotary(k, k_rows, stride_knd, ok, pos, COS, SIN, stride_cs, offs_d, ROT_DIM, ROT_INTERLEAVED)
+    k = load_rows(K_NEW, kn_strides, b, hk, q_start, offs_t, offs_d, ok, d_ok)
+    if ROT_DIM > 0:
+        k_rows = rows_base(K_NEW, kn_strides, b, hk, q_start) + offs_t[:, None].to(tl.int64) * kn_strides[2]
+        k_rot = _rotary(k, k_rows, kn_strides[3], ok, pos, COS, SIN, rotary, offs_d, ROT_DIM, ROT_INTERLEAVED)
         k = cast(k_rot, k.dtype, BF16_RTNE)
-    v = load_tile(V_NEW + b * stride_vnb + hk * stride_vnh, src, offs_dv, stride_vnn, stride_vnd, ok, dv_ok)
+    v = load_rows(V_NEW, vn_strides, b, hk, q_start, offs_t, offs_dv, ok, dv_ok)
     if PAGED:
-        page = _page_of(BT, b, stride_btb, pos, n_pages, ok, PAGE_SIZE)  # (BLOCK_L,) page of each token
+        page = _page_of(BT, b, table, pos, ok, PAGE_SIZE)  # (BLOCK_L,) page of each token
         row = pos % PAGE_SIZE
-        k_rows = K + page * stride_kb + hk * stride_kh + row * stride_kn  # (BLOCK_L,) row pointers
-        tl.store(k_rows[:, None] + offs_d[None, :].to(tl.int64) * stride_kd, k, mask=ok[:, None] & d_ok[None, :])
-        v_rows = V + page * stride_vb + hk * stride_vh + row * stride_vn
-        tl.store(v_rows[:, None] + offs_dv[None, :].to(tl.int64) * stride_vd, v, mask=ok[:, None] & dv_ok[None, :])
+        k_rows = rows_base(K, k_strides, page, hk, row)  # (BLOCK_L,) row pointers
+        tl.store(k_rows[:, None] + offs_d[None, :].to(tl.int64) * k_strides[3], k, mask=ok[:, None] & d_ok[None, :])
+        v_rows = rows_base(V, v_strides, page, hk, row)
+        tl.store(v_rows[:, None] + offs_dv[None, :].to(tl.int64) * v_strides[3], v,
+                 mask=ok[:, None] & dv_ok[None, :])
     else:
-        store_tile(K + b * stride_kb + hk * stride_kh, k, pos, offs_d, stride_kn, stride_kd, ok, d_ok)
-        store_tile(V + b * stride_vb + hk * stride_vh, v, pos, offs_dv, stride_vn, stride_vd, ok, dv_ok)
+        store_tile(rows_base(K, k_strides, b, hk, 0), k, pos, offs_d, k_strides[2], k_strides[3], ok, d_ok)
+        store_tile(rows_base(V, v_strides, b, hk, 0), v, pos, offs_dv, v_strides[2], v_strides[3], ok, dv_ok)
 
 
 @triton.jit
-def decode_split_kernel(
-    Q, K, V, SEQLENS, ALIBI, COS, SIN, BT, CU_Q, SINKS, O, LSE,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_lb, stride_lh, stride_lm,
-    stride_ab, stride_ah,
-    n_heads, group, seqlen_q, seqlen_new, seqlen_max, num_splits,
-    scale, softcap, window_left, window_right, stride_cs, stride_btb, n_pages,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    HAS_ROTARY: tl.constexpr, ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, VARLEN: tl.constexpr, HAS_SINKS: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BF16_RTNE: tl.constexpr,
-):
-    """One chunk of one (batch, kv head)'s keys for BLOCK_M of its group * seqlen_q query rows.
+def _rows(SEQLENS, CU_Q, b, hk, offs_r, group, seqlen_q, seqlen_new, seqlen_max, VARLEN: tl.constexpr):
+    """What the query rows offs_r of (batch b, kv head hk) are: (row_ok, pos_q, h, tok, lq,
+    seqlen_k): valid, the new token (0 .. lq - 1), the query head, the token's row in q / the
+    output, this sequence's new tokens and its keys after the append.
 
-    SINGLE_SPLIT: the chunk is the whole key range, so the result is final: O/LSE are the
-    output (B, Hq, Lq, Dv) and the fp32 lse (B, Hq, Lq), both with strides. Otherwise O/LSE are
-    the contiguous fp32 partials (B, Hq, Lq, num_splits, Dv) and (B, Hq, Lq, num_splits).
-
-    VARLEN: sequence b brings its own ``CU_Q[b+1] - CU_Q[b]`` new tokens, packed: q and the
-    output are (total_q, Hq, D) (stride_qb = stride_ob = stride_lb = 0, token t of sequence b
-    is row CU_Q[b] + t) and seqlen_q is only an upper bound (the rows per head in the grid
-    and the partials); seqlen_new is 1 when each sequence also appended its tokens' keys
-    (so it has SEQLENS[b] + its own Lq keys), else 0. Rows are token-major there (r = i * group
-    + g), and a row block holding none of the sequence's tokens streams no key.
-
-    HAS_SINKS: SINKS (Hq,) holds a logit per query head that joins the softmax denominator
-    once: split 0 starts its running softmax from it (max = sink, sum = 1, output 0), so
-    the merge counts it once and the lse includes it.
-
-    PAGED: K/V are pages (num_pages, page_size, Hkv, D), stride_kb / stride_vb the page
-    stride, and BT the (B, P) block table (row stride stride_btb). BLOCK_N divides PAGE_SIZE
-    and every key tile starts at a multiple of BLOCK_N, so a tile lies in one page: one table
-    read per tile.
-    """
-    bhk = tl.program_id(0)
-    start_m = tl.program_id(1) * BLOCK_M
-    split = tl.program_id(2)
-    n_kv_heads = n_heads // group
-    b = (bhk // n_kv_heads).to(tl.int64)
-    hk = (bhk % n_kv_heads).to(tl.int64)
-
-    offs_r = start_m + tl.arange(0, BLOCK_M)
-    row_ok = offs_r < group * seqlen_q
-    pos_q = offs_r % seqlen_q  # which new token the row is
-    h = hk * group + (offs_r // seqlen_q).to(tl.int64)  # which query head: GQA heads stacked as rows
-    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
-    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
-
-    lq = seqlen_q  # this sequence's new tokens
-    tok = pos_q.to(tl.int64)  # the row's token in q / the output
-    seqlen_k = tl.load(SEQLENS + b).to(tl.int32) + seqlen_new
+    Rows are head-major (r = g * seqlen_q + i); VARLEN: token-major (r = i * group + g), so a
+    sequence's valid rows are the prefix r < group * lq and a decoding sequence fills one row
+    block whatever seqlen_q (there only an upper bound), and token i is row CU_Q[b] + i."""
+    n = _cached(SEQLENS, b, seqlen_max)
     if VARLEN:
-        # Rows token-major (r = i * group + g): a sequence's valid rows are the prefix
-        # r < group * lq, so a decoding sequence fills one row block, whatever seqlen_q.
         q_start = tl.load(CU_Q + b)
         lq = tl.load(CU_Q + b + 1) - q_start
         pos_q = offs_r // group
         h = hk * group + (offs_r % group).to(tl.int64)
-        row_ok = offs_r < group * lq
         tok = q_start.to(tl.int64) + pos_q
-        seqlen_k = tl.load(SEQLENS + b).to(tl.int32) + lq * seqlen_new
+        seqlen_k = n + lq * seqlen_new  # seqlen_new is a flag there: the sequence appended its own tokens
+    else:
+        lq = seqlen_q
+        pos_q = offs_r % seqlen_q
+        h = hk * group + (offs_r // seqlen_q).to(tl.int64)
+        tok = pos_q.to(tl.int64)
+        seqlen_k = n + seqlen_new
+    row_ok = offs_r < group * lq
     # min(seqlen_k, seqlen_max) as arithmetic (interpreter): never read past the buffer.
     seqlen_k = seqlen_k - (seqlen_k - seqlen_max) * (seqlen_k > seqlen_max)
-    diag = seqlen_k - lq  # bottom-right: new token i sits at key position i + diag
+    return row_ok, pos_q, h, tok, lq, seqlen_k
 
-    # Keys any new token of this sequence may see (the band of the first and last token);
-    # the splits divide this range, so a sliding window never streams the whole cache.
+
+@triton.jit
+def _chunk(seqlen_k, diag, split, num_splits, window_left, window_right,
+           BLOCK_N: tl.constexpr, PAGED: tl.constexpr, TERMS: tl.constexpr):
+    """[start, end) of the keys split ``split`` streams: the keys any new token of the sequence
+    may see (the band of its first and last token), cut into num_splits chunks of whole key
+    blocks, so a sliding window never streams the whole cache; empty for trailing splits."""
     lo = seqlen_k * 0
     hi = seqlen_k
-    if HAS_LEFT:
+    if TERMS.LEFT:
         lo = diag - window_left
         lo = lo * (lo > 0)
-    if HAS_RIGHT:
+    if TERMS.RIGHT:
         hi = seqlen_k + window_right  # one past the last token's last visible key
         hi = seqlen_k + (hi - seqlen_k) * (hi < seqlen_k)
         hi = hi * (hi > 0)
@@ -208,27 +191,81 @@ def decode_split_kernel(
     chunk = (chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     start = lo + split * chunk
     end = start + chunk
-    end = hi + (end - hi) * (end < hi)  # min(end, hi); empty (end <= start) for trailing splits
+    end = hi + (end - hi) * (end < hi)  # min(end, hi)
+    return start, end
+
+
+@triton.jit
+def decode_split_kernel(
+    Q, K, V, SEQLENS, ALIBI, COS, SIN, BT, CU_Q, SINKS, O, LSE,
+    q_strides, k_strides, v_strides, o_strides, lse_strides, alibi_strides,
+    n_heads, group, seqlen_q, seqlen_new, seqlen_max, num_splits, scalars, rotary, table,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    TERMS: tl.constexpr, ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, VARLEN: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
+):
+    """One chunk of one (batch, kv head)'s keys for BLOCK_M of its group * seqlen_q query rows.
+
+    Grid (B * Hkv * row blocks, num_splits): axis 0 holds the row blocks of each (b, kv head)
+    together, so no axis but the first grows with the inputs (CUDA caps the others at 65535).
+    ``scalars``: (scale, softcap, dropout_p, window_left, window_right) with ``TERMS``
+    (``fastattn/ops/_launch.py: Terms``) saying which terms are on.
+
+    SINGLE_SPLIT: the chunk is the whole key range, so the result is final: O/LSE are the
+    output (B, Hq, Lq, Dv) and the fp32 lse (B, Hq, Lq), both with strides. Otherwise O/LSE are
+    the contiguous fp32 partials, per query row and split: (B, Hq, Lq, num_splits, Dv) and
+    (B, Hq, Lq, num_splits), or with VARLEN (total, Hq, num_splits, Dv) and (total, Hq,
+    num_splits).
+
+    VARLEN: sequence b brings its own ``CU_Q[b+1] - CU_Q[b]`` new tokens, packed: q and the
+    output are (total_q, Hq, D) (batch strides 0) and seqlen_q is only an upper bound (the rows
+    per head in the grid); seqlen_new is 1 when each sequence also appended its tokens' keys,
+    else 0 (see ``_rows``). A row block holding none of the sequence's tokens streams no key.
+
+    TERMS.SINKS: SINKS (Hq,) holds a logit per query head that joins the softmax denominator
+    once: split 0 starts its running softmax from it (max = sink, sum = 1, output 0), so
+    the merge counts it once and the lse includes it.
+
+    PAGED: BLOCK_N divides PAGE_SIZE and every key tile starts at a multiple of BLOCK_N, so a
+    tile lies in one page: one table read per tile.
+    """
+    row_blocks = (group * seqlen_q + BLOCK_M - 1) // BLOCK_M
+    bhk = tl.program_id(0) // row_blocks
+    start_m = tl.program_id(0) % row_blocks * BLOCK_M
+    split = tl.program_id(1)
+    n_kv_heads = n_heads // group
+    b = (bhk // n_kv_heads).to(tl.int64)
+    hk = (bhk % n_kv_heads).to(tl.int64)
+    offs_r = start_m + tl.arange(0, BLOCK_M)
+    row_ok, pos_q, h, tok, lq, seqlen_k = _rows(SEQLENS, CU_Q, b, hk, offs_r, group, seqlen_q, seqlen_new,
+                                                seqlen_max, VARLEN)
+    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
+    diag = seqlen_k - lq  # bottom-right: new token i sits at key position i + diag
+    start, end = _chunk(seqlen_k, diag, split, num_splits, scalars[3], scalars[4], BLOCK_N, PAGED, TERMS)
     if VARLEN:  # a row block past this sequence's tokens streams no key
         end = tl.where(start_m < group * lq, end, start)
 
-    q_rows = Q + b * stride_qb + h[:, None] * stride_qh + tok[:, None] * stride_qm
-    q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if HAS_ROTARY:
+    q_rows = rows_base(Q, q_strides, b, 0, 0) + h[:, None] * q_strides[1] + tok[:, None] * q_strides[2]
+    q = tl.load(q_rows + offs_d[None, :] * q_strides[3], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if ROT_DIM > 0:
         # Query row i is at key position i + diag (bottom-right); rounded back to q's dtype
         # as a separately rotated q would be.
-        q_rot = _rotary(q, q_rows, stride_qd, row_ok, pos_q + diag, COS, SIN, stride_cs, offs_d,
+        q_rot = _rotary(q, q_rows, q_strides[3], row_ok, pos_q + diag, COS, SIN, rotary, offs_d,
                         ROT_DIM, ROT_INTERLEAVED)
         q = cast(q_rot, q.dtype, BF16_RTNE)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    k_base = rows_base(K, k_strides, b, hk, 0)
+    v_base = rows_base(V, v_strides, b, hk, 0)
     slope = 0.0
-    if HAS_ALIBI:
+    if TERMS.ALIBI:
         # One slope per row (its query head), as a column so it broadcasts over the keys.
-        slope = tl.load(ALIBI + b * stride_ab + h * stride_ah, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        slope = tl.load(ALIBI + b * alibi_strides[0] + h * alibi_strides[1], mask=row_ok,
+                        other=0.0).to(tl.float32)[:, None]
 
     m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_DV)
-    if HAS_SINKS:
+    if TERMS.SINKS:
         first = (offs_r * 0 + split) == 0  # (a vector: the interpreter's where wants one)
         sink = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32)
         m_i = tl.where(first, sink, m_i)
@@ -237,60 +274,55 @@ def decode_split_kernel(
         offs_n, col_ok = span(start_n, BLOCK_N, end)  # keys of the next split belong to the next split
         rows_n = offs_n  # key rows from k_base / v_base
         if PAGED:
-            page = _page_of(BT, b, stride_btb, start_n, n_pages, start_n < end, PAGE_SIZE)
+            page = _page_of(BT, b, table, start_n, start_n < end, PAGE_SIZE)
             rows_n = offs_n - start_n // PAGE_SIZE * PAGE_SIZE  # rows within the page, < PAGE_SIZE
-            k_base = K + page * stride_kb + hk * stride_kh
-            v_base = V + page * stride_vb + hk * stride_vh
-        k = load_tile(k_base, rows_n, offs_d, stride_kn, stride_kd, col_ok, d_ok)
-        qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
-        # logits masks keys >= its seqlen_k argument: pass `end`, the split's own limit.
-        s = logits(qk, pos_q[:, None], offs_n[None, :], lq, end, diag, softcap, window_left, window_right,
-                   Q, 0, 0, slope,
-                   False, False, HAS_ALIBI, HAS_SOFTCAP, HAS_LEFT, HAS_RIGHT)
+            k_base = rows_base(K, k_strides, page, hk, 0)
+            v_base = rows_base(V, v_strides, page, hk, 0)
+        k = load_tile(k_base, rows_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
+        qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scalars[0]
+        # The logits mask keys >= their seqlen_k argument: pass `end`, the split's own limit.
+        s = term_logits(qk, pos_q[:, None], offs_n[None, :], lq, end, diag, scalars, Q, (0, 0, 0, 0), slope, TERMS)
         p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)
-        v = load_tile(v_base, rows_n, offs_dv, stride_vn, stride_vd, col_ok, dv_ok)
+        v = load_tile(v_base, rows_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
         acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
 
     out, lse = softmax_finish(acc, m_i, l_i)  # no visible key in this chunk: 0, -inf (weight 0 in the merge)
-    row = (b * n_heads + h) * seqlen_q + pos_q  # (b, h, i) flattened
     if SINGLE_SPLIT:
-        o_ptrs = (O + b * stride_ob + h[:, None] * stride_oh + tok[:, None] * stride_om
-                  + offs_dv[None, :].to(tl.int64) * stride_od)
+        o_ptrs = (rows_base(O, o_strides, b, 0, 0) + h[:, None] * o_strides[1] + tok[:, None] * o_strides[2]
+                  + offs_dv[None, :].to(tl.int64) * o_strides[3])
         tl.store(o_ptrs, cast(out, O.dtype.element_ty, BF16_RTNE), mask=row_ok[:, None] & dv_ok[None, :])
-        tl.store(LSE + b * stride_lb + h * stride_lh + tok * stride_lm, lse, mask=row_ok)
+        tl.store(LSE + b * lse_strides[0] + h * lse_strides[1] + tok * lse_strides[2], lse, mask=row_ok)
     else:
-        part = row * num_splits + split
+        if VARLEN:
+            part = (tok * n_heads + h) * num_splits + split  # packed row tok, head h
+        else:
+            part = ((b * n_heads + h) * seqlen_q + pos_q) * num_splits + split  # (b, h, i)
         store_tile(O, out, part, offs_dv, HEAD_DIM_V, 1, row_ok, dv_ok)
         tl.store(LSE + part, lse, mask=row_ok)
 
 
 @triton.jit
 def decode_merge_kernel(
-    O_PART, LSE_PART, O, LSE, CU_Q,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_lb, stride_lh, stride_lm,
-    n_heads, seqlen_q, num_splits,
+    O_PART, LSE_PART, O, LSE, o_strides, lse_strides, n_heads, seqlen_q, num_splits,
     HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
     VARLEN: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
-    """Combine the num_splits partial results of one query row (b, h, i) by their lse.
-    VARLEN: as in decode_split_kernel, token i of sequence b is output row CU_Q[b] + i, and
-    rows i past the sequence's own tokens store nothing."""
-    row = tl.program_id(0).to(tl.int64)  # (b * n_heads + h) * seqlen_q + i
-    i = row % seqlen_q
-    h = (row // seqlen_q) % n_heads
-    b = row // seqlen_q // n_heads
-    tok = i
-    n_rows = seqlen_q  # tokens of sequence b
+    """Combine the num_splits partial results of one query row by their lse: row (b, h, i) =
+    (b * n_heads + h) * seqlen_q + i, or with VARLEN packed row tok, head h = tok * n_heads + h
+    (the output (total, Hq, Dv), batch strides 0)."""
+    row = tl.program_id(0).to(tl.int64)
     if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        n_rows = tl.load(CU_Q + b + 1) - q_start
-        tok = q_start + i
+        b = row * 0
+        h = row % n_heads
+        i = row // n_heads
+    else:
+        i = row % seqlen_q
+        h = (row // seqlen_q) % n_heads
+        b = row // seqlen_q // n_heads
     offs_s = tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, CHUNK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
-    # (the row test as a vector: the interpreter cannot AND a scalar mask into a vector one)
-    dv_ok = (offs_dv < HEAD_DIM_V) & ((offs_dv * 0 + i) < n_rows)
+    dv_ok = offs_dv < HEAD_DIM_V
 
     lse_s = tl.load(LSE_PART + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
     m = tl.max(lse_s, 0)
@@ -308,6 +340,6 @@ def decode_merge_kernel(
         acc += tl.sum(o * w[:, None], 0)
 
     out = acc / tl.where(total == 0.0, 1.0, total)  # every split empty: output 0, lse -inf
-    tl.store(O + b * stride_ob + h * stride_oh + tok * stride_om + offs_dv * stride_od,
-             cast(out, O.dtype.element_ty, BF16_RTNE), mask=dv_ok)
-    tl.store(LSE + b * stride_lb + h * stride_lh + tok * stride_lm, row_lse(m_safe, total), mask=i < n_rows)
+    tl.store(rows_base(O, o_strides, b, h, i) + offs_dv * o_strides[3], cast(out, O.dtype.element_ty, BF16_RTNE),
+             mask=dv_ok)
+    tl.store(LSE + b * lse_strides[0] + h * lse_strides[1] + i * lse_strides[2], row_lse(m_safe, total))
