@@ -11,7 +11,6 @@ pass. Block sizes and the split heuristic are first choices, not yet measured on
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import NamedTuple, Optional
 
@@ -84,12 +83,6 @@ def choose_num_splits(programs: int, seqlen_k: int, block_n: int, num_sms: int) 
     return max(1, min(triton.cdiv(2 * num_sms, programs), most))
 
 
-def on_device(t: Tensor):
-    """Context in which Triton launches on t's GPU (it launches on the current device, not the
-    tensors'); nothing for a CPU tensor."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _rotary_args(like: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], interleaved: bool):
     """(COS, SIN, (row stride, positions)) and the constexprs; cos/sin contiguous (P, R/2)
     tables. ROT_DIM 0: none."""
@@ -113,6 +106,7 @@ def _packed_strides(t: Tensor) -> tuple:
     return (0, t.stride(1), t.stride(0), t.stride(2))
 
 
+@_launch.on_device
 def _append(k_cache, v_cache, seqlens, k_new, v_new, cos, sin, interleaved, block_table, cu_seqlens_q,
             max_seqlen_q):
     layout = CacheLayout.of(k_cache, v_cache, block_table)
@@ -125,13 +119,12 @@ def _append(k_cache, v_cache, seqlens, k_new, v_new, cos, sin, interleaved, bloc
     block_l = block_config(max(d, dv), 1, k_new.dtype).block_l
     (cos_t, sin_t, rotary), rot = _rotary_args(k_new, cos, sin, interleaved)
     k_strides, v_strides, bt, table, paged = _cache_args(k_cache, v_cache, block_table, layout)
-    with on_device(k_new):
-        kernels.kv_append_kernel[(layout.batch * layout.kv_heads * triton.cdiv(lnew, block_l),)](
-            k_new, v_new, k_cache, v_cache, seqlens, cos_t, sin_t, bt, seqlens if not varlen else cu_seqlens_q,
-            *new_strides, k_strides, v_strides, layout.kv_heads, lnew, layout.lmax, rotary, table,
-            HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_L=block_l, BLOCK_D=pad(d), BLOCK_DV=pad(dv), VARLEN=varlen,
-            BF16_RTNE=_launch.dtype_flags(k_new.dtype)["BF16_RTNE"], num_warps=4, **rot, **paged,
-        )
+    kernels.kv_append_kernel[(layout.batch * layout.kv_heads * triton.cdiv(lnew, block_l),)](
+        k_new, v_new, k_cache, v_cache, seqlens, cos_t, sin_t, bt, seqlens if not varlen else cu_seqlens_q,
+        *new_strides, k_strides, v_strides, layout.kv_heads, lnew, layout.lmax, rotary, table,
+        HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_L=block_l, BLOCK_D=pad(d), BLOCK_DV=pad(dv), VARLEN=varlen,
+        BF16_RTNE=_launch.dtype_flags(k_new.dtype)["BF16_RTNE"], num_warps=4, **rot, **paged,
+    )
 
 
 def _outputs(q: Tensor, dv: int, varlen: bool):
@@ -156,6 +149,7 @@ def _partials(q: Tensor, dv: int, lq: int, num_splits: int, varlen: bool):
             _launch.empty(*rows, num_splits, like=q, dtype=torch.float32))
 
 
+@_launch.on_device
 def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seqlens_q, sinks, *, scale,
              softcap, window_left, window_right, seqlen_new, num_splits, interleaved, max_seqlen_q):
     layout = CacheLayout.of(k_cache, v_cache, block_table)
@@ -178,23 +172,22 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seql
     flags = _launch.dtype_flags(q.dtype)
     # Axis 0: the row blocks of every (batch, kv head); axis 1: the splits (at most MAX_SPLITS).
     grid = (layout.batch * layout.kv_heads * triton.cdiv(group * lq, tiles.block_m), num_splits)
-    with on_device(q):
-        kernels.decode_split_kernel[grid](
-            q, k_cache, v_cache, seqlens, alibi_t, cos_t, sin_t, bt, cu, q if sinks is None else sinks, o_t, lse_t,
-            q_strides=_packed_strides(q) if varlen else q.stride(), k_strides=k_strides, v_strides=v_strides,
-            o_strides=o_strides, lse_strides=l_strides, alibi_strides=alibi_strides, n_heads=hq, group=group,
-            seqlen_q=lq, seqlen_new=seqlen_new, seqlen_max=layout.lmax, num_splits=num_splits,
-            scalars=_launch.logit_scalars(scale, softcap, 0.0, window_left, window_right), rotary=rotary,
-            table=table, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-            BLOCK_D=pad(d), BLOCK_DV=pad(dv), TERMS=terms, VARLEN=varlen, SINGLE_SPLIT=single,
-            num_warps=tiles.num_warps, **rot, **paged, **flags,
+    kernels.decode_split_kernel[grid](
+        q, k_cache, v_cache, seqlens, alibi_t, cos_t, sin_t, bt, cu, q if sinks is None else sinks, o_t, lse_t,
+        q_strides=_packed_strides(q) if varlen else q.stride(), k_strides=k_strides, v_strides=v_strides,
+        o_strides=o_strides, lse_strides=l_strides, alibi_strides=alibi_strides, n_heads=hq, group=group,
+        seqlen_q=lq, seqlen_new=seqlen_new, seqlen_max=layout.lmax, num_splits=num_splits,
+        scalars=_launch.logit_scalars(scale, softcap, 0.0, window_left, window_right), rotary=rotary,
+        table=table, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        BLOCK_D=pad(d), BLOCK_DV=pad(dv), TERMS=terms, VARLEN=varlen, SINGLE_SPLIT=single,
+        num_warps=tiles.num_warps, **rot, **paged, **flags,
+    )
+    if not single:
+        kernels.decode_merge_kernel[(lse_t.numel() // num_splits,)](
+            o_t, lse_t, out, lse, out_strides, lse_strides, hq, lq, num_splits,
+            HEAD_DIM_V=dv, BLOCK_S=pad(num_splits), CHUNK_S=8, BLOCK_DV=pad(dv), VARLEN=varlen,
+            BF16_RTNE=flags["BF16_RTNE"], num_warps=4,
         )
-        if not single:
-            kernels.decode_merge_kernel[(lse_t.numel() // num_splits,)](
-                o_t, lse_t, out, lse, out_strides, lse_strides, hq, lq, num_splits,
-                HEAD_DIM_V=dv, BLOCK_S=pad(num_splits), CHUNK_S=8, BLOCK_DV=pad(dv), VARLEN=varlen,
-                BF16_RTNE=flags["BF16_RTNE"], num_warps=4,
-            )
     return out, lse
 
 
