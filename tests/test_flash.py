@@ -332,3 +332,27 @@ def test_softmax_delta_reads_do_and_o_in_place(monkeypatch, device):
     monkeypatch.undo()
     assert delta.dtype == torch.float32 and delta.is_contiguous()
     assert_close_rule("delta", delta, oracle, yardstick)
+
+
+def test_dropout_draws_one_philox_counter_per_four_scores(monkeypatch, device):
+    """Before: one Philox call per score, which makes four numbers and kept one. Now each
+    counter's four numbers serve four keys: the forward runs Philox on B*H*Lq*Lk/4 counters.
+    (Interpreter only: it runs triton.language.random's Python code, which this counts.)"""
+    import triton
+    import triton.language.random as tl_random
+
+    from fastattn.ops.flash import op
+
+    if not triton.knobs.runtime.interpret:
+        pytest.skip("counts the interpreter's Philox calls")
+    counted = []
+    philox = tl_random.philox
+
+    def spy(seed, c0, *args, **kwargs):
+        counted.append(math.prod(c0.shape))
+        return philox(seed, c0, *args, **kwargs)
+    monkeypatch.setattr(tl_random, "philox", spy)
+    q, k, v = (randn((1, 2, 64, 32), torch.float32, device) for _ in range(3))
+    seed = torch.randint(0, 2**62, (1,), device=device)
+    op.flash_attn(q, k, v, seed=seed, scale=0.2, dropout_p=0.3)
+    assert sum(counted) == 2 * 64 * 64 // 4

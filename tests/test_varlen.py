@@ -89,9 +89,10 @@ def test_max_seqlen_changes_nothing(device):
 
 
 def test_varlen_dropout_matches_the_reference_with_the_kernels_mask(device):
-    """Sequence b draws its block of the mask of the packed scores (H, total_q, total_k), which a
-    padded (1, H, total_q, total_k) call draws (before: the padded (B, H, Lq_b, Lk_b) call's
-    row b, whose counters overlapped between sequences of different lengths)."""
+    """Sequence b draws, for its query rows of the packed (H, total_q) rows, the mask a padded
+    (1, H, total_q, total_k) call draws there over its first Lk_b keys (its keys count from 0)
+    (before: the padded (B, H, Lq_b, Lk_b) call's row b, whose counters overlapped between
+    sequences of different lengths)."""
     from fastattn.ops.flash import op
 
     lq, lk, p = [9, 30, 4], [12, 30, 0], 0.3
@@ -103,12 +104,12 @@ def test_varlen_dropout_matches_the_reference_with_the_kernels_mask(device):
     seed = torch.randint(0, 2**62, (1,), device=device)  # the seed the call drew
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
-    # One counter space for the packed scores (H, total_q, total_k): no two sequences share a
-    # draw (per-sequence spaces overlapped, and documents repeated each other's patterns).
+    # One counter space for the packed query rows (H, total_q): no two sequences share a draw
+    # (per-sequence spaces overlapped, and documents repeated each other's patterns).
     packed_keep = op.dropout_keep_mask(seed, 1, q.shape[1], q.shape[0], k.shape[0], p)
     for b in range(len(lq)):
         qs, ks = slice(int(cq[b]), int(cq[b + 1])), slice(int(ck[b]), int(ck[b + 1]))
-        keep = packed_keep[:, :, qs, ks]
+        keep = packed_keep[:, :, qs, :lk[b]]
         per_seq = [t.detach()[s].transpose(0, 1)[None] for t, s in ((q, qs), (k, ks), (v, ks))]
         args64 = [t.double().requires_grad_() for t in per_seq]
         args32 = [t.clone().requires_grad_() for t in per_seq]

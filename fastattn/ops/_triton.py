@@ -166,24 +166,38 @@ def term_logits(qk, qi, kj, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_s
 
 
 @triton.jit
-def dropout_frame(b, h, n_heads, q0, k0, rows_q, rows_k, VARLEN: tl.constexpr):
-    """(first, per_row): head (b, h)'s dropout counters, counter(i, j) = first + i * per_row + j
-    for its query i and key j (``dropout_keep``). The counters index the (B * H, Lq, Lk)
-    scores, or with VARLEN the packed (H, total_q, total_k) ones (rows_q/k: the packed totals,
-    q0/k0: the sequence's first rows), so no two sequences, heads or batch rows share one
-    and the backward redraws the forward's mask. int64: B * H * Lq * Lk passes 2^31."""
+def dropout_frame(b, h, n_heads, q0, rows_q, rows_k, VARLEN: tl.constexpr):
+    """(first row, groups per row): head (b, h)'s dropout counters, for ``dropout_keep``. A
+    counter draws four keys' numbers (one Philox call gives four); query i's keys 4g .. 4g + 3
+    take counter (first row + i) * groups per row + g. The rows are those of the (B * H, Lq)
+    scores, or with VARLEN of the packed (H, total_q) ones (rows_q/k: the packed totals, q0:
+    the sequence's first row; its keys count from 0, and no sequence has more than
+    ceil(total_k / 4) groups), so no two sequences, heads or batch rows share a counter and
+    the backward redraws the forward's mask. int64: B * H * Lq * Lk / 4 may pass 2^31."""
     if VARLEN:
-        first = (h.to(tl.int64) * rows_q + q0) * rows_k + k0
+        first = h.to(tl.int64) * rows_q + q0
     else:
-        first = (b.to(tl.int64) * n_heads + h) * rows_q * rows_k
-    return first, rows_k
+        first = (b.to(tl.int64) * n_heads + h) * rows_q
+    return first, (rows_k + 3) // 4
 
 
 @triton.jit
-def dropout_keep(seed, frame, qi, kj, dropout_p):
-    """Where dropout keeps (query qi, key kj); qi, kj as ``band_mask``'s, ``frame`` the
-    (first, per_row) of ``dropout_frame``: one Philox counter per score."""
-    return tl.rand(seed, frame[0] + qi.to(tl.int64) * frame[1] + kj) >= dropout_p
+def dropout_keep(seed, frame, offs_m, offs_n, start_n, dropout_p, KEY_MAJOR: tl.constexpr):
+    """Where dropout keeps (query offs_m, key offs_n = start_n + arange, start_n a multiple of 4)
+    of a (queries, keys) tile, or with KEY_MAJOR of its (keys, queries) transpose; ``frame``:
+    ``dropout_frame``'s. One Philox call per four keys: the (queries, keys / 4) counters give
+    four numbers each, interleaved into keys 4g .. 4g + 3."""
+    BLOCK_M: tl.constexpr = offs_m.shape[0]
+    BLOCK_N: tl.constexpr = offs_n.shape[0]
+    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    counters = (frame[0] + offs_m.to(tl.int64))[:, None] * frame[1] + groups[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    # join(join(r0, r2), join(r1, r3))[.., j, k] is r[2j + k]: row-major, keys 4g + 0..3.
+    bits = tl.join(tl.join(r0, r2), tl.join(r1, r3)).reshape(BLOCK_M, BLOCK_N)
+    uniform = tl.random.uint_to_uniform_float(bits)
+    if KEY_MAJOR:
+        uniform = tl.trans(uniform)
+    return uniform >= dropout_p
 
 
 @triton.jit
@@ -224,12 +238,12 @@ def softmax_finish(acc, m_i, l_i):
 
 
 @triton.jit
-def bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, frame, seed, slope,
+def bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, start_n, seqlen_q, seqlen_k, diag, frame, seed, slope,
              bias_base, bias_strides, scalars, TERMS: tl.constexpr, KEY_MAJOR: tl.constexpr,
              DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """Recomputes one tile of a softmax-attention forward from its lse and differentiates it;
-    delta is rowsum(dO * O). ``scalars`` and ``TERMS`` as ``term_logits``; ``frame``: the
-    head's dropout counters (``dropout_frame``).
+    delta is rowsum(dO * O); offs_n = start_n + arange. ``scalars`` and ``TERMS`` as
+    ``term_logits``; ``frame``: the head's dropout counters (``dropout_frame``).
 
     Returns (p_drop, ds, ds_qk): the probabilities after dropout (for dV), the gradient of
     the final logits (= of an additive bias), and the gradient of the scaled q.k (for dQ, dK).
@@ -253,7 +267,7 @@ def bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, 
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     p = tl.math.exp2((s - lse) * LOG2E)  # the forward's softmax, recomputed
     if TERMS.DROPOUT:
-        keep = dropout_keep(seed, frame, qi, kj, dropout_p)
+        keep = dropout_keep(seed, frame, offs_m, offs_n, start_n, dropout_p, KEY_MAJOR)
         p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     else:

@@ -148,7 +148,7 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows,
         v = _row_tile(v_src, start_n, col_ok, dv_ok, BLOCK_N, BLOCK_DV, MASKED, HEAD_DIM_V == BLOCK_DV, TMA, VARLEN)
         if TERMS.DROPOUT:
             # The softmax normalises by the undropped sum l; dropout scales what reaches V.
-            keep = dropout_keep(seed, frame, offs_m[:, None], offs_n[None, :], scalars[2])
+            keep = dropout_keep(seed, frame, offs_m, offs_n, start_n, scalars[2], False)
             p = tl.where(keep, p / (1.0 - scalars[2]), 0.0)
         acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
     return acc, m_i, l_i
@@ -249,7 +249,7 @@ def attn_fwd_kernel(
     q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
     k0, seqlen_k = sequence(CU_SEQLENS_K, b, seqlen_k, VARLEN)
     diag = seqlen_k - seqlen_q
-    frame = dropout_frame(b, h, n_heads, q0, k0, rows_q, rows_k, VARLEN)
+    frame = dropout_frame(b, h, n_heads, q0, rows_q, rows_k, VARLEN)
 
     offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -335,7 +335,7 @@ def attn_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     for g in range(0, group):
         h = hk * group + g
-        frame = dropout_frame(b, h, n_heads, q0, k0, rows_q, rows_k, VARLEN)
+        frame = dropout_frame(b, h, n_heads, q0, rows_q, rows_k, VARLEN)
         bias_base = rows_base(BIAS, bias_strides, b, h, 0)
         slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
         q_src = _rows_source(Q, q_strides, b, h, q0, offs_m0, offs_d, TMA, VARLEN)
@@ -349,7 +349,7 @@ def attn_bwd_dkdv_kernel(
             lse = tl.load(LSE + lse_base + offs_m * lse_strides[2], mask=row_ok, other=0.0)
             delta = tl.load(DELTA + lse_base + offs_m * lse_strides[2], mask=row_ok, other=0.0)
             # (keys, queries) tiles: the key block is the tall side of all four products.
-            p_drop, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
+            p_drop, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, start_n, seqlen_q, seqlen_k, diag,
                                          frame, seed, slope, bias_base, bias_strides, scalars,
                                          TERMS, True, DOT_FP32, PRECISION)
             if GRAD_V:
@@ -387,7 +387,7 @@ def attn_bwd_dq_kernel(
     q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
     k0, seqlen_k = sequence(CU_SEQLENS_K, b, seqlen_k, VARLEN)
     diag = seqlen_k - seqlen_q
-    frame = dropout_frame(b, h, n_heads, q0, k0, rows_q, rows_k, VARLEN)
+    frame = dropout_frame(b, h, n_heads, q0, rows_q, rows_k, VARLEN)
 
     offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
@@ -407,7 +407,7 @@ def attn_bwd_dq_kernel(
         offs_n, col_ok = span(start_n, BLOCK_N, seqlen_k)
         k = _row_tile(k_src, start_n, col_ok, d_ok, BLOCK_N, BLOCK_D, True, HEAD_DIM == BLOCK_D, TMA, VARLEN)
         v = _row_tile(v_src, start_n, col_ok, dv_ok, BLOCK_N, BLOCK_DV, True, HEAD_DIM_V == BLOCK_DV, TMA, VARLEN)
-        _, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
+        _, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, start_n, seqlen_q, seqlen_k, diag,
                                 frame, seed, slope, bias_base, bias_strides, scalars, TERMS, False, DOT_FP32,
                                 PRECISION)
         if STORE_DS:
@@ -467,10 +467,10 @@ def attn_bwd_dbias_kernel(
             k = load_rows(K, k_strides, b, h // group, 0, offs_n, offs_d, col_ok, d_ok)
             v = load_rows(V, v_strides, b, h // group, 0, offs_n, offs_dv, col_ok, dv_ok)
             slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
-            frame = dropout_frame(b, h, n_heads, 0, 0, seqlen_q, seqlen_k, False)
-            _, ds, _ = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag, frame, seed,
-                                slope, rows_base(BIAS, bias_strides, b, h, 0), bias_strides, scalars, TERMS, False,
-                                DOT_FP32, PRECISION)
+            frame = dropout_frame(b, h, n_heads, 0, seqlen_q, seqlen_k, False)
+            _, ds, _ = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, start_n, seqlen_q, seqlen_k, diag, frame,
+                                seed, slope, rows_base(BIAS, bias_strides, b, h, 0), bias_strides, scalars, TERMS,
+                                False, DOT_FP32, PRECISION)
             dbias += ds
     store_tile(rows_base(DBIAS, dbias_strides, bias_b, bias_h, 0), cast(dbias, DBIAS.dtype.element_ty, BF16_RTNE),
                offs_m, offs_n, dbias_strides[2], dbias_strides[3], row_ok, col_ok)
@@ -485,7 +485,7 @@ def dropout_mask_kernel(KEEP, SEED, n_heads, seqlen_q, seqlen_k, dropout_p,
     offs_m = (tl.program_id(0) // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     bh = tl.program_id(2).to(tl.int64) * n_heads + tl.program_id(1)
-    frame = dropout_frame(tl.program_id(2), tl.program_id(1), n_heads, 0, 0, seqlen_q, seqlen_k, False)
-    keep = dropout_keep(tl.load(SEED), frame, offs_m[:, None], offs_n[None, :], dropout_p)
+    frame = dropout_frame(tl.program_id(2), tl.program_id(1), n_heads, 0, seqlen_q, seqlen_k, False)
+    keep = dropout_keep(tl.load(SEED), frame, offs_m, offs_n, (tl.program_id(0) % n_blocks) * BLOCK_N, dropout_p, False)
     store_tile(KEEP + bh * seqlen_q * seqlen_k, keep.to(tl.uint8), offs_m, offs_n, seqlen_k, 1,
                offs_m < seqlen_q, offs_n < seqlen_k)

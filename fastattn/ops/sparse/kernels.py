@@ -130,7 +130,7 @@ def sparse_bwd_dkdv_kernel(
                                                     qb_start + sub, offs_m - qb_start - sub, row_ok,
                                                     offs_d, d_ok, offs_dv, dv_ok)
                 # (keys, queries) tiles: the key block is the tall side of all four products.
-                p, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
+                p, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, 0, seqlen_q, seqlen_k, diag,
                                         (0, 0), 0, 0.0, Q, q_strides, scalars, TERMS, True, DOT_FP32, PRECISION)
                 if GRAD_V:
                     dv += dot(cast(p, do.dtype, BF16_RTNE), do, DOT_FP32, PRECISION)
@@ -178,7 +178,7 @@ def sparse_bwd_dq_kernel(
             offs_n, col_ok = span(kb_start + sub, BLOCK_N, seqlen_k)
             k = load_tile(k_base, offs_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
             v = load_tile(v_base, offs_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
-            _, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, seqlen_q, seqlen_k, diag,
+            _, ds, ds_qk = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, 0, seqlen_q, seqlen_k, diag,
                                 (0, 0), 0, 0.0, Q, q_strides, scalars, TERMS, False, DOT_FP32, PRECISION)
             dq += dot(cast(ds, k.dtype, BF16_RTNE), k, DOT_FP32, PRECISION)
 
