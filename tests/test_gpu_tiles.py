@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from fastattn import sparse  # noqa: E402
 from fastattn.ops.flash import op as flash_op  # noqa: E402
 from fastattn.ops.linear import op as linear_op  # noqa: E402
-from helpers import randn  # noqa: E402
+from helpers import assert_close_rule, randn  # noqa: E402
 from test_decode import make_cache, run_and_check  # noqa: E402
 from test_flash import check_against_reference as check_flash  # noqa: E402
 from test_linear import check_against_reference as check_linear  # noqa: E402
@@ -170,3 +170,23 @@ def test_nan_in_one_packed_sequence_never_reaches_another(device):
     assert torch.equal(out1[keep], out2[keep])
     for a, b in zip(g1, g2):
         assert a[keep].isfinite().all() and torch.equal(a[keep], b[keep])
+
+
+def test_broadcast_batch_takes_the_pointer_path(device, monkeypatch):
+    """The SDPA drop-in with batch-1 K/V against a batch of 4 queries reads K/V through a
+    stride-0 batch dim, which no TMA descriptor is built for (``_launch.tma``): the kernels
+    read them through pointers, and the result is right."""
+    import fastattn
+    from fastattn.ops import _launch
+
+    described = []
+    descriptor = _launch.descriptor
+    monkeypatch.setattr(_launch, "descriptor", lambda t, block: described.append(t.stride()) or descriptor(t, block))
+    q = randn((4, 2, 64, 64), torch.bfloat16, device)
+    k, v = (randn((1, 2, 64, 64), torch.bfloat16, device) for _ in range(2))
+    with fastattn.use_backend("triton"):
+        out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    assert not [s for s in described if 0 in s], f"TMA descriptors with a stride-0 dim: {described}"
+    assert_close_rule("out", out, sdpa(q.double(), k.double(), v.double(), is_causal=True),
+                      sdpa(q, k, v, is_causal=True))

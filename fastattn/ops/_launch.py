@@ -112,8 +112,11 @@ def tma(*tensors: Tensor) -> bool:
     """Whether kernels read these (B, H, L, D) tensors through TMA tensor descriptors: when
     compiled for a GPU of compute capability 9.0 or more (Hopper's copy engine), or under the
     interpreter with FASTATTN_GPU_TILES=1 (the GPU's launch, tested without a GPU), and every
-    tensor's layout is one TMA takes: last stride 1, and a 16-byte aligned base and strides.
-    Not fp32: its products run on FMA, where the TMA build only spilled (tests/sm90.py).
+    tensor's layout is one TMA takes: last stride 1, a 16-byte aligned base and strides, and
+    no broadcast dim (stride 0 over a size above 1, e.g. K/V expanded over the batch by the
+    SDPA drop-in): a descriptor's strides must step through memory, and what the copy engine
+    does with a 0 is not documented. Not fp32: its products run on FMA, where the TMA build
+    only spilled (tests/sm90.py).
     The capability is asked of torch, not read off ``tensor.is_cuda``, so tests/sm90.py (which
     answers 9.0 on CPU tensors) compiles this path."""
     if interpreting():
@@ -126,6 +129,8 @@ def tma(*tensors: Tensor) -> bool:
             return False
         size = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in _tma_strides(t)[:-1]):
+            return False
+        if any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride())):
             return False
     return True
 
