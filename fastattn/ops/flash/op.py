@@ -16,7 +16,7 @@ import triton
 from torch import Tensor
 
 from fastattn.ops import _launch
-from fastattn.ops._launch import block_config
+from fastattn.ops._launch import block_config  # noqa: F401 (tests read the tiles here)
 from fastattn.ops.flash import kernels
 
 
@@ -42,26 +42,32 @@ def _bias_args(q: Tensor, bias: Optional[Tensor]):
     return (bias.view(torch.uint8) if bias.dtype == torch.bool else bias), bias.stride()
 
 
-def _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions, kernel: str, tma=False):
-    """The pointer arguments of kernel "fwd", "dkdv" or "dq" after q, k, v and their outputs,
-    the strides of bias and alibi, the grid's batch axis, and the keyword arguments (``tma``:
-    the kernel reads K and V through TMA descriptors)."""
+def _terms(bias, alibi, sinks, options: FlashOptions) -> _launch.Terms:
+    """The logit terms the kernels compile in."""
+    return _launch.Terms(
+        BIAS=bias is not None, BIAS_IS_BOOL=bias is not None and bias.dtype == torch.bool,
+        ALIBI=alibi is not None, SOFTCAP=bool(options.softcap), DROPOUT=options.dropout_p > 0.0,
+        LEFT=options.window_left is not None, RIGHT=options.window_right is not None, SINKS=sinks is not None)
+
+
+def _candidates(q, v, terms: _launch.Terms, kernel: str, tma: bool) -> list[_launch.Tiles]:
+    """``_launch.candidates`` for kernel "fwd", "dkdv" or "dq" of these inputs."""
+    return _launch.candidates(max(q.shape[-1], v.shape[-1]), q.dtype, kernel, q.device, tma, terms.costly())
+
+
+def _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions, terms, tiles: _launch.Tiles):
+    """The pointer arguments of a kernel after q, k, v and their outputs, the strides of bias
+    and alibi, the grid's batch axis, and the keyword arguments for ``tiles``."""
     varlen = cu_seqlens[0] is not None
     batch = cu_seqlens[0].numel() - 1 if varlen else q.shape[0]
     bias_t, bias_strides = _bias_args(q, bias)
     alibi_t, alibi_strides = _launch.alibi_args(q, alibi, batch)
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
-    terms = _launch.Terms(
-        BIAS=bias is not None, BIAS_IS_BOOL=bias is not None and bias.dtype == torch.bool,
-        ALIBI=alibi is not None, SOFTCAP=bool(options.softcap), DROPOUT=options.dropout_p > 0.0,
-        LEFT=options.window_left is not None, RIGHT=options.window_right is not None, SINKS=sinks is not None)
-    tiles = dict(head_dim=max(head_dim, head_dim_v), kernel=kernel, tma=tma, features=terms.costly())
-    block_m, block_n, warps = block_config(dtype=q.dtype, **tiles)
     meta = dict(
         scalars=_launch.logit_scalars(*options[:5]),
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         BLOCK_D=_launch.pad(head_dim), BLOCK_DV=_launch.pad(head_dim_v), TERMS=terms,
-        VARLEN=varlen, num_warps=warps, **_launch.num_stages(**tiles),
+        VARLEN=varlen, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **_launch.dtype_flags(q.dtype),
     )
     cu_q, cu_k = cu_seqlens if varlen else (q, q)  # q stands in for the unused pointers
@@ -105,14 +111,20 @@ def _forward(q, k, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOption
     out = _output(q, v.shape[-1], varlen, lambda *shape: _launch.empty(*shape, like=q))
     lse = _launch.empty(*q.shape[:3], like=q, dtype=torch.float32)
     tma = _launch.tma(k, v)
-    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "fwd", tma)
-    grid = (_grid_len(options.max_seqlen_q, lq, meta["BLOCK_M"]), h, batch)
-    k_in, v_in = _tiles_in(tma, meta["BLOCK_N"], k, v)
-    kernels.attn_fwd_kernel[grid](
-        q, k_in, v_in, out, lse, *pointers,
-        *(_strides(t, varlen) for t in (q, k, v, out, lse)), *strides,
-        h, h // hkv, lq, lk, TMA=tma, **meta,
-    )
+    terms = _terms(bias, alibi, sinks, options)
+
+    def launch(tiles):
+        pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, terms, tiles)
+        grid = (_grid_len(options.max_seqlen_q, lq, tiles.block_m), h, batch)
+        k_in, v_in = _tiles_in(tma, tiles.block_n, k, v)
+        kernels.attn_fwd_kernel[grid](
+            q, k_in, v_in, out, lse, *pointers,
+            *(_strides(t, varlen) for t in (q, k, v, out, lse)), *strides,
+            h, h // hkv, lq, lk, TMA=tma, **meta,
+        )
+
+    _launch.first_fit(kernels.attn_fwd_kernel, q.device, _candidates(q, v, terms, "fwd", tma), launch,
+                      key=(q.dtype, q.shape[-1], v.shape[-1], terms, varlen, tma))
     return out, lse
 
 
@@ -127,25 +139,38 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens, optio
     ds = torch.zeros(b, h, lq, lk if bias_grad else 0, device=q.device, dtype=torch.float32)
     q_k_v_do_lse = tuple(_strides(t, varlen) for t in (q, k, v, do, lse))
 
+    terms = _terms(bias, alibi, sinks, options)
+    key = (q.dtype, q.shape[-1], v.shape[-1], terms, varlen)
+
     tma = _launch.tma(q, do)  # the dK/dV loop walks query rows
-    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "dkdv", tma)
-    q_in, do_in = _tiles_in(tma, meta["BLOCK_M"], q, do)
     for grads in _launch.key_grads(max(q.shape[-1], v.shape[-1])):
-        kernels.attn_bwd_dkdv_kernel[(_grid_len(options.max_seqlen_k, lk, meta["BLOCK_N"]), hkv, batch)](
-            q_in, k, v, do_in, lse, delta, dk, dv, *pointers,
-            *q_k_v_do_lse, _strides(dk, varlen), _strides(dv, varlen), *strides,
-            hkv, h // hkv, lq, lk, TMA=tma, **grads, **meta,
-        )
+        def launch_dkdv(tiles, grads=grads):
+            pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, terms,
+                                                          tiles)
+            q_in, do_in = _tiles_in(tma, tiles.block_m, q, do)
+            kernels.attn_bwd_dkdv_kernel[(_grid_len(options.max_seqlen_k, lk, tiles.block_n), hkv, batch)](
+                q_in, k, v, do_in, lse, delta, dk, dv, *pointers,
+                *q_k_v_do_lse, _strides(dk, varlen), _strides(dv, varlen), *strides,
+                hkv, h // hkv, lq, lk, TMA=tma, **grads, **meta,
+            )
+
+        _launch.first_fit(kernels.attn_bwd_dkdv_kernel, q.device, _candidates(q, v, terms, "dkdv", tma), launch_dkdv,
+                          key=(*key, tma, tuple(grads.items())))
 
     ds_rows = lse if sinks is None else _launch.empty(*lse.shape, like=lse)  # lse: an unused stand-in
     tma = _launch.tma(k, v)  # the dQ loop walks key rows
-    meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "dq", tma)[3]
-    k_in, v_in = _tiles_in(tma, meta["BLOCK_N"], k, v)
-    kernels.attn_bwd_dq_kernel[(_grid_len(options.max_seqlen_q, lq, meta["BLOCK_M"]), h, batch)](
-        q, k_in, v_in, do, lse, delta, dq, ds, ds_rows, *pointers,
-        *q_k_v_do_lse, _strides(dq, varlen), *strides,
-        h, h // hkv, lq, lk, STORE_DS=bias_grad, TMA=tma, **meta,
-    )
+
+    def launch_dq(tiles):
+        pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, terms, tiles)
+        k_in, v_in = _tiles_in(tma, tiles.block_n, k, v)
+        kernels.attn_bwd_dq_kernel[(_grid_len(options.max_seqlen_q, lq, tiles.block_m), h, batch)](
+            q, k_in, v_in, do, lse, delta, dq, ds, ds_rows, *pointers,
+            *q_k_v_do_lse, _strides(dq, varlen), *strides,
+            h, h // hkv, lq, lk, STORE_DS=bias_grad, TMA=tma, **meta,
+        )
+
+    _launch.first_fit(kernels.attn_bwd_dq_kernel, q.device, _candidates(q, v, terms, "dq", tma), launch_dq,
+                      key=(*key, tma, bias_grad))
     return dq, dk, dv, ds, _sinks_grad(sinks, lse, delta, ds_rows)
 
 
