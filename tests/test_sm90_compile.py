@@ -19,7 +19,7 @@ Time budget (about 3 minutes on 2 cores under ``pytest -n auto``): one compile s
 case, shared by the case's checks across xdist workers through a results folder. bf16 is
 checked at d64, d128 and d256; fp16 only at d128: its binaries give bf16's numbers at every
 head dim today (registers, spills, shared memory, MMA and load counts, loop sizes: see
-benchmarks/results/sm90-static.md), so the other fp16 head dims would add a third of the time
+benchmarks/results/static-per-arch.md), so the other fp16 head dims would add a third of the time
 for no new information. ``python tests/sm90.py baseline`` records all of them.
 
 Also: every op compiles and fits, on the largest footprints (every feature on), for flash,
@@ -162,7 +162,7 @@ def test_compiles_for_h100_and_fits_shared_memory(results_dir, case):
 # Kernels of FITS_CASES (compiled already: no extra time) held to what their block configs
 # were chosen for: (case, kernel name part) -> the checks. Decode at 64 rows runs on wgmma (its
 # d256 spills lie outside the key loop); linear at M = 256 takes 64-row chunks (32-row ones ran
-# on mma.sync) and still spills (benchmarks/results/sm90-static.md).
+# on mma.sync) and still spills (benchmarks/results/static-per-arch.md).
 OTHER_KERNEL_CHECKS = {
     ("decode-bfloat16-d256-causal-features", "split"): ("hmma",),
     ("decode-bfloat16-d256-causal-features", "split-single"): ("hmma",),

@@ -72,11 +72,14 @@ def arch(device: Optional[torch.device] = None) -> Optional[Arch]:
 
 def _tier(gpu: Arch) -> str:
     """Which tile tables a GPU takes: "sm90" where there is TMA and 227 KB of shared memory
-    (capability 9.x and 10.x: H100/H200, B200; not 12.x, the RTX 50 series, which has
-    neither); else by shared memory: "sm80" (163 KB: A100), "sm86" (99 KB: RTX 3090/4090/5090,
-    A10, L4, L40S), "sm75" (64 KB: T4, and anything smaller)."""
+    (capability 9.x and 10.x: H100/H200, B200; not 12.x, which has neither); "sm120" (RTX
+    5090, 99 KB: its ptxas spills some of sm_89's tiles); else by shared memory: "sm80"
+    (163 KB: A100), "sm86" (99 KB: RTX 3090/4090, A10, L4, L40S), "sm75" (64 KB: T4, and
+    anything smaller)."""
     if gpu.capability // 10 in (9, 10) and gpu.shared >= ARCH_SHARED_BYTES[90]:
         return "sm90"
+    if gpu.capability // 10 == 12 and gpu.shared >= ARCH_SHARED_BYTES[120]:
+        return "sm120"
     if gpu.shared >= ARCH_SHARED_BYTES[80]:
         return "sm80"
     if gpu.shared >= ARCH_SHARED_BYTES[86]:
@@ -103,14 +106,17 @@ class Tiles(NamedTuple):
 # sm90 (H100/H200, B200): every product runs on wgmma, which needs 64 rows per warpgroup on
 # its tall side: the query block in "fwd" and "dq", the key block in "dkdv". d256 runs one
 # warpgroup (4 warps): with two, each would recompute the whole 64-row score tile.
-# Below sm_90 the products run on mma.sync and the loads on cp.async; the register file is the
-# same, so the tiles that spill on sm_89 spill on sm_80 too, and sm_80's extra shared memory
-# buys the d256 forward a third stage and dK/dV 64 keys (99 KB GPUs: 2 stages / 32 keys;
-# 64 keys there ask for 100-133 KB). 128 x 128 dQ spills at d64 (128 x 64 issues fewer
-# instructions per pair anyway) and at d128 asks for 128 KB.
+# Below sm_90 the products run on mma.sync and the loads on cp.async (sm_120 too: no wgmma,
+# no TMA). sm86 (99 KB: sm_86, sm_89, sm_120): dQ takes 64 keys at d64 (128 x 128 spills, and
+# 128 x 64 issues fewer instructions per pair) and 32 at d128 (64 ask for 128 KB); d256 takes
+# 2 stages and 32-row steps (3 stages, or dK/dV's 64 keys, ask for 100-135 KB). sm80 (163 KB):
+# the same, but its ptxas spills sm_89's d128 forward (128 x 64) and dK/dV (32 x 128), which
+# take 32 keys and 64 keys with 4 warps there, and the shared memory buys d256 a third stage
+# and dK/dV 64 keys. sm120: sm_80's d128 tiles, and 8 warps at d64 (sm_120's ptxas spills the
+# 99 KB GPUs' 128 x 64 forward with 4 warps and their d128 forward and dK/dV).
 # sm75 (T4): Triton lowers the products to FMA (no tensor cores), where a thread holds its
-# share of each product's terms: only 32 x 32 tiles and smaller compile without spills
-# (16-key steps from d128), with 2 stages.
+# share of each product's terms: 32 x 32 tiles at d64 and 16-row ones above compile with the
+# fewest spills (none at d64; at d128/d256 even 16 x 16 dK/dV and dQ spill), 2 stages.
 _BLOCKS = {
     "sm90": {
         "fwd": {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 4), 128: (128, 64, 8), 256: (64, 32, 4)},
@@ -118,8 +124,8 @@ _BLOCKS = {
         "dq": {16: (128, 128, 8), 32: (128, 128, 8), 64: (128, 128, 8), 128: (128, 64, 8), 256: (64, 32, 4)},
     },
     "sm80": {
-        "fwd": {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 4), 128: (128, 64, 8), 256: (64, 32, 4)},
-        "dkdv": {16: (64, 128, 8), 32: (64, 128, 8), 64: (64, 128, 8), 128: (32, 128, 8), 256: (32, 64, 4)},
+        "fwd": {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 4), 128: (128, 32, 8), 256: (64, 32, 4)},
+        "dkdv": {16: (64, 128, 8), 32: (64, 128, 8), 64: (64, 128, 8), 128: (32, 64, 4), 256: (32, 64, 4)},
         "dq": {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 32, 8), 256: (32, 32, 4)},
     },
     "sm86": {
@@ -127,15 +133,21 @@ _BLOCKS = {
         "dkdv": {16: (64, 128, 8), 32: (64, 128, 8), 64: (64, 128, 8), 128: (32, 128, 8), 256: (32, 32, 4, 2)},
         "dq": {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 32, 8), 256: (32, 32, 4)},
     },
+    "sm120": {
+        "fwd": {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 32, 8), 256: (64, 32, 4, 2)},
+        "dkdv": {16: (64, 128, 8), 32: (64, 128, 8), 64: (64, 128, 8), 128: (32, 64, 4), 256: (32, 32, 4, 2)},
+        "dq": {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 32, 8), 256: (32, 32, 4)},
+    },
     "sm75": {
-        "fwd": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 16, 4, 2), 256: (32, 16, 4, 2)},
-        "dkdv": {16: (16, 32, 4, 2), 32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 32, 4, 2)},
-        "dq": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (32, 16, 4, 2), 128: (32, 16, 4, 2), 256: (32, 16, 4, 2)},
+        "fwd": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 16, 4, 2), 256: (16, 16, 4, 2)},
+        "dkdv": {16: (16, 32, 4, 2), 32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 16, 4, 2), 256: (16, 16, 4, 2)},
+        "dq": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (32, 16, 4, 2), 128: (16, 16, 4, 2), 256: (16, 16, 4, 2)},
     },
 }
 # With logit terms that cost registers in the inner loop (bias, ALiBi, softcap, dropout) the
 # tiles above spill; these are the largest that compile without spills (or, where none does,
-# with the fewest), and on 99 KB GPUs that fit: the bias tile is pipelined too.
+# with the fewest), and below sm_90 the ones that fit (the bias tile is pipelined too):
+# 99 KB GPUs and sm_80 take the same.
 _FEATURE_BLOCKS = {
     "sm90": {
         "fwd": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 4), 256: (64, 32, 4)},
@@ -148,12 +160,12 @@ _FEATURE_BLOCKS = {
         "dq": {16: (128, 32, 8), 32: (128, 32, 8), 64: (128, 32, 8), 128: (64, 32, 4), 256: (32, 16, 4)},
     },
     "sm75": {
-        "fwd": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (32, 16, 4, 2), 128: (16, 16, 4, 2), 256: (16, 16, 4, 2)},
+        "fwd": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (32, 16, 4, 2), 128: (32, 16, 4, 2), 256: (16, 16, 4, 2)},
         "dkdv": {16: (16, 32, 4, 2), 32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 16, 4, 2), 256: (16, 16, 4, 2)},
         "dq": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (32, 16, 4, 2), 128: (16, 16, 4, 2), 256: (16, 16, 4, 2)},
     },
 }
-_FEATURE_BLOCKS["sm80"] = _FEATURE_BLOCKS["sm86"]
+_FEATURE_BLOCKS["sm80"] = _FEATURE_BLOCKS["sm120"] = _FEATURE_BLOCKS["sm86"]
 # sm90 only: when a kernel's loop reads its tiles through TMA (``tma``), there are no address
 # registers and the loads issue no instructions per thread, so larger tiles fit, with 2
 # stages: forward d128 128x128 (the pointer path spills there) and d256 128x64 (two
@@ -182,8 +194,10 @@ def candidates(head_dim: int, dtype: torch.dtype, kernel: str, device: Optional[
         tiles = Tiles(*(_FEATURE_BLOCKS if features else _BLOCKS)[tier][kernel][d])
     if dtype == torch.float32 and tier != "sm90":
         # fp32 tiles take twice the bytes and their products run on FMA: below sm_90 half the
-        # rows on both sides, 2 stages, to fit the smaller shared memory.
-        tiles = Tiles(max(16, tiles.block_m // 2), max(16, tiles.block_n // 2), tiles.num_warps, 2)
+        # rows on both sides (a quarter of the keys at d256), 2 stages, to fit the smaller
+        # shared memory.
+        tiles = Tiles(max(16, tiles.block_m // 2), max(16, tiles.block_n // (4 if d == 256 else 2)),
+                      tiles.num_warps, 2)
     elif dtype == torch.float32:
         # fp32 tiles take twice the bytes: half the rows on the short side. Their products run
         # on FMA (no wgmma), which spreads a tile over 8 warps' registers without spilling.
@@ -244,6 +258,29 @@ def first_fit(kernel, device: torch.device, tiles: list[Tiles], launch: Callable
             continue
         _FIRST_FIT[memo] = i
         return tiles[i]
+
+
+def tier(device: Optional[torch.device] = None) -> Optional[str]:
+    """Which tile tables the GPU of ``device`` (default: the current CUDA device) takes
+    (``_tier``: "sm90", "sm120", "sm80", "sm86" or "sm75"); None under the interpreter's own
+    tiles."""
+    gpu = arch(device)
+    return None if gpu is None else _tier(gpu)
+
+
+def decode_tiles(block_m: int, block_n: int, head_dim: int,
+                 device: Optional[torch.device] = None) -> tuple[int, int]:
+    """The decode kernels' (query row block, key block), chosen for the H100, capped for the
+    GPU of ``device`` (default: the current CUDA device) so that the query tile and the
+    pipelined K/V tiles fit its shared memory (tests/sm90.py --arch N): below sm_80's 163 KB at
+    most 4096 / padded head dim keys (d256: 32 keys ask for 100 KB, 16 for 66 KB), and on
+    sm_75's 64 KB as many query rows (d256: 64 rows and 16 keys ask for 80 KB)."""
+    gpu_tier = tier(device)
+    if gpu_tier in ("sm86", "sm120", "sm75"):
+        block_n = max(16, min(block_n, 4096 // pad(head_dim)))
+    if gpu_tier == "sm75":
+        block_m = max(16, min(block_m, 4096 // pad(head_dim)))
+    return block_m, block_n
 
 
 def tma(*tensors: Tensor) -> bool:
