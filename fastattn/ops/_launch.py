@@ -64,20 +64,22 @@ def arch(device: Optional[torch.device] = None) -> Optional[Arch]:
     device's own, or under the interpreter the one ``backend.capability`` fakes, with that
     GPU's shared memory; None under the interpreter's own tiles."""
     device = torch.device("cuda") if device is None else device
+    if not interpreting():
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())  # one cache entry per GPU
+        return _device_arch(device)
     cap = capability(device)
-    if cap is None:
-        return None
-    return Arch(cap, ARCH_SHARED_BYTES[cap]) if interpreting() else _device_arch(device)
+    return None if cap is None else Arch(cap, ARCH_SHARED_BYTES[cap])
 
 
 def _tier(gpu: Arch) -> str:
-    """Which tile tables a GPU takes: "sm90" where there is TMA and 227 KB of shared memory
-    (capability 9.x and 10.x: H100/H200, B200; not 12.x, which has neither); "sm120" (RTX
+    """Which tile tables a GPU takes: "sm90" and "sm100" where there is TMA and 227 KB of
+    shared memory (capability 9.x: H100/H200; 10.x: B200; not 12.x, which has neither); "sm120" (RTX
     5090, 99 KB: its ptxas spills some of sm_89's tiles); else by shared memory: "sm80"
     (163 KB: A100), "sm86" (99 KB: RTX 3090/4090, A10, L4, L40S), "sm75" (64 KB: T4, and
     anything smaller)."""
     if gpu.capability // 10 in (9, 10) and gpu.shared >= ARCH_SHARED_BYTES[90]:
-        return "sm90"
+        return f"sm{gpu.capability // 10}0"
     if gpu.capability // 10 == 12 and gpu.shared >= ARCH_SHARED_BYTES[120]:
         return "sm120"
     if gpu.shared >= ARCH_SHARED_BYTES[80]:
@@ -112,8 +114,9 @@ class Tiles(NamedTuple):
 # 2 stages and 32-row steps (3 stages, or dK/dV's 64 keys, ask for 100-135 KB). sm80 (163 KB):
 # the same, but its ptxas spills sm_89's d128 forward (128 x 64) and dK/dV (32 x 128), which
 # take 32 keys and 64 keys with 4 warps there, and the shared memory buys d256 a third stage
-# and dK/dV 64 keys. sm120: sm_80's d128 tiles, and 8 warps at d64 (sm_120's ptxas spills the
-# 99 KB GPUs' 128 x 64 forward with 4 warps and their d128 forward and dK/dV).
+# and dK/dV 64 keys. sm120: sm_80's d128 tiles, 8 warps at d64 and 32-query forward tiles at
+# d256 (sm_120's ptxas spills the 99 KB GPUs' forward at d64, d128 and d256 and their d128
+# dK/dV).
 # sm75 (T4): Triton lowers the products to FMA (no tensor cores), where a thread holds its
 # share of each product's terms: 32 x 32 tiles at d64 and 16-row ones above compile with the
 # fewest spills (none at d64; at d128/d256 even 16 x 16 dK/dV and dQ spill), 2 stages.
@@ -134,7 +137,7 @@ _BLOCKS = {
         "dq": {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 32, 8), 256: (32, 32, 4)},
     },
     "sm120": {
-        "fwd": {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 32, 8), 256: (64, 32, 4, 2)},
+        "fwd": {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 32, 8), 256: (32, 32, 4, 2)},
         "dkdv": {16: (64, 128, 8), 32: (64, 128, 8), 64: (64, 128, 8), 128: (32, 64, 4), 256: (32, 32, 4, 2)},
         "dq": {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 32, 8), 256: (32, 32, 4)},
     },
@@ -166,15 +169,23 @@ _FEATURE_BLOCKS = {
     },
 }
 _FEATURE_BLOCKS["sm80"] = _FEATURE_BLOCKS["sm120"] = _FEATURE_BLOCKS["sm86"]
-# sm90 only: when a kernel's loop reads its tiles through TMA (``tma``), there are no address
-# registers and the loads issue no instructions per thread, so larger tiles fit, with 2
-# stages: forward d128 128x128 (the pointer path spills there) and d256 128x64 (two
+# sm90 (and sm100, below): when a kernel's loop reads its tiles through TMA (``tma``), there
+# are no address registers and the loads issue no instructions per thread, so larger tiles
+# fit, with 2 stages: forward d128 128x128 (the pointer path spills there) and d256 128x64 (two
 # warpgroups of 64 rows), dQ d128 128x128 and d256 64x64. The third stage would not fit.
-_TMA_BLOCKS = {
+_TMA_BLOCKS = {"sm90": {
     "fwd": {128: (128, 128, 8, 2), 256: (128, 64, 8, 2)},
     "dkdv": {},
     "dq": {128: (128, 128, 8, 2), 256: (64, 64, 4, 2)},
-}
+}}
+_TMA_TIERS = ("sm90", "sm100")
+# sm100 (B200): the products run on tcgen05 (UTCHMMA), with sm_90's tiles but where its ptxas
+# spills them: the d64 forward with 4 warps (8 warps: none), and the TMA forward's 128 x 64
+# at d256 (32 keys a step: none; 64 x 64 spills too).
+_BLOCKS["sm100"] = {**_BLOCKS["sm90"],
+                    "fwd": {**_BLOCKS["sm90"]["fwd"], 16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8)}}
+_FEATURE_BLOCKS["sm100"] = _FEATURE_BLOCKS["sm90"]
+_TMA_BLOCKS["sm100"] = {**_TMA_BLOCKS["sm90"], "fwd": {**_TMA_BLOCKS["sm90"]["fwd"], 256: (128, 32, 8, 2)}}
 _INTERPRETER_BLOCKS = Tiles(32, 32, 4)
 
 
@@ -188,11 +199,11 @@ def candidates(head_dim: int, dtype: torch.dtype, kernel: str, device: Optional[
     if gpu is None:
         return [_INTERPRETER_BLOCKS]
     tier, d = _tier(gpu), pad(head_dim)
-    if tma and not features and d in _TMA_BLOCKS[kernel]:
-        tiles = Tiles(*_TMA_BLOCKS[kernel][d])
+    if tma and not features and d in _TMA_BLOCKS[tier][kernel]:
+        tiles = Tiles(*_TMA_BLOCKS[tier][kernel][d])
     else:
         tiles = Tiles(*(_FEATURE_BLOCKS if features else _BLOCKS)[tier][kernel][d])
-    if dtype == torch.float32 and tier != "sm90":
+    if dtype == torch.float32 and tier not in _TMA_TIERS:
         # fp32 tiles take twice the bytes and their products run on FMA: below sm_90 half the
         # rows on both sides (a quarter of the keys at d256), 2 stages, to fit the smaller
         # shared memory.
@@ -262,7 +273,7 @@ def first_fit(kernel, device: torch.device, tiles: list[Tiles], launch: Callable
 
 def tier(device: Optional[torch.device] = None) -> Optional[str]:
     """Which tile tables the GPU of ``device`` (default: the current CUDA device) takes
-    (``_tier``: "sm90", "sm120", "sm80", "sm86" or "sm75"); None under the interpreter's own
+    (``_tier``: "sm90", "sm100", "sm120", "sm80", "sm86" or "sm75"); None under the interpreter's own
     tiles."""
     gpu = arch(device)
     return None if gpu is None else _tier(gpu)
@@ -286,7 +297,7 @@ def decode_tiles(block_m: int, block_n: int, head_dim: int,
 def tma(*tensors: Tensor) -> bool:
     """Whether kernels read these (B, H, L, D) tensors through TMA tensor descriptors: when
     compiled for a GPU with a copy engine and the shared memory for the TMA tiles (the "sm90"
-    tier of ``_tier``: capability 9.x or 10.x), or under the interpreter with
+    and "sm100" tiers of ``_tier``: capability 9.x or 10.x), or under the interpreter with
     FASTATTN_GPU_TILES=1 faking such a GPU (the GPU's launch, tested without a GPU), and every
     tensor's layout is one TMA takes: last stride 1, a 16-byte aligned base and strides, and
     no broadcast dim (stride 0 over a size above 1, e.g. K/V expanded over the batch by the
@@ -296,7 +307,7 @@ def tma(*tensors: Tensor) -> bool:
     ``tensor.is_cuda``, so tests/sm90.py (which fakes a target on CPU tensors) compiles this
     path."""
     gpu = arch(tensors[0].device)
-    if gpu is None or _tier(gpu) != "sm90":
+    if gpu is None or _tier(gpu) not in _TMA_TIERS:
         return False
     for t in tensors:
         if t.dtype == torch.float32:
