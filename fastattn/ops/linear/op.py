@@ -53,10 +53,11 @@ def block_config(feat_dim: int, head_dim_v: int, dtype: torch.dtype, causal: boo
         if causal and widest >= 256:
             stages = 2  # 3 copies of the causal M = 256 tiles take 272 KB of shared memory, 2 take 200
     tier = _launch.tier(device)
-    if tier not in (None, "sm90", "sm100"):
-        # Below sm_90 there is no wgmma to feed, and the causal 64-row chunks ask for 113-205 KB
-        # (tests/sm90.py --arch 89): 32-row chunks (16 on sm_75's 64 KB, and fp32 at M = 256),
-        # 2 stages, and at M = 256 a 32-wide state split (64 wide: 103 KB with 8 warps).
+    if tier not in (None, "sm90"):
+        # Off sm_90 there is no wgmma to feed, and the causal 64-row chunks ask for 113-205 KB
+        # below it (tests/sm90.py --arch 89), 282 KB on sm_100 (tcgen05) at M = 256: 32-row
+        # chunks (16 on sm_75's 64 KB, and fp32 at M = 256), 2 stages, and at M = 256 a
+        # 32-wide state split (64 wide: 103 KB with 8 warps on sm_89).
         chunk, stages = min(chunk, 16 if tier == "sm75" else 32), 2
         if widest >= 256:
             split = 32
