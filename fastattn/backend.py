@@ -77,6 +77,31 @@ def gpu_tiles() -> bool:
     return not interpreting() or os.environ.get("FASTATTN_GPU_TILES", "0") not in ("", "0")
 
 
+# Shared memory one block may use (bytes, opt-in) by compute capability (major * 10 + minor),
+# for the GPUs fastattn has tiles for: what a faked capability (FASTATTN_GPU_ARCH) stands for.
+ARCH_SHARED_BYTES = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+
+def capability(device: torch.device) -> Optional[int]:
+    """The compute capability the kernels compile for on ``device``, as major * 10 + minor (89
+    for 8.9): the CUDA device's own when compiled; under the interpreter with
+    FASTATTN_GPU_TILES=1, the one FASTATTN_GPU_ARCH names (default 90, the H100), so the tests
+    run any GPU's launches without one; None under the interpreter's own tiles.
+
+    Raises:
+        ValueError: FASTATTN_GPU_ARCH is not a key of ``ARCH_SHARED_BYTES``.
+    """
+    if not interpreting():
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    if not gpu_tiles():
+        return None
+    name = os.environ.get("FASTATTN_GPU_ARCH", "90")
+    if not name.isdigit() or int(name) not in ARCH_SHARED_BYTES:
+        raise ValueError(f"FASTATTN_GPU_ARCH must be one of {sorted(ARCH_SHARED_BYTES)}, got {name!r}")
+    return int(name)
+
+
 @torch.compiler.assume_constant_result
 def triton_available() -> bool:
     # A constant to torch.compile: torch 2.11's dynamo refuses to trace importlib's find_spec
@@ -126,6 +151,11 @@ def refusals(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         reasons.append(f"tensors are on {device}; the kernels need CUDA (or CPU with TRITON_INTERPRET=1)")
     if q.dtype not in spec.dtypes:
         reasons.append(f"dtype {q.dtype} is not one of {spec.dtypes}")
+    elif q.dtype == torch.bfloat16 and (device.type == "cuda" or interpreting()):
+        cap = capability(device)
+        if cap is not None and cap < 80:  # bf16 tensor-core products came with sm_80 (Ampere)
+            reasons.append(f"dtype {q.dtype} needs compute capability 8.0 or more; {device} has "
+                           f"{cap // 10}.{cap % 10}")
     if max(q.shape[-1], v.shape[-1]) > spec.max_dim:
         reasons.append(f"{spec.dim_name} {q.shape[-1]} / value dim {v.shape[-1]} exceeds {spec.max_dim}")
     if spec.grid_limited:

@@ -1,4 +1,5 @@
-"""Compile the kernels for the H100/H200 (sm_90) exactly as their launchers launch them, on a
+"""Compile the kernels for a GPU (default the H100/H200, sm_90; ``--arch N`` for another
+compute capability: 75, 80, 86, 89, 90, 100, 120) exactly as their launchers launch them, on a
 machine without a GPU, and read the machine code. These are compiler output (static counts),
 not timings: they say what the GPU must issue, not how fast it runs.
 
@@ -7,11 +8,13 @@ How a kernel is compiled "as launched": each case calls the real launchers in
 patched to record its arguments instead of launching (nothing runs; there is no GPU). Each
 recorded launch then goes through Triton's own launch-time machinery for an sm_90 target: the
 binder that ``JITFunction.run`` builds (``create_function_from_signature``) and
-``JITFunction._pack_args``. So integers equal to 1 become constants, 16-aligned pointers and
+``JITFunction._pack_args``, for the target. So integers equal to 1 become constants, 16-aligned pointers and
 multiples of 16 get ``tt.divisibility=16``, and the launcher's constexprs, num_warps and
 num_stages are used, as on the GPU (CPU tensors from torch.empty are 16-aligned like CUDA ones).
 A kernel under ``triton.autotune`` is compiled once per config that survives its pruning
-(named ``<kernel>-cfg<i>``); a launcher asking ``torch.cuda.get_device_capability()`` gets (9, 0).
+(named ``<kernel>-cfg<i>``); a launcher asking ``torch.cuda.get_device_capability()`` gets the
+target's (9, 0 for sm_90), and ``torch.cuda.get_device_properties()`` its shared memory per block
+(``fastattn.backend.ARCH_SHARED_BYTES``), so the launchers choose the target's tiles.
 A launcher that decides on ``tensor.is_cuda`` sees CPU tensors, so gate GPU-only paths (TMA) on
 the capability or on ``fastattn.backend.interpreting()``, or this compiles the other path.
 
@@ -20,11 +23,14 @@ Per kernel it writes ``<name>.cubin/.ptx/.ttgir`` to ``--out`` (default: a tempo
 and reports:
 
 - ``registers``: per thread (``cuobjdump -res-usage``); ``spill_stores``/``spill_loads``/
-  ``stack``: bytes (``ptxas -arch=sm_90a -v`` on the ptx: the ptxas Triton compiles with,
-  ``triton/backends/nvidia/bin/ptxas-blackwell`` for sm_90 in triton 3.9, with its
-  ``--regAllocOptLevel=2``; the ``bin/ptxas`` beside it is too old for Triton's PTX);
-- ``shared``: bytes of shared memory (``metadata.shared``) and ``fits`` (<= 227 KB);
-- ``hgmma``/``hmma``: SASS counts of Hopper warpgroup MMA (wgmma) and of the older mma.sync;
+  ``stack``: bytes (``ptxas -arch=<Triton's arch name: sm_90a, sm_100a, sm_120a, sm_80> -v`` on
+  the ptx: the ptxas Triton compiles with, ``triton/backends/nvidia/bin/ptxas-blackwell`` from
+  sm_90 on in triton 3.9 and ``bin/ptxas`` below, with its ``--regAllocOptLevel=2``);
+- ``shared``: bytes of shared memory (``metadata.shared``) and ``fits`` (at most the target's
+  per-block limit: 227 KB on sm_90);
+- ``hgmma``/``hmma``/``utcmma``: SASS counts of Hopper warpgroup MMA (wgmma), of the older
+  mma.sync and of Blackwell's tcgen05 MMA; ``mma``: which of them the kernel runs on ("fma"
+  when none: Triton lowers the dots to FMA on sm_75);
   ``utmaldg``/``ldgsts``: TMA tensor loads and cp.async loads; ``num_stages``, ``num_warps``;
 - ``loops``: each innermost loop that holds MMA instructions (a backward ``BRA`` whose target
   dominates it, and the address range between them, holding no other such loop), in address order, with its SASS instruction count per
@@ -41,6 +47,9 @@ subprocess)::
     python tests/sm90.py all --out DIR                       # every case, one JSON line each
     python tests/sm90.py flash-float16-d64-full --kernel dq  # one kernel of a case
     python tests/sm90.py baseline                            # rewrite tests/sm90_baseline.json
+    python tests/sm90.py all --arch 89                       # every case for the RTX 4090 / L4
+    python tests/sm90.py flash-bfloat16-d128-causal --arch 80 --kernel dq --tiles 64,64,4,2
+                                                             # other tiles (M,N,warps,stages)
 
 Case names: ``flash-<dtype>-d<D>-<causal|full>`` (features off, the headline shapes: 16k
 tokens per batch, hidden 2048: L=4096, H=2048/D, compiled at B=1, which gives B=4's binary;
@@ -56,6 +65,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import types
 from typing import Callable, NamedTuple, Optional
 
 os.environ["TRITON_INTERPRET"] = "0"
@@ -65,18 +75,19 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime import autotuner as triton_autotuner  # noqa: E402
 from triton.runtime import jit as triton_jit  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
-H100_SHARED_BYTES = 232448  # 227 KB usable per block on sm_90
+from fastattn.backend import ARCH_SHARED_BYTES  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)  # set_target changes it (--arch)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASELINE = os.path.join(HERE, "sm90_baseline.json")
-MMA_OPS = ("HGMMA", "HMMA")
+MMA_OPS = ("HGMMA", "HMMA", "UTCHMMA", "UTCQMMA")  # wgmma, mma.sync, tcgen05 (sm_100)
 
 
 # ---------------------------------------------------------------------------------------
@@ -99,7 +110,8 @@ def recording(tag: str = ""):
     An autotuned kernel records one launch per config its pruning keeps, tagged ``cfg<i>``
     (its pre_hooks run, as before a real launch: they may set TMA block shapes). A launcher
     that asks ``torch.cuda.get_device_capability()`` (e.g. whether TMA is there) is told
-    (9, 0), the H100/H200's."""
+    the target's capability, and ``torch.cuda.get_device_properties`` its shared memory per
+    block and SM count (sm_90: (9, 0), 232448 bytes, 132 SMs: the H100's)."""
     launches = []
     config_tag = [""]
 
@@ -116,19 +128,56 @@ def recording(tag: str = ""):
         config_tag[0] = ""
         self.nargs = None
 
-    saved = triton_jit.JITFunction.run, triton_autotuner.Autotuner.run, torch.cuda.get_device_capability
+    from fastattn.ops import _launch
+
+    major, minor = TARGET.arch // 10, TARGET.arch % 10
+    properties = types.SimpleNamespace(major=major, minor=minor, multi_processor_count=132,
+                                       shared_memory_per_block_optin=ARCH_SHARED_BYTES[TARGET.arch])
+    saved = (triton_jit.JITFunction.run, triton_autotuner.Autotuner.run, torch.cuda.get_device_capability,
+             torch.cuda.get_device_properties)
     triton_jit.JITFunction.run = record
     triton_autotuner.Autotuner.run = record_configs
-    torch.cuda.get_device_capability = lambda device=None: (TARGET.arch // 10, TARGET.arch % 10)
+    torch.cuda.get_device_capability = lambda device=None: (major, minor)
+    torch.cuda.get_device_properties = lambda device=None: properties
+    _launch._device_arch.cache_clear()
     try:
         yield launches
     finally:
-        triton_jit.JITFunction.run, triton_autotuner.Autotuner.run, torch.cuda.get_device_capability = saved
+        (triton_jit.JITFunction.run, triton_autotuner.Autotuner.run, torch.cuda.get_device_capability,
+         torch.cuda.get_device_properties) = saved
+        _launch._device_arch.cache_clear()
+
+
+def set_target(arch: int) -> None:
+    """Compile for compute capability ``arch`` (major * 10 + minor, a key of
+    ``fastattn.backend.ARCH_SHARED_BYTES``) from now on."""
+    global TARGET
+    if arch not in ARCH_SHARED_BYTES:
+        raise ValueError(f"--arch must be one of {sorted(ARCH_SHARED_BYTES)}, got {arch}")
+    TARGET = GPUTarget("cuda", arch, 32)
+
+
+@contextlib.contextmanager
+def forced_tiles(kernel: str, tiles):
+    """Within the block, softmax-attention launches of ``kernel`` ("fwd", "dkdv" or "dq")
+    take ``tiles`` (a ``_launch.Tiles``) instead of their table's: to read other tiles."""
+    from fastattn.ops import _launch
+
+    saved = _launch.candidates
+
+    def candidates(head_dim, dtype, name, *args, **kwargs):
+        return [tiles] if name == kernel else saved(head_dim, dtype, name, *args, **kwargs)
+
+    _launch.candidates = candidates
+    try:
+        yield
+    finally:
+        _launch.candidates = saved
 
 
 def compile_launch(launch: Launch):
-    """The sm_90 binary that ``launch`` would run: Triton's binder and ``_pack_args`` for the
-    sm_90 backend (the same calls ``JITFunction.run`` makes), then ``triton.compile``.
+    """The binary that ``launch`` would run on the target: Triton's binder and ``_pack_args``
+    for the target's backend (the same calls ``JITFunction.run`` makes), then ``triton.compile``.
     Returns (compiled kernel, its options)."""
     kernel = launch.kernel
     backend = make_backend(TARGET)
@@ -236,6 +285,17 @@ def mma_loops(instrs: list[tuple[int, str, str, bool]]) -> list[dict]:
     return inner
 
 
+def mma_kind(ops: list[str]) -> str:
+    """Which instructions the products run on: "wgmma" (sm_90), "tcgen05" (sm_100),
+    "mma.sync" (sm_80 and the others below sm_90, sm_120), or "fma" (none: a kernel without
+    products, or Triton's FMA lowering, as on sm_75)."""
+    if "HGMMA" in ops:
+        return "wgmma"
+    if "UTCHMMA" in ops or "UTCQMMA" in ops:
+        return "tcgen05"
+    return "mma.sync" if "HMMA" in ops else "fma"
+
+
 def _tool(*args) -> str:
     proc = subprocess.run(args, capture_output=True, text=True, check=True)
     return proc.stdout + proc.stderr
@@ -251,7 +311,8 @@ def analyse(compiled, options, name: str, out_dir: str, step: Optional[tuple[str
         with open(paths[ext], "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
     res = _tool(os.path.join(BIN, "cuobjdump"), "-res-usage", paths["cubin"])
-    ptxas = _tool(get_ptxas(TARGET.arch).path, "-arch=sm_90a", "-v", "--regAllocOptLevel=2",
+    ptxas = _tool(get_ptxas(TARGET.arch).path, f"-arch={sm_arch_from_capability(TARGET.arch)}", "-v",
+                  "--regAllocOptLevel=2",
                   paths["ptx"], "-o", os.devnull)
     sass = _tool(os.path.join(BIN, "cuobjdump"), "-sass", paths["cubin"])
     instrs = sass_instructions(sass)
@@ -265,8 +326,9 @@ def analyse(compiled, options, name: str, out_dir: str, step: Optional[tuple[str
         name=name,
         registers=int(re.search(r"REG:(\d+)", res).group(1)),
         stack=int(frame.group(1)), spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)),
-        shared=shared, fits=shared <= H100_SHARED_BYTES,
-        hgmma=ops.count("HGMMA"), hmma=ops.count("HMMA"),
+        shared=shared, fits=shared <= ARCH_SHARED_BYTES[TARGET.arch],
+        hgmma=ops.count("HGMMA"), hmma=ops.count("HMMA"), utcmma=ops.count("UTCHMMA") + ops.count("UTCQMMA"),
+        mma=mma_kind(ops),
         utmaldg=ops.count("UTMALDG"), ldgsts=ops.count("LDGSTS"),
         num_warps=options.num_warps, num_stages=options.num_stages,
         walks=step[0] if step else None, rows_per_iteration=step[1] if step else None,
@@ -476,7 +538,7 @@ HEADLINE = [f"flash-{dt}-d{d}-{c}" for dt in ("bfloat16", "float16") for d in (6
 
 def run(name: str, out_dir: str, only: Optional[str] = None) -> dict:
     kernels = run_case(CASES[name], out_dir, only)
-    return {"case": name, "kernels": kernels, "fits": all(k["fits"] for k in kernels)}
+    return {"case": name, "arch": TARGET.arch, "kernels": kernels, "fits": all(k["fits"] for k in kernels)}
 
 
 def baseline_entry(kernel: dict) -> dict:
@@ -486,17 +548,27 @@ def baseline_entry(kernel: dict) -> dict:
 
 def main(argv: list[str]) -> None:
     options = {}
-    for flag in ("--out", "--kernel"):
+    for flag in ("--out", "--kernel", "--arch", "--tiles"):
         if flag in argv:
             i = argv.index(flag)
             options[flag] = argv[i + 1]
             argv = argv[:i] + argv[i + 2:]
     out_dir, only = options.get("--out"), options.get("--kernel")
+    set_target(int(options.get("--arch", "90")))
+    tiles = contextlib.nullcontext()
+    if "--tiles" in options:
+        from fastattn.ops._launch import Tiles
+
+        if only is None:
+            sys.exit("--tiles needs --kernel (fwd, dkdv, dkdv-dk, dkdv-dv or dq)")
+        tiles = forced_tiles(only.split("-")[0], Tiles(*map(int, options["--tiles"].split(","))))
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tiles:
         out_dir = out_dir or tmp
         if argv == ["baseline"]:
+            if TARGET.arch != 90:
+                sys.exit("the baseline is sm_90's")
             entries = {}
             for name in HEADLINE:
                 for kernel in run(name, out_dir)["kernels"]:

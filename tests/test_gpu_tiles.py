@@ -3,7 +3,8 @@
 Under TRITON_INTERPRET=1 the launchers pick small tiles (fast in NumPy), so the other test
 files never run the GPU's: 128 x 64 flash tiles, BLOCK_M != BLOCK_N, 64-token linear chunks,
 64-key decode blocks. FASTATTN_GPU_TILES=1 (``fastattn.backend.gpu_tiles``) makes the
-interpreter take the GPU's choices; here every family runs with them at shapes that leave
+interpreter take the GPU's choices (the H100's; FASTATTN_GPU_ARCH=89 another GPU's,
+``fastattn.backend.capability``); here every family runs with them at shapes that leave
 partial tiles, against float64 by the docs/design.md rule. On CUDA these are the GPU's tiles
 anyway, so the file adds nothing there but runs as a plain kernel test.
 """
@@ -15,7 +16,8 @@ pytest.importorskip("triton")
 from fastattn import sparse  # noqa: E402
 from fastattn.ops.flash import op as flash_op  # noqa: E402
 from fastattn.ops.linear import op as linear_op  # noqa: E402
-from helpers import randn  # noqa: E402
+from fastattn.ops.flash.reference import attention_reference  # noqa: E402
+from helpers import assert_close_rule, randn  # noqa: E402
 from test_decode import make_cache, run_and_check  # noqa: E402
 from test_flash import check_against_reference as check_flash  # noqa: E402
 from test_linear import check_against_reference as check_linear  # noqa: E402
@@ -107,6 +109,117 @@ def test_decode(d, dtype, device):
     run_and_check(q, k_cache, v_cache, lengths, k_new, v_new, num_splits=4)
 
 
+# One headline-like shape per tile table below sm_90 with that GPU's tiles (FASTATTN_GPU_ARCH
+# fakes its capability; tests/test_arch_compile.py checks that they fit it): fp16 on sm_75,
+# which has no bf16 (the router refuses it there); d256 on sm_80, where its tiles differ from
+# the 99 KB GPUs' (sm_86, sm_89 and sm_120 share theirs).
+ARCH_CASES = [(75, torch.float16, 128), (80, torch.bfloat16, 256), (89, torch.bfloat16, 128)]
+
+
+@pytest.mark.parametrize("arch,dtype,d", ARCH_CASES, ids=[f"sm{a}-d{d}" for a, _, d in ARCH_CASES])
+def test_flash_with_another_gpus_tiles(arch, dtype, d, device, monkeypatch):
+    """Causal, GQA 2:1, lengths that leave partial tiles: forward and backward."""
+    if device == "cuda":
+        pytest.skip("the capability is faked under the interpreter only")
+    monkeypatch.setenv("FASTATTN_GPU_ARCH", str(arch))
+    from fastattn.ops import _launch
+
+    assert _launch.arch(torch.device(device)).capability == arch
+    q = randn((1, 4, 150, d), dtype, device, requires_grad=True, transposed=True)
+    k, v = (randn((1, 2, 170, d), dtype, device, requires_grad=True) for _ in range(2))
+    check_flash(q, k, v, causal=True)
+
+
+def test_linear_with_a_99kb_gpus_tiles(device, monkeypatch):
+    """sm_89's linear-attention tiles (32-row chunks, 2 stages), causal, forward and backward."""
+    if device == "cuda":
+        pytest.skip("the capability is faked under the interpreter only")
+    monkeypatch.setenv("FASTATTN_GPU_ARCH", "89")
+    cfg = linear_op.block_config(64, 64, torch.bfloat16, causal=True)
+    assert (cfg["chunk"], cfg["num_stages"]) == (32, 2)
+    q = randn((1, 4, 2 * cfg["chunk"] + 5, 64), torch.bfloat16, device, requires_grad=True, transposed=True)
+    k, v = (randn((1, 2, q.shape[2], 64), torch.bfloat16, device, requires_grad=True) for _ in range(2))
+    check_linear("elu", q, k, v, True)
+
+
+@pytest.mark.parametrize("arch,expected", [(89, (64, 16)), (75, (16, 16)), (80, (64, 32)), (90, (64, 32))],
+                         ids=lambda x: f"sm{x}" if isinstance(x, int) else str(x))
+def test_decode_tiles_fit_smaller_shared_memory(arch, expected, device, monkeypatch):
+    """decode at d256, 64 query rows: 32-key blocks ask for 100 KB, over the 99 KB GPUs' limit,
+    and sm_75's 64 KB needs fewer rows too (``_launch.decode_tiles``)."""
+    if device == "cuda":
+        pytest.skip("the capability is faked under the interpreter only")
+    from fastattn.ops import _launch
+
+    monkeypatch.setenv("FASTATTN_GPU_ARCH", str(arch))
+    assert _launch.decode_tiles(64, 32, 256) == expected
+
+
+@pytest.mark.parametrize("arch,expected", [(75, False), (80, False), (89, False), (90, True), (100, True),
+                                           (120, False)], ids=lambda x: f"sm{x}" if isinstance(x, int) and x > 1 else str(x))
+def test_tma_only_on_sm90_and_sm100(arch, expected, device, monkeypatch):
+    """TMA where the GPU has the copy engine and the shared memory for the TMA tiles: capability
+    9.x and 10.x, not 12.x (the RTX 50 series has neither)."""
+    if device == "cuda":
+        pytest.skip("the capability is faked under the interpreter only")
+    from fastattn.ops import _launch
+
+    monkeypatch.setenv("FASTATTN_GPU_ARCH", str(arch))
+    x = randn((1, 2, 64, 64), torch.bfloat16, device)
+    assert _launch.tma(x, x) == expected
+
+
+def test_bf16_refused_below_sm80(device, monkeypatch):
+    """bf16 needs sm_80: on sm_75 the triton backend refuses it naming the dtype and the
+    capability, and "auto" runs the fallback."""
+    import fastattn
+
+    if device == "cuda":
+        pytest.skip("the capability is faked under the interpreter only")
+    monkeypatch.setenv("FASTATTN_GPU_ARCH", "75")
+    q, k, v = (randn((1, 2, 16, 32), torch.bfloat16, device) for _ in range(3))
+    with fastattn.use_backend("triton"), pytest.raises(ValueError, match=r"bfloat16 needs compute capability 8\.0.*7\.5"):
+        fastattn.flash_attention(q, k, v)
+    out = fastattn.flash_attention(q, k, v)
+    assert_close_rule("out", out, attention_reference(*(t.double() for t in (q, k, v))),
+                      attention_reference(q, k, v))
+
+
+def test_out_of_resources_falls_back_to_smaller_tiles(device, monkeypatch):
+    """A launch that raises Triton's OutOfResources (the GPU lacks the shared memory its tiles
+    ask for) is retried with the next smaller tiles, which are remembered: the user gets the
+    result, and the next call goes straight to the tiles that fit."""
+    from triton.runtime.errors import OutOfResources
+
+    from fastattn.ops import _launch
+    from fastattn.ops.flash import kernels
+
+    real = kernels.attn_fwd_kernel
+    tried = []
+
+    class SmallSharedMemory:
+        """attn_fwd_kernel on a GPU that fits only half the first tiles' rows by keys."""
+
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_M, BLOCK_N, **kwargs):
+                tried.append((BLOCK_M, BLOCK_N))
+                if BLOCK_M * BLOCK_N > first.block_m * first.block_n // 2:
+                    raise OutOfResources(BLOCK_M * BLOCK_N * 4, first.block_m * first.block_n * 2, "shared memory")
+                return real[grid](*args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **kwargs)
+            return launch
+
+    first = _launch.candidates(64, torch.float16, "fwd", torch.device(device))[0]
+    monkeypatch.setattr(kernels, "attn_fwd_kernel", SmallSharedMemory())
+    monkeypatch.setattr(_launch, "_FIRST_FIT", {})
+    q, k, v = (randn((1, 2, 150, 64), torch.float16, device) for _ in range(3))
+    check_flash(q, k, v, causal=True, grad=False)
+    fitted = tried[-1]
+    assert len(tried) > 1 and fitted[0] * fitted[1] <= first.block_m * first.block_n // 2
+    tried.clear()
+    check_flash(q, k, v, causal=True, grad=False)
+    assert tried == [fitted]
+
+
 def test_the_headline_flash_launch_reads_through_tma(device):
     """Guards the next tests' premise: with the GPU's tiles (and on a Hopper GPU) contiguous
     bf16 tensors take the TMA path, and a tensor TMA cannot read (a base not 16-byte aligned)
@@ -170,3 +283,23 @@ def test_nan_in_one_packed_sequence_never_reaches_another(device):
     assert torch.equal(out1[keep], out2[keep])
     for a, b in zip(g1, g2):
         assert a[keep].isfinite().all() and torch.equal(a[keep], b[keep])
+
+
+def test_broadcast_batch_takes_the_pointer_path(device, monkeypatch):
+    """The SDPA drop-in with batch-1 K/V against a batch of 4 queries reads K/V through a
+    stride-0 batch dim, which no TMA descriptor is built for (``_launch.tma``): the kernels
+    read them through pointers, and the result is right."""
+    import fastattn
+    from fastattn.ops import _launch
+
+    described = []
+    descriptor = _launch.descriptor
+    monkeypatch.setattr(_launch, "descriptor", lambda t, block: described.append(t.stride()) or descriptor(t, block))
+    q = randn((4, 2, 64, 64), torch.bfloat16, device)
+    k, v = (randn((1, 2, 64, 64), torch.bfloat16, device) for _ in range(2))
+    with fastattn.use_backend("triton"):
+        out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    assert not [s for s in described if 0 in s], f"TMA descriptors with a stride-0 dim: {described}"
+    assert_close_rule("out", out, sdpa(q.double(), k.double(), v.double(), is_causal=True),
+                      sdpa(q, k, v, is_causal=True))

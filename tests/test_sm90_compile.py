@@ -19,7 +19,7 @@ Time budget (about 3 minutes on 2 cores under ``pytest -n auto``): one compile s
 case, shared by the case's checks across xdist workers through a results folder. bf16 is
 checked at d64, d128 and d256; fp16 only at d128: its binaries give bf16's numbers at every
 head dim today (registers, spills, shared memory, MMA and load counts, loop sizes: see
-benchmarks/results/sm90-static.md), so the other fp16 head dims would add a third of the time
+benchmarks/results/static-per-arch.md), so the other fp16 head dims would add a third of the time
 for no new information. ``python tests/sm90.py baseline`` records all of them.
 
 Also: every op compiles and fits, on the largest footprints (every feature on), for flash,
@@ -51,9 +51,9 @@ FITS_CASES = ["flash-float16-d128-causal-features", "flash-bfloat16-d80-full-fea
               "sparse-float16-d128-bs128-causal", "linear-bfloat16-m256-dv256-causal"]
 
 
-def _compile(case: str) -> dict:
+def _compile(case: str, arch: int) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "sm90.py"), case],
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sm90.py"), case, "--arch", str(arch)],
                           capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
         return {"error": proc.stderr[-3000:]}
@@ -71,10 +71,12 @@ def results_dir(tmp_path_factory):
     return path
 
 
-def case_result(results_dir, case: str) -> dict:
-    """The case's tests/sm90.py JSON, compiled once per run: the first worker to ask claims a
-    lock file and compiles, the others wait for its result."""
-    result, lock = results_dir / f"{case}.json", results_dir / f"{case}.lock"
+def case_result(results_dir, case: str, arch: int = 90) -> dict:
+    """The case's tests/sm90.py JSON for target ``arch`` (tests/test_arch_compile.py asks for
+    the others), compiled once per run: the first worker to ask claims a lock file and
+    compiles, the others wait for its result."""
+    name = case if arch == 90 else f"{case}-sm{arch}"
+    result, lock = results_dir / f"{name}.json", results_dir / f"{name}.lock"
     try:
         os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
     except FileExistsError:
@@ -83,20 +85,20 @@ def case_result(results_dir, case: str) -> dict:
             assert time.monotonic() < deadline, f"timed out waiting for another worker to compile {case}"
             time.sleep(0.5)
     else:
-        tmp = results_dir / f"{case}.json.tmp"
-        tmp.write_text(json.dumps(_compile(case)))
+        tmp = results_dir / f"{name}.json.tmp"
+        tmp.write_text(json.dumps(_compile(case, arch)))
         os.replace(tmp, result)
     data = json.loads(result.read_text())
-    assert "error" not in data, f"tests/sm90.py {case} failed:\n{data.get('error')}"
+    assert "error" not in data, f"tests/sm90.py {case} --arch {arch} failed:\n{data.get('error')}"
     return data
 
 
-def kernel_results(results_dir, case: str, kernel: str) -> list[dict]:
+def kernel_results(results_dir, case: str, kernel: str, arch: int = 90) -> list[dict]:
     """The case's launches of ``kernel``: one, or for dK/dV at d256 two (``dkdv-dk`` and
     ``dkdv-dv``, one launch per gradient)."""
     rest = case.removeprefix("flash-")
     names = {f"flash-{kernel}-{rest}", f"flash-{kernel}-dk-{rest}", f"flash-{kernel}-dv-{rest}"}
-    found = [k for k in case_result(results_dir, case)["kernels"] if k["name"] in names]
+    found = [k for k in case_result(results_dir, case, arch)["kernels"] if k["name"] in names]
     assert found, f"{case} launched no {kernel} kernel"
     return found
 
@@ -160,7 +162,7 @@ def test_compiles_for_h100_and_fits_shared_memory(results_dir, case):
 # Kernels of FITS_CASES (compiled already: no extra time) held to what their block configs
 # were chosen for: (case, kernel name part) -> the checks. Decode at 64 rows runs on wgmma (its
 # d256 spills lie outside the key loop); linear at M = 256 takes 64-row chunks (32-row ones ran
-# on mma.sync) and still spills (benchmarks/results/sm90-static.md).
+# on mma.sync) and still spills (benchmarks/results/static-per-arch.md).
 OTHER_KERNEL_CHECKS = {
     ("decode-bfloat16-d256-causal-features", "split"): ("hmma",),
     ("decode-bfloat16-d256-causal-features", "split-single"): ("hmma",),

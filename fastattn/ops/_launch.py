@@ -1,18 +1,20 @@
 """Launch plumbing every op shares: output buffers, dot precision and the interpreter's
-flags, the softmax-attention tiles, and the host side of the logit terms (band, ALiBi,
+flags, the GPU a launch compiles for and the softmax-attention tiles for it (with the fallback
+to smaller ones when a launch does not fit), and the host side of the logit terms (band, ALiBi,
 softcap). The kernels' side of the flags is described in ``fastattn/ops/_triton.py``.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import NamedTuple, Optional
+from typing import Callable, Hashable, NamedTuple, Optional
 
 import torch
 import triton
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
-from fastattn.backend import gpu_tiles, interpreting
+from fastattn.backend import ARCH_SHARED_BYTES, capability, gpu_tiles, interpreting
 
 
 def empty(*shape, like: Tensor, dtype=None) -> Tensor:
@@ -56,90 +58,277 @@ def dtype_flags(dtype: torch.dtype) -> dict:
     )
 
 
-# (BLOCK_M, BLOCK_N, num_warps) of the softmax-attention kernels (flash, and sparse within a
-# layout block) by kernel and padded head dim when compiled for a GPU, picked from the static
-# read of the compiled sm_90 code (tests/sm90.py; benchmarks/results/sm90-static.md): every
-# kernel fits the H100's 227 KB of shared memory with no register spills, and every product
-# runs on wgmma, which needs 64 rows per warpgroup on its tall side: the query block (BLOCK_M)
-# in "fwd" and "dq", the key block (BLOCK_N) in "dkdv", whose tiles are (keys, queries).
-# Among those, the tiles that issue the fewest instructions per (query, key) pair. d256 runs
-# one warpgroup (4 warps): with two, each would recompute the whole 64-row score tile. fp32
-# tiles take twice the bytes, so they get half the rows on the short side. The interpreter
-# runs one program at a time in NumPy, where fewer, larger blocks are faster.
+class Arch(NamedTuple):
+    """The GPU a launch compiles for."""
+
+    capability: int  # major * 10 + minor: 89 for 8.9
+    shared: int  # bytes of shared memory one block may use (opt-in)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch(device: torch.device) -> Arch:
+    """The CUDA device's capability and shared memory, asked of torch once per device."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return Arch(10 * major + minor, torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
+
+
+def arch(device: Optional[torch.device] = None) -> Optional[Arch]:
+    """The GPU the kernels compile for on ``device`` (default: the current CUDA device): the
+    device's own, or under the interpreter the one ``backend.capability`` fakes, with that
+    GPU's shared memory; None under the interpreter's own tiles."""
+    device = torch.device("cuda") if device is None else device
+    if not interpreting():
+        if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())  # one cache entry per GPU
+        return _device_arch(device)
+    cap = capability(device)
+    return None if cap is None else Arch(cap, ARCH_SHARED_BYTES[cap])
+
+
+def _tier(gpu: Arch) -> str:
+    """Which tile tables a GPU takes: "sm90" and "sm100" where there is TMA and 227 KB of
+    shared memory (capability 9.x: H100/H200; 10.x: B200; not 12.x, which has neither); "sm120" (RTX
+    5090, 99 KB: its ptxas spills some of sm_89's tiles); else by shared memory: "sm80"
+    (163 KB: A100), "sm86" (99 KB: RTX 3090/4090, A10, L4, L40S), "sm75" (64 KB: T4, and
+    anything smaller)."""
+    if gpu.capability // 10 in (9, 10) and gpu.shared >= ARCH_SHARED_BYTES[90]:
+        return f"sm{gpu.capability // 10}0"
+    if gpu.capability // 10 == 12 and gpu.shared >= ARCH_SHARED_BYTES[120]:
+        return "sm120"
+    if gpu.shared >= ARCH_SHARED_BYTES[80]:
+        return "sm80"
+    if gpu.shared >= ARCH_SHARED_BYTES[86]:
+        return "sm86"
+    return "sm75"
+
+
+class Tiles(NamedTuple):
+    """A softmax-attention launch's tiles: BLOCK_M query rows by BLOCK_N key rows."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int = 3  # Triton's default
+
+
+# Tiles (BLOCK_M, BLOCK_N, num_warps[, num_stages]) of the softmax-attention kernels (flash,
+# and sparse within a layout block) per tier (``_tier``), kernel and padded head dim when
+# compiled for a GPU, picked from the static read of each target's compiled code
+# (tests/sm90.py --arch N; benchmarks/results/static-per-arch.md): among the tiles that fit the
+# target's shared memory and do not spill, those that issue the fewest warp instructions per
+# (query, key) pair. Head dims 16 and 32 take d64's tiles (smaller footprints). In "dkdv" the
+# tiles are (keys, queries): BLOCK_N keys held, BLOCK_M queries a step.
+# sm90 (H100/H200, B200): every product runs on wgmma, which needs 64 rows per warpgroup on
+# its tall side: the query block in "fwd" and "dq", the key block in "dkdv". d256 runs one
+# warpgroup (4 warps): with two, each would recompute the whole 64-row score tile.
+# Below sm_90 the products run on mma.sync and the loads on cp.async (sm_120 too: no wgmma,
+# no TMA). sm86 (99 KB: sm_86, sm_89, sm_120): dQ takes 64 keys at d64 (128 x 128 spills, and
+# 128 x 64 issues fewer instructions per pair) and 32 at d128 (64 ask for 128 KB); d256 takes
+# 2 stages and 32-row steps (3 stages, or dK/dV's 64 keys, ask for 100-135 KB). sm80 (163 KB):
+# the same, but its ptxas spills sm_89's d128 forward (128 x 64) and dK/dV (32 x 128), which
+# take 32 keys and 64 keys with 4 warps there, and the shared memory buys d256 a third stage
+# and dK/dV 64 keys. sm120: sm_80's d128 tiles, 8 warps at d64 and 32-query forward tiles at
+# d256 (sm_120's ptxas spills the 99 KB GPUs' forward at d64, d128 and d256 and their d128
+# dK/dV).
+# sm75 (T4): Triton lowers the products to FMA (no tensor cores), where a thread holds its
+# share of each product's terms: 32 x 32 tiles at d64 and 16-row ones above compile with the
+# fewest spills (none at d64; at d128/d256 even 16 x 16 dK/dV and dQ spill), 2 stages.
 _BLOCKS = {
-    "fwd": {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 4), 128: (128, 64, 8), 256: (64, 32, 4)},
-    "dkdv": {16: (64, 128, 8), 32: (64, 128, 8), 64: (64, 128, 8), 128: (32, 128, 8), 256: (32, 64, 4)},
-    "dq": {16: (128, 128, 8), 32: (128, 128, 8), 64: (128, 128, 8), 128: (128, 64, 8), 256: (64, 32, 4)},
+    "sm90": {
+        "fwd": {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 4), 128: (128, 64, 8), 256: (64, 32, 4)},
+        "dkdv": {16: (64, 128, 8), 32: (64, 128, 8), 64: (64, 128, 8), 128: (32, 128, 8), 256: (32, 64, 4)},
+        "dq": {16: (128, 128, 8), 32: (128, 128, 8), 64: (128, 128, 8), 128: (128, 64, 8), 256: (64, 32, 4)},
+    },
+    "sm80": {
+        "fwd": {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 4), 128: (128, 32, 8), 256: (64, 32, 4)},
+        "dkdv": {16: (64, 128, 8), 32: (64, 128, 8), 64: (64, 128, 8), 128: (32, 64, 4), 256: (32, 64, 4)},
+        "dq": {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 32, 8), 256: (32, 32, 4)},
+    },
+    "sm86": {
+        "fwd": {16: (128, 64, 4), 32: (128, 64, 4), 64: (128, 64, 4), 128: (128, 64, 8), 256: (64, 32, 4, 2)},
+        "dkdv": {16: (64, 128, 8), 32: (64, 128, 8), 64: (64, 128, 8), 128: (32, 128, 8), 256: (32, 32, 4, 2)},
+        "dq": {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 32, 8), 256: (32, 32, 4)},
+    },
+    "sm120": {
+        "fwd": {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 32, 8), 256: (32, 32, 4, 2)},
+        "dkdv": {16: (64, 128, 8), 32: (64, 128, 8), 64: (64, 128, 8), 128: (32, 64, 4), 256: (32, 32, 4, 2)},
+        "dq": {16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8), 128: (128, 32, 8), 256: (32, 32, 4)},
+    },
+    "sm75": {
+        "fwd": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 16, 4, 2), 256: (16, 16, 4, 2)},
+        "dkdv": {16: (16, 32, 4, 2), 32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 16, 4, 2), 256: (16, 16, 4, 2)},
+        "dq": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (32, 16, 4, 2), 128: (16, 16, 4, 2), 256: (16, 16, 4, 2)},
+    },
 }
 # With logit terms that cost registers in the inner loop (bias, ALiBi, softcap, dropout) the
-# tiles above spill; these are the largest that compile without (or, fp32 at d256, with
-# the fewest) spills.
+# tiles above spill; these are the largest that compile without spills (or, where none does,
+# with the fewest), and below sm_90 the ones that fit (the bias tile is pipelined too):
+# 99 KB GPUs and sm_80 take the same.
 _FEATURE_BLOCKS = {
-    "fwd": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 4), 256: (64, 32, 4)},
-    "dkdv": {16: (32, 128, 8), 32: (32, 128, 8), 64: (32, 128, 8), 128: (16, 128, 8), 256: (16, 64, 4)},
-    "dq": {16: (128, 32, 8), 32: (128, 32, 8), 64: (128, 32, 8), 128: (128, 32, 8), 256: (64, 16, 4)},
+    "sm90": {
+        "fwd": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 4), 256: (64, 32, 4)},
+        "dkdv": {16: (32, 128, 8), 32: (32, 128, 8), 64: (32, 128, 8), 128: (16, 128, 8), 256: (16, 64, 4)},
+        "dq": {16: (128, 32, 8), 32: (128, 32, 8), 64: (128, 32, 8), 128: (128, 32, 8), 256: (64, 16, 4)},
+    },
+    "sm86": {
+        "fwd": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 4), 256: (64, 16, 4)},
+        "dkdv": {16: (32, 128, 8), 32: (32, 128, 8), 64: (32, 128, 8), 128: (16, 128, 8), 256: (16, 64, 4, 2)},
+        "dq": {16: (128, 32, 8), 32: (128, 32, 8), 64: (128, 32, 8), 128: (64, 32, 4), 256: (32, 16, 4)},
+    },
+    "sm75": {
+        "fwd": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (32, 16, 4, 2), 128: (32, 16, 4, 2), 256: (16, 16, 4, 2)},
+        "dkdv": {16: (16, 32, 4, 2), 32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 16, 4, 2), 256: (16, 16, 4, 2)},
+        "dq": {16: (32, 16, 4, 2), 32: (32, 16, 4, 2), 64: (32, 16, 4, 2), 128: (16, 16, 4, 2), 256: (16, 16, 4, 2)},
+    },
 }
-# When a kernel's loop reads its tiles through TMA (``tma``), there are no address registers
-# and the loads issue no instructions per thread, so larger tiles fit, with 2 stages
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): forward d128 128x128 (the pointer path spills
-# there) and d256 128x64 (two warpgroups of 64 rows), dQ d128 128x128 and d256 64x64. The
-# third stage would not fit the shared memory.
-_TMA_BLOCKS = {
+_FEATURE_BLOCKS["sm80"] = _FEATURE_BLOCKS["sm120"] = _FEATURE_BLOCKS["sm86"]
+# sm90 (and sm100, below): when a kernel's loop reads its tiles through TMA (``tma``), there
+# are no address registers and the loads issue no instructions per thread, so larger tiles
+# fit, with 2 stages: forward d128 128x128 (the pointer path spills there) and d256 128x64 (two
+# warpgroups of 64 rows), dQ d128 128x128 and d256 64x64. The third stage would not fit.
+_TMA_BLOCKS = {"sm90": {
     "fwd": {128: (128, 128, 8, 2), 256: (128, 64, 8, 2)},
     "dkdv": {},
     "dq": {128: (128, 128, 8, 2), 256: (64, 64, 4, 2)},
-}
-_INTERPRETER_BLOCKS = (32, 32, 4)
+}}
+_TMA_TIERS = ("sm90", "sm100")
+# sm100 (B200): the products run on tcgen05 (UTCHMMA), with sm_90's tiles but where its ptxas
+# spills them: the d64 forward with 4 warps (8 warps: none), and the TMA forward's 128 x 64
+# at d256 (32 keys a step: none; 64 x 64 spills too).
+_BLOCKS["sm100"] = {**_BLOCKS["sm90"],
+                    "fwd": {**_BLOCKS["sm90"]["fwd"], 16: (128, 64, 8), 32: (128, 64, 8), 64: (128, 64, 8)}}
+_FEATURE_BLOCKS["sm100"] = _FEATURE_BLOCKS["sm90"]
+_TMA_BLOCKS["sm100"] = {**_TMA_BLOCKS["sm90"], "fwd": {**_TMA_BLOCKS["sm90"]["fwd"], 256: (128, 32, 8, 2)}}
+_INTERPRETER_BLOCKS = Tiles(32, 32, 4)
+
+
+def candidates(head_dim: int, dtype: torch.dtype, kernel: str, device: Optional[torch.device] = None,
+               tma: bool = False, features: bool = False) -> list[Tiles]:
+    """The tiles a softmax-attention kernel ("fwd", "dkdv" or "dq") may launch with on
+    ``device`` (``arch``), most preferred first: the tier's choice for the head dim (the
+    larger of q's and v's), then smaller ones for ``first_fit`` to fall back on. ``tma``: its
+    loop reads tiles through TMA; ``features``: a bias, ALiBi, softcap or dropout is on."""
+    gpu = arch(device)
+    if gpu is None:
+        return [_INTERPRETER_BLOCKS]
+    tier, d = _tier(gpu), pad(head_dim)
+    if tma and not features and d in _TMA_BLOCKS[tier][kernel]:
+        tiles = Tiles(*_TMA_BLOCKS[tier][kernel][d])
+    else:
+        tiles = Tiles(*(_FEATURE_BLOCKS if features else _BLOCKS)[tier][kernel][d])
+    if dtype == torch.float32 and tier not in _TMA_TIERS:
+        # fp32 tiles take twice the bytes and their products run on FMA: below sm_90 half the
+        # rows on both sides (a quarter of the keys at d256), 2 stages, to fit the smaller
+        # shared memory.
+        tiles = Tiles(max(16, tiles.block_m // 2), max(16, tiles.block_n // (4 if d == 256 else 2)),
+                      tiles.num_warps, 2)
+    elif dtype == torch.float32:
+        # fp32 tiles take twice the bytes: half the rows on the short side. Their products run
+        # on FMA (no wgmma), which spreads a tile over 8 warps' registers without spilling.
+        if kernel == "dkdv":
+            tiles = tiles._replace(block_m=max(16, tiles.block_m // 2), num_warps=8)  # the query step
+        else:
+            tiles = tiles._replace(block_m=max(32, tiles.block_m // 2), num_warps=8,
+                                   block_n=min(tiles.block_n, 8192 // d))  # a K or V tile of at most 32 KB a stage
+    return _smaller(tiles, kernel)
+
+
+def _smaller(tiles: Tiles, kernel: str) -> list[Tiles]:
+    """``tiles``, then each with less shared memory than the one before: 2 stages, then the
+    loop's step halved (the key block of "fwd" and "dq", the query block of "dkdv"), then the
+    other block, down to 16 rows."""
+    out = [tiles]
+    step, other = ("block_m", "block_n") if kernel == "dkdv" else ("block_n", "block_m")
+    while True:
+        t = out[-1]
+        if t.num_stages > 2:
+            out.append(t._replace(num_stages=2))
+        elif getattr(t, step) > 16:
+            out.append(t._replace(**{step: getattr(t, step) // 2}))
+        elif getattr(t, other) > 16:
+            out.append(t._replace(**{other: getattr(t, other) // 2}))
+        else:
+            return out
 
 
 def block_config(head_dim: int, dtype: torch.dtype, kernel: str, tma: bool = False,
-                 features: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of a softmax-attention kernel ("fwd", "dkdv" or "dq")
-    for a head dim (the larger of q's and v's); ``tma``: its loop reads tiles through TMA;
-    ``features``: a bias, ALiBi, softcap or dropout is on."""
-    if not gpu_tiles():
-        return _INTERPRETER_BLOCKS
-    block_m, block_n, warps = (_FEATURE_BLOCKS if features else _BLOCKS)[kernel][pad(head_dim)]
-    if tma and not features and pad(head_dim) in _TMA_BLOCKS[kernel]:
-        block_m, block_n, warps, _ = _TMA_BLOCKS[kernel][pad(head_dim)]
-    if dtype == torch.float32:
-        # fp32 tiles take twice the bytes: half the rows on the short side. Their products run
-        # on FMA (no wgmma), which spreads a tile over 8 warps' registers without spilling.
-        warps = 8
-        if kernel == "dkdv":
-            block_m = max(16, block_m // 2)  # the query step
-        else:
-            block_m = max(32, block_m // 2)
-            block_n = min(block_n, 8192 // pad(head_dim))  # a K or V tile of at most 32 KB a stage
-    return block_m, block_n, warps
+                 features: bool = False, device: Optional[torch.device] = None) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the first of ``candidates`` (same arguments)."""
+    return candidates(head_dim, dtype, kernel, device, tma, features)[0][:3]
 
 
-def num_stages(head_dim: int, kernel: str, tma: bool = False, features: bool = False) -> dict:
-    """``num_stages`` for a softmax-attention launch (block_config's arguments), as keyword
-    arguments: {} for Triton's default (3)."""
-    if tma and not features and gpu_tiles() and pad(head_dim) in _TMA_BLOCKS[kernel]:
-        return dict(num_stages=_TMA_BLOCKS[kernel][pad(head_dim)][3])
-    return {}
+# (kernel, GPU, its candidates, the caller's key) -> index of the first candidate that launched.
+_FIRST_FIT: dict = {}
+
+
+def first_fit(kernel, device: torch.device, tiles: list[Tiles], launch: Callable[[Tiles], None],
+              key: Hashable = ()) -> Tiles:
+    """Calls ``launch(t)`` for each of ``tiles`` in turn, from the one that last fitted this
+    kernel on this GPU with this ``key`` (whatever else changes the kernel's resources: its
+    constexprs), until one does not raise Triton's OutOfResources, which it raises before
+    running anything when a compiled kernel asks for more shared memory or threads than the
+    GPU has. Returns the tiles that launched, and remembers them.
+
+    Raises:
+        OutOfResources: not even the last (smallest) of ``tiles`` fits.
+    """
+    memo = (kernel, arch(device), tuple(tiles), key)
+    for i in range(_FIRST_FIT.get(memo, 0), len(tiles)):
+        try:
+            launch(tiles[i])
+        except OutOfResources:
+            if i + 1 == len(tiles):
+                raise
+            continue
+        _FIRST_FIT[memo] = i
+        return tiles[i]
+
+
+def tier(device: Optional[torch.device] = None) -> Optional[str]:
+    """Which tile tables the GPU of ``device`` (default: the current CUDA device) takes
+    (``_tier``: "sm90", "sm100", "sm120", "sm80", "sm86" or "sm75"); None under the interpreter's own
+    tiles."""
+    gpu = arch(device)
+    return None if gpu is None else _tier(gpu)
+
+
+def decode_tiles(block_m: int, block_n: int, head_dim: int,
+                 device: Optional[torch.device] = None) -> tuple[int, int]:
+    """The decode kernels' (query row block, key block), chosen for the H100, capped for the
+    GPU of ``device`` (default: the current CUDA device) so that the query tile and the
+    pipelined K/V tiles fit its shared memory (tests/sm90.py --arch N): below sm_80's 163 KB at
+    most 4096 / padded head dim keys (d256: 32 keys ask for 100 KB, 16 for 66 KB), and on
+    sm_75's 64 KB as many query rows (d256: 64 rows and 16 keys ask for 80 KB)."""
+    gpu_tier = tier(device)
+    if gpu_tier in ("sm86", "sm120", "sm75"):
+        block_n = max(16, min(block_n, 4096 // pad(head_dim)))
+    if gpu_tier == "sm75":
+        block_m = max(16, min(block_m, 4096 // pad(head_dim)))
+    return block_m, block_n
 
 
 def tma(*tensors: Tensor) -> bool:
     """Whether kernels read these (B, H, L, D) tensors through TMA tensor descriptors: when
-    compiled for a GPU of compute capability 9.0 or more (Hopper's copy engine), or under the
-    interpreter with FASTATTN_GPU_TILES=1 (the GPU's launch, tested without a GPU), and every
-    tensor's layout is one TMA takes: last stride 1, and a 16-byte aligned base and strides.
-    Not fp32: its products run on FMA, where the TMA build only spilled (tests/sm90.py).
-    The capability is asked of torch, not read off ``tensor.is_cuda``, so tests/sm90.py (which
-    answers 9.0 on CPU tensors) compiles this path."""
-    if interpreting():
-        if not gpu_tiles():
-            return False
-    elif torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+    compiled for a GPU with a copy engine and the shared memory for the TMA tiles (the "sm90"
+    and "sm100" tiers of ``_tier``: capability 9.x or 10.x), or under the interpreter with
+    FASTATTN_GPU_TILES=1 faking such a GPU (the GPU's launch, tested without a GPU), and every
+    tensor's layout is one TMA takes: last stride 1, a 16-byte aligned base and strides, and
+    no broadcast dim (stride 0 over a size above 1, e.g. K/V expanded over the batch by the
+    SDPA drop-in): a descriptor's strides must step through memory, and what the copy engine
+    does with a 0 is not documented. Not fp32: its products run on FMA, where the TMA build
+    only spilled (tests/sm90.py). The GPU is asked of torch (``arch``), not read off
+    ``tensor.is_cuda``, so tests/sm90.py (which fakes a target on CPU tensors) compiles this
+    path."""
+    gpu = arch(tensors[0].device)
+    if gpu is None or _tier(gpu) not in _TMA_TIERS:
         return False
     for t in tensors:
         if t.dtype == torch.float32:
             return False
         size = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in _tma_strides(t)[:-1]):
+            return False
+        if any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride())):
             return False
     return True
 

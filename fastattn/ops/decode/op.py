@@ -52,7 +52,7 @@ def block_config(head_dim: int, rows: int, dtype: torch.dtype, page_size: Option
     block_m = min(_MAX_BLOCK_M, pad(rows))
     if not gpu_tiles():
         return Tiles(block_m, _INTERPRETER_BLOCK_N, 4, 16)
-    block_n = _BLOCK_N[pad(head_dim)]
+    block_m, block_n = _launch.decode_tiles(block_m, _BLOCK_N[pad(head_dim)], head_dim)  # capped per GPU
     if dtype == torch.float32 and head_dim > 64:
         block_n = max(16, block_n // 2)  # fp32 tiles take twice the bytes
     if page_size is not None:

@@ -17,7 +17,7 @@ per-tile math (logit terms, the backward tile) is ``fastattn/ops/_triton.py``'s;
 flash's own is the band's block ranges, the three kernels' loops, and the forward's lean
 inner loop: tiles every row sees whole run without masks or the empty-row guard, and the
 softmax runs in log2 units so the scale folds into the multiply-add before exp2 (the static
-sm_90 read is in ``benchmarks/results/sm90-static.md``).
+sm_90 read is in ``benchmarks/results/static-per-arch.md``).
 """
 import triton
 import triton.language as tl

@@ -16,7 +16,7 @@ import triton
 from torch import Tensor
 
 from fastattn.ops import _launch
-from fastattn.ops._launch import block_config
+from fastattn.ops._launch import block_config  # noqa: F401 (tests read the tiles here)
 from fastattn.ops.flash import kernels
 
 
@@ -38,27 +38,33 @@ def _bias_args(q: Tensor, bias: Optional[Tensor]):
     return (bias.view(torch.uint8) if bias.dtype == torch.bool else bias), bias.stride()
 
 
-def _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions, kernel: str, tma=False):
-    """The pointer arguments of kernel "fwd", "dkdv" or "dq" after q, k, v and their outputs,
-    the strides of bias and alibi, the grid's batch axis, and the keyword arguments (``tma``:
-    the kernel reads K and V through TMA descriptors)."""
+def _terms(bias, alibi, sinks, options: FlashOptions) -> _launch.Terms:
+    """The logit terms the kernels compile in."""
+    return _launch.Terms(
+        BIAS=bias is not None, BIAS_IS_BOOL=bias is not None and bias.dtype == torch.bool,
+        ALIBI=alibi is not None, SOFTCAP=bool(options.softcap), DROPOUT=options.dropout_p > 0.0,
+        LEFT=options.window_left is not None, RIGHT=options.window_right is not None, SINKS=sinks is not None,
+        SCALE_FIRST=not options.scale > 0.0)
+
+
+def _candidates(q, v, terms: _launch.Terms, kernel: str, tma: bool) -> list[_launch.Tiles]:
+    """``_launch.candidates`` for kernel "fwd", "dkdv" or "dq" of these inputs."""
+    return _launch.candidates(max(q.shape[-1], v.shape[-1]), q.dtype, kernel, q.device, tma, terms.costly())
+
+
+def _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions, terms, tiles: _launch.Tiles):
+    """The pointer arguments of a kernel after q, k, v and their outputs, the strides of bias
+    and alibi, the grid's batch axis, and the keyword arguments for ``tiles``."""
     varlen = cu_seqlens[0] is not None
     batch = cu_seqlens[0].numel() - 1 if varlen else q.shape[0]
     bias_t, bias_strides = _bias_args(q, bias)
     alibi_t, alibi_strides = _launch.alibi_args(q, alibi, batch)
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
-    terms = _launch.Terms(
-        BIAS=bias is not None, BIAS_IS_BOOL=bias is not None and bias.dtype == torch.bool,
-        ALIBI=alibi is not None, SOFTCAP=bool(options.softcap), DROPOUT=options.dropout_p > 0.0,
-        LEFT=options.window_left is not None, RIGHT=options.window_right is not None, SINKS=sinks is not None,
-        SCALE_FIRST=not options.scale > 0.0)
-    tiles = dict(head_dim=max(head_dim, head_dim_v), kernel=kernel, tma=tma, features=terms.costly())
-    block_m, block_n, warps = block_config(dtype=q.dtype, **tiles)
     meta = dict(
         scalars=_launch.logit_scalars(*options[:5]),
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         BLOCK_D=_launch.pad(head_dim), BLOCK_DV=_launch.pad(head_dim_v), TERMS=terms,
-        VARLEN=varlen, num_warps=warps, **_launch.num_stages(**tiles),
+        VARLEN=varlen, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **_launch.dtype_flags(q.dtype),
     )
     cu_q, cu_k = cu_seqlens if varlen else (q, q)  # q stands in for the unused pointers
@@ -126,14 +132,20 @@ def _forward(q, k, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOption
     out = _output(q, v.shape[-1], varlen, lambda *shape: _launch.empty(*shape, like=q))
     lse = _launch.empty(*q.shape[:3], like=q, dtype=torch.float32)
     tma = _launch.tma(k, v)
-    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "fwd", tma)
-    grid, blocks = _grid(q, h, batch, meta["BLOCK_M"], cu_seqlens[0])
-    k_in, v_in = _tiles_in(tma, meta["BLOCK_N"], k, v)
-    kernels.attn_fwd_kernel[grid](
-        q, k_in, v_in, out, lse, *pointers, blocks,
-        *(_strides(t, varlen) for t in (q, k, v, out, lse)), *strides,
-        h, h // hkv, lq, lk, TMA=tma, **meta,
-    )
+    terms = _terms(bias, alibi, sinks, options)
+
+    def launch(tiles):
+        pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, terms, tiles)
+        grid, blocks = _grid(q, h, batch, tiles.block_m, cu_seqlens[0])
+        k_in, v_in = _tiles_in(tma, tiles.block_n, k, v)
+        kernels.attn_fwd_kernel[grid](
+            q, k_in, v_in, out, lse, *pointers, blocks,
+            *(_strides(t, varlen) for t in (q, k, v, out, lse)), *strides,
+            h, h // hkv, lq, lk, TMA=tma, **meta,
+        )
+
+    _launch.first_fit(kernels.attn_fwd_kernel, q.device, _candidates(q, v, terms, "fwd", tma), launch,
+                      key=(q.dtype, q.shape[-1], v.shape[-1], terms, varlen, tma))
     return out, lse
 
 
@@ -151,27 +163,40 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens, optio
     ds = torch.zeros(b, h, lq, lk, device=q.device, dtype=small_bias.dtype) if store_ds else lse
     q_k_v_do_lse = tuple(_strides(t, varlen) for t in (q, k, v, do, lse))
 
+    terms = _terms(bias, alibi, sinks, options)
+    key = (q.dtype, q.shape[-1], v.shape[-1], terms, varlen)
+
     tma = _launch.tma(q, do)  # the dK/dV loop walks query rows
-    pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "dkdv", tma)
-    q_in, do_in = _tiles_in(tma, meta["BLOCK_M"], q, do)
-    grid, blocks = _grid(k, hkv, batch, meta["BLOCK_N"], cu_seqlens[1])
     for grads in _launch.key_grads(max(q.shape[-1], v.shape[-1])):
-        kernels.attn_bwd_dkdv_kernel[grid](
-            q_in, k, v, do_in, lse, delta, dk, dv, *pointers, blocks,
-            *q_k_v_do_lse, _strides(dk, varlen), _strides(dv, varlen), *strides,
-            hkv, h // hkv, lq, lk, TMA=tma, **grads, **meta,
-        )
+        def launch_dkdv(tiles, grads=grads):
+            pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, terms,
+                                                          tiles)
+            q_in, do_in = _tiles_in(tma, tiles.block_m, q, do)
+            grid, blocks = _grid(k, hkv, batch, tiles.block_n, cu_seqlens[1])
+            kernels.attn_bwd_dkdv_kernel[grid](
+                q_in, k, v, do_in, lse, delta, dk, dv, *pointers, blocks,
+                *q_k_v_do_lse, _strides(dk, varlen), _strides(dv, varlen), *strides,
+                hkv, h // hkv, lq, lk, TMA=tma, **grads, **meta,
+            )
+
+        _launch.first_fit(kernels.attn_bwd_dkdv_kernel, q.device, _candidates(q, v, terms, "dkdv", tma), launch_dkdv,
+                          key=(*key, tma, tuple(grads.items())))
 
     ds_rows = lse if sinks is None else _launch.empty(*lse.shape, like=lse)  # lse: an unused stand-in
     tma = _launch.tma(k, v)  # the dQ loop walks key rows
-    meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, "dq", tma)[3]
-    k_in, v_in = _tiles_in(tma, meta["BLOCK_N"], k, v)
-    grid, blocks = _grid(q, h, batch, meta["BLOCK_M"], cu_seqlens[0])
-    kernels.attn_bwd_dq_kernel[grid](
-        q, k_in, v_in, do, lse, delta, dq, ds, ds_rows, *pointers, blocks,
-        *q_k_v_do_lse, _strides(dq, varlen), *strides,
-        h, h // hkv, lq, lk, STORE_DS=store_ds, TMA=tma, **meta,
-    )
+
+    def launch_dq(tiles):
+        pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, terms, tiles)
+        k_in, v_in = _tiles_in(tma, tiles.block_n, k, v)
+        grid, blocks = _grid(q, h, batch, tiles.block_m, cu_seqlens[0])
+        kernels.attn_bwd_dq_kernel[grid](
+            q, k_in, v_in, do, lse, delta, dq, ds, ds_rows, *pointers, blocks,
+            *q_k_v_do_lse, _strides(dq, varlen), *strides,
+            h, h // hkv, lq, lk, STORE_DS=store_ds, TMA=tma, **meta,
+        )
+
+    _launch.first_fit(kernels.attn_bwd_dq_kernel, q.device, _candidates(q, v, terms, "dq", tma), launch_dq,
+                      key=(*key, tma, store_ds))
     if bias_grad and not store_ds:
         ds = _broadcast_bias_grad(do, q, k, v, lse, delta, small_bias, alibi, seed, options)
     elif not bias_grad:
@@ -190,18 +215,25 @@ def _broadcast_bias_grad(do, q, k, v, lse, delta, bias, alibi, seed, options: Fl
     lk = k.shape[2]
     bb, hb = bias.shape[0], bias.shape[1]
     full = _expanded(bias, q, k)
-    pointers, strides, _, meta = _launch_args(q, v, full, alibi, seed, None, (None, None), options, "dq")
-    del meta["VARLEN"]  # never packed: a bias takes no packed sequences
-    # One stage: the loop walks the few (batch row, head) pairs a tile is broadcast to, and
-    # pipelining its q/k/v/dO loads took more than the H100's shared memory.
-    meta["num_stages"] = 1
+    terms = _terms(full, alibi, None, options)
     dbias = _launch.empty(bb, hb, lq, lk, like=bias)
-    grid = (triton.cdiv(lq, meta["BLOCK_M"]) * triton.cdiv(lk, meta["BLOCK_N"]), hb, bb)
-    kernels.attn_bwd_dbias_kernel[grid](
-        q, k, v, do, lse, delta, dbias, *pointers[:3],
-        q.stride(), k.stride(), v.stride(), do.stride(), lse.stride(), dbias.stride(), *strides,
-        h, h // k.shape[1], b, lq, lk, BROADCAST_B=bb != b, BROADCAST_H=hb != h, **meta,
-    )
+
+    def launch(tiles):
+        pointers, strides, _, meta = _launch_args(q, v, full, alibi, seed, None, (None, None), options, terms, tiles)
+        del meta["VARLEN"]  # never packed: a bias takes no packed sequences
+        # One stage: the loop walks the few (batch row, head) pairs a tile is broadcast to, and
+        # pipelining its q/k/v/dO loads took more than the H100's shared memory.
+        meta["num_stages"] = 1
+        grid = (triton.cdiv(lq, tiles.block_m) * triton.cdiv(lk, tiles.block_n), hb, bb)
+        kernels.attn_bwd_dbias_kernel[grid](
+            q, k, v, do, lse, delta, dbias, *pointers[:3],
+            q.stride(), k.stride(), v.stride(), do.stride(), lse.stride(), dbias.stride(), *strides,
+            h, h // k.shape[1], b, lq, lk, BROADCAST_B=bb != b, BROADCAST_H=hb != h, **meta,
+        )
+
+    # dQ's tiles (the same q, k, v, dO tiles and one (queries, keys) accumulator).
+    _launch.first_fit(kernels.attn_bwd_dbias_kernel, q.device, _candidates(q, v, terms, "dq", False), launch,
+                      key=(q.dtype, q.shape[-1], v.shape[-1], terms, bb != b, hb != h))
     rows_or_keys = [d for d in (2, 3) if bias.shape[d] == 1]
     return dbias.sum(dim=rows_or_keys, keepdim=True) if rows_or_keys else dbias  # sum(dim=[]) sums all
 

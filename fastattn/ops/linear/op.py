@@ -29,9 +29,11 @@ _INTERPRETER_SPLIT = 64
 _INTERPRETER_CHUNK = 32
 
 
-def block_config(feat_dim: int, head_dim_v: int, dtype: torch.dtype, causal: bool = False) -> dict:
+def block_config(feat_dim: int, head_dim_v: int, dtype: torch.dtype, causal: bool = False,
+                 device: Optional[torch.device] = None) -> dict:
     """Chunk length, full and split widths for M features and value dim Dv, num_warps and
-    num_stages. tests/sm90.py checks that every kernel fits the H100's shared memory with these."""
+    num_stages on ``device``'s GPU (``_launch.arch``; default the current one).
+    tests/sm90.py --arch N checks that every kernel fits each GPU's shared memory with these."""
     full_f, full_dv = _launch.pad(feat_dim), _launch.pad(head_dim_v)
     widest = max(full_f, full_dv)
     warps, stages = 4, 3
@@ -50,12 +52,21 @@ def block_config(feat_dim: int, head_dim_v: int, dtype: torch.dtype, causal: boo
             warps = 8
         if causal and widest >= 256:
             stages = 2  # 3 copies of the causal M = 256 tiles take 272 KB of shared memory, 2 take 200
+    tier = _launch.tier(device)
+    if tier not in (None, "sm90"):
+        # Off sm_90 there is no wgmma to feed, and the causal 64-row chunks ask for 113-205 KB
+        # below it (tests/sm90.py --arch 89), 282 KB on sm_100 (tcgen05) at M = 256: 32-row
+        # chunks (16 on sm_75's 64 KB, and fp32 at M = 256), 2 stages, and at M = 256 a
+        # 32-wide state split (64 wide: 103 KB with 8 warps on sm_89).
+        chunk, stages = min(chunk, 16 if tier == "sm75" else 32), 2
+        if widest >= 256:
+            split = 32
     return dict(chunk=chunk, full_f=full_f, full_dv=full_dv,
                 split_f=min(split, full_f), split_dv=min(split, full_dv), num_warps=warps, num_stages=stages)
 
 
 def _meta(q: Tensor, v: Tensor, feature: str, causal: bool, normalize: bool, varlen: bool) -> tuple[dict, dict]:
-    cfg = block_config(q.shape[-1], v.shape[-1], q.dtype, causal)
+    cfg = block_config(q.shape[-1], v.shape[-1], q.dtype, causal, q.device)
     meta = dict(
         FEAT_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_C=cfg["chunk"],
         FEATURE=FEATURE_CODES[feature], CAUSAL=causal, NORMALIZE=normalize, VARLEN=varlen,

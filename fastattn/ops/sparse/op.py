@@ -16,18 +16,22 @@ from fastattn.ops import _launch
 from fastattn.ops.sparse import kernels
 
 
-def _meta(q: Tensor, v: Tensor, block_size: int, causal: bool, scale: float, kernel: str) -> dict:
+def _candidates(q: Tensor, v: Tensor, block_size: int, kernel: str) -> list[_launch.Tiles]:
+    """The softmax-attention tiles (``_launch.candidates``), clipped to the layout block so a
+    tile never straddles two layout blocks; both are powers of two, so they divide it."""
+    tiles = _launch.candidates(max(q.shape[-1], v.shape[-1]), q.dtype, kernel, q.device)
+    return list(dict.fromkeys(t._replace(block_m=min(t.block_m, block_size), block_n=min(t.block_n, block_size))
+                              for t in tiles))
+
+
+def _meta(q: Tensor, v: Tensor, block_size: int, causal: bool, scale: float, tiles: _launch.Tiles) -> dict:
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
-    # The softmax-attention tiles (which fit the H100's shared memory), clipped to the layout
-    # block so a tile never straddles two layout blocks; both are powers of two, so they divide it.
-    block_m, block_n, warps = _launch.block_config(max(head_dim, head_dim_v), q.dtype, kernel)
     return dict(
         scalars=_launch.logit_scalars(scale),
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_M=min(block_m, block_size), BLOCK_N=min(block_n, block_size),
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         BLOCK_D=_launch.pad(head_dim), BLOCK_DV=_launch.pad(head_dim_v),
-        LAYOUT_BLOCK=block_size, TERMS=_launch.Terms(RIGHT=causal), num_warps=warps,
-        **_launch.dtype_flags(q.dtype),
+        LAYOUT_BLOCK=block_size, TERMS=_launch.Terms(RIGHT=causal), num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages, **_launch.dtype_flags(q.dtype),
     )
 
 
@@ -42,14 +46,17 @@ def _forward(q, k, v, crow, col, block_size, scale, causal):
     hkv, lk = k.shape[1], k.shape[2]
     out = _launch.empty(b, h, lq, v.shape[-1], like=q)
     lse = _launch.empty(b, h, lq, like=q, dtype=torch.float32)
-    meta = _meta(q, v, block_size, causal, scale, "fwd")
     stride_h = _layout_stride(crow, h, triton.cdiv(lq, block_size))
-    grid = (triton.cdiv(lq, meta["BLOCK_M"]), h, b)
-    kernels.sparse_fwd_kernel[grid](
-        q, k, v, out, lse, crow, col,
-        q.stride(), k.stride(), v.stride(), out.stride(), lse.stride(),
-        h, h // hkv, lq, lk, stride_h, **meta,
-    )
+
+    def launch(tiles):
+        kernels.sparse_fwd_kernel[(triton.cdiv(lq, tiles.block_m), h, b)](
+            q, k, v, out, lse, crow, col,
+            q.stride(), k.stride(), v.stride(), out.stride(), lse.stride(),
+            h, h // hkv, lq, lk, stride_h, **_meta(q, v, block_size, causal, scale, tiles),
+        )
+
+    _launch.first_fit(kernels.sparse_fwd_kernel, q.device, _candidates(q, v, block_size, "fwd"), launch,
+                      key=(q.dtype, q.shape[-1], v.shape[-1], causal))
     return out, lse
 
 
@@ -59,20 +66,27 @@ def _backward(do, q, k, v, out, lse, crow, col, ccol, row, block_size, scale, ca
     hkv, lk = k.shape[1], k.shape[2]
     delta = _launch.softmax_delta(do, out)
     dq, dk, dv = (_launch.empty(*t.shape, like=t) for t in (q, k, v))
-    meta = _meta(q, v, block_size, causal, scale, "dkdv")
     args = (q.stride(), k.stride(), v.stride(), do.stride(), lse.stride())
     stride_q = _layout_stride(crow, h, triton.cdiv(lq, block_size))
     stride_k = _layout_stride(ccol, h, triton.cdiv(lk, block_size))
+    key = (q.dtype, q.shape[-1], v.shape[-1], causal)
     for grads in _launch.key_grads(max(q.shape[-1], v.shape[-1])):
-        kernels.sparse_bwd_dkdv_kernel[(triton.cdiv(lk, meta["BLOCK_N"]), hkv, b)](
-            q, k, v, do, lse, delta, dk, dv, ccol, row, *args, dk.stride(), dv.stride(),
-            hkv, h // hkv, lq, lk, stride_k, **grads, **meta,
+        def launch_dkdv(tiles, grads=grads):
+            kernels.sparse_bwd_dkdv_kernel[(triton.cdiv(lk, tiles.block_n), hkv, b)](
+                q, k, v, do, lse, delta, dk, dv, ccol, row, *args, dk.stride(), dv.stride(),
+                hkv, h // hkv, lq, lk, stride_k, **grads, **_meta(q, v, block_size, causal, scale, tiles),
+            )
+
+        _launch.first_fit(kernels.sparse_bwd_dkdv_kernel, q.device, _candidates(q, v, block_size, "dkdv"),
+                          launch_dkdv, key=(*key, tuple(grads.items())))
+
+    def launch_dq(tiles):
+        kernels.sparse_bwd_dq_kernel[(triton.cdiv(lq, tiles.block_m), h, b)](
+            q, k, v, do, lse, delta, dq, crow, col, *args, dq.stride(),
+            h, h // hkv, lq, lk, stride_q, **_meta(q, v, block_size, causal, scale, tiles),
         )
-    meta = _meta(q, v, block_size, causal, scale, "dq")
-    kernels.sparse_bwd_dq_kernel[(triton.cdiv(lq, meta["BLOCK_M"]), h, b)](
-        q, k, v, do, lse, delta, dq, crow, col, *args, dq.stride(),
-        h, h // hkv, lq, lk, stride_q, **meta,
-    )
+
+    _launch.first_fit(kernels.sparse_bwd_dq_kernel, q.device, _candidates(q, v, block_size, "dq"), launch_dq, key=key)
     return dq, dk, dv
 
 
