@@ -41,3 +41,16 @@ def test_rule_fails_nan_and_allows_rounding_to_bf16():
     exact_bf16 = oracle.bfloat16()  # torch as good as possible: its error is the rounding itself
     assert check_rule(exact_bf16, oracle, exact_bf16).ok
     assert not check_rule(exact_bf16.masked_fill(torch.arange(64) == 5, NAN), oracle, exact_bf16).ok
+
+
+def test_pairwise_holds_every_pair_in_fewer_rows():
+    """tests/helpers.pairwise, which the op tests' parameter matrices use."""
+    import itertools
+
+    from helpers import pairwise
+
+    for axes in ([range(9), "abc", [False, True]], [range(5), range(3), range(2), range(2)]):
+        rows = pairwise(*axes)
+        assert len(rows) < math.prod(len(a) for a in axes)
+        for i, j in itertools.combinations(range(len(axes)), 2):
+            assert {(r[i], r[j]) for r in rows} == set(itertools.product(axes[i], axes[j]))
