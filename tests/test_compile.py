@@ -1,6 +1,6 @@
 """torch.compile(fullgraph=True) with the default (inductor) backend: every public op forward
-and backward, every model preset's training step and a KV-cache decode step, on the Triton
-kernels (interpreter on CPU) and on the plain-PyTorch fallback.
+and backward on the Triton kernels (interpreter on CPU) and on the plain-PyTorch fallback;
+every model preset's training step and a KV-cache decode step on one of the two.
 
 fullgraph=True turns any graph break into an error, and a host sync (``.item()``, ``.tolist()``,
 ``bool(tensor)``) is a graph break, so passing here means none is left on the compiled path.
