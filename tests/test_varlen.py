@@ -5,7 +5,7 @@ import torch
 
 import fastattn
 from fastattn.ops.flash.reference import attention_reference, band_from, varlen_attention_reference
-from helpers import DTYPES, assert_close_rule, check_op, packed
+from helpers import DTYPES, assert_close_rule, check_op, packed, pairwise
 
 # lengths per sequence: (queries, keys); awkward mixes, a sequence with no keys, Lq != Lk
 MIXES = {
@@ -36,9 +36,8 @@ def check_varlen(lq, lk, feature, dtype, device, max_seqlens=(None, None), backe
     assert out.shape == (q.shape[0], q.shape[1], v.shape[-1]) and lse.shape == (q.shape[1], q.shape[0])
 
 
-# Every feature and mix in fp32 and fp16; bf16 (the same kernels, another cast) on one mix.
-KERNEL_CASES = [(mix, feature, dtype) for mix in MIXES for feature in FEATURES
-                for dtype in DTYPES if dtype != torch.bfloat16 or mix == "lq>lk-and-empty-keys"]
+# Every pair of mix, feature and dtype.
+KERNEL_CASES = pairwise(MIXES, FEATURES, DTYPES)
 
 
 @pytest.mark.parametrize("mix,feature,dtype", KERNEL_CASES,
