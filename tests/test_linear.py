@@ -482,9 +482,9 @@ def test_callable_feature_map_and_generalized_relu(device):
 def test_opcheck_forward_and_backward(packed, device):
     from fastattn.ops.linear import op
 
-    q = randn((1, 4, 20, 32), torch.float16, device, requires_grad=True)
-    k, v = (randn((1, 2, 20, 32), torch.float16, device, requires_grad=True) for _ in range(2))
-    eps = torch.full((1, 4, 20), 1e-6, device=device)  # one per query row (FAVOR+ scales it)
+    q = randn((1, 2, 20, 16), torch.float16, device, requires_grad=True)  # GQA 2:1
+    k, v = (randn((1, 1, 20, 16), torch.float16, device, requires_grad=True) for _ in range(2))
+    eps = torch.full((1, 2, 20), 1e-6, device=device)  # one per query row (FAVOR+ scales it)
     cu = torch.tensor([0, 7, 7, 20], dtype=torch.int32, device=device) if packed else None
     fwd_args = (q, k, v, "elu", True, True, eps, cu)
     torch.library.opcheck(op.linear_fwd, fwd_args)
