@@ -15,8 +15,8 @@ pytest.importorskip("triton")
 
 import fastattn  # noqa: E402
 from fastattn.ops.linear import reference as R  # noqa: E402
-from helpers import (DTYPE_IDS, DTYPES, as64, assert_close_rule, check_op, cu_seqlens, max_err, pairwise, qkv, randn,  # noqa: E402
-                     same_dtype_copy)
+from helpers import (DTYPE_IDS, DTYPES, as64, assert_close_rule, check_op, cu_seqlens, max_err,  # noqa: E402
+                     pairwise, qkv, randn, same_dtype_copy)
 
 
 def features_fn(kind, projection=None):

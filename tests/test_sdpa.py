@@ -33,8 +33,8 @@ def check_like_torch(q, k, v, **kw):
     def call(fn):
         return lambda q, k, v, **a: fn(q, k, v, **a)
 
-    check_op(call(fastattn.scaled_dot_product_attention), call(F.scaled_dot_product_attention), dict(q=q, k=k, v=v, **kw),
-             yardstick=call(plain_attention))
+    check_op(call(fastattn.scaled_dot_product_attention), call(F.scaled_dot_product_attention),
+             dict(q=q, k=k, v=v, **kw), yardstick=call(plain_attention))
 
 
 def random_case(seed, device):
