@@ -13,7 +13,10 @@ MIXES = {
     "lq<lk": ([1, 17, 5], [9, 40, 63]),
     "lq>lk-and-empty-keys": ([20, 3, 7], [5, 0, 7]),
 }
-LONG_MIX = ([1023, 17, 1], [1023, 63, 2])
+# One long document: 1023 tokens on a GPU; in the interpreter 255, the same loop over key
+# blocks with a partial last one, at about a tenth of the interpreter time (6 s of CPU, not 50).
+LONG = 1023 if torch.cuda.is_available() else 255
+LONG_MIX = ([LONG, 17, 1], [LONG, 63, 2])
 
 
 FEATURES = {"plain": {}, "causal": dict(causal=True), "window": dict(window=(4, 2)), "softcap": dict(softcap=5.0),
@@ -52,7 +55,7 @@ def test_varlen_torch_fallback_matches_the_reference(feature, device):
 
 
 def test_varlen_kernels_on_a_long_sequence_with_given_max_seqlens(device):
-    check_varlen(*LONG_MIX, "causal", torch.float16, device, max_seqlens=(1023, 1023))
+    check_varlen(*LONG_MIX, "causal", torch.float16, device, max_seqlens=(LONG, LONG))
 
 
 def test_max_seqlen_only_sizes_the_grid(device):
