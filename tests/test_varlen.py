@@ -13,6 +13,7 @@ MIXES = {
     "lq<lk": ([1, 17, 5], [9, 40, 63]),
     "lq>lk-and-empty-keys": ([20, 3, 7], [5, 0, 7]),
 }
+
 # One long document: 1023 tokens on a GPU; in the interpreter 255, the same loop over key
 # blocks with a partial last one, at about a tenth of the interpreter time (6 s of CPU, not 50).
 LONG = 1023 if torch.cuda.is_available() else 255
