@@ -151,6 +151,7 @@ def _check(args) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
     import fastattn
+    from fastattn.testing import check_rule
 
     device = _device()
     failures = 0
@@ -158,21 +159,18 @@ def _check(args) -> int:
     def run(fn, call_args, kwargs, convert, backend):
         copy = lambda x: convert(x.clone()) if isinstance(x, torch.Tensor) else x  # noqa: E731
         with fastattn.use_backend(backend):
-            out = fn(*(copy(a) for a in call_args), **{n: copy(x) for n, x in kwargs.items()})
-        return out.double()
+            return fn(*(copy(a) for a in call_args), **{n: copy(x) for n, x in kwargs.items()})
 
     as64 = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
     for name, make in _check_cases(device).items():
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             fn, call_args, kwargs = make(dtype)
             got = run(fn, call_args, kwargs, lambda t: t, "triton")
-            oracle = run(fn, call_args, kwargs, as64, "torch")
-            base = run(fn, call_args, kwargs, lambda t: t, "torch")
-            err, ref_err = (got - oracle).abs().max().item(), (base - oracle).abs().max().item()
-            rounding = (oracle.to(dtype).double() - oracle).abs().max().item()
-            ok = err <= 2 * ref_err + rounding + 1e-5
-            failures += not ok
-            print(f"{name:22} {str(dtype)[6:]:9} error {err:.2e} (torch {ref_err:.2e}) {'ok' if ok else 'FAIL'}")
+            result = check_rule(got, run(fn, call_args, kwargs, as64, "torch"),
+                                run(fn, call_args, kwargs, lambda t: t, "torch"))
+            failures += not result.ok
+            print(f"{name:22} {str(dtype)[6:]:9} error {result.error:.2e} (torch {result.baseline:.2e}) "
+                  f"{'ok' if result.ok else 'FAIL'}")
     print("all kernels match their references" if not failures else f"{failures} FAILED")
     return 1 if failures else 0
 

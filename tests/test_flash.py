@@ -12,42 +12,15 @@ pytest.importorskip("triton")
 
 import fastattn  # noqa: E402
 from fastattn.ops.flash.reference import attention_reference  # noqa: E402
-from helpers import as64, assert_close_rule, max_err, randn, same_dtype_copy  # noqa: E402
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["fp32", "fp16", "bf16"]
+from helpers import DTYPE_IDS, DTYPES, check_op, pairwise, qkv, randn  # noqa: E402
 
 
 def check_against_reference(q, k, v, *, grad=True, **kw):
-    """Kernel output, lse and gradients vs the float64 oracle, with plain torch in the same
-    dtype as the yardstick. Keyword tensors with requires_grad get gradients checked too."""
-    tensors = {"q": q, "k": k, "v": v, **{n: t for n, t in kw.items() if isinstance(t, torch.Tensor)}}
-    diff = [n for n, t in tensors.items() if t.requires_grad]
-
-    with fastattn.use_backend("triton"):
-        out, lse = fastattn.flash_attention(q, k, v, return_lse=True, **kw)
-
-    def run_ref(convert):
-        args = {n: convert(t) for n, t in tensors.items()}
-        options = {n: a for n, a in kw.items() if not isinstance(a, torch.Tensor)}
-        o, l = attention_reference(args["q"], args["k"], args["v"], return_lse=True, **options,
-                                   **{n: args[n] for n in args if n not in ("q", "k", "v")})
-        return o, l, args
-
-    oracle, oracle_lse, args64 = run_ref(as64)
-    base, base_lse, args_t = run_ref(same_dtype_copy)
-    assert out.shape == oracle.shape and out.dtype == q.dtype
-    assert_close_rule("out", out, oracle, base)
-    assert_close_rule("lse", lse, oracle_lse, base_lse)
-    if not (grad and diff):
-        return out
-    do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [tensors[n] for n in diff], do)
-    grads64 = torch.autograd.grad(oracle, [args64[n] for n in diff], do.double())
-    grads_t = torch.autograd.grad(base, [args_t[n] for n in diff], do)
-    for name, g, g64, gt in zip(diff, grads, grads64, grads_t):
-        assert g.shape == tensors[name].shape
-        assert_close_rule(f"d{name}", g, g64, gt, factor=3.0)
+    """check_op for flash_attention: output and lse vs the float64 oracle, and the gradients
+    of q, k, v and of every keyword tensor with requires_grad. Returns the output."""
+    out, _ = check_op(lambda **a: fastattn.flash_attention(**a, return_lse=True),
+                      lambda **a: attention_reference(**a, return_lse=True),
+                      dict(q=q, k=k, v=v, **kw), names=("out", "lse"), grad=grad)
     return out
 
 
@@ -70,14 +43,15 @@ def shape_id(s):
     return "b{}-h{}:{}-q{}-k{}-d{}".format(*s)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+# Every pair of shape, dtype and causal (not every triple: the dtype only changes casts).
+SHAPE_CASES = pairwise(SHAPES, DTYPES, [False, True])
+
+
+@pytest.mark.parametrize("shape,dtype,causal", SHAPE_CASES, ids=[
+    f"{shape_id(s)}-{DTYPE_IDS[DTYPES.index(dt)]}-{'causal' if c else 'full'}" for s, dt, c in SHAPE_CASES])
 def test_shapes(shape, dtype, causal, device):
     b, hq, hkv, lq, lk, d = shape
-    q = randn((b, hq, lq, d), dtype, device, requires_grad=True, transposed=True)
-    k = randn((b, hkv, lk, d), dtype, device, requires_grad=True, transposed=True)
-    v = randn((b, hkv, lk, d), dtype, device, requires_grad=True)
+    q, k, v = qkv(dtype, device, b=b, hq=hq, hkv=hkv, lq=lq, lk=lk, d=d, transposed=True)
     check_against_reference(q, k, v, causal=causal)
 
 
@@ -106,30 +80,28 @@ def _features(b, h, lq, lk, dtype, device):
 FEATURES = list(_features(1, 1, 1, 1, torch.float32, "cpu"))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("lq,lk", [(45, 70), (70, 45)], ids=["q45-k70", "q70-k45"])
-@pytest.mark.parametrize("feature", FEATURES)
-def test_features(feature, lq, lk, dtype, device):
-    b, hq, hkv, d = 2, 4, 2, 48
-    q = randn((b, hq, lq, d), dtype, device, requires_grad=True)
-    k = randn((b, hkv, lk, d), dtype, device, requires_grad=True)
-    v = randn((b, hkv, lk, d), dtype, device, requires_grad=True)
+# Every pair of feature, Lq < Lk or Lq > Lk, and dtype.
+FEATURE_CASES = pairwise(FEATURES, [(45, 70), (70, 45)], DTYPES)
+
+
+@pytest.mark.parametrize("feature,lengths,dtype", FEATURE_CASES, ids=[
+    f"{f}-q{lq}-k{lk}-{DTYPE_IDS[DTYPES.index(dt)]}" for f, (lq, lk), dt in FEATURE_CASES])
+def test_features(feature, lengths, dtype, device):
+    lq, lk = lengths
+    b, hq, hkv, d = 2, 2, 1, 48  # batch 2 and GQA 2:1: every stride and head mapping
+    q, k, v = qkv(dtype, device, b=b, hq=hq, hkv=hkv, lq=lq, lk=lk, d=d)
     check_against_reference(q, k, v, **_features(b, hq, lq, lk, dtype, device)[feature])
 
 
 def test_value_head_dim_may_differ(device):
-    q = randn((1, 2, 33, 64), torch.float32, device, requires_grad=True)
-    k = randn((1, 2, 40, 64), torch.float32, device, requires_grad=True)
-    v = randn((1, 2, 40, 24), torch.float32, device, requires_grad=True)
+    q, k, v = qkv(torch.float32, device, lq=33, lk=40, d=64, dv=24)
     check_against_reference(q, k, v, causal=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_fully_masked_rows_give_zero_and_neg_inf_lse(dtype, device):
     b, h, lq, lk, d = 1, 2, 40, 50, 32
-    q = randn((b, h, lq, d), dtype, device, requires_grad=True)
-    k = randn((b, h, lk, d), dtype, device, requires_grad=True)
-    v = randn((b, h, lk, d), dtype, device, requires_grad=True)
+    q, k, v = qkv(dtype, device, b=b, hq=h, lq=lq, lk=lk, d=d)
     mask = torch.rand(b, h, lq, lk, device=device) > 0.5
     mask[:, :, ::3] = False  # every third query sees nothing
     out = check_against_reference(q, k, v, attn_bias=mask)
@@ -169,24 +141,13 @@ def test_dropout_matches_reference_with_the_kernels_mask(device):
     from fastattn.ops.flash import op
 
     b, hq, hkv, lq, lk, d, p = 2, 4, 2, 37, 53, 32, 0.3
-    q = randn((b, hq, lq, d), torch.float32, device, requires_grad=True)
-    k = randn((b, hkv, lk, d), torch.float32, device, requires_grad=True)
-    v = randn((b, hkv, lk, d), torch.float32, device, requires_grad=True)
+    q, k, v = qkv(torch.float32, device, b=b, hq=hq, hkv=hkv, lq=lq, lk=lk, d=d)
     seed = torch.randint(0, 2**62, (1,), device=device)
-    out, _ = op.flash_attn(q, k, v, seed=seed, scale=d ** -0.5, dropout_p=p, window_right=0)
     keep = op.dropout_keep_mask(seed, b, hq, lq, lk, p)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.02
-    q64, k64, v64 = map(as64, (q, k, v))
-    ref = attention_reference(q64, k64, v64, causal=True, dropout_p=p, dropout_mask=keep)
-    q32, k32, v32 = map(same_dtype_copy, (q, k, v))
-    base = attention_reference(q32, k32, v32, causal=True, dropout_p=p, dropout_mask=keep)
-    assert_close_rule("out", out, ref, base)
-    do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [q, k, v], do)
-    grads64 = torch.autograd.grad(ref, [q64, k64, v64], do.double())
-    grads32 = torch.autograd.grad(base, [q32, k32, v32], do)
-    for name, g, g64, g32 in zip("qkv", grads, grads64, grads32):
-        assert_close_rule(f"d{name}", g, g64, g32, factor=3.0)
+    check_op(lambda q, k, v: op.flash_attn(q, k, v, seed=seed, scale=d ** -0.5, dropout_p=p, window_right=0)[0],
+             lambda q, k, v: attention_reference(q, k, v, causal=True, dropout_p=p, dropout_mask=keep),
+             dict(q=q, k=k, v=v))
 
 
 def test_dropout_is_repeatable_under_manual_seed(device):

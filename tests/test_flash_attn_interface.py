@@ -9,7 +9,7 @@ from fastattn.flash_attn_interface import (flash_attn_func, flash_attn_kvpacked_
                                            flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache)
 from fastattn.ops.decode.reference import decode_reference
 from fastattn.ops.flash.reference import attention_reference
-from helpers import as64, assert_close_rule
+from helpers import as64, assert_close_rule, check_op
 
 
 def bhld(t):
@@ -34,21 +34,15 @@ CALLS = {  # FlashAttention keyword arguments -> the reference's
 @pytest.mark.parametrize("lq,lk", [(33, 33), (17, 40), (40, 17)], ids=["q=k", "q<k", "q>k"])
 @pytest.mark.parametrize("call", list(CALLS))
 def test_flash_attn_func(call, lq, lk, device):
+    """The arguments' translation (the kernels' numbers are test_flash's): batch 2, GQA 2:1."""
     fa_kw, ref_kw = (dict(d) for d in CALLS[call])
-    q = torch.randn(2, lq, 4, 32, device=device, dtype=torch.float16, requires_grad=True)   # (B, L, H, D)
-    k, v = (torch.randn(2, lk, 2, 32, device=device, dtype=torch.float16, requires_grad=True) for _ in range(2))
+    q = torch.randn(2, lq, 2, 16, device=device, dtype=torch.float16, requires_grad=True)   # (B, L, H, D)
+    k, v = (torch.randn(2, lk, 1, 16, device=device, dtype=torch.float16, requires_grad=True) for _ in range(2))
     if "alibi_slopes" in fa_kw:
-        fa_kw["alibi_slopes"] = ref_kw["alibi_slopes"] = torch.rand(4, device=device)
-    out = flash_attn_func(q, k, v, **fa_kw)
-    assert out.shape == (2, lq, 4, 32) and out.is_contiguous()
-    oracle = reference(*map(as64, (q, k, v)), **ref_kw)
-    assert_close_rule("out", out, oracle, reference(q, k, v, **ref_kw))
-    do = torch.randn_like(out)
-    args64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    for name, g, g64 in zip("qkv", torch.autograd.grad(out, (q, k, v), do),
-                            torch.autograd.grad(reference(*args64, **ref_kw), args64, do.double())):
-        gt = torch.autograd.grad(reference(q, k, v, **ref_kw), {"q": q, "k": k, "v": v}[name], do)[0]
-        assert_close_rule(f"d{name}", g, g64, gt, factor=3.0)
+        fa_kw["alibi_slopes"] = ref_kw["alibi_slopes"] = torch.rand(2, device=device)
+    out = check_op(lambda q, k, v: flash_attn_func(q, k, v, **fa_kw), lambda q, k, v: reference(q, k, v, **ref_kw),
+                   dict(q=q, k=k, v=v))
+    assert out.shape == (2, lq, 2, 16) and out.is_contiguous()
 
 
 def test_packed_forms_equal_the_plain_call(device):

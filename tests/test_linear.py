@@ -15,10 +15,8 @@ pytest.importorskip("triton")
 
 import fastattn  # noqa: E402
 from fastattn.ops.linear import reference as R  # noqa: E402
-from helpers import as64, assert_close_rule, max_err, randn, same_dtype_copy  # noqa: E402
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["fp32", "fp16", "bf16"]
+from helpers import (DTYPE_IDS, DTYPES, as64, assert_close_rule, check_op, cu_seqlens, max_err,  # noqa: E402
+                     pairwise, qkv, randn, same_dtype_copy)
 
 
 def features_fn(kind, projection=None):
@@ -43,30 +41,16 @@ def run_public(kind, q, k, v, causal, kw):
 
 
 def check_against_reference(kind, q, k, v, causal, projection=None):
-    """Kernel output and gradients vs the float64 quadratic oracle, with the same reference
-    in the inputs' dtype as the yardstick."""
+    """check_op for the public call of ``kind``: output and dq/dk/dv vs the float64
+    quadratic oracle. Returns the output."""
     phis, kw = features_fn(kind, projection)
     normalize = kind != "identity-unnormalized"
-    with fastattn.use_backend("triton"):
-        out = run_public(kind, q, k, v, causal, kw)
 
-    def run_ref(convert):
-        qa, ka, va = (convert(t) for t in (q, k, v))
-        fq, fk, eps = phis(qa, ka)
-        return R.linear_attention_quadratic(fq, fk, va, causal=causal, normalize=normalize, eps=eps), (qa, ka, va)
+    def reference(q, k, v):
+        fq, fk, eps = phis(q, k)
+        return R.linear_attention_quadratic(fq, fk, v, causal=causal, normalize=normalize, eps=eps)
 
-    oracle, args64 = run_ref(as64)
-    base, args_t = run_ref(same_dtype_copy)
-    assert out.shape == oracle.shape and out.dtype == q.dtype
-    assert_close_rule("out", out, oracle, base)
-    do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [q, k, v], do)
-    grads64 = torch.autograd.grad(oracle, args64, do.double())
-    grads_t = torch.autograd.grad(base, args_t, do)
-    for name, g, g64, gt, t in zip("qkv", grads, grads64, grads_t, (q, k, v)):
-        assert g.shape == t.shape
-        assert_close_rule(f"d{name}", g, g64, gt, factor=3.0)
-    return out
+    return check_op(lambda q, k, v: run_public(kind, q, k, v, causal, kw), reference, dict(q=q, k=k, v=v))
 
 
 # (B, Hq, Hkv, L, D, Dv): seq 1 and lengths that leave partial chunks, head dims that are not
@@ -86,24 +70,31 @@ def shape_id(s):
 
 def make_qkv(shape, dtype, device, lk_extra=0):
     b, hq, hkv, l, d, dv = shape
-    q = randn((b, hq, l, d), dtype, device, requires_grad=True, transposed=True)
-    k = randn((b, hkv, l + lk_extra, d), dtype, device, requires_grad=True, transposed=True)
-    v = randn((b, hkv, l + lk_extra, dv), dtype, device, requires_grad=True)
-    return q, k, v
+    return qkv(dtype, device, b=b, hq=hq, hkv=hkv, lq=l, lk=l + lk_extra, d=d, dv=dv, transposed=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def causal_id(causal):
+    return "causal" if causal else "full"
+
+
+# Every pair of shape, dtype and causal.
+ELU_CASES = pairwise(SHAPES, DTYPES, [False, True])
+
+
+@pytest.mark.parametrize("shape,dtype,causal", ELU_CASES, ids=[
+    f"{shape_id(s)}-{DTYPE_IDS[DTYPES.index(dt)]}-{causal_id(c)}" for s, dt, c in ELU_CASES])
 def test_elu_kernels_match_reference(shape, dtype, causal, device):
     # Non-causal also gets Lk != Lq.
     q, k, v = make_qkv(shape, dtype, device, lk_extra=0 if causal else 11)
     check_against_reference("elu", q, k, v, causal)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("kind", ["relu", "identity-unnormalized", "performer"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+# Every pair of feature map, dtype and causal.
+MAP_CASES = pairwise(["relu", "identity-unnormalized", "performer"], DTYPES, [False, True])
+
+
+@pytest.mark.parametrize("kind,dtype,causal", MAP_CASES, ids=[
+    f"{kind}-{DTYPE_IDS[DTYPES.index(dt)]}-{causal_id(c)}" for kind, dt, c in MAP_CASES])
 def test_feature_maps_match_reference(kind, dtype, causal, device):
     shape = (1, 4, 2, 45, 48, 32)
     q, k, v = make_qkv(shape, dtype, device, lk_extra=0 if causal else 20)
@@ -302,20 +293,9 @@ def test_linformer_through_flash_kernels(dtype, device):
     q = randn((b, hq, lq, d), dtype, device, requires_grad=True)
     k, v = (randn((b, hkv, lk, d), dtype, device) for _ in range(2))
     e, f = (randn((p, lk), dtype, device, scale=lk ** -0.5) for _ in range(2))
-    with fastattn.use_backend("triton"):
-        got = fastattn.linformer_attention(q, k, v, e, f, scale=0.1)
-
-    def ref(convert):
-        qa = convert(q)
-        return F.scaled_dot_product_attention(qa, convert(e) @ convert(k), convert(f) @ convert(v),
-                                              scale=0.1, enable_gqa=True), qa
-
-    oracle, q64 = ref(as64)
-    base, qt = ref(same_dtype_copy)
-    assert_close_rule("out", got, oracle, base)
-    do = torch.randn_like(got)
-    assert_close_rule("dq", torch.autograd.grad(got, q, do)[0], torch.autograd.grad(oracle, q64, do.double())[0],
-                      torch.autograd.grad(base, qt, do)[0], factor=3.0)
+    check_op(lambda q, k, v, e, f: fastattn.linformer_attention(q, k, v, e, f, scale=0.1),
+             lambda q, k, v, e, f: F.scaled_dot_product_attention(q, e @ k, f @ v, scale=0.1, enable_gqa=True),
+             dict(q=q, k=k, v=v, e=e, f=f))
 
 
 def test_linformer_causal_raises_with_the_reason(device):
@@ -343,10 +323,6 @@ def test_linformer_bad_projections_raise(bad, device):
 VARLEN_MIXES = {"1-17-0-63-113": [1, 17, 0, 63, 113], "40-0": [40, 0]}
 
 
-def cu_of(lengths, device):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-
-
 def packed_qkv(lengths, dtype, device, hq=4, hkv=2, d=32, dv=24):
     """Packed (total, H, .) q, k, v (k a non-contiguous view of an (H, total, D) buffer) and
     their offsets."""
@@ -354,7 +330,7 @@ def packed_qkv(lengths, dtype, device, hq=4, hkv=2, d=32, dv=24):
     q = torch.randn(total, hq, d, device=device).to(dtype).requires_grad_()
     k = torch.randn(hkv, total, d, device=device).to(dtype).transpose(0, 1).requires_grad_()
     v = torch.randn(total, hkv, dv, device=device).to(dtype).requires_grad_()
-    return q, k, v, cu_of(lengths, device)
+    return q, k, v, cu_seqlens(lengths, device)
 
 
 # (feature map, mix, dtype): elu+1 on every mix and dtype, the other maps once in fp32
@@ -370,23 +346,12 @@ def test_varlen_kernels_match_the_per_sequence_oracle(causal, kind, mix, dtype, 
     forward and gradients."""
     q, k, v, cu = packed_qkv(VARLEN_MIXES[mix], dtype, device)
     name, normalize = kind.partition("-")[0], kind != "identity-unnormalized"
-    with fastattn.use_backend("triton"):
-        out = fastattn.linear_attention_varlen(q, k, v, cu, causal=causal, feature_map=name, normalize=normalize)
-
-    def run_ref(convert):
-        qa, ka, va = (convert(t) for t in (q, k, v))
-        return R.linear_attention_varlen(R.feature_map(qa, name), R.feature_map(ka, name), va, cu, causal=causal,
-                                         normalize=normalize), (qa, ka, va)
-
-    oracle, args64 = run_ref(as64)
-    base, args_t = run_ref(same_dtype_copy)
-    assert out.shape == (q.shape[0], q.shape[1], v.shape[-1]) and out.dtype == q.dtype and out.is_contiguous()
-    assert_close_rule("out", out, oracle, base)
-    do = torch.randn_like(out)
-    for gname, g, g64, gt in zip("qkv", torch.autograd.grad(out, (q, k, v), do),
-                                 torch.autograd.grad(oracle, args64, do.double()),
-                                 torch.autograd.grad(base, args_t, do)):
-        assert_close_rule(f"d{gname}", g, g64, gt, factor=3.0)
+    out = check_op(lambda q, k, v: fastattn.linear_attention_varlen(q, k, v, cu, causal=causal, feature_map=name,
+                                                                   normalize=normalize),
+                   lambda q, k, v: R.linear_attention_varlen(R.feature_map(q, name), R.feature_map(k, name), v, cu,
+                                                             causal=causal, normalize=normalize),
+                   dict(q=q, k=k, v=v))
+    assert out.shape == (q.shape[0], q.shape[1], v.shape[-1]) and out.is_contiguous()
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -450,7 +415,7 @@ def test_varlen_bad_inputs_raise_value_errors(device):
     with pytest.raises(ValueError, match="cu_seqlens_q must be an int32"):
         fastattn.linear_attention_varlen(q, k, v, cu.long())
     with pytest.raises(ValueError, match="end at the packed total 8"):
-        fastattn.linear_attention_varlen(q, k, v, cu_of([3, 4], device))
+        fastattn.linear_attention_varlen(q, k, v, cu_seqlens([3, 4], device))
     with pytest.raises(ValueError, match="3-D"):
         fastattn.linear_attention_varlen(q[None], k, v, cu)
     with pytest.raises(ValueError, match=r"feature_map\(q\) must keep"):
@@ -517,9 +482,9 @@ def test_callable_feature_map_and_generalized_relu(device):
 def test_opcheck_forward_and_backward(packed, device):
     from fastattn.ops.linear import op
 
-    q = randn((1, 4, 20, 32), torch.float16, device, requires_grad=True)
-    k, v = (randn((1, 2, 20, 32), torch.float16, device, requires_grad=True) for _ in range(2))
-    eps = torch.full((1, 4, 20), 1e-6, device=device)  # one per query row (FAVOR+ scales it)
+    q = randn((1, 2, 20, 16), torch.float16, device, requires_grad=True)  # GQA 2:1
+    k, v = (randn((1, 1, 20, 16), torch.float16, device, requires_grad=True) for _ in range(2))
+    eps = torch.full((1, 2, 20), 1e-6, device=device)  # one per query row (FAVOR+ scales it)
     cu = torch.tensor([0, 7, 7, 20], dtype=torch.int32, device=device) if packed else None
     fwd_args = (q, k, v, "elu", True, True, eps, cu)
     torch.library.opcheck(op.linear_fwd, fwd_args)

@@ -27,7 +27,8 @@ def run(cmd, **kwargs):
 
 
 def test_import_loads_neither_matplotlib_nor_the_suites():
-    out = run([sys.executable, "-c", "import sys, fastattn; "
+    # Triton blocked: fastattn and its error rule (fastattn.testing) import on a box without it.
+    out = run([sys.executable, "-c", "import sys; sys.modules['triton'] = None; import fastattn, fastattn.testing; "
                "print([m for m in sys.modules if m.split('.')[0] == 'matplotlib' or m.startswith('fastattn.bench')])"],
               cwd=ROOT)
     assert out.strip() == "[]"

@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 import fastattn  # noqa: E402
 from fastattn.ops.flash.reference import attention_reference  # noqa: E402
-from helpers import as64, assert_close_rule, randn, same_dtype_copy  # noqa: E402
+from helpers import assert_close_rule, check_op, randn  # noqa: E402
 
 
 def plain_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, **_):
@@ -27,30 +27,14 @@ def plain_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable
 
 
 def check_like_torch(q, k, v, **kw):
-    """Ours (kernels) vs torch's own function in float64 (the oracle), with plain PyTorch math
-    in q's dtype as the yardstick; outputs and gradients of every input that requires grad."""
-    with fastattn.use_backend("triton"):
-        out = fastattn.scaled_dot_product_attention(q, k, v, **kw)
-    inputs = {"q": q, "k": k, "v": v}
-    if isinstance(kw.get("attn_mask"), torch.Tensor):
-        inputs["attn_mask"] = kw["attn_mask"]
+    """check_op for the drop-in (kernels) with torch's own function in float64 as the oracle and
+    plain PyTorch math in q's dtype as the yardstick; outputs and gradients of every input that
+    requires grad (q, k, v, a float attn_mask)."""
+    def call(fn):
+        return lambda q, k, v, **a: fn(q, k, v, **a)
 
-    def run(fn, convert):
-        args = {n: convert(t) for n, t in inputs.items()}
-        options = {**kw, **{n: a for n, a in args.items() if n == "attn_mask"}}
-        return fn(args["q"], args["k"], args["v"], **options), args
-
-    oracle, args64 = run(F.scaled_dot_product_attention, as64)
-    base, args_t = run(plain_attention, same_dtype_copy)
-    assert out.shape == base.shape and out.dtype == base.dtype
-    assert_close_rule("out", out, oracle, base)
-    names = [n for n, t in inputs.items() if t.requires_grad]
-    do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [inputs[n] for n in names], do)
-    grads64 = torch.autograd.grad(oracle, [args64[n] for n in names], do.double())
-    grads_t = torch.autograd.grad(base, [args_t[n] for n in names], do)
-    for n, g, g64, gt in zip(names, grads, grads64, grads_t):
-        assert_close_rule(f"d{n}", g, g64, gt, factor=3.0)
+    check_op(call(fastattn.scaled_dot_product_attention), call(F.scaled_dot_product_attention),
+             dict(q=q, k=k, v=v, **kw), yardstick=call(plain_attention))
 
 
 def random_case(seed, device):

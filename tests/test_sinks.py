@@ -7,10 +7,15 @@ import torch
 
 import fastattn
 from fastattn.ops.flash.reference import attention_reference, band_from, varlen_attention_reference
-from helpers import as64, assert_close_rule, randn, same_dtype_copy
+from helpers import as64, assert_close_rule, check_op, packed, qkv, randn
 
 FEATURES = {"plain": {}, "causal": dict(causal=True), "window": dict(window=(7, 0)), "softcap": dict(softcap=4.0),
             "gqa-causal-lq<lk": dict(causal=True, lk=53)}
+
+
+def in_dtype(dtype):
+    """The yardstick's inputs: plain torch with every input, the fp32 sinks too, in ``dtype``."""
+    return lambda t: t.detach().to(dtype).requires_grad_(t.requires_grad)
 
 
 # Every feature in fp16; fp32 and bf16 on the plain and the GQA causal cases.
@@ -22,25 +27,13 @@ SINK_CASES = [(f, torch.float16) for f in FEATURES] + [
 def test_sinks_kernels_match_the_reference(feature, dtype, device):
     kw = dict(FEATURES[feature])
     lk = kw.pop("lk", 41)
-    q = randn((2, 4, 41, 32), dtype, device, requires_grad=True)
-    k = randn((2, 2, lk, 32), dtype, device, requires_grad=True)
-    v = randn((2, 2, lk, 32), dtype, device, requires_grad=True)
+    q, k, v = qkv(dtype, device, b=2, hq=4, hkv=2, lq=41, lk=lk, d=32)
     sinks = (torch.randn(4, device=device) * 2).requires_grad_()  # sinks of size ~2, as gpt-oss's
-    with fastattn.use_backend("triton"):
-        out, lse = fastattn.flash_attention(q, k, v, sinks=sinks, return_lse=True, **kw)
-    ref_kw = dict(window=band_from(kw.pop("causal", False), kw.pop("window", None)), **kw)
-    args64 = [as64(t) for t in (q, k, v, sinks)]
-    oracle, lse64 = attention_reference(*args64[:3], sinks=args64[3], return_lse=True, **ref_kw)
-    args_t = [same_dtype_copy(t) for t in (q, k, v)] + [sinks.detach().to(dtype).requires_grad_()]
-    base, lse_t = attention_reference(*args_t[:3], sinks=args_t[3], return_lse=True, **ref_kw)
-    assert_close_rule("out", out, oracle, base)
-    assert_close_rule("lse", lse, lse64, lse_t)
-    do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v, sinks), do)
-    grads64 = torch.autograd.grad(oracle, args64, do.double())
-    grads_t = torch.autograd.grad(base, args_t, do)
-    for name, g, g64, gt in zip(("q", "k", "v", "sinks"), grads, grads64, grads_t):
-        assert_close_rule(f"d{name}", g, g64, gt, factor=3.0)
+    ref_kw = {n: x for n, x in kw.items() if n not in ("causal", "window")}
+    ref_kw["window"] = band_from(kw.get("causal", False), kw.get("window"))
+    check_op(lambda **a: fastattn.flash_attention(**a, return_lse=True, **kw),
+             lambda **a: attention_reference(**a, return_lse=True, **ref_kw),
+             dict(q=q, k=k, v=v, sinks=sinks), names=("out", "lse"), same_dtype=in_dtype(dtype))
 
 
 def test_sinks_reference_is_a_softmax_with_one_more_column():
@@ -68,22 +61,11 @@ def test_a_row_with_every_key_masked_gives_zero_and_the_sink_as_lse(device):
 
 
 def test_packed_sinks_match_the_per_sequence_reference(device):
-    lengths = [17, 1, 30]
-    cu = torch.tensor([0, 17, 18, 48], dtype=torch.int32, device=device)
-    q, k, v = (torch.randn(sum(lengths), 4, 32, device=device).half().requires_grad_() for _ in range(3))
+    q, k, v, cu, _ = packed([17, 1, 30], [17, 1, 30], torch.float16, device, hq=4, hkv=4)
     sinks = (torch.randn(4, device=device) * 2).requires_grad_()
-    with fastattn.use_backend("triton"):
-        out = fastattn.flash_attention_varlen(q, k, v, cu, cu, causal=True, sinks=sinks)
-    args64 = [as64(t) for t in (q, k, v, sinks)]
-    oracle = varlen_attention_reference(*args64[:3], cu, cu, window=(None, 0), sinks=args64[3])
-    args_t = [same_dtype_copy(t) for t in (q, k, v)] + [sinks.detach().half().requires_grad_()]
-    base = varlen_attention_reference(*args_t[:3], cu, cu, window=(None, 0), sinks=args_t[3])
-    assert_close_rule("out", out, oracle, base)
-    do = torch.randn_like(out)
-    for name, g, g64, gt in zip(("q", "k", "v", "sinks"), torch.autograd.grad(out, (q, k, v, sinks), do),
-                                torch.autograd.grad(oracle, args64, do.double()),
-                                torch.autograd.grad(base, args_t, do)):
-        assert_close_rule(f"d{name}", g, g64, gt, factor=3.0)
+    check_op(lambda q, k, v, sinks: fastattn.flash_attention_varlen(q, k, v, cu, cu, causal=True, sinks=sinks),
+             lambda q, k, v, sinks: varlen_attention_reference(q, k, v, cu, cu, window=(None, 0), sinks=sinks),
+             dict(q=q, k=k, v=v, sinks=sinks), same_dtype=in_dtype(torch.float16))
 
 
 @pytest.mark.parametrize("bad", ["shape", "dtype"])

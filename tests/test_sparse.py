@@ -11,49 +11,33 @@ import fastattn
 from fastattn import sparse
 from fastattn.ops.flash.reference import attention_reference
 from fastattn.ops.sparse.reference import element_mask, sparse_attention_blocked, sparse_attention_reference
-from helpers import as64, assert_close_rule, randn, same_dtype_copy
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["fp32", "fp16", "bf16"]
+import helpers
+from helpers import DTYPE_IDS, DTYPES, as64, assert_close_rule, check_op, pairwise, same_dtype_copy
 
 
 def check(q, k, v, layout, *, causal, backend="triton", grad=True, return_lse=True):
-    """Output, lse and dq/dk/dv of sparse_attention on ``backend`` vs the float64 reference,
-    with the reference in q's dtype as the yardstick. Returns (out, lse). ``return_lse=False``
-    checks the call without lse (the torch fallback then takes torch's fused SDPA per chunk)."""
-    with fastattn.use_backend(backend):
-        out = fastattn.sparse_attention(q, k, v, layout, causal=causal, return_lse=return_lse)
-    out, lse = out if return_lse else (out, None)
+    """check_op for sparse_attention on ``backend``: output, lse and dq/dk/dv vs the float64
+    dense-masked reference. Returns (out, lse). ``return_lse=False`` checks the call without
+    lse (the torch fallback then takes torch's fused SDPA per chunk) and returns (out, None)."""
     block_mask = layout.to_dense()
 
-    def ref(convert):
-        args = [convert(t) for t in (q, k, v)]
-        o, l = sparse_attention_reference(*args, block_mask, layout.block_size, causal=causal, return_lse=True)
-        return o, l, args
+    def reference(q, k, v):
+        out, lse = sparse_attention_reference(q, k, v, block_mask, layout.block_size, causal=causal, return_lse=True)
+        return (out, lse) if return_lse else out
 
-    oracle, oracle_lse, args64 = ref(as64)
-    base, base_lse, args_t = ref(same_dtype_copy)
-    assert out.shape == oracle.shape and out.dtype == q.dtype
-    assert_close_rule("out", out, oracle, base)
-    if return_lse:
-        assert torch.equal(torch.isneginf(lse), torch.isneginf(oracle_lse))
-        assert_close_rule("lse", lse, oracle_lse, base_lse)
-    if grad:
-        do = torch.randn_like(out)
-        grads = torch.autograd.grad(out, [q, k, v], do)
-        grads64 = torch.autograd.grad(oracle, args64, do.double())
-        grads_t = torch.autograd.grad(base, args_t, do)
-        for name, g, g64, gt in zip("qkv", grads, grads64, grads_t):
-            assert g.shape == g64.shape
-            assert_close_rule(f"d{name}", g, g64, gt, factor=3.0)
-    return out, lse
+    got = check_op(lambda q, k, v: fastattn.sparse_attention(q, k, v, layout, causal=causal, return_lse=return_lse),
+                   reference, dict(q=q, k=k, v=v), names=("out", "lse") if return_lse else ("out",),
+                   backend=backend, grad=grad)
+    if not return_lse:
+        return got, None
+    oracle_lse = reference(*(as64(t) for t in (q, k, v)))[1]
+    assert torch.equal(torch.isneginf(got[1]), torch.isneginf(oracle_lse))
+    return got
 
 
-def qkv(dtype, device, b=1, hq=2, hkv=1, lq=150, lk=150, d=32, dv=None):
-    q = randn((b, hq, lq, d), dtype, device, requires_grad=True, transposed=True)
-    k = randn((b, hkv, lk, d), dtype, device, requires_grad=True, transposed=True)
-    v = randn((b, hkv, lk, dv or d), dtype, device, requires_grad=True)
-    return q, k, v
+def qkv(dtype, device, *, hq=2, hkv=1, lq=150, lk=150, **kw):
+    """helpers.qkv at these tests' defaults: GQA 2:1, seq 150, non-contiguous q and k."""
+    return helpers.qkv(dtype, device, hq=hq, hkv=hkv, lq=lq, lk=lk, transposed=True, **kw)
 
 
 # Every builder at seq 150 (a partial last block), with its head dim. bigbird is per head.
@@ -68,9 +52,12 @@ PATTERNS = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("pattern", list(PATTERNS))
+# Every pair of pattern, causal and dtype.
+PATTERN_CASES = pairwise(PATTERNS, [False, True], DTYPES)
+
+
+@pytest.mark.parametrize("pattern,causal,dtype", PATTERN_CASES, ids=[
+    f"{p}-{'causal' if c else 'full'}-{DTYPE_IDS[DTYPES.index(dt)]}" for p, c, dt in PATTERN_CASES])
 def test_kernels_match_reference_for_every_pattern(pattern, causal, dtype, device):
     build, d = PATTERNS[pattern]
     layout = build(causal)
