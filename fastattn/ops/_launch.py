@@ -12,7 +12,7 @@ import torch
 import triton
 from torch import Tensor
 
-from fastattn.backend import gpu_tiles, interpreting
+from fastattn._env import gpu_tiles, interpreting
 
 
 def empty(*shape, like: Tensor, dtype=None) -> Tensor:

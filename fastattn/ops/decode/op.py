@@ -18,7 +18,7 @@ import torch
 import triton
 from torch import Tensor
 
-from fastattn.backend import gpu_tiles
+from fastattn._env import gpu_tiles
 from fastattn.ops import _launch
 from fastattn.ops._launch import pad
 from fastattn.ops.decode import kernels

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn.ops._sequences import per_sequence
+from fastattn.validation import default_scale
 
 FEATURE_MAPS = ("elu", "relu", "identity")
 DEFAULT_EPS = 1e-6
@@ -122,8 +123,7 @@ def _default_stabiliser(proj: Tensor, is_query: bool) -> Tensor:
 
 def _favor_scaled(x: Tensor, scale: Optional[float]) -> Tensor:
     """x * sqrt(scale) in at least float32 (default scale 1/sqrt(D))."""
-    if scale is None:
-        scale = 1.0 / math.sqrt(x.shape[-1])
+    scale = default_scale(x.shape[-1], scale)
     return x.to(torch.promote_types(x.dtype, torch.float32)) * math.sqrt(scale)
 
 
