@@ -72,24 +72,11 @@ def flash_attention(
     return flash_dispatch.run("flash_attention", call)
 
 
-def flash_attention_varlen(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    max_seqlen_q: Optional[int] = None,
-    max_seqlen_k: Optional[int] = None,
-    *,
-    causal: bool = False,
-    scale: Optional[float] = None,
-    window: Optional[tuple] = None,
-    alibi_slopes: Optional[Tensor] = None,
-    softcap: Optional[float] = None,
-    dropout_p: float = 0.0,
-    sinks: Optional[Tensor] = None,
-    return_lse: bool = False,
-):
+def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, *,
+                           causal: bool = False, scale: Optional[float] = None, window: Optional[tuple] = None,
+                           alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None,
+                           dropout_p: float = 0.0, sinks: Optional[Tensor] = None, return_lse: bool = False):
     """Exact attention over packed variable-length sequences (FlashAttention's varlen layout).
 
     Several sequences share one packed tensor with no padding; each attends only inside
@@ -322,17 +309,8 @@ def linear_attention(
     return dispatch.run("linear_attention", call)
 
 
-def linear_attention_varlen(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens: Tensor,
-    *,
-    causal: bool = False,
-    feature_map="elu",
-    normalize: bool = True,
-    eps: float = 1e-6,
-) -> Tensor:
+def linear_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, causal: bool = False,
+                            feature_map="elu", normalize: bool = True, eps: float = 1e-6) -> Tensor:
     """``linear_attention`` over packed variable-length sequences (FlashAttention's varlen layout).
 
     Several sequences share one packed tensor with no padding; each attends only inside
@@ -369,17 +347,8 @@ def linear_attention_varlen(
     return dispatch.run("linear_attention_varlen", call)
 
 
-def performer_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    projection: Tensor,
-    *,
-    causal: bool = False,
-    scale: Optional[float] = None,
-    kernel: str = "softmax",
-    eps: float = 1e-6,
-) -> Tensor:
+def performer_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
+                        scale: Optional[float] = None, kernel: str = "softmax", eps: float = 1e-6) -> Tensor:
     """Performer attention (Choromanski et al. 2021): FAVOR+ random features of softmax.
 
     Args:

@@ -51,23 +51,11 @@ def alibi_bias(slopes: Tensor, lq: int, lk: int, dtype: torch.dtype = torch.floa
     return -slopes[:, :, None, None] * dist
 
 
-def attention_reference(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool = False,
-    scale: Optional[float] = None,
-    window: Optional[tuple] = None,
-    attn_bias: Optional[Tensor] = None,
-    alibi_slopes: Optional[Tensor] = None,
-    softcap: Optional[float] = None,
-    dropout_p: float = 0.0,
-    dropout_mask: Optional[Tensor] = None,
-    sinks: Optional[Tensor] = None,
-    return_lse: bool = False,
-    upcast: bool = False,
-):
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
+                        window: Optional[tuple] = None, attn_bias: Optional[Tensor] = None,
+                        alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None,
+                        dropout_p: float = 0.0, dropout_mask: Optional[Tensor] = None,
+                        sinks: Optional[Tensor] = None, return_lse: bool = False, upcast: bool = False):
     """Exact attention in plain PyTorch, in the dtype of the inputs (or float32, ``upcast``).
 
     Args:

@@ -65,15 +65,9 @@ def feature_map(x: Tensor, name: Union[str, Callable[[Tensor], Tensor]]) -> Tens
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS} or a callable, got {name!r}")
 
 
-def performer_projection(
-    num_features: int,
-    head_dim: int,
-    *,
-    orthogonal: bool = True,
-    generator: Optional[torch.Generator] = None,
-    device=None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
+def performer_projection(num_features: int, head_dim: int, *, orthogonal: bool = True,
+                         generator: Optional[torch.Generator] = None, device=None,
+                         dtype: torch.dtype = torch.float32) -> Tensor:
     """Random projection W (num_features, head_dim) for FAVOR+ (Choromanski et al. 2021).
 
     Rows are Gaussian directions. ``orthogonal=True`` draws them in blocks of ``head_dim``
