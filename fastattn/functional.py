@@ -1,8 +1,9 @@
-"""Public attention functions: signatures and docstrings; each body checks, routes, calls.
+"""Public attention functions: signatures and docstrings; each body is ``check -> run``.
 
-Validation is ``fastattn.validation``; ``fastattn.backend.route`` decides which implementation
-runs (the kernels in ``fastattn/ops/<op>/op.py``, torch's fused SDPA, or the pure-PyTorch
-reference in ``fastattn/ops/<op>/reference.py``); the math of each op lives beside it.
+``fastattn.validation`` checks the arguments and builds one validated call record; the op's
+``fastattn/ops/<op>/dispatch.py: run`` asks ``fastattn.backend.route`` which implementation runs
+(the kernels in ``ops/<op>/op.py``, torch's fused SDPA, or the pure-PyTorch reference in
+``ops/<op>/reference.py``) and runs it.
 """
 from __future__ import annotations
 
