@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fastattn import validation
+from fastattn.validation import default_scale  # noqa: F401  (fastattn.nn reads the scale rule here)
 from fastattn.ops.flash import dispatch as flash_dispatch
 
 

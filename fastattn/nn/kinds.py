@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from fastattn import functional
 from fastattn.sparse import BlockSparseLayout
-from fastattn.validation import default_scale
 
 __all__ = ["Supports", "AttentionKind", "Flash", "Sparse", "Performer", "Linformer", "Linear",
            "ContextParallelAttention", "check_kind", "merge_padding"]
@@ -319,7 +318,7 @@ def attention_weights(q: Tensor, k: Tensor, *, causal: bool = False, scale: Opti
     (Hq,) or (B, Hq) slopes."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    scale = default_scale(d, scale)
+    scale = functional.default_scale(d, scale)
     k = k.repeat_interleave(hq // hkv, dim=1)  # (B, Hkv, Lk, D) -> (B, Hq, Lk, D)
     s = (q @ k.transpose(-1, -2)) * scale  # (B, Hq, Lq, Lk)
     i = torch.arange(lq, device=q.device)[:, None] + (lk - lq)  # query i's diagonal (bottom-right)
