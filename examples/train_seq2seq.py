@@ -23,6 +23,7 @@ import torch
 
 import fastattn
 from fastattn.models import EncoderDecoder, EncoderDecoderConfig
+from fastattn.nn import Flash, Linear
 
 import training  # examples/training.py: the loop pieces the examples share (not part of fastattn)
 
@@ -124,8 +125,9 @@ def main(argv=None) -> dict:
     test, train = perm[:args.test], perm[args.test:]
     print(f"task: spelled-out numbers 0..{args.max_number:,} -> digits; {len(train):,} training numbers, "
           f"{len(test):,} held out. e.g. {' '.join(spell(int(test[0])))!r} -> {int(test[0])}")
+    attention = {"flash": Flash(), "linear": Linear()}[args.attention]
     cfg = EncoderDecoderConfig(vocab_size=len(VOCAB), d_model=args.d_model, n_layers=args.layers,
-                               n_heads=args.heads, positional="learned", max_seq_len=16, attention=args.attention,
+                               n_heads=args.heads, positional="learned", max_seq_len=16, attention=attention,
                                pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
     model = EncoderDecoder(cfg).to(device)
     print(f"EncoderDecoder: {training.count_parameters(model):,} parameters, {args.layers}+{args.layers} layers, "

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional
 
 import torch
+
+from fastattn._env import capability, interpreting
 
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -61,45 +62,6 @@ def use_backend(name: str) -> Iterator[None]:
 
 def current_backend() -> str:
     return _state["backend"]
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def gpu_tiles() -> bool:
-    """Whether the launchers pick the tile sizes (and the TMA reads, ``ops._launch.tma``) they
-    use on a GPU: always when compiled, and under the interpreter only with
-    FASTATTN_GPU_TILES=1. The interpreter's own tiles are smaller (faster in NumPy), so without
-    this the GPU's launches would never be checked on a machine without a GPU;
-    tests/test_gpu_tiles.py sets it."""
-    return not interpreting() or os.environ.get("FASTATTN_GPU_TILES", "0") not in ("", "0")
-
-
-# Shared memory one block may use (bytes, opt-in) by compute capability (major * 10 + minor),
-# for the GPUs fastattn has tiles for: what a faked capability (FASTATTN_GPU_ARCH) stands for.
-ARCH_SHARED_BYTES = {75: 65536, 80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
-
-
-def capability(device: torch.device) -> Optional[int]:
-    """The compute capability the kernels compile for on ``device``, as major * 10 + minor (89
-    for 8.9): the CUDA device's own when compiled; under the interpreter with
-    FASTATTN_GPU_TILES=1, the one FASTATTN_GPU_ARCH names (default 90, the H100), so the tests
-    run any GPU's launches without one; None under the interpreter's own tiles.
-
-    Raises:
-        ValueError: FASTATTN_GPU_ARCH is not a key of ``ARCH_SHARED_BYTES``.
-    """
-    if not interpreting():
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
-    if not gpu_tiles():
-        return None
-    name = os.environ.get("FASTATTN_GPU_ARCH", "90")
-    if not name.isdigit() or int(name) not in ARCH_SHARED_BYTES:
-        raise ValueError(f"FASTATTN_GPU_ARCH must be one of {sorted(ARCH_SHARED_BYTES)}, got {name!r}")
-    return int(name)
 
 
 @torch.compiler.assume_constant_result
@@ -166,6 +128,11 @@ def refusals(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     return reasons
 
 
+def triton_refusal(op: str, reasons: list) -> ValueError:
+    """The error of ``use_backend("triton")`` for a call the kernels cannot take, with every reason."""
+    return ValueError(f"{op}: the triton backend cannot take this input: " + "; ".join(reasons))
+
+
 class Route(NamedTuple):
     """Where a call goes: "kernel", "torch_sdpa" or "reference", and why not the kernels."""
 
@@ -200,5 +167,5 @@ def route(op: str, family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if not reasons:
         return Route("kernel")
     if backend == "triton":
-        raise ValueError(f"{op}: the triton backend cannot take this input: " + "; ".join(reasons))
+        raise triton_refusal(op, reasons)
     return Route("torch_sdpa" if torch_sdpa else "reference", tuple(reasons))

@@ -1,56 +1,20 @@
-"""Public attention functions: signatures and docstrings; each body checks, routes, calls.
+"""Public attention functions: signatures and docstrings; each body is ``check -> run``.
 
-Validation is ``fastattn.validation``; ``fastattn.backend.route`` decides which implementation
-runs (the kernels in ``fastattn/ops/<op>/op.py``, torch's fused SDPA, or the pure-PyTorch
-reference in ``fastattn/ops/<op>/reference.py``); the math of each op lives beside it.
+``fastattn.validation`` checks the arguments and builds one validated call record; the op's
+``fastattn/ops/<op>/dispatch.py: run`` asks ``fastattn.backend.route`` which implementation runs
+(the kernels in ``ops/<op>/op.py``, torch's fused SDPA, or the pure-PyTorch reference in
+``ops/<op>/reference.py``) and runs it.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from fastattn import backend
-from fastattn.backend import TORCH_SDPA
-from fastattn.ops.flash.fallback import sdpa_attention, sdpa_expressible
-from fastattn.ops.flash.reference import attention_reference, band_from
-from fastattn.validation import (check_alibi, check_bias, check_decode, check_eps, check_linear, check_options,
-                                 check_qkv, check_sinks, check_varlen, default_scale, shape_str)
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _flash(op, q, k, v, *, band, scale, attn_bias=None, alibi_slopes=None, softcap=None, dropout_p=0.0,
-           sinks=None, need_lse=False):
-    """Validated flash inputs -> (out, lse) from the route's implementation. lse is None when
-    it was not asked for and torch's SDPA ran."""
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    expressible = sinks is None and sdpa_expressible(q, k, band=band, attn_bias=attn_bias,
-                                                     alibi_slopes=alibi_slopes, softcap=softcap, need_lse=need_lse)
-    # The kernels give no gradient for ALiBi slopes: a call that needs one runs the reference.
-    extra = ["alibi_slopes requires grad; the kernels compute no gradient for the slopes"] \
-        if _needs_grad(alibi_slopes) else []
-    route = backend.route(op, "flash", q, k, v, torch_sdpa=expressible, extra_refusals=extra)
-    if route.impl == "kernel":
-        from fastattn.ops.flash import op as flash_op  # imports triton, so only when used
-
-        # 4-D, unexpanded: the op reads it in place and gives its gradient in its own shape.
-        bias = None if attn_bias is None else attn_bias[(None,) * (4 - attn_bias.dim())]
-        # The seed is drawn from torch's generator on the device, so torch.manual_seed governs
-        # dropout and nothing syncs with the host.
-        seed = torch.randint(0, 2**62, (1,), device=q.device) if dropout_p > 0 else None
-        return flash_op.flash_attn(
-            q, k, v, bias=bias, alibi=alibi_slopes, seed=seed, sinks=sinks, scale=scale, softcap=softcap,
-            dropout_p=float(dropout_p), window_left=band[0], window_right=band[1])
-    if route.impl == "torch_sdpa":
-        return sdpa_attention(q, k, v, band=band, scale=scale, attn_bias=attn_bias, dropout_p=dropout_p), None
-    return attention_reference(
-        q, k, v, window=band, scale=scale, attn_bias=attn_bias, alibi_slopes=alibi_slopes,
-        softcap=softcap, dropout_p=dropout_p, sinks=sinks, return_lse=True, upcast=True)
+from fastattn import validation
+from fastattn.validation import default_scale  # noqa: F401  (fastattn.nn reads the scale rule here)
+from fastattn.ops.flash import dispatch as flash_dispatch
 
 
 def flash_attention(
@@ -104,36 +68,17 @@ def flash_attention(
         out = dropout(softmax(s, -1)) @ v.repeat_interleave(Hq // Hkv, 1)
         # with sinks: softmax(cat([s, sinks[None, :, None, None].expand(B, Hq, Lq, 1)], -1), -1)[..., :Lk]
     """
-    op = "flash_attention"
-    check_qkv(op, q, k, v)
-    check_bias(op, "attn_bias", attn_bias, q, k)
-    check_options(op, q, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
-                  dropout_p=dropout_p)
-    check_sinks(op, sinks, q.shape[1], q.device)
-    out, lse = _flash(op, q, k, v, band=band_from(causal, window), scale=scale, attn_bias=attn_bias,
-                      alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, sinks=sinks,
-                      need_lse=return_lse)
-    return (out, lse) if return_lse else out
+    call = validation.check_flash("flash_attention", q, k, v, causal=causal, scale=scale, window=window,
+                                  attn_bias=attn_bias, alibi_slopes=alibi_slopes, softcap=softcap,
+                                  dropout_p=dropout_p, sinks=sinks, return_lse=return_lse)
+    return flash_dispatch.run("flash_attention", call)
 
 
-def flash_attention_varlen(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    max_seqlen_q: Optional[int] = None,
-    max_seqlen_k: Optional[int] = None,
-    *,
-    causal: bool = False,
-    scale: Optional[float] = None,
-    window: Optional[tuple] = None,
-    alibi_slopes: Optional[Tensor] = None,
-    softcap: Optional[float] = None,
-    dropout_p: float = 0.0,
-    sinks: Optional[Tensor] = None,
-    return_lse: bool = False,
-):
+def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, *,
+                           causal: bool = False, scale: Optional[float] = None, window: Optional[tuple] = None,
+                           alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None,
+                           dropout_p: float = 0.0, sinks: Optional[Tensor] = None, return_lse: bool = False):
     """Exact attention over packed variable-length sequences (FlashAttention's varlen layout).
 
     Several sequences share one packed tensor with no padding; each attends only inside
@@ -167,39 +112,11 @@ def flash_attention_varlen(
             q_b.transpose(0, 1)[None], k_b.transpose(0, 1)[None], v_b.transpose(0, 1)[None],
             causal=causal, ...)[0].transpose(0, 1)
     """
-    op = "flash_attention_varlen"
-    check_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    check_options(op, q.transpose(0, 1)[None], scale=scale, window=window, softcap=softcap, dropout_p=dropout_p)
-    check_alibi(op, alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device)
-    check_sinks(op, sinks, q.shape[1], q.device)
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    band = band_from(causal, window)
-    packed = [t.transpose(0, 1)[None] for t in (q, k, v)]  # (total, H, D) -> (1, H, total, D): views
-    extra = ["alibi_slopes requires grad; the kernels compute no gradient for the slopes"] \
-        if _needs_grad(alibi_slopes) else []
-    route = backend.route(op, "flash", *packed, torch_sdpa=not return_lse and sinks is None, extra_refusals=extra)
-    if route.impl == "kernel":
-        from fastattn.ops.flash import op as flash_op  # imports triton, so only when used
-
-        seed = torch.randint(0, 2**62, (1,), device=q.device) if dropout_p > 0 else None
-        out, lse = flash_op.flash_attn(
-            *packed, alibi=alibi_slopes, seed=seed, sinks=sinks, scale=scale, softcap=softcap, dropout_p=float(dropout_p),
-            window_left=band[0], window_right=band[1], cu_seqlens_q=cu_seqlens_q.contiguous(),
-            cu_seqlens_k=cu_seqlens_k.contiguous())
-        out, lse = out[0].transpose(0, 1), lse[0]  # (1, Hq, total, Dv) -> (total, Hq, Dv); lse (Hq, total)
-    elif route.impl == "torch_sdpa":
-        from fastattn.ops.flash import fallback
-
-        out, lse = fallback.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, band=band, scale=scale,
-                                             alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
-                                             sinks=sinks)
-    else:
-        from fastattn.ops.flash.reference import varlen_attention_reference
-
-        out, lse = varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, window=band, scale=scale,
-                                              alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
-                                              sinks=sinks, return_lse=True, upcast=True)
-    return (out, lse) if return_lse else out
+    call = validation.check_flash_varlen(
+        "flash_attention_varlen", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+        scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, sinks=sinks,
+        return_lse=return_lse)
+    return flash_dispatch.run("flash_attention_varlen", call)
 
 
 def scaled_dot_product_attention(
@@ -245,110 +162,8 @@ def scaled_dot_product_attention(
 
     Equivalent code: ``torch.nn.functional.scaled_dot_product_attention`` itself.
     """
-    op = "scaled_dot_product_attention"
-    call, why_not = _sdpa_as_flash(op, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if call is not None:
-        q, k, v, band, mask, out_shape = call
-        route = backend.route(op, "flash", q, k, v, torch_sdpa=True)
-        if route.impl == "kernel":
-            out, _ = _flash(op, q, k, v, band=band, scale=scale, attn_bias=mask, dropout_p=dropout_p)
-            return out.reshape(*out_shape, out.shape[-1])  # (B, Hq, Lq, Ev) -> (*batch, Hq, Lq, Ev)
-    elif why_not is not None and backend.current_backend() == "triton":
-        raise ValueError(f"{op}: the triton backend cannot take this input: {why_not}")
-    # Everything the kernels do not run is torch's own function, so it behaves exactly as torch.
-    return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                      scale=scale, enable_gqa=enable_gqa)
-
-
-def _sdpa_as_flash(op, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """torch's SDPA arguments -> ((q, k, v, band, mask, out_shape), None) for the flash op, on
-    4-D (B, H, L, E) views of the inputs; or (None, why) for a call only torch's own function
-    runs (torch then gives its own result or error; why is None for an empty input, which
-    every backend hands to torch: nothing to compute). Raises ValueError for what torch refuses
-    too, where fastattn has always named the argument (GQA heads without enable_gqa, a mask
-    that is neither a Tensor nor a CausalBias)."""
-    tensors = (query, key, value)
-    if not all(isinstance(t, Tensor) for t in tensors):
-        return None, "query, key and value must be plain Tensors"
-    if min(t.dim() for t in tensors) < 2:
-        return None, "query, key and value must have at least 2 dims (L, E)"
-    if any(t.is_nested for t in tensors):
-        return None, "nested tensors go to torch's SDPA"
-    if len({t.dtype for t in tensors}) > 1 or len({t.device for t in tensors}) > 1:
-        return None, "query, key and value differ in dtype or device"
-    if not query.dtype.is_floating_point:
-        return None, f"dtype {query.dtype} is not floating point"
-    if any(t.numel() == 0 for t in tensors):
-        return None, None
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        return None, f"dropout_p {dropout_p!r} is not in [0, 1)"
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        return None, f"scale {scale!r} is not a finite float"
-    # Pad every input to the same rank (at least 3: heads, L, E); dims before heads are batch.
-    rank = max(3, *(t.dim() for t in tensors))
-    q, k, v = (t.reshape((1,) * (rank - t.dim()) + t.shape) for t in tensors)  # views
-    try:
-        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
-    except RuntimeError:
-        return None, f"batch dims of {shape_str(query)}, {shape_str(key)}, {shape_str(value)} do not broadcast"
-    hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
-    if hk != hv or k.shape[-2] != v.shape[-2] or q.shape[-1] != k.shape[-1]:
-        return None, f"key {shape_str(key)} and value {shape_str(value)} do not fit query {shape_str(query)}"
-    if hq == 1 and hk > 1:
-        hq = hk  # query heads broadcast over the key/value heads
-    elif hq != hk and hk != 1:  # one kv head broadcasts; anything else is grouped-query attention
-        if not enable_gqa:
-            raise ValueError(f"{op}: query heads ({hq}) differ from key heads ({hk}); "
-                             "pass enable_gqa=True for grouped-query attention")
-        if hq % hk:
-            raise ValueError(f"{op}: query heads ({hq}) must be a multiple of key/value heads ({hk})")
-    lq, lk, nb = q.shape[-2], k.shape[-2], math.prod(batch)
-    # (*batch, H, L, E) -> (B, H, L, E): a view for ordinary layouts, a copy only when
-    # broadcast (stride-0) batch dims cannot merge with the others.
-    q = q.expand(*batch, hq, lq, q.shape[-1]).reshape(nb, hq, lq, q.shape[-1])
-    k = k.expand(*batch, hk, lk, k.shape[-1]).reshape(nb, hk, lk, k.shape[-1])
-    v = v.expand(*batch, hv, lk, v.shape[-1]).reshape(nb, hv, lk, v.shape[-1])
-    band, mask = (None, None), attn_mask
-    if attn_mask is not None and (_is_causal_bias(attn_mask) or not isinstance(attn_mask, Tensor)):
-        band, mask = _causal_bias_band(op, attn_mask, lq, lk), None
-    if is_causal:  # with a mask too, both apply, as torch's default path does
-        band = (None, lq - lk)  # top-left: j <= i, i.e. rel = j - i - (lk - lq) <= lq - lk
-    if mask is not None:
-        if mask.dim() < 2 or mask.device != query.device or mask.dtype not in (torch.bool, query.dtype):
-            return None, (f"attn_mask ({mask.dtype}, {mask.dim()}-D, on {mask.device}) is not a bool or "
-                          f"{query.dtype} mask of 2+ dims on {query.device}")
-        full = (*batch, hq, lq, lk)
-        try:
-            if torch.broadcast_shapes(mask.shape, full) != full:
-                raise RuntimeError
-        except RuntimeError:
-            return None, f"attn_mask {shape_str(mask)} does not broadcast to {full}"
-        mask = mask.expand(full).reshape(nb, hq, lq, lk)  # (*batch, Hq, Lq, Lk) -> (B, Hq, Lq, Lk)
-    out_shape = (*batch, hq, lq) if query.dim() > 2 or key.dim() > 2 else (lq,)
-    return (q, k, v, band, mask, out_shape), None
-
-
-def _is_causal_bias(mask) -> bool:
-    try:
-        from torch.nn.attention.bias import CausalBias
-    except ImportError:  # an older torch
-        return False
-    return isinstance(mask, CausalBias)  # a Tensor subclass
-
-
-def _causal_bias_band(op: str, mask, lq: int, lk: int) -> tuple:
-    """torch's CausalBias objects -> band. Lower-right is ours; upper-left is torch's is_causal."""
-    from torch.nn.attention.bias import CausalVariant
-
-    if not _is_causal_bias(mask):
-        raise ValueError(f"{op}: attn_mask must be a Tensor, a CausalBias or None, got {type(mask).__name__}")
-    if (mask.seq_len_q, mask.seq_len_kv) != (lq, lk):
-        raise ValueError(
-            f"{op}: causal bias is for ({mask.seq_len_q}, {mask.seq_len_kv}) but the inputs have "
-            f"Lq={lq}, Lk={lk}")
-    if mask.variant == CausalVariant.LOWER_RIGHT:
-        return (None, 0)
-    return (None, lq - lk)
+    return flash_dispatch.run_sdpa("scaled_dot_product_attention", query, key, value, attn_mask, dropout_p,
+                                   is_causal, scale, enable_gqa)
 
 
 def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, *,
@@ -440,7 +255,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     """
     from fastattn.ops.decode import dispatch
 
-    call = check_decode("attention_with_kvcache", q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new,
+    call = validation.check_decode("attention_with_kvcache", q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new,
                         causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
                         num_splits=num_splits, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                         rotary_interleaved=rotary_interleaved, block_table=block_table, cu_seqlens_q=cu_seqlens_q,
@@ -450,50 +265,6 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
 
 # ---------------------------------------------------------------------------------------
 # Linear-complexity attention (fastattn/ops/linear)
-
-def _linear(op, q, k, v, *, feature, causal, normalize, eps, cu_seqlens=None):
-    """Validated inputs -> out. q/k are the inputs of the elementwise map ``feature``
-    ("identity" when the features were computed in torch). With ``cu_seqlens`` (int32 (S+1,))
-    q/k/v are packed, (total, H, .), and so is out."""
-    if cu_seqlens is None:
-        views, extra = (q, k, v), []
-    else:
-        views = [t.transpose(0, 1)[None] for t in (q, k, v)]  # (total, H, .) -> (1, H, total, .): views
-        n_seq = cu_seqlens.numel() - 1
-        extra = [f"{n_seq} sequences exceed {backend.MAX_GRID_YZ}, CUDA's limit on a launch grid's third axis"] \
-            if n_seq > backend.MAX_GRID_YZ else []
-    route = backend.route(op, "linear", *views, extra_refusals=extra)
-    if route.impl == "kernel":
-        from fastattn.ops.linear import op as linear_op  # imports triton, so only when used
-
-        out = linear_op.linear_attn(*views, feature=feature, causal=causal, normalize=normalize, eps=eps,
-                                    cu_seqlens=cu_seqlens)
-        return out if cu_seqlens is None else out[0].transpose(0, 1)  # (1, H, total, Dv) -> (total, H, Dv)
-    from fastattn.ops.linear import reference as linear_ref
-
-    fq, fk = linear_ref.feature_map(q, feature), linear_ref.feature_map(k, feature)
-    if cu_seqlens is None:
-        return linear_ref.linear_attention_chunked(fq, fk, v, causal=causal, normalize=normalize, eps=eps)
-    return linear_ref.linear_attention_varlen(fq, fk, v, cu_seqlens, causal=causal, normalize=normalize, eps=eps,
-                                              chunk_size=64)
-
-
-def _linear_features(op, q, k, feature_map):
-    """(q, k, feature) for the kernels: a callable feature map runs here, in torch, and must
-    keep every dim but the last, and the dtype; a named one is checked and applied later."""
-    if callable(feature_map):
-        fq, fk = feature_map(q), feature_map(k)
-        for name, t, x in (("feature_map(q)", fq, q), ("feature_map(k)", fk, k)):
-            if not isinstance(t, Tensor) or t.dim() != x.dim():
-                raise ValueError(f"{op}: {name} must return a {x.dim()}-D Tensor")
-            if t.dtype != x.dtype or t.shape[:-1] != x.shape[:-1]:
-                raise ValueError(f"{op}: {name} must keep its input's dtype {x.dtype} and all dims but the last "
-                                 f"{tuple(x.shape[:-1])}, got {t.dtype} {shape_str(t)}")
-        return fq, fk, "identity"
-    if feature_map not in ("elu", "relu", "identity"):
-        raise ValueError(f"{op}: feature_map must be 'elu', 'relu', 'identity' or a callable, got {feature_map!r}")
-    return q, k, feature_map
-
 
 def linear_attention(
     q: Tensor,
@@ -533,25 +304,15 @@ def linear_attention(
         a = fq @ fk.transpose(-1, -2)            # tril() if causal
         out = (a @ v.repeat_interleave(Hq // Hkv, 1)) / (a.sum(-1, keepdim=True) + eps)
     """
-    op = "linear_attention"
-    check_qkv(op, q, k, v)
-    check_eps(op, eps)
-    q, k, feature = _linear_features(op, q, k, feature_map)
-    check_linear(op, q, k, v, causal)
-    return _linear(op, q, k, v, feature=feature, causal=bool(causal), normalize=bool(normalize), eps=eps)
+    from fastattn.ops.linear import dispatch
+
+    call = validation.check_linear_call("linear_attention", q, k, v, causal=causal, feature_map=feature_map,
+                                        normalize=normalize, eps=eps)
+    return dispatch.run("linear_attention", call)
 
 
-def linear_attention_varlen(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens: Tensor,
-    *,
-    causal: bool = False,
-    feature_map="elu",
-    normalize: bool = True,
-    eps: float = 1e-6,
-) -> Tensor:
+def linear_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, causal: bool = False,
+                            feature_map="elu", normalize: bool = True, eps: float = 1e-6) -> Tensor:
     """``linear_attention`` over packed variable-length sequences (FlashAttention's varlen layout).
 
     Several sequences share one packed tensor with no padding; each attends only inside
@@ -581,26 +342,15 @@ def linear_attention_varlen(
 
         out[cu_seqlens[s]:cu_seqlens[s+1]] = linear_attention(q_s, k_s, v_s, causal=causal, ...)[0].transpose(0, 1)
     """
-    op = "linear_attention_varlen"
-    check_varlen(op, q, k, v, cu_seqlens, cu_seqlens, None, None)
-    check_eps(op, eps)
-    q, k, feature = _linear_features(op, q, k, feature_map)
-    check_qkv(op, *(t.transpose(0, 1)[None] for t in (q, k, v)))  # the features, as (1, H, total, .) views
-    return _linear(op, q, k, v, feature=feature, causal=bool(causal), normalize=bool(normalize), eps=eps,
-                   cu_seqlens=cu_seqlens)
+    from fastattn.ops.linear import dispatch
+
+    call = validation.check_linear_call("linear_attention_varlen", q, k, v, causal=causal, feature_map=feature_map,
+                                        normalize=normalize, eps=eps, cu_seqlens=cu_seqlens)
+    return dispatch.run("linear_attention_varlen", call)
 
 
-def performer_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    projection: Tensor,
-    *,
-    causal: bool = False,
-    scale: Optional[float] = None,
-    kernel: str = "softmax",
-    eps: float = 1e-6,
-) -> Tensor:
+def performer_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
+                        scale: Optional[float] = None, kernel: str = "softmax", eps: float = 1e-6) -> Tensor:
     """Performer attention (Choromanski et al. 2021): FAVOR+ random features of softmax.
 
     Args:
@@ -632,27 +382,11 @@ def performer_attention(
         a = fq @ fk.transpose(-1, -2)            # tril() if causal
         out = (a @ v) / (a.sum(-1, keepdim=True) + favor_eps(eps, sq, sk))
     """
-    op = "performer_attention"
-    check_qkv(op, q, k, v)
-    check_eps(op, eps)
-    if not isinstance(projection, Tensor) or projection.dim() != 2 or projection.shape[1] != q.shape[-1] \
-            or projection.shape[0] < 1:
-        shape = shape_str(projection) if isinstance(projection, Tensor) else type(projection).__name__
-        raise ValueError(f"{op}: projection must be (num_features >= 1, head_dim={q.shape[-1]}), got {shape}")
-    if not projection.dtype.is_floating_point:
-        raise ValueError(f"{op}: projection must be floating point, got {projection.dtype}")
-    if projection.device != q.device:
-        raise ValueError(f"{op}: projection is on {projection.device} but q is on {q.device}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"{op}: scale must be a positive float or None, got {scale!r}")
-    if kernel not in ("softmax", "relu"):
-        raise ValueError(f"{op}: kernel must be 'softmax' or 'relu', got {kernel!r}")
-    check_linear(op, q, k, v, causal)
-    from fastattn.ops.linear.performer import performer_features
+    from fastattn.ops.linear import dispatch
 
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    fq, fk, eps = performer_features(q, k, projection, kernel=kernel, scale=scale, eps=eps)
-    return _linear(op, fq, fk, v, feature="identity", causal=bool(causal), normalize=True, eps=eps)
+    call = validation.check_performer("performer_attention", q, k, v, projection, causal=causal, scale=scale,
+                                      kernel=kernel, eps=eps)
+    return dispatch.run_performer("performer_attention", call)
 
 
 def performer_projection(
@@ -673,11 +407,7 @@ def performer_projection(
 
     Equivalent code (i.i.d.): ``torch.randn(num_features, head_dim, generator=generator)``.
     """
-    for name, n in (("num_features", num_features), ("head_dim", head_dim)):
-        if not (isinstance(n, int) and n >= 1):
-            raise ValueError(f"performer_projection: {name} must be an int >= 1, got {n!r}")
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"performer_projection: dtype must be a floating-point torch.dtype, got {dtype!r}")
+    validation.check_projection_size("performer_projection", num_features, head_dim, dtype)
     from fastattn.ops.linear import reference as linear_ref
 
     return linear_ref.performer_projection(num_features, head_dim, orthogonal=orthogonal,
@@ -718,25 +448,7 @@ def linformer_attention(
         kp, vp = e_proj @ k, f_proj @ v          # (B, Hkv, P, D), (B, Hkv, P, Dv)
         out = torch.nn.functional.scaled_dot_product_attention(q, kp, vp, scale=scale, enable_gqa=True)
     """
-    op = "linformer_attention"
-    if causal:
-        raise ValueError(
-            f"{op}: causal=True is not supported: Linformer is non-causal by design (each projected "
-            "key/value row is a mix of all sequence positions, future ones included). Use "
-            "flash_attention(causal=True) or linear_attention(causal=True) instead.")
-    check_qkv(op, q, k, v)
-    hkv, lk = k.shape[1], k.shape[2]
-    for name, p in (("e_proj", e_proj), ("f_proj", f_proj)):
-        if not isinstance(p, Tensor):
-            raise ValueError(f"{op}: {name} must be a Tensor, got {type(p).__name__}")
-        if not (p.dim() == 2 or (p.dim() == 3 and p.shape[0] == hkv)) or p.shape[-1] != lk or p.shape[-2] < 1:
-            raise ValueError(f"{op}: {name} must be (P, Lk={lk}) or (Hkv={hkv}, P, Lk={lk}), got {shape_str(p)}")
-        if p.dtype != q.dtype or p.device != q.device:
-            raise ValueError(f"{op}: {name} must have q's dtype {q.dtype} and device {q.device}, got "
-                             f"{p.dtype} on {p.device}")
-    if e_proj.shape[-2] != f_proj.shape[-2]:
-        raise ValueError(f"{op}: e_proj {shape_str(e_proj)} and f_proj {shape_str(f_proj)} must project to the "
-                         "same number of rows")
+    validation.check_linformer("linformer_attention", q, k, v, e_proj, f_proj, causal)
     from fastattn.ops.linear.reference import linformer_project
 
     return flash_attention(q, linformer_project(k, e_proj), linformer_project(v, f_proj), scale=scale)
@@ -775,25 +487,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool = 
         s = s.masked_fill(~mask | (causal & (j > i + Lk - Lq)), -inf)
         out = softmax(s, -1).nan_to_num(0) @ v.repeat_interleave(Hq // Hkv, 1)
     """
-    from fastattn.sparse import BlockSparseLayout
+    from fastattn.ops.sparse import dispatch
 
-    op = "sparse_attention"
-    check_qkv(op, q, k, v)
-    check_options(op, q, scale=scale)
-    if not isinstance(layout, BlockSparseLayout):
-        raise ValueError(f"{op}: layout must be a fastattn.sparse.BlockSparseLayout, got {type(layout).__name__}")
-    layout.check_for(op, q, k)
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
-    crow, col, ccol, row, dense = layout.device_tensors(q.device)
-    route = backend.route(op, "sparse", q, k, v)
-    if route.impl == "kernel":
-        from fastattn.ops.sparse import op as sparse_op  # imports triton, so only when used
-
-        out, lse = sparse_op.sparse_attn(q, k, v, crow, col, ccol, row, block_size=layout.block_size,
-                                         scale=scale, causal=bool(causal))
-    else:
-        from fastattn.ops.sparse.reference import sparse_attention_blocked
-
-        out, lse = sparse_attention_blocked(q, k, v, dense, layout.block_size, causal=causal, scale=scale,
-                                            return_lse=return_lse)
-    return (out, lse) if return_lse else out
+    call = validation.check_sparse("sparse_attention", q, k, v, layout, causal=causal, scale=scale,
+                                   return_lse=return_lse)
+    return dispatch.run("sparse_attention", call)

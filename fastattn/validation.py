@@ -16,9 +16,20 @@ def shape_str(t: Tensor) -> str:
     return "x".join(str(s) for s in t.shape)
 
 
-def default_scale(head_dim: int) -> float:
-    """``1 / sqrt(head_dim)``; with head_dim 0 every score is 0 whatever the scale, so 1."""
+def default_scale(head_dim: int, scale: Optional[float] = None) -> float:
+    """The score scale: ``scale`` as a float when given, else ``1 / sqrt(head_dim)`` (with
+    head_dim 0 every score is 0 whatever the scale, so 1)."""
+    if scale is not None:
+        return float(scale)
     return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+
+
+def band_from(causal: bool, window: Optional[tuple]) -> tuple[Optional[int], Optional[int]]:
+    """Combine ``causal`` and ``window=(left, right)`` into one band ``(left, right)``."""
+    left, right = (None, None) if window is None else window
+    if causal:  # causal is the band's right edge at the diagonal
+        right = 0 if right is None else min(right, 0)
+    return left, right
 
 
 def check_tensors(op: str, q: Tensor, **others: Tensor) -> None:
@@ -436,14 +447,11 @@ def check_decode(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seq
         key_range = check_cache_lengths(op, k_cache, layout.lmax, seqlens, lnew, lq, rotary_cos)
         if layout.paged:
             check_paged_values(op, block_table, layout.num_pages, layout.page_size, seqlens, lnew)
-    left, right = (None, None) if window is None else window
-    if causal:  # causal is the band's right edge at the diagonal
-        right = 0 if right is None else min(right, 0)
     grads = (q, k_cache, v_cache, k_new, v_new, alibi_slopes, rotary_cos, rotary_sin, sinks)
     contiguous = (lambda t: None if t is None else t.contiguous())  # noqa: E731
     return DecodeCall(
         q, k_cache, v_cache, seqlens.to(torch.int32).contiguous(), k_new, v_new, layout,
-        default_scale(q.shape[-1]) if scale is None else float(scale), (left, right), alibi_slopes, softcap or None,
+        default_scale(q.shape[-1], scale), band_from(causal, window), alibi_slopes, softcap,
         num_splits, contiguous(rotary_cos), contiguous(rotary_sin), rotary_interleaved, contiguous(block_table),
         contiguous(cu_seqlens_q), max_seqlen_q, key_range, sinks,
         return_lse, torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads))
@@ -475,3 +483,202 @@ def check_cache_lengths(op: str, k_cache: Tensor, lmax: int, seqlens: Tensor, ln
             raise ValueError(f"{op}: rotary_cos {shape_str(rotary_cos)} covers {rotary_cos.shape[0]} "
                              f"positions; the longest sequence reaches position {end - 1}")
     return least, end
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class FlashCall(NamedTuple):
+    """flash_attention's (or flash_attention_varlen's) arguments, validated (see their docstrings).
+
+    q, k, v as given: (B, Hq, Lq, D) / (B, Hkv, Lk, D / Dv), or packed (total, H, D) with
+    ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 (B+1,), contiguous). ``band``: causal and window
+    as one (left, right) band; ``scale`` resolved. ``attn_bias``: broadcastable to
+    (B, Hq, Lq, Lk) or None (never packed). ``alibi_grad``: the slopes require grad."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    band: tuple
+    scale: float
+    attn_bias: Optional[Tensor]
+    alibi_slopes: Optional[Tensor]
+    softcap: Optional[float]
+    dropout_p: float
+    sinks: Optional[Tensor]
+    return_lse: bool
+    cu_seqlens_q: Optional[Tensor] = None
+    cu_seqlens_k: Optional[Tensor] = None
+
+    @property
+    def alibi_grad(self) -> bool:
+        return _needs_grad(self.alibi_slopes)
+
+
+def check_flash(op: str, q: Tensor, k: Tensor, v: Tensor, *, causal, scale, window, attn_bias, alibi_slopes,
+                softcap, dropout_p, sinks, return_lse) -> FlashCall:
+    """Every check of flash_attention (its docstring lists what raises); returns the validated call."""
+    check_qkv(op, q, k, v)
+    check_bias(op, "attn_bias", attn_bias, q, k)
+    check_options(op, q, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+                  dropout_p=dropout_p)
+    check_sinks(op, sinks, q.shape[1], q.device)
+    return FlashCall(q, k, v, band_from(causal, window), default_scale(q.shape[-1], scale),
+                     attn_bias, alibi_slopes, softcap, float(dropout_p), sinks, bool(return_lse))
+
+
+def check_flash_varlen(op: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                       max_seqlen_k, *, causal, scale, window, alibi_slopes, softcap, dropout_p, sinks,
+                       return_lse) -> FlashCall:
+    """Every check of flash_attention_varlen (its docstring lists what raises); returns the
+    validated call."""
+    check_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_options(op, q.transpose(0, 1)[None], scale=scale, window=window, softcap=softcap, dropout_p=dropout_p)
+    check_alibi(op, alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device)
+    check_sinks(op, sinks, q.shape[1], q.device)
+    return FlashCall(q, k, v, band_from(causal, window), default_scale(q.shape[-1], scale),
+                     None, alibi_slopes, softcap, float(dropout_p), sinks, bool(return_lse),
+                     cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
+
+
+class LinearCall(NamedTuple):
+    """linear_attention's (or its varlen form's) arguments, validated. q, k are the inputs of the
+    elementwise map ``feature`` ("identity" when the features were computed in torch); with
+    ``cu_seqlens`` (int32 (S+1,)) q, k, v are packed, (total, H, .)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    feature: str
+    causal: bool
+    normalize: bool
+    eps: float
+    cu_seqlens: Optional[Tensor] = None
+
+
+def check_features(op: str, q: Tensor, k: Tensor, feature_map) -> tuple:
+    """(q, k, feature) for the kernels: a callable feature map runs here, in torch, and must keep
+    every dim but the last, and the dtype; a named one ("elu", "relu", "identity") is applied by
+    the op. Raises ValueError for any other feature_map or a callable's wrong output."""
+    if callable(feature_map):
+        fq, fk = feature_map(q), feature_map(k)
+        for name, t, x in (("feature_map(q)", fq, q), ("feature_map(k)", fk, k)):
+            if not isinstance(t, Tensor) or t.dim() != x.dim():
+                raise ValueError(f"{op}: {name} must return a {x.dim()}-D Tensor")
+            if t.dtype != x.dtype or t.shape[:-1] != x.shape[:-1]:
+                raise ValueError(f"{op}: {name} must keep its input's dtype {x.dtype} and all dims but the last "
+                                 f"{tuple(x.shape[:-1])}, got {t.dtype} {shape_str(t)}")
+        return fq, fk, "identity"
+    if feature_map not in ("elu", "relu", "identity"):
+        raise ValueError(f"{op}: feature_map must be 'elu', 'relu', 'identity' or a callable, got {feature_map!r}")
+    return q, k, feature_map
+
+
+def check_linear_call(op: str, q: Tensor, k: Tensor, v: Tensor, *, causal, feature_map, normalize, eps,
+                      cu_seqlens=None) -> LinearCall:
+    """Every check of linear_attention (with ``cu_seqlens``: linear_attention_varlen); returns the
+    validated call, with a callable feature map already applied."""
+    if cu_seqlens is None:
+        check_qkv(op, q, k, v)
+    else:
+        check_varlen(op, q, k, v, cu_seqlens, cu_seqlens, None, None)
+    check_eps(op, eps)
+    q, k, feature = check_features(op, q, k, feature_map)
+    if cu_seqlens is None:
+        check_linear(op, q, k, v, causal)
+    else:  # the features, as (1, H, total, .) views
+        check_qkv(op, *(t.transpose(0, 1)[None] for t in (q, k, v)))
+    return LinearCall(q, k, v, feature, bool(causal), bool(normalize), eps, cu_seqlens)
+
+
+class PerformerCall(NamedTuple):
+    """performer_attention's arguments, validated: ``scale`` resolved."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    projection: Tensor
+    causal: bool
+    scale: float
+    kernel: str
+    eps: float
+
+
+def check_performer(op: str, q: Tensor, k: Tensor, v: Tensor, projection, *, causal, scale, kernel,
+                    eps) -> PerformerCall:
+    """Every check of performer_attention (its docstring lists what raises); returns the validated call."""
+    check_qkv(op, q, k, v)
+    check_eps(op, eps)
+    if not isinstance(projection, Tensor) or projection.dim() != 2 or projection.shape[1] != q.shape[-1] \
+            or projection.shape[0] < 1:
+        shape = shape_str(projection) if isinstance(projection, Tensor) else type(projection).__name__
+        raise ValueError(f"{op}: projection must be (num_features >= 1, head_dim={q.shape[-1]}), got {shape}")
+    if not projection.dtype.is_floating_point:
+        raise ValueError(f"{op}: projection must be floating point, got {projection.dtype}")
+    if projection.device != q.device:
+        raise ValueError(f"{op}: projection is on {projection.device} but q is on {q.device}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{op}: scale must be a positive float or None, got {scale!r}")
+    if kernel not in ("softmax", "relu"):
+        raise ValueError(f"{op}: kernel must be 'softmax' or 'relu', got {kernel!r}")
+    check_linear(op, q, k, v, causal)
+    return PerformerCall(q, k, v, projection, bool(causal),
+                         default_scale(q.shape[-1], scale), kernel, eps)
+
+
+def check_projection_size(op: str, num_features, head_dim, dtype) -> None:
+    """performer_projection's sizes (ints >= 1) and dtype (floating point)."""
+    for name, n in (("num_features", num_features), ("head_dim", head_dim)):
+        if not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"{op}: {name} must be an int >= 1, got {n!r}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{op}: dtype must be a floating-point torch.dtype, got {dtype!r}")
+
+
+def check_linformer(op: str, q: Tensor, k: Tensor, v: Tensor, e_proj, f_proj, causal) -> None:
+    """linformer_attention's inputs: non-causal, q/k/v as check_qkv, and projections (P, Lk) or
+    (Hkv, P, Lk) in q's dtype and device, both with the same P."""
+    if causal:
+        raise ValueError(
+            f"{op}: causal=True is not supported: Linformer is non-causal by design (each projected "
+            "key/value row is a mix of all sequence positions, future ones included). Use "
+            "flash_attention(causal=True) or linear_attention(causal=True) instead.")
+    check_qkv(op, q, k, v)
+    hkv, lk = k.shape[1], k.shape[2]
+    for name, p in (("e_proj", e_proj), ("f_proj", f_proj)):
+        if not isinstance(p, Tensor):
+            raise ValueError(f"{op}: {name} must be a Tensor, got {type(p).__name__}")
+        if not (p.dim() == 2 or (p.dim() == 3 and p.shape[0] == hkv)) or p.shape[-1] != lk or p.shape[-2] < 1:
+            raise ValueError(f"{op}: {name} must be (P, Lk={lk}) or (Hkv={hkv}, P, Lk={lk}), got {shape_str(p)}")
+        if p.dtype != q.dtype or p.device != q.device:
+            raise ValueError(f"{op}: {name} must have q's dtype {q.dtype} and device {q.device}, got "
+                             f"{p.dtype} on {p.device}")
+    if e_proj.shape[-2] != f_proj.shape[-2]:
+        raise ValueError(f"{op}: e_proj {shape_str(e_proj)} and f_proj {shape_str(f_proj)} must project to the "
+                         "same number of rows")
+
+
+class SparseCall(NamedTuple):
+    """sparse_attention's arguments, validated: ``scale`` resolved; layout fits q and k."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    layout: object
+    causal: bool
+    scale: float
+    return_lse: bool
+
+
+def check_sparse(op: str, q: Tensor, k: Tensor, v: Tensor, layout, *, causal, scale, return_lse) -> SparseCall:
+    """Every check of sparse_attention (its docstring lists what raises); returns the validated call."""
+    from fastattn.sparse import BlockSparseLayout
+
+    check_qkv(op, q, k, v)
+    check_options(op, q, scale=scale)
+    if not isinstance(layout, BlockSparseLayout):
+        raise ValueError(f"{op}: layout must be a fastattn.sparse.BlockSparseLayout, got {type(layout).__name__}")
+    layout.check_for(op, q, k)
+    return SparseCall(q, k, v, layout, bool(causal), default_scale(q.shape[-1], scale),
+                      bool(return_lse))

@@ -14,9 +14,9 @@ num_stages are used, as on the GPU (CPU tensors from torch.empty are 16-aligned 
 A kernel under ``triton.autotune`` is compiled once per config that survives its pruning
 (named ``<kernel>-cfg<i>``); a launcher asking ``torch.cuda.get_device_capability()`` gets the
 target's (9, 0 for sm_90), and ``torch.cuda.get_device_properties()`` its shared memory per block
-(``fastattn.backend.ARCH_SHARED_BYTES``), so the launchers choose the target's tiles.
+(``fastattn._env.ARCH_SHARED_BYTES``), so the launchers choose the target's tiles.
 A launcher that decides on ``tensor.is_cuda`` sees CPU tensors, so gate GPU-only paths (TMA) on
-the capability or on ``fastattn.backend.interpreting()``, or this compiles the other path.
+the capability or on ``fastattn._env.interpreting()``, or this compiles the other path.
 
 Per kernel it writes ``<name>.cubin/.ptx/.ttgir`` to ``--out`` (default: a temporary folder),
 ``<name>`` being ``<op>-<kernel>-<rest of the case name>`` (e.g. flash-fwd-bfloat16-d128-causal),
@@ -80,7 +80,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime import autotuner as triton_autotuner  # noqa: E402
 from triton.runtime import jit as triton_jit  # noqa: E402
 
-from fastattn.backend import ARCH_SHARED_BYTES  # noqa: E402
+from fastattn._env import ARCH_SHARED_BYTES  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)  # set_target changes it (--arch)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -150,7 +150,7 @@ def recording(tag: str = ""):
 
 def set_target(arch: int) -> None:
     """Compile for compute capability ``arch`` (major * 10 + minor, a key of
-    ``fastattn.backend.ARCH_SHARED_BYTES``) from now on."""
+    ``fastattn._env.ARCH_SHARED_BYTES``) from now on."""
     global TARGET
     if arch not in ARCH_SHARED_BYTES:
         raise ValueError(f"--arch must be one of {sorted(ARCH_SHARED_BYTES)}, got {arch}")

@@ -134,21 +134,23 @@ def test_cpu_without_interpreter_refuses(monkeypatch):
 
 # ---------------------------------------------------------------- torch.library
 
-def test_opcheck_forward_and_backward(device):
+@pytest.mark.parametrize("bias_batch", [2, 1], ids=["full-bias", "broadcast-bias"])
+def test_opcheck_forward_and_backward(bias_batch, device):
+    """The flash ops' registration; a bias broadcast over the batch takes the dbias kernel."""
     from fastattn.ops.flash import op
 
-    b, h, hkv, lq, lk, d = 1, 4, 2, 20, 24, 32
+    b, h, hkv, lq, lk, d = 2, 4, 2, 20, 24, 32
     q = randn((b, h, lq, d), torch.float16, device, requires_grad=True)
     k = randn((b, hkv, lk, d), torch.float16, device, requires_grad=True)
     v = randn((b, hkv, lk, d), torch.float16, device, requires_grad=True)
-    bias = randn((b, h, lq, lk), torch.float32, device, requires_grad=True)
+    bias = randn((bias_batch, h, lq, lk), torch.float32, device, requires_grad=True)
     alibi = torch.rand(h, device=device)
-    fwd_args = (q, k, v, bias, alibi, None, None, None, None, 0.2, 3.0, 0.0, 5, 0, 0, 0)
+    fwd_args = (q, k, v, bias, alibi, None, None, None, None, 0.2, 3.0, 0.0, 5, 0)
     torch.library.opcheck(op.flash_fwd, fwd_args)
     with torch.no_grad():
         out, lse = op.flash_fwd(*fwd_args)
     bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, bias.detach(), alibi,
-                None, None, None, None, 0.2, 3.0, 0.0, 5, 0, 0, 0, True)
+                None, None, None, None, 0.2, 3.0, 0.0, 5, 0, True)
     torch.library.opcheck(op.flash_bwd, bwd_args)
 
 
@@ -225,7 +227,7 @@ def test_property_kernel_equals_reference_equals_torch(b, hkv, group, lq, lk, d,
     assert torch.isfinite(out).all()
     oracle = attention_reference(*map(as64, (q, k, v)), **{**kw, "attn_bias": as64(mask)})
     base = attention_reference(q, k, v, **kw)
-    if fastattn.backend.interpreting() and dtype == torch.float32 and magnitude > 1:
+    if fastattn._env.interpreting() and dtype == torch.float32 and magnitude > 1:
         base = max(base, numpy_logits_attention(q, k, v, group, **kw), key=lambda b: max_err(b, oracle))
     assert_close_rule("out", out, oracle, base)
     if not causal and window is None and mask_kind != "float" and magnitude == 1.0:

@@ -143,7 +143,7 @@ def _worker(rank, world, init_file, cases, kernels):
         # CPU ranks (gloo) run the kernels in the interpreter, GPU box or not. Triton reads
         # this when @triton.jit decorates, i.e. when fastattn.ops.flash.op is first imported,
         # which nothing in the worker has done yet.
-        assert fastattn.backend.interpreting() or "fastattn.ops.flash.kernels" not in sys.modules
+        assert fastattn._env.interpreting() or "fastattn.ops.flash.kernels" not in sys.modules
         os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

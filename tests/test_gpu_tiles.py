@@ -2,9 +2,9 @@
 
 Under TRITON_INTERPRET=1 the launchers pick small tiles (fast in NumPy), so the other test
 files never run the GPU's: 128 x 64 flash tiles, BLOCK_M != BLOCK_N, 64-token linear chunks,
-64-key decode blocks. FASTATTN_GPU_TILES=1 (``fastattn.backend.gpu_tiles``) makes the
+64-key decode blocks. FASTATTN_GPU_TILES=1 (``fastattn._env.gpu_tiles``) makes the
 interpreter take the GPU's choices (the H100's; FASTATTN_GPU_ARCH=89 another GPU's,
-``fastattn.backend.capability``); here every family runs with them at shapes that leave
+``fastattn._env.capability``); here every family runs with them at shapes that leave
 partial tiles, against float64 by the docs/design.md rule. On CUDA these are the GPU's tiles
 anyway, so the file adds nothing there but runs as a plain kernel test.
 """

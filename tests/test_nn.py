@@ -18,14 +18,15 @@ from fastattn.nn import (ContextParallelAttention, FeedForward, Flash, KVCache, 
                          MoEFeedForward, MultiHeadAttention, Performer, RMSNorm, LearnedPositionalEmbedding,
                          RelativePositionBias, RotaryEmbedding, SinusoidalPositionalEmbedding, Sparse,
                          TransformerDecoder, TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer,
-                         alibi_slopes, attention_kind, attention_weights, aux_loss)
+                         alibi_slopes, attention_weights, aux_loss)
 from tests.helpers import assert_close_rule
 
-ATTN_OPTIONS = {
-    "flash": None,
-    "performer": {"num_features": 16},
-    "linformer": {"max_len": 32, "proj_dim": 16},
-    "linear": None,
+KINDS = {  # name (the test id) -> a fresh kind
+    "flash": lambda: Flash(),
+    "performer": lambda: Performer(num_features=16),
+    "linformer": lambda: Linformer(max_len=32, proj_dim=16),
+    "linear": lambda: Linear(),
+    "sparse": lambda: Sparse(fastattn.sparse.local(32, 16, block_size=16)),
 }
 
 
@@ -64,31 +65,17 @@ def test_mha_validation():
         MultiHeadAttention(30, 4)
     with pytest.raises(ValueError, match="num_kv_heads"):
         MultiHeadAttention(32, 4, num_kv_heads=3)
-    with pytest.raises(ValueError, match="attention must be one of"):
-        MultiHeadAttention(32, 4, attention="flashy")
-    with pytest.raises(ValueError, match="cannot be causal"):
-        MultiHeadAttention(32, 4, attention="linformer", causal=True, options={"max_len": 8})
+    with pytest.raises(ValueError, match="attention must be a fastattn.nn attention kind"):
+        MultiHeadAttention(32, 4, attention="flash")
     with pytest.raises(ValueError, match="cannot be causal"):
         MultiHeadAttention(32, 4, attention=Linformer(8), causal=True)
-    with pytest.raises(ValueError, match="max_len"):
-        MultiHeadAttention(32, 4, attention="linformer")
-    with pytest.raises(ValueError, match="layout"):
-        MultiHeadAttention(32, 4, attention="sparse")
     with pytest.raises(ValueError, match="layout must be"):
         Sparse(16)
-    # options the kind does not have were silently ignored before
-    with pytest.raises(ValueError, match="unknown.*num_feature"):
-        MultiHeadAttention(32, 4, attention="performer", options={"num_feature": 8})
-    with pytest.raises(ValueError, match="go to the kind's constructor"):
-        MultiHeadAttention(32, 4, attention=Performer(8), options={"num_features": 8})
-    # the backend is not an attention kind any more; the message says where it went
-    with pytest.raises(ValueError, match="use_backend"):
-        MultiHeadAttention(32, 4, attention="reference")
     m = MultiHeadAttention(32, 4)
     with pytest.raises(ValueError, match="key_padding_mask"):
         m(torch.randn(2, 5, 32), key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="need_weights"):
-        MultiHeadAttention(32, 4, attention="linear")(torch.randn(1, 3, 32), need_weights=True)
+        MultiHeadAttention(32, 4, attention=Linear())(torch.randn(1, 3, 32), need_weights=True)
 
 
 def _torch_mha_case(batch_first, cross, padding):
@@ -150,14 +137,14 @@ def test_mha_gqa_equals_repeated_kv_heads():
 # eps term (the key stabiliser is a max over the whole sequence, future keys included); reported.
 @pytest.mark.parametrize("attention", ["flash", "linear"])
 def test_causal_ignores_the_future(attention):
-    m = MultiHeadAttention(32, 4, causal=True, attention=attention, options=ATTN_OPTIONS[attention]).double()
+    m = MultiHeadAttention(32, 4, causal=True, attention=KINDS[attention]()).double()
     x = torch.randn(2, 12, 32, dtype=torch.float64)
     x2 = x.clone()
     x2[:, 7:] += torch.randn(2, 5, 32, dtype=torch.float64)
     y, y2 = m(x), m(x2)
     torch.testing.assert_close(y[:, :7], y2[:, :7])
     assert (y[:, 7:] - y2[:, 7:]).abs().max() > 1e-3
-    nc = MultiHeadAttention(32, 4, causal=False, attention=attention, options=ATTN_OPTIONS[attention]).double()
+    nc = MultiHeadAttention(32, 4, causal=False, attention=KINDS[attention]()).double()
     nc.load_state_dict(m.state_dict())
     assert (nc(x)[:, :7] - nc(x2)[:, :7]).abs().max() > 1e-3  # non-causal: the past sees the future
 
@@ -165,8 +152,8 @@ def test_causal_ignores_the_future(attention):
 @pytest.mark.parametrize("attention", ["flash", "linformer"])
 def test_key_padding_equals_truncation(attention):
     """A padded batch gives, on the real tokens, what the unpadded sequence gives alone."""
-    opts = {"max_len": 16, "proj_dim": 8} if attention == "linformer" else None
-    m = MultiHeadAttention(32, 4, attention=attention, options=opts).double()
+    kind = Linformer(max_len=16, proj_dim=8) if attention == "linformer" else Flash()
+    m = MultiHeadAttention(32, 4, attention=kind).double()
     x = torch.randn(2, 16, 32, dtype=torch.float64)
     kpm = torch.zeros(2, 16, dtype=torch.bool)
     kpm[1, 10:] = True
@@ -192,15 +179,10 @@ def test_cross_attention_reads_context_only():
     torch.testing.assert_close(y, m.out_proj(ref.transpose(1, 2).reshape(2, 5, 32)))
 
 
-def _sparse_options(seq):
-    return {"layout": fastattn.sparse.local(seq, 16, block_size=16)}
-
-
 @pytest.mark.parametrize("attention", ["flash", "sparse", "performer", "linformer", "linear"])
 def test_every_attention_forward_backward(attention):
-    opts = _sparse_options(32) if attention == "sparse" else ATTN_OPTIONS[attention]
     causal = attention not in ("linformer",)
-    m = MultiHeadAttention(32, 4, num_kv_heads=2, causal=causal, attention=attention, options=opts)
+    m = MultiHeadAttention(32, 4, num_kv_heads=2, causal=causal, attention=KINDS[attention]())
     x = torch.randn(2, 32, 32, requires_grad=True)
     y = m(x)
     y.square().mean().backward()
@@ -214,10 +196,9 @@ def test_kernels_match_torch_backend(attention):
     """The same module on the Triton kernels (interpreter on CPU) and on the torch backend:
     outputs and gradients within the error rule of the float64 torch-backend oracle."""
     seq = 32
-    opts = _sparse_options(seq) if attention == "sparse" else ATTN_OPTIONS[attention]
     causal = attention != "linformer"
     alibi = attention == "flash"
-    m = MultiHeadAttention(32, 2, num_kv_heads=1, causal=causal, attention=attention, options=opts, alibi=alibi,
+    m = MultiHeadAttention(32, 2, num_kv_heads=1, causal=causal, attention=KINDS[attention](), alibi=alibi,
                            rotary=RotaryEmbedding(16) if attention == "flash" else None)
     x = torch.randn(1, seq, 32)
     g = torch.randn(1, seq, 32)
@@ -263,31 +244,6 @@ def test_mha_kv_cache_equals_full_causal():
 
 def _layout32():
     return fastattn.sparse.local(32, 16, block_size=16)
-
-
-STRING_FORMS = {  # name, options -> the kind object they map to
-    "flash": (None, lambda: Flash()),
-    "sparse": ({"layout": _layout32()}, lambda: Sparse(_layout32())),
-    "performer": ({"num_features": 16}, lambda: Performer(16)),
-    "linformer": ({"max_len": 32, "proj_dim": 8, "share_kv": True}, lambda: Linformer(32, 8, share_kv=True)),
-    "linear": ({"feature_map": "elu"}, lambda: Linear("elu")),
-}
-
-
-@pytest.mark.parametrize("name", list(STRING_FORMS))
-def test_string_form_maps_to_the_kind(name):
-    """attention="performer", options={...} is Performer(...): same type, settings, state dict
-    keys and outputs (the string form stays for configs and --attention flags)."""
-    options, make = STRING_FORMS[name]
-    kind = attention_kind(name, options)
-    assert type(kind) is type(make()) and kind.settings.keys() == make().settings.keys()
-    causal = name != "linformer"
-    by_name = MultiHeadAttention(32, 4, num_kv_heads=2, causal=causal, attention=name, options=options).double()
-    by_kind = MultiHeadAttention(32, 4, num_kv_heads=2, causal=causal, attention=make()).double()
-    assert by_name.state_dict().keys() == by_kind.state_dict().keys()
-    by_kind.load_state_dict(by_name.state_dict())
-    x = torch.randn(2, 32, 32, dtype=torch.float64)
-    torch.testing.assert_close(by_kind(x), by_name(x), rtol=0, atol=0)
 
 
 class _FakeContextParallel:
@@ -348,19 +304,6 @@ def test_a_kind_is_a_spec_each_layer_binds_its_own():
     enc = TransformerEncoder(TransformerEncoderLayer(32, 4, 64, attention=Performer(16)), 2)
     p0, p1 = (layer.self_attn.kind.projection for layer in enc.layers)
     assert p0.shape == (16, 8) and p0.data_ptr() != p1.data_ptr()
-
-
-@pytest.mark.parametrize("kind", [Performer(16), Linformer(32, 8)], ids=["performer", "linformer"])
-def test_checkpoints_from_before_kinds_load(kind):
-    """State dicts saved when the kind's tensors sat on the module itself (projection,
-    e_proj, f_proj) load into the kind."""
-    m = MultiHeadAttention(32, 4, attention=kind)
-    old = {k.replace("kind.", ""): v.clone() for k, v in m.state_dict().items()}
-    assert any(k in old for k in ("projection", "e_proj"))
-    fresh = MultiHeadAttention(32, 4, attention=kind)
-    fresh.load_state_dict(old)
-    for k, v in m.state_dict().items():
-        assert torch.equal(fresh.state_dict()[k], v), k
 
 
 def test_layers_give_attention_dropout_only_to_kinds_that_have_it():

@@ -17,24 +17,24 @@ import torch
 
 from fastattn.bench.common import Case, run_case
 from fastattn.models import GPT, GPTConfig
+from fastattn.nn import Flash, Linear, Performer
 
 SUITE = "models"
 
 
-def _model(device, attention="flash", options=None):
+def _model(device, attention):
     cuda = torch.device(device).type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     width, layers, heads = (768, 12, 12) if cuda else (256, 4, 4)
     cfg = GPTConfig(vocab_size=8192, d_model=width, n_layers=layers, n_heads=heads, positional="rope",
-                    max_seq_len=2048, attention=attention,
-                    attention_options=options)
+                    max_seq_len=2048, attention=attention)
     return GPT(cfg).to(device=device, dtype=dtype), cfg
 
 
 def cases(device, quick=False):
     cuda = torch.device(device).type == "cuda"
     out = []
-    model, cfg = _model(device)
+    model, cfg = _model(device, Flash())
     batch, prompt, new = (8, 512, 128) if cuda else (2, 64, 16 if quick else 32)
     idx = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
     params = {"batch": batch, "prompt": prompt, "new_tokens": new}
@@ -45,14 +45,14 @@ def cases(device, quick=False):
                                                                                 paged=paged), params=params))
     seq = 1024 if cuda else 128
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
-    choices = {"flash": None, "performer": {"num_features": 64}, "linear": None}
-    for attention, options in choices.items():
-        m, _ = _model(device, attention, options)
+    choices = {"flash": Flash(), "performer": Performer(num_features=64), "linear": Linear()}
+    for name, attention in choices.items():
+        m, _ = _model(device, attention)
 
         def step(m=m):
             _, loss = m(tokens[:, :-1], tokens[:, 1:])
             loss.backward()
-        out.append(Case(SUITE, f"train-step-b{batch}-l{seq}", attention, step, params={"seq_len": seq}))
+        out.append(Case(SUITE, f"train-step-b{batch}-l{seq}", name, step, params={"seq_len": seq}))
     return out
 
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from fastattn import backend
 from fastattn.functional import flash_attention
 from fastattn.ops.flash.reference import attention_backward
-from fastattn.validation import check_options, check_qkv
+from fastattn.validation import check_options, check_qkv, default_scale
 
 _KV_TAG, _DKV_TAG = 0, 1  # gloo matches messages by (peer, tag); NCCL ignores tags
 
@@ -274,7 +274,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool 
     op = "ring_attention"
     zigzag = causal if zigzag is None else bool(zigzag)
     check_inputs(op, q, k, v, group, causal=causal, zigzag=zigzag, scale=scale)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = default_scale(q.shape[-1], scale)
     kernels = backend.route(op, "flash", q, k, v).impl == "kernel"
     out, lse = _RingAttention.apply(q, k, v, _Ring(group), scale, causal, zigzag, kernels)
     return (out, lse) if return_lse else out

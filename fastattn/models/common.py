@@ -3,14 +3,14 @@ layer factory and the initialisation."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from fastattn.nn.attention import MultiHeadAttention
-from fastattn.nn.kinds import AttentionKind, attention_kind
+from fastattn.nn.kinds import AttentionKind, Flash, check_kind
 from fastattn.nn.layers import (FeedForward, MoEConfig, TransformerDecoderLayer, TransformerEncoderLayer, make_norm)
 from fastattn.nn.positional import (LearnedPositionalEmbedding, Positions, RelativePositionBias, RotaryEmbedding,
                                     SinusoidalPositionalEmbedding)
@@ -29,11 +29,10 @@ class StackConfig:
     norm "layer" | "rms", norm_first (pre-norm), activation "relu" | "gelu" | "swiglu";
     attention: a kind for every self-attention layer (``fastattn.nn.Flash()``,
     ``Sparse(layout)``, ``Performer(num_features)``, ``Linformer(max_len, proj_dim)``,
-    ``Linear(feature_map)``, ``ContextParallelAttention(cp)``; each layer binds its own copy),
-    or its name "flash" | "sparse" | "performer" | "linformer" | "linear" with
-    ``attention_options`` (the kind's constructor arguments); cross-attention is always Flash.
+    ``Linear(feature_map)``, ``ContextParallelAttention(cp)``; each layer binds its own copy;
+    default Flash()); cross-attention is always Flash.
     ``moe`` for a mixture-of-experts feed-forward; max_seq_len bounds learned positions and
-    generation. Raises ValueError for unknown names/options (at construction).
+    generation. Raises ValueError for unknown names or an attention that is not a kind (at construction).
     """
     d_model: int = 256
     n_layers: int = 4
@@ -45,8 +44,7 @@ class StackConfig:
     norm: str = "layer"
     norm_first: bool = True
     activation: str = "gelu"
-    attention: Union[str, AttentionKind] = "flash"
-    attention_options: Optional[dict] = None
+    attention: AttentionKind = field(default_factory=Flash)
     moe: Optional[MoEConfig] = None
     bias: bool = True
     max_seq_len: int = 512
@@ -62,7 +60,7 @@ class StackConfig:
             raise ValueError(f"d_model {self.d_model} must be a multiple of n_heads {self.n_heads}")
         if self.rope_dim is not None and not (0 < self.rope_dim <= self.head_dim and self.rope_dim % 2 == 0):
             raise ValueError(f"rope_dim must be even and in (0, head_dim={self.head_dim}], got {self.rope_dim}")
-        attention_kind(self.attention, self.attention_options)  # a bad name or option raises here
+        check_kind(type(self).__name__, self.attention)
 
     @property
     def head_dim(self) -> int:
@@ -109,14 +107,14 @@ def encoder_layer(cfg: StackConfig, pos: Positional, *, causal: bool) -> Transfo
     return TransformerEncoderLayer(
         cfg.d_model, cfg.n_heads, cfg.d_ff or 4 * cfg.d_model, cfg.dropout, cfg.activation,
         norm_first=cfg.norm_first, norm=cfg.norm, bias=cfg.bias, moe=cfg.moe, num_kv_heads=cfg.n_kv_heads,
-        causal=causal, attention=cfg.attention, options=cfg.attention_options, **pos.layer_kwargs())
+        causal=causal, attention=cfg.attention, **pos.layer_kwargs())
 
 
 def decoder_layer(cfg: StackConfig, pos: Positional) -> TransformerDecoderLayer:
     return TransformerDecoderLayer(
         cfg.d_model, cfg.n_heads, cfg.d_ff or 4 * cfg.d_model, cfg.dropout, cfg.activation,
         norm_first=cfg.norm_first, norm=cfg.norm, bias=cfg.bias, moe=cfg.moe, num_kv_heads=cfg.n_kv_heads,
-        causal=True, attention=cfg.attention, options=cfg.attention_options, **pos.layer_kwargs())
+        causal=True, attention=cfg.attention, **pos.layer_kwargs())
 
 
 def final_norm(cfg: StackConfig) -> Optional[nn.Module]:

@@ -2,7 +2,7 @@
 from fastattn.nn.kv_cache import KVCache, PagedKVCache
 
 from fastattn.nn.kinds import (AttentionKind, ContextParallelAttention, Flash, Linear, Linformer, Performer, Sparse,
-                               Supports, attention_kind)
+                               Supports)
 from fastattn.nn.attention import MultiHeadAttention, attention_weights
 from fastattn.nn.positional import (LearnedPositionalEmbedding, RelativePositionBias, RotaryEmbedding,
                                     SinusoidalPositionalEmbedding, alibi_slopes)
@@ -11,7 +11,7 @@ from fastattn.nn.layers import (FeedForward, MoEConfig, MoEFeedForward, RMSNorm,
 
 __all__ = ["KVCache", "PagedKVCache"]
 __all__ += ["AttentionKind", "ContextParallelAttention", "Flash", "Linear", "Linformer", "Performer", "Sparse",
-            "Supports", "attention_kind"]
+            "Supports"]
 __all__ += ["MultiHeadAttention", "attention_weights", "LearnedPositionalEmbedding", "RelativePositionBias",
             "RotaryEmbedding", "SinusoidalPositionalEmbedding", "alibi_slopes", "FeedForward", "MoEConfig",
             "MoEFeedForward", "RMSNorm", "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder",

@@ -8,16 +8,16 @@ Never touches Triton.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastattn.nn.kinds import ATTENTION_NAMES, AttentionKind, attention_kind, attention_weights
+from fastattn.nn.kinds import AttentionKind, attention_weights, check_kind
 from fastattn.nn.positional import Positions, RotaryEmbedding, alibi_slopes, packed_positions
 
-__all__ = ["MultiHeadAttention", "ATTENTION_NAMES", "attention_weights"]
+__all__ = ["MultiHeadAttention", "attention_weights"]
 
 
 class MultiHeadAttention(nn.Module):
@@ -35,17 +35,14 @@ class MultiHeadAttention(nn.Module):
         attention: the attention kind, e.g. ``Flash()`` (the default), ``Sparse(layout)``,
             ``Performer(num_features=64)``, ``Linformer(max_len, proj_dim=64, share_kv=False)``,
             ``Linear(feature_map="elu")``, ``ContextParallelAttention(cp)``; each layer binds
-            its own copy (own parameters). The string form ``"flash" | "sparse" | "performer" |
-            "linformer" | "linear"`` with ``options`` (the kind's constructor arguments) is
-            mapped by ``fastattn.nn.attention_kind``.
-        options: settings of a string ``attention`` only.
+            its own copy (own parameters). None is ``Flash()``.
         rotary: a ``RotaryEmbedding`` applied to q and k of self-attention (RoPE), or None.
         alibi: ALiBi in self-attention (slopes from ``alibi_slopes(H)``, given to the kernel,
             never materialised); kinds whose ``supports.alibi`` is True.
 
     Raises:
         ValueError: embed_dim not a multiple of num_heads, num_heads not a multiple of
-            num_kv_heads, an unknown attention, or causal / alibi / dropout that the kind does
+            num_kv_heads, an attention that is not a kind, or causal / alibi / dropout that the kind does
             not support (``kind.supports``).
 
     Projections: one fused ``in_proj`` ((H + 2 Hkv) * head_dim, E) whose rows are
@@ -57,7 +54,7 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
                  causal: bool = False, dropout: float = 0.0, bias: bool = True,
-                 attention: Union[str, AttentionKind] = "flash", options: Optional[dict] = None,
+                 attention: Optional[AttentionKind] = None,
                  rotary: Optional[RotaryEmbedding] = None, alibi: bool = False):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -71,10 +68,7 @@ class MultiHeadAttention(nn.Module):
         if num_heads % num_kv_heads:
             raise ValueError(f"MultiHeadAttention: num_heads {num_heads} must be a multiple of "
                              f"num_kv_heads {num_kv_heads}")
-        try:
-            kind = attention_kind(attention, options)
-        except ValueError as e:
-            raise ValueError(f"MultiHeadAttention: {e}") from None
+        kind = check_kind("MultiHeadAttention", attention)
         can = kind.supports
         for asked, ok, what in ((causal, can.causal, "cannot be causal"), (alibi, can.alibi, "takes no ALiBi"),
                                 (dropout > 0, can.dropout, f"has no attention dropout (dropout={dropout})")):
@@ -239,15 +233,6 @@ class MultiHeadAttention(nn.Module):
         return (out, weights) if need_weights else out
 
     # --- interop -----------------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints from before attention kinds kept Performer's / Linformer's tensors on the
-        # module itself ("projection", "e_proj", "f_proj"); they now live under "kind.".
-        for name in ("projection", "e_proj", "f_proj"):
-            old, new = prefix + name, prefix + "kind." + name
-            if old in state_dict and new not in state_dict:
-                state_dict[new] = state_dict.pop(old)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     @torch.no_grad()
     def load_torch(self, mha: nn.MultiheadAttention) -> "MultiHeadAttention":
         """Copy the weights of a ``torch.nn.MultiheadAttention`` (same embed_dim and heads,

@@ -33,7 +33,7 @@ from fastattn import functional
 from fastattn.sparse import BlockSparseLayout
 
 __all__ = ["Supports", "AttentionKind", "Flash", "Sparse", "Performer", "Linformer", "Linear",
-           "ContextParallelAttention", "attention_kind", "ATTENTION_NAMES", "merge_padding"]
+           "ContextParallelAttention", "check_kind", "merge_padding"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,8 @@ class AttentionKind(nn.Module):
     with q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> (B, Hq, Lq, Dv), store their constructor
     arguments in ``self.settings`` (a dict: ``bind`` rebuilds the kind from it) and, when they
     own parameters or buffers, create them in ``_build``. Kinds with ``supports.kv_cache`` /
-    ``supports.need_weights`` also implement ``attend_cache`` / ``attend_with_weights``.
+    ``supports.need_weights`` / ``supports.varlen`` also implement ``attend_cache`` /
+    ``attend_with_weights`` / ``attend_packed``.
     """
     supports: ClassVar[Supports] = Supports()
     label: ClassVar[str] = "attention"
@@ -108,6 +109,13 @@ class AttentionKind(nn.Module):
 
     def attend_with_weights(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(f"{self.label} cannot return attention weights")
+
+    def attend_packed(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, causal: bool = False,
+                      alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
+        """Packed documents: q (1, Hq, total, D), k/v (1, Hkv, total, D), ``cu_seqlens`` int32
+        (S+1,) offsets shared by queries and keys -> (1, Hq, total, Dv); each document attends
+        only inside itself."""
+        raise NotImplementedError(f"{self.label} has no packed-sequence path")
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={value!r}" for name, value in self.settings.items())
@@ -286,44 +294,18 @@ class ContextParallelAttention(AttentionKind):
         return self.cp(q, k, v, causal=causal)
 
 
-_BY_NAME = {"flash": Flash, "sparse": Sparse, "performer": Performer, "linformer": Linformer, "linear": Linear}
-ATTENTION_NAMES = tuple(_BY_NAME)
-_OPTIONS = {"flash": (), "sparse": ("layout",), "performer": ("num_features",),
-            "linformer": ("max_len", "proj_dim", "share_kv"), "linear": ("feature_map",)}
-
-
-def attention_kind(attention: Union[str, AttentionKind] = "flash", options: Optional[dict] = None) -> AttentionKind:
-    """The one place where the string form becomes a kind: ``attention_kind("performer",
-    {"num_features": 32})`` is ``Performer(num_features=32)``; a kind passes through.
-
-    Names: "flash", "sparse" (options: layout, required), "performer" (num_features),
-    "linformer" (max_len, required; proj_dim, share_kv), "linear" (feature_map); the options
-    are the kind's constructor arguments.
+def check_kind(owner: str, attention) -> AttentionKind:
+    """``attention`` itself, an attention kind (``Flash()``, ``Sparse(layout)``, ...), or Flash()
+    for None.
 
     Raises:
-        ValueError: an unknown name (including the removed "reference": use
-            ``fastattn.use_backend("torch")``), an unknown or missing option, or options
-            given together with a kind object.
-    """
-    options = dict(options or {})
-    if isinstance(attention, AttentionKind):
-        if options:
-            raise ValueError(f"attention options {sorted(options)} go to the kind's constructor, not beside "
-                             f"{attention!r}")
-        return attention
-    if attention == "reference":
-        raise ValueError("attention='reference' is gone: it was Flash() on the plain-PyTorch backend; use "
-                         "attention='flash' inside `with fastattn.use_backend('torch'):`")
-    if attention not in _BY_NAME:
-        raise ValueError(f"attention must be one of {ATTENTION_NAMES} or a fastattn.nn attention kind "
-                         f"(Flash(), Sparse(layout), ...), got {attention!r}")
-    unknown = sorted(set(options) - set(_OPTIONS[attention]))
-    if unknown:
-        raise ValueError(f"attention={attention!r} takes options {_OPTIONS[attention]}, got unknown {unknown}")
-    required = {"sparse": "layout", "linformer": "max_len"}.get(attention)
-    if required is not None and required not in options:
-        raise ValueError(f"attention={attention!r} needs options[{required!r}]")
-    return _BY_NAME[attention](**options)
+        ValueError: anything else (a kind's name as a string included), naming ``owner``."""
+    if attention is None:
+        return Flash()
+    if not isinstance(attention, AttentionKind):
+        raise ValueError(f"{owner}: attention must be a fastattn.nn attention kind (Flash(), Sparse(layout), "
+                         f"Performer(num_features), Linformer(max_len), Linear(), ...), got {attention!r}")
+    return attention
 
 
 def attention_weights(q: Tensor, k: Tensor, *, causal: bool = False, scale: Optional[float] = None,
@@ -336,7 +318,7 @@ def attention_weights(q: Tensor, k: Tensor, *, causal: bool = False, scale: Opti
     (Hq,) or (B, Hq) slopes."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scale = functional.default_scale(d, scale)
     k = k.repeat_interleave(hq // hkv, dim=1)  # (B, Hkv, Lk, D) -> (B, Hq, Lk, D)
     s = (q @ k.transpose(-1, -2)) * scale  # (B, Hq, Lq, Lk)
     i = torch.arange(lq, device=q.device)[:, None] + (lk - lq)  # query i's diagonal (bottom-right)

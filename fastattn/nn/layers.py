@@ -7,14 +7,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastattn.nn.attention import MultiHeadAttention
-from fastattn.nn.kinds import AttentionKind, Flash, attention_kind
+from fastattn.nn.kinds import AttentionKind, Flash, check_kind
 from fastattn.nn.positional import Positions, RotaryEmbedding
 
 __all__ = ["RMSNorm", "make_norm", "FeedForward", "MoEFeedForward", "MoEConfig", "TransformerEncoderLayer",
@@ -141,9 +141,9 @@ def _ffn(d_model, dim_feedforward, activation, dropout, bias, moe):
     return MoEFeedForward(d_model, dim_feedforward, moe, activation, dropout, bias)
 
 
-def _self_attention(d_model, nhead, num_kv_heads, causal, dropout, bias, attention, options, rotary, alibi):
+def _self_attention(owner, d_model, nhead, num_kv_heads, causal, dropout, bias, attention, rotary, alibi):
     """The layer's self-attention; attention-probability dropout only where the kind has it."""
-    kind = attention_kind(attention, options)
+    kind = check_kind(owner, attention)
     return MultiHeadAttention(d_model, nhead, num_kv_heads=num_kv_heads, causal=causal,
                               dropout=dropout if kind.supports.dropout else 0.0, bias=bias, attention=kind,
                               rotary=rotary, alibi=alibi)
@@ -155,7 +155,7 @@ class TransformerEncoderLayer(nn.Module):
     Post-norm (torch's default): ``x = norm1(x + drop(sa(x))); x = norm2(x + drop(ff(x)))``.
     Pre-norm: ``x = x + drop(sa(norm1(x))); x = x + drop(ff(norm2(x)))``.
 
-    Attention options go to ``MultiHeadAttention`` (num_kv_heads, attention, options, rotary,
+    Attention options go to ``MultiHeadAttention`` (num_kv_heads, attention, rotary,
     alibi, causal); ``moe`` (a ``MoEConfig``) swaps the feed-forward for a mixture of experts.
     ``dropout`` applies to the residual branches and the feed-forward, and to the attention
     probabilities where the attention kind has dropout (``kind.supports.dropout``: ``Flash``).
@@ -165,11 +165,11 @@ class TransformerEncoderLayer(nn.Module):
                  activation: str = "relu", *, norm_first: bool = False, norm: str = "layer",
                  layer_norm_eps: float = 1e-5, bias: bool = True, moe: Optional[MoEConfig] = None,
                  num_kv_heads: Optional[int] = None, causal: bool = False,
-                 attention: Union[str, AttentionKind] = "flash", options: Optional[dict] = None,
+                 attention: Optional[AttentionKind] = None,
                  rotary: Optional[RotaryEmbedding] = None, alibi: bool = False):
         super().__init__()
-        self.self_attn = _self_attention(d_model, nhead, num_kv_heads, causal, dropout, bias, attention, options,
-                                         rotary, alibi)
+        self.self_attn = _self_attention("TransformerEncoderLayer", d_model, nhead, num_kv_heads, causal, dropout,
+                                         bias, attention, rotary, alibi)
         self.ff = _ffn(d_model, dim_feedforward, activation, dropout, bias, moe)
         self.norm1 = make_norm(norm, d_model, layer_norm_eps)
         self.norm2 = make_norm(norm, d_model, layer_norm_eps)
@@ -203,11 +203,11 @@ class TransformerDecoderLayer(nn.Module):
                  activation: str = "relu", *, norm_first: bool = False, norm: str = "layer",
                  layer_norm_eps: float = 1e-5, bias: bool = True, moe: Optional[MoEConfig] = None,
                  num_kv_heads: Optional[int] = None, causal: bool = True,
-                 attention: Union[str, AttentionKind] = "flash", options: Optional[dict] = None,
+                 attention: Optional[AttentionKind] = None,
                  rotary: Optional[RotaryEmbedding] = None, alibi: bool = False):
         super().__init__()
-        self.self_attn = _self_attention(d_model, nhead, num_kv_heads, causal, dropout, bias, attention, options,
-                                         rotary, alibi)
+        self.self_attn = _self_attention("TransformerDecoderLayer", d_model, nhead, num_kv_heads, causal, dropout,
+                                         bias, attention, rotary, alibi)
         # cross-attention is exact (Flash): the approximate attentions are for long self-attention
         self.cross_attn = MultiHeadAttention(d_model, nhead, num_kv_heads=num_kv_heads, dropout=dropout, bias=bias,
                                              attention=Flash())

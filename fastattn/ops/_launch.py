@@ -14,7 +14,7 @@ import triton
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from fastattn.backend import ARCH_SHARED_BYTES, capability, gpu_tiles, interpreting
+from fastattn._env import ARCH_SHARED_BYTES, capability, gpu_tiles, interpreting
 
 
 def empty(*shape, like: Tensor, dtype=None) -> Tensor:
@@ -74,7 +74,7 @@ def _device_arch(device: torch.device) -> Arch:
 
 def arch(device: Optional[torch.device] = None) -> Optional[Arch]:
     """The GPU the kernels compile for on ``device`` (default: the current CUDA device): the
-    device's own, or under the interpreter the one ``backend.capability`` fakes, with that
+    device's own, or under the interpreter the one ``_env.capability`` fakes, with that
     GPU's shared memory; None under the interpreter's own tiles."""
     device = torch.device("cuda") if device is None else device
     if not interpreting():
@@ -372,7 +372,7 @@ def logit_scalars(scale: float, softcap: Optional[float] = None, dropout_p: floa
     """The kernels' runtime ``scalars`` tuple (scale, softcap, dropout_p, window_left,
     window_right), with placeholders for terms that are off: 1.0 for no cap (the kernels
     divide by softcap only under TERMS.SOFTCAP), 0 for an unbounded band edge."""
-    return (float(scale), float(softcap) if softcap else 1.0, float(dropout_p),
+    return (float(scale), 1.0 if softcap is None else float(softcap), float(dropout_p),
             0 if window_left is None else int(window_left), 0 if window_right is None else int(window_right))
 
 

@@ -18,7 +18,7 @@ import torch
 import triton
 from torch import Tensor
 
-from fastattn.backend import gpu_tiles
+from fastattn._env import gpu_tiles
 from fastattn.ops import _launch
 from fastattn.ops._launch import pad
 from fastattn.ops.decode import kernels
@@ -162,7 +162,7 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seql
     alibi_t, alibi_strides = _launch.alibi_args(q, alibi, layout.batch)
     (cos_t, sin_t, rotary), rot = _rotary_args(q, cos, sin, interleaved)
     k_strides, v_strides, bt, table, paged = _cache_args(k_cache, v_cache, block_table, layout)
-    terms = _launch.Terms(ALIBI=alibi is not None, SOFTCAP=bool(softcap), LEFT=window_left is not None,
+    terms = _launch.Terms(ALIBI=alibi is not None, SOFTCAP=softcap is not None, LEFT=window_left is not None,
                           RIGHT=window_right is not None, SINKS=sinks is not None)
     single = num_splits == 1
     o_t, lse_t, o_strides, l_strides = out, lse, out_strides, lse_strides

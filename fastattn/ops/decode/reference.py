@@ -73,26 +73,13 @@ def append_reference(k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
             v_cache[b, :, n:n + lnew] = v_new[b]
 
 
-def decode_reference(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    cache_seqlens: Tensor,
-    k_new: Optional[Tensor] = None,
-    v_new: Optional[Tensor] = None,
-    *,
-    causal: bool = True,
-    scale: Optional[float] = None,
-    window: Optional[tuple] = None,
-    alibi_slopes: Optional[Tensor] = None,
-    softcap: Optional[float] = None,
-    rotary_cos: Optional[Tensor] = None,
-    rotary_sin: Optional[Tensor] = None,
-    rotary_interleaved: bool = False,
-    return_lse: bool = False,
-    upcast: bool = False,
-    sinks: Optional[Tensor] = None,
-):
+def decode_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                     k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None, *, causal: bool = True,
+                     scale: Optional[float] = None, window: Optional[tuple] = None,
+                     alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None,
+                     rotary_cos: Optional[Tensor] = None, rotary_sin: Optional[Tensor] = None,
+                     rotary_interleaved: bool = False, return_lse: bool = False, upcast: bool = False,
+                     sinks: Optional[Tensor] = None):
     """Attention of ``q`` over each sequence's valid cache prefix plus its new tokens.
 
     Args:

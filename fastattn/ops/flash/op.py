@@ -25,7 +25,7 @@ class FlashOptions(NamedTuple):
     ``flash_fwd(q, k, v, bias, alibi, seed, *options)`` is a call."""
 
     scale: float
-    softcap: Optional[float] = None  # None: no cap (0.0 is read as None too)
+    softcap: Optional[float] = None  # None: no cap; else positive (the public API checks it)
     dropout_p: float = 0.0
     window_left: Optional[int] = None  # band edges around the diagonal; None: unbounded
     window_right: Optional[int] = None
@@ -42,7 +42,7 @@ def _terms(bias, alibi, sinks, options: FlashOptions) -> _launch.Terms:
     """The logit terms the kernels compile in."""
     return _launch.Terms(
         BIAS=bias is not None, BIAS_IS_BOOL=bias is not None and bias.dtype == torch.bool,
-        ALIBI=alibi is not None, SOFTCAP=bool(options.softcap), DROPOUT=options.dropout_p > 0.0,
+        ALIBI=alibi is not None, SOFTCAP=options.softcap is not None, DROPOUT=options.dropout_p > 0.0,
         LEFT=options.window_left is not None, RIGHT=options.window_right is not None, SINKS=sinks is not None,
         SCALE_FIRST=not options.scale > 0.0)
 
@@ -319,10 +319,11 @@ flash_fwd.register_autograd(_flash_fwd_backward, setup_context=_setup_context)
 def flash_attn(q, k, v, *, bias=None, alibi=None, seed=None, sinks=None, scale, softcap=None, dropout_p=0.0,
                window_left=None, window_right=None, cu_seqlens_q=None, cu_seqlens_k=None):
     """Validated inputs -> (out, lse). ``bias``: 4-D, broadcastable to (B, Hq, Lq, Lk) (read in
-    place; its gradient comes back in its own shape and dtype, never (B, Hq, Lq, Lk)); softcap None (or 0.0) is no cap; ``sinks`` (Hq,) or None. Packed sequences: q, k, v are
-    (1, H, total, D) views, ``cu_seqlens_q/k`` int32 (B + 1,) contiguous, never read on the
-    host (the grid comes from shapes); out and lse come back (1, H, total, ...)."""
-    options = FlashOptions(scale, softcap or None, dropout_p, window_left, window_right)
+    place; its gradient comes back in its own shape and dtype, never (B, Hq, Lq, Lk)); softcap
+    None is no cap; ``sinks`` (Hq,) or None. Packed sequences: q, k, v are (1, H, total, D)
+    views, ``cu_seqlens_q/k`` int32 (B + 1,) contiguous, never read on the host (the grid comes
+    from shapes); out and lse come back (1, H, total, ...)."""
+    options = FlashOptions(scale, softcap, dropout_p, window_left, window_right)
     sinks = None if sinks is None else sinks.contiguous()
     return flash_fwd(q, k, v, bias, alibi, seed, sinks, cu_seqlens_q, cu_seqlens_k, *options)
 
@@ -341,7 +342,7 @@ def flash_backward(do, q, k, v, out, lse, *, bias=None, alibi=None, seed=None, s
     shape and dtype, when ``bias_grad``; else an empty float32 (0,). Runs as the
     ``fastattn::flash_bwd`` custom op.
     """
-    options = FlashOptions(scale, softcap or None, dropout_p, window_left, window_right)
+    options = FlashOptions(scale, softcap, dropout_p, window_left, window_right)
     return flash_bwd(do, q, k, v, out, lse.contiguous(), bias, alibi, seed, None, None, None, *options,
                      bias_grad)[:4]
 

@@ -18,14 +18,7 @@ import torch
 from torch import Tensor
 
 from fastattn.ops._sequences import per_sequence
-
-
-def band_from(causal: bool, window: Optional[tuple]) -> tuple[Optional[int], Optional[int]]:
-    """Combine ``causal`` and ``window=(left, right)`` into one band ``(left, right)``."""
-    left, right = (None, None) if window is None else window
-    if causal:
-        right = 0 if right is None else min(right, 0)
-    return left, right
+from fastattn.validation import band_from, default_scale
 
 
 def band_mask(lq: int, lk: int, left: Optional[int], right: Optional[int], device=None) -> Optional[Tensor]:
@@ -58,23 +51,11 @@ def alibi_bias(slopes: Tensor, lq: int, lk: int, dtype: torch.dtype = torch.floa
     return -slopes[:, :, None, None] * dist
 
 
-def attention_reference(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool = False,
-    scale: Optional[float] = None,
-    window: Optional[tuple] = None,
-    attn_bias: Optional[Tensor] = None,
-    alibi_slopes: Optional[Tensor] = None,
-    softcap: Optional[float] = None,
-    dropout_p: float = 0.0,
-    dropout_mask: Optional[Tensor] = None,
-    sinks: Optional[Tensor] = None,
-    return_lse: bool = False,
-    upcast: bool = False,
-):
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
+                        window: Optional[tuple] = None, attn_bias: Optional[Tensor] = None,
+                        alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None,
+                        dropout_p: float = 0.0, dropout_mask: Optional[Tensor] = None,
+                        sinks: Optional[Tensor] = None, return_lse: bool = False, upcast: bool = False):
     """Exact attention in plain PyTorch, in the dtype of the inputs (or float32, ``upcast``).
 
     Args:
@@ -108,8 +89,7 @@ def attention_reference(
     """
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    if scale is None:
-        scale = 1.0 / math.sqrt(d) if d else 1.0  # head_dim 0: every score is 0 anyway
+    scale = default_scale(d, scale)
     if hq != hkv:
         # The oracle may copy K/V per query head; the kernels index instead.
         k = k.repeat_interleave(hq // hkv, dim=1)

@@ -15,7 +15,7 @@ import torch
 import triton
 from torch import Tensor
 
-from fastattn.backend import gpu_tiles, interpreting
+from fastattn._env import gpu_tiles, interpreting
 from fastattn.ops import _launch
 from fastattn.ops.linear import kernels
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastattn.ops._sequences import per_sequence
+from fastattn.validation import default_scale
 
 FEATURE_MAPS = ("elu", "relu", "identity")
 DEFAULT_EPS = 1e-6
@@ -64,15 +65,9 @@ def feature_map(x: Tensor, name: Union[str, Callable[[Tensor], Tensor]]) -> Tens
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS} or a callable, got {name!r}")
 
 
-def performer_projection(
-    num_features: int,
-    head_dim: int,
-    *,
-    orthogonal: bool = True,
-    generator: Optional[torch.Generator] = None,
-    device=None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
+def performer_projection(num_features: int, head_dim: int, *, orthogonal: bool = True,
+                         generator: Optional[torch.Generator] = None, device=None,
+                         dtype: torch.dtype = torch.float32) -> Tensor:
     """Random projection W (num_features, head_dim) for FAVOR+ (Choromanski et al. 2021).
 
     Rows are Gaussian directions. ``orthogonal=True`` draws them in blocks of ``head_dim``
@@ -122,8 +117,7 @@ def _default_stabiliser(proj: Tensor, is_query: bool) -> Tensor:
 
 def _favor_scaled(x: Tensor, scale: Optional[float]) -> Tensor:
     """x * sqrt(scale) in at least float32 (default scale 1/sqrt(D))."""
-    if scale is None:
-        scale = 1.0 / math.sqrt(x.shape[-1])
+    scale = default_scale(x.shape[-1], scale)
     return x.to(torch.promote_types(x.dtype, torch.float32)) * math.sqrt(scale)
 
 

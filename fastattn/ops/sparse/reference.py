@@ -11,7 +11,6 @@ differentiable.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from fastattn.backend import TORCH_SDPA
 from fastattn.ops.flash.reference import attention_reference
+from fastattn.validation import default_scale
 
 
 def element_mask(block_mask: Tensor, block_size: int, lq: int, lk: int) -> Tensor:
@@ -99,8 +99,7 @@ def sparse_attention_blocked(q: Tensor, k: Tensor, v: Tensor, block_mask: Tensor
         return out, (q.new_zeros(b, hq, lq, dtype=lse_dtype) if return_lse else None)
     bs, group = block_size, hq // hkv
     nqb, nkb = -(-lq // bs), -(-lk // bs)
-    if scale is None:
-        scale = 1.0 / math.sqrt(d) if d else 1.0
+    scale = default_scale(d, scale)
 
     # Whole blocks: pad the last partial query / key block (padded keys are masked below).
     qb = F.pad(q, (0, 0, 0, nqb * bs - lq)).reshape(b, hq * nqb, bs, d)
