@@ -41,6 +41,16 @@ def _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS: tl.constexpr):
 
 
 @triton.jit
+def _sequence_pair(CU_SEQLENS_Q, CU_SEQLENS_K, b, h, n_heads, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """(q0, Lq, k0, Lk, diag, frame) of sequence b for head h: its first query and key rows and
+    lengths (``sequence``), the diagonal Lk - Lq, and the head's dropout counters
+    (``dropout_frame``: with VARLEN, seqlen_q/k are the packed totals it counts rows in)."""
+    q0, lq = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
+    k0, lk = sequence(CU_SEQLENS_K, b, seqlen_k, VARLEN)
+    return q0, lq, k0, lk, lk - lq, dropout_frame(b, h, n_heads, q0, seqlen_q, seqlen_k, VARLEN)
+
+
+@triton.jit
 def _key_range(start_m, seqlen_k, diag, window_left, window_right,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TERMS: tl.constexpr):
     """[lo, hi) of key positions that query rows start_m .. start_m + BLOCK_M - 1 can see.
@@ -245,11 +255,8 @@ def attn_fwd_kernel(
     if VARLEN:
         if b < 0:  # past the packed sequences' blocks
             return
-    rows_q, rows_k = seqlen_q, seqlen_k  # with VARLEN, the packed totals
-    q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
-    k0, seqlen_k = sequence(CU_SEQLENS_K, b, seqlen_k, VARLEN)
-    diag = seqlen_k - seqlen_q
-    frame = dropout_frame(b, h, n_heads, q0, rows_q, rows_k, VARLEN)
+    q0, seqlen_q, k0, seqlen_k, diag, frame = _sequence_pair(CU_SEQLENS_Q, CU_SEQLENS_K, b, h, n_heads, seqlen_q,
+                                                             seqlen_k, VARLEN)
 
     offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -317,11 +324,10 @@ def attn_bwd_dkdv_kernel(
     if VARLEN:
         if b < 0:
             return
-    rows_q, rows_k = seqlen_q, seqlen_k  # with VARLEN, the packed totals
-    q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
-    k0, seqlen_k = sequence(CU_SEQLENS_K, b, seqlen_k, VARLEN)
     n_heads = n_kv_heads * group
-    diag = seqlen_k - seqlen_q
+    rows_q, rows_k = seqlen_q, seqlen_k  # with VARLEN, the packed totals: the dropout counters' rows
+    q0, seqlen_q, k0, seqlen_k, diag, _ = _sequence_pair(CU_SEQLENS_Q, CU_SEQLENS_K, b, hk, n_heads, seqlen_q,
+                                                         seqlen_k, VARLEN)
 
     offs_n, col_ok = span(start_n, BLOCK_N, seqlen_k)
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
@@ -383,11 +389,8 @@ def attn_bwd_dq_kernel(
     if VARLEN:
         if b < 0:
             return
-    rows_q, rows_k = seqlen_q, seqlen_k  # with VARLEN, the packed totals
-    q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
-    k0, seqlen_k = sequence(CU_SEQLENS_K, b, seqlen_k, VARLEN)
-    diag = seqlen_k - seqlen_q
-    frame = dropout_frame(b, h, n_heads, q0, rows_q, rows_k, VARLEN)
+    q0, seqlen_q, k0, seqlen_k, diag, frame = _sequence_pair(CU_SEQLENS_Q, CU_SEQLENS_K, b, h, n_heads, seqlen_q,
+                                                             seqlen_k, VARLEN)
 
     offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
