@@ -127,3 +127,22 @@ def test_past_2_31_elements_sliding_window(device):
     # keys in the last w positions are seen only by the last tail queries
     assert_close_rule("dk tail", dk[:, :, -w:], dk64[:, :, -w:], dkt[:, :, -w:], factor=3.0)
     assert_close_rule("dv tail", dv[:, :, -w:], dv64[:, :, -w:], dvt[:, :, -w:], factor=3.0)
+
+
+def test_fp16_causal_linear_attention_at_length(device):
+    """fp16 causal linear attention (elu+1) at 8k tokens on a GPU (its fp32 state products run
+    in tf32 there, and in the interpreter with operands rounded as tf32 does), forward and
+    gradients against float64 by the rule, torch's fp16 reference the yardstick."""
+    length = 8192 if ON_GPU else 256
+    q, k, v = (randn((1, 4, length, 64), torch.float16, device, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    with fastattn.use_backend("triton"):
+        out = fastattn.linear_attention(q, k, v, causal=True)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    args64, args16 = [as64(t) for t in (q, k, v)], [same_dtype_copy(t) for t in (q, k, v)]
+    with fastattn.use_backend("torch"):
+        out64, out16 = (fastattn.linear_attention(*a, causal=True) for a in (args64, args16))
+    assert_close_rule("out", out, out64, out16)
+    for name, g, g64, g16 in zip("qkv", grads, torch.autograd.grad(out64, args64, do.double()),
+                                 torch.autograd.grad(out16, args16, do)):
+        assert_close_rule(f"d{name}", g, g64, g16, factor=3.0)
