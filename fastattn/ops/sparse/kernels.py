@@ -47,7 +47,7 @@ def sparse_fwd_kernel(
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
-    b, h, _, hk = program_heads(n_heads, group)
+    b, h, _bh, hk = program_heads(n_heads, group)
     diag = seqlen_k - seqlen_q
 
     offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
@@ -155,7 +155,7 @@ def sparse_bwd_dq_kernel(
 ):
     """dQ for one tile of queries over its row's kept key blocks (no atomics). DQ contiguous."""
     start_m = tl.program_id(0) * BLOCK_M
-    b, h, _, hk = program_heads(n_heads, group)
+    b, h, _bh, hk = program_heads(n_heads, group)
     diag = seqlen_k - seqlen_q
 
     offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
