@@ -12,7 +12,9 @@ pytest.importorskip("triton")
 
 import fastattn  # noqa: E402
 from fastattn.ops.flash.reference import attention_reference  # noqa: E402
-from helpers import DTYPE_IDS, DTYPES, check_op, pairwise, qkv, randn  # noqa: E402
+from helpers import (  # noqa: E402
+    DTYPE_IDS, DTYPES, as64, assert_close_rule, check_op, pairwise, qkv, randn, same_dtype_copy,
+)
 
 
 def check_against_reference(q, k, v, *, grad=True, **kw):
