@@ -23,7 +23,8 @@ Per kernel it writes ``<name>.cubin/.ptx/.ttgir`` to ``--out`` (default: a tempo
 and reports:
 
 - ``registers``: per thread (``cuobjdump -res-usage``); ``spill_stores``/``spill_loads``/
-  ``stack``: bytes (``ptxas -arch=<Triton's arch name: sm_90a, sm_100a, sm_120a, sm_80> -v`` on
+  ``stack``: bytes (the ``-v`` report of Triton's own ptxas run; for a binary from Triton's
+  cache, ``ptxas -arch=<Triton's arch name: sm_90a, sm_100a, sm_120a, sm_80> -v`` on
   the ptx: the ptxas Triton compiles with, ``triton/backends/nvidia/bin/ptxas-blackwell`` from
   sm_90 on in triton 3.9 and ``bin/ptxas`` below, with its ``--regAllocOptLevel=2``);
 - ``shared``: bytes of shared memory (``metadata.shared``) and ``fits`` (at most the target's
@@ -50,6 +51,7 @@ subprocess)::
     python tests/sm90.py all --arch 89                       # every case for the RTX 4090 / L4
     python tests/sm90.py flash-bfloat16-d128-causal --arch 80 --kernel dq --tiles 64,64,4,2
                                                              # other tiles (M,N,warps,stages)
+    python tests/sm90.py --serve      # stdin lines "<arch> <case>", one JSON line back each
 
 Case names: ``flash-<dtype>-d<D>-<causal|full>`` (features off, the headline shapes: 16k
 tokens per batch, hidden 2048: L=4096, H=2048/D, compiled at B=1, which gives B=4's binary;
@@ -59,12 +61,14 @@ gradient, ALiBi, softcap, dropout, a left window: the largest footprint, smaller
 ``linear-<dtype>-m<M>-dv<Dv>-<causal|full>``.
 """
 import contextlib
+import io
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import traceback
 import types
 from typing import Callable, NamedTuple, Optional
 
@@ -178,7 +182,8 @@ def forced_tiles(kernel: str, tiles):
 def compile_launch(launch: Launch):
     """The binary that ``launch`` would run on the target: Triton's binder and ``_pack_args``
     for the target's backend (the same calls ``JITFunction.run`` makes), then ``triton.compile``.
-    Returns (compiled kernel, its options)."""
+    Returns (compiled kernel, its options, the bound arguments, ptxas's ``-v`` report: what
+    Triton's own ptxas run printed, or "" where the binary came from Triton's cache)."""
     kernel = launch.kernel
     backend = make_backend(TARGET)
     binder = triton_jit.create_function_from_signature(kernel.signature, kernel.params, backend)
@@ -191,7 +196,10 @@ def compile_launch(launch: Launch):
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     src = ASTSource(kernel, signature, constexprs, attrs)
-    return triton.compile(src, target=TARGET, options=options.__dict__), options, bound
+    knobs.nvidia.dump_ptxas_log = True  # Triton runs ptxas with -v: keep its report
+    with contextlib.redirect_stdout(io.StringIO()) as report:
+        compiled = triton.compile(src, target=TARGET, options=options.__dict__)
+    return compiled, options, bound, report.getvalue()
 
 
 # ---------------------------------------------------------------------------------------
@@ -301,9 +309,12 @@ def _tool(*args) -> str:
     return proc.stdout + proc.stderr
 
 
-def analyse(compiled, options, name: str, out_dir: str, step: Optional[tuple[str, int]]) -> dict:
+def analyse(compiled, options, name: str, out_dir: str, step: Optional[tuple[str, int]],
+            ptxas_report: str = "") -> dict:
     """Writes ``name``.cubin/.ptx/.ttgir into out_dir and reads them (see the module
-    docstring). step: (what one loop iteration walks, how many rows), or None if unknown."""
+    docstring). step: (what one loop iteration walks, how many rows), or None if unknown.
+    ptxas_report: ptxas -v's output for this binary, if the compile kept it (else ptxas
+    runs again on the ptx, with Triton's flags: the same binary)."""
     paths = {}
     for ext in ("cubin", "ptx", "ttgir"):
         paths[ext] = os.path.join(out_dir, f"{name}.{ext}")
@@ -311,9 +322,10 @@ def analyse(compiled, options, name: str, out_dir: str, step: Optional[tuple[str
         with open(paths[ext], "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
     res = _tool(os.path.join(BIN, "cuobjdump"), "-res-usage", paths["cubin"])
-    ptxas = _tool(get_ptxas(TARGET.arch).path, f"-arch={sm_arch_from_capability(TARGET.arch)}", "-v",
-                  "--regAllocOptLevel=2",
-                  paths["ptx"], "-o", os.devnull)
+    ptxas = ptxas_report
+    if "bytes spill stores" not in ptxas:
+        ptxas = _tool(get_ptxas(TARGET.arch).path, f"-arch={sm_arch_from_capability(TARGET.arch)}", "-v",
+                      "--regAllocOptLevel=2", paths["ptx"], "-o", os.devnull)
     sass = _tool(os.path.join(BIN, "cuobjdump"), "-sass", paths["cubin"])
     instrs = sass_instructions(sass)
     ops = [op for _, op, *_ in instrs]
@@ -357,9 +369,9 @@ def run_case(case: Case, out_dir: str, only: Optional[str] = None) -> list[dict]
         kernel = short + (f"-{launch.tag}" if launch.tag else "")
         if only is not None and kernel != only:
             continue
-        compiled, options, bound = compile_launch(launch)
+        compiled, options, bound, ptxas_report = compile_launch(launch)
         step = (walks, bound[step_name]) if step_name in bound else None
-        result = analyse(compiled, options, f"{case.op}-{kernel}-{case.rest}", out_dir, step)
+        result = analyse(compiled, options, f"{case.op}-{kernel}-{case.rest}", out_dir, step, ptxas_report)
         result["blocks"] = {k: v for k, v in bound.items() if k.startswith("BLOCK_")}
         if "BLOCK_M" in bound and "BLOCK_N" in bound:
             # Warp instructions per (query, key) pair: comparable across tiles and warp counts.
@@ -546,7 +558,26 @@ def baseline_entry(kernel: dict) -> dict:
     return {"per_row": [loop["per_row"] for loop in kernel["loops"]]}
 
 
+def serve() -> None:
+    """Compile cases on request: each stdin line "<arch> <case>" gets one stdout line, the
+    case's JSON or {"error": the traceback}. A test process keeps one server, so it pays the
+    imports (about as long as one case's compile) once, not once per case."""
+    replies, sys.stdout = sys.stdout, sys.stderr  # a stray print must not break the replies
+    with tempfile.TemporaryDirectory() as out_dir:
+        for line in sys.stdin:
+            arch, name = line.split()
+            try:
+                set_target(int(arch))
+                result = run(name, out_dir)
+            except Exception:
+                result = {"error": traceback.format_exc()[-3000:]}
+            replies.write(json.dumps(result) + "\n")
+            replies.flush()
+
+
 def main(argv: list[str]) -> None:
+    if argv == ["--serve"]:
+        return serve()
     options = {}
     for flag in ("--out", "--kernel", "--arch", "--tiles"):
         if flag in argv:

@@ -15,8 +15,9 @@ unmasked tiles), regenerate the baseline and commit it with the change::
 
     python tests/sm90.py baseline
 
-Time budget (about 3 minutes on 2 cores under ``pytest -n auto``): one compile subprocess per
-case, shared by the case's checks across xdist workers through a results folder. bf16 is
+Time budget (about 3 minutes on 2 cores under ``pytest -n auto``): each case compiled once, by
+one compile subprocess per xdist worker, and shared by the case's checks across workers
+through a results folder. bf16 is
 checked at d64, d128 and d256; fp16 only at d128: its binaries give bf16's numbers at every
 head dim today (registers, spills, shared memory, MMA and load counts, loop sizes: see
 benchmarks/results/static-per-arch.md), so the other fp16 head dims would add a third of the time
@@ -51,13 +52,21 @@ FITS_CASES = ["flash-float16-d128-causal-features", "flash-bfloat16-d80-full-fea
               "sparse-float16-d128-bs128-causal", "linear-bfloat16-m256-dv256-causal"]
 
 
+_server = None  # this process's `tests/sm90.py --serve`, started on the first compile
+
+
 def _compile(case: str, arch: int) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "sm90.py"), case, "--arch", str(arch)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    if proc.returncode != 0:
-        return {"error": proc.stderr[-3000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """tests/sm90.py's JSON for ``case`` on ``arch``, from the compile server this process
+    keeps (it imports torch, Triton and fastattn once: as long as one case's compile)."""
+    global _server
+    if _server is None or _server.poll() is not None:
+        _server = subprocess.Popen([sys.executable, os.path.join(HERE, "sm90.py"), "--serve"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+    _server.stdin.write(f"{arch} {case}\n")
+    _server.stdin.flush()
+    reply = _server.stdout.readline()
+    return json.loads(reply) if reply else {"error": f"tests/sm90.py --serve exited ({_server.wait()})"}
 
 
 @pytest.fixture(scope="session")
