@@ -17,16 +17,24 @@ from fastattn import sparse  # noqa: E402
 from fastattn.ops.flash import op as flash_op  # noqa: E402
 from fastattn.ops.linear import op as linear_op  # noqa: E402
 from fastattn.ops.flash.reference import attention_reference  # noqa: E402
-from helpers import assert_close_rule, randn  # noqa: E402
+from helpers import assert_close_rule, pairwise, randn  # noqa: E402
 from test_decode import make_cache, run_and_check  # noqa: E402
 from test_flash import check_against_reference as check_flash  # noqa: E402
 from test_linear import check_against_reference as check_linear  # noqa: E402
 from test_sparse import check as check_sparse  # noqa: E402
 
 # fp16 takes the same tiles as bf16, and bf16 has the extra paths (rounding, fp32 dots).
-DTYPES = [torch.float32, torch.bfloat16]
-DTYPE_IDS = ["fp32", "bf16"]
+DTYPES = [torch.bfloat16, torch.float32]  # bf16 first: the pairs below give it every feature at d256
+DTYPE_IDS = ["bf16", "fp32"]
 HEAD_DIMS = [64, 128, 256]
+
+
+def _cases(first, first_ids):
+    """Every pair of (first axis, head dim, dtype), not every triple: each head dim has its
+    own tiles, and each dtype its own casts, with and without the first axis' paths."""
+    rows = pairwise(first, HEAD_DIMS, DTYPES)
+    ids = [f"{first_ids[first.index(a)]}-d{d}-{DTYPE_IDS[DTYPES.index(dt)]}" for a, d, dt in rows]
+    return pytest.mark.parametrize("first,d,dtype", rows, ids=ids)
 
 
 @pytest.fixture(autouse=True)
@@ -41,12 +49,11 @@ def test_the_switch_changes_the_tiles(monkeypatch):
     assert flash_op.block_config(128, torch.float16, "fwd") != gpu or torch.cuda.is_available()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"d{d}")
-@pytest.mark.parametrize("case", ["causal-everything", "full-q>k"])
-def test_flash(case, d, dtype, device):
+@_cases(["causal-everything", "full-q>k"], ["causal-everything", "full-q>k"])
+def test_flash(first, d, dtype, device):
     """Lengths that leave partial 128- and 64-row tiles; GQA 2:1; every feature on (causal,
     window, softcap, ALiBi, a bias with its gradient) or none with Lq > Lk."""
+    case = first
     b, hq, hkv = 1, 4, 2
     lq, lk = (200, 330) if case == "causal-everything" else (330, 200)
     q = randn((b, hq, lq, d), dtype, device, requires_grad=True, transposed=True)
@@ -84,11 +91,10 @@ def test_sparse_d256_runs_dk_and_dv_as_two_launches(device):
     check_sparse(q, k, v, layout, causal=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"d{d}")
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_linear(causal, d, dtype, device):
+@_cases([False, True], ["full", "causal"])
+def test_linear(first, d, dtype, device):
     """elu+1 features: 64- (or 32-/16-) token chunks, state split in 64-wide blocks; GQA 2:1."""
+    causal = first
     cfg = linear_op.block_config(d, d, dtype)
     length = 3 * cfg["chunk"] + 5
     q = randn((1, 4, length, d), dtype, device, requires_grad=True, transposed=True)
