@@ -54,18 +54,18 @@ def comm_per_step(b, hq, hkv, seq_len, d, world, *, dtype_bytes=2) -> dict:
 def causal_work(seq_len: int, world: int, zigzag: bool) -> list[int]:
     """Attended query-key pairs per rank for causal ring attention, from the schedule that
     ``fastattn.distributed.ring`` runs (a diagonal block counts its lower triangle)."""
-    from fastattn.distributed.ring import _blocks
+    from fastattn.distributed.ring import Schedule
 
     local = seq_len // world
+    sched = Schedule(world, local, local, zigzag=zigzag, band=(None, 0), positional=True)
     work = []
     for rank in range(world):
         total = 0
-        for step in range(world):
-            src = (rank - step) % world
-            for qs, ks, diag in _blocks(rank, src, local, local, True, zigzag):
-                lq = len(range(local)[qs])
-                lk = len(range(local)[ks])
-                total += lq * (lq + 1) // 2 if diag else lq * lk
+        for step in range(sched.steps):
+            for piece in sched.pieces(rank, (rank - step) % world):
+                lq = len(range(local)[piece.q])
+                lk = len(range(local)[piece.k])
+                total += lq * (lq + 1) // 2 if piece.right == 0 else lq * lk  # a diagonal piece: its lower triangle
         work.append(total)
     return work
 
