@@ -9,6 +9,7 @@ Process start-up is slow, so each job runs many cases. The torch path runs in th
 4-rank jobs; the Triton kernels (interpreter on CPU, under ``use_backend("triton")`` so a
 fallback cannot pass, NaN-poisoned outputs) in one 2-rank job.
 """
+import itertools
 import os
 import random
 import sys
@@ -139,6 +140,51 @@ def _check_case(rank, world, case):
         assert_close_rule(f"d{name} {tag}", g, g64, gb, factor=3.0)
 
 
+def _check_packed(rank, world, case):
+    """Packed documents over uneven contiguous shards of the token stream (fd.varlen_attention)
+    vs the single-process varlen reference: outputs, lse and gradients of this rank's tokens."""
+    from fastattn.ops.flash.reference import varlen_attention_reference
+
+    gen = torch.Generator().manual_seed(case["seed"])
+    docs, shards, hq, hkv, d = case["docs"], case["shards"], case["hq"], case["hkv"], case["d"]
+    total = sum(docs)
+    cu = torch.tensor([0] + list(itertools.accumulate(docs)), dtype=torch.int32)
+    q, k, v, do = (torch.randn(total, h, d, generator=gen) for h in (hq, hkv, hkv, hq))
+    full = {"q": q, "k": k, "v": v}
+    opts = dict(causal=case["causal"], window=case["window"], softcap=case["softcap"])
+    if case["alibi"]:
+        opts["alibi_slopes"] = torch.rand(len(docs), hq, generator=gen) * 0.5
+    if case["sinks"]:
+        full["sinks"] = torch.randn(hq, generator=gen)
+    full = {n: t.requires_grad_() for n, t in full.items()}
+    args64 = {n: as64(t) for n, t in full.items()}
+
+    def reference(a):
+        out, lse = varlen_attention_reference(a["q"], a["k"], a["v"], cu, cu, sinks=a.get("sinks"), return_lse=True,
+                                              **{**opts, "alibi_slopes": None if not case["alibi"] else
+                                                 opts["alibi_slopes"].to(a["q"].dtype)})
+        return out, lse, torch.autograd.grad(out, list(a.values()), do.to(out.dtype))
+
+    oracle, lse64, grads64 = reference(args64)
+    base, lse_base, grads_base = reference(full)
+    start = sum(shards[:rank])
+    rows = slice(start, start + shards[rank])
+    local = {n: (t[rows] if n != "sinks" else t).detach().clone().requires_grad_() for n, t in full.items()}
+    out, lse = fd.varlen_attention(local["q"], local["k"], local["v"], cu, causal=case["causal"],
+                                   window=case["window"], softcap=case["softcap"], sinks=local.get("sinks"),
+                                   alibi_slopes=opts.get("alibi_slopes"), return_lse=True)
+    grads = list(torch.autograd.grad(out, list(local.values()), do[rows]))
+    if case["sinks"]:
+        dist.all_reduce(grads[-1])
+    tag = f"packed rank {rank}/{world} {case}"
+    assert_close_rule(f"out {tag}", out, oracle[rows], base[rows])
+    assert_close_rule(f"lse {tag}", lse, lse64[:, rows], lse_base[:, rows])
+    for name, g, g64, gb in zip(full, grads, grads64, grads_base):
+        if name != "sinks":
+            g64, gb = g64[rows], gb[rows]
+        assert_close_rule(f"d{name} {tag}", g, g64, gb, factor=3.0)
+
+
 def _check_nn_module(rank, world):
     """A fastattn.nn.MultiHeadAttention whose kind is ContextParallelAttention(cp), fed this
     rank's shard of the tokens, gives this rank's shard of the single-process output (causal,
@@ -179,6 +225,11 @@ def _check_rejections(rank, world):
         fd.ulysses_attention(heads, heads, heads)
     with pytest.raises(ValueError, match="context-parallel attention takes the keywords"):
         fd.context_parallel()(q, q, q, attn_bias=q)
+    packed = torch.randn(3 + rank, 2, 16)  # uneven shards of a packed stream of 3 + 4 (+ 5 + 6) tokens
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to the ranks' total"):
+        fd.varlen_attention(packed, packed, packed, torch.tensor([0, 5], dtype=torch.int32), causal=True)
+    with pytest.raises(ValueError, match="window and alibi_slopes need causal=True"):
+        fd.varlen_attention(packed, packed, packed, torch.tensor([0, 5], dtype=torch.int32), window=(1, 1))
     # The helpers: this rank's positions, and a gather that undoes the layout.
     x = torch.arange(4 * world).view(1, 1, 4 * world, 1).float()
     for zigzag in (False, True):
@@ -204,7 +255,7 @@ def _worker(rank, world, init_file, cases, kernels):
             _check_rejections(rank, world)
             _check_nn_module(rank, world)
         for case in cases:
-            _check_case(rank, world, case)
+            (_check_packed if "docs" in case else _check_case)(rank, world, case)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -229,6 +280,13 @@ def _case(method, causal, zigzag, hq, hkv, length, d=16, b=1, backend="torch", d
                 seed=random.randrange(2**31))  # fresh inputs every run
 
 
+def _packed(docs, shards, causal=True, hq=4, hkv=2, d=16, window=None, alibi=False, softcap=None, sinks=False):
+    """A packed-documents case: document lengths, and each rank's share of the token stream."""
+    assert sum(docs) == sum(shards)
+    return dict(docs=docs, shards=shards, causal=causal, hq=hq, hkv=hkv, d=d, window=window, alibi=alibi,
+                softcap=softcap, sinks=sinks, seed=random.randrange(2**31))
+
+
 def test_two_ranks_torch(tmp_path):
     cases = [
         _case("ring", False, False, 2, 2, 34, d=40, b=2),      # not causal, contiguous
@@ -246,6 +304,9 @@ def test_two_ranks_torch(tmp_path):
         _case("ring", False, True, 2, 2, 24, d=32, alibi=True, dtype="bfloat16"),
         _case("ulysses", True, False, 4, 2, 24, window=(4, 0), alibi=True, sinks=True, softcap=3.0, dropout=0.2),
         _case("switch", True, True, 2, 2, 24, window=(3, 0), sinks=True),
+        # packed documents over uneven shards (13 + 24 tokens; the second document crosses)
+        _packed([5, 20, 1, 11], [13, 24], window=(6, 0), alibi=True, sinks=True, softcap=3.0),
+        _packed([9, 16, 12], [20, 17], causal=False, hq=2, hkv=1),
     ]
     _run_job(tmp_path, 2, cases)
 
@@ -260,6 +321,9 @@ def test_four_ranks_torch(tmp_path):
         _case("ring", True, True, 4, 2, 32, softcap=2.0, dropout=0.25),
         _case("ring", False, True, 2, 2, 32, window=(4, 3), alibi=True),
         _case("ulysses", True, True, 4, 4, 32, window=(5, 0), sinks=True, dropout=0.3),
+        # a document over three ranks, one ending on a shard boundary, an empty one
+        _packed([3, 25, 0, 6, 4], [7, 9, 13, 9], window=(8, 0), alibi=True, sinks=True),
+        _packed([14, 10, 14], [10, 12, 7, 9], causal=False, softcap=2.0),
     ]
     _run_job(tmp_path, 4, cases)
 
