@@ -288,34 +288,42 @@ def piece_forward(q, k, v, f: Features, piece: Piece, kernels: bool) -> tuple[Te
 
 
 def _reference_grads(do, q, k, v, out, lse, f: Features, piece: Piece, alibi, key_bias):
-    """Gradients of a piece given the GLOBAL out and lse rows, by autograd of
-    ``sum(do * (P' @ v)) - sum(rowsum(do * out) * P)`` with ``P = exp(s - lse)`` and P' the
-    dropped-out P: its logit gradient is ``P * (dP - rowsum(do * out))``, the softmax backward
-    of this block of keys."""
+    """Gradients of a piece given the GLOBAL out and lse rows (plain torch, no autograd, so it
+    also runs inside a dispatcher kernel): ``P = exp(s - lse)``, ``dS = P * (dP - rowsum(do *
+    out))``, the softmax backward restricted to this block of keys, through softcap's tanh."""
     ct = torch.promote_types(q.dtype, torch.float32)
-    lq, lk = q.shape[2], k.shape[2]
-    keep_drop = _reference_keep(f, piece, (q.shape[0], q.shape[1], lq, lk), q.device)
-    with torch.enable_grad():
-        qq, kk, vv = (t.detach().to(ct).requires_grad_() for t in (q, k, v))
-        group = q.shape[1] // k.shape[1]
-        kr, vr = kk.repeat_interleave(group, 1), vv.repeat_interleave(group, 1)
-        s = torch.matmul(qq, kr.transpose(-1, -2)) * f.scale
-        if f.softcap:
-            s = f.softcap * torch.tanh(s / f.softcap)
-        if key_bias is not None:
-            s = s + key_bias
-        if alibi is not None:
-            s = s + alibi_bias(alibi, lq, lk, ct)
-        band = band_mask(lq, lk, piece.left, piece.right, device=q.device)
-        if band is not None:
-            s = s.masked_fill(~band, -math.inf)
-        # A row that sees no key at all has lse -inf; +inf gives it p = 0, not NaN.
-        lse = torch.where(torch.isneginf(lse), torch.full_like(lse, math.inf), lse).to(ct)
-        p = torch.exp(s - lse[..., None])
-        dropped = p if keep_drop is None else p.masked_fill(~keep_drop, 0.0) / (1.0 - f.dropout_p)
-        do, delta = do.to(ct), (do.to(ct) * out.to(ct)).sum(-1)
-        loss = (do * torch.matmul(dropped, vr)).sum() - (delta[..., None] * p).sum()
-        return torch.autograd.grad(loss, (qq, kk, vv))
+    b, hq, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    qf, do, out = q.to(ct), do.to(ct), out.to(ct)
+    kf, vf = k.to(ct).repeat_interleave(group, 1), v.to(ct).repeat_interleave(group, 1)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * f.scale
+    if f.softcap:
+        capped = torch.tanh(s / f.softcap)
+        s = f.softcap * capped
+    if key_bias is not None:
+        s = s + key_bias
+    if alibi is not None:
+        s = s + alibi_bias(alibi, lq, lk, ct)
+    band = band_mask(lq, lk, piece.left, piece.right, device=q.device)
+    if band is not None:
+        s = s.masked_fill(~band, -math.inf)
+    # A row that sees no key at all has lse -inf; +inf gives it p = 0, not NaN.
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, math.inf), lse).to(ct)
+    p = torch.exp(s - lse[..., None])
+    keep = _reference_keep(f, piece, (b, hq, lq, lk), q.device)
+    dropped = p if keep is None else p.masked_fill(~keep, 0.0) / (1.0 - f.dropout_p)
+    dv = torch.matmul(dropped.transpose(-1, -2), do)
+    dp = torch.matmul(do, vf.transpose(-1, -2))
+    if keep is not None:
+        dp = dp.masked_fill(~keep, 0.0) / (1.0 - f.dropout_p)
+    ds = p * (dp - (do * out).sum(-1, keepdim=True))  # rowsum(do * out): the softmax Jacobian's term
+    if f.softcap:
+        ds = ds * (1.0 - capped * capped)  # d(softcap * tanh(x / softcap)) / dx
+    dq = torch.matmul(ds, kf) * f.scale
+    dk = torch.matmul(ds.transpose(-1, -2), qf) * f.scale
+    # Each kv head's gradient sums over its group of query heads.
+    return dq, dk.view(b, hkv, group, lk, -1).sum(2), dv.view(b, hkv, group, lk, -1).sum(2)
 
 
 def piece_backward(do, q, k, v, out, lse, f: Features, piece: Piece, kernels: bool):
