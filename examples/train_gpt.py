@@ -203,9 +203,9 @@ def main(argv=None, cp_rank=None) -> dict:
                     n_kv_heads=args.kv_heads, positional="rope", dropout=args.dropout, attention=attention,
                     max_seq_len=max(args.seq_len, 1024))
     model = GPT(cfg).to(device, getattr(torch, args.dtype))
+    kind = args.attention if cp is None else f"ring over {args.cp} ranks"
     print(f"GPT: {training.count_parameters(model):,} parameters, {args.layers} layers, {args.heads} heads / "
-          f"{args.kv_heads} kv heads, RoPE, attention={args.attention if cp is None else 'ring over ' + str(args.cp) + ' ranks'}, "
-          f"backend={args.backend}, device={device}")
+          f"{args.kv_heads} kv heads, RoPE, attention={kind}, backend={args.backend}, device={device}")
     opt = training.make_optimizer(model, args.lr, weight_decay=0.1)
     # Under --cp every rank's loss is the mean over its shards: averaging the gradients over the
     # ranks gives the gradient of the whole batch's mean.

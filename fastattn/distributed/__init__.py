@@ -15,6 +15,6 @@ from fastattn.distributed.switch import ContextParallel, context_parallel, curre
 from fastattn.distributed.ulysses import ulysses_attention
 from fastattn.distributed.varlen import varlen_attention
 
-__all__ = ["ring_attention", "ulysses_attention", "varlen_attention", "shard_sequence", "unshard_sequence", "gather_sequence",
-           "shard_positions", "chunk_ids", "merge_partials",
+__all__ = ["ring_attention", "ulysses_attention", "varlen_attention",
+           "shard_sequence", "unshard_sequence", "gather_sequence", "shard_positions", "chunk_ids", "merge_partials",
            "context_parallel", "ContextParallel", "current"]

@@ -1,17 +1,18 @@
 """Ring attention: K/V shards travel around a ring of ranks while each rank attends its
 own queries to every shard in turn, merging the partial results exactly by their LSE.
 
-Forward, rank r of W, step s = 0 .. W-1: the rank holds the K/V of rank ``src = r - s`` (mod
-W). It posts the send of that block to rank r+1 and the receive of the next block from rank
-r-1 (``torch.distributed.batch_isend_irecv``: NCCL on GPUs, gloo on CPUs), runs
-``fastattn.flash_attention(..., return_lse=True)`` on the block it holds while the transfer
-is in flight, and merges the result into an fp32 accumulator.
+Forward, rank r of W, step s = 0 .. S-1 (S <= W, ``Schedule.steps``): the rank holds the K/V
+of rank ``src = r - s`` (mod W). It posts the send of that block to rank r+1 and the receive of
+the next block from rank r-1 (``torch.distributed.batch_isend_irecv``: NCCL on GPUs, gloo on
+CPUs) before computing, runs the flash op with its lse (the kernels, or the reference) on the
+pieces of the block it holds while the transfer is in flight, and merges the results into an
+fp32 accumulator.
 
 Backward: the same rotation of K/V, and beside it a travelling fp32 dK/dV accumulator per
 block. Each rank recomputes its share of the block's gradients from the GLOBAL output and
 LSE (so the per-step softmax is the global one and the pieces simply add), adds them to the
-accumulator it received for that block, and passes it on; after W steps each accumulator
-arrives back at the rank that owns the block.
+accumulator it received for that block, and passes it on; after the last step each
+accumulator goes to the rank that owns the block (the next one when S = W).
 
 Which keys a rank attends at each step is ``Schedule``'s: every shard is one (contiguous) or
 two (zig-zag: chunks r and 2W-1-r of 2W) chunks with known global positions, and each pair of
@@ -31,7 +32,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastattn import backend
-from fastattn.functional import flash_attention
 from fastattn.ops.flash.reference import alibi_bias, attention_reference, band_mask
 from fastattn.validation import band_from, check_options, check_qkv, check_sinks, default_scale
 
@@ -111,8 +111,9 @@ def _shape_check(op: str, group, device, **sizes) -> None:
         per_rank = "; ".join(f"rank {r}: {row}" for r, row in enumerate(rows))
         raise ValueError(
             f"{op}: every rank must hold a shard of the same shape ({names}), got {per_rank}. "
-            "Uneven shards are not supported: pad the sequence to a multiple of world_size "
-            "(2 * world_size for zig-zag) and mask the padding")
+            "Ring and Ulysses attention need even shards: pad the sequence to a multiple of world_size "
+            "(2 * world_size for zig-zag) and mask the padding; packed documents take uneven shards "
+            "(varlen_attention)")
 
 
 def check_inputs(op: str, q: Tensor, k: Tensor, v: Tensor, group, *, causal: bool, zigzag: bool,
