@@ -230,6 +230,15 @@ def _check_rejections(rank, world):
         fd.varlen_attention(packed, packed, packed, torch.tensor([0, 5], dtype=torch.int32), causal=True)
     with pytest.raises(ValueError, match="window and alibi_slopes need causal=True"):
         fd.varlen_attention(packed, packed, packed, torch.tensor([0, 5], dtype=torch.int32), window=(1, 1))
+    # A DeviceMesh names the ranks as well as a process group; a 2-D one must be cut to its cp dim.
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "cp"))
+    x = torch.randn(1, 2, 4, 16)
+    assert torch.equal(fd.ring_attention(x, x, x, mesh["cp"], causal=True), fd.ring_attention(x, x, x, causal=True))
+    assert fd.context_parallel(mesh["cp"]).world_size == world
+    with pytest.raises(ValueError, match="DeviceMesh of 2 dims"):
+        fd.ulysses_attention(x, x, x, mesh)
     # The helpers: this rank's positions, and a gather that undoes the layout.
     x = torch.arange(4 * world).view(1, 1, 4 * world, 1).float()
     for zigzag in (False, True):

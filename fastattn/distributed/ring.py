@@ -97,6 +97,22 @@ class _Alone:
     rank, world = 0, 1
 
 
+def process_group(op: str, group):
+    """``group`` as the ranks to run over: None (the default group) or a ProcessGroup as given;
+    a 1-D ``DeviceMesh`` (e.g. ``mesh["cp"]`` of a data x context mesh) as its process group.
+
+    Raises:
+        ValueError: a DeviceMesh of more than one dimension."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(group, DeviceMesh):
+        return group
+    if group.ndim != 1:
+        raise ValueError(f"{op}: group is a DeviceMesh of {group.ndim} dims {group.mesh_dim_names}; pass the "
+                         "context-parallel dimension, e.g. mesh['cp']")
+    return group.get_group()
+
+
 def _shape_check(op: str, group, device, **sizes) -> None:
     """ValueError on every rank when the ranks' shapes differ (a mismatched receive would
     hang or corrupt memory). One small all_gather per call, on the inputs' device (the one
@@ -462,6 +478,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool 
         q: (B, Hq, Lq_local, D), k: (B, Hkv, Lk_local, D), v: (B, Hkv, Lk_local, Dv): this
             rank's shard (see ``shard_sequence``); Hq a multiple of Hkv (GQA/MQA, K/V are
             sent with Hkv heads). Every rank's shapes must agree.
+        group: the ranks: None (the default group), a ProcessGroup, or a 1-D DeviceMesh.
         causal, window, alibi_slopes, softcap, scale: as ``flash_attention``, over the GLOBAL
             sequence (query at global position i sees keys i - left .. i + right, causal
             ``right = 0``; ALiBi ``-slope * |i - j|``). Positions need Lq_local == Lk_local.
@@ -488,7 +505,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool 
         ValueError: torch.distributed not initialised; bad local shapes or options (as
             flash_attention); ranks holding shards of different shapes (uneven sharding);
             positions (causal, window, ALiBi) with Lq_local != Lk_local; an odd shard length
-            under zig-zag; alibi_slopes requiring grad; under ``use_backend("triton")``,
+            under zig-zag; alibi_slopes requiring grad; a DeviceMesh of more than one dimension;
+            under ``use_backend("triton")``,
             inputs the kernels cannot take.
 
     Equivalent code (on the gathered sequences, zig-zag order undone)::
@@ -497,6 +515,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool 
     """
     op = "ring_attention"
     zigzag = causal if zigzag is None else bool(zigzag)
+    group = process_group(op, group)
     check_inputs(op, q, k, v, group, causal=causal, zigzag=zigzag, scale=scale, window=window,
                  alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, sinks=sinks)
     f = features(op, q, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastattn.distributed import sharding
-from fastattn.distributed.ring import ring_attention
+from fastattn.distributed.ring import process_group, ring_attention
 from fastattn.distributed.ulysses import ulysses_attention
 
 METHODS = ("ring", "ulysses")
@@ -43,7 +43,7 @@ class ContextParallel:
     def __init__(self, group=None, *, method: str = "ring", zigzag: Optional[bool] = None):
         if method not in METHODS:
             raise ValueError(f"context_parallel: method must be one of {METHODS}, got {method!r}")
-        self.group = group
+        self.group = process_group("context_parallel", group)
         self.method = method
         # Zig-zag balances causal ring attention; Ulysses gathers the whole sequence anyway.
         self.zigzag = (method == "ring") if zigzag is None else bool(zigzag)
@@ -90,7 +90,8 @@ class ContextParallel:
 
 def context_parallel(group=None, *, method: str = "ring", zigzag: Optional[bool] = None) -> ContextParallel:
     """A callable with ``flash_attention``'s signature (less ``attn_bias``) that
-    runs context-parallel over ``group`` (default: the world); also a context manager that
+    runs context-parallel over ``group`` (default: the world; a ProcessGroup or a 1-D
+    DeviceMesh); also a context manager that
     makes it ``current()``. See ``ContextParallel``."""
     return ContextParallel(group, method=method, zigzag=zigzag)
 

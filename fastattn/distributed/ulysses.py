@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastattn import backend
 
-from fastattn.distributed.ring import Schedule, _Alone, _RingAttention, check_inputs, features
+from fastattn.distributed.ring import Schedule, _Alone, _RingAttention, check_inputs, features, process_group
 from fastattn.validation import band_from
 
 
@@ -98,6 +98,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bo
         q: (B, Hq, L_local, D), k: (B, Hkv, L_local, D), v: (B, Hkv, L_local, Dv): this rank's
             shard; Hq and Hkv must both be multiples of the world size W (GQA keeps its
             grouping: query heads of rank j read kv heads of rank j).
+        group: the ranks: None (the default group), a ProcessGroup, or a 1-D DeviceMesh.
         causal, scale, window, alibi_slopes, softcap: as ``flash_attention`` over the global
             sequence (ALiBi slopes get no gradient).
         dropout_p: dropout on the probabilities; each rank draws its heads' mask from the
@@ -122,6 +123,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bo
         fastattn.flash_attention(q_full, k_full, v_full, causal=causal, window=window, ...)
     """
     op = "ulysses_attention"
+    group = process_group(op, group)
     check_inputs(op, q, k, v, group, causal=causal, zigzag=zigzag, scale=scale, window=window,
                  alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, sinks=sinks)
     world, rank = dist.get_world_size(group), dist.get_rank(group)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastattn.distributed.ring import _shape_check
+from fastattn.distributed.ring import _shape_check, process_group
 from fastattn.functional import flash_attention_varlen
 
 
@@ -74,6 +74,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, group=
         cu_seqlens: int32 (B+1,) offsets of the WHOLE batch's documents in the packed stream
             (0 first, the total of every rank's T_local last), the same on every rank. It is
             read on the host (one copy per call).
+        group: the ranks: None (the default group), a ProcessGroup, or a 1-D DeviceMesh.
         causal, scale, window, alibi_slopes ((Hq,) or (B, Hq)), softcap, dropout_p, sinks: as
             ``flash_attention_varlen``, per document over its global positions. Non-causal
             attention takes no window or ALiBi here (a document cut by the shard's end would
@@ -105,6 +106,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, group=
     if not (k.shape[0] == v.shape[0] == q.shape[0]):
         raise ValueError(f"{op}: q, k and v must hold the same tokens, got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
+    group = process_group(op, group)
     if not causal and (window is not None or alibi_slopes is not None):
         raise ValueError(f"{op}: window and alibi_slopes need causal=True across ranks")
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
