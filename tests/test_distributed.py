@@ -88,6 +88,11 @@ def _check_case(rank, world, case):
         opts["alibi_slopes"] = torch.rand((b, hq) if b > 1 else (hq,), generator=gen) * 0.5
     if case["sinks"]:
         full["sinks"] = torch.randn(hq, generator=gen).requires_grad_()
+    if case["bias"] == "float":
+        full["attn_bias"] = torch.randn(1, hq, length, length, generator=gen).to(dtype).requires_grad_()
+    elif case["bias"] == "bool":  # every row keeps its first key, so none is empty
+        opts["attn_bias"] = torch.rand(b, 1, length, length, generator=gen) > 0.3
+        opts["attn_bias"][..., 0] = True
     torch.manual_seed(case["seed"])  # the call's dropout seed, redrawn below for the oracle's mask
     seed = torch.randint(0, 2**62, (1,)) if case["dropout"] else None
 
@@ -95,12 +100,13 @@ def _check_case(rank, world, case):
         return fd.shard_sequence(t, rank, world, zigzag=zigzag)
 
     # Oracle: float64 reference; yardstick: the plain-PyTorch reference in q's dtype.
-    ref_opts = dict(causal=causal, **opts, sinks=full.get("sinks"))
+    ref_opts = dict(opts, causal=causal, sinks=full.get("sinks"), attn_bias=full.get("attn_bias", opts.get("attn_bias")))
     if case["dropout"]:
         ref_opts["dropout_mask"] = _dropout_keep(case, rank, world, seed, (b, hq, length))
     args64 = {n: as64(t) for n, t in full.items()}
-    oracle, lse64 = attention_reference(args64["q"], args64["k"], args64["v"], **{**ref_opts, "sinks": args64.get(
-        "sinks")}, return_lse=True)
+    oracle, lse64 = attention_reference(args64["q"], args64["k"], args64["v"], **{
+        **ref_opts, "sinks": args64.get("sinks"), "attn_bias": args64.get("attn_bias", opts.get("attn_bias"))},
+        return_lse=True)
     grads64 = torch.autograd.grad(oracle, list(args64.values()), do.double())
     base, lse_base = attention_reference(full["q"], full["k"], full["v"], **ref_opts, return_lse=True)
     grads_base = torch.autograd.grad(base, list(full.values()), do)
@@ -111,10 +117,15 @@ def _check_case(rank, world, case):
             t = t.transpose(1, 2).contiguous().transpose(1, 2)
         return t.clone(memory_format=torch.preserve_format).requires_grad_()
 
-    local = {n: local_copy(t) for n, t in full.items() if n != "sinks"}
+    local = {n: local_copy(t) for n, t in full.items() if n not in ("sinks", "attn_bias")}
     if case["sinks"]:
         local["sinks"] = full["sinks"].detach().clone().requires_grad_()
         opts["sinks"] = local["sinks"]
+    if case["bias"] == "float":  # this rank's query rows over every key
+        local["attn_bias"] = shard(full["attn_bias"].detach()).requires_grad_()
+        opts["attn_bias"] = local["attn_bias"]
+    elif case["bias"] == "bool":
+        opts["attn_bias"] = shard(opts["attn_bias"])
     torch.manual_seed(case["seed"])
     with fastattn.use_backend(case["backend"]):
         if method in ("ring", "ulysses"):
@@ -130,12 +141,12 @@ def _check_case(rank, world, case):
             assert fd.current() is None
         grads = list(torch.autograd.grad(out, list(local.values()), shard(do)))
     if case["sinks"]:  # each rank holds its rows' share of the replicated sinks' gradient
-        dist.all_reduce(grads[-1])
+        dist.all_reduce(grads[list(local).index("sinks")])
     tag = f"rank {rank}/{world} {case}"
     assert out.shape == (b, hq, length // world, d) and out.dtype == q.dtype, tag
     assert_close_rule(f"out {tag}", out, shard(oracle), shard(base))
     for name, g, g64, gb in zip(full, grads, grads64, grads_base):
-        if name != "sinks":
+        if name != "sinks":  # the bias's rows too
             g64, gb = shard(g64), shard(gb)
         assert_close_rule(f"d{name} {tag}", g, g64, gb, factor=3.0)
 
@@ -282,10 +293,11 @@ def _run_job(tmp_path, world, cases, kernels=False):
 
 
 def _case(method, causal, zigzag, hq, hkv, length, d=16, b=1, backend="torch", dtype="float32",
-          transposed=False, window=None, alibi=False, softcap=None, sinks=False, dropout=0.0):
+          transposed=False, window=None, alibi=False, softcap=None, sinks=False, dropout=0.0, bias=None):
+    """bias: None, "float" (a learned (1, Hq, L, L) bias, differentiated) or "bool" (a (B, 1, L, L) mask)."""
     return dict(method=method, causal=causal, zigzag=zigzag, b=b, hq=hq, hkv=hkv, l=length, d=d,
                 backend=backend, dtype=dtype, transposed=transposed, window=window, alibi=alibi,
-                softcap=softcap, sinks=sinks, dropout=dropout,
+                softcap=softcap, sinks=sinks, dropout=dropout, bias=bias,
                 seed=random.randrange(2**31))  # fresh inputs every run
 
 
@@ -313,6 +325,7 @@ def test_two_ranks_torch(tmp_path):
         _case("ring", False, True, 2, 2, 24, d=32, alibi=True, dtype="bfloat16"),
         _case("ulysses", True, False, 4, 2, 24, window=(4, 0), alibi=True, sinks=True, softcap=3.0, dropout=0.2),
         _case("switch", True, True, 2, 2, 24, window=(3, 0), sinks=True),
+        _case("ring", True, True, 4, 2, 24, bias="float", sinks=True),             # a learned bias, dbias
         # packed documents over uneven shards (13 + 24 tokens; the second document crosses)
         _packed([5, 20, 1, 11], [13, 24], window=(6, 0), alibi=True, sinks=True, softcap=3.0),
         _packed([9, 16, 12], [20, 17], causal=False, hq=2, hkv=1),
@@ -329,6 +342,7 @@ def test_four_ranks_torch(tmp_path):
         _case("ring", True, False, 2, 1, 48, window=(7, 0), alibi=True, sinks=True),  # 2 of 4 steps
         _case("ring", True, True, 4, 2, 32, softcap=2.0, dropout=0.25),
         _case("ring", False, True, 2, 2, 32, window=(4, 3), alibi=True),
+        _case("ring", False, False, 2, 1, 32, b=2, bias="bool", softcap=2.0),       # a boolean mask
         _case("ulysses", True, True, 4, 4, 32, window=(5, 0), sinks=True, dropout=0.3),
         # a document over three ranks, one ending on a shard boundary, an empty one
         _packed([3, 25, 0, 6, 4], [7, 9, 13, 9], window=(8, 0), alibi=True, sinks=True),
@@ -346,6 +360,7 @@ def test_two_ranks_kernels(tmp_path):
         # every feature: the pieces' windows, ALiBi on and off the diagonal, sinks, dropout seeds
         _case("ring", True, True, 4, 2, 16, backend="triton", window=(5, 0), alibi=True, sinks=True, softcap=3.0,
               dropout=0.25),
+        _case("ring", True, False, 2, 2, 16, backend="triton", bias="float"),
     ]
     _run_job(tmp_path, 2, cases, kernels=True)
 

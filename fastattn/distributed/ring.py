@@ -284,11 +284,20 @@ def _reference_keep(f: Features, piece: Piece, shape, device) -> Optional[Tensor
     return torch.rand(shape, generator=gen, device=device) >= f.dropout_p
 
 
-def piece_forward(q, k, v, f: Features, piece: Piece, kernels: bool) -> tuple[Tensor, Tensor]:
+def _piece_bias(bias: Optional[Tensor], piece: Piece, lk: int) -> Optional[Tensor]:
+    """The piece's block of a (B|1, Hq|1, Lq_local, L) bias of this rank's rows over every
+    global key: a view (a piece's keys are consecutive global positions)."""
+    return None if bias is None else bias[:, :, piece.q, piece.k0:piece.k0 + lk]
+
+
+def piece_forward(q, k, v, f: Features, piece: Piece, kernels: bool, bias: Optional[Tensor] = None):
     """(out, lse) of this rank's queries ``q[:, :, piece.q]`` over ``k/v[:, :, piece.k]``,
-    lse float32 with the piece's ALiBi shift included."""
+    lse float32 with the piece's ALiBi shift included; ``bias``: this rank's rows of an
+    attention bias over every global key (see ``_piece_bias``; never with ALiBi)."""
     qp, kp, vp = q[:, :, piece.q], k[:, :, piece.k], v[:, :, piece.k]
     alibi, key_bias, row = _alibi_terms(f.alibi, piece, qp.shape[2], kp.shape[2])
+    if bias is not None:
+        key_bias = _piece_bias(bias, piece, kp.shape[2])
     if kernels:
         from fastattn.ops.flash import op as flash_op  # imports triton, so only when used
 
@@ -305,9 +314,11 @@ def piece_forward(q, k, v, f: Features, piece: Piece, kernels: bool) -> tuple[Te
 
 
 def _reference_grads(do, q, k, v, out, lse, f: Features, piece: Piece, alibi, key_bias):
-    """Gradients of a piece given the GLOBAL out and lse rows (plain torch, no autograd, so it
-    also runs inside a dispatcher kernel): ``P = exp(s - lse)``, ``dS = P * (dP - rowsum(do *
-    out))``, the softmax backward restricted to this block of keys, through softcap's tanh."""
+    """Gradients (dq, dk, dv, dS) of a piece given the GLOBAL out and lse rows (plain torch, no
+    autograd, so it also runs inside a dispatcher kernel): ``P = exp(s - lse)``, ``dS = P *
+    (dP - rowsum(do * out))``, the softmax backward restricted to this block of keys, through
+    softcap's tanh; dS (B, Hq, Lq, Lk) is the gradient of an additive bias. ``key_bias``: a
+    float bias or a bool mask (True = attend) broadcasting to the scores."""
     ct = torch.promote_types(q.dtype, torch.float32)
     b, hq, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -318,8 +329,10 @@ def _reference_grads(do, q, k, v, out, lse, f: Features, piece: Piece, alibi, ke
     if f.softcap:
         capped = torch.tanh(s / f.softcap)
         s = f.softcap * capped
-    if key_bias is not None:
-        s = s + key_bias
+    if key_bias is not None and key_bias.dtype == torch.bool:
+        s = s.masked_fill(~key_bias, -math.inf)
+    elif key_bias is not None:
+        s = s + key_bias.to(ct)
     if alibi is not None:
         s = s + alibi_bias(alibi, lq, lk, ct)
     band = band_mask(lq, lk, piece.left, piece.right, device=q.device)
@@ -340,31 +353,40 @@ def _reference_grads(do, q, k, v, out, lse, f: Features, piece: Piece, alibi, ke
     dq = torch.matmul(ds, kf) * f.scale
     dk = torch.matmul(ds.transpose(-1, -2), qf) * f.scale
     # Each kv head's gradient sums over its group of query heads.
-    return dq, dk.view(b, hkv, group, lk, -1).sum(2), dv.view(b, hkv, group, lk, -1).sum(2)
+    return dq, dk.view(b, hkv, group, lk, -1).sum(2), dv.view(b, hkv, group, lk, -1).sum(2), ds
 
 
-def piece_backward(do, q, k, v, out, lse, f: Features, piece: Piece, kernels: bool):
-    """(dq, dk, dv) of one piece given the global out and lse of this rank's queries (fp32 or
-    the inputs' dtype; the caller accumulates in fp32)."""
+def piece_backward(do, q, k, v, out, lse, f: Features, piece: Piece, kernels: bool, bias: Optional[Tensor] = None,
+                   bias_grad: bool = False):
+    """(dq, dk, dv, dbias) of one piece given the global out and lse of this rank's queries
+    (fp32 or the inputs' dtype; the caller accumulates in fp32). dbias: with ``bias_grad``, the
+    gradient of the piece's block of a float ``bias``, summed over the dims it broadcasts; else
+    None."""
     qs, ks = piece.q, piece.k
     qp, kp, vp, dop, outp = q[:, :, qs], k[:, :, ks], v[:, :, ks], do[:, :, qs], out[:, :, qs]
     alibi, key_bias, row = _alibi_terms(f.alibi, piece, qp.shape[2], kp.shape[2])
+    if bias is not None:
+        key_bias = _piece_bias(bias, piece, kp.shape[2])
     lsep = lse[:, :, qs] if row is None else lse[:, :, qs] - row  # the op's logits lack the row shift
     if not kernels:
-        return _reference_grads(dop, qp, kp, vp, outp, lsep, f, piece, alibi, key_bias)
+        dq, dk, dv, ds = _reference_grads(dop, qp, kp, vp, outp, lsep, f, piece, alibi, key_bias)
+        if not bias_grad:
+            return dq, dk, dv, None
+        summed = [d for d in range(2) if key_bias.shape[d] == 1]  # the dims the bias broadcasts over
+        return dq, dk, dv, ds.sum(summed, keepdim=True) if summed else ds
     from fastattn.ops.flash.op import flash_backward  # imports triton, so only when used
 
-    dq, dk, dv, _ = flash_backward(
+    dq, dk, dv, ds = flash_backward(
         dop, qp, kp, vp, outp, lsep, bias=key_bias, alibi=alibi,
         seed=None if f.seed is None else f.seed + piece.uid, scale=f.scale, softcap=f.softcap,
-        dropout_p=f.dropout_p, window_left=piece.left, window_right=piece.right)
-    return dq, dk, dv
+        dropout_p=f.dropout_p, window_left=piece.left, window_right=piece.right, bias_grad=bias_grad)
+    return dq, dk, dv, ds if bias_grad else None
 
 
 # ---------------------------------------------------------------------------------------
 # The ring.
 
-def _ring_forward(ring, q, k, v, f: Features, sched: Schedule, kernels: bool):
+def _ring_forward(ring, q, k, v, f: Features, sched: Schedule, kernels: bool, bias=None):
     b, hq, lq, _ = q.shape
     acc_dtype = torch.promote_types(q.dtype, torch.float32)
     out = torch.zeros(b, hq, lq, v.shape[-1], device=q.device, dtype=acc_dtype)
@@ -375,7 +397,7 @@ def _ring_forward(ring, q, k, v, f: Features, sched: Schedule, kernels: bool):
             incoming, requests = ring.start(kv, _KV_TAG)  # overlaps with this step's compute
         src = (ring.rank - step) % ring.world
         for piece in sched.pieces(ring.rank, src):
-            o_i, l_i = piece_forward(q, kv[0], kv[1], f, piece, kernels)
+            o_i, l_i = piece_forward(q, kv[0], kv[1], f, piece, kernels, bias)
             qs = piece.q
             out[:, :, qs], lse[:, :, qs] = merge_partials(out[:, :, qs], lse[:, :, qs], o_i, l_i)
         if step + 1 < sched.steps:
@@ -384,9 +406,12 @@ def _ring_forward(ring, q, k, v, f: Features, sched: Schedule, kernels: bool):
     return out, lse
 
 
-def _ring_backward(ring, do, q, k, v, out, lse, f: Features, sched: Schedule, kernels: bool):
+def _ring_backward(ring, do, q, k, v, out, lse, f: Features, sched: Schedule, kernels: bool, bias=None,
+                   bias_grad=False):
+    """(dq, dk, dv, dbias): dbias fp32 in the bias's shape with ``bias_grad``, else None."""
     acc_dtype = torch.promote_types(q.dtype, torch.float32)
     dq = torch.zeros(q.shape, device=q.device, dtype=acc_dtype)
+    dbias = torch.zeros(bias.shape, device=q.device, dtype=acc_dtype) if bias_grad else None
     kv, travelling, dkv_requests = (k, v), None, None
     last = sched.steps - 1
     for step in range(sched.steps):
@@ -396,12 +421,15 @@ def _ring_backward(ring, do, q, k, v, out, lse, f: Features, sched: Schedule, ke
         dk = torch.zeros(kv[0].shape, device=q.device, dtype=acc_dtype)
         dv = torch.zeros(kv[1].shape, device=q.device, dtype=acc_dtype)
         for piece in sched.pieces(ring.rank, src):
-            dq_i, dk_i, dv_i = piece_backward(do, q, kv[0], kv[1], out, lse, f, piece, kernels)
+            dq_i, dk_i, dv_i, db_i = piece_backward(do, q, kv[0], kv[1], out, lse, f, piece, kernels, bias,
+                                                    bias_grad)
             dq[:, :, piece.q] += dq_i
             dk[:, :, piece.k] += dk_i
             dv[:, :, piece.k] += dv_i
+            if db_i is not None:
+                _piece_bias(dbias, piece, dk_i.shape[2])[...] += db_i
         if last == 0:
-            return dq, dk, dv  # only our own block was needed: nothing travels
+            return dq, dk, dv, dbias  # only our own block was needed: nothing travels
         if dkv_requests is not None:
             # The accumulator for block src, filled by the ranks that held it before us.
             ring.wait(dkv_requests)
@@ -414,7 +442,7 @@ def _ring_backward(ring, do, q, k, v, out, lse, f: Features, sched: Schedule, ke
             ring.wait(kv_requests)
             kv = tuple(incoming)
     ring.wait(dkv_requests)
-    return dq, travelling[0], travelling[1]
+    return dq, travelling[0], travelling[1], dbias
 
 
 def _add_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
@@ -426,13 +454,13 @@ def _add_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sinks, ring, f, sched, kernels):
-        out, lse = _ring_forward(ring, q, k, v, f, sched, kernels)
+    def forward(ctx, q, k, v, sinks, bias, ring, f, sched, kernels):
+        out, lse = _ring_forward(ring, q, k, v, f, sched, kernels, bias)
         if sinks is not None:
             out, lse = _add_sinks(out, lse, sinks)
         out = out.to(q.dtype)
         lse = lse.to(torch.float32) if q.dtype != torch.float64 else lse
-        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks, bias)
         ctx.args = (ring, f, sched, kernels)
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -440,15 +468,34 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         # dlse is not propagated (as fastattn.flash_attention): lse is returned for merging.
-        q, k, v, out, lse, sinks = ctx.saved_tensors
+        q, k, v, out, lse, sinks, bias = ctx.saved_tensors
         ring, f, sched, kernels = ctx.args
-        dq, dk, dv = _ring_backward(ring, dout, q, k, v, out, lse, f, sched, kernels)
+        bias_grad = bias is not None and ctx.needs_input_grad[4]
+        dq, dk, dv, dbias = _ring_backward(ring, dout, q, k, v, out, lse, f, sched, kernels, bias, bias_grad)
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
             # d out / d sink = -P_sink * out: this rank's rows' share (sum it over the ranks).
             delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
             dsinks = -(torch.exp(sinks.to(lse.dtype)[None, :, None] - lse) * delta).sum((0, 2)).to(sinks.dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None, None, None
+        dbias = None if dbias is None else dbias.to(bias.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, dbias, None, None, None, None
+
+
+def _check_sharded_bias(op: str, bias, q: Tensor, k: Tensor, world: int, alibi_slopes) -> None:
+    """attn_bias of ring attention: None, or bool / float (B|1, Hq|1, Lq_local, W * Lk_local) on q's device."""
+    if bias is None:
+        return
+    b, hq, lq, _ = q.shape
+    want = f"({b} or 1, {hq} or 1, {lq}, {world * k.shape[2]})"
+    if not isinstance(bias, Tensor) or bias.dim() != 4 or bias.shape[0] not in (1, b) or bias.shape[1] not in (1, hq) \
+            or tuple(bias.shape[2:]) != (lq, world * k.shape[2]):
+        got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+        raise ValueError(f"{op}: attn_bias must be this rank's query rows over every key, {want}, got {got}")
+    if bias.device != q.device or not (bias.dtype == torch.bool or bias.dtype.is_floating_point):
+        raise ValueError(f"{op}: attn_bias must be bool or floating point on {q.device}, got {bias.dtype} on "
+                         f"{bias.device}")
+    if alibi_slopes is not None:
+        raise ValueError(f"{op}: attn_bias and alibi_slopes together: fold the ALiBi into the bias")
 
 
 def features(op: str, q: Tensor, *, scale, softcap, alibi_slopes, dropout_p) -> Features:
@@ -463,7 +510,7 @@ def features(op: str, q: Tensor, *, scale, softcap, alibi_slopes, dropout_p) -> 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = False,
                    scale: Optional[float] = None, window: Optional[tuple] = None,
-                   alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None,
+                   attn_bias: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None,
                    dropout_p: float = 0.0, sinks: Optional[Tensor] = None,
                    zigzag: Optional[bool] = None, return_lse: bool = False):
     """Exact attention over a sequence sharded across the ranks of ``group`` (ring attention).
@@ -485,6 +532,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool 
             A window shortens the ring on the contiguous layout: K/V travels only as far as
             some rank's band reaches, and pieces outside every band are skipped. ALiBi slopes
             get no gradient.
+        attn_bias: this rank's query rows of a bias over the WHOLE key sequence,
+            (B or 1, Hq or 1, Lq_local, W * Lk_local): rows in the shard's order
+            (``shard_sequence(bias, rank, W, zigzag=..., dim=2)``), keys in global order. bool
+            (True = attend) or additive float (differentiable; its gradient comes back in its
+            shape). Not with ALiBi (fold the slopes into the bias).
         dropout_p: dropout on the attention probabilities; each piece of the schedule draws
             its own mask from one seed taken from torch's generator per call (the same
             distribution as one process, not the same mask: the op's draws count positions
@@ -505,7 +557,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool 
         ValueError: torch.distributed not initialised; bad local shapes or options (as
             flash_attention); ranks holding shards of different shapes (uneven sharding);
             positions (causal, window, ALiBi) with Lq_local != Lk_local; an odd shard length
-            under zig-zag; alibi_slopes requiring grad; a DeviceMesh of more than one dimension;
+            under zig-zag; alibi_slopes requiring grad; attn_bias of another shape, or with
+            alibi_slopes; a DeviceMesh of more than one dimension;
             under ``use_backend("triton")``,
             inputs the kernels cannot take.
 
@@ -521,8 +574,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool 
     f = features(op, q, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
     band = band_from(causal, window)
     ring = _Ring(group)
+    _check_sharded_bias(op, attn_bias, q, k, ring.world, alibi_slopes)
     sched = Schedule(ring.world, q.shape[2], k.shape[2], zigzag=zigzag, band=band,
-                     positional=band != (None, None) or alibi_slopes is not None)
+                     positional=band != (None, None) or alibi_slopes is not None or attn_bias is not None)
     kernels = backend.route(op, "flash", q, k, v).impl == "kernel"
-    out, lse = _RingAttention.apply(q, k, v, sinks, ring, f, sched, kernels)
+    out, lse = _RingAttention.apply(q, k, v, sinks, attn_bias, ring, f, sched, kernels)
     return (out, lse) if return_lse else out

@@ -71,7 +71,8 @@ def _dense_grads(do, q, k, v, out, lse, dropout_p, is_causal, scale, left, right
     _refuse_dropout("flash attention backward", dropout_p)
     piece, f = _whole(q, is_causal, scale, left, right)
     kernels = backend.route("flash_attention", "flash", q, k, v).impl == "kernel"
-    return tuple(g.to(t.dtype) for g, t in zip(piece_backward(do, q, k, v, out, lse, f, piece, kernels), (q, k, v)))
+    grads = piece_backward(do, q, k, v, out, lse, f, piece, kernels)[:3]
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
 
 
 def _no_rng(q):
