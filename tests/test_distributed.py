@@ -100,7 +100,8 @@ def _check_case(rank, world, case):
         return fd.shard_sequence(t, rank, world, zigzag=zigzag)
 
     # Oracle: float64 reference; yardstick: the plain-PyTorch reference in q's dtype.
-    ref_opts = dict(opts, causal=causal, sinks=full.get("sinks"), attn_bias=full.get("attn_bias", opts.get("attn_bias")))
+    ref_opts = dict(opts, causal=causal, sinks=full.get("sinks"),
+                    attn_bias=full.get("attn_bias", opts.get("attn_bias")))
     if case["dropout"]:
         ref_opts["dropout_mask"] = _dropout_keep(case, rank, world, seed, (b, hq, length))
     args64 = {n: as64(t) for n, t in full.items()}

@@ -510,8 +510,8 @@ def features(op: str, q: Tensor, *, scale, softcap, alibi_slopes, dropout_p) -> 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = False,
                    scale: Optional[float] = None, window: Optional[tuple] = None,
-                   attn_bias: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None,
-                   dropout_p: float = 0.0, sinks: Optional[Tensor] = None,
+                   attn_bias: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
+                   softcap: Optional[float] = None, dropout_p: float = 0.0, sinks: Optional[Tensor] = None,
                    zigzag: Optional[bool] = None, return_lse: bool = False):
     """Exact attention over a sequence sharded across the ranks of ``group`` (ring attention).
 
