@@ -72,3 +72,26 @@ def test_registered_flash_impl_runs_fastattn(impl):
     assert attention.current_flash_attention_impl() is None
     with pytest.raises(NotImplementedError):  # deregistered: aten has no CPU flash kernel again
         torch.ops.aten._scaled_dot_product_flash_attention(q[None], k[None], v[None], 0.0, True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the GPU check runs it")
+def test_registered_flash_impl_is_sdpas_flash_backend_on_cuda():
+    """On CUDA, F.scaled_dot_product_attention's flash backend itself runs fastattn once the
+    user activates it (bf16, causal, forward and backward by the error rule)."""
+    import fastattn.distributed.torch_flash as torch_flash
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    name = "fastattn-test-cuda"
+    torch_flash.register(name)
+    attention.activate_flash_attention_impl(name)
+    try:
+        inputs = [torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+
+        def sdpa(q, k, v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        _check("cuda sdpa", sdpa, lambda q, k, v: attention_reference(q, k, v, causal=True), inputs,
+               torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16))
+    finally:
+        attention.restore_flash_attention_impl()
