@@ -6,6 +6,7 @@
     python examples/train_gpt.py --attention linear     # causal linear attention instead
     python examples/train_gpt.py --docs                 # documents of long-tailed lengths, padded
     python examples/train_gpt.py --docs --pack          # the same documents packed in one row
+    python examples/train_gpt.py --cp 2                 # context parallel: 2 processes, one sequence
 
 The text is every ``.py`` file under the directory of the running interpreter's ``os`` module
 (sorted by path, so the split is the same on every run of one Python installation): always
@@ -19,19 +20,30 @@ the validation loss (nats and bits per character) and the training throughput, t
 from a prompt with the KV cache (fastattn.nn.KVCache + fastattn.attention_with_kvcache) and
 checks that greedy decoding with the cache gives the same tokens as recomputing the whole
 sequence each step, timing both.
+
+With ``--cp N`` it trains on N processes (gloo on CPU, NCCL with one GPU each): every rank
+draws the same batches and holds a zig-zag shard of every sequence, RoPE at the tokens' global
+positions; attention is ring attention across the ranks (``fastattn.nn.ContextParallelAttention``)
+and DistributedDataParallel averages the gradients over them, so the steps are one process's.
+Rank 0 then evaluates and samples with the trained weights in one process.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
+import sys
+import tempfile
 import time
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import fastattn
 from fastattn.models import GPT, GPTConfig
-from fastattn.nn import Flash, Linear, Performer
+from fastattn.nn import ContextParallelAttention, Flash, Linear, Performer
 
 import training  # examples/training.py: the loop pieces the examples share (not part of fastattn)
 
@@ -133,6 +145,9 @@ def parse(argv=None):
                    help="train on documents of long-tailed lengths (<= --seq-len) instead of full windows")
     p.add_argument("--pack", action="store_true",
                    help="with --docs: pack each batch's documents into one row (cu_seqlens, no padding)")
+    p.add_argument("--cp", type=int, default=1,
+                   help="context parallelism: train on this many processes, each holding a zig-zag shard of "
+                        "every sequence (ring attention); --seq-len must be a multiple of 2 * cp")
     p.add_argument("--prompt", default="def __init__(self")
     p.add_argument("--sample-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -140,21 +155,62 @@ def parse(argv=None):
                                                   heads=2, kv_heads=1, val_batches=2, sample_tokens=8))
 
 
-def main(argv=None) -> dict:
+def _cp_rank(rank, argv, world, init_file, results):
+    """One process of a ``--cp`` run; rank 0 sends main's result back."""
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")  # one log, rank 0's
+    result = main(argv, cp_rank=(rank, world, init_file))
+    if rank == 0:
+        results.put(result)
+
+
+def _spawn_cp(argv, world: int) -> dict:
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_cp_rank, args=(argv, world, os.path.join(tmp, "rendezvous"), results), nprocs=world)
+    return results.get()
+
+
+def main(argv=None, cp_rank=None) -> dict:
+    """Train, evaluate, sample. ``cp_rank``: (rank, world, rendezvous file) inside a ``--cp`` run."""
     args = parse(argv)
+    if args.cp > 1 and cp_rank is None:
+        if args.docs or args.checkpoint:
+            raise ValueError("train_gpt: --cp takes neither --docs nor --checkpoint")
+        if args.seq_len % (2 * args.cp):
+            raise ValueError(f"train_gpt: --seq-len {args.seq_len} must be a multiple of 2 * --cp = {2 * args.cp}")
+        return _spawn_cp(argv, args.cp)
     device = training.setup(args)
+    cp = None
+    if cp_rank is not None:
+        import fastattn.distributed as fd
+
+        rank, world, init_file = cp_rank
+        if device.type == "cuda":
+            device = torch.device("cuda", rank)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{init_file}",
+                                rank=rank, world_size=world)
+        # The ring on a group of its own, apart from the gradients' all-reduce.
+        cp = fd.context_parallel(dist.new_group(list(range(world))), method="ring")
     train, val = stdlib_text(args.max_bytes)
     print(f"data: {len(train):,} train / {len(val):,} validation bytes of standard library source "
           f"({os.path.dirname(os.__file__)})")
     attention = {"flash": Flash(), "linear": Linear(), "performer": Performer(64)}[args.attention]
+    if cp is not None:
+        attention = ContextParallelAttention(cp)
     cfg = GPTConfig(vocab_size=256, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                     n_kv_heads=args.kv_heads, positional="rope", dropout=args.dropout, attention=attention,
                     max_seq_len=max(args.seq_len, 1024))
     model = GPT(cfg).to(device, getattr(torch, args.dtype))
+    kind = args.attention if cp is None else f"ring over {args.cp} ranks"
     print(f"GPT: {training.count_parameters(model):,} parameters, {args.layers} layers, {args.heads} heads / "
-          f"{args.kv_heads} kv heads, RoPE, attention={args.attention}, backend={args.backend}, device={device}")
+          f"{args.kv_heads} kv heads, RoPE, attention={kind}, backend={args.backend}, device={device}")
     opt = training.make_optimizer(model, args.lr, weight_decay=0.1)
-    trainer = training.Trainer(model, opt, training.make_scheduler(opt, args.warmup, args.steps),
+    # Under --cp every rank's loss is the mean over its shards: averaging the gradients over the
+    # ranks gives the gradient of the whole batch's mean.
+    trained = model if cp is None else torch.nn.parallel.DistributedDataParallel(model)
+    trainer = training.Trainer(trained, opt, training.make_scheduler(opt, args.warmup, args.steps),
                                grad_clip=args.grad_clip, precision=args.precision)
     start_step = 0
     if args.checkpoint and os.path.exists(args.checkpoint):
@@ -167,7 +223,12 @@ def main(argv=None) -> dict:
 
     def loss_fn(batch):
         x, y, cu = batch
-        logits, _ = model(x, cu_seqlens=cu)
+        if cp is not None:  # this rank's zig-zag shard of every sequence, at its global positions
+            positions = cp.positions(x.shape[1], device)[None]
+            x, y = cp.shard(x, dim=1), cp.shard(y, dim=1)
+            logits, _ = trained(x, offset=positions)
+        else:
+            logits, _ = model(x, cu_seqlens=cu)
         return training.cross_entropy(logits, y, args.label_smoothing), int((y != -100).sum())
 
     def next_batch():
@@ -181,11 +242,22 @@ def main(argv=None) -> dict:
         for step in range(start_step + 1, args.steps + 1):
             micro = [next_batch() for _ in range(args.accum)]
             loss, _ = trainer.step(micro, loss_fn)
+            if cp is not None:  # the whole batch's loss: the mean of the ranks' equal shards' means
+                total = torch.tensor(loss, dtype=torch.float64)
+                dist.all_reduce(total)
+                loss = total.item() / cp.world_size
             losses.append(loss)
             # real (predicted) tokens only: padding is work, not progress
             progress.update(step, loss, tokens=sum(int((y != -100).sum()) for _, y, _ in micro), lr=trainer.lr)
         train_s = time.perf_counter() - start
         peak_mb = training.peak_memory_mb(device)
+        if cp is not None:  # evaluate and sample in one process, with the trained weights
+            single = GPT(dataclasses.replace(cfg, attention=Flash())).to(device, getattr(torch, args.dtype))
+            single.load_state_dict(model.state_dict())
+            model = single
+            dist.destroy_process_group()
+            if cp_rank[0] > 0:
+                return {}
         if args.docs:
             what = "CUDA max allocated" if device.type == "cuda" else "CPU peak RSS of the process"
             print(f"documents ({'packed' if args.pack else 'padded'}): {progress.tokens_per_second:,.0f} real "

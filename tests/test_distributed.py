@@ -9,6 +9,7 @@ Process start-up is slow, so each job runs many cases. The torch path runs in th
 4-rank jobs; the Triton kernels (interpreter on CPU, under ``use_backend("triton")`` so a
 fallback cannot pass, NaN-poisoned outputs) in one 2-rank job.
 """
+import itertools
 import os
 import random
 import sys
@@ -38,6 +39,42 @@ def _poison_outputs():
     _launch.empty = poisoned
 
 
+def _dropout_keep(case, rank, world, seed, shape):
+    """The global (B, Hq, L, L) keep-mask a context-parallel call drew: every piece of every
+    rank's schedule redrawn from the call's seed (as the kernels or the reference draw it)."""
+    from fastattn.distributed.ring import Features, Schedule, _reference_keep
+
+    b, hq, length = shape
+    keep = torch.ones(b, hq, length, length, dtype=torch.bool)
+
+    def draw(piece, shape):
+        if case["backend"] == "triton":
+            from fastattn.ops.flash.op import dropout_keep_mask
+            return dropout_keep_mask(seed + piece.uid, *shape, case["dropout"])
+        f = Features(1.0, None, None, case["dropout"], seed)
+        return _reference_keep(f, piece, shape, seed.device)
+
+    band = fastattn.validation.band_from(case["causal"], case["window"])
+    positional = band != (None, None) or case["alibi"]
+    if case["method"] == "ulysses":  # rank r's head group over the whole sequence, uid r
+        per = hq // world
+        for r in range(world):
+            for piece in Schedule(1, length, length, zigzag=False, band=band, positional=positional,
+                                  uid_base=r).pieces(0, 0):
+                keep[:, r * per:(r + 1) * per] = draw(piece, (b, per, length, length))
+        return keep
+    local = length // world
+    sched = Schedule(world, local, local, zigzag=case["zigzag"], band=band, positional=positional)
+    for r in range(world):
+        for step in range(sched.steps):
+            src = (r - step) % world
+            for piece in sched.pieces(r, src):
+                rows = fd.shard_positions(length, r, world, zigzag=case["zigzag"])[piece.q]
+                cols = fd.shard_positions(length, src, world, zigzag=case["zigzag"])[piece.k]
+                keep[:, :, rows[:, None], cols[None, :]] = draw(piece, (b, hq, len(rows), len(cols)))
+    return keep
+
+
 def _check_case(rank, world, case):
     """One attention call on this rank's shard vs the full-sequence oracle."""
     method, causal, zigzag, b, hq, hkv, length, d = (case[n] for n in
@@ -46,16 +83,33 @@ def _check_case(rank, world, case):
     dtype = getattr(torch, case["dtype"])
     q, k, v, do = (torch.randn(b, h, length, d, generator=gen).to(dtype) for h in (hq, hkv, hkv, hq))
     full = {n: t.requires_grad_() for n, t in (("q", q), ("k", k), ("v", v))}
+    opts = dict(window=case["window"], softcap=case["softcap"], dropout_p=case["dropout"])
+    if case["alibi"]:  # (Hq,) slopes, or (B, Hq) with a batch of two
+        opts["alibi_slopes"] = torch.rand((b, hq) if b > 1 else (hq,), generator=gen) * 0.5
+    if case["sinks"]:
+        full["sinks"] = torch.randn(hq, generator=gen).requires_grad_()
+    if case["bias"] == "float":
+        full["attn_bias"] = torch.randn(1, hq, length, length, generator=gen).to(dtype).requires_grad_()
+    elif case["bias"] == "bool":  # every row keeps its first key, so none is empty
+        opts["attn_bias"] = torch.rand(b, 1, length, length, generator=gen) > 0.3
+        opts["attn_bias"][..., 0] = True
+    torch.manual_seed(case["seed"])  # the call's dropout seed, redrawn below for the oracle's mask
+    seed = torch.randint(0, 2**62, (1,)) if case["dropout"] else None
 
     def shard(t):
         return fd.shard_sequence(t, rank, world, zigzag=zigzag)
 
-    # Oracle: float64 reference; yardstick: single-process flash_attention (plain torch) in q's dtype.
+    # Oracle: float64 reference; yardstick: the plain-PyTorch reference in q's dtype.
+    ref_opts = dict(opts, causal=causal, sinks=full.get("sinks"),
+                    attn_bias=full.get("attn_bias", opts.get("attn_bias")))
+    if case["dropout"]:
+        ref_opts["dropout_mask"] = _dropout_keep(case, rank, world, seed, (b, hq, length))
     args64 = {n: as64(t) for n, t in full.items()}
-    oracle = attention_reference(args64["q"], args64["k"], args64["v"], causal=causal)
+    oracle, lse64 = attention_reference(args64["q"], args64["k"], args64["v"], **{
+        **ref_opts, "sinks": args64.get("sinks"), "attn_bias": args64.get("attn_bias", opts.get("attn_bias"))},
+        return_lse=True)
     grads64 = torch.autograd.grad(oracle, list(args64.values()), do.double())
-    with fastattn.use_backend("torch"):
-        base = fastattn.flash_attention(full["q"], full["k"], full["v"], causal=causal)
+    base, lse_base = attention_reference(full["q"], full["k"], full["v"], **ref_opts, return_lse=True)
     grads_base = torch.autograd.grad(base, list(full.values()), do)
 
     def local_copy(t):
@@ -64,28 +118,83 @@ def _check_case(rank, world, case):
             t = t.transpose(1, 2).contiguous().transpose(1, 2)
         return t.clone(memory_format=torch.preserve_format).requires_grad_()
 
-    local = {n: local_copy(t) for n, t in full.items()}
+    local = {n: local_copy(t) for n, t in full.items() if n not in ("sinks", "attn_bias")}
+    if case["sinks"]:
+        local["sinks"] = full["sinks"].detach().clone().requires_grad_()
+        opts["sinks"] = local["sinks"]
+    if case["bias"] == "float":  # this rank's query rows over every key
+        local["attn_bias"] = shard(full["attn_bias"].detach()).requires_grad_()
+        opts["attn_bias"] = local["attn_bias"]
+    elif case["bias"] == "bool":
+        opts["attn_bias"] = shard(opts["attn_bias"])
+    torch.manual_seed(case["seed"])
     with fastattn.use_backend(case["backend"]):
-        if method == "ring":
-            out, lse = fd.ring_attention(local["q"], local["k"], local["v"], causal=causal, zigzag=zigzag,
-                                         return_lse=True)
-            _, lse64 = attention_reference(args64["q"], args64["k"], args64["v"], causal=causal, return_lse=True)
-            _, lse_base = attention_reference(q, k, v, causal=causal, return_lse=True)
+        if method in ("ring", "ulysses"):
+            attend = fd.ring_attention if method == "ring" else fd.ulysses_attention
+            out, lse = attend(local["q"], local["k"], local["v"], causal=causal, zigzag=zigzag, return_lse=True,
+                              **opts)
             assert lse.dtype == torch.float32
             assert_close_rule(f"lse rank {rank}/{world} {case}", lse, shard(lse64), shard(lse_base))
-        elif method == "ulysses":
-            out = fd.ulysses_attention(local["q"], local["k"], local["v"], causal=causal, zigzag=zigzag)
         else:  # the nn-level switch, used as a context manager
             with fd.context_parallel(method="ring", zigzag=zigzag) as cp:
                 assert fd.current() is cp
-                out = fd.current()(local["q"], local["k"], local["v"], causal=causal)
+                out = fd.current()(local["q"], local["k"], local["v"], causal=causal, **opts)
             assert fd.current() is None
-        grads = torch.autograd.grad(out, list(local.values()), shard(do))
+        grads = list(torch.autograd.grad(out, list(local.values()), shard(do)))
+    if case["sinks"]:  # each rank holds its rows' share of the replicated sinks' gradient
+        dist.all_reduce(grads[list(local).index("sinks")])
     tag = f"rank {rank}/{world} {case}"
     assert out.shape == (b, hq, length // world, d) and out.dtype == q.dtype, tag
     assert_close_rule(f"out {tag}", out, shard(oracle), shard(base))
     for name, g, g64, gb in zip(full, grads, grads64, grads_base):
-        assert_close_rule(f"d{name} {tag}", g, shard(g64), shard(gb), factor=3.0)
+        if name != "sinks":  # the bias's rows too
+            g64, gb = shard(g64), shard(gb)
+        assert_close_rule(f"d{name} {tag}", g, g64, gb, factor=3.0)
+
+
+def _check_packed(rank, world, case):
+    """Packed documents over uneven contiguous shards of the token stream (fd.varlen_attention)
+    vs the single-process varlen reference: outputs, lse and gradients of this rank's tokens."""
+    from fastattn.ops.flash.reference import varlen_attention_reference
+
+    gen = torch.Generator().manual_seed(case["seed"])
+    docs, shards, hq, hkv, d = case["docs"], case["shards"], case["hq"], case["hkv"], case["d"]
+    total = sum(docs)
+    cu = torch.tensor([0] + list(itertools.accumulate(docs)), dtype=torch.int32)
+    q, k, v, do = (torch.randn(total, h, d, generator=gen) for h in (hq, hkv, hkv, hq))
+    full = {"q": q, "k": k, "v": v}
+    opts = dict(causal=case["causal"], window=case["window"], softcap=case["softcap"])
+    if case["alibi"]:
+        opts["alibi_slopes"] = torch.rand(len(docs), hq, generator=gen) * 0.5
+    if case["sinks"]:
+        full["sinks"] = torch.randn(hq, generator=gen)
+    full = {n: t.requires_grad_() for n, t in full.items()}
+    args64 = {n: as64(t) for n, t in full.items()}
+
+    def reference(a):
+        out, lse = varlen_attention_reference(a["q"], a["k"], a["v"], cu, cu, sinks=a.get("sinks"), return_lse=True,
+                                              **{**opts, "alibi_slopes": None if not case["alibi"] else
+                                                 opts["alibi_slopes"].to(a["q"].dtype)})
+        return out, lse, torch.autograd.grad(out, list(a.values()), do.to(out.dtype))
+
+    oracle, lse64, grads64 = reference(args64)
+    base, lse_base, grads_base = reference(full)
+    start = sum(shards[:rank])
+    rows = slice(start, start + shards[rank])
+    local = {n: (t[rows] if n != "sinks" else t).detach().clone().requires_grad_() for n, t in full.items()}
+    out, lse = fd.varlen_attention(local["q"], local["k"], local["v"], cu, causal=case["causal"],
+                                   window=case["window"], softcap=case["softcap"], sinks=local.get("sinks"),
+                                   alibi_slopes=opts.get("alibi_slopes"), return_lse=True)
+    grads = list(torch.autograd.grad(out, list(local.values()), do[rows]))
+    if case["sinks"]:
+        dist.all_reduce(grads[-1])
+    tag = f"packed rank {rank}/{world} {case}"
+    assert_close_rule(f"out {tag}", out, oracle[rows], base[rows])
+    assert_close_rule(f"lse {tag}", lse, lse64[:, rows], lse_base[:, rows])
+    for name, g, g64, gb in zip(full, grads, grads64, grads_base):
+        if name != "sinks":
+            g64, gb = g64[rows], gb[rows]
+        assert_close_rule(f"d{name} {tag}", g, g64, gb, factor=3.0)
 
 
 def _check_nn_module(rank, world):
@@ -126,8 +235,22 @@ def _check_rejections(rank, world):
     heads = torch.randn(1, world + 1, 4, 16)
     with pytest.raises(ValueError, match="divisible by the world size"):
         fd.ulysses_attention(heads, heads, heads)
-    with pytest.raises(ValueError, match="context-parallel attention supports causal and scale"):
-        fd.context_parallel()(q, q, q, window=(1, 1))
+    with pytest.raises(ValueError, match="context-parallel attention takes the keywords"):
+        fd.context_parallel()(q, q, q, attn_bias=q)
+    packed = torch.randn(3 + rank, 2, 16)  # uneven shards of a packed stream of 3 + 4 (+ 5 + 6) tokens
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to the ranks' total"):
+        fd.varlen_attention(packed, packed, packed, torch.tensor([0, 5], dtype=torch.int32), causal=True)
+    with pytest.raises(ValueError, match="window and alibi_slopes need causal=True"):
+        fd.varlen_attention(packed, packed, packed, torch.tensor([0, 5], dtype=torch.int32), window=(1, 1))
+    # A DeviceMesh names the ranks as well as a process group; a 2-D one must be cut to its cp dim.
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "cp"))
+    x = torch.randn(1, 2, 4, 16)
+    assert torch.equal(fd.ring_attention(x, x, x, mesh["cp"], causal=True), fd.ring_attention(x, x, x, causal=True))
+    assert fd.context_parallel(mesh["cp"]).world_size == world
+    with pytest.raises(ValueError, match="DeviceMesh of 2 dims"):
+        fd.ulysses_attention(x, x, x, mesh)
     # The helpers: this rank's positions, and a gather that undoes the layout.
     x = torch.arange(4 * world).view(1, 1, 4 * world, 1).float()
     for zigzag in (False, True):
@@ -153,7 +276,7 @@ def _worker(rank, world, init_file, cases, kernels):
             _check_rejections(rank, world)
             _check_nn_module(rank, world)
         for case in cases:
-            _check_case(rank, world, case)
+            (_check_packed if "docs" in case else _check_case)(rank, world, case)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -171,10 +294,19 @@ def _run_job(tmp_path, world, cases, kernels=False):
 
 
 def _case(method, causal, zigzag, hq, hkv, length, d=16, b=1, backend="torch", dtype="float32",
-          transposed=False):
+          transposed=False, window=None, alibi=False, softcap=None, sinks=False, dropout=0.0, bias=None):
+    """bias: None, "float" (a learned (1, Hq, L, L) bias, differentiated) or "bool" (a (B, 1, L, L) mask)."""
     return dict(method=method, causal=causal, zigzag=zigzag, b=b, hq=hq, hkv=hkv, l=length, d=d,
-                backend=backend, dtype=dtype, transposed=transposed,
+                backend=backend, dtype=dtype, transposed=transposed, window=window, alibi=alibi,
+                softcap=softcap, sinks=sinks, dropout=dropout, bias=bias,
                 seed=random.randrange(2**31))  # fresh inputs every run
+
+
+def _packed(docs, shards, causal=True, hq=4, hkv=2, d=16, window=None, alibi=False, softcap=None, sinks=False):
+    """A packed-documents case: document lengths, and each rank's share of the token stream."""
+    assert sum(docs) == sum(shards)
+    return dict(docs=docs, shards=shards, causal=causal, hq=hq, hkv=hkv, d=d, window=window, alibi=alibi,
+                softcap=softcap, sinks=sinks, seed=random.randrange(2**31))
 
 
 def test_two_ranks_torch(tmp_path):
@@ -187,6 +319,17 @@ def test_two_ranks_torch(tmp_path):
         _case("switch", True, True, 2, 2, 28, d=16),           # the nn-level switch
         _case("ring", True, True, 4, 2, 36, d=32, dtype="bfloat16", transposed=True),
         _case("ring", True, False, 2, 2, 36, d=32, dtype="float16"),
+        # every flash_attention feature through the ring and Ulysses
+        _case("ring", True, True, 4, 2, 24, window=(5, 0), softcap=3.0),          # band across chunks
+        _case("ring", False, False, 2, 1, 24, b=2, window=(3, 4), alibi=True),    # two-sided, (B, Hq) slopes
+        _case("ring", True, False, 2, 2, 24, alibi=True, sinks=True, dropout=0.3),
+        _case("ring", False, True, 2, 2, 24, d=32, alibi=True, dtype="bfloat16"),
+        _case("ulysses", True, False, 4, 2, 24, window=(4, 0), alibi=True, sinks=True, softcap=3.0, dropout=0.2),
+        _case("switch", True, True, 2, 2, 24, window=(3, 0), sinks=True),
+        _case("ring", True, True, 4, 2, 24, bias="float", sinks=True),             # a learned bias, dbias
+        # packed documents over uneven shards (13 + 24 tokens; the second document crosses)
+        _packed([5, 20, 1, 11], [13, 24], window=(6, 0), alibi=True, sinks=True, softcap=3.0),
+        _packed([9, 16, 12], [20, 17], causal=False, hq=2, hkv=1),
     ]
     _run_job(tmp_path, 2, cases)
 
@@ -197,6 +340,14 @@ def test_four_ranks_torch(tmp_path):
         _case("ring", True, False, 2, 2, 44, d=16, b=2),       # contiguous causal
         _case("ring", False, False, 8, 1, 40, d=64),           # MQA 8:1, not causal
         _case("ulysses", True, True, 8, 4, 48, d=16),          # head-parallel on zig-zag shards
+        _case("ring", True, False, 2, 1, 48, window=(7, 0), alibi=True, sinks=True),  # 2 of 4 steps
+        _case("ring", True, True, 4, 2, 32, softcap=2.0, dropout=0.25),
+        _case("ring", False, True, 2, 2, 32, window=(4, 3), alibi=True),
+        _case("ring", False, False, 2, 1, 32, b=2, bias="bool", softcap=2.0),       # a boolean mask
+        _case("ulysses", True, True, 4, 4, 32, window=(5, 0), sinks=True, dropout=0.3),
+        # a document over three ranks, one ending on a shard boundary, an empty one
+        _packed([3, 25, 0, 6, 4], [7, 9, 13, 9], window=(8, 0), alibi=True, sinks=True),
+        _packed([14, 10, 14], [10, 12, 7, 9], causal=False, softcap=2.0),
     ]
     _run_job(tmp_path, 4, cases)
 
@@ -207,6 +358,10 @@ def test_two_ranks_kernels(tmp_path):
         _case("ring", True, True, 4, 2, 44, d=32, backend="triton", transposed=True),  # flash_fwd/flash_bwd per step
         _case("ulysses", True, False, 2, 2, 36, d=16, backend="triton"),
         _case("ring", True, True, 4, 2, 36, d=32, backend="triton", dtype="bfloat16"),
+        # every feature: the pieces' windows, ALiBi on and off the diagonal, sinks, dropout seeds
+        _case("ring", True, True, 4, 2, 16, backend="triton", window=(5, 0), alibi=True, sinks=True, softcap=3.0,
+              dropout=0.25),
+        _case("ring", True, False, 2, 2, 16, backend="triton", bias="float"),
     ]
     _run_job(tmp_path, 2, cases, kernels=True)
 
@@ -292,6 +447,36 @@ def test_not_initialised_and_bad_method():
             fd.ring_attention(q, q, q)
     with pytest.raises(ValueError, match="method must be"):
         fd.context_parallel(method="tree")
+
+
+@pytest.mark.parametrize("zigzag", [False, True], ids=["contiguous", "zigzag"])
+@pytest.mark.parametrize("band", [(None, 0), (5, 0), (3, 2), (None, None)], ids=str)
+def test_schedule_covers_the_band(band, zigzag):
+    """Every (query, key) pair inside the global band is attended by exactly one piece of one
+    ring step, and nothing outside it; a window on the contiguous layout stops the ring early."""
+    from fastattn.distributed.ring import Schedule
+    from fastattn.ops.flash.reference import band_mask
+
+    world, local = 4, 6
+    length = world * local
+    sched = Schedule(world, local, local, zigzag=zigzag, band=band, positional=True)
+    seen = torch.zeros(length, length, dtype=torch.int64)
+    for rank in range(world):
+        for step in range(sched.steps):
+            src = (rank - step) % world
+            for piece in sched.pieces(rank, src):
+                rows = fd.shard_positions(length, rank, world, zigzag=zigzag)[piece.q]
+                cols = fd.shard_positions(length, src, world, zigzag=zigzag)[piece.k]
+                window = band_mask(len(rows), len(cols), piece.left, piece.right)
+                hit = torch.ones(len(rows), len(cols), dtype=torch.int64) if window is None else window.long()
+                seen[rows[:, None], cols[None, :]] += hit
+    want = band_mask(length, length, *band)
+    want = torch.ones(length, length, dtype=torch.int64) if want is None else want.long()
+    assert torch.equal(seen, want)
+    if band == (5, 0) and not zigzag:
+        assert sched.steps == 2  # keys 5 back reach only the previous rank's shard of 6
+    elif band[1] != 0 or zigzag:
+        assert sched.steps == world
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])

@@ -1,6 +1,7 @@
 """Context-parallel attention: communication volume, causal load balance, measured time.
 
     python -m fastattn.bench.distributed [--quick] [--world 2 4] [--seq 1024 2048] [--threads 1]
+    python -m fastattn.bench.distributed --overlap [--world 4] [--seq 2048 4096]
 
 Three tables:
 1. Simulation of ring attention per step for one layer: bytes each rank sends (K/V forward;
@@ -54,18 +55,18 @@ def comm_per_step(b, hq, hkv, seq_len, d, world, *, dtype_bytes=2) -> dict:
 def causal_work(seq_len: int, world: int, zigzag: bool) -> list[int]:
     """Attended query-key pairs per rank for causal ring attention, from the schedule that
     ``fastattn.distributed.ring`` runs (a diagonal block counts its lower triangle)."""
-    from fastattn.distributed.ring import _blocks
+    from fastattn.distributed.ring import Schedule
 
     local = seq_len // world
+    sched = Schedule(world, local, local, zigzag=zigzag, band=(None, 0), positional=True)
     work = []
     for rank in range(world):
         total = 0
-        for step in range(world):
-            src = (rank - step) % world
-            for qs, ks, diag in _blocks(rank, src, local, local, True, zigzag):
-                lq = len(range(local)[qs])
-                lk = len(range(local)[ks])
-                total += lq * (lq + 1) // 2 if diag else lq * lk
+        for step in range(sched.steps):
+            for piece in sched.pieces(rank, (rank - step) % world):
+                lq = len(range(local)[piece.q])
+                lk = len(range(local)[piece.k])
+                total += lq * (lq + 1) // 2 if piece.right == 0 else lq * lk  # a diagonal piece: its lower triangle
         work.append(total)
     return work
 
@@ -171,12 +172,87 @@ def _single_process(configs, reps, threads):
     return rows
 
 
-def measure_ranks(world, configs, reps=5, threads=1, timeout=600):
-    """Spawn ``world`` gloo ranks and time every method; rows (config, impl, fwd ms, fwd+bwd ms)."""
+def _time_interleaved(fns, reps):
+    """Median ms of each of ``fns``, run in turn within every repetition, so that the load of a
+    shared machine drifting over the run weighs on all of them alike."""
+    for fn in fns:
+        fn()
+    samples = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, ts in zip(fns, samples):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(ts) for ts in samples]
+
+
+class _NoComm:
+    """A stand-in ring that sends nothing: every step computes on the rank's own K/V (the same
+    shapes, so the same work), which times the ring's compute alone."""
+
+    def __init__(self, rank, world):
+        self.rank, self.world = rank, world
+
+    def start(self, tensors, tag, ahead=1):
+        return list(tensors), None
+
+    @staticmethod
+    def wait(pending):
+        pass
+
+
+def _overlap_worker(rank, world, init_file, configs, reps, threads, results):
+    """Ring forward (zig-zag, causal) against its compute alone, its K/V transfers alone, and
+    all-gathering K/V first then computing the same blocks (no overlap)."""
+    from fastattn.distributed import ring as ring_mod
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        rows = []
+        for b, hq, hkv, length, d in configs:
+            local = length // world
+            q, k, v = (torch.randn(b, h, local, d) for h in (hq, hkv, hkv))
+            the_ring = ring_mod._Ring(None)
+            f = ring_mod.features("bench", q, scale=None, softcap=None, alibi_slopes=None, dropout_p=0.0)
+            sched = ring_mod.Schedule(world, local, local, zigzag=True, band=(None, 0), positional=True)
+
+            def ring_fwd():
+                ring_mod._ring_forward(the_ring, q, k, v, f, sched, False)
+
+            def compute():
+                ring_mod._ring_forward(_NoComm(rank, world), q, k, v, f, sched, False)
+
+            def transfers():
+                kv = (k, v)
+                for _ in range(sched.steps - 1):
+                    kv, pending = the_ring.start(kv, 0)
+                    the_ring.wait(pending)
+
+            def gather_then_compute():
+                for t in (k, v):
+                    dist.all_gather([torch.empty_like(t) for _ in range(world)], t)
+                compute()
+
+            times = torch.tensor(_time_interleaved((ring_fwd, compute, transfers, gather_then_compute), reps))
+            dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+            rows.append((f"b{b}-h{hq}:{hkv}-l{length}-d{d}", sched.steps, *times.tolist()))
+        if rank == 0:
+            results.put(rows)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_ranks(world, configs, reps=5, threads=1, timeout=600, worker=None):
+    """Spawn ``world`` gloo ranks and time every method; rows (config, impl, fwd ms, fwd+bwd ms),
+    or with ``worker=_overlap_worker`` (config, steps, ring, compute, transfers, gather+compute ms)."""
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = mp.spawn(_bench_worker, args=(world, os.path.join(tmp, "rdv"), configs, reps, threads, results),
+        procs = mp.spawn(worker or _bench_worker,
+                         args=(world, os.path.join(tmp, "rdv"), configs, reps, threads, results),
                          nprocs=world, join=False)
         deadline = time.monotonic() + timeout
         while not procs.join(timeout=5):
@@ -194,7 +270,23 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, nargs="+", default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--overlap", action="store_true",
+                        help="only the overlap table: ring forward vs its compute alone, its transfers "
+                             "alone, and all-gather of K/V then the same compute")
     args = parser.parse_args(argv)
+    if args.overlap:
+        seqs = args.seq or [2048, 4096]
+        configs = [(1, 8, 8, length, 64) for length in seqs]
+        print(f"Ring overlap on CPU with gloo, fp32, causal zig-zag forward, {args.threads} torch thread(s) per "
+              f"process, {os.cpu_count()} cores; median ms, slowest rank")
+        print(f"{'config':>22} {'W':>3} {'steps':>5} {'ring':>8} {'compute':>8} {'transfers':>9} "
+              f"{'ring/step':>9} {'compute/step':>12} {'gather+compute':>14} {'speedup':>7}")
+        for world in args.world:
+            for name, steps, ring, compute, transfers, gathered in measure_ranks(
+                    world, configs, reps=args.reps, threads=args.threads, worker=_overlap_worker):
+                print(f"{name:>22} {world:>3} {steps:>5} {ring:>8.1f} {compute:>8.1f} {transfers:>9.1f} "
+                      f"{ring / steps:>9.1f} {compute / steps:>12.1f} {gathered:>14.1f} {gathered / ring:>7.2f}")
+        return
     print(simulation_tables([2, 4, 8, 16], 32768))
     seqs = args.seq or ([512] if args.quick else [512, 1024, 2048])
     configs = [(1, 8, 4, length, 64) for length in seqs]

@@ -1,7 +1,7 @@
 """The nn-level switch: make a model's attention calls run context-parallel.
 
     cp = fastattn.distributed.context_parallel(group, method="ring")   # or "ulysses"
-    out = cp(q, k, v, causal=True)          # the flash_attention signature subset supported
+    out = cp(q, k, v, causal=True)          # flash_attention's keywords except attn_bias
 
     # a model's layers attend across ranks when cp is their attention kind:
     mha = fastattn.nn.MultiHeadAttention(E, H, causal=True,
@@ -22,10 +22,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastattn.distributed import sharding
-from fastattn.distributed.ring import ring_attention
+from fastattn.distributed.ring import process_group, ring_attention
 from fastattn.distributed.ulysses import ulysses_attention
 
 METHODS = ("ring", "ulysses")
+OPTIONS = ("scale", "window", "alibi_slopes", "softcap", "dropout_p", "sinks", "return_lse")
 _active: list["ContextParallel"] = []
 
 
@@ -33,7 +34,8 @@ class ContextParallel:
     """Context-parallel attention over ``group`` with one sequence layout.
 
     Calling it runs ``ring_attention`` or ``ulysses_attention`` on this rank's shards with
-    the flash_attention keywords ``causal`` and ``scale`` (anything else raises ValueError).
+    the flash_attention keywords ``causal``, ``scale``, ``window``, ``alibi_slopes``,
+    ``softcap``, ``dropout_p``, ``sinks`` and ``return_lse`` (anything else raises ValueError).
     Used as a context manager it becomes ``fastattn.distributed.current()`` inside the block;
     ``fastattn.nn`` layers use it only as their kind (``fastattn.nn.ContextParallelAttention(cp)``).
     """
@@ -41,7 +43,7 @@ class ContextParallel:
     def __init__(self, group=None, *, method: str = "ring", zigzag: Optional[bool] = None):
         if method not in METHODS:
             raise ValueError(f"context_parallel: method must be one of {METHODS}, got {method!r}")
-        self.group = group
+        self.group = process_group("context_parallel", group)
         self.method = method
         # Zig-zag balances causal ring attention; Ulysses gathers the whole sequence anyway.
         self.zigzag = (method == "ring") if zigzag is None else bool(zigzag)
@@ -54,14 +56,13 @@ class ContextParallel:
     def world_size(self) -> int:
         return dist.get_world_size(self.group)
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
-                 scale: Optional[float] = None, **unsupported) -> Tensor:
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, **options):
+        unsupported = sorted(set(options) - set(OPTIONS))
         if unsupported:
-            raise ValueError(f"context-parallel attention supports causal and scale only, got "
-                             f"{sorted(unsupported)}")
-        if self.method == "ring":
-            return ring_attention(q, k, v, self.group, causal=causal, scale=scale, zigzag=self.zigzag)
-        return ulysses_attention(q, k, v, self.group, causal=causal, scale=scale, zigzag=self.zigzag)
+            raise ValueError(f"context-parallel attention takes the keywords causal, {', '.join(OPTIONS)}; "
+                             f"got {unsupported}")
+        attend = ring_attention if self.method == "ring" else ulysses_attention
+        return attend(q, k, v, self.group, causal=causal, zigzag=self.zigzag, **options)
 
     def shard(self, x: Tensor, dim: int = 2) -> Tensor:
         """This rank's shard of the full sequence ``x`` (along ``dim``) in this layout."""
@@ -88,8 +89,9 @@ class ContextParallel:
 
 
 def context_parallel(group=None, *, method: str = "ring", zigzag: Optional[bool] = None) -> ContextParallel:
-    """A callable with the ``flash_attention(q, k, v, *, causal, scale)`` signature subset that
-    runs context-parallel over ``group`` (default: the world); also a context manager that
+    """A callable with ``flash_attention``'s signature (less ``attn_bias``) that
+    runs context-parallel over ``group`` (default: the world; a ProcessGroup or a 1-D
+    DeviceMesh); also a context manager that
     makes it ``current()``. See ``ContextParallel``."""
     return ContextParallel(group, method=method, zigzag=zigzag)
 

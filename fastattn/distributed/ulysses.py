@@ -14,7 +14,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastattn.distributed.ring import check_inputs
+from fastattn import backend
+
+from fastattn.distributed.ring import Schedule, _Alone, _RingAttention, check_inputs, features, process_group
+from fastattn.validation import band_from
 
 
 def _zigzag_order(world: int, device) -> Tensor:
@@ -80,26 +83,36 @@ class _HeadToSeq(torch.autograd.Function):
 
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = False,
-                      scale: Optional[float] = None, zigzag: bool = False) -> Tensor:
+                      scale: Optional[float] = None, window: Optional[tuple] = None,
+                      alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None,
+                      dropout_p: float = 0.0, sinks: Optional[Tensor] = None, zigzag: bool = False,
+                      return_lse: bool = False):
     """Exact attention over a sequence sharded across ``group``, head-parallel (Ulysses).
 
     Collective: every rank calls it with its shard. All-to-all turns the sequence shards of
-    all heads into the full sequence of Hq / W query heads (Hkv / W kv heads), runs
-    ``fastattn.flash_attention`` on it (differentiable as usual), and all-to-all turns the
-    output back.
+    all heads into the full sequence of Hq / W query heads (Hkv / W kv heads), attention runs
+    on it with every feature (the flash kernels or the reference, as ``use_backend``
+    decides), and all-to-all turns the output (and lse) back.
 
     Args:
         q: (B, Hq, L_local, D), k: (B, Hkv, L_local, D), v: (B, Hkv, L_local, Dv): this rank's
             shard; Hq and Hkv must both be multiples of the world size W (GQA keeps its
             grouping: query heads of rank j read kv heads of rank j).
-        causal: causal over the global sequence.
-        scale: default ``1 / sqrt(D)``.
+        group: the ranks: None (the default group), a ProcessGroup, or a 1-D DeviceMesh.
+        causal, scale, window, alibi_slopes, softcap: as ``flash_attention`` over the global
+            sequence (ALiBi slopes get no gradient).
+        dropout_p: dropout on the probabilities; each rank draws its heads' mask from the
+            call's seed offset by its rank (the same distribution as one process, not the
+            same mask). The backward redraws it.
+        sinks: (Hq,) attention-sink logits; the gradient holds this rank's heads (sum it
+            over the ranks, as for every replicated parameter).
         zigzag: the shards are in the zig-zag layout (``shard_sequence(..., zigzag=True)``)
             rather than contiguous; the gathered sequence is put back in order before the
             attention.
+        return_lse: also return the row logsumexp (B, Hq, L_local), float32 (not differentiated).
 
     Returns:
-        (B, Hq, L_local, Dv) in q's dtype: this rank's shard of the output, in its layout.
+        out (B, Hq, L_local, Dv) in q's dtype, this rank's shard in its layout; or (out, lse).
 
     Raises:
         ValueError: as ``ring_attention``, plus Hq or Hkv not divisible by W, or q and k
@@ -107,19 +120,30 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bo
 
     Equivalent code (on the gathered sequences)::
 
-        fastattn.flash_attention(q_full, k_full, v_full, causal=causal, scale=scale)
+        fastattn.flash_attention(q_full, k_full, v_full, causal=causal, window=window, ...)
     """
-    import fastattn
-
     op = "ulysses_attention"
-    check_inputs(op, q, k, v, group, causal=causal, zigzag=zigzag, scale=scale)
-    world = dist.get_world_size(group)
+    group = process_group(op, group)
+    check_inputs(op, q, k, v, group, causal=causal, zigzag=zigzag, scale=scale, window=window,
+                 alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, sinks=sinks)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     if q.shape[1] % world or k.shape[1] % world:
         raise ValueError(
             f"{op}: query heads ({q.shape[1]}) and key/value heads ({k.shape[1]}) must both be "
             f"divisible by the world size ({world}) to split heads across ranks; use ring_attention")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"{op}: q and k shards must have one length, got {q.shape[2]} and {k.shape[2]}")
+    heads = slice(rank * q.shape[1] // world, (rank + 1) * q.shape[1] // world)  # this rank's query heads
+    alibi = None if alibi_slopes is None else alibi_slopes[..., heads]
+    f = features(op, q, scale=scale, softcap=softcap, alibi_slopes=alibi, dropout_p=dropout_p)
     qh, kh, vh = (_SeqToHead.apply(t, group, zigzag) for t in (q, k, v))
-    out = fastattn.flash_attention(qh, kh, vh, causal=causal, scale=scale)
-    return _HeadToSeq.apply(out, group, zigzag)
+    band = band_from(causal, window)
+    sched = Schedule(1, qh.shape[2], kh.shape[2], zigzag=False, band=band,
+                     positional=band != (None, None) or alibi is not None, uid_base=rank)
+    kernels = backend.route(op, "flash", qh, kh, vh).impl == "kernel"
+    out, lse = _RingAttention.apply(qh, kh, vh, None if sinks is None else sinks[heads], None, _Alone(), f, sched,
+                                    kernels)
+    out = _HeadToSeq.apply(out, group, zigzag)
+    if not return_lse:
+        return out
+    return out, _head_to_seq(lse[..., None], group, zigzag)[..., 0]

@@ -1,0 +1,136 @@
+"""Packed documents across ranks: context parallelism for ``flash_attention_varlen``'s layout.
+
+The whole batch is one packed stream of tokens (documents back to back, offsets
+``cu_seqlens``), cut into contiguous shards of any lengths, one per rank in rank order. Each
+rank all-gathers K/V (every rank's shard, padded to the longest for the collective), slices
+the keys its own documents need (a document cut by the shard's start brings its earlier keys;
+under causal attention keys end at the shard's last token), and runs one
+``flash_attention_varlen`` call over its pieces of documents. Queries never leave their rank;
+documents never attend across each other. The backward all-reduces the gathered K/V's
+gradient and keeps each rank's own rows (the Llama 3 paper's all-gather context parallelism).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fastattn.distributed.ring import _shape_check, process_group
+from fastattn.functional import flash_attention_varlen
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows (dim 0) of ``x``, concatenated in rank order; rank r holds
+    ``lengths[r]`` rows. The backward sums the gathered gradient over the ranks and returns
+    this rank's rows of it."""
+
+    @staticmethod
+    def forward(ctx, x, group, lengths, rank):
+        longest = max(lengths)
+        padded = x.new_zeros((longest, *x.shape[1:]))
+        padded[:x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in lengths]
+        dist.all_gather(parts, padded, group=group)
+        ctx.args = (group, lengths, rank)
+        return torch.cat([p[:n] for p, n in zip(parts, lengths)])
+
+    @staticmethod
+    def backward(ctx, g):
+        group, lengths, rank = ctx.args
+        g = g.contiguous()
+        dist.all_reduce(g, group=group)
+        start = sum(lengths[:rank])
+        return g[start:start + lengths[rank]], None, None, None
+
+
+def _local_documents(cu: list[int], start: int, end: int, causal: bool):
+    """For this rank's tokens [start, end) of the packed stream with offsets ``cu``: the
+    indices of the documents it holds, their query offsets (relative to start), their key
+    offsets (relative to the first key used) and the global range [lo, hi) of the keys used."""
+    docs = [b for b in range(len(cu) - 1) if cu[b] < end and cu[b + 1] > start]
+    cu_q, cu_k = [0], [0]
+    lo = cu[docs[0]]
+    for b in docs:
+        cu_q.append(min(cu[b + 1], end) - start)
+        # Causal: a document's keys end at its last query here; otherwise it needs all of them.
+        cu_k.append((min(cu[b + 1], end) if causal else cu[b + 1]) - lo)
+    return docs, cu_q, cu_k, lo, lo + cu_k[-1]
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, group=None, *, causal: bool = False,
+                     scale: Optional[float] = None, window: Optional[tuple] = None,
+                     alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None,
+                     dropout_p: float = 0.0, sinks: Optional[Tensor] = None, return_lse: bool = False):
+    """Exact attention over packed documents whose token stream is sharded across ``group``.
+
+    Collective: every rank calls it with its contiguous shard of the packed tokens (rank 0
+    the first, shards of any lengths >= 1) and the same ``cu_seqlens``.
+
+    Args:
+        q: (T_local, Hq, D), k: (T_local, Hkv, D), v: (T_local, Hkv, Dv): this rank's tokens,
+            FlashAttention's packed layout; Hq a multiple of Hkv. Heads and dims agree across ranks.
+        cu_seqlens: int32 (B+1,) offsets of the WHOLE batch's documents in the packed stream
+            (0 first, the total of every rank's T_local last), the same on every rank. It is
+            read on the host (one copy per call).
+        group: the ranks: None (the default group), a ProcessGroup, or a 1-D DeviceMesh.
+        causal, scale, window, alibi_slopes ((Hq,) or (B, Hq)), softcap, dropout_p, sinks: as
+            ``flash_attention_varlen``, per document over its global positions. Non-causal
+            attention takes no window or ALiBi here (a document cut by the shard's end would
+            need its later keys on the other side of the diagonal). Dropout draws this rank's
+            call's mask (the same distribution as one process, not the same mask).
+        return_lse: also return the lse (Hq, T_local), float32.
+
+    Returns:
+        out (T_local, Hq, Dv) in q's dtype, or (out, lse). Differentiable in q, k, v and sinks
+        (the sinks' gradient is this rank's share: sum it over the ranks).
+
+    Raises:
+        ValueError: torch.distributed not initialised; cu_seqlens not int32 (B+1,), not
+            starting at 0, decreasing, or not ending at the ranks' total; a rank with no
+            tokens; heads or dims that differ across ranks; window or ALiBi without causal;
+            what ``flash_attention_varlen`` raises for the local call.
+
+    Equivalent code (on the gathered packed tensors)::
+
+        fastattn.flash_attention_varlen(q_all, k_all, v_all, cu_seqlens, cu_seqlens, causal=causal, ...)
+    """
+    op = "varlen_attention"
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"{op}: torch.distributed is not initialised (call init_process_group first)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            raise ValueError(f"{op}: {name} must be a 3-D (tokens, heads, head_dim) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if not (k.shape[0] == v.shape[0] == q.shape[0]):
+        raise ValueError(f"{op}: q, k and v must hold the same tokens, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    group = process_group(op, group)
+    if not causal and (window is not None or alibi_slopes is not None):
+        raise ValueError(f"{op}: window and alibi_slopes need causal=True across ranks")
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
+            or cu_seqlens.numel() < 2:
+        raise ValueError(f"{op}: cu_seqlens must be an int32 (B+1,) tensor")
+    _shape_check(op, group, q.device, q_heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[2],
+                 v_dim=v.shape[2])
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = torch.tensor([q.shape[0]], dtype=torch.int64, device=q.device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    lengths = [int(t) for t in every]
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or any(a > b for a, b in zip(cu, cu[1:])) or cu[-1] != sum(lengths):
+        raise ValueError(f"{op}: cu_seqlens must rise from 0 to the ranks' total of {sum(lengths)} tokens "
+                         f"(shards {lengths}), got {cu}")
+    if min(lengths) == 0:
+        raise ValueError(f"{op}: every rank must hold at least one token, got shards of {lengths}")
+    start = sum(lengths[:rank])
+    docs, cu_q, cu_k, lo, hi = _local_documents(cu, start, start + q.shape[0], causal)
+    k_all, v_all = (_GatherRows.apply(t, group, lengths, rank) for t in (k, v))
+    offsets = [torch.tensor(c, dtype=torch.int32, device=q.device) for c in (cu_q, cu_k)]
+    if alibi_slopes is not None and alibi_slopes.dim() == 2:
+        alibi_slopes = alibi_slopes[docs[0]:docs[-1] + 1]  # this rank's documents' rows
+    return flash_attention_varlen(q, k_all[lo:hi], v_all[lo:hi], *offsets, causal=causal, scale=scale,
+                                  window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+                                  dropout_p=dropout_p, sinks=sinks, return_lse=return_lse)
