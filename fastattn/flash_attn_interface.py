@@ -14,11 +14,11 @@ softmax_lse is (batch, nheads, seqlen) or (nheads, total). The differences from 
 - ``deterministic`` is accepted and changes nothing: fastattn's backward is always
   deterministic.
 - ``flash_attn_with_kvcache``'s ``cache_batch_idx`` and ``cache_leftpad`` are served by
-  plain torch around ``fastattn.attention_with_kvcache``: the first gathers the selected
-  cache rows and writes them back (a copy of those rows per call; a ``block_table`` is the
-  zero-copy indirection), the second runs one call per sequence (it reads the offsets on the
-  host). ``block_table`` (paged caches, any power-of-two page size >= 16, not only
-  FlashAttention 2's multiples of 256) goes to the kernels as it is. As in FlashAttention 2,
+  plain torch around one ``fastattn.attention_with_kvcache`` call: the selected cache rows,
+  shifted left by their pads, are gathered (a copy of those rows per call; a ``block_table``
+  is the zero-copy indirection) and the new tokens written back. ``block_table`` (paged
+  caches, any power-of-two page size >= 16, not only FlashAttention 2's multiples of 256)
+  goes to the kernels as it is. As in FlashAttention 2,
   ``cache_leftpad`` cannot be combined with ``block_table``, and neither can
   ``cache_batch_idx`` here.
 - ``flash_attn_with_kvcache`` with rotary and ``seqlen_q > 1`` must be causal or local:
@@ -164,10 +164,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     paged = block_table is not None
     caches = (k_cache, v_cache) if paged else (_bhld(k_cache), _bhld(v_cache))  # pages stay as they are
     new = (None, None) if k is None else (_bhld(k), None if v is None else _bhld(v))
-    if cache_batch_idx is not None:
-        out, lse = _with_batch_idx(op, _bhld(q), *caches, cache_seqlens, *new, cache_batch_idx, alibi_slopes, kw)
-    elif cache_leftpad is not None:
-        out, lse = _with_leftpad(op, _bhld(q), *caches, cache_seqlens, *new, cache_leftpad, alibi_slopes, kw)
+    if cache_batch_idx is not None or cache_leftpad is not None:
+        out, lse = _with_rows(op, _bhld(q), *caches, cache_seqlens, *new, cache_batch_idx, cache_leftpad,
+                              alibi_slopes, kw)
     else:  # without lse the CPU fallback may use torch's fused SDPA
         out = attention_with_kvcache(_bhld(q), *caches, cache_seqlens, k_new=new[0], v_new=new[1],
                                      alibi_slopes=alibi_slopes, block_table=block_table,
@@ -185,42 +184,45 @@ def _index(op: str, name: str, t, b: int, device) -> Tensor:
     return t.long()
 
 
-def _with_batch_idx(op, q, k_cache, v_cache, seqlens, k_new, v_new, idx, alibi, kw):
-    """cache_batch_idx: attend over the cache rows ``idx`` (B,) of (B_cache, Hkv, Lmax, D)
-    caches, gathered; then write the rows back where new keys were appended."""
-    idx = _index(op, "cache_batch_idx", idx, q.shape[0], q.device)
-    if idx.numel() and q.device.type != "cuda" and not torch.compiler.is_compiling() and \
-            (int(idx.min()) < 0 or int(idx.max()) >= k_cache.shape[0]):
-        raise ValueError(f"{op}: cache_batch_idx must lie in [0, {k_cache.shape[0]}) (the caches' batch), got "
-                         f"[{int(idx.min())}, {int(idx.max())}]")
-    k_rows, v_rows = k_cache.index_select(0, idx), v_cache.index_select(0, idx)  # (B, Hkv, Lmax, D) copies
-    out, lse = attention_with_kvcache(q, k_rows, v_rows, seqlens, k_new=k_new, v_new=v_new, alibi_slopes=alibi,
-                                      return_lse=True, **kw)
-    if k_new is not None:
-        k_cache.index_copy_(0, idx, k_rows)
-        v_cache.index_copy_(0, idx, v_rows)
-    return out, lse
-
-
-def _with_leftpad(op, q, k_cache, v_cache, seqlens, k_new, v_new, leftpad, alibi, kw):
-    """cache_leftpad: sequence b's cache is slots leftpad[b]: of its row, so one call per
-    sequence on that slice, with cache_seqlens - leftpad tokens in it."""
-    b = q.shape[0]
-    leftpad = _index(op, "cache_leftpad", leftpad, b, q.device)
+def _with_rows(op, q, k_cache, v_cache, seqlens, k_new, v_new, idx, leftpad, alibi, kw):
+    """cache_batch_idx and cache_leftpad, batched: sequence b is cache row ``idx[b]`` (default
+    b) from slot ``leftpad[b]`` (default 0) on. Those rows, shifted left by their pads, are
+    gathered into (B, Hkv, Lmax, D) copies (slots past a row's end repeat its last slot and lie
+    beyond every valid key); one call attends over them with ``cache_seqlens - leftpad``
+    tokens; the new tokens are then written back into their slots of the caches."""
+    b, lmax = q.shape[0], k_cache.shape[2]
+    idx = torch.arange(b, device=q.device) if idx is None else _index(op, "cache_batch_idx", idx, b, q.device)
+    pad = torch.zeros(b, dtype=torch.long, device=q.device) if leftpad is None else \
+        _index(op, "cache_leftpad", leftpad, b, q.device)
     if isinstance(seqlens, int):
         seqlens = torch.full((b,), seqlens, dtype=torch.int32, device=q.device)
-    pads, ends = leftpad.tolist(), seqlens.tolist()
-    outs, lses = [], []
-    for i, (lp, n) in enumerate(zip(pads, ends)):
-        if not 0 <= lp <= n:
-            raise ValueError(f"{op}: cache_leftpad[{i}] = {lp} must lie in [0, cache_seqlens[{i}] = {n}]")
-        one = (lambda t: None if t is None else t[i:i + 1])  # noqa: E731
-        out, lse = attention_with_kvcache(
-            q[i:i + 1], k_cache[i:i + 1, :, lp:], v_cache[i:i + 1, :, lp:], n - lp, k_new=one(k_new),
-            v_new=one(v_new), alibi_slopes=alibi if alibi is None or alibi.dim() == 1 else alibi[i:i + 1],
-            return_lse=True, **kw)
-        outs.append(out)
-        lses.append(lse)
-    if not outs:
-        return q.new_zeros(*q.shape[:3], v_cache.shape[-1]), q.new_zeros(q.shape[:3], dtype=torch.float32)
-    return torch.cat(outs), torch.cat(lses)
+    n, lnew = seqlens.long(), 0 if k_new is None else k_new.shape[2]
+    if b and q.device.type != "cuda" and not torch.compiler.is_compiling():  # read on the host where it costs no sync
+        if int(idx.min()) < 0 or int(idx.max()) >= k_cache.shape[0]:
+            raise ValueError(f"{op}: cache_batch_idx must lie in [0, {k_cache.shape[0]}) (the caches' batch), got "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        bad = ((pad < 0) | (pad > n)).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            raise ValueError(f"{op}: cache_leftpad[{i}] = {int(pad[i])} must lie in [0, cache_seqlens[{i}] = "
+                             f"{int(n[i])}]")
+        if int((n + lnew).max()) > lmax:
+            raise ValueError(f"{op}: appending new tokens would overflow the cache: cache_seqlens + seqlen_new "
+                             f"reaches {int((n + lnew).max())} > {lmax}")
+    slots = (pad[:, None] + torch.arange(lmax, device=q.device)).clamp(max=lmax - 1)  # (B, Lmax)
+    flat = (idx[:, None] * lmax + slots).flatten()  # (B * Lmax,) rows of the (B_cache * Lmax, Hkv, D) caches
+
+    def gather(cache):  # (B_cache, Hkv, Lmax, D) -> (B, Hkv, Lmax, D): row idx[b] from slot pad[b] on
+        return cache.transpose(1, 2).flatten(0, 1).index_select(0, flat).view(b, lmax, *cache.shape[1::2]) \
+            .transpose(1, 2)
+
+    k_rows, v_rows = gather(k_cache), gather(v_cache)
+    out, lse = attention_with_kvcache(q, k_rows, v_rows, (n - pad).to(torch.int32), k_new=k_new, v_new=v_new,
+                                      alibi_slopes=alibi, return_lse=True, **kw)
+    if k_new is not None:  # the appended (rotated) tokens back into their slots n + t of the caches
+        t = torch.arange(lnew, device=q.device)
+        src = (torch.arange(b, device=q.device)[:, None], ((n - pad)[:, None] + t).clamp(0, lmax - 1))
+        dst = (idx[:, None], (n[:, None] + t).clamp(0, lmax - 1))  # clamped: unchecked on CUDA
+        k_cache.transpose(1, 2)[dst] = k_rows.transpose(1, 2)[src]
+        v_cache.transpose(1, 2)[dst] = v_rows.transpose(1, 2)[src]
+    return out, lse

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 import fastattn  # noqa: E402
 from fastattn.ops.decode.reference import (  # noqa: E402
-    append_paged_reference, decode_reference, gather_pages)
+    append_paged_reference, append_reference, decode_reference, gather_pages)
 from helpers import assert_close_rule, max_err  # noqa: E402
 from fastattn.nn import PagedKVCache  # noqa: E402
 from fastattn.ops.decode.reference import apply_rotary  # noqa: E402
@@ -386,6 +386,39 @@ def test_ragged_fallback_equals_kernel(layout, device):
     (o1, l1, k1, v1), (o2, l2, k2, v2) = results
     assert max_err(o1, o2) < 1e-5 and max_err(l1, l2) < 1e-5
     assert torch.equal(bits(k1), bits(k2)) and torch.equal(bits(v1), bits(v2))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_ragged_cpu_step_is_one_fused_sdpa_call(layout, monkeypatch):
+    """Without kernels, ragged new tokens (a decode, a 5-token chunk into an empty cache, a
+    sequence with none, a chunk across a page boundary) run as one fused SDPA call for the whole
+    batch: the per-sequence float64 oracle by the error rule, the caches bit for bit as the
+    reference's appends leave them."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    hq, hkv, d = 4, 2, 16
+    lengths, counts = [3, 0, 20, 9], [1, 5, 0, 9]
+    cu = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32)
+    kp, vp, table = make_paged(hkv, d, lengths, max(counts), 16, torch.float32, "cpu")
+    kc, vc = contiguous_of(kp, table, lengths), contiguous_of(vp, table, lengths)
+    q, kn, vn = (torch.randn(sum(counts), h, d) for h in (hq, hkv, hkv))
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    oracle, _ = ragged_oracle(q.double(), kc.double(), vc.double(), seqlens, cu, kn.double(), vn.double(), {})
+    base, _ = ragged_oracle(q, kc, vc, seqlens, cu, kn, vn, {})
+    want_k, want_v = kc.clone(), vc.clone()
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        append_reference(want_k[i:i + 1], want_v[i:i + 1], seqlens[i:i + 1], kn[s:e].transpose(0, 1)[None],
+                         vn[s:e].transpose(0, 1)[None])
+    kk, vv, tt = (kp, vp, table) if layout == "paged" else (kc, vc, None)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fastattn.attention_with_kvcache(q, kk, vv, seqlens, k_new=kn, v_new=vn, cu_seqlens_q=cu, block_table=tt)
+    calls = [e.name for e in prof.events() if e.name == "aten::scaled_dot_product_attention"]
+    assert len(calls) == 1, calls
+    assert_close_rule("out", out, oracle, base)
+    ends = [n + c for n, c in zip(lengths, counts)]
+    got_k, got_v = (contiguous_of(kp, table, ends), contiguous_of(vp, table, ends)) if tt is not None else (kk, vv)
+    for i, n in enumerate(ends):
+        assert torch.equal(bits(got_k[i, :, :n]), bits(want_k[i, :, :n])), f"k cache of sequence {i}"
+        assert torch.equal(bits(got_v[i, :, :n]), bits(want_v[i, :, :n])), f"v cache of sequence {i}"
 
 
 @pytest.mark.parametrize("bad,match", [
