@@ -17,8 +17,8 @@ softmax_lse is (batch, nheads, seqlen) or (nheads, total). The differences from 
   plain torch around one ``fastattn.attention_with_kvcache`` call: the selected cache rows,
   shifted left by their pads, are gathered (a copy of those rows per call; a ``block_table``
   is the zero-copy indirection) and the new tokens written back. ``block_table`` (paged
-  caches, any power-of-two page size >= 16, not only FlashAttention 2's multiples of 256)
-  goes to the kernels as it is. As in FlashAttention 2,
+  caches, any page size >= 1, not only FlashAttention 2's multiples of 256) goes to the
+  kernels as it is. As in FlashAttention 2,
   ``cache_leftpad`` cannot be combined with ``block_table``, and neither can
   ``cache_batch_idx`` here.
 - ``flash_attn_with_kvcache`` with rotary and ``seqlen_q > 1`` must be causal or local:

@@ -192,7 +192,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
             query head h reads kv head ``h // (Hq // Hkv)``). Any strides, e.g. a
             (B, Lmax, Hkv, D) buffer viewed with ``.transpose(1, 2)``. With ``block_table``
             they are pages instead: (num_pages, page_size, Hkv, D) / (num_pages, page_size,
-            Hkv, Dv) (FlashAttention's and vLLM's layout), page_size a power of two >= 16.
+            Hkv, Dv) (FlashAttention's and vLLM's layout), any page_size >= 1.
         cache_seqlens: int32 (or int64) (B,) tensor, or an int for every sequence: tokens
             already in the cache, before this call's ``k_new``.
         k_new / v_new: (B, Hkv, Lnew, D) / (B, Hkv, Lnew, Dv), or None.

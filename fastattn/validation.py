@@ -228,7 +228,7 @@ def check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
 
 def check_pages(op: str, q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table) -> None:
     """Paged caches: q (B, Hq, Lq, D), k_pages (num_pages, page_size, Hkv, D), v_pages
-    (num_pages, page_size, Hkv, Dv) of q's dtype and device, page_size a power of two >= 16,
+    (num_pages, page_size, Hkv, Dv) of q's dtype and device, any page_size >= 1,
     Hq a multiple of Hkv; block_table an int32 (B, P) tensor on q's device, P >= 1. The table's
     values are checked by the caller (``check_paged_values``)."""
     check_tensors(op, q, k_cache=k_pages, v_cache=v_pages)
@@ -236,9 +236,8 @@ def check_pages(op: str, q: Tensor, k_pages: Tensor, v_pages: Tensor, block_tabl
         raise ValueError(f"{op}: paged k_cache {shape_str(k_pages)} and v_cache {shape_str(v_pages)} must agree in "
                          "(num_pages, page_size, kv_heads)")
     n_pages, page, hkv, d = k_pages.shape
-    if page < 16 or page & (page - 1):
-        raise ValueError(f"{op}: page_size (dim 1 of k_cache {shape_str(k_pages)}) must be a power of two >= 16, "
-                         f"got {page}")
+    if page < 1:
+        raise ValueError(f"{op}: page_size (dim 1 of k_cache {shape_str(k_pages)}) must be >= 1, got {page}")
     if n_pages < 1:
         raise ValueError(f"{op}: paged k_cache {shape_str(k_pages)} holds no page")
     if q.shape[-1] != d:

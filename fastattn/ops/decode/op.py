@@ -47,15 +47,15 @@ class Tiles(NamedTuple):
 
 def block_config(head_dim: int, rows: int, dtype: torch.dtype, page_size: Optional[int] = None) -> Tiles:
     """The tiles for ``rows`` = group * new tokens query rows per kv head, at ``head_dim`` (the
-    larger of q's and v's). With pages, BLOCK_N divides ``page_size`` (both powers of two), so a
-    tile lies in one page."""
+    larger of q's and v's). With pages of a power-of-two size >= 16, BLOCK_N divides it, so a
+    tile lies in one page; other page sizes keep BLOCK_N (the kernel reads the table per key)."""
     block_m = min(_MAX_BLOCK_M, pad(rows))
     if not gpu_tiles():
         return Tiles(block_m, _INTERPRETER_BLOCK_N, 4, 16)
     block_m, block_n = _launch.decode_tiles(block_m, _BLOCK_N[pad(head_dim)], head_dim)  # capped per GPU
     if dtype == torch.float32 and head_dim > 64:
         block_n = max(16, block_n // 2)  # fp32 tiles take twice the bytes
-    if page_size is not None:
+    if page_size is not None and page_size >= 16 and page_size & (page_size - 1) == 0:
         block_n = min(block_n, page_size)
     return Tiles(block_m, block_n, 4, 32)
 
