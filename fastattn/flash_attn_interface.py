@@ -35,7 +35,8 @@ from torch import Tensor
 from fastattn.functional import attention_with_kvcache, flash_attention, flash_attention_varlen
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
-           "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"]
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache",
+           "varlen_attn"]
 
 
 def _options(op, window_size, softcap, return_attn_probs=False) -> dict:
@@ -226,3 +227,43 @@ def _with_rows(op, q, k_cache, v_cache, seqlens, k_new, v_new, idx, leftpad, ali
         k_cache.transpose(1, 2)[dst] = k_rows.transpose(1, 2)[src]
         v_cache.transpose(1, 2)[dst] = v_rows.transpose(1, 2)[src]
     return out, lse
+
+
+def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """``torch.nn.attention.varlen.varlen_attn``'s signature and semantics, on fastattn (any
+    device, any page size, no backward through caches).
+
+    query (T_q, Hq, D) packed by ``cu_seq_q`` (int32 (N+1,)); key / value (T_k, Hkv, D) packed
+    by ``cu_seq_k``, or with ``block_table`` (int32 (N, P)) pages (num_pages, page_size, Hkv, D)
+    (``cu_seq_k`` then unused, may be None). ``seqused_k`` int32 (N,): sequence i attends to the
+    first ``seqused_k[i]`` keys of its own (required with ``block_table``): K/V already written,
+    as a serving engine's cache holds them; chunked prefills and decodes mix in one call, with
+    one launch per kernel and no host sync on CUDA. ``window_size`` (left, right), -1
+    unbounded, bottom-right per sequence: (-1, 0) is causal. ``enable_gqa``: Hq a multiple of
+    Hkv. ``return_aux`` with ``.lse`` true (``torch.nn.attention.varlen.AuxRequest(lse=True)``):
+    also the float32 lse (T_q, Hq). Returns out (T_q, Hq, D).
+
+    Packed keys with ``seqused_k`` are read in place as pages of one token. Raises ValueError
+    for Hq != Hkv without ``enable_gqa`` and ``block_table`` without ``seqused_k``, and where
+    ``fastattn.attention_with_kvcache`` / ``flash_attention_varlen`` raise."""
+    op = "varlen_attn"
+    if query.dim() == 3 and query.shape[1] != key.shape[-2] and not enable_gqa:
+        raise ValueError(f"{op}: query has {query.shape[1]} heads and key {key.shape[-2]}: pass enable_gqa=True")
+    kw = _options(op, window_size, None)
+    want_lse = return_aux is not None and bool(getattr(return_aux, "lse", False))
+    if block_table is None and seqused_k is None:
+        out = flash_attention_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                                     return_lse=want_lse, **kw)
+        return out if not want_lse else (out[0], out[1].transpose(0, 1))
+    if seqused_k is None:
+        raise ValueError(f"{op}: block_table needs seqused_k (the keys each sequence holds in its pages)")
+    if block_table is None:  # packed keys as pages of one token: key j of sequence i is row cu_seq_k[i] + j
+        if not isinstance(cu_seq_k, Tensor) or cu_seq_k.dim() != 1:
+            raise ValueError(f"{op}: cu_seq_k must be an int32 Tensor of shape (N + 1,) without block_table")
+        block_table = (cu_seq_k[:-1, None] + torch.arange(max(max_k, 1), device=cu_seq_k.device)).to(torch.int32)
+        key, value = key[:, None], value[:, None]  # (T_k, Hkv, D) -> (T_k, 1, Hkv, D)
+    out = attention_with_kvcache(query, key, value, seqused_k=seqused_k, block_table=block_table, causal=False,
+                                 scale=scale, cu_seqlens_q=cu_seq_q, max_seqlen_q=max_q, num_splits=num_splits,
+                                 return_lse=want_lse, **kw)
+    return out if not want_lse else (out[0], out[1].transpose(0, 1))  # lse (Hq, T_q) -> (T_q, Hq)

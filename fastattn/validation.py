@@ -681,3 +681,19 @@ def check_sparse(op: str, q: Tensor, k: Tensor, v: Tensor, layout, *, causal, sc
     layout.check_for(op, q, k)
     return SparseCall(q, k, v, layout, bool(causal), default_scale(q.shape[-1], scale),
                       bool(return_lse))
+
+
+def decode_lengths(op: str, cache_seqlens, seqused_k, k_new) -> object:
+    """attention_with_kvcache's lengths: ``cache_seqlens``, or ``seqused_k`` (keys already in
+    the cache, so no k_new). ValueError for neither, both, or seqused_k with k_new."""
+    if seqused_k is None:
+        if cache_seqlens is None:
+            raise ValueError(f"{op}: give cache_seqlens (tokens cached before k_new) or seqused_k (keys already "
+                             "written)")
+        return cache_seqlens
+    if cache_seqlens is not None:
+        raise ValueError(f"{op}: give cache_seqlens or seqused_k, not both")
+    if k_new is not None:
+        raise ValueError(f"{op}: seqused_k means the keys are already in the cache: k_new / v_new must be None "
+                         "(append with cache_seqlens instead)")
+    return seqused_k

@@ -179,3 +179,74 @@ def test_flash_attn_varlen_func_over_pages(device):
         s, e = cu_q[i].item(), cu_q[i + 1].item()
         want = flash_attn_func(q[None, s:e], keys[i][None], values[i][None], causal=True)[0]
         torch.testing.assert_close(out[s:e], want)
+
+
+def _per_sequence(q, keys, values, cu, used, dtype):
+    """Each sequence's queries over the first used[i] of its keys, bottom-right causal, by the
+    reference in ``dtype``: packed out (T_q, Hq, Dv) and lse (T_q, Hq)."""
+    outs, lses = [], []
+    for i, n in enumerate(used):
+        s, e = cu[i], cu[i + 1]
+        qi, ki, vi = (t.to(dtype).transpose(0, 1)[None] for t in (q[s:e], keys[i][:n], values[i][:n]))
+        out, lse = attention_reference(qi, ki, vi, causal=True, return_lse=True)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0].transpose(0, 1))
+    return torch.cat(outs), torch.cat(lses)
+
+
+@pytest.mark.parametrize("layout", ["paged-48", "packed", "cache"])
+def test_seqused_k_equals_per_sequence(layout, device):
+    """K/V already written (seqused_k): a prefill chunk of 6 over 20 keys, two decodes and a
+    sequence with no query, in one call on the kernels, through torch's varlen_attn signature
+    (pages of 48, or packed keys) or attention_with_kvcache (a contiguous cache): per-sequence
+    attention over the first seqused_k keys by the error rule, the lse too."""
+    from torch.nn.attention.varlen import AuxRequest
+
+    from fastattn.flash_attn_interface import varlen_attn
+
+    hq, hkv, d = 4, 2, 16
+    counts, used = [6, 1, 0, 1], [20, 9, 5, 50]
+    keys = [torch.randn(n + 3, hkv, d, device=device) for n in used]  # 3 unused keys past each seqused_k
+    values = [torch.randn(n + 3, hkv, d, device=device) for n in used]
+    cu_q = torch.tensor([0, 6, 7, 7, 8], dtype=torch.int32, device=device)
+    q = torch.randn(8, hq, d, device=device)
+    seqused = torch.tensor(used, dtype=torch.int32, device=device)
+    with fastattn.use_backend("triton"):
+        if layout == "packed":
+            cu_k = torch.tensor([0] + torch.tensor([n + 3 for n in used]).cumsum(0).tolist(), dtype=torch.int32,
+                                device=device)
+            out, lse = varlen_attn(q, torch.cat(keys), torch.cat(values), cu_q, cu_k, 6, 53, window_size=(-1, 0),
+                                   enable_gqa=True, seqused_k=seqused, return_aux=AuxRequest(lse=True))
+        elif layout == "paged-48":
+            kp, vp = torch.full((6, 48, hkv, d), float("nan"), device=device), torch.full((6, 48, hkv, d), 0.0,
+                                                                                           device=device)
+            table = torch.tensor([[4, 0], [1, -1], [5, -1], [2, 3]], dtype=torch.int32, device=device)
+            for i, n in enumerate(used):
+                for j in range(n):
+                    kp[table[i, j // 48], j % 48], vp[table[i, j // 48], j % 48] = keys[i][j], values[i][j]
+            out, lse = varlen_attn(q, kp, vp, cu_q, None, 6, 50, window_size=(-1, 0), enable_gqa=True,
+                                   seqused_k=seqused, block_table=table, return_aux=AuxRequest(lse=True))
+        else:
+            kc, vc = (torch.full((4, hkv, 56, d), float("nan"), device=device) for _ in range(2))
+            for i, n in enumerate(used):
+                kc[i, :, :n + 3], vc[i, :, :n + 3] = keys[i].transpose(0, 1), values[i].transpose(0, 1)
+            out, lse = fastattn.attention_with_kvcache(q, kc, vc, seqused_k=seqused, cu_seqlens_q=cu_q,
+                                                       return_lse=True)
+            lse = lse.transpose(0, 1)
+    cu = cu_q.tolist()
+    oracle, oracle_lse = _per_sequence(q, keys, values, cu, used, torch.float64)
+    base, base_lse = _per_sequence(q, keys, values, cu, used, torch.float32)
+    assert out.shape == (8, hq, d) and lse.shape == (8, hq)
+    assert_close_rule("out", out, oracle, base)
+    assert_close_rule("lse", lse, oracle_lse, base_lse)
+
+
+def test_seqused_k_bad_input_raises():
+    q, kc = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 8, 16)
+    n = torch.tensor([3, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="not both"):
+        fastattn.attention_with_kvcache(q, kc, kc, n, seqused_k=n)
+    with pytest.raises(ValueError, match="k_new"):
+        fastattn.attention_with_kvcache(q, kc, kc.clone(), seqused_k=n, k_new=kc[:, :, :1], v_new=kc[:, :, :1])
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        fastattn.attention_with_kvcache(q, kc, kc)
