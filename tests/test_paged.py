@@ -832,3 +832,40 @@ def test_ragged_scratch_is_sized_by_the_packed_tokens(device, monkeypatch):
     want, want_lse = decode_op.decode_attn(q, kc, vc, sl, scale=0.25, window_right=0, num_splits=splits,
                                            cu_seqlens_q=cu, max_seqlen_q=1)
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_vllm_combined_cache_layout_by_strides(backend, device):
+    """vLLM's cache: one tensor (num_blocks, 2, block_size, Hkv, D), K and V its ``unbind(1)``
+    views (a page stride of 2 * block_size * Hkv * D). Keys written as vLLM's
+    reshape_and_cache does (by slot = block * block_size + offset), then a step that appends
+    one token per sequence: the per-sequence oracle by the error rule, and the new tokens land
+    in the combined tensor itself (read and written by strides, no copy)."""
+    hq, hkv, d, block = 4, 2, 16, 16
+    lengths = [19, 0, 33]
+    kv = torch.full((8, 2, block, hkv, d), float("nan"), device=device)
+    k_cache, v_cache = kv.unbind(1)
+    table = torch.tensor([[6, 2, 0], [5, -1, -1], [1, 7, 3]], dtype=torch.int32, device=device)
+    keys = [torch.randn(n + 1, hkv, d, device=device) for n in lengths]  # the cached ones and the new one
+    values = [torch.randn(n + 1, hkv, d, device=device) for n in lengths]
+    for i, n in enumerate(lengths):  # reshape_and_cache: one row per token at its slot
+        j = torch.arange(n, device=device)
+        slots = table[i, j // block].long() * block + j % block
+        k_cache[slots // block, slots % block] = keys[i][:n]
+        v_cache[slots // block, slots % block] = values[i][:n]
+    q = torch.randn(3, hq, 1, d, device=device)
+    k_new = torch.stack([k[-1] for k in keys])[:, :, None]  # (B, Hkv, 1, D)
+    v_new = torch.stack([v[-1] for v in values])[:, :, None]
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    with fastattn.use_backend(backend):
+        out = fastattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new,
+                                              block_table=table)
+    oracle = torch.cat([attention_reference(q[i:i + 1].double(), keys[i].double().transpose(0, 1)[None],
+                                            values[i].double().transpose(0, 1)[None], causal=True)
+                        for i in range(3)])
+    base = torch.cat([attention_reference(q[i:i + 1], keys[i].transpose(0, 1)[None], values[i].transpose(0, 1)[None],
+                                          causal=True) for i in range(3)])
+    assert_close_rule("out", out, oracle, base)
+    for i, n in enumerate(lengths):  # the appended token, in the combined tensor
+        page, row = int(table[i, n // block]), n % block
+        assert torch.equal(kv[page, 0, row], keys[i][-1]) and torch.equal(kv[page, 1, row], values[i][-1])
