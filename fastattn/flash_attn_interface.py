@@ -8,9 +8,9 @@ Layouts are FlashAttention's: (batch, seqlen, nheads, headdim) for the padded fu
 (total, nheads, headdim) for the varlen ones; outputs are contiguous in the same layout, and
 softmax_lse is (batch, nheads, seqlen) or (nheads, total). The differences from FlashAttention:
 
-- ``return_attn_probs=True`` raises ValueError: fastattn never materialises the attention
-  probabilities (FlashAttention's are for testing only). Use
-  ``fastattn.nn.attention_weights`` for inspection.
+- ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the lse as FlashAttention
+  gives it, and no ``S_dmask``, since fastattn never materialises the attention probabilities
+  (FlashAttention's are for testing only; ``fastattn.nn.attention_weights`` gives them).
 - ``deterministic`` is accepted and changes nothing: fastattn's backward is always
   deterministic.
 - ``flash_attn_with_kvcache``'s ``cache_batch_idx`` and ``cache_leftpad`` are served by
@@ -21,9 +21,14 @@ softmax_lse is (batch, nheads, seqlen) or (nheads, total). The differences from 
   kernels as it is. As in FlashAttention 2,
   ``cache_leftpad`` cannot be combined with ``block_table``, and neither can
   ``cache_batch_idx`` here.
-- ``flash_attn_with_kvcache`` with rotary and ``seqlen_q > 1`` must be causal or local:
-  FlashAttention then rotates query i at ``cache_seqlens + i``, as fastattn does; it rotates
-  every query at ``cache_seqlens`` otherwise, which fastattn does not implement (ValueError).
+- ``flash_attn_with_kvcache``'s rotary positions are FlashAttention's: new key t at
+  ``cache_seqlens + t``, query i at ``cache_seqlens + i`` when causal or local, every query at
+  ``cache_seqlens`` otherwise, all at absolute cache slots (with ``cache_leftpad`` too). Where
+  those differ from ``fastattn.attention_with_kvcache``'s own convention (fewer new keys than
+  queries, non-causal, left padding) q and k are rotated in torch before the call; otherwise
+  inside the kernels.
+- A paged cache whose block table is too short for the new tokens raises ValueError (on CPU;
+  on CUDA the kernels clamp), where FlashAttention raises a RuntimeError.
 """
 from __future__ import annotations
 
@@ -33,27 +38,32 @@ import torch
 from torch import Tensor
 
 from fastattn.functional import attention_with_kvcache, flash_attention, flash_attention_varlen
+from fastattn.ops.decode.reference import apply_rotary
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache",
            "varlen_attn"]
 
 
-def _options(op, window_size, softcap, return_attn_probs=False) -> dict:
-    """FlashAttention's option conventions -> fastattn's: window -1 is unbounded, softcap 0.0
-    is off."""
-    if return_attn_probs:
-        raise ValueError(f"{op}: return_attn_probs=True is not supported: fastattn never materialises the "
-                         "attention probabilities; use fastattn.nn.attention_weights to inspect them")
+def _options(op, window_size, softcap) -> dict:
+    """FlashAttention's option conventions -> fastattn's: window_size any two-element sequence
+    or tensor, -1 unbounded; softcap 0.0 is off."""
+    if isinstance(window_size, Tensor):
+        window_size = window_size.tolist()
     if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
         raise ValueError(f"{op}: window_size must be (left, right), got {window_size!r}")
-    left, right = (None if w is not None and w < 0 else w for w in window_size)
+    left, right = (None if w is None or w < 0 else int(w) for w in window_size)
     window = None if (left, right) == (None, None) else (left, right)
     return dict(window=window, softcap=softcap if softcap else None)
 
 
 def _bhld(t: Tensor) -> Tensor:
     return t.transpose(1, 2)  # (B, L, H, D) -> (B, H, L, D): a view
+
+
+def _with_probs(result, return_attn_probs: bool):
+    """(out, lse) -> FlashAttention's (out, softmax_lse, S_dmask) with S_dmask None, or out."""
+    return (*result, None) if return_attn_probs else result
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -63,11 +73,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     ((Hq,) attention-sink logits, keyword only) is fastattn's addition, as in
     ``fastattn.flash_attention``. Equivalent to ``fastattn.flash_attention`` on
     ``.transpose(1, 2)`` views."""
-    kw = _options("flash_attn_func", window_size, softcap, return_attn_probs)
+    kw = _options("flash_attn_func", window_size, softcap)
     kw["sinks"] = sinks
     out = flash_attention(_bhld(q), _bhld(k), _bhld(v), causal=causal, scale=softmax_scale,
-                          alibi_slopes=alibi_slopes, dropout_p=dropout_p, **kw)
-    return _bhld(out).contiguous()  # (B, H, L, D) -> (B, L, H, D), contiguous as FlashAttention's
+                          alibi_slopes=alibi_slopes, dropout_p=dropout_p, return_lse=return_attn_probs, **kw)
+    out, lse = out if return_attn_probs else (out, None)
+    out = _bhld(out).contiguous()  # (B, H, L, D) -> (B, L, H, D), contiguous as FlashAttention's
+    return (out, lse, None) if return_attn_probs else out
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -91,8 +103,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     (total_k, Hkv, D), int32 (B+1,) offsets -> out (total_q, Hq, D); ``sinks`` (keyword only)
     as ``flash_attn_func``'s. Equivalent to ``fastattn.flash_attention_varlen``."""
     op = "flash_attn_varlen_func"
-    kw = _options(op, window_size, softcap, return_attn_probs)
-    kw["sinks"] = sinks
+    kw = _options(op, window_size, softcap)
+    kw.update(sinks=sinks, return_lse=return_attn_probs)
     if block_table is not None:
         # Paged keys: k/v are pages (num_pages, page_size, Hkv, D), sequence b holds
         # cu_seqlens_k[b+1] - cu_seqlens_k[b] keys in its pages; its queries are packed in q.
@@ -100,11 +112,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             raise ValueError(f"{op}: dropout_p must be 0 with block_table (a paged cache is read forward-only)")
         if not isinstance(cu_seqlens_k, Tensor) or cu_seqlens_k.dim() != 1:
             raise ValueError(f"{op}: cu_seqlens_k must be an int32 Tensor of shape (batch + 1,)")
-        return attention_with_kvcache(q, k, v, cu_seqlens_k.diff().to(torch.int32), causal=causal,
-                                      scale=softmax_scale, alibi_slopes=alibi_slopes, block_table=block_table,
-                                      cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, **kw)
-    return flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                                  scale=softmax_scale, alibi_slopes=alibi_slopes, dropout_p=dropout_p, **kw)
+        out = attention_with_kvcache(q, k, v, cu_seqlens_k.diff().to(torch.int32), causal=causal,
+                                     scale=softmax_scale, alibi_slopes=alibi_slopes, block_table=block_table,
+                                     cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, **kw)
+    else:
+        out = flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                     scale=softmax_scale, alibi_slopes=alibi_slopes, dropout_p=dropout_p, **kw)
+    return _with_probs(out, return_attn_probs)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -144,7 +158,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
       unspecified (as in FlashAttention).
     - ``cache_leftpad`` int32 (B,): sequence b's keys start at slot ``cache_leftpad[b]`` (its
       valid keys are slots leftpad .. cache_seqlens - 1; new ones go at cache_seqlens); rotary
-      positions count from the leftpad.
+      positions stay absolute cache slots. Combines with ``cache_batch_idx``.
+    - rotary_cos / rotary_sin (P, R/2): new key t at position ``cache_seqlens + t``, query i at
+      ``cache_seqlens + i`` if causal or local, else every query at ``cache_seqlens``.
     - ``sinks`` (Hq,) attention-sink logits, keyword only: fastattn's addition, as in
       ``fastattn.attention_with_kvcache``.
     """
@@ -152,29 +168,52 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if block_table is not None and (cache_batch_idx is not None or cache_leftpad is not None):
         raise ValueError(f"{op}: block_table cannot be combined with cache_batch_idx or cache_leftpad")
     kw = _options(op, window_size, softcap)
-    if rotary_cos is not None and q.shape[1] > 1 and not causal and kw["window"] is None:
-        raise ValueError(f"{op}: rotary with seqlen_q > 1 needs causal=True or a window: fastattn rotates query i "
-                         "at cache_seqlens + i, FlashAttention's non-causal convention (every query at "
-                         "cache_seqlens) is not implemented")
     if cache_seqlens is None:
         if k is not None:
             raise ValueError(f"{op}: appending k/v needs cache_seqlens (None means the caches are full)")
         cache_seqlens = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
-    kw.update(causal=causal, scale=softmax_scale, num_splits=num_splits or None, rotary_cos=rotary_cos,
-              rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved, sinks=sinks)
     paged = block_table is not None
     caches = (k_cache, v_cache) if paged else (_bhld(k_cache), _bhld(v_cache))  # pages stay as they are
-    new = (None, None) if k is None else (_bhld(k), None if v is None else _bhld(v))
+    qb, new = _bhld(q), ((None, None) if k is None else (_bhld(k), None if v is None else _bhld(v)))
+    if rotary_cos is not None:
+        lq, lnew, aligned = q.shape[1], (0 if k is None else k.shape[1]), causal or kw["window"] is not None
+        # fastattn's own convention puts query i at cache_seqlens + Lnew - Lq + i and counts from the pad
+        if cache_leftpad is not None or not ((aligned and lnew == lq) or lq == lnew == 1):
+            qb, k_new = _rotated_as_flash_attention(op, qb, new[0], rotary_cos, rotary_sin, rotary_interleaved,
+                                                    cache_seqlens, aligned)
+            new, rotary_cos, rotary_sin = (k_new, new[1]), None, None
+    kw.update(causal=causal, scale=softmax_scale, num_splits=num_splits or None, rotary_cos=rotary_cos,
+              rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved, sinks=sinks)
     if cache_batch_idx is not None or cache_leftpad is not None:
-        out, lse = _with_rows(op, _bhld(q), *caches, cache_seqlens, *new, cache_batch_idx, cache_leftpad,
+        out, lse = _with_rows(op, qb, *caches, cache_seqlens, *new, cache_batch_idx, cache_leftpad,
                               alibi_slopes, kw)
     else:  # without lse the CPU fallback may use torch's fused SDPA
-        out = attention_with_kvcache(_bhld(q), *caches, cache_seqlens, k_new=new[0], v_new=new[1],
+        out = attention_with_kvcache(qb, *caches, cache_seqlens, k_new=new[0], v_new=new[1],
                                      alibi_slopes=alibi_slopes, block_table=block_table,
                                      return_lse=return_softmax_lse, **kw)
         out, lse = out if return_softmax_lse else (out, None)
     out = _bhld(out).contiguous()  # (B, H, L, D) -> (B, L, H, D)
     return (out, lse) if return_softmax_lse else out
+
+
+def _rotated_as_flash_attention(op, q, k_new, cos, sin, interleaved, seqlens, aligned):
+    """q (B, Hq, Lq, D) and k_new (B, Hkv, Lnew, D) or None rotated at FlashAttention's
+    positions: key t at n + t, query i at n + i (``aligned``: causal or local) or n, with
+    n = cache_seqlens[b] (an absolute cache slot). ValueError where a position passes the
+    table's P rows (read on the host only off CUDA; clamped there)."""
+    b, lq, lnew = q.shape[0], q.shape[2], (0 if k_new is None else k_new.shape[2])
+    n = torch.full((b,), seqlens, device=q.device) if isinstance(seqlens, int) else seqlens.long()
+    last = n.max() + max(lq if aligned else 1, lnew) - 1 if b else None
+    if last is not None and q.device.type != "cuda" and not torch.compiler.is_compiling() \
+            and int(last) >= cos.shape[0]:
+        raise ValueError(f"{op}: rotary_cos {tuple(cos.shape)} covers {cos.shape[0]} positions; a token sits at "
+                         f"position {int(last)}")
+    steps = torch.arange(lq, device=q.device) if aligned else torch.zeros(lq, dtype=torch.long, device=q.device)
+    q = apply_rotary(q, cos, sin, (n[:, None] + steps).clamp(0, cos.shape[0] - 1), interleaved)
+    if k_new is not None:
+        positions = (n[:, None] + torch.arange(lnew, device=q.device)).clamp(0, cos.shape[0] - 1)
+        k_new = apply_rotary(k_new, cos, sin, positions, interleaved)
+    return q, k_new
 
 
 def _index(op: str, name: str, t, b: int, device) -> Tensor:

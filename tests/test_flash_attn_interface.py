@@ -92,8 +92,6 @@ def test_flash_attn_with_kvcache(rotary, device):
 
 def test_what_fastattn_cannot_give_raises_clearly():
     q = torch.randn(1, 8, 2, 16)
-    with pytest.raises(ValueError, match="return_attn_probs"):
-        flash_attn_func(q, q, q, return_attn_probs=True)
     with pytest.raises(ValueError, match="cache_batch_idx"):
         flash_attn_with_kvcache(q, q, q, cache_seqlens=4, cache_batch_idx=torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="cannot be combined"):
@@ -250,3 +248,78 @@ def test_seqused_k_bad_input_raises():
         fastattn.attention_with_kvcache(q, kc, kc.clone(), seqused_k=n, k_new=kc[:, :, :1], v_new=kc[:, :, :1])
     with pytest.raises(ValueError, match="cache_seqlens"):
         fastattn.attention_with_kvcache(q, kc, kc)
+
+
+def _rotate_gptj(x, cos, sin, positions):
+    """FlashAttention's interleaved rotary written out: x (L, H, D) at positions (L,); pair
+    (2j, 2j + 1) of the first R = 2 * cos.shape[1] dims turns by the angle of row p, column j."""
+    c, s = cos[positions][:, None], sin[positions][:, None]  # (L, 1, R/2)
+    r = 2 * cos.shape[1]
+    x1, x2 = x[..., 0:r:2], x[..., 1:r:2]
+    turned = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    return torch.cat([turned, x[..., r:]], dim=-1)
+
+
+# name -> (cache_seqlens, cache_leftpad, cache_batch_idx, Lq, Lnew, causal): the cases where
+# FlashAttention's rotary positions differ from fastattn's own convention.
+FA_ROTARY = {
+    "fewer-new-than-queries": ([5, 9], None, None, 4, 2, True),
+    "noncausal-several-queries": ([5, 9], None, None, 3, 3, False),
+    "leftpad": ([10, 12], [3, 0], None, 1, 1, True),
+    "leftpad-with-batch-idx": ([10, 7], [3, 2], [2, 0], 2, 2, True),
+}
+
+
+@pytest.mark.parametrize("case", list(FA_ROTARY))
+def test_rotary_positions_as_flash_attention(case, device):
+    """flash_attn_with_kvcache's rotary as FlashAttention documents it: new key t at cache slot
+    cache_seqlens + t, query i at cache_seqlens + i (causal or local) or cache_seqlens, all
+    absolute slots (with cache_leftpad too); sequence b is cache row cache_batch_idx[b] with keys
+    from slot cache_leftpad[b]. The float64 oracle by the error rule; the rotated keys written."""
+    lengths, pads, rows, lq, lnew, causal = FA_ROTARY[case]
+    b, lmax, hq, hkv, d = 2, 24, 4, 2, 32
+    k_cache, v_cache = (torch.randn(b if rows is None else 3, lmax, hkv, d, device=device) for _ in range(2))
+    q = torch.randn(b, lq, hq, d, device=device)
+    k, v = (torch.randn(b, lnew, hkv, d, device=device) for _ in range(2))
+    angles = torch.arange(lmax, device=device)[:, None] * 0.3 * torch.arange(1, 9, device=device)  # R = 16
+    cos, sin = angles.cos(), angles.sin()
+    t = (lambda x: None if x is None else torch.tensor(x, dtype=torch.int32, device=device))  # noqa: E731
+    before = k_cache.clone()
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=t(lengths),
+                                  cache_leftpad=t(pads), cache_batch_idx=t(rows), causal=causal)
+    want = {}
+    for dtype in (torch.float64, torch.float32):
+        outs = []
+        for i, n in enumerate(lengths):
+            row, pad = (i if rows is None else rows[i]), (0 if pads is None else pads[i])
+            q_pos = torch.arange(n, n + lq) if causal else torch.full((lq,), n)
+            qi = _rotate_gptj(q[i].to(dtype), cos.to(dtype), sin.to(dtype), q_pos)
+            ki = _rotate_gptj(k[i].to(dtype), cos.to(dtype), sin.to(dtype), torch.arange(n, n + lnew))
+            keys = torch.cat([before[row, pad:n].to(dtype), ki])
+            values = torch.cat([v_cache[row, pad:n].to(dtype), v[i].to(dtype)])
+            outs.append(reference(qi[None], keys[None], values[None], causal=causal))
+            if dtype == torch.float32:
+                torch.testing.assert_close(k_cache[row, n:n + lnew], ki)
+        want[dtype] = torch.cat(outs)
+    assert_close_rule("out", out, want[torch.float64], want[torch.float32])
+
+
+def test_return_attn_probs_gives_lse_and_no_probabilities(device):
+    """return_attn_probs=True: (out, softmax_lse, None) as FlashAttention's layout has them."""
+    q, k, v = (torch.randn(2, 12, 2, 16, device=device) for _ in range(3))
+    out, lse, probs = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    want, want_lse = fastattn.flash_attention(bhld(q), bhld(k), bhld(v), causal=True, return_lse=True)
+    assert probs is None and lse.shape == (2, 2, 12)
+    assert torch.equal(out, flash_attn_func(q, k, v, causal=True)) and torch.equal(lse, want_lse)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)
+    qp, kp, vp = (t[0] for t in (q, k, v))  # (12, H, D) packed
+    out, lse, probs = flash_attn_varlen_func(qp, kp, vp, cu, cu, 7, 7, causal=True, return_attn_probs=True)
+    assert probs is None and lse.shape == (2, 12) and out.shape == (12, 2, 16)
+
+
+def test_window_size_as_any_pair(device):
+    """window_size as a tuple, a list or a tensor gives the same call."""
+    q, k, v = (torch.randn(1, 20, 2, 16, device=device) for _ in range(3))
+    want = flash_attn_func(q, k, v, window_size=(4, 0))
+    assert torch.equal(flash_attn_func(q, k, v, window_size=[4, 0]), want)
+    assert torch.equal(flash_attn_func(q, k, v, window_size=torch.tensor([4, 0])), want)
