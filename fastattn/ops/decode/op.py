@@ -18,6 +18,7 @@ import torch
 import triton
 from torch import Tensor
 
+from fastattn import invariance
 from fastattn._env import gpu_tiles
 from fastattn.ops import _launch
 from fastattn.ops._launch import pad
@@ -268,8 +269,12 @@ def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=N
 
 
 def _auto_splits(q, k_cache, v_cache, block_table, lq, window_left, window_right, max_seqlen_k) -> int:
-    """num_splits from the shapes (and max_seqlen_k, the longest sequence, when known)."""
+    """num_splits from the shapes (and max_seqlen_k, the longest sequence, when known); under
+    ``fastattn.batch_invariant`` from the cache capacity Lmax alone."""
     layout = CacheLayout.of(k_cache, v_cache, block_table)
+    split = invariance.split_tokens()
+    if split is not None:  # independent of the batch: its size and its longest sequence
+        return max(1, min(MAX_SPLITS, triton.cdiv(layout.lmax, split)))
     hq = q.shape[1]
     rows = (hq // layout.kv_heads) * lq
     tiles = block_config(max(q.shape[-1], layout.head_dim_v), rows, q.dtype, layout.page_size)
