@@ -260,22 +260,25 @@ def check_paged_values(op: str, block_table: Tensor, num_pages: int, page_size: 
     """ValueError unless every page a sequence uses (its ``seqlens[b] + lnew`` slots; ``lnew``
     an int or a (B,) tensor) is in [0, num_pages), and no two new tokens are written to the same
     page row. Reads the table on the host: the caller calls it only where that costs no sync."""
-    lnew = torch.as_tensor(lnew, device=seqlens.device).long().expand(seqlens.shape)  # (B,)
-    used = (seqlens.long() + lnew + page_size - 1) // page_size  # (B,) pages in use per sequence
-    in_use = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < used[:, None]  # (B, P)
-    bad = in_use & ((block_table < 0) | (block_table >= num_pages))
-    if bool(bad.any()):
-        b, j = (int(x) for x in bad.nonzero()[0])
+    n = seqlens.long()
+    used = (n + (lnew if isinstance(lnew, int) else lnew.long()) + page_size - 1) // page_size  # (B,) pages in use
+    in_use = torch.arange(block_table.shape[1], device=block_table.device) < used[:, None]  # (B, P)
+    lo, hi = (int(x) for x in torch.stack(block_table.where(in_use, 0).aminmax()).tolist())  # one host read
+    if lo < 0 or hi >= num_pages:
+        b, j = (int(x) for x in (in_use & ((block_table < 0) | (block_table >= num_pages))).nonzero()[0])
         raise ValueError(f"{op}: block_table[{b}, {j}] = {int(block_table[b, j])} is not a page index in "
                          f"[0, {num_pages}) (sequence {b} uses {int(used[b])} pages)")
-    most = int(lnew.max()) if lnew.numel() else 0
+    most = lnew if isinstance(lnew, int) else (int(lnew.max()) if lnew.numel() else 0)
     if most:
         t = torch.arange(most, device=seqlens.device)
-        slots = seqlens.long()[:, None] + t  # (B, most)
-        writes = t[None, :] < lnew[:, None]  # (B, most): the slots really written
-        slots = slots.where(writes, 0)
-        rows = block_table.long().gather(1, slots // page_size) * page_size + slots % page_size  # (B, most)
-        rows = rows[writes]
+        slots = n[:, None] + t  # (B, most)
+        if not isinstance(lnew, int):  # ragged: only the slots really written
+            writes = t < lnew[:, None]
+            slots = slots[writes]
+            seq = torch.arange(n.shape[0], device=n.device)[:, None].expand(writes.shape)[writes]
+        else:
+            slots, seq = slots.flatten(), torch.arange(n.shape[0], device=n.device).repeat_interleave(most)
+        rows = block_table.long()[seq, slots // page_size] * page_size + slots % page_size  # one per new token
         if rows.unique().numel() != rows.numel():
             raise ValueError(f"{op}: block_table {shape_str(block_table)} maps new tokens of two sequences to the "
                              "same page row; a page that is written must belong to one sequence")
