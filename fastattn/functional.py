@@ -194,7 +194,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
             they are pages instead: (num_pages, page_size, Hkv, D) / (num_pages, page_size,
             Hkv, Dv) (FlashAttention's and vLLM's layout), any page_size >= 1.
         cache_seqlens: int32 (or int64) (B,) tensor, or an int for every sequence: tokens
-            already in the cache, before this call's ``k_new``.
+            already in the cache, before this call's ``k_new``. None when ``seqused_k`` is given.
         k_new / v_new: (B, Hkv, Lnew, D) / (B, Hkv, Lnew, Dv), or None.
         causal: bottom-right aligned, per sequence: new query i sees key j iff
             ``j <= i + (n + Lnew) - Lq``. With Lq == 1 it changes nothing.
@@ -228,12 +228,9 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
             lse ``sinks[h]``). Not scaled by ``scale``. Forward in the kernels; a call that
             needs its gradient runs the (differentiable) reference.
         return_lse: also return the row logsumexp, float32 (B, Hq, Lq), natural log.
-        seqused_k: int32 (B,) instead of ``cache_seqlens`` when K/V are already written (by the
-            caller's own cache op, as serving engines do; FlashAttention 3's and
-            ``torch.nn.attention.varlen.varlen_attn``'s name): sequence b attends to the first
-            ``seqused_k[b]`` keys of its cache rows, its queries on their bottom-right diagonal
-            (with ``cu_seqlens_q``: a prefill chunk's keys and a decode's key already in place,
-            in one call). Equals ``cache_seqlens=seqused_k`` without k_new / v_new.
+        seqused_k: int32 (B,) instead of ``cache_seqlens`` when K/V are already written (FA3's
+            name): sequence b attends to the first ``seqused_k[b]`` keys of its cache rows, as
+            ``cache_seqlens=seqused_k`` without k_new / v_new.
 
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype, or ``(out, lse)``. A sequence with no key at all
@@ -478,12 +475,9 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool = 
             ``j <= i + Lk - Lq``, applied token by token inside the kept blocks.
         scale: multiplies q @ k^T; default ``1 / sqrt(D)``.
         return_lse: also return the row logsumexp, float32 (B, Hq, Lq), natural log.
-        seqused_k: int32 (B,) instead of ``cache_seqlens`` when K/V are already written (by the
-            caller's own cache op, as serving engines do; FlashAttention 3's and
-            ``torch.nn.attention.varlen.varlen_attn``'s name): sequence b attends to the first
-            ``seqused_k[b]`` keys of its cache rows, its queries on their bottom-right diagonal
-            (with ``cu_seqlens_q``: a prefill chunk's keys and a decode's key already in place,
-            in one call). Equals ``cache_seqlens=seqused_k`` without k_new / v_new.
+        seqused_k: int32 (B,) instead of ``cache_seqlens`` when K/V are already written (FA3's
+            name): sequence b attends to the first ``seqused_k[b]`` keys of its cache rows, as
+            ``cache_seqlens=seqused_k`` without k_new / v_new.
 
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype, or ``(out, lse)``. A query row that sees no key (an
