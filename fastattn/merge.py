@@ -1,6 +1,6 @@
 """Merging attention over disjoint key sets by their log-sum-exps (FlashInfer's merge_state,
-FlashAttention 3's flash_attn_combine): cascade attention over a shared prefix, split-KV, ring
-attention. Plain differentiable torch."""
+FlashAttention 3's flash_attn_combine), and cascade decoding over a prefix shared by a batch of
+requests (its K/V stored once) built on it."""
 from __future__ import annotations
 
 from typing import Optional
@@ -57,3 +57,30 @@ def merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Optional[Tensor]
     share = weights / safe  # (S, ...): each state's weight
     out = (share[..., None] * out_a.to(work)).sum(dim=0)
     return out.to(out_a.dtype), merged_lse
+
+
+def cascade_attention_with_kvcache(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                                   cache_seqlens, *, k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None,
+                                   scale: Optional[float] = None, block_table: Optional[Tensor] = None) -> Tensor:
+    """A generation step for B requests that share one prefix (a system prompt) whose K/V are
+    stored once: each request attends to the whole prefix and then, causally, to its own tokens.
+
+    q (B, Hq, Lq, D). prefix_k / prefix_v (1, Hkv, P, D / Dv): the shared prefix. k_cache,
+    v_cache, cache_seqlens, k_new, v_new, block_table: each request's own tokens after the prefix,
+    as ``fastattn.attention_with_kvcache`` takes them (the new tokens are appended in place).
+    Equals ``attention_with_kvcache`` over caches holding prefix + own tokens, causal bottom-right:
+    every query comes after the prefix, so it sees all of it. The B * Lq queries attend to the
+    prefix as the rows of one sequence (``flash_attention``), the requests' own keys in one
+    ``attention_with_kvcache`` call; the two are merged by lse (``merge_attention_states``).
+    Returns out (B, Hq, Lq, Dv). Raises ValueError where those functions do."""
+    from fastattn.functional import attention_with_kvcache, flash_attention
+
+    b, hq, lq, d = q.shape
+    rows = q.transpose(0, 1).reshape(1, hq, b * lq, d)  # (B, Hq, Lq, D) -> (1, Hq, B * Lq, D)
+    out_p, lse_p = flash_attention(rows, prefix_k, prefix_v, scale=scale, return_lse=True)
+    dv = out_p.shape[-1]
+    out_p = out_p.reshape(hq, b, lq, dv).transpose(0, 1)  # back to (B, Hq, Lq, Dv)
+    lse_p = lse_p.reshape(hq, b, lq).transpose(0, 1)
+    out_s, lse_s = attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new, scale=scale,
+                                          block_table=block_table, return_lse=True)
+    return merge_attention_states(out_p, lse_p, out_s, lse_s)[0]

@@ -57,3 +57,29 @@ def test_bad_shapes_raise():
         fastattn.merge_attention_states(out, lse[:2], out, lse)
     with pytest.raises(ValueError, match="stacked"):
         fastattn.merge_attention_states(out, torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cascade_equals_attention_over_prefix_and_own_tokens(backend, device):
+    """Three requests share a 40-token prefix stored once, each with its own cached tokens (one
+    with none) and two new ones: the float64 reference over prefix + own tokens (bottom-right
+    causal) by the error rule, the new tokens appended to the requests' own caches."""
+    hq, hkv, d, prefix, lengths = 4, 2, 16, 40, [7, 0, 19]
+    pk, pv = torch.randn(1, hkv, prefix, d, device=device), torch.randn(1, hkv, prefix, d, device=device)
+    kc, vc = (torch.randn(3, hkv, 24, d, device=device) for _ in range(2))
+    q = torch.randn(3, hq, 2, d, device=device)
+    kn, vn = (torch.randn(3, hkv, 2, d, device=device) for _ in range(2))
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    want = {}
+    for dtype in (torch.float64, torch.float32):
+        outs = []
+        for i, n in enumerate(lengths):
+            keys = torch.cat([pk, kc[i:i + 1, :, :n], kn[i:i + 1]], dim=2).to(dtype)
+            values = torch.cat([pv, vc[i:i + 1, :, :n], vn[i:i + 1]], dim=2).to(dtype)
+            outs.append(attention_reference(q[i:i + 1].to(dtype), keys, values, causal=True))
+        want[dtype] = torch.cat(outs)
+    with fastattn.use_backend(backend):
+        out = fastattn.cascade_attention_with_kvcache(q, pk, pv, kc, vc, seqlens, k_new=kn, v_new=vn)
+    assert_close_rule("out", out, want[torch.float64], want[torch.float32])
+    for i, n in enumerate(lengths):
+        assert torch.equal(kc[i, :, n:n + 2], kn[i]) and torch.equal(vc[i, :, n:n + 2], vn[i])
