@@ -15,10 +15,11 @@ from fastattn.integrations import convert, patch_sdpa, register_huggingface, unp
 from fastattn import models, nn  # noqa: E402  (built on the public functions above)
 
 __all__ = [
-    "attention_with_kvcache", "batch_invariant", "cascade_attention_with_kvcache", "convert", "flash_attention", "flash_attention_varlen", "linear_attention", "linear_attention_varlen",
-    "linformer_attention", "merge_attention_states", "models",
+    "attention_with_kvcache", "convert", "flash_attention", "flash_attention_varlen", "linear_attention", "linear_attention_varlen",
+    "linformer_attention", "models",
     "nn", "patch_sdpa", "performer_attention", "performer_projection", "register_huggingface",
     "scaled_dot_product_attention", "sparse", "sparse_attention", "unpatch_sdpa", "use_backend",
+    "batch_invariant", "cascade_attention_with_kvcache", "merge_attention_states",
 ]
 __version__ = "0.1.0"
 
