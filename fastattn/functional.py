@@ -166,7 +166,7 @@ def scaled_dot_product_attention(
                                    is_causal, scale, enable_gqa)
 
 
-def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, *,
+def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens=None, *,
                            k_new: Optional[Tensor] = None, v_new: Optional[Tensor] = None, causal: bool = True,
                            scale: Optional[float] = None, window: Optional[tuple] = None,
                            alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None,
@@ -174,7 +174,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
                            rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = False,
                            block_table: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
                            max_seqlen_q: Optional[int] = None, sinks: Optional[Tensor] = None,
-                           return_lse: bool = False):
+                           return_lse: bool = False, seqused_k: Optional[Tensor] = None):
     """Attention of a few new tokens over a preallocated KV cache (incremental decoding).
 
     Sequence ``b`` holds ``n = cache_seqlens[b]`` tokens in slots ``0 .. n - 1`` of the caches
@@ -192,9 +192,9 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
             query head h reads kv head ``h // (Hq // Hkv)``). Any strides, e.g. a
             (B, Lmax, Hkv, D) buffer viewed with ``.transpose(1, 2)``. With ``block_table``
             they are pages instead: (num_pages, page_size, Hkv, D) / (num_pages, page_size,
-            Hkv, Dv) (FlashAttention's and vLLM's layout), page_size a power of two >= 16.
+            Hkv, Dv) (FlashAttention's and vLLM's layout), any page_size >= 1.
         cache_seqlens: int32 (or int64) (B,) tensor, or an int for every sequence: tokens
-            already in the cache, before this call's ``k_new``.
+            already in the cache, before this call's ``k_new``. None when ``seqused_k`` is given.
         k_new / v_new: (B, Hkv, Lnew, D) / (B, Hkv, Lnew, Dv), or None.
         causal: bottom-right aligned, per sequence: new query i sees key j iff
             ``j <= i + (n + Lnew) - Lq``. With Lq == 1 it changes nothing.
@@ -228,6 +228,9 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
             lse ``sinks[h]``). Not scaled by ``scale``. Forward in the kernels; a call that
             needs its gradient runs the (differentiable) reference.
         return_lse: also return the row logsumexp, float32 (B, Hq, Lq), natural log.
+        seqused_k: int32 (B,) instead of ``cache_seqlens`` when K/V are already written (FA3's
+            name): sequence b attends to the first ``seqused_k[b]`` keys of its cache rows, as
+            ``cache_seqlens=seqused_k`` without k_new / v_new.
 
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype, or ``(out, lse)``. A sequence with no key at all
@@ -235,7 +238,8 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
 
     Raises:
         ValueError: bad ranks, shapes, dtypes, devices, options (the message names the
-            argument), ``cache_seqlens`` negative or above Lmax, ``n + Lnew > Lmax`` (the write
+            argument), neither or both of ``cache_seqlens`` and ``seqused_k`` (or ``seqused_k``
+            with k_new), ``cache_seqlens`` negative or above Lmax, ``n + Lnew > Lmax`` (the write
             would overflow the cache), a used block-table entry that is not a page, two new
             tokens mapped to one page row, or, under ``use_backend("triton")``, an input the
             kernels cannot take (e.g. one that requires grad: the kernels are forward-only).
@@ -255,6 +259,7 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     """
     from fastattn.ops.decode import dispatch
 
+    cache_seqlens = validation.decode_lengths("attention_with_kvcache", cache_seqlens, seqused_k, k_new)
     call = validation.check_decode("attention_with_kvcache", q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new,
                         causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
                         num_splits=num_splits, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
@@ -470,6 +475,9 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool = 
             ``j <= i + Lk - Lq``, applied token by token inside the kept blocks.
         scale: multiplies q @ k^T; default ``1 / sqrt(D)``.
         return_lse: also return the row logsumexp, float32 (B, Hq, Lq), natural log.
+        seqused_k: int32 (B,) instead of ``cache_seqlens`` when K/V are already written (FA3's
+            name): sequence b attends to the first ``seqused_k[b]`` keys of its cache rows, as
+            ``cache_seqlens=seqused_k`` without k_new / v_new.
 
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype, or ``(out, lse)``. A query row that sees no key (an

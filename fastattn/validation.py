@@ -228,7 +228,7 @@ def check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
 
 def check_pages(op: str, q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table) -> None:
     """Paged caches: q (B, Hq, Lq, D), k_pages (num_pages, page_size, Hkv, D), v_pages
-    (num_pages, page_size, Hkv, Dv) of q's dtype and device, page_size a power of two >= 16,
+    (num_pages, page_size, Hkv, Dv) of q's dtype and device, any page_size >= 1,
     Hq a multiple of Hkv; block_table an int32 (B, P) tensor on q's device, P >= 1. The table's
     values are checked by the caller (``check_paged_values``)."""
     check_tensors(op, q, k_cache=k_pages, v_cache=v_pages)
@@ -236,9 +236,8 @@ def check_pages(op: str, q: Tensor, k_pages: Tensor, v_pages: Tensor, block_tabl
         raise ValueError(f"{op}: paged k_cache {shape_str(k_pages)} and v_cache {shape_str(v_pages)} must agree in "
                          "(num_pages, page_size, kv_heads)")
     n_pages, page, hkv, d = k_pages.shape
-    if page < 16 or page & (page - 1):
-        raise ValueError(f"{op}: page_size (dim 1 of k_cache {shape_str(k_pages)}) must be a power of two >= 16, "
-                         f"got {page}")
+    if page < 1:
+        raise ValueError(f"{op}: page_size (dim 1 of k_cache {shape_str(k_pages)}) must be >= 1, got {page}")
     if n_pages < 1:
         raise ValueError(f"{op}: paged k_cache {shape_str(k_pages)} holds no page")
     if q.shape[-1] != d:
@@ -261,22 +260,25 @@ def check_paged_values(op: str, block_table: Tensor, num_pages: int, page_size: 
     """ValueError unless every page a sequence uses (its ``seqlens[b] + lnew`` slots; ``lnew``
     an int or a (B,) tensor) is in [0, num_pages), and no two new tokens are written to the same
     page row. Reads the table on the host: the caller calls it only where that costs no sync."""
-    lnew = torch.as_tensor(lnew, device=seqlens.device).long().expand(seqlens.shape)  # (B,)
-    used = (seqlens.long() + lnew + page_size - 1) // page_size  # (B,) pages in use per sequence
-    in_use = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < used[:, None]  # (B, P)
-    bad = in_use & ((block_table < 0) | (block_table >= num_pages))
-    if bool(bad.any()):
-        b, j = (int(x) for x in bad.nonzero()[0])
+    n = seqlens.long()
+    used = (n + (lnew if isinstance(lnew, int) else lnew.long()) + page_size - 1) // page_size  # (B,) pages in use
+    in_use = torch.arange(block_table.shape[1], device=block_table.device) < used[:, None]  # (B, P)
+    lo, hi = (int(x) for x in torch.stack(block_table.where(in_use, 0).aminmax()).tolist())  # one host read
+    if lo < 0 or hi >= num_pages:
+        b, j = (int(x) for x in (in_use & ((block_table < 0) | (block_table >= num_pages))).nonzero()[0])
         raise ValueError(f"{op}: block_table[{b}, {j}] = {int(block_table[b, j])} is not a page index in "
                          f"[0, {num_pages}) (sequence {b} uses {int(used[b])} pages)")
-    most = int(lnew.max()) if lnew.numel() else 0
+    most = lnew if isinstance(lnew, int) else (int(lnew.max()) if lnew.numel() else 0)
     if most:
         t = torch.arange(most, device=seqlens.device)
-        slots = seqlens.long()[:, None] + t  # (B, most)
-        writes = t[None, :] < lnew[:, None]  # (B, most): the slots really written
-        slots = slots.where(writes, 0)
-        rows = block_table.long().gather(1, slots // page_size) * page_size + slots % page_size  # (B, most)
-        rows = rows[writes]
+        slots = n[:, None] + t  # (B, most)
+        if not isinstance(lnew, int):  # ragged: only the slots really written
+            writes = t < lnew[:, None]
+            slots = slots[writes]
+            seq = torch.arange(n.shape[0], device=n.device)[:, None].expand(writes.shape)[writes]
+        else:
+            slots, seq = slots.flatten(), torch.arange(n.shape[0], device=n.device).repeat_interleave(most)
+        rows = block_table.long()[seq, slots // page_size] * page_size + slots % page_size  # one per new token
         if rows.unique().numel() != rows.numel():
             raise ValueError(f"{op}: block_table {shape_str(block_table)} maps new tokens of two sequences to the "
                              "same page row; a page that is written must belong to one sequence")
@@ -682,3 +684,19 @@ def check_sparse(op: str, q: Tensor, k: Tensor, v: Tensor, layout, *, causal, sc
     layout.check_for(op, q, k)
     return SparseCall(q, k, v, layout, bool(causal), default_scale(q.shape[-1], scale),
                       bool(return_lse))
+
+
+def decode_lengths(op: str, cache_seqlens, seqused_k, k_new) -> object:
+    """attention_with_kvcache's lengths: ``cache_seqlens``, or ``seqused_k`` (keys already in
+    the cache, so no k_new). ValueError for neither, both, or seqused_k with k_new."""
+    if seqused_k is None:
+        if cache_seqlens is None:
+            raise ValueError(f"{op}: give cache_seqlens (tokens cached before k_new) or seqused_k (keys already "
+                             "written)")
+        return cache_seqlens
+    if cache_seqlens is not None:
+        raise ValueError(f"{op}: give cache_seqlens or seqused_k, not both")
+    if k_new is not None:
+        raise ValueError(f"{op}: seqused_k means the keys are already in the cache: k_new / v_new must be None "
+                         "(append with cache_seqlens instead)")
+    return seqused_k

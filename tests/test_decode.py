@@ -622,3 +622,27 @@ def test_int_seqlens_and_zero_new_tokens(device):
         a = fastattn.attention_with_kvcache(q, kc, vc, 12, k_new=empty, v_new=empty)
     b_ = decode_reference(q, kc, vc, torch.tensor([12, 12]))
     assert max_err(a, b_) < 1e-5
+
+
+def test_batch_invariant_decode(device, monkeypatch):
+    """Under fastattn.batch_invariant(), a sequence's decode output is bitwise the same alone,
+    in a batch of four and in a batch of two in another order (same cache capacity). On the
+    4-SM GPU simulated here the default split count follows the batch size (8 splits alone,
+    2 in four), so outside the mode it would not be."""
+    from fastattn.ops.decode import op as decode_op
+
+    monkeypatch.setattr(decode_op, "_num_sms", lambda device: 4)
+    hq, hkv, d, lmax = 2, 1, 32, 320
+    lengths = [300, 90, 17, 200]
+    q = torch.randn(4, hq, 1, d, device=device, dtype=torch.float16)
+    k_cache, v_cache = (torch.randn(4, hkv, lmax, d, device=device, dtype=torch.float16) for _ in range(2))
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+
+    def step(rows):  # sequence rows[i] of the batch above, as batch row i
+        idx = torch.tensor(rows, device=device)
+        return fastattn.attention_with_kvcache(q[idx], k_cache[idx], v_cache[idx], seqlens[idx])
+
+    with fastattn.use_backend("triton"), fastattn.batch_invariant(64):
+        together, alone, shuffled = step([0, 1, 2, 3]), step([0]), step([3, 0])
+    assert torch.equal(bits(together[0]), bits(alone[0])) and torch.equal(bits(shuffled[1]), bits(alone[0]))
+    assert torch.equal(bits(together[3]), bits(shuffled[0]))

@@ -92,8 +92,6 @@ def test_flash_attn_with_kvcache(rotary, device):
 
 def test_what_fastattn_cannot_give_raises_clearly():
     q = torch.randn(1, 8, 2, 16)
-    with pytest.raises(ValueError, match="return_attn_probs"):
-        flash_attn_func(q, q, q, return_attn_probs=True)
     with pytest.raises(ValueError, match="cache_batch_idx"):
         flash_attn_with_kvcache(q, q, q, cache_seqlens=4, cache_batch_idx=torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="cannot be combined"):
@@ -179,3 +177,149 @@ def test_flash_attn_varlen_func_over_pages(device):
         s, e = cu_q[i].item(), cu_q[i + 1].item()
         want = flash_attn_func(q[None, s:e], keys[i][None], values[i][None], causal=True)[0]
         torch.testing.assert_close(out[s:e], want)
+
+
+def _per_sequence(q, keys, values, cu, used, dtype):
+    """Each sequence's queries over the first used[i] of its keys, bottom-right causal, by the
+    reference in ``dtype``: packed out (T_q, Hq, Dv) and lse (T_q, Hq)."""
+    outs, lses = [], []
+    for i, n in enumerate(used):
+        s, e = cu[i], cu[i + 1]
+        qi, ki, vi = (t.to(dtype).transpose(0, 1)[None] for t in (q[s:e], keys[i][:n], values[i][:n]))
+        out, lse = attention_reference(qi, ki, vi, causal=True, return_lse=True)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0].transpose(0, 1))
+    return torch.cat(outs), torch.cat(lses)
+
+
+@pytest.mark.parametrize("layout", ["paged-48", "packed", "cache"])
+def test_seqused_k_equals_per_sequence(layout, device):
+    """K/V already written (seqused_k): a prefill chunk of 6 over 20 keys, two decodes and a
+    sequence with no query, in one call on the kernels, through torch's varlen_attn signature
+    (pages of 48, or packed keys) or attention_with_kvcache (a contiguous cache): per-sequence
+    attention over the first seqused_k keys by the error rule, the lse too."""
+    from torch.nn.attention.varlen import AuxRequest
+
+    from fastattn.flash_attn_interface import varlen_attn
+
+    hq, hkv, d = 4, 2, 16
+    counts, used = [6, 1, 0, 1], [20, 9, 5, 50]
+    keys = [torch.randn(n + 3, hkv, d, device=device) for n in used]  # 3 unused keys past each seqused_k
+    values = [torch.randn(n + 3, hkv, d, device=device) for n in used]
+    cu_q = torch.tensor([0, 6, 7, 7, 8], dtype=torch.int32, device=device)
+    q = torch.randn(8, hq, d, device=device)
+    seqused = torch.tensor(used, dtype=torch.int32, device=device)
+    with fastattn.use_backend("triton"):
+        if layout == "packed":
+            cu_k = torch.tensor([0] + torch.tensor([n + 3 for n in used]).cumsum(0).tolist(), dtype=torch.int32,
+                                device=device)
+            out, lse = varlen_attn(q, torch.cat(keys), torch.cat(values), cu_q, cu_k, 6, 53, window_size=(-1, 0),
+                                   enable_gqa=True, seqused_k=seqused, return_aux=AuxRequest(lse=True))
+        elif layout == "paged-48":
+            kp, vp = torch.full((6, 48, hkv, d), float("nan"), device=device), torch.full((6, 48, hkv, d), 0.0,
+                                                                                           device=device)
+            table = torch.tensor([[4, 0], [1, -1], [5, -1], [2, 3]], dtype=torch.int32, device=device)
+            for i, n in enumerate(used):
+                for j in range(n):
+                    kp[table[i, j // 48], j % 48], vp[table[i, j // 48], j % 48] = keys[i][j], values[i][j]
+            out, lse = varlen_attn(q, kp, vp, cu_q, None, 6, 50, window_size=(-1, 0), enable_gqa=True,
+                                   seqused_k=seqused, block_table=table, return_aux=AuxRequest(lse=True))
+        else:
+            kc, vc = (torch.full((4, hkv, 56, d), float("nan"), device=device) for _ in range(2))
+            for i, n in enumerate(used):
+                kc[i, :, :n + 3], vc[i, :, :n + 3] = keys[i].transpose(0, 1), values[i].transpose(0, 1)
+            out, lse = fastattn.attention_with_kvcache(q, kc, vc, seqused_k=seqused, cu_seqlens_q=cu_q,
+                                                       return_lse=True)
+            lse = lse.transpose(0, 1)
+    cu = cu_q.tolist()
+    oracle, oracle_lse = _per_sequence(q, keys, values, cu, used, torch.float64)
+    base, base_lse = _per_sequence(q, keys, values, cu, used, torch.float32)
+    assert out.shape == (8, hq, d) and lse.shape == (8, hq)
+    assert_close_rule("out", out, oracle, base)
+    assert_close_rule("lse", lse, oracle_lse, base_lse)
+
+
+def test_seqused_k_bad_input_raises():
+    q, kc = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 8, 16)
+    n = torch.tensor([3, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="not both"):
+        fastattn.attention_with_kvcache(q, kc, kc, n, seqused_k=n)
+    with pytest.raises(ValueError, match="k_new"):
+        fastattn.attention_with_kvcache(q, kc, kc.clone(), seqused_k=n, k_new=kc[:, :, :1], v_new=kc[:, :, :1])
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        fastattn.attention_with_kvcache(q, kc, kc)
+
+
+def _rotate_gptj(x, cos, sin, positions):
+    """FlashAttention's interleaved rotary written out: x (L, H, D) at positions (L,); pair
+    (2j, 2j + 1) of the first R = 2 * cos.shape[1] dims turns by the angle of row p, column j."""
+    c, s = cos[positions][:, None], sin[positions][:, None]  # (L, 1, R/2)
+    r = 2 * cos.shape[1]
+    x1, x2 = x[..., 0:r:2], x[..., 1:r:2]
+    turned = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    return torch.cat([turned, x[..., r:]], dim=-1)
+
+
+# name -> (cache_seqlens, cache_leftpad, cache_batch_idx, Lq, Lnew, causal): the cases where
+# FlashAttention's rotary positions differ from fastattn's own convention.
+FA_ROTARY = {
+    "fewer-new-than-queries": ([5, 9], None, None, 4, 2, True),
+    "noncausal-several-queries": ([5, 9], None, None, 3, 3, False),
+    "leftpad": ([10, 12], [3, 0], None, 1, 1, True),
+    "leftpad-with-batch-idx": ([10, 7], [3, 2], [2, 0], 2, 2, True),
+}
+
+
+@pytest.mark.parametrize("case", list(FA_ROTARY))
+def test_rotary_positions_as_flash_attention(case, device):
+    """flash_attn_with_kvcache's rotary as FlashAttention documents it: new key t at cache slot
+    cache_seqlens + t, query i at cache_seqlens + i (causal or local) or cache_seqlens, all
+    absolute slots (with cache_leftpad too); sequence b is cache row cache_batch_idx[b] with keys
+    from slot cache_leftpad[b]. The float64 oracle by the error rule; the rotated keys written."""
+    lengths, pads, rows, lq, lnew, causal = FA_ROTARY[case]
+    b, lmax, hq, hkv, d = 2, 24, 4, 2, 32
+    k_cache, v_cache = (torch.randn(b if rows is None else 3, lmax, hkv, d, device=device) for _ in range(2))
+    q = torch.randn(b, lq, hq, d, device=device)
+    k, v = (torch.randn(b, lnew, hkv, d, device=device) for _ in range(2))
+    angles = torch.arange(lmax, device=device)[:, None] * 0.3 * torch.arange(1, 9, device=device)  # R = 16
+    cos, sin = angles.cos(), angles.sin()
+    t = (lambda x: None if x is None else torch.tensor(x, dtype=torch.int32, device=device))  # noqa: E731
+    before = k_cache.clone()
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=t(lengths),
+                                  cache_leftpad=t(pads), cache_batch_idx=t(rows), causal=causal)
+    want = {}
+    for dtype in (torch.float64, torch.float32):
+        outs = []
+        for i, n in enumerate(lengths):
+            row, pad = (i if rows is None else rows[i]), (0 if pads is None else pads[i])
+            q_pos = torch.arange(n, n + lq) if causal else torch.full((lq,), n)
+            qi = _rotate_gptj(q[i].to(dtype), cos.to(dtype), sin.to(dtype), q_pos)
+            ki = _rotate_gptj(k[i].to(dtype), cos.to(dtype), sin.to(dtype), torch.arange(n, n + lnew))
+            keys = torch.cat([before[row, pad:n].to(dtype), ki])
+            values = torch.cat([v_cache[row, pad:n].to(dtype), v[i].to(dtype)])
+            outs.append(reference(qi[None], keys[None], values[None], causal=causal))
+            if dtype == torch.float32:
+                torch.testing.assert_close(k_cache[row, n:n + lnew], ki)
+        want[dtype] = torch.cat(outs)
+    assert_close_rule("out", out, want[torch.float64], want[torch.float32])
+
+
+def test_return_attn_probs_gives_lse_and_no_probabilities(device):
+    """return_attn_probs=True: (out, softmax_lse, None) as FlashAttention's layout has them."""
+    q, k, v = (torch.randn(2, 12, 2, 16, device=device) for _ in range(3))
+    out, lse, probs = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    want, want_lse = fastattn.flash_attention(bhld(q), bhld(k), bhld(v), causal=True, return_lse=True)
+    assert probs is None and lse.shape == (2, 2, 12)
+    assert torch.equal(out, flash_attn_func(q, k, v, causal=True)) and torch.equal(lse, want_lse)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)
+    qp, kp, vp = (t[0] for t in (q, k, v))  # (12, H, D) packed
+    out, lse, probs = flash_attn_varlen_func(qp, kp, vp, cu, cu, 7, 7, causal=True, return_attn_probs=True)
+    assert probs is None and lse.shape == (2, 12) and out.shape == (12, 2, 16)
+
+
+def test_window_size_as_any_pair(device):
+    """window_size as a tuple, a list or a tensor gives the same call."""
+    q, k, v = (torch.randn(1, 20, 2, 16, device=device) for _ in range(3))
+    want = flash_attn_func(q, k, v, window_size=(4, 0))
+    assert torch.equal(flash_attn_func(q, k, v, window_size=[4, 0]), want)
+    assert torch.equal(flash_attn_func(q, k, v, window_size=torch.tensor([4, 0])), want)

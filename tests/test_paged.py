@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 import fastattn  # noqa: E402
 from fastattn.ops.decode.reference import (  # noqa: E402
-    append_paged_reference, decode_reference, gather_pages)
+    append_paged_reference, append_reference, decode_reference, gather_pages)
 from helpers import assert_close_rule, max_err  # noqa: E402
 from fastattn.nn import PagedKVCache  # noqa: E402
 from fastattn.ops.decode.reference import apply_rotary  # noqa: E402
@@ -105,6 +105,45 @@ def test_paged_kernel_matches_contiguous(case, dtype, device):
     b, hq, lnew, d, lengths, page, splits = CASES[case]
     q = torch.randn(b, hq, max(lnew, 1), d, device=device).to(dtype)
     run_paged_and_contiguous(q, lengths, lnew, page, dtype, splits)
+
+
+# name -> (lengths, page_size): pages that are not a power of two (the kernels' key tiles may
+# straddle pages: 1 and 24 do in the interpreter's 16-key tiles, 48 and 528 do on a GPU's 64),
+# with 3 new tokens crossing a page boundary, an empty sequence and one that ends mid-page.
+ANY_PAGE = {"p1": ([0, 37], 1), "p24": ([23, 50], 24), "p48": ([46, 0], 48), "p528": ([527, 40], 528)}
+
+
+@pytest.mark.parametrize("case", list(ANY_PAGE))
+def test_any_page_size_matches_contiguous(case, device):
+    """Any page size, on the kernels: the float64 oracle by the error rule, page writes bit for
+    bit the contiguous call's; GQA 2, 3 new tokens, 3 splits."""
+    lengths, page = ANY_PAGE[case]
+    q = torch.randn(2, 4, 3, 32, device=device).to(torch.float16)
+    run_paged_and_contiguous(q, lengths, 3, page, torch.float16, 3)
+
+
+@pytest.mark.parametrize("page", [1, 48])
+def test_any_page_size_ragged_and_fallback(page, device):
+    """Ragged new tokens (a decode and a 9-token chunk) on pages of 1 and 48 tokens: kernels and
+    the torch fallback give the per-sequence oracle (error rule) and the same cache writes."""
+    hq, hkv, d = 4, 2, 16
+    lengths, counts = [47, 5], [1, 9]
+    cu = torch.tensor([0, 1, 10], dtype=torch.int32, device=device)
+    kp, vp, table = make_paged(hkv, d, lengths, 9, page, torch.float32, device)
+    kc, vc = contiguous_of(kp, table, lengths), contiguous_of(vp, table, lengths)
+    q, kn, vn = (torch.randn(10, h, d, device=device) for h in (hq, hkv, hkv))
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    oracle, _ = ragged_oracle(q.double(), kc.double(), vc.double(), seqlens, cu, kn.double(), vn.double(), {})
+    base, _ = ragged_oracle(q, kc, vc, seqlens, cu, kn, vn, {})
+    pages = []
+    for backend in ("triton", "torch"):
+        k2, v2 = kp.clone(), vp.clone()
+        with fastattn.use_backend(backend):
+            out = fastattn.attention_with_kvcache(q, k2, v2, seqlens, k_new=kn, v_new=vn, cu_seqlens_q=cu,
+                                                  block_table=table, num_splits=2)
+        assert_close_rule(f"out ({backend})", out, oracle, base)
+        pages.append((k2, v2))
+    assert torch.equal(bits(pages[0][0]), bits(pages[1][0])) and torch.equal(bits(pages[0][1]), bits(pages[1][1]))
 
 
 FEATURES = ["window-left", "window-both-noncausal", "noncausal", "alibi", "alibi-per-batch", "softcap",
@@ -231,17 +270,15 @@ def _paged_small(page=16, lengths=(3, 20), lnew=1, p=2):
 
 
 @pytest.mark.parametrize("bad,match", [
-    ("page-not-pow2", "power of two"), ("page-small", "power of two"), ("table-int64", "int32"),
+    ("page-empty", ">= 1"), ("table-int64", "int32"),
     ("table-rank", "int32"), ("table-batch", "block_table"), ("table-negative", r"block_table\[1, 1\]"),
     ("table-too-big", "not a page index"), ("shared-write", "same page row"), ("overflow", "overflow"),
     ("pages-differ", "agree"), ("heads", "multiple"),
 ])
 def test_paged_bad_input_raises_value_error(bad, match):
     q, kp, vp, sl, kn, vn, table = _paged_small()
-    if bad == "page-not-pow2":
-        kp, vp = torch.zeros(6, 24, 2, 16), torch.zeros(6, 24, 2, 16)
-    elif bad == "page-small":
-        kp, vp = torch.zeros(6, 8, 2, 16), torch.zeros(6, 8, 2, 16)
+    if bad == "page-empty":
+        kp, vp = torch.zeros(6, 0, 2, 16), torch.zeros(6, 0, 2, 16)
     elif bad == "table-int64":
         table = table.long()
     elif bad == "table-rank":
@@ -386,6 +423,39 @@ def test_ragged_fallback_equals_kernel(layout, device):
     (o1, l1, k1, v1), (o2, l2, k2, v2) = results
     assert max_err(o1, o2) < 1e-5 and max_err(l1, l2) < 1e-5
     assert torch.equal(bits(k1), bits(k2)) and torch.equal(bits(v1), bits(v2))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_ragged_cpu_step_is_one_fused_sdpa_call(layout, monkeypatch):
+    """Without kernels, ragged new tokens (a decode, a 5-token chunk into an empty cache, a
+    sequence with none, a chunk across a page boundary) run as one fused SDPA call for the whole
+    batch: the per-sequence float64 oracle by the error rule, the caches bit for bit as the
+    reference's appends leave them."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    hq, hkv, d = 4, 2, 16
+    lengths, counts = [3, 0, 20, 9], [1, 5, 0, 9]
+    cu = torch.tensor([0] + torch.tensor(counts).cumsum(0).tolist(), dtype=torch.int32)
+    kp, vp, table = make_paged(hkv, d, lengths, max(counts), 16, torch.float32, "cpu")
+    kc, vc = contiguous_of(kp, table, lengths), contiguous_of(vp, table, lengths)
+    q, kn, vn = (torch.randn(sum(counts), h, d) for h in (hq, hkv, hkv))
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    oracle, _ = ragged_oracle(q.double(), kc.double(), vc.double(), seqlens, cu, kn.double(), vn.double(), {})
+    base, _ = ragged_oracle(q, kc, vc, seqlens, cu, kn, vn, {})
+    want_k, want_v = kc.clone(), vc.clone()
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        append_reference(want_k[i:i + 1], want_v[i:i + 1], seqlens[i:i + 1], kn[s:e].transpose(0, 1)[None],
+                         vn[s:e].transpose(0, 1)[None])
+    kk, vv, tt = (kp, vp, table) if layout == "paged" else (kc, vc, None)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fastattn.attention_with_kvcache(q, kk, vv, seqlens, k_new=kn, v_new=vn, cu_seqlens_q=cu, block_table=tt)
+    calls = [e.name for e in prof.events() if e.name == "aten::scaled_dot_product_attention"]
+    assert len(calls) == 1, calls
+    assert_close_rule("out", out, oracle, base)
+    ends = [n + c for n, c in zip(lengths, counts)]
+    got_k, got_v = (contiguous_of(kp, table, ends), contiguous_of(vp, table, ends)) if tt is not None else (kk, vv)
+    for i, n in enumerate(ends):
+        assert torch.equal(bits(got_k[i, :, :n]), bits(want_k[i, :, :n])), f"k cache of sequence {i}"
+        assert torch.equal(bits(got_v[i, :, :n]), bits(want_v[i, :, :n])), f"v cache of sequence {i}"
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -555,8 +625,8 @@ def test_paged_cache_pool_allocates_and_frees():
     assert cache.free_pages() == 2 and cache.add() not in (a, b)  # ids are never reused
     with pytest.raises(ValueError, match="no sequence"):
         cache.length(a)
-    with pytest.raises(ValueError, match="power of two"):
-        PagedKVCache(1, 1, 16, num_pages=2, page_size=24)
+    with pytest.raises(ValueError, match="page_size"):
+        PagedKVCache(1, 1, 16, num_pages=2, page_size=0)
 
 
 def test_paged_cache_fork_shares_a_prompt_and_copies_on_write(device):
@@ -762,3 +832,40 @@ def test_ragged_scratch_is_sized_by_the_packed_tokens(device, monkeypatch):
     want, want_lse = decode_op.decode_attn(q, kc, vc, sl, scale=0.25, window_right=0, num_splits=splits,
                                            cu_seqlens_q=cu, max_seqlen_q=1)
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_vllm_combined_cache_layout_by_strides(backend, device):
+    """vLLM's cache: one tensor (num_blocks, 2, block_size, Hkv, D), K and V its ``unbind(1)``
+    views (a page stride of 2 * block_size * Hkv * D). Keys written as vLLM's
+    reshape_and_cache does (by slot = block * block_size + offset), then a step that appends
+    one token per sequence: the per-sequence oracle by the error rule, and the new tokens land
+    in the combined tensor itself (read and written by strides, no copy)."""
+    hq, hkv, d, block = 4, 2, 16, 16
+    lengths = [19, 0, 33]
+    kv = torch.full((8, 2, block, hkv, d), float("nan"), device=device)
+    k_cache, v_cache = kv.unbind(1)
+    table = torch.tensor([[6, 2, 0], [5, -1, -1], [1, 7, 3]], dtype=torch.int32, device=device)
+    keys = [torch.randn(n + 1, hkv, d, device=device) for n in lengths]  # the cached ones and the new one
+    values = [torch.randn(n + 1, hkv, d, device=device) for n in lengths]
+    for i, n in enumerate(lengths):  # reshape_and_cache: one row per token at its slot
+        j = torch.arange(n, device=device)
+        slots = table[i, j // block].long() * block + j % block
+        k_cache[slots // block, slots % block] = keys[i][:n]
+        v_cache[slots // block, slots % block] = values[i][:n]
+    q = torch.randn(3, hq, 1, d, device=device)
+    k_new = torch.stack([k[-1] for k in keys])[:, :, None]  # (B, Hkv, 1, D)
+    v_new = torch.stack([v[-1] for v in values])[:, :, None]
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    with fastattn.use_backend(backend):
+        out = fastattn.attention_with_kvcache(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new,
+                                              block_table=table)
+    oracle = torch.cat([attention_reference(q[i:i + 1].double(), keys[i].double().transpose(0, 1)[None],
+                                            values[i].double().transpose(0, 1)[None], causal=True)
+                        for i in range(3)])
+    base = torch.cat([attention_reference(q[i:i + 1], keys[i].transpose(0, 1)[None], values[i].transpose(0, 1)[None],
+                                          causal=True) for i in range(3)])
+    assert_close_rule("out", out, oracle, base)
+    for i, n in enumerate(lengths):  # the appended token, in the combined tensor
+        page, row = int(table[i, n // block]), n % block
+        assert torch.equal(kv[page, 0, row], keys[i][-1]) and torch.equal(kv[page, 1, row], values[i][-1])

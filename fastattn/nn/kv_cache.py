@@ -230,7 +230,7 @@ class PagedKVCache:
     Args:
         num_layers, num_kv_heads, head_dim (``head_dim_v``): sizes of the cached tensors.
         num_pages: pages in the pool (its memory is allocated up front).
-        page_size: tokens per page, a power of two >= 16.
+        page_size: tokens per page, any int >= 1 (e.g. 1, 16, 48, 528).
         dtype, device: of the storage.
 
     Raises:
@@ -245,8 +245,8 @@ class PagedKVCache:
                             ("num_pages", num_pages)):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"PagedKVCache: {name} must be an int >= 1, got {value!r}")
-        if not (isinstance(page_size, int) and page_size >= 16 and page_size & (page_size - 1) == 0):
-            raise ValueError(f"PagedKVCache: page_size must be a power of two >= 16, got {page_size!r}")
+        if not (isinstance(page_size, int) and page_size >= 1):
+            raise ValueError(f"PagedKVCache: page_size must be an int >= 1, got {page_size!r}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.head_dim_v = head_dim if head_dim_v is None else head_dim_v
         self.num_pages, self.page_size, self.dtype = num_pages, page_size, dtype

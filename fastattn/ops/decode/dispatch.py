@@ -4,8 +4,8 @@ reference. Nothing else chooses among them.
 
     route        plain or paged call                          ragged new tokens
     kernel       ops/decode/op.py (append + split-KV)         the same, packed
-    reference    reference.decode_reference + the append      ``run`` per sequence (with its lse:
-    torch_sdpa   fallback.decode_sdpa: one batched SDPA call  the reference) and concatenated
+    reference    reference.decode_reference + the append      fallback.decode_ragged: padded rows,
+    torch_sdpa   fallback.decode_sdpa: one batched SDPA call  masked, one batched call either way
 
 While torch.compile traces, every call off the kernels runs ``fallback.decode_masked``, which
 reads nothing on the host.
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fastattn import backend
 from fastattn.ops.decode import fallback
-from fastattn.validation import CacheLayout, DecodeCall
+from fastattn.validation import DecodeCall
 
 OP = "attention_with_kvcache"
 
@@ -32,7 +32,7 @@ def run(call: DecodeCall):
     if route.impl == "kernel":
         out, lse = _kernels(call)
     elif call.cu_seqlens_q is not None:
-        out, lse = _ragged_by_sequence(call)
+        out, lse = fallback.decode_ragged(call, sdpa=route.impl == "torch_sdpa")
     elif torch.compiler.is_compiling():  # the other fallbacks read lengths on the host
         out, lse = fallback.decode_masked(call)
     elif route.impl == "torch_sdpa":
@@ -84,34 +84,4 @@ def _reference(call: DecodeCall):
         append = append_paged_reference if call.layout.paged else append_reference
         pages = (call.block_table,) if call.layout.paged else ()
         append(call.k_cache, call.v_cache, *pages, call.seqlens, call.k_new, call.v_new, **call.rotary())
-    return out, lse
-
-
-def _ragged_by_sequence(call: DecodeCall):
-    """Ragged new tokens off the kernels: ``run`` on each sequence as a plain call (reads the
-    offsets on the host). Packed q (total, Hq, D), k_new / v_new (total, Hkv, D) or None ->
-    out (total, Hq, Dv), lse (Hq, total)."""
-    q, outs, lses = call.q, [], []
-    bounds = call.cu_seqlens_q.tolist()
-    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if e == s:  # a sequence with no tokens this step: nothing to compute or append
-            continue
-
-        def one(t):  # (total, H, D) -> (1, H, L_b, D)
-            return None if t is None else t[s:e].transpose(0, 1)[None]
-
-        if call.layout.paged:
-            kc, vc, table = call.k_cache, call.v_cache, call.block_table[i:i + 1]
-        else:
-            kc, vc, table = call.k_cache[i:i + 1], call.v_cache[i:i + 1], None
-        alibi = call.alibi_slopes
-        out, lse = run(call._replace(
-            q=one(q), k_cache=kc, v_cache=vc, seqlens=call.seqlens[i:i + 1], k_new=one(call.k_new),
-            v_new=one(call.v_new), layout=CacheLayout.of(kc, vc, table), block_table=table,
-            alibi_slopes=alibi if alibi is None or alibi.dim() == 1 else alibi[i:i + 1], cu_seqlens_q=None,
-            max_seqlen_q=None, key_range=None, return_lse=True))
-        outs.append(out[0].transpose(0, 1))  # (1, Hq, L_b, Dv) -> (L_b, Hq, Dv)
-        lses.append(lse[0])  # (Hq, L_b)
-    out = torch.cat(outs) if outs else q.new_zeros(0, q.shape[1], call.layout.head_dim_v)
-    lse = torch.cat(lses, dim=1) if lses else q.new_zeros(q.shape[1], 0, dtype=torch.float32)
     return out, lse

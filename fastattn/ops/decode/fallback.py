@@ -3,9 +3,10 @@
 ``decode_sdpa``: torch's own fused SDPA over the caches, one call for the whole batch, for
 every step it can express (no softcap, no sinks, no lse, no gradient). ``decode_masked``: the
 reference's math over all Lmax slots, with each sequence's validity, band and ALiBi as a
-mask; it reads nothing on the host, so torch.compile traces it whole. Both write the new
-tokens into the caches in place and give the result of ``decode_reference`` followed by
-``append_reference``. No Triton here.
+mask; it reads nothing on the host, so torch.compile traces it whole. ``decode_ragged``: either
+of the two for ragged new tokens (``cu_seqlens_q``), the packed tokens padded into one batch.
+All write the new tokens into the caches in place and give the result of ``decode_reference``
+followed by ``append_reference``. No Triton here.
 """
 from __future__ import annotations
 
@@ -22,10 +23,9 @@ from fastattn.validation import DecodeCall
 
 
 def sdpa_expressible(call: DecodeCall) -> bool:
-    """Whether ``decode_sdpa`` computes this (non-ragged) call exactly: torch's SDPA has no
-    softcap, no sinks and gives no lse."""
-    return not (call.needs_grad or call.return_lse or call.sinks is not None or call.softcap
-                or call.cu_seqlens_q is not None)
+    """Whether torch's SDPA computes this call exactly (``decode_sdpa``, or ``decode_ragged``
+    with ``sdpa=True``): it has no softcap, no sinks and gives no lse."""
+    return not (call.needs_grad or call.return_lse or call.sinks is not None or call.softcap)
 
 
 def _rotated(call: DecodeCall) -> tuple[Tensor, Optional[Tensor]]:
@@ -75,12 +75,13 @@ def _logical(call: DecodeCall, length: int) -> tuple[Tensor, Tensor]:
     return (gather_pages(call.k_cache, pages)[:, :, :length], gather_pages(call.v_cache, pages)[:, :, :length])
 
 
-def _bias(call: DecodeCall, total: Tensor, lq: int, length: int):
-    """The attention mask over slots 0 .. length - 1: bool (B, 1, Lq, length), or with ALiBi
-    float (B, Hq, Lq, length) with -inf where masked. total: (B,) keys per sequence."""
+def _bias(call: DecodeCall, total: Tensor, first: Tensor, rows: int, length: int):
+    """The attention mask over slots 0 .. length - 1 of ``rows`` query rows: bool (B, 1, rows,
+    length), or with ALiBi float (B, Hq, rows, length) with -inf where masked. total: (B,) keys
+    per sequence; first: (B,) key position of each sequence's first query row."""
     key_pos = torch.arange(length, device=total.device)
-    query_pos = total[:, None] - lq + torch.arange(lq, device=total.device)  # (B, Lq): bottom-right diagonal
-    rel = key_pos[None, None, :] - query_pos[:, :, None]  # (B, Lq, length): key relative to the diagonal
+    query_pos = first[:, None] + torch.arange(rows, device=total.device)  # (B, rows): on the bottom-right diagonal
+    rel = key_pos[None, None, :] - query_pos[:, :, None]  # (B, rows, length): key relative to the diagonal
     keep = (key_pos[None, None, :] < total[:, None, None]).expand_as(rel)
     left, right = call.band
     if left is not None:
@@ -120,10 +121,26 @@ def decode_sdpa(call: DecodeCall) -> Tensor:
         bias = None  # every query sees every slot
     else:
         total = call.seqlens.long() + lnew  # (B,) keys per sequence after the append
-        bias = _bias(call, total, lq, length)
+        bias = _bias(call, total, total - lq, lq, length)
         if shortest < length:
             keys, values = _zero_invalid(keys, values, total)
-    return TORCH_SDPA(q, keys, values, attn_mask=bias, scale=call.scale, enable_gqa=q.shape[1] != keys.shape[1])
+    return _sdpa_grouped(q, keys, values, bias, call.scale)
+
+
+def _sdpa_grouped(q: Tensor, keys: Tensor, values: Tensor, bias: Optional[Tensor], scale: float) -> Tensor:
+    """torch's SDPA with the G = Hq / Hkv query heads that share a kv head folded into rows:
+    q (B, Hq, Lq, D) as (B, Hkv, G * Lq, D), so K/V are read once per kv head, never repeated
+    (torch's ``enable_gqa`` repeats them on CPU). bias: None, bool (B, 1, Lq, L) or float
+    (B or 1, Hq, Lq, L). Returns (B, Hq, Lq, Dv)."""
+    b, hq, lq, _ = q.shape
+    hkv = keys.shape[1]
+    groups = hq // hkv if hkv else 1
+    if bias is not None and bias.shape[1] == 1:  # one mask for every head: the same rows for each g
+        bias = bias[:, :, None].expand(-1, -1, groups, -1, -1).reshape(bias.shape[0], 1, groups * lq, -1)
+    elif bias is not None:  # per head: head h = kv head h // G, group member h % G
+        bias = bias.reshape(bias.shape[0], hkv, groups * lq, -1)
+    out = TORCH_SDPA(q.reshape(b, hkv, groups * lq, q.shape[3]), keys, values, attn_mask=bias, scale=scale)
+    return out.reshape(b, hq, lq, values.shape[3])
 
 
 def decode_masked(call: DecodeCall) -> tuple[Tensor, Tensor]:
@@ -140,6 +157,80 @@ def decode_masked(call: DecodeCall) -> tuple[Tensor, Tensor]:
         _append(call, k_new)
     total = call.seqlens.long() + lnew
     keys, values = _zero_invalid(keys, values, total)
-    out, lse = attention_reference(q, keys, values, scale=call.scale, attn_bias=_bias(call, total, lq, keys.shape[2]),
-                                   softcap=call.softcap, return_lse=True, upcast=True)
+    bias = _bias(call, total, total - lq, lq, keys.shape[2])
+    out, lse = attention_reference(q, keys, values, scale=call.scale, attn_bias=bias, softcap=call.softcap,
+                                   return_lse=True, upcast=True)
     return apply_sinks(out, lse, call.sinks) if call.sinks is not None else (out, lse)
+
+
+def decode_ragged(call: DecodeCall, sdpa: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """Ragged new tokens (``cu_seqlens_q``) in one batched step, no loop over the sequences:
+    the packed tokens (T, H, D) are rotated at their own positions, appended in place with one
+    indexed write per cache, and padded into rows (B, H, W, D), W the most tokens of any
+    sequence; q then attends over the caches with each sequence's own bottom-right diagonal
+    as a mask, and the real rows are picked back out. ``sdpa``: through torch's fused SDPA
+    (calls ``sdpa_expressible`` takes; lse None), else in the reference's math (the keys a
+    differentiable copy, sinks joined in). Returns out (T, Hq, Dv) and lse (Hq, T) or None."""
+    if call.q.shape[0] == 0:  # no token this step: nothing to compute or append
+        lse = call.q.new_zeros(call.q.shape[1], 0, dtype=torch.float32) if not sdpa else None
+        return call.q.new_zeros(0, call.q.shape[1], call.layout.head_dim_v), lse
+    cu = call.cu_seqlens_q.long()
+    count = cu.diff()  # (B,) tokens of each sequence
+    tokens = torch.arange(call.q.shape[0], device=cu.device)
+    seq = torch.searchsorted(cu[1:], tokens, right=True)  # (T,) the sequence of each packed token
+    row = tokens - cu[seq]  # (T,) its row within its sequence
+    n = call.seqlens.long()
+    total = n + (count if call.k_new is not None else 0)  # (B,) keys per sequence after the append
+    first = total - count  # (B,) key position of each sequence's first query
+    q, k_new = call.q, call.k_new
+    if call.rotary_cos is not None:
+        q = _turn_packed(call, q, first[seq] + row)
+        if k_new is not None:
+            k_new = _turn_packed(call, k_new, n[seq] + row)
+    width = int(count.max()) if count.numel() and not torch.compiler.is_compiling() else call.max_seqlen_q
+    width = q.shape[0] if width is None else width
+    padded = q.new_zeros(call.layout.batch, width, *q.shape[1:]).index_put((seq, row), q).transpose(1, 2)
+    length = call.layout.lmax if call.key_range is None else call.key_range[1]
+    slot = n[seq] + row  # (T,) the cache slot of each new token
+    if sdpa:
+        if k_new is not None:
+            _append_packed(call, k_new, seq, slot)
+        keys, values = _logical(call, length)  # with the new keys
+    else:
+        keys, values = _logical(call, length)
+        if k_new is not None:  # differentiable copies with the new keys in their slots, then the write
+            keys = keys.transpose(1, 2).index_put((seq, slot), k_new).transpose(1, 2)
+            values = values.transpose(1, 2).index_put((seq, slot), call.v_new).transpose(1, 2)
+            _append_packed(call, k_new, seq, slot)
+    bias = _bias(call, total, first, width, length)
+    keys, values = _zero_invalid(keys, values, total)
+    if sdpa:
+        out, lse = _sdpa_grouped(padded, keys, values, bias, call.scale), None
+    else:
+        out, lse = attention_reference(padded, keys, values, scale=call.scale, attn_bias=bias, softcap=call.softcap,
+                                       return_lse=True, upcast=True)
+        if call.sinks is not None:
+            out, lse = apply_sinks(out, lse, call.sinks)
+        lse = lse.transpose(1, 2)[seq, row].transpose(0, 1)  # (B, Hq, W) -> (T, Hq) -> (Hq, T)
+    return out.transpose(1, 2)[seq, row], lse  # (B, Hq, W, Dv) -> (T, Hq, Dv)
+
+
+def _turn_packed(call: DecodeCall, x: Tensor, positions: Tensor) -> Tensor:
+    """Packed x (T, H, D) rotated at positions (T,)."""
+    x4 = x.transpose(0, 1)[None]  # (1, H, T, D)
+    return apply_rotary(x4, call.rotary_cos, call.rotary_sin, positions[None], call.rotary_interleaved)[0] \
+        .transpose(0, 1)
+
+
+def _append_packed(call: DecodeCall, k_new: Tensor, seq: Tensor, slot: Tensor) -> None:
+    """Write packed (rotated) new tokens (T, Hkv, D) into cache slots ``slot`` (T,) of their
+    sequences ``seq`` (T,), in place: one indexed write per cache."""
+    with torch.no_grad():
+        if call.layout.paged:
+            page = call.block_table.long()[seq, slot // call.layout.page_size]  # (T,)
+            row = slot % call.layout.page_size
+            call.k_cache[page, row] = k_new.detach()  # (T, Hkv, D) into T page rows
+            call.v_cache[page, row] = call.v_new.detach()
+        else:
+            call.k_cache.transpose(1, 2)[seq, slot] = k_new.detach()  # (B, Lmax, Hkv, D) view, T rows
+            call.v_cache.transpose(1, 2)[seq, slot] = call.v_new.detach()

@@ -228,8 +228,9 @@ def decode_split_kernel(
     once: split 0 starts its running softmax from it (max = sink, sum = 1, output 0), so
     the merge counts it once and the lse includes it.
 
-    PAGED: BLOCK_N divides PAGE_SIZE and every key tile starts at a multiple of BLOCK_N, so a
-    tile lies in one page: one table read per tile.
+    PAGED: where BLOCK_N divides PAGE_SIZE, every key tile starts at a multiple of BLOCK_N, so
+    it lies in one page: one table read per tile. Any other page size (1, 48, 528, ...): one
+    table read per key, each key's row addressed on its own.
     """
     row_blocks = (group * seqlen_q + BLOCK_M - 1) // BLOCK_M
     bhk = tl.program_id(0) // row_blocks
@@ -272,18 +273,28 @@ def decode_split_kernel(
         l_i = tl.where(first, 1.0, l_i)
     for start_n in range(start, end, BLOCK_N):
         offs_n, col_ok = span(start_n, BLOCK_N, end)  # keys of the next split belong to the next split
-        rows_n = offs_n  # key rows from k_base / v_base
-        if PAGED:
-            page = _page_of(BT, b, table, start_n, start_n < end, PAGE_SIZE)
-            rows_n = offs_n - start_n // PAGE_SIZE * PAGE_SIZE  # rows within the page, < PAGE_SIZE
-            k_base = rows_base(K, k_strides, page, hk, 0)
-            v_base = rows_base(V, v_strides, page, hk, 0)
-        k = load_tile(k_base, rows_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
+        if PAGED and PAGE_SIZE % BLOCK_N != 0:  # a tile may straddle pages: one table read per key
+            page = _page_of(BT, b, table, offs_n, col_ok, PAGE_SIZE)  # (BLOCK_N,)
+            # Each key's element offset from its head's base: page * page stride + row * row stride.
+            k_off = page * k_strides[0] + (offs_n % PAGE_SIZE).to(tl.int64) * k_strides[2]
+            v_off = page * v_strides[0] + (offs_n % PAGE_SIZE).to(tl.int64) * v_strides[2]
+            k = load_tile(K + hk * k_strides[1], k_off, offs_d, 1, k_strides[3], col_ok, d_ok)
+        else:
+            rows_n = offs_n  # key rows from k_base / v_base
+            if PAGED:  # the tile lies in one page: one table read
+                page = _page_of(BT, b, table, start_n, start_n < end, PAGE_SIZE)
+                rows_n = offs_n - start_n // PAGE_SIZE * PAGE_SIZE  # rows within the page, < PAGE_SIZE
+                k_base = rows_base(K, k_strides, page, hk, 0)
+                v_base = rows_base(V, v_strides, page, hk, 0)
+            k = load_tile(k_base, rows_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
         qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scalars[0]
         # The logits mask keys >= their seqlen_k argument: pass `end`, the split's own limit.
         s = term_logits(qk, pos_q[:, None], offs_n[None, :], lq, end, diag, scalars, Q, (0, 0, 0, 0), slope, TERMS)
         p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)
-        v = load_tile(v_base, rows_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
+        if PAGED and PAGE_SIZE % BLOCK_N != 0:
+            v = load_tile(V + hk * v_strides[1], v_off, offs_dv, 1, v_strides[3], col_ok, dv_ok)
+        else:
+            v = load_tile(v_base, rows_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
         acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
 
     out, lse = softmax_finish(acc, m_i, l_i)  # no visible key in this chunk: 0, -inf (weight 0 in the merge)

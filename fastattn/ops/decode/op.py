@@ -18,6 +18,7 @@ import torch
 import triton
 from torch import Tensor
 
+from fastattn import invariance
 from fastattn._env import gpu_tiles
 from fastattn.ops import _launch
 from fastattn.ops._launch import pad
@@ -47,15 +48,15 @@ class Tiles(NamedTuple):
 
 def block_config(head_dim: int, rows: int, dtype: torch.dtype, page_size: Optional[int] = None) -> Tiles:
     """The tiles for ``rows`` = group * new tokens query rows per kv head, at ``head_dim`` (the
-    larger of q's and v's). With pages, BLOCK_N divides ``page_size`` (both powers of two), so a
-    tile lies in one page."""
+    larger of q's and v's). With pages of a power-of-two size >= 16, BLOCK_N divides it, so a
+    tile lies in one page; other page sizes keep BLOCK_N (the kernel reads the table per key)."""
     block_m = min(_MAX_BLOCK_M, pad(rows))
     if not gpu_tiles():
         return Tiles(block_m, _INTERPRETER_BLOCK_N, 4, 16)
     block_m, block_n = _launch.decode_tiles(block_m, _BLOCK_N[pad(head_dim)], head_dim)  # capped per GPU
     if dtype == torch.float32 and head_dim > 64:
         block_n = max(16, block_n // 2)  # fp32 tiles take twice the bytes
-    if page_size is not None:
+    if page_size is not None and page_size >= 16 and page_size & (page_size - 1) == 0:
         block_n = min(block_n, page_size)
     return Tiles(block_m, block_n, 4, 32)
 
@@ -268,8 +269,12 @@ def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=N
 
 
 def _auto_splits(q, k_cache, v_cache, block_table, lq, window_left, window_right, max_seqlen_k) -> int:
-    """num_splits from the shapes (and max_seqlen_k, the longest sequence, when known)."""
+    """num_splits from the shapes (and max_seqlen_k, the longest sequence, when known); under
+    ``fastattn.batch_invariant`` from the cache capacity Lmax alone."""
     layout = CacheLayout.of(k_cache, v_cache, block_table)
+    split = invariance.split_tokens()
+    if split is not None:  # independent of the batch: its size and its longest sequence
+        return max(1, min(MAX_SPLITS, triton.cdiv(layout.lmax, split)))
     hq = q.shape[1]
     rows = (hq // layout.kv_heads) * lq
     tiles = block_config(max(q.shape[-1], layout.head_dim_v), rows, q.dtype, layout.page_size)

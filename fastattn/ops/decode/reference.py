@@ -161,9 +161,10 @@ def gather_pages(pages: Tensor, block_table: Tensor) -> Tensor:
     each sequence's logical cache as a copy (a contiguous cache with Lmax = P * page_size).
     Table entries outside [0, num_pages) (unused slots) read page 0: they lie beyond every
     valid prefix, so what they hold is never attended to."""
-    idx = block_table.long().clamp(0, max(pages.shape[0] - 1, 0))  # (B, P)
-    g = pages[idx]  # (B, P, page_size, Hkv, D)
-    return g.flatten(1, 2).transpose(1, 2)  # (B, P * page_size, Hkv, D) -> (B, Hkv, L, D)
+    b, p = block_table.shape
+    idx = block_table.clamp(0, max(pages.shape[0] - 1, 0)).flatten()  # (B * P,)
+    g = pages.index_select(0, idx)  # (B * P, page_size, Hkv, D): one batched copy of the pages
+    return g.view(b, p * pages.shape[1], *pages.shape[2:]).transpose(1, 2)  # (B, P * page, Hkv, D) -> (B, Hkv, L, D)
 
 
 def paged_slots(block_table: Tensor, page_size: int, cache_seqlens: Tensor, lnew: int) -> tuple[Tensor, Tensor]:
