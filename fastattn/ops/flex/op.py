@@ -1,0 +1,163 @@
+"""Launchers and autograd for the flex kernels.
+
+``flex_attn(q, k, v, score_mod, blocks, scale)`` translates the mods (``translate.py``), launches
+the forward, and records an autograd node whose backward runs the dQ and dK/dV kernels; the
+gradients of floating tensors that score_mod captures come from ``reference.capture_grads``
+(chunked, deterministic), not from the kernels.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from fastattn.ops import _launch
+from fastattn.ops.flex import kernels
+from fastattn.ops.flex.blocks import Blocks
+from fastattn.ops.flex.reference import capture_grads
+from fastattn.ops.flex.translate import Translation, translate
+
+CAPTURE_CHUNK_ELEMENTS = 1 << 24  # scores per chunk of the capture-gradient pass (64 MB fp32)
+
+
+def _tile(preferred: int, block: int, side: str) -> int:
+    """The largest power of two <= ``preferred`` that divides the mask's ``block`` (>= 16).
+
+    Raises:
+        ValueError: no such tile (the BlockMask's BLOCK_SIZE has no power-of-two factor >= 16)."""
+    tile = preferred
+    while tile >= 16 and block % tile:
+        tile //= 2
+    if tile < 16:
+        raise ValueError(f"flex_attention: the block_mask's {side} BLOCK_SIZE {block} must be a multiple of 16 "
+                         f"for the kernels' tiles")
+    return tile
+
+
+def _tiles(q: Tensor, v: Tensor, blocks: Blocks, kernel: str) -> list:
+    out = []
+    for t in _launch.candidates(max(q.shape[-1], v.shape[-1]), q.dtype, kernel, q.device, False, True):
+        t = t._replace(block_m=_tile(t.block_m, blocks.q_block, "query"),
+                       block_n=_tile(t.block_n, blocks.kv_block, "key"))
+        if t not in out:
+            out.append(t)
+    return out
+
+
+def _mask_args(blocks: Blocks, transposed: bool) -> tuple:
+    """(pointer arguments, stride arguments) of one direction of the block lists."""
+    lists = blocks[4:8] if transposed else blocks[0:4]
+    return lists, tuple(t.stride() for t in lists)
+
+
+def _meta(q: Tensor, v: Tensor, tr: Translation, blocks: Blocks, tiles) -> dict:
+    return dict(SCORE_MOD=tr.score_mod, MASK_MOD=tr.mask_mod, HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1],
+                Q_BLOCK=blocks.q_block, KV_BLOCK=blocks.kv_block, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                BLOCK_D=_launch.pad(q.shape[-1]), BLOCK_DV=_launch.pad(v.shape[-1]), num_warps=tiles.num_warps,
+                num_stages=tiles.num_stages, **_launch.dtype_flags(q.dtype))
+
+
+def _captures(tr: Translation, q: Tensor) -> tuple:
+    """(CAP, DIMS) kernel arguments: bool captures read as bytes; q stands in when there are none
+    (Triton takes no empty tuple)."""
+    caps = tuple(t.view(torch.uint8) if t.dtype == torch.bool else t.detach() for t in tr.captures)
+    return caps or (q,), tr.dims or (0,)
+
+
+@_launch.on_device
+def forward(q, k, v, tr: Translation, blocks: Blocks, scale: float, visits: Optional[Tensor] = None):
+    """(out (B, Hq, Lq, Dv), lse float32 (B, Hq, Lq)); ``visits``: int32 (B * Hq * query tiles,)
+    that gets the number of key tiles each program visited (for tests)."""
+    b, h, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    out = _launch.empty(b, h, lq, v.shape[-1], like=q)
+    lse = _launch.empty(b, h, lq, like=q, dtype=torch.float32)
+    (kv_num, kv_idx, full_num, full_idx), mask_strides = _mask_args(blocks, False)
+    cap, dims = _captures(tr, q)
+
+    def launch(tiles):
+        grid = (triton.cdiv(lq, tiles.block_m), h, b)
+        kernels.flex_fwd_kernel[grid](
+            q, k, v, out, lse, q if visits is None else visits, kv_num, kv_idx, full_num, full_idx, cap, dims,
+            q.stride(), k.stride(), v.stride(), out.stride(), lse.stride(), *mask_strides,
+            h, h // hkv, lq, lk, scale, COUNT_VISITS=visits is not None, **_meta(q, v, tr, blocks, tiles))
+
+    _launch.first_fit(kernels.flex_fwd_kernel, q.device, _tiles(q, v, blocks, "fwd"), launch,
+                      key=(q.dtype, q.shape[-1], v.shape[-1], tr.source, blocks.q_block, blocks.kv_block))
+    return out, lse
+
+
+@_launch.on_device
+def backward(do, q, k, v, out, lse, tr: Translation, blocks: Blocks, scale: float):
+    """(dq, dk, dv) in q's, k's, v's shapes and dtypes (dk, dv summed over each GQA group)."""
+    b, h, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    delta = _launch.softmax_delta(do, out)
+    dq, dk, dv = (_launch.empty(*t.shape, like=t) for t in (q, k, v))
+    cap, dims = _captures(tr, q)
+    fwd_lists, fwd_strides = _mask_args(blocks, False)
+    bwd_lists, bwd_strides = _mask_args(blocks, True)
+    key = (q.dtype, q.shape[-1], v.shape[-1], tr.source, blocks.q_block, blocks.kv_block)
+
+    def launch_dq(tiles):
+        kernels.flex_bwd_dq_kernel[(triton.cdiv(lq, tiles.block_m), h, b)](
+            q, k, v, do, lse, delta, dq, *fwd_lists, cap, dims,
+            q.stride(), k.stride(), v.stride(), do.stride(), lse.stride(), dq.stride(), *fwd_strides,
+            h, h // hkv, lq, lk, scale, SCORE_GRAD=tr.score_grad, **_meta(q, v, tr, blocks, tiles))
+
+    def launch_dkdv(tiles):
+        kernels.flex_bwd_dkdv_kernel[(triton.cdiv(lk, tiles.block_n), hkv, b)](
+            q, k, v, do, lse, delta, dk, dv, *bwd_lists, cap, dims,
+            q.stride(), k.stride(), v.stride(), do.stride(), lse.stride(), dk.stride(), dv.stride(), *bwd_strides,
+            hkv, h // hkv, lq, lk, scale, SCORE_GRAD=tr.score_grad, **_meta(q, v, tr, blocks, tiles))
+
+    _launch.first_fit(kernels.flex_bwd_dq_kernel, q.device, _tiles(q, v, blocks, "dq"), launch_dq, key=key)
+    _launch.first_fit(kernels.flex_bwd_dkdv_kernel, q.device, _tiles(q, v, blocks, "dkdv"), launch_dkdv, key=key)
+    return dq, dk, dv, delta
+
+
+class _Flex(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, score_mod, tr, blocks, scale, *captures):
+        out, lse = forward(q, k, v, tr, blocks, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.score_mod, ctx.tr, ctx.blocks, ctx.scale = score_mod, tr, blocks, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        # dlse is not propagated: lse is returned for merging partial results, not for training.
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv, delta = backward(dout, q, k, v, out, lse, ctx.tr, ctx.blocks, ctx.scale)
+        caps = ctx.tr.captures
+        want = [i for i, (c, need) in enumerate(zip(caps, ctx.needs_input_grad[7:])) if need]
+        grads = [None] * len(caps)
+        if want:
+            chunk = max(ctx.blocks.q_block, CAPTURE_CHUNK_ELEMENTS // max(1, q.shape[0] * q.shape[1] * k.shape[2]))
+            chunk = chunk // ctx.blocks.q_block * ctx.blocks.q_block
+            got = capture_grads(q, k, v, dout, lse, delta, ctx.score_mod, ctx.blocks, ctx.scale,
+                                [caps[i] for i in want], chunk)
+            for i, g in zip(want, got):
+                grads[i] = g
+        return (dq, dk, dv, None, None, None, None, *grads)
+
+
+def prepare(q: Tensor, v: Tensor, score_mod: Optional[Callable], blocks: Blocks) -> Translation:
+    """The translation of the mods, once the kernels' tiles are known to suit the BlockMask.
+
+    Raises:
+        ValueError: a mod cannot be translated (the message names the construct), or the
+            BlockMask's block sizes have no power-of-two factor >= 16 for the tiles."""
+    for kernel in ("fwd", "dq", "dkdv"):
+        _tiles(q, v, blocks, kernel)
+    return translate(score_mod, blocks.mask_mod)
+
+
+def flex_attn(q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[Callable], blocks: Blocks, scale: float,
+              tr: Translation) -> tuple[Tensor, Tensor]:
+    """Validated inputs and ``prepare``'s translation -> (out, lse), differentiable through q,
+    k, v and the floating tensors score_mod captures."""
+    return _Flex.apply(q, k, v, score_mod, tr, blocks, scale, *tr.captures)

@@ -1,0 +1,277 @@
+"""fastattn.flex_attention: torch's FlexAttention mods inside fastattn's kernels, eagerly.
+
+Forward results are checked against torch's own ``flex_attention`` (eager, run in float64 as
+the oracle and in the test dtype as the baseline of the error rule); gradients against autograd
+of the float64 reference, including those of tensors the score_mod captures.
+"""
+import math
+
+import pytest
+import torch
+from torch.nn.attention import flex_attention as torch_flex
+
+import fastattn
+from fastattn.ops.flex import blocks as flex_blocks
+from fastattn.ops.flex.reference import flex_reference
+from tests.helpers import GRAD_FACTOR, assert_close_rule
+
+pytest.importorskip("triton")
+
+# torch's eager flex_attention warns that it materialises the scores (it is the oracle here).
+pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+              pytest.mark.filterwarnings("ignore:return_lse is deprecated")]
+
+
+# ---------------------------------------------------------------------- attention-gym's catalogue
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def sliding_window(width):
+    def mask(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= width)
+    return mask
+
+
+def prefix_lm(prefix):
+    def mask(b, h, q_idx, kv_idx):
+        return (kv_idx < prefix) | (q_idx >= kv_idx)
+    return mask
+
+
+def document(document_id):
+    def mask(b, h, q_idx, kv_idx):
+        return document_id[q_idx] == document_id[kv_idx]
+    return mask
+
+
+def alibi(slopes):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+    return score_mod
+
+
+def softcap(cap):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+    return score_mod
+
+
+def relative_bias(bias, length):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx - kv_idx + length]
+    return score_mod
+
+
+def t5_buckets(table, num_buckets=8, max_distance=64):
+    """T5's bidirectional log-spaced relative position buckets, one learned logit per bucket."""
+    half = num_buckets // 2
+    exact = half // 2
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        rel = kv_idx - q_idx
+        side = torch.where(rel > 0, half, 0)
+        dist = rel.abs()
+        far = exact + (torch.log(dist.float() / exact + 1e-6) / math.log(max_distance / exact)
+                       * (half - exact)).to(torch.int64)
+        bucket = side + torch.where(dist < exact, dist, far.clamp(max=half - 1))
+        return score + table[h, bucket]
+    return score_mod
+
+
+def _block_mask(mask_mod, b, h, lq, lk, block):
+    return torch_flex.create_block_mask(mask_mod, b, h, lq, lk, device="cpu", BLOCK_SIZE=block)
+
+
+def _catalogue(name, h, lq, lk):
+    """(score_mod, mask_mod) of a catalogue entry for h heads and lengths (lq, lk)."""
+    if name == "causal":
+        return None, causal
+    if name == "sliding_window":
+        return None, sliding_window(20)
+    if name == "prefix_lm":
+        return None, prefix_lm(24)
+    if name == "document":
+        return None, document(torch.tensor([0] * 30 + [1] * 41 + [2] * (max(lq, lk) - 71)))
+    if name == "alibi":
+        return alibi(torch.rand(h) * 0.5), causal
+    if name == "softcap":
+        return softcap(2.0), None
+    if name == "relative_bias":
+        return relative_bias(torch.randn(h, lq + lk), lk), None
+    if name == "t5_buckets":
+        return t5_buckets(torch.randn(h, 8)), None
+    if name == "and_or_masks":
+        return None, torch_flex.or_masks(torch_flex.and_masks(causal, sliding_window(16)), prefix_lm(8))
+    raise AssertionError(name)
+
+
+CATALOGUE = ["causal", "sliding_window", "prefix_lm", "document", "alibi", "softcap", "relative_bias",
+             "t5_buckets", "and_or_masks"]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("name,dtype_id,lq,lk,block", [
+    ("causal", "fp32", 97, 97, 32), ("sliding_window", "fp16", 113, 113, 64), ("prefix_lm", "bf16", 80, 80, 32),
+    ("document", "fp32", 100, 100, 32), ("alibi", "fp16", 90, 90, 64), ("softcap", "bf16", 63, 97, 32),
+    ("relative_bias", "fp32", 97, 63, 32), ("t5_buckets", "fp16", 96, 96, 32), ("and_or_masks", "fp32", 96, 96, 32),
+])
+def test_forward_equals_torch_flex(name, dtype_id, lq, lk, block, device):
+    dtype = DTYPES[dtype_id]
+    b, h, d = 2, 2, 32
+    q, k, v = (torch.randn(b, h, n, d, device=device).to(dtype) for n in (lq, lk, lk))
+    score_mod, mask_mod = _catalogue(name, h, lq, lk)
+    block_mask = None if mask_mod is None else _block_mask(mask_mod, 1, 1, lq, lk, block)
+    out, lse = fastattn.flex_attention(q, k, v, score_mod, block_mask, return_lse=True)
+    oracle, oracle_lse = torch_flex.flex_attention(q.double(), k.double(), v.double(), score_mod, block_mask,
+                                                   return_lse=True)
+    base, base_lse = torch_flex.flex_attention(q, k, v, score_mod, block_mask, return_lse=True)
+    assert_close_rule(f"{name} out", out, oracle, base)
+    assert_close_rule(f"{name} lse", lse, oracle_lse, base_lse.float())
+
+
+def test_gqa_fully_masked_rows_and_no_block_mask(device):
+    """enable_gqa; rows whose keys are all masked give 0 and lse -inf, as torch's flex."""
+    q = torch.randn(1, 4, 70, 16, device=device)
+    k, v = (torch.randn(1, 2, 70, 16, device=device) for _ in range(2))
+    empty_rows = _block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= 40) & (kv_idx <= q_idx), 1, 4, 70, 70, 32)
+    for block_mask in (None, empty_rows):
+        out, lse = fastattn.flex_attention(q, k, v, softcap(3.0), block_mask, enable_gqa=True, return_lse=True)
+        ref, ref_lse = torch_flex.flex_attention(q.double(), k.double(), v.double(), softcap(3.0), block_mask,
+                                                 enable_gqa=True, return_lse=True)
+        base, base_lse = torch_flex.flex_attention(q, k, v, softcap(3.0), block_mask, enable_gqa=True,
+                                                   return_lse=True)
+        assert_close_rule("gqa out", out, ref, base)
+        assert_close_rule("gqa lse", lse, ref_lse, base_lse)
+    assert bool((out[:, :, :40] == 0).all()) and bool((lse[:, :, :40] == float("-inf")).all())
+
+
+def _reference_grads(q, k, v, do, score_mod, block_mask, captures, dtype):
+    """Gradients of the float64 reference (the oracle) and of the reference in ``dtype``."""
+    b, h, lq, _ = q.shape
+    blocks = (flex_blocks.all_blocks(b, h, lq, k.shape[2], q.device) if block_mask is None else
+              flex_blocks.from_block_mask("test", block_mask, b, h, lq, k.shape[2], q.device))
+    grads = []
+    for t in (torch.float64, dtype):
+        leaves = [x.detach().to(t).requires_grad_() for x in (q, k, v)]
+        out, _ = flex_reference(*leaves, score_mod, blocks, q.shape[-1] ** -0.5)
+        grads.append(torch.autograd.grad(out, leaves + captures, do.to(t)))
+    return grads
+
+
+@pytest.mark.parametrize("name,dtype_id,gqa", [
+    ("softcap", "fp32", False), ("alibi", "fp16", True), ("document", "bf16", False), ("t5_buckets", "fp32", True),
+])
+def test_backward(name, dtype_id, gqa, device):
+    """dq, dk, dv through the score_mod's derivative and the BlockMask, by the error rule."""
+    dtype = DTYPES[dtype_id]
+    lq = lk = 80
+    hkv = 1 if gqa else 2
+    q = torch.randn(1, 2, lq, 32, device=device).to(dtype).requires_grad_()
+    k, v = (torch.randn(1, hkv, lk, 32, device=device).to(dtype).requires_grad_() for _ in range(2))
+    score_mod, mask_mod = _catalogue(name, 2, lq, lk)
+    block_mask = None if mask_mod is None else _block_mask(mask_mod, 1, 1, lq, lk, 32)
+    out = fastattn.flex_attention(q, k, v, score_mod, block_mask, enable_gqa=gqa)
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    oracle, base = _reference_grads(q, k, v, do, score_mod, block_mask, [], dtype)
+    for n, g, o, bl in zip("qkv", got, oracle, base):
+        assert_close_rule(f"{name} d{n}", g, o, bl, factor=GRAD_FACTOR)
+
+
+@pytest.mark.parametrize("name", ["relative_bias", "alibi"])
+def test_captured_tensor_gradients_are_exact_and_repeatable(name, device):
+    """A learned relative-position bias and learnable ALiBi slopes get their gradients, equal to
+    the float64 reference's by the error rule and bitwise the same on every run."""
+    lq = lk = 72
+    q, k, v = (torch.randn(1, 2, lq, 16, device=device).requires_grad_() for _ in range(3))
+    param = (torch.randn(2, lq + lk, device=device) if name == "relative_bias" else
+             torch.rand(2, device=device)).requires_grad_()
+    score_mod = relative_bias(param, lk) if name == "relative_bias" else alibi(param)
+    block_mask = _block_mask(causal, 1, 1, lq, lk, 32)
+    out = fastattn.flex_attention(q, k, v, score_mod, block_mask)
+    do = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v, param), do)
+    again = torch.autograd.grad(fastattn.flex_attention(q, k, v, score_mod, block_mask), (q, k, v, param), do)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    oracle, base = _reference_grads(q, k, v, do, score_mod, block_mask, [param], torch.float32)
+    for n, g, o, bl in zip(["dq", "dk", "dv", "dparam"], first, oracle, base):
+        assert_close_rule(f"{name} {n}", g, o, bl, factor=GRAD_FACTOR)
+
+
+def test_masked_blocks_are_never_visited(device):
+    """The forward visits exactly the key tiles of the blocks the BlockMask lists: a causal mask
+    of 32-token blocks over 160 tokens takes r + 1 tiles in query block r (15 of 25)."""
+    from fastattn.ops.flex import op as flex_op
+
+    q, k, v = (torch.randn(1, 1, 160, 16, device=device) for _ in range(3))
+    block_mask = _block_mask(causal, 1, 1, 160, 160, 32)
+    blocks = flex_blocks.from_block_mask("test", block_mask, 1, 1, 160, 160, q.device)
+    tr = flex_op.prepare(q, v, None, blocks)
+    visits = torch.zeros(5, dtype=torch.int32, device=device)
+    flex_op.forward(q, k, v, tr, blocks, 0.25, visits=visits)
+    assert visits.tolist() == [1, 2, 3, 4, 5]
+
+
+def test_document_mask_at_16k_allocates_no_lxl_tensor(device, monkeypatch):
+    """A document-masked call at 16k tokens creates no tensor of Lq * Lk / 64 elements or more on
+    the kernel path. Running the kernels at 16k under the interpreter would take minutes, so the
+    launches are replaced by stubs that record their grids; every tensor torch creates during
+    the call is recorded by a dispatch mode. The BlockMask comes from ``document_block_mask``
+    (O((L / 128)^2)), not from create_block_mask, which evaluates the mask_mod on (L, L)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastattn.ops.flex import kernels
+
+    n = 16384
+    document_id = torch.repeat_interleave(torch.arange(8, device=device), n // 8)
+    block_mask = flex_blocks.document_block_mask(document_id)
+    q, k, v = (torch.randn(1, 2, n, 64, device=device) for _ in range(3))
+    launched = []
+
+    class Stub:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(grid)
+
+    monkeypatch.setattr(kernels, "flex_fwd_kernel", Stub())
+    sizes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes.extend(t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    with fastattn.use_backend("triton"), Record():
+        fastattn.flex_attention(q, k, v, None, block_mask)
+    assert launched and sizes
+    assert max(sizes) < n * n // 64, max(sizes)
+
+
+def test_untranslatable_mod_names_the_construct(device):
+    q = torch.randn(1, 1, 32, 16, device=device)
+
+    def branchy(score, b, h, q_idx, kv_idx):
+        return score if q_idx > kv_idx else -score
+
+    def erf(score, b, h, q_idx, kv_idx):
+        return torch.erf(score)
+
+    with fastattn.use_backend("triton"):
+        with pytest.raises(ValueError, match="control flow"):
+            fastattn.flex_attention(q, q, q, branchy)
+        with pytest.raises(ValueError, match="erf"):
+            fastattn.flex_attention(q, q, q, erf)
+    # "auto" runs the reference for a mod the kernels cannot take.
+    out = fastattn.flex_attention(q, q, q, erf)
+    assert_close_rule("erf fallback", out, torch_flex.flex_attention(q.double(), q.double(), q.double(), erf),
+                      torch_flex.flex_attention(q, q, q, erf))
+
+
+def test_bad_inputs_raise_value_error(device):
+    q = torch.randn(1, 4, 32, 16, device=device)
+    k = torch.randn(1, 2, 32, 16, device=device)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        fastattn.flex_attention(q, k, k)
+    with pytest.raises(ValueError, match="Q_LEN, KV_LEN"):
+        fastattn.flex_attention(q, q, q, block_mask=_block_mask(causal, 1, 1, 64, 64, 32))
