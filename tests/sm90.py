@@ -529,7 +529,39 @@ def _linear_cases():
     return cases
 
 
-CASES = {**_flash_cases(), **_decode_cases(), **_sparse_cases(), **_linear_cases()}
+def flex_launches(dtype, d):
+    """Forward and backward of flex_attention with a causal document mask (eight documents, as
+    ``document_block_mask`` builds it) and a learned relative-position bias as score_mod;
+    headline shapes."""
+    from fastattn.ops.flex import blocks as flex_blocks
+    from fastattn.ops.flex import op
+
+    b, length, h = headline_shape(d)
+    q, k, v = _qkv(b, h, h, length, length, d, dtype)
+    document_id = torch.repeat_interleave(torch.arange(8), length // 8)
+    bias = torch.zeros(h, 2 * length)
+
+    def relative_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx - kv_idx + length]
+
+    blocks = flex_blocks.from_block_mask("sm90", flex_blocks.document_block_mask(document_id, causal=True), b, h,
+                                         length, length, q.device)
+    with recording() as launches:
+        tr = op.prepare(q, v, relative_bias, blocks)
+        out, lse = op.forward(q, k, v, tr, blocks, d ** -0.5)
+        op.backward(torch.empty_like(out), q, k, v, out, lse, tr, blocks, d ** -0.5)
+    return launches
+
+
+def _flex_cases():
+    names = {"flex_fwd_kernel": "fwd", "flex_bwd_dkdv_kernel": "dkdv", "flex_bwd_dq_kernel": "dq"}
+    kernels = {fn: (short, SOFTMAX_KERNELS[short]) for fn, short in names.items()}
+    return {f"flex-{dname}-d{d}-document-relbias": Case("flex", f"{dname}-d{d}-document-relbias", (
+        lambda dtype=dtype, d=d: flex_launches(dtype, d)), kernels)
+        for dname, dtype in DTYPES.items() for d in (64, 128, 256)}
+
+
+CASES = {**_flash_cases(), **_decode_cases(), **_sparse_cases(), **_linear_cases(), **_flex_cases()}
 
 # The configs CI holds to the baseline: the headline flash kernels, features off.
 HEADLINE = [f"flash-{dt}-d{d}-{c}" for dt in ("bfloat16", "float16") for d in (64, 128, 256)
