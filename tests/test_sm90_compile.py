@@ -48,7 +48,8 @@ KNOWN_FAILURES: dict = {}
 
 FITS_CASES = ["flash-float16-d128-causal-features", "flash-bfloat16-d80-full-features",
               "flash-float32-d256-causal-features", "decode-bfloat16-d256-causal-features",
-              "sparse-float16-d128-bs128-causal", "linear-bfloat16-m256-dv256-causal"]
+              "sparse-float16-d128-bs128-causal", "linear-bfloat16-m256-dv256-causal",
+              "flex-bfloat16-d128-document-relbias"]
 
 
 def _compile(case: str, arch: int) -> dict:
@@ -170,6 +171,10 @@ OTHER_KERNEL_CHECKS = {
     ("linear-bfloat16-m256-dv256-causal", "bwd-dq"): ("hmma",),
     ("linear-bfloat16-m256-dv256-causal", "bwd-dk"): ("hmma",),
     ("linear-bfloat16-m256-dv256-causal", "bwd-dv"): ("hmma",),
+    # flex_attention with a causal document mask_mod and a learned relative-bias score_mod
+    # (its dK/dV kernel spills and half its products run on mma.sync: not held yet).
+    ("flex-bfloat16-d128-document-relbias", "fwd"): ("spills", "hmma"),
+    ("flex-bfloat16-d128-document-relbias", "dq"): ("spills", "hmma"),
 }
 
 
