@@ -275,3 +275,15 @@ def test_bad_inputs_raise_value_error(device):
         fastattn.flex_attention(q, k, k)
     with pytest.raises(ValueError, match="Q_LEN, KV_LEN"):
         fastattn.flex_attention(q, q, q, block_mask=_block_mask(causal, 1, 1, 64, 64, 32))
+
+
+def test_translation_is_cached_and_new_captures_reuse_the_compiled_mods():
+    """The same mods are traced once; mods of the same code over other tensors get their own
+    captures but the same jit functions (one compile)."""
+    from fastattn.ops.flex.translate import translate
+
+    first = translate(relative_bias(torch.randn(2, 20), 10), causal)
+    mod = relative_bias(torch.randn(2, 20), 10)
+    again = translate(mod, causal)
+    assert translate(mod, causal) is again and again is not first
+    assert again.score_mod is first.score_mod and again.captures[0] is not first.captures[0]

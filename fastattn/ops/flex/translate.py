@@ -30,6 +30,8 @@ import operator
 import os
 import sys
 import tempfile
+import types
+from collections import OrderedDict
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -486,11 +488,56 @@ def _keep_all(b, h, q_idx, kv_idx):
     return q_idx >= 0
 
 
+_TRANSLATIONS: "OrderedDict" = OrderedDict()  # (signature of the mods) -> Translation, most recent last
+CACHED_TRANSLATIONS = 64
+
+
+def _signature(obj, depth: int = 0):
+    """What a traced mod depends on, as a hashable value: a function by its code, its closure
+    cells, its defaults and the globals its code names (recursively: and_masks holds functions);
+    a tensor by identity, dtype, shape and strides (the translation reads its sizes and strides
+    at launch, but a cache entry must not outlive a rebinding); a module by its parameters and
+    buffers; plain values by value; anything else by identity."""
+    if depth > 6:
+        return ("deep", id(obj))
+    if isinstance(obj, Tensor):
+        return ("tensor", id(obj), obj.dtype, tuple(obj.shape), tuple(obj.stride()), str(obj.device))
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.dtype)):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        return tuple(_signature(x, depth + 1) for x in obj)
+    if isinstance(obj, types.MethodType):
+        return ("method", _signature(obj.__func__, depth + 1), _signature(obj.__self__, depth + 1))
+    if isinstance(obj, types.FunctionType):
+        code = obj.__code__
+        cells = tuple(_signature(c.cell_contents, depth + 1) for c in obj.__closure__ or ())
+        named = tuple((n, _signature(obj.__globals__[n], depth + 1)) for n in code.co_names if n in obj.__globals__)
+        return ("function", id(code), cells, named, _signature(obj.__defaults__, depth + 1))
+    if isinstance(obj, torch.nn.Module):
+        return ("module", id(obj), tuple((n, _signature(t, depth + 1))
+                                         for n, t in (*obj.named_parameters(), *obj.named_buffers())))
+    return ("object", id(obj))
+
+
 def translate(score_mod: Optional[Callable], mask_mod: Optional[Callable]) -> Translation:
-    """The Triton translation of ``score_mod`` and ``mask_mod`` (None: identity / keep all).
+    """The Triton translation of ``score_mod`` and ``mask_mod`` (None: identity / keep all),
+    cached by what the mods depend on (``_signature``), so a training loop that passes the same
+    mods traces them once.
 
     Raises:
         ValueError: a mod uses a construct that cannot be translated (the message names it)."""
+    key = (_signature(score_mod), _signature(mask_mod))
+    if key in _TRANSLATIONS:
+        _TRANSLATIONS.move_to_end(key)
+        return _TRANSLATIONS[key]
+    tr = _translate(score_mod, mask_mod)
+    _TRANSLATIONS[key] = tr
+    if len(_TRANSLATIONS) > CACHED_TRANSLATIONS:
+        _TRANSLATIONS.popitem(last=False)
+    return tr
+
+
+def _translate(score_mod: Optional[Callable], mask_mod: Optional[Callable]) -> Translation:
     captures: dict = {}
     cap_dims: list = []
     bodies = {}
