@@ -8,13 +8,13 @@ from fastattn.functional import (attention_with_kvcache, flash_attention, flash_
                                  linear_attention_varlen, linformer_attention,
                                  performer_attention, performer_projection, scaled_dot_product_attention,
                                  sparse_attention)
-from fastattn.functional import flex_attention
+from fastattn.functional import flex_attention, flex_attention_varlen
 from fastattn import sparse  # noqa: E402  (layouts; needs the functions above)
 from fastattn.integrations import convert, patch_sdpa, register_huggingface, unpatch_sdpa
 from fastattn import models, nn  # noqa: E402  (built on the public functions above)
 
 __all__ = [
-    "attention_with_kvcache", "convert", "flash_attention", "flash_attention_varlen", "flex_attention", "linear_attention", "linear_attention_varlen",
+    "attention_with_kvcache", "convert", "flash_attention", "flash_attention_varlen", "flex_attention", "flex_attention_varlen", "linear_attention", "linear_attention_varlen",
     "linformer_attention", "models",
     "nn", "patch_sdpa", "performer_attention", "performer_projection", "register_huggingface",
     "scaled_dot_product_attention", "sparse", "sparse_attention", "unpatch_sdpa", "use_backend",

@@ -533,3 +533,42 @@ def flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod=None, bl
 
     return flex_dispatch.run("flex_attention", query, key, value, score_mod, block_mask, scale, enable_gqa,
                              return_lse)
+
+
+def flex_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                          max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, *,
+                          score_mod=None, mask_mod=None, scale: Optional[float] = None, return_lse: bool = False):
+    """``flex_attention``'s mods over packed variable-length sequences (FlashAttention's varlen
+    layout): each sequence attends only inside itself, so a document mask needs no (L, L) object.
+
+    Args:
+        q: (total_q, Hq, D). k: (total_k, Hkv, D). v: (total_k, Hkv, Dv). Any strides; Hq a
+            multiple of Hkv (query head h uses kv head ``h // (Hq // Hkv)``).
+        cu_seqlens_q, cu_seqlens_k: int32 (B+1,) offsets, as ``flash_attention_varlen``.
+        max_seqlen_q, max_seqlen_k: the longest sequence, or None (checked on CPU, not needed).
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx)`` as in ``flex_attention``, with ``b`` the
+            sequence and ``q_idx``/``kv_idx`` positions inside it (0 at its first row).
+        mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool``, the same positions; applied to every
+            pair inside a sequence (there is no BlockMask: every key tile of the sequence is
+            visited). None keeps every pair of the sequence.
+        scale: multiplies q @ k^T before score_mod; default ``1 / sqrt(D)``.
+        return_lse: also return the row logsumexp, float32 (Hq, total_q), natural log.
+
+    Returns:
+        out (total_q, Hq, Dv) in q's dtype, or ``(out, lse)``. A row with no kept key gives out 0
+        and lse -inf.
+
+    Raises:
+        ValueError: as ``flash_attention_varlen`` for shapes and offsets, a mod that is not
+            callable, or, under ``use_backend("triton")``, a mod the kernels cannot translate.
+
+    Equivalent code, per sequence b (q_b = q[cu_seqlens_q[b]:cu_seqlens_q[b+1]], likewise k_b, v_b)::
+
+        out_b = flex_attention(q_b.transpose(0, 1)[None], k_b..., v_b...,
+                               score_mod=lambda s, _, h, i, j: score_mod(s, b, h, i, j),
+                               block_mask=(mask_mod(b, h, i, j) as a BlockMask))[0].transpose(0, 1)
+    """
+    from fastattn.ops.flex import dispatch as flex_dispatch
+
+    return flex_dispatch.run_varlen("flex_attention_varlen", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, score_mod, mask_mod, scale, return_lse)

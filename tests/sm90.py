@@ -553,11 +553,36 @@ def flex_launches(dtype, d):
     return launches
 
 
+def flex_varlen_launches(dtype, d):
+    """Forward and backward of flex_attention_varlen over eight packed documents with a causal
+    mask_mod and a learned relative-position bias as score_mod; headline shapes."""
+    from fastattn.ops.flex import blocks as flex_blocks
+    from fastattn.ops.flex import op
+
+    _, length, h = headline_shape(d)
+    q, k, v = _qkv(1, h, h, length, length, d, dtype)
+    cu_seqlens = torch.arange(0, length + 1, length // 8, dtype=torch.int32)
+    bias = torch.zeros(h, 2 * length)
+
+    def relative_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx - kv_idx + length]
+
+    blocks = flex_blocks.all_blocks(1, h, length, length, q.device, lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)
+    with recording() as launches:
+        tr = op.prepare(q, v, relative_bias, blocks)
+        out, lse = op.forward(q, k, v, tr, blocks, d ** -0.5, (cu_seqlens, cu_seqlens))
+        op.backward(torch.empty_like(out), q, k, v, out, lse, tr, blocks, d ** -0.5, (cu_seqlens, cu_seqlens))
+    return launches
+
+
 def _flex_cases():
     names = {"flex_fwd_kernel": "fwd", "flex_bwd_dkdv_kernel": "dkdv", "flex_bwd_dq_kernel": "dq"}
     kernels = {fn: (short, SOFTMAX_KERNELS[short]) for fn, short in names.items()}
     return {f"flex-{dname}-d{d}-document-relbias": Case("flex", f"{dname}-d{d}-document-relbias", (
         lambda dtype=dtype, d=d: flex_launches(dtype, d)), kernels)
+        for dname, dtype in DTYPES.items() for d in (64, 128, 256)} | {
+        f"flex-{dname}-d{d}-varlen-causal-relbias": Case("flex", f"{dname}-d{d}-varlen-causal-relbias", (
+            lambda dtype=dtype, d=d: flex_varlen_launches(dtype, d)), kernels)
         for dname, dtype in DTYPES.items() for d in (64, 128, 256)}
 
 

@@ -287,3 +287,45 @@ def test_translation_is_cached_and_new_captures_reuse_the_compiled_mods():
     again = translate(mod, causal)
     assert translate(mod, causal) is again and again is not first
     assert again.score_mod is first.score_mod and again.captures[0] is not first.captures[0]
+
+
+@pytest.mark.parametrize("dtype_id", ["fp16", "fp32"])
+def test_varlen_mods_see_sequence_local_positions(dtype_id, device):
+    """flex_attention_varlen: b is the sequence, positions are local to it (a causal mask_mod
+    is causal inside each document), GQA, a sequence with no queries and one with no keys;
+    forward, dq/dk/dv and a captured per-sequence bias's gradient (bitwise repeatable) by the
+    error rule against the float64 reference."""
+    from fastattn.ops.flex.reference import varlen_flex_reference
+
+    dtype = DTYPES[dtype_id]
+    lengths_q, lengths_k = [37, 0, 64, 9, 50], [40, 7, 64, 0, 50]
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32, device=device)
+                  for n in (lengths_q, lengths_k))
+    q = torch.randn(sum(lengths_q), 2, 16, device=device).to(dtype).requires_grad_()
+    k, v = (torch.randn(sum(lengths_k), 1, 16, device=device).to(dtype).requires_grad_() for _ in range(2))
+    seq_bias = torch.randn(5, device=device).requires_grad_()
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + seq_bias[b] - 0.1 * (h + 1) * (q_idx - kv_idx).abs()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    out, lse = fastattn.flex_attention_varlen(q, k, v, cu_q, cu_k, score_mod=score_mod, mask_mod=mask_mod,
+                                              return_lse=True)
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, seq_bias), do)
+    again = torch.autograd.grad(fastattn.flex_attention_varlen(q, k, v, cu_q, cu_k, score_mod=score_mod,
+                                                               mask_mod=mask_mod), (q, k, v, seq_bias), do)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    results = []
+    for t in (torch.float64, dtype):
+        leaves = [x.detach().to(t).requires_grad_() for x in (q, k, v)]
+        ref, ref_lse = varlen_flex_reference(*leaves, cu_q, cu_k, score_mod, mask_mod, 16 ** -0.5)
+        results.append((ref, ref_lse, torch.autograd.grad(ref, leaves + [seq_bias], do.to(t))))
+    (oracle, oracle_lse, oracle_grads), (base, base_lse, base_grads) = results
+    assert_close_rule("varlen out", out, oracle, base)
+    assert_close_rule("varlen lse", lse, oracle_lse, base_lse)
+    for name, g, o, b in zip(["dq", "dk", "dv", "dseq_bias"], got, oracle_grads, base_grads):
+        assert_close_rule(f"varlen {name}", g, o, b, factor=GRAD_FACTOR)
+    assert bool((out[37 + 64:37 + 64 + 9] == 0).all())  # the sequence with no keys

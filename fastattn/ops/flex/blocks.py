@@ -47,8 +47,9 @@ def _noop_mask():
     return noop_mask
 
 
-def all_blocks(b: int, h: int, lq: int, lk: int, device) -> Blocks:
-    """Every key block full for every query block: a call without a block_mask."""
+def all_blocks(b: int, h: int, lq: int, lk: int, device, mask_mod: Optional[Callable] = None) -> Blocks:
+    """Every key block listed for every query block: full (a call without a block_mask), or,
+    with ``mask_mod``, partial (it applies to every pair: packed sequences)."""
     nq, nk = -(-lq // DEFAULT_BLOCK), -(-lk // DEFAULT_BLOCK)
 
     def shared(t: Tensor) -> Tensor:
@@ -58,6 +59,9 @@ def all_blocks(b: int, h: int, lq: int, lk: int, device) -> Blocks:
     no_num_k, no_idx_k = shared(torch.zeros(nk)), shared(torch.zeros(nk, 1))
     full_num, full_idx = shared(torch.full((nq,), nk)), shared(torch.arange(nk).expand(nq, nk))
     full_q_num, full_q_idx = shared(torch.full((nk,), nq)), shared(torch.arange(nq).expand(nk, nq))
+    if mask_mod is not None:
+        return Blocks(full_num, full_idx, no_num_q, no_idx_q, full_q_num, full_q_idx, no_num_k, no_idx_k,
+                      DEFAULT_BLOCK, DEFAULT_BLOCK, mask_mod)
     return Blocks(no_num_q, no_idx_q, full_num, full_idx, no_num_k, no_idx_k, full_q_num, full_q_idx,
                   DEFAULT_BLOCK, DEFAULT_BLOCK, None)
 

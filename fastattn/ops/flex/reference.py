@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from fastattn.ops.flex.blocks import Blocks, dense_block_kinds
+from fastattn.ops.flex.blocks import Blocks, all_blocks, dense_block_kinds
 
 
 def _positions(b: int, h: int, rows: range, lk: int, device):
@@ -81,14 +81,15 @@ def flex_reference(q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[Callable
     return torch.cat(outs, 2).to(dtype), torch.cat(lses, 2).float()
 
 
-def capture_grads(q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor,
-                  score_mod: Callable, blocks: Blocks, scale: float, captures: list[Tensor],
-                  chunk: int) -> list[Tensor]:
-    """Gradients of the loss with respect to ``captures`` (floating tensors score_mod reads),
-    from the forward's lse and delta = rowsum(dO * O) (B, Hq, Lq) float32: per chunk of query
-    rows, the logits t = score_mod(q.k * scale) are recomputed in fp32, dt = p * (dP - delta)
-    with p = exp(t - lse), and autograd takes dt back through score_mod alone. Chunks are
-    summed in order, under torch's deterministic algorithms: bitwise repeatable. Memory is
+def capture_grads(q: Tensor, k: Tensor, v: Tensor, do: Tensor, score_mod: Callable, blocks: Blocks,
+                  scale: float, captures: list[Tensor], chunk: int) -> list[Tensor]:
+    """Gradients of the loss with respect to ``captures`` (floating tensors score_mod reads):
+    per chunk of query rows, the logits t = score_mod(q.k * scale) are recomputed in fp32 over
+    whole rows, with p = softmax(t), dP = dO V^T and dt = p * (dP - rowsum(p * dP)), and autograd
+    takes dt back through score_mod alone. rowsum(p * dP) equals the usual delta = rowsum(dO *
+    O) in exact arithmetic but not when O was rounded to 16 bits: a bias shared by a whole row
+    (per head, per sequence) has a gradient near 0 that the rounded delta would swamp. Chunks
+    are summed in order, under torch's deterministic algorithms: bitwise repeatable. Memory is
     O(B * Hq * chunk * Lk)."""
     q, k, v, do = (t.detach().float() for t in (q, k, v, do))
     k, v = _expand_kv(q, k, v)
@@ -102,14 +103,70 @@ def capture_grads(q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delt
             rows = range(start, min(start + chunk, q.shape[2]))
             with torch.enable_grad():
                 t, keep = chunk_logits(q, k, score_mod, blocks, scale, rows)
-                lse_c = lse[:, :, start:rows.stop, None]
-                p = torch.exp(t.detach() - lse_c.masked_fill(lse_c == float("-inf"), float("inf")))
+                lse = torch.logsumexp(t.detach(), dim=-1, keepdim=True)
+                p = torch.exp(t.detach() - lse.masked_fill(lse == float("-inf"), float("inf")))
                 dp = do[:, :, start:rows.stop] @ v.transpose(-1, -2)
-                dt = torch.where(keep, p * (dp - delta[:, :, start:rows.stop, None]), 0.0)
+                dt = torch.where(keep, p * (dp - (p * dp).sum(-1, keepdim=True)), 0.0)
                 grads = torch.autograd.grad(t, captures, dt.to(t.dtype), allow_unused=True)
             for acc, g in zip(total, grads):
                 if g is not None:
                     acc += g.float()
     finally:
         torch.use_deterministic_algorithms(was, warn_only=warn_only)
+    return [g.to(c.dtype) for g, c in zip(total, captures)]
+
+
+def sequence_mods(score_mod: Optional[Callable], mask_mod: Optional[Callable], seq: int):
+    """The mods of packed sequence ``seq`` run on that sequence alone: ``b`` becomes ``b + seq``
+    (the kernels pass the sequence as b), positions are already local."""
+    score = None if score_mod is None else (lambda s, b, h, q_idx, kv_idx: score_mod(s, b + seq, h, q_idx, kv_idx))
+    mask = None if mask_mod is None else (lambda b, h, q_idx, kv_idx: mask_mod(b + seq, h, q_idx, kv_idx))
+    return score, mask
+
+
+def _bounds(cu_seqlens: Tensor) -> list[tuple[int, int]]:
+    cu = cu_seqlens.tolist()
+    return list(zip(cu[:-1], cu[1:]))
+
+
+def varlen_flex_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                          score_mod: Optional[Callable], mask_mod: Optional[Callable], scale: float, *,
+                          chunk: Optional[int] = None, upcast: bool = False) -> tuple[Tensor, Tensor]:
+    """FlexAttention over packed sequences, one sequence at a time (``flex_reference``): q
+    (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), cu_seqlens int (B + 1,). The
+    mods see b = the sequence and positions local to it; mask_mod applies to every pair.
+    Returns out (total_q, Hq, Dv) in q's dtype and lse float32 (Hq, total_q)."""
+    outs, lses = [], []
+    for seq, ((q0, q1), (k0, k1)) in enumerate(zip(_bounds(cu_seqlens_q), _bounds(cu_seqlens_k))):
+        qs, ks, vs = (t[a:e].transpose(0, 1)[None] for t, a, e in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        if q1 == q0:
+            outs.append(q.new_zeros(0, q.shape[1], v.shape[-1]))
+            lses.append(q.new_zeros(q.shape[1], 0, dtype=torch.float32))
+            continue
+        score, mask = sequence_mods(score_mod, mask_mod, seq)
+        blocks = all_blocks(1, q.shape[1], q1 - q0, k1 - k0, q.device, mask)
+        out, lse = flex_reference(qs, ks, vs, score, blocks, scale, chunk=chunk, upcast=upcast)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def varlen_capture_grads(q: Tensor, k: Tensor, v: Tensor, do: Tensor, score_mod: Callable, blocks: Blocks,
+                         scale: float, captures: list[Tensor], cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                         chunk_elements: int) -> list[Tensor]:
+    """``capture_grads`` over packed sequences: q, k, v, do (1, H, total, D) views;
+    ``blocks.mask_mod`` applies to every pair. Sequences are summed in order."""
+    total = [torch.zeros_like(c, dtype=torch.float32) for c in captures]
+    h = q.shape[1]
+    for seq, ((q0, q1), (k0, k1)) in enumerate(zip(_bounds(cu_seqlens_q), _bounds(cu_seqlens_k))):
+        if q1 == q0 or k1 == k0:
+            continue
+        score, mask = sequence_mods(score_mod, blocks.mask_mod, seq)
+        seq_blocks = all_blocks(1, h, q1 - q0, k1 - k0, q.device, mask)
+        chunk = max(1, chunk_elements // (h * (k1 - k0)))
+        chunk = -(-chunk // seq_blocks.q_block) * seq_blocks.q_block
+        grads = capture_grads(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], do[:, :, q0:q1], score, seq_blocks,
+                              scale, captures, chunk)
+        for acc, g in zip(total, grads):
+            acc += g.float()
     return [g.to(c.dtype) for g, c in zip(total, captures)]
