@@ -171,10 +171,10 @@ OTHER_KERNEL_CHECKS = {
     ("linear-bfloat16-m256-dv256-causal", "bwd-dq"): ("hmma",),
     ("linear-bfloat16-m256-dv256-causal", "bwd-dk"): ("hmma",),
     ("linear-bfloat16-m256-dv256-causal", "bwd-dv"): ("hmma",),
-    # flex_attention with a causal document mask_mod and a learned relative-bias score_mod
-    # (its dK/dV kernel spills and half its products run on mma.sync: not held yet).
+    # flex_attention with a causal document mask_mod and a learned relative-bias score_mod.
     ("flex-bfloat16-d128-document-relbias", "fwd"): ("spills", "hmma"),
     ("flex-bfloat16-d128-document-relbias", "dq"): ("spills", "hmma"),
+    ("flex-bfloat16-d128-document-relbias", "dkdv"): ("spills", "hmma"),
 }
 
 

@@ -37,15 +37,15 @@ def _block_span(IDX, i, step, BLOCK: tl.constexpr, seqlen):
 
 
 @triton.jit
-def _logits(q, k, b, h, offs_m, offs_n, seqlen_k, scale, CAP, DIMS,
+def _logits(x, y, b, h, q_idx, kv_idx, seqlen_k, scale, CAP, DIMS,
             SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
             DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """(score, logits, keep) of a (queries, keys) tile: score = q.k * scale in fp32, logits =
-    SCORE_MOD(score) where kept and -inf elsewhere; keep: the key is in the sequence and, in a
-    partial block (APPLY_MASK), MASK_MOD keeps the pair."""
-    score = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
-    q_idx = offs_m[:, None]
-    kv_idx = offs_n[None, :]
+    """(score, logits, keep) of a tile: score = x.y^T * scale in fp32, logits = SCORE_MOD(score)
+    where kept and -inf elsewhere; keep: the key is in the sequence and, in a partial block
+    (APPLY_MASK), MASK_MOD keeps the pair. (x, y) = (q, k) with q_idx (BLOCK_M, 1) and kv_idx
+    (1, BLOCK_N) for a (queries, keys) tile, or (k, q) with q_idx (1, BLOCK_M) and kv_idx
+    (BLOCK_N, 1) for a (keys, queries) one: the mods are elementwise, either shape works."""
+    score = dot(x, tl.trans(y), DOT_FP32, PRECISION) * scale
     keep = (kv_idx < seqlen_k) & (q_idx >= 0)
     if APPLY_MASK:
         keep = keep & MASK_MOD(b, h, q_idx, kv_idx, CAP, DIMS)
@@ -66,8 +66,8 @@ def _fwd_span(acc, m_i, l_i, visits, q, first, width, rows, CAP, DIMS,
     for sub in range(0, width, BLOCK_N):
         offs_n, col_ok = span(first + sub, BLOCK_N, seqlen_k)
         k = load_rows(K, k_strides, b, hk, k0, offs_n, offs_d, col_ok, d_ok)
-        _, s, _ = _logits(q, k, b, h, offs_m, offs_n, seqlen_k, scale, CAP, DIMS, SCORE_MOD, MASK_MOD,
-                          APPLY_MASK, DOT_FP32, PRECISION)
+        _, s, _ = _logits(q, k, b, h, offs_m[:, None], offs_n[None, :], seqlen_k, scale, CAP, DIMS, SCORE_MOD,
+                          MASK_MOD, APPLY_MASK, DOT_FP32, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no kept key yet keeps max -inf: subtract 0 so exp gives 0, not NaN.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -145,19 +145,21 @@ def flex_fwd_kernel(
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, lse, delta, b, h, offs_m, offs_n, seqlen_k, scale, CAP, DIMS,
+def _bwd_tile(x, y, dx, dy, lse, delta, b, h, q_idx, kv_idx, seqlen_k, scale, CAP, DIMS,
               SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """(p, ds) of a (queries, keys) tile: the probabilities p = exp(logits - lse) and ds, the
-    gradient of the unmodified score q.k * scale: dt = p * (dP - delta) through SCORE_GRAD."""
-    score, s, keep = _logits(q, k, b, h, offs_m, offs_n, seqlen_k, scale, CAP, DIMS, SCORE_MOD, MASK_MOD,
+    """(p, ds) of a tile oriented as ``_logits``: the probabilities p = exp(logits - lse) and ds,
+    the gradient of the unmodified score: dt = p * (dP - delta) through SCORE_GRAD. (x, y, dx,
+    dy) = (q, k, dO, V) for (queries, keys), (k, q, V, dO) for (keys, queries); lse and delta
+    are shaped like q_idx."""
+    score, s, keep = _logits(x, y, b, h, q_idx, kv_idx, seqlen_k, scale, CAP, DIMS, SCORE_MOD, MASK_MOD,
                              APPLY_MASK, DOT_FP32, PRECISION)
     # A row that saw no key has lse -inf; +inf makes its p exp(-inf) = 0 instead of NaN.
-    p = tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse)[:, None])
-    dp = dot(do, tl.trans(v), DOT_FP32, PRECISION)
-    dt = p * (dp - delta[:, None])
+    p = tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse))
+    dp = dot(dx, tl.trans(dy), DOT_FP32, PRECISION)
+    dt = p * (dp - delta)
     # Masked pairs get no gradient, even where the mod's derivative is not finite.
-    ds = tl.where(keep, SCORE_GRAD(score, b, h, offs_m[:, None], offs_n[None, :], CAP, DIMS, dt), 0.0)
+    ds = tl.where(keep, SCORE_GRAD(score, b, h, q_idx, kv_idx, CAP, DIMS, dt), 0.0)
     return p, ds
 
 
@@ -174,8 +176,9 @@ def _dq_span(dq, q, do, lse, delta, first, width, rows, CAP, DIMS,
         offs_n, col_ok = span(first + sub, BLOCK_N, seqlen_k)
         k = load_rows(K, k_strides, b, hk, k0, offs_n, offs_d, col_ok, d_ok)
         v = load_rows(V, v_strides, b, hk, k0, offs_n, offs_dv, col_ok, dv_ok)
-        _, ds = _bwd_tile(q, k, v, do, lse, delta, b, h, offs_m, offs_n, seqlen_k, scale, CAP, DIMS,
-                          SCORE_MOD, SCORE_GRAD, MASK_MOD, APPLY_MASK, DOT_FP32, PRECISION)
+        _, ds = _bwd_tile(q, k, do, v, lse[:, None], delta[:, None], b, h, offs_m[:, None], offs_n[None, :],
+                          seqlen_k, scale, CAP, DIMS, SCORE_MOD, SCORE_GRAD, MASK_MOD, APPLY_MASK, DOT_FP32,
+                          PRECISION)
         dq += dot(cast(ds, k.dtype, BF16_RTNE), k, DOT_FP32, PRECISION)
     return dq
 
@@ -246,10 +249,12 @@ def _dkdv_span(dk, dv, k, v, first, height, rows, CAP, DIMS,
         lse_rows = b * lse_strides[0] + h * lse_strides[1] + (tl.cast(q0, tl.int64) + offs_m) * lse_strides[2]
         lse = tl.load(LSE + lse_rows, mask=row_ok, other=float("-inf"))
         delta = tl.load(DELTA + lse_rows, mask=row_ok, other=0.0)
-        p, ds = _bwd_tile(q, k, v, do, lse, delta, b, h, offs_m, offs_n, seqlen_k, scale, CAP, DIMS,
-                          SCORE_MOD, SCORE_GRAD, MASK_MOD, APPLY_MASK, DOT_FP32, PRECISION)
-        dv += dot(tl.trans(cast(p, do.dtype, BF16_RTNE)), do, DOT_FP32, PRECISION)
-        dk += dot(tl.trans(cast(ds, q.dtype, BF16_RTNE)), q, DOT_FP32, PRECISION)
+        # (keys, queries) tiles: the key block is the tall side of all four products.
+        p, ds = _bwd_tile(k, q, v, do, lse[None, :], delta[None, :], b, h, offs_m[None, :], offs_n[:, None],
+                          seqlen_k, scale, CAP, DIMS, SCORE_MOD, SCORE_GRAD, MASK_MOD, APPLY_MASK, DOT_FP32,
+                          PRECISION)
+        dv += dot(cast(p, do.dtype, BF16_RTNE), do, DOT_FP32, PRECISION)
+        dk += dot(cast(ds, q.dtype, BF16_RTNE), q, DOT_FP32, PRECISION)
     return dk, dv
 
 
