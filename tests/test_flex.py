@@ -12,6 +12,7 @@ from torch.nn.attention import flex_attention as torch_flex
 
 import fastattn
 from fastattn.ops.flex import blocks as flex_blocks
+from fastattn.ops.flex import dispatch as flex_dispatch
 from fastattn.ops.flex.reference import flex_reference
 from tests.helpers import GRAD_FACTOR, assert_close_rule
 
@@ -329,3 +330,35 @@ def test_varlen_mods_see_sequence_local_positions(dtype_id, device):
     for name, g, o, b in zip(["dq", "dk", "dv", "dseq_bias"], got, oracle_grads, base_grads):
         assert_close_rule(f"varlen {name}", g, o, b, factor=GRAD_FACTOR)
     assert bool((out[37 + 64:37 + 64 + 9] == 0).all())  # the sequence with no keys
+
+
+def test_cpu_fallback_has_a_backward(device, monkeypatch):
+    """use_backend("torch") runs the chunked reference, each chunk checkpointed (the backward's
+    memory is O(chunk * Lk) too): forward equal to torch's
+    flex_attention, and gradients (q, k, v and a captured bias) equal to the float64 oracle's
+    by the error rule (torch's flex_attention has no backward on CPU without compile)."""
+    q, k, v = (torch.randn(1, 2, 300, 16, device=device, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    bias = torch.randn(2, 600, device=device).requires_grad_()
+    score_mod = relative_bias(bias, 300)
+    block_mask = _block_mask(causal, 1, 1, 300, 300, 128)
+    # One query block of 128 rows a chunk: three chunks. Each is checkpointed, so autograd
+    # saves no chunk's (Hq, 128, Lk) scores or probabilities.
+    monkeypatch.setattr(flex_dispatch, "FALLBACK_CHUNK_ELEMENTS", 2 * 300 * 128)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with fastattn.use_backend("torch"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fastattn.flex_attention(q, k, v, score_mod, block_mask)
+    assert max(saved) < 2 * 128 * 300, max(saved)
+    q0, k0, v0 = (t.detach() for t in (q, k, v))  # torch's flex refuses inputs requiring grad on CPU
+    assert_close_rule("fallback out", out, torch_flex.flex_attention(q0.double(), k0.double(), v0.double(),
+                                                                     score_mod, block_mask),
+                      torch_flex.flex_attention(q0, k0, v0, score_mod, block_mask))
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, bias), do)
+    oracle, base = _reference_grads(q, k, v, do, score_mod, block_mask, [bias], torch.bfloat16)
+    for n, g, o, b in zip(["dq", "dk", "dv", "dbias"], got, oracle, base):
+        assert_close_rule(f"fallback {n}", g, o, b, factor=GRAD_FACTOR)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from fastattn.ops.flex.blocks import Blocks, all_blocks, dense_block_kinds
@@ -56,13 +57,23 @@ def _expand_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
 
 
+def _chunk_attention(q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[Callable], blocks: Blocks, scale: float,
+                     rows: range) -> tuple[Tensor, Tensor]:
+    s, _ = chunk_logits(q, k, score_mod, blocks, scale, rows)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    # A row with every key masked: lse -inf, probabilities 0 (not NaN).
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), float("inf")))
+    return p.to(v.dtype) @ v, lse[..., 0]
+
+
 def flex_reference(q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[Callable], blocks: Blocks, scale: float,
                    *, chunk: Optional[int] = None, upcast: bool = False) -> tuple[Tensor, Tensor]:
     """(out (B, Hq, Lq, Dv) in q's dtype, lse float32 (B, Hq, Lq), natural log) of
     FlexAttention; a row with no kept key gives out 0 and lse -inf. Differentiable through
-    q, k, v and the tensors the mods capture. ``chunk``: query rows per step (default all);
-    ``upcast``: compute in float32 for 16-bit inputs. q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v
-    (B, Hkv, Lk, Dv), Hq a multiple of Hkv."""
+    q, k, v and the tensors the mods capture. ``chunk``: query rows per step (default all), each
+    step checkpointed when differentiating (its scores are recomputed in the backward), so
+    the backward's memory is O(chunk * Lk) too; ``upcast``: compute in float32 for 16-bit
+    inputs. q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), Hq a multiple of Hkv."""
     dtype = q.dtype
     if upcast and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
@@ -72,12 +83,13 @@ def flex_reference(q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[Callable
     outs, lses = [], []
     for start in range(0, lq, step):
         rows = range(start, min(start + step, lq))
-        s, _ = chunk_logits(q, k, score_mod, blocks, scale, rows)
-        lse = torch.logsumexp(s, dim=-1, keepdim=True)
-        # A row with every key masked: lse -inf, probabilities 0 (not NaN).
-        p = torch.exp(s - lse.masked_fill(lse == float("-inf"), float("inf")))
-        outs.append((p.to(v.dtype) @ v))
-        lses.append(lse[..., 0])
+        if chunk is not None and torch.is_grad_enabled():
+            out, lse = torch.utils.checkpoint.checkpoint(_chunk_attention, q, k, v, score_mod, blocks, scale, rows,
+                                                         use_reentrant=False)
+        else:
+            out, lse = _chunk_attention(q, k, v, score_mod, blocks, scale, rows)
+        outs.append(out)
+        lses.append(lse)
     return torch.cat(outs, 2).to(dtype), torch.cat(lses, 2).float()
 
 
