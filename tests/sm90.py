@@ -550,7 +550,7 @@ def flex_launches(dtype, d):
         tr = op.prepare(q, v, relative_bias, blocks)
         out, lse = op.forward(q, k, v, tr, blocks, d ** -0.5)
         op.backward(torch.empty_like(out), q, k, v, out, lse, tr, blocks, d ** -0.5)
-    return launches
+    return _per_gradient(launches)
 
 
 def flex_varlen_launches(dtype, d):
@@ -572,7 +572,7 @@ def flex_varlen_launches(dtype, d):
         tr = op.prepare(q, v, relative_bias, blocks)
         out, lse = op.forward(q, k, v, tr, blocks, d ** -0.5, (cu_seqlens, cu_seqlens))
         op.backward(torch.empty_like(out), q, k, v, out, lse, tr, blocks, d ** -0.5, (cu_seqlens, cu_seqlens))
-    return launches
+    return _per_gradient(launches)
 
 
 def _flex_cases():

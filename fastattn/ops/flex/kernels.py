@@ -237,8 +237,10 @@ def flex_bwd_dq_kernel(
 def _dkdv_span(dk, dv, k, v, first, height, rows, CAP, DIMS,
                SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr):
-    """dv += P^T dO and dk += dS^T Q over queries first .. first + height - 1 of head h."""
+               BLOCK_DV: tl.constexpr, GRAD_K: tl.constexpr, GRAD_V: tl.constexpr,
+               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr):
+    """dv += P^T dO (GRAD_V) and dk += dS^T Q (GRAD_K) over queries first .. first + height - 1
+    of head h; what a launch without one of them does not need compiles away."""
     Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, q0, offs_n, seqlen_q, seqlen_k, scale = rows
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
@@ -253,8 +255,10 @@ def _dkdv_span(dk, dv, k, v, first, height, rows, CAP, DIMS,
         p, ds = _bwd_tile(k, q, v, do, lse[None, :], delta[None, :], b, h, offs_m[None, :], offs_n[:, None],
                           seqlen_k, scale, CAP, DIMS, SCORE_MOD, SCORE_GRAD, MASK_MOD, APPLY_MASK, DOT_FP32,
                           PRECISION)
-        dv += dot(cast(p, do.dtype, BF16_RTNE), do, DOT_FP32, PRECISION)
-        dk += dot(cast(ds, q.dtype, BF16_RTNE), q, DOT_FP32, PRECISION)
+        if GRAD_V:
+            dv += dot(cast(p, do.dtype, BF16_RTNE), do, DOT_FP32, PRECISION)
+        if GRAD_K:
+            dk += dot(cast(ds, q.dtype, BF16_RTNE), q, DOT_FP32, PRECISION)
     return dk, dv
 
 
@@ -266,9 +270,11 @@ def flex_bwd_dkdv_kernel(
     SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_MASK: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
+    VARLEN: tl.constexpr, GRAD_K: tl.constexpr, GRAD_V: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
 ):
-    """dK and dV of one block of BLOCK_N keys of one kv head, summed over the ``group`` query
+    """dK (GRAD_K) and dV (GRAD_V) of one block of BLOCK_N keys of one kv head (a launch with
+    one of them holds half the accumulators: d256 on a GPU, ``_launch.key_grads``), summed over the ``group`` query
     heads that share it, over the query tiles the transposed mask lists for its key block
     (Q_NUM/Q_IDX partial, FULL_NUM/FULL_IDX full; per query head); VARLEN as the forward
     (BLOCKS then walks key blocks). No atomics."""
@@ -292,8 +298,8 @@ def flex_bwd_dkdv_kernel(
         rows = (Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, q0, offs_n, seqlen_q, seqlen_k, scale)
         if VARLEN:
             dk, dv = _dkdv_span(dk, dv, k, v, 0, seqlen_q, rows, CAP, DIMS, SCORE_MOD, SCORE_GRAD, MASK_MOD,
-                                HAS_MASK, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION,
-                                BF16_RTNE)
+                                HAS_MASK, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV, GRAD_K, GRAD_V,
+                                DOT_FP32, PRECISION, BF16_RTNE)
         else:
             for full in tl.static_range(2):
                 if full == 0:
@@ -306,7 +312,9 @@ def flex_bwd_dkdv_kernel(
                     first, height = _block_span(idx, i, step, Q_BLOCK, seqlen_q)
                     dk, dv = _dkdv_span(dk, dv, k, v, first, height, rows, CAP, DIMS, SCORE_MOD, SCORE_GRAD,
                                         MASK_MOD, full == 0, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
-                                        DOT_FP32, PRECISION, BF16_RTNE)
+                                        GRAD_K, GRAD_V, DOT_FP32, PRECISION, BF16_RTNE)
     # The score was q.k * scale.
-    store_rows(DK, dk_strides, b, hk, k0, dk * scale, offs_n, offs_d, col_ok, d_ok, BF16_RTNE)
-    store_rows(DV, dv_strides, b, hk, k0, dv, offs_n, offs_dv, col_ok, dv_ok, BF16_RTNE)
+    if GRAD_K:
+        store_rows(DK, dk_strides, b, hk, k0, dk * scale, offs_n, offs_d, col_ok, d_ok, BF16_RTNE)
+    if GRAD_V:
+        store_rows(DV, dv_strides, b, hk, k0, dv, offs_n, offs_dv, col_ok, dv_ok, BF16_RTNE)

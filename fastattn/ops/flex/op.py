@@ -157,15 +157,18 @@ def backward(do, q, k, v, out, lse, tr: Translation, blocks: Blocks, scale: floa
             *q_k_v_do_lse, _strides(dq, varlen), *fwd_strides,
             h, h // hkv, lq, lk, scale, SCORE_GRAD=tr.score_grad, **_meta(q, v, tr, blocks, tiles, varlen))
 
-    def launch_dkdv(tiles):
-        grid, blocks_ptr = _grid(k, hkv, batch, tiles.block_n, cu_seqlens[1])
-        kernels.flex_bwd_dkdv_kernel[grid](
-            q, k, v, do, lse, delta, dk, dv, *bwd_lists, cu_q, cu_k, blocks_ptr, cap, dims,
-            *q_k_v_do_lse, _strides(dk, varlen), _strides(dv, varlen), *bwd_strides,
-            hkv, h // hkv, lq, lk, scale, SCORE_GRAD=tr.score_grad, **_meta(q, v, tr, blocks, tiles, varlen))
-
     _launch.first_fit(kernels.flex_bwd_dq_kernel, q.device, _tiles(q, v, blocks, "dq"), launch_dq, key=key)
-    _launch.first_fit(kernels.flex_bwd_dkdv_kernel, q.device, _tiles(q, v, blocks, "dkdv"), launch_dkdv, key=key)
+    for grads in _launch.key_grads(max(q.shape[-1], v.shape[-1])):
+        def launch_dkdv(tiles, grads=grads):
+            grid, blocks_ptr = _grid(k, hkv, batch, tiles.block_n, cu_seqlens[1])
+            kernels.flex_bwd_dkdv_kernel[grid](
+                q, k, v, do, lse, delta, dk, dv, *bwd_lists, cu_q, cu_k, blocks_ptr, cap, dims,
+                *q_k_v_do_lse, _strides(dk, varlen), _strides(dv, varlen), *bwd_strides,
+                hkv, h // hkv, lq, lk, scale, SCORE_GRAD=tr.score_grad, **grads,
+                **_meta(q, v, tr, blocks, tiles, varlen))
+
+        _launch.first_fit(kernels.flex_bwd_dkdv_kernel, q.device, _tiles(q, v, blocks, "dkdv"), launch_dkdv,
+                          key=(*key, tuple(grads.items())))
     return dq, dk, dv
 
 
