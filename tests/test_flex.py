@@ -362,3 +362,20 @@ def test_cpu_fallback_has_a_backward(device, monkeypatch):
     oracle, base = _reference_grads(q, k, v, do, score_mod, block_mask, [bias], torch.bfloat16)
     for n, g, o, b in zip(["dq", "dk", "dv", "dbias"], got, oracle, base):
         assert_close_rule(f"fallback {n}", g, o, b, factor=GRAD_FACTOR)
+
+
+def test_per_batch_block_mask_and_batch_index(device):
+    """A BlockMask with a batch dim (each batch row its own documents) and a mask_mod that
+    indexes a captured (B, L) tensor by b; BLOCK_SIZE (64, 32) and Lq != Lk."""
+    document_id = torch.stack([torch.repeat_interleave(torch.arange(3), torch.tensor([20, 50, 26])),
+                               torch.repeat_interleave(torch.arange(2), torch.tensor([70, 26]))])
+
+    def per_batch_document(b, h, q_idx, kv_idx):
+        return document_id[b, q_idx] == document_id[b, kv_idx + 16]
+
+    q = torch.randn(2, 2, 96, 32, device=device, dtype=torch.float16)
+    k, v = (torch.randn(2, 2, 80, 32, device=device, dtype=torch.float16) for _ in range(2))
+    block_mask = torch_flex.create_block_mask(per_batch_document, 2, 1, 96, 80, device="cpu", BLOCK_SIZE=(64, 32))
+    out = fastattn.flex_attention(q, k, v, block_mask=block_mask)
+    oracle = torch_flex.flex_attention(q.double(), k.double(), v.double(), block_mask=block_mask)
+    assert_close_rule("per-batch documents", out, oracle, torch_flex.flex_attention(q, k, v, block_mask=block_mask))
