@@ -102,13 +102,19 @@ def _catalogue(name, h, lq, lk):
         return relative_bias(torch.randn(h, lq + lk), lk), None
     if name == "t5_buckets":
         return t5_buckets(torch.randn(h, 8)), None
+    if name == "arithmetic":  # the translator's breadth: each construct once, torch's semantics
+        def score_mod(score, b, h, q_idx, kv_idx):
+            rel = q_idx - kv_idx
+            bucket = rel // 7 + rel % 5 + torch.div(rel, 3, rounding_mode="trunc") + torch.remainder(rel, -4)
+            smooth = torch.sigmoid(score) * torch.exp(-score.abs()) + torch.sqrt(score * score + 1.0) ** 2
+            capped = torch.clamp(score, min=-2.0, max=2.0) + torch.minimum(score, -score) - torch.maximum(score, 0.5 * score)
+            return torch.where(bucket.float() > 0.0, smooth, capped) + (bucket % 3).to(torch.float32) / 4
+        return score_mod, lambda b, h, q_idx, kv_idx: ~((q_idx - kv_idx).abs() == 3) | (h == 1)
     if name == "and_or_masks":
         return None, torch_flex.or_masks(torch_flex.and_masks(causal, sliding_window(16)), prefix_lm(8))
     raise AssertionError(name)
 
 
-CATALOGUE = ["causal", "sliding_window", "prefix_lm", "document", "alibi", "softcap", "relative_bias",
-             "t5_buckets", "and_or_masks"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -116,6 +122,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     ("causal", "fp32", 97, 97, 32), ("sliding_window", "fp16", 113, 113, 64), ("prefix_lm", "bf16", 80, 80, 32),
     ("document", "fp32", 100, 100, 32), ("alibi", "fp16", 90, 90, 64), ("softcap", "bf16", 63, 97, 32),
     ("relative_bias", "fp32", 97, 63, 32), ("t5_buckets", "fp16", 96, 96, 32), ("and_or_masks", "fp32", 96, 96, 32),
+    ("arithmetic", "fp32", 70, 90, 32),
 ])
 def test_forward_equals_torch_flex(name, dtype_id, lq, lk, block, device):
     dtype = DTYPES[dtype_id]
@@ -162,6 +169,7 @@ def _reference_grads(q, k, v, do, score_mod, block_mask, captures, dtype):
 
 @pytest.mark.parametrize("name,dtype_id,gqa", [
     ("softcap", "fp32", False), ("alibi", "fp16", True), ("document", "bf16", False), ("t5_buckets", "fp32", True),
+    ("arithmetic", "fp32", False),
 ])
 def test_backward(name, dtype_id, gqa, device):
     """dq, dk, dv through the score_mod's derivative and the BlockMask, by the error rule."""

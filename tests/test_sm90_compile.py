@@ -49,7 +49,7 @@ KNOWN_FAILURES: dict = {}
 FITS_CASES = ["flash-float16-d128-causal-features", "flash-bfloat16-d80-full-features",
               "flash-float32-d256-causal-features", "decode-bfloat16-d256-causal-features",
               "sparse-float16-d128-bs128-causal", "linear-bfloat16-m256-dv256-causal",
-              "flex-bfloat16-d128-document-relbias"]
+              "flex-bfloat16-d128-document-relbias", "flex-bfloat16-d64-arithmetic"]
 
 
 def _compile(case: str, arch: int) -> dict:

@@ -82,6 +82,10 @@ _FUNCTIONS.update({torch.abs: "abs", torch.neg: "neg", torch.logical_not: "logic
                    operator.invert: "invert", operator.floordiv: "floor_divide", operator.mod: "remainder",
                    operator.pow: "pow", operator.abs: "abs", torch.nn.functional.sigmoid: "sigmoid",
                    torch.special.expit: "sigmoid"})
+_METHODS = {"to", "abs", "neg", "logical_not", "clamp", "clip", "minimum", "maximum", "remainder", "floor_divide",
+            "pow", "square", "__neg__", "__invert__", "bitwise_not", "__floordiv__", "__mod__", "__pow__",
+            "new_ones", "new_zeros", "__rsub__", "__radd__", "__rmul__", "__rtruediv__"}
+_REFLECTED = {"__rsub__": "-", "__radd__": "+", "__rmul__": "*", "__rtruediv__": "/"}
 _CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16,
           "int": torch.int32, "long": torch.int64, "bool": torch.bool}
 
@@ -169,7 +173,8 @@ class _Writer:
             return repr(float(v.expr == "True" if v.expr in ("True", "False") else int(v.expr)))
         return f"({v.expr}).to(tl.float32)"
 
-    def run(self, inputs: dict) -> _Value:
+    def run(self, inputs: list) -> _Value:
+        """Writes every node; returns the output's value."""
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 self.values[node.name] = inputs[len(self.values)]
@@ -210,11 +215,7 @@ class _Writer:
                 return _BINARY_METHODS[m]
             if m == "__getitem__":
                 return "getitem"
-            if m in _CASTS or m in ("to", "type_as") or m in _UNARY or m in _INT_UNARY or m in (
-                    "abs", "neg", "logical_not", "clamp", "clip", "minimum", "maximum", "remainder",
-                    "floor_divide", "pow", "square", "__neg__", "__invert__", "bitwise_not", "__floordiv__",
-                    "__mod__", "__pow__", "new_ones", "new_zeros", "__rsub__", "__radd__", "__rmul__",
-                    "__rtruediv__"):
+            if m in _CASTS or m in _UNARY or m in _INT_UNARY or m in _METHODS:
                 return m
             self._fail(node, f"the method .{m}()")
         self._fail(node, f"a node of kind {node.op}")
@@ -223,17 +224,20 @@ class _Writer:
         args, kw = node.args, dict(node.kwargs)
         if name == "getitem":
             return self._index(node, args[0], args[1])
-        if name in ("__rsub__", "__radd__", "__rmul__", "__rtruediv__"):
-            name, args = {"__rsub__": "-", "__radd__": "+", "__rmul__": "*", "__rtruediv__": "/"}[name], (args[1], args[0])
-        if name in ("/",) and kw.get("rounding_mode") is not None:
-            name = {"floor": "floor_divide", "trunc": "trunc_divide"}.get(kw.pop("rounding_mode"), "?")
+        if name in _REFLECTED:
+            name, args = _REFLECTED[name], (args[1], args[0])
+        if name == "/" and kw.get("rounding_mode") is not None:
+            mode = kw.pop("rounding_mode")
+            if mode not in ("floor", "trunc"):
+                self._fail(node, f"rounding_mode={mode!r}")
+            name = "floor_divide" if mode == "floor" else "trunc_divide"
         kw.pop("rounding_mode", None)
         if name in ("+", "-") and "alpha" in kw:
             self._fail(node, "alpha=")
         if name in _COMPARE or name in ("+", "-", "*", "/", "&", "|", "^"):
             a, b = (self.arg(x, node) for x in args[:2])
             return self._binary(node, name, a, b)
-        if name in ("float", "double", "half", "bfloat16", "int", "long", "bool", "to", "type_as"):
+        if name in _CASTS or name == "to":
             return self._cast(node, name, args, kw)
         if name in ("new_ones", "new_zeros"):
             dtype = kw.get("dtype")
@@ -349,8 +353,6 @@ class _Writer:
 
     def _cast(self, node, name, args, kw) -> _Value:
         x = self.arg(args[0], node)
-        if name == "type_as":
-            self._fail(node, ".type_as()")
         dtype = _CASTS.get(name) if name != "to" else kw.get("dtype", args[1] if len(args) > 1 else None)
         if not isinstance(dtype, torch.dtype) or dtype not in _TL_DTYPES:
             self._fail(node, f"a cast to {dtype!r}")
@@ -450,7 +452,8 @@ import triton
 import triton.language as tl
 
 from fastattn.ops._triton import tanh
-from fastattn.ops.flex.mod_ops import ffloordiv, ffmod, floordiv, fmod, fremainder, ftruncdiv, remainder, sign, truncdiv  # noqa: F401
+from fastattn.ops.flex.mod_ops import (  # noqa: F401
+    ffloordiv, ffmod, floordiv, fmod, fremainder, ftruncdiv, remainder, sign, truncdiv)
 
 '''
 
