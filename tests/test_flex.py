@@ -387,3 +387,20 @@ def test_per_batch_block_mask_and_batch_index(device):
     out = fastattn.flex_attention(q, k, v, block_mask=block_mask)
     oracle = torch_flex.flex_attention(q.double(), k.double(), v.double(), block_mask=block_mask)
     assert_close_rule("per-batch documents", out, oracle, torch_flex.flex_attention(q, k, v, block_mask=block_mask))
+
+
+def test_runs_inside_torch_compile(device):
+    """Under torch.compile the call is a graph break that runs eagerly (dynamo does not trace
+    the translator or the interpreter): the same output and gradient as without it."""
+    torch._dynamo.reset()
+    bias = torch.randn(2, 128, device=device)
+
+    def model(q):
+        return fastattn.flex_attention(q * 2, q, q, relative_bias(bias, 64))
+
+    q = torch.randn(1, 2, 64, 16, device=device, requires_grad=True)
+    compiled = torch.compile(model, backend="eager")(q)  # dynamo alone: no inductor compile time
+    eager = model(q)
+    do = torch.randn_like(eager)
+    assert torch.equal(compiled, eager)
+    assert torch.equal(torch.autograd.grad(compiled, q, do)[0], torch.autograd.grad(eager, q, do)[0])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 from fastattn import backend
@@ -34,6 +35,9 @@ def _check(op: str, q: Tensor, k: Tensor, v: Tensor, score_mod, scale, enable_gq
     return default_scale(q.shape[-1], scale)
 
 
+# torch.compile runs these eagerly (a graph break): the mods are traced by the translator, not by
+# dynamo, and the kernels launch as they do without it. fullgraph=True therefore refuses them.
+@torch.compiler.disable
 def run(op: str, q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[Callable], block_mask, scale,
         enable_gqa: bool, return_lse: bool):
     """out (B, Hq, Lq, Dv), or (out, lse float32 (B, Hq, Lq)) with ``return_lse``.
@@ -72,6 +76,7 @@ def _check_mod(op: str, name: str, mod) -> None:
         raise ValueError(f"{op}: {name} must be callable or None, got {type(mod).__name__}")
 
 
+@torch.compiler.disable
 def run_varlen(op: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                max_seqlen_q, max_seqlen_k, score_mod: Optional[Callable], mask_mod: Optional[Callable], scale,
                return_lse: bool):
