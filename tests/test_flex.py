@@ -284,6 +284,8 @@ def test_bad_inputs_raise_value_error(device):
         fastattn.flex_attention(q, k, k)
     with pytest.raises(ValueError, match="Q_LEN, KV_LEN"):
         fastattn.flex_attention(q, q, q, block_mask=_block_mask(causal, 1, 1, 64, 64, 32))
+    with fastattn.use_backend("triton"), pytest.raises(ValueError, match="on meta"):
+        fastattn.flex_attention(q, q, q, alibi(torch.ones(4, device="meta")))
 
 
 def test_translation_is_cached_and_new_captures_reuse_the_compiled_mods():

@@ -205,11 +205,17 @@ def prepare(q: Tensor, v: Tensor, score_mod: Optional[Callable], blocks: Blocks)
     """The translation of the mods, once the kernels' tiles are known to suit the BlockMask.
 
     Raises:
-        ValueError: a mod cannot be translated (the message names the construct), or the
-            BlockMask's block sizes have no power-of-two factor >= 16 for the tiles."""
+        ValueError: a mod cannot be translated (the message names the construct), captures a
+            tensor on another device than q, or the BlockMask's block sizes have no power-of-two
+            factor >= 16 for the tiles."""
     for kernel in ("fwd", "dq", "dkdv"):
         _tiles(q, v, blocks, kernel)
-    return translate(score_mod, blocks.mask_mod)
+    tr = translate(score_mod, blocks.mask_mod)
+    for t in tr.captures:
+        if t.device != q.device:
+            raise ValueError(f"flex_attention: a mod captures a tensor of shape {tuple(t.shape)} on {t.device}, "
+                             f"but the inputs are on {q.device}; the kernels read captured tensors in place")
+    return tr
 
 
 def flex_attn(q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[Callable], blocks: Blocks, scale: float,
