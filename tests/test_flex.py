@@ -406,3 +406,26 @@ def test_runs_inside_torch_compile(device):
     do = torch.randn_like(eager)
     assert torch.equal(compiled, eager)
     assert torch.equal(torch.autograd.grad(compiled, q, do)[0], torch.autograd.grad(eager, q, do)[0])
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter's max over the poisoned rows
+def test_unlisted_blocks_are_never_read_forward_or_backward(device):
+    """NaN in blocks the causal BlockMask does not list reaches nothing: keys and values of the
+    last key block poison no earlier query row's output or dq (the forward and dQ kernels skip
+    it), and queries of the first query block poison no later key block's dk or dv (the
+    dK/dV kernel walks the transposed lists). A visited block would: 0 * NaN is NaN."""
+    n, blk = 128, 32
+    block_mask = _block_mask(causal, 1, 1, n, n, blk)
+    for poisoned in ("last keys", "first queries"):
+        q, k, v = (torch.randn(1, 2, n, 16, device=device) for _ in range(3))
+        if poisoned == "last keys":
+            k[:, :, n - blk:], v[:, :, n - blk:] = float("nan"), float("nan")
+        else:
+            q[:, :, :blk] = float("nan")
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = fastattn.flex_attention(q, k, v, block_mask=block_mask)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        if poisoned == "last keys":
+            assert bool(out[:, :, :n - blk].isfinite().all()) and bool(dq[:, :, :n - blk].isfinite().all())
+        else:
+            assert bool(dk[:, :, blk:].isfinite().all()) and bool(dv[:, :, blk:].isfinite().all())
