@@ -8,6 +8,7 @@ from fastattn.functional import (attention_with_kvcache, flash_attention, flash_
                                  linear_attention_varlen, linformer_attention,
                                  performer_attention, performer_projection, scaled_dot_product_attention,
                                  sparse_attention)
+from fastattn.functional import flex_attention, flex_attention_varlen
 from fastattn.invariance import batch_invariant
 from fastattn.merge import cascade_attention_with_kvcache, merge_attention_states
 from fastattn import sparse  # noqa: E402  (layouts; needs the functions above)
@@ -15,11 +16,12 @@ from fastattn.integrations import convert, patch_sdpa, register_huggingface, unp
 from fastattn import models, nn  # noqa: E402  (built on the public functions above)
 
 __all__ = [
-    "attention_with_kvcache", "convert", "flash_attention", "flash_attention_varlen", "linear_attention", "linear_attention_varlen",
-    "linformer_attention", "models",
-    "nn", "patch_sdpa", "performer_attention", "performer_projection", "register_huggingface",
-    "scaled_dot_product_attention", "sparse", "sparse_attention", "unpatch_sdpa", "use_backend",
-    "batch_invariant", "cascade_attention_with_kvcache", "merge_attention_states",
+    "attention_with_kvcache", "batch_invariant", "cascade_attention_with_kvcache", "convert",
+    "flash_attention", "flash_attention_varlen", "flex_attention", "flex_attention_varlen",
+    "linear_attention", "linear_attention_varlen", "linformer_attention", "merge_attention_states",
+    "models", "nn", "patch_sdpa", "performer_attention", "performer_projection",
+    "register_huggingface", "scaled_dot_product_attention", "sparse", "sparse_attention",
+    "unpatch_sdpa", "use_backend",
 ]
 __version__ = "0.1.0"
 

@@ -541,7 +541,100 @@ def _linear_cases():
     return cases
 
 
-CASES = {**_flash_cases(), **_decode_cases(), **_sparse_cases(), **_linear_cases()}
+def flex_launches(dtype, d):
+    """Forward and backward of flex_attention with a causal document mask (eight documents, as
+    ``document_block_mask`` builds it) and a learned relative-position bias as score_mod;
+    headline shapes."""
+    from fastattn.ops.flex import blocks as flex_blocks
+    from fastattn.ops.flex import op
+
+    b, length, h = headline_shape(d)
+    q, k, v = _qkv(b, h, h, length, length, d, dtype)
+    document_id = torch.repeat_interleave(torch.arange(8), length // 8)
+    bias = torch.zeros(h, 2 * length)
+
+    def relative_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx - kv_idx + length]
+
+    blocks = flex_blocks.from_block_mask("sm90", flex_blocks.document_block_mask(document_id, causal=True), b, h,
+                                         length, length, q.device)
+    with recording() as launches:
+        tr = op.prepare(q, v, relative_bias, blocks)
+        out, lse = op.forward(q, k, v, tr, blocks, d ** -0.5)
+        op.backward(torch.empty_like(out), q, k, v, out, lse, tr, blocks, d ** -0.5)
+    return _per_gradient(launches)
+
+
+def flex_varlen_launches(dtype, d):
+    """Forward and backward of flex_attention_varlen over eight packed documents with a causal
+    mask_mod and a learned relative-position bias as score_mod; headline shapes."""
+    from fastattn.ops.flex import blocks as flex_blocks
+    from fastattn.ops.flex import op
+
+    _, length, h = headline_shape(d)
+    q, k, v = _qkv(1, h, h, length, length, d, dtype)
+    cu_seqlens = torch.arange(0, length + 1, length // 8, dtype=torch.int32)
+    bias = torch.zeros(h, 2 * length)
+
+    def relative_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx - kv_idx + length]
+
+    blocks = flex_blocks.all_blocks(1, h, length, length, q.device, lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)
+    with recording() as launches:
+        tr = op.prepare(q, v, relative_bias, blocks)
+        out, lse = op.forward(q, k, v, tr, blocks, d ** -0.5, (cu_seqlens, cu_seqlens))
+        op.backward(torch.empty_like(out), q, k, v, out, lse, tr, blocks, d ** -0.5, (cu_seqlens, cu_seqlens))
+    return _per_gradient(launches)
+
+
+def flex_arithmetic_launches(dtype, d):
+    """Forward and backward of flex_attention with mods that use every construct the translator
+    takes (integer floor/trunc division and remainders of negative positions, casts, where,
+    clamp, minimum/maximum, sigmoid, exp, sqrt, powers, ~ and |): what compiled Triton refuses
+    and the interpreter accepts shows here. Short sequences: the kernels' code does not depend
+    on the length."""
+    from torch.nn.attention import flex_attention as torch_flex
+
+    from fastattn.ops.flex import blocks as flex_blocks
+    from fastattn.ops.flex import op
+
+    b, length, h = 1, 512, 4
+    q, k, v = _qkv(b, h, h, length, length, d, dtype)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        rel = q_idx - kv_idx
+        bucket = rel // 7 + rel % 5 + torch.div(rel, 3, rounding_mode="trunc") + torch.remainder(rel, -4)
+        smooth = torch.sigmoid(score) * torch.exp(-score.abs()) + torch.sqrt(score * score + 1.0) ** 2
+        capped = torch.clamp(score, min=-2.0, max=2.0) + torch.minimum(score, -score) - torch.maximum(score, 0.5 * score)
+        return torch.where(bucket.float() > 0.0, smooth, capped) + (bucket % 3).to(torch.float32) / 4
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ~((q_idx - kv_idx).abs() == 3) | (h == 1)
+
+    block_mask = torch_flex.create_block_mask(mask_mod, 1, 1, length, length, device="cpu")
+    blocks = flex_blocks.from_block_mask("sm90", block_mask, b, h, length, length, q.device)
+    with recording() as launches:
+        tr = op.prepare(q, v, score_mod, blocks)
+        out, lse = op.forward(q, k, v, tr, blocks, d ** -0.5)
+        op.backward(torch.empty_like(out), q, k, v, out, lse, tr, blocks, d ** -0.5)
+    return _per_gradient(launches)
+
+
+def _flex_cases():
+    names = {"flex_fwd_kernel": "fwd", "flex_bwd_dkdv_kernel": "dkdv", "flex_bwd_dq_kernel": "dq"}
+    kernels = {fn: (short, SOFTMAX_KERNELS[short]) for fn, short in names.items()}
+    return {f"flex-{dname}-d{d}-document-relbias": Case("flex", f"{dname}-d{d}-document-relbias", (
+        lambda dtype=dtype, d=d: flex_launches(dtype, d)), kernels)
+        for dname, dtype in DTYPES.items() for d in (64, 128, 256)} | {
+        f"flex-{dname}-d{d}-varlen-causal-relbias": Case("flex", f"{dname}-d{d}-varlen-causal-relbias", (
+            lambda dtype=dtype, d=d: flex_varlen_launches(dtype, d)), kernels)
+        for dname, dtype in DTYPES.items() for d in (64, 128, 256)} | {
+        f"flex-{dname}-d64-arithmetic": Case("flex", f"{dname}-d64-arithmetic", (
+            lambda dtype=dtype: flex_arithmetic_launches(dtype, 64)), kernels)
+        for dname, dtype in DTYPES.items()}
+
+
+CASES = {**_flash_cases(), **_decode_cases(), **_sparse_cases(), **_linear_cases(), **_flex_cases()}
 
 # The configs CI holds to the baseline: the headline flash kernels, features off.
 HEADLINE = [f"flash-{dt}-d{d}-{c}" for dt in ("bfloat16", "float16") for d in (64, 128, 256)

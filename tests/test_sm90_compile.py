@@ -49,7 +49,8 @@ KNOWN_FAILURES: dict = {}
 
 FITS_CASES = ["flash-float16-d128-causal-features", "flash-bfloat16-d80-full-features",
               "flash-float32-d256-causal-features", "decode-bfloat16-d256-causal-features",
-              "sparse-float16-d128-bs128-causal", "linear-bfloat16-m256-dv256-causal"]
+              "sparse-float16-d128-bs128-causal", "linear-bfloat16-m256-dv256-causal",
+              "flex-bfloat16-d128-document-relbias", "flex-bfloat16-d64-arithmetic"]
 
 
 _server = None  # this process's `tests/sm90.py --serve`, started on the first compile
@@ -179,6 +180,10 @@ OTHER_KERNEL_CHECKS = {
     ("linear-bfloat16-m256-dv256-causal", "bwd-dq"): ("hmma",),
     ("linear-bfloat16-m256-dv256-causal", "bwd-dk"): ("hmma",),
     ("linear-bfloat16-m256-dv256-causal", "bwd-dv"): ("hmma",),
+    # flex_attention with a causal document mask_mod and a learned relative-bias score_mod.
+    ("flex-bfloat16-d128-document-relbias", "fwd"): ("spills", "hmma"),
+    ("flex-bfloat16-d128-document-relbias", "dq"): ("spills", "hmma"),
+    ("flex-bfloat16-d128-document-relbias", "dkdv"): ("spills", "hmma"),
 }
 
 
