@@ -4,11 +4,10 @@ Importing needs only torch; Triton is imported the first time a kernel runs, and
 torch.distributed machinery (fastattn.distributed) on first use.
 """
 from fastattn.backend import use_backend
-from fastattn.functional import (attention_with_kvcache, flash_attention, flash_attention_varlen, linear_attention,
-                                 linear_attention_varlen, linformer_attention,
-                                 performer_attention, performer_projection, scaled_dot_product_attention,
-                                 sparse_attention)
-from fastattn.functional import flex_attention, flex_attention_varlen
+from fastattn.functional import (attention_with_kvcache, flash_attention, flash_attention_varlen, flex_attention,
+                                 flex_attention_varlen, linear_attention, linear_attention_varlen,
+                                 linformer_attention, performer_attention, performer_projection,
+                                 scaled_dot_product_attention, sparse_attention)
 from fastattn.invariance import batch_invariant
 from fastattn.merge import cascade_attention_with_kvcache, merge_attention_states
 from fastattn import sparse  # noqa: E402  (layouts; needs the functions above)
