@@ -5,9 +5,10 @@ they choose its tiles). Static compiler output, not timings.
 For each target: every kernel the launchers launch for the headline flash configs (bf16, d64,
 d128 and d256, causal, forward and backward; fp16 on sm_75, which has no bf16) and with every
 feature on, and the largest footprints of the other ops (sm_100: flash's, ``fits_cases``), fits
-the target's shared memory per block (Triton refuses a launch that does not: OutOfResources). The headline flash kernels do
-not spill, except on sm_75, where Triton lowers the products to FMA and every tile spills:
-there each kernel is held to ``SM75_SPILLS``, the fewest spill bytes any tile gave.
+the target's shared memory per block (Triton refuses a launch that does not: OutOfResources).
+The headline flash kernels do not spill, except on sm_75, where Triton lowers the products to
+FMA and every tile spills: there each kernel is held to ``SM75_SPILLS``, the fewest spill bytes
+any tile gave.
 
 sm_90's cases are tests/test_sm90_compile.py's (shared through its results folder, compiled
 once per run). Time: about 10 s per flash case per target on one core (sm_75 more); the
