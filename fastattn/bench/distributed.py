@@ -107,40 +107,47 @@ def _time(fn, reps):
     return statistics.median(samples)
 
 
-def _bench_worker(rank, world, init_file, configs, reps, threads, results):
-    import fastattn.distributed as fd
-
+def _gloo_rank(rank, world, init_file, body, configs, reps, threads, results):
+    """One spawned rank: joins the gloo group, runs ``body(rank, world, configs, reps)`` and
+    puts rank 0's rows on ``results``."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        rows = []
-        for b, hq, hkv, length, d in configs:
-            q, k, v = (torch.randn(b, h, length, d) for h in (hq, hkv, hkv))
-            for name, method, zigzag in (("ring-contiguous", "ring", False), ("ring-zigzag", "ring", True),
-                                         ("ulysses", "ulysses", False)):
-                if method == "ulysses" and (hq % world or hkv % world):
-                    continue
-                cp = fd.context_parallel(method=method, zigzag=zigzag)
-                ql, kl, vl = (cp.shard(t).clone().requires_grad_() for t in (q, k, v))
-                do = torch.randn_like(ql)
-
-                def fwd():
-                    with torch.no_grad():
-                        cp(ql, kl, vl, causal=True)
-
-                def fwd_bwd():
-                    torch.autograd.grad(cp(ql, kl, vl, causal=True), (ql, kl, vl), do)
-
-                t_f, t_fb = _time(fwd, reps), _time(fwd_bwd, reps)
-                # The slowest rank sets the pace: report the max over ranks.
-                both = torch.tensor([t_f, t_fb])
-                dist.all_reduce(both, op=dist.ReduceOp.MAX)
-                rows.append((f"b{b}-h{hq}:{hkv}-l{length}-d{d}", name, both[0].item(), both[1].item()))
+        rows = body(rank, world, configs, reps)
         if rank == 0:
             results.put(rows)
     finally:
         dist.destroy_process_group()
+
+
+def _bench_worker(rank, world, configs, reps):
+    import fastattn.distributed as fd
+
+    rows = []
+    for b, hq, hkv, length, d in configs:
+        q, k, v = (torch.randn(b, h, length, d) for h in (hq, hkv, hkv))
+        for name, method, zigzag in (("ring-contiguous", "ring", False), ("ring-zigzag", "ring", True),
+                                     ("ulysses", "ulysses", False)):
+            if method == "ulysses" and (hq % world or hkv % world):
+                continue
+            cp = fd.context_parallel(method=method, zigzag=zigzag)
+            ql, kl, vl = (cp.shard(t).clone().requires_grad_() for t in (q, k, v))
+            do = torch.randn_like(ql)
+
+            def fwd():
+                with torch.no_grad():
+                    cp(ql, kl, vl, causal=True)
+
+            def fwd_bwd():
+                torch.autograd.grad(cp(ql, kl, vl, causal=True), (ql, kl, vl), do)
+
+            t_f, t_fb = _time(fwd, reps), _time(fwd_bwd, reps)
+            # The slowest rank sets the pace: report the max over ranks.
+            both = torch.tensor([t_f, t_fb])
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+            rows.append((f"b{b}-h{hq}:{hkv}-l{length}-d{d}", name, both[0].item(), both[1].item()))
+    return rows
 
 
 def _single_process(configs, reps, threads):
@@ -202,47 +209,40 @@ class _NoComm:
         pass
 
 
-def _overlap_worker(rank, world, init_file, configs, reps, threads, results):
+def _overlap_worker(rank, world, configs, reps):
     """Ring forward (zig-zag, causal) against its compute alone, its K/V transfers alone, and
     all-gathering K/V first then computing the same blocks (no overlap)."""
     from fastattn.distributed import ring as ring_mod
 
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        rows = []
-        for b, hq, hkv, length, d in configs:
-            local = length // world
-            q, k, v = (torch.randn(b, h, local, d) for h in (hq, hkv, hkv))
-            the_ring = ring_mod._Ring(None)
-            f = ring_mod.features("bench", q, scale=None, softcap=None, alibi_slopes=None, dropout_p=0.0)
-            sched = ring_mod.Schedule(world, local, local, zigzag=True, band=(None, 0), positional=True)
+    rows = []
+    for b, hq, hkv, length, d in configs:
+        local = length // world
+        q, k, v = (torch.randn(b, h, local, d) for h in (hq, hkv, hkv))
+        the_ring = ring_mod._Ring(None)
+        f = ring_mod.features("bench", q, scale=None, softcap=None, alibi_slopes=None, dropout_p=0.0)
+        sched = ring_mod.Schedule(world, local, local, zigzag=True, band=(None, 0), positional=True)
 
-            def ring_fwd():
-                ring_mod._ring_forward(the_ring, q, k, v, f, sched, False)
+        def ring_fwd():
+            ring_mod._ring_forward(the_ring, q, k, v, f, sched, False)
 
-            def compute():
-                ring_mod._ring_forward(_NoComm(rank, world), q, k, v, f, sched, False)
+        def compute():
+            ring_mod._ring_forward(_NoComm(rank, world), q, k, v, f, sched, False)
 
-            def transfers():
-                kv = (k, v)
-                for _ in range(sched.steps - 1):
-                    kv, pending = the_ring.start(kv, 0)
-                    the_ring.wait(pending)
+        def transfers():
+            kv = (k, v)
+            for _ in range(sched.steps - 1):
+                kv, pending = the_ring.start(kv, 0)
+                the_ring.wait(pending)
 
-            def gather_then_compute():
-                for t in (k, v):
-                    dist.all_gather([torch.empty_like(t) for _ in range(world)], t)
-                compute()
+        def gather_then_compute():
+            for t in (k, v):
+                dist.all_gather([torch.empty_like(t) for _ in range(world)], t)
+            compute()
 
-            times = torch.tensor(_time_interleaved((ring_fwd, compute, transfers, gather_then_compute), reps))
-            dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
-            rows.append((f"b{b}-h{hq}:{hkv}-l{length}-d{d}", sched.steps, *times.tolist()))
-        if rank == 0:
-            results.put(rows)
-    finally:
-        dist.destroy_process_group()
+        times = torch.tensor(_time_interleaved((ring_fwd, compute, transfers, gather_then_compute), reps))
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+        rows.append((f"b{b}-h{hq}:{hkv}-l{length}-d{d}", sched.steps, *times.tolist()))
+    return rows
 
 
 def measure_ranks(world, configs, reps=5, threads=1, timeout=600, worker=None):
@@ -251,8 +251,8 @@ def measure_ranks(world, configs, reps=5, threads=1, timeout=600, worker=None):
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = mp.spawn(worker or _bench_worker,
-                         args=(world, os.path.join(tmp, "rdv"), configs, reps, threads, results),
+        procs = mp.spawn(_gloo_rank, args=(world, os.path.join(tmp, "rdv"), worker or _bench_worker, configs,
+                                           reps, threads, results),
                          nprocs=world, join=False)
         deadline = time.monotonic() + timeout
         while not procs.join(timeout=5):
