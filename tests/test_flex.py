@@ -234,7 +234,7 @@ def test_document_mask_at_16k_allocates_no_lxl_tensor(device, monkeypatch):
 
     n = 16384
     document_id = torch.repeat_interleave(torch.arange(8, device=device), n // 8)
-    block_mask = flex_blocks.document_block_mask(document_id)
+    block_mask = fastattn.flex.document_block_mask(document_id)
     q, k, v = (torch.randn(1, 2, n, 64, device=device) for _ in range(3))
     launched = []
 
