@@ -429,3 +429,26 @@ def test_unlisted_blocks_are_never_read_forward_or_backward(device):
             assert bool(out[:, :, :n - blk].isfinite().all()) and bool(dq[:, :, :n - blk].isfinite().all())
         else:
             assert bool(dk[:, :, blk:].isfinite().all()) and bool(dv[:, :, blk:].isfinite().all())
+
+
+def tanh_softcap_20(score, b, h, q_idx, kv_idx):
+    return 20.0 * torch.tanh(score / 20.0)
+
+
+def test_fullgraph_compile_with_mods_that_translate(device):
+    """Plain-function mods that translate and capture no tensor stay in the graph as fastattn's
+    custom ops: torch.compile(fullgraph=True) takes the call, with the same output and gradients."""
+    torch._dynamo.reset()
+    q = torch.randn(1, 2, 64, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(1, 2, 64, 16, device=device, requires_grad=True) for _ in range(2))
+    block_mask = torch_flex.create_block_mask(causal, None, None, 64, 64, device="cpu", BLOCK_SIZE=32)
+
+    def model(q, k, v):
+        return fastattn.flex_attention(q, k, v, tanh_softcap_20, block_mask=block_mask)
+
+    compiled = torch.compile(model, backend="eager", fullgraph=True)(q, k, v)
+    eager = model(q, k, v)
+    do = torch.randn_like(eager)
+    assert torch.equal(compiled, eager)
+    for got, want in zip(torch.autograd.grad(compiled, (q, k, v), do), torch.autograd.grad(eager, (q, k, v), do)):
+        assert torch.equal(got, want)
