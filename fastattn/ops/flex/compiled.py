@@ -9,7 +9,7 @@ registered: a captured tensor would have to enter the graph as an input, and a r
 would not be seen by the compiled graph. For the others, ``mods_key`` gives -1; the call then
 stays a graph break.
 
-The BlockMask enters as its four kv lists (the op rebuilds the BlockMask with the registered
+The BlockMask enters as its eight lists (the op rebuilds it around them with the registered
 mask_mod). The forward op runs the eager path (``dispatch.run_eager``: the router, the kernels or
 the reference); the backward op runs it again under autograd and differentiates it, so a
 backward costs one more forward than the eager autograd path.
@@ -54,9 +54,7 @@ def _block_mask(lists: list, block_size: list, seq_lengths: list, mask_mod):
 
     if not lists:
         return None
-    kv_num, kv_idx, full_num, full_idx = lists if len(lists) == 4 else (*lists, None, None)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=tuple(block_size),
-                                    mask_mod=mask_mod, seq_lengths=tuple(seq_lengths))
+    return BlockMask(tuple(seq_lengths), *lists, BLOCK_SIZE=tuple(block_size), mask_mod=mask_mod)
 
 
 def _run(q, k, v, lists, block_size, seq_lengths, key, scale, enable_gqa):
@@ -68,10 +66,10 @@ def _run(q, k, v, lists, block_size, seq_lengths, key, scale, enable_gqa):
 
 
 @torch.library.custom_op("fastattn::flex_fwd", mutates_args=())
-def flex_fwd(q: Tensor, k: Tensor, v: Tensor, lists: list[Tensor], block_size: list[int], seq_lengths: list[int],
-             key: int, scale: float, enable_gqa: bool) -> tuple[Tensor, Tensor]:
+def flex_fwd(q: Tensor, k: Tensor, v: Tensor, lists: list[Optional[Tensor]], block_size: list[int],
+             seq_lengths: list[int], key: int, scale: float, enable_gqa: bool) -> tuple[Tensor, Tensor]:
     """(out, lse) of flex_attention with the registered mods ``key``; ``lists``: the BlockMask's
-    (kv_num, kv_idx[, full_num, full_idx]), empty for no block_mask."""
+    eight lists in its constructor's order (None where it has none), empty for no block_mask."""
     return _run(q, k, v, lists, block_size, seq_lengths, key, scale, enable_gqa)
 
 
@@ -81,7 +79,7 @@ def _(q, k, v, lists, block_size, seq_lengths, key, scale, enable_gqa):
 
 
 @torch.library.custom_op("fastattn::flex_bwd", mutates_args=())
-def flex_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lists: list[Tensor], block_size: list[int],
+def flex_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lists: list[Optional[Tensor]], block_size: list[int],
              seq_lengths: list[int], key: int, scale: float, enable_gqa: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of ``flex_fwd``'s out for its gradient ``do``: the forward run again under
     autograd."""
@@ -116,8 +114,8 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask, key: int, scale:
     if block_mask is None:
         lists, block_size, seq_lengths = [], [0, 0], [0, 0]
     else:
-        lists = [block_mask.kv_num_blocks, block_mask.kv_indices]
-        if block_mask.full_kv_num_blocks is not None:
-            lists += [block_mask.full_kv_num_blocks, block_mask.full_kv_indices]
+        lists = [block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+                 block_mask.full_kv_indices, block_mask.q_num_blocks, block_mask.q_indices,
+                 block_mask.full_q_num_blocks, block_mask.full_q_indices]
         block_size, seq_lengths = list(block_mask.BLOCK_SIZE), list(block_mask.seq_lengths)
     return flex_fwd(q, k, v, lists, block_size, seq_lengths, key, scale, enable_gqa)
