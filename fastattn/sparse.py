@@ -149,10 +149,21 @@ class BlockSparseLayout:
 
     @classmethod
     def from_block_mask(cls, block_mask) -> "BlockSparseLayout":
-        """From torch's FlexAttention ``BlockMask`` (torch >= 2.5). Full and partial blocks are
-        both kept; the ``mask_mod`` inside a block is not represented (a layout is block
-        granular), so pass ``causal=True`` to ``sparse_attention`` for a causal mask_mod.
-        The batch dimension must be 1 (layouts are shared across the batch)."""
+        """From torch's FlexAttention ``BlockMask`` (torch >= 2.5): its full and partial blocks
+        are kept. The batch dimension must be 1 (layouts are shared across the batch).
+
+        Raises:
+            ValueError: partial blocks with a ``mask_mod`` other than torch's ``noop_mask`` (a
+                layout keeps whole blocks, so the mask_mod would be dropped: run the BlockMask
+                with ``fastattn.flex_attention``), non-square blocks, a batch size other than 1."""
+        from torch.nn.attention.flex_attention import noop_mask
+
+        partial = int(block_mask.kv_num_blocks.sum())
+        if partial and block_mask.mask_mod is not noop_mask:
+            raise ValueError(f"BlockMask has {partial} partial blocks whose mask_mod "
+                             f"{getattr(block_mask.mask_mod, '__name__', block_mask.mask_mod)} a layout cannot "
+                             "hold (it keeps whole blocks); run it with fastattn.flex_attention(q, k, v, "
+                             "block_mask=...), or build it without a mask_mod (BlockMask.from_kv_blocks)")
         bs = block_mask.BLOCK_SIZE
         bs = (bs, bs) if isinstance(bs, int) else tuple(bs)
         if bs[0] != bs[1]:

@@ -12,6 +12,7 @@ from torch.nn.attention import flex_attention as torch_flex
 
 import fastattn
 from fastattn.ops.flex import blocks as flex_blocks
+from fastattn.ops.flex import compiled as flex_compiled
 from fastattn.ops.flex import dispatch as flex_dispatch
 from fastattn.ops.flex.reference import flex_reference
 from tests.helpers import GRAD_FACTOR, assert_close_rule
@@ -234,7 +235,7 @@ def test_document_mask_at_16k_allocates_no_lxl_tensor(device, monkeypatch):
 
     n = 16384
     document_id = torch.repeat_interleave(torch.arange(8, device=device), n // 8)
-    block_mask = flex_blocks.document_block_mask(document_id)
+    block_mask = fastattn.flex.document_block_mask(document_id)
     q, k, v = (torch.randn(1, 2, n, 64, device=device) for _ in range(3))
     launched = []
 
@@ -429,3 +430,31 @@ def test_unlisted_blocks_are_never_read_forward_or_backward(device):
             assert bool(out[:, :, :n - blk].isfinite().all()) and bool(dq[:, :, :n - blk].isfinite().all())
         else:
             assert bool(dk[:, :, blk:].isfinite().all()) and bool(dv[:, :, blk:].isfinite().all())
+
+
+def tanh_softcap_20(score, b, h, q_idx, kv_idx):
+    return 20.0 * torch.tanh(score / 20.0)
+
+
+def test_fullgraph_compile_with_mods_that_translate(device):
+    """Plain-function mods that translate and capture no tensor stay in the graph as fastattn's
+    custom ops: torch.compile(fullgraph=True) takes the call, with the same output and gradients."""
+    torch._dynamo.reset()
+    q = torch.randn(1, 1, 32, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(1, 1, 32, 16, device=device, requires_grad=True) for _ in range(2))
+    block_mask = torch_flex.create_block_mask(causal, None, None, 32, 32, device="cpu", BLOCK_SIZE=16)
+
+    def model(q, k, v):
+        return fastattn.flex_attention(q, k, v, tanh_softcap_20, block_mask=block_mask)
+
+    compiled = torch.compile(model, backend="eager", fullgraph=True)(q, k, v)
+    eager = model(q, k, v)
+    do = torch.randn_like(eager)
+    assert torch.equal(compiled, eager)
+    for got, want in zip(torch.autograd.grad(compiled, (q, k, v), do), torch.autograd.grad(eager, (q, k, v), do)):
+        assert torch.equal(got, want)
+    lists = [block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks, block_mask.full_kv_indices,
+             block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks, block_mask.full_q_indices]
+    args = (lists, [16, 16], [32, 32], flex_compiled.mods_key(tanh_softcap_20, causal), 0.25, False)
+    torch.library.opcheck(flex_compiled.flex_fwd, (q, k, v, *args))
+    torch.library.opcheck(flex_compiled.flex_bwd, (do, q.detach(), k.detach(), v.detach(), *args))

@@ -271,9 +271,23 @@ def test_flex_attention_block_mask_round_trip():
     assert isinstance(bm, flex.BlockMask) and bm.seq_lengths == (300, 300)
     assert torch.equal(bm.to_dense()[0].bool()[:, :5, :5], layout.to_dense())
     assert sparse.BlockSparseLayout.from_block_mask(bm) == layout
-    causal = flex.create_block_mask(lambda b, h, q, k: q >= k, None, None, 256, 256, device="cpu", BLOCK_SIZE=64)
+    # Block-aligned causal: every kept block is full, so the mask_mod is never needed inside one.
+    causal = flex.create_block_mask(lambda b, h, q, k: q // 64 >= k // 64, None, None, 256, 256, device="cpu",
+                                    BLOCK_SIZE=64)
     got = sparse.BlockSparseLayout.from_block_mask(causal)
     assert torch.equal(got.to_dense()[0], torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_from_block_mask_refuses_a_mask_mod_in_partial_blocks():
+    """A layout keeps whole blocks: token-level causality inside the diagonal blocks would be lost."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+
+    def causal(b, h, q, k):
+        return q >= k
+
+    block_mask = flex.create_block_mask(causal, None, None, 256, 256, device="cpu", BLOCK_SIZE=64)
+    with pytest.raises(ValueError, match="4 partial blocks whose mask_mod causal .*fastattn.flex_attention"):
+        sparse.BlockSparseLayout.from_block_mask(block_mask)
 
 
 BAD_LAYOUTS = {

@@ -16,8 +16,11 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from torch.nn.attention.flex_attention import BlockMask
+
 from fastattn import backend
 from fastattn.ops.flex import blocks as flex_blocks
+from fastattn.ops.flex import compiled
 from fastattn.ops.flex.reference import flex_reference, varlen_flex_reference
 from fastattn.validation import check_qkv, check_varlen, default_scale, shape_str
 
@@ -35,12 +38,29 @@ def _check(op: str, q: Tensor, k: Tensor, v: Tensor, score_mod, scale, enable_gq
     return default_scale(q.shape[-1], scale)
 
 
-# torch.compile runs these eagerly (a graph break): the mods are traced by the translator, not by
-# dynamo, and the kernels launch as they do without it. fullgraph=True therefore refuses them.
-@torch.compiler.disable
 def run(op: str, q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[Callable], block_mask, scale,
         enable_gqa: bool, return_lse: bool):
-    """out (B, Hq, Lq, Dv), or (out, lse float32 (B, Hq, Lq)) with ``return_lse``.
+    """out (B, Hq, Lq, Dv), or (out, lse float32 (B, Hq, Lq)) with ``return_lse``. Under
+    torch.compile, mods that are plain functions (no closure cells) that translate and capture
+    no tensor, with a torch BlockMask or none, run as ``compiled.py``'s custom ops (fullgraph=True
+    works); any other call is a graph break that runs ``run_eager``."""
+    mask_mod = block_mask.mask_mod if isinstance(block_mask, BlockMask) else None
+    if torch.compiler.is_compiling() and (block_mask is None or isinstance(block_mask, BlockMask)) \
+            and compiled.plain_mod(score_mod) and compiled.plain_mod(mask_mod):
+        key = compiled.mods_key(score_mod, mask_mod)
+        if key >= 0:
+            scale = _check(op, q, k, v, score_mod, scale, enable_gqa)
+            out, lse = compiled.flex_attention(q, k, v, block_mask, key, scale, enable_gqa)
+            return (out, lse) if return_lse else out
+    return run_eager(op, q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse)
+
+
+# torch.compile runs these eagerly (a graph break): the mods are traced by the translator, not by
+# dynamo, and the kernels launch as they do without it. fullgraph=True refuses such a call.
+@torch.compiler.disable
+def run_eager(op: str, q: Tensor, k: Tensor, v: Tensor, score_mod: Optional[Callable], block_mask, scale,
+              enable_gqa: bool, return_lse: bool):
+    """``run`` outside torch.compile.
 
     Raises:
         ValueError: bad inputs (named), a block_mask for other shapes, or, under

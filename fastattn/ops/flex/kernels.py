@@ -6,7 +6,8 @@
 ``SCORE_MOD(q.k * scale, b, h, q_idx, kv_idx)``; no (Lq, Lk) tensor exists anywhere.
 
 Which tiles are visited comes from a BlockMask (``blocks.py``), in blocks of Q_BLOCK query rows
-by KV_BLOCK keys: for query block r of (b, h), ``KV_NUM[b, h, r]`` partial blocks listed in
+by KV_BLOCK keys: ``LISTS`` = (KV_NUM, KV_IDX, FULL_NUM, FULL_IDX), ``list_strides`` their
+stride tuples; for query block r of (b, h), ``KV_NUM[b, h, r]`` partial blocks listed in
 ``KV_IDX[b, h, r, :]`` (MASK_MOD applied per element) and ``FULL_NUM/FULL_IDX`` full ones (no
 MASK_MOD); the dK/dV kernel walks the transposed lists (for each key block, its query blocks).
 A block not listed is never visited. Kernel tiles divide the mask's blocks: BLOCK_M | Q_BLOCK,
@@ -21,11 +22,15 @@ from fastattn.ops._triton import cast, dot, load_rows, packed_block, program_hea
 
 
 @triton.jit
-def _block_list(NUM, IDX, num_strides, idx_strides, b, h, row):
-    """(pointer to the first index, count) of block row ``row`` of (b, h) in a BlockMask list."""
+def _block_list(LISTS, list_strides, FULL: tl.constexpr, b, h, row):
+    """(pointer to the first index, step between indices, count) of block row ``row`` of (b, h):
+    its partial blocks, or its full ones with FULL. LISTS = (NUM, IDX, FULL_NUM, FULL_IDX)
+    pointers, list_strides their stride tuples."""
+    NUM, IDX = LISTS[2 * FULL], LISTS[2 * FULL + 1]
+    num_strides, idx_strides = list_strides[2 * FULL], list_strides[2 * FULL + 1]
     n = tl.load(NUM + b * num_strides[0] + h * num_strides[1] + row * num_strides[2])
     base = IDX + b * idx_strides[0] + h * idx_strides[1] + row * idx_strides[2]
-    return base, n
+    return base, idx_strides[3], n
 
 
 @triton.jit
@@ -83,9 +88,9 @@ def _fwd_span(acc, m_i, l_i, visits, q, first, width, rows, CAP, DIMS,
 
 @triton.jit
 def flex_fwd_kernel(
-    Q, K, V, O, LSE, VISITS, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, CU_SEQLENS_Q, CU_SEQLENS_K, BLOCKS, CAP, DIMS,
-    q_strides, k_strides, v_strides, o_strides, lse_strides, num_strides, idx_strides, full_num_strides,
-    full_idx_strides, n_heads, group, seqlen_q, seqlen_k, scale,
+    Q, K, V, O, LSE, VISITS, LISTS, CU_SEQLENS_Q, CU_SEQLENS_K, BLOCKS, CAP, DIMS,
+    q_strides, k_strides, v_strides, o_strides, lse_strides, list_strides, n_heads, group, seqlen_q, seqlen_k,
+    scale,
     SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_MASK: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -121,12 +126,7 @@ def flex_fwd_kernel(
     else:
         row = start_m // Q_BLOCK
         for full in tl.static_range(2):
-            if full == 0:
-                idx, n = _block_list(KV_NUM, KV_IDX, num_strides, idx_strides, b, h, row)
-                step = idx_strides[3]
-            else:
-                idx, n = _block_list(FULL_NUM, FULL_IDX, full_num_strides, full_idx_strides, b, h, row)
-                step = full_idx_strides[3]
+            idx, step, n = _block_list(LISTS, list_strides, full, b, h, row)
             for i in range(0, n):
                 first, width = _block_span(idx, i, step, KV_BLOCK, seqlen_k)
                 acc, m_i, l_i, visits = _fwd_span(acc, m_i, l_i, visits, q, first, width, rows, CAP, DIMS,
@@ -185,9 +185,9 @@ def _dq_span(dq, q, do, lse, delta, first, width, rows, CAP, DIMS,
 
 @triton.jit
 def flex_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, CU_SEQLENS_Q, CU_SEQLENS_K, BLOCKS, CAP, DIMS,
-    q_strides, k_strides, v_strides, do_strides, lse_strides, dq_strides, num_strides, idx_strides,
-    full_num_strides, full_idx_strides, n_heads, group, seqlen_q, seqlen_k, scale,
+    Q, K, V, DO, LSE, DELTA, DQ, LISTS, CU_SEQLENS_Q, CU_SEQLENS_K, BLOCKS, CAP, DIMS,
+    q_strides, k_strides, v_strides, do_strides, lse_strides, dq_strides, list_strides, n_heads, group, seqlen_q,
+    seqlen_k, scale,
     SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_MASK: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -218,12 +218,7 @@ def flex_bwd_dq_kernel(
     else:
         row = start_m // Q_BLOCK
         for full in tl.static_range(2):
-            if full == 0:
-                idx, n = _block_list(KV_NUM, KV_IDX, num_strides, idx_strides, b, h, row)
-                step = idx_strides[3]
-            else:
-                idx, n = _block_list(FULL_NUM, FULL_IDX, full_num_strides, full_idx_strides, b, h, row)
-                step = full_idx_strides[3]
+            idx, step, n = _block_list(LISTS, list_strides, full, b, h, row)
             for i in range(0, n):
                 first, width = _block_span(idx, i, step, KV_BLOCK, seqlen_k)
                 dq = _dq_span(dq, q, do, lse, delta, first, width, rows, CAP, DIMS, SCORE_MOD, SCORE_GRAD,
@@ -264,9 +259,9 @@ def _dkdv_span(dk, dv, k, v, first, height, rows, CAP, DIMS,
 
 @triton.jit
 def flex_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, FULL_NUM, FULL_IDX, CU_SEQLENS_Q, CU_SEQLENS_K, BLOCKS, CAP,
-    DIMS, q_strides, k_strides, v_strides, do_strides, lse_strides, dk_strides, dv_strides, num_strides,
-    idx_strides, full_num_strides, full_idx_strides, n_kv_heads, group, seqlen_q, seqlen_k, scale,
+    Q, K, V, DO, LSE, DELTA, DK, DV, LISTS, CU_SEQLENS_Q, CU_SEQLENS_K, BLOCKS, CAP, DIMS,
+    q_strides, k_strides, v_strides, do_strides, lse_strides, dk_strides, dv_strides, list_strides, n_kv_heads,
+    group, seqlen_q, seqlen_k, scale,
     SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, MASK_MOD: tl.constexpr, HAS_MASK: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -276,7 +271,7 @@ def flex_bwd_dkdv_kernel(
     """dK (GRAD_K) and dV (GRAD_V) of one block of BLOCK_N keys of one kv head (a launch with
     one of them holds half the accumulators: d256 on a GPU, ``_launch.key_grads``), summed over the ``group`` query
     heads that share it, over the query tiles the transposed mask lists for its key block
-    (Q_NUM/Q_IDX partial, FULL_NUM/FULL_IDX full; per query head); VARLEN as the forward
+    (LISTS = (Q_NUM, Q_IDX, FULL_NUM, FULL_IDX): partial, then full; per query head); VARLEN as the forward
     (BLOCKS then walks key blocks). No atomics."""
     b, hk, _, _ = program_heads(n_kv_heads, 1)
     b, start_n = packed_block(BLOCKS, b, BLOCK_N, VARLEN)
@@ -302,12 +297,7 @@ def flex_bwd_dkdv_kernel(
                                 DOT_FP32, PRECISION, BF16_RTNE)
         else:
             for full in tl.static_range(2):
-                if full == 0:
-                    idx, n = _block_list(Q_NUM, Q_IDX, num_strides, idx_strides, b, h, col)
-                    step = idx_strides[3]
-                else:
-                    idx, n = _block_list(FULL_NUM, FULL_IDX, full_num_strides, full_idx_strides, b, h, col)
-                    step = full_idx_strides[3]
+                idx, step, n = _block_list(LISTS, list_strides, full, b, h, col)
                 for i in range(0, n):
                     first, height = _block_span(idx, i, step, Q_BLOCK, seqlen_q)
                     dk, dv = _dkdv_span(dk, dv, k, v, first, height, rows, CAP, DIMS, SCORE_MOD, SCORE_GRAD,

@@ -59,8 +59,9 @@ def _tiles(q: Tensor, v: Tensor, blocks: Blocks, kernel: str) -> list:
 
 
 def _mask_args(blocks: Blocks, transposed: bool) -> tuple:
-    """(pointer arguments, stride arguments) of one direction of the block lists."""
-    lists = blocks[4:8] if transposed else blocks[0:4]
+    """(LISTS, list_strides) kernel arguments of one direction of the block lists: the four
+    tensors (NUM, IDX, FULL_NUM, FULL_IDX) and a tuple of their stride tuples."""
+    lists = tuple(blocks[4:8] if transposed else blocks[0:4])
     return lists, tuple(t.stride() for t in lists)
 
 
@@ -117,15 +118,15 @@ def forward(q, k, v, tr: Translation, blocks: Blocks, scale: float, cu_seqlens=(
     else:
         out = _launch.empty(*q.shape[:3], v.shape[-1], like=q)
     lse = _launch.empty(*q.shape[:3], like=q, dtype=torch.float32)
-    (kv_num, kv_idx, full_num, full_idx), mask_strides = _mask_args(blocks, False)
+    lists, list_strides = _mask_args(blocks, False)
     cap, dims = _captures(tr, q)
     cu_q, cu_k = cu_seqlens if varlen else (q, q)  # q stands in for the unused pointers
 
     def launch(tiles):
         grid, blocks_ptr = _grid(q, h, batch, tiles.block_m, cu_seqlens[0])
         kernels.flex_fwd_kernel[grid](
-            q, k, v, out, lse, q if visits is None else visits, kv_num, kv_idx, full_num, full_idx, cu_q, cu_k,
-            blocks_ptr, cap, dims, *(_strides(t, varlen) for t in (q, k, v, out, lse)), *mask_strides,
+            q, k, v, out, lse, q if visits is None else visits, lists, cu_q, cu_k, blocks_ptr, cap, dims,
+            *(_strides(t, varlen) for t in (q, k, v, out, lse)), list_strides,
             h, h // hkv, lq, lk, scale, COUNT_VISITS=visits is not None, **_meta(q, v, tr, blocks, tiles, varlen))
 
     _launch.first_fit(kernels.flex_fwd_kernel, q.device, _tiles(q, v, blocks, "fwd"), launch,
@@ -153,8 +154,8 @@ def backward(do, q, k, v, out, lse, tr: Translation, blocks: Blocks, scale: floa
     def launch_dq(tiles):
         grid, blocks_ptr = _grid(q, h, batch, tiles.block_m, cu_seqlens[0])
         kernels.flex_bwd_dq_kernel[grid](
-            q, k, v, do, lse, delta, dq, *fwd_lists, cu_q, cu_k, blocks_ptr, cap, dims,
-            *q_k_v_do_lse, _strides(dq, varlen), *fwd_strides,
+            q, k, v, do, lse, delta, dq, fwd_lists, cu_q, cu_k, blocks_ptr, cap, dims,
+            *q_k_v_do_lse, _strides(dq, varlen), fwd_strides,
             h, h // hkv, lq, lk, scale, SCORE_GRAD=tr.score_grad, **_meta(q, v, tr, blocks, tiles, varlen))
 
     _launch.first_fit(kernels.flex_bwd_dq_kernel, q.device, _tiles(q, v, blocks, "dq"), launch_dq, key=key)
@@ -162,8 +163,8 @@ def backward(do, q, k, v, out, lse, tr: Translation, blocks: Blocks, scale: floa
         def launch_dkdv(tiles, grads=grads):
             grid, blocks_ptr = _grid(k, hkv, batch, tiles.block_n, cu_seqlens[1])
             kernels.flex_bwd_dkdv_kernel[grid](
-                q, k, v, do, lse, delta, dk, dv, *bwd_lists, cu_q, cu_k, blocks_ptr, cap, dims,
-                *q_k_v_do_lse, _strides(dk, varlen), _strides(dv, varlen), *bwd_strides,
+                q, k, v, do, lse, delta, dk, dv, bwd_lists, cu_q, cu_k, blocks_ptr, cap, dims,
+                *q_k_v_do_lse, _strides(dk, varlen), _strides(dv, varlen), bwd_strides,
                 hkv, h // hkv, lq, lk, scale, SCORE_GRAD=tr.score_grad, **grads,
                 **_meta(q, v, tr, blocks, tiles, varlen))
 

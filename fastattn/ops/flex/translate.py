@@ -85,6 +85,8 @@ _FUNCTIONS.update({torch.abs: "abs", torch.neg: "neg", torch.logical_not: "logic
 _METHODS = {"to", "abs", "neg", "logical_not", "clamp", "clip", "minimum", "maximum", "remainder", "floor_divide",
             "pow", "square", "__neg__", "__invert__", "bitwise_not", "__floordiv__", "__mod__", "__pow__",
             "new_ones", "new_zeros", "__rsub__", "__radd__", "__rmul__", "__rtruediv__"}
+# One-operand names `_unary` takes besides _UNARY and _INT_UNARY.
+_ONE_OPERAND = {"neg", "__neg__", "pos", "logical_not", "invert", "__invert__", "bitwise_not", "abs", "square"}
 _REFLECTED = {"__rsub__": "-", "__radd__": "+", "__rmul__": "*", "__rtruediv__": "/"}
 _CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16,
           "int": torch.int32, "long": torch.int64, "bool": torch.bool}
@@ -249,6 +251,12 @@ class _Writer:
         x = self.arg(args[0], node)
         if kw and name not in ("clamp", "clip"):
             self._fail(node, f"keyword arguments {sorted(kw)}")
+        if name in _UNARY or name in _INT_UNARY or name in _ONE_OPERAND:
+            return self._unary(node, name, x)
+        return self._operands(node, name, x, args, kw)
+
+    def _unary(self, node, name, x: _Value) -> _Value:
+        """The elementwise functions of one traced value (exp, neg, ~, abs, ...) and their derivatives."""
         if name in _UNARY:
             expr, deriv = _UNARY[name]
             y = self.emit(expr.format(x=self.as_float(x)), "float", x.on_score)
@@ -275,6 +283,11 @@ class _Writer:
             y = self.emit(f"{x.expr} * {x.expr}", x.kind, x.on_score)
             self._rule(y, [(x, f"2.0 * {x.expr}")])
             return y
+        self._fail(node, f"`{name}`")
+
+    def _operands(self, node, name, x: _Value, args, kw) -> _Value:
+        """The functions of x and further operands (where, minimum/maximum, clamp, integer division,
+        powers) and their derivatives; anything else is refused."""
         if name == "where":
             c, a, b = x, self.arg(args[1], node), self.arg(args[2], node)
             y = self.emit(f"tl.where({c.expr}, {a.expr}, {b.expr})", _promote(a.kind, b.kind),
