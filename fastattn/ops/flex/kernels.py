@@ -34,6 +34,31 @@ def _block_list(LISTS, list_strides, FULL: tl.constexpr, b, h, row):
 
 
 @triton.jit
+def _program_rows(n_heads, group, BLOCKS, CU_SEQLENS_Q, CU_SEQLENS_K, seqlen_q, seqlen_k, BLOCK: tl.constexpr,
+                  LENGTH_IS_Q: tl.constexpr, VARLEN: tl.constexpr):
+    """(b, h, hk, start, q0, seqlen_q, k0, seqlen_k, offs, ok) of the program's tile of BLOCK
+    rows (queries if LENGTH_IS_Q, else keys): its batch row, with VARLEN its sequence (-1 past
+    the packed sequences' blocks: the caller returns; sequence 0's offsets are read instead),
+    its head and kv head (``program_heads``), the tile's first row, the sequence's first query
+    and key rows and lengths, the tile's rows and which of them exist."""
+    b, h, _, hk = program_heads(n_heads, group)
+    b, start = packed_block(BLOCKS, b, BLOCK, VARLEN)
+    seq = b * (b >= 0)
+    q0, seqlen_q = sequence(CU_SEQLENS_Q, seq, seqlen_q, VARLEN)
+    k0, seqlen_k = sequence(CU_SEQLENS_K, seq, seqlen_k, VARLEN)
+    offs, ok = span(start, BLOCK, seqlen_q if LENGTH_IS_Q else seqlen_k)
+    return b, h, hk, start, q0, seqlen_q, k0, seqlen_k, offs, ok
+
+
+@triton.jit
+def _head_spans(HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """(offs_d, d_ok, offs_dv, dv_ok): the q/k and v head-dim columns of a tile."""
+    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
+    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
+    return offs_d, d_ok, offs_dv, dv_ok
+
+
+@triton.jit
 def _block_span(IDX, i, step, BLOCK: tl.constexpr, seqlen):
     """(first position, width) of the i-th listed block: BLOCK positions, fewer at the end."""
     first = tl.load(IDX + i * step).to(tl.int32) * BLOCK
@@ -66,8 +91,7 @@ def _fwd_span(acc, m_i, l_i, visits, q, first, width, rows, CAP, DIMS,
     """Takes keys first .. first + width - 1 into the running softmax (m_i, l_i, acc), BLOCK_N a
     tile; ``visits`` counts the tiles."""
     K, V, k_strides, v_strides, b, h, hk, k0, offs_m, seqlen_k, scale = rows
-    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
-    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
+    offs_d, d_ok, offs_dv, dv_ok = _head_spans(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     for sub in range(0, width, BLOCK_N):
         offs_n, col_ok = span(first + sub, BLOCK_N, seqlen_k)
         k = load_rows(K, k_strides, b, hk, k0, offs_n, offs_d, col_ok, d_ok)
@@ -103,20 +127,15 @@ def flex_fwd_kernel(
     views, batch stride 0, CU_SEQLENS_Q/K, BLOCKS) b is the sequence, positions are local to it,
     and every key tile of the sequence is visited, MASK_MOD applied when HAS_MASK. With
     COUNT_VISITS, VISITS (grid-shaped int32) gets the number of key tiles each program took."""
-    b, h, _, hk = program_heads(n_heads, group)
-    b, start_m = packed_block(BLOCKS, b, BLOCK_M, VARLEN)
-    if VARLEN:
-        if b < 0:  # past the packed sequences' blocks
-            return
-    q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
-    k0, seqlen_k = sequence(CU_SEQLENS_K, b, seqlen_k, VARLEN)
-    offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
-    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
-    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
-    q = load_rows(Q, q_strides, b, h, q0, offs_m, offs_d, row_ok, d_ok)
+    b, h, hk, start_m, q0, seqlen_q, k0, seqlen_k, offs_m, row_ok = _program_rows(
+        n_heads, group, BLOCKS, CU_SEQLENS_Q, CU_SEQLENS_K, seqlen_q, seqlen_k, BLOCK_M, True, VARLEN)
+    if b < 0:  # past the packed sequences' blocks
+        return
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    offs_d, d_ok, offs_dv, dv_ok = _head_spans(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
+    q = load_rows(Q, q_strides, b, h, q0, offs_m, offs_d, row_ok, d_ok)
     visits = start_m * 0
     rows = (K, V, k_strides, v_strides, b, h, hk, k0, offs_m, seqlen_k, scale)
     if VARLEN:
@@ -124,9 +143,8 @@ def flex_fwd_kernel(
                                           MASK_MOD, HAS_MASK, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                           DOT_FP32, PRECISION, BF16_RTNE)
     else:
-        row = start_m // Q_BLOCK
-        for full in tl.static_range(2):
-            idx, step, n = _block_list(LISTS, list_strides, full, b, h, row)
+        for full in tl.static_range(2):  # the mask row's partial blocks, then its full ones
+            idx, step, n = _block_list(LISTS, list_strides, full, b, h, start_m // Q_BLOCK)
             for i in range(0, n):
                 first, width = _block_span(idx, i, step, KV_BLOCK, seqlen_k)
                 acc, m_i, l_i, visits = _fwd_span(acc, m_i, l_i, visits, q, first, width, rows, CAP, DIMS,
@@ -170,8 +188,7 @@ def _dq_span(dq, q, do, lse, delta, first, width, rows, CAP, DIMS,
              BLOCK_DV: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr):
     """dq += dS @ K over keys first .. first + width - 1, BLOCK_N a tile."""
     K, V, k_strides, v_strides, b, h, hk, k0, offs_m, seqlen_k, scale = rows
-    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
-    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
+    offs_d, d_ok, offs_dv, dv_ok = _head_spans(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     for sub in range(0, width, BLOCK_N):
         offs_n, col_ok = span(first + sub, BLOCK_N, seqlen_k)
         k = load_rows(K, k_strides, b, hk, k0, offs_n, offs_d, col_ok, d_ok)
@@ -195,16 +212,11 @@ def flex_bwd_dq_kernel(
 ):
     """dQ of one block of queries of one (b, h), over the key tiles its mask row lists (no
     atomics: deterministic); VARLEN as the forward. DELTA = rowsum(dO * O), laid out as LSE."""
-    b, h, bh, hk = program_heads(n_heads, group)
-    b, start_m = packed_block(BLOCKS, b, BLOCK_M, VARLEN)
-    if VARLEN:
-        if b < 0:
-            return
-    q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
-    k0, seqlen_k = sequence(CU_SEQLENS_K, b, seqlen_k, VARLEN)
-    offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
-    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
-    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
+    b, h, hk, start_m, q0, seqlen_q, k0, seqlen_k, offs_m, row_ok = _program_rows(
+        n_heads, group, BLOCKS, CU_SEQLENS_Q, CU_SEQLENS_K, seqlen_q, seqlen_k, BLOCK_M, True, VARLEN)
+    if b < 0:  # past the packed sequences' blocks
+        return
+    offs_d, d_ok, offs_dv, dv_ok = _head_spans(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     q = load_rows(Q, q_strides, b, h, q0, offs_m, offs_d, row_ok, d_ok)
     do = load_rows(DO, do_strides, b, h, q0, offs_m, offs_dv, row_ok, dv_ok)
     lse_rows = b * lse_strides[0] + h * lse_strides[1] + (tl.cast(q0, tl.int64) + offs_m) * lse_strides[2]
@@ -216,9 +228,8 @@ def flex_bwd_dq_kernel(
         dq = _dq_span(dq, q, do, lse, delta, 0, seqlen_k, rows, CAP, DIMS, SCORE_MOD, SCORE_GRAD, MASK_MOD,
                       HAS_MASK, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, DOT_FP32, PRECISION, BF16_RTNE)
     else:
-        row = start_m // Q_BLOCK
-        for full in tl.static_range(2):
-            idx, step, n = _block_list(LISTS, list_strides, full, b, h, row)
+        for full in tl.static_range(2):  # the mask row's partial blocks, then its full ones
+            idx, step, n = _block_list(LISTS, list_strides, full, b, h, start_m // Q_BLOCK)
             for i in range(0, n):
                 first, width = _block_span(idx, i, step, KV_BLOCK, seqlen_k)
                 dq = _dq_span(dq, q, do, lse, delta, first, width, rows, CAP, DIMS, SCORE_MOD, SCORE_GRAD,
@@ -237,8 +248,7 @@ def _dkdv_span(dk, dv, k, v, first, height, rows, CAP, DIMS,
     """dv += P^T dO (GRAD_V) and dk += dS^T Q (GRAD_K) over queries first .. first + height - 1
     of head h; what a launch without one of them does not need compiles away."""
     Q, DO, LSE, DELTA, q_strides, do_strides, lse_strides, b, h, q0, offs_n, seqlen_q, seqlen_k, scale = rows
-    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
-    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
+    offs_d, d_ok, offs_dv, dv_ok = _head_spans(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     for sub in range(0, height, BLOCK_M):
         offs_m, row_ok = span(first + sub, BLOCK_M, seqlen_q)
         q = load_rows(Q, q_strides, b, h, q0, offs_m, offs_d, row_ok, d_ok)
@@ -273,16 +283,11 @@ def flex_bwd_dkdv_kernel(
     heads that share it, over the query tiles the transposed mask lists for its key block
     (LISTS = (Q_NUM, Q_IDX, FULL_NUM, FULL_IDX): partial, then full; per query head); VARLEN as the forward
     (BLOCKS then walks key blocks). No atomics."""
-    b, hk, _, _ = program_heads(n_kv_heads, 1)
-    b, start_n = packed_block(BLOCKS, b, BLOCK_N, VARLEN)
-    if VARLEN:
-        if b < 0:
-            return
-    q0, seqlen_q = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
-    k0, seqlen_k = sequence(CU_SEQLENS_K, b, seqlen_k, VARLEN)
-    offs_n, col_ok = span(start_n, BLOCK_N, seqlen_k)
-    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
-    offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
+    b, hk, _, start_n, q0, seqlen_q, k0, seqlen_k, offs_n, col_ok = _program_rows(
+        n_kv_heads, 1, BLOCKS, CU_SEQLENS_Q, CU_SEQLENS_K, seqlen_q, seqlen_k, BLOCK_N, False, VARLEN)
+    if b < 0:  # past the packed sequences' blocks
+        return
+    offs_d, d_ok, offs_dv, dv_ok = _head_spans(HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)
     k = load_rows(K, k_strides, b, hk, k0, offs_n, offs_d, col_ok, d_ok)
     v = load_rows(V, v_strides, b, hk, k0, offs_n, offs_dv, col_ok, dv_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
