@@ -197,29 +197,47 @@ def _check_packed(rank, world, case):
         assert_close_rule(f"d{name} {tag}", g, g64, gb, factor=3.0)
 
 
+def _one_process(q, k, v, **options):
+    """A world of one for ContextParallelAttention: flash_attention with the same keywords."""
+    return fastattn.functional.flash_attention(q, k, v, **options)
+
+
 def _check_nn_module(rank, world):
     """A fastattn.nn.MultiHeadAttention whose kind is ContextParallelAttention(cp), fed this
-    rank's shard of the tokens, gives this rank's shard of the single-process output (causal,
-    GQA, zig-zag)."""
+    rank's shard of the tokens, gives this rank's shard of the single-process output and, summed
+    over the ranks, its weights' and sinks' gradients (causal, GQA, zig-zag; then ALiBi, a
+    window, softcap and learned sinks)."""
     gen = torch.Generator().manual_seed(1234)  # same weights and tokens on every rank
     torch.manual_seed(1234)
-    mha = fastattn.nn.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True)
-    x = torch.randn(2, 8 * world, 32, generator=gen)
     cp = fd.context_parallel(method="ring")
-    sharded = fastattn.nn.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True,
-                                             attention=fastattn.nn.ContextParallelAttention(cp))
-    sharded.load_state_dict(mha.state_dict())
-    with fastattn.use_backend("torch"):
-        want = mha(x)
-        got = sharded(cp.shard(x, dim=1))  # (B, L, E): the sequence is dim 1
-        with pytest.raises(ValueError, match="context-parallel"):
-            sharded(cp.shard(x, dim=1), attn_bias=torch.ones(1, 1, 4 * world, 4 * world, dtype=torch.bool))
-        with cp:  # the with-block only sets fd.current(); a layer attends across ranks only by its kind
-            assert torch.equal(mha(x), want)
-    oracle = mha.double()(x.double())
-    mha.float()
-    shard = cp.shard
-    assert_close_rule(f"nn rank {rank}/{world}", got, shard(oracle, dim=1), shard(want, dim=1))
+    settings = [(dict(), {}), (dict(alibi=True), dict(window=(5, 0), softcap=3.0, sinks=True))]
+    for layer, kind in settings:
+        mha = fastattn.nn.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, **layer,
+                                             attention=fastattn.nn.ContextParallelAttention(_one_process, **kind))
+        if kind.get("sinks"):
+            torch.nn.init.normal_(mha.kind.sinks)
+        x = torch.randn(2, 8 * world, 32, generator=gen)
+        do = torch.randn(2, 8 * world, 32, generator=gen)
+        sharded = fastattn.nn.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, **layer,
+                                                 attention=fastattn.nn.ContextParallelAttention(cp, **kind))
+        sharded.load_state_dict(mha.state_dict())
+        with fastattn.use_backend("torch"):
+            want = mha(x)
+            grads_base = torch.autograd.grad(want, list(mha.parameters()), do)
+            got = sharded(cp.shard(x, dim=1))  # (B, L, E): the sequence is dim 1
+            grads = torch.autograd.grad(got, list(sharded.parameters()), cp.shard(do, dim=1))
+            with pytest.raises(ValueError, match="context-parallel"):
+                sharded(cp.shard(x, dim=1), attn_bias=torch.ones(1, 1, 4 * world, 4 * world, dtype=torch.bool))
+            with cp:  # the with-block only sets fd.current(); a layer attends across ranks only by its kind
+                assert torch.equal(mha(x), want)
+        mha.double()
+        oracle = mha(x.double())
+        grads64 = torch.autograd.grad(oracle, list(mha.parameters()), do.double())
+        tag = f"nn rank {rank}/{world} {layer} {kind}"
+        assert_close_rule(tag, got, cp.shard(oracle, dim=1), cp.shard(want, dim=1))
+        for (name, _), g, g64, gb in zip(mha.named_parameters(), grads, grads64, grads_base):
+            dist.all_reduce(g)  # each rank's share of the gradient, from its tokens
+            assert_close_rule(f"d{name} {tag}", g, g64, gb, factor=3.0)
 
 
 def _check_rejections(rank, world):
