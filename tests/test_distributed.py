@@ -197,9 +197,15 @@ def _check_packed(rank, world, case):
         assert_close_rule(f"d{name} {tag}", g, g64, gb, factor=3.0)
 
 
-def _one_process(q, k, v, **options):
-    """A world of one for ContextParallelAttention: flash_attention with the same keywords."""
-    return fastattn.functional.flash_attention(q, k, v, **options)
+class _OneProcess:
+    """A world of one for ContextParallelAttention: flash_attention (packed: _varlen) with the
+    same keywords."""
+
+    def __call__(self, q, k, v, **options):
+        return fastattn.functional.flash_attention(q, k, v, **options)
+
+    def varlen(self, q, k, v, cu_seqlens, **options):
+        return fastattn.functional.flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, **options)
 
 
 def _check_nn_module(rank, world):
@@ -213,7 +219,7 @@ def _check_nn_module(rank, world):
     settings = [(dict(), {}), (dict(alibi=True), dict(window=(5, 0), softcap=3.0, sinks=True))]
     for layer, kind in settings:
         mha = fastattn.nn.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, **layer,
-                                             attention=fastattn.nn.ContextParallelAttention(_one_process, **kind))
+                                             attention=fastattn.nn.ContextParallelAttention(_OneProcess(), **kind))
         if kind.get("sinks"):
             torch.nn.init.normal_(mha.kind.sinks)
         x = torch.randn(2, 8 * world, 32, generator=gen)
@@ -238,6 +244,42 @@ def _check_nn_module(rank, world):
         for (name, _), g, g64, gb in zip(mha.named_parameters(), grads, grads64, grads_base):
             dist.all_reduce(g)  # each rank's share of the gradient, from its tokens
             assert_close_rule(f"d{name} {tag}", g, g64, gb, factor=3.0)
+    _check_nn_packed(rank, world, cp)
+
+
+def _check_nn_packed(rank, world, cp):
+    """Packed documents through the kind: this rank's uneven contiguous share of the tokens, RoPE
+    at its documents' positions, ALiBi, window, softcap and sinks; output and summed gradients
+    against one process."""
+    from fastattn.nn.positional import packed_positions
+
+    gen = torch.Generator().manual_seed(4321)
+    docs = [5, 9 * world - 2, 3, 4]  # the second document spans every rank
+    total = sum(docs)
+    cu = torch.tensor([0] + list(itertools.accumulate(docs)), dtype=torch.int32)
+    layer = dict(causal=True, alibi=True, rotary=fastattn.nn.RotaryEmbedding(8))
+    kind = dict(window=(6, 0), softcap=3.0, sinks=True)
+    mha = fastattn.nn.MultiHeadAttention(32, 4, num_kv_heads=2, **layer,
+                                         attention=fastattn.nn.ContextParallelAttention(_OneProcess(), **kind))
+    torch.nn.init.normal_(mha.kind.sinks)
+    sharded = fastattn.nn.MultiHeadAttention(32, 4, num_kv_heads=2, **layer,
+                                             attention=fastattn.nn.ContextParallelAttention(cp, **kind))
+    sharded.load_state_dict(mha.state_dict())
+    x, do = (torch.randn(1, total, 32, generator=gen) for _ in range(2))
+    positions = cp.shard_packed(packed_positions(cu, total), dim=1)
+    with fastattn.use_backend("torch"):
+        want = mha(x, cu_seqlens=cu)
+        grads_base = torch.autograd.grad(want, list(mha.parameters()), do)
+        got = sharded(cp.shard_packed(x, dim=1), cu_seqlens=cu, offset=positions)
+        grads = torch.autograd.grad(got, list(sharded.parameters()), cp.shard_packed(do, dim=1))
+    mha.double()
+    oracle = mha(x.double(), cu_seqlens=cu)
+    grads64 = torch.autograd.grad(oracle, list(mha.parameters()), do.double())
+    tag = f"nn packed rank {rank}/{world}"
+    assert_close_rule(tag, got, cp.shard_packed(oracle, dim=1), cp.shard_packed(want, dim=1))
+    for (name, _), g, g64, gb in zip(mha.named_parameters(), grads, grads64, grads_base):
+        dist.all_reduce(g)
+        assert_close_rule(f"d{name} {tag}", g, g64, gb, factor=3.0)
 
 
 def _check_rejections(rank, world):
@@ -398,6 +440,17 @@ def test_shard_roundtrip(world, zigzag):
         assert torch.equal(shards[0][:, :, c:], x[:, :, -c:])
         positions = torch.cat([fd.shard_positions(8 * world, r, world, zigzag=True) for r in range(world)])
         assert sorted(positions.tolist()) == list(range(8 * world))
+
+
+def test_packed_bounds_tile_the_stream():
+    """Contiguous shares of a packed stream: in rank order, covering it, sizes within one."""
+    for total, world in ((7, 3), (8, 4), (5, 5)):
+        bounds = [fd.packed_bounds(total, r, world) for r in range(world)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == total
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert max(e - s for s, e in bounds) - min(e - s for s, e in bounds) <= 1
+    with pytest.raises(ValueError, match="total must be an int >= world_size = 4, got 3"):
+        fd.packed_bounds(3, 0, 4)
 
 
 @pytest.mark.parametrize("length,world,zigzag", [(10, 4, False), (12, 4, True), (7, 2, False)])

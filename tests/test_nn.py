@@ -257,6 +257,10 @@ class _FakeContextParallel:
         self.calls.append(dict(causal=causal, shapes=(q.shape, k.shape), **options))
         return fastattn.functional.flash_attention(q, k, v, causal=causal, **options)
 
+    def varlen(self, q, k, v, cu_seqlens, *, causal=False, **options):
+        self.calls.append(dict(causal=causal, shapes=(q.shape, k.shape), cu_seqlens=cu_seqlens, **options))
+        return fastattn.functional.flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, causal=causal, **options)
+
 
 def _kinds():
     return {"flash": Flash(), "sparse": Sparse(_layout32()), "performer": Performer(16),
@@ -334,7 +338,8 @@ def test_context_parallel_is_a_kind():
 
 def test_context_parallel_kind_features():
     """The kind's own window, softcap and learned sinks, and the layer's ALiBi and dropout,
-    reach cp with every call; each layer of a stack learns its own sinks; bad settings raise."""
+    reach cp with every call (packed documents: cp.varlen); each layer of a stack learns its
+    own sinks; bad settings raise."""
     cp = _FakeContextParallel()
     spec = ContextParallelAttention(cp, window=(3, 0), softcap=2.0, sinks=True)
     m = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, alibi=True, dropout=0.2, attention=spec).double()
@@ -345,6 +350,12 @@ def test_context_parallel_kind_features():
     assert (call["window"], call["softcap"], call["dropout_p"]) == ((3, 0), 2.0, 0.2)
     assert call["sinks"] is m.kind.sinks and torch.equal(call["alibi_slopes"], m.alibi_slopes)
     assert m.kind.sinks.grad is not None and m.kind.sinks.grad.abs().sum() > 0
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)  # packed documents: cp.varlen, shaped as Flash's
+    plain = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, alibi=True).double()
+    packed = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, alibi=True, attention=ContextParallelAttention(cp))
+    packed.double().load_state_dict(plain.state_dict())
+    torch.testing.assert_close(packed(x, cu_seqlens=cu), plain(x, cu_seqlens=cu), rtol=0, atol=0)
+    assert cp.calls[-1]["cu_seqlens"] is cu and cp.calls[-1]["shapes"][0] == (10, 4, 8)
     stack = TransformerEncoder(TransformerEncoderLayer(32, 4, 64, attention=spec), 2)
     s0, s1 = (layer.self_attn.kind.sinks for layer in stack.layers)
     assert s0 is not s1 and stack.layers[1].self_attn.kind.cp is cp

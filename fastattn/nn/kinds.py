@@ -276,7 +276,7 @@ class ContextParallelAttention(AttentionKind):
     Args:
         cp: a ``fastattn.distributed.ContextParallel`` (from ``context_parallel(group, method=...)``),
             or any callable ``cp(q, k, v, *, causal, alibi_slopes, dropout_p, window, softcap, sinks)``
-            with that contract.
+            with that contract (and its ``varlen(q, k, v, cu_seqlens, ...)`` for packed documents).
         window: ``(left, right)`` sliding window over global positions (ints >= 0 or None for
             unbounded), as ``flash_attention``'s; None for none.
         softcap: logits become ``softcap * tanh(logits / softcap)``; None for none.
@@ -285,13 +285,17 @@ class ContextParallelAttention(AttentionKind):
             that rank's share, summed over the ranks like the weights'.
 
     Supports causal, ALiBi and dropout (each rank draws its own pieces' masks: the same
-    distribution as one process, not the same mask). No mask, bias, KV cache or weights.
+    distribution as one process, not the same mask), and packed documents (``attend_packed``:
+    this rank's contiguous share ``cp.shard_packed(x, dim=1)`` of the packed tokens and the
+    whole batch's ``cu_seqlens``, through ``cp.varlen``; the layer's RoPE ``offset`` must then
+    be this rank's share of the positions; a window or ALiBi need causal). No mask, bias, KV
+    cache or weights.
 
     Raises:
         ValueError: cp not callable, a window that is not a pair of ints >= 0 or None, or a
             softcap that is not a positive number.
     """
-    supports = Supports(causal=True, alibi=True, dropout=True)
+    supports = Supports(causal=True, alibi=True, dropout=True, varlen=True)
     label = "context-parallel"
 
     def __init__(self, cp, *, window: Optional[tuple] = None, softcap: Optional[float] = None, sinks: bool = False):
@@ -325,6 +329,13 @@ class ContextParallelAttention(AttentionKind):
     def forward(self, q, k, v, *, causal=False, alibi_slopes=None, dropout_p=0.0, **unused):
         return self.cp(q, k, v, causal=causal, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                        **self.options())
+
+    def attend_packed(self, q, k, v, cu_seqlens, *, causal=False, alibi_slopes=None, dropout_p=0.0):
+        """This rank's share of packed documents: q (1, Hq, T_local, D), k/v (1, Hkv, T_local, D),
+        the whole batch's ``cu_seqlens`` -> (1, Hq, T_local, Dv) (``cp.varlen``)."""
+        out = self.cp.varlen(*(t[0].transpose(0, 1) for t in (q, k, v)), cu_seqlens, causal=causal,
+                             alibi_slopes=alibi_slopes, dropout_p=dropout_p, **self.options())
+        return out.transpose(0, 1)[None]  # (T_local, Hq, Dv) -> (1, Hq, T_local, Dv)
 
 
 def check_kind(owner: str, attention) -> AttentionKind:
