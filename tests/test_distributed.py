@@ -122,11 +122,13 @@ def _check_case(rank, world, case):
     if case["sinks"]:
         local["sinks"] = full["sinks"].detach().clone().requires_grad_()
         opts["sinks"] = local["sinks"]
-    if case["bias"] == "float":  # this rank's query rows over every key
-        local["attn_bias"] = shard(full["attn_bias"].detach()).requires_grad_()
+    # The ring takes this rank's query rows over every key; Ulysses the whole bias (it slices heads).
+    rows = (lambda t: t) if method == "ulysses" else shard
+    if case["bias"] == "float":
+        local["attn_bias"] = rows(full["attn_bias"].detach()).clone().requires_grad_()
         opts["attn_bias"] = local["attn_bias"]
     elif case["bias"] == "bool":
-        opts["attn_bias"] = shard(opts["attn_bias"])
+        opts["attn_bias"] = rows(opts["attn_bias"])
     torch.manual_seed(case["seed"])
     with fastattn.use_backend(case["backend"]):
         if method in ("ring", "ulysses"):
@@ -141,13 +143,15 @@ def _check_case(rank, world, case):
                 out = fd.current()(local["q"], local["k"], local["v"], causal=causal, **opts)
             assert fd.current() is None
         grads = list(torch.autograd.grad(out, list(local.values()), shard(do)))
-    if case["sinks"]:  # each rank holds its rows' share of the replicated sinks' gradient
-        dist.all_reduce(grads[list(local).index("sinks")])
+    # each rank holds its rows' (Ulysses: heads') share of the replicated sinks' and bias's gradient
+    for name in ("sinks", "attn_bias") if method == "ulysses" else ("sinks",):
+        if name in local:
+            dist.all_reduce(grads[list(local).index(name)])
     tag = f"rank {rank}/{world} {case}"
     assert out.shape == (b, hq, length // world, d) and out.dtype == q.dtype, tag
     assert_close_rule(f"out {tag}", out, shard(oracle), shard(base))
     for name, g, g64, gb in zip(full, grads, grads64, grads_base):
-        if name != "sinks":  # the bias's rows too
+        if name != "sinks" and not (name == "attn_bias" and method == "ulysses"):  # the ring's bias rows too
             g64, gb = shard(g64), shard(gb)
         assert_close_rule(f"d{name} {tag}", g, g64, gb, factor=3.0)
 
@@ -295,6 +299,10 @@ def _check_rejections(rank, world):
     heads = torch.randn(1, world + 1, 4, 16)
     with pytest.raises(ValueError, match="divisible by the world size"):
         fd.ulysses_attention(heads, heads, heads)
+    even = torch.randn(1, world, 4, 16)
+    with pytest.raises(ValueError, match=rf"attn_bias must cover the whole sequence, \(1 or 1, {world} or 1, "
+                                         rf"{4 * world}, {4 * world}\), got \(1, 1, 4, {4 * world}\)"):
+        fd.ulysses_attention(even, even, even, attn_bias=torch.zeros(1, 1, 4, 4 * world))
     with pytest.raises(ValueError, match="context-parallel attention takes the keywords"):
         fd.context_parallel()(q, q, q, attn_bias=q)
     packed = torch.randn(3 + rank, 2, 16)  # uneven shards of a packed stream of 3 + 4 (+ 5 + 6) tokens
@@ -387,6 +395,7 @@ def test_two_ranks_torch(tmp_path):
         _case("ulysses", True, False, 4, 2, 24, window=(4, 0), alibi=True, sinks=True, softcap=3.0, dropout=0.2),
         _case("switch", True, True, 2, 2, 24, window=(3, 0), sinks=True),
         _case("ring", True, True, 4, 2, 24, bias="float", sinks=True),             # a learned bias, dbias
+        _case("ulysses", True, True, 4, 2, 24, bias="float", sinks=True),          # its heads of the whole bias
         # packed documents over uneven shards (13 + 24 tokens; the second document crosses)
         _packed([5, 20, 1, 11], [13, 24], window=(6, 0), alibi=True, sinks=True, softcap=3.0),
         _packed([9, 16, 12], [20, 17], causal=False, hq=2, hkv=1),
@@ -404,6 +413,7 @@ def test_four_ranks_torch(tmp_path):
         _case("ring", True, True, 4, 2, 32, softcap=2.0, dropout=0.25),
         _case("ring", False, True, 2, 2, 32, window=(4, 3), alibi=True),
         _case("ring", False, False, 2, 1, 32, b=2, bias="bool", softcap=2.0),       # a boolean mask
+        _case("ulysses", False, True, 4, 4, 32, b=2, bias="bool", window=(6, 2)),
         _case("ulysses", True, True, 4, 4, 32, window=(5, 0), sinks=True, dropout=0.3),
         # a document over three ranks, one ending on a shard boundary, an empty one
         _packed([3, 25, 0, 6, 4], [7, 9, 13, 9], window=(8, 0), alibi=True, sinks=True),
