@@ -42,16 +42,16 @@ def _poison_outputs():
 def _dropout_keep(case, rank, world, seed, shape):
     """The global (B, Hq, L, L) keep-mask a context-parallel call drew: every piece of every
     rank's schedule redrawn from the call's seed (as the kernels or the reference draw it)."""
-    from fastattn.distributed.ring import Features, Schedule, _reference_keep
+    from fastattn.distributed.ring import Features, Schedule, _reference_keep, piece_seed
 
     b, hq, length = shape
     keep = torch.ones(b, hq, length, length, dtype=torch.bool)
 
     def draw(piece, shape):
+        f = Features(1.0, None, None, case["dropout"], seed)
         if case["backend"] == "triton":
             from fastattn.ops.flash.op import dropout_keep_mask
-            return dropout_keep_mask(seed + piece.uid, *shape, case["dropout"])
-        f = Features(1.0, None, None, case["dropout"], seed)
+            return dropout_keep_mask(piece_seed(f, piece), *shape, case["dropout"])
         return _reference_keep(f, piece, shape, seed.device)
 
     band = fastattn.validation.band_from(case["causal"], case["window"])
