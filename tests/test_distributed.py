@@ -308,8 +308,6 @@ def _check_rejections(rank, world):
     packed = torch.randn(3 + rank, 2, 16)  # uneven shards of a packed stream of 3 + 4 (+ 5 + 6) tokens
     with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to the ranks' total"):
         fd.varlen_attention(packed, packed, packed, torch.tensor([0, 5], dtype=torch.int32), causal=True)
-    with pytest.raises(ValueError, match="window and alibi_slopes need causal=True"):
-        fd.varlen_attention(packed, packed, packed, torch.tensor([0, 5], dtype=torch.int32), window=(1, 1))
     # A DeviceMesh names the ranks as well as a process group; a 2-D one must be cut to its cp dim.
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -398,7 +396,7 @@ def test_two_ranks_torch(tmp_path):
         _case("ulysses", True, True, 4, 2, 24, bias="float", sinks=True),          # its heads of the whole bias
         # packed documents over uneven shards (13 + 24 tokens; the second document crosses)
         _packed([5, 20, 1, 11], [13, 24], window=(6, 0), alibi=True, sinks=True, softcap=3.0),
-        _packed([9, 16, 12], [20, 17], causal=False, hq=2, hkv=1),
+        _packed([9, 16, 12], [20, 17], causal=False, hq=2, hkv=1, alibi=True),  # rank 0 pads 5 query rows
     ]
     _run_job(tmp_path, 2, cases)
 
@@ -418,6 +416,7 @@ def test_four_ranks_torch(tmp_path):
         # a document over three ranks, one ending on a shard boundary, an empty one
         _packed([3, 25, 0, 6, 4], [7, 9, 13, 9], window=(8, 0), alibi=True, sinks=True),
         _packed([14, 10, 14], [10, 12, 7, 9], causal=False, softcap=2.0),
+        _packed([14, 10, 14], [10, 12, 7, 9], causal=False, window=(3, 5), alibi=True, sinks=True),
     ]
     _run_job(tmp_path, 4, cases)
 

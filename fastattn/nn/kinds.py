@@ -288,8 +288,7 @@ class ContextParallelAttention(AttentionKind):
     distribution as one process, not the same mask), and packed documents (``attend_packed``:
     this rank's contiguous share ``cp.shard_packed(x, dim=1)`` of the packed tokens and the
     whole batch's ``cu_seqlens``, through ``cp.varlen``; the layer's RoPE ``offset`` must then
-    be this rank's share of the positions; a window or ALiBi need causal). No mask, bias, KV
-    cache or weights.
+    be this rank's share of the positions). No mask, bias, KV cache or weights.
 
     Raises:
         ValueError: cp not callable, a window that is not a pair of ints >= 0 or None, or a
