@@ -7,6 +7,7 @@
     python examples/train_gpt.py --docs                 # documents of long-tailed lengths, padded
     python examples/train_gpt.py --docs --pack          # the same documents packed in one row
     python examples/train_gpt.py --cp 2                 # context parallel: 2 processes, one sequence
+    python examples/train_gpt.py --cp 2 --docs --pack   # the packed stream shared out across 2 processes
 
 The text is every ``.py`` file under the directory of the running interpreter's ``os`` module
 (sorted by path, so the split is the same on every run of one Python installation): always
@@ -25,7 +26,10 @@ With ``--cp N`` it trains on N processes (gloo on CPU, NCCL with one GPU each): 
 draws the same batches and holds a zig-zag shard of every sequence, RoPE at the tokens' global
 positions; attention is ring attention across the ranks (``fastattn.nn.ContextParallelAttention``)
 and DistributedDataParallel averages the gradients over them, so the steps are one process's.
-Rank 0 then evaluates and samples with the trained weights in one process.
+With ``--docs --pack`` each rank holds a contiguous share of the packed stream (uneven
+shares, documents crossing ranks; ``fastattn.distributed.varlen_attention``), RoPE at each
+token's position in its document. Rank 0 then evaluates and samples with the trained weights in
+one process.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ import torch.multiprocessing as mp
 import fastattn
 from fastattn.models import GPT, GPTConfig
 from fastattn.nn import ContextParallelAttention, Flash, Linear, Performer
+from fastattn.nn.positional import packed_positions
 
 import training  # examples/training.py: the loop pieces the examples share (not part of fastattn)
 
@@ -147,7 +152,8 @@ def parse(argv=None):
                    help="with --docs: pack each batch's documents into one row (cu_seqlens, no padding)")
     p.add_argument("--cp", type=int, default=1,
                    help="context parallelism: train on this many processes, each holding a zig-zag shard of "
-                        "every sequence (ring attention); --seq-len must be a multiple of 2 * cp")
+                        "every sequence (ring attention; --seq-len must be a multiple of 2 * cp), or with "
+                        "--docs --pack a contiguous share of the packed stream")
     p.add_argument("--prompt", default="def __init__(self")
     p.add_argument("--sample-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -176,9 +182,9 @@ def main(argv=None, cp_rank=None) -> dict:
     """Train, evaluate, sample. ``cp_rank``: (rank, world, rendezvous file) inside a ``--cp`` run."""
     args = parse(argv)
     if args.cp > 1 and cp_rank is None:
-        if args.docs or args.checkpoint:
-            raise ValueError("train_gpt: --cp takes neither --docs nor --checkpoint")
-        if args.seq_len % (2 * args.cp):
+        if (args.docs and not args.pack) or args.checkpoint:
+            raise ValueError("train_gpt: --cp takes neither --checkpoint nor padded --docs (pack them: --docs --pack)")
+        if not args.docs and args.seq_len % (2 * args.cp):
             raise ValueError(f"train_gpt: --seq-len {args.seq_len} must be a multiple of 2 * --cp = {2 * args.cp}")
         return _spawn_cp(argv, args.cp)
     device = training.setup(args)
@@ -207,8 +213,8 @@ def main(argv=None, cp_rank=None) -> dict:
     print(f"GPT: {training.count_parameters(model):,} parameters, {args.layers} layers, {args.heads} heads / "
           f"{args.kv_heads} kv heads, RoPE, attention={kind}, backend={args.backend}, device={device}")
     opt = training.make_optimizer(model, args.lr, weight_decay=0.1)
-    # Under --cp every rank's loss is the mean over its shards: averaging the gradients over the
-    # ranks gives the gradient of the whole batch's mean.
+    # Under --cp DDP averages the gradients over the ranks; loss_fn scales each rank's loss so that
+    # the average is the gradient of the whole batch's mean.
     trained = model if cp is None else torch.nn.parallel.DistributedDataParallel(model)
     trainer = training.Trainer(trained, opt, training.make_scheduler(opt, args.warmup, args.steps),
                                grad_clip=args.grad_clip, precision=args.precision)
@@ -223,13 +229,21 @@ def main(argv=None, cp_rank=None) -> dict:
 
     def loss_fn(batch):
         x, y, cu = batch
-        if cp is not None:  # this rank's zig-zag shard of every sequence, at its global positions
+        count = int((y != -100).sum())  # the whole batch's targets
+        if cp is None:
+            logits, _ = model(x, cu_seqlens=cu)
+            return training.cross_entropy(logits, y, args.label_smoothing), count
+        if cu is None:  # this rank's zig-zag shard of every sequence, at its global positions
             positions = cp.positions(x.shape[1], device)[None]
             x, y = cp.shard(x, dim=1), cp.shard(y, dim=1)
-            logits, _ = trained(x, offset=positions)
-        else:
-            logits, _ = model(x, cu_seqlens=cu)
-        return training.cross_entropy(logits, y, args.label_smoothing), int((y != -100).sum())
+        else:  # packed: this rank's contiguous share of the stream, at its documents' positions
+            positions = cp.shard_packed(packed_positions(cu, x.shape[1]), dim=1)
+            x, y = cp.shard_packed(x, dim=1), cp.shard_packed(y, dim=1)
+        logits, _ = trained(x, cu_seqlens=cu, offset=positions)
+        local = training.cross_entropy(logits, y, args.label_smoothing) * int((y != -100).sum())  # summed
+        # DDP averages the ranks' gradients and the trainer divides by count: the ranks' sums
+        # times W / count make that the whole batch's mean, whatever each rank's share.
+        return local * cp.world_size / count, count
 
     def next_batch():
         if args.docs:
@@ -242,7 +256,7 @@ def main(argv=None, cp_rank=None) -> dict:
         for step in range(start_step + 1, args.steps + 1):
             micro = [next_batch() for _ in range(args.accum)]
             loss, _ = trainer.step(micro, loss_fn)
-            if cp is not None:  # the whole batch's loss: the mean of the ranks' equal shards' means
+            if cp is not None:  # the whole batch's loss: the ranks' sums over the count, times W, averaged
                 total = torch.tensor(loss, dtype=torch.float64)
                 dist.all_reduce(total)
                 loss = total.item() / cp.world_size

@@ -42,16 +42,16 @@ def _poison_outputs():
 def _dropout_keep(case, rank, world, seed, shape):
     """The global (B, Hq, L, L) keep-mask a context-parallel call drew: every piece of every
     rank's schedule redrawn from the call's seed (as the kernels or the reference draw it)."""
-    from fastattn.distributed.ring import Features, Schedule, _reference_keep
+    from fastattn.distributed.ring import Features, Schedule, _reference_keep, piece_seed
 
     b, hq, length = shape
     keep = torch.ones(b, hq, length, length, dtype=torch.bool)
 
     def draw(piece, shape):
+        f = Features(1.0, None, None, case["dropout"], seed)
         if case["backend"] == "triton":
             from fastattn.ops.flash.op import dropout_keep_mask
-            return dropout_keep_mask(seed + piece.uid, *shape, case["dropout"])
-        f = Features(1.0, None, None, case["dropout"], seed)
+            return dropout_keep_mask(piece_seed(f, piece), *shape, case["dropout"])
         return _reference_keep(f, piece, shape, seed.device)
 
     band = fastattn.validation.band_from(case["causal"], case["window"])
@@ -122,11 +122,13 @@ def _check_case(rank, world, case):
     if case["sinks"]:
         local["sinks"] = full["sinks"].detach().clone().requires_grad_()
         opts["sinks"] = local["sinks"]
-    if case["bias"] == "float":  # this rank's query rows over every key
-        local["attn_bias"] = shard(full["attn_bias"].detach()).requires_grad_()
+    # The ring takes this rank's query rows over every key; Ulysses the whole bias (it slices heads).
+    rows = (lambda t: t) if method == "ulysses" else shard
+    if case["bias"] == "float":
+        local["attn_bias"] = rows(full["attn_bias"].detach()).clone().requires_grad_()
         opts["attn_bias"] = local["attn_bias"]
     elif case["bias"] == "bool":
-        opts["attn_bias"] = shard(opts["attn_bias"])
+        opts["attn_bias"] = rows(opts["attn_bias"])
     torch.manual_seed(case["seed"])
     with fastattn.use_backend(case["backend"]):
         if method in ("ring", "ulysses"):
@@ -141,13 +143,15 @@ def _check_case(rank, world, case):
                 out = fd.current()(local["q"], local["k"], local["v"], causal=causal, **opts)
             assert fd.current() is None
         grads = list(torch.autograd.grad(out, list(local.values()), shard(do)))
-    if case["sinks"]:  # each rank holds its rows' share of the replicated sinks' gradient
-        dist.all_reduce(grads[list(local).index("sinks")])
+    # each rank holds its rows' (Ulysses: heads') share of the replicated sinks' and bias's gradient
+    for name in ("sinks", "attn_bias") if method == "ulysses" else ("sinks",):
+        if name in local:
+            dist.all_reduce(grads[list(local).index(name)])
     tag = f"rank {rank}/{world} {case}"
     assert out.shape == (b, hq, length // world, d) and out.dtype == q.dtype, tag
     assert_close_rule(f"out {tag}", out, shard(oracle), shard(base))
     for name, g, g64, gb in zip(full, grads, grads64, grads_base):
-        if name != "sinks":  # the bias's rows too
+        if name != "sinks" and not (name == "attn_bias" and method == "ulysses"):  # the ring's bias rows too
             g64, gb = shard(g64), shard(gb)
         assert_close_rule(f"d{name} {tag}", g, g64, gb, factor=3.0)
 
@@ -197,29 +201,89 @@ def _check_packed(rank, world, case):
         assert_close_rule(f"d{name} {tag}", g, g64, gb, factor=3.0)
 
 
+class _OneProcess:
+    """A world of one for ContextParallelAttention: flash_attention (packed: _varlen) with the
+    same keywords."""
+
+    def __call__(self, q, k, v, **options):
+        return fastattn.functional.flash_attention(q, k, v, **options)
+
+    def varlen(self, q, k, v, cu_seqlens, **options):
+        return fastattn.functional.flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, **options)
+
+
 def _check_nn_module(rank, world):
     """A fastattn.nn.MultiHeadAttention whose kind is ContextParallelAttention(cp), fed this
-    rank's shard of the tokens, gives this rank's shard of the single-process output (causal,
-    GQA, zig-zag)."""
+    rank's shard of the tokens, gives this rank's shard of the single-process output and, summed
+    over the ranks, its weights' and sinks' gradients (causal, GQA, zig-zag; then ALiBi, a
+    window, softcap and learned sinks)."""
     gen = torch.Generator().manual_seed(1234)  # same weights and tokens on every rank
     torch.manual_seed(1234)
-    mha = fastattn.nn.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True)
-    x = torch.randn(2, 8 * world, 32, generator=gen)
     cp = fd.context_parallel(method="ring")
-    sharded = fastattn.nn.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True,
-                                             attention=fastattn.nn.ContextParallelAttention(cp))
+    settings = [(dict(), {}), (dict(alibi=True), dict(window=(5, 0), softcap=3.0, sinks=True))]
+    for layer, kind in settings:
+        mha = fastattn.nn.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, **layer,
+                                             attention=fastattn.nn.ContextParallelAttention(_OneProcess(), **kind))
+        if kind.get("sinks"):
+            torch.nn.init.normal_(mha.kind.sinks)
+        x = torch.randn(2, 8 * world, 32, generator=gen)
+        do = torch.randn(2, 8 * world, 32, generator=gen)
+        sharded = fastattn.nn.MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, **layer,
+                                                 attention=fastattn.nn.ContextParallelAttention(cp, **kind))
+        sharded.load_state_dict(mha.state_dict())
+        with fastattn.use_backend("torch"):
+            want = mha(x)
+            grads_base = torch.autograd.grad(want, list(mha.parameters()), do)
+            got = sharded(cp.shard(x, dim=1))  # (B, L, E): the sequence is dim 1
+            grads = torch.autograd.grad(got, list(sharded.parameters()), cp.shard(do, dim=1))
+            with pytest.raises(ValueError, match="context-parallel"):
+                sharded(cp.shard(x, dim=1), attn_bias=torch.ones(1, 1, 4 * world, 4 * world, dtype=torch.bool))
+            with cp:  # the with-block only sets fd.current(); a layer attends across ranks only by its kind
+                assert torch.equal(mha(x), want)
+        mha.double()
+        oracle = mha(x.double())
+        grads64 = torch.autograd.grad(oracle, list(mha.parameters()), do.double())
+        tag = f"nn rank {rank}/{world} {layer} {kind}"
+        assert_close_rule(tag, got, cp.shard(oracle, dim=1), cp.shard(want, dim=1))
+        for (name, _), g, g64, gb in zip(mha.named_parameters(), grads, grads64, grads_base):
+            dist.all_reduce(g)  # each rank's share of the gradient, from its tokens
+            assert_close_rule(f"d{name} {tag}", g, g64, gb, factor=3.0)
+    _check_nn_packed(rank, world, cp)
+
+
+def _check_nn_packed(rank, world, cp):
+    """Packed documents through the kind: this rank's uneven contiguous share of the tokens, RoPE
+    at its documents' positions, ALiBi, window, softcap and sinks; output and summed gradients
+    against one process."""
+    from fastattn.nn.positional import packed_positions
+
+    gen = torch.Generator().manual_seed(4321)
+    docs = [5, 9 * world - 2, 3, 4]  # the second document spans every rank
+    total = sum(docs)
+    cu = torch.tensor([0] + list(itertools.accumulate(docs)), dtype=torch.int32)
+    layer = dict(causal=True, alibi=True, rotary=fastattn.nn.RotaryEmbedding(8))
+    kind = dict(window=(6, 0), softcap=3.0, sinks=True)
+    mha = fastattn.nn.MultiHeadAttention(32, 4, num_kv_heads=2, **layer,
+                                         attention=fastattn.nn.ContextParallelAttention(_OneProcess(), **kind))
+    torch.nn.init.normal_(mha.kind.sinks)
+    sharded = fastattn.nn.MultiHeadAttention(32, 4, num_kv_heads=2, **layer,
+                                             attention=fastattn.nn.ContextParallelAttention(cp, **kind))
     sharded.load_state_dict(mha.state_dict())
+    x, do = (torch.randn(1, total, 32, generator=gen) for _ in range(2))
+    positions = cp.shard_packed(packed_positions(cu, total), dim=1)
     with fastattn.use_backend("torch"):
-        want = mha(x)
-        got = sharded(cp.shard(x, dim=1))  # (B, L, E): the sequence is dim 1
-        with pytest.raises(ValueError, match="context-parallel"):
-            sharded(cp.shard(x, dim=1), attn_bias=torch.ones(1, 1, 4 * world, 4 * world, dtype=torch.bool))
-        with cp:  # the with-block only sets fd.current(); a layer attends across ranks only by its kind
-            assert torch.equal(mha(x), want)
-    oracle = mha.double()(x.double())
-    mha.float()
-    shard = cp.shard
-    assert_close_rule(f"nn rank {rank}/{world}", got, shard(oracle, dim=1), shard(want, dim=1))
+        want = mha(x, cu_seqlens=cu)
+        grads_base = torch.autograd.grad(want, list(mha.parameters()), do)
+        got = sharded(cp.shard_packed(x, dim=1), cu_seqlens=cu, offset=positions)
+        grads = torch.autograd.grad(got, list(sharded.parameters()), cp.shard_packed(do, dim=1))
+    mha.double()
+    oracle = mha(x.double(), cu_seqlens=cu)
+    grads64 = torch.autograd.grad(oracle, list(mha.parameters()), do.double())
+    tag = f"nn packed rank {rank}/{world}"
+    assert_close_rule(tag, got, cp.shard_packed(oracle, dim=1), cp.shard_packed(want, dim=1))
+    for (name, _), g, g64, gb in zip(mha.named_parameters(), grads, grads64, grads_base):
+        dist.all_reduce(g)
+        assert_close_rule(f"d{name} {tag}", g, g64, gb, factor=3.0)
 
 
 def _check_rejections(rank, world):
@@ -235,13 +299,15 @@ def _check_rejections(rank, world):
     heads = torch.randn(1, world + 1, 4, 16)
     with pytest.raises(ValueError, match="divisible by the world size"):
         fd.ulysses_attention(heads, heads, heads)
+    even = torch.randn(1, world, 4, 16)
+    with pytest.raises(ValueError, match=rf"attn_bias must cover the whole sequence, \(1 or 1, {world} or 1, "
+                                         rf"{4 * world}, {4 * world}\), got \(1, 1, 4, {4 * world}\)"):
+        fd.ulysses_attention(even, even, even, attn_bias=torch.zeros(1, 1, 4, 4 * world))
     with pytest.raises(ValueError, match="context-parallel attention takes the keywords"):
         fd.context_parallel()(q, q, q, attn_bias=q)
     packed = torch.randn(3 + rank, 2, 16)  # uneven shards of a packed stream of 3 + 4 (+ 5 + 6) tokens
     with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to the ranks' total"):
         fd.varlen_attention(packed, packed, packed, torch.tensor([0, 5], dtype=torch.int32), causal=True)
-    with pytest.raises(ValueError, match="window and alibi_slopes need causal=True"):
-        fd.varlen_attention(packed, packed, packed, torch.tensor([0, 5], dtype=torch.int32), window=(1, 1))
     # A DeviceMesh names the ranks as well as a process group; a 2-D one must be cut to its cp dim.
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -327,9 +393,10 @@ def test_two_ranks_torch(tmp_path):
         _case("ulysses", True, False, 4, 2, 24, window=(4, 0), alibi=True, sinks=True, softcap=3.0, dropout=0.2),
         _case("switch", True, True, 2, 2, 24, window=(3, 0), sinks=True),
         _case("ring", True, True, 4, 2, 24, bias="float", sinks=True),             # a learned bias, dbias
+        _case("ulysses", True, True, 4, 2, 24, bias="float", sinks=True),          # its heads of the whole bias
         # packed documents over uneven shards (13 + 24 tokens; the second document crosses)
         _packed([5, 20, 1, 11], [13, 24], window=(6, 0), alibi=True, sinks=True, softcap=3.0),
-        _packed([9, 16, 12], [20, 17], causal=False, hq=2, hkv=1),
+        _packed([9, 16, 12], [20, 17], causal=False, hq=2, hkv=1, alibi=True),  # rank 0 pads 5 query rows
     ]
     _run_job(tmp_path, 2, cases)
 
@@ -344,10 +411,12 @@ def test_four_ranks_torch(tmp_path):
         _case("ring", True, True, 4, 2, 32, softcap=2.0, dropout=0.25),
         _case("ring", False, True, 2, 2, 32, window=(4, 3), alibi=True),
         _case("ring", False, False, 2, 1, 32, b=2, bias="bool", softcap=2.0),       # a boolean mask
+        _case("ulysses", False, True, 4, 4, 32, b=2, bias="bool", window=(6, 2)),
         _case("ulysses", True, True, 4, 4, 32, window=(5, 0), sinks=True, dropout=0.3),
         # a document over three ranks, one ending on a shard boundary, an empty one
         _packed([3, 25, 0, 6, 4], [7, 9, 13, 9], window=(8, 0), alibi=True, sinks=True),
         _packed([14, 10, 14], [10, 12, 7, 9], causal=False, softcap=2.0),
+        _packed([14, 10, 14], [10, 12, 7, 9], causal=False, window=(3, 5), alibi=True, sinks=True),
     ]
     _run_job(tmp_path, 4, cases)
 
@@ -380,6 +449,17 @@ def test_shard_roundtrip(world, zigzag):
         assert torch.equal(shards[0][:, :, c:], x[:, :, -c:])
         positions = torch.cat([fd.shard_positions(8 * world, r, world, zigzag=True) for r in range(world)])
         assert sorted(positions.tolist()) == list(range(8 * world))
+
+
+def test_packed_bounds_tile_the_stream():
+    """Contiguous shares of a packed stream: in rank order, covering it, sizes within one."""
+    for total, world in ((7, 3), (8, 4), (5, 5)):
+        bounds = [fd.packed_bounds(total, r, world) for r in range(world)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == total
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert max(e - s for s, e in bounds) - min(e - s for s, e in bounds) <= 1
+    with pytest.raises(ValueError, match="total must be an int >= world_size = 4, got 3"):
+        fd.packed_bounds(3, 0, 4)
 
 
 @pytest.mark.parametrize("length,world,zigzag", [(10, 4, False), (12, 4, True), (7, 2, False)])

@@ -248,14 +248,18 @@ def _layout32():
 
 class _FakeContextParallel:
     """Stands in for fastattn.distributed.context_parallel(...) in one process (world of 1):
-    records the calls and attends like flash_attention."""
+    records the calls and attends like flash_attention with the same keywords."""
 
     def __init__(self):
         self.calls = []
 
-    def __call__(self, q, k, v, *, causal=False, scale=None):
-        self.calls.append(dict(causal=causal, shapes=(q.shape, k.shape)))
-        return fastattn.functional.flash_attention(q, k, v, causal=causal, scale=scale)
+    def __call__(self, q, k, v, *, causal=False, **options):
+        self.calls.append(dict(causal=causal, shapes=(q.shape, k.shape), **options))
+        return fastattn.functional.flash_attention(q, k, v, causal=causal, **options)
+
+    def varlen(self, q, k, v, cu_seqlens, *, causal=False, **options):
+        self.calls.append(dict(causal=causal, shapes=(q.shape, k.shape), cu_seqlens=cu_seqlens, **options))
+        return fastattn.functional.flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, causal=causal, **options)
 
 
 def _kinds():
@@ -316,7 +320,7 @@ def test_layers_give_attention_dropout_only_to_kinds_that_have_it():
 
 
 def test_context_parallel_is_a_kind():
-    """ContextParallelAttention(cp) calls cp(q, k, v, causal=...) with this rank's q/k/v
+    """ContextParallelAttention(cp) calls cp(q, k, v, causal=..., ...) with this rank's q/k/v
     (here a one-process stand-in: equal to Flash); refused inputs name context-parallel."""
     cp = _FakeContextParallel()
     m = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, attention=ContextParallelAttention(cp)).double()
@@ -324,11 +328,40 @@ def test_context_parallel_is_a_kind():
     plain.load_state_dict(m.state_dict())
     x = torch.randn(2, 12, 32, dtype=torch.float64)
     torch.testing.assert_close(m(x), plain(x), rtol=0, atol=0)
-    assert cp.calls == [dict(causal=True, shapes=(torch.Size([2, 4, 12, 8]), torch.Size([2, 2, 12, 8])))]
+    assert cp.calls == [dict(causal=True, shapes=(torch.Size([2, 4, 12, 8]), torch.Size([2, 2, 12, 8])),
+                             alibi_slopes=None, dropout_p=0.0, window=None, softcap=None, sinks=None)]
     with pytest.raises(ValueError, match="context-parallel.*attn_bias"):
         m(x, attn_bias=torch.ones(1, 1, 12, 12, dtype=torch.bool))
     stack = TransformerEncoder(TransformerEncoderLayer(32, 4, 64, attention=ContextParallelAttention(cp)), 2)
     assert all(layer.self_attn.kind.cp is cp for layer in stack.layers)  # copies share the group, never copy it
+
+
+def test_context_parallel_kind_features():
+    """The kind's own window, softcap and learned sinks, and the layer's ALiBi and dropout,
+    reach cp with every call (packed documents: cp.varlen); each layer of a stack learns its
+    own sinks; bad settings raise."""
+    cp = _FakeContextParallel()
+    spec = ContextParallelAttention(cp, window=(3, 0), softcap=2.0, sinks=True)
+    m = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, alibi=True, dropout=0.2, attention=spec).double()
+    assert list(spec.parameters()) == [] and m.kind.sinks.shape == (4,)
+    x = torch.randn(1, 10, 32, dtype=torch.float64)
+    m(x).sum().backward()
+    call = cp.calls[-1]
+    assert (call["window"], call["softcap"], call["dropout_p"]) == ((3, 0), 2.0, 0.2)
+    assert call["sinks"] is m.kind.sinks and torch.equal(call["alibi_slopes"], m.alibi_slopes)
+    assert m.kind.sinks.grad is not None and m.kind.sinks.grad.abs().sum() > 0
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)  # packed documents: cp.varlen, shaped as Flash's
+    plain = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, alibi=True).double()
+    packed = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, alibi=True, attention=ContextParallelAttention(cp))
+    packed.double().load_state_dict(plain.state_dict())
+    torch.testing.assert_close(packed(x, cu_seqlens=cu), plain(x, cu_seqlens=cu), rtol=0, atol=0)
+    assert cp.calls[-1]["cu_seqlens"] is cu and cp.calls[-1]["shapes"][0] == (10, 4, 8)
+    stack = TransformerEncoder(TransformerEncoderLayer(32, 4, 64, attention=spec), 2)
+    s0, s1 = (layer.self_attn.kind.sinks for layer in stack.layers)
+    assert s0 is not s1 and stack.layers[1].self_attn.kind.cp is cp
+    for bad in (dict(window=(1, -1)), dict(window=3), dict(softcap=0.0)):
+        with pytest.raises(ValueError, match=f"ContextParallelAttention: {next(iter(bad))}"):
+            ContextParallelAttention(cp, **bad)
 
 
 def test_nn_imports_only_the_public_functions():

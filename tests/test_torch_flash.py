@@ -33,7 +33,7 @@ def _check(name, fn, reference, inputs, do):
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_registered_flash_impl_runs_fastattn(impl):
+def test_registered_flash_impl_runs_fastattn(impl, monkeypatch):
     import fastattn.distributed.torch_flash as torch_flash
     from torch.nn.attention.varlen import varlen_attn
 
@@ -59,12 +59,20 @@ def test_registered_flash_impl_runs_fastattn(impl):
             _check("flash forward", flash, lambda q, k, v: attention_reference(
                 *(t.transpose(1, 2) for t in (q, k, v)), causal=True, window=(5, None)).transpose(1, 2),
                 [q, k, v], torch.randn(1, 13, 3, 16))
-            # torch.nn.attention.varlen.varlen_attn on packed sequences of 5, 9 and 1 tokens, causal.
+            # torch.nn.attention.varlen.varlen_attn on packed sequences of 5, 9 and 1 tokens, causal;
+            # the kernels' backward runs once for every sequence together.
             cu = torch.tensor([0, 5, 14, 15], dtype=torch.int32)
             q, k, v = (torch.randn(15, 2, 16, requires_grad=True) for _ in range(3))
+            if impl == "triton":
+                from fastattn.ops.flash import op as flash_op
+
+                real_bwd, backwards = flash_op.flash_bwd, []
+                monkeypatch.setattr(flash_op, "flash_bwd", lambda *a: backwards.append(a) or real_bwd(*a))
             _check("varlen_attn", lambda q, k, v: varlen_attn(q, k, v, cu, cu, 9, 9, window_size=(-1, 0)),
                    lambda q, k, v: varlen_attention_reference(q, k, v, cu, cu, causal=True),
                    [q, k, v], torch.randn(15, 2, 16))
+            if impl == "triton":
+                assert len(backwards) == 1
             with pytest.raises(RuntimeError, match="dropout_p must be 0"):
                 torch.ops.aten._scaled_dot_product_flash_attention(q[None], k[None], v[None], 0.1)
     finally:

@@ -20,7 +20,7 @@ a query chunk and a key chunk becomes one piece, trimmed to the rows and keys th
 band (causal, window) keeps, or skipped. Under zig-zag causal every off-diagonal step then
 costs every rank the same half block. A piece's ALiBi, off the global diagonal, is a per-key
 bias plus a per-row lse shift (``_alibi_terms``); sinks join once, after the ring; dropout
-draws one mask per piece from the call's seed and the piece's uid.
+draws one mask per piece from the call's seed and the piece's uid (``piece_seed``).
 """
 from __future__ import annotations
 
@@ -274,13 +274,23 @@ def _alibi_terms(alibi: Optional[Tensor], piece: Piece, lq: int, lk: int):
     return None, key[:, :, None, :], row
 
 
+def piece_seed(f: Features, piece: Piece) -> Optional[Tensor]:
+    """The one place a piece's dropout draw is keyed (kernels and reference, forward and
+    backward): the call's seed plus the piece's uid, an int64 (1,) tensor, or None without
+    dropout. The op counts its Philox counters from positions within each call, so every piece
+    draws a stream of its own; once it takes offsets into a global frame, this is where the
+    call's seed and the piece's global first row and key (``piece.q0``, ``piece.k0``) would go,
+    giving one process's mask."""
+    return None if f.seed is None else f.seed + piece.uid
+
+
 def _reference_keep(f: Features, piece: Piece, shape, device) -> Optional[Tensor]:
     """The reference path's dropout keep-mask of a piece: redrawn identically in the backward
-    from the call's seed and the piece's uid (one host read of the seed per piece)."""
+    from ``piece_seed`` (one host read of the seed per piece)."""
     if f.dropout_p == 0.0:
         return None
     gen = torch.Generator(device=device)
-    gen.manual_seed(int(f.seed.item()) + piece.uid)
+    gen.manual_seed(int(piece_seed(f, piece).item()))
     return torch.rand(shape, generator=gen, device=device) >= f.dropout_p
 
 
@@ -302,7 +312,7 @@ def piece_forward(q, k, v, f: Features, piece: Piece, kernels: bool, bias: Optio
         from fastattn.ops.flash import op as flash_op  # imports triton, so only when used
 
         out, lse = flash_op.flash_attn(
-            qp, kp, vp, bias=key_bias, alibi=alibi, seed=None if f.seed is None else f.seed + piece.uid,
+            qp, kp, vp, bias=key_bias, alibi=alibi, seed=piece_seed(f, piece),
             scale=f.scale, softcap=f.softcap, dropout_p=f.dropout_p, window_left=piece.left,
             window_right=piece.right)
     else:
@@ -378,7 +388,7 @@ def piece_backward(do, q, k, v, out, lse, f: Features, piece: Piece, kernels: bo
 
     dq, dk, dv, ds = flash_backward(
         dop, qp, kp, vp, outp, lsep, bias=key_bias, alibi=alibi,
-        seed=None if f.seed is None else f.seed + piece.uid, scale=f.scale, softcap=f.softcap,
+        seed=piece_seed(f, piece), scale=f.scale, softcap=f.softcap,
         dropout_p=f.dropout_p, window_left=piece.left, window_right=piece.right, bias_grad=bias_grad)
     return dq, dk, dv, ds if bias_grad else None
 

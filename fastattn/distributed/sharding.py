@@ -99,3 +99,17 @@ def gather_sequence(x: Tensor, group=None, *, zigzag: bool = False, dim: int = 2
     parts = [torch.empty_like(x) for _ in range(world_size)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return unshard_sequence(parts, zigzag=zigzag, dim=dim)
+
+
+def packed_bounds(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of rank ``rank``'s contiguous share of a packed stream of ``total`` tokens:
+    ``total // world_size`` tokens each, the first ``total % world_size`` ranks one more.
+
+    Raises:
+        ValueError: bad rank/world_size, or fewer tokens than ranks (every rank needs one)."""
+    _check_world("packed_bounds", rank, world_size)
+    if not (isinstance(total, int) and total >= world_size):
+        raise ValueError(f"packed_bounds: total must be an int >= world_size = {world_size}, got {total!r}")
+    base, extra = divmod(total, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)

@@ -7,6 +7,9 @@
     mha = fastattn.nn.MultiHeadAttention(E, H, causal=True,
                                          attention=fastattn.nn.ContextParallelAttention(cp))
     mha(cp.shard(x, dim=1))                 # this rank's shard of the output
+    # packed documents (x (1, total, E), the whole batch's cu_seqlens), contiguous shares:
+    mha(cp.shard_packed(x, dim=1), cu_seqlens=cu_seqlens,
+        offset=cp.shard_packed(fastattn.nn.positional.packed_positions(cu_seqlens, total), dim=1))
 
     with cp:                                # makes it fastattn.distributed.current() for code
         ...                                 # that asks for it (fastattn.nn does not)
@@ -24,6 +27,7 @@ from torch import Tensor
 from fastattn.distributed import sharding
 from fastattn.distributed.ring import process_group, ring_attention
 from fastattn.distributed.ulysses import ulysses_attention
+from fastattn.distributed.varlen import varlen_attention
 
 METHODS = ("ring", "ulysses")
 OPTIONS = ("scale", "window", "alibi_slopes", "softcap", "dropout_p", "sinks", "return_lse")
@@ -63,6 +67,22 @@ class ContextParallel:
                              f"got {unsupported}")
         attend = ring_attention if self.method == "ring" else ulysses_attention
         return attend(q, k, v, self.group, causal=causal, zigzag=self.zigzag, **options)
+
+    def varlen(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, causal: bool = False, **options):
+        """Packed documents: ``varlen_attention`` over this group (every method), on this rank's
+        contiguous share of the packed tokens, q (T_local, Hq, D), k/v (T_local, Hkv, D), with
+        the whole batch's ``cu_seqlens`` and the same keywords as calling it."""
+        unsupported = sorted(set(options) - set(OPTIONS))
+        if unsupported:
+            raise ValueError(f"context-parallel attention takes the keywords causal, {', '.join(OPTIONS)}; "
+                             f"got {unsupported}")
+        return varlen_attention(q, k, v, cu_seqlens, self.group, causal=causal, **options)
+
+    def shard_packed(self, x: Tensor, dim: int = 0) -> Tensor:
+        """This rank's contiguous share of a packed token stream ``x`` (along ``dim``), as
+        ``varlen`` takes it: ``sharding.packed_bounds``."""
+        start, end = sharding.packed_bounds(x.shape[dim], self.rank, self.world_size)
+        return x.narrow(dim, start, end - start)
 
     def shard(self, x: Tensor, dim: int = 2) -> Tensor:
         """This rank's shard of the full sequence ``x`` (along ``dim``) in this layout."""

@@ -11,8 +11,9 @@ Activating overrides four aten ops for one dispatch key (CUDA by default):
 ``_scaled_dot_product_flash_attention`` and ``_flash_attention_forward`` (dense (B, L, H, D) or
 packed with ``cum_seq_q``), and their backwards. The forwards run ``ring.piece_forward`` on one
 whole block (dense) or ``fastattn.flash_attention_varlen`` (packed); the backwards
-``ring.piece_backward`` given the forward's out and lse (packed: once per sequence): the kernels
-or the reference, as ``fastattn.use_backend`` decides. Causal is bottom-right, as in
+``ring.piece_backward`` given the forward's out and lse (packed: the kernels' varlen backward in
+one call, or the reference once per sequence): the kernels or the reference, as
+``fastattn.use_backend`` decides. Causal is bottom-right, as in
 FlashAttention 2; windows of -1 or None are open. Dropout and ALiBi are refused (RuntimeError, as
 torch's FA3/FA4 do): aten's backward carries torch's Philox state, not fastattn's seed, and no
 slopes.
@@ -122,6 +123,24 @@ def _flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_
         grads = _dense_grads(*(t.transpose(1, 2) for t in (grad_out, query, key, value, out)), logsumexp, dropout_p,
                              is_causal, scale, window_size_left, window_size_right)
         return tuple(g.transpose(1, 2) for g in grads)
+    return _packed_grads(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, dropout_p, is_causal,
+                         scale, window_size_left, window_size_right)
+
+
+def _packed_grads(grad_out, query, key, value, out, lse, cum_seq_q, cum_seq_k, dropout_p, is_causal, scale, left,
+                  right):
+    """(dq, dk, dv) of packed (total, H, D) sequences, lse (Hq, total_q): the kernels' varlen
+    backward in one call over every sequence; without kernels, the reference per sequence."""
+    _refuse_dropout("flash attention backward", dropout_p)
+    views = [t.transpose(0, 1)[None] for t in (grad_out, query, key, value, out)]  # (1, H, total, D)
+    if backend.route("flash_attention_varlen", "flash", *views[1:4]).impl == "kernel":
+        from fastattn.ops.flash.op import flash_bwd  # imports triton, so only when used
+
+        band = band_from(is_causal, (_window(left), _window(right)))
+        grads = flash_bwd(*views, lse[None].float().contiguous(), None, None, None, None, cum_seq_q.contiguous(),
+                          cum_seq_k.contiguous(), default_scale(query.shape[-1], scale), None, 0.0, band[0], band[1],
+                          False)[:3]
+        return tuple(g[0].transpose(0, 1) for g in grads)  # (1, H, total, D) -> (total, H, D)
     grads = [torch.zeros_like(t) for t in (query, key, value)]
     cq, ck = cum_seq_q.tolist(), cum_seq_k.tolist()
     for b in range(len(cq) - 1):  # each packed sequence as a (1, H, L, D) block
@@ -129,8 +148,7 @@ def _flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_
         seq = [t[part].transpose(0, 1)[None] for t, part in
                ((grad_out, rows), (query, rows), (key, keys), (value, keys), (out, rows))]
         for g, part, piece in zip(grads, (rows, keys, keys),
-                                  _dense_grads(*seq, logsumexp[None, :, rows], dropout_p, is_causal, scale,
-                                               window_size_left, window_size_right)):
+                                  _dense_grads(*seq, lse[None, :, rows], dropout_p, is_causal, scale, left, right)):
             g[part] = piece[0].transpose(0, 1)
     return tuple(grads)
 

@@ -82,11 +82,29 @@ class _HeadToSeq(torch.autograd.Function):
         return _seq_to_head(g, *ctx.args), None, None
 
 
+def _check_full_bias(op: str, bias, q: Tensor, world: int, alibi_slopes) -> None:
+    """attn_bias of Ulysses: None, or bool / float (B|1, Hq|1, L, L), L = W * L_local, on q's device."""
+    if bias is None:
+        return
+    b, hq, lq, _ = q.shape
+    length = world * lq
+    if not isinstance(bias, Tensor) or bias.dim() != 4 or bias.shape[0] not in (1, b) or bias.shape[1] not in (1, hq) \
+            or tuple(bias.shape[2:]) != (length, length):
+        got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+        raise ValueError(f"{op}: attn_bias must cover the whole sequence, ({b} or 1, {hq} or 1, {length}, {length}), "
+                         f"got {got}")
+    if bias.device != q.device or not (bias.dtype == torch.bool or bias.dtype.is_floating_point):
+        raise ValueError(f"{op}: attn_bias must be bool or floating point on {q.device}, got {bias.dtype} on "
+                         f"{bias.device}")
+    if alibi_slopes is not None:
+        raise ValueError(f"{op}: attn_bias and alibi_slopes together: fold the ALiBi into the bias")
+
+
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = False,
                       scale: Optional[float] = None, window: Optional[tuple] = None,
                       alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None,
-                      dropout_p: float = 0.0, sinks: Optional[Tensor] = None, zigzag: bool = False,
-                      return_lse: bool = False):
+                      attn_bias: Optional[Tensor] = None, dropout_p: float = 0.0, sinks: Optional[Tensor] = None,
+                      zigzag: bool = False, return_lse: bool = False):
     """Exact attention over a sequence sharded across ``group``, head-parallel (Ulysses).
 
     Collective: every rank calls it with its shard. All-to-all turns the sequence shards of
@@ -101,6 +119,12 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bo
         group: the ranks: None (the default group), a ProcessGroup, or a 1-D DeviceMesh.
         causal, scale, window, alibi_slopes, softcap: as ``flash_attention`` over the global
             sequence (ALiBi slopes get no gradient).
+        attn_bias: a bias over the WHOLE sequence, the same on every rank, (B or 1, Hq or 1,
+            L, L) with L = W * L_local, rows and keys in global order (whatever the shards'
+            layout): bool (True = attend) or additive float. Each rank reads its heads' slice.
+            The float bias's gradient is this rank's heads' share (zero on the other heads;
+            summed over this rank's heads where it broadcasts): sum it over the ranks, as for
+            every replicated parameter. Not with ALiBi (fold the slopes into the bias).
         dropout_p: dropout on the probabilities; each rank draws its heads' mask from the
             call's seed offset by its rank (the same distribution as one process, not the
             same mask). The backward redraws it.
@@ -115,8 +139,9 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bo
         out (B, Hq, L_local, Dv) in q's dtype, this rank's shard in its layout; or (out, lse).
 
     Raises:
-        ValueError: as ``ring_attention``, plus Hq or Hkv not divisible by W, or q and k
-            shards of different lengths.
+        ValueError: as ``ring_attention``, plus Hq or Hkv not divisible by W, q and k
+            shards of different lengths, or attn_bias of another shape or dtype, or with
+            alibi_slopes.
 
     Equivalent code (on the gathered sequences)::
 
@@ -133,15 +158,17 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bo
             f"divisible by the world size ({world}) to split heads across ranks; use ring_attention")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"{op}: q and k shards must have one length, got {q.shape[2]} and {k.shape[2]}")
+    _check_full_bias(op, attn_bias, q, world, alibi_slopes)
     heads = slice(rank * q.shape[1] // world, (rank + 1) * q.shape[1] // world)  # this rank's query heads
     alibi = None if alibi_slopes is None else alibi_slopes[..., heads]
+    bias = attn_bias if attn_bias is None or attn_bias.shape[1] == 1 else attn_bias[:, heads]  # a view
     f = features(op, q, scale=scale, softcap=softcap, alibi_slopes=alibi, dropout_p=dropout_p)
     qh, kh, vh = (_SeqToHead.apply(t, group, zigzag) for t in (q, k, v))
     band = band_from(causal, window)
     sched = Schedule(1, qh.shape[2], kh.shape[2], zigzag=False, band=band,
-                     positional=band != (None, None) or alibi is not None, uid_base=rank)
+                     positional=band != (None, None) or alibi is not None or bias is not None, uid_base=rank)
     kernels = backend.route(op, "flash", qh, kh, vh).impl == "kernel"
-    out, lse = _RingAttention.apply(qh, kh, vh, None if sinks is None else sinks[heads], None, _Alone(), f, sched,
+    out, lse = _RingAttention.apply(qh, kh, vh, None if sinks is None else sinks[heads], bias, _Alone(), f, sched,
                                     kernels)
     out = _HeadToSeq.apply(out, group, zigzag)
     if not return_lse:

@@ -45,18 +45,24 @@ class _GatherRows(torch.autograd.Function):
         return g[start:start + lengths[rank]], None, None, None
 
 
-def _local_documents(cu: list[int], start: int, end: int, causal: bool):
+def _local_documents(cu: list[int], start: int, end: int, causal: bool, right: Optional[int]):
     """For this rank's tokens [start, end) of the packed stream with offsets ``cu``: the
     indices of the documents it holds, their query offsets (relative to start), their key
-    offsets (relative to the first key used) and the global range [lo, hi) of the keys used."""
+    offsets (relative to the first key used), the global range [lo, hi) of the keys used, and
+    ``pad``, the zero query rows appended to the last document so that its queries end where
+    its keys do (flash_attention_varlen aligns each document's queries bottom-right)."""
     docs = [b for b in range(len(cu) - 1) if cu[b] < end and cu[b + 1] > start]
     cu_q, cu_k = [0], [0]
     lo = cu[docs[0]]
     for b in docs:
         cu_q.append(min(cu[b + 1], end) - start)
-        # Causal: a document's keys end at its last query here; otherwise it needs all of them.
-        cu_k.append((min(cu[b + 1], end) if causal else cu[b + 1]) - lo)
-    return docs, cu_q, cu_k, lo, lo + cu_k[-1]
+        # Causal: a document's keys end at its last query here; otherwise at its end, or, with
+        # a window's right edge, that many keys past its last query here.
+        last = cu[b + 1] if right is None else min(cu[b + 1], end + right)
+        cu_k.append((min(cu[b + 1], end) if causal else max(last, min(cu[b + 1], end))) - lo)
+    pad = lo + cu_k[-1] - end if not causal and cu[docs[-1] + 1] > end else 0  # a document cut by the end
+    cu_q[-1] += pad
+    return docs, cu_q, cu_k, lo, lo + cu_k[-1], pad
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, group=None, *, causal: bool = False,
@@ -76,10 +82,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, group=
             read on the host (one copy per call).
         group: the ranks: None (the default group), a ProcessGroup, or a 1-D DeviceMesh.
         causal, scale, window, alibi_slopes ((Hq,) or (B, Hq)), softcap, dropout_p, sinks: as
-            ``flash_attention_varlen``, per document over its global positions. Non-causal
-            attention takes no window or ALiBi here (a document cut by the shard's end would
-            need its later keys on the other side of the diagonal). Dropout draws this rank's
-            call's mask (the same distribution as one process, not the same mask).
+            ``flash_attention_varlen``, per document over its global positions. Without
+            causal, a document cut by the shard's end gets zero query rows up to its last key
+            used (its end, or the window's right edge past the shard), so its queries keep
+            their positions; they cost compute, not results. Dropout draws this rank's call's
+            mask (the same distribution as one process, not the same mask).
         return_lse: also return the lse (Hq, T_local), float32.
 
     Returns:
@@ -89,8 +96,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, group=
     Raises:
         ValueError: torch.distributed not initialised; cu_seqlens not int32 (B+1,), not
             starting at 0, decreasing, or not ending at the ranks' total; a rank with no
-            tokens; heads or dims that differ across ranks; window or ALiBi without causal;
-            what ``flash_attention_varlen`` raises for the local call.
+            tokens; heads or dims that differ across ranks; what ``flash_attention_varlen``
+            raises for the local call.
 
     Equivalent code (on the gathered packed tensors)::
 
@@ -107,8 +114,6 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, group=
         raise ValueError(f"{op}: q, k and v must hold the same tokens, got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
     group = process_group(op, group)
-    if not causal and (window is not None or alibi_slopes is not None):
-        raise ValueError(f"{op}: window and alibi_slopes need causal=True across ranks")
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 \
             or cu_seqlens.numel() < 2:
         raise ValueError(f"{op}: cu_seqlens must be an int32 (B+1,) tensor")
@@ -126,11 +131,18 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, group=
     if min(lengths) == 0:
         raise ValueError(f"{op}: every rank must hold at least one token, got shards of {lengths}")
     start = sum(lengths[:rank])
-    docs, cu_q, cu_k, lo, hi = _local_documents(cu, start, start + q.shape[0], causal)
+    tokens = q.shape[0]
+    right = window[1] if isinstance(window, tuple) and len(window) == 2 else None  # the op validates it
+    docs, cu_q, cu_k, lo, hi, pad = _local_documents(cu, start, start + tokens, causal, right)
     k_all, v_all = (_GatherRows.apply(t, group, lengths, rank) for t in (k, v))
     offsets = [torch.tensor(c, dtype=torch.int32, device=q.device) for c in (cu_q, cu_k)]
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
         alibi_slopes = alibi_slopes[docs[0]:docs[-1] + 1]  # this rank's documents' rows
-    return flash_attention_varlen(q, k_all[lo:hi], v_all[lo:hi], *offsets, causal=causal, scale=scale,
-                                  window=window, alibi_slopes=alibi_slopes, softcap=softcap,
-                                  dropout_p=dropout_p, sinks=sinks, return_lse=return_lse)
+    if pad:  # zero rows, dropped below: their zero gradient adds nothing to dK/dV
+        q = torch.cat([q, q.new_zeros(pad, *q.shape[1:])])
+    out = flash_attention_varlen(q, k_all[lo:hi], v_all[lo:hi], *offsets, causal=causal, scale=scale,
+                                 window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+                                 dropout_p=dropout_p, sinks=sinks, return_lse=return_lse)
+    if not pad:
+        return out
+    return (out[0][:tokens], out[1][:, :tokens]) if return_lse else out[:tokens]

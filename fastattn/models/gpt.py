@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from fastattn.models.common import Positional, StackConfig, can_cache, encoder_layer, final_norm, init_weights
 from fastattn.nn.kv_cache import KVCache, PagedKVCache
 from fastattn.nn.layers import TransformerEncoder, aux_loss
-from fastattn.nn.positional import packed_positions
+from fastattn.nn.positional import Positions, packed_positions
 
 
 @dataclass
@@ -44,17 +44,21 @@ class GPT(nn.Module):
             self.head.weight = self.tok.weight
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *, cache: Optional[KVCache] = None,
-                offset: int = 0, cu_seqlens: Optional[Tensor] = None):
+                offset: Positions = 0, cu_seqlens: Optional[Tensor] = None):
         """``cache``/``offset``: run only the new tokens ``idx`` at positions offset.. against
-        the keys cached so far (generation). ``cu_seqlens``: int32 (docs + 1,) offsets of
+        the keys cached so far (generation); a (B, L) tensor gives every token's position (a
+        context-parallel shard's). ``cu_seqlens``: int32 (docs + 1,) offsets of
         packed documents in one row (idx (1, total)): no padding, each document attends only
-        inside itself and its positions restart at 0 (the targets should not cross a
-        document boundary: set those to -100). Exact attention, no T5 bias."""
+        inside itself and its positions restart at 0 unless ``offset`` gives them (a
+        context-parallel share of the packed tokens: its share of ``packed_positions``;
+        the targets should not cross a document boundary: set those to -100). Exact
+        attention, no T5 bias."""
         lq = idx.shape[1]
         if cu_seqlens is not None:
             if self.pos.relative is not None:
                 raise ValueError("GPT: packed documents (cu_seqlens) take no T5 relative bias")
-            offset = packed_positions(cu_seqlens, lq)  # (1, total)
+            if isinstance(offset, int) and offset == 0:
+                offset = packed_positions(cu_seqlens, lq)  # (1, total)
         x = self.drop(self.pos.add(self.tok(idx), offset))  # (B, L, E)
         bias = self.pos.bias(lq, lq, x.dtype)
         x = self.blocks(x, attn_bias=bias, cache=cache, offset=offset, cu_seqlens=cu_seqlens)

@@ -30,7 +30,7 @@ class MultiHeadAttention(nn.Module):
         causal: mask future keys in self-attention (bottom-right aligned, so it stays right with
             a KV cache or when queries are the last Lq of Lk positions).
         dropout: on the attention probabilities, in training only (kinds whose
-            ``supports.dropout`` is True: ``Flash``).
+            ``supports.dropout`` is True: ``Flash``, ``ContextParallelAttention``).
         bias: biases in the projections.
         attention: the attention kind, e.g. ``Flash()`` (the default), ``Sparse(layout)``,
             ``Performer(num_features=64)``, ``Linformer(max_len, proj_dim=64, share_kv=False)``,

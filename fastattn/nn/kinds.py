@@ -8,7 +8,8 @@ called as ``kind(q, k, v, causal=..., ...)``, runs one of fastattn's public func
     Performer(num_features=64)               FAVOR+ random features, ``performer_attention``
     Linformer(max_len, proj_dim=64, share_kv=False)   learned sequence projections, ``linformer_attention``
     Linear(feature_map="elu")                kernelized linear attention, ``linear_attention``
-    ContextParallelAttention(cp)             exact attention across ranks, ``cp`` from
+    ContextParallelAttention(cp, window=None, softcap=None, sinks=False)
+                                             exact attention across ranks, ``cp`` from
                                              ``fastattn.distributed.context_parallel(...)``
 
 ``MultiHeadAttention`` checks a layer's settings and each call's arguments against
@@ -22,6 +23,7 @@ import: a context-parallel kind calls the ``cp`` object it is given).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional, Union
@@ -267,31 +269,72 @@ class Linear(AttentionKind):
 
 class ContextParallelAttention(AttentionKind):
     """Exact attention over a sequence sharded across ranks: every rank holds its shard
-    ``cp.shard(x, dim=1)`` of the tokens, and attention runs ``cp(q, k, v, causal=...)`` (ring
-    or Ulysses, see ``fastattn.distributed.context_parallel``), giving this rank's shard of the
-    single-process output.
+    ``cp.shard(x, dim=1)`` of the tokens, and attention runs ``cp(q, k, v, causal=..., ...)``
+    (ring or Ulysses, see ``fastattn.distributed.context_parallel``), giving this rank's shard
+    of the single-process output.
 
     Args:
         cp: a ``fastattn.distributed.ContextParallel`` (from ``context_parallel(group, method=...)``),
-            or any callable ``cp(q, k, v, *, causal)`` with that contract.
+            or any callable ``cp(q, k, v, *, causal, alibi_slopes, dropout_p, window, softcap, sinks)``
+            with that contract (and its ``varlen(q, k, v, cu_seqlens, ...)`` for packed documents).
+        window: ``(left, right)`` sliding window over global positions (ints >= 0 or None for
+            unbounded), as ``flash_attention``'s; None for none.
+        softcap: logits become ``softcap * tanh(logits / softcap)``; None for none.
+        sinks: learn one attention-sink logit per query head (a parameter ``sinks`` (H,),
+            initialised to 0, as ``flash_attention``'s ``sinks``); its gradient on each rank is
+            that rank's share, summed over the ranks like the weights'.
 
-    Supports causal only (no mask, bias, ALiBi, dropout, KV cache or weights).
+    Supports causal, ALiBi and dropout (each rank draws its own pieces' masks: the same
+    distribution as one process, not the same mask), and packed documents (``attend_packed``:
+    this rank's contiguous share ``cp.shard_packed(x, dim=1)`` of the packed tokens and the
+    whole batch's ``cu_seqlens``, through ``cp.varlen``; the layer's RoPE ``offset`` must then
+    be this rank's share of the positions). No mask, bias, KV cache or weights.
+
+    Raises:
+        ValueError: cp not callable, a window that is not a pair of ints >= 0 or None, or a
+            softcap that is not a positive number.
     """
-    supports = Supports(causal=True)
+    supports = Supports(causal=True, alibi=True, dropout=True, varlen=True)
     label = "context-parallel"
 
-    def __init__(self, cp):
+    def __init__(self, cp, *, window: Optional[tuple] = None, softcap: Optional[float] = None, sinks: bool = False):
         if not callable(cp):
             raise ValueError(f"ContextParallelAttention: cp must be fastattn.distributed.context_parallel(...), "
                              f"got {type(cp).__name__}")
-        super().__init__(cp=cp)
+        if window is not None and not (isinstance(window, tuple) and len(window) == 2 and all(
+                w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 0) for w in window)):
+            raise ValueError(f"ContextParallelAttention: window must be None or (left, right) of ints >= 0 or None, "
+                             f"got {window!r}")
+        if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+            raise ValueError(f"ContextParallelAttention: softcap must be None or a positive number, got {softcap!r}")
+        super().__init__(cp=cp, window=window, softcap=softcap, sinks=bool(sinks))
         self.cp = cp
 
-    def __deepcopy__(self, memo):  # stacks deep-copy their layers: share the process group, never copy it
-        return type(self)(self.cp)
+    def _build(self, *, num_heads, **unused):
+        if self.settings["sinks"]:
+            self.sinks = nn.Parameter(torch.zeros(num_heads))
 
-    def forward(self, q, k, v, *, causal=False, **unused):
-        return self.cp(q, k, v, causal=causal)
+    def __deepcopy__(self, memo):  # stacks deep-copy their layers: share the process group, never copy it
+        kind = type(self)(**self.settings)
+        for name, p in self.named_parameters(recurse=False):
+            kind.register_parameter(name, copy.deepcopy(p, memo))
+        return kind
+
+    def options(self) -> dict:
+        """The fixed keywords this kind adds to every ``cp`` call: window, softcap, sinks."""
+        return dict(window=self.settings["window"], softcap=self.settings["softcap"],
+                    sinks=self.sinks if self.settings["sinks"] else None)
+
+    def forward(self, q, k, v, *, causal=False, alibi_slopes=None, dropout_p=0.0, **unused):
+        return self.cp(q, k, v, causal=causal, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                       **self.options())
+
+    def attend_packed(self, q, k, v, cu_seqlens, *, causal=False, alibi_slopes=None, dropout_p=0.0):
+        """This rank's share of packed documents: q (1, Hq, T_local, D), k/v (1, Hkv, T_local, D),
+        the whole batch's ``cu_seqlens`` -> (1, Hq, T_local, Dv) (``cp.varlen``)."""
+        out = self.cp.varlen(*(t[0].transpose(0, 1) for t in (q, k, v)), cu_seqlens, causal=causal,
+                             alibi_slopes=alibi_slopes, dropout_p=dropout_p, **self.options())
+        return out.transpose(0, 1)[None]  # (T_local, Hq, Dv) -> (1, Hq, T_local, Dv)
 
 
 def check_kind(owner: str, attention) -> AttentionKind:
