@@ -101,9 +101,10 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bo
         group: the ranks: None (the default group), a ProcessGroup, or a 1-D DeviceMesh.
         causal, scale, window, alibi_slopes, softcap: as ``flash_attention`` over the global
             sequence (ALiBi slopes get no gradient).
-        dropout_p: dropout on the probabilities; each rank draws its heads' mask from the
-            call's seed offset by its rank (the same distribution as one process, not the
-            same mask). The backward redraws it.
+        dropout_p: dropout on the probabilities, with one seed taken from torch's generator
+            per call: each rank draws its heads' block of the mask that one process's
+            ``flash_attention`` on the kernels draws under the same ``torch.manual_seed``.
+            The backward redraws it.
         sinks: (Hq,) attention-sink logits; the gradient holds this rank's heads (sum it
             over the ranks, as for every replicated parameter).
         zigzag: the shards are in the zig-zag layout (``shard_sequence(..., zigzag=True)``)
@@ -135,7 +136,8 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bo
         raise ValueError(f"{op}: q and k shards must have one length, got {q.shape[2]} and {k.shape[2]}")
     heads = slice(rank * q.shape[1] // world, (rank + 1) * q.shape[1] // world)  # this rank's query heads
     alibi = None if alibi_slopes is None else alibi_slopes[..., heads]
-    f = features(op, q, scale=scale, softcap=softcap, alibi_slopes=alibi, dropout_p=dropout_p)
+    f = features(op, q, scale=scale, softcap=softcap, alibi_slopes=alibi, dropout_p=dropout_p,
+                 scores=(heads.start, q.shape[1], world * q.shape[2], world * k.shape[2]))
     qh, kh, vh = (_SeqToHead.apply(t, group, zigzag) for t in (q, k, v))
     band = band_from(causal, window)
     sched = Schedule(1, qh.shape[2], kh.shape[2], zigzag=False, band=band,
