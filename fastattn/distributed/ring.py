@@ -162,8 +162,7 @@ class Piece(NamedTuple):
 
     ``q``/``k``: slices of this rank's query rows and of the held block's key rows; ``q0``/``k0``:
     the global positions of their first rows; ``left``/``right``: the band in
-    ``flash_attention``'s bottom-right convention for the sliced call (None: open); ``uid``:
-    unique among the pieces of one call on every rank (it picks the piece's dropout stream)."""
+    ``flash_attention``'s bottom-right convention for the sliced call (None: open)."""
 
     q: slice
     k: slice
@@ -171,7 +170,6 @@ class Piece(NamedTuple):
     k0: int
     left: Optional[int]
     right: Optional[int]
-    uid: int
 
 
 def shard_chunks(rank: int, world: int, local: int, zigzag: bool) -> list[tuple[int, int, int, int]]:
@@ -182,7 +180,7 @@ def shard_chunks(rank: int, world: int, local: int, zigzag: bool) -> list[tuple[
     return [(rank, rank * c, 0, c), (2 * world - 1 - rank, (2 * world - 1 - rank) * c, c, c)]
 
 
-def _chunk_piece(qc, kc, band, uid) -> Optional[Piece]:
+def _chunk_piece(qc, kc, band) -> Optional[Piece]:
     """The part of query chunk ``qc`` x key chunk ``kc`` that the global band (left, right)
     keeps (None if nothing), trimmed to the rows and keys that see anything, so that its band
     is expressible as a bottom-right window with both edges >= 0."""
@@ -206,7 +204,7 @@ def _chunk_piece(qc, kc, band, uid) -> Optional[Piece]:
     # A window edge that cuts nothing in this piece is dropped (no masking cost).
     w_left = None if w_left is not None and w_left >= lk - 1 else w_left
     w_right = None if w_right is not None and w_right >= lq - 1 else w_right
-    return Piece(slice(ql + i0, ql + i1), slice(kl + j0, kl + j1), qa + i0, ka + j0, w_left, w_right, uid)
+    return Piece(slice(ql + i0, ql + i1), slice(kl + j0, kl + j1), qa + i0, ka + j0, w_left, w_right)
 
 
 class Schedule:
@@ -215,24 +213,22 @@ class Schedule:
     travels no further; a window keeps it short on the contiguous layout).
 
     ``positional``: the band or ALiBi needs global positions (then lq == lk); otherwise every
-    block is one whole piece. ``uid_base`` offsets the pieces' uids."""
+    block is one whole piece."""
 
-    def __init__(self, world: int, lq: int, lk: int, *, zigzag: bool, band: tuple, positional: bool,
-                 uid_base: int = 0):
+    def __init__(self, world: int, lq: int, lk: int, *, zigzag: bool, band: tuple, positional: bool):
         self.world, self.lq, self.lk, self.zigzag, self.band = world, lq, lk, zigzag, band
-        self.positional, self.uid_base = positional, uid_base
+        self.positional = positional
         busy = [s for s in range(world) if any(self.pieces(r, (r - s) % world) for r in range(world))]
         self.steps = 1 + max(busy, default=0)
 
     def pieces(self, rank: int, src: int) -> list[Piece]:
         if not self.positional:
             whole = slice(None)
-            return [Piece(whole, whole, 0, 0, None, None, self.uid_base + rank * self.world + src)]
-        n_chunks = 2 * self.world if self.zigzag else self.world
+            return [Piece(whole, whole, 0, 0, None, None)]
         out = []
         for qc in shard_chunks(rank, self.world, self.lq, self.zigzag):
             for kc in shard_chunks(src, self.world, self.lk, self.zigzag):
-                piece = _chunk_piece(qc, kc, self.band, self.uid_base + qc[0] * n_chunks + kc[0])
+                piece = _chunk_piece(qc, kc, self.band)
                 if piece is not None:
                     out.append(piece)
         return out

@@ -141,7 +141,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bo
     qh, kh, vh = (_SeqToHead.apply(t, group, zigzag) for t in (q, k, v))
     band = band_from(causal, window)
     sched = Schedule(1, qh.shape[2], kh.shape[2], zigzag=False, band=band,
-                     positional=band != (None, None) or alibi is not None, uid_base=rank)
+                     positional=band != (None, None) or alibi is not None)
     kernels = backend.route(op, "flash", qh, kh, vh).impl == "kernel"
     out, lse = _RingAttention.apply(qh, kh, vh, None if sinks is None else sinks[heads], None, _Alone(), f, sched,
                                     kernels)
