@@ -39,40 +39,14 @@ def _poison_outputs():
     _launch.empty = poisoned
 
 
-def _dropout_keep(case, rank, world, seed, shape):
-    """The global (B, Hq, L, L) keep-mask a context-parallel call drew: every piece of every
-    rank's schedule redrawn from the call's seed (as the kernels or the reference draw it)."""
-    from fastattn.distributed.ring import Features, Schedule, _reference_keep, piece_seed
+def _dropout_keep(case, seed, shape):
+    """The (B, Hq, L, L) keep-mask one process's ``flash_attention`` on the kernels draws from
+    ``seed`` over the whole sequence (``dropout_keep_reference`` equals the kernels' mask:
+    tests/test_flash.py), which a context-parallel call must draw too."""
+    from fastattn.ops.flash.reference import dropout_keep_reference
 
     b, hq, length = shape
-    keep = torch.ones(b, hq, length, length, dtype=torch.bool)
-
-    def draw(piece, shape):
-        f = Features(1.0, None, None, case["dropout"], seed)
-        if case["backend"] == "triton":
-            from fastattn.ops.flash.op import dropout_keep_mask
-            return dropout_keep_mask(piece_seed(f, piece), *shape, case["dropout"])
-        return _reference_keep(f, piece, shape, seed.device)
-
-    band = fastattn.validation.band_from(case["causal"], case["window"])
-    positional = band != (None, None) or case["alibi"]
-    if case["method"] == "ulysses":  # rank r's head group over the whole sequence, uid r
-        per = hq // world
-        for r in range(world):
-            for piece in Schedule(1, length, length, zigzag=False, band=band, positional=positional,
-                                  uid_base=r).pieces(0, 0):
-                keep[:, r * per:(r + 1) * per] = draw(piece, (b, per, length, length))
-        return keep
-    local = length // world
-    sched = Schedule(world, local, local, zigzag=case["zigzag"], band=band, positional=positional)
-    for r in range(world):
-        for step in range(sched.steps):
-            src = (r - step) % world
-            for piece in sched.pieces(r, src):
-                rows = fd.shard_positions(length, r, world, zigzag=case["zigzag"])[piece.q]
-                cols = fd.shard_positions(length, src, world, zigzag=case["zigzag"])[piece.k]
-                keep[:, :, rows[:, None], cols[None, :]] = draw(piece, (b, hq, len(rows), len(cols)))
-    return keep
+    return dropout_keep_reference(int(seed), b, hq, length, length, case["dropout"])
 
 
 def _check_case(rank, world, case):
@@ -103,7 +77,7 @@ def _check_case(rank, world, case):
     ref_opts = dict(opts, causal=causal, sinks=full.get("sinks"),
                     attn_bias=full.get("attn_bias", opts.get("attn_bias")))
     if case["dropout"]:
-        ref_opts["dropout_mask"] = _dropout_keep(case, rank, world, seed, (b, hq, length))
+        ref_opts["dropout_mask"] = _dropout_keep(case, seed, (b, hq, length))
     args64 = {n: as64(t) for n, t in full.items()}
     oracle, lse64 = attention_reference(args64["q"], args64["k"], args64["v"], **{
         **ref_opts, "sinks": args64.get("sinks"), "attn_bias": args64.get("attn_bias", opts.get("attn_bias"))},
@@ -296,6 +270,8 @@ def _check_rejections(rank, world):
     odd = torch.randn(1, 2, 5, 16)
     with pytest.raises(ValueError, match="even"):
         fd.ring_attention(odd, odd, odd, causal=True)  # zig-zag by default under causal
+    with pytest.raises(ValueError, match="multiples of 4 long; got Lk_local = 12"):
+        fd.ring_attention(*(torch.randn(1, 2, 12, 16) for _ in range(3)), causal=True, dropout_p=0.1)
     heads = torch.randn(1, world + 1, 4, 16)
     with pytest.raises(ValueError, match="divisible by the world size"):
         fd.ulysses_attention(heads, heads, heads)
@@ -389,6 +365,8 @@ def test_two_ranks_torch(tmp_path):
         _case("ring", True, True, 4, 2, 24, window=(5, 0), softcap=3.0),          # band across chunks
         _case("ring", False, False, 2, 1, 24, b=2, window=(3, 4), alibi=True),    # two-sided, (B, Hq) slopes
         _case("ring", True, False, 2, 2, 24, alibi=True, sinks=True, dropout=0.3),
+        _case("ring", False, True, 2, 1, 32, b=2, dropout=0.2),                   # dropout alone, zig-zag
+        _case("ring", False, False, 2, 1, 32, window=(5, 2), dropout=0.2),        # keys from unaligned band edges
         _case("ring", False, True, 2, 2, 24, d=32, alibi=True, dtype="bfloat16"),
         _case("ulysses", True, False, 4, 2, 24, window=(4, 0), alibi=True, sinks=True, softcap=3.0, dropout=0.2),
         _case("switch", True, True, 2, 2, 24, window=(3, 0), sinks=True),
@@ -425,9 +403,9 @@ def test_two_ranks_kernels(tmp_path):
     pytest.importorskip("triton")
     cases = [
         _case("ring", True, True, 4, 2, 44, d=32, backend="triton", transposed=True),  # flash_fwd/flash_bwd per step
-        _case("ulysses", True, False, 2, 2, 36, d=16, backend="triton"),
+        _case("ulysses", True, False, 2, 2, 36, d=16, backend="triton", dropout=0.2),
         _case("ring", True, True, 4, 2, 36, d=32, backend="triton", dtype="bfloat16"),
-        # every feature: the pieces' windows, ALiBi on and off the diagonal, sinks, dropout seeds
+        # every feature: the pieces' windows, ALiBi on and off the diagonal, sinks, dropout
         _case("ring", True, True, 4, 2, 16, backend="triton", window=(5, 0), alibi=True, sinks=True, softcap=3.0,
               dropout=0.25),
         _case("ring", True, False, 2, 2, 16, backend="triton", bias="float"),

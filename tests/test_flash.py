@@ -152,6 +152,38 @@ def test_dropout_matches_reference_with_the_kernels_mask(device):
              dict(q=q, k=k, v=v))
 
 
+def test_dropout_place_draws_the_block_of_the_larger_calls_mask(device):
+    """A call on heads 2..3 (kv head 1), query rows 9..29 and keys 12..44 of a larger call,
+    placed there, draws exactly that block of the larger call's mask: the mask itself (both
+    equal to the plain-PyTorch Philox of ``dropout_keep_reference``, bit for bit), and the
+    kernels' forward and backward against the reference with the block of the mask."""
+    from fastattn.ops.flash import op
+    from fastattn.ops.flash.reference import dropout_keep_reference
+
+    b, hq, lq, lk, d, p = 2, 4, 40, 52, 32, 0.3
+    seed = torch.randint(0, 2**62, (1,), device=device)
+    whole = op.dropout_keep_mask(seed, b, hq, lq, lk, p)
+    assert torch.equal(whole.cpu(), dropout_keep_reference(int(seed), b, hq, lq, lk, p))
+    keep = whole[:, 2:4, 9:30, 12:45]
+    place = (2, hq, 9, lq, 12, lk)
+    assert torch.equal(op.dropout_keep_mask(seed, b, 2, 21, 33, p, place), keep)
+    assert torch.equal(dropout_keep_reference(int(seed), b, 2, 21, 33, p, place), keep.cpu())
+    q, k, v = qkv(torch.float32, device, b=b, hq=2, hkv=1, lq=21, lk=33, d=d)
+    check_op(lambda q, k, v: op.flash_attn(q, k, v, seed=seed, scale=d ** -0.5, dropout_p=p,
+                                           dropout_place=place)[0],
+             lambda q, k, v: attention_reference(q, k, v, dropout_p=p, dropout_mask=keep), dict(q=q, k=k, v=v))
+
+
+@pytest.mark.parametrize("place", [(2, 4, 9, 40, 13, 52), (3, 4, 0, 40, 0, 52), (0, 4, 20, 40, 0, 52)],
+                         ids=["key-offset-not-multiple-of-4", "heads-past-the-end", "rows-past-the-end"])
+def test_dropout_place_outside_the_larger_scores_raises(place, device):
+    from fastattn.ops.flash import op
+
+    seed = torch.zeros(1, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match=r"dropout_place .* \(H, Lq, Lk\) = \(2, 21, 33\)"):
+        op.dropout_seed(seed, 2, 21, 33, place)
+
+
 def test_dropout_is_repeatable_under_manual_seed(device):
     q, k, v = (randn((1, 2, 40, 32), torch.float16, device) for _ in range(3))
     with fastattn.use_backend("triton"):

@@ -20,7 +20,8 @@ a query chunk and a key chunk becomes one piece, trimmed to the rows and keys th
 band (causal, window) keeps, or skipped. Under zig-zag causal every off-diagonal step then
 costs every rank the same half block. A piece's ALiBi, off the global diagonal, is a per-key
 bias plus a per-row lse shift (``_alibi_terms``); sinks join once, after the ring; dropout
-draws one mask per piece from the call's seed and the piece's uid (``piece_seed``).
+draws, in every piece, that piece's block of the mask one process draws from the same seed
+(``_dropout_place``).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastattn import backend
-from fastattn.ops.flash.reference import alibi_bias, attention_reference, band_mask
+from fastattn.ops.flash.reference import alibi_bias, attention_reference, band_mask, dropout_keep_reference
 from fastattn.validation import band_from, check_options, check_qkv, check_sinks, default_scale
 
 _KV_TAG, _DKV_TAG = 0, 1  # gloo matches messages by (peer, tag); NCCL ignores tags
@@ -161,8 +162,7 @@ class Piece(NamedTuple):
 
     ``q``/``k``: slices of this rank's query rows and of the held block's key rows; ``q0``/``k0``:
     the global positions of their first rows; ``left``/``right``: the band in
-    ``flash_attention``'s bottom-right convention for the sliced call (None: open); ``uid``:
-    unique among the pieces of one call on every rank (it picks the piece's dropout stream)."""
+    ``flash_attention``'s bottom-right convention for the sliced call (None: open)."""
 
     q: slice
     k: slice
@@ -170,7 +170,6 @@ class Piece(NamedTuple):
     k0: int
     left: Optional[int]
     right: Optional[int]
-    uid: int
 
 
 def shard_chunks(rank: int, world: int, local: int, zigzag: bool) -> list[tuple[int, int, int, int]]:
@@ -181,7 +180,7 @@ def shard_chunks(rank: int, world: int, local: int, zigzag: bool) -> list[tuple[
     return [(rank, rank * c, 0, c), (2 * world - 1 - rank, (2 * world - 1 - rank) * c, c, c)]
 
 
-def _chunk_piece(qc, kc, band, uid) -> Optional[Piece]:
+def _chunk_piece(qc, kc, band) -> Optional[Piece]:
     """The part of query chunk ``qc`` x key chunk ``kc`` that the global band (left, right)
     keeps (None if nothing), trimmed to the rows and keys that see anything, so that its band
     is expressible as a bottom-right window with both edges >= 0."""
@@ -196,6 +195,8 @@ def _chunk_piece(qc, kc, band, uid) -> Optional[Piece]:
     j1 = m if right is None else min(m, qa + i1 + right - ka)
     if j0 >= j1:
         return None
+    # Keys from a global multiple of 4 (dropout draws keys in fours); the extra ones are outside the band.
+    j0 = max(0, j0 - (ka + j0) % 4)
     lq, lk, d = i1 - i0, j1 - j0, (qa + i0) - (ka + j0)
     # The op's query i sits at key i + lk - lq; ours at key i + d.
     w_left = None if left is None else lk - lq - d + left
@@ -203,7 +204,7 @@ def _chunk_piece(qc, kc, band, uid) -> Optional[Piece]:
     # A window edge that cuts nothing in this piece is dropped (no masking cost).
     w_left = None if w_left is not None and w_left >= lk - 1 else w_left
     w_right = None if w_right is not None and w_right >= lq - 1 else w_right
-    return Piece(slice(ql + i0, ql + i1), slice(kl + j0, kl + j1), qa + i0, ka + j0, w_left, w_right, uid)
+    return Piece(slice(ql + i0, ql + i1), slice(kl + j0, kl + j1), qa + i0, ka + j0, w_left, w_right)
 
 
 class Schedule:
@@ -212,24 +213,22 @@ class Schedule:
     travels no further; a window keeps it short on the contiguous layout).
 
     ``positional``: the band or ALiBi needs global positions (then lq == lk); otherwise every
-    block is one whole piece. ``uid_base`` offsets the pieces' uids."""
+    block is one whole piece."""
 
-    def __init__(self, world: int, lq: int, lk: int, *, zigzag: bool, band: tuple, positional: bool,
-                 uid_base: int = 0):
+    def __init__(self, world: int, lq: int, lk: int, *, zigzag: bool, band: tuple, positional: bool):
         self.world, self.lq, self.lk, self.zigzag, self.band = world, lq, lk, zigzag, band
-        self.positional, self.uid_base = positional, uid_base
+        self.positional = positional
         busy = [s for s in range(world) if any(self.pieces(r, (r - s) % world) for r in range(world))]
         self.steps = 1 + max(busy, default=0)
 
     def pieces(self, rank: int, src: int) -> list[Piece]:
         if not self.positional:
             whole = slice(None)
-            return [Piece(whole, whole, 0, 0, None, None, self.uid_base + rank * self.world + src)]
-        n_chunks = 2 * self.world if self.zigzag else self.world
+            return [Piece(whole, whole, 0, 0, None, None)]
         out = []
         for qc in shard_chunks(rank, self.world, self.lq, self.zigzag):
             for kc in shard_chunks(src, self.world, self.lk, self.zigzag):
-                piece = _chunk_piece(qc, kc, self.band, self.uid_base + qc[0] * n_chunks + kc[0])
+                piece = _chunk_piece(qc, kc, self.band)
                 if piece is not None:
                     out.append(piece)
         return out
@@ -241,13 +240,16 @@ class Schedule:
 class Features(NamedTuple):
     """The flash_attention options a ring call applies to every piece. ``alibi``: the slopes
     as given ((Hq,) or (B, Hq)), None if off; ``seed``: int64 (1,) on the device, drawn once
-    per call, None without dropout."""
+    per call, None without dropout; ``scores``: with dropout, (h0, heads, rows, cols): this
+    rank's heads are h0 .. of the ``heads`` of one process's (B, heads, rows, cols) scores,
+    whose mask the pieces draw blocks of (``_dropout_place``)."""
 
     scale: float
     softcap: Optional[float]
     alibi: Optional[Tensor]
     dropout_p: float
     seed: Optional[Tensor]
+    scores: Optional[tuple] = None
 
 
 def _alibi_terms(alibi: Optional[Tensor], piece: Piece, lq: int, lk: int):
@@ -274,24 +276,22 @@ def _alibi_terms(alibi: Optional[Tensor], piece: Piece, lq: int, lk: int):
     return None, key[:, :, None, :], row
 
 
-def piece_seed(f: Features, piece: Piece) -> Optional[Tensor]:
-    """The one place a piece's dropout draw is keyed (kernels and reference, forward and
-    backward): the call's seed plus the piece's uid, an int64 (1,) tensor, or None without
-    dropout. The op counts its Philox counters from positions within each call, so every piece
-    draws a stream of its own; once it takes offsets into a global frame, this is where the
-    call's seed and the piece's global first row and key (``piece.q0``, ``piece.k0``) would go,
-    giving one process's mask."""
-    return None if f.seed is None else f.seed + piece.uid
+def _dropout_place(f: Features, piece: Piece) -> Optional[tuple]:
+    """Where a piece's scores sit in one process's (``f.scores``; ``op.dropout_seed``'s
+    place): its first query row and key are global positions piece.q0, piece.k0. None
+    without dropout."""
+    if f.dropout_p == 0.0:
+        return None
+    h0, heads, rows, cols = f.scores
+    return h0, heads, piece.q0, rows, piece.k0, cols
 
 
 def _reference_keep(f: Features, piece: Piece, shape, device) -> Optional[Tensor]:
-    """The reference path's dropout keep-mask of a piece: redrawn identically in the backward
-    from ``piece_seed`` (one host read of the seed per piece)."""
+    """The reference path's dropout keep-mask of a piece: the kernels' (one host read of the
+    seed per piece)."""
     if f.dropout_p == 0.0:
         return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(piece_seed(f, piece).item()))
-    return torch.rand(shape, generator=gen, device=device) >= f.dropout_p
+    return dropout_keep_reference(int(f.seed.item()), *shape, f.dropout_p, _dropout_place(f, piece)).to(device)
 
 
 def _piece_bias(bias: Optional[Tensor], piece: Piece, lk: int) -> Optional[Tensor]:
@@ -312,9 +312,9 @@ def piece_forward(q, k, v, f: Features, piece: Piece, kernels: bool, bias: Optio
         from fastattn.ops.flash import op as flash_op  # imports triton, so only when used
 
         out, lse = flash_op.flash_attn(
-            qp, kp, vp, bias=key_bias, alibi=alibi, seed=piece_seed(f, piece),
-            scale=f.scale, softcap=f.softcap, dropout_p=f.dropout_p, window_left=piece.left,
-            window_right=piece.right)
+            qp, kp, vp, bias=key_bias, alibi=alibi, seed=f.seed, scale=f.scale, softcap=f.softcap,
+            dropout_p=f.dropout_p, window_left=piece.left, window_right=piece.right,
+            dropout_place=_dropout_place(f, piece))
     else:
         keep = _reference_keep(f, piece, (qp.shape[0], qp.shape[1], qp.shape[2], kp.shape[2]), q.device)
         out, lse = attention_reference(qp, kp, vp, scale=f.scale, window=(piece.left, piece.right),
@@ -388,8 +388,8 @@ def piece_backward(do, q, k, v, out, lse, f: Features, piece: Piece, kernels: bo
 
     dq, dk, dv, ds = flash_backward(
         dop, qp, kp, vp, outp, lsep, bias=key_bias, alibi=alibi,
-        seed=piece_seed(f, piece), scale=f.scale, softcap=f.softcap,
-        dropout_p=f.dropout_p, window_left=piece.left, window_right=piece.right, bias_grad=bias_grad)
+        seed=f.seed, scale=f.scale, softcap=f.softcap, dropout_p=f.dropout_p, window_left=piece.left,
+        window_right=piece.right, bias_grad=bias_grad, dropout_place=_dropout_place(f, piece))
     return dq, dk, dv, ds if bias_grad else None
 
 
@@ -508,14 +508,16 @@ def _check_sharded_bias(op: str, bias, q: Tensor, k: Tensor, world: int, alibi_s
         raise ValueError(f"{op}: attn_bias and alibi_slopes together: fold the ALiBi into the bias")
 
 
-def features(op: str, q: Tensor, *, scale, softcap, alibi_slopes, dropout_p) -> Features:
+def features(op: str, q: Tensor, *, scale, softcap, alibi_slopes, dropout_p, scores=None) -> Features:
     """The validated per-piece options of a context-parallel call; draws the dropout seed
-    from torch's generator on q's device (as flash_attention does)."""
+    from torch's generator on q's device (as flash_attention does); ``scores``: as
+    ``Features``'s."""
     if alibi_slopes is not None and alibi_slopes.requires_grad:
         raise ValueError(f"{op}: alibi_slopes of shape {tuple(alibi_slopes.shape)} requires grad, but "
                          "context-parallel attention gives no gradient for ALiBi slopes; pass them detached")
     seed = torch.randint(0, 2**62, (1,), device=q.device) if dropout_p > 0 else None
-    return Features(default_scale(q.shape[-1], scale), softcap, alibi_slopes, float(dropout_p), seed)
+    return Features(default_scale(q.shape[-1], scale), softcap, alibi_slopes, float(dropout_p), seed,
+                    scores if dropout_p > 0 else None)
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = False,
@@ -547,10 +549,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool 
             (``shard_sequence(bias, rank, W, zigzag=..., dim=2)``), keys in global order. bool
             (True = attend) or additive float (differentiable; its gradient comes back in its
             shape). Not with ALiBi (fold the slopes into the bias).
-        dropout_p: dropout on the attention probabilities; each piece of the schedule draws
-            its own mask from one seed taken from torch's generator per call (the same
-            distribution as one process, not the same mask: the op's draws count positions
-            within each call). The backward redraws the forward's masks.
+        dropout_p: dropout on the attention probabilities, with one seed taken from torch's
+            generator per call: the same mask as one process's ``flash_attention`` on the
+            kernels under the same ``torch.manual_seed`` (each piece draws its block of it;
+            the reference path draws it too, ``dropout_keep_reference``). The backward
+            redraws it. Needs Lk_local a multiple of 4 (8 under zig-zag).
         sinks: (Hq,) attention-sink logits, counted once per row (after the ring). The
             gradient is this rank's rows' share: sum it over the ranks, as for every
             replicated parameter.
@@ -567,7 +570,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool 
         ValueError: torch.distributed not initialised; bad local shapes or options (as
             flash_attention); ranks holding shards of different shapes (uneven sharding);
             positions (causal, window, ALiBi) with Lq_local != Lk_local; an odd shard length
-            under zig-zag; alibi_slopes requiring grad; attn_bias of another shape, or with
+            under zig-zag; dropout with Lk_local not a multiple of 4 (8 under zig-zag);
+            alibi_slopes requiring grad; attn_bias of another shape, or with
             alibi_slopes; a DeviceMesh of more than one dimension;
             under ``use_backend("triton")``,
             inputs the kernels cannot take.
@@ -581,12 +585,19 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool 
     group = process_group(op, group)
     check_inputs(op, q, k, v, group, causal=causal, zigzag=zigzag, scale=scale, window=window,
                  alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, sinks=sinks)
-    f = features(op, q, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
+    world = dist.get_world_size(group)
+    if dropout_p > 0 and k.shape[2] % (8 if zigzag else 4):
+        raise ValueError(f"{op}: dropout draws keys in groups of four from global multiples of 4, so the key "
+                         f"shards' chunks must be multiples of 4 long; got Lk_local = {k.shape[2]} "
+                         f"({'zig-zag: two chunks of half of it' if zigzag else 'one chunk'})")
+    f = features(op, q, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                 scores=(0, q.shape[1], world * q.shape[2], world * k.shape[2]))
     band = band_from(causal, window)
     ring = _Ring(group)
     _check_sharded_bias(op, attn_bias, q, k, ring.world, alibi_slopes)
     sched = Schedule(ring.world, q.shape[2], k.shape[2], zigzag=zigzag, band=band,
-                     positional=band != (None, None) or alibi_slopes is not None or attn_bias is not None)
+                     positional=band != (None, None) or alibi_slopes is not None or attn_bias is not None
+                     or dropout_p > 0)
     kernels = backend.route(op, "flash", q, k, v).impl == "kernel"
     out, lse = _RingAttention.apply(q, k, v, sinks, attn_bias, ring, f, sched, kernels)
     return (out, lse) if return_lse else out

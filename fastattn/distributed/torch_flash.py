@@ -55,7 +55,7 @@ def _refuse_dropout(op: str, dropout_p: float) -> None:
 def _whole(q, is_causal, scale, left, right):
     """The one piece (every query x every key) and its options."""
     band = band_from(is_causal, (_window(left), _window(right)))
-    return Piece(slice(None), slice(None), 0, 0, band[0], band[1], 0), \
+    return Piece(slice(None), slice(None), 0, 0, band[0], band[1]), \
         Features(default_scale(q.shape[-1], scale), None, None, 0.0, None)
 
 

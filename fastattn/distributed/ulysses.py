@@ -125,9 +125,10 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bo
             The float bias's gradient is this rank's heads' share (zero on the other heads;
             summed over this rank's heads where it broadcasts): sum it over the ranks, as for
             every replicated parameter. Not with ALiBi (fold the slopes into the bias).
-        dropout_p: dropout on the probabilities; each rank draws its heads' mask from the
-            call's seed offset by its rank (the same distribution as one process, not the
-            same mask). The backward redraws it.
+        dropout_p: dropout on the probabilities, with one seed taken from torch's generator
+            per call: each rank draws its heads' block of the mask that one process's
+            ``flash_attention`` on the kernels draws under the same ``torch.manual_seed``.
+            The backward redraws it.
         sinks: (Hq,) attention-sink logits; the gradient holds this rank's heads (sum it
             over the ranks, as for every replicated parameter).
         zigzag: the shards are in the zig-zag layout (``shard_sequence(..., zigzag=True)``)
@@ -162,11 +163,12 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bo
     heads = slice(rank * q.shape[1] // world, (rank + 1) * q.shape[1] // world)  # this rank's query heads
     alibi = None if alibi_slopes is None else alibi_slopes[..., heads]
     bias = attn_bias if attn_bias is None or attn_bias.shape[1] == 1 else attn_bias[:, heads]  # a view
-    f = features(op, q, scale=scale, softcap=softcap, alibi_slopes=alibi, dropout_p=dropout_p)
+    f = features(op, q, scale=scale, softcap=softcap, alibi_slopes=alibi, dropout_p=dropout_p,
+                 scores=(heads.start, q.shape[1], world * q.shape[2], world * k.shape[2]))
     qh, kh, vh = (_SeqToHead.apply(t, group, zigzag) for t in (q, k, v))
     band = band_from(causal, window)
     sched = Schedule(1, qh.shape[2], kh.shape[2], zigzag=False, band=band,
-                     positional=band != (None, None) or alibi is not None or bias is not None, uid_base=rank)
+                     positional=band != (None, None) or alibi is not None or bias is not None)
     kernels = backend.route(op, "flash", qh, kh, vh).impl == "kernel"
     out, lse = _RingAttention.apply(qh, kh, vh, None if sinks is None else sinks[heads], bias, _Alone(), f, sched,
                                     kernels)

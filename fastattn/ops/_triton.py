@@ -166,19 +166,34 @@ def term_logits(qk, qi, kj, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_s
 
 
 @triton.jit
-def dropout_frame(b, h, n_heads, q0, rows_q, rows_k, VARLEN: tl.constexpr):
-    """(first row, groups per row): head (b, h)'s dropout counters, for ``dropout_keep``. A
-    counter draws four keys' numbers (one Philox call gives four); query i's keys 4g .. 4g + 3
-    take counter (first row + i) * groups per row + g. The rows are those of the (B * H, Lq)
-    scores, or with VARLEN of the packed (H, total_q) ones (rows_q/k: the packed totals, q0:
-    the sequence's first row; its keys count from 0, and no sequence has more than
-    ceil(total_k / 4) groups), so no two sequences, heads or batch rows share a counter and
-    the backward redraws the forward's mask. int64: B * H * Lq * Lk / 4 may pass 2^31."""
+def dropout_frame(b, h, n_heads, q0, rows_q, rows_k, SEED, VARLEN: tl.constexpr, PLACED: tl.constexpr):
+    """(first row, groups per row, first group): head (b, h)'s dropout counters, for
+    ``dropout_keep``. A counter draws four keys' numbers (one Philox call gives four); query
+    i's keys 4g .. 4g + 3 take counter (first row + i) * groups per row + first group + g.
+    The rows are those of the (B * H, Lq) scores, or with VARLEN of the packed (H, total_q)
+    ones (rows_q/k: the packed totals, q0: the sequence's first row; its keys count from 0,
+    and no sequence has more than ceil(total_k / 4) groups), so no two sequences, heads or
+    batch rows share a counter and the backward redraws the forward's mask.
+
+    PLACED (dense calls with dropout): SEED is int64 (7,), and SEED[1:7] = (h0, heads, r0,
+    rows, c0, cols) place the call's (B, H, Lq, Lk) scores in a larger (B, heads, rows, cols)
+    score matrix: head h is head h0 + h, query i row r0 + i, key j column c0 + j (c0 a
+    multiple of 4). A call on a slice then draws that slice of the larger call's mask; the
+    place (0, H, 0, Lq, 0, Lk) is the call's own. int64: B * H * Lq * Lk / 4 may pass 2^31."""
     if VARLEN:
         first = h.to(tl.int64) * rows_q + q0
+        groups = (rows_k + 3) // 4
+        group0 = 0
+    elif PLACED:
+        heads, rows, cols = tl.load(SEED + 2), tl.load(SEED + 4), tl.load(SEED + 6)
+        first = (b.to(tl.int64) * heads + tl.load(SEED + 1) + h) * rows + tl.load(SEED + 3)
+        groups = (cols + 3) // 4
+        group0 = tl.load(SEED + 5) // 4
     else:
         first = (b.to(tl.int64) * n_heads + h) * rows_q
-    return first, (rows_k + 3) // 4
+        groups = (rows_k + 3) // 4
+        group0 = 0
+    return first, groups, group0
 
 
 @triton.jit
@@ -189,7 +204,7 @@ def dropout_keep(seed, frame, offs_m, offs_n, start_n, dropout_p, KEY_MAJOR: tl.
     four numbers each, interleaved into keys 4g .. 4g + 3."""
     BLOCK_M: tl.constexpr = offs_m.shape[0]
     BLOCK_N: tl.constexpr = offs_n.shape[0]
-    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    groups = frame[2] + start_n // 4 + tl.arange(0, BLOCK_N // 4)
     counters = (frame[0] + offs_m.to(tl.int64))[:, None] * frame[1] + groups[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, counters)
     # join(join(r0, r2), join(r1, r3))[.., j, k] is r[2j + k]: row-major, keys 4g + 0..3.

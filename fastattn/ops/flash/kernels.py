@@ -41,13 +41,14 @@ def _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS: tl.constexpr):
 
 
 @triton.jit
-def _sequence_pair(CU_SEQLENS_Q, CU_SEQLENS_K, b, h, n_heads, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+def _sequence_pair(CU_SEQLENS_Q, CU_SEQLENS_K, SEED, b, h, n_heads, seqlen_q, seqlen_k, VARLEN: tl.constexpr,
+                   DROPOUT: tl.constexpr):
     """(q0, Lq, k0, Lk, diag, frame) of sequence b for head h: its first query and key rows and
     lengths (``sequence``), the diagonal Lk - Lq, and the head's dropout counters
     (``dropout_frame``: with VARLEN, seqlen_q/k are the packed totals it counts rows in)."""
     q0, lq = sequence(CU_SEQLENS_Q, b, seqlen_q, VARLEN)
     k0, lk = sequence(CU_SEQLENS_K, b, seqlen_k, VARLEN)
-    return q0, lq, k0, lk, lk - lq, dropout_frame(b, h, n_heads, q0, seqlen_q, seqlen_k, VARLEN)
+    return q0, lq, k0, lk, lk - lq, dropout_frame(b, h, n_heads, q0, seqlen_q, seqlen_k, SEED, VARLEN, DROPOUT)
 
 
 @triton.jit
@@ -255,8 +256,8 @@ def attn_fwd_kernel(
     if VARLEN:
         if b < 0:  # past the packed sequences' blocks
             return
-    q0, seqlen_q, k0, seqlen_k, diag, frame = _sequence_pair(CU_SEQLENS_Q, CU_SEQLENS_K, b, h, n_heads, seqlen_q,
-                                                             seqlen_k, VARLEN)
+    q0, seqlen_q, k0, seqlen_k, diag, frame = _sequence_pair(CU_SEQLENS_Q, CU_SEQLENS_K, SEED, b, h, n_heads,
+                                                             seqlen_q, seqlen_k, VARLEN, TERMS.DROPOUT)
 
     offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -326,8 +327,8 @@ def attn_bwd_dkdv_kernel(
             return
     n_heads = n_kv_heads * group
     rows_q, rows_k = seqlen_q, seqlen_k  # with VARLEN, the packed totals: the dropout counters' rows
-    q0, seqlen_q, k0, seqlen_k, diag, _ = _sequence_pair(CU_SEQLENS_Q, CU_SEQLENS_K, b, hk, n_heads, seqlen_q,
-                                                         seqlen_k, VARLEN)
+    q0, seqlen_q, k0, seqlen_k, diag, _ = _sequence_pair(CU_SEQLENS_Q, CU_SEQLENS_K, SEED, b, hk, n_heads, seqlen_q,
+                                                         seqlen_k, VARLEN, False)
 
     offs_n, col_ok = span(start_n, BLOCK_N, seqlen_k)
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
@@ -341,7 +342,7 @@ def attn_bwd_dkdv_kernel(
     offs_m0 = tl.arange(0, BLOCK_M)
     for g in range(0, group):
         h = hk * group + g
-        frame = dropout_frame(b, h, n_heads, q0, rows_q, rows_k, VARLEN)
+        frame = dropout_frame(b, h, n_heads, q0, rows_q, rows_k, SEED, VARLEN, TERMS.DROPOUT)
         bias_base = rows_base(BIAS, bias_strides, b, h, 0)
         slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
         q_src = _rows_source(Q, q_strides, b, h, q0, offs_m0, offs_d, TMA, VARLEN)
@@ -389,8 +390,8 @@ def attn_bwd_dq_kernel(
     if VARLEN:
         if b < 0:
             return
-    q0, seqlen_q, k0, seqlen_k, diag, frame = _sequence_pair(CU_SEQLENS_Q, CU_SEQLENS_K, b, h, n_heads, seqlen_q,
-                                                             seqlen_k, VARLEN)
+    q0, seqlen_q, k0, seqlen_k, diag, frame = _sequence_pair(CU_SEQLENS_Q, CU_SEQLENS_K, SEED, b, h, n_heads,
+                                                             seqlen_q, seqlen_k, VARLEN, TERMS.DROPOUT)
 
     offs_m, row_ok = span(start_m, BLOCK_M, seqlen_q)
     offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
@@ -470,7 +471,7 @@ def attn_bwd_dbias_kernel(
             k = load_rows(K, k_strides, b, h // group, 0, offs_n, offs_d, col_ok, d_ok)
             v = load_rows(V, v_strides, b, h // group, 0, offs_n, offs_dv, col_ok, dv_ok)
             slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
-            frame = dropout_frame(b, h, n_heads, 0, seqlen_q, seqlen_k, False)
+            frame = dropout_frame(b, h, n_heads, 0, seqlen_q, seqlen_k, SEED, False, TERMS.DROPOUT)
             _, ds, _ = bwd_tile(q, k, v, do, lse, delta, offs_m, offs_n, start_n, seqlen_q, seqlen_k, diag, frame,
                                 seed, slope, rows_base(BIAS, bias_strides, b, h, 0), bias_strides, scalars, TERMS,
                                 False, DOT_FP32, PRECISION)
@@ -483,12 +484,13 @@ def attn_bwd_dbias_kernel(
 def dropout_mask_kernel(KEEP, SEED, n_heads, seqlen_q, seqlen_k, dropout_p,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes the keep-mask the attention kernels draw, (B*H, Lq, Lk) uint8: for tests and
-    for anyone who needs to reproduce a dropout pattern with the reference."""
+    for anyone who needs to reproduce a dropout pattern with the reference. SEED: int64 (7,),
+    the seed and its place (``dropout_frame``)."""
     n_blocks = tl.cdiv(seqlen_k, BLOCK_N)  # grid (Lq blocks x Lk blocks, heads, batch)
     offs_m = (tl.program_id(0) // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     bh = tl.program_id(2).to(tl.int64) * n_heads + tl.program_id(1)
-    frame = dropout_frame(tl.program_id(2), tl.program_id(1), n_heads, 0, seqlen_q, seqlen_k, False)
+    frame = dropout_frame(tl.program_id(2), tl.program_id(1), n_heads, 0, seqlen_q, seqlen_k, SEED, False, True)
     keep = dropout_keep(tl.load(SEED), frame, offs_m, offs_n, (tl.program_id(0) % n_blocks) * BLOCK_N, dropout_p, False)
     store_tile(KEEP + bh * seqlen_q * seqlen_k, keep.to(tl.uint8), offs_m, offs_n, seqlen_k, 1,
                offs_m < seqlen_q, offs_n < seqlen_k)

@@ -123,12 +123,44 @@ def _expanded(bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
     return None if bias is None else bias.expand(*q.shape[:3], k.shape[2])
 
 
+def dropout_seed(seed: Tensor, heads: int, lq: int, lk: int, place: Optional[tuple] = None) -> Tensor:
+    """The dense kernels' dropout seed: int64 (7,) ``(seed, h0, heads, r0, rows, c0, cols)``.
+
+    ``seed``: int64 (1,), or already (7,) (kept as is when ``place`` is None). ``place``:
+    ``(h0, heads, r0, rows, c0, cols)``, where a call's (B, H, Lq, Lk) scores sit in a larger
+    (B, heads, rows, cols) score matrix (its head h is h0 + h, query i row r0 + i, key j
+    column c0 + j), so that the call draws exactly that block of the larger call's mask
+    (``kernels.dropout_frame``); None: the call's own, (0, H, 0, Lq, 0, Lk).
+
+    Raises:
+        ValueError: a ``place`` that does not hold the (H, Lq, Lk) block, or whose key offset
+            c0 is not a multiple of 4 (the kernels draw keys in groups of four)."""
+    if place is None:
+        if seed.numel() == 7:
+            return seed
+        place = (0, heads, 0, lq, 0, lk)
+    h0, n_heads, r0, rows, c0, cols = (int(x) for x in place)
+    if c0 % 4 or min(h0, r0, c0) < 0 or h0 + heads > n_heads or r0 + lq > rows or c0 + lk > cols:
+        raise ValueError(
+            f"dropout_place {tuple(place)} (h0, heads, r0, rows, c0, cols) must hold scores of (H, Lq, Lk) = "
+            f"({heads}, {lq}, {lk}) inside (heads, rows, cols) at offsets >= 0, with c0 a multiple of 4")
+    offsets = torch.tensor([h0, n_heads, r0, rows, c0, cols], dtype=torch.int64, device=seed.device)
+    return torch.cat([seed.reshape(-1)[:1].to(torch.int64), offsets])
+
+
+def _placed(seed: Optional[Tensor], q: Tensor, k: Tensor, varlen: bool) -> Optional[Tensor]:
+    """The seed as the kernels read it: (7,) for a dense call (``dropout_seed``), as given with
+    packed sequences (only its first element is read) or without dropout."""
+    return seed if seed is None or varlen else dropout_seed(seed, q.shape[1], q.shape[2], k.shape[2])
+
+
 @_launch.on_device
 def _forward(q, k, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions):
     _, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     bias = _expanded(bias, q, k)
     varlen = cu_seqlens[0] is not None
+    seed = _placed(seed, q, k, varlen)
     out = _output(q, v.shape[-1], varlen, lambda *shape: _launch.empty(*shape, like=q))
     lse = _launch.empty(*q.shape[:3], like=q, dtype=torch.float32)
     tma = _launch.tma(k, v)
@@ -154,6 +186,7 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens, optio
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     varlen = cu_seqlens[0] is not None
+    seed = _placed(seed, q, k, varlen)
     delta = _launch.softmax_delta(do, out)
     dq, dk, dv = (_launch.empty(*t.shape, like=t) for t in (q, k, v))
     small_bias, bias = bias, _expanded(bias, q, k)
@@ -317,39 +350,50 @@ flash_fwd.register_autograd(_flash_fwd_backward, setup_context=_setup_context)
 
 
 def flash_attn(q, k, v, *, bias=None, alibi=None, seed=None, sinks=None, scale, softcap=None, dropout_p=0.0,
-               window_left=None, window_right=None, cu_seqlens_q=None, cu_seqlens_k=None):
+               window_left=None, window_right=None, cu_seqlens_q=None, cu_seqlens_k=None, dropout_place=None):
     """Validated inputs -> (out, lse). ``bias``: 4-D, broadcastable to (B, Hq, Lq, Lk) (read in
     place; its gradient comes back in its own shape and dtype, never (B, Hq, Lq, Lk)); softcap
     None is no cap; ``sinks`` (Hq,) or None. Packed sequences: q, k, v are (1, H, total, D)
     views, ``cu_seqlens_q/k`` int32 (B + 1,) contiguous, never read on the host (the grid comes
-    from shapes); out and lse come back (1, H, total, ...)."""
+    from shapes); out and lse come back (1, H, total, ...). ``seed``: int64 (1,) with dropout;
+    ``dropout_place``: (h0, heads, r0, rows, c0, cols), the call's block of a larger call
+    whose mask it draws (``dropout_seed``; dense calls only)."""
     options = FlashOptions(scale, softcap, dropout_p, window_left, window_right)
+    if dropout_place is not None:
+        if cu_seqlens_q is not None:
+            raise ValueError("dropout_place: packed sequences (cu_seqlens_q) take no dropout place")
+        seed = dropout_seed(seed, q.shape[1], q.shape[2], k.shape[2], dropout_place)
     sinks = None if sinks is None else sinks.contiguous()
     return flash_fwd(q, k, v, bias, alibi, seed, sinks, cu_seqlens_q, cu_seqlens_k, *options)
 
 
 def flash_backward(do, q, k, v, out, lse, *, bias=None, alibi=None, seed=None, scale, softcap=None,
-                   dropout_p=0.0, window_left=None, window_right=None, bias_grad=False):
+                   dropout_p=0.0, window_left=None, window_right=None, bias_grad=False, dropout_place=None):
     """Gradients of ``flash_attn``'s output, for callers that run the backward themselves
     (context parallelism merges the blocks' forwards by their lse, then differentiates each).
 
     Shapes: q (B, Hq, Lq, D); k (B, Hkv, Lk, D); v (B, Hkv, Lk, Dv); out and do (B, Hq, Lq, Dv),
     any strides; lse float32 (B, Hq, Lq), the forward's (natural log; -inf for a row that sees
     no key). The options are flash_attn's, and must be the forward's (the same seed redraws
-    the same dropout). Returns ``(dq, dk, dv, ds)``: dq, dk, dv contiguous in q's, k's, v's
+    the same dropout, ``dropout_place`` included). Returns ``(dq, dk, dv, ds)``: dq, dk, dv contiguous in q's, k's, v's
     shapes and dtypes (dk, dv summed over each kv head's GQA group), and ds, the gradient
     of the 4-D ``bias`` (the logits' gradient summed over the dims it broadcasts over), in its
     shape and dtype, when ``bias_grad``; else an empty float32 (0,). Runs as the
     ``fastattn::flash_bwd`` custom op.
     """
     options = FlashOptions(scale, softcap, dropout_p, window_left, window_right)
+    if dropout_place is not None:
+        seed = dropout_seed(seed, q.shape[1], q.shape[2], k.shape[2], dropout_place)
     return flash_bwd(do, q, k, v, out, lse.contiguous(), bias, alibi, seed, None, None, None, *options,
                      bias_grad)[:4]
 
 
 @_launch.on_device
-def dropout_keep_mask(seed: Tensor, b: int, h: int, lq: int, lk: int, dropout_p: float) -> Tensor:
-    """The bool keep-mask (B, H, Lq, Lk) that the kernels draw for ``seed``."""
+def dropout_keep_mask(seed: Tensor, b: int, h: int, lq: int, lk: int, dropout_p: float,
+                      place: Optional[tuple] = None) -> Tensor:
+    """The bool keep-mask (B, H, Lq, Lk) that the kernels draw for ``seed`` (int64 (1,)) on a
+    dense call, or with ``place`` on a call placed there (``dropout_seed``; ValueError as it)."""
+    seed = dropout_seed(seed, h, lq, lk, place)
     keep = _launch.empty(b * h, lq, lk, like=seed, dtype=torch.uint8)
     grid = (triton.cdiv(lq, 32) * triton.cdiv(lk, 32), h, b)
     kernels.dropout_mask_kernel[grid](keep, seed, h, lq, lk, dropout_p, BLOCK_M=32, BLOCK_N=32)

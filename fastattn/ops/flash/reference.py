@@ -187,3 +187,46 @@ def varlen_attention_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Te
 
     out, lse = per_sequence(attend, q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     return (out, lse) if return_lse else out
+
+
+def _mul32(a: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(high, low) 32 bits of the 64-bit product of a 32-bit constant and int64 x in
+    [0, 2^32), in int64 without overflow: x splits into 16-bit halves."""
+    low = a * (x & 0xFFFF)
+    mid = a * (x >> 16) + (low >> 16)  # below 2^49
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (low & 0xFFFF)
+
+
+def _philox4x32(seed: int, counters: Tensor) -> list[Tensor]:
+    """Philox4x32-10 as Triton's ``tl.randint4x(seed, counters)``: counters int64, state
+    (counter low, counter high, 0, 0), key (seed low, seed high); four uint32 values each, as
+    int64 in [0, 2^32)."""
+    mask = 0xFFFFFFFF
+    c = [counters & mask, (counters >> 32) & mask, torch.zeros_like(counters), torch.zeros_like(counters)]
+    k0, k1 = seed & mask, (seed >> 32) & mask
+    for _ in range(10):
+        hi_b, lo_b = _mul32(0xCD9E8D57, c[2])
+        hi_a, lo_a = _mul32(0xD2511F53, c[0])
+        c = [hi_b ^ c[1] ^ k0, lo_b, hi_a ^ c[3] ^ k1, lo_a]
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    return c
+
+
+def dropout_keep_reference(seed: int, b: int, h: int, lq: int, lk: int, dropout_p: float,
+                           place: Optional[tuple] = None) -> Tensor:
+    """The bool keep-mask (B, H, Lq, Lk) that the flash kernels draw for ``seed`` (an int in
+    [0, 2^62)), in plain PyTorch on the CPU (``place``: ``op.dropout_seed``'s, unchecked).
+
+    Score (b, h, i, j) sits at (b, h0 + h, r0 + i, c0 + j) of the (B, heads, rows, cols)
+    scores; key column c takes number c % 4 of Philox counter ((b * heads + h0 + h) * rows +
+    r0 + i) * ceil(cols / 4) + c // 4, which as int32 x (x < 0 -> ~x) times 4.6566127342e-10
+    in float32 is the uniform number the score keeps iff it is >= dropout_p."""
+    h0, heads, r0, rows, c0, cols = (0, h, 0, lq, 0, lk) if place is None else place
+    row = ((torch.arange(b)[:, None, None] * heads + h0 + torch.arange(h)[:, None]) * rows
+           + r0 + torch.arange(lq))  # (B, H, Lq)
+    col = c0 + torch.arange(lk)
+    numbers = _philox4x32(seed, row[..., None] * ((cols + 3) // 4) + col // 4)
+    bits = torch.stack(numbers, -1).gather(-1, (col % 4).expand(b, h, lq, lk)[..., None])[..., 0]
+    signed = torch.where(bits >= 2**31, bits - 2**32, bits)
+    uniform = torch.where(signed < 0, -signed - 1, signed).to(torch.float32) * torch.tensor(4.6566127342e-10)
+    return uniform >= torch.tensor(dropout_p, dtype=torch.float32)
