@@ -49,12 +49,16 @@ class GPT(nn.Module):
         the keys cached so far (generation). ``cu_seqlens``: int32 (docs + 1,) offsets of
         packed documents in one row (idx (1, total)): no padding, each document attends only
         inside itself and its positions restart at 0 (the targets should not cross a
-        document boundary: set those to -100). Exact attention, no T5 bias."""
+        document boundary: set those to -100). Both: a ``PagedKVCache``'s ragged step
+        (``cache.set_batch(ids, new_tokens)``, ``cu_seqlens=cache.cu_seqlens()``): idx
+        (1, total) holds each batch sequence's new tokens (a prefill chunk or one decode
+        token), run in one call. Exact attention, no T5 bias."""
         lq = idx.shape[1]
         if cu_seqlens is not None:
             if self.pos.relative is not None:
                 raise ValueError("GPT: packed documents (cu_seqlens) take no T5 relative bias")
-            offset = packed_positions(cu_seqlens, lq)  # (1, total)
+            # (1, total): per document from 0, or after each sequence's cached tokens
+            offset = cache.positions() if cache is not None else packed_positions(cu_seqlens, lq)
         x = self.drop(self.pos.add(self.tok(idx), offset))  # (B, L, E)
         bias = self.pos.bias(lq, lq, x.dtype)
         x = self.blocks(x, attn_bias=bias, cache=cache, offset=offset, cu_seqlens=cu_seqlens)
