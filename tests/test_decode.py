@@ -646,3 +646,71 @@ def test_batch_invariant_decode(device, monkeypatch):
         together, alone, shuffled = step([0, 1, 2, 3]), step([0]), step([3, 0])
     assert torch.equal(bits(together[0]), bits(alone[0])) and torch.equal(bits(shuffled[1]), bits(alone[0]))
     assert torch.equal(bits(together[3]), bits(shuffled[0]))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+@pytest.mark.parametrize("lnew", [1, 3], ids=["one-token", "three-tokens"])
+def test_batch_invariant_decode_equals_training_forward(lnew, layout, device):
+    """Under fastattn.batch_invariant(), the decode output of new tokens at positions t equals
+    rows t of flash_attention(causal=True) over the whole sequence, bit for bit (kernels),
+    for a ragged batch whose rows fall at different places of the forward's tiles (one
+    sequence also in a batch of two, shuffled, and alone). Outside the mode they differ."""
+    from test_paged import make_paged
+
+    hq, hkv, d, dtype = 4, 2, 32, torch.float16
+    lengths = [70, 45]  # whole sequences; the last lnew tokens are the step
+    seqs = [[torch.randn(1, h, n, d, device=device, dtype=dtype) for h in (hq, hkv, hkv)] for n in lengths]
+    with fastattn.use_backend("triton"):
+        want = [fastattn.flash_attention(q, k, v, causal=True)[:, :, -lnew:] for q, k, v in seqs]
+
+    def step(rows):  # the sequences rows, as one decode batch
+        lmax = max(lengths) + 8
+        held = [lengths[r] - lnew for r in rows]
+        if layout == "paged":
+            kc, vc, table = make_paged(hkv, d, held, lnew, 16, dtype, device)
+            table = table.clamp(min=0)
+        else:
+            kc, vc = (torch.zeros(len(rows), hkv, lmax, d, device=device, dtype=dtype) for _ in range(2))
+            table = None
+        for i, r in enumerate(rows):  # the held keys, written where the call reads them
+            _, k, v = seqs[r]
+            for j in range(held[i]):
+                if table is None:
+                    kc[i, :, j], vc[i, :, j] = k[0, :, j], v[0, :, j]
+                else:
+                    page, slot = table[i, j // 16], j % 16
+                    kc[page, slot], vc[page, slot] = k[0, :, j], v[0, :, j]
+        q = torch.cat([seqs[r][0][:, :, -lnew:] for r in rows])
+        k_new, v_new = (torch.cat([seqs[r][x][:, :, -lnew:] for r in rows]) for x in (1, 2))
+        seqlens = torch.tensor(held, dtype=torch.int32, device=device)
+        return fastattn.attention_with_kvcache(q, kc, vc, seqlens, k_new=k_new, v_new=v_new, causal=True,
+                                               block_table=table)
+
+    with fastattn.use_backend("triton"):
+        outside = step([0, 1])
+        with fastattn.batch_invariant():
+            both, shuffled, alone = step([0, 1]), step([1, 0]), step([1])
+    for r in range(2):
+        assert torch.equal(bits(both[r:r + 1]), bits(want[r])), f"sequence {r}"
+    assert torch.equal(bits(shuffled[0:1]), bits(want[1])) and torch.equal(bits(alone), bits(want[1]))
+    assert not all(torch.equal(bits(outside[r:r + 1]), bits(want[r])) for r in range(2))
+
+
+def test_batch_invariant_gpt_generation_equals_training_logits(device):
+    """A whole model: under fastattn.batch_invariant(), the logits of a bf16 GPT's generation
+    steps (a 33-token prefill, then one token per step through its KV cache, the calls
+    GPT.generate makes) equal the training forward's logits over the whole sequence bit for
+    bit. The attention is equal by the mode (paged caches too: the test above); the matmuls and
+    norms of one row and of many rows happen to agree in bf16 here (in fp32 torch's CPU matmul
+    of one row rounds differently from a many-row one, so fp32 logits differ in the last bits)."""
+    from fastattn.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, n_layers=1, max_seq_len=64,
+                      positional="rope", init_std=0.3)).to(device=device, dtype=torch.bfloat16).eval()
+    idx = torch.randint(0, 64, (1, 36), device=device)
+    with torch.no_grad(), fastattn.use_backend("triton"), fastattn.batch_invariant():
+        full, _ = m(idx)
+        cache = m.new_cache(1, 36)
+        steps = [m(idx[:, :33], cache=cache)[0]] + [m(idx[:, t:t + 1], cache=cache, offset=t)[0] for t in range(33, 36)]
+    assert torch.equal(bits(torch.cat(steps, 1)), bits(full))
