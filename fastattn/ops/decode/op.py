@@ -170,8 +170,9 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seql
     out, lse, out_strides, lse_strides = _outputs(q, dv, varlen)
     tiles = block_config(max(d, dv), group * lq, q.dtype, layout.page_size)
     fwd = forward_tiles(max(d, dv), q.dtype, q.device)
-    if fwd_order:  # the forward's key block and warps (a page then may not hold whole tiles: read per key)
-        tiles = tiles._replace(block_n=fwd.block_n, num_warps=fwd.num_warps)
+    if fwd_order:  # the forward's key block, warps and stages, at most its query rows (so what fits it fits this;
+        # a page then may not hold whole tiles: read per key)
+        tiles = tiles._replace(block_m=min(tiles.block_m, fwd.block_m), block_n=fwd.block_n, num_warps=fwd.num_warps)
     alibi_t, alibi_strides = _launch.alibi_args(q, alibi, layout.batch)
     (cos_t, sin_t, rotary), rot = _rotary_args(q, cos, sin, interleaved)
     k_strides, v_strides, bt, table, paged = _cache_args(k_cache, v_cache, block_table, layout)
@@ -194,7 +195,7 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seql
         table=table, fwd_block_m=fwd.block_m, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, BLOCK_D=pad(d), BLOCK_DV=pad(dv), TERMS=terms, VARLEN=varlen,
         SINGLE_SPLIT=single, FWD_ORDER=fwd_order and single,
-        num_warps=tiles.num_warps, **rot, **paged, **flags,
+        num_warps=tiles.num_warps, num_stages=fwd.num_stages if fwd_order else 3, **rot, **paged, **flags,
     )
     if not single:
         kernels.decode_merge_kernel[(lse_t.numel() // num_splits,)](
