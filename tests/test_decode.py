@@ -714,3 +714,18 @@ def test_batch_invariant_gpt_generation_equals_training_logits(device):
         cache = m.new_cache(1, 36)
         steps = [m(idx[:, :33], cache=cache)[0]] + [m(idx[:, t:t + 1], cache=cache, offset=t)[0] for t in range(33, 36)]
     assert torch.equal(bits(torch.cat(steps, 1)), bits(full))
+
+
+@pytest.mark.parametrize("b", [2, 65], ids=["few-lengths", "many-lengths"])
+def test_cache_lengths_checked_at_any_batch_size(b):
+    """The host check of cache_seqlens reads a few lengths as they are and many by one
+    reduction: both raise for a length past Lmax and for an append that would overflow."""
+    q, k, v = torch.randn(b, 2, 1, 16), torch.randn(b, 1, 8, 16), torch.randn(b, 1, 8, 16)
+    lengths = torch.full((b,), 3, dtype=torch.int32)
+    lengths[b // 2] = 9
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[0, 8\].*\[3, 9\]"):
+        fastattn.attention_with_kvcache(q, k, v, lengths)
+    lengths[b // 2] = 8
+    with pytest.raises(ValueError, match="overflow the cache"):
+        fastattn.attention_with_kvcache(q, k, v, lengths, k_new=torch.randn(b, 1, 1, 16),
+                                        v_new=torch.randn(b, 1, 1, 16))
