@@ -729,3 +729,24 @@ def test_cache_lengths_checked_at_any_batch_size(b):
     with pytest.raises(ValueError, match="overflow the cache"):
         fastattn.attention_with_kvcache(q, k, v, lengths, k_new=torch.randn(b, 1, 1, 16),
                                         v_new=torch.randn(b, 1, 1, 16))
+
+
+def test_batch_invariant_ragged_step_equals_training_forward(device):
+    """Ragged new tokens (cu_seqlens_q: 3 for one sequence, 1 for the other, packed) under
+    fastattn.batch_invariant() equal flash_attention(causal=True)'s rows bit for bit."""
+    hq, hkv, d, dtype = 4, 2, 32, torch.float16
+    lengths, new = [70, 45], [3, 1]
+    seqs = [[torch.randn(1, h, n, d, device=device, dtype=dtype) for h in (hq, hkv, hkv)] for n in lengths]
+    kc, vc = (torch.zeros(2, hkv, 80, d, device=device, dtype=dtype) for _ in range(2))
+    for i, (n, m) in enumerate(zip(lengths, new)):
+        kc[i, :, :n - m], vc[i, :, :n - m] = seqs[i][1][0, :, :n - m], seqs[i][2][0, :, :n - m]
+    # (1, H, m, D) -> (m, H, D), packed
+    q, k_new, v_new = (torch.cat([s[x][0, :, -m:].transpose(0, 1) for s, m in zip(seqs, new)]) for x in range(3))
+    cu = torch.tensor([0, 3, 4], dtype=torch.int32, device=device)
+    held = torch.tensor([n - m for n, m in zip(lengths, new)], dtype=torch.int32, device=device)
+    with fastattn.use_backend("triton"):
+        want = [fastattn.flash_attention(*s, causal=True)[0, :, -m:].transpose(0, 1) for s, m in zip(seqs, new)]
+        with fastattn.batch_invariant():
+            out = fastattn.attention_with_kvcache(q, kc, vc, held, k_new=k_new, v_new=v_new, cu_seqlens_q=cu,
+                                                  max_seqlen_q=3)
+    assert torch.equal(bits(out), bits(torch.cat(want)))
