@@ -12,6 +12,11 @@ tokens do not matter, their count and the work do), greedy decoding:
   at most ``--max-batch`` run at once; each admitted prompt is prefilled on its own, then the
   whole running set decodes in ONE batched call per step (ragged lengths, one block table),
   and a finished request frees its pages at once.
+- chunked: the same admission, but no separate prefill: each step is ONE model call whose
+  tokens are every running request's next decode token plus chunks of admitted prompts, up to
+  ``--chunk`` tokens in all (chunked prefill, as serving engines schedule). The call is ragged:
+  ``PagedKVCache.set_batch(ids, new_tokens)`` and ``GPT(..., cu_seqlens=cache.cu_seqlens())``
+  run one ``attention_with_kvcache(cu_seqlens_q=...)`` per layer.
 - static: requests are served in groups of ``--max-batch`` in arrival order; a group waits
   for the previous one to finish, is right-padded to its longest prompt and preallocates a
   contiguous ``fastattn.nn.KVCache`` of batch x (longest prompt + longest output); every row
@@ -19,8 +24,9 @@ tokens do not matter, their count and the work do), greedy decoding:
 
 Reported per server: generated tokens per second of wall time, decode steps, mean latency
 (steps from arrival to the last token) and the peak KV-cache memory (pages in use x page
-bytes for the pool; the preallocated buffers for static). It also checks that both servers
-produce the same tokens for every request.
+bytes for the pool; the preallocated buffers for static). It also checks that the servers
+produce the same tokens for every request, and (``--check``, on with ``--tiny``) that these
+equal each request's greedy tokens generated alone (``GPT.generate``).
 """
 from __future__ import annotations
 
@@ -113,6 +119,74 @@ def serve_continuous(model: GPT, reqs: list, *, max_batch: int, num_pages: int, 
 
 
 @torch.no_grad()
+def serve_chunked(model: GPT, reqs: list, *, max_batch: int, num_pages: int, page_size: int, chunk: int,
+                  device) -> dict:
+    cfg = model.config
+    cache = PagedKVCache(cfg.n_layers, cfg.kv_heads, cfg.head_dim, num_pages=num_pages, page_size=page_size,
+                         dtype=model.tok.weight.dtype, device=device)
+    waiting, running, clock, steps = list(reqs), [], 0, 0  # running: [request, sequence id, prompt tokens fed]
+    budget = {}  # sequence id -> pages it may still take (reserved at admission)
+    start = time.perf_counter()
+    while waiting or running:
+        while waiting and waiting[0].arrival <= clock and len(running) < max_batch:
+            r = waiting[0]
+            need = cache.pages_for(len(r.prompt) + r.max_new)
+            if cache.free_pages() - sum(budget.values()) < need:
+                break
+            waiting.pop(0)
+            sid = cache.add()
+            budget[sid] = need
+            running.append([r, sid, 0])
+        if not running:  # idle until the next arrival
+            clock = max(clock, waiting[0].arrival)
+            continue
+        # One model call: every decoding request's last token, then prompt chunks in admission
+        # order while the step's token budget lasts.
+        room = chunk - sum(fed == len(r.prompt) for r, _, fed in running)
+        step, tokens = [], []  # step: (entry, new tokens)
+        for entry in running:
+            r, _, fed = entry
+            if fed == len(r.prompt):
+                step.append((entry, 1))
+                tokens.append(r.out[-1])
+            elif room > 0:
+                n = min(len(r.prompt) - fed, room)
+                room -= n
+                step.append((entry, n))
+                tokens.extend(r.prompt[fed:fed + n].tolist())
+        cache.set_batch([entry[1] for entry, _ in step], [n for _, n in step])
+        cu = cache.cu_seqlens()
+        logits, _ = model(torch.tensor(tokens, device=device)[None], cache=cache, cu_seqlens=cu)  # (1, total, V)
+        nxt = logits[0, cu[1:].long() - 1].argmax(-1).tolist()  # each sequence's last new token predicts
+        for (entry, n), tok in zip(step, nxt):
+            r, sid, fed = entry
+            if fed < len(r.prompt):
+                entry[2] = fed + n
+            if entry[2] == len(r.prompt):  # a decode step, or the prompt's last chunk: a new token
+                r.out.append(tok)
+            budget[sid] = cache.pages_for(len(r.prompt) + r.max_new) - len(cache.pages(sid))
+        steps += 1
+        clock += 1
+        finished = [entry for entry in running if len(entry[0].out) >= entry[0].max_new]
+        if finished:
+            running = [entry for entry in running if len(entry[0].out) < entry[0].max_new]
+            cache.set_batch([])
+            for r, sid, _ in finished:
+                r.done_at = clock
+                cache.free(sid)
+                del budget[sid]
+    wall = time.perf_counter() - start
+    return _summary("chunked", reqs, wall, steps, cache.peak_pages * cache.page_bytes())
+
+
+@torch.no_grad()
+def one_at_a_time(model: GPT, reqs: list) -> list:
+    """Each request's greedy tokens from ``model.generate`` on its prompt alone."""
+    return [model.generate(r.prompt[None].to(model.tok.weight.device), r.max_new)[0, len(r.prompt):].tolist()
+            for r in reqs]
+
+
+@torch.no_grad()
 def serve_static(model: GPT, reqs: list, *, max_batch: int, device) -> dict:
     cfg = model.config
     dtype = model.tok.weight.dtype
@@ -167,6 +241,8 @@ def parse(argv):
     p.add_argument("--output", type=int, nargs=2, default=(4, 64), metavar=("MIN", "MAX"))
     p.add_argument("--mean-gap", type=float, default=1.0, help="mean decode steps between arrivals")
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=64, help="tokens per model call of the chunked server")
+    p.add_argument("--check", action="store_true", help="compare with generating each request alone")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--pages", type=int, default=None,
                    help="pool size; default: what static batching preallocates for a full group of the longest")
@@ -187,11 +263,12 @@ def main(argv=None) -> dict:
     args = parse(argv)
     if args.tiny:
         args.requests, args.prompt, args.output, args.max_batch = 6, (3, 20), (1, 12), 3
-        args.d_model, args.layers, args.repeats = 32, 2, 1
+        args.d_model, args.layers, args.repeats, args.chunk, args.check = 32, 2, 1, 8, True
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     cfg = GPTConfig(vocab_size=256, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                    n_kv_heads=args.kv_heads, positional="rope", max_seq_len=args.prompt[1] + args.output[1])
+                    n_kv_heads=args.kv_heads, positional="rope", max_seq_len=args.prompt[1] + args.output[1],
+                    init_std=0.5)  # wide enough that greedy tokens vary (GPT-2's 0.02 repeats one token)
     model = GPT(cfg).to(device=device, dtype=getattr(torch, args.dtype)).eval()
     reqs = workload(args.requests, args.prompt, args.output, args.mean_gap, 256, args.seed)
     longest = args.prompt[1] + args.output[1]
@@ -199,28 +276,37 @@ def main(argv=None) -> dict:
     print(f"{args.requests} requests, prompts {args.prompt[0]}-{args.prompt[1]}, outputs {args.output[0]}-"
           f"{args.output[1]} tokens, mean gap {args.mean_gap} steps; GPT d_model={args.d_model} x {args.layers} "
           f"layers, {args.heads} heads / {args.kv_heads} kv heads, {args.dtype} on {device}, backend={args.backend}; "
-          f"max batch {args.max_batch}, pool {pages} pages of {args.page_size}")
+          f"max batch {args.max_batch}, pool {pages} pages of {args.page_size}, chunks of {args.chunk} tokens")
     with fastattn.use_backend(args.backend):
         runs = {}
         warm = workload(2, (args.prompt[0], args.prompt[0]), (2, 2), 0.0, 256, args.seed)
         serve_continuous(model, warm, max_batch=2, num_pages=pages, page_size=args.page_size, device=device)
+        serve_chunked(model, _fresh(warm), max_batch=2, num_pages=pages, page_size=args.page_size, chunk=args.chunk,
+                      device=device)
         serve_static(model, _fresh(warm), max_batch=2, device=device)  # first calls (lazy inits) untimed
-        for name, serve in (("continuous", lambda r: serve_continuous(model, r, max_batch=args.max_batch,
-                                                                      num_pages=pages, page_size=args.page_size,
-                                                                      device=device)),
+        paged = dict(max_batch=args.max_batch, num_pages=pages, page_size=args.page_size, device=device)
+        for name, serve in (("chunked", lambda r: serve_chunked(model, r, chunk=args.chunk, **paged)),
+                            ("continuous", lambda r: serve_continuous(model, r, **paged)),
                             ("static", lambda r: serve_static(model, r, max_batch=args.max_batch, device=device))):
             for _ in range(args.repeats):  # the best of a few runs: a shared machine is noisy
                 done = _fresh(reqs)
                 result = serve(done)
                 if name not in runs or result["wall_s"] < runs[name][0]["wall_s"]:
                     runs[name] = (result, done)
-    same = sum(a.out == b.out for a, b in zip(runs["continuous"][1], runs["static"][1])) / len(reqs)
+        alone = one_at_a_time(model, reqs) if args.check else None
+    outs = [[r.out for r in runs[name][1]] for name in runs]
+    same = sum(all(o[i] == outs[0][i] for o in outs) for i in range(len(reqs))) / len(reqs)
     print(f"{'server':<12}{'tokens':>8}{'tokens/s':>11}{'steps':>8}{'latency':>10}{'peak cache MiB':>16}")
     for name, (s, _) in runs.items():
         print(f"{name:<12}{s['tokens']:>8}{s['tokens_per_s']:>11.1f}{s['steps']:>8}"
               f"{s['mean_latency_steps']:>10.1f}{s['peak_cache_mib']:>16.2f}")
     print(f"same tokens for {same:.0%} of the requests")
-    return dict(continuous=runs["continuous"][0], static=runs["static"][0], same_tokens=same)
+    result = {name: s for name, (s, _) in runs.items()}
+    result["same_tokens"] = same
+    if alone is not None:
+        result["same_as_alone"] = sum(o == a for o, a in zip(outs[0], alone)) / len(reqs)
+        print(f"chunked tokens equal to generating each request alone for {result['same_as_alone']:.0%}")
+    return result
 
 
 if __name__ == "__main__":

@@ -463,8 +463,9 @@ def check_cache_lengths(op: str, k_cache: Tensor, lmax: int, seqlens: Tensor, ln
     """ValueError unless every write fits the cache (and the rotary table); returns the
     (fewest, most) keys of any sequence after the append. ``lnew`` / ``lq``: ints, or (B,)
     tensors for ragged new tokens. Reads cache_seqlens on the host (one sync)."""
-    if isinstance(lnew, int):  # one reduction; the rest is host arithmetic
-        lo, hi = torch.stack(seqlens.aminmax()).tolist()
+    if isinstance(lnew, int):  # one reduction (a few lengths: read as they are); the rest is host arithmetic
+        vals = seqlens.tolist() if seqlens.numel() <= 64 else torch.stack(seqlens.aminmax()).tolist()
+        lo, hi = min(vals), max(vals)
         least, end, first = lo + lnew, hi + lnew, lo + lnew - lq
     else:
         s = seqlens.long()

@@ -646,3 +646,107 @@ def test_batch_invariant_decode(device, monkeypatch):
         together, alone, shuffled = step([0, 1, 2, 3]), step([0]), step([3, 0])
     assert torch.equal(bits(together[0]), bits(alone[0])) and torch.equal(bits(shuffled[1]), bits(alone[0]))
     assert torch.equal(bits(together[3]), bits(shuffled[0]))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+@pytest.mark.parametrize("lnew", [1, 3], ids=["one-token", "three-tokens"])
+def test_batch_invariant_decode_equals_training_forward(lnew, layout, device):
+    """Under fastattn.batch_invariant(), the decode output of new tokens at positions t equals
+    rows t of flash_attention(causal=True) over the whole sequence, bit for bit (kernels),
+    for a ragged batch whose rows fall at different places of the forward's tiles (one
+    sequence also in a batch of two, shuffled, and alone). Outside the mode they differ."""
+    from test_paged import make_paged
+
+    hq, hkv, d, dtype = 4, 2, 32, torch.float16
+    lengths = [70, 45]  # whole sequences; the last lnew tokens are the step
+    seqs = [[torch.randn(1, h, n, d, device=device, dtype=dtype) for h in (hq, hkv, hkv)] for n in lengths]
+    with fastattn.use_backend("triton"):
+        want = [fastattn.flash_attention(q, k, v, causal=True)[:, :, -lnew:] for q, k, v in seqs]
+
+    def step(rows):  # the sequences rows, as one decode batch
+        lmax = max(lengths) + 8
+        held = [lengths[r] - lnew for r in rows]
+        if layout == "paged":
+            kc, vc, table = make_paged(hkv, d, held, lnew, 16, dtype, device)
+            table = table.clamp(min=0)
+        else:
+            kc, vc = (torch.zeros(len(rows), hkv, lmax, d, device=device, dtype=dtype) for _ in range(2))
+            table = None
+        for i, r in enumerate(rows):  # the held keys, written where the call reads them
+            _, k, v = seqs[r]
+            for j in range(held[i]):
+                if table is None:
+                    kc[i, :, j], vc[i, :, j] = k[0, :, j], v[0, :, j]
+                else:
+                    page, slot = table[i, j // 16], j % 16
+                    kc[page, slot], vc[page, slot] = k[0, :, j], v[0, :, j]
+        q = torch.cat([seqs[r][0][:, :, -lnew:] for r in rows])
+        k_new, v_new = (torch.cat([seqs[r][x][:, :, -lnew:] for r in rows]) for x in (1, 2))
+        seqlens = torch.tensor(held, dtype=torch.int32, device=device)
+        return fastattn.attention_with_kvcache(q, kc, vc, seqlens, k_new=k_new, v_new=v_new, causal=True,
+                                               block_table=table)
+
+    with fastattn.use_backend("triton"):
+        outside = step([0, 1])
+        with fastattn.batch_invariant():
+            both, shuffled, alone = step([0, 1]), step([1, 0]), step([1])
+    for r in range(2):
+        assert torch.equal(bits(both[r:r + 1]), bits(want[r])), f"sequence {r}"
+    assert torch.equal(bits(shuffled[0:1]), bits(want[1])) and torch.equal(bits(alone), bits(want[1]))
+    assert not all(torch.equal(bits(outside[r:r + 1]), bits(want[r])) for r in range(2))
+
+
+def test_batch_invariant_gpt_generation_equals_training_logits(device):
+    """A whole model: under fastattn.batch_invariant(), the logits of a bf16 GPT's generation
+    steps (a 33-token prefill, then one token per step through its KV cache, the calls
+    GPT.generate makes) equal the training forward's logits over the whole sequence bit for
+    bit. The attention is equal by the mode (paged caches too: the test above); the matmuls and
+    norms of one row and of many rows happen to agree in bf16 here (in fp32 torch's CPU matmul
+    of one row rounds differently from a many-row one, so fp32 logits differ in the last bits)."""
+    from fastattn.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2, n_layers=1, max_seq_len=64,
+                      positional="rope", init_std=0.3)).to(device=device, dtype=torch.bfloat16).eval()
+    idx = torch.randint(0, 64, (1, 36), device=device)
+    with torch.no_grad(), fastattn.use_backend("triton"), fastattn.batch_invariant():
+        full, _ = m(idx)
+        cache = m.new_cache(1, 36)
+        steps = [m(idx[:, :33], cache=cache)[0]] + [m(idx[:, t:t + 1], cache=cache, offset=t)[0] for t in range(33, 36)]
+    assert torch.equal(bits(torch.cat(steps, 1)), bits(full))
+
+
+@pytest.mark.parametrize("b", [2, 65], ids=["few-lengths", "many-lengths"])
+def test_cache_lengths_checked_at_any_batch_size(b):
+    """The host check of cache_seqlens reads a few lengths as they are and many by one
+    reduction: both raise for a length past Lmax and for an append that would overflow."""
+    q, k, v = torch.randn(b, 2, 1, 16), torch.randn(b, 1, 8, 16), torch.randn(b, 1, 8, 16)
+    lengths = torch.full((b,), 3, dtype=torch.int32)
+    lengths[b // 2] = 9
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[0, 8\].*\[3, 9\]"):
+        fastattn.attention_with_kvcache(q, k, v, lengths)
+    lengths[b // 2] = 8
+    with pytest.raises(ValueError, match="overflow the cache"):
+        fastattn.attention_with_kvcache(q, k, v, lengths, k_new=torch.randn(b, 1, 1, 16),
+                                        v_new=torch.randn(b, 1, 1, 16))
+
+
+def test_batch_invariant_ragged_step_equals_training_forward(device):
+    """Ragged new tokens (cu_seqlens_q: 3 for one sequence, 1 for the other, packed) under
+    fastattn.batch_invariant() equal flash_attention(causal=True)'s rows bit for bit."""
+    hq, hkv, d, dtype = 4, 2, 32, torch.float16
+    lengths, new = [70, 45], [3, 1]
+    seqs = [[torch.randn(1, h, n, d, device=device, dtype=dtype) for h in (hq, hkv, hkv)] for n in lengths]
+    kc, vc = (torch.zeros(2, hkv, 80, d, device=device, dtype=dtype) for _ in range(2))
+    for i, (n, m) in enumerate(zip(lengths, new)):
+        kc[i, :, :n - m], vc[i, :, :n - m] = seqs[i][1][0, :, :n - m], seqs[i][2][0, :, :n - m]
+    # (1, H, m, D) -> (m, H, D), packed
+    q, k_new, v_new = (torch.cat([s[x][0, :, -m:].transpose(0, 1) for s, m in zip(seqs, new)]) for x in range(3))
+    cu = torch.tensor([0, 3, 4], dtype=torch.int32, device=device)
+    held = torch.tensor([n - m for n, m in zip(lengths, new)], dtype=torch.int32, device=device)
+    with fastattn.use_backend("triton"):
+        want = [fastattn.flash_attention(*s, causal=True)[0, :, -m:].transpose(0, 1) for s, m in zip(seqs, new)]
+        with fastattn.batch_invariant():
+            out = fastattn.attention_with_kvcache(q, kc, vc, held, k_new=k_new, v_new=v_new, cu_seqlens_q=cu,
+                                                  max_seqlen_q=3)
+    assert torch.equal(bits(out), bits(torch.cat(want)))

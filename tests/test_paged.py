@@ -680,6 +680,42 @@ def test_gpt_generate_with_a_paged_cache():
         assert torch.equal(paged, m.generate(prompt, 14, use_cache=False))
 
 
+def test_gpt_ragged_steps_mix_prefill_chunks_and_decoding(device):
+    """Chunked prefill mixed with decoding through a PagedKVCache (pages of 3, so chunks
+    straddle pages), one GPT call per step on the kernels: a prompt in two chunks, then its
+    decode tokens beside another prompt's chunk, then both decoding, give the logits of each
+    whole sequence run alone (error rule against float64)."""
+    from fastattn.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=32, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, max_seq_len=64,
+                      positional="rope", init_std=0.3)).to(device).eval()
+    seqs = [torch.randint(0, 32, (9,), device=device), torch.randint(0, 32, (6,), device=device)]
+    steps = [[4, 0], [3, 0], [1, 5], [1, 1]]  # new tokens of each sequence per step
+    cache = PagedKVCache(2, 2, 8, num_pages=12, page_size=3, device=device)
+    ids = [cache.add(), cache.add()]
+    fed, got = [0, 0], [[], []]
+    with torch.no_grad(), fastattn.use_backend("triton"):
+        for counts in steps:
+            run = [b for b in range(2) if counts[b]]
+            cache.set_batch([ids[b] for b in run], [counts[b] for b in run])
+            tokens = torch.cat([seqs[b][fed[b]:fed[b] + counts[b]] for b in run])[None]
+            logits, _ = m(tokens, cache=cache, cu_seqlens=cache.cu_seqlens())
+            for b, part in zip(run, logits[0].split([counts[b] for b in run])):
+                got[b].append(part)
+                fed[b] += counts[b]
+    with torch.no_grad():
+        whole = [(m(s[None])[0][0], m.double()(s[None])[0][0]) for s in seqs]
+    assert fed == [9, 6] and [cache.length(i) for i in ids] == [9, 6]
+    for b in range(2):
+        assert_close_rule(f"logits of sequence {b}", torch.cat(got[b]), whole[b][1], whole[b][0])
+    with pytest.raises(ValueError, match="new_tokens"):
+        cache.set_batch(ids, [1])
+    cache.set_batch(ids)
+    with pytest.raises(ValueError, match="no ragged step"):
+        cache.cu_seqlens()
+
+
 # --- attention sinks ---------------------------------------------------------------------
 
 def test_sink_reference_is_an_extra_key_with_no_value():

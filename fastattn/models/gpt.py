@@ -51,14 +51,19 @@ class GPT(nn.Module):
         packed documents in one row (idx (1, total)): no padding, each document attends only
         inside itself and its positions restart at 0 unless ``offset`` gives them (a
         context-parallel share of the packed tokens: its share of ``packed_positions``;
-        the targets should not cross a document boundary: set those to -100). Exact
-        attention, no T5 bias."""
+        the targets should not cross a document boundary: set those to -100). Both with a
+        cache: a ``PagedKVCache``'s ragged step (``cache.set_batch(ids, new_tokens)``,
+        ``cu_seqlens=cache.cu_seqlens()``): idx (1, total) holds each batch sequence's new
+        tokens (a prefill chunk or one decode token), run in one call. Exact attention, no
+        T5 bias."""
         lq = idx.shape[1]
         if cu_seqlens is not None:
             if self.pos.relative is not None:
                 raise ValueError("GPT: packed documents (cu_seqlens) take no T5 relative bias")
-            if isinstance(offset, int) and offset == 0:
-                offset = packed_positions(cu_seqlens, lq)  # (1, total)
+            if cache is not None:  # (1, total): after each sequence's cached tokens
+                offset = cache.positions()
+            elif isinstance(offset, int) and offset == 0:  # (1, total): per document from 0
+                offset = packed_positions(cu_seqlens, lq)
         x = self.drop(self.pos.add(self.tok(idx), offset))  # (B, L, E)
         bias = self.pos.bias(lq, lq, x.dtype)
         x = self.blocks(x, attn_bias=bias, cache=cache, offset=offset, cu_seqlens=cu_seqlens)

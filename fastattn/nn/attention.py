@@ -172,7 +172,9 @@ class MultiHeadAttention(nn.Module):
             cu_seqlens: int32 (docs + 1,) offsets of packed documents in a batch of one row
                 (x (1, total, E)): each attends only inside itself (self-attention, kinds with
                 ``supports.varlen``); RoPE positions restart per document unless ``offset``
-                gives them.
+                gives them. With a ``PagedKVCache`` it is the cache's ragged step
+                (``cache.cu_seqlens()``): document b is new tokens of batch sequence b, which
+                attend over its cache (``attend_packed``) at positions ``cache.positions()``.
 
         Returns:
             (B, Lq, E), or (out, weights) when need_weights.
@@ -200,14 +202,15 @@ class MultiHeadAttention(nn.Module):
         self_attn = context is None and kv is None
         self._check_call(self_attn, cache, attn_bias, key_padding_mask, need_weights, b, k.shape[2])
         if cu_seqlens is not None:
-            if not (self_attn and b == 1 and cache is None and attn_bias is None and key_padding_mask is None
+            ragged_cache = cache is None or hasattr(cache, "attend_packed")
+            if not (self_attn and b == 1 and ragged_cache and attn_bias is None and key_padding_mask is None
                     and not need_weights and self.kind.supports.varlen):
                 raise ValueError(f"MultiHeadAttention: cu_seqlens (packed documents) needs self-attention on one "
-                                 f"row (x (1, total, E), got batch {b}), no cache, mask, bias or need_weights, and "
-                                 f"a kind that takes packed documents ({self.kind.label} does "
-                                 f"{'' if self.kind.supports.varlen else 'not'})")
-            if isinstance(offset, int) and offset == 0:
-                offset = packed_positions(cu_seqlens, lq)  # (1, total): restart per document
+                                 f"row (x (1, total, E), got batch {b}), no mask, bias or need_weights, a cache "
+                                 f"that takes ragged steps (PagedKVCache) if any, and a kind that takes packed "
+                                 f"documents ({self.kind.label} does {'' if self.kind.supports.varlen else 'not'})")
+            if isinstance(offset, int) and offset == 0:  # (1, total): after each cached sequence, or from 0
+                offset = cache.positions(layer) if cache is not None else packed_positions(cu_seqlens, lq)
         if cache is not None and isinstance(offset, int) and offset == 0:
             offset = cache.max_seqlen(layer)
         if self.rotary is not None and self_attn:
@@ -216,7 +219,10 @@ class MultiHeadAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
 
         weights = None
-        if cu_seqlens is not None:
+        if cu_seqlens is not None and cache is not None:
+            out = self.kind.attend_cache(cache, layer, q, k, v, causal=causal, alibi_slopes=self.alibi_slopes,
+                                         cu_seqlens=cu_seqlens)
+        elif cu_seqlens is not None:
             out = self.kind.attend_packed(q, k, v, cu_seqlens, causal=causal, alibi_slopes=self.alibi_slopes,
                                           dropout_p=dropout_p)
         elif cache is not None:

@@ -142,8 +142,11 @@ class Flash(AttentionKind):
         return functional.flash_attention(q, k, v, causal=causal, attn_bias=merge_padding(attn_bias, key_padding_mask),
                                           alibi_slopes=alibi_slopes, dropout_p=dropout_p)
 
-    def attend_cache(self, cache, layer, q, k, v, *, causal, alibi_slopes):
-        return cache.attend(layer, q, k, v, causal=causal, alibi_slopes=alibi_slopes)
+    def attend_cache(self, cache, layer, q, k, v, *, causal, alibi_slopes, cu_seqlens=None):
+        """Through ``cache.attend``; with ``cu_seqlens`` (the cache's ragged step, q/k/v
+        (1, H, total, D)) through ``cache.attend_packed``."""
+        attend = cache.attend if cu_seqlens is None else cache.attend_packed
+        return attend(layer, q, k, v, causal=causal, alibi_slopes=alibi_slopes)
 
     def attend_packed(self, q, k, v, cu_seqlens, *, causal=False, alibi_slopes=None, dropout_p=0.0):
         """Packed documents in one row: q (1, Hq, total, D), k/v (1, Hkv, total, D) ->

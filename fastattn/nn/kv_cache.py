@@ -16,6 +16,7 @@ run one after the other within a step without any extra bookkeeping)::
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Union
 
 import torch
@@ -263,6 +264,8 @@ class PagedKVCache:
         self._batch: list[int] = []
         self._table: Optional[Tensor] = None  # int32 (B, P) of the batch, rebuilt when pages change
         self._dev_lens: list[Tensor] = []  # per layer, int32 (B,) of the batch, advanced on the device
+        self._step: Optional[list] = None  # new tokens per batch sequence of a ragged step
+        self._cu: Optional[Tensor] = None  # int32 (B+1,) offsets of the ragged step's tokens
         self.peak_pages = 0
 
     # --- the pool ------------------------------------------------------------------------
@@ -350,15 +353,42 @@ class PagedKVCache:
         return list(self._pages[self._check(seq_id)])
 
     # --- the batch -----------------------------------------------------------------------
-    def set_batch(self, seq_ids) -> None:
-        """The sequences the next ``attend`` calls are for: batch row b is ``seq_ids[b]``."""
+    def set_batch(self, seq_ids, new_tokens=None) -> None:
+        """The sequences the next ``attend`` calls are for: batch row b is ``seq_ids[b]``.
+
+        ``new_tokens``: a list of ints >= 0, one per sequence, for a ragged step (chunked
+        prefill mixed with decoding): the next ``attend_packed`` calls append
+        ``new_tokens[b]`` tokens to sequence b (``cu_seqlens()`` and ``positions()`` describe
+        them). Raises ValueError for a repeated or unknown id, or new_tokens not matching."""
         ids = [self._check(i) for i in seq_ids]
         if len(set(ids)) != len(ids):
             raise ValueError(f"PagedKVCache: set_batch got a sequence twice: {ids}")
+        if new_tokens is not None and not (len(new_tokens) == len(ids) and all(
+                isinstance(n, int) and n >= 0 for n in new_tokens)):
+            raise ValueError(f"PagedKVCache: new_tokens must be {len(ids)} ints >= 0, got {new_tokens!r}")
         self._batch = ids
         self._table = None
         self._dev_lens = [torch.tensor([self._lens[i][layer] for i in ids], dtype=torch.int32, device=self.device)
                           for layer in range(self.num_layers)]
+        self._step = None if new_tokens is None else list(new_tokens)
+        self._cu = None if new_tokens is None else torch.tensor(
+            [0] + list(itertools.accumulate(new_tokens)), dtype=torch.int32, device=self.device)
+
+    def cu_seqlens(self) -> Tensor:
+        """int32 (B+1,) offsets of the ragged step's tokens (``set_batch(..., new_tokens)``)."""
+        return self._ragged("cu_seqlens")
+
+    def positions(self, layer: int = 0) -> Tensor:
+        """int64 (1, total): the position of each of the ragged step's tokens in its sequence
+        (the tokens ``layer`` holds so far, then counting up), for RoPE and absolute positions."""
+        self._ragged("positions")
+        pos = [self._lens[i][self._layer(layer)] + j for i, n in zip(self._batch, self._step) for j in range(n)]
+        return torch.tensor(pos, dtype=torch.long, device=self.device)[None]
+
+    def _ragged(self, what: str) -> Tensor:
+        if self._cu is None:
+            raise ValueError(f"PagedKVCache.{what}: no ragged step; call set_batch(ids, new_tokens=[...]) first")
+        return self._cu
 
     @property
     def batch(self) -> list:
@@ -397,16 +427,16 @@ class PagedKVCache:
             raise ValueError(f"PagedKVCache: layer must be an int in [0, {self.num_layers}), got {layer!r}")
         return layer
 
-    def _make_room(self, layer: int, new_tokens: int) -> None:
-        """Pages for ``new_tokens`` more tokens of every batch sequence in ``layer``: a private
+    def _make_room(self, layer: int, counts: list) -> None:
+        """Pages for ``counts[b]`` more tokens of batch sequence b in ``layer``: a private
         copy of a shared page about to be written, fresh pages past the end."""
-        need = sum(self._pages_needed(i, new_tokens) for i in self._batch
+        need = sum(self._pages_needed(i, c) for i, c in zip(self._batch, counts)
                    if self._lens[i][layer] == max(self._lens[i]))
         if need > len(self._free):
-            raise ValueError(f"PagedKVCache: appending {new_tokens} tokens to {len(self._batch)} sequences needs "
-                             f"{need} pages, {len(self._free)} are free")
+            raise ValueError(f"PagedKVCache: appending {max(counts, default=0)} tokens (at most) to "
+                             f"{len(self._batch)} sequences needs {need} pages, {len(self._free)} are free")
         changed = False
-        for i in self._batch:
+        for i, new_tokens in zip(self._batch, counts):
             n, pages = self._lens[i][layer], self._pages[i]
             first = n // self.page_size  # the page the first new token goes to
             if new_tokens and n % self.page_size and self._refs[pages[first]] > 1:
@@ -431,13 +461,37 @@ class PagedKVCache:
             raise ValueError(f"PagedKVCache.attend: k_new {tuple(k_new.shape)} has batch {k_new.shape[0]}, the "
                              f"current batch has {len(self._batch)} sequences (set_batch)")
         lnew = k_new.shape[2]
-        self._make_room(self._layer(layer), lnew)
+        self._make_room(self._layer(layer), [lnew] * len(self._batch))
         out = attention_with_kvcache(q, self._k[layer], self._v[layer], self._dev_lens[layer], k_new=k_new,
                                      v_new=v_new, block_table=self.block_table(), **kwargs)
         self._dev_lens[layer] = self._dev_lens[layer] + lnew
         for i in self._batch:
             self._lens[i][layer] += lnew
         return out
+
+    def attend_packed(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, **kwargs):
+        """The ragged step declared by ``set_batch(ids, new_tokens)``: q (1, Hq, total, D),
+        k_new / v_new (1, kv_heads, total, D) hold sequence b's new tokens at
+        ``cu_seqlens()[b]:cu_seqlens()[b+1]``; each is appended to its sequence in ``layer``,
+        then attends over that sequence's cache (causal within its own new tokens when
+        ``causal=True``) -> (1, Hq, total, Dv). One ``attention_with_kvcache(cu_seqlens_q=...)``
+        call. kwargs as ``attend``. Raises ValueError without a ragged step or for a total that
+        is not ``sum(new_tokens)``."""
+        cu = self._ragged("attend_packed")
+        total = sum(self._step)
+        if q.shape[0] != 1 or k_new.shape[:3] != (1, self.num_kv_heads, total) or q.shape[2] != total:
+            raise ValueError(f"PagedKVCache.attend_packed: q {tuple(q.shape)} / k_new {tuple(k_new.shape)} must be "
+                             f"(1, H, {total}, D) for the step's new_tokens {self._step}")
+        self._make_room(self._layer(layer), self._step)
+        # (1, H, total, D) -> (total, H, D): the packed layout of cu_seqlens_q
+        q, k_new, v_new = (t[0].transpose(0, 1) for t in (q, k_new, v_new))
+        out = attention_with_kvcache(q, self._k[layer], self._v[layer], self._dev_lens[layer], k_new=k_new,
+                                     v_new=v_new, block_table=self.block_table(), cu_seqlens_q=cu,
+                                     max_seqlen_q=max(self._step, default=0), **kwargs)
+        self._dev_lens[layer] = self._dev_lens[layer] + cu.diff()
+        for i, n in zip(self._batch, self._step):
+            self._lens[i][layer] += n
+        return out.transpose(0, 1)[None]  # (total, Hq, Dv) -> (1, Hq, total, Dv)
 
     def reorder(self, beam_indices) -> None:
         """Beam search: batch row b continues row ``beam_indices[b]``; rows are forked (pages

@@ -70,7 +70,7 @@ def _logical(call: DecodeCall, length: int) -> tuple[Tensor, Tensor]:
     """The first ``length`` slots of every sequence's caches, (B, Hkv, length, D): views of
     contiguous caches, a gather of the pages that hold them for paged ones."""
     if not call.layout.paged:
-        return call.k_cache[:, :, :length], call.v_cache[:, :, :length]
+        return call.k_cache.narrow(2, 0, length), call.v_cache.narrow(2, 0, length)
     pages = call.block_table[:, :-(-length // call.layout.page_size)]
     return (gather_pages(call.k_cache, pages)[:, :, :length], gather_pages(call.v_cache, pages)[:, :, :length])
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from fastattn.ops._triton import (
-    LOG2E, cast, dot, load_rows, load_tile, row_lse, rows_base, softmax_finish, softmax_init, softmax_update,
+    LN2, LOG2E, cast, dot, load_rows, load_tile, row_lse, rows_base, softmax_finish, softmax_init, softmax_update,
     span, store_tile, term_logits,
 )
 
@@ -199,12 +199,13 @@ def _chunk(seqlen_k, diag, split, num_splits, window_left, window_right,
 def decode_split_kernel(
     Q, K, V, SEQLENS, ALIBI, COS, SIN, BT, CU_Q, SINKS, O, LSE,
     q_strides, k_strides, v_strides, o_strides, lse_strides, alibi_strides,
-    n_heads, group, seqlen_q, seqlen_new, seqlen_max, num_splits, scalars, rotary, table,
+    n_heads, group, seqlen_q, seqlen_new, seqlen_max, num_splits, scalars, rotary, table, fwd_block_m,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     TERMS: tl.constexpr, ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, VARLEN: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
+    FWD_ORDER: tl.constexpr,
 ):
     """One chunk of one (batch, kv head)'s keys for BLOCK_M of its group * seqlen_q query rows.
 
@@ -231,6 +232,14 @@ def decode_split_kernel(
     PAGED: where BLOCK_N divides PAGE_SIZE, every key tile starts at a multiple of BLOCK_N, so
     it lies in one page: one table read per tile. Any other page size (1, 48, 528, ...): one
     table read per key, each key's row addressed on its own.
+
+    FWD_ORDER (one split, no ALiBi, softcap, sinks or left window, scale > 0): each row
+    reduces its keys as the flash forward's row at the same position of the whole sequence
+    (queries = keys, query blocks of ``fwd_block_m`` rows, BLOCK_N its key block) does: the
+    same tiles, in its order (the tiles from the first one its query block does not see whole
+    up to its own key, then those from 0), with its arithmetic (unscaled q.k, the running max
+    in score units, one fma before exp2). A tile the row does not take is masked whole, which
+    leaves its running softmax bitwise unchanged (p = 0, alpha = exp2(0) = 1).
     """
     row_blocks = (group * seqlen_q + BLOCK_M - 1) // BLOCK_M
     bhk = tl.program_id(0) // row_blocks
@@ -271,7 +280,27 @@ def decode_split_kernel(
         sink = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32)
         m_i = tl.where(first, sink, m_i)
         l_i = tl.where(first, 1.0, l_i)
-    for start_n in range(start, end, BLOCK_N):
+    n_first = (end - start + BLOCK_N - 1) // BLOCK_N  # tiles start, start + BLOCK_N, .. < end
+    n_second = n_first * 0
+    c = scalars[0] * LOG2E  # FWD_ORDER: a q.k score times c is a logit in log2 units
+    if FWD_ORDER:
+        # The forward's row at position t (= pos_q + diag) lies in query block t // fwd_block_m;
+        # that block sees whole the tiles below its first row + 1 + window_right (_interior).
+        t = pos_q + diag
+        edge = t // fwd_block_m * fwd_block_m + 1
+        if TERMS.RIGHT:
+            edge = edge + scalars[4]
+        else:
+            edge = end + 0 * edge
+        ihi = tl.where(row_ok, edge // BLOCK_N * BLOCK_N, 0)  # (BLOCK_M,) multiples of BLOCK_N
+        start = tl.min(ihi, 0)
+        n_first = (end - start + BLOCK_N - 1) // BLOCK_N
+        n_first = n_first * (n_first > 0)
+        n_second = tl.max(ihi, 0) // BLOCK_N
+    for it in range(0, n_first + n_second):
+        start_n = start + it * BLOCK_N
+        if FWD_ORDER:  # first the tiles from start up (rows below their ihi skip them), then from 0
+            start_n = start_n + ((it - n_first) * BLOCK_N - start_n) * (it >= n_first)
         offs_n, col_ok = span(start_n, BLOCK_N, end)  # keys of the next split belong to the next split
         if PAGED and PAGE_SIZE % BLOCK_N != 0:  # a tile may straddle pages: one table read per key
             page = _page_of(BT, b, table, offs_n, col_ok, PAGE_SIZE)  # (BLOCK_N,)
@@ -287,10 +316,27 @@ def decode_split_kernel(
                 k_base = rows_base(K, k_strides, page, hk, 0)
                 v_base = rows_base(V, v_strides, page, hk, 0)
             k = load_tile(k_base, rows_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
-        qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scalars[0]
-        # The logits mask keys >= their seqlen_k argument: pass `end`, the split's own limit.
-        s = term_logits(qk, pos_q[:, None], offs_n[None, :], lq, end, diag, scalars, Q, (0, 0, 0, 0), slope, TERMS)
-        p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)
+        if FWD_ORDER:
+            qk = dot(q, tl.trans(k), DOT_FP32, PRECISION)
+            first = (ihi * 0 + it) < n_first  # (a vector: the interpreter's where wants one)
+            take = tl.where(first, start_n >= ihi, start_n < ihi)  # (BLOCK_M,) whether the row takes this tile
+            seen = take[:, None] & col_ok[None, :]
+            if TERMS.RIGHT:
+                seen = seen & (offs_n[None, :] <= t[:, None] + scalars[4])
+            qk = tl.where(seen, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that has seen no key keeps max -inf; 0 is subtracted instead (no NaN).
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new * c)
+            p = tl.math.exp2(tl.fma(qk, c, -m_sub[:, None]))  # one rounding, as the forward's
+            alpha = tl.math.exp2(m_i * c - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        else:
+            qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scalars[0]
+            # The logits mask keys >= their seqlen_k argument: pass `end`, the split's own limit.
+            s = term_logits(qk, pos_q[:, None], offs_n[None, :], lq, end, diag, scalars, Q, (0, 0, 0, 0), slope,
+                            TERMS)
+            p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)
         if PAGED and PAGE_SIZE % BLOCK_N != 0:
             v = load_tile(V + hk * v_strides[1], v_off, offs_dv, 1, v_strides[3], col_ok, dv_ok)
         else:
@@ -298,6 +344,10 @@ def decode_split_kernel(
         acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
 
     out, lse = softmax_finish(acc, m_i, l_i)  # no visible key in this chunk: 0, -inf (weight 0 in the merge)
+    if FWD_ORDER:  # m_i is in score units: lse = m_i * scale + log(l), l holding exp2(r) from m_i * c's rounding
+        r = tl.fma(m_i, c, -(m_i * c))
+        log_l = tl.log(tl.where(l_i == 0.0, 1.0, l_i)) - r * LN2
+        lse = tl.where(l_i == 0.0, float("-inf"), tl.fma(m_i, scalars[0], log_l))
     if SINGLE_SPLIT:
         o_ptrs = (rows_base(O, o_strides, b, 0, 0) + h[:, None] * o_strides[1] + tok[:, None] * o_strides[2]
                   + offs_dv[None, :].to(tl.int64) * o_strides[3])

@@ -61,6 +61,15 @@ def block_config(head_dim: int, rows: int, dtype: torch.dtype, page_size: Option
     return Tiles(block_m, block_n, 4, 32)
 
 
+def forward_tiles(head_dim: int, dtype: torch.dtype, device: torch.device) -> _launch.Tiles:
+    """The flash forward's first tiles for a training batch of contiguous, 16-byte aligned
+    (B, H, L, D) tensors at ``head_dim`` (the larger of q's and v's): TMA where the GPU and
+    dtype take it, no logit terms."""
+    tier = _launch.tier(device)
+    tma = tier in _launch._TMA_TIERS and dtype != torch.float32
+    return _launch.candidates(head_dim, dtype, "fwd", device, tma, False)[0]
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: str) -> int:
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -152,7 +161,7 @@ def _partials(q: Tensor, dv: int, lq: int, num_splits: int, varlen: bool):
 
 @_launch.on_device
 def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seqlens_q, sinks, *, scale,
-             softcap, window_left, window_right, seqlen_new, num_splits, interleaved, max_seqlen_q):
+             softcap, window_left, window_right, seqlen_new, num_splits, interleaved, max_seqlen_q, fwd_order):
     layout = CacheLayout.of(k_cache, v_cache, block_table)
     varlen = cu_seqlens_q is not None
     hq, d, dv = q.shape[1], q.shape[-1], layout.head_dim_v
@@ -160,6 +169,10 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seql
     lq = max_seqlen_q if varlen else q.shape[2]  # varlen: an upper bound on every sequence's count
     out, lse, out_strides, lse_strides = _outputs(q, dv, varlen)
     tiles = block_config(max(d, dv), group * lq, q.dtype, layout.page_size)
+    fwd = forward_tiles(max(d, dv), q.dtype, q.device)
+    if fwd_order:  # the forward's key block, warps and stages, at most its query rows (so what fits it fits this;
+        # a page then may not hold whole tiles: read per key)
+        tiles = tiles._replace(block_m=min(tiles.block_m, fwd.block_m), block_n=fwd.block_n, num_warps=fwd.num_warps)
     alibi_t, alibi_strides = _launch.alibi_args(q, alibi, layout.batch)
     (cos_t, sin_t, rotary), rot = _rotary_args(q, cos, sin, interleaved)
     k_strides, v_strides, bt, table, paged = _cache_args(k_cache, v_cache, block_table, layout)
@@ -179,9 +192,10 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seql
         o_strides=o_strides, lse_strides=l_strides, alibi_strides=alibi_strides, n_heads=hq, group=group,
         seqlen_q=lq, seqlen_new=seqlen_new, seqlen_max=layout.lmax, num_splits=num_splits,
         scalars=_launch.logit_scalars(scale, softcap, 0.0, window_left, window_right), rotary=rotary,
-        table=table, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        BLOCK_D=pad(d), BLOCK_DV=pad(dv), TERMS=terms, VARLEN=varlen, SINGLE_SPLIT=single,
-        num_warps=tiles.num_warps, **rot, **paged, **flags,
+        table=table, fwd_block_m=fwd.block_m, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n, BLOCK_D=pad(d), BLOCK_DV=pad(dv), TERMS=terms, VARLEN=varlen,
+        SINGLE_SPLIT=single, FWD_ORDER=fwd_order and single,
+        num_warps=tiles.num_warps, num_stages=fwd.num_stages if fwd_order else 3, **rot, **paged, **flags,
     )
     if not single:
         kernels.decode_merge_kernel[(lse_t.numel() // num_splits,)](
@@ -216,10 +230,11 @@ def decode_fwd(
     cu_seqlens_q: Optional[Tensor] = None, sinks: Optional[Tensor] = None, *, scale: float,
     softcap: Optional[float] = None, window_left: Optional[int] = None, window_right: Optional[int] = None,
     seqlen_new: int = 0, num_splits: int = 1, interleaved: bool = False, max_seqlen_q: int = 0,
+    fwd_order: bool = False,
 ) -> tuple[Tensor, Tensor]:
     return _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seqlens_q, sinks, scale=scale,
                     softcap=softcap, window_left=window_left, window_right=window_right, seqlen_new=seqlen_new,
-                    num_splits=num_splits, interleaved=interleaved, max_seqlen_q=max_seqlen_q)
+                    num_splits=num_splits, interleaved=interleaved, max_seqlen_q=max_seqlen_q, fwd_order=fwd_order)
 
 
 @decode_fwd.register_fake
@@ -261,20 +276,24 @@ def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=N
     if k_new is not None and k_new.shape[0] and (varlen or seqlen_new):
         kvcache_append(k_cache, v_cache, seqlens, k_new, v_new, **tensors, interleaved=rotary_interleaved,
                        max_seqlen_q=lq if varlen else 0)
+    # fastattn.batch_invariant() with one split: the training forward's tiles, order and arithmetic
+    fwd_order = (num_splits is None and invariance.active() and invariance.split_tokens() is None
+                 and alibi is None and softcap is None and sinks is None and window_left is None and scale > 0)
     if num_splits is None:
         num_splits = _auto_splits(q, k_cache, v_cache, block_table, lq, window_left, window_right, max_seqlen_k)
     return decode_fwd(q, k_cache, v_cache, seqlens, alibi, **tensors, sinks=sinks, scale=scale, softcap=softcap,
                       window_left=window_left, window_right=window_right, seqlen_new=seqlen_new,
-                      num_splits=num_splits, interleaved=rotary_interleaved, max_seqlen_q=lq if varlen else 0)
+                      num_splits=num_splits, interleaved=rotary_interleaved, max_seqlen_q=lq if varlen else 0,
+                      fwd_order=fwd_order)
 
 
 def _auto_splits(q, k_cache, v_cache, block_table, lq, window_left, window_right, max_seqlen_k) -> int:
     """num_splits from the shapes (and max_seqlen_k, the longest sequence, when known); under
     ``fastattn.batch_invariant`` from the cache capacity Lmax alone."""
     layout = CacheLayout.of(k_cache, v_cache, block_table)
-    split = invariance.split_tokens()
-    if split is not None:  # independent of the batch: its size and its longest sequence
-        return max(1, min(MAX_SPLITS, triton.cdiv(layout.lmax, split)))
+    if invariance.active():  # independent of the batch: its size and its longest sequence
+        split = invariance.split_tokens()
+        return 1 if split is None else max(1, min(MAX_SPLITS, triton.cdiv(layout.lmax, split)))
     hq = q.shape[1]
     rows = (hq // layout.kv_heads) * lq
     tiles = block_config(max(q.shape[-1], layout.head_dim_v), rows, q.dtype, layout.page_size)
