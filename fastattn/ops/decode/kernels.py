@@ -196,6 +196,89 @@ def _chunk(seqlen_k, diag, split, num_splits, window_left, window_right,
 
 
 @triton.jit
+def _fwd_order_tiles(t, row_ok, end, fwd_block_m, scalars, BLOCK_N: tl.constexpr, TERMS: tl.constexpr):
+    """FWD_ORDER's walk for rows at key positions t: (ihi, start, n_first, n_second). The
+    forward's row t lies in query block t // fwd_block_m, which sees whole the tiles below its
+    first row + 1 + window_right (``_interior``): ihi (BLOCK_M,), that edge in multiples of
+    BLOCK_N. The walk takes n_first tiles from start = min(ihi) up to end, then n_second from 0."""
+    edge = t // fwd_block_m * fwd_block_m + 1
+    if TERMS.RIGHT:
+        edge = edge + scalars[4]
+    else:
+        edge = end + 0 * edge
+    ihi = tl.where(row_ok, edge // BLOCK_N * BLOCK_N, 0)
+    start = tl.min(ihi, 0)
+    n_first = (end - start + BLOCK_N - 1) // BLOCK_N
+    return ihi, start, n_first * (n_first > 0), tl.max(ihi, 0) // BLOCK_N
+
+
+@triton.jit
+def _fwd_order_update(q, k, take, t, offs_n, col_ok, m_i, l_i, scalars, TERMS: tl.constexpr,
+                      DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile into the running softmax with the flash forward's arithmetic: unscaled q.k, the
+    max in score units, one fma before exp2. ``take`` (BLOCK_M,): the rows that take the tile
+    (the others see it masked whole, which leaves their sums bitwise unchanged).
+    Returns (p, alpha, m_i, l_i) as ``softmax_update``."""
+    c = scalars[0] * LOG2E  # a q.k score times c is a logit in log2 units
+    qk = dot(q, tl.trans(k), DOT_FP32, PRECISION)
+    seen = take[:, None] & col_ok[None, :]
+    if TERMS.RIGHT:
+        seen = seen & (offs_n[None, :] <= t[:, None] + scalars[4])
+    qk = tl.where(seen, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # A row that has seen no key keeps max -inf; 0 is subtracted instead (no NaN).
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new * c)
+    p = tl.math.exp2(tl.fma(qk, c, -m_sub[:, None]))  # one rounding, as the forward's
+    alpha = tl.math.exp2(m_i * c - m_sub)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _key_tiles(K, V, k_strides, v_strides, k_base, v_base, BT, b, hk, table, start_n, offs_n, col_ok, end,
+               offs_d, d_ok, offs_dv, dv_ok, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """The (k, v) tiles of keys offs_n (from k_base / v_base, or paged through the block
+    table). Where BLOCK_N divides PAGE_SIZE the tile lies in one page: one table read;
+    otherwise (pages of 1, 48, 528, ...) one table read per key, each key's row on its own."""
+    if PAGED and PAGE_SIZE % BLOCK_N != 0:
+        page = _page_of(BT, b, table, offs_n, col_ok, PAGE_SIZE)  # (BLOCK_N,)
+        # Each key's element offset from its head's base: page * page stride + row * row stride.
+        k_off = page * k_strides[0] + (offs_n % PAGE_SIZE).to(tl.int64) * k_strides[2]
+        v_off = page * v_strides[0] + (offs_n % PAGE_SIZE).to(tl.int64) * v_strides[2]
+        k = load_tile(K + hk * k_strides[1], k_off, offs_d, 1, k_strides[3], col_ok, d_ok)
+        v = load_tile(V + hk * v_strides[1], v_off, offs_dv, 1, v_strides[3], col_ok, dv_ok)
+    else:
+        rows_n = offs_n  # key rows from k_base / v_base
+        if PAGED:
+            page = _page_of(BT, b, table, start_n, start_n < end, PAGE_SIZE)
+            rows_n = offs_n - start_n // PAGE_SIZE * PAGE_SIZE  # rows within the page, < PAGE_SIZE
+            k_base = rows_base(K, k_strides, page, hk, 0)
+            v_base = rows_base(V, v_strides, page, hk, 0)
+        k = load_tile(k_base, rows_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
+        v = load_tile(v_base, rows_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
+    return k, v
+
+
+@triton.jit
+def _store_rows(O, LSE, out, lse, o_strides, lse_strides, b, h, tok, pos_q, split, n_heads, seqlen_q, num_splits,
+                row_ok, offs_dv, dv_ok, HEAD_DIM_V: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+                VARLEN: tl.constexpr, BF16_RTNE: tl.constexpr):
+    """A chunk's rows: with SINGLE_SPLIT the output and lse themselves, else the fp32 partials
+    (``decode_split_kernel``'s layouts)."""
+    if SINGLE_SPLIT:
+        o_ptrs = (rows_base(O, o_strides, b, 0, 0) + h[:, None] * o_strides[1] + tok[:, None] * o_strides[2]
+                  + offs_dv[None, :].to(tl.int64) * o_strides[3])
+        tl.store(o_ptrs, cast(out, O.dtype.element_ty, BF16_RTNE), mask=row_ok[:, None] & dv_ok[None, :])
+        tl.store(LSE + b * lse_strides[0] + h * lse_strides[1] + tok * lse_strides[2], lse, mask=row_ok)
+    else:
+        if VARLEN:
+            part = (tok * n_heads + h) * num_splits + split  # packed row tok, head h
+        else:
+            part = ((b * n_heads + h) * seqlen_q + pos_q) * num_splits + split  # (b, h, i)
+        store_tile(O, out, part, offs_dv, HEAD_DIM_V, 1, row_ok, dv_ok)
+        tl.store(LSE + part, lse, mask=row_ok)
+
+
+@triton.jit
 def decode_split_kernel(
     Q, K, V, SEQLENS, ALIBI, COS, SIN, BT, CU_Q, SINKS, O, LSE,
     q_strides, k_strides, v_strides, o_strides, lse_strides, alibi_strides,
@@ -282,84 +365,38 @@ def decode_split_kernel(
         l_i = tl.where(first, 1.0, l_i)
     n_first = (end - start + BLOCK_N - 1) // BLOCK_N  # tiles start, start + BLOCK_N, .. < end
     n_second = n_first * 0
-    c = scalars[0] * LOG2E  # FWD_ORDER: a q.k score times c is a logit in log2 units
+    t = pos_q + diag  # the rows' key positions
+    ihi = t * 0
     if FWD_ORDER:
-        # The forward's row at position t (= pos_q + diag) lies in query block t // fwd_block_m;
-        # that block sees whole the tiles below its first row + 1 + window_right (_interior).
-        t = pos_q + diag
-        edge = t // fwd_block_m * fwd_block_m + 1
-        if TERMS.RIGHT:
-            edge = edge + scalars[4]
-        else:
-            edge = end + 0 * edge
-        ihi = tl.where(row_ok, edge // BLOCK_N * BLOCK_N, 0)  # (BLOCK_M,) multiples of BLOCK_N
-        start = tl.min(ihi, 0)
-        n_first = (end - start + BLOCK_N - 1) // BLOCK_N
-        n_first = n_first * (n_first > 0)
-        n_second = tl.max(ihi, 0) // BLOCK_N
+        ihi, start, n_first, n_second = _fwd_order_tiles(t, row_ok, end, fwd_block_m, scalars, BLOCK_N, TERMS)
     for it in range(0, n_first + n_second):
         start_n = start + it * BLOCK_N
         if FWD_ORDER:  # first the tiles from start up (rows below their ihi skip them), then from 0
             start_n = start_n + ((it - n_first) * BLOCK_N - start_n) * (it >= n_first)
         offs_n, col_ok = span(start_n, BLOCK_N, end)  # keys of the next split belong to the next split
-        if PAGED and PAGE_SIZE % BLOCK_N != 0:  # a tile may straddle pages: one table read per key
-            page = _page_of(BT, b, table, offs_n, col_ok, PAGE_SIZE)  # (BLOCK_N,)
-            # Each key's element offset from its head's base: page * page stride + row * row stride.
-            k_off = page * k_strides[0] + (offs_n % PAGE_SIZE).to(tl.int64) * k_strides[2]
-            v_off = page * v_strides[0] + (offs_n % PAGE_SIZE).to(tl.int64) * v_strides[2]
-            k = load_tile(K + hk * k_strides[1], k_off, offs_d, 1, k_strides[3], col_ok, d_ok)
-        else:
-            rows_n = offs_n  # key rows from k_base / v_base
-            if PAGED:  # the tile lies in one page: one table read
-                page = _page_of(BT, b, table, start_n, start_n < end, PAGE_SIZE)
-                rows_n = offs_n - start_n // PAGE_SIZE * PAGE_SIZE  # rows within the page, < PAGE_SIZE
-                k_base = rows_base(K, k_strides, page, hk, 0)
-                v_base = rows_base(V, v_strides, page, hk, 0)
-            k = load_tile(k_base, rows_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
+        k, v = _key_tiles(K, V, k_strides, v_strides, k_base, v_base, BT, b, hk, table, start_n, offs_n, col_ok,
+                          end, offs_d, d_ok, offs_dv, dv_ok, BLOCK_N, PAGED, PAGE_SIZE)
         if FWD_ORDER:
-            qk = dot(q, tl.trans(k), DOT_FP32, PRECISION)
             first = (ihi * 0 + it) < n_first  # (a vector: the interpreter's where wants one)
             take = tl.where(first, start_n >= ihi, start_n < ihi)  # (BLOCK_M,) whether the row takes this tile
-            seen = take[:, None] & col_ok[None, :]
-            if TERMS.RIGHT:
-                seen = seen & (offs_n[None, :] <= t[:, None] + scalars[4])
-            qk = tl.where(seen, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # A row that has seen no key keeps max -inf; 0 is subtracted instead (no NaN).
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new * c)
-            p = tl.math.exp2(tl.fma(qk, c, -m_sub[:, None]))  # one rounding, as the forward's
-            alpha = tl.math.exp2(m_i * c - m_sub)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+            p, alpha, m_i, l_i = _fwd_order_update(q, k, take, t, offs_n, col_ok, m_i, l_i, scalars, TERMS,
+                                                   DOT_FP32, PRECISION)
         else:
             qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scalars[0]
             # The logits mask keys >= their seqlen_k argument: pass `end`, the split's own limit.
             s = term_logits(qk, pos_q[:, None], offs_n[None, :], lq, end, diag, scalars, Q, (0, 0, 0, 0), slope,
                             TERMS)
             p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)
-        if PAGED and PAGE_SIZE % BLOCK_N != 0:
-            v = load_tile(V + hk * v_strides[1], v_off, offs_dv, 1, v_strides[3], col_ok, dv_ok)
-        else:
-            v = load_tile(v_base, rows_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
         acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
 
     out, lse = softmax_finish(acc, m_i, l_i)  # no visible key in this chunk: 0, -inf (weight 0 in the merge)
     if FWD_ORDER:  # m_i is in score units: lse = m_i * scale + log(l), l holding exp2(r) from m_i * c's rounding
+        c = scalars[0] * LOG2E
         r = tl.fma(m_i, c, -(m_i * c))
         log_l = tl.log(tl.where(l_i == 0.0, 1.0, l_i)) - r * LN2
         lse = tl.where(l_i == 0.0, float("-inf"), tl.fma(m_i, scalars[0], log_l))
-    if SINGLE_SPLIT:
-        o_ptrs = (rows_base(O, o_strides, b, 0, 0) + h[:, None] * o_strides[1] + tok[:, None] * o_strides[2]
-                  + offs_dv[None, :].to(tl.int64) * o_strides[3])
-        tl.store(o_ptrs, cast(out, O.dtype.element_ty, BF16_RTNE), mask=row_ok[:, None] & dv_ok[None, :])
-        tl.store(LSE + b * lse_strides[0] + h * lse_strides[1] + tok * lse_strides[2], lse, mask=row_ok)
-    else:
-        if VARLEN:
-            part = (tok * n_heads + h) * num_splits + split  # packed row tok, head h
-        else:
-            part = ((b * n_heads + h) * seqlen_q + pos_q) * num_splits + split  # (b, h, i)
-        store_tile(O, out, part, offs_dv, HEAD_DIM_V, 1, row_ok, dv_ok)
-        tl.store(LSE + part, lse, mask=row_ok)
+    _store_rows(O, LSE, out, lse, o_strides, lse_strides, b, h, tok, pos_q, split, n_heads, seqlen_q, num_splits,
+                row_ok, offs_dv, dv_ok, HEAD_DIM_V, SINGLE_SPLIT, VARLEN, BF16_RTNE)
 
 
 @triton.jit
