@@ -13,8 +13,8 @@ query i sees key j iff both lie in the same document and j <= i. Four ways:
   the mask and SDPA's (L, L) bias of it would not fit in free device memory, its call raises
   MemoryError saying so, and ``fastattn bench`` lists it as skipped;
 * ``torch-flex-compiled``: ``torch.compile(flex_attention)`` with ``create_block_mask``, on CUDA
-  only (torch's CPU flex compiles through a C++ toolchain, and its eager path materialises the
-  scores: it is left out on a CPU).
+  only: left out on a CPU, where torch's FlexAttention has no backward (NotImplementedError for
+  inputs that require grad) and its compiled forward is not the GPU kernel this row is for.
 
 Forward and forward+backward. FLOPs count the useful work only (causal attention inside each
 document), for every impl, so TFLOP/s shows what a dense mask wastes.
