@@ -83,7 +83,7 @@ def _document_id(lengths, device) -> torch.Tensor:
 
 def impls(q, k, v, lengths, mask, device):
     """name -> (f() -> out, the tensors that take gradients) on one packed row. q, k, v:
-    (1, H, L, D) leaves; ``mask``: ``dense_mask(lengths)`` or None to leave sdpa-dense-mask out.
+    (1, H, L, D) leaves; ``mask``: ``dense_mask(lengths)``, for sdpa-dense-mask.
     fastattn-varlen takes packed (L, H, D) copies as leaves (its layout) and returns (L, H, D)."""
     cuda = torch.device(device).type == "cuda"
     document_id = _document_id(lengths, device)
@@ -95,9 +95,8 @@ def impls(q, k, v, lengths, mask, device):
         "fastattn-flex": (lambda: fastattn.flex_attention(q, k, v, block_mask=block_mask), (q, k, v)),
         "fastattn-varlen": (lambda: fastattn.flash_attention_varlen(*packed, cu, cu, lmax, lmax, causal=True),
                             packed),
+        "sdpa-dense-mask": (_sdpa_dense(q, k, v, mask), (q, k, v)),
     }
-    if mask is not None:
-        out["sdpa-dense-mask"] = (_sdpa_dense(q, k, v, mask), (q, k, v))
     if cuda:
         out["torch-flex-compiled"] = (_torch_flex(q, k, v, document_id), (q, k, v))
     return out
