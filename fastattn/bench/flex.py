@@ -10,7 +10,7 @@ query i sees key j iff both lie in the same document and j <= i. Four ways:
   lower bound: no mask evaluation at all);
 * ``sdpa-dense-mask``: torch SDPA with a dense (L, L) bool mask, built once per length (what a
   user without block masks runs; its cost does not fall with the number of documents). Where
-  the mask and SDPA's (L, L) bias of it would not fit in free device memory, its call raises
+  SDPA's (L, L) bias of the mask would not fit in free device memory, its call raises
   MemoryError saying so, and ``fastattn bench`` lists it as skipped;
 * ``torch-flex-compiled``: ``torch.compile(flex_attention)`` with ``create_block_mask``, on CUDA
   only: left out on a CPU, where torch's FlexAttention has no backward (NotImplementedError for
@@ -103,8 +103,8 @@ def impls(q, k, v, lengths, mask, device):
 
 
 def _sdpa_dense(q, k, v, mask):
-    """f() -> SDPA with ``mask``; on CUDA, where the mask and SDPA's additive bias of it (L * L
-    elements in q's dtype) would not fit in free memory, f raises MemoryError instead."""
+    """f() -> SDPA with ``mask``; on CUDA, where SDPA's additive bias of the mask (L * L elements
+    in q's dtype) would not fit in free memory, f raises MemoryError instead."""
     if q.device.type == "cuda":
         need = mask.numel() * q.element_size()
         free, _ = torch.cuda.mem_get_info(q.device)
