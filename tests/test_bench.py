@@ -163,3 +163,34 @@ def test_varlen_check_catches_a_wrong_answer(monkeypatch):
     monkeypatch.setattr(fastattn, "flash_attention_varlen", lambda *a, **kw: real(*a, **kw) * 1.01)
     with pytest.raises(AssertionError, match="error"):
         case.check()
+
+
+def test_flex_suite_impls_agree_and_its_cases_run():
+    """A short quick-form CPU config (256 tokens, 8-16 documents), on the paths a CPU bench
+    runs (use_backend("torch"): the kernels are test_flex's): fastattn-flex and fastattn-varlen
+    match sdpa-dense-mask by the error rule (float64 SDPA the oracle); every case runs and the
+    flex one passes its check."""
+    import fastattn
+    from fastattn.bench import flex
+    from fastattn.testing import assert_within_rule
+
+    lengths = flex.document_lengths(256)
+    assert 8 <= len(lengths) <= 16 and sum(lengths) == 256 and min(lengths) >= 1
+    mask = flex.dense_mask(lengths, "cpu")
+    q, k, v = (torch.randn(1, 2, 256, 16, dtype=torch.float64) for _ in range(3))
+    with fastattn.use_backend("torch"):
+        oracle = flex.impls(q, k, v, lengths, mask, "cpu")["sdpa-dense-mask"][0]()
+        outs = {name: f() for name, (f, _) in flex.impls(q.float(), k.float(), v.float(), lengths, mask,
+                                                         "cpu").items()}
+        outs["fastattn-varlen"] = outs["fastattn-varlen"].transpose(0, 1)[None]  # (L, H, D) -> (1, H, L, D)
+        for name in ("fastattn-flex", "fastattn-varlen"):
+            assert_within_rule(name, outs[name], oracle, outs["sdpa-dense-mask"])
+        cases = flex.cases("cpu", quick=True, config_list=[(1, 2, 256, 16, torch.float32)])
+        assert {(c.suite, c.impl) for c in cases} == {(s, i) for s in ("flex-fwd", "flex-fwdbwd")
+                                                       for i in ("fastattn-flex", "fastattn-varlen", "sdpa-dense-mask")}
+        assert [c.impl for c in cases if c.check is not None] == ["fastattn-flex"]
+        for case in cases:
+            if case.check is not None:
+                case.check()
+            result = case.fn()
+            assert all(torch.isfinite(t).all() for t in (result if isinstance(result, tuple) else (result,)))
