@@ -582,9 +582,11 @@ class TinyStack:
         return x @ self.head.to(x.dtype)
 
 
-@pytest.mark.parametrize("dtype,rope", [(torch.float32, False), (torch.float16, False), (torch.bfloat16, False),
-                                        (torch.float32, True), (torch.bfloat16, True)],
-                         ids=["fp32", "fp16", "bf16", "fp32-rope", "bf16-rope"])
+# Every dtype once, rope on bf16's (its rounding of the rotated q): the decode kernels' dtype
+# paths and rotary are each covered by test_matches_reference and the rotary tests; this one
+# is the end-to-end cache walk (17 steps a case).
+@pytest.mark.parametrize("dtype,rope", [(torch.float32, False), (torch.float16, False), (torch.bfloat16, True)],
+                         ids=["fp32", "fp16", "bf16-rope"])
 def test_decoding_token_by_token_equals_full_sequence(dtype, rope, device):
     """Prefill then one token at a time through KVCache (kernels) gives the logits of the
     whole sequence run at once (reference). With rope, the full pass rotates q and k at
