@@ -425,7 +425,8 @@ def softmax_delta(do: Tensor, out: Tensor) -> Tensor:
 # few rows a program, 2 stages, and dK and dV in separate launches (_SPLIT_KEY_GRADS). sm90:
 # wgmma at d512 (64-row side); at 1024 its wgmma tiles spill thousands of bytes or do not
 # fit, so 16 x 16 on mma.sync, as the 99 KB GPUs. sm_89 takes sm_80's d512 tiles (the forward's
-# 32 x 32 asks for 100,352 of its 101,376 bytes). With logit terms, below sm_90, 16 x 16.
+# 32 x 32 asks for 100,352 of its 101,376 bytes); sm_120 too but a 16 x 16 forward (its ptxas
+# spills the 32 x 32 one). With logit terms, below sm_90, 16 x 16.
 _WIDE_BLOCKS = {
     "sm90": {"fwd": {512: (64, 16, 8, 2), 1024: (16, 16, 4, 2)},
              "dkdv": {512: (16, 64, 8, 2), 1024: (16, 16, 4, 2)},
@@ -433,11 +434,14 @@ _WIDE_BLOCKS = {
     "sm80": {"fwd": {512: (32, 32, 4, 2), 1024: (16, 16, 4, 2)},
              "dkdv": {512: (16, 32, 4, 2), 1024: (16, 16, 4, 2)},
              "dq": {512: (32, 16, 4, 2), 1024: (16, 16, 4, 2)}},
-    "sm120": {kernel: {512: (16, 16, 4, 2), 1024: (16, 16, 4, 2)} for kernel in ("fwd", "dkdv", "dq")},
+    "sm120": {"fwd": {512: (16, 16, 4, 2), 1024: (16, 16, 4, 2)},
+              "dkdv": {512: (16, 32, 4, 2), 1024: (16, 16, 4, 2)},
+              "dq": {512: (32, 16, 4, 2), 1024: (16, 16, 4, 2)}},
+    "sm75": {kernel: {512: (16, 16, 4, 2), 1024: (16, 16, 4, 2)} for kernel in ("fwd", "dkdv", "dq")},
 }
-_WIDE_BLOCKS.update(sm100=_WIDE_BLOCKS["sm90"], sm86=_WIDE_BLOCKS["sm80"], sm75=_WIDE_BLOCKS["sm120"])
+_WIDE_BLOCKS.update(sm100=_WIDE_BLOCKS["sm90"], sm86=_WIDE_BLOCKS["sm80"])
 for _tier_name, _kernels in _WIDE_BLOCKS.items():
-    _features = _kernels if _tier_name in _TMA_TIERS else _WIDE_BLOCKS["sm120"]
+    _features = _kernels if _tier_name in _TMA_TIERS else _WIDE_BLOCKS["sm75"]
     for _kernel in _kernels:
         _BLOCKS[_tier_name][_kernel].update(_kernels[_kernel])
         _FEATURE_BLOCKS[_tier_name][_kernel].update(_features[_kernel])
