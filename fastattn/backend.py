@@ -28,6 +28,10 @@ from fastattn._env import capability, interpreting
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+# The flash kernels' limits: q/k head dim up to 576 (MLA's absorbed 512 latent + 64 rotary
+# channels), v head dim up to 512 (Gemma's global layers; MLA's latent).
+FLASH_MAX_HEAD_DIM = 576
+FLASH_MAX_VALUE_DIM = 512
 MAX_GRID_YZ = 65535  # CUDA's limit on the second and third axes of a launch grid
 
 # torch's own SDPA, captured once at import, before fastattn.patch_sdpa() can replace the
@@ -78,13 +82,14 @@ class KernelFamily:
     name: str
     dim_name: str = "head_dim"       # what the last dim of q/k is called in messages
     dtypes: tuple = KERNEL_DTYPES
-    max_dim: int = MAX_HEAD_DIM      # largest q/k and v last dim
+    max_dim: int = MAX_HEAD_DIM      # largest q/k last dim
+    max_dim_v: int = MAX_HEAD_DIM    # largest v last dim
     grid_limited: bool = True        # launches (blocks, heads, batch): CUDA caps the last two axes
     gradients: bool = True           # has backward kernels
 
 
 FAMILIES = {f.name: f for f in (
-    KernelFamily("flash"),
+    KernelFamily("flash", max_dim=FLASH_MAX_HEAD_DIM, max_dim_v=FLASH_MAX_VALUE_DIM),
     KernelFamily("sparse"),
     KernelFamily("linear", dim_name="feature dim"),
     # Split-KV decoding is forward-only; its grid folds batch and heads into one axis.
@@ -118,8 +123,9 @@ def refusals(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if cap is not None and cap < 80:  # bf16 tensor-core products came with sm_80 (Ampere)
             reasons.append(f"dtype {q.dtype} needs compute capability 8.0 or more; {device} has "
                            f"{cap // 10}.{cap % 10}")
-    if max(q.shape[-1], v.shape[-1]) > spec.max_dim:
-        reasons.append(f"{spec.dim_name} {q.shape[-1]} / value dim {v.shape[-1]} exceeds {spec.max_dim}")
+    if q.shape[-1] > spec.max_dim or v.shape[-1] > spec.max_dim_v:
+        reasons.append(f"{spec.dim_name} {q.shape[-1]} / value dim {v.shape[-1]} exceeds "
+                       f"{spec.max_dim} / {spec.max_dim_v}")
     if spec.grid_limited:
         reasons += [f"{name} {n} exceeds {MAX_GRID_YZ}, CUDA's limit on a launch grid's second and third axes"
                     for name, n in (("batch", q.shape[0]), ("heads", q.shape[1])) if n > MAX_GRID_YZ]

@@ -387,10 +387,11 @@ def run_case(case: Case, out_dir: str, only: Optional[str] = None) -> list[dict]
 SOFTMAX_KERNELS = {"fwd": ("key", "BLOCK_N"), "dkdv": ("query", "BLOCK_M"), "dq": ("key", "BLOCK_N")}
 
 
-def _qkv(b, h, hkv, lq, lk, d, dtype):
-    """Contiguous (B, H, L, D) q, k, v; torch.empty: nothing touches them."""
+def _qkv(b, h, hkv, lq, lk, d, dtype, dv=None):
+    """Contiguous (B, H, L, D) q, k, v (v's last dim ``dv``, default D); torch.empty: nothing
+    touches them."""
     return (torch.empty(b, h, lq, d, dtype=dtype), torch.empty(b, hkv, lk, d, dtype=dtype),
-            torch.empty(b, hkv, lk, d, dtype=dtype))
+            torch.empty(b, hkv, lk, dv or d, dtype=dtype))
 
 
 def headline_shape(d: int) -> tuple[int, int, int]:
@@ -401,14 +402,15 @@ def headline_shape(d: int) -> tuple[int, int, int]:
     return 1, 4096, max(1, 2048 // d)
 
 
-def flash_launches(dtype, d, causal, features):
+def flash_launches(dtype, d, causal, features, dv=None):
+    """The flash op's launches, forward and backward; ``dv``: v's head dim (default d)."""
     from fastattn.ops.flash import op
 
     if features:  # bias with gradient: a float32 (B, H, Lq, Lk) ds is written, so short rows
         b, length, h = 1, 512, headline_shape(d)[2]
     else:
         b, length, h = headline_shape(d)
-    q, k, v = _qkv(b, h, h, length, length, d, dtype)
+    q, k, v = _qkv(b, h, h, length, length, d, dtype, dv)
     opts = dict(scale=d ** -0.5, window_right=0 if causal else None)
     if features:
         bias = torch.empty(1, 1, length, length, dtype=torch.float32)  # broadcast: its gradient is the dbias kernel's
@@ -433,7 +435,13 @@ def _flash_cases():
     names = {"attn_fwd_kernel": "fwd", "attn_bwd_dkdv_kernel": "dkdv", "attn_bwd_dq_kernel": "dq",
              "attn_bwd_dbias_kernel": "dbias"}
     kernels = {fn: (short, SOFTMAX_KERNELS.get(short, (None, None))) for fn, short in names.items()}
-    return _grid("flash", (16, 32, 40, 64, 80, 96, 128, 160, 256), flash_launches, kernels)
+    cases = _grid("flash", (16, 32, 40, 64, 80, 96, 128, 160, 256, 512), flash_launches, kernels)
+    # Absorbed MLA: q/k 576 (512 latent + 64 rotary), v 512.
+    mla = _grid("flash", (576,), lambda dtype, d, causal, features: flash_launches(dtype, d, causal, features, 512),
+                kernels)
+    cases.update({name.replace("-d576-", "-d576v512-"): case._replace(rest=case.rest.replace("-d576-", "-d576v512-"))
+                  for name, case in mla.items()})
+    return cases
 
 
 def _grid(op, head_dims, launches, kernels):

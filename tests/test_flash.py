@@ -351,3 +351,82 @@ def test_dropout_draws_one_philox_counter_per_four_scores(monkeypatch, device):
     seed = torch.randint(0, 2**62, (1,), device=device)
     op.flash_attn(q, k, v, seed=seed, scale=0.2, dropout_p=0.3)
     assert sum(counted) == 2 * 64 * 64 // 4
+
+
+# Head dims past 256: Gemma's global layers (512) and absorbed MLA (q/k 576 = 512 latent + 64
+# rotary, v 512), and a value dim wider than q/k's. (Dqk, Dv, dtype, feature), small L.
+HD512_CASES = [
+    (512, 512, torch.float16, "gqa-causal"),
+    (576, 512, torch.bfloat16, "everything"),
+    (512, 512, torch.float32, "sinks-window"),
+    (576, 512, torch.float16, "mqa-causal"),
+    (128, 512, torch.bfloat16, "window"),
+]
+
+
+@pytest.mark.parametrize("d,dv,dtype,feature", HD512_CASES, ids=[
+    f"d{d}-dv{dv}-{DTYPE_IDS[DTYPES.index(dt)]}-{f}" for d, dv, dt, f in HD512_CASES])
+def test_head_dims_up_to_512_and_mla(d, dv, dtype, feature, device):
+    b, hq, hkv, lq, lk = 1, 4, 2, 19, 23
+    if feature == "mqa-causal":
+        hkv = 1
+    q, k, v = qkv(dtype, device, b=b, hq=hq, hkv=hkv, lq=lq, lk=lk, d=d, dv=dv, transposed=True)
+    kw = {
+        "gqa-causal": dict(causal=True),
+        "mqa-causal": dict(causal=True),
+        "everything": dict(causal=True, window=(9, None), softcap=5.0, alibi_slopes=torch.rand(hq, device=device),
+                           attn_bias=randn((1, hq, lq, lk), dtype, device, requires_grad=True), scale=0.05),
+        "sinks-window": dict(window=(6, 4), sinks=torch.randn(hq, device=device).requires_grad_()),
+        "window": dict(window=(5, 2)),
+    }[feature]
+    check_against_reference(q, k, v, **kw)
+
+
+def test_dropout_at_mla_head_dims(device):
+    """The public call draws its seed from torch's generator: the same manual seed redraws it,
+    and the kernels' mask for it is the reference's."""
+    from fastattn.ops.flash import op
+
+    b, hq, lq, lk, p = 1, 2, 21, 26, 0.25
+    q, k, v = qkv(torch.float32, device, b=b, hq=hq, hkv=1, lq=lq, lk=lk, d=576, dv=512)
+    torch.manual_seed(7)
+    keep = op.dropout_keep_mask(torch.randint(0, 2**62, (1,), device=device), b, hq, lq, lk, p)
+
+    def kernel(q, k, v):
+        torch.manual_seed(7)
+        return fastattn.flash_attention(q, k, v, scale=0.05, dropout_p=p)
+    check_op(kernel, lambda q, k, v: attention_reference(q, k, v, scale=0.05, dropout_p=p, dropout_mask=keep),
+             dict(q=q, k=k, v=v))
+
+
+def test_varlen_at_head_dim_512(device):
+    from fastattn.ops.flash.reference import varlen_attention_reference
+    from helpers import cu_seqlens
+
+    lengths_q, lengths_k = [7, 13], [11, 9]
+    q = torch.randn(sum(lengths_q), 2, 576, device=device).to(torch.bfloat16).requires_grad_()
+    k = torch.randn(sum(lengths_k), 1, 576, device=device).to(torch.bfloat16).requires_grad_()
+    v = torch.randn(sum(lengths_k), 1, 512, device=device).to(torch.bfloat16).requires_grad_()
+    cq, ck = cu_seqlens(lengths_q, device), cu_seqlens(lengths_k, device)
+    check_op(lambda q, k, v: fastattn.flash_attention_varlen(q, k, v, cq, ck, causal=True, return_lse=True),
+             lambda q, k, v: varlen_attention_reference(q, k, v, cq, ck, window=(None, 0), return_lse=True),
+             dict(q=q, k=k, v=v), names=("out", "lse"))
+
+
+def test_sdpa_drop_in_runs_the_kernels_at_head_dim_512(device):
+    import torch.nn.functional as F
+
+    q, k, v = qkv(torch.float16, device, b=1, hq=4, hkv=2, lq=17, lk=17, d=512)
+    # The triton backend raises rather than fall back: this runs the kernels.
+    check_op(lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+             dict(q=q, k=k, v=v), yardstick=lambda q, k, v: attention_reference(q, k, v, causal=True))
+
+
+def test_head_dims_past_the_kernels_limits_are_refused():
+    q, k, v = (torch.zeros(1, 1, 4, d) for d in (640, 640, 512))
+    with fastattn.use_backend("triton"), pytest.raises(ValueError, match="head_dim 640 / value dim 512 exceeds 576"):
+        fastattn.flash_attention(q, k, v)
+    q, k, v = (torch.zeros(1, 1, 4, d) for d in (64, 64, 520))
+    with fastattn.use_backend("triton"), pytest.raises(ValueError, match="value dim 520 exceeds 576 / 512"):
+        fastattn.flash_attention(q, k, v)

@@ -309,3 +309,28 @@ def test_broadcast_batch_takes_the_pointer_path(device, monkeypatch):
     assert not [s for s in described if 0 in s], f"TMA descriptors with a stride-0 dim: {described}"
     assert_close_rule("out", out, sdpa(q.double(), k.double(), v.double(), is_causal=True),
                       sdpa(q, k, v, is_causal=True))
+
+
+# Head dims past 256 with the GPU's tiles: d512 (Gemma's global layers) and MLA's q/k 576 with
+# v 512 (padded to 1024 / 512), dK and dV in separate launches; the H100's tiles (bf16 on TMA).
+WIDE_CASES = [(90, torch.bfloat16, 512, 512, "everything"), (90, torch.float32, 576, 512, "causal")]
+
+
+@pytest.mark.parametrize("arch,dtype,d,dv,feature", WIDE_CASES,
+                         ids=[f"sm{a}-d{d}-dv{dv}-{DTYPE_IDS[DTYPES.index(dt)]}-{f}" for a, dt, d, dv, f in WIDE_CASES])
+def test_flash_wide_head_dims(arch, dtype, d, dv, feature, device, monkeypatch):
+    if device == "cuda":
+        pytest.skip("the capability is faked under the interpreter only")
+    monkeypatch.setenv("FASTATTN_GPU_ARCH", str(arch))
+    from fastattn.ops import _launch
+
+    assert len(_launch.key_grads(d)) == 2
+    lq, lk, hq = 33, 50, 4
+    q = randn((1, hq, lq, d), dtype, device, requires_grad=True, transposed=True)
+    k = randn((1, 2, lk, d), dtype, device, requires_grad=True)
+    v = randn((1, 2, lk, dv), dtype, device, requires_grad=True)
+    kw = dict(causal=True)
+    if feature == "everything":
+        kw.update(window=(20, None), softcap=5.0, scale=0.05, alibi_slopes=torch.rand(hq, device=device),
+                  attn_bias=randn((1, hq, lq, lk), dtype, device, requires_grad=True))
+    check_flash(q, k, v, **kw)

@@ -598,3 +598,31 @@ def test_decoder_layer_cache_and_memory_kv():
 def test_layers_are_independent_copies():
     enc = TransformerEncoder(TransformerEncoderLayer(16, 2, 32), 3)
     assert enc.layers[0].self_attn.in_proj.weight.data_ptr() != enc.layers[1].self_attn.in_proj.weight.data_ptr()
+
+
+def test_head_dim_apart_from_embed_dim_per_layer_on_kernels():
+    """Gemma-like: at one model width, a layer with head dim 256 (4 query heads, GQA 2:1) and one
+    with 512 (2 query heads on one KV head), causal, forward and backward on the flash kernels
+    against the torch backend by the error rule, and a bad head_dim raises."""
+    torch.manual_seed(0)
+    e = 128
+    layers = torch.nn.ModuleList([
+        MultiHeadAttention(e, 4, num_kv_heads=2, head_dim=256, causal=True),
+        MultiHeadAttention(e, 2, num_kv_heads=1, head_dim=512, causal=True)])
+    assert [m.in_proj.weight.shape[0] for m in layers] == [(4 + 4) * 256, (2 + 2) * 512]
+    x = torch.randn(1, 11, e)
+
+    def run(stack, backend):
+        inp = x.to(next(stack.parameters()).dtype).requires_grad_()
+        with fastattn.use_backend(backend):
+            out = stack[1](stack[0](inp))
+            out.sum().backward()
+        return out, inp.grad
+
+    oracle = run(copy.deepcopy(layers).double(), "torch")
+    base = run(copy.deepcopy(layers), "torch")
+    got = run(layers, "triton")
+    assert_close_rule("out", got[0], oracle[0], base[0])
+    assert_close_rule("dx", got[1], oracle[1], base[1], factor=3.0)
+    with pytest.raises(ValueError, match="head_dim must be an int >= 1"):
+        MultiHeadAttention(e, 2, head_dim=0)

@@ -20,17 +20,17 @@ from helpers import assert_close_rule  # noqa: E402
 INPUTS = {
     "supported": ((1, 2, 8, 16), torch.float32),
     "float64": ((1, 2, 8, 16), torch.float64),          # no kernel takes float64
-    "head-dim-288": ((1, 2, 8, 288), torch.float32),    # beyond the kernels' 256
+    "head-dim-640": ((1, 2, 8, 640), torch.float32),    # beyond every kernel's limit (flash: 576)
     "empty-Lq": ((1, 2, 0, 16), torch.float32),
     "empty-batch": ((0, 2, 8, 16), torch.float32),
 }
 # What the router answers for each, per backend ("raises": ValueError with the reasons).
 EXPECTED = {
-    "auto": {"supported": "kernel", "float64": "torch_sdpa", "head-dim-288": "torch_sdpa",
+    "auto": {"supported": "kernel", "float64": "torch_sdpa", "head-dim-640": "torch_sdpa",
              "empty-Lq": "reference", "empty-batch": "reference"},
-    "triton": {"supported": "kernel", "float64": "raises", "head-dim-288": "raises",
+    "triton": {"supported": "kernel", "float64": "raises", "head-dim-640": "raises",
                "empty-Lq": "reference", "empty-batch": "reference"},
-    "torch": {"supported": "reference", "float64": "reference", "head-dim-288": "reference",
+    "torch": {"supported": "reference", "float64": "reference", "head-dim-640": "reference",
               "empty-Lq": "reference", "empty-batch": "reference"},
 }
 

@@ -25,7 +25,10 @@ class MultiHeadAttention(nn.Module):
 
     Args:
         embed_dim: model width E (input and output features).
-        num_heads: query heads H; head_dim = E // H.
+        num_heads: query heads H.
+        head_dim: channels per head D; default E // H. Given, it need not divide E (Gemma's
+            layers: D 256 on sliding and 512 on global layers at the same E); q/k/v are
+            projected to H * D channels and the output back to E.
         num_kv_heads: key/value heads (GQA); 1 is multi-query; default H. H must be a multiple.
         causal: mask future keys in self-attention (bottom-right aligned, so it stays right with
             a KV cache or when queries are the last Lq of Lk positions).
@@ -41,7 +44,8 @@ class MultiHeadAttention(nn.Module):
             never materialised); kinds whose ``supports.alibi`` is True.
 
     Raises:
-        ValueError: embed_dim not a multiple of num_heads, num_heads not a multiple of
+        ValueError: embed_dim not a multiple of num_heads (without head_dim), head_dim not an
+            int >= 1, num_heads not a multiple of
             num_kv_heads, an attention that is not a kind, or causal / alibi / dropout that the kind does
             not support (``kind.supports``).
 
@@ -55,7 +59,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
                  causal: bool = False, dropout: float = 0.0, bias: bool = True,
                  attention: Optional[AttentionKind] = None,
-                 rotary: Optional[RotaryEmbedding] = None, alibi: bool = False):
+                 rotary: Optional[RotaryEmbedding] = None, alibi: bool = False, head_dim: Optional[int] = None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, n in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
@@ -63,7 +67,9 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"MultiHeadAttention: {name} must be an int >= 1, got {n!r}")
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"MultiHeadAttention: dropout must be in [0, 1), got {dropout!r}")
-        if embed_dim % num_heads:
+        if head_dim is not None and not (isinstance(head_dim, int) and not isinstance(head_dim, bool) and head_dim >= 1):
+            raise ValueError(f"MultiHeadAttention: head_dim must be an int >= 1, got {head_dim!r}")
+        if head_dim is None and embed_dim % num_heads:
             raise ValueError(f"MultiHeadAttention: embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
         if num_heads % num_kv_heads:
             raise ValueError(f"MultiHeadAttention: num_heads {num_heads} must be a multiple of "
@@ -75,12 +81,12 @@ class MultiHeadAttention(nn.Module):
             if asked and not ok:
                 raise ValueError(f"MultiHeadAttention: {kind.label} attention {kind!r} {what}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
-        self.head_dim = embed_dim // num_heads
+        self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
         self.causal, self.dropout = causal, dropout
         self.rotary = rotary
         rows = (num_heads + 2 * num_kv_heads) * self.head_dim
         self.in_proj = nn.Linear(embed_dim, rows, bias=bias)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias)
         if alibi:
             self.register_buffer("alibi_slopes", alibi_slopes(num_heads), persistent=False)
         else:
@@ -193,8 +199,9 @@ class MultiHeadAttention(nn.Module):
                                  f"embed_dim={self.embed_dim}) tensor, got {got}")
         b, lq, _ = x.shape
         if kv is not None:
-            q = self._split_heads(F.linear(x, self.in_proj.weight[:self.embed_dim],
-                                           None if self.in_proj.bias is None else self.in_proj.bias[:self.embed_dim]),
+            nq = self.num_heads * self.head_dim
+            q = self._split_heads(F.linear(x, self.in_proj.weight[:nq],
+                                           None if self.in_proj.bias is None else self.in_proj.bias[:nq]),
                                   self.num_heads)
             k, v = kv
         else:
@@ -234,8 +241,8 @@ class MultiHeadAttention(nn.Module):
         else:
             out = self.kind(q, k, v, causal=causal, attn_bias=attn_bias, key_padding_mask=key_padding_mask,
                             alibi_slopes=self.alibi_slopes, dropout_p=dropout_p)
-        # (B, H, Lq, D) -> (B, Lq, H, D) -> (B, Lq, E)
-        out = self.out_proj(out.transpose(1, 2).reshape(b, lq, self.embed_dim))
+        # (B, H, Lq, D) -> (B, Lq, H, D) -> (B, Lq, H * D) -> (B, Lq, E)
+        out = self.out_proj(out.transpose(1, 2).reshape(b, lq, self.num_heads * self.head_dim))
         return (out, weights) if need_weights else out
 
     # --- interop -----------------------------------------------------------------------
@@ -244,8 +251,9 @@ class MultiHeadAttention(nn.Module):
         """Copy the weights of a ``torch.nn.MultiheadAttention`` (same embed_dim and heads,
         kdim == vdim == embed_dim, no bias_k/bias_v). ``batch_first`` does not matter: this
         module is always batch first. Returns self."""
-        if (mha.embed_dim, mha.num_heads) != (self.embed_dim, self.num_heads) or self.num_kv_heads != self.num_heads:
-            raise ValueError("MultiHeadAttention.load_torch: embed_dim/num_heads differ or GQA is on")
+        if ((mha.embed_dim, mha.num_heads, mha.head_dim) != (self.embed_dim, self.num_heads, self.head_dim)
+                or self.num_kv_heads != self.num_heads):
+            raise ValueError("MultiHeadAttention.load_torch: embed_dim/num_heads/head_dim differ or GQA is on")
         if not mha._qkv_same_embed_dim or mha.bias_k is not None:
             raise ValueError("MultiHeadAttention.load_torch: kdim/vdim != embed_dim or add_bias_kv are not supported")
         self.in_proj.weight.copy_(mha.in_proj_weight)
@@ -256,6 +264,7 @@ class MultiHeadAttention(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"num_kv_heads={self.num_kv_heads}, "
                 f"causal={self.causal}, alibi={self.alibi_slopes is not None}")
 

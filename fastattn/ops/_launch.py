@@ -230,7 +230,7 @@ def candidates(head_dim: int, dtype: torch.dtype, kernel: str, device: Optional[
             tiles = tiles._replace(block_m=max(16, tiles.block_m // 2), num_warps=8)  # the query step
         else:
             tiles = tiles._replace(block_m=max(32, tiles.block_m // 2), num_warps=8,
-                                   block_n=min(tiles.block_n, 8192 // d))  # a K or V tile of at most 32 KB a stage
+                                   block_n=max(16, min(tiles.block_n, 8192 // d)))  # K/V tiles of at most 32 KB a stage (d1024: 64 KB)
     return _smaller(tiles, kernel)
 
 
@@ -416,3 +416,33 @@ def softmax_delta(do: Tensor, out: Tensor) -> Tensor:
         do, out, delta, do.stride(), out.stride(), delta.stride(), length,
         DIM=dim, BLOCK_R=block_r, BLOCK_D=pad(dim), num_warps=4)
     return delta
+
+
+# Head dims past 256 (flash only): 512 (Gemma's global layers) and 1024, the padded q/k width
+# of absorbed MLA (576 = 512 latent + 64 rotary; v 512). Per tier and kernel, the tiles that fit
+# the target's shared memory with the fewest spills in the static read (tests/sm90.py --arch N;
+# benchmarks/results/static-per-arch.md): one fp32 row of a 512-wide accumulator is 2 KB, so
+# few rows a program, 2 stages, and dK and dV in separate launches (_SPLIT_KEY_GRADS). sm90:
+# wgmma at d512 (64-row side); at 1024 its wgmma tiles spill thousands of bytes or do not
+# fit, so 16 x 16 on mma.sync, as the 99 KB GPUs. sm_89 takes sm_80's d512 tiles (the forward's
+# 32 x 32 asks for 100,352 of its 101,376 bytes); sm_120 too but a 16 x 16 forward (its ptxas
+# spills the 32 x 32 one). With logit terms, below sm_90, 16 x 16.
+_WIDE_BLOCKS = {
+    "sm90": {"fwd": {512: (64, 16, 8, 2), 1024: (16, 16, 4, 2)},
+             "dkdv": {512: (16, 64, 8, 2), 1024: (16, 16, 4, 2)},
+             "dq": {512: (64, 16, 8, 2), 1024: (16, 16, 4, 2)}},
+    "sm80": {"fwd": {512: (32, 32, 4, 2), 1024: (16, 16, 4, 2)},
+             "dkdv": {512: (16, 32, 4, 2), 1024: (16, 16, 4, 2)},
+             "dq": {512: (32, 16, 4, 2), 1024: (16, 16, 4, 2)}},
+    "sm120": {"fwd": {512: (16, 16, 4, 2), 1024: (16, 16, 4, 2)},
+              "dkdv": {512: (16, 32, 4, 2), 1024: (16, 16, 4, 2)},
+              "dq": {512: (32, 16, 4, 2), 1024: (16, 16, 4, 2)}},
+    "sm75": {kernel: {512: (16, 16, 4, 2), 1024: (16, 16, 4, 2)} for kernel in ("fwd", "dkdv", "dq")},
+}
+_WIDE_BLOCKS.update(sm100=_WIDE_BLOCKS["sm90"], sm86=_WIDE_BLOCKS["sm80"])
+for _tier_name, _kernels in _WIDE_BLOCKS.items():
+    _features = _kernels if _tier_name in _TMA_TIERS else _WIDE_BLOCKS["sm75"]
+    for _kernel in _kernels:
+        _BLOCKS[_tier_name][_kernel].update(_kernels[_kernel])
+        _FEATURE_BLOCKS[_tier_name][_kernel].update(_features[_kernel])
+_SPLIT_KEY_GRADS.update({512, 1024})
