@@ -183,3 +183,21 @@ def run_case(case: Case, device, *, warmup=3, reps=10, max_seconds=5.0, limits=N
         case.check()
     samples = measure(case.fn, device, warmup=warmup, reps=reps, max_seconds=max_seconds)
     return summarize(case, samples, peak_memory_mb(case.fn, device), limits)
+
+
+def table_main(doc: str, cases: Callable, argv=None) -> None:
+    """A suite module's ``python -m`` entry: ``--quick``, ``--device``, ``--reps``; times every
+    case of ``cases(device, quick)`` and prints the report's table."""
+    import argparse
+
+    from fastattn.bench import report
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args(argv)
+    rows = [run_case(case, args.device, warmup=1, reps=args.reps, max_seconds=3.0)
+            for case in cases(args.device, args.quick)]
+    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(report.table(rows))

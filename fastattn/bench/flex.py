@@ -29,13 +29,12 @@ TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
 
 import fastattn
-from fastattn.bench.common import Case, attention_flops, run_case
+from fastattn.bench.common import Case, attention_flops, table_main
 from fastattn.flex import document_block_mask
 from fastattn.testing import assert_within_rule
 
@@ -177,18 +176,7 @@ def _no_grad(f):
 
 
 def main(argv=None):
-    from fastattn.bench import report
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args(argv)
-    rows = []
-    for case in cases(args.device, args.quick):
-        rows.append(run_case(case, args.device, warmup=1, reps=args.reps, max_seconds=3.0))
-    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(report.table(rows))
+    table_main(__doc__, cases, argv)
 
 
 if __name__ == "__main__":

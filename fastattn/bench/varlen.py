@@ -27,13 +27,12 @@ fallbacks.
 """
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 
 import fastattn
-from fastattn.bench.common import Case, attention_flops, run_case
+from fastattn.bench.common import Case, attention_flops, table_main
 from fastattn.testing import assert_within_rule
 from fastattn.ops.flash.reference import varlen_attention_reference
 
@@ -139,18 +138,7 @@ def cases(device, quick=False, config_list=None):
 
 
 def main(argv=None):
-    from fastattn.bench import report
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args(argv)
-    rows = []
-    for case in cases(args.device, args.quick):
-        rows.append(run_case(case, args.device, warmup=1, reps=args.reps, max_seconds=3.0))
-    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(report.table(rows))
+    table_main(__doc__, cases, argv)
 
 
 if __name__ == "__main__":
