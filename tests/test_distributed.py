@@ -132,8 +132,10 @@ def _check_case(rank, world, case):
 
 def _check_packed(rank, world, case):
     """Packed documents over uneven contiguous shards of the token stream (fd.varlen_attention)
-    vs the single-process varlen reference: outputs, lse and gradients of this rank's tokens."""
-    from fastattn.ops.flash.reference import varlen_attention_reference
+    vs the single-process varlen reference: outputs, lse and gradients of this rank's tokens.
+    With dropout the reference takes the masks one process's kernels draw from the call's seed
+    (``varlen_dropout_keep_reference``, equal to them: tests/test_varlen.py)."""
+    from fastattn.ops.flash.reference import varlen_attention_reference, varlen_dropout_keep_reference
 
     gen = torch.Generator().manual_seed(case["seed"])
     docs, shards, hq, hkv, d = case["docs"], case["shards"], case["hq"], case["hkv"], case["d"]
@@ -148,6 +150,11 @@ def _check_packed(rank, world, case):
         full["sinks"] = torch.randn(hq, generator=gen)
     full = {n: t.requires_grad_() for n, t in full.items()}
     args64 = {n: as64(t) for n, t in full.items()}
+    if case["dropout"]:
+        torch.manual_seed(case["seed"])  # the call's dropout seed, redrawn below for the oracle's masks
+        seed = int(torch.randint(0, 2**62, (1,)))
+        opts.update(dropout_p=case["dropout"], dropout_masks=varlen_dropout_keep_reference(seed, cu, cu, hq,
+                                                                                           case["dropout"]))
 
     def reference(a):
         out, lse = varlen_attention_reference(a["q"], a["k"], a["v"], cu, cu, sinks=a.get("sinks"), return_lse=True,
@@ -160,10 +167,13 @@ def _check_packed(rank, world, case):
     start = sum(shards[:rank])
     rows = slice(start, start + shards[rank])
     local = {n: (t[rows] if n != "sinks" else t).detach().clone().requires_grad_() for n, t in full.items()}
-    out, lse = fd.varlen_attention(local["q"], local["k"], local["v"], cu, causal=case["causal"],
-                                   window=case["window"], softcap=case["softcap"], sinks=local.get("sinks"),
-                                   alibi_slopes=opts.get("alibi_slopes"), return_lse=True)
-    grads = list(torch.autograd.grad(out, list(local.values()), do[rows]))
+    torch.manual_seed(case["seed"])
+    with fastattn.use_backend(case["backend"]):
+        out, lse = fd.varlen_attention(local["q"], local["k"], local["v"], cu, causal=case["causal"],
+                                       window=case["window"], softcap=case["softcap"], sinks=local.get("sinks"),
+                                       alibi_slopes=opts.get("alibi_slopes"), dropout_p=case["dropout"],
+                                       return_lse=True)
+        grads = list(torch.autograd.grad(out, list(local.values()), do[rows]))
     if case["sinks"]:
         dist.all_reduce(grads[-1])
     tag = f"packed rank {rank}/{world} {case}"
@@ -344,11 +354,12 @@ def _case(method, causal, zigzag, hq, hkv, length, d=16, b=1, backend="torch", d
                 seed=random.randrange(2**31))  # fresh inputs every run
 
 
-def _packed(docs, shards, causal=True, hq=4, hkv=2, d=16, window=None, alibi=False, softcap=None, sinks=False):
+def _packed(docs, shards, causal=True, hq=4, hkv=2, d=16, window=None, alibi=False, softcap=None, sinks=False,
+            dropout=0.0, backend="auto"):
     """A packed-documents case: document lengths, and each rank's share of the token stream."""
     assert sum(docs) == sum(shards)
     return dict(docs=docs, shards=shards, causal=causal, hq=hq, hkv=hkv, d=d, window=window, alibi=alibi,
-                softcap=softcap, sinks=sinks, seed=random.randrange(2**31))
+                softcap=softcap, sinks=sinks, dropout=dropout, backend=backend, seed=random.randrange(2**31))
 
 
 def test_two_ranks_torch(tmp_path):
@@ -375,6 +386,8 @@ def test_two_ranks_torch(tmp_path):
         # packed documents over uneven shards (13 + 24 tokens; the second document crosses)
         _packed([5, 20, 1, 11], [13, 24], window=(6, 0), alibi=True, sinks=True, softcap=3.0),
         _packed([9, 16, 12], [20, 17], causal=False, hq=2, hkv=1, alibi=True),  # rank 0 pads 5 query rows
+        # dropout: each rank draws its rows of one process's mask (the reference with the kernels' masks)
+        _packed([9, 16, 12], [20, 17], causal=False, hq=2, hkv=1, dropout=0.3, backend="torch"),
     ]
     _run_job(tmp_path, 2, cases)
 
@@ -395,6 +408,7 @@ def test_four_ranks_torch(tmp_path):
         _packed([3, 25, 0, 6, 4], [7, 9, 13, 9], window=(8, 0), alibi=True, sinks=True),
         _packed([14, 10, 14], [10, 12, 7, 9], causal=False, softcap=2.0),
         _packed([14, 10, 14], [10, 12, 7, 9], causal=False, window=(3, 5), alibi=True, sinks=True),
+        _packed([3, 25, 0, 6, 4], [7, 9, 13, 9], window=(8, 0), sinks=True, dropout=0.25, backend="torch"),
     ]
     _run_job(tmp_path, 4, cases)
 
@@ -409,6 +423,7 @@ def test_two_ranks_kernels(tmp_path):
         _case("ring", True, True, 4, 2, 16, backend="triton", window=(5, 0), alibi=True, sinks=True, softcap=3.0,
               dropout=0.25),
         _case("ring", True, False, 2, 2, 16, backend="triton", bias="float"),
+        _packed([5, 20, 1, 11], [13, 24], window=(6, 0), alibi=True, softcap=3.0, dropout=0.25, backend="triton"),
     ]
     _run_job(tmp_path, 2, cases, kernels=True)
 

@@ -5,7 +5,7 @@ import torch
 
 import fastattn
 from fastattn.ops.flash.reference import attention_reference, band_from, varlen_attention_reference
-from helpers import DTYPES, assert_close_rule, check_op, packed, pairwise
+from helpers import DTYPES, assert_close_rule, check_op, cu_seqlens, packed, pairwise
 
 # lengths per sequence: (queries, keys); awkward mixes, a sequence with no keys, Lq != Lk
 MIXES = {
@@ -102,6 +102,37 @@ def test_varlen_dropout_matches_the_reference_with_the_kernels_mask(device):
         g32 = torch.autograd.grad(base, args32, do_b)
         for name, g, s, want, yard in zip("qkv", grads, (qs, ks, ks), g64, g32):
             assert_close_rule(f"d{name}[{b}]", g[s], want[0].transpose(0, 1), yard[0].transpose(0, 1), factor=3.0)
+
+
+def test_varlen_dropout_place_draws_the_rows_of_the_whole_calls_mask(device):
+    """A causal packed call on rows 5..34 of a whole causal packed call of documents [9, 30,
+    4] (the first document's last 4 rows over its 9 keys, the second's first 26 rows over
+    its first 26 keys), placed at row 5 of the whole (H, 43, 43) scores, draws those rows of
+    the whole call's mask: the masks (the plain-PyTorch Philox per sequence against the
+    kernels' whole-call mask), and the kernels' forward and backward against the reference
+    with them (before: packed calls took no place)."""
+    from fastattn.ops.flash import op
+    from fastattn.ops.flash.reference import varlen_dropout_keep_reference
+
+    hq, total, p, scale = 4, 43, 0.3, 0.2
+    seed = torch.randint(0, 2**62, (1,), device=device)
+    whole = op.dropout_keep_mask(seed, 1, hq, total, total, p)  # the whole packed call's (test above)
+    cu = cu_seqlens([9, 30, 4], device)
+    assert all(torch.equal(m.to(device), whole[:, :, a:b, :b - a])
+               for m, a, b in zip(varlen_dropout_keep_reference(int(seed), cu, cu, hq, p), [0, 9, 39], [9, 39, 43]))
+    q, k, v, cq, ck = packed([4, 26], [9, 26], torch.float32, device, hq=hq)
+    place = (0, hq, 5, total, 0, total)
+    keep = [m.to(device) for m in varlen_dropout_keep_reference(int(seed), cq, ck, hq, p, place)]
+    assert torch.equal(keep[0], whole[:, :, 5:9, :9]) and torch.equal(keep[1], whole[:, :, 9:35, :26])
+
+    def kernels(q, k, v):
+        out, _ = op.flash_attn(*(t.transpose(0, 1)[None] for t in (q, k, v)), seed=seed, scale=scale, dropout_p=p,
+                               window_right=0, cu_seqlens_q=cq, cu_seqlens_k=ck, dropout_place=place)
+        return out[0].transpose(0, 1)
+
+    check_op(kernels, lambda q, k, v: varlen_attention_reference(q, k, v, cq, ck, window=(None, 0), scale=scale,
+                                                                 dropout_p=p, dropout_masks=keep),
+             dict(q=q, k=k, v=v))
 
 
 def test_reference_is_per_sequence_dense_attention():

@@ -8,6 +8,9 @@ under causal attention keys end at the shard's last token), and runs one
 ``flash_attention_varlen`` call over its pieces of documents. Queries never leave their rank;
 documents never attend across each other. The backward all-reduces the gathered K/V's
 gradient and keeps each rank's own rows (the Llama 3 paper's all-gather context parallelism).
+Dropout: the local call is placed at the rank's first row of the whole batch's packed
+scores (every document's keys start at its first key, as one process counts them), so it
+draws its rows of the mask one process draws from the same seed.
 """
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fastattn import backend, validation
 from fastattn.distributed.ring import _shape_check, process_group
 from fastattn.functional import flash_attention_varlen
+from fastattn.ops.flash.reference import varlen_attention_reference, varlen_dropout_keep_reference
 
 
 class _GatherRows(torch.autograd.Function):
@@ -65,6 +70,31 @@ def _local_documents(cu: list[int], start: int, end: int, causal: bool, right: O
     return docs, cu_q, cu_k, lo, lo + cu_k[-1], pad
 
 
+def _dropout_attention(q, k, v, cu_q: Tensor, cu_k: Tensor, seed: Tensor, place: tuple, **options):
+    """``flash_attention_varlen(q, k, v, cu_q, cu_k, **options)`` with dropout drawn from
+    ``seed`` (int64 (1,)) at ``place`` (``op.dropout_seed``'s, of (Hq, total_q, total_k)):
+    the kernels placed there, or the reference with their masks. Raises as the public call."""
+    op = "varlen_attention"
+    call = validation.check_flash_varlen(op, q, k, v, cu_q, cu_k, None, None, **options)
+    views = tuple(t.transpose(0, 1)[None] for t in (q, k, v))  # (total, H, D) -> (1, H, total, D)
+    if backend.route(op, "flash", *views).impl == "kernel":
+        from fastattn.ops.flash import op as flash_op  # imports triton, so only when used
+
+        out, lse = flash_op.flash_attn(*views, alibi=call.alibi_slopes, seed=seed, sinks=call.sinks,
+                                       scale=call.scale, softcap=call.softcap, dropout_p=call.dropout_p,
+                                       window_left=call.band[0], window_right=call.band[1], cu_seqlens_q=cu_q,
+                                       cu_seqlens_k=cu_k, dropout_place=place)
+        out, lse = out[0].transpose(0, 1), lse[0]  # (1, Hq, total, Dv) -> (total, Hq, Dv); lse (Hq, total)
+    else:
+        keep = [m.to(q.device) for m in
+                varlen_dropout_keep_reference(int(seed.item()), cu_q, cu_k, q.shape[1], call.dropout_p, place)]
+        out, lse = varlen_attention_reference(
+            q, k, v, cu_q, cu_k, window=call.band, scale=call.scale, alibi_slopes=call.alibi_slopes,
+            softcap=call.softcap, dropout_p=call.dropout_p, dropout_masks=keep, sinks=call.sinks, return_lse=True,
+            upcast=True)
+    return (out, lse) if call.return_lse else out
+
+
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, group=None, *, causal: bool = False,
                      scale: Optional[float] = None, window: Optional[tuple] = None,
                      alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None,
@@ -85,8 +115,10 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, group=
             ``flash_attention_varlen``, per document over its global positions. Without
             causal, a document cut by the shard's end gets zero query rows up to its last key
             used (its end, or the window's right edge past the shard), so its queries keep
-            their positions; they cost compute, not results. Dropout draws this rank's call's
-            mask (the same distribution as one process, not the same mask).
+            their positions; they cost compute, not results. Dropout takes one seed from
+            torch's generator on the device and draws this rank's rows of the mask that
+            ``flash_attention_varlen`` on the kernels draws on the whole batch under the same
+            ``torch.manual_seed`` (the kernels, or the reference with their mask).
         return_lse: also return the lse (Hq, T_local), float32.
 
     Returns:
@@ -140,9 +172,18 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, group=
         alibi_slopes = alibi_slopes[docs[0]:docs[-1] + 1]  # this rank's documents' rows
     if pad:  # zero rows, dropped below: their zero gradient adds nothing to dK/dV
         q = torch.cat([q, q.new_zeros(pad, *q.shape[1:])])
-    out = flash_attention_varlen(q, k_all[lo:hi], v_all[lo:hi], *offsets, causal=causal, scale=scale,
-                                 window=window, alibi_slopes=alibi_slopes, softcap=softcap,
-                                 dropout_p=dropout_p, sinks=sinks, return_lse=return_lse)
+    options = dict(causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
+                   dropout_p=dropout_p, sinks=sinks, return_lse=return_lse)
+    if dropout_p:  # validated by the call below
+        # One process's seed (the same draw on every rank), and this rank's place in the whole
+        # batch's packed (Hq, total, total) scores: local row t is packed row start + t (the
+        # padded rows too: they end at hi <= total), and every document's keys here start at
+        # its first key, as one process counts them.
+        seed = torch.randint(0, 2**62, (1,), device=q.device)
+        place = (0, q.shape[1], start, cu[-1], 0, cu[-1])
+        out = _dropout_attention(q, k_all[lo:hi], v_all[lo:hi], *offsets, seed, place, **options)
+    else:
+        out = flash_attention_varlen(q, k_all[lo:hi], v_all[lo:hi], *offsets, **options)
     if not pad:
         return out
     return (out[0][:tokens], out[1][:, :tokens]) if return_lse else out[:tokens]

@@ -171,19 +171,22 @@ def dropout_frame(b, h, n_heads, q0, rows_q, rows_k, SEED, VARLEN: tl.constexpr,
     ``dropout_keep``. A counter draws four keys' numbers (one Philox call gives four); query
     i's keys 4g .. 4g + 3 take counter (first row + i) * groups per row + first group + g.
     The rows are those of the (B * H, Lq) scores, or with VARLEN of the packed (H, total_q)
-    ones (rows_q/k: the packed totals, q0: the sequence's first row; its keys count from 0,
-    and no sequence has more than ceil(total_k / 4) groups), so no two sequences, heads or
-    batch rows share a counter and the backward redraws the forward's mask.
+    ones (q0: the sequence's first row; its keys count from its first key, and no sequence
+    has more than ceil(total_k / 4) groups), so no two sequences, heads or batch rows share a
+    counter and the backward redraws the forward's mask.
 
-    PLACED (dense calls with dropout): SEED is int64 (7,), and SEED[1:7] = (h0, heads, r0,
-    rows, c0, cols) place the call's (B, H, Lq, Lk) scores in a larger (B, heads, rows, cols)
-    score matrix: head h is head h0 + h, query i row r0 + i, key j column c0 + j (c0 a
-    multiple of 4). A call on a slice then draws that slice of the larger call's mask; the
-    place (0, H, 0, Lq, 0, Lk) is the call's own. int64: B * H * Lq * Lk / 4 may pass 2^31."""
-    if VARLEN:
-        first = h.to(tl.int64) * rows_q + q0
-        groups = (rows_k + 3) // 4
-        group0 = 0
+    PLACED (calls with dropout): SEED is int64 (7,), and SEED[1:7] = (h0, heads, r0, rows,
+    c0, cols) place the call's (B, H, Lq, Lk) scores, or with VARLEN its packed (1, H,
+    total_q, total_k) ones, in a larger (B, heads, rows, cols) score matrix: head h is head
+    h0 + h, query i row r0 + i, key j column c0 + j (c0 a multiple of 4; packed: j counted
+    from the sequence's first key). A call on a slice then draws that slice of the larger
+    call's mask; the place (0, H, 0, Lq, 0, Lk) is the call's own. int64: B * H * Lq * Lk / 4
+    may pass 2^31."""
+    if VARLEN and PLACED:
+        # The packed sequences share batch row 0; sequence rows start q0 below the call's r0.
+        first = (tl.load(SEED + 1) + h) * tl.load(SEED + 4) + tl.load(SEED + 3) + q0
+        groups = (tl.load(SEED + 6) + 3) // 4
+        group0 = tl.load(SEED + 5) // 4
     elif PLACED:
         heads, rows, cols = tl.load(SEED + 2), tl.load(SEED + 4), tl.load(SEED + 6)
         first = (b.to(tl.int64) * heads + tl.load(SEED + 1) + h) * rows + tl.load(SEED + 3)

@@ -124,13 +124,15 @@ def _expanded(bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
 
 
 def dropout_seed(seed: Tensor, heads: int, lq: int, lk: int, place: Optional[tuple] = None) -> Tensor:
-    """The dense kernels' dropout seed: int64 (7,) ``(seed, h0, heads, r0, rows, c0, cols)``.
+    """The kernels' dropout seed: int64 (7,) ``(seed, h0, heads, r0, rows, c0, cols)``.
 
     ``seed``: int64 (1,), or already (7,) (kept as is when ``place`` is None). ``place``:
     ``(h0, heads, r0, rows, c0, cols)``, where a call's (B, H, Lq, Lk) scores sit in a larger
     (B, heads, rows, cols) score matrix (its head h is h0 + h, query i row r0 + i, key j
     column c0 + j), so that the call draws exactly that block of the larger call's mask
-    (``kernels.dropout_frame``); None: the call's own, (0, H, 0, Lq, 0, Lk).
+    (``kernels.dropout_frame``); None: the call's own, (0, H, 0, Lq, 0, Lk). Packed
+    sequences pass (H, total_q, total_k): sequence b's query i is packed row
+    ``cu_seqlens_q[b] + i``, and its key j (counted from its first key) column j.
 
     Raises:
         ValueError: a ``place`` that does not hold the (H, Lq, Lk) block, or whose key offset
@@ -148,10 +150,9 @@ def dropout_seed(seed: Tensor, heads: int, lq: int, lk: int, place: Optional[tup
     return torch.cat([seed.reshape(-1)[:1].to(torch.int64), offsets])
 
 
-def _placed(seed: Optional[Tensor], q: Tensor, k: Tensor, varlen: bool) -> Optional[Tensor]:
-    """The seed as the kernels read it: (7,) for a dense call (``dropout_seed``), as given with
-    packed sequences (only its first element is read) or without dropout."""
-    return seed if seed is None or varlen else dropout_seed(seed, q.shape[1], q.shape[2], k.shape[2])
+def _placed(seed: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
+    """The seed as the kernels read it: (7,) (``dropout_seed``), None without dropout."""
+    return seed if seed is None else dropout_seed(seed, q.shape[1], q.shape[2], k.shape[2])
 
 
 @_launch.on_device
@@ -160,7 +161,7 @@ def _forward(q, k, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOption
     hkv, lk = k.shape[1], k.shape[2]
     bias = _expanded(bias, q, k)
     varlen = cu_seqlens[0] is not None
-    seed = _placed(seed, q, k, varlen)
+    seed = _placed(seed, q, k)
     out = _output(q, v.shape[-1], varlen, lambda *shape: _launch.empty(*shape, like=q))
     lse = _launch.empty(*q.shape[:3], like=q, dtype=torch.float32)
     tma = _launch.tma(k, v)
@@ -186,7 +187,7 @@ def _backward(do, q, k, v, out, lse, bias, alibi, seed, sinks, cu_seqlens, optio
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     varlen = cu_seqlens[0] is not None
-    seed = _placed(seed, q, k, varlen)
+    seed = _placed(seed, q, k)
     delta = _launch.softmax_delta(do, out)
     dq, dk, dv = (_launch.empty(*t.shape, like=t) for t in (q, k, v))
     small_bias, bias = bias, _expanded(bias, q, k)
@@ -357,11 +358,9 @@ def flash_attn(q, k, v, *, bias=None, alibi=None, seed=None, sinks=None, scale, 
     views, ``cu_seqlens_q/k`` int32 (B + 1,) contiguous, never read on the host (the grid comes
     from shapes); out and lse come back (1, H, total, ...). ``seed``: int64 (1,) with dropout;
     ``dropout_place``: (h0, heads, r0, rows, c0, cols), the call's block of a larger call
-    whose mask it draws (``dropout_seed``; dense calls only)."""
+    whose mask it draws (``dropout_seed``; packed: of (H, total_q, total_k))."""
     options = FlashOptions(scale, softcap, dropout_p, window_left, window_right)
     if dropout_place is not None:
-        if cu_seqlens_q is not None:
-            raise ValueError("dropout_place: packed sequences (cu_seqlens_q) take no dropout place")
         seed = dropout_seed(seed, q.shape[1], q.shape[2], k.shape[2], dropout_place)
     sinks = None if sinks is None else sinks.contiguous()
     return flash_fwd(q, k, v, bias, alibi, seed, sinks, cu_seqlens_q, cu_seqlens_k, *options)

@@ -177,13 +177,19 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
 
 
 def varlen_attention_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *,
-                               alibi_slopes: Optional[Tensor] = None, return_lse: bool = False, **options):
+                               alibi_slopes: Optional[Tensor] = None, return_lse: bool = False,
+                               dropout_masks: Optional[list] = None, **options):
     """``attention_reference`` per packed sequence (see ``per_sequence`` for the layout): each
     sequence attends only inside itself, causal and windows bottom-right per sequence.
-    ``options``: the other arguments of ``attention_reference``. Returns out (total_q, Hq, Dv)
-    and, if asked, lse (Hq, total_q) as FlashAttention lays it out."""
+    ``dropout_masks``: with dropout_p, sequence b's bool keep-mask (1, Hq, Lq_b, Lk_b) at
+    index b (``varlen_dropout_keep_reference``); None draws torch's. ``options``: the other
+    arguments of ``attention_reference``. Returns out (total_q, Hq, Dv) and, if asked, lse
+    (Hq, total_q) as FlashAttention lays it out."""
+    masks = iter(dropout_masks or ())  # per_sequence attends the sequences in order
+
     def attend(qb, kb, vb, slopes):
-        return attention_reference(qb, kb, vb, alibi_slopes=slopes, return_lse=True, **options)
+        return attention_reference(qb, kb, vb, alibi_slopes=slopes, return_lse=True, dropout_mask=next(masks, None),
+                                   **options)
 
     out, lse = per_sequence(attend, q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     return (out, lse) if return_lse else out
@@ -230,3 +236,16 @@ def dropout_keep_reference(seed: int, b: int, h: int, lq: int, lk: int, dropout_
     signed = torch.where(bits >= 2**31, bits - 2**32, bits)
     uniform = torch.where(signed < 0, -signed - 1, signed).to(torch.float32) * torch.tensor(4.6566127342e-10)
     return uniform >= torch.tensor(dropout_p, dtype=torch.float32)
+
+
+def varlen_dropout_keep_reference(seed: int, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, h: int, dropout_p: float,
+                                  place: Optional[tuple] = None) -> list[Tensor]:
+    """The bool keep-masks (1, H, Lq_b, Lk_b), one per sequence b, that the flash kernels draw
+    for ``seed`` on a packed call of H query heads with int32 (B+1,) offsets ``cu_seqlens_q/k``
+    (``place``: ``op.dropout_seed``'s of (H, total_q, total_k), unchecked; None: the call's
+    own). Sequence b's query i is packed row cu_seqlens_q[b] + i, its key j column j (keys
+    count from the sequence's first): ``dropout_keep_reference`` with the rows moved down."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    h0, heads, r0, rows, c0, cols = (0, h, 0, cq[-1], 0, ck[-1]) if place is None else place
+    return [dropout_keep_reference(seed, 1, h, q1 - q0, k1 - k0, dropout_p, (h0, heads, r0 + q0, rows, c0, cols))
+            for q0, q1, k0, k1 in zip(cq, cq[1:], ck, ck[1:])]
