@@ -68,22 +68,40 @@ def _fresh(reqs):
     return [Request(r.rid, r.arrival, r.prompt, r.max_new) for r in reqs]
 
 
+def _paged_cache(model: GPT, num_pages: int, page_size: int, device) -> PagedKVCache:
+    cfg = model.config
+    return PagedKVCache(cfg.n_layers, cfg.kv_heads, cfg.head_dim, num_pages=num_pages, page_size=page_size,
+                        dtype=model.tok.weight.dtype, device=device)
+
+
+def _admissible(waiting: list, clock: int, n_running: int, max_batch: int, cache: PagedKVCache, budget: dict):
+    """The pages the first waiting request needs if it may start now (it has arrived, the batch
+    has room, and the free pages cover its prompt and whole output beyond what the running
+    requests reserved), else None: requests start in arrival order."""
+    if not waiting or waiting[0].arrival > clock or n_running >= max_batch:
+        return None
+    need = cache.pages_for(len(waiting[0].prompt) + waiting[0].max_new)
+    return need if cache.free_pages() - sum(budget.values()) >= need else None
+
+
+def _retire(finished: list, clock: int, cache: PagedKVCache, budget: dict) -> None:
+    """Finished (request, sequence id) pairs: done at ``clock``, their pages freed."""
+    for r, sid in finished:
+        r.done_at = clock
+        cache.free(sid)
+        del budget[sid]
+
+
 @torch.no_grad()
 def serve_continuous(model: GPT, reqs: list, *, max_batch: int, num_pages: int, page_size: int, device) -> dict:
-    cfg = model.config
-    cache = PagedKVCache(cfg.n_layers, cfg.kv_heads, cfg.head_dim, num_pages=num_pages, page_size=page_size,
-                         dtype=model.tok.weight.dtype, device=device)
+    cache = _paged_cache(model, num_pages, page_size, device)
     waiting, running, clock, steps = list(reqs), [], 0, 0  # running: (request, sequence id)
     budget = {}  # sequence id -> pages it may still take (reserved at admission)
     start = time.perf_counter()
     while waiting or running:
         # Admit in arrival order while there is room: pages for the prompt and the whole output.
-        while waiting and waiting[0].arrival <= clock and len(running) < max_batch:
-            r = waiting[0]
-            need = cache.pages_for(len(r.prompt) + r.max_new)
-            if cache.free_pages() - sum(budget.values()) < need:
-                break
-            waiting.pop(0)
+        while (need := _admissible(waiting, clock, len(running), max_batch, cache, budget)) is not None:
+            r = waiting.pop(0)
             sid = cache.add()
             cache.set_batch([sid])
             logits, _ = model(r.prompt[None].to(device), cache=cache)  # prefill: (1, L, V)
@@ -110,10 +128,7 @@ def serve_continuous(model: GPT, reqs: list, *, max_batch: int, num_pages: int, 
         if finished:
             running = [x for x in running if x not in finished]
             cache.set_batch([sid for _, sid in running])
-            for r, sid in finished:
-                r.done_at = clock
-                cache.free(sid)
-                del budget[sid]
+            _retire(finished, clock, cache, budget)
     wall = time.perf_counter() - start
     return _summary("continuous", reqs, wall, steps, cache.peak_pages * cache.page_bytes())
 
@@ -121,19 +136,13 @@ def serve_continuous(model: GPT, reqs: list, *, max_batch: int, num_pages: int, 
 @torch.no_grad()
 def serve_chunked(model: GPT, reqs: list, *, max_batch: int, num_pages: int, page_size: int, chunk: int,
                   device) -> dict:
-    cfg = model.config
-    cache = PagedKVCache(cfg.n_layers, cfg.kv_heads, cfg.head_dim, num_pages=num_pages, page_size=page_size,
-                         dtype=model.tok.weight.dtype, device=device)
+    cache = _paged_cache(model, num_pages, page_size, device)
     waiting, running, clock, steps = list(reqs), [], 0, 0  # running: [request, sequence id, prompt tokens fed]
     budget = {}  # sequence id -> pages it may still take (reserved at admission)
     start = time.perf_counter()
     while waiting or running:
-        while waiting and waiting[0].arrival <= clock and len(running) < max_batch:
-            r = waiting[0]
-            need = cache.pages_for(len(r.prompt) + r.max_new)
-            if cache.free_pages() - sum(budget.values()) < need:
-                break
-            waiting.pop(0)
+        while (need := _admissible(waiting, clock, len(running), max_batch, cache, budget)) is not None:
+            r = waiting.pop(0)
             sid = cache.add()
             budget[sid] = need
             running.append([r, sid, 0])
@@ -171,10 +180,7 @@ def serve_chunked(model: GPT, reqs: list, *, max_batch: int, num_pages: int, pag
         if finished:
             running = [entry for entry in running if len(entry[0].out) < entry[0].max_new]
             cache.set_batch([])
-            for r, sid, _ in finished:
-                r.done_at = clock
-                cache.free(sid)
-                del budget[sid]
+            _retire([(r, sid) for r, sid, _ in finished], clock, cache, budget)
     wall = time.perf_counter() - start
     return _summary("chunked", reqs, wall, steps, cache.peak_pages * cache.page_bytes())
 

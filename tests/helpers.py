@@ -130,3 +130,20 @@ def check_op(kernel, reference, inputs, *, names=("out",), backend="triton", gra
             assert g.shape == inputs[name].shape, (name, g.shape)
             assert_close_rule(f"d{name}", g, g64, gt, factor=GRAD_FACTOR)
     return got
+
+
+def arithmetic_mods():
+    """(score_mod, mask_mod) for flex_attention using every construct its translator takes
+    once, with torch's semantics: integer floor/trunc division and remainders of negative
+    positions, casts, where, clamp, minimum/maximum, sigmoid, exp, sqrt, powers, ~ and |."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        rel = q_idx - kv_idx
+        bucket = rel // 7 + rel % 5 + torch.div(rel, 3, rounding_mode="trunc") + torch.remainder(rel, -4)
+        smooth = torch.sigmoid(score) * torch.exp(-score.abs()) + torch.sqrt(score * score + 1.0) ** 2
+        capped = torch.clamp(score, min=-2.0, max=2.0) + torch.minimum(score, -score) - torch.maximum(score, 0.5 * score)
+        return torch.where(bucket.float() > 0.0, smooth, capped) + (bucket % 3).to(torch.float32) / 4
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ~((q_idx - kv_idx).abs() == 3) | (h == 1)
+
+    return score_mod, mask_mod

@@ -601,6 +601,7 @@ def flex_arithmetic_launches(dtype, d):
     clamp, minimum/maximum, sigmoid, exp, sqrt, powers, ~ and |): what compiled Triton refuses
     and the interpreter accepts shows here. Short sequences: the kernels' code does not depend
     on the length."""
+    from helpers import arithmetic_mods
     from torch.nn.attention import flex_attention as torch_flex
 
     from fastattn.ops.flex import blocks as flex_blocks
@@ -609,16 +610,7 @@ def flex_arithmetic_launches(dtype, d):
     b, length, h = 1, 512, 4
     q, k, v = _qkv(b, h, h, length, length, d, dtype)
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        rel = q_idx - kv_idx
-        bucket = rel // 7 + rel % 5 + torch.div(rel, 3, rounding_mode="trunc") + torch.remainder(rel, -4)
-        smooth = torch.sigmoid(score) * torch.exp(-score.abs()) + torch.sqrt(score * score + 1.0) ** 2
-        capped = torch.clamp(score, min=-2.0, max=2.0) + torch.minimum(score, -score) - torch.maximum(score, 0.5 * score)
-        return torch.where(bucket.float() > 0.0, smooth, capped) + (bucket % 3).to(torch.float32) / 4
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return ~((q_idx - kv_idx).abs() == 3) | (h == 1)
-
+    score_mod, mask_mod = arithmetic_mods()
     block_mask = torch_flex.create_block_mask(mask_mod, 1, 1, length, length, device="cpu")
     blocks = flex_blocks.from_block_mask("sm90", block_mask, b, h, length, length, q.device)
     with recording() as launches:

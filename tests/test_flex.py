@@ -15,7 +15,7 @@ from fastattn.ops.flex import blocks as flex_blocks
 from fastattn.ops.flex import compiled as flex_compiled
 from fastattn.ops.flex import dispatch as flex_dispatch
 from fastattn.ops.flex.reference import flex_reference
-from tests.helpers import GRAD_FACTOR, assert_close_rule
+from tests.helpers import GRAD_FACTOR, arithmetic_mods, assert_close_rule
 
 pytest.importorskip("triton")
 
@@ -103,14 +103,8 @@ def _catalogue(name, h, lq, lk):
         return relative_bias(torch.randn(h, lq + lk), lk), None
     if name == "t5_buckets":
         return t5_buckets(torch.randn(h, 8)), None
-    if name == "arithmetic":  # the translator's breadth: each construct once, torch's semantics
-        def score_mod(score, b, h, q_idx, kv_idx):
-            rel = q_idx - kv_idx
-            bucket = rel // 7 + rel % 5 + torch.div(rel, 3, rounding_mode="trunc") + torch.remainder(rel, -4)
-            smooth = torch.sigmoid(score) * torch.exp(-score.abs()) + torch.sqrt(score * score + 1.0) ** 2
-            capped = torch.clamp(score, min=-2.0, max=2.0) + torch.minimum(score, -score) - torch.maximum(score, 0.5 * score)
-            return torch.where(bucket.float() > 0.0, smooth, capped) + (bucket % 3).to(torch.float32) / 4
-        return score_mod, lambda b, h, q_idx, kv_idx: ~((q_idx - kv_idx).abs() == 3) | (h == 1)
+    if name == "arithmetic":
+        return arithmetic_mods()
     if name == "and_or_masks":
         return None, torch_flex.or_masks(torch_flex.and_masks(causal, sliding_window(16)), prefix_lm(8))
     raise AssertionError(name)

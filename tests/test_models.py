@@ -79,6 +79,18 @@ def test_rope_dim_must_be_even_and_within_the_head(rope_dim):
         GPTConfig(vocab_size=24, positional="rope", rope_dim=rope_dim, **TINY)
 
 
+def _kernels_vs_torch(m, x):
+    """(logits, embedding gradient) of one training step of GPT ``m`` on tokens x (B, L + 1):
+    the float64 torch-backend oracle, the torch-backend baseline, the kernels' (on ``m``)."""
+    def run(model, backend):
+        with fastattn.use_backend(backend):
+            logits, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+        return logits, model.tok.weight.grad
+
+    return run(copy.deepcopy(m).double(), "torch"), run(copy.deepcopy(m), "torch"), run(m, "triton")
+
+
 def test_gpt_on_kernels_matches_torch_backend():
     """A whole GPT forward + backward on the Triton kernels vs the torch backend (error rule),
     and token-by-token generation on the decode kernels equal to recomputation."""
@@ -88,15 +100,7 @@ def test_gpt_on_kernels_matches_torch_backend():
     m = GPT(cfg)
     x = torch.randint(0, 16, (1, 17))
 
-    def run(model, backend):
-        with fastattn.use_backend(backend):
-            logits, loss = model(x[:, :-1], x[:, 1:])
-            loss.backward()
-        return logits, model.tok.weight.grad
-
-    oracle = run(copy.deepcopy(m).double(), "torch")
-    base = run(copy.deepcopy(m), "torch")
-    got = run(m, "triton")
+    oracle, base, got = _kernels_vs_torch(m, x)
     assert_close_rule("logits", got[0], oracle[0], base[0])
     assert_close_rule("d_embedding", got[1], oracle[1], base[1], factor=3.0)
     with fastattn.use_backend("triton"):
@@ -115,15 +119,7 @@ def test_gpt_with_head_dim_512_on_kernels_matches_torch_backend():
     m = GPT(cfg)
     x = torch.randint(0, 16, (1, 10))
 
-    def run(model, backend):
-        with fastattn.use_backend(backend):
-            logits, loss = model(x[:, :-1], x[:, 1:])
-            loss.backward()
-        return logits, model.tok.weight.grad
-
-    oracle = run(copy.deepcopy(m).double(), "torch")
-    base = run(copy.deepcopy(m), "torch")
-    got = run(m, "triton")
+    oracle, base, got = _kernels_vs_torch(m, x)
     assert m.blocks.layers[0].self_attn.head_dim == 512
     assert_close_rule("logits", got[0], oracle[0], base[0])
     assert_close_rule("d_embedding", got[1], oracle[1], base[1], factor=3.0)
