@@ -626,3 +626,29 @@ def test_head_dim_apart_from_embed_dim_per_layer_on_kernels():
     assert_close_rule("dx", got[1], oracle[1], base[1], factor=3.0)
     with pytest.raises(ValueError, match="head_dim must be an int >= 1"):
         MultiHeadAttention(e, 2, head_dim=0)
+
+
+def test_flash_window_on_every_path():
+    """Flash(window=(2, 0)), causal (a 3-token sliding window): the plain path, the weights (zero
+    outside the band), the KV cache's decode, packed documents and a hand-masked softmax agree
+    (float64, torch backend); a bad window raises."""
+    torch.manual_seed(0)
+    m = MultiHeadAttention(16, 2, causal=True, attention=Flash(window=(2, 0))).double()
+    assert repr(m.kind) == "Flash(window=(2, 0))"
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    out = m(x)
+    q, k, v = m.project_qkv(x)
+    band = torch.ones(7, 7, dtype=torch.bool).tril() & ~torch.ones(7, 7, dtype=torch.bool).tril(-3)
+    s = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~band, float("-inf"))
+    want = m.out_proj((s.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 16))
+    torch.testing.assert_close(out, want)
+    y, w = m(x, need_weights=True)
+    torch.testing.assert_close(y, out)
+    assert (w[..., ~band] == 0).all()
+    cache = KVCache(1, 2, 2, 8, dtype=torch.float64, chunk_size=4)
+    parts = [m(x[:, :3], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(3, 7)]
+    torch.testing.assert_close(torch.cat(parts, 1), out)
+    packed = m(x.reshape(1, 14, 16), cu_seqlens=torch.tensor([0, 7, 14], dtype=torch.int32))
+    torch.testing.assert_close(packed.reshape(2, 7, 16), out)
+    with pytest.raises(ValueError, match="window must be None or"):
+        Flash(window=(-1, 0))
