@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import fastattn
 from fastattn.nn import (ContextParallelAttention, FeedForward, Flash, KVCache, LatentCache, Linear, Linformer,
-                         MoEConfig, MoEFeedForward, MultiHeadAttention, MultiHeadLatentAttention, Performer, RMSNorm, LearnedPositionalEmbedding,
-                         RelativePositionBias, RotaryEmbedding, SinusoidalPositionalEmbedding, Sparse,
+                         MoEConfig, MoEFeedForward, MultiHeadAttention, MultiHeadLatentAttention, Performer, RMSNorm,
+                         LearnedPositionalEmbedding, RelativePositionBias, RotaryEmbedding, SinusoidalPositionalEmbedding, Sparse,
                          TransformerDecoder, TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer,
                          alibi_slopes, attention_weights, aux_loss)
 from tests.helpers import assert_close_rule

@@ -13,7 +13,7 @@ from fastattn.nn.layers import (FeedForward, MoEConfig, MoEFeedForward, RMSNorm,
 __all__ = ["KVCache", "PagedKVCache"]
 __all__ += ["AttentionKind", "ContextParallelAttention", "Flash", "Linear", "Linformer", "Performer", "Sparse",
             "Supports"]
-__all__ += ["MultiHeadAttention", "attention_weights", "LatentCache", "MultiHeadLatentAttention", "LearnedPositionalEmbedding", "RelativePositionBias",
-            "RotaryEmbedding", "SinusoidalPositionalEmbedding", "alibi_slopes", "FeedForward", "MoEConfig",
+__all__ += ["MultiHeadAttention", "attention_weights", "LatentCache", "MultiHeadLatentAttention",
+            "LearnedPositionalEmbedding", "RelativePositionBias", "RotaryEmbedding", "SinusoidalPositionalEmbedding", "alibi_slopes", "FeedForward", "MoEConfig",
             "MoEFeedForward", "RMSNorm", "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder",
             "TransformerEncoderLayer", "aux_loss"]
