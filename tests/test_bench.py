@@ -165,6 +165,31 @@ def test_varlen_check_catches_a_wrong_answer(monkeypatch):
         case.check()
 
 
+def test_mla_decode_suite_reads_the_latent_in_place_and_checks_every_fastattn_row(monkeypatch):
+    """The MLA decode rows (quick CPU config) hand attention_with_kvcache q/k head dim 576 and a
+    value that is a 512-channel view of the same cache (contiguous and paged), bytes count the
+    cache once, and each fastattn row's check passes, then catches a wrong answer."""
+    import fastattn
+    from fastattn.bench import mla
+
+    rows = mla.cases("cpu", quick=True, config_list=[(2, 4, 64)])
+    assert {c.impl for c in rows} >= {"fastattn", "fastattn-paged", "copy-ceiling", "torch-math"}
+    ours = [c for c in rows if c.impl.startswith("fastattn")]
+    assert all(c.bytes == 2 * 64 * 576 * 4 and c.check is not None for c in ours)
+    seen, real = [], fastattn.attention_with_kvcache
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.shape[-1], v.shape[-1], v.data_ptr() == k.data_ptr(), v.stride() == k.stride()))
+        return real(q, k, v, *a, **kw)
+    monkeypatch.setattr(fastattn, "attention_with_kvcache", spy)
+    for case in ours:
+        case.check()
+    assert seen == [(576, 512, True, True)] * 2
+    monkeypatch.setattr(fastattn, "attention_with_kvcache", lambda *a, **kw: real(*a, **kw) * 1.01)
+    with pytest.raises(AssertionError, match="error"):
+        ours[0].check()
+
+
 def test_flex_suite_impls_agree_and_its_cases_run():
     """A short quick-form CPU config (256 tokens, 8-16 documents), on the paths a CPU bench
     runs (use_backend("torch"): the kernels are test_flex's): fastattn-flex and fastattn-varlen

@@ -48,8 +48,9 @@ def test_dry_run_packs_env_tests_and_bench_results(tmp_path):
 
     results = json.loads((res / "bench" / "results.json").read_text())
     suites = {r["suite"] for r in results["results"]}
-    assert {"flash-fwd", "flash-fwdbwd", "decode", "sparse-fwd", "peakmem-fwd", "peakmem-fwdbwd",
+    assert {"flash-fwd", "flash-fwdbwd", "decode", "mla-decode", "sparse-fwd", "peakmem-fwd", "peakmem-fwdbwd",
             "linear-fwd", "linear-fwdbwd"} <= suites
+    assert any(r["config"].endswith("-d512-causal") for r in results["results"])
     impls = {r["impl"] for r in results["results"]}
     assert {"fastattn", "torch-flash", "sparse", "dense", "fastattn-linear", "copy-ceiling"} <= impls
     assert "torch-math" not in impls
@@ -69,6 +70,8 @@ def test_headline_gpu_configs_are_the_issues():
     assert len(mha) == 6 * 3 * 2 and all(b * l == 16384 for b, _, _, l, _, _ in flash)
     assert {hq // hkv for _, hq, hkv, *_ in flash} == {1, 8}
     assert {c[3] for c in groups["decode"]} == {4096, 8192, 16384, 32768}
+    assert groups["flash-d512"] == [(4, 4, 4, 4096, 512, False), (4, 4, 4, 4096, 512, True)]
+    assert {c[0] for c in groups["mla"]} == {1, 16} and {c[2] for c in groups["mla"]} == {4096, 32768}
     (sparse,) = groups["sparse"]
     assert sparse[2] == 16384 and 0.1 in sparse[-1] and 1.0 in sparse[-1]
     assert groups["peakmem"] == [(1, 16, 16, 65536, 128, True)]

@@ -251,6 +251,32 @@ def test_huggingface_sliding_window_runs_the_band(padded, hf_name, monkeypatch):
     assert seen and all(call == want for call in seen), seen
 
 
+def test_huggingface_gemma4_head_dims_256_and_512_match_eager(hf_name, monkeypatch):
+    """A tiny random Gemma 4 (transformers' own): a sliding layer at head dim 256 (window 8) and
+    a global layer at head dim 512, through ``attn_implementation="fastattn"`` on the kernels:
+    logits and parameter gradients within the error rule of eager in float64; the kernels get
+    both head dims, the sliding one as causal + window (7, 0) with no dense mask."""
+    from transformers.models.gemma4 import Gemma4TextConfig
+
+    from fastattn.integrations import huggingface
+
+    config = Gemma4TextConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=256, global_head_dim=512,
+                              sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                              vocab_size_per_layer_input=97, hidden_size_per_layer_input=16,
+                              max_position_embeddings=128)
+    reference, fast = _pair(config, hf_name)
+    ids = torch.randint(0, 97, (2, 19))
+    seen, real = set(), huggingface.flash_attention
+
+    def spy(q, k, v, **kw):
+        seen.add((q.shape[-1], v.shape[-1], kw["causal"], kw["window"], kw["attn_bias"] is None))
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(huggingface, "flash_attention", spy)
+    compare_models(lambda: _Logits(reference), lambda: [ids], lambda _: _Logits(fast))
+    assert seen == {(256, 256, True, (7, 0), True), (512, 512, True, None, True)}, seen
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "left-padded"])
 def test_huggingface_sliding_window_generation(padded, hf_name):
     """Greedy generation past the window (9 + 10 tokens, window 4) through the dynamic cache

@@ -12,7 +12,7 @@ import torch
 
 import fastattn
 from fastattn.models import (GPT, Encoder, EncoderConfig, EncoderDecoder, EncoderDecoderConfig, GPTConfig, ViT,
-                             ViTConfig)
+                             ViTConfig, gemma4_like_config)
 from fastattn.nn import Linear, Linformer, MoEConfig, Performer, RotaryEmbedding, Sparse
 from tests.helpers import assert_close_rule
 
@@ -123,6 +123,68 @@ def test_gpt_with_head_dim_512_on_kernels_matches_torch_backend():
     assert m.blocks.layers[0].self_attn.head_dim == 512
     assert_close_rule("logits", got[0], oracle[0], base[0])
     assert_close_rule("d_embedding", got[1], oracle[1], base[1], factor=3.0)
+
+
+def _tiny_gemma(**overrides):
+    """A Gemma-4-like GPT at test size: layer 0 slides (head dim 256, window 4), layer 1 is
+    global (head dim 512), one KV head."""
+    settings = dict(vocab_size=16, d_model=32, n_layers=2, n_heads=2, d_ff=32, sliding_window=4, global_every=2,
+                    max_seq_len=64)
+    return GPT(gemma4_like_config(**{**settings, **overrides}))
+
+
+def test_gemma4_like_on_kernels_matches_torch_backend():
+    """Per-layer head dims 256 (sliding window 4) and 512 (global): forward + backward on the
+    flash kernels vs the torch backend by the error rule, and greedy generation through the
+    per-layer KV cache ("auto": the decode kernels where they take the head dim) equal to
+    recomputing the whole sequence every step."""
+    torch.manual_seed(0)
+    m = _tiny_gemma()
+    layers = [layer.self_attn for layer in m.blocks.layers]
+    assert [(a.head_dim, a.kind.window) for a in layers] == [(256, (3, 0)), (512, None)]
+    x = torch.randint(0, 16, (2, 13))
+
+    oracle, base, got = _kernels_vs_torch(m, x)
+    assert_close_rule("logits", got[0], oracle[0], base[0])
+    assert_close_rule("d_embedding", got[1], oracle[1], base[1], factor=3.0)
+    with fastattn.use_backend("auto"):
+        cached = m.generate(x[:, :5], 6)
+    with fastattn.use_backend("torch"):
+        full = m.generate(x[:, :5], 6, use_cache=False)
+    torch.testing.assert_close(cached, full, rtol=0, atol=0)
+
+
+def test_gemma4_like_cached_logits_equal_full_pass():
+    """float64: a prompt then one token at a time through the KV cache (one head dim per
+    layer) gives the logits of one full pass; the window is in force (a global-only model
+    differs)."""
+    torch.manual_seed(0)
+    m = _tiny_gemma().double().eval()
+    x = torch.randint(0, 16, (2, 12))
+    full, _ = m(x)
+    cache = m.new_cache(2)
+    assert [cache.keys(i).shape[-1] for i in range(2)] == [256, 512]
+    parts = [m(x[:, :4], cache=cache)[0]] + [m(x[:, t:t + 1], cache=cache, offset=t)[0] for t in range(4, 12)]
+    torch.testing.assert_close(torch.cat(parts, 1), full)
+    unwindowed = copy.deepcopy(m)
+    unwindowed.blocks.layers[0].self_attn.kind.window = None
+    assert (unwindowed(x)[0][:, 4:] - full[:, 4:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(global_every=2, sliding_window=None), "global_every"),
+    (dict(attention=Linear()), "Flash"),
+    (dict(global_head_dim=0), "global_head_dim"),
+    (dict(rope_dim=384), "rope_dim"),
+], ids=["global-every-without-window", "window-on-linear", "head-dim-0", "rope-dim-above-sliding-head-dim"])
+def test_gemma4_like_config_refuses(settings, match):
+    with pytest.raises(ValueError, match=match):
+        _tiny_gemma(**settings)
+
+
+def test_gemma4_like_paged_cache_refuses_mixed_head_dims():
+    with pytest.raises(ValueError, match="one head dim"):
+        _tiny_gemma().new_cache(1, 8, paged=True)
 
 
 @pytest.mark.parametrize("attention", ["sparse", "performer", "linear"])

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-from fastattn.nn import (ContextParallelAttention, FeedForward, Flash, KVCache, Linear, Linformer, MoEConfig,
-                         MoEFeedForward, MultiHeadAttention, Performer, RMSNorm, LearnedPositionalEmbedding,
-                         RelativePositionBias, RotaryEmbedding, SinusoidalPositionalEmbedding, Sparse,
+from fastattn.nn import (ContextParallelAttention, FeedForward, Flash, KVCache, LatentCache, Linear, Linformer,
+                         MoEConfig, MoEFeedForward, MultiHeadAttention, MultiHeadLatentAttention, Performer, RMSNorm,
+                         LearnedPositionalEmbedding, RelativePositionBias, RotaryEmbedding, SinusoidalPositionalEmbedding, Sparse,
                          TransformerDecoder, TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer,
                          alibi_slopes, attention_weights, aux_loss)
 from tests.helpers import assert_close_rule
@@ -626,3 +626,117 @@ def test_head_dim_apart_from_embed_dim_per_layer_on_kernels():
     assert_close_rule("dx", got[1], oracle[1], base[1], factor=3.0)
     with pytest.raises(ValueError, match="head_dim must be an int >= 1"):
         MultiHeadAttention(e, 2, head_dim=0)
+
+
+def test_flash_window_on_every_path():
+    """Flash(window=(2, 0)), causal (a 3-token sliding window): the plain path, the weights (zero
+    outside the band), the KV cache's decode, packed documents and a hand-masked softmax agree
+    (float64, torch backend); a bad window raises."""
+    torch.manual_seed(0)
+    m = MultiHeadAttention(16, 2, causal=True, attention=Flash(window=(2, 0))).double()
+    assert repr(m.kind) == "Flash(window=(2, 0))"
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    out = m(x)
+    q, k, v = m.project_qkv(x)
+    band = torch.ones(7, 7, dtype=torch.bool).tril() & ~torch.ones(7, 7, dtype=torch.bool).tril(-3)
+    s = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~band, float("-inf"))
+    want = m.out_proj((s.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 16))
+    torch.testing.assert_close(out, want)
+    y, w = m(x, need_weights=True)
+    torch.testing.assert_close(y, out)
+    assert (w[..., ~band] == 0).all()
+    cache = KVCache(1, 2, 2, 8, dtype=torch.float64, chunk_size=4)
+    parts = [m(x[:, :3], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(3, 7)]
+    torch.testing.assert_close(torch.cat(parts, 1), out)
+    packed = m(x.reshape(1, 14, 16), cu_seqlens=torch.tensor([0, 7, 14], dtype=torch.int32))
+    torch.testing.assert_close(packed.reshape(2, 7, 16), out)
+    with pytest.raises(ValueError, match="window must be None or"):
+        Flash(window=(-1, 0))
+
+
+# --- multi-head latent attention ---------------------------------------------------------
+
+def _naive_mla(m, x):
+    """MLA written out from its definition in float64: per-head keys and values decompressed
+    from the latent, causal softmax materialised. x (B, L, E) -> (B, L, E)."""
+    b, l, _ = x.shape
+    h, dn, dr, r, dv = m.num_heads, m.nope_dim, m.rope_dim, m.kv_lora_rank, m.v_head_dim
+    q = m.q_proj(x).view(b, l, h, dn + dr)
+    kv = m.kv_a_proj(x)
+    c = m.kv_a_norm(kv[..., :r])  # (B, L, r)
+    up = m.kv_b_proj(c).view(b, l, h, dn + dv)
+    rope = lambda t: m.rotary(t.transpose(1, 2)).transpose(1, 2)  # noqa: E731  (B, L, H, d) at positions 0..
+    k = torch.cat([up[..., :dn], rope(kv[..., None, r:]).expand(b, l, h, dr)], dim=-1)
+    q = torch.cat([q[..., :dn], rope(q[..., dn:])], dim=-1)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(dn + dr)
+    s = s.masked_fill(~torch.ones(l, l, dtype=torch.bool).tril(), float("-inf"))
+    out = torch.einsum("bhij,bjhd->bihd", s.softmax(-1), up[..., dn:])
+    return m.out_proj(out.reshape(b, l, h * dv))
+
+
+def test_mla_absorbed_decode_equals_naive_at_deepseek_latent_dims(monkeypatch):
+    """DeepSeek's latent 512 + rotary 64 (small everything else), float64: the decompressed
+    forward and a prompt then one token at a time through the latent cache (absorbed queries,
+    q/k head dim 576, v the cache's first 512 channels read in place) equal MLA written out;
+    the cache holds (512 + 64) values per token and layer."""
+    import fastattn.nn.mla as mla_module
+    torch.manual_seed(0)
+    m = MultiHeadLatentAttention(32, 4, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=16, v_head_dim=8,
+                                 q_lora_rank=24).double()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    want = _naive_mla(m, x)
+    torch.testing.assert_close(m(x), want)
+
+    calls, real = [], mla_module.attention_with_kvcache
+
+    def spy(q, k_cache, v_cache, *args, **kw):
+        calls.append((q.shape[-1], k_cache.shape, v_cache.shape, v_cache.data_ptr() == k_cache.data_ptr(),
+                      v_cache.stride() == k_cache.stride()))
+        return real(q, k_cache, v_cache, *args, **kw)
+    monkeypatch.setattr(mla_module, "attention_with_kvcache", spy)
+    cache = m.new_cache(num_layers=2, batch_size=2, max_length=12)
+    parts = [m(x[:, :5], cache=cache, layer=1)] + [m(x[:, t:t + 1], cache=cache, layer=1) for t in range(5, 9)]
+    torch.testing.assert_close(torch.cat(parts, 1), want)
+    assert calls[0] == (576, (2, 1, 12, 576), (2, 1, 12, 512), True, True) and len(calls) == 5
+    assert cache.seqlens(1).tolist() == [9, 9] and cache.seqlens(0).tolist() == [0, 0]
+    assert cache.bytes_per_token() == 576 * 8
+    half = LatentCache(1, 3, 512, 64, 100, dtype=torch.bfloat16)
+    assert half.bytes_per_token() == 576 * 2 and half.keys(0).untyped_storage().nbytes() == 3 * 100 * 576 * 2
+    assert half.values(0).data_ptr() == half.keys(0).data_ptr() and half.values(0).shape == (3, 1, 100, 512)
+    with pytest.raises(ValueError, match="max_length=12"):
+        m(x[:, :4], cache=cache, layer=1)
+
+
+def test_mla_on_kernels_matches_torch_backend():
+    """The decompressed path (flash_attention at q/k head dim 16 + 64, v 16) forward + backward
+    on the kernels, and the absorbed prefill + decode ("auto": the decode kernels where they
+    take q/k 576 / v 512), against the float64 torch oracle by the error rule."""
+    torch.manual_seed(0)
+    m = MultiHeadLatentAttention(32, 4, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=16, v_head_dim=16)
+    x = torch.randn(1, 11, 32)
+
+    def run(model, backend, decode_backend):
+        inp = x.to(model.kv_a_proj.weight.dtype).requires_grad_()
+        with fastattn.use_backend(backend):
+            out = model(inp)
+            out.sum().backward()
+        with fastattn.use_backend(decode_backend), torch.no_grad():
+            cache = model.new_cache(1, 1, 11)
+            cached = torch.cat([model(inp[:, :6], cache=cache)] + [model(inp[:, t:t + 1], cache=cache)
+                                                                   for t in range(6, 11)], 1)
+        return out, inp.grad, cached
+
+    oracle, base = run(copy.deepcopy(m).double(), "torch", "torch"), run(copy.deepcopy(m), "torch", "torch")
+    got = run(m, "triton", "auto")
+    assert_close_rule("out", got[0], oracle[0], base[0])
+    assert_close_rule("dx", got[1], oracle[1], base[1], factor=3.0)
+    assert_close_rule("cached", got[2], oracle[2], base[2])
+
+
+def test_mla_refuses_bad_sizes():
+    with pytest.raises(ValueError, match="qk_rope_head_dim must be even"):
+        MultiHeadLatentAttention(32, 4, qk_rope_head_dim=63)
+    with pytest.raises(ValueError, match="kv_lora_rank must be an int >= 1"):
+        MultiHeadLatentAttention(32, 4, kv_lora_rank=0)
+    with pytest.raises(ValueError, match=r"x must be a floating \(batch, seq, embed_dim=32\)"):
+        MultiHeadLatentAttention(32, 4, kv_lora_rank=8, qk_rope_head_dim=4)(torch.randn(2, 3, 16))

@@ -7,7 +7,7 @@ Nothing here is imported by ``import fastattn``.
 """
 import importlib
 
-SUITES = ("flash", "sparse", "linear", "varlen", "decode", "block", "models", "flex")
+SUITES = ("flash", "sparse", "linear", "varlen", "decode", "mla", "block", "models", "flex")
 # Selections of the suites' cases at chosen configs, run only when named (--suite headline).
 SELECTIONS = ("headline",)
 

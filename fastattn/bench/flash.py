@@ -46,7 +46,8 @@ def _flex(device, causal, lq, lk):
 
 
 def configs(device, quick):
-    """(b, hq, hkv, l, d, causal) tuples."""
+    """(b, hq, hkv, l, d, causal) tuples. Head dim 512 (Gemma 4's global layers) at the same
+    tokens per batch, 1k..16k tokens on a GPU; one small causal config on a CPU."""
     if torch.device(device).type == "cuda":
         lengths = [1024, 4096, 16384] if quick else [512, 1024, 2048, 4096, 8192, 16384]
         out = []
@@ -55,9 +56,14 @@ def configs(device, quick):
                 for causal in (False, True):
                     out.append((16384 // l, 2048 // d, 2048 // d, l, d, causal))
         out += [(16384 // l, 16, 2, l, 128, True) for l in lengths]  # GQA 8:1
+        out += [(16384 // l, 4, 4, l, 512, c) for l in D512_LENGTHS for c in (False, True)]
         return out
     lengths = [128, 256] if quick else [128, 256, 512, 1024]
-    return [(1, 4, 4, l, 64, c) for l in lengths for c in (False, True)] + [(1, 8, 2, lengths[-1], 64, True)]
+    return ([(1, 4, 4, l, 64, c) for l in lengths for c in (False, True)] + [(1, 8, 2, lengths[-1], 64, True)]
+            + [(1, 2, 2, lengths[0], 512, True)])
+
+
+D512_LENGTHS = (1024, 4096, 16384)  # head dim 512 on a GPU: 16k tokens per batch, 4 heads (hidden 2048)
 
 
 def cases(device, quick=False, config_list=None):

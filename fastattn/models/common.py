@@ -58,13 +58,18 @@ class StackConfig:
             raise ValueError(f"positional must be one of {POSITIONALS}, got {self.positional!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} must be a multiple of n_heads {self.n_heads}")
-        if self.rope_dim is not None and not (0 < self.rope_dim <= self.head_dim and self.rope_dim % 2 == 0):
-            raise ValueError(f"rope_dim must be even and in (0, head_dim={self.head_dim}], got {self.rope_dim}")
+        smallest = min(self.layer_head_dim(i) for i in range(self.n_layers))
+        if self.rope_dim is not None and not (0 < self.rope_dim <= smallest and self.rope_dim % 2 == 0):
+            raise ValueError(f"rope_dim must be even and in (0, head_dim={smallest}], got {self.rope_dim}")
         check_kind(type(self).__name__, self.attention)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def layer_head_dim(self, i: int) -> int:
+        """Head dim of layer i (every layer's is ``head_dim`` unless a preset says otherwise)."""
+        return self.head_dim
 
     @property
     def kv_heads(self) -> int:
@@ -86,7 +91,8 @@ class Positional(nn.Module):
             self.absolute = SinusoidalPositionalEmbedding(cfg.d_model)
         elif self.kind == "t5":
             self.relative = RelativePositionBias(cfg.n_heads, bidirectional=bidirectional)
-        self.rotary_args = (cfg.rope_dim or cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
+        self.rope_dim, self.rope_base, self.rope_scaling = cfg.rope_dim, cfg.rope_base, cfg.rope_scaling
+        self.head_dim = cfg.head_dim
 
     def add(self, x: Tensor, offset: Positions = 0) -> Tensor:
         """x (B, L, E) + absolute positions offset .. offset + L - 1."""
@@ -94,20 +100,30 @@ class Positional(nn.Module):
             return x
         return x + self.absolute(x.shape[1], offset).to(x.dtype)
 
-    def layer_kwargs(self) -> dict:
-        return dict(rotary=RotaryEmbedding(*self.rotary_args) if self.kind == "rope" else None,
-                    alibi=self.kind == "alibi")
+    def layer_kwargs(self, head_dim: Optional[int] = None, rope_base: Optional[float] = None) -> dict:
+        """RoPE (over ``rope_dim`` or the layer's ``head_dim`` channels, at ``rope_base`` or the
+        config's) and ALiBi for one attention layer."""
+        rotary = None
+        if self.kind == "rope":
+            rotary = RotaryEmbedding(self.rope_dim or head_dim or self.head_dim,
+                                     self.rope_base if rope_base is None else rope_base, self.rope_scaling)
+        return dict(rotary=rotary, alibi=self.kind == "alibi")
 
     def bias(self, lq: int, lk: int, dtype) -> Optional[Tensor]:
         """(1, H, Lq, Lk) T5 bias (queries are the last Lq of Lk positions), or None."""
         return None if self.relative is None else self.relative(lq, lk).to(dtype)
 
 
-def encoder_layer(cfg: StackConfig, pos: Positional, *, causal: bool) -> TransformerEncoderLayer:
+def encoder_layer(cfg: StackConfig, pos: Positional, *, causal: bool, head_dim: Optional[int] = None,
+                  attention: Optional[AttentionKind] = None, rope_base: Optional[float] = None
+                  ) -> TransformerEncoderLayer:
+    """One self-attention block of ``cfg``; ``head_dim``, ``attention`` and ``rope_base`` (None:
+    the config's) set one layer apart (Gemma's sliding and global layers)."""
     return TransformerEncoderLayer(
         cfg.d_model, cfg.n_heads, cfg.d_ff or 4 * cfg.d_model, cfg.dropout, cfg.activation,
         norm_first=cfg.norm_first, norm=cfg.norm, bias=cfg.bias, moe=cfg.moe, num_kv_heads=cfg.n_kv_heads,
-        causal=causal, attention=cfg.attention, **pos.layer_kwargs())
+        causal=causal, attention=cfg.attention if attention is None else attention, head_dim=head_dim,
+        **pos.layer_kwargs(head_dim, rope_base))
 
 
 def decoder_layer(cfg: StackConfig, pos: Positional) -> TransformerDecoderLayer:

@@ -9,17 +9,83 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastattn.models.common import Positional, StackConfig, can_cache, encoder_layer, final_norm, init_weights
+from fastattn.nn.kinds import Flash
 from fastattn.nn.kv_cache import KVCache, PagedKVCache
 from fastattn.nn.layers import TransformerEncoder, aux_loss
 from fastattn.nn.positional import Positions, packed_positions
 
 
+def _positive(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass
 class GPTConfig(StackConfig):
     """StackConfig plus ``vocab_size`` and ``tie_embeddings`` (the LM head shares the token
-    embedding matrix)."""
+    embedding matrix), and layers that differ (Gemma's sliding and global layers):
+
+    sliding_window: W, or None (every layer global). Sliding layers attend causally to their
+        last W keys, themselves included (``Flash(window=(W - 1, 0))``; the KV cache's decode
+        takes the same window). Needs the Flash attention kind.
+    global_every: None (with a window: every layer slides, as Mistral) or k: layer i is global
+        (full causal attention) iff ``(i + 1) % k == 0``, the others slide (Gemma's 5:1 is
+        k = 6). Needs ``sliding_window``.
+    sliding_head_dim, global_head_dim: head dims of the sliding / global layers (None:
+        d_model // n_heads); q/k/v project to n_heads * that, the output back to d_model.
+        ``rope_dim`` must fit the smallest.
+    global_rope_base: RoPE base of the global layers (None: ``rope_base``; Gemma: 1e6 on global
+        and 1e4 on sliding layers).
+
+    ``gemma4_like_config`` fills these in. Raises ValueError for values out of range, or a
+    window with an attention kind other than Flash.
+    """
     vocab_size: int = 1024
     tie_embeddings: bool = True
+    sliding_window: Optional[int] = None
+    global_every: Optional[int] = None
+    sliding_head_dim: Optional[int] = None
+    global_head_dim: Optional[int] = None
+    global_rope_base: Optional[float] = None
+
+    def __post_init__(self):
+        for name in ("sliding_window", "global_every", "sliding_head_dim", "global_head_dim"):
+            value = getattr(self, name)
+            if value is not None and not _positive(value):
+                raise ValueError(f"GPTConfig: {name} must be an int >= 1 or None, got {value!r}")
+        if self.global_every is not None and self.sliding_window is None:
+            raise ValueError("GPTConfig: global_every needs a sliding_window (the layers between the global "
+                             "ones slide)")
+        if self.sliding_window is not None and type(self.attention) is not Flash:
+            raise ValueError(f"GPTConfig: sliding_window needs the Flash attention kind, got {self.attention!r}")
+        super().__post_init__()
+
+    def per_layer(self) -> bool:
+        """Whether layers differ from the uniform stack (a window or a head dim of their own)."""
+        return any(v is not None for v in (self.sliding_window, self.sliding_head_dim, self.global_head_dim))
+
+    def layer_is_global(self, i: int) -> bool:
+        """Layer i attends to every earlier key (no sliding window)."""
+        if self.sliding_window is None:
+            return True
+        return self.global_every is not None and (i + 1) % self.global_every == 0
+
+    def layer_head_dim(self, i: int) -> int:
+        dim = self.global_head_dim if self.layer_is_global(i) else self.sliding_head_dim
+        return self.head_dim if dim is None else dim
+
+
+def gemma4_like_config(**overrides) -> GPTConfig:
+    """A Gemma-4-like ``GPTConfig``: 5 sliding-window layers (head dim 256, window 512, RoPE
+    base 1e4) to 1 global layer (head dim 512, RoPE base 1e6), RMS pre-norm, SwiGLU, no
+    biases, GQA, RoPE. ``overrides`` replace any field (shrink d_model, n_layers, the head
+    dims and the window for tests). The real models also rotate only a quarter of the global
+    layers' channels, share K and V on them and norm q and k: not reproduced here."""
+    settings = dict(d_model=1536, n_layers=6, n_heads=8, n_kv_heads=1, d_ff=6144, positional="rope", norm="rms",
+                    norm_first=True, activation="swiglu", bias=False, max_seq_len=131072, rope_base=10000.0,
+                    sliding_window=512, global_every=6, sliding_head_dim=256, global_head_dim=512,
+                    global_rope_base=1e6)
+    settings.update(overrides)
+    return GPTConfig(**settings)
 
 
 class GPT(nn.Module):
@@ -37,11 +103,25 @@ class GPT(nn.Module):
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = Positional(cfg, bidirectional=False)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = TransformerEncoder(encoder_layer(cfg, self.pos, causal=True), cfg.n_layers, final_norm(cfg))
+        if cfg.per_layer():
+            layers = [self._layer(i) for i in range(cfg.n_layers)]
+        else:
+            layers = encoder_layer(cfg, self.pos, causal=True)
+        self.blocks = TransformerEncoder(layers, cfg.n_layers, final_norm(cfg))
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         init_weights(self, cfg)
         if cfg.tie_embeddings:
             self.head.weight = self.tok.weight
+
+    def _layer(self, i: int):
+        """Block i of a config whose layers differ: its head dim, window and RoPE base."""
+        cfg = self.config
+        if cfg.layer_is_global(i):
+            attention, base = cfg.attention, cfg.global_rope_base
+        else:
+            attention, base = Flash(window=(cfg.sliding_window - 1, 0)), None
+        return encoder_layer(cfg, self.pos, causal=True, head_dim=cfg.layer_head_dim(i), attention=attention,
+                             rope_base=base)
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *, cache: Optional[KVCache] = None,
                 offset: Positions = 0, cu_seqlens: Optional[Tensor] = None):
@@ -84,14 +164,19 @@ class GPT(nn.Module):
                   page_size: int = 16):
         """A ``KVCache`` for ``batch_size`` sequences; with ``paged`` a ``PagedKVCache`` whose pool
         holds ``batch_size`` sequences of ``max_length`` tokens (required then), with that
-        batch already added and set."""
+        batch already added and set. Layers of different head dims get a ``KVCache`` with one
+        head dim per layer; a paged cache holds one head dim for all (ValueError)."""
         cfg = self.config
         p = self.tok.weight
+        dims = [cfg.layer_head_dim(i) for i in range(cfg.n_layers)]
         if not paged:
-            return KVCache(cfg.n_layers, batch_size, cfg.kv_heads, cfg.head_dim, dtype=p.dtype, device=p.device,
+            return KVCache(cfg.n_layers, batch_size, cfg.kv_heads, dims, dtype=p.dtype, device=p.device,
                            chunk_size=64, max_length=max_length)
         if max_length is None:
             raise ValueError("GPT.new_cache: a paged cache needs max_length (it sizes the page pool)")
+        if len(set(dims)) > 1:
+            raise ValueError(f"GPT.new_cache: a paged cache holds one head dim for every layer, these layers have "
+                             f"{sorted(set(dims))}")
         pages = max(1, batch_size * -(-max_length // page_size))
         cache = PagedKVCache(cfg.n_layers, cfg.kv_heads, cfg.head_dim, num_pages=pages, page_size=page_size,
                              dtype=p.dtype, device=p.device)

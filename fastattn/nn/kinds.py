@@ -35,7 +35,7 @@ from fastattn import functional
 from fastattn.sparse import BlockSparseLayout
 
 __all__ = ["Supports", "AttentionKind", "Flash", "Sparse", "Performer", "Linformer", "Linear",
-           "ContextParallelAttention", "check_kind", "merge_padding"]
+           "ContextParallelAttention", "check_kind", "check_window", "merge_padding"]
 
 
 @dataclass(frozen=True)
@@ -126,41 +126,70 @@ class AttentionKind(nn.Module):
         return f"{type(self).__name__}({self.extra_repr()})"
 
 
+def check_window(owner: str, window) -> Optional[tuple]:
+    """``window`` itself: None or ``(left, right)`` of ints >= 0 or None (unbounded).
+
+    Raises:
+        ValueError: anything else, naming ``owner``."""
+    if window is not None and not (isinstance(window, tuple) and len(window) == 2 and all(
+            w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 0) for w in window)):
+        raise ValueError(f"{owner}: window must be None or (left, right) of ints >= 0 or None, got {window!r}")
+    return window
+
+
 class Flash(AttentionKind):
     """Exact softmax attention: ``fastattn.flash_attention`` (bottom-right causal, GQA, bool or
     additive bias, ALiBi slopes, dropout), ``fastattn.attention_with_kvcache`` through a
-    ``KVCache``, and the materialised probabilities for ``need_weights``. Supports everything."""
+    ``KVCache``, and the materialised probabilities for ``need_weights``. Supports everything.
+
+    Args:
+        window: ``(left, right)`` sliding window, as ``flash_attention``'s: query i (at key
+            position ``i + Lk - Lq``) sees keys ``i + Lk - Lq - left .. i + Lk - Lq + right``;
+            None (the default) for none. A sliding-window causal layer that sees its last W
+            keys, itself included (Mistral's, Gemma's ``sliding_window=W``), is
+            ``Flash(window=(W - 1, 0))`` with ``causal=True``. Every path applies it: the
+            kernels skip the tiles outside the band, the KV cache's decode and packed
+            documents take it, ``need_weights`` masks by it.
+
+    Raises:
+        ValueError: a window that is not None or a pair of ints >= 0 or None.
+    """
     supports = Supports(causal=True, attn_bias=True, key_padding_mask=True, alibi=True, dropout=True,
                         kv_cache=True, need_weights=True, varlen=True)
     label = "flash"
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, window: Optional[tuple] = None):
+        if window is None:  # no settings: repr and state stay those of the plain kind
+            super().__init__()
+        else:
+            super().__init__(window=check_window("Flash", window))
+        self.window = window
 
     def forward(self, q, k, v, *, causal=False, attn_bias=None, key_padding_mask=None, alibi_slopes=None,
                 dropout_p=0.0):
         return functional.flash_attention(q, k, v, causal=causal, attn_bias=merge_padding(attn_bias, key_padding_mask),
-                                          alibi_slopes=alibi_slopes, dropout_p=dropout_p)
+                                          alibi_slopes=alibi_slopes, dropout_p=dropout_p, window=self.window)
 
     def attend_cache(self, cache, layer, q, k, v, *, causal, alibi_slopes, cu_seqlens=None):
         """Through ``cache.attend``; with ``cu_seqlens`` (the cache's ragged step, q/k/v
         (1, H, total, D)) through ``cache.attend_packed``."""
         attend = cache.attend if cu_seqlens is None else cache.attend_packed
-        return attend(layer, q, k, v, causal=causal, alibi_slopes=alibi_slopes)
+        return attend(layer, q, k, v, causal=causal, alibi_slopes=alibi_slopes, window=self.window)
 
     def attend_packed(self, q, k, v, cu_seqlens, *, causal=False, alibi_slopes=None, dropout_p=0.0):
         """Packed documents in one row: q (1, Hq, total, D), k/v (1, Hkv, total, D) ->
         (1, Hq, total, Dv), each document attending only inside itself
         (``fastattn.flash_attention_varlen``)."""
         out = functional.flash_attention_varlen(*(t[0].transpose(0, 1) for t in (q, k, v)), cu_seqlens, cu_seqlens,
-                                                causal=causal, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
+                                                causal=causal, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                                                window=self.window)
         return out.transpose(0, 1)[None]  # (total, Hq, Dv) -> (1, Hq, total, Dv)
 
     def attend_with_weights(self, q, k, v, *, causal=False, attn_bias=None, key_padding_mask=None,
                             alibi_slopes=None, dropout_p=0.0):
         """(out (B, Hq, Lq, Dv), weights (B, Hq, Lq, Lk)) by the plain-torch materialised path."""
         weights = attention_weights(q, k, causal=causal, attn_bias=merge_padding(attn_bias, key_padding_mask),
-                                    alibi=alibi_slopes)
+                                    alibi=alibi_slopes, window=self.window)
         probs = torch.nn.functional.dropout(weights, dropout_p, training=dropout_p > 0)
         # (B, Hq, Lq, Lk) @ (B, Hq, Lk, Dv): the kv heads repeated for GQA
         out = probs.to(v.dtype) @ v.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -304,10 +333,7 @@ class ContextParallelAttention(AttentionKind):
         if not callable(cp):
             raise ValueError(f"ContextParallelAttention: cp must be fastattn.distributed.context_parallel(...), "
                              f"got {type(cp).__name__}")
-        if window is not None and not (isinstance(window, tuple) and len(window) == 2 and all(
-                w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 0) for w in window)):
-            raise ValueError(f"ContextParallelAttention: window must be None or (left, right) of ints >= 0 or None, "
-                             f"got {window!r}")
+        check_window("ContextParallelAttention", window)
         if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
             raise ValueError(f"ContextParallelAttention: softcap must be None or a positive number, got {softcap!r}")
         super().__init__(cp=cp, window=window, softcap=softcap, sinks=bool(sinks))
@@ -355,13 +381,14 @@ def check_kind(owner: str, attention) -> AttentionKind:
 
 
 def attention_weights(q: Tensor, k: Tensor, *, causal: bool = False, scale: Optional[float] = None,
-                      attn_bias: Optional[Tensor] = None, alibi: Optional[Tensor] = None) -> Tensor:
+                      attn_bias: Optional[Tensor] = None, alibi: Optional[Tensor] = None,
+                      window: Optional[tuple] = None) -> Tensor:
     """Materialised softmax attention probabilities (B, Hq, Lq, Lk), plain torch, with the
     semantics of ``fastattn.flash_attention`` (bottom-right causal, GQA, bool or additive bias,
-    ALiBi, fully masked rows 0). For inspection only: it is O(Lq * Lk) memory.
+    ALiBi, sliding window, fully masked rows 0). For inspection only: it is O(Lq * Lk) memory.
 
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D); attn_bias broadcastable to (B, Hq, Lq, Lk); alibi
-    (Hq,) or (B, Hq) slopes."""
+    (Hq,) or (B, Hq) slopes; window (left, right) as ``flash_attention``'s."""
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     scale = functional.default_scale(d, scale)
@@ -375,6 +402,11 @@ def attention_weights(q: Tensor, k: Tensor, *, causal: bool = False, scale: Opti
     keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
     if causal:
         keep = j <= i
+    left, right = window or (None, None)
+    if left is not None:
+        keep = keep & (j >= i - left)
+    if right is not None:
+        keep = keep & (j <= i + right)
     if attn_bias is not None:
         if attn_bias.dtype == torch.bool:
             keep = keep & attn_bias

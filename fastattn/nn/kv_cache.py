@@ -25,13 +25,26 @@ from torch import Tensor
 from fastattn.functional import attention_with_kvcache
 
 
+def _per_layer(name: str, value, num_layers: int) -> tuple:
+    """``value`` (an int, or a list / tuple of one int per layer) as a tuple of ``num_layers``
+    ints >= 1. Raises ValueError naming ``name`` otherwise."""
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * num_layers
+    if len(values) != num_layers or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                            for v in values):
+        raise ValueError(f"KVCache: {name} must be an int >= 1 or {num_layers} of them (one per layer), "
+                         f"got {value!r}")
+    return values
+
+
 class KVCache:
     """Per-layer K/V storage of shape (batch, kv_heads, capacity, head_dim), grown by chunks.
 
     Args:
         num_layers: how many attention layers share this cache (one slot each).
         batch_size, num_kv_heads, head_dim: the cached tensors' sizes; ``head_dim_v`` defaults
-            to ``head_dim``.
+            to ``head_dim``. Either may be a list of ints, one per layer (layers of different
+            head dims: Gemma's 256 on sliding and 512 on global layers); ``head_dims`` /
+            ``head_dims_v`` are then the per-layer tuples (always set).
         dtype, device: of the storage (the queries and new keys must match).
         chunk_size: capacity is always a multiple of it; when an append would not fit, every
             buffer of that layer is reallocated with enough whole chunks and copied.
@@ -50,13 +63,14 @@ class KVCache:
                  device: Union[str, torch.device, None] = None, chunk_size: int = 256,
                  capacity: Optional[int] = None, max_length: Optional[int] = None):
         for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
-                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                            ("chunk_size", chunk_size)):
+                            ("num_kv_heads", num_kv_heads), ("chunk_size", chunk_size)):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"KVCache: {name} must be an int >= 1, got {value!r}")
-        for name, value in (("head_dim_v", head_dim_v), ("max_length", max_length), ("capacity", capacity)):
+        for name, value in (("max_length", max_length), ("capacity", capacity)):
             if value is not None and not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"KVCache: {name} must be an int >= 1 or None, got {value!r}")
+        self.head_dims = _per_layer("head_dim", head_dim, num_layers)
+        self.head_dims_v = self.head_dims if head_dim_v is None else _per_layer("head_dim_v", head_dim_v, num_layers)
         self.num_layers = num_layers
         self.batch_size = batch_size
         self.num_kv_heads = num_kv_heads
@@ -67,8 +81,8 @@ class KVCache:
         self.chunk_size = chunk_size
         self.max_length = max_length
         start = self._round_up(capacity or chunk_size)
-        self._k = [self._alloc(batch_size, start, self.head_dim) for _ in range(num_layers)]
-        self._v = [self._alloc(batch_size, start, self.head_dim_v) for _ in range(num_layers)]
+        self._k = [self._alloc(batch_size, start, d) for d in self.head_dims]
+        self._v = [self._alloc(batch_size, start, d) for d in self.head_dims_v]
         self._len = [torch.zeros(batch_size, dtype=torch.int32, device=self.device) for _ in range(num_layers)]
         # Host-side upper bound on each layer's longest sequence (exact unless reorder dropped
         # the longest), so growing never syncs with the device.
@@ -120,8 +134,8 @@ class KVCache:
         if need <= cap:
             return
         new_cap = self._round_up(need)
-        for store, dim in ((self._k, self.head_dim), (self._v, self.head_dim_v)):
-            grown = self._alloc(self.batch_size, new_cap, dim)
+        for store, dims in ((self._k, self.head_dims), (self._v, self.head_dims_v)):
+            grown = self._alloc(self.batch_size, new_cap, dims[layer])
             grown[:, :, :cap] = store[layer]
             store[layer] = grown
 
@@ -145,10 +159,10 @@ class KVCache:
         """Append without attending (e.g. a prompt whose attention was computed elsewhere)."""
         b, h, lnew, _ = k_new.shape
         if ((b, h) != (self.batch_size, self.num_kv_heads) or v_new.shape[:3] != k_new.shape[:3]
-                or (k_new.shape[-1], v_new.shape[-1]) != (self.head_dim, self.head_dim_v)):
+                or (k_new.shape[-1], v_new.shape[-1]) != (self.head_dims[layer], self.head_dims_v[layer])):
             raise ValueError(f"KVCache.append: k_new {tuple(k_new.shape)} / v_new {tuple(v_new.shape)} "
                              f"must be ({self.batch_size}, {self.num_kv_heads}, Lnew, "
-                             f"{self.head_dim} / {self.head_dim_v})")
+                             f"{self.head_dims[layer]} / {self.head_dims_v[layer]})")
         self.reserve(layer, lnew)
         # Slot of token t of sequence b: seqlens[b] + t (ragged), as a scatter index.
         pos = self._len[layer].long()[:, None] + torch.arange(lnew, device=self.device)

@@ -141,12 +141,12 @@ def _ffn(d_model, dim_feedforward, activation, dropout, bias, moe):
     return MoEFeedForward(d_model, dim_feedforward, moe, activation, dropout, bias)
 
 
-def _self_attention(owner, d_model, nhead, num_kv_heads, causal, dropout, bias, attention, rotary, alibi):
+def _self_attention(owner, d_model, nhead, num_kv_heads, causal, dropout, bias, attention, rotary, alibi, head_dim):
     """The layer's self-attention; attention-probability dropout only where the kind has it."""
     kind = check_kind(owner, attention)
     return MultiHeadAttention(d_model, nhead, num_kv_heads=num_kv_heads, causal=causal,
                               dropout=dropout if kind.supports.dropout else 0.0, bias=bias, attention=kind,
-                              rotary=rotary, alibi=alibi)
+                              rotary=rotary, alibi=alibi, head_dim=head_dim)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -155,7 +155,7 @@ class TransformerEncoderLayer(nn.Module):
     Post-norm (torch's default): ``x = norm1(x + drop(sa(x))); x = norm2(x + drop(ff(x)))``.
     Pre-norm: ``x = x + drop(sa(norm1(x))); x = x + drop(ff(norm2(x)))``.
 
-    Attention options go to ``MultiHeadAttention`` (num_kv_heads, attention, rotary,
+    Attention options go to ``MultiHeadAttention`` (num_kv_heads, head_dim, attention, rotary,
     alibi, causal); ``moe`` (a ``MoEConfig``) swaps the feed-forward for a mixture of experts.
     ``dropout`` applies to the residual branches and the feed-forward, and to the attention
     probabilities where the attention kind has dropout (``kind.supports.dropout``: ``Flash``).
@@ -166,10 +166,10 @@ class TransformerEncoderLayer(nn.Module):
                  layer_norm_eps: float = 1e-5, bias: bool = True, moe: Optional[MoEConfig] = None,
                  num_kv_heads: Optional[int] = None, causal: bool = False,
                  attention: Optional[AttentionKind] = None,
-                 rotary: Optional[RotaryEmbedding] = None, alibi: bool = False):
+                 rotary: Optional[RotaryEmbedding] = None, alibi: bool = False, head_dim: Optional[int] = None):
         super().__init__()
         self.self_attn = _self_attention("TransformerEncoderLayer", d_model, nhead, num_kv_heads, causal, dropout,
-                                         bias, attention, rotary, alibi)
+                                         bias, attention, rotary, alibi, head_dim)
         self.ff = _ffn(d_model, dim_feedforward, activation, dropout, bias, moe)
         self.norm1 = make_norm(norm, d_model, layer_norm_eps)
         self.norm2 = make_norm(norm, d_model, layer_norm_eps)
@@ -204,10 +204,10 @@ class TransformerDecoderLayer(nn.Module):
                  layer_norm_eps: float = 1e-5, bias: bool = True, moe: Optional[MoEConfig] = None,
                  num_kv_heads: Optional[int] = None, causal: bool = True,
                  attention: Optional[AttentionKind] = None,
-                 rotary: Optional[RotaryEmbedding] = None, alibi: bool = False):
+                 rotary: Optional[RotaryEmbedding] = None, alibi: bool = False, head_dim: Optional[int] = None):
         super().__init__()
         self.self_attn = _self_attention("TransformerDecoderLayer", d_model, nhead, num_kv_heads, causal, dropout,
-                                         bias, attention, rotary, alibi)
+                                         bias, attention, rotary, alibi, head_dim)
         # cross-attention is exact (Flash): the approximate attentions are for long self-attention
         self.cross_attn = MultiHeadAttention(d_model, nhead, num_kv_heads=num_kv_heads, dropout=dropout, bias=bias,
                                              attention=Flash())
@@ -239,12 +239,22 @@ class TransformerDecoderLayer(nn.Module):
 
 class TransformerEncoder(nn.Module):
     """``num_layers`` deep copies of ``encoder_layer`` and an optional final ``norm`` (as
-    torch.nn.TransformerEncoder). forward(x, key_padding_mask=None, attn_bias=None, cache=None,
-    offset=0, cu_seqlens=None): layer i uses cache slot i."""
+    torch.nn.TransformerEncoder), or, when ``encoder_layer`` is a list of ``num_layers``
+    layers, those layers as given (layers that differ: Gemma's sliding and global ones).
+    forward(x, key_padding_mask=None, attn_bias=None, cache=None, offset=0, cu_seqlens=None):
+    layer i uses cache slot i.
 
-    def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None):
+    Raises:
+        ValueError: a list whose length is not ``num_layers``."""
+
+    def __init__(self, encoder_layer, num_layers: int, norm: Optional[nn.Module] = None):
         super().__init__()
-        self.layers = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(num_layers))
+        if isinstance(encoder_layer, (list, tuple)):
+            if len(encoder_layer) != num_layers:
+                raise ValueError(f"TransformerEncoder: {len(encoder_layer)} layers given for num_layers={num_layers}")
+            self.layers = nn.ModuleList(encoder_layer)
+        else:
+            self.layers = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(num_layers))
         self.norm = norm
 
     def forward(self, x: Tensor, *, key_padding_mask=None, attn_bias=None, cache=None, offset: Positions = 0,
