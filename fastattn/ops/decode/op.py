@@ -23,7 +23,7 @@ from fastattn._env import gpu_tiles
 from fastattn.ops import _launch
 from fastattn.ops._launch import pad
 from fastattn.ops.decode import kernels
-from fastattn.validation import CacheLayout
+from fastattn.validation import CacheLayout, value_channels
 
 H100_SMS = 132
 MAX_SPLITS = 128
@@ -120,12 +120,16 @@ def _packed_strides(t: Tensor) -> tuple:
 def _append(k_cache, v_cache, seqlens, k_new, v_new, cos, sin, interleaved, block_table, cu_seqlens_q,
             max_seqlen_q):
     layout = CacheLayout.of(k_cache, v_cache, block_table)
+    # V a view of K's channels (MLA's latent): K's store writes the values; HEAD_DIM_V 0 masks V's store off.
+    values_in_keys = value_channels(k_cache, v_cache) is not None
+    if values_in_keys:
+        v_new, v_cache = k_new, k_cache
     varlen = cu_seqlens_q is not None
     if varlen:  # packed (total, Hkv, D): the batch comes from the offsets, Lnew is an upper bound
         lnew, new_strides = max_seqlen_q, (_packed_strides(k_new), _packed_strides(v_new))
     else:
         lnew, new_strides = k_new.shape[2], (k_new.stride(), v_new.stride())
-    d, dv = k_new.shape[-1], v_new.shape[-1]
+    d, dv = k_new.shape[-1], 0 if values_in_keys else v_new.shape[-1]
     block_l = block_config(max(d, dv), 1, k_new.dtype).block_l
     (cos_t, sin_t, rotary), rot = _rotary_args(k_new, cos, sin, interleaved)
     k_strides, v_strides, bt, table, paged = _cache_args(k_cache, v_cache, block_table, layout)
