@@ -367,21 +367,17 @@ def test_decode_wide_head_dims(device):
         assert torch.equal(pages[table[i, n // 64], n % 64], k_new[i, :, 0])
 
 
-@pytest.mark.parametrize("backend", ["triton", "auto"])
-def test_fp32_mla_decode_without_tiles_is_refused_or_falls_back(backend, device, monkeypatch):
+def test_fp32_mla_decode_without_tiles_is_refused_or_falls_back(device, monkeypatch):
     """fp32 at head dim 576 on a 99 KB GPU (sm_89): no tile fits its shared memory, so the
-    router refuses it (use_backend("triton") names why) or runs it off the kernels ("auto")."""
+    router refuses it (use_backend("triton") names why) and "auto" runs it off the kernels."""
     if device == "cuda":
         pytest.skip("the capability is faked under the interpreter only")
     monkeypatch.setenv("FASTATTN_GPU_ARCH", "89")
     kv = make_cache(1, 1, 16, 576, [9], torch.float32, device)
     q = torch.randn(1, 4, 1, 576, device=device)
-    with fastattn.use_backend(backend):
-        if backend == "triton":
-            with pytest.raises(ValueError, match="float32 at head dim 576 needs more shared memory"):
-                fastattn.attention_with_kvcache(q, kv, kv[..., :512], 9)
-            return
-        out = fastattn.attention_with_kvcache(q, kv, kv[..., :512], 9)
+    with fastattn.use_backend("triton"), pytest.raises(ValueError, match="float32 at head dim 576 needs more shared"):
+        fastattn.attention_with_kvcache(q, kv, kv[..., :512], 9)
+    out = fastattn.attention_with_kvcache(q, kv, kv[..., :512], 9)
     want = attention_reference(q.double(), kv[:, :, :9].double(), kv[:, :, :9, :512].double())
     assert_close_rule("out", out, want, attention_reference(q, kv[:, :, :9], kv[:, :, :9, :512]))
 

@@ -205,7 +205,8 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seql
         table=table, fwd_block_m=fwd.block_m, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, BLOCK_D=pad(d), BLOCK_DV=pad(dv), TERMS=terms, VARLEN=varlen,
         SINGLE_SPLIT=single, FWD_ORDER=fwd_order and single,
-        num_warps=tiles.num_warps, num_stages=fwd.num_stages if fwd_order else tiles.num_stages, **rot, **paged, **flags,
+        num_warps=tiles.num_warps, num_stages=fwd.num_stages if fwd_order else tiles.num_stages, **rot, **paged,
+        **flags,
     )
     if not single:
         kernels.decode_merge_kernel[(lse_t.numel() // num_splits,)](
