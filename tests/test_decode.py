@@ -962,3 +962,25 @@ def test_flash_attn_with_kvcache_mla(device):
     assert out.shape == (b, 1, 16, dv)
     assert torch.equal(bits(out), bits(want.transpose(1, 2))) and torch.equal(lse, want_lse)
     assert torch.equal(bits(kv), bits(kv2))
+
+
+def test_batch_invariant_decode_at_head_dim_512(device):
+    """fastattn.batch_invariant() at head dim 512 (v 256): two new tokens of a ragged batch
+    equal rows of flash_attention(causal=True) over the whole sequences, bit for bit. (At MLA's
+    576 the interpreter cannot say: NumPy's fp32 matmul over 1024 columns sums in an order that
+    depends on the row count, and the decode tile has fewer rows than the forward's.)"""
+    hq, hkv, d, dv, dtype, lnew, lengths = 4, 1, 512, 256, torch.bfloat16, 2, [70, 45]
+    seqs = [[torch.randn(1, h, n, w, device=device, dtype=dtype) for h, w in ((hq, d), (hkv, d), (hkv, dv))]
+            for n in lengths]
+    held = [n - lnew for n in lengths]
+    kc, vc = (torch.zeros(2, hkv, 80, w, device=device, dtype=dtype) for w in (d, dv))
+    for i, n in enumerate(held):
+        kc[i, :, :n], vc[i, :, :n] = seqs[i][1][0, :, :n], seqs[i][2][0, :, :n]
+    q, k_new, v_new = (torch.cat([s[x][:, :, -lnew:] for s in seqs]) for x in range(3))
+    with fastattn.use_backend("triton"):
+        want = [fastattn.flash_attention(*s, causal=True)[:, :, -lnew:] for s in seqs]
+        with fastattn.batch_invariant():
+            out = fastattn.attention_with_kvcache(q, kc, vc, torch.tensor(held, dtype=torch.int32, device=device),
+                                                  k_new=k_new, v_new=v_new)
+    for r in range(2):
+        assert torch.equal(bits(out[r:r + 1]), bits(want[r])), f"sequence {r}"
