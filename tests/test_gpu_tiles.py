@@ -367,15 +367,19 @@ def test_decode_wide_head_dims(device):
         assert torch.equal(pages[table[i, n // 64], n % 64], k_new[i, :, 0])
 
 
-def test_fp32_mla_decode_without_tiles_is_refused_or_falls_back(device, monkeypatch):
-    """fp32 at head dim 576 on a 99 KB GPU (sm_89): no tile fits its shared memory, so the
-    router refuses it (use_backend("triton") names why) and "auto" runs it off the kernels."""
+@pytest.mark.parametrize("arch,dtype,d", [(89, torch.float32, 576), (75, torch.float16, 576)],
+                         ids=["sm89-fp32-d576", "sm75-fp16-d576"])
+def test_decode_without_tiles_is_refused_or_falls_back(arch, dtype, d, device, monkeypatch):
+    """MLA's 576/512 where no decode tile fits the shared memory (fp32 on a 99 KB GPU, fp16 on
+    sm_75's 64 KB): the router refuses it (use_backend("triton") names why) and "auto" runs it
+    off the kernels."""
     if device == "cuda":
         pytest.skip("the capability is faked under the interpreter only")
-    monkeypatch.setenv("FASTATTN_GPU_ARCH", "89")
-    kv = make_cache(1, 1, 16, 576, [9], torch.float32, device)
-    q = torch.randn(1, 4, 1, 576, device=device)
-    with fastattn.use_backend("triton"), pytest.raises(ValueError, match="float32 at head dim 576 needs more shared"):
+    monkeypatch.setenv("FASTATTN_GPU_ARCH", str(arch))
+    kv = make_cache(1, 1, 16, d, [9], dtype, device)
+    q = torch.randn(1, 4, 1, d, device=device).to(dtype)
+    name = str(dtype).removeprefix("torch.")
+    with fastattn.use_backend("triton"), pytest.raises(ValueError, match=f"{name} at head dim {d} needs more shared"):
         fastattn.attention_with_kvcache(q, kv, kv[..., :512], 9)
     out = fastattn.attention_with_kvcache(q, kv, kv[..., :512], 9)
     want = attention_reference(q.double(), kv[:, :, :9].double(), kv[:, :, :9, :512].double())
