@@ -92,8 +92,10 @@ FAMILIES = {f.name: f for f in (
     KernelFamily("flash", max_dim=FLASH_MAX_HEAD_DIM, max_dim_v=FLASH_MAX_VALUE_DIM),
     KernelFamily("sparse"),
     KernelFamily("linear", dim_name="feature dim"),
-    # Split-KV decoding is forward-only; its grid folds batch and heads into one axis.
-    KernelFamily("decode", grid_limited=False, gradients=False),
+    # Split-KV decoding is forward-only; its grid folds batch and heads into one axis. Head dims
+    # as the flash family's (MLA decode: q/k 576, v 512, V read in place from K's channels).
+    KernelFamily("decode", max_dim=FLASH_MAX_HEAD_DIM, max_dim_v=FLASH_MAX_VALUE_DIM, grid_limited=False,
+                 gradients=False),
 )}
 
 

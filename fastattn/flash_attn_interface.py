@@ -163,6 +163,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
       ``cache_seqlens + i`` if causal or local, else every query at ``cache_seqlens``.
     - ``sinks`` (Hq,) attention-sink logits, keyword only: fastattn's addition, as in
       ``fastattn.attention_with_kvcache``.
+    - MLA: head dims up to 576 (q/k) and 512 (v); ``v_cache`` may be ``k_cache[..., :512]``
+      (the latent, read in place), and then ``v`` must be None: k's first 512 channels are
+      the new values (``fastattn.attention_with_kvcache`` documents the rule).
     """
     op = "flash_attn_with_kvcache"
     if block_table is not None and (cache_batch_idx is not None or cache_leftpad is not None):

@@ -196,6 +196,15 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
         cache_seqlens: int32 (or int64) (B,) tensor, or an int for every sequence: tokens
             already in the cache, before this call's ``k_new``. None when ``seqused_k`` is given.
         k_new / v_new: (B, Hkv, Lnew, D) / (B, Hkv, Lnew, Dv), or None.
+        Head dims: D up to 576 and Dv up to 512 on the kernels (MLA's absorbed decode: 512
+            latent + 64 rotary channels, values the 512 latent ones).
+        Values as channels of the keys (MLA's single latent cache): ``v_cache`` may be a view
+            ``k_cache[..., o:o + Dv]`` (same storage and strides, contiguous or paged), read
+            in place, never copied. The append then writes each new key once and its channels
+            o .. o + Dv - 1 are the new value: v_new must be None, and a rotary embedding
+            must leave those channels alone (R <= o; MLA's rotary part comes after the latent,
+            so rotate k_new before the call). Any other v_cache sharing k_cache's first
+            element, a v_new, or a rotary table over the value channels raises ValueError.
         causal: bottom-right aligned, per sequence: new query i sees key j iff
             ``j <= i + (n + Lnew) - Lq``. With Lq == 1 it changes nothing.
         scale, window, alibi_slopes ((Hq,) or (B, Hq)), softcap: as ``flash_attention``,

@@ -196,7 +196,8 @@ def check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
                 raise ValueError(f"{op}: {name} {shape_str(cache)} has a broadcast (stride-0) dim, strides "
                                  f"{tuple(cache.stride())}; k_new/v_new are written into it in place, so it "
                                  "must own its memory (e.g. .contiguous())")
-        if not torch.compiler.is_compiling() and k_cache.data_ptr() == v_cache.data_ptr() and k_cache.numel():
+        if not torch.compiler.is_compiling() and k_cache.data_ptr() == v_cache.data_ptr() and k_cache.numel() \
+                and value_channels(k_cache, v_cache) is None:
             raise ValueError(f"{op}: k_cache and v_cache are the same memory; k_new and v_new would "
                              "overwrite each other")
         for name, t, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
@@ -224,6 +225,42 @@ def check_kvcache(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
     if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
         raise ValueError(f"{op}: num_splits must be an int >= 1 or None, got {num_splits!r}")
     return cache_seqlens
+
+
+def value_channels(k_cache, v_cache) -> Optional[int]:
+    """The channel offset o where ``v_cache`` is ``k_cache[..., o:o + Dv]``, a view of some of
+    K's channels (MLA's latent: V is the first 512 of the 576 cached channels), else None.
+    Such a view shares K's storage, its shape but the last dim and its strides (those of dims
+    longer than 1). Not read while torch.compile traces (storage identity is a runtime fact)."""
+    if not (isinstance(k_cache, Tensor) and isinstance(v_cache, Tensor)) or k_cache.dim() != v_cache.dim() \
+            or k_cache.shape[:-1] != v_cache.shape[:-1] or torch.compiler.is_compiling() or not k_cache.numel():
+        return None
+    if k_cache.untyped_storage().data_ptr() != v_cache.untyped_storage().data_ptr():
+        return None
+    if any(n > 1 and sk != sv for n, sk, sv in zip(v_cache.shape, k_cache.stride(), v_cache.stride())):
+        return None
+    step, delta = k_cache.stride(-1), v_cache.storage_offset() - k_cache.storage_offset()
+    if step <= 0 or delta % step:
+        return None
+    o = delta // step
+    return o if 0 <= o and o + v_cache.shape[-1] <= k_cache.shape[-1] else None
+
+
+def value_new_in_keys(op: str, k_new: Tensor, v_new, offset: int, dv: int, rotary_cos) -> Tensor:
+    """v_new where the value cache is the key cache's channels offset .. offset + dv - 1
+    (``value_channels``): k_new's own channels there, written once, with the keys. v_new must
+    be None, and a rotary embedding must leave those channels alone (R <= offset), or the keys
+    and values written would disagree."""
+    if v_new is not None:
+        got = shape_str(v_new) if isinstance(v_new, Tensor) else type(v_new).__name__
+        raise ValueError(f"{op}: v_cache is k_cache[..., {offset}:{offset + dv}], the same memory (the values are "
+                         f"channels of the keys), so v_new must be None: k_new's channels {offset}..{offset + dv - 1} "
+                         f"are the new values; got v_new {got}")
+    if isinstance(rotary_cos, Tensor) and rotary_cos.dim() == 2 and 2 * rotary_cos.shape[1] > offset:
+        raise ValueError(f"{op}: v_cache is k_cache[..., {offset}:{offset + dv}] and rotary_cos "
+                         f"{shape_str(rotary_cos)} rotates k_new's first {2 * rotary_cos.shape[1]} channels, "
+                         "which would rotate the values too; rotate k_new before the call instead")
+    return k_new[..., offset:offset + dv]
 
 
 def check_pages(op: str, q: Tensor, k_pages: Tensor, v_pages: Tensor, block_table) -> None:
@@ -432,6 +469,9 @@ def check_decode(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seq
     validated call. The values of cache_seqlens, cu_seqlens_q and block_table are read only
     where ``values_readable``."""
     readable = values_readable(q)
+    offset = value_channels(k_cache, v_cache)
+    if offset is not None and isinstance(k_new, Tensor) and k_new.dim() and k_new.shape[-1] == k_cache.shape[-1]:
+        v_new = value_new_in_keys(op, k_new, v_new, offset, v_cache.shape[-1], rotary_cos)
     q4, k_new4, v_new4 = q, k_new, v_new
     if cu_seqlens_q is not None:  # the 4-D checks see (B, H, total, D) views of the packed tensors
         q4, k_new4, v_new4 = check_ragged_q(op, q, k_new, v_new, cu_seqlens_q, max_seqlen_q, readable)

@@ -57,7 +57,9 @@ Case names: ``flash-<dtype>-d<D>-<causal|full>`` (features off, the headline sha
 tokens per batch, hidden 2048: L=4096, H=2048/D, compiled at B=1, which gives B=4's binary;
 see ``headline_shape``) and ``...-features`` (bias with its
 gradient, ALiBi, softcap, dropout, a left window: the largest footprint, smaller L);
-``decode-<dtype>-d<D>-<causal|full>[-features]``; ``sparse-<dtype>-d<D>-bs<block>-<causal|full>``;
+``decode-<dtype>-d<D>-<causal|full>[-features]`` (D up to 512) and
+``decode-<dtype>-d576v512-mla-<causal|full>[-features]`` (MLA: paged, V a view of K's latent);
+``sparse-<dtype>-d<D>-bs<block>-<causal|full>``;
 ``linear-<dtype>-m<M>-dv<Dv>-<causal|full>``.
 """
 import contextlib
@@ -481,11 +483,39 @@ def decode_launches(dtype, d, causal, features):
     return launches + single
 
 
+def mla_decode_launches(dtype, causal, features):
+    """Absorbed MLA decode: one latent kv head of 576 channels in pages of 64, V its first 512
+    channels (read in place, a view), 64 query heads, one new token per sequence (appended with
+    the values in the keys: v_new None), batch 8 at 4k context. Features: ALiBi, softcap, a
+    left window (rotary would turn the values: MLA rotates k_new before the call)."""
+    from fastattn.ops.decode import op
+
+    b, hq, d, dv, page, lmax = 8, 64, 576, 512, 64, 4096
+    q = torch.empty(b, hq, 1, d, dtype=dtype)
+    pages = torch.empty(b * lmax // page, page, 1, d, dtype=dtype)
+    table = torch.arange(b * lmax // page, dtype=torch.int32).view(b, lmax // page)
+    k_new = torch.empty(b, 1, 1, d, dtype=dtype)
+    seqlens = torch.full((b,), lmax - 1, dtype=torch.int32)
+    opts = dict(scale=d ** -0.5, window_right=0 if causal else None, block_table=table)
+    if features:
+        opts.update(alibi=torch.empty(hq), softcap=30.0, window_left=1024)
+    with recording() as launches:
+        op.decode_attn(q, pages, pages[..., :dv], seqlens, k_new=k_new, v_new=k_new[..., :dv], **opts)
+    with recording("single") as single:
+        op.decode_attn(q, pages, pages[..., :dv], seqlens, num_splits=1, **opts)
+    return launches + single
+
+
 def _decode_cases():
     kernels = {"decode_split_kernel": ("split", ("key", "BLOCK_N")),
                "decode_merge_kernel": ("merge", (None, None)),
                "kv_append_kernel": ("append", (None, None))}
-    return _grid("decode", (16, 40, 64, 80, 128, 256), decode_launches, kernels)
+    cases = _grid("decode", (16, 40, 64, 80, 128, 256, 512), decode_launches, kernels)
+    mla = _grid("decode", (576,), lambda dtype, d, causal, features: mla_decode_launches(dtype, causal, features),
+                kernels)
+    mla_name = (lambda name: name.replace("-d576-", "-d576v512-mla-"))  # noqa: E731
+    cases.update({mla_name(name): case._replace(rest=mla_name(case.rest)) for name, case in mla.items()})
+    return cases
 
 
 def sparse_launches(dtype, d, block, causal):

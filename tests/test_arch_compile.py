@@ -45,7 +45,14 @@ def fits_cases(arch: int) -> list[str]:
         return [f"flash-{dt}-d{d}-causal-features" for d in (128, 256)]
     return ([f"flash-{dt}-d{d}-causal-features" for d in (64, 128, 256)]
             + ["flash-float32-d256-causal-features", f"decode-{dt}-d256-causal-features",
-               "sparse-float16-d128-bs128-causal", f"linear-{dt}-m256-dv256-causal"])
+               "sparse-float16-d128-bs128-causal", f"linear-{dt}-m256-dv256-causal"]
+            + mla_decode_cases(arch))
+
+
+def mla_decode_cases(arch: int) -> list[str]:
+    """Absorbed MLA decode (q/k 576, v 512 read in place from the paged latent) on the GPUs
+    its tiles were chosen for (``_launch._DECODE_WIDE``)."""
+    return ["decode-bfloat16-d576v512-mla-causal"] if arch in (80, 89, 90, 120) else []
 
 
 # The bar on sm_75: spill bytes (stores) per headline kernel and head dim with 16 x 16 tiles, the
@@ -74,6 +81,16 @@ def test_every_kernel_fits_shared_memory(results_dir, arch, case):  # noqa: F811
     assert result["kernels"], f"{case} compiled no kernel"
     too_big = {k["name"]: k["shared"] for k in result["kernels"] if not k["fits"]}
     assert not too_big, f"sm_{arch}: shared memory (bytes) over the per-block limit: {too_big}"
+
+
+@pytest.mark.parametrize("arch,case", _params(mla_decode_cases))
+def test_mla_decode_spills_nothing_and_runs_on_tensor_cores(results_dir, arch, case):  # noqa: F811
+    """Its kernels (compiled for the fits check already) spill nothing, and the split-KV
+    kernel's products run on the tensor cores (mma.sync: wgmma's 64-row tiles spill at 576)."""
+    for k in case_result(results_dir, case, arch)["kernels"]:
+        assert k["spill_stores"] == 0, f"{k['name']} on sm_{arch}: spills {k['spill_stores']} bytes"
+        if "-split-" in k["name"]:
+            assert k["hmma"] > 0, f"{k['name']} on sm_{arch}: its products run on {k['mma']}"
 
 
 @pytest.mark.parametrize("arch,case", _params(headline_cases))

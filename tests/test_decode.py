@@ -16,7 +16,7 @@ import fastattn  # noqa: E402
 from fastattn.nn import KVCache  # noqa: E402
 from fastattn.ops.decode import op as decode_op  # noqa: E402
 from fastattn.ops.decode.reference import (  # noqa: E402
-    append_reference, apply_rotary, decode_reference, rotary_positions)
+    append_reference, apply_rotary, decode_reference, gather_pages, rotary_positions)
 from fastattn.ops.flash.reference import attention_reference  # noqa: E402
 from helpers import assert_close_rule, max_err  # noqa: E402
 
@@ -752,3 +752,235 @@ def test_batch_invariant_ragged_step_equals_training_forward(device):
             out = fastattn.attention_with_kvcache(q, kc, vc, held, k_new=k_new, v_new=v_new, cu_seqlens_q=cu,
                                                   max_seqlen_q=3)
     assert torch.equal(bits(out), bits(torch.cat(want)))
+
+
+# ------------------------------------------------------------------ head dims 512 and MLA's 576/512
+
+def paged_copy(cache, table, page_size):
+    """Pages (num_pages, page_size, Hkv, D) holding the contiguous (B, Hkv, Lmax, D) ``cache``
+    through the int32 block table (B, Lmax / page_size) of distinct pages."""
+    b, hkv, lmax, d = cache.shape
+    pages = torch.empty(table.numel(), page_size, hkv, d, dtype=cache.dtype, device=cache.device)
+    pages[table.long().flatten()] = cache.view(b, hkv, -1, page_size, d).permute(0, 2, 3, 1, 4).flatten(0, 1)
+    return pages
+
+
+# name -> (dtype, B, Hq, Hkv, Lq = Lnew, D, Dv, lengths, num_splits, layout, options): q/k head
+# dims 512 and 576 with v 512 (and 128 with v 512), contiguous (a transposed view) and paged
+# (pages of 16), one and several new tokens, splits 1 to 3, rotary, window, ALiBi, softcap, sinks.
+WIDE = {
+    "d512-fp16-gqa2-2tok-split3-rotary-window": (
+        torch.float16, 2, 4, 2, 2, 512, 512, [9, 37], 3, "contiguous", dict(rotary=64, window=(20, None))),
+    "d576v512-bf16-mqa8-1tok-split2-alibi-softcap-sinks": (
+        torch.bfloat16, 2, 8, 1, 1, 576, 512, [0, 40], 2, "contiguous", dict(alibi=True, softcap=5.0, sinks=True)),
+    "d576v512-fp32-mqa4-3tok-split1-noncausal": (
+        torch.float32, 1, 4, 1, 3, 576, 512, [21], 1, "contiguous", dict(causal=False)),
+    "d512-fp32-paged16-gqa2-3tok-split2-gptj": (
+        torch.float32, 2, 4, 2, 3, 512, 512, [14, 30], 2, "paged", dict(rotary=32, interleaved=True)),
+    "d576v512-fp16-paged16-mqa8-1tok-split3": (
+        torch.float16, 2, 8, 1, 1, 576, 512, [16, 33], 3, "paged", {}),
+    "d128v512-bf16-paged16-mha-1tok-split2-window": (
+        torch.bfloat16, 2, 2, 2, 1, 128, 512, [5, 40], 2, "paged", dict(window=(12, None))),
+}
+
+
+def _wide_options(opts, hq, lmax, device):
+    kw = {}
+    if "rotary" in opts:
+        kw.update(zip(("rotary_cos", "rotary_sin"), rope_tables(lmax, opts["rotary"], device)),
+                  rotary_interleaved=opts.get("interleaved", False))
+    if opts.get("alibi"):
+        kw["alibi_slopes"] = torch.rand(hq, device=device)
+    if opts.get("sinks"):
+        kw["sinks"] = torch.randn(hq, device=device)
+    kw.update({n: opts[n] for n in ("window", "softcap", "causal") if n in opts})
+    return kw
+
+
+@pytest.mark.parametrize("case", list(WIDE))
+def test_head_dims_512_and_mla(case, device):
+    """attention_with_kvcache on the kernels at q/k head dims 512 / 576 and v 512: out and lse
+    against the float64 oracle (error rule), the cache after the append bit for bit (paged: the
+    pages hold what the contiguous kernel call writes)."""
+    dtype, b, hq, hkv, lnew, d, dv, lengths, splits, layout, opts = WIDE[case]
+    lmax = 48
+    kw = _wide_options(opts, hq, lmax, device)
+    q = torch.randn(b, lnew, hq, d, device=device).to(dtype).transpose(1, 2)
+    k_cache = make_cache(b, hkv, lmax, d, lengths, dtype, device, transposed=layout == "contiguous")
+    v_cache = make_cache(b, hkv, lmax, dv, lengths, dtype, device)
+    k_new = torch.randn(b, hkv, lnew, d, device=device).to(dtype)
+    v_new = torch.randn(b, hkv, lnew, dv, device=device).to(dtype)
+    if layout == "contiguous":
+        run_and_check(q, k_cache, v_cache, lengths, k_new, v_new, num_splits=splits, **kw)
+        return
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    table = torch.randperm(b * lmax // 16, device=device).to(torch.int32).view(b, lmax // 16)
+    k_pages, v_pages = paged_copy(k_cache, table, 16), paged_copy(v_cache, table, 16)
+    oracle, oracle_lse = decode_reference(q.double(), k_cache.double(), v_cache.double(), seqlens, k_new.double(),
+                                          v_new.double(), return_lse=True, **kw)
+    base, base_lse = decode_reference(q, k_cache, v_cache, seqlens, k_new, v_new, return_lse=True, **kw)
+    with fastattn.use_backend("triton"):
+        out, lse = fastattn.attention_with_kvcache(q, k_pages, v_pages, seqlens, k_new=k_new, v_new=v_new,
+                                                   block_table=table, num_splits=splits, return_lse=True, **kw)
+    assert_close_rule("out", out, oracle, base)
+    assert_close_rule("lse", lse, oracle_lse, base_lse)
+    run_and_check(q, k_cache, v_cache, lengths, k_new, v_new, num_splits=1, **kw)  # the contiguous call's writes
+    got_k, got_v = gather_pages(k_pages, table), gather_pages(v_pages, table)
+    assert torch.equal(bits(got_k), bits(k_cache)) and torch.equal(bits(got_v), bits(v_cache))
+
+
+class _Recorder:
+    """Stands in for a kernel: records each launch's positional arguments under ``name`` in
+    ``seen``, then launches."""
+
+    def __init__(self, kernel, seen, name):
+        self.kernel, self.seen, self.name = kernel, seen, name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen[self.name] = args
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged", "ragged-paged"])
+def test_mla_values_read_in_place_from_the_latent(layout, device, monkeypatch):
+    """Absorbed MLA decode: one latent KV head of 576 channels (512 latent + 64 rotary), 16
+    query heads, V the cache's first 512 channels (``v_cache = kv_cache[..., :512]``), new
+    tokens appended with v_new None (their first 512 channels are the values, written once with
+    the keys). The kernels get the cache's own memory and strides as K and V (no copy); out and
+    lse match the float64 oracle (error rule); the cache is its old contents plus k_new."""
+    from fastattn.ops.decode import kernels
+
+    dtype, b, hq, d, dv, lmax = torch.bfloat16, 2, 16, 576, 512, 48
+    lengths, counts = [7, 30], ([3, 1] if layout == "ragged-paged" else [1, 1])
+    kv = make_cache(b, 1, lmax, d, lengths, dtype, device)
+    new = [torch.randn(1, c, d, device=device).to(dtype) for c in counts]  # (1, c, D) per sequence
+    qs = [torch.randn(hq, c, d, device=device).to(dtype) for c in counts]
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    oracle, base = [], []
+    for i, c in enumerate(counts):  # per sequence, V the first dv channels of K's cache
+        for want, cast in ((oracle, torch.Tensor.double), (base, lambda t: t)):
+            kc = cast(kv[i:i + 1])
+            want.append(decode_reference(cast(qs[i])[None], kc, kc[..., :dv], seqlens[i:i + 1], cast(new[i])[None],
+                                         cast(new[i])[None, ..., :dv], return_lse=True))
+    expect = kv.clone()
+    for i, (n, c) in enumerate(zip(lengths, counts)):
+        expect[i, :, n:n + c] = new[i]
+    kw = dict(num_splits=2, return_lse=True)
+    cache = kv
+    if layout != "contiguous":
+        table = torch.randperm(b * lmax // 16, device=device).to(torch.int32).view(b, lmax // 16)
+        cache, kw["block_table"] = paged_copy(kv, table, 16), table
+    if layout == "ragged-paged":  # packed (total, H, D)
+        q, k_new = torch.cat([x.transpose(0, 1) for x in qs]), torch.cat([x.transpose(0, 1) for x in new])
+        cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        kw.update(cu_seqlens_q=cu, max_seqlen_q=max(counts))
+    else:
+        q, k_new = torch.stack(qs), torch.stack(new)
+    seen = {}
+    for name in ("decode_split_kernel", "kv_append_kernel"):
+        monkeypatch.setattr(kernels, name, _Recorder(getattr(kernels, name), seen, name))
+    with fastattn.use_backend("triton"):
+        out, lse = fastattn.attention_with_kvcache(q, cache, cache[..., :dv], seqlens, k_new=k_new, **kw)
+    for name, at in (("decode_split_kernel", 1), ("kv_append_kernel", 2)):  # their K and V arguments
+        for t in seen[name][at:at + 2]:
+            assert t.data_ptr() == cache.data_ptr() and t.stride() == cache.stride(), f"{name} reads a copy"
+    outs, lses = out.split(1), lse.split(1)
+    if layout == "ragged-paged":  # packed (total, Hq, Dv) / (Hq, total) back to per sequence
+        outs, lses = [o.transpose(0, 1)[None] for o in out.split(counts)], [x[None] for x in lse.split(counts, 1)]
+    for i in range(b):
+        assert_close_rule("out", outs[i], oracle[i][0], base[i][0])
+        assert_close_rule("lse", lses[i], oracle[i][1], base[i][1])
+    got = kv if layout == "contiguous" else gather_pages(cache, table)
+    assert torch.equal(bits(got), bits(expect)), "the cache is not its old contents plus k_new"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_values_as_later_key_channels_with_rotary_on_the_first(backend, device):
+    """V as K's channels 16..47 (the rotary channels 0..15 first): RoPE of the first 16
+    channels (in the kernels, or the reference under "torch") leaves the values alone; v_new
+    None appends k_new's channels 16..47 as the values. Against the float64 oracle (error
+    rule), the rotated channels by the rule, the rest of the cache bit for bit."""
+    b, hq, d, dv, lengths, lmax = 2, 4, 48, 32, [5, 20], 32
+    cos, sin = rope_tables(lmax, 16, device)
+    kv = make_cache(b, 1, lmax, d, lengths, torch.float16, device)
+    q = torch.randn(b, hq, 1, d, device=device).to(torch.float16)
+    k_new = torch.randn(b, 1, 1, d, device=device).to(torch.float16)
+    before = kv.clone()
+    rot = dict(rotary_cos=cos, rotary_sin=sin)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    with fastattn.use_backend(backend):
+        out = fastattn.attention_with_kvcache(q, kv, kv[..., 16:], seqlens, k_new=k_new, num_splits=2, **rot)
+    want = [decode_reference(q.to(t), before.to(t), before[..., 16:].to(t), seqlens, k_new.to(t),
+                             k_new[..., 16:].to(t), **rot) for t in (torch.float64, torch.float16)]
+    assert_close_rule("out", out, *want)
+    pos = rotary_positions(seqlens, 1, 1, 1)
+    written = torch.stack([kv[i, :, n] for i, n in enumerate(lengths)])[:, :, None]  # (B, 1, 1, D)
+    assert_close_rule("rotated channels", written[..., :16], apply_rotary(k_new.double(), cos, sin, pos)[..., :16],
+                      apply_rotary(k_new, cos, sin, pos)[..., :16])
+    assert torch.equal(bits(written[..., 16:]), bits(k_new[..., 16:])), "the values are k_new's channels 16.."
+    for i, n in enumerate(lengths):
+        before[i, :, n] = kv[i, :, n]
+    assert torch.equal(bits(kv), bits(before)), "a slot besides the new token's changed"
+
+
+@pytest.mark.parametrize("bad", ["v_new-given", "rotary-over-the-values"])
+def test_inconsistent_values_in_keys_raise(bad, device):
+    """With v_cache a view of k_cache's channels the append writes K only: a v_new or a rotary
+    embedding over the value channels is refused naming the argument, and nothing is written.
+    (One buffer as both caches that is not a channel view still raises: test_hard_inputs.)"""
+    kv = torch.randn(1, 1, 16, 48, device=device)
+    q, k_new = torch.randn(1, 2, 1, 48, device=device), torch.randn(1, 1, 1, 48, device=device)
+    kw, match = dict(v_new=k_new[..., :32]), "v_new must be None"
+    if bad == "rotary-over-the-values":
+        kw = dict(zip(("rotary_cos", "rotary_sin"), rope_tables(16, 16, device)))
+        match = "rotary_cos .* would rotate the values"
+    before = kv.clone()
+    with pytest.raises(ValueError, match=match):
+        fastattn.attention_with_kvcache(q, kv, kv[..., :32], 3, k_new=k_new, **kw)
+    assert torch.equal(kv, before)
+
+
+def test_flash_attn_with_kvcache_mla(device):
+    """FlashAttention's interface with MLA's shapes: q (B, 1, 16, 576), the latent cache
+    (B, Lmax, 1, 576) and its first 512 channels as v_cache, k appended with v None: equals
+    attention_with_kvcache on the same (transposed) inputs, bit for bit, caches included."""
+    from fastattn.flash_attn_interface import flash_attn_with_kvcache
+
+    b, lmax, d, dv = 2, 32, 576, 512
+    kv = torch.randn(b, lmax, 1, d, device=device).to(torch.bfloat16)
+    q, k = (torch.randn(b, 1, h, d, device=device).to(torch.bfloat16) for h in (16, 1))
+    seqlens = torch.tensor([9, 30], dtype=torch.int32, device=device)
+    kv2 = kv.clone()
+    with fastattn.use_backend("triton"):
+        out, lse = flash_attn_with_kvcache(q, kv, kv[..., :dv], k=k, cache_seqlens=seqlens, causal=True,
+                                           num_splits=2, return_softmax_lse=True)
+        want, want_lse = fastattn.attention_with_kvcache(
+            q.transpose(1, 2), kv2.transpose(1, 2), kv2.transpose(1, 2)[..., :dv], seqlens,
+            k_new=k.transpose(1, 2), num_splits=2, return_lse=True)
+    assert out.shape == (b, 1, 16, dv)
+    assert torch.equal(bits(out), bits(want.transpose(1, 2))) and torch.equal(lse, want_lse)
+    assert torch.equal(bits(kv), bits(kv2))
+
+
+def test_batch_invariant_decode_at_head_dim_512(device):
+    """fastattn.batch_invariant() at head dim 512 (v 256): two new tokens of a ragged batch
+    equal rows of flash_attention(causal=True) over the whole sequences, bit for bit. (At MLA's
+    576 the interpreter cannot say: NumPy's fp32 matmul over 1024 columns sums in an order that
+    depends on the row count, and the decode tile has fewer rows than the forward's.)"""
+    hq, hkv, d, dv, dtype, lnew, lengths = 4, 1, 512, 256, torch.bfloat16, 2, [70, 45]
+    seqs = [[torch.randn(1, h, n, w, device=device, dtype=dtype) for h, w in ((hq, d), (hkv, d), (hkv, dv))]
+            for n in lengths]
+    held = [n - lnew for n in lengths]
+    kc, vc = (torch.zeros(2, hkv, 80, w, device=device, dtype=dtype) for w in (d, dv))
+    for i, n in enumerate(held):
+        kc[i, :, :n], vc[i, :, :n] = seqs[i][1][0, :, :n], seqs[i][2][0, :, :n]
+    q, k_new, v_new = (torch.cat([s[x][:, :, -lnew:] for s in seqs]) for x in range(3))
+    with fastattn.use_backend("triton"):
+        want = [fastattn.flash_attention(*s, causal=True)[:, :, -lnew:] for s in seqs]
+        with fastattn.batch_invariant():
+            out = fastattn.attention_with_kvcache(q, kc, vc, torch.tensor(held, dtype=torch.int32, device=device),
+                                                  k_new=k_new, v_new=v_new)
+    for r in range(2):
+        assert torch.equal(bits(out[r:r + 1]), bits(want[r])), f"sequence {r}"

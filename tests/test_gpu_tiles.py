@@ -13,12 +13,14 @@ import torch
 
 pytest.importorskip("triton")
 
+import fastattn  # noqa: E402
 from fastattn import sparse  # noqa: E402
+from fastattn.ops.decode.reference import decode_reference  # noqa: E402
 from fastattn.ops.flash import op as flash_op  # noqa: E402
 from fastattn.ops.linear import op as linear_op  # noqa: E402
 from fastattn.ops.flash.reference import attention_reference  # noqa: E402
 from helpers import assert_close_rule, pairwise, randn  # noqa: E402
-from test_decode import make_cache, run_and_check  # noqa: E402
+from test_decode import make_cache, paged_copy, run_and_check  # noqa: E402
 from test_flash import check_against_reference as check_flash  # noqa: E402
 from test_linear import check_against_reference as check_linear  # noqa: E402
 from test_sparse import check as check_sparse  # noqa: E402
@@ -334,3 +336,68 @@ def test_flash_wide_head_dims(arch, dtype, d, dv, feature, device, monkeypatch):
         kw.update(window=(20, None), softcap=5.0, scale=0.05, alibi_slopes=torch.rand(hq, device=device),
                   attn_bias=randn((1, hq, lq, lk), dtype, device, requires_grad=True))
     check_flash(q, k, v, **kw)
+
+
+def test_decode_wide_head_dims(device):
+    """The H100's bf16 decode tiles at head dim 512 (32 query rows, 32 keys) and MLA's 576/512
+    (32 x 16, pages of 64, V the first 512 channels of the cached latent): 40 query rows per kv
+    head leave a partial row block, ragged lengths partial key blocks, two splits."""
+    from fastattn.ops.decode import op as decode_op
+
+    assert decode_op.block_config(512, 40, torch.bfloat16)[:2] == (32, 32)
+    assert decode_op.block_config(576, 40, torch.bfloat16, 64)[:2] == (32, 16)
+    lengths = [5, 40]
+    q = torch.randn(2, 20, 2, 512, device=device).to(torch.bfloat16)
+    k_cache, v_cache = (make_cache(2, 1, 48, 512, lengths, torch.bfloat16, device) for _ in range(2))
+    k_new, v_new = (torch.randn(2, 1, 2, 512, device=device).to(torch.bfloat16) for _ in range(2))
+    run_and_check(q, k_cache, v_cache, lengths, k_new, v_new, num_splits=2)
+    # MLA: 40 query heads on one latent head, one new token appended with v_new None.
+    kv = make_cache(2, 1, 128, 576, lengths, torch.bfloat16, device)
+    q, k_new = (torch.randn(2, h, 1, 576, device=device).to(torch.bfloat16) for h in (40, 1))
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    oracle, base = (decode_reference(q.to(t), kv.to(t), kv[..., :512].to(t), seqlens, k_new.to(t),
+                                     k_new[..., :512].to(t)) for t in (torch.float64, torch.bfloat16))
+    table = torch.randperm(4, device=device).to(torch.int32).view(2, 2)
+    pages = paged_copy(kv, table, 64)
+    with fastattn.use_backend("triton"):
+        out = fastattn.attention_with_kvcache(q, pages, pages[..., :512], seqlens, k_new=k_new, block_table=table,
+                                              num_splits=2)
+    assert_close_rule("mla out", out, oracle, base)
+    for i, n in enumerate(lengths):
+        assert torch.equal(pages[table[i, n // 64], n % 64], k_new[i, :, 0])
+
+
+@pytest.mark.parametrize("arch,dtype,d", [(89, torch.float32, 576), (75, torch.float16, 576)],
+                         ids=["sm89-fp32-d576", "sm75-fp16-d576"])
+def test_decode_without_tiles_is_refused_or_falls_back(arch, dtype, d, device, monkeypatch):
+    """MLA's 576/512 where no decode tile fits the shared memory (fp32 on a 99 KB GPU, fp16 on
+    sm_75's 64 KB): the router refuses it (use_backend("triton") names why) and "auto" runs it
+    off the kernels."""
+    if device == "cuda":
+        pytest.skip("the capability is faked under the interpreter only")
+    monkeypatch.setenv("FASTATTN_GPU_ARCH", str(arch))
+    kv = make_cache(1, 1, 16, d, [9], dtype, device)
+    q = torch.randn(1, 4, 1, d, device=device).to(dtype)
+    name = str(dtype).removeprefix("torch.")
+    with fastattn.use_backend("triton"), pytest.raises(ValueError, match=f"{name} at head dim {d} needs more shared"):
+        fastattn.attention_with_kvcache(q, kv, kv[..., :512], 9)
+    out = fastattn.attention_with_kvcache(q, kv, kv[..., :512], 9)
+    want = attention_reference(q.double(), kv[:, :, :9].double(), kv[:, :, :9, :512].double())
+    assert_close_rule("out", out, want, attention_reference(q, kv[:, :, :9], kv[:, :, :9, :512]))
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_mla_decode_fills_the_h100(batch, heads):
+    """One latent kv head, ``heads`` query heads, one new token, 32k keys: the query heads fill
+    row blocks of 32 (the H100's bf16 tile at 576), and the split count brings the programs to
+    80% of the 132 SMs or more (``choose_num_splits``'s bar; batch 1 with 16 heads: one
+    program, 128 splits at most), so a small batch still fills the GPU."""
+    from fastattn.ops.decode import op as decode_op
+
+    q = torch.empty(batch, heads, 1, 576, dtype=torch.bfloat16, device="meta")
+    pages = torch.empty(batch * 512, 64, 1, 576, dtype=torch.bfloat16, device="meta")
+    table = torch.empty(batch, 512, dtype=torch.int32, device="meta")
+    splits = decode_op._auto_splits(q, pages, pages[..., :512], table, 1, None, None, None)
+    row_blocks = -(-heads // decode_op.block_config(576, heads, torch.bfloat16, 64).block_m)
+    assert batch * row_blocks * splits >= 0.8 * decode_op.H100_SMS

@@ -446,3 +446,31 @@ for _tier_name, _kernels in _WIDE_BLOCKS.items():
         _BLOCKS[_tier_name][_kernel].update(_kernels[_kernel])
         _FEATURE_BLOCKS[_tier_name][_kernel].update(_features[_kernel])
 _SPLIT_KEY_GRADS.update({512, 1024})
+
+
+# Decode (split-KV, append) at padded head dims 512 and 1024 (576/512: MLA): per tier, by dtype
+# width (2: fp16/bf16, 4: fp32), (query rows, keys, warps, stages) of the split kernel and the
+# append's tokens per program, chosen by the static read (tests/sm90.py decode-*-d512-*,
+# decode-*-d576v512-mla-* --arch N; benchmarks/results/static-per-arch.md).
+_DECODE_WIDE = {
+    "sm90": {(2, 512): (32, 32, 8, 3), (2, 1024): (32, 16, 8, 3), (4, 512): (16, 16, 8, 2), (4, 1024): (16, 16, 8, 2)},
+    "sm80": {(2, 512): (32, 16, 8, 3), (2, 1024): (32, 16, 8, 2), (4, 512): (16, 16, 8, 2), (4, 1024): (16, 16, 8, 2)},
+    "sm86": {(2, 512): (32, 16, 8, 2), (2, 1024): (16, 16, 8, 2), (4, 512): (16, 16, 8, 2), (4, 1024): None},
+}
+# sm75 (64 KB; products on FMA): fp16 d512 16 x 16 x 8 warps asks for exactly its 65,536 B; at
+# 1024, and fp32, no tile fits.
+_DECODE_WIDE["sm75"] = {(2, 512): (16, 16, 8, 2), (2, 1024): None, (4, 512): None, (4, 1024): None}
+_DECODE_WIDE.update(sm100=_DECODE_WIDE["sm90"], sm120=_DECODE_WIDE["sm86"])
+_DECODE_WIDE_APPEND = 8  # new tokens per append program: 8 rows of 1024 + 512 channels
+
+
+def decode_wide_tiles(head_dim: int, dtype: torch.dtype,
+                      device: Optional[torch.device] = None) -> Optional[tuple[int, int, int, int, int]]:
+    """The decode kernels' (query rows, keys, warps, stages, append tokens) at padded head dim
+    ``head_dim`` 512 or 1024 on the GPU of ``device`` (``_DECODE_WIDE``; the interpreter's own
+    tiles aside, sm_90's), or None where no tile fits the GPU's shared memory: fp32 at 1024 on
+    the 99 KB GPUs, whose 16 x 16 tiles of q, K and V alone (products on FMA pass every operand
+    through shared memory) take 160 KB; on sm_75 (64 KB) anything but fp16 at 512."""
+    gpu_tier = tier(device) or "sm90"
+    tiles = _DECODE_WIDE[gpu_tier][min(torch.finfo(dtype).bits // 8, 4), head_dim]
+    return None if tiles is None else (*tiles, _DECODE_WIDE_APPEND)

@@ -28,7 +28,7 @@ def run(call: DecodeCall):
     Raises:
         ValueError: under ``use_backend("triton")``, when the kernels cannot take the call."""
     route = backend.route(OP, "decode", *_router_shapes(call), needs_grad=call.needs_grad,
-                          torch_sdpa=fallback.sdpa_expressible(call))
+                          torch_sdpa=fallback.sdpa_expressible(call), extra_refusals=_no_tiles(call))
     if route.impl == "kernel":
         out, lse = _kernels(call)
     elif call.cu_seqlens_q is not None:
@@ -40,6 +40,21 @@ def run(call: DecodeCall):
     else:
         out, lse = _reference(call)
     return (out, lse) if call.return_lse else out
+
+
+def _no_tiles(call: DecodeCall) -> list[str]:
+    """Why the kernels have no tiles for this call on its GPU (``_launch.decode_wide_tiles``):
+    a head dim past 256 that no tile fits into the GPU's shared memory per block (fp32 at MLA's
+    576 on the 99 KB GPUs; on sm_75 all but fp16 at 512)."""
+    head_dim = max(call.q.shape[-1], call.layout.head_dim_v)
+    if head_dim <= 256 or not backend.triton_available():
+        return []
+    from fastattn.ops import _launch  # imports triton
+
+    if _launch.decode_wide_tiles(_launch.pad(head_dim), call.q.dtype, call.q.device) is not None:
+        return []
+    return [f"{str(call.q.dtype).removeprefix('torch.')} at head dim {head_dim} needs more shared memory per block "
+            f"than the GPU of {call.q.device} has"]
 
 
 def _router_shapes(call: DecodeCall) -> tuple[Tensor, Tensor, Tensor]:

@@ -23,7 +23,7 @@ from fastattn._env import gpu_tiles
 from fastattn.ops import _launch
 from fastattn.ops._launch import pad
 from fastattn.ops.decode import kernels
-from fastattn.validation import CacheLayout
+from fastattn.validation import CacheLayout, value_channels
 
 H100_SMS = 132
 MAX_SPLITS = 128
@@ -37,13 +37,14 @@ _INTERPRETER_BLOCK_N = 16
 
 
 class Tiles(NamedTuple):
-    """The decode kernels' tiles: query rows and keys per split program, its warps, and new
-    tokens per append program."""
+    """The decode kernels' tiles: query rows and keys per split program, its warps, new
+    tokens per append program, and the split kernel's pipeline stages."""
 
     block_m: int
     block_n: int
     num_warps: int
     block_l: int
+    num_stages: int = 3
 
 
 def block_config(head_dim: int, rows: int, dtype: torch.dtype, page_size: Optional[int] = None) -> Tiles:
@@ -53,12 +54,17 @@ def block_config(head_dim: int, rows: int, dtype: torch.dtype, page_size: Option
     block_m = min(_MAX_BLOCK_M, pad(rows))
     if not gpu_tiles():
         return Tiles(block_m, _INTERPRETER_BLOCK_N, 4, 16)
-    block_m, block_n = _launch.decode_tiles(block_m, _BLOCK_N[pad(head_dim)], head_dim)  # capped per GPU
-    if dtype == torch.float32 and head_dim > 64:
-        block_n = max(16, block_n // 2)  # fp32 tiles take twice the bytes
+    if pad(head_dim) > 256:  # 512 and MLA's 1024: tiles per GPU and dtype (few rows: 2 KB per fp32 row)
+        most_m, block_n, warps, stages, block_l = _launch.decode_wide_tiles(pad(head_dim), dtype)
+        tiles = Tiles(min(block_m, most_m), block_n, warps, block_l, stages)
+    else:
+        block_m, block_n = _launch.decode_tiles(block_m, _BLOCK_N[pad(head_dim)], head_dim)  # capped per GPU
+        if dtype == torch.float32 and head_dim > 64:
+            block_n = max(16, block_n // 2)  # fp32 tiles take twice the bytes
+        tiles = Tiles(block_m, block_n, 4, 32)
     if page_size is not None and page_size >= 16 and page_size & (page_size - 1) == 0:
-        block_n = min(block_n, page_size)
-    return Tiles(block_m, block_n, 4, 32)
+        tiles = tiles._replace(block_n=min(tiles.block_n, page_size))
+    return tiles
 
 
 def forward_tiles(head_dim: int, dtype: torch.dtype, device: torch.device) -> _launch.Tiles:
@@ -120,12 +126,16 @@ def _packed_strides(t: Tensor) -> tuple:
 def _append(k_cache, v_cache, seqlens, k_new, v_new, cos, sin, interleaved, block_table, cu_seqlens_q,
             max_seqlen_q):
     layout = CacheLayout.of(k_cache, v_cache, block_table)
+    # V a view of K's channels (MLA's latent): K's store writes the values; HEAD_DIM_V 0 masks V's store off.
+    values_in_keys = value_channels(k_cache, v_cache) is not None
+    if values_in_keys:
+        v_new, v_cache = k_new, k_cache
     varlen = cu_seqlens_q is not None
     if varlen:  # packed (total, Hkv, D): the batch comes from the offsets, Lnew is an upper bound
         lnew, new_strides = max_seqlen_q, (_packed_strides(k_new), _packed_strides(v_new))
     else:
         lnew, new_strides = k_new.shape[2], (k_new.stride(), v_new.stride())
-    d, dv = k_new.shape[-1], v_new.shape[-1]
+    d, dv = k_new.shape[-1], 0 if values_in_keys else v_new.shape[-1]
     block_l = block_config(max(d, dv), 1, k_new.dtype).block_l
     (cos_t, sin_t, rotary), rot = _rotary_args(k_new, cos, sin, interleaved)
     k_strides, v_strides, bt, table, paged = _cache_args(k_cache, v_cache, block_table, layout)
@@ -195,7 +205,8 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seql
         table=table, fwd_block_m=fwd.block_m, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, BLOCK_D=pad(d), BLOCK_DV=pad(dv), TERMS=terms, VARLEN=varlen,
         SINGLE_SPLIT=single, FWD_ORDER=fwd_order and single,
-        num_warps=tiles.num_warps, num_stages=fwd.num_stages if fwd_order else 3, **rot, **paged, **flags,
+        num_warps=tiles.num_warps, num_stages=fwd.num_stages if fwd_order else tiles.num_stages, **rot, **paged,
+        **flags,
     )
     if not single:
         kernels.decode_merge_kernel[(lse_t.numel() // num_splits,)](
