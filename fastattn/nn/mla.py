@@ -101,14 +101,13 @@ class LatentCache:
         if self._max[layer] + lnew > self.max_length:
             raise ValueError(f"LatentCache: layer {layer} would hold {self._max[layer] + lnew} tokens, more than "
                              f"max_length={self.max_length}")
-        b = self.batch_size
-        # slot of new token t of sequence b: seqlens[b] + t (ragged), as a scatter index
-        pos = self._len[layer].long()[:, None] + torch.arange(lnew, device=self.device)  # (B, Lnew)
-        kv.scatter_(2, pos[:, None, :, None].expand(b, 1, lnew, kv.shape[-1]), new.to(self.dtype))
+        # the append writes each new [latent | rotary key] once, at each sequence's length; its
+        # first latent_dim channels are the new value (v_new=None: the value cache is a view of kv)
+        out = attention_with_kvcache(q, kv, kv[..., :self.latent_dim], self._len[layer], k_new=new.to(self.dtype),
+                                     causal=True, scale=scale)
         self._len[layer] += lnew
         self._max[layer] += lnew
-        # written here, not as k_new: the key and value caches are one buffer
-        return attention_with_kvcache(q, kv, kv[..., :self.latent_dim], self._len[layer], causal=True, scale=scale)
+        return out
 
     def __repr__(self) -> str:
         return (f"LatentCache(layers={self.num_layers}, batch={self.batch_size}, latent_dim={self.latent_dim}, "
