@@ -446,3 +446,31 @@ for _tier_name, _kernels in _WIDE_BLOCKS.items():
         _BLOCKS[_tier_name][_kernel].update(_kernels[_kernel])
         _FEATURE_BLOCKS[_tier_name][_kernel].update(_features[_kernel])
 _SPLIT_KEY_GRADS.update({512, 1024})
+
+
+def lowp_flags(v_dtype: torch.dtype) -> dict:
+    """``dtype_flags`` of a low-precision forward (fp8 q/k/v, or int8 q/k with 16-bit v): the
+    PV product's, v's dtype; and under the interpreter, whose casts truncate, BF16_RTNE on:
+    every narrowing cast (P to fp8, the output to bf16) rounds to nearest first."""
+    return dict(dtype_flags(v_dtype), BF16_RTNE=interpreting())
+
+
+# The low-precision forward's tiles where the 16-bit ones spill on sm_90 (TMA; the static read,
+# tests/sm90.py flash-<fp8|int8>-d<D>-causal --arch 90 --kernel fwd --tiles ...;
+# benchmarks/results/static-per-arch.md): int8's per-score rescale (int32 -> fp32, times the
+# row and key scales, plus the row shift) holds more registers than a 16-bit score. Elsewhere
+# the 16-bit tables (their shared memory is an upper bound: fp8 and int8 tiles are half as big).
+# fp8 at d256 spills 420-520 B with every tile read (its V tile goes through registers to be
+# transposed for the PV product's fp8 wgmma): not yet fixed.
+_LOWP_TMA_BLOCKS = {("int8", 64): (128, 64, 8, 3), ("int8", 128): (128, 64, 8, 2)}
+
+
+def lowp_candidates(head_dim: int, mode: str, device: Optional[torch.device] = None, tma: bool = False,
+                    features: bool = False) -> list[Tiles]:
+    """``candidates`` of the low-precision forward (``mode`` "fp8" or "int8"): the 16-bit
+    forward's, or on sm_90/sm_100 with TMA and no costly term ``_LOWP_TMA_BLOCKS``'."""
+    gpu = arch(device)
+    tiles = _LOWP_TMA_BLOCKS.get((mode, pad(head_dim)))
+    if gpu is None or _tier(gpu) not in _TMA_TIERS or not tma or features or tiles is None:
+        return candidates(head_dim, torch.bfloat16, "fwd", device, tma, features)
+    return _smaller(Tiles(*tiles), "fwd")
