@@ -266,3 +266,12 @@ def test_fp8_flash_attn_interface(device):
     out = flash_attn_func(*(t.transpose(1, 2) for t in (q8, k8, v8)), causal=True, k_descale=kd)
     expected = fastattn.flash_attention(q8, k8, v8, causal=True, k_descale=kd)
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected.transpose(1, 2))
+
+
+@pytest.mark.parametrize("test", [test_fp8_varlen, test_int8_varlen], ids=["fp8", "int8"])
+def test_gpu_tiles_tma(device, monkeypatch, test):
+    """The H100's launch (FASTATTN_GPU_TILES=1: TMA tensor descriptors and 128-row tiles under
+    the interpreter): a packed sequence's last key tile is zeroed past its end after the TMA
+    load, in the tile's own dtype (int8 too)."""
+    monkeypatch.setenv("FASTATTN_GPU_TILES", "1")
+    test(device, "triton")
