@@ -28,17 +28,18 @@ FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 BACKENDS = ["triton", "torch"]  # the kernels, and the CPU fallback (float32 on the dequantized inputs)
 
 
-def activations(b, hq, hkv, lq, lk, d, device, packed=False):
+def activations(b, hq, hkv, lq, lk, d, device, packed=False, transposed=False):
     """float32 q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D) (or packed (total, H, D) with B = 1):
-    four key channels are four times wider and offset by 8."""
-    q = torch.randn(b, hq, lq, d, device=device)
-    k = torch.randn(b, hkv, lk, d, device=device)
+    four key channels are four times wider and offset by 8. ``transposed``: views of
+    (B, L, H, D) buffers, as models make them."""
+    q = torch.randn(b, lq, hq, d, device=device).transpose(1, 2)
+    k = torch.randn(b, lk, hkv, d, device=device).transpose(1, 2)
     channels = torch.randperm(d, device=device)[:4]
     k[..., channels] = k[..., channels] * 4 + 8
-    v = torch.randn(b, hkv, lk, d, device=device)
+    v = torch.randn(b, lk, hkv, d, device=device).transpose(1, 2)
     if packed:
         return tuple(t[0].transpose(0, 1).contiguous() for t in (q, k, v))
-    return q, k, v
+    return (q, k, v) if transposed else tuple(t.contiguous() for t in (q, k, v))
 
 
 def quantize_fp8(x, dtype, hkv, seq_ids=None, batch=None):
@@ -160,8 +161,8 @@ def fake_int8(q, k):
 
 INT8_CASES = {
     "bf16-causal-gqa-lse": dict(dtype=torch.bfloat16, hq=4, hkv=2, lq=80, lk=80, d=64, causal=True),
-    "fp16-window-sinks-chunk": dict(dtype=torch.float16, hq=2, hkv=2, lq=40, lk=96, d=32, window=(24, 8),
-                                    sinks=True),
+    "fp16-window-sinks-chunk-strided": dict(dtype=torch.float16, hq=2, hkv=2, lq=40, lk=96, d=32, window=(24, 8),
+                                            sinks=True, transposed=True),
     "fp16-softcap-alibi": dict(dtype=torch.float16, hq=4, hkv=1, lq=48, lk=48, d=64, softcap=20.0, alibi=True),
 }
 
@@ -173,7 +174,8 @@ def test_int8_forward(device, name, backend):
     it), and the lse is the real logits'."""
     case = INT8_CASES[name]
     dtype, d = case["dtype"], case["d"]
-    q, k, v = (t.to(dtype) for t in activations(2, case["hq"], case["hkv"], case["lq"], case["lk"], d, device))
+    q, k, v = (t.to(dtype) for t in activations(2, case["hq"], case["hkv"], case["lq"], case["lk"], d, device,
+                                                transposed=case.get("transposed", False)))
     opts = dict(_options(case, case["hq"], device), scale=d ** -0.5)
     with fastattn.use_backend(backend):
         out, lse = fastattn.flash_attention(q, k, v, qk_quant="int8", return_lse=True, **opts)

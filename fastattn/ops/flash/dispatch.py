@@ -91,9 +91,10 @@ def _low_precision(op: str, call: FlashCall):
             lowp = LowPrecision("fp8", call.descale.contiguous(), None, call.out_dtype)
         else:
             q8, q_rows, k8, k_scale = from_int8
-            if packed:  # (total, H, ...) -> (1, H, total, ...), laid out as the kernels' lse
-                q_rows, k_scale = q_rows.transpose(0, 1).contiguous()[None], k_scale.t().contiguous()[None]
-            lowp = LowPrecision("int8", q_rows, k_scale, call.out_dtype)
+            if packed:  # (total, H, ...) -> (1, H, total, ...)
+                q_rows, k_scale = q_rows.transpose(0, 1)[None], k_scale.t()[None]
+            # Contiguous, as the kernel reads them (q_rows laid out as its lse), whatever q's and k's strides.
+            lowp = LowPrecision("int8", q_rows.contiguous(), k_scale.contiguous(), call.out_dtype)
             call = call._replace(q=q8, k=k8)
         out, lse = _kernels(call, lowp)
         if packed:

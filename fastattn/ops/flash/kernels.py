@@ -304,8 +304,8 @@ def attn_fwd_kernel(
     three loops: first the right-edge/diagonal and partial tiles, then the band's left-edge
     tiles (both masked), then those every row sees whole (no masks). With TMA, K and V are
     tensor descriptors of their (B, H, L, D) tensors with blocks (1, 1, BLOCK_N, BLOCK_D).
-    LOWP "fp8": q, k, v in one fp8 dtype, P cast to it for the PV product; "int8": q and k int8
-    (smoothed, ``_low_precision``), v 16-bit. Forward only."""
+    LOWP "fp8": q, k, v in one fp8 dtype, P times P_SCALE cast to it for the PV product; "int8":
+    q and k int8 (smoothed, ``_low_precision``), v 16-bit. Forward only."""
     b, h, _, hk = program_heads(n_heads, group)
     rows_k = seqlen_k  # before _sequence_pair: with VARLEN, the packed total
     b, start_m = packed_block(BLOCKS, b, BLOCK_M, VARLEN)
