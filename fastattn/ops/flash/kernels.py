@@ -28,9 +28,11 @@ from fastattn.ops._triton import (
 )
 
 
-# FP8 forward: P (<= 1) is scaled by this before its cast to fp8, so that probabilities down to
-# 2^-17 of the row max survive (e4m3's smallest subnormal is 2^-9; 256 x 1 stays below 448).
-P_SCALE = tl.constexpr(256.0)
+# FP8 forward: P (<= 1) carries a factor 2^P_LOG2 = 256 into its cast to fp8, so that
+# probabilities down to 2^-17 of the row max survive (e4m3's smallest subnormal is 2^-9;
+# 256 x 1 stays below 448). It is added to the exponent (free), and the row sum l carries it too,
+# so acc / l is unchanged; the lse takes it out, a sink's 1 puts it in.
+P_LOG2 = tl.constexpr(8.0)
 
 
 @triton.jit
@@ -158,7 +160,10 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows, quant,
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_sub)
         # One rounding, as the GPU's fused multiply-add: qk * c alone may be ~1e4, whose
         # rounding would be a relative error of P.
-        p = tl.math.exp2(tl.fma(qk, c, -m_sub[:, None]))
+        offset = -m_sub
+        if LOWP == "fp8":
+            offset = offset + P_LOG2  # P times 2^P_LOG2, for its cast to fp8
+        p = tl.math.exp2(tl.fma(qk, c, offset[:, None]))
         alpha = tl.math.exp2(m_i * c - m_sub)  # m_i * c is the previous tile's m_sub, bit for bit
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
@@ -167,8 +172,6 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows, quant,
             # The softmax normalises by the undropped sum l; dropout scales what reaches V.
             keep = dropout_keep(seed, frame, offs_m, offs_n, start_n, scalars[2], False)
             p = tl.where(keep, p / (1.0 - scalars[2]), 0.0)
-        if LOWP == "fp8":
-            p = p * P_SCALE
         acc = acc * alpha[:, None] + dot(cast_lowp(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
     return acc, m_i, l_i
 
@@ -195,7 +198,7 @@ def _low_precision(ROW_SCALES, COL_SCALES, b, h, hk, n_kv_heads, q0, rows_k, k0,
 
     fp8: ROW_SCALES is float32 (B, Hkv, 3), sequence b's descales of q, k and v at kv head hk
     (real value = fp8 value * descale): q's and k's multiply the scale (so the scores, the
-    sinks and the lse are real ones), v's and 1 / P_SCALE the output (``out_scale``).
+    sinks and the lse are real ones), v's the output (``out_scale``).
     int8: ROW_SCALES is float32 (B, Hq, Lq, 2), laid out as the lse (``lse_strides``): each query
     row's (scale, shift), shift being q.mean_k, the row's dot with the mean key subtracted
     before quantizing K; COL_SCALES float32 (B, Hkv, Lk), or packed (1, Hkv, total_k), each
@@ -206,7 +209,7 @@ def _low_precision(ROW_SCALES, COL_SCALES, b, h, hk, n_kv_heads, q0, rows_k, k0,
         descales = ROW_SCALES + (b * n_kv_heads + hk) * 3
         scalars = (scalars[0] * tl.load(descales) * tl.load(descales + 1), scalars[1], scalars[2], scalars[3],
                    scalars[4])
-        out_scale = tl.load(descales + 2) / P_SCALE
+        out_scale = tl.load(descales + 2)
     if LOWP == "int8":
         lse_row = b * lse_strides[0] + h * lse_strides[1] + (tl.cast(q0, tl.int64) + offs_m) * lse_strides[2]
         q_scale = tl.load(ROW_SCALES + 2 * lse_row, mask=row_ok, other=0.0)
@@ -304,7 +307,7 @@ def attn_fwd_kernel(
     three loops: first the right-edge/diagonal and partial tiles, then the band's left-edge
     tiles (both masked), then those every row sees whole (no masks). With TMA, K and V are
     tensor descriptors of their (B, H, L, D) tensors with blocks (1, 1, BLOCK_N, BLOCK_D).
-    LOWP "fp8": q, k, v in one fp8 dtype, P times P_SCALE cast to it for the PV product; "int8":
+    LOWP "fp8": q, k, v in one fp8 dtype, P times 2^P_LOG2 cast to it for the PV product; "int8":
     q and k int8 (smoothed, ``_low_precision``), v 16-bit. Forward only."""
     b, h, _, hk = program_heads(n_heads, group)
     rows_k = seqlen_k  # before _sequence_pair: with VARLEN, the packed total
@@ -336,6 +339,8 @@ def attn_fwd_kernel(
         # (max = the sink in score units, sum exp2(0) = 1), so no row is ever empty.
         m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h).to(tl.float32) / unit
         l_i = l_i + 1.0
+        if LOWP == "fp8":
+            l_i = l_i * tl.math.exp2(P_LOG2)  # the sink's term in l, which carries P's factor
     lo, hi = _key_range(start_m, seqlen_k, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
     ilo, ihi = _interior(start_m, lo, hi, seqlen_k, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
     kv = (q, k_src, v_src)
@@ -348,7 +353,7 @@ def attn_fwd_kernel(
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, kv, ilo, ihi, rows, quant, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
                                BLOCK_N, TERMS, False, TMA, VARLEN, DOT_FP32, PRECISION, BF16_RTNE, LOWP)
     if LOWP == "fp8":
-        acc = acc * out_scale  # v's descale, and P's scale undone
+        acc = acc * out_scale  # v's descale
 
     # Every key masked: output 0, lse -inf, as torch >= 2.5 (with a sink: output 0, lse the
     # sink). l is relative to the last tile's m_sub = m_i * c, rounded: it holds a factor
@@ -358,6 +363,8 @@ def attn_fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     r = tl.fma(m_i, c, -(m_i * c))
     log_l = tl.log(tl.where(empty, 1.0, l_i)) - r * LN2
+    if LOWP == "fp8":
+        log_l = log_l - P_LOG2 * LN2  # l carried P's factor 2^P_LOG2
     lse = tl.where(empty, float("-inf"), tl.fma(m_i, unit, log_l))
     store_rows(O, o_strides, b, h, q0, out, offs_m, offs_dv, row_ok, dv_ok, BF16_RTNE)
     lse_row = b * lse_strides[0] + h * lse_strides[1] + (tl.cast(q0, tl.int64) + offs_m) * lse_strides[2]
