@@ -10,8 +10,9 @@ most twice a plain-PyTorch yardstick's, against a float64 oracle):
   with plain PyTorch in the same precision as the yardstick (fp8: P rounded to fp8 as the
   kernel does; int8: attention in q's 16-bit dtype);
 - against float64 attention of the unquantized inputs, with this file's own plain-torch
-  quantization (the same scheme, written independently) and float32 attention as the
-  yardstick: the quantization's own error sets the bar, no tolerance is hand-set.
+  quantization as the yardstick (fp8: the tests quantize, and the yardstick above runs on the
+  same fp8 values; int8: the same scheme written independently, then float32 attention): the
+  quantization's own error sets the bar, no tolerance is hand-set.
 """
 import pytest
 import torch
@@ -51,7 +52,8 @@ def quantize_fp8(x, dtype, hkv, seq_ids=None, batch=None):
         per_row = amax.repeat_interleave(x.shape[1] // hkv, 1)[:, :, None, None]
     else:
         rows = x.abs().unflatten(1, (hkv, -1)).amax(dim=(2, 3))  # (total, Hkv)
-        amax = torch.zeros(batch, hkv, device=x.device).scatter_reduce_(0, seq_ids[:, None].expand_as(rows), rows, "amax")
+        amax = torch.zeros(batch, hkv, device=x.device).scatter_reduce_(0, seq_ids[:, None].expand_as(rows), rows,
+                                                                        "amax")
         per_row = amax.repeat_interleave(x.shape[1] // hkv, 1)[seq_ids][:, :, None]
     descale = (amax / fmax).clamp(min=1e-12)
     return (x / (per_row / fmax).clamp(min=1e-12)).to(dtype), descale
@@ -119,7 +121,8 @@ def test_fp8_varlen(device, backend):
     _, k, v = activations(1, hq, hkv, 1, sum(lengths_k), d, device, packed=True)
     ids_q = torch.repeat_interleave(torch.arange(4, device=device), torch.tensor(lengths_q, device=device))
     ids_k = torch.repeat_interleave(torch.arange(4, device=device), torch.tensor(lengths_k, device=device))
-    (q8, qd), (k8, kd), (v8, vd) = (quantize_fp8(t, dtype, hkv, ids, 4) for t, ids in ((q, ids_q), (k, ids_k), (v, ids_k)))
+    (q8, qd), (k8, kd), (v8, vd) = (quantize_fp8(t, dtype, hkv, ids, 4)
+                                    for t, ids in ((q, ids_q), (k, ids_k), (v, ids_k)))
     opts = dict(causal=True, sinks=torch.randn(hq, device=device))
     with fastattn.use_backend(backend):
         out, lse = fastattn.flash_attention_varlen(q8, k8, v8, cq, ck, q_descale=qd, k_descale=kd, v_descale=vd,
