@@ -60,8 +60,8 @@ def flash_attention(
         q_descale, k_descale, v_descale: FP8 forward (FlashAttention 3's arguments): with q, k,
             v all ``float8_e4m3fn`` (or all ``float8_e5m2``), float32 (B, Hkv) or None (1): the
             real values are ``q.float() * q_descale[b, h // (Hq // Hkv)]`` (k and v likewise
-            per kv head). The scores are fp8 products, and P is cast to v's fp8 dtype (times
-            256, so small probabilities survive) for the PV product, as FlashAttention 3 does.
+            per kv head). The scores are fp8 products, and P is cast to e4m3 (times 256, so
+            small probabilities survive) for the PV product, as FlashAttention 3 does.
         out_dtype: the output dtype of a low-precision call: bfloat16 (the fp8 default),
             float16 or float32; None otherwise.
         qk_quant: "int8" (fp16/bf16 inputs): the scores come from INT8 products of q and k

@@ -59,8 +59,8 @@ tokens per batch, hidden 2048: L=4096, H=2048/D, compiled at B=1, which gives B=
 see ``headline_shape``) and ``...-features`` (bias with its
 gradient, ALiBi, softcap, dropout, a left window: the largest footprint, smaller L);
 ``decode-<dtype>-d<D>-<causal|full>[-features]``; ``sparse-<dtype>-d<D>-bs<block>-<causal|full>``;
-``linear-<dtype>-m<M>-dv<Dv>-<causal|full>``; ``flash-<fp8|int8>-d<D>-<causal|full>``: the
-low-precision forward (fp8 e4m3 q/k/v; int8 q/k with bf16 v), headline shapes.
+``linear-<dtype>-m<M>-dv<Dv>-<causal|full>``; ``flash-<fp8|fp8e5m2|int8>-d<D>-<causal|full>``:
+the low-precision forward (fp8 e4m3 or e5m2 q/k/v; int8 q/k with bf16 v), headline shapes.
 """
 import contextlib
 import io
@@ -651,13 +651,14 @@ def _flex_cases():
 
 
 def lowp_launches(mode, d, causal):
-    """The low-precision flash forward at the headline shapes: "fp8", q/k/v float8_e4m3fn with
-    descales; "int8", int8 q/k (smoothed, per-token scales) with bf16 v. bf16 output."""
+    """The low-precision flash forward at the headline shapes: "fp8" ("fp8e5m2"), q/k/v
+    float8_e4m3fn (float8_e5m2) with descales; "int8", int8 q/k (smoothed, per-token scales)
+    with bf16 v. bf16 output."""
     from fastattn.ops.flash import op
 
     b, length, h = headline_shape(d)
-    if mode == "fp8":
-        q, k, v = _qkv(b, h, h, length, length, d, torch.float8_e4m3fn)
+    if mode.startswith("fp8"):
+        q, k, v = _qkv(b, h, h, length, length, d, torch.float8_e5m2 if mode == "fp8e5m2" else torch.float8_e4m3fn)
         lowp = op.LowPrecision("fp8", torch.empty(b, h, 3), None, torch.bfloat16)
     else:
         q, k, _ = _qkv(b, h, h, length, length, d, torch.int8)
@@ -673,7 +674,7 @@ def _lowp_cases():
     return {f"flash-{mode}-d{d}-{'causal' if causal else 'full'}": Case(
         "flash", f"{mode}-d{d}-{'causal' if causal else 'full'}",
         lambda mode=mode, d=d, causal=causal: lowp_launches(mode, d, causal), kernels)
-        for mode in ("fp8", "int8") for d in (64, 128, 256) for causal in (True, False)}
+        for mode in ("fp8", "fp8e5m2", "int8") for d in (64, 128, 256) for causal in (True, False)}
 
 
 CASES = {**_flash_cases(), **_decode_cases(), **_sparse_cases(), **_linear_cases(), **_flex_cases(), **_lowp_cases()}

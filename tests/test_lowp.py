@@ -59,14 +59,14 @@ def quantize_fp8(x, dtype, hkv, seq_ids=None, batch=None):
     return (x / (per_row / fmax).clamp(min=1e-12)).to(dtype), descale
 
 
-def fp8_yardstick(q, k, v, dtype, **opts):
+def fp8_yardstick(q, k, v, **opts):
     """Plain PyTorch with fp8 P, on dense (B, H, L, D) float32 inputs: the reference's
-    probabilities (P @ I), taken relative to the row max, times 256, rounded to the fp8 dtype
-    and back, as the kernel feeds its PV product."""
+    probabilities (P @ I), taken relative to the row max, times 256, rounded to e4m3 and back,
+    as the kernel feeds its PV product (whatever the inputs' fp8 format)."""
     lk = k.shape[2]
     probs = attention_reference(q, k, torch.eye(lk, device=q.device).expand(*k.shape[:2], lk, lk), **opts)
     top = probs.amax(-1, keepdim=True).clamp(min=1e-30)
-    p8 = (probs / top * 256).to(dtype).float() * top / 256
+    p8 = (probs / top * 256).to(torch.float8_e4m3fn).float() * top / 256
     return p8 @ v.repeat_interleave(q.shape[1] // v.shape[1], 1)
 
 
@@ -103,7 +103,7 @@ def test_fp8_forward(device, name, backend):
     assert out.dtype == out_dtype
     deq = [dequantize_fp8(t, s) for t, s in ((q8, qd), (k8, kd), (v8, vd))]
     oracle, lse64 = attention_reference(*(t.double() for t in deq), return_lse=True, **opts)
-    yard = fp8_yardstick(*deq, dtype, **opts).to(out_dtype)
+    yard = fp8_yardstick(*deq, **opts).to(out_dtype)
     assert_close_rule(f"{name} out vs dequantized", out, oracle, yard)
     assert_close_rule(f"{name} lse", lse, lse64, attention_reference(*deq, return_lse=True, **opts)[1])
     unquantized = attention_reference(q.double(), k.double(), v.double(), **opts)
@@ -133,7 +133,7 @@ def test_fp8_varlen(device, backend):
         return varlen_attention_reference(q_, k_, v_, cq, ck, **kw)
 
     oracle, lse64 = reference(*(t.double() for t in deq), return_lse=True, **opts)
-    yard = torch.cat([fp8_yardstick(*seq, dtype, **opts)[0].transpose(0, 1)
+    yard = torch.cat([fp8_yardstick(*seq, **opts)[0].transpose(0, 1)
                       for seq in _sequences(deq, cq, ck)]).to(torch.bfloat16)
     assert_close_rule("out vs dequantized", out, oracle, yard)
     assert_close_rule("lse", lse, lse64, reference(*deq, return_lse=True, **opts)[1])

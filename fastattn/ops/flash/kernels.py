@@ -172,7 +172,11 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows, quant,
             # The softmax normalises by the undropped sum l; dropout scales what reaches V.
             keep = dropout_keep(seed, frame, offs_m, offs_n, start_n, scalars[2], False)
             p = tl.where(keep, p / (1.0 - scalars[2]), 0.0)
-        acc = acc * alpha[:, None] + dot(cast_lowp(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
+        if LOWP == "fp8":
+            p = cast_lowp(p, tl.float8e4nv, BF16_RTNE)  # e4m3 (3 mantissa bits) with e5m2 v too
+        else:
+            p = cast(p, v.dtype, BF16_RTNE)
+        acc = acc * alpha[:, None] + dot(p, v, DOT_FP32, PRECISION)
     return acc, m_i, l_i
 
 
@@ -307,7 +311,7 @@ def attn_fwd_kernel(
     three loops: first the right-edge/diagonal and partial tiles, then the band's left-edge
     tiles (both masked), then those every row sees whole (no masks). With TMA, K and V are
     tensor descriptors of their (B, H, L, D) tensors with blocks (1, 1, BLOCK_N, BLOCK_D).
-    LOWP "fp8": q, k, v in one fp8 dtype, P times 2^P_LOG2 cast to it for the PV product; "int8":
+    LOWP "fp8": q, k, v in one fp8 dtype, P times 2^P_LOG2 cast to e4m3 for the PV product; "int8":
     q and k int8 (smoothed, ``_low_precision``), v 16-bit. Forward only."""
     b, h, _, hk = program_heads(n_heads, group)
     rows_k = seqlen_k  # before _sequence_pair: with VARLEN, the packed total
