@@ -537,6 +537,7 @@ def check_low_precision(op: str, q: Tensor, k: Tensor, v: Tensor, batch: int, *,
     (B, Hkv, 3) or None, the output dtype (default bf16 for fp8, q's for int8), qk_quant);
     (None, None, None) for a 16-bit call."""
     fp8 = q.dtype in FP8_DTYPES
+    descales = {name: descales.get(name) for name in ("q_descale", "k_descale", "v_descale")}
     if qk_quant not in (None, "int8"):
         raise ValueError(f"{op}: qk_quant must be None or 'int8', got {qk_quant!r}")
     if qk_quant is not None and q.dtype not in (torch.float16, torch.bfloat16):
