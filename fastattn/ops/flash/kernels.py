@@ -138,12 +138,12 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows, quant,
     PLAIN: tl.constexpr = not (TERMS.BIAS or TERMS.ALIBI or TERMS.SOFTCAP or TERMS.SCALE_FIRST)
     # With bias terms a row can be empty in any tile (a bool mask, or -inf in a float bias).
     GUARD: tl.constexpr = MASKED or TERMS.BIAS
-    c, _ = _score_units(scalars[0], PLAIN)
+    c, c_tile, _, _ = _score_units(scalars[0], quant, PLAIN, LOWP)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < seqlen_k
         k = _row_tile(k_src, start_n, col_ok, d_ok, BLOCK_N, BLOCK_D, MASKED, HEAD_DIM == BLOCK_D, TMA, VARLEN)
-        qk = _scores(q, k, quant, offs_n, col_ok, LOWP, DOT_FP32, PRECISION)
+        qk = _scores(q, k, quant, offs_n, col_ok, PLAIN, LOWP, DOT_FP32, PRECISION)
         if PLAIN:
             if MASKED:
                 qk = tl.where(_visible(offs_m, offs_n, seqlen_k, diag, scalars[3], scalars[4], TERMS),
@@ -158,12 +158,12 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows, quant,
             # exp2(-inf - m) is 0, not NaN. Only for the subtraction: the row keeps max -inf,
             # or a later tile's logits far below 0 would be taken relative to 0 and underflow.
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_sub)
-        # One rounding, as the GPU's fused multiply-add: qk * c alone may be ~1e4, whose
-        # rounding would be a relative error of P.
         offset = -m_sub
         if LOWP == "fp8":
             offset = offset + P_LOG2  # P times 2^P_LOG2, for its cast to fp8
-        p = tl.math.exp2(tl.fma(qk, c, offset[:, None]))
+        # One rounding, as the GPU's fused multiply-add: qk * c alone may be ~1e4, whose
+        # rounding would be a relative error of P.
+        p = tl.math.exp2(tl.fma(qk, c_tile, offset[:, None]))
         alpha = tl.math.exp2(m_i * c - m_sub)  # m_i * c is the previous tile's m_sub, bit for bit
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
@@ -172,24 +172,27 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows, quant,
             # The softmax normalises by the undropped sum l; dropout scales what reaches V.
             keep = dropout_keep(seed, frame, offs_m, offs_n, start_n, scalars[2], False)
             p = tl.where(keep, p / (1.0 - scalars[2]), 0.0)
-        if LOWP == "fp8":
-            p = cast_lowp(p, tl.float8e4nv, BF16_RTNE)  # e4m3 (3 mantissa bits) with e5m2 v too
+        if LOWP == "fp8":  # P in e4m3 (3 mantissa bits) with e5m2 v too
+            acc = acc * alpha[:, None] + dot(cast_lowp(p, tl.float8e4nv, BF16_RTNE), v, DOT_FP32, PRECISION)
         else:
-            p = cast(p, v.dtype, BF16_RTNE)
-        acc = acc * alpha[:, None] + dot(p, v, DOT_FP32, PRECISION)
+            acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _scores(q, k, quant, offs_n, col_ok, LOWP: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """q.k of a (queries, keys) tile, fp32. With LOWP "int8" q and k are int8 and their dot an
-    int32 one: q.k ~= q8.k8 * q_scale * k_scale + shift (``_low_precision``). fp8 dots are
-    plain: their descales are in the scale."""
+def _scores(q, k, quant, offs_n, col_ok, PLAIN: tl.constexpr, LOWP: tl.constexpr, DOT_FP32: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """The scores of a (queries, keys) tile, fp32 (``_score_units``). With LOWP "int8" q and k
+    are int8 and their dot an int32 one, q.k ~= q8.k8 * k_scale * q_scale + shift
+    (``_low_precision``): the lean (PLAIN) path's scores are q8.k8 * k_scale, each row in units
+    of its q_scale, with its shift in the lse (a row's constant does not change its softmax);
+    the logit terms' are the whole q.k. fp8 dots are plain: their descales are in the scale."""
     if LOWP == "int8":
         q_scale, shift, k_scales = quant
         k_scale = tl.load(k_scales + offs_n, mask=col_ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
-        qk = tl.fma(qk, q_scale[:, None] * k_scale[None, :], shift[:, None])
+        qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * k_scale[None, :]
+        if not PLAIN:
+            qk = tl.fma(qk, q_scale[:, None], shift[:, None])
     else:
         qk = dot(q, tl.trans(k), DOT_FP32, PRECISION)
     return qk
@@ -216,7 +219,7 @@ def _low_precision(ROW_SCALES, COL_SCALES, b, h, hk, n_kv_heads, q0, rows_k, k0,
         out_scale = tl.load(descales + 2)
     if LOWP == "int8":
         lse_row = b * lse_strides[0] + h * lse_strides[1] + (tl.cast(q0, tl.int64) + offs_m) * lse_strides[2]
-        q_scale = tl.load(ROW_SCALES + 2 * lse_row, mask=row_ok, other=0.0)
+        q_scale = tl.load(ROW_SCALES + 2 * lse_row, mask=row_ok, other=1.0)
         shift = tl.load(ROW_SCALES + 2 * lse_row + 1, mask=row_ok, other=0.0)
         batch_row = b * rows_k * n_kv_heads
         if VARLEN:
@@ -226,17 +229,29 @@ def _low_precision(ROW_SCALES, COL_SCALES, b, h, hk, n_kv_heads, q0, rows_k, k0,
 
 
 @triton.jit
-def _score_units(scale, PLAIN: tl.constexpr):
-    """(c, unit) of the forward's scores: a score times c is a logit in log2 units, times unit
-    one in natural units. The lean (PLAIN) path's scores are q.k unscaled; the logit terms'
+def _score_units(scale, quant, PLAIN: tl.constexpr, LOWP: tl.constexpr):
+    """(c, c_tile, unit, base) of the forward's scores: a score times c is a logit in log2
+    units, times unit one in natural units, less base (natural units, per row); c_tile is c
+    as it multiplies a (queries, keys) tile. The lean (PLAIN) path's scores are q.k unscaled
+    (int8: per-row units and shifts, ``_scores``: c, unit and base are rows); the logit terms'
     are natural. The running max is kept in score units, so the lse is max * unit + log(l)
-    with one rounding (a log2-unit max scaled back by ln 2 rounded twice more: several ulps
-    of an lse of order 1e3)."""
+    (+ base) with one rounding (a log2-unit max scaled back by ln 2 rounded twice more: several
+    ulps of an lse of order 1e3)."""
     if PLAIN:
         unit = scale
     else:
         unit = scale * 0.0 + 1.0
-    return unit * LOG2E, unit
+    c = unit * LOG2E
+    c_tile = c
+    base = 0.0
+    if LOWP == "int8":
+        if PLAIN:
+            q_scale, shift, _ = quant
+            unit = unit * q_scale
+            c = unit * LOG2E
+            c_tile = c[:, None]
+            base = shift * scale
+    return c, c_tile, unit, base
 
 
 @triton.jit
@@ -337,11 +352,14 @@ def attn_fwd_kernel(
 
     m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_DV)
     PLAIN: tl.constexpr = not (TERMS.BIAS or TERMS.ALIBI or TERMS.SOFTCAP or TERMS.SCALE_FIRST)  # _fwd_tiles'
-    c, unit = _score_units(scalars[0], PLAIN)
+    c, _, unit, base = _score_units(scalars[0], quant, PLAIN, LOWP)
     if TERMS.SINKS:
         # The sink is a key every row sees, with no value: start the running softmax from it
         # (max = the sink in score units, sum exp2(0) = 1), so no row is ever empty.
-        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h).to(tl.float32) / unit
+        sink = tl.load(SINKS + h).to(tl.float32)
+        if LOWP == "int8":
+            sink = sink - base
+        m_i = tl.zeros([BLOCK_M], tl.float32) + sink / unit
         l_i = l_i + 1.0
         if LOWP == "fp8":
             l_i = l_i * tl.math.exp2(P_LOG2)  # the sink's term in l, which carries P's factor
@@ -369,6 +387,8 @@ def attn_fwd_kernel(
     log_l = tl.log(tl.where(empty, 1.0, l_i)) - r * LN2
     if LOWP == "fp8":
         log_l = log_l - P_LOG2 * LN2  # l carried P's factor 2^P_LOG2
+    if LOWP == "int8":
+        log_l = log_l + base  # the rows' shifts (PLAIN; else 0)
     lse = tl.where(empty, float("-inf"), tl.fma(m_i, unit, log_l))
     store_rows(O, o_strides, b, h, q0, out, offs_m, offs_dv, row_ok, dv_ok, BF16_RTNE)
     lse_row = b * lse_strides[0] + h * lse_strides[1] + (tl.cast(q0, tl.int64) + offs_m) * lse_strides[2]
