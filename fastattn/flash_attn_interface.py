@@ -67,14 +67,16 @@ def _with_probs(result, return_attn_probs: bool):
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None, q_descale=None,
+                    k_descale=None, v_descale=None):
     """FlashAttention's ``flash_attn_func``: q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D) -> out
     (B, Lq, Hq, D); bottom-right causal; ``alibi_slopes`` (Hq,) or (B, Hq) fp32. ``sinks``
     ((Hq,) attention-sink logits, keyword only) is fastattn's addition, as in
-    ``fastattn.flash_attention``. Equivalent to ``fastattn.flash_attention`` on
-    ``.transpose(1, 2)`` views."""
+    ``fastattn.flash_attention``. ``q_descale``/``k_descale``/``v_descale`` (keyword only):
+    FlashAttention 3's FP8 forward, float32 (B, Hkv) descales of fp8 q, k, v; the output is
+    then bf16. Equivalent to ``fastattn.flash_attention`` on ``.transpose(1, 2)`` views."""
     kw = _options("flash_attn_func", window_size, softcap)
-    kw["sinks"] = sinks
+    kw.update(sinks=sinks, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
     out = flash_attention(_bhld(q), _bhld(k), _bhld(v), causal=causal, scale=softmax_scale,
                           alibi_slopes=alibi_slopes, dropout_p=dropout_p, return_lse=return_attn_probs, **kw)
     out, lse = out if return_attn_probs else (out, None)
@@ -98,10 +100,12 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None, *, sinks=None):
+                           deterministic=False, return_attn_probs=False, block_table=None, *, sinks=None,
+                           q_descale=None, k_descale=None, v_descale=None):
     """FlashAttention's ``flash_attn_varlen_func``: packed q (total_q, Hq, D), k/v
-    (total_k, Hkv, D), int32 (B+1,) offsets -> out (total_q, Hq, D); ``sinks`` (keyword only)
-    as ``flash_attn_func``'s. Equivalent to ``fastattn.flash_attention_varlen``."""
+    (total_k, Hkv, D), int32 (B+1,) offsets -> out (total_q, Hq, D); ``sinks`` and the FP8
+    descales ((B, Hkv), per sequence; not with ``block_table``) keyword only, as
+    ``flash_attn_func``'s. Equivalent to ``fastattn.flash_attention_varlen``."""
     op = "flash_attn_varlen_func"
     kw = _options(op, window_size, softcap)
     kw.update(sinks=sinks, return_lse=return_attn_probs)
@@ -110,6 +114,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         # cu_seqlens_k[b+1] - cu_seqlens_k[b] keys in its pages; its queries are packed in q.
         if dropout_p:
             raise ValueError(f"{op}: dropout_p must be 0 with block_table (a paged cache is read forward-only)")
+        for name, d in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale)):
+            if d is not None:
+                raise ValueError(f"{op}: {name} is not taken with block_table (the paged cache is 16-bit)")
         if not isinstance(cu_seqlens_k, Tensor) or cu_seqlens_k.dim() != 1:
             raise ValueError(f"{op}: cu_seqlens_k must be an int32 Tensor of shape (batch + 1,)")
         out = attention_with_kvcache(q, k, v, cu_seqlens_k.diff().to(torch.int32), causal=causal,
@@ -117,7 +124,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                      cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, **kw)
     else:
         out = flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                                     scale=softmax_scale, alibi_slopes=alibi_slopes, dropout_p=dropout_p, **kw)
+                                     scale=softmax_scale, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                                     q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, **kw)
     return _with_probs(out, return_attn_probs)
 
 

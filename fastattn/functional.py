@@ -31,6 +31,11 @@ def flash_attention(
     dropout_p: float = 0.0,
     sinks: Optional[Tensor] = None,
     return_lse: bool = False,
+    q_descale: Optional[Tensor] = None,
+    k_descale: Optional[Tensor] = None,
+    v_descale: Optional[Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    qk_quant: Optional[str] = None,
 ):
     """Exact attention with every FlashAttention feature, computed blockwise.
 
@@ -52,14 +57,32 @@ def flash_attention(
             denominator gains ``exp(sinks[h])``, a key with no value. Differentiable.
         return_lse: also return the row logsumexp, float32 (B, Hq, Lq), natural log (with
             sinks, the sink's term included).
+        q_descale, k_descale, v_descale: FP8 forward (FlashAttention 3's arguments): with q, k,
+            v all ``float8_e4m3fn`` (or all ``float8_e5m2``), float32 (B, Hkv) or None (1): the
+            real values are ``q.float() * q_descale[b, h // (Hq // Hkv)]`` (k and v likewise
+            per kv head). The scores are fp8 products, and P is cast to e4m3 (times 256, so
+            small probabilities survive) for the PV product, as FlashAttention 3 does.
+        out_dtype: the output dtype of a low-precision call: bfloat16 (the fp8 default),
+            float16 or float32; None otherwise.
+        qk_quant: "int8" (fp16/bf16 inputs): the scores come from INT8 products of q and k
+            quantized per token, after subtracting K's mean over the sequence
+            (``fastattn.ops.flash.reference.smooth_quantize_int8``: SageAttention's
+            smoothing); P @ V stays in q's dtype.
+            Both low-precision modes are forward-only (inference): no dropout, no input that
+            requires grad. Off the kernels they compute the reference in float32 on the
+            dequantized inputs.
 
     Returns:
-        out (B, Hq, Lq, Dv) in q's dtype, or ``(out, lse)``. A row whose keys are all masked
-        gives out 0 and lse -inf (with sinks: lse = sinks[h]).
+        out (B, Hq, Lq, Dv) in q's dtype (or ``out_dtype``), or ``(out, lse)``. A row whose
+        keys are all masked gives out 0 and lse -inf (with sinks: lse = sinks[h]).
 
     Raises:
         ValueError: bad ranks, shapes, dtypes, devices or options (the message names the
-            argument), or, under ``use_backend("triton")``, an input the kernels cannot take.
+            argument; among them a descale of the wrong shape, dtype or device, NaN, inf or
+            <= 0 (values checked off CUDA only: reading them would sync), a descale without fp8
+            inputs, fp8 q with 16-bit k, qk_quant with fp32 inputs, dropout or inputs that
+            require grad with either mode), or, under ``use_backend("triton")``, an input the
+            kernels cannot take (fp8 below compute capability 8.9).
 
     Equivalent code::
 
@@ -70,7 +93,9 @@ def flash_attention(
     """
     call = validation.check_flash("flash_attention", q, k, v, causal=causal, scale=scale, window=window,
                                   attn_bias=attn_bias, alibi_slopes=alibi_slopes, softcap=softcap,
-                                  dropout_p=dropout_p, sinks=sinks, return_lse=return_lse)
+                                  dropout_p=dropout_p, sinks=sinks, return_lse=return_lse,
+                                  descales=dict(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale),
+                                  out_dtype=out_dtype, qk_quant=qk_quant)
     return flash_dispatch.run("flash_attention", call)
 
 
@@ -78,7 +103,10 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, *,
                            causal: bool = False, scale: Optional[float] = None, window: Optional[tuple] = None,
                            alibi_slopes: Optional[Tensor] = None, softcap: Optional[float] = None,
-                           dropout_p: float = 0.0, sinks: Optional[Tensor] = None, return_lse: bool = False):
+                           dropout_p: float = 0.0, sinks: Optional[Tensor] = None, return_lse: bool = False,
+                           q_descale: Optional[Tensor] = None, k_descale: Optional[Tensor] = None,
+                           v_descale: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+                           qk_quant: Optional[str] = None):
     """Exact attention over packed variable-length sequences (FlashAttention's varlen layout).
 
     Several sequences share one packed tensor with no padding; each attends only inside
@@ -96,9 +124,11 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
             ``flash_attention``, bottom-right aligned per sequence (query i of sequence b sees
             key j iff ``j <= i + Lk_b - Lq_b``).
         return_lse: also return the row logsumexp, float32 (Hq, total_q), natural log.
+        q_descale, k_descale, v_descale, out_dtype, qk_quant: as ``flash_attention``, the
+            descales (B, Hkv) per sequence; qk_quant's mean key is each sequence's own.
 
     Returns:
-        out (total_q, Hq, Dv) in q's dtype, or ``(out, lse)``.
+        out (total_q, Hq, Dv) in q's dtype (or ``out_dtype``), or ``(out, lse)``.
 
     Raises:
         ValueError: as ``flash_attention``, plus offsets that are not int32 (B+1,), do not start
@@ -115,7 +145,8 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     call = validation.check_flash_varlen(
         "flash_attention_varlen", q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
         scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, sinks=sinks,
-        return_lse=return_lse)
+        return_lse=return_lse, descales=dict(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale),
+        out_dtype=out_dtype, qk_quant=qk_quant)
     return flash_dispatch.run("flash_attention_varlen", call)
 
 

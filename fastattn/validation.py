@@ -553,36 +553,95 @@ class FlashCall(NamedTuple):
     return_lse: bool
     cu_seqlens_q: Optional[Tensor] = None
     cu_seqlens_k: Optional[Tensor] = None
+    descale: Optional[Tensor] = None  # fp8 q, k, v: float32 (B, Hkv, 3), q's, k's and v's descales
+    out_dtype: Optional[torch.dtype] = None  # a low-precision call's output dtype
+    qk_quant: Optional[str] = None  # "int8": smoothed INT8 q.k
 
     @property
     def alibi_grad(self) -> bool:
         return _needs_grad(self.alibi_slopes)
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_low_precision(op: str, q: Tensor, k: Tensor, v: Tensor, batch: int, *, descales: dict, out_dtype,
+                        qk_quant, dropout_p) -> tuple[Optional[Tensor], Optional[torch.dtype], Optional[str]]:
+    """The low-precision options of the flash family, on validated (B, H, L, D) views of q, k, v
+    (``batch``: B, or the number of packed sequences). ``descales``: {"q_descale": ..,
+    "k_descale": .., "v_descale": ..}, each None (1) or float32 (B, Hkv) on q's device, for fp8
+    q, k, v only; their values (finite, > 0) are checked where reading them is free
+    (``values_readable``). ``qk_quant``: None or "int8", for fp16/bf16 q, k, v. Both modes are
+    forward-only (no dropout, no input that requires grad). Returns (descales stacked as float32
+    (B, Hkv, 3) or None, the output dtype (default bf16 for fp8, q's for int8), qk_quant);
+    (None, None, None) for a 16-bit call."""
+    fp8 = q.dtype in FP8_DTYPES
+    descales = {name: descales.get(name) for name in ("q_descale", "k_descale", "v_descale")}
+    if qk_quant not in (None, "int8"):
+        raise ValueError(f"{op}: qk_quant must be None or 'int8', got {qk_quant!r}")
+    if qk_quant is not None and q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{op}: qk_quant='int8' needs float16 or bfloat16 q, k, v; got {q.dtype}")
+    for name, d in descales.items():
+        if d is not None and not fp8:
+            raise ValueError(f"{op}: {name} is for float8 q, k, v ({FP8_DTYPES}); got q.dtype {q.dtype}")
+    if not (fp8 or qk_quant):
+        if out_dtype is not None:
+            raise ValueError(f"{op}: out_dtype is for float8 q, k, v or qk_quant; the output is in q's dtype "
+                             f"{q.dtype}")
+        return None, None, None
+    what = f"{q.dtype} q, k, v" if fp8 else "qk_quant='int8'"
+    if out_dtype is not None and out_dtype not in OUT_DTYPES:
+        raise ValueError(f"{op}: out_dtype must be one of {OUT_DTYPES} or None, got {out_dtype!r}")
+    if dropout_p:
+        raise ValueError(f"{op}: dropout_p must be 0 with {what}: the low-precision forward is for inference")
+    if _needs_grad(q, k, v):
+        raise ValueError(f"{op}: {what} is forward-only (no backward): q, k, v must not require grad")
+    if not fp8:
+        return None, out_dtype or q.dtype, qk_quant
+    shape = (batch, k.shape[1])
+    ones = torch.ones(shape, device=q.device, dtype=torch.float32)
+    for name, d in descales.items():
+        if d is None:
+            continue
+        if not isinstance(d, Tensor) or d.dtype != torch.float32 or tuple(d.shape) != shape or d.device != q.device:
+            got = f"{d.dtype} {shape_str(d)} on {d.device}" if isinstance(d, Tensor) else type(d).__name__
+            raise ValueError(f"{op}: {name} must be float32 of shape (batch, kv heads) = {shape} on {q.device}, "
+                             f"got {got}")
+        if values_readable(q) and not bool((torch.isfinite(d) & (d > 0)).all()):
+            raise ValueError(f"{op}: {name} must be finite and > 0, got {d.tolist() if d.numel() <= 16 else d}")
+    stacked = torch.stack([ones if d is None else d for d in descales.values()], dim=-1)
+    return stacked, out_dtype or torch.bfloat16, None
+
+
 def check_flash(op: str, q: Tensor, k: Tensor, v: Tensor, *, causal, scale, window, attn_bias, alibi_slopes,
-                softcap, dropout_p, sinks, return_lse) -> FlashCall:
+                softcap, dropout_p, sinks, return_lse, descales=None, out_dtype=None, qk_quant=None) -> FlashCall:
     """Every check of flash_attention (its docstring lists what raises); returns the validated call."""
     check_qkv(op, q, k, v)
     check_bias(op, "attn_bias", attn_bias, q, k)
     check_options(op, q, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
                   dropout_p=dropout_p)
     check_sinks(op, sinks, q.shape[1], q.device)
+    lowp = check_low_precision(op, q, k, v, q.shape[0], descales=descales or {}, out_dtype=out_dtype,
+                               qk_quant=qk_quant, dropout_p=dropout_p)
     return FlashCall(q, k, v, band_from(causal, window), default_scale(q.shape[-1], scale),
-                     attn_bias, alibi_slopes, softcap, float(dropout_p), sinks, bool(return_lse))
+                     attn_bias, alibi_slopes, softcap, float(dropout_p), sinks, bool(return_lse), None, None, *lowp)
 
 
 def check_flash_varlen(op: str, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                        max_seqlen_k, *, causal, scale, window, alibi_slopes, softcap, dropout_p, sinks,
-                       return_lse) -> FlashCall:
+                       return_lse, descales=None, out_dtype=None, qk_quant=None) -> FlashCall:
     """Every check of flash_attention_varlen (its docstring lists what raises); returns the
     validated call."""
     check_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     check_options(op, q.transpose(0, 1)[None], scale=scale, window=window, softcap=softcap, dropout_p=dropout_p)
     check_alibi(op, alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device)
     check_sinks(op, sinks, q.shape[1], q.device)
+    lowp = check_low_precision(op, *(t.transpose(0, 1)[None] for t in (q, k, v)), cu_seqlens_q.numel() - 1,
+                               descales=descales or {}, out_dtype=out_dtype, qk_quant=qk_quant, dropout_p=dropout_p)
     return FlashCall(q, k, v, band_from(causal, window), default_scale(q.shape[-1], scale),
                      None, alibi_slopes, softcap, float(dropout_p), sinks, bool(return_lse),
-                     cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
+                     cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), *lowp)
 
 
 class LinearCall(NamedTuple):

@@ -31,7 +31,8 @@ and reports:
   per-block limit: 227 KB on sm_90);
 - ``hgmma``/``hmma``/``utcmma``: SASS counts of Hopper warpgroup MMA (wgmma), of the older
   mma.sync and of Blackwell's tcgen05 MMA; ``mma``: which of them the kernel runs on ("fma"
-  when none: Triton lowers the dots to FMA on sm_75);
+  when none: Triton lowers the dots to FMA on sm_75), fp8 (QGMMA, QMMA) and int8 (IGMMA,
+  IMMA) forms included; ``mma_forms``: each MMA form's count, with its operand types;
   ``utmaldg``/``ldgsts``: TMA tensor loads and cp.async loads; ``num_stages``, ``num_warps``;
 - ``loops``: each innermost loop that holds MMA instructions (a backward ``BRA`` whose target
   dominates it, and the address range between them, holding no other such loop), in address order, with its SASS instruction count per
@@ -60,7 +61,8 @@ gradient, ALiBi, softcap, dropout, a left window: the largest footprint, smaller
 ``decode-<dtype>-d<D>-<causal|full>[-features]`` (D up to 512) and
 ``decode-<dtype>-d576v512-mla-<causal|full>[-features]`` (MLA: paged, V a view of K's latent);
 ``sparse-<dtype>-d<D>-bs<block>-<causal|full>``;
-``linear-<dtype>-m<M>-dv<Dv>-<causal|full>``.
+``linear-<dtype>-m<M>-dv<Dv>-<causal|full>``; ``flash-<fp8|fp8e5m2|int8>-d<D>-<causal|full>``:
+the low-precision forward (fp8 e4m3 or e5m2 q/k/v; int8 q/k with bf16 v), headline shapes.
 """
 import contextlib
 import io
@@ -93,7 +95,8 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASELINE = os.path.join(HERE, "sm90_baseline.json")
-MMA_OPS = ("HGMMA", "HMMA", "UTCHMMA", "UTCQMMA")  # wgmma, mma.sync, tcgen05 (sm_100)
+MMA_OPS = ("HGMMA", "HMMA", "UTCHMMA", "UTCQMMA",  # wgmma, mma.sync, tcgen05 (sm_100)
+           "QGMMA", "IGMMA", "QMMA", "IMMA")  # wgmma and mma.sync of fp8 (Q) and int8 (I) operands
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,16 +172,19 @@ def forced_tiles(kernel: str, tiles):
     take ``tiles`` (a ``_launch.Tiles``) instead of their table's: to read other tiles."""
     from fastattn.ops import _launch
 
-    saved = _launch.candidates
+    saved, saved_lowp = _launch.candidates, _launch.lowp_candidates
 
     def candidates(head_dim, dtype, name, *args, **kwargs):
         return [tiles] if name == kernel else saved(head_dim, dtype, name, *args, **kwargs)
 
-    _launch.candidates = candidates
+    def lowp_candidates(*args, **kwargs):  # the low-precision forward's
+        return [tiles] if kernel == "fwd" else saved_lowp(*args, **kwargs)
+
+    _launch.candidates, _launch.lowp_candidates = candidates, lowp_candidates
     try:
         yield
     finally:
-        _launch.candidates = saved
+        _launch.candidates, _launch.lowp_candidates = saved, saved_lowp
 
 
 def compile_launch(launch: Launch):
@@ -299,11 +305,21 @@ def mma_kind(ops: list[str]) -> str:
     """Which instructions the products run on: "wgmma" (sm_90), "tcgen05" (sm_100),
     "mma.sync" (sm_80 and the others below sm_90, sm_120), or "fma" (none: a kernel without
     products, or Triton's FMA lowering, as on sm_75)."""
-    if "HGMMA" in ops:
+    if "HGMMA" in ops or "QGMMA" in ops or "IGMMA" in ops:
         return "wgmma"
     if "UTCHMMA" in ops or "UTCQMMA" in ops:
         return "tcgen05"
-    return "mma.sync" if "HMMA" in ops else "fma"
+    return "mma.sync" if "HMMA" in ops or "QMMA" in ops or "IMMA" in ops else "fma"
+
+
+def mma_forms(instrs: list[tuple[int, str, str, bool]]) -> dict:
+    """How many MMA instructions of each form (opcode with its shape and operand types, e.g.
+    ``QGMMA.64x128x32.F32.E4M3.E4M3``: fp8 e4m3 operands, fp32 accumulator) the kernel holds."""
+    forms = {}
+    for _, op, text, _ in instrs:
+        if op in MMA_OPS:
+            forms[text.split()[0]] = forms.get(text.split()[0], 0) + 1
+    return forms
 
 
 def _tool(*args) -> str:
@@ -342,7 +358,7 @@ def analyse(compiled, options, name: str, out_dir: str, step: Optional[tuple[str
         stack=int(frame.group(1)), spill_stores=int(frame.group(2)), spill_loads=int(frame.group(3)),
         shared=shared, fits=shared <= ARCH_SHARED_BYTES[TARGET.arch],
         hgmma=ops.count("HGMMA"), hmma=ops.count("HMMA"), utcmma=ops.count("UTCHMMA") + ops.count("UTCQMMA"),
-        mma=mma_kind(ops),
+        mma=mma_kind(ops), mma_forms=mma_forms(instrs),
         utmaldg=ops.count("UTMALDG"), ldgsts=ops.count("LDGSTS"),
         num_warps=options.num_warps, num_stages=options.num_stages,
         walks=step[0] if step else None, rows_per_iteration=step[1] if step else None,
@@ -664,7 +680,34 @@ def _flex_cases():
         for dname, dtype in DTYPES.items()}
 
 
-CASES = {**_flash_cases(), **_decode_cases(), **_sparse_cases(), **_linear_cases(), **_flex_cases()}
+def lowp_launches(mode, d, causal):
+    """The low-precision flash forward at the headline shapes: "fp8" ("fp8e5m2"), q/k/v
+    float8_e4m3fn (float8_e5m2) with descales; "int8", int8 q/k (smoothed, per-token scales)
+    with bf16 v. bf16 output."""
+    from fastattn.ops.flash import op
+
+    b, length, h = headline_shape(d)
+    if mode.startswith("fp8"):
+        q, k, v = _qkv(b, h, h, length, length, d, torch.float8_e5m2 if mode == "fp8e5m2" else torch.float8_e4m3fn)
+        lowp = op.LowPrecision("fp8", torch.empty(b, h, 3), None, torch.bfloat16)
+    else:
+        q, k, _ = _qkv(b, h, h, length, length, d, torch.int8)
+        v = torch.empty(b, h, length, d, dtype=torch.bfloat16)
+        lowp = op.LowPrecision("int8", torch.empty(b, h, length, 2), torch.empty(b, h, length), torch.bfloat16)
+    with recording() as launches:
+        op.flash_attn(q, k, v, scale=d ** -0.5, window_right=0 if causal else None, lowp=lowp)
+    return launches
+
+
+def _lowp_cases():
+    kernels = {"attn_fwd_kernel": ("fwd", SOFTMAX_KERNELS["fwd"])}
+    return {f"flash-{mode}-d{d}-{'causal' if causal else 'full'}": Case(
+        "flash", f"{mode}-d{d}-{'causal' if causal else 'full'}",
+        lambda mode=mode, d=d, causal=causal: lowp_launches(mode, d, causal), kernels)
+        for mode in ("fp8", "fp8e5m2", "int8") for d in (64, 128, 256) for causal in (True, False)}
+
+
+CASES = {**_flash_cases(), **_decode_cases(), **_sparse_cases(), **_linear_cases(), **_flex_cases(), **_lowp_cases()}
 
 # The configs CI holds to the baseline: the headline flash kernels, features off.
 HEADLINE = [f"flash-{dt}-d{d}-{c}" for dt in ("bfloat16", "float16") for d in (64, 128, 256)

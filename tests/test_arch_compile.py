@@ -102,3 +102,20 @@ def test_headline_spills(results_dir, arch, case, kernel):  # noqa: F811
         assert k["spill_stores"] <= bar, (
             f"{k['name']} on sm_{arch}: {k['registers']} registers, spills {k['spill_stores']} bytes "
             f"stored / {k['spill_loads']} loaded (at most {bar})")
+
+
+# The low-precision forward at the headline shape (d128, causal), one case per target: fp8 q/k/v
+# on sm_89 (mma.sync QMMA) and sm_90 (wgmma QGMMA), both products with e4m3 operands; the INT8
+# q.k on sm_80 (IMMA, int8 operands, int32 accumulator). A form of that name must be there.
+LOWP_CASES = {80: ("flash-int8-d128-causal", "IMMA.16832.S8.S8"),
+              89: ("flash-fp8-d128-causal", "QMMA.16832.F32.E4M3.E4M3"),
+              90: ("flash-fp8-d128-causal", "QGMMA.64x128x32.F32.E4M3.E4M3")}
+
+
+@pytest.mark.parametrize("arch", sorted(LOWP_CASES), ids=lambda arch: f"sm{arch}-{LOWP_CASES[arch][0]}")
+def test_low_precision_forward(results_dir, arch):  # noqa: F811
+    case, form = LOWP_CASES[arch]
+    (k,) = case_result(results_dir, case, arch)["kernels"]
+    assert any(f.startswith(form) for f in k["mma_forms"]), f"{k['name']} on sm_{arch}: no {form}: {k['mma_forms']}"
+    assert k["fits"] and k["spill_stores"] == 0, (
+        f"{k['name']} on sm_{arch}: shared {k['shared']} B, {k['registers']} registers, spills {k['spill_stores']} B")

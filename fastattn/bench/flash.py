@@ -97,7 +97,28 @@ def cases(device, quick=False, config_list=None):
             out.append(Case(SUITE + "-fwdbwd", name, impl,
                             lambda f=f, q=q, k=k, v=v, do=do: torch.autograd.grad(f(q, k, v), (q, k, v), do),
                             flops=attention_flops(b, hq, l, l, d, causal=causal, backward=True), params=params))
+        out += _low_precision_cases(q.detach(), k.detach(), v.detach(), causal, name, params)
     return out
+
+
+def _low_precision_cases(q, k, v, causal, name, params):
+    """Forward rows of the low-precision modes on the config's inputs: "fastattn-fp8", q/k/v
+    float8_e4m3fn with per-(batch, kv head) descales (bf16 output), and "fastattn-int8qk", the
+    smoothed INT8 q.k (``qk_quant="int8"``; bf16 inputs, its quantization of q and k timed with
+    it). On a CPU both run the fallback (float32 on the dequantized inputs): fallback numbers."""
+    def fp8(x):
+        descale = (x.abs().amax(dim=(2, 3)) / 448).float().clamp(min=1e-12)  # (B, H)
+        return (x / descale[:, :, None, None]).to(torch.float8_e4m3fn), descale
+
+    (q8, qd), (k8, kd), (v8, vd) = fp8(q), fp8(k), fp8(v)
+    qd = qd.unflatten(1, (k.shape[1], -1)).amax(-1)  # one descale per kv head's group
+    q8 = (q / qd.repeat_interleave(q.shape[1] // k.shape[1], 1)[:, :, None, None]).to(torch.float8_e4m3fn)
+    q16, k16, v16 = (t.to(torch.bfloat16) for t in (q, k, v))
+    flops = attention_flops(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], causal=causal)
+    return [Case(SUITE + "-fwd", name, "fastattn-fp8", lambda: fastattn.flash_attention(
+                q8, k8, v8, causal=causal, q_descale=qd, k_descale=kd, v_descale=vd), flops=flops, params=params),
+            Case(SUITE + "-fwd", name, "fastattn-int8qk", lambda: fastattn.flash_attention(
+                q16, k16, v16, causal=causal, qk_quant="int8"), flops=flops, params=params)]
 
 
 def _flash_attn(device, causal):

@@ -474,3 +474,41 @@ def decode_wide_tiles(head_dim: int, dtype: torch.dtype,
     gpu_tier = tier(device) or "sm90"
     tiles = _DECODE_WIDE[gpu_tier][min(torch.finfo(dtype).bits // 8, 4), head_dim]
     return None if tiles is None else (*tiles, _DECODE_WIDE_APPEND)
+
+
+def lowp_flags(v_dtype: torch.dtype) -> dict:
+    """``dtype_flags`` of a low-precision forward (fp8 q/k/v, or int8 q/k with 16-bit v): the
+    PV product's, v's dtype; and under the interpreter, whose casts truncate, BF16_RTNE on:
+    every narrowing cast (P to fp8, the output to bf16) rounds to nearest first."""
+    return dict(dtype_flags(v_dtype), BF16_RTNE=interpreting())
+
+
+# The low-precision forward's tiles where the 16-bit ones spill (the static read, tests/sm90.py
+# flash-<fp8|int8>-d<D>-causal --arch N --kernel fwd --tiles ...; benchmarks/results/static-per-arch.md):
+# int8's per-score rescale (int32 -> fp32, times the key's scale) holds more registers than a
+# 16-bit score. sm_90 / sm_100 with TMA: at d64 and d128 (the 16-bit 128x128 spills 112 B);
+# sm_80 and the 99 KB GPUs (sm_86, sm_89): at d256, where 64x32 spills 64 B and 32x64 (2 stages
+# in 99 KB) does not and issues fewer instructions per pair.
+# Elsewhere the 16-bit tables (their shared memory is an upper bound: fp8 and int8 tiles are
+# half as big). fp8 at d256 on sm_90 spills 420-524 B with every tile read (its V tile goes
+# through registers to be transposed for the PV product's fp8 wgmma): not yet fixed.
+_LOWP_TMA_BLOCKS = {("int8", 64): (128, 64, 8, 3), ("int8", 128): (128, 64, 8, 2)}
+_LOWP_BLOCKS = {("sm80", "int8", 256): (32, 64, 4, 3), ("sm86", "int8", 256): (32, 64, 4, 2)}
+
+
+def lowp_candidates(head_dim: int, mode: str, device: Optional[torch.device] = None, tma: bool = False,
+                    features: bool = False) -> list[Tiles]:
+    """``candidates`` of the low-precision forward (``mode`` "fp8" or "int8"): the 16-bit
+    forward's, or without a costly term ``_LOWP_TMA_BLOCKS``' (sm_90/sm_100 with TMA) and
+    ``_LOWP_BLOCKS``' (the other tiers)."""
+    gpu = arch(device)
+    tiles = None
+    if gpu is not None and not features:
+        tier = _tier(gpu)
+        if tier in _TMA_TIERS:
+            tiles = _LOWP_TMA_BLOCKS.get((mode, pad(head_dim))) if tma else None
+        else:
+            tiles = _LOWP_BLOCKS.get((tier, mode, pad(head_dim)))
+    if tiles is None:
+        return candidates(head_dim, torch.bfloat16, "fwd", device, tma, features)
+    return _smaller(Tiles(*tiles), "fwd")

@@ -394,3 +394,41 @@ def row_dot_kernel(A, B, OUT, a_strides, b_strides, out_strides, seqlen,
     x = load_rows(B, b_strides, b, h, 0, rows, cols, row_ok, col_ok).to(tl.float32)
     out = OUT + b * out_strides[0] + h * out_strides[1] + rows.to(tl.int64) * out_strides[2]
     tl.store(out, tl.sum(a * x, 1), mask=row_ok)
+
+
+@triton.jit
+def round_fp8(x, DTYPE: tl.constexpr):
+    """fp32 -> fp32 holding x rounded to the nearest value of the fp8 ``DTYPE``, ties to even,
+    saturating at its largest finite value (a GPU's cvt.rn.satfinite); the cast to DTYPE that
+    follows is then exact, even the interpreter's (which truncates, and rounds 0.49 to 0.25
+    when the carry reaches the exponent). tl.float8e4nv (e4m3): 3 mantissa bits, normals
+    from 2^-6, largest 448; tl.float8e5 (e5m2): 2 bits, from 2^-14, largest 57344."""
+    if DTYPE == tl.float8e4nv:
+        DROP: tl.constexpr = 20  # fp32's 23 mantissa bits less e4m3's 3
+        MIN_NORMAL: tl.constexpr = 0.015625
+        MAGIC: tl.constexpr = 16384.0  # 2^23 x the smallest subnormal, 2^-9
+        LARGEST: tl.constexpr = 448.0
+    else:
+        DROP: tl.constexpr = 21
+        MIN_NORMAL: tl.constexpr = 6.103515625e-05
+        MAGIC: tl.constexpr = 128.0  # 2^23 x 2^-16
+        LARGEST: tl.constexpr = 57344.0
+    ax = tl.abs(x)
+    bits = ax.to(tl.uint32, bitcast=True)
+    bits = bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)  # carry iff the dropped bits round up
+    normal = tl.minimum(((bits >> DROP) << DROP).to(tl.float32, bitcast=True), LARGEST)
+    # Subnormals are multiples of the smallest one: fp32 addition of MAGIC (whose ulp that is)
+    # rounds to the nearest multiple, ties to even, and the subtraction is exact.
+    subnormal = (ax + MAGIC) - MAGIC
+    r = tl.where(ax < MIN_NORMAL, subnormal, normal)
+    return tl.where(x < 0.0, -r, r)
+
+
+@triton.jit
+def cast_lowp(x, DTYPE: tl.constexpr, ROUND: tl.constexpr):
+    """``cast`` to any float dtype, fp8 included: with ROUND (under the interpreter, whose casts
+    truncate) x is rounded to nearest first, as a GPU's cast does."""
+    if ROUND:
+        if DTYPE == tl.float8e4nv or DTYPE == tl.float8e5:
+            x = round_fp8(x, DTYPE)
+    return cast(x, DTYPE, ROUND)

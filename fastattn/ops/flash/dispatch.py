@@ -8,6 +8,8 @@ a validated ``FlashCall`` goes and runs it there; ``run_sdpa`` does the same for
     reference    reference.attention_reference        reference.varlen_attention_reference
 
 The drop-in runs torch's own function (captured at import) for every call off the kernels.
+A low-precision call (fp8 q, k, v, or ``qk_quant="int8"``) runs the kernels' low-precision
+forward, or off them the reference in float32 on the dequantized inputs (``_low_precision``).
 """
 from __future__ import annotations
 
@@ -15,9 +17,12 @@ import torch
 from torch import Tensor
 
 from fastattn import backend
+from fastattn._env import capability, interpreting
 from fastattn.backend import TORCH_SDPA
 from fastattn.ops.flash import fallback
-from fastattn.ops.flash.reference import attention_reference, varlen_attention_reference
+from fastattn.ops.flash.reference import (
+    attention_reference, dequantize_fp8, dequantize_int8, smooth_quantize_int8, varlen_attention_reference,
+)
 from fastattn.ops.flash.sdpa_translate import as_flash
 from fastattn.validation import FlashCall
 
@@ -30,6 +35,9 @@ def run(op: str, call: FlashCall):
 
     Raises:
         ValueError: under ``use_backend("triton")``, when the kernels cannot take the call."""
+    if call.descale is not None or call.qk_quant is not None:
+        out, lse = _low_precision(op, call)
+        return (out, lse) if call.return_lse else out
     packed = call.cu_seqlens_q is not None
     # The kernels give no gradient for ALiBi slopes: a call that needs one runs the reference.
     extra = [ALIBI_GRAD] if call.alibi_grad else []
@@ -44,11 +52,61 @@ def run(op: str, call: FlashCall):
         out, lse = fallback.sdpa_attention(call.q, call.k, call.v, band=call.band, scale=call.scale,
                                            attn_bias=call.attn_bias, dropout_p=call.dropout_p), None
     else:
-        out, lse = attention_reference(
-            call.q, call.k, call.v, window=call.band, scale=call.scale, attn_bias=call.attn_bias,
-            alibi_slopes=call.alibi_slopes, softcap=call.softcap, dropout_p=call.dropout_p, sinks=call.sinks,
-            return_lse=True, upcast=True)
+        out, lse = _reference(call)
     return (out, lse) if call.return_lse else out
+
+
+def _reference(call: FlashCall):
+    """(out, lse) of the reference, scores in float32 (at least), dense or packed."""
+    if call.cu_seqlens_q is not None:
+        return _varlen_fallback(call, "reference")
+    return attention_reference(
+        call.q, call.k, call.v, window=call.band, scale=call.scale, attn_bias=call.attn_bias,
+        alibi_slopes=call.alibi_slopes, softcap=call.softcap, dropout_p=call.dropout_p, sinks=call.sinks,
+        return_lse=True, upcast=True)
+
+
+def _low_precision(op: str, call: FlashCall):
+    """(out, lse) of an fp8 call (``call.descale``) or a ``qk_quant="int8"`` one: the kernels'
+    low-precision forward, or off them the reference in float32 on the dequantized inputs: fp8
+    values times their descales; for int8, q and k quantized as the kernels take them
+    (``smooth_quantize_int8``), dequantized (``dequantize_int8``). The output in
+    ``call.out_dtype``. fastattn.backend's kernel families list 16-bit and fp32 dtypes only, so
+    the route is asked on 16-bit stand-ins of the same shapes (stride 0: no memory), with the
+    fp8 products' own need, compute capability 8.9 (sm_89's and sm_90's fp8 tensor cores)."""
+    packed, fp8 = call.cu_seqlens_q is not None, call.descale is not None
+    cap = capability(call.q.device) if call.q.is_cuda or interpreting() else None
+    refusals = [f"float8 products need compute capability 8.9 or more; {call.q.device} has {cap // 10}.{cap % 10}"
+                ] if fp8 and cap is not None and cap < 89 else []
+    stand_in = torch.float16 if fp8 else call.q.dtype
+    views = [torch.empty((), dtype=stand_in, device=t.device).expand(t.shape) for t in _views(call)]
+    route = backend.route(op, "flash", *views, extra_refusals=refusals)
+    from_int8 = None
+    if not fp8:
+        from_int8 = smooth_quantize_int8(call.q, call.k, call.cu_seqlens_q, call.cu_seqlens_k)
+    if route.impl == "kernel":
+        from fastattn.ops.flash.op import LowPrecision  # imports triton, so only when used
+
+        if fp8:
+            lowp = LowPrecision("fp8", call.descale.contiguous(), None, call.out_dtype)
+        else:
+            q8, q_rows, k8, k_scale = from_int8
+            if packed:  # (total, H, ...) -> (1, H, total, ...)
+                q_rows, k_scale = q_rows.transpose(0, 1)[None], k_scale.t()[None]
+            # Contiguous, as the kernel reads them (q_rows laid out as its lse), whatever q's and k's strides.
+            lowp = LowPrecision("int8", q_rows.contiguous(), k_scale.contiguous(), call.out_dtype)
+            call = call._replace(q=q8, k=k8)
+        out, lse = _kernels(call, lowp)
+        if packed:
+            out, lse = out[0].transpose(0, 1), lse[0]
+        return out, lse
+    if fp8:
+        q, k, v = (dequantize_fp8(t, call.descale[..., i], call.cu_seqlens_q if i == 0 else call.cu_seqlens_k)
+                   for i, t in enumerate((call.q, call.k, call.v)))
+    else:
+        (q, k), v = dequantize_int8(*from_int8), call.v.float()
+    out, lse = _reference(call._replace(q=q, k=k, v=v, descale=None, qk_quant=None))
+    return out.to(call.out_dtype), lse
 
 
 def run_sdpa(op: str, query: Tensor, key: Tensor, value: Tensor, attn_mask, dropout_p: float, is_causal: bool,
@@ -88,7 +146,8 @@ def _sdpa_expressible(call: FlashCall) -> bool:
                                      need_lse=call.return_lse)
 
 
-def _kernels(call: FlashCall):
+def _kernels(call: FlashCall, lowp=None):
+    """(out, lse) of the kernels; ``lowp``: ``op.LowPrecision`` of a low-precision call."""
     from fastattn.ops.flash import op as flash_op  # imports triton, so only when used
 
     bias = call.attn_bias
@@ -100,7 +159,7 @@ def _kernels(call: FlashCall):
     return flash_op.flash_attn(
         *_views(call), bias=bias, alibi=call.alibi_slopes, seed=seed, sinks=call.sinks, scale=call.scale,
         softcap=call.softcap, dropout_p=call.dropout_p, window_left=call.band[0], window_right=call.band[1],
-        cu_seqlens_q=call.cu_seqlens_q, cu_seqlens_k=call.cu_seqlens_k)
+        cu_seqlens_q=call.cu_seqlens_q, cu_seqlens_k=call.cu_seqlens_k, lowp=lowp)
 
 
 def _varlen_fallback(call: FlashCall, impl: str):

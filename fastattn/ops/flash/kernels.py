@@ -23,9 +23,16 @@ import triton
 import triton.language as tl
 
 from fastattn.ops._triton import (
-    LN2, LOG2E, bwd_tile, cast, dot, dropout_frame, dropout_keep, load_query_rows, load_rows, program_heads,
+    LN2, LOG2E, bwd_tile, cast, cast_lowp, dot, dropout_frame, dropout_keep, load_query_rows, load_rows, program_heads,
     packed_block, rows_base, sequence, softmax_init, span, store_rows, store_tile, term_logits,
 )
+
+
+# FP8 forward: P (<= 1) carries a factor 2^P_LOG2 = 256 into its cast to fp8, so that
+# probabilities down to 2^-17 of the row max survive (e4m3's smallest subnormal is 2^-9;
+# 256 x 1 stays below 448). It is added to the exponent (free), and the row sum l carries it too,
+# so acc / l is unchanged; the lse takes it out, a sink's 1 puts it in.
+P_LOG2 = tl.constexpr(8.0)
 
 
 @triton.jit
@@ -113,15 +120,16 @@ def _interior(start_m, lo, hi, seqlen_k, diag, window_left, window_right,
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows,
+def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows, quant,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_N: tl.constexpr, TERMS: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
-               VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr):
+               VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
+               LOWP: tl.constexpr):
     """Takes key tiles lo, lo + BLOCK_N, .. < hi into the running softmax (m_i, l_i, acc).
     m_i is the row max in score units (``_score_units``), and one multiply-add per score
     takes a score to log2 units relative to it, which feeds exp2. MASKED tiles may hold keys some row must not see (a band edge, the partial last
     tile): they are masked, and a row that has seen no key yet is guarded. Unmasked tiles
-    are seen whole by every row and skip both."""
+    are seen whole by every row and skip both. ``quant`` and LOWP: ``_low_precision``'s."""
     q, k_src, v_src = kv
     offs_m, offs_n0, d_ok, dv_ok, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope, seed, frame = rows
     # The lean path: q.k unscaled, the scale folded into the multiply-add before exp2. Not
@@ -130,12 +138,12 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows,
     PLAIN: tl.constexpr = not (TERMS.BIAS or TERMS.ALIBI or TERMS.SOFTCAP or TERMS.SCALE_FIRST)
     # With bias terms a row can be empty in any tile (a bool mask, or -inf in a float bias).
     GUARD: tl.constexpr = MASKED or TERMS.BIAS
-    c, _ = _score_units(scalars[0], PLAIN)
+    c, c_tile, _, _ = _score_units(scalars[0], quant, PLAIN, LOWP)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < seqlen_k
         k = _row_tile(k_src, start_n, col_ok, d_ok, BLOCK_N, BLOCK_D, MASKED, HEAD_DIM == BLOCK_D, TMA, VARLEN)
-        qk = dot(q, tl.trans(k), DOT_FP32, PRECISION)
+        qk = _scores(q, k, quant, offs_n, col_ok, PLAIN, LOWP, DOT_FP32, PRECISION)
         if PLAIN:
             if MASKED:
                 qk = tl.where(_visible(offs_m, offs_n, seqlen_k, diag, scalars[3], scalars[4], TERMS),
@@ -150,9 +158,12 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows,
             # exp2(-inf - m) is 0, not NaN. Only for the subtraction: the row keeps max -inf,
             # or a later tile's logits far below 0 would be taken relative to 0 and underflow.
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_sub)
+        offset = -m_sub
+        if LOWP == "fp8":
+            offset = offset + P_LOG2  # P times 2^P_LOG2, for its cast to fp8
         # One rounding, as the GPU's fused multiply-add: qk * c alone may be ~1e4, whose
         # rounding would be a relative error of P.
-        p = tl.math.exp2(tl.fma(qk, c, -m_sub[:, None]))
+        p = tl.math.exp2(tl.fma(qk, c_tile, offset[:, None]))
         alpha = tl.math.exp2(m_i * c - m_sub)  # m_i * c is the previous tile's m_sub, bit for bit
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
@@ -161,22 +172,86 @@ def _fwd_tiles(acc, m_i, l_i, kv, lo, hi, rows,
             # The softmax normalises by the undropped sum l; dropout scales what reaches V.
             keep = dropout_keep(seed, frame, offs_m, offs_n, start_n, scalars[2], False)
             p = tl.where(keep, p / (1.0 - scalars[2]), 0.0)
-        acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
+        if LOWP == "fp8":  # P in e4m3 (3 mantissa bits) with e5m2 v too
+            acc = acc * alpha[:, None] + dot(cast_lowp(p, tl.float8e4nv, BF16_RTNE), v, DOT_FP32, PRECISION)
+        else:
+            acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _score_units(scale, PLAIN: tl.constexpr):
-    """(c, unit) of the forward's scores: a score times c is a logit in log2 units, times unit
-    one in natural units. The lean (PLAIN) path's scores are q.k unscaled; the logit terms'
+def _scores(q, k, quant, offs_n, col_ok, PLAIN: tl.constexpr, LOWP: tl.constexpr, DOT_FP32: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """The scores of a (queries, keys) tile, fp32 (``_score_units``). With LOWP "int8" q and k
+    are int8 and their dot an int32 one, q.k ~= q8.k8 * k_scale * q_scale + shift
+    (``_low_precision``): the lean (PLAIN) path's scores are q8.k8 * k_scale, each row in units
+    of its q_scale, with its shift in the lse (a row's constant does not change its softmax);
+    the logit terms' are the whole q.k. fp8 dots are plain: their descales are in the scale."""
+    if LOWP == "int8":
+        q_scale, shift, k_scales = quant
+        k_scale = tl.load(k_scales + offs_n, mask=col_ok, other=0.0)
+        qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * k_scale[None, :]
+        if not PLAIN:
+            qk = tl.fma(qk, q_scale[:, None], shift[:, None])
+    else:
+        qk = dot(q, tl.trans(k), DOT_FP32, PRECISION)
+    return qk
+
+
+@triton.jit
+def _low_precision(ROW_SCALES, COL_SCALES, b, h, hk, n_kv_heads, q0, rows_k, k0, offs_m, row_ok, lse_strides, scalars,
+                   VARLEN: tl.constexpr, LOWP: tl.constexpr):
+    """(quant, scalars, out_scale) of a low-precision forward (LOWP "fp8" or "int8"; "" for none).
+
+    fp8: ROW_SCALES is float32 (B, Hkv, 3), sequence b's descales of q, k and v at kv head hk
+    (real value = fp8 value * descale): q's and k's multiply the scale (so the scores, the
+    sinks and the lse are real ones), v's the output (``out_scale``).
+    int8: ROW_SCALES is float32 (B, Hq, Lq, 2), laid out as the lse (``lse_strides``): each query
+    row's (scale, shift), shift being q.mean_k, the row's dot with the mean key subtracted
+    before quantizing K; COL_SCALES float32 (B, Hkv, Lk), or packed (1, Hkv, total_k), each
+    key's scale. quant = (q scales, shifts, pointer to the sequence's first key scale)."""
+    quant = (0.0, 0.0, COL_SCALES)
+    out_scale = 1.0
+    if LOWP == "fp8":
+        descales = ROW_SCALES + (b * n_kv_heads + hk) * 3
+        scalars = (scalars[0] * tl.load(descales) * tl.load(descales + 1), scalars[1], scalars[2], scalars[3],
+                   scalars[4])
+        out_scale = tl.load(descales + 2)
+    if LOWP == "int8":
+        lse_row = b * lse_strides[0] + h * lse_strides[1] + (tl.cast(q0, tl.int64) + offs_m) * lse_strides[2]
+        q_scale = tl.load(ROW_SCALES + 2 * lse_row, mask=row_ok, other=1.0)
+        shift = tl.load(ROW_SCALES + 2 * lse_row + 1, mask=row_ok, other=0.0)
+        batch_row = b * rows_k * n_kv_heads
+        if VARLEN:
+            batch_row = b * 0  # one packed row; k0 is the sequence's first key
+        quant = (q_scale, shift, COL_SCALES + batch_row + hk * rows_k + k0)
+    return quant, scalars, out_scale
+
+
+@triton.jit
+def _score_units(scale, quant, PLAIN: tl.constexpr, LOWP: tl.constexpr):
+    """(c, c_tile, unit, base) of the forward's scores: a score times c is a logit in log2
+    units, times unit one in natural units, less base (natural units, per row); c_tile is c
+    as it multiplies a (queries, keys) tile. The lean (PLAIN) path's scores are q.k unscaled
+    (int8: per-row units and shifts, ``_scores``: c, unit and base are rows); the logit terms'
     are natural. The running max is kept in score units, so the lse is max * unit + log(l)
-    with one rounding (a log2-unit max scaled back by ln 2 rounded twice more: several ulps
-    of an lse of order 1e3)."""
+    (+ base) with one rounding (a log2-unit max scaled back by ln 2 rounded twice more: several
+    ulps of an lse of order 1e3)."""
     if PLAIN:
         unit = scale
     else:
         unit = scale * 0.0 + 1.0
-    return unit * LOG2E, unit
+    c = unit * LOG2E
+    c_tile = c
+    base = 0.0
+    if LOWP == "int8":
+        if PLAIN:
+            q_scale, shift, _ = quant
+            unit = unit * q_scale
+            c = unit * LOG2E
+            c_tile = c[:, None]
+            base = shift * scale
+    return c, c_tile, unit, base
 
 
 @triton.jit
@@ -224,7 +299,7 @@ def _row_tile(src, start, row_ok, col_ok, BLOCK_R: tl.constexpr, BLOCK_C: tl.con
         x = desc.load([b, h, (row0 + start).to(tl.int32), 0]).reshape(BLOCK_R, BLOCK_C)
         if VARLEN:
             if MASKED:
-                x = tl.where(row_ok[:, None], x, 0.0)
+                x = tl.where(row_ok[:, None], x, tl.zeros_like(x))  # zeros of x's dtype (int8 too)
     else:
         base, offs, step = src
         ptrs = base + tl.cast(start, tl.int64) * step + offs
@@ -239,19 +314,22 @@ def _row_tile(src, start, row_ok, col_ok, BLOCK_R: tl.constexpr, BLOCK_C: tl.con
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, BIAS, ALIBI, SEED, SINKS, CU_SEQLENS_Q, CU_SEQLENS_K, BLOCKS,
+    Q, K, V, O, LSE, BIAS, ALIBI, SEED, SINKS, CU_SEQLENS_Q, CU_SEQLENS_K, BLOCKS, ROW_SCALES, COL_SCALES,
     q_strides, k_strides, v_strides, o_strides, lse_strides, bias_strides, alibi_strides,
     n_heads, group, seqlen_q, seqlen_k, scalars,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     TERMS: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr, DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
+    PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr, LOWP: tl.constexpr = "",
 ):
     """Output and lse of one block of queries of one (sequence, head). The key tiles run in
     three loops: first the right-edge/diagonal and partial tiles, then the band's left-edge
     tiles (both masked), then those every row sees whole (no masks). With TMA, K and V are
-    tensor descriptors of their (B, H, L, D) tensors with blocks (1, 1, BLOCK_N, BLOCK_D)."""
+    tensor descriptors of their (B, H, L, D) tensors with blocks (1, 1, BLOCK_N, BLOCK_D).
+    LOWP "fp8": q, k, v in one fp8 dtype, P times 2^P_LOG2 cast to e4m3 for the PV product; "int8":
+    q and k int8 (smoothed, ``_low_precision``), v 16-bit. Forward only."""
     b, h, _, hk = program_heads(n_heads, group)
+    rows_k = seqlen_k  # before _sequence_pair: with VARLEN, the packed total
     b, start_m = packed_block(BLOCKS, b, BLOCK_M, VARLEN)
     if VARLEN:
         if b < 0:  # past the packed sequences' blocks
@@ -269,26 +347,35 @@ def attn_fwd_kernel(
     v_src = _rows_source(V, v_strides, b, hk, k0, offs_n0, offs_dv, TMA, VARLEN)
     bias_base = rows_base(BIAS, bias_strides, b, h, 0)
     slope, seed = _head_terms(ALIBI, SEED, b, h, alibi_strides, TERMS)
+    quant, scalars, out_scale = _low_precision(ROW_SCALES, COL_SCALES, b, h, hk, n_heads // group, q0, rows_k, k0,
+                                               offs_m, row_ok, lse_strides, scalars, VARLEN, LOWP)
 
     m_i, l_i, acc = softmax_init(BLOCK_M, BLOCK_DV)
     PLAIN: tl.constexpr = not (TERMS.BIAS or TERMS.ALIBI or TERMS.SOFTCAP or TERMS.SCALE_FIRST)  # _fwd_tiles'
-    c, unit = _score_units(scalars[0], PLAIN)
+    c, _, unit, base = _score_units(scalars[0], quant, PLAIN, LOWP)
     if TERMS.SINKS:
         # The sink is a key every row sees, with no value: start the running softmax from it
         # (max = the sink in score units, sum exp2(0) = 1), so no row is ever empty.
-        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h).to(tl.float32) / unit
+        sink = tl.load(SINKS + h).to(tl.float32)
+        if LOWP == "int8":
+            sink = sink - base
+        m_i = tl.zeros([BLOCK_M], tl.float32) + sink / unit
         l_i = l_i + 1.0
+        if LOWP == "fp8":
+            l_i = l_i * tl.math.exp2(P_LOG2)  # the sink's term in l, which carries P's factor
     lo, hi = _key_range(start_m, seqlen_k, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
     ilo, ihi = _interior(start_m, lo, hi, seqlen_k, diag, scalars[3], scalars[4], BLOCK_M, BLOCK_N, TERMS)
     kv = (q, k_src, v_src)
     rows = (offs_m, offs_n0, d_ok, dv_ok, seqlen_q, seqlen_k, diag, scalars, bias_base, bias_strides, slope, seed, frame)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, kv, ihi, hi, rows, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
-                               BLOCK_N, TERMS, True, TMA, VARLEN, DOT_FP32, PRECISION, BF16_RTNE)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, kv, ihi, hi, rows, quant, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                               BLOCK_N, TERMS, True, TMA, VARLEN, DOT_FP32, PRECISION, BF16_RTNE, LOWP)
     if TERMS.LEFT:
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, kv, lo, ilo, rows, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
-                                   BLOCK_N, TERMS, True, TMA, VARLEN, DOT_FP32, PRECISION, BF16_RTNE)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, kv, ilo, ihi, rows, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
-                               BLOCK_N, TERMS, False, TMA, VARLEN, DOT_FP32, PRECISION, BF16_RTNE)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, kv, lo, ilo, rows, quant, HEAD_DIM, BLOCK_D, HEAD_DIM_V,
+                                   BLOCK_DV, BLOCK_N, TERMS, True, TMA, VARLEN, DOT_FP32, PRECISION, BF16_RTNE, LOWP)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, kv, ilo, ihi, rows, quant, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV,
+                               BLOCK_N, TERMS, False, TMA, VARLEN, DOT_FP32, PRECISION, BF16_RTNE, LOWP)
+    if LOWP == "fp8":
+        acc = acc * out_scale  # v's descale
 
     # Every key masked: output 0, lse -inf, as torch >= 2.5 (with a sink: output 0, lse the
     # sink). l is relative to the last tile's m_sub = m_i * c, rounded: it holds a factor
@@ -298,6 +385,10 @@ def attn_fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     r = tl.fma(m_i, c, -(m_i * c))
     log_l = tl.log(tl.where(empty, 1.0, l_i)) - r * LN2
+    if LOWP == "fp8":
+        log_l = log_l - P_LOG2 * LN2  # l carried P's factor 2^P_LOG2
+    if LOWP == "int8":
+        log_l = log_l + base  # the rows' shifts (PLAIN; else 0)
     lse = tl.where(empty, float("-inf"), tl.fma(m_i, unit, log_l))
     store_rows(O, o_strides, b, h, q0, out, offs_m, offs_dv, row_ok, dv_ok, BF16_RTNE)
     lse_row = b * lse_strides[0] + h * lse_strides[1] + (tl.cast(q0, tl.int64) + offs_m) * lse_strides[2]

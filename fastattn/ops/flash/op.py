@@ -31,6 +31,21 @@ class FlashOptions(NamedTuple):
     window_right: Optional[int] = None
 
 
+class LowPrecision(NamedTuple):
+    """What a low-precision forward reads besides q, k, v (``kernels._low_precision``).
+
+    mode "fp8": q, k, v in one fp8 dtype; ``rows`` the descales, float32 (B, Hkv, 3): q's,
+    k's and v's per (sequence, kv head). mode "int8": q and k int8 (smoothed, per token,
+    ``reference.smooth_quantize_int8``); ``rows`` float32 (B, Hq, Lq, 2), each query row's scale
+    and shift, ``cols`` float32 (B, Hkv, Lk), each key's scale (packed: (1, H, total, ...)).
+    ``out_dtype``: the output's."""
+
+    mode: str
+    rows: Tensor
+    cols: Optional[Tensor]
+    out_dtype: torch.dtype
+
+
 def _bias_args(q: Tensor, bias: Optional[Tensor]):
     """Bias as (tensor, strides). bool masks are read as bytes (same itemsize)."""
     if bias is None:
@@ -156,29 +171,34 @@ def _placed(seed: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
 
 
 @_launch.on_device
-def _forward(q, k, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions):
+def _forward(q, k, v, bias, alibi, seed, sinks, cu_seqlens, options: FlashOptions, lowp: Optional[LowPrecision] = None):
     _, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     bias = _expanded(bias, q, k)
     varlen = cu_seqlens[0] is not None
     seed = _placed(seed, q, k)
-    out = _output(q, v.shape[-1], varlen, lambda *shape: _launch.empty(*shape, like=q))
+    out_dtype = q.dtype if lowp is None else lowp.out_dtype
+    out = _output(q, v.shape[-1], varlen, lambda *shape: _launch.empty(*shape, like=q, dtype=out_dtype))
     lse = _launch.empty(*q.shape[:3], like=q, dtype=torch.float32)
     tma = _launch.tma(k, v)
     terms = _terms(bias, alibi, sinks, options)
+    scales = (q, q) if lowp is None else (lowp.rows, q if lowp.cols is None else lowp.cols)  # q: unused stand-ins
+    lowp_meta = {} if lowp is None else dict(LOWP=lowp.mode, **_launch.lowp_flags(v.dtype))
 
     def launch(tiles):
         pointers, strides, batch, meta = _launch_args(q, v, bias, alibi, seed, sinks, cu_seqlens, options, terms, tiles)
         grid, blocks = _grid(q, h, batch, tiles.block_m, cu_seqlens[0])
         k_in, v_in = _tiles_in(tma, tiles.block_n, k, v)
         kernels.attn_fwd_kernel[grid](
-            q, k_in, v_in, out, lse, *pointers, blocks,
+            q, k_in, v_in, out, lse, *pointers, blocks, *scales,
             *(_strides(t, varlen) for t in (q, k, v, out, lse)), *strides,
-            h, h // hkv, lq, lk, TMA=tma, **meta,
+            h, h // hkv, lq, lk, TMA=tma, **{**meta, **lowp_meta},
         )
 
-    _launch.first_fit(kernels.attn_fwd_kernel, q.device, _candidates(q, v, terms, "fwd", tma), launch,
-                      key=(q.dtype, q.shape[-1], v.shape[-1], terms, varlen, tma))
+    tiles = (_candidates(q, v, terms, "fwd", tma) if lowp is None else
+             _launch.lowp_candidates(max(q.shape[-1], v.shape[-1]), lowp.mode, q.device, tma, terms.costly()))
+    _launch.first_fit(kernels.attn_fwd_kernel, q.device, tiles, launch,
+                      key=(q.dtype, q.shape[-1], v.shape[-1], terms, varlen, tma, lowp_meta.get("LOWP")))
     return out, lse
 
 
@@ -351,18 +371,23 @@ flash_fwd.register_autograd(_flash_fwd_backward, setup_context=_setup_context)
 
 
 def flash_attn(q, k, v, *, bias=None, alibi=None, seed=None, sinks=None, scale, softcap=None, dropout_p=0.0,
-               window_left=None, window_right=None, cu_seqlens_q=None, cu_seqlens_k=None, dropout_place=None):
+               window_left=None, window_right=None, cu_seqlens_q=None, cu_seqlens_k=None, dropout_place=None,
+               lowp: Optional[LowPrecision] = None):
     """Validated inputs -> (out, lse). ``bias``: 4-D, broadcastable to (B, Hq, Lq, Lk) (read in
     place; its gradient comes back in its own shape and dtype, never (B, Hq, Lq, Lk)); softcap
     None is no cap; ``sinks`` (Hq,) or None. Packed sequences: q, k, v are (1, H, total, D)
     views, ``cu_seqlens_q/k`` int32 (B + 1,) contiguous, never read on the host (the grid comes
     from shapes); out and lse come back (1, H, total, ...). ``seed``: int64 (1,) with dropout;
     ``dropout_place``: (h0, heads, r0, rows, c0, cols), the call's block of a larger call
-    whose mask it draws (``dropout_seed``; packed: of (H, total_q, total_k))."""
+    whose mask it draws (``dropout_seed``; packed: of (H, total_q, total_k)). ``lowp``: a
+    low-precision forward (``LowPrecision``; q, k, v as it says), forward only: it is not a
+    custom op and has no gradient."""
     options = FlashOptions(scale, softcap, dropout_p, window_left, window_right)
     if dropout_place is not None:
         seed = dropout_seed(seed, q.shape[1], q.shape[2], k.shape[2], dropout_place)
     sinks = None if sinks is None else sinks.contiguous()
+    if lowp is not None:
+        return _forward(q, k, v, bias, alibi, seed, sinks, (cu_seqlens_q, cu_seqlens_k), options, lowp)
     return flash_fwd(q, k, v, bias, alibi, seed, sinks, cu_seqlens_q, cu_seqlens_k, *options)
 
 

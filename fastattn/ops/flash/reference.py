@@ -249,3 +249,72 @@ def varlen_dropout_keep_reference(seed: int, cu_seqlens_q: Tensor, cu_seqlens_k:
     h0, heads, r0, rows, c0, cols = (0, h, 0, cq[-1], 0, ck[-1]) if place is None else place
     return [dropout_keep_reference(seed, 1, h, q1 - q0, k1 - k0, dropout_p, (h0, heads, r0 + q0, rows, c0, cols))
             for q0, q1, k0, k1 in zip(cq, cq[1:], ck, ck[1:])]
+
+
+# ---------------------------------------------------------------------------------------
+# Low-precision inputs (forward only): what the kernels' FP8 and INT8 modes compute, in torch.
+
+def sequence_ids(cu_seqlens: Tensor, total: int) -> Tensor:
+    """int64 (total,): the packed sequence each of ``total`` rows belongs to (no host read)."""
+    rows = torch.arange(total, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].to(torch.int64), rows, right=True)
+
+
+def dequantize_fp8(x: Tensor, descale: Tensor, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+    """float32 ``x.float() * descale`` of an fp8 x: (B, H, L, D), or packed (total, H, D) with
+    ``cu_seqlens``; descale float32 (B, Hkv), per batch row (packed: sequence) and kv head,
+    H a multiple of Hkv (query head h takes kv head h // (H // Hkv), as FlashAttention 3)."""
+    heads = x.shape[1]  # dim 1 in both layouts
+    per_head = descale.repeat_interleave(heads // descale.shape[1], dim=1)  # (B, H)
+    if cu_seqlens is None:
+        return x.float() * per_head[:, :, None, None]
+    return x.float() * per_head[sequence_ids(cu_seqlens, x.shape[0])][:, :, None]
+
+
+def _int8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """float32 x (..., D) -> (int8 round(x / s), s): s = max |x| / 127 per row (1 for a row of
+    zeros), round to nearest even, so |x / s| <= 127 and nothing saturates."""
+    s = x.abs().amax(-1) / 127.0
+    s = torch.where(s > 0, s, torch.ones((), device=x.device))
+    return torch.round(x / s[..., None]).to(torch.int8), s
+
+
+def smooth_quantize_int8(q: Tensor, k: Tensor, cu_seqlens_q: Optional[Tensor] = None,
+                         cu_seqlens_k: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Smoothed per-token INT8 quantization of q and k (SageAttention's smoothing of K).
+
+    q (B, Hq, Lq, D), k (B, Hkv, Lk, D) in fp16/bf16, or packed (total, H, D) with both offsets.
+    K's mean over its sequence (per batch row or packed sequence, and kv head) is subtracted
+    first: q.(k_j - mean) differs from q.k_j by q.mean, the same for every key a query row can
+    see (causal, window and padding masks only drop keys of the same sequence), so the softmax
+    is unchanged, while keys whose channels share a large offset (outlier channels) quantize
+    with a finer scale. Each query row and each smoothed key is then quantized on its own
+    scale, max |x| / 127 (per token: finer than per block, and independent of the kernels'
+    tiles). Returns (q8, q_rows, k8, k_scale): q8, k8 int8 in q's and k's shapes; q_rows float32
+    (..., 2) in q's shape without D: each row's (scale, shift = q.mean of its kv head, from the
+    unquantized q, so the lse, sinks and softcap see the real logits); k_scale float32 in k's
+    shape without D. The logits are then ``scale * (q8.k8 * q_scale * k_scale + shift)``.
+    """
+    group = q.shape[1] // k.shape[1]  # heads are dim 1 in both layouts
+    kf, qf = k.float(), q.float()
+    if cu_seqlens_k is None:
+        mean_k = kf.mean(2, keepdim=True)  # (B, Hkv, 1, D)
+        mean_q = mean_k.repeat_interleave(group, dim=1)
+    else:
+        seq_k = sequence_ids(cu_seqlens_k, k.shape[0])
+        counts = cu_seqlens_k.diff().clamp(min=1).to(kf.dtype)
+        means = kf.new_zeros(cu_seqlens_k.numel() - 1, *k.shape[1:]).index_add_(0, seq_k, kf)
+        means = means / counts[:, None, None]  # (B, Hkv, D)
+        mean_k = means[seq_k]
+        mean_q = means[sequence_ids(cu_seqlens_q, q.shape[0])].repeat_interleave(group, dim=1)
+    k8, k_scale = _int8_rows(kf - mean_k)
+    q8, q_scale = _int8_rows(qf)
+    return q8, torch.stack([q_scale, (qf * mean_q).sum(-1)], dim=-1), k8, k_scale
+
+
+def dequantize_int8(q8: Tensor, q_rows: Tensor, k8: Tensor, k_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """float32 (q', k') with one more channel, whose dot products are the INT8 mode's logits
+    before the scale: q' = [q8 * q_scale, shift], k' = [k8 * k_scale, 1] (``smooth_quantize_int8``)."""
+    q_deq = torch.cat([q8.float() * q_rows[..., :1], q_rows[..., 1:]], dim=-1)
+    k_deq = torch.cat([k8.float() * k_scale[..., None], torch.ones_like(k_scale[..., None])], dim=-1)
+    return q_deq, k_deq
