@@ -1,0 +1,189 @@
+"""8-bit KV caches (``attention_with_kvcache(..., k_scale=, v_scale=)``): float8_e4m3fn and int8
+caches, per-tensor and per-token scales, contiguous and paged, with new tokens appended.
+
+Each call is checked twice: (a) against the float64 reference over the dequantized caches it
+leaves (the error rule, plain PyTorch in q's dtype as the yardstick), and (b) against the float64
+attention of the unquantized inputs, with plain PyTorch's own quantization
+(``reference.quantize_kv``) followed by attention in q's dtype as the yardstick, so the bound
+comes from the quantization itself, not a hand-set tolerance. Keys are realistic: a few channels
+20x larger than the rest, plus a per-channel offset. Slots past each sequence (and their
+per-token scales) hold NaN / garbage bytes: the kernels must not read them.
+
+Kernels run on CUDA when present, otherwise under TRITON_INTERPRET=1 (see conftest.py).
+"""
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import fastattn  # noqa: E402
+from fastattn.ops.decode.reference import decode_reference, dequantize_kv, gather_pages, quantize_kv  # noqa: E402
+from helpers import DTYPES, assert_close_rule, max_err  # noqa: E402
+
+DTYPES8 = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+B, HQ, HKV, D, PAGE, LNEW = 2, 4, 2, 32, 16, 2
+LENGTHS = (13, 29)  # tokens cached before the append; Lmax = 48 (3 pages of 16)
+LMAX = 48
+
+
+def realistic_keys(*shape):
+    """Keys (..., D) as LLMs produce them: a few outlier channels 20x the rest, and offsets."""
+    k = torch.randn(*shape)
+    k[..., [3, 17]] *= 20.0
+    return k + torch.randn(shape[-1]) * 0.5
+
+
+def _garbage(t, valid):
+    """t with every slot past the valid prefix (``valid`` bool (B, Lmax)) set to NaN bytes
+    (0x7F: NaN in e4m3, 127 in int8; NaN for the float32 scales)."""
+    bad = ~valid
+    if t.dtype == torch.float32:
+        return t.masked_fill(bad[:, None, :], float("nan"))
+    u = t.view(torch.uint8).masked_fill(bad[:, None, :, None], 0x7F)
+    return u.view(t.dtype)
+
+
+def _to_pages(t, table):
+    """Logical (B, Hkv, Lmax, ...) -> pages (num_pages, PAGE, Hkv, ...), sequence b's page j at
+    table[b, j]; pages no sequence uses hold garbage bytes."""
+    b, h, lmax = t.shape[:3]
+    rest = t.shape[3:]
+    src = t.view(torch.uint8) if t.dtype != torch.float32 else t
+    pages = torch.full((int(table.max()) + 2, PAGE, h, *rest), 0x7F if src.dtype == torch.uint8 else float("nan"),
+                       dtype=src.dtype)
+    pages[table.flatten().long()] = src.reshape(b, h, lmax // PAGE, PAGE, *rest).movedim(1, 3) \
+        .reshape(-1, PAGE, h, *rest)
+    return pages.view(t.dtype) if t.dtype != torch.float32 else pages
+
+
+def _logical(pages, table):
+    """Pages back to the logical (B, Hkv, Lmax, ...) layout (gather_pages on the bytes)."""
+    if pages.dim() == 3:  # scales (num_pages, PAGE, Hkv)
+        return gather_pages(pages[..., None], table)[..., 0]
+    return gather_pages(pages.view(torch.uint8), table).view(pages.dtype)
+
+
+def make_case(dtype8, per_token, qdtype, device):
+    """Unquantized inputs, and the 8-bit caches holding the quantized cached tokens.
+
+    Returns (q, k (B, Hkv, Lmax, D) float, v, k_new, v_new, seqlens, k8, v8, k_scale, v_scale):
+    k / v the float32 cached tokens (valid prefix), k8 / v8 / scales the caches with garbage past
+    each prefix; per-tensor scales are calibrated to the absmax of everything cached or new."""
+    q = torch.randn(B, HQ, LNEW, D).to(qdtype)
+    k, v = realistic_keys(B, HKV, LMAX, D), torch.randn(B, HKV, LMAX, D)
+    k_new, v_new = realistic_keys(B, HKV, LNEW, D).to(qdtype), torch.randn(B, HKV, LNEW, D).to(qdtype)
+    k, v = k.to(qdtype).float(), v.to(qdtype).float()  # the model's values are in q's dtype
+    valid = torch.arange(LMAX)[None, :] < torch.tensor(LENGTHS)[:, None]
+    scales = [None, None]
+    if not per_token:
+        qmax = 448.0 if dtype8 == torch.float8_e4m3fn else 127.0
+        scales = [torch.tensor([max(x.abs().max(), xn.float().abs().max()) / qmax]) for x, xn in
+                  ((k, k_new), (v, v_new))]
+    (k8, ks), (v8, vs) = quantize_kv(k, dtype8, scales[0]), quantize_kv(v, dtype8, scales[1])
+    k8, v8 = _garbage(k8, valid), _garbage(v8, valid)
+    if per_token:
+        ks, vs = _garbage(ks, valid), _garbage(vs, valid)
+    seqlens = torch.tensor(LENGTHS, dtype=torch.int32)
+    to = (lambda *ts: [t.to(device) for t in ts])  # noqa: E731
+    return to(q, k, v, k_new, v_new, seqlens, k8, v8, ks, vs)
+
+
+CASES = [(layout, name8, scales, DTYPES[i % 3])
+         for i, (layout, name8, scales) in enumerate(itertools.product(
+             ("contiguous", "paged"), DTYPES8, ("per-tensor", "per-token")))]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("layout,name8,scales,qdtype", CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{str(c[3])[6:]}" for c in CASES])
+def test_8bit_cache_matches_references(layout, name8, scales, qdtype, backend, device):
+    """The kernels (triton) and the CPU fallback (torch): the append's 8-bit entries and scales
+    equal plain PyTorch's quantization of the new tokens (exactly where the arithmetic is
+    IEEE: the interpreter and the fallback), and the output meets the error rule against
+    (a) the float64 attention over the dequantized caches and (b) the float64 attention of the
+    unquantized inputs, the bound of (b) set by plain PyTorch's quantization."""
+    dtype8, per_token = DTYPES8[name8], scales == "per-token"
+    q, k, v, k_new, v_new, seqlens, k8, v8, ks, vs = make_case(dtype8, per_token, qdtype, device)
+    table = None
+    caches = [k8.clone(), v8.clone(), ks.clone(), vs.clone()]
+    if layout == "paged":  # each sequence's pages in random order
+        table = torch.randperm(B * LMAX // PAGE, dtype=torch.int32, device=device).view(B, LMAX // PAGE)
+        caches = [_to_pages(t, table) for t in caches[:2]] + \
+            [_to_pages(t, table) if per_token else t for t in caches[2:]]
+    with fastattn.use_backend(backend):
+        out = fastattn.attention_with_kvcache(q, caches[0], caches[1], seqlens, k_new=k_new, v_new=v_new,
+                                              k_scale=caches[2], v_scale=caches[3], block_table=table)
+    if layout == "paged":
+        caches = [_logical(t, table) for t in caches[:2]] + [_logical(t, table) if per_token else t for t in caches[2:]]
+    k8_got, v8_got, ks_got, vs_got = caches
+
+    # The append: plain PyTorch's quantization of the new tokens, in their slots.
+    slots = torch.tensor(LENGTHS, device=device)[:, None] + torch.arange(LNEW, device=device)  # (B, LNEW)
+    at = (lambda t: t[torch.arange(B, device=device)[:, None], :, slots].transpose(1, 2))  # noqa: E731
+    for name, got8, got_s, new, given in (("k", k8_got, ks_got, k_new, ks), ("v", v8_got, vs_got, v_new, vs)):
+        got_deq = at(dequantize_kv(got8, got_s, torch.float64))
+        want_deq = dequantize_kv(*quantize_kv(new, dtype8, None if per_token else given), torch.float64)
+        if device == "cpu":  # IEEE arithmetic on both sides: the same values
+            assert torch.equal(got_deq, want_deq), (name, max_err(got_deq, want_deq))
+        else:  # the GPU's fp32 division may round a quotient differently: within 2x plain PyTorch's error
+            assert max_err(got_deq, new) <= 2 * max_err(want_deq, new), name
+
+    # (a) the float64 attention over the dequantized caches the call left.
+    total = seqlens + LNEW
+    deq = [dequantize_kv(c, s, torch.float64) for c, s in ((k8_got, ks_got), (v8_got, vs_got))]
+    deq_t = [dequantize_kv(c, s, qdtype) for c, s in ((k8_got, ks_got), (v8_got, vs_got))]
+    assert_close_rule("out (dequantized)", out, decode_reference(q.double(), *deq, total),
+                      decode_reference(q, *deq_t, total))
+    # (b) the float64 attention of the unquantized inputs; yardstick: plain PyTorch quantizing the
+    # cached and the new tokens the same way, then attending in q's dtype.
+    oracle = decode_reference(q.double(), k.double(), v.double(), seqlens, k_new.double(), v_new.double())
+    plain = [dequantize_kv(*quantize_kv(x, dtype8, None if per_token else s), qdtype)
+             for x, s in ((k, ks), (v, vs), (k_new, ks), (v_new, vs))]
+    assert_close_rule("out (unquantized)", out, oracle, decode_reference(q, plain[0], plain[1], seqlens, *plain[2:]))
+
+
+def _small_8bit(dtype8=torch.int8, per_token=True):
+    q, _, _, k_new, v_new, seqlens, k8, v8, ks, vs = make_case(dtype8, per_token, torch.float16, "cpu")
+    return q, k8, v8, seqlens, dict(k_new=k_new, v_new=v_new, k_scale=ks, v_scale=vs)
+
+
+@pytest.mark.parametrize("bad", ["no-scales", "one-scale", "scale-dtype", "scale-shape", "mixed-kinds", "nan",
+                                 "inf", "zero", "fp8-q", "fp8-q-bf16-cache", "scale-with-16bit", "mixed-caches",
+                                 "broadcast-scale"])
+def test_bad_8bit_input_raises_value_error_naming_it(bad):
+    q, k8, v8, seqlens, kw = _small_8bit()
+    names = {"no-scales": "k_scale", "one-scale": "v_scale", "scale-dtype": "k_scale", "scale-shape": "v_scale",
+             "mixed-kinds": "v_scale", "nan": "k_scale", "inf": "v_scale", "zero": "k_scale", "fp8-q": "q",
+             "fp8-q-bf16-cache": "k_cache", "scale-with-16bit": "k_scale", "mixed-caches": "v_cache",
+             "broadcast-scale": "k_scale"}
+    if bad == "no-scales":
+        kw.update(k_scale=None, v_scale=None)
+    elif bad == "one-scale":
+        kw.update(v_scale=None)
+    elif bad == "scale-dtype":
+        kw["k_scale"] = kw["k_scale"].half()
+    elif bad == "scale-shape":
+        kw["v_scale"] = kw["v_scale"][:, :, :-1]
+    elif bad == "mixed-kinds":
+        kw["v_scale"] = torch.tensor([0.1])
+    elif bad in ("nan", "inf", "zero"):
+        value = {"nan": float("nan"), "inf": float("inf"), "zero": 0.0}[bad]
+        kw.update(k_scale=torch.tensor([0.1 if bad == "inf" else value]),
+                  v_scale=torch.tensor([value if bad == "inf" else 0.1]))
+    elif bad == "fp8-q":
+        q = q.to(torch.float8_e4m3fn)
+        k8, v8 = k8.to(torch.float8_e4m3fn), v8.to(torch.float8_e4m3fn)
+        kw.update(k_new=kw["k_new"].to(torch.float8_e4m3fn), v_new=kw["v_new"].to(torch.float8_e4m3fn))
+    elif bad == "fp8-q-bf16-cache":
+        q, k8, v8 = q.to(torch.float8_e4m3fn), k8.to(torch.bfloat16), v8.to(torch.bfloat16)
+        kw.update(k_new=None, v_new=None, k_scale=None, v_scale=None)
+    elif bad == "scale-with-16bit":
+        k8, v8 = k8.to(torch.float16), v8.to(torch.float16)
+    elif bad == "mixed-caches":
+        v8 = v8.to(torch.float8_e4m3fn)
+    elif bad == "broadcast-scale":
+        kw["k_scale"] = kw["k_scale"][:, :, :1].expand(-1, -1, LMAX)
+    with pytest.raises(ValueError, match=names[bad]):
+        fastattn.attention_with_kvcache(q, k8, v8, seqlens, **kw)
