@@ -214,3 +214,22 @@ def test_gpt_generates_with_an_8bit_cache_in_half_the_bytes(name8, paged, device
     assert made[1].quantized and made[1].nbytes() * 2 * d == made[0].nbytes() * (d + 4)
     agree = int((got[:, 8:] == ref[:, 8:]).all(0).cumprod(0).sum())  # leading steps where every sequence agrees
     assert agree == steps, f"the 8-bit cache's tokens diverge from the bf16 cache's after {agree} of {steps} steps"
+
+
+def test_flash_attn_with_kvcache_takes_8bit_caches_in_its_layout(device):
+    """FlashAttention's interface: caches (B, Lmax, Hkv, D) and per-token scales (B, Lmax, Hkv)
+    give what attention_with_kvcache gives on the (B, Hkv, Lmax, D) views: the same output, the
+    same bytes and scales written."""
+    from fastattn.flash_attn_interface import flash_attn_with_kvcache
+
+    q, _, _, k_new, v_new, seqlens, k8, v8, ks, vs = make_case(torch.float8_e4m3fn, True, torch.float16, device)
+    fa = [t.transpose(1, 2).contiguous() for t in (k8, v8, ks, vs)]  # FlashAttention's layout
+    with fastattn.use_backend("triton"):
+        want = fastattn.attention_with_kvcache(q, k8, v8, seqlens, k_new=k_new, v_new=v_new, k_scale=ks, v_scale=vs)
+        got = flash_attn_with_kvcache(q.transpose(1, 2), fa[0], fa[1], k_new.transpose(1, 2), v_new.transpose(1, 2),
+                                      cache_seqlens=seqlens, causal=True, k_scale=fa[2], v_scale=fa[3])
+    assert torch.equal(got.transpose(1, 2), want)
+    for mine, theirs in zip((k8, v8), fa[:2]):
+        assert torch.equal(theirs.transpose(1, 2).view(torch.uint8), mine.view(torch.uint8))
+    for mine, theirs in zip((ks, vs), fa[2:]):  # NaN past each sequence, as made
+        assert torch.equal(theirs.transpose(1, 2).nan_to_num(), mine.nan_to_num())
