@@ -233,3 +233,16 @@ def test_flash_attn_with_kvcache_takes_8bit_caches_in_its_layout(device):
         assert torch.equal(theirs.transpose(1, 2).view(torch.uint8), mine.view(torch.uint8))
     for mine, theirs in zip((ks, vs), fa[2:]):  # NaN past each sequence, as made
         assert torch.equal(theirs.transpose(1, 2).nan_to_num(), mine.nan_to_num())
+
+
+def test_decode_bench_8bit_rows_check_and_count_their_bytes():
+    """The decode suite's fp8 / int8 rows (CPU fallback here) pass their own accuracy check,
+    and count (D + 4) bytes per token, head and tensor against the 16/32-bit rows' D * itemsize."""
+    from fastattn.bench import decode
+
+    rows = {c.impl: c for c in decode.cases("cpu", config_list=[(2, 4, 2, 40, 16)])}
+    for impl in ("fastattn-fp8", "fastattn-int8"):
+        rows[impl].check()
+        assert rows[impl].params["cache_bytes_per_token"] == 2 * 2 * (16 + 4)
+        assert rows[impl].bytes == 2 * 40 * 2 * 2 * (16 + 4)
+    assert rows["fastattn"].params["cache_bytes_per_token"] == 2 * 2 * 16 * 4  # fp32 on a CPU
