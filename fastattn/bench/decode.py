@@ -29,6 +29,7 @@ from fastattn.bench.common import Case, run_case
 from fastattn.testing import assert_within_rule
 
 SUITE = "decode"
+EIGHT_BIT = ("fastattn-fp8", "fastattn-int8")  # the rows over 8-bit caches
 MAX_CACHE_BYTES = 16 * 2**30  # per copy: the paged row holds a second one
 
 
@@ -198,7 +199,7 @@ def cases(device, quick=False, config_list=None):
         per_token = hkv * 2 * d * dtype.itemsize  # cache bytes per token (one layer), K and V
         per_token8 = hkv * 2 * (d + 4)  # 8-bit entries and a float32 scale per token and head, K and V
         for impl, fn in impls.items():
-            eight = impl in ("fastattn-fp8", "fastattn-int8")
+            eight = impl in EIGHT_BIT
             row_bytes = b * l * per_token8 if eight else 2 * kv_bytes if impl == "copy-ceiling" else kv_bytes
             check = _checker8(inputs, l, impl.split("-")[1]) if eight else \
                 _checker(inputs, l, impl == "fastattn-paged") if impl in ("fastattn", "fastattn-paged") else None

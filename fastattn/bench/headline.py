@@ -7,7 +7,7 @@ On a GPU (bf16), the quick flag ignored:
   at 16k tokens per batch, plus GQA 8:1 (16 query heads on 2 kv heads, d128, causal): the
   flash suite's full configs;
 * decode: GB/s of K/V read at 4k-32k cache, batch 1 and 16, Hq 32 / Hkv 8, D 128, next to the
-  device copy of the same bytes;
+  device copy of the same bytes; the 8-bit caches (fp8, int8, per-token scales) at 8k and 32k;
 * sparse at 10% of the blocks (a local window and BigBird) vs dense, at 16k tokens, d128,
   128-blocks, forward and forward+backward;
 * causal linear (elu+1) vs flash vs torch SDPA, 1k..32k tokens: where linear overtakes;
@@ -32,6 +32,7 @@ from fastattn.bench import decode, flash, linear, sparse
 
 SUITE = "headline"
 LEFT_OUT = ("torch-math",)
+EIGHT_BIT_LENGTHS = (8192, 32768, 64)  # the decode lengths that also time the 8-bit caches (64: the CPU's)
 
 
 def configs(device):
@@ -74,7 +75,8 @@ def cases(device, quick=False):
         allow_flex_recompiles()
     # The small groups first, then the flash sweep (about 3/4 of the cases), then every
     # FlexAttention case (a compile each): what a time budget cuts is the end of this list.
-    out = [c for c in decode.cases(device, config_list=groups["decode"]) if c.impl not in LEFT_OUT]
+    out = [c for c in decode.cases(device, config_list=groups["decode"]) if c.impl not in LEFT_OUT
+           and (c.impl not in decode.EIGHT_BIT or c.params["seq_len"] in EIGHT_BIT_LENGTHS)]
     out += sparse.cases(device, config_list=groups["sparse"])
     out += [dataclasses.replace(c, suite=c.suite.replace("flash", "peakmem"))
             for c in flash.cases(device, config_list=groups["peakmem"]) if c.impl not in LEFT_OUT]
