@@ -88,8 +88,7 @@ def _page_of(BT, b, table, slot, ok, PAGE_SIZE: tl.constexpr):
 
 @triton.jit
 def _round_e4m3(x):
-    """fp32 x with |x| <= 448 rounded to the nearest e4m3 value (ties to even), still fp32, so
-    the cast to float8e4nv is exact (the interpreter's own cast drops a rounding carry)."""
+    """fp32 x with |x| <= 448 rounded to the nearest e4m3 value (ties to even), still fp32."""
     bits = x.to(tl.int32, bitcast=True)
     # At and above 2^-6: keep 3 of fp32's 23 mantissa bits; adding 2^19 - 1 plus the lowest kept
     # bit, then clearing the 20 dropped ones, rounds the magnitude to nearest even.
@@ -97,6 +96,24 @@ def _round_e4m3(x):
     # Below 2^-6 e4m3's grid is 2^-9 everywhere: around 1.5 * 2^14 fp32's own ulp is 2^-9, so the add rounds.
     small = (x + 24576.0) - 24576.0
     return tl.where(tl.abs(x) < 0.015625, small, normal)
+
+
+@triton.jit
+def _e4m3_bits(x):
+    """fp32 x on e4m3's grid (``_round_e4m3``) -> its float8_e4m3fn byte, as uint8. Every e4m3
+    value / 256 is an fp16 with the same sign, exponent and top 3 mantissa bits (e4m3's bias 7
+    is fp16's 15 less 8): the byte is that fp16's sign and its 7 bits below, shifted down."""
+    h = (x * 0.00390625).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)  # x / 256 is exact
+    return (((h >> 8) & 0x80) | ((h >> 7) & 0x7F)).to(tl.uint8)
+
+
+@triton.jit
+def _e4m3_value(b):
+    """float8_e4m3fn bytes (uint8) -> their values in fp32, exactly (``_e4m3_bits`` backwards:
+    the byte's bits placed as an fp16's, which is the value / 256, subnormals included)."""
+    b = b.to(tl.int32)
+    h = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
 
 
 @triton.jit
@@ -114,10 +131,11 @@ def _scale_slots(BT, b, table, slot, ok, PAGED: tl.constexpr, PAGE_SIZE: tl.cons
 
 @triton.jit
 def _quantize_rows(x, S, s_strides, where, hk, row, ok, OUT_TY: tl.constexpr, PER_TOKEN: tl.constexpr):
-    """New rows x (BLOCK_L, BLOCK_D) in OUT_TY (float8e4nv or int8): ``x / scale`` rounded to
-    nearest even and saturated. PER_TOKEN: each row's scale is its absmax / QMAX (0 for a zero
-    row), stored at ``S`` (b or page ``where``, kv head hk, ``row``); else ``S`` holds the one
-    given scale. ``s_strides``: the scales' strides in (b or page, head, row) order."""
+    """New rows x (BLOCK_L, BLOCK_D) as 8-bit: int8 for OUT_TY int8, else (uint8) the bytes of
+    float8_e4m3fn values: ``x / scale`` rounded to nearest even and saturated. PER_TOKEN: each
+    row's scale is its absmax / QMAX (0 for a zero row), stored at ``S`` (b or page ``where``,
+    kv head hk, ``row``); else ``S`` holds the one given scale. ``s_strides``: the scales'
+    strides in (b or page, head, row) order."""
     qmax = 448.0
     if OUT_TY == tl.int8:
         qmax = 127.0
@@ -131,16 +149,19 @@ def _quantize_rows(x, S, s_strides, where, hk, row, ok, OUT_TY: tl.constexpr, PE
     if OUT_TY == tl.int8:
         y = tl.minimum(tl.maximum(y, -128.0), 127.0)
         y = (y + 12582912.0) - 12582912.0  # around 1.5 * 2^23 fp32's ulp is 1: the add rounds to nearest even
+        out = y.to(tl.int8)
     else:
-        y = _round_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
-    return y.to(OUT_TY)
+        out = _e4m3_bits(_round_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0)))
+    return out
 
 
 @triton.jit
 def _dequantize(x, S, s_strides, where, hk, row, ok, DTYPE: tl.constexpr, BF16_RTNE: tl.constexpr,
                 PER_TOKEN: tl.constexpr):
-    """An 8-bit (BLOCK_N, D) tile times its scales (per key at ``S`` (where, hk, row), else the
-    one at ``S``), rounded to DTYPE (q's)."""
+    """An 8-bit (BLOCK_N, D) tile (int8, or uint8 bytes of float8_e4m3fn) times its scales (per
+    key at ``S`` (where, hk, row), else the one at ``S``), rounded to DTYPE (q's)."""
+    if x.dtype == tl.uint8:
+        x = _e4m3_value(x)
     if PER_TOKEN:
         s = tl.load(S + where * s_strides[0] + hk * s_strides[1] + row * s_strides[2], mask=ok, other=0.0)[:, None]
     else:
@@ -169,7 +190,8 @@ def kv_append_kernel(
     tokens are rows CU_Q[b] .. CU_Q[b+1] - 1 (batch strides 0), seqlen_new an upper bound on
     any sequence's count.
 
-    KV_QUANT: K/V are 8-bit (float8e4nv or int8) and the rows go in quantized
+    KV_QUANT: K/V are 8-bit (int8, or uint8 holding float8_e4m3fn bytes: compiled Triton takes
+    no e4m3 pointer before sm_89, and neither needs one) and the rows go in quantized
     (``_quantize_rows``): with SCALE_PER_TOKEN their scales are written to KS / VS ((B, Hkv,
     Lmax), paged (num_pages, page_size, Hkv); ``ks_strides`` / ``vs_strides`` in (b or page,
     head, slot) order), else KS / VS hold the one scale of each cache.

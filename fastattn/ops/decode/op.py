@@ -111,6 +111,12 @@ def _cache_args(k_cache: Tensor, v_cache: Tensor, block_table: Optional[Tensor],
             (block_table.stride(0), layout.num_pages), dict(PAGED=True, PAGE_SIZE=layout.page_size))
 
 
+def _bytes(cache: Tensor) -> Tensor:
+    """A float8_e4m3fn cache as its bytes (uint8, same strides), which the kernels decode and
+    encode themselves (compiled Triton takes no e4m3 pointer before sm_89); others as they are."""
+    return cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
+
+
 def _scale_args(k_scale: Optional[Tensor], v_scale: Optional[Tensor], layout: CacheLayout) -> dict:
     """The kernels' 8-bit cache arguments: none for a 16/32-bit cache; else the scales and
     their strides in the kernels' (b, h, slot) order (a page's "b" stride is the page stride;
@@ -146,7 +152,8 @@ def _append(k_cache, v_cache, seqlens, k_new, v_new, cos, sin, interleaved, bloc
     (cos_t, sin_t, rotary), rot = _rotary_args(k_new, cos, sin, interleaved)
     k_strides, v_strides, bt, table, paged = _cache_args(k_cache, v_cache, block_table, layout)
     kernels.kv_append_kernel[(layout.batch * layout.kv_heads * triton.cdiv(lnew, block_l),)](
-        k_new, v_new, k_cache, v_cache, seqlens, cos_t, sin_t, bt, seqlens if not varlen else cu_seqlens_q,
+        k_new, v_new, _bytes(k_cache), _bytes(v_cache), seqlens, cos_t, sin_t, bt,
+        seqlens if not varlen else cu_seqlens_q,
         *new_strides, k_strides, v_strides, layout.kv_heads, lnew, layout.lmax, rotary, table,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_L=block_l, BLOCK_D=pad(d), BLOCK_DV=pad(dv), VARLEN=varlen,
         BF16_RTNE=_launch.dtype_flags(k_new.dtype)["BF16_RTNE"], num_warps=4, **rot, **paged,
@@ -205,7 +212,8 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seql
     # Axis 0: the row blocks of every (batch, kv head); axis 1: the splits (at most MAX_SPLITS).
     grid = (layout.batch * layout.kv_heads * triton.cdiv(group * lq, tiles.block_m), num_splits)
     kernels.decode_split_kernel[grid](
-        q, k_cache, v_cache, seqlens, alibi_t, cos_t, sin_t, bt, cu, q if sinks is None else sinks, o_t, lse_t,
+        q, _bytes(k_cache), _bytes(v_cache), seqlens, alibi_t, cos_t, sin_t, bt, cu, q if sinks is None else sinks,
+        o_t, lse_t,
         q_strides=_packed_strides(q) if varlen else q.stride(), k_strides=k_strides, v_strides=v_strides,
         o_strides=o_strides, lse_strides=l_strides, alibi_strides=alibi_strides, n_heads=hq, group=group,
         seqlen_q=lq, seqlen_new=seqlen_new, seqlen_max=layout.lmax, num_splits=num_splits,
@@ -307,8 +315,8 @@ def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=N
     if num_splits is None:
         num_splits = _auto_splits(q, k_cache, v_cache, block_table, lq, window_left, window_right, max_seqlen_k)
     return decode_fwd(q, k_cache, v_cache, seqlens, alibi, **tensors, sinks=sinks, k_scale=k_scale, v_scale=v_scale,
-                      scale=scale, softcap=softcap,
-                      window_left=window_left, window_right=window_right, seqlen_new=seqlen_new,
+                      scale=scale, softcap=softcap, window_left=window_left, window_right=window_right,
+                      seqlen_new=seqlen_new,
                       num_splits=num_splits, interleaved=rotary_interleaved, max_seqlen_q=lq if varlen else 0,
                       fwd_order=fwd_order)
 
