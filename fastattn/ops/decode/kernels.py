@@ -131,8 +131,8 @@ def _scale_slots(BT, b, table, slot, ok, PAGED: tl.constexpr, PAGE_SIZE: tl.cons
 
 @triton.jit
 def _quantize_rows(x, S, s_strides, where, hk, row, ok, OUT_TY: tl.constexpr, PER_TOKEN: tl.constexpr):
-    """New rows x (BLOCK_L, BLOCK_D) as 8-bit: int8 for OUT_TY int8, else (uint8) the bytes of
-    float8_e4m3fn values: ``x / scale`` rounded to nearest even and saturated. PER_TOKEN: each
+    """New rows x (BLOCK_L, BLOCK_D) as 8-bit OUT_TY: int8, float8e4nv, or uint8 holding the
+    bytes of float8_e4m3fn values: ``x / scale`` rounded to nearest even and saturated. PER_TOKEN: each
     row's scale is its absmax / QMAX (0 for a zero row), stored at ``S`` (b or page ``where``,
     kv head hk, ``row``); else ``S`` holds the one given scale. ``s_strides``: the scales'
     strides in (b or page, head, row) order."""
@@ -151,21 +151,25 @@ def _quantize_rows(x, S, s_strides, where, hk, row, ok, OUT_TY: tl.constexpr, PE
         y = (y + 12582912.0) - 12582912.0  # around 1.5 * 2^23 fp32's ulp is 1: the add rounds to nearest even
         out = y.to(tl.int8)
     else:
-        out = _e4m3_bits(_round_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0)))
+        y = _round_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
+        if OUT_TY == tl.uint8:
+            out = _e4m3_bits(y)
+        else:
+            out = y.to(OUT_TY)  # exact: y is on e4m3's grid
     return out
 
 
 @triton.jit
 def _dequantize(x, S, s_strides, where, hk, row, ok, DTYPE: tl.constexpr, BF16_RTNE: tl.constexpr,
                 PER_TOKEN: tl.constexpr):
-    """An 8-bit (BLOCK_N, D) tile (int8, or uint8 bytes of float8_e4m3fn) times its scales (per
-    key at ``S`` (where, hk, row), else the one at ``S``), rounded to DTYPE (q's)."""
+    """An 8-bit (BLOCK_N, D) tile (int8, float8e4nv, or uint8 bytes of float8_e4m3fn) times its
+    scales (PER_TOKEN: per key at ``S`` (where, hk, row); else ``S`` is the one scale's value),
+    rounded to DTYPE (q's)."""
     if x.dtype == tl.uint8:
         x = _e4m3_value(x)
+    s = S
     if PER_TOKEN:
         s = tl.load(S + where * s_strides[0] + hk * s_strides[1] + row * s_strides[2], mask=ok, other=0.0)[:, None]
-    else:
-        s = tl.load(S)
     return cast(x.to(tl.float32) * s, DTYPE, BF16_RTNE)
 
 
@@ -190,8 +194,8 @@ def kv_append_kernel(
     tokens are rows CU_Q[b] .. CU_Q[b+1] - 1 (batch strides 0), seqlen_new an upper bound on
     any sequence's count.
 
-    KV_QUANT: K/V are 8-bit (int8, or uint8 holding float8_e4m3fn bytes: compiled Triton takes
-    no e4m3 pointer before sm_89, and neither needs one) and the rows go in quantized
+    KV_QUANT: K/V are 8-bit (int8, float8e4nv, or uint8 holding float8_e4m3fn bytes where
+    compiled Triton takes no e4m3 pointer, before sm_89) and the rows go in quantized
     (``_quantize_rows``): with SCALE_PER_TOKEN their scales are written to KS / VS ((B, Hkv,
     Lmax), paged (num_pages, page_size, Hkv); ``ks_strides`` / ``vs_strides`` in (b or page,
     head, slot) order), else KS / VS hold the one scale of each cache.
@@ -464,6 +468,9 @@ def decode_split_kernel(
         sink = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32)
         m_i = tl.where(first, sink, m_i)
         l_i = tl.where(first, 1.0, l_i)
+    k_scale, v_scale = KS, VS
+    if KV_QUANT and not SCALE_PER_TOKEN:  # one scale per cache: loaded once, outside the key loop
+        k_scale, v_scale = tl.load(KS), tl.load(VS)
     n_first = (end - start + BLOCK_N - 1) // BLOCK_N  # tiles start, start + BLOCK_N, .. < end
     n_second = n_first * 0
     t = pos_q + diag  # the rows' key positions
@@ -479,9 +486,9 @@ def decode_split_kernel(
                           end, offs_d, d_ok, offs_dv, dv_ok, BLOCK_N, PAGED, PAGE_SIZE)
         if KV_QUANT:
             where, s_row = _scale_slots(BT, b, table, offs_n, col_ok, PAGED, PAGE_SIZE)
-            k = _dequantize(k, KS, ks_strides, where, hk, s_row, col_ok, Q.dtype.element_ty, BF16_RTNE,
+            k = _dequantize(k, k_scale, ks_strides, where, hk, s_row, col_ok, Q.dtype.element_ty, BF16_RTNE,
                             SCALE_PER_TOKEN)
-            v = _dequantize(v, VS, vs_strides, where, hk, s_row, col_ok, Q.dtype.element_ty, BF16_RTNE,
+            v = _dequantize(v, v_scale, vs_strides, where, hk, s_row, col_ok, Q.dtype.element_ty, BF16_RTNE,
                             SCALE_PER_TOKEN)
         if FWD_ORDER:
             first = (ihi * 0 + it) < n_first  # (a vector: the interpreter's where wants one)

@@ -105,16 +105,26 @@ def _cache_args(k_cache: Tensor, v_cache: Tensor, block_table: Optional[Tensor],
     """(k strides, v strides, table pointer, (table row stride, num_pages), constexprs), strides
     in the kernels' (b, h, slot, d) order: a page's "b" stride is the page stride."""
     if not layout.paged:
-        return k_cache.stride(), v_cache.stride(), k_cache, (0, 1), dict(PAGED=False, PAGE_SIZE=16)
+        return k_cache.stride(), v_cache.stride(), _bytes(k_cache), (0, 1), dict(PAGED=False, PAGE_SIZE=16)
     ks, vs = k_cache.stride(), v_cache.stride()
     return ((ks[0], ks[2], ks[1], ks[3]), (vs[0], vs[2], vs[1], vs[3]), block_table,
             (block_table.stride(0), layout.num_pages), dict(PAGED=True, PAGE_SIZE=layout.page_size))
 
 
+def _fp8_native(device: torch.device) -> bool:
+    """Whether the kernels take float8_e4m3fn caches as such on ``device``: compiled Triton has
+    e4m3 from sm_89 on (the interpreter too); before, the kernels get the bytes."""
+    gpu = _launch.arch(device)
+    return gpu is None or gpu.capability >= 89
+
+
 def _bytes(cache: Tensor) -> Tensor:
-    """A float8_e4m3fn cache as its bytes (uint8, same strides), which the kernels decode and
-    encode themselves (compiled Triton takes no e4m3 pointer before sm_89); others as they are."""
-    return cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
+    """A cache as the kernels take it: a float8_e4m3fn one as its bytes (uint8, same strides)
+    where ``_fp8_native`` says no (the kernels decode and encode e4m3 themselves, exactly);
+    others as they are."""
+    if cache.dtype == torch.float8_e4m3fn and not _fp8_native(cache.device):
+        return cache.view(torch.uint8)
+    return cache
 
 
 def _scale_args(k_scale: Optional[Tensor], v_scale: Optional[Tensor], layout: CacheLayout) -> dict:
