@@ -90,6 +90,17 @@ def make_case(dtype8, per_token, qdtype, device):
     return to(q, k, v, k_new, v_new, seqlens, k8, v8, ks, vs)
 
 
+def assert_appended(name, got_deq, want_deq, new):
+    """The append's dequantized entries against plain PyTorch's quantization of the same tokens:
+    the same values where both sides compute in IEEE arithmetic (the interpreter, the fallback);
+    on a GPU, whose fp32 division may round a quotient differently, within 2x plain PyTorch's
+    quantization error."""
+    if got_deq.device.type == "cpu":
+        assert torch.equal(got_deq, want_deq), (name, max_err(got_deq, want_deq))
+    else:
+        assert max_err(got_deq, new) <= 2 * max_err(want_deq, new), name
+
+
 CASES = [(layout, name8, scales, DTYPES[i % 3])
          for i, (layout, name8, scales) in enumerate(itertools.product(
              ("contiguous", "paged"), DTYPES8, ("per-tensor", "per-token")))]
@@ -123,12 +134,8 @@ def test_8bit_cache_matches_references(layout, name8, scales, qdtype, backend, d
     slots = torch.tensor(LENGTHS, device=device)[:, None] + torch.arange(LNEW, device=device)  # (B, LNEW)
     at = (lambda t: t[torch.arange(B, device=device)[:, None], :, slots].transpose(1, 2))  # noqa: E731
     for name, got8, got_s, new, given in (("k", k8_got, ks_got, k_new, ks), ("v", v8_got, vs_got, v_new, vs)):
-        got_deq = at(dequantize_kv(got8, got_s, torch.float64))
         want_deq = dequantize_kv(*quantize_kv(new, dtype8, None if per_token else given), torch.float64)
-        if device == "cpu":  # IEEE arithmetic on both sides: the same values
-            assert torch.equal(got_deq, want_deq), (name, max_err(got_deq, want_deq))
-        else:  # the GPU's fp32 division may round a quotient differently: within 2x plain PyTorch's error
-            assert max_err(got_deq, new) <= 2 * max_err(want_deq, new), name
+        assert_appended(name, at(dequantize_kv(got8, got_s, torch.float64)), want_deq, new)
 
     # (a) the float64 attention over the dequantized caches the call left.
     total = seqlens + LNEW
@@ -269,3 +276,34 @@ def test_fp8_cache_as_bytes_before_sm89(scales, device, monkeypatch):
     for a, b in zip(runs[0][1:], runs[1][1:]):
         assert torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a.nan_to_num(),
                            b.view(torch.uint8) if b.dtype != torch.float32 else b.nan_to_num())
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name8,scales", [("fp8", "per-token"), ("int8", "per-tensor")])
+def test_ragged_new_tokens_into_an_8bit_cache(name8, scales, backend, device):
+    """cu_seqlens_q (1 and 3 new tokens, packed): each sequence appends its own tokens into the
+    8-bit cache and attends causally over it; the bytes equal plain PyTorch's quantization and
+    the output meets the rule against the float64 attention over the dequantized cache."""
+    dtype8, per_token = DTYPES8[name8], scales == "per-token"
+    _, _, _, _, _, seqlens, k8, v8, ks, vs = make_case(dtype8, per_token, torch.float16, device)
+    counts = (1, 3)
+    cu = torch.tensor([0, 1, 4], dtype=torch.int32, device=device)
+    q = torch.randn(4, HQ, D, device=device).half()
+    k_new, v_new = realistic_keys(4, HKV, D).half().to(device), torch.randn(4, HKV, D, device=device).half()
+    with fastattn.use_backend(backend):
+        out = fastattn.attention_with_kvcache(q, k8, v8, seqlens, k_new=k_new, v_new=v_new, k_scale=ks, v_scale=vs,
+                                              cu_seqlens_q=cu, max_seqlen_q=3)
+    outs64, outs16 = [], []
+    for b, (n, c) in enumerate(zip(LENGTHS, counts)):
+        rows = slice(int(cu[b]), int(cu[b + 1]))
+        for name, cache, scale, new in (("k", k8, ks, k_new), ("v", v8, vs, v_new)):
+            got = dequantize_kv(cache[b, :, n:n + c], scale[b, :, n:n + c] if per_token else scale, torch.float64)
+            new_b = new[rows].transpose(0, 1)  # (Hkv, c, D)
+            assert_appended(name, got, dequantize_kv(*quantize_kv(new_b, dtype8, None if per_token else scale),
+                                                     torch.float64), new_b)
+        qb, total = q[rows].transpose(0, 1)[None], torch.tensor([n + c], device=device)
+        deq = [[dequantize_kv(t[b:b + 1], s[b:b + 1] if per_token else s, dt) for t, s in ((k8, ks), (v8, vs))]
+               for dt in (torch.float64, torch.float16)]
+        outs64.append(decode_reference(qb.double(), *deq[0], total)[0].transpose(0, 1))
+        outs16.append(decode_reference(qb, *deq[1], total)[0].transpose(0, 1))
+    assert_close_rule("out", out, torch.cat(outs64), torch.cat(outs16))
