@@ -160,17 +160,14 @@ def _quantize_rows(x, S, s_strides, where, hk, row, ok, OUT_TY: tl.constexpr, PE
 
 
 @triton.jit
-def _dequantize(x, S, s_strides, where, hk, row, ok, DTYPE: tl.constexpr, BF16_RTNE: tl.constexpr,
-                PER_TOKEN: tl.constexpr):
-    """An 8-bit (BLOCK_N, D) tile (int8, float8e4nv, or uint8 bytes of float8_e4m3fn) times its
-    scales (PER_TOKEN: per key at ``S`` (where, hk, row); else ``S`` is the one scale's value),
-    rounded to DTYPE (q's)."""
+def _dequantize(x, S, s_strides, where, hk, row, ok, DTYPE: tl.constexpr, BF16_RTNE: tl.constexpr):
+    """An 8-bit (BLOCK_N, D) tile (int8, float8e4nv, or uint8 bytes of float8_e4m3fn) times the
+    scales of its keys, at ``S`` (where, hk, row) (strides 0: one scale for all), rounded to
+    DTYPE (q's)."""
     if x.dtype == tl.uint8:
         x = _e4m3_value(x)
-    s = S
-    if PER_TOKEN:
-        s = tl.load(S + where * s_strides[0] + hk * s_strides[1] + row * s_strides[2], mask=ok, other=0.0)[:, None]
-    return cast(x.to(tl.float32) * s, DTYPE, BF16_RTNE)
+    s = tl.load(S + where * s_strides[0] + hk * s_strides[1] + row * s_strides[2], mask=ok, other=0.0)
+    return cast(x.to(tl.float32) * s[:, None], DTYPE, BF16_RTNE)
 
 
 @triton.jit
@@ -389,7 +386,6 @@ def decode_split_kernel(
     SINGLE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
     FWD_ORDER: tl.constexpr,
     KS=None, VS=None, ks_strides=(0, 0, 0), vs_strides=(0, 0, 0), KV_QUANT: tl.constexpr = False,
-    SCALE_PER_TOKEN: tl.constexpr = False,
 ):
     """One chunk of one (batch, kv head)'s keys for BLOCK_M of its group * seqlen_q query rows.
 
@@ -425,9 +421,11 @@ def decode_split_kernel(
     in score units, one fma before exp2). A tile the row does not take is masked whole, which
     leaves its running softmax bitwise unchanged (p = 0, alpha = exp2(0) = 1).
 
-    KV_QUANT: K/V are 8-bit with scales KS / VS as ``kv_append_kernel`` takes them; each tile
-    is dequantized in registers to q's dtype (``_dequantize``) and the products run in q's
-    dtype, as with a 16-bit cache: only the loads shrink.
+    KV_QUANT: K/V are 8-bit as ``kv_append_kernel`` takes them, key j's scales at KS / VS +
+    (b or page, head, slot) * ``ks_strides`` / ``vs_strides`` (per-tensor scales: strides 0,
+    the same element for every key); each tile is dequantized in registers to q's dtype
+    (``_dequantize``) and the products run in q's dtype, as with a 16-bit cache: only the
+    loads shrink.
     """
     row_blocks = (group * seqlen_q + BLOCK_M - 1) // BLOCK_M
     bhk = tl.program_id(0) // row_blocks
@@ -468,9 +466,6 @@ def decode_split_kernel(
         sink = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32)
         m_i = tl.where(first, sink, m_i)
         l_i = tl.where(first, 1.0, l_i)
-    k_scale, v_scale = KS, VS
-    if KV_QUANT and not SCALE_PER_TOKEN:  # one scale per cache: loaded once, outside the key loop
-        k_scale, v_scale = tl.load(KS), tl.load(VS)
     n_first = (end - start + BLOCK_N - 1) // BLOCK_N  # tiles start, start + BLOCK_N, .. < end
     n_second = n_first * 0
     t = pos_q + diag  # the rows' key positions
@@ -486,10 +481,8 @@ def decode_split_kernel(
                           end, offs_d, d_ok, offs_dv, dv_ok, BLOCK_N, PAGED, PAGE_SIZE)
         if KV_QUANT:
             where, s_row = _scale_slots(BT, b, table, offs_n, col_ok, PAGED, PAGE_SIZE)
-            k = _dequantize(k, k_scale, ks_strides, where, hk, s_row, col_ok, Q.dtype.element_ty, BF16_RTNE,
-                            SCALE_PER_TOKEN)
-            v = _dequantize(v, v_scale, vs_strides, where, hk, s_row, col_ok, Q.dtype.element_ty, BF16_RTNE,
-                            SCALE_PER_TOKEN)
+            k = _dequantize(k, KS, ks_strides, where, hk, s_row, col_ok, Q.dtype.element_ty, BF16_RTNE)
+            v = _dequantize(v, VS, vs_strides, where, hk, s_row, col_ok, Q.dtype.element_ty, BF16_RTNE)
         if FWD_ORDER:
             first = (ihi * 0 + it) < n_first  # (a vector: the interpreter's where wants one)
             take = tl.where(first, start_n >= ihi, start_n < ihi)  # (BLOCK_M,) whether the row takes this tile

@@ -127,10 +127,12 @@ def _bytes(cache: Tensor) -> Tensor:
     return cache
 
 
-def _scale_args(k_scale: Optional[Tensor], v_scale: Optional[Tensor], layout: CacheLayout) -> dict:
+def _scale_args(k_scale: Optional[Tensor], v_scale: Optional[Tensor], layout: CacheLayout, append: bool) -> dict:
     """The kernels' 8-bit cache arguments: none for a 16/32-bit cache; else the scales and
     their strides in the kernels' (b, h, slot) order (a page's "b" stride is the page stride;
-    per-tensor scales: strides 0)."""
+    per-tensor scales: strides 0). The split kernel reads a per-tensor scale as every key's (a
+    broadcast load, which compiles to fewer registers than one scalar did: no spills on sm_80
+    to sm_120); the append (SCALE_PER_TOKEN) writes per-token scales, else reads the one."""
     if k_scale is None:
         return {}
     per_token = k_scale.dim() == 3  # the cache's shape without its last dim (per tensor: 1 element)
@@ -139,8 +141,8 @@ def _scale_args(k_scale: Optional[Tensor], v_scale: Optional[Tensor], layout: Ca
         if not per_token:
             return (0, 0, 0)
         return (s.stride(0), s.stride(2), s.stride(1)) if layout.paged else s.stride()
-    return dict(KS=k_scale, VS=v_scale, ks_strides=strides(k_scale), vs_strides=strides(v_scale), KV_QUANT=True,
-                SCALE_PER_TOKEN=per_token)
+    args = dict(KS=k_scale, VS=v_scale, ks_strides=strides(k_scale), vs_strides=strides(v_scale), KV_QUANT=True)
+    return dict(args, SCALE_PER_TOKEN=per_token) if append else args
 
 
 def _packed_strides(t: Tensor) -> tuple:
@@ -167,7 +169,7 @@ def _append(k_cache, v_cache, seqlens, k_new, v_new, cos, sin, interleaved, bloc
         *new_strides, k_strides, v_strides, layout.kv_heads, lnew, layout.lmax, rotary, table,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_L=block_l, BLOCK_D=pad(d), BLOCK_DV=pad(dv), VARLEN=varlen,
         BF16_RTNE=_launch.dtype_flags(k_new.dtype)["BF16_RTNE"], num_warps=4, **rot, **paged,
-        **_scale_args(k_scale, v_scale, layout),
+        **_scale_args(k_scale, v_scale, layout, append=True),
     )
 
 
@@ -232,7 +234,7 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seql
         BLOCK_N=tiles.block_n, BLOCK_D=pad(d), BLOCK_DV=pad(dv), TERMS=terms, VARLEN=varlen,
         SINGLE_SPLIT=single, FWD_ORDER=fwd_order and single,
         num_warps=tiles.num_warps, num_stages=fwd.num_stages if fwd_order else 3, **rot, **paged, **flags,
-        **_scale_args(k_scale, v_scale, layout),
+        **_scale_args(k_scale, v_scale, layout, append=False),
     )
     if not single:
         kernels.decode_merge_kernel[(lse_t.numel() // num_splits,)](
