@@ -20,7 +20,7 @@ from fastattn.backend import TORCH_SDPA
 from fastattn.ops.decode.reference import (
     append_paged_reference, apply_rotary, apply_sinks, dequantize_kv, gather_pages, quantize_kv, rotary_positions)
 from fastattn.ops.flash.reference import attention_reference
-from fastattn.validation import DecodeCall
+from fastattn.validation import CacheLayout, DecodeCall
 
 
 def sdpa_expressible(call: DecodeCall) -> bool:
@@ -243,7 +243,8 @@ def dequantized(call: DecodeCall) -> DecodeCall:
     when per token (``quantize_kv``), then both caches are dequantized to q's dtype in one
     batched pass each (``dequantize_kv``). The returned call attends over those copies with no
     new tokens and ``cache_seqlens + Lnew`` cached ones (rotary positions unchanged), so every
-    fallback above runs it. No loop over the sequences."""
+    fallback above runs it. Contiguous caches are dequantized only up to the longest sequence
+    where the lengths were read on the host (``call.key_range``). No loop over the sequences."""
     q, n = call.q, call.seqlens.long()
     if call.k_new is not None:
         if call.cu_seqlens_q is not None:  # packed (T, H, D): sequence and row of each token
@@ -262,10 +263,12 @@ def dequantized(call: DecodeCall) -> DecodeCall:
             v_new, count = call.v_new.transpose(1, 2).flatten(0, 1), lnew
         _append_quantized(call, k_new.detach(), v_new.detach(), seq, n[seq] + row)
         n = n + count
-    k_cache = dequantize_kv(call.k_cache, call.k_scale, q.dtype)
-    v_cache = dequantize_kv(call.v_cache, call.v_scale, q.dtype)
-    return call._replace(k_cache=k_cache, v_cache=v_cache, seqlens=n.to(torch.int32), k_new=None, v_new=None,
-                         k_scale=None, v_scale=None)
+    caches = [call.k_cache, call.v_cache, call.k_scale, call.v_scale]
+    if call.key_range is not None and not call.layout.paged:  # no slot past the longest sequence is read
+        caches = [t.narrow(2, 0, call.key_range[1]) if t.dim() >= 3 else t for t in caches]
+    k_cache, v_cache = dequantize_kv(caches[0], caches[2], q.dtype), dequantize_kv(caches[1], caches[3], q.dtype)
+    return call._replace(k_cache=k_cache, v_cache=v_cache, layout=CacheLayout.of(k_cache, v_cache, call.block_table),
+                         seqlens=n.to(torch.int32), k_new=None, v_new=None, k_scale=None, v_scale=None)
 
 
 def _append_quantized(call: DecodeCall, k_new: Tensor, v_new: Tensor, seq: Tensor, slot: Tensor) -> None:

@@ -224,4 +224,8 @@ def dequantize_kv(cache: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     """An 8-bit cache (..., D) with its scale (one element or (...)) -> ``cache.float() * scale``
     rounded to ``dtype``, one batched pass."""
     s = scale.reshape(()) if scale.numel() == 1 else scale[..., None]
+    if cache.dtype == torch.float8_e4m3fn and cache.device.type == "cpu":
+        # torch's e4m3 -> float32 cast runs scalar code on a CPU: a 256-entry table is ~4x faster
+        table = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+        return (table.take(cache.view(torch.uint8).long()) * s).to(dtype)
     return (cache.float() * s).to(dtype)
