@@ -198,7 +198,7 @@ def test_bad_8bit_input_raises_value_error_naming_it(bad):
 
 @pytest.mark.parametrize("name8,paged", [("fp8", False), ("int8", True)], ids=["fp8-contiguous", "int8-paged"])
 def test_gpt_generates_with_an_8bit_cache_in_half_the_bytes(name8, paged, device, monkeypatch):
-    """A tiny bf16 GPT (head dim 32, RoPE, GQA) generates greedily with a bf16 cache and with an
+    """A tiny bf16 GPT (head dim 32, RoPE, GQA 2) generates greedily with a bf16 cache and with an
     8-bit one: the 8-bit cache holds (D + 4) / (2 D) of the bf16 cache's bytes (8-bit keys and
     values, a float32 scale per token, head and tensor: 56% at D = 32, 52% at D = 128), and the
     tokens agree with the bf16 cache's for the first ``AGREE`` steps, the whole run on these
@@ -207,7 +207,7 @@ def test_gpt_generates_with_an_8bit_cache_in_half_the_bytes(name8, paged, device
     from fastattn.models import GPT, GPTConfig
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, positional="rope",
+    model = GPT(GPTConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, positional="rope",
                           max_seq_len=64)).to(device=device, dtype=torch.bfloat16)
     prompt = torch.randint(0, 64, (2, 8), device=device)
     made = []
