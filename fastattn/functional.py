@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fastattn import validation
 from fastattn.validation import default_scale  # noqa: F401  (fastattn.nn reads the scale rule here)
+from fastattn.validation import KV_CACHE_DTYPES  # noqa: F401  (fastattn.nn reads the 8-bit cache dtypes here)
 from fastattn.ops.flash import dispatch as flash_dispatch
 
 

@@ -307,3 +307,20 @@ def test_ragged_new_tokens_into_an_8bit_cache(name8, scales, backend, device):
         outs64.append(decode_reference(qb.double(), *deq[0], total)[0].transpose(0, 1))
         outs16.append(decode_reference(qb, *deq[1], total)[0].transpose(0, 1))
     assert_close_rule("out", out, torch.cat(outs64), torch.cat(outs16))
+
+
+def test_kv_cache_8bit_append_grow_and_reorder_keep_entries_and_scales():
+    """fastattn.nn.KVCache with an e4m3 dtype: ``append`` stores plain PyTorch's per-token
+    quantization, growing past a chunk copies entries and scales, ``reorder`` moves both."""
+    from fastattn.nn import KVCache
+
+    cache = KVCache(1, 2, HKV, D, dtype=torch.float8_e4m3fn, chunk_size=4)
+    k, v = realistic_keys(2, HKV, 6, D), torch.randn(2, HKV, 6, D)
+    cache.append(0, k[:, :, :3], v[:, :, :3])
+    cache.append(0, k[:, :, 3:], v[:, :, 3:])  # past the first chunk of 4: grows
+    cache.reorder(torch.tensor([1, 0, 1]))
+    assert cache.capacity() == 8 and cache.seqlens(0).tolist() == [6, 6, 6]
+    for got8, got_s, x in ((cache.keys(0), cache.key_scales(0), k), (cache.values(0), cache.value_scales(0), v)):
+        want8, want_s = quantize_kv(x[[1, 0, 1]], torch.float8_e4m3fn)
+        assert torch.equal(got8[:, :, :6].view(torch.uint8), want8.view(torch.uint8))
+        assert torch.equal(got_s[:, :, :6], want_s)

@@ -27,9 +27,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from fastattn.functional import attention_with_kvcache
-from fastattn.ops.decode.reference import quantize_kv
-from fastattn.validation import KV_CACHE_DTYPES
+from fastattn.functional import KV_CACHE_DTYPES, attention_with_kvcache
 
 
 class KVCache:
@@ -191,16 +189,16 @@ class KVCache:
                              f"must be ({self.batch_size}, {self.num_kv_heads}, Lnew, "
                              f"{self.head_dim} / {self.head_dim_v})")
         self.reserve(layer, lnew)
+        if self.quantized:  # attention_with_kvcache's own quantizing append, for no query
+            attention_with_kvcache(k_new[:, :, :0], self._k[layer], self._v[layer], self._len[layer], k_new=k_new,
+                                   v_new=v_new.to(k_new.dtype), **self._scales(layer))
+            self._advance(layer, lnew)
+            return
         # Slot of token t of sequence b: seqlens[b] + t (ragged), as a scatter index.
         pos = self._len[layer].long()[:, None] + torch.arange(lnew, device=self.device)
-        for store, scales, new in ((self._k, self._ks, k_new), (self._v, self._vs, v_new)):
+        for store, new in ((self._k, k_new), (self._v, v_new)):
             idx = pos[:, None, :, None].expand(b, h, lnew, new.shape[-1])
-            if self.quantized:  # per token, as the append of attention_with_kvcache (scatter moves the bytes)
-                new8, scale = quantize_kv(new, self.dtype)
-                store[layer].view(torch.uint8).scatter_(2, idx, new8.view(torch.uint8))
-                scales[layer].scatter_(2, pos[:, None, :].expand(b, h, lnew), scale)
-            else:
-                store[layer].scatter_(2, idx, new.to(self.dtype))
+            store[layer].scatter_(2, idx, new.to(self.dtype))
         self._advance(layer, lnew)
 
     def _advance(self, layer: int, n: int) -> None:
