@@ -131,11 +131,11 @@ def _scale_slots(BT, b, table, slot, ok, PAGED: tl.constexpr, PAGE_SIZE: tl.cons
 
 @triton.jit
 def _quantize_rows(x, S, s_strides, where, hk, row, ok, OUT_TY: tl.constexpr, PER_TOKEN: tl.constexpr):
-    """New rows x (BLOCK_L, BLOCK_D) as 8-bit OUT_TY: int8, float8e4nv, or uint8 holding the
-    bytes of float8_e4m3fn values: ``x / scale`` rounded to nearest even and saturated. PER_TOKEN: each
-    row's scale is its absmax / QMAX (0 for a zero row), stored at ``S`` (b or page ``where``,
-    kv head hk, ``row``); else ``S`` holds the one given scale. ``s_strides``: the scales'
-    strides in (b or page, head, row) order."""
+    """New rows x (BLOCK_L, BLOCK_D) as 8-bit OUT_TY (int8, float8e4nv, or uint8 holding the
+    bytes of float8_e4m3fn values): ``x / scale`` rounded to nearest even and saturated.
+    PER_TOKEN: each row's scale is its absmax / QMAX (0 for a zero row), stored at ``S`` (b or
+    page ``where``, kv head hk, ``row``); else ``S`` holds the one given scale. ``s_strides``:
+    the scales' strides in (b or page, head, row) order."""
     qmax = 448.0
     if OUT_TY == tl.int8:
         qmax = 127.0
