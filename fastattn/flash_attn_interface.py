@@ -152,7 +152,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
                             block_table: Optional[Tensor] = None, softmax_scale=None, causal=False,
                             window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
-                            num_splits=0, return_softmax_lse=False, *, sinks=None):
+                            num_splits=0, return_softmax_lse=False, *, sinks=None, k_scale=None, v_scale=None):
     """FlashAttention's ``flash_attn_with_kvcache``: q (B, Lq, Hq, D), caches (B_cache, Lmax,
     Hkv, D) updated IN PLACE with k/v (B, Lnew, Hkv, D) at ``cache_seqlens`` (None: the caches
     are full), then attention over each sequence's valid keys -> out (B, Lq, Hq, D) (and
@@ -174,10 +174,20 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     - MLA: head dims up to 576 (q/k) and 512 (v); ``v_cache`` may be ``k_cache[..., :512]``
       (the latent, read in place), and then ``v`` must be None: k's first 512 channels are
       the new values (``fastattn.attention_with_kvcache`` documents the rule).
+    - ``k_scale`` / ``v_scale`` float32, keyword only (vLLM's names): 8-bit caches
+      (``torch.float8_e4m3fn`` / ``torch.int8``), a cache entry standing for ``x.float() * scale``;
+      one element each (per tensor) or the cache's shape without its last dim (per token and kv
+      head: (B_cache, Lmax, Hkv), paged (num_pages, page_size, Hkv)), written for new tokens by
+      the append; see ``fastattn.attention_with_kvcache``. Not with ``cache_batch_idx`` /
+      ``cache_leftpad``. FlashAttention 3's ``k_descale`` / ``v_descale`` ((B, Hkv), for FP8
+      q/k/v) are not taken.
     """
     op = "flash_attn_with_kvcache"
     if block_table is not None and (cache_batch_idx is not None or cache_leftpad is not None):
         raise ValueError(f"{op}: block_table cannot be combined with cache_batch_idx or cache_leftpad")
+    if (k_scale is not None or v_scale is not None) and (cache_batch_idx is not None or cache_leftpad is not None):
+        raise ValueError(f"{op}: k_scale / v_scale (8-bit caches) cannot be combined with cache_batch_idx or "
+                         "cache_leftpad")
     kw = _options(op, window_size, softcap)
     if cache_seqlens is None:
         if k is not None:
@@ -185,6 +195,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
     paged = block_table is not None
     caches = (k_cache, v_cache) if paged else (_bhld(k_cache), _bhld(v_cache))  # pages stay as they are
+    if not paged:  # per-token scales (B, Lmax, Hkv) -> (B, Hkv, Lmax), as the caches
+        k_scale, v_scale = (x.transpose(1, 2) if isinstance(x, Tensor) and x.dim() == 3 else x
+                            for x in (k_scale, v_scale))
     qb, new = _bhld(q), ((None, None) if k is None else (_bhld(k), None if v is None else _bhld(v)))
     if rotary_cos is not None:
         lq, lnew, aligned = q.shape[1], (0 if k is None else k.shape[1]), causal or kw["window"] is not None
@@ -201,7 +214,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     else:  # without lse the CPU fallback may use torch's fused SDPA
         out = attention_with_kvcache(qb, *caches, cache_seqlens, k_new=new[0], v_new=new[1],
                                      alibi_slopes=alibi_slopes, block_table=block_table,
-                                     return_lse=return_softmax_lse, **kw)
+                                     return_lse=return_softmax_lse, k_scale=k_scale, v_scale=v_scale, **kw)
         out, lse = out if return_softmax_lse else (out, None)
     out = _bhld(out).contiguous()  # (B, H, L, D) -> (B, L, H, D)
     return (out, lse) if return_softmax_lse else out

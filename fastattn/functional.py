@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fastattn import validation
 from fastattn.validation import default_scale  # noqa: F401  (fastattn.nn reads the scale rule here)
+from fastattn.validation import KV_CACHE_DTYPES  # noqa: F401  (fastattn.nn reads the 8-bit cache dtypes here)
 from fastattn.ops.flash import dispatch as flash_dispatch
 
 
@@ -205,7 +206,8 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
                            rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = False,
                            block_table: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
                            max_seqlen_q: Optional[int] = None, sinks: Optional[Tensor] = None,
-                           return_lse: bool = False, seqused_k: Optional[Tensor] = None):
+                           return_lse: bool = False, seqused_k: Optional[Tensor] = None,
+                           k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None):
     """Attention of a few new tokens over a preallocated KV cache (incremental decoding).
 
     Sequence ``b`` holds ``n = cache_seqlens[b]`` tokens in slots ``0 .. n - 1`` of the caches
@@ -271,6 +273,16 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
         seqused_k: int32 (B,) instead of ``cache_seqlens`` when K/V are already written (FA3's
             name): sequence b attends to the first ``seqused_k[b]`` keys of its cache rows, as
             ``cache_seqlens=seqused_k`` without k_new / v_new.
+        k_scale / v_scale: float32 scales of 8-bit caches (k_cache / v_cache both
+            ``torch.float8_e4m3fn`` or both ``torch.int8``; q float16, bfloat16 or float32),
+            else None. Cache entry x stands for ``x.float() * scale``. Either one element each
+            (per tensor, fixed: the append stores new tokens as ``x / scale`` rounded to
+            nearest even and saturated to +-448 / [-128, 127]) or the cache's shape without its
+            last dim (per token and kv head: (B, Hkv, Lmax), paged (num_pages, page_size,
+            Hkv); the append quantizes each new token by its own absmax, ``scale = absmax /
+            448`` (e4m3) or ``/ 127`` (int8), and writes that scale in place). The attention
+            reads the dequantized values rounded to q's dtype; its products run in q's dtype.
+            See ``fastattn.ops.decode.reference.quantize_kv`` / ``dequantize_kv``.
 
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype, or ``(out, lse)``. A sequence with no key at all
@@ -283,6 +295,10 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
             would overflow the cache), a used block-table entry that is not a page, two new
             tokens mapped to one page row, or, under ``use_backend("triton")``, an input the
             kernels cannot take (e.g. one that requires grad: the kernels are forward-only).
+            With 8-bit caches: a missing scale, a scale not float32 or of another shape, per
+            tensor for one cache and per token for the other, a per-tensor scale not finite
+            and > 0 (checked where cache_seqlens is), a q not float16/bfloat16/float32; a
+            scale given with a 16/32-bit cache.
         The values of ``cache_seqlens`` (given as a tensor) / ``block_table`` are checked only
         where reading them costs no device sync: not on CUDA (a decode step never waits for
         the host there, so it can be captured in a CUDA graph) and not while ``torch.compile``
@@ -304,7 +320,8 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_se
                         causal=causal, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap,
                         num_splits=num_splits, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                         rotary_interleaved=rotary_interleaved, block_table=block_table, cu_seqlens_q=cu_seqlens_q,
-                        max_seqlen_q=max_seqlen_q, sinks=sinks, return_lse=return_lse)
+                        max_seqlen_q=max_seqlen_q, sinks=sinks, return_lse=return_lse, k_scale=k_scale,
+                        v_scale=v_scale)
     return dispatch.run(call)
 
 
@@ -518,6 +535,16 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool = 
         seqused_k: int32 (B,) instead of ``cache_seqlens`` when K/V are already written (FA3's
             name): sequence b attends to the first ``seqused_k[b]`` keys of its cache rows, as
             ``cache_seqlens=seqused_k`` without k_new / v_new.
+        k_scale / v_scale: float32 scales of 8-bit caches (k_cache / v_cache both
+            ``torch.float8_e4m3fn`` or both ``torch.int8``; q float16, bfloat16 or float32),
+            else None. Cache entry x stands for ``x.float() * scale``. Either one element each
+            (per tensor, fixed: the append stores new tokens as ``x / scale`` rounded to
+            nearest even and saturated to +-448 / [-128, 127]) or the cache's shape without its
+            last dim (per token and kv head: (B, Hkv, Lmax), paged (num_pages, page_size,
+            Hkv); the append quantizes each new token by its own absmax, ``scale = absmax /
+            448`` (e4m3) or ``/ 127`` (int8), and writes that scale in place). The attention
+            reads the dequantized values rounded to q's dtype; its products run in q's dtype.
+            See ``fastattn.ops.decode.reference.quantize_kv`` / ``dequantize_kv``.
 
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype, or ``(out, lse)``. A query row that sees no key (an

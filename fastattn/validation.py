@@ -32,6 +32,12 @@ def band_from(causal: bool, window: Optional[tuple]) -> tuple[Optional[int], Opt
     return left, right
 
 
+# Quantized KV caches: the dtypes attention_with_kvcache stores 8-bit keys and values in,
+# and the largest magnitude each holds (the append maps a token's absmax onto it).
+KV_CACHE_DTYPES = (torch.float8_e4m3fn, torch.int8)
+KV_QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
+
+
 def check_tensors(op: str, q: Tensor, **others: Tensor) -> None:
     """q and ``others`` are 4-D tensors (batch, heads, seq, dim) of q's dtype and device, and
     q is floating point."""
@@ -41,7 +47,8 @@ def check_tensors(op: str, q: Tensor, **others: Tensor) -> None:
         if t.dim() != 4:
             raise ValueError(f"{op}: {name} must be 4-D (batch, heads, seq, head_dim), got shape {shape_str(t)}")
     for name, t in others.items():
-        if t.dtype != q.dtype:
+        # 8-bit KV caches hold another dtype than q: ``check_kv_scales`` checks them.
+        if t.dtype != q.dtype and not (name.endswith("_cache") and t.dtype in KV_CACHE_DTYPES):
             raise ValueError(f"{op}: {name}.dtype {t.dtype} differs from q.dtype {q.dtype}")
         if t.device != q.device:
             raise ValueError(f"{op}: {name} is on {t.device} but q is on {q.device}")
@@ -450,6 +457,8 @@ class DecodeCall(NamedTuple):
     sinks: Optional[Tensor]
     return_lse: bool
     needs_grad: bool
+    k_scale: Optional[Tensor] = None
+    v_scale: Optional[Tensor] = None
 
     def rotary(self) -> dict:
         """The rotary options as keyword arguments (rotary_cos, rotary_sin, rotary_interleaved)."""
@@ -464,7 +473,8 @@ def values_readable(q: Tensor) -> bool:
 
 def check_decode(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, *, k_new, v_new, causal,
                  scale, window, alibi_slopes, softcap, num_splits, rotary_cos, rotary_sin, rotary_interleaved,
-                 block_table, cu_seqlens_q, max_seqlen_q, sinks, return_lse) -> DecodeCall:
+                 block_table, cu_seqlens_q, max_seqlen_q, sinks, return_lse, k_scale=None,
+                 v_scale=None) -> DecodeCall:
     """Every check of attention_with_kvcache (its docstring lists what raises); returns the
     validated call. The values of cache_seqlens, cu_seqlens_q and block_table are read only
     where ``values_readable``."""
@@ -479,6 +489,7 @@ def check_decode(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seq
     check_options(op, q4, scale=scale, window=window, alibi_slopes=alibi_slopes, softcap=softcap)
     check_sinks(op, sinks, q4.shape[1], q.device)
     check_rotary(op, q4, rotary_cos, rotary_sin)
+    check_kv_scales(op, q, k_cache, v_cache, k_scale, v_scale, k_new is not None, readable)
     layout = CacheLayout.of(k_cache, v_cache, block_table)
     lq, lnew = q4.shape[2], (0 if k_new is None else k_new4.shape[2])
     if cu_seqlens_q is not None:  # per sequence: its own count of queries and of new keys
@@ -496,7 +507,54 @@ def check_decode(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seq
         default_scale(q.shape[-1], scale), band_from(causal, window), alibi_slopes, softcap,
         num_splits, contiguous(rotary_cos), contiguous(rotary_sin), rotary_interleaved, contiguous(block_table),
         contiguous(cu_seqlens_q), max_seqlen_q, key_range, sinks,
-        return_lse, torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads))
+        return_lse, torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads), k_scale,
+        v_scale)
+
+
+def check_kv_scales(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, k_scale, v_scale, appends: bool,
+                    readable: bool) -> None:
+    """The scales of an 8-bit KV cache (k_cache / v_cache already checked but for dtype).
+
+    An 8-bit cache (``KV_CACHE_DTYPES``, both caches of one dtype) needs a float16, bfloat16 or
+    float32 q and both scales, float32 on q's device, both per tensor (one element each) or both
+    per token and kv head (the cache's shape without its last dim: (B, Hkv, Lmax) contiguous,
+    (num_pages, page_size, Hkv) paged; with ``appends`` no broadcast dim, they are written in
+    place). Any other cache takes no scale. Per-tensor values must be finite and > 0, checked
+    where ``readable`` (per-token ones are written by the append and, like the cache, not read)."""
+    quantized = k_cache.dtype in KV_CACHE_DTYPES or v_cache.dtype in KV_CACHE_DTYPES
+    if not quantized:
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if s is not None:
+                raise ValueError(f"{op}: {name} is given but k_cache is {k_cache.dtype}; scales go with an "
+                                 f"8-bit cache ({', '.join(map(str, KV_CACHE_DTYPES))})")
+        return
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"{op}: k_cache ({k_cache.dtype}) and v_cache ({v_cache.dtype}) must share one 8-bit dtype")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{op}: q must be float16, bfloat16 or float32 with an 8-bit cache "
+                         f"({k_cache.dtype}), got {q.dtype}")
+    kinds = []
+    for name, s, cache in (("k_scale", k_scale, k_cache), ("v_scale", v_scale, v_cache)):
+        per_token = tuple(cache.shape[:-1])
+        if not isinstance(s, Tensor):
+            raise ValueError(f"{op}: {name} must be a float32 Tensor of 1 element or of shape {per_token} with the "
+                             f"{cache.dtype} cache {shape_str(cache)}, got {type(s).__name__}")
+        if s.dtype != torch.float32 or s.device != q.device:
+            raise ValueError(f"{op}: {name} must be float32 on {q.device}, got {s.dtype} on {s.device}")
+        if s.numel() == 1 and s.dim() <= 1:
+            kinds.append("per tensor")
+            if readable and not (math.isfinite(v := float(s.reshape(()))) and v > 0):
+                raise ValueError(f"{op}: {name} must be finite and > 0, got {v}")
+        elif tuple(s.shape) == per_token:
+            kinds.append("per token")
+            if appends and any(st == 0 and n > 1 for st, n in zip(s.stride(), s.shape)):
+                raise ValueError(f"{op}: {name} {shape_str(s)} has a broadcast (stride-0) dim, strides "
+                                 f"{tuple(s.stride())}; the append writes the new tokens' scales into it")
+        else:
+            raise ValueError(f"{op}: {name} {shape_str(s)} must have 1 element (per tensor) or shape {per_token} "
+                             f"(per token and kv head of {'k' if cache is k_cache else 'v'}_cache {shape_str(cache)})")
+    if kinds[0] != kinds[1]:
+        raise ValueError(f"{op}: k_scale is {kinds[0]} but v_scale {kinds[1]}; give both of one kind")
 
 
 def check_cache_lengths(op: str, k_cache: Tensor, lmax: int, seqlens: Tensor, lnew, lq, rotary_cos) -> tuple:

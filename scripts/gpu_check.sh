@@ -15,6 +15,7 @@
 # has no .git (the device machine gets a copy of the working tree).
 #
 # Budgets (seconds): install 30, env 25, ceilings 30, tests 160, bench 210, pack 10: 465 in all.
+# The bench's headline suite includes the decode step over 8-bit (fp8, int8) caches at 8k and 32k.
 set -euo pipefail
 
 usage() { echo "usage: $0 OUTDIR [--dry-run]" >&2; exit 2; }

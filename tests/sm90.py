@@ -709,6 +709,45 @@ def _lowp_cases():
 
 CASES = {**_flash_cases(), **_decode_cases(), **_sparse_cases(), **_linear_cases(), **_flex_cases(), **_lowp_cases()}
 
+
+def decode8_launches(dtype, d, dtype8, per_token):
+    """``decode_launches``' shapes (4 sequences of 4096 slots, 8 new tokens, GQA group 8) over
+    an 8-bit cache: the quantizing append, then the split kernels dequantizing in registers."""
+    from fastattn.ops.decode import op
+
+    b, hkv, group, lnew, lmax = 4, 2, 8, 8, 4096
+    q = torch.empty(b, hkv * group, lnew, d, dtype=dtype)
+    k_cache, v_cache = (torch.empty(b, hkv, lmax, d, dtype=dtype8) for _ in range(2))
+    k_new, v_new = (torch.empty(b, hkv, lnew, d, dtype=dtype) for _ in range(2))
+    scales = (torch.empty(b, hkv, lmax) if per_token else torch.empty(1) for _ in range(2))
+    seqlens = torch.full((b,), lmax - lnew, dtype=torch.int32)
+    opts = dict(scale=d ** -0.5, window_right=0, k_scale=next(scales), v_scale=next(scales))
+    with recording() as launches:
+        op.decode_attn(q, k_cache, v_cache, seqlens, k_new=k_new, v_new=v_new, **opts)
+    with recording("single") as single:
+        op.decode_attn(q, k_cache, v_cache, seqlens, num_splits=1, **opts)
+    return launches + single
+
+
+def _decode8_cases():
+    """``decode8-<dtype>-d<D>-<fp8|int8>-<token|tensor>``: 8-bit caches, per-token or per-tensor scales."""
+    kernels = {"decode_split_kernel": ("split", ("key", "BLOCK_N")),
+               "decode_merge_kernel": ("merge", (None, None)),
+               "kv_append_kernel": ("append", (None, None))}
+    cases = {}
+    for dname in ("float16", "bfloat16"):
+        for d in (64, 128, 256):
+            for name8, dtype8 in (("fp8", torch.float8_e4m3fn), ("int8", torch.int8)):
+                for kind in ("token", "tensor"):
+                    rest = f"{dname}-d{d}-{name8}-{kind}"
+                    cases[f"decode8-{rest}"] = Case("decode8", rest, (
+                        lambda dtype=DTYPES[dname], d=d, dtype8=dtype8, kind=kind:
+                        decode8_launches(dtype, d, dtype8, kind == "token")), kernels)
+    return cases
+
+
+CASES.update(_decode8_cases())
+
 # The configs CI holds to the baseline: the headline flash kernels, features off.
 HEADLINE = [f"flash-{dt}-d{d}-{c}" for dt in ("bfloat16", "float16") for d in (64, 128, 256)
             for c in ("causal", "full")]

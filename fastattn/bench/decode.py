@@ -5,6 +5,11 @@ per call), next to a plain device copy of the same K/V (the bandwidth ceiling, c
 is the same step over the same keys in pages of 16 tokens (vLLM's size) in a shuffled order,
 through a block table. On CUDA, "fastattn-nosync" times the launcher without the public
 function's validation (which reads no value on CUDA, so it costs Python time only).
+"fastattn-fp8" / "fastattn-int8": the same step over 8-bit caches (float8_e4m3fn / int8) with
+per-token float32 scales, the append quantizing the new token: their GB/s count the bytes they
+read (D bytes plus a 4-byte scale per token, head and tensor), and every row's params hold its
+cache bytes per token (all layers' worth is that times the layers) and tokens/s (batch / time).
+On a CPU these rows time the dequantizing fallback (or the interpreter), not the kernels.
 
 On a GPU: bf16, Llama-3-8B-like heads (Hq 32, Hkv 8, D 128), caches of 1k..128k tokens, batch
 1..64 (capped at 16 GB of cache). On a CPU: small fp32 sizes, where fastattn runs its
@@ -24,6 +29,7 @@ from fastattn.bench.common import Case, run_case
 from fastattn.testing import assert_within_rule
 
 SUITE = "decode"
+EIGHT_BIT = ("fastattn-fp8", "fastattn-int8")  # the rows over 8-bit caches
 MAX_CACHE_BYTES = 16 * 2**30  # per copy: the paged row holds a second one
 
 
@@ -105,7 +111,20 @@ def build(b, hq, hkv, l, d, dtype, device):
         return fastattn.attention_with_kvcache(q, k_pages, v_pages, seqlens, k_new=k_new, v_new=v_new,
                                                block_table=table)
 
-    impls = {"fastattn": ours, "fastattn-paged": ours_paged, "copy-ceiling": copy}
+    from fastattn.ops.decode.reference import quantize_kv
+
+    quantized = {}
+    for name8, dtype8 in (("fp8", torch.float8_e4m3fn), ("int8", torch.int8)):
+        caches8 = [*quantize_kv(k_cache, dtype8), *quantize_kv(v_cache, dtype8)]  # k8, k_scale, v8, v_scale
+        quantized[name8] = caches8
+
+        def ours8(k8=caches8[0], ks=caches8[1], v8=caches8[2], vs=caches8[3]):
+            return fastattn.attention_with_kvcache(q, k8, v8, seqlens, k_new=k_new, v_new=v_new, k_scale=ks,
+                                                   v_scale=vs)
+        quantized[name8].append(ours8)
+
+    impls = {"fastattn": ours, "fastattn-paged": ours_paged, "copy-ceiling": copy,
+             **{f"fastattn-{name8}": quantized[name8][4] for name8 in quantized}}
     if torch.device(device).type == "cuda":
         from fastattn.ops.decode import op as decode_op
 
@@ -121,7 +140,8 @@ def build(b, hq, hkv, l, d, dtype, device):
         except RuntimeError:
             continue
         impls[f"torch-{name}"] = fn
-    return impls, (q, k_cache, v_cache, seqlens, k_new, v_new, k_pages, v_pages, table)
+    return impls, (q, k_cache, v_cache, seqlens, k_new, v_new, k_pages, v_pages, table,
+                   {name8: c[:4] for name8, c in quantized.items()})
 
 
 def _checker(inputs, l, paged=False):
@@ -131,7 +151,7 @@ def _checker(inputs, l, paged=False):
     from fastattn.ops.decode.reference import decode_reference, gather_pages
 
     def check():
-        q, k_cache, v_cache, seqlens, k_new, v_new, k_pages, v_pages, table = inputs
+        q, k_cache, v_cache, seqlens, k_new, v_new, k_pages, v_pages, table, _ = inputs
         sl = seqlens[:1]
         if paged:  # the first sequence's logical cache, read back from its pages
             kc, vc = gather_pages(k_pages, table[:1])[:, :, :l + 1], gather_pages(v_pages, table[:1])[:, :, :l + 1]
@@ -148,6 +168,25 @@ def _checker(inputs, l, paged=False):
     return check
 
 
+def _checker8(inputs, l, name8):
+    """Before timing an 8-bit row: its output passes the rule against the float64 reference
+    over the dequantized cache it leaves (plain torch over the same cache in q's dtype as the
+    yardstick)."""
+    from fastattn.ops.decode.reference import decode_reference, dequantize_kv
+
+    def check():
+        q, _, _, seqlens, k_new, v_new, _, _, _, quantized = inputs
+        k8, ks, v8, vs = (t[:1, :, :l + 1].clone() for t in quantized[name8])
+        ours = fastattn.attention_with_kvcache(q[:1], k8, v8, seqlens[:1], k_new=k_new[:1], v_new=v_new[:1],
+                                               k_scale=ks, v_scale=vs)
+        total = seqlens[:1] + 1
+        oracle = decode_reference(q[:1].double(), dequantize_kv(k8, ks, torch.float64),
+                                  dequantize_kv(v8, vs, torch.float64), total)
+        base = decode_reference(q[:1], dequantize_kv(k8, ks, q.dtype), dequantize_kv(v8, vs, q.dtype), total)
+        assert_within_rule("decode 8-bit", ours, oracle, base)
+    return check
+
+
 def cases(device, quick=False, config_list=None):
     # config_list: tuples as configs() returns, to run instead of this suite's own (bench.headline)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -157,10 +196,15 @@ def cases(device, quick=False, config_list=None):
         kv_bytes = b * hkv * l * 2 * d * dtype.itemsize  # K and V, each read once
         params = {"seq_len": l, "batch": b, "head_dim": d, "gqa": hq // hkv}
         name = f"b{b}-h{hq}:{hkv}-cache{l}-d{d}"
+        per_token = hkv * 2 * d * dtype.itemsize  # cache bytes per token (one layer), K and V
+        per_token8 = hkv * 2 * (d + 4)  # 8-bit entries and a float32 scale per token and head, K and V
         for impl, fn in impls.items():
-            out.append(Case(SUITE, name, impl, fn, bytes=2 * kv_bytes if impl == "copy-ceiling" else kv_bytes,
-                            params=params, check=_checker(inputs, l, impl == "fastattn-paged")
-                            if impl in ("fastattn", "fastattn-paged") else None))
+            eight = impl in EIGHT_BIT
+            row_bytes = b * l * per_token8 if eight else 2 * kv_bytes if impl == "copy-ceiling" else kv_bytes
+            check = _checker8(inputs, l, impl.split("-")[1]) if eight else \
+                _checker(inputs, l, impl == "fastattn-paged") if impl in ("fastattn", "fastattn-paged") else None
+            out.append(Case(SUITE, name, impl, fn, bytes=row_bytes, check=check,
+                            params={**params, "cache_bytes_per_token": per_token8 if eight else per_token}))
     return out
 
 
@@ -169,10 +213,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    print(f"{'config':32} {'impl':14} {'median ms':>10} {'GB/s':>8}")
+    print(f"{'config':32} {'impl':14} {'median ms':>10} {'GB/s':>8} {'tokens/s':>10} {'cache B/token':>13}")
     for case in cases(args.device, args.quick):
         row = run_case(case, args.device, reps=20, max_seconds=2.0)
-        print(f"{row['config']:32} {row['impl']:14} {row['median_ms']:10.4f} {row['gbps']:8.1f}", flush=True)
+        tokens = case.params["batch"] / (row["median_ms"] / 1e3)  # one new token per sequence per call
+        print(f"{row['config']:32} {row['impl']:14} {row['median_ms']:10.4f} {row['gbps']:8.1f} {tokens:10.0f} "
+              f"{case.params['cache_bytes_per_token']:13d}", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ On a GPU (bf16), the quick flag ignored:
   at 16k tokens per batch, plus GQA 8:1 (16 query heads on 2 kv heads, d128, causal): the
   flash suite's full configs;
 * decode: GB/s of K/V read at 4k-32k cache, batch 1 and 16, Hq 32 / Hkv 8, D 128, next to the
-  device copy of the same bytes;
+  device copy of the same bytes; the 8-bit caches (fp8, int8, per-token scales) at 8k and 32k;
 * head dim 512 (Gemma 4's global layers): flash forward and forward+backward at 4k tokens, 4
   batches of 4 heads, causal and not (suite ``flash-*``, configs ``...-d512``);
 * MLA decode (DeepSeek's absorbed attention, q/k 576, v the first 512 channels of the same
@@ -37,6 +37,7 @@ from fastattn.bench import decode, flash, linear, mla, sparse
 
 SUITE = "headline"
 LEFT_OUT = ("torch-math",)
+EIGHT_BIT_LENGTHS = (8192, 32768, 64)  # the decode lengths that also time the 8-bit caches (64: the CPU's)
 
 
 def configs(device):
@@ -84,7 +85,8 @@ def cases(device, quick=False):
         allow_flex_recompiles()
     # The small groups first, then the flash sweep (about 3/4 of the cases), then every
     # FlexAttention case (a compile each): what a time budget cuts is the end of this list.
-    out = [c for c in decode.cases(device, config_list=groups["decode"]) if c.impl not in LEFT_OUT]
+    out = [c for c in decode.cases(device, config_list=groups["decode"]) if c.impl not in LEFT_OUT
+           and (c.impl not in decode.EIGHT_BIT or c.params["seq_len"] in EIGHT_BIT_LENGTHS)]
     out += [c for c in mla.cases(device, config_list=groups["mla"]) if c.impl not in LEFT_OUT]
     out += [c for c in flash.cases(device, config_list=groups["flash-d512"]) if c.impl not in LEFT_OUT]
     out += sparse.cases(device, config_list=groups["sparse"])

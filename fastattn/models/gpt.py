@@ -161,16 +161,19 @@ class GPT(nn.Module):
         return can_cache(self.blocks, self.config)
 
     def new_cache(self, batch_size: int, max_length: Optional[int] = None, *, paged: bool = False,
-                  page_size: int = 16):
+                  page_size: int = 16, cache_dtype: Optional[torch.dtype] = None):
         """A ``KVCache`` for ``batch_size`` sequences; with ``paged`` a ``PagedKVCache`` whose pool
         holds ``batch_size`` sequences of ``max_length`` tokens (required then), with that
         batch already added and set. Layers of different head dims get a ``KVCache`` with one
-        head dim per layer; a paged cache holds one head dim for all (ValueError)."""
+        head dim per layer; a paged cache holds one head dim for all (ValueError).
+        ``cache_dtype``: the storage's dtype (default the weights'); ``torch.float8_e4m3fn`` /
+        ``torch.int8`` store 8-bit keys and values with per-token scales."""
         cfg = self.config
         p = self.tok.weight
+        dtype = p.dtype if cache_dtype is None else cache_dtype
         dims = [cfg.layer_head_dim(i) for i in range(cfg.n_layers)]
         if not paged:
-            return KVCache(cfg.n_layers, batch_size, cfg.kv_heads, dims, dtype=p.dtype, device=p.device,
+            return KVCache(cfg.n_layers, batch_size, cfg.kv_heads, dims, dtype=dtype, device=p.device,
                            chunk_size=64, max_length=max_length)
         if max_length is None:
             raise ValueError("GPT.new_cache: a paged cache needs max_length (it sizes the page pool)")
@@ -179,14 +182,14 @@ class GPT(nn.Module):
                              f"{sorted(set(dims))}")
         pages = max(1, batch_size * -(-max_length // page_size))
         cache = PagedKVCache(cfg.n_layers, cfg.kv_heads, cfg.head_dim, num_pages=pages, page_size=page_size,
-                             dtype=p.dtype, device=p.device)
+                             dtype=dtype, device=p.device)
         cache.set_batch([cache.add() for _ in range(batch_size)])
         return cache
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, *, use_cache: bool = True, temperature: float = 0.0,
                  top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 paged: bool = False) -> Tensor:
+                 paged: bool = False, cache_dtype: Optional[torch.dtype] = None) -> Tensor:
         """Continue every prompt of ``idx`` (B, L) by ``max_new_tokens`` tokens -> (B, L + new).
 
         ``temperature`` 0 is greedy; > 0 samples from softmax(logits / temperature), optionally
@@ -194,7 +197,9 @@ class GPT(nn.Module):
         ``fastattn.nn.KVCache`` (prefill once, then one token per step through
         ``fastattn.attention_with_kvcache``); without it (or when ``can_cache()`` is False) the
         whole sequence is recomputed every step. Both give the same tokens. ``paged``: the
-        cache is a ``fastattn.nn.PagedKVCache`` (pages of 16 tokens) instead.
+        cache is a ``fastattn.nn.PagedKVCache`` (pages of 16 tokens) instead. ``cache_dtype``: the
+        cache's storage dtype (``new_cache``); an 8-bit one (``torch.float8_e4m3fn`` /
+        ``torch.int8``) holds about half the bytes and may change the tokens (quantized keys).
         """
         was_training = self.training
         self.eval()
@@ -202,7 +207,8 @@ class GPT(nn.Module):
         total = idx.shape[1] + max_new_tokens
         if cfg.positional == "learned" and total > cfg.max_seq_len:
             raise ValueError(f"GPT.generate: {total} tokens exceed max_seq_len={cfg.max_seq_len}")
-        cache = self.new_cache(idx.shape[0], total, paged=paged) if use_cache and self.can_cache() else None
+        cache = (self.new_cache(idx.shape[0], total, paged=paged, cache_dtype=cache_dtype)
+                 if use_cache and self.can_cache() else None)
         out, step_in, offset = idx, idx, 0
         for _ in range(max_new_tokens):
             if cache is not None:

@@ -13,6 +13,11 @@ run one after the other within a step without any extra bookkeeping)::
         q, k, v = ...                       # (B, Hq, Lnew, D), (B, Hkv, Lnew, D), ...
         out = cache.attend(i, q, k, v)      # appends k, v at each sequence's own length, attends
     cache.reorder(beam_indices)             # beam search: sequence b continues beam_indices[b]
+
+With an 8-bit ``dtype`` (``torch.float8_e4m3fn`` or ``torch.int8``) both caches store keys and
+values quantized per token and kv head, with float32 scales beside them (``key_scales`` /
+``value_scales``): about half the bytes of a 16-bit cache (D + 4 bytes per token, head and
+tensor instead of 2D), the queries and new keys staying 16/32-bit.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from fastattn.functional import attention_with_kvcache
+from fastattn.functional import KV_CACHE_DTYPES, attention_with_kvcache
 
 
 def _per_layer(name: str, value, num_layers: int) -> tuple:
@@ -45,7 +50,9 @@ class KVCache:
             to ``head_dim``. Either may be a list of ints, one per layer (layers of different
             head dims: Gemma's 256 on sliding and 512 on global layers); ``head_dims`` /
             ``head_dims_v`` are then the per-layer tuples (always set).
-        dtype, device: of the storage (the queries and new keys must match).
+        dtype, device: of the storage (the queries and new keys must match, unless dtype is
+            ``torch.float8_e4m3fn`` or ``torch.int8``: then keys and values are stored quantized
+            per token and kv head, with float32 scales (batch, kv_heads, capacity)).
         chunk_size: capacity is always a multiple of it; when an append would not fit, every
             buffer of that layer is reallocated with enough whole chunks and copied.
         capacity: initial slots (rounded up to a chunk); default one chunk.
@@ -84,6 +91,10 @@ class KVCache:
         self._k = [self._alloc(batch_size, start, d) for d in self.head_dims]
         self._v = [self._alloc(batch_size, start, d) for d in self.head_dims_v]
         self._len = [torch.zeros(batch_size, dtype=torch.int32, device=self.device) for _ in range(num_layers)]
+        self.quantized = dtype in KV_CACHE_DTYPES
+        # 8-bit storage: per-token scales of keys and values, (batch, kv_heads, capacity) float32
+        self._ks = [self._alloc_scales(batch_size, start) for _ in range(num_layers)]
+        self._vs = [self._alloc_scales(batch_size, start) for _ in range(num_layers)]
         # Host-side upper bound on each layer's longest sequence (exact unless reorder dropped
         # the longest), so growing never syncs with the device.
         self._max = [0] * num_layers
@@ -103,6 +114,29 @@ class KVCache:
 
     def _alloc(self, batch: int, capacity: int, dim: int) -> Tensor:
         return torch.zeros(batch, self.num_kv_heads, capacity, dim, dtype=self.dtype, device=self.device)
+
+    def _alloc_scales(self, batch: int, capacity: int) -> Optional[Tensor]:
+        if not self.quantized:
+            return None
+        return torch.zeros(batch, self.num_kv_heads, capacity, dtype=torch.float32, device=self.device)
+
+    def _scales(self, layer: int) -> dict:
+        """attention_with_kvcache's k_scale / v_scale for ``layer`` (none for 16/32-bit storage)."""
+        return dict(k_scale=self._ks[layer], v_scale=self._vs[layer]) if self.quantized else {}
+
+    def key_scales(self, layer: int) -> Optional[Tensor]:
+        """8-bit storage: the float32 (batch, kv_heads, capacity) scales of ``layer``'s keys
+        (a key is ``keys(layer).float() * key_scales(layer)[..., None]``); else None."""
+        return self._ks[self._layer(layer)]
+
+    def value_scales(self, layer: int) -> Optional[Tensor]:
+        """As ``key_scales``, for the values."""
+        return self._vs[self._layer(layer)]
+
+    def nbytes(self) -> int:
+        """Bytes of the storage of every layer: keys, values and, 8-bit, their scales."""
+        tensors = [t for ts in (self._k, self._v, self._ks, self._vs) for t in ts if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def capacity(self, layer: int = 0) -> int:
         """Slots per sequence currently allocated for ``layer``."""
@@ -138,6 +172,11 @@ class KVCache:
             grown = self._alloc(self.batch_size, new_cap, dims[layer])
             grown[:, :, :cap] = store[layer]
             store[layer] = grown
+        if self.quantized:
+            for store in (self._ks, self._vs):
+                grown = self._alloc_scales(self.batch_size, new_cap)
+                grown[:, :, :cap] = store[layer]
+                store[layer] = grown
 
     # --- use -----------------------------------------------------------------------------
     def attend(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, **kwargs):
@@ -151,7 +190,7 @@ class KVCache:
         lnew = k_new.shape[2]
         self.reserve(layer, lnew)
         out = attention_with_kvcache(q, self._k[layer], self._v[layer], self._len[layer],
-                                     k_new=k_new, v_new=v_new, **kwargs)
+                                     k_new=k_new, v_new=v_new, **self._scales(layer), **kwargs)
         self._advance(layer, lnew)
         return out
 
@@ -164,6 +203,11 @@ class KVCache:
                              f"must be ({self.batch_size}, {self.num_kv_heads}, Lnew, "
                              f"{self.head_dims[layer]} / {self.head_dims_v[layer]})")
         self.reserve(layer, lnew)
+        if self.quantized:  # attention_with_kvcache's own quantizing append, for no query
+            attention_with_kvcache(k_new[:, :, :0], self._k[layer], self._v[layer], self._len[layer], k_new=k_new,
+                                   v_new=v_new.to(k_new.dtype), **self._scales(layer))
+            self._advance(layer, lnew)
+            return
         # Slot of token t of sequence b: seqlens[b] + t (ragged), as a scatter index.
         pos = self._len[layer].long()[:, None] + torch.arange(lnew, device=self.device)
         for store, new in ((self._k, k_new), (self._v, v_new)):
@@ -205,9 +249,14 @@ class KVCache:
             raise ValueError(f"KVCache.reorder: beam_indices must lie in [0, {self.batch_size}), got "
                              f"[{int(idx.min())}, {int(idx.max())}]")
         for i in range(self.num_layers):
-            self._k[i] = self._k[i].index_select(0, idx)
-            self._v[i] = self._v[i].index_select(0, idx)
+            # by the bytes: index_select takes no float8
+            self._k[i] = self._k[i].view(torch.uint8).index_select(0, idx).view(self.dtype) if self.quantized \
+                else self._k[i].index_select(0, idx)
+            self._v[i] = self._v[i].view(torch.uint8).index_select(0, idx).view(self.dtype) if self.quantized \
+                else self._v[i].index_select(0, idx)
             self._len[i] = self._len[i].index_select(0, idx)
+            if self.quantized:
+                self._ks[i], self._vs[i] = self._ks[i].index_select(0, idx), self._vs[i].index_select(0, idx)
         self.batch_size = idx.numel()
 
     def reset(self) -> None:
@@ -246,7 +295,9 @@ class PagedKVCache:
         num_layers, num_kv_heads, head_dim (``head_dim_v``): sizes of the cached tensors.
         num_pages: pages in the pool (its memory is allocated up front).
         page_size: tokens per page, any int >= 1 (e.g. 1, 16, 48, 528).
-        dtype, device: of the storage.
+        dtype, device: of the storage; ``torch.float8_e4m3fn`` or ``torch.int8`` store keys and
+            values quantized per token and kv head, with float32 scale pages (num_pages,
+            page_size, kv_heads) beside them (``key_scales`` / ``value_scales``).
 
     Raises:
         ValueError: bad sizes, an unknown or freed sequence id, or a pool with too few free
@@ -270,6 +321,10 @@ class PagedKVCache:
                    for _ in range(num_layers)]
         self._v = [torch.zeros(num_pages, page_size, num_kv_heads, self.head_dim_v, dtype=dtype, device=self.device)
                    for _ in range(num_layers)]
+        self.quantized = dtype in KV_CACHE_DTYPES
+        # 8-bit storage: per-token scales of keys and values, (num_pages, page_size, kv_heads) float32
+        self._ks, self._vs = ([torch.zeros(num_pages, page_size, num_kv_heads, device=self.device)
+                               for _ in range(num_layers if self.quantized else 0)] for _ in range(2))
         self._free = list(range(num_pages - 1, -1, -1))  # a stack: pop() gives the lowest free page
         self._refs = [0] * num_pages
         self._pages: dict[int, list[int]] = {}  # sequence id -> its pages, in order
@@ -291,9 +346,27 @@ class PagedKVCache:
         return self.num_pages - len(self._free)
 
     def page_bytes(self) -> int:
-        """Bytes of one page over all layers, keys and values."""
+        """Bytes of one page over all layers, keys and values (and, 8-bit, their scales)."""
         elt = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_layers * self.page_size * self.num_kv_heads * (self.head_dim + self.head_dim_v) * elt
+        scales = 2 * 4 if self.quantized else 0  # one float32 per token and head, keys and values
+        return self.num_layers * self.page_size * self.num_kv_heads * ((self.head_dim + self.head_dim_v) * elt + scales)
+
+    def nbytes(self) -> int:
+        """Bytes of the whole pool: ``num_pages * page_bytes()``."""
+        return self.num_pages * self.page_bytes()
+
+    def _scales(self, layer: int) -> dict:
+        """attention_with_kvcache's k_scale / v_scale for ``layer`` (none for 16/32-bit storage)."""
+        return dict(k_scale=self._ks[layer], v_scale=self._vs[layer]) if self.quantized else {}
+
+    def key_scales(self, layer: int) -> Optional[Tensor]:
+        """8-bit storage: the float32 (num_pages, page_size, kv_heads) scales of ``layer``'s keys;
+        else None."""
+        return self._ks[self._layer(layer)] if self.quantized else None
+
+    def value_scales(self, layer: int) -> Optional[Tensor]:
+        """As ``key_scales``, for the values."""
+        return self._vs[self._layer(layer)] if self.quantized else None
 
     def pages_for(self, tokens: int) -> int:
         """Pages that ``tokens`` tokens occupy."""
@@ -455,7 +528,7 @@ class PagedKVCache:
             first = n // self.page_size  # the page the first new token goes to
             if new_tokens and n % self.page_size and self._refs[pages[first]] > 1:
                 copy = self._take()
-                for store in (self._k, self._v):  # every layer: the copy serves them all
+                for store in (self._k, self._v, self._ks, self._vs):  # every layer: the copy serves them all
                     for t in store:
                         t[copy] = t[pages[first]]
                 self._release(pages[first])
@@ -477,7 +550,7 @@ class PagedKVCache:
         lnew = k_new.shape[2]
         self._make_room(self._layer(layer), [lnew] * len(self._batch))
         out = attention_with_kvcache(q, self._k[layer], self._v[layer], self._dev_lens[layer], k_new=k_new,
-                                     v_new=v_new, block_table=self.block_table(), **kwargs)
+                                     v_new=v_new, block_table=self.block_table(), **self._scales(layer), **kwargs)
         self._dev_lens[layer] = self._dev_lens[layer] + lnew
         for i in self._batch:
             self._lens[i][layer] += lnew
@@ -501,7 +574,7 @@ class PagedKVCache:
         q, k_new, v_new = (t[0].transpose(0, 1) for t in (q, k_new, v_new))
         out = attention_with_kvcache(q, self._k[layer], self._v[layer], self._dev_lens[layer], k_new=k_new,
                                      v_new=v_new, block_table=self.block_table(), cu_seqlens_q=cu,
-                                     max_seqlen_q=max(self._step, default=0), **kwargs)
+                                     max_seqlen_q=max(self._step, default=0), **self._scales(layer), **kwargs)
         self._dev_lens[layer] = self._dev_lens[layer] + cu.diff()
         for i, n in zip(self._batch, self._step):
             self._lens[i][layer] += n

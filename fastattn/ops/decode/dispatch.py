@@ -7,6 +7,9 @@ reference. Nothing else chooses among them.
     reference    reference.decode_reference + the append      fallback.decode_ragged: padded rows,
     torch_sdpa   fallback.decode_sdpa: one batched SDPA call  masked, one batched call either way
 
+An 8-bit cache (``call.k_scale``) off the kernels first goes through ``fallback.dequantized``
+(the quantizing append, then 16/32-bit copies of the caches), then any of the routes above.
+
 While torch.compile traces, every call off the kernels runs ``fallback.decode_masked``, which
 reads nothing on the host.
 """
@@ -29,6 +32,8 @@ def run(call: DecodeCall):
         ValueError: under ``use_backend("triton")``, when the kernels cannot take the call."""
     route = backend.route(OP, "decode", *_router_shapes(call), needs_grad=call.needs_grad,
                           torch_sdpa=fallback.sdpa_expressible(call), extra_refusals=_no_tiles(call))
+    if route.impl != "kernel" and call.k_scale is not None:  # 8-bit cache: append, then 16/32-bit copies
+        call = fallback.dequantized(call)
     if route.impl == "kernel":
         out, lse = _kernels(call)
     elif call.cu_seqlens_q is not None:
@@ -80,7 +85,8 @@ def _kernels(call: DecodeCall):
         alibi=call.alibi_slopes, scale=call.scale, softcap=call.softcap, window_left=left, window_right=right,
         num_splits=call.num_splits, max_seqlen_k=longest, block_table=call.block_table,
         cu_seqlens_q=call.cu_seqlens_q, max_seqlen_q=call.max_seqlen_q,
-        sinks=None if call.sinks is None else call.sinks.float().contiguous(), **call.rotary())
+        sinks=None if call.sinks is None else call.sinks.float().contiguous(), k_scale=call.k_scale,
+        v_scale=call.v_scale, **call.rotary())
 
 
 def _reference(call: DecodeCall):

@@ -5,6 +5,7 @@ every step it can express (no softcap, no sinks, no lse, no gradient). ``decode_
 reference's math over all Lmax slots, with each sequence's validity, band and ALiBi as a
 mask; it reads nothing on the host, so torch.compile traces it whole. ``decode_ragged``: either
 of the two for ragged new tokens (``cu_seqlens_q``), the packed tokens padded into one batch.
+``dequantized``: an 8-bit cache's step as a step over caches in q's dtype, for any of them.
 All write the new tokens into the caches in place and give the result of ``decode_reference``
 followed by ``append_reference``. No Triton here.
 """
@@ -17,9 +18,9 @@ from torch import Tensor
 
 from fastattn.backend import TORCH_SDPA
 from fastattn.ops.decode.reference import (
-    append_paged_reference, apply_rotary, apply_sinks, gather_pages, rotary_positions)
+    append_paged_reference, apply_rotary, apply_sinks, dequantize_kv, gather_pages, quantize_kv, rotary_positions)
 from fastattn.ops.flash.reference import attention_reference
-from fastattn.validation import DecodeCall
+from fastattn.validation import CacheLayout, DecodeCall
 
 
 def sdpa_expressible(call: DecodeCall) -> bool:
@@ -234,3 +235,56 @@ def _append_packed(call: DecodeCall, k_new: Tensor, seq: Tensor, slot: Tensor) -
         else:
             call.k_cache.transpose(1, 2)[seq, slot] = k_new.detach()  # (B, Lmax, Hkv, D) view, T rows
             call.v_cache.transpose(1, 2)[seq, slot] = call.v_new.detach()
+
+
+def dequantized(call: DecodeCall) -> DecodeCall:
+    """An 8-bit cache's step (``call.k_scale`` given) as the same step over 16/32-bit caches:
+    the (rotated) new tokens are quantized into the 8-bit caches in place, with their scales
+    when per token (``quantize_kv``), then both caches are dequantized to q's dtype in one
+    batched pass each (``dequantize_kv``). The returned call attends over those copies with no
+    new tokens and ``cache_seqlens + Lnew`` cached ones (rotary positions unchanged), so every
+    fallback above runs it. Contiguous caches are dequantized only up to the longest sequence
+    where the lengths were read on the host (``call.key_range``). No loop over the sequences."""
+    q, n = call.q, call.seqlens.long()
+    if call.k_new is not None:
+        if call.cu_seqlens_q is not None:  # packed (T, H, D): sequence and row of each token
+            cu = call.cu_seqlens_q.long()
+            tokens = torch.arange(q.shape[0], device=cu.device)
+            seq = torch.searchsorted(cu[1:], tokens, right=True)
+            row = tokens - cu[seq]
+            k_new, v_new, count = call.k_new, call.v_new, cu.diff()
+            if call.rotary_cos is not None:
+                k_new = _turn_packed(call, k_new, n[seq] + row)
+        else:  # (B, Hkv, Lnew, D) -> (B * Lnew, Hkv, D), token-major
+            b, _, lnew, _ = call.k_new.shape
+            seq = torch.arange(b, device=n.device).repeat_interleave(lnew)
+            row = torch.arange(lnew, device=n.device).repeat(b)
+            k_new = _rotated(call)[1].transpose(1, 2).flatten(0, 1)
+            v_new, count = call.v_new.transpose(1, 2).flatten(0, 1), lnew
+        _append_quantized(call, k_new.detach(), v_new.detach(), seq, n[seq] + row)
+        n = n + count
+    caches = [call.k_cache, call.v_cache, call.k_scale, call.v_scale]
+    if call.key_range is not None and not call.layout.paged:  # no slot past the longest sequence is read
+        caches = [t.narrow(2, 0, call.key_range[1]) if t.dim() >= 3 else t for t in caches]
+    k_cache, v_cache = dequantize_kv(caches[0], caches[2], q.dtype), dequantize_kv(caches[1], caches[3], q.dtype)
+    return call._replace(k_cache=k_cache, v_cache=v_cache, layout=CacheLayout.of(k_cache, v_cache, call.block_table),
+                         seqlens=n.to(torch.int32), k_new=None, v_new=None, k_scale=None, v_scale=None)
+
+
+def _append_quantized(call: DecodeCall, k_new: Tensor, v_new: Tensor, seq: Tensor, slot: Tensor) -> None:
+    """Quantize tokens (T, Hkv, D) / (T, Hkv, Dv) into cache slots ``slot`` (T,) of sequences
+    ``seq`` (T,) of the 8-bit caches, in place, and their per-token scales (T, Hkv) into
+    ``k_scale`` / ``v_scale`` when those are per token (a per-tensor scale is only read)."""
+    per_token = call.k_scale.dim() == 3  # the cache's shape without its last dim (per tensor: 1 element, dim <= 1)
+    for new, cache, scale in ((k_new, call.k_cache, call.k_scale), (v_new, call.v_cache, call.v_scale)):
+        x8, s = quantize_kv(new, cache.dtype, None if per_token else scale)
+        if call.layout.paged:
+            page = call.block_table.long()[seq, slot // call.layout.page_size]  # (T,)
+            index = (page, slot % call.layout.page_size)  # page rows: (num_pages, page_size, Hkv, .)
+            rows, scales = cache, scale
+        else:
+            index = (seq, slot)  # (B, Lmax, Hkv, .) views
+            rows, scales = cache.transpose(1, 2), (scale.transpose(1, 2) if per_token else scale)
+        rows.view(torch.uint8)[index] = x8.view(torch.uint8)  # byte copies: index_put takes no float8
+        if per_token:
+            scales[index] = s

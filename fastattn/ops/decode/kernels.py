@@ -87,6 +87,90 @@ def _page_of(BT, b, table, slot, ok, PAGE_SIZE: tl.constexpr):
 
 
 @triton.jit
+def _round_e4m3(x):
+    """fp32 x with |x| <= 448 rounded to the nearest e4m3 value (ties to even), still fp32."""
+    bits = x.to(tl.int32, bitcast=True)
+    # At and above 2^-6: keep 3 of fp32's 23 mantissa bits; adding 2^19 - 1 plus the lowest kept
+    # bit, then clearing the 20 dropped ones, rounds the magnitude to nearest even.
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    # Below 2^-6 e4m3's grid is 2^-9 everywhere: around 1.5 * 2^14 fp32's own ulp is 2^-9, so the add rounds.
+    small = (x + 24576.0) - 24576.0
+    return tl.where(tl.abs(x) < 0.015625, small, normal)
+
+
+@triton.jit
+def _e4m3_bits(x):
+    """fp32 x on e4m3's grid (``_round_e4m3``) -> its float8_e4m3fn byte, as uint8. Every e4m3
+    value / 256 is an fp16 with the same sign, exponent and top 3 mantissa bits (e4m3's bias 7
+    is fp16's 15 less 8): the byte is that fp16's sign and its 7 bits below, shifted down."""
+    h = (x * 0.00390625).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)  # x / 256 is exact
+    return (((h >> 8) & 0x80) | ((h >> 7) & 0x7F)).to(tl.uint8)
+
+
+@triton.jit
+def _e4m3_value(b):
+    """float8_e4m3fn bytes (uint8) -> their values in fp32, exactly (``_e4m3_bits`` backwards:
+    the byte's bits placed as an fp16's, which is the value / 256, subnormals included)."""
+    b = b.to(tl.int32)
+    h = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+
+
+@triton.jit
+def _scale_slots(BT, b, table, slot, ok, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """(b or page, row) of the per-token scales of logical slots ``slot`` of sequence b: the
+    scales (B, Hkv, Lmax) are indexed like the cache, paged ones (num_pages, page_size, Hkv)
+    through the block table."""
+    where = b
+    row = slot.to(tl.int64)
+    if PAGED:
+        where = _page_of(BT, b, table, slot, ok, PAGE_SIZE)
+        row = (slot % PAGE_SIZE).to(tl.int64)
+    return where, row
+
+
+@triton.jit
+def _quantize_rows(x, S, s_strides, where, hk, row, ok, OUT_TY: tl.constexpr, PER_TOKEN: tl.constexpr):
+    """New rows x (BLOCK_L, BLOCK_D) as 8-bit OUT_TY (int8, float8e4nv, or uint8 holding the
+    bytes of float8_e4m3fn values): ``x / scale`` rounded to nearest even and saturated.
+    PER_TOKEN: each row's scale is its absmax / QMAX (0 for a zero row), stored at ``S`` (b or
+    page ``where``, kv head hk, ``row``); else ``S`` holds the one given scale. ``s_strides``:
+    the scales' strides in (b or page, head, row) order."""
+    qmax = 448.0
+    if OUT_TY == tl.int8:
+        qmax = 127.0
+    x = x.to(tl.float32)
+    if PER_TOKEN:
+        amax = tl.max(tl.abs(x), 1)  # masked dims were loaded as 0
+        tl.store(S + where * s_strides[0] + hk * s_strides[1] + row * s_strides[2], amax / qmax, mask=ok)
+        y = x * tl.where(amax > 0, qmax / tl.where(amax > 0, amax, 1.0), 0.0)[:, None]
+    else:
+        y = x * (1.0 / tl.load(S))
+    if OUT_TY == tl.int8:
+        y = tl.minimum(tl.maximum(y, -128.0), 127.0)
+        y = (y + 12582912.0) - 12582912.0  # around 1.5 * 2^23 fp32's ulp is 1: the add rounds to nearest even
+        out = y.to(tl.int8)
+    else:
+        y = _round_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
+        if OUT_TY == tl.uint8:
+            out = _e4m3_bits(y)
+        else:
+            out = y.to(OUT_TY)  # exact: y is on e4m3's grid
+    return out
+
+
+@triton.jit
+def _dequantize(x, S, s_strides, where, hk, row, ok, DTYPE: tl.constexpr, BF16_RTNE: tl.constexpr):
+    """An 8-bit (BLOCK_N, D) tile (int8, float8e4nv, or uint8 bytes of float8_e4m3fn) times the
+    scales of its keys, at ``S`` (where, hk, row) (strides 0: one scale for all), rounded to
+    DTYPE (q's)."""
+    if x.dtype == tl.uint8:
+        x = _e4m3_value(x)
+    s = tl.load(S + where * s_strides[0] + hk * s_strides[1] + row * s_strides[2], mask=ok, other=0.0)
+    return cast(x.to(tl.float32) * s[:, None], DTYPE, BF16_RTNE)
+
+
+@triton.jit
 def kv_append_kernel(
     K_NEW, V_NEW, K, V, SEQLENS, COS, SIN, BT, CU_Q,
     kn_strides, vn_strides, k_strides, v_strides,
@@ -95,6 +179,8 @@ def kv_append_kernel(
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, VARLEN: tl.constexpr, BF16_RTNE: tl.constexpr,
+    KS=None, VS=None, ks_strides=(0, 0, 0), vs_strides=(0, 0, 0), KV_QUANT: tl.constexpr = False,
+    SCALE_PER_TOKEN: tl.constexpr = False,
 ):
     """Copy new token t of (b, kv head) into cache slot SEQLENS[b] + t, for K and V; with
     ROT_DIM the key is first rotated by the angles of position SEQLENS[b] + t.
@@ -104,6 +190,12 @@ def kv_append_kernel(
     the table's P * PAGE_SIZE. VARLEN: k_new / v_new are packed (total, Hkv, D), sequence b's
     tokens are rows CU_Q[b] .. CU_Q[b+1] - 1 (batch strides 0), seqlen_new an upper bound on
     any sequence's count.
+
+    KV_QUANT: K/V are 8-bit (int8, float8e4nv, or uint8 holding float8_e4m3fn bytes where
+    compiled Triton takes no e4m3 pointer, before sm_89) and the rows go in quantized
+    (``_quantize_rows``): with SCALE_PER_TOKEN their scales are written to KS / VS ((B, Hkv,
+    Lmax), paged (num_pages, page_size, Hkv); ``ks_strides`` / ``vs_strides`` in (b or page,
+    head, slot) order), else KS / VS hold the one scale of each cache.
 
     Grid (B * Hkv * token blocks,): one axis, which CUDA lets grow past 65535."""
     token_blocks = (seqlen_new + BLOCK_L - 1) // BLOCK_L
@@ -126,6 +218,10 @@ def kv_append_kernel(
         k_rot = _rotary(k, k_rows, kn_strides[3], ok, pos, COS, SIN, rotary, offs_d, ROT_DIM, ROT_INTERLEAVED)
         k = cast(k_rot, k.dtype, BF16_RTNE)
     v = load_rows(V_NEW, vn_strides, b, hk, q_start, offs_t, offs_dv, ok, dv_ok)
+    if KV_QUANT:
+        where, s_row = _scale_slots(BT, b, table, pos, ok, PAGED, PAGE_SIZE)
+        k = _quantize_rows(k, KS, ks_strides, where, hk, s_row, ok, K.dtype.element_ty, SCALE_PER_TOKEN)
+        v = _quantize_rows(v, VS, vs_strides, where, hk, s_row, ok, V.dtype.element_ty, SCALE_PER_TOKEN)
     if PAGED:
         page = _page_of(BT, b, table, pos, ok, PAGE_SIZE)  # (BLOCK_L,) page of each token
         row = pos % PAGE_SIZE
@@ -289,6 +385,7 @@ def decode_split_kernel(
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, VARLEN: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
     FWD_ORDER: tl.constexpr,
+    KS=None, VS=None, ks_strides=(0, 0, 0), vs_strides=(0, 0, 0), KV_QUANT: tl.constexpr = False,
 ):
     """One chunk of one (batch, kv head)'s keys for BLOCK_M of its group * seqlen_q query rows.
 
@@ -323,6 +420,12 @@ def decode_split_kernel(
     up to its own key, then those from 0), with its arithmetic (unscaled q.k, the running max
     in score units, one fma before exp2). A tile the row does not take is masked whole, which
     leaves its running softmax bitwise unchanged (p = 0, alpha = exp2(0) = 1).
+
+    KV_QUANT: K/V are 8-bit as ``kv_append_kernel`` takes them, key j's scales at KS / VS +
+    (b or page, head, slot) * ``ks_strides`` / ``vs_strides`` (per-tensor scales: strides 0,
+    the same element for every key); each tile is dequantized in registers to q's dtype
+    (``_dequantize``) and the products run in q's dtype, as with a 16-bit cache: only the
+    loads shrink.
     """
     row_blocks = (group * seqlen_q + BLOCK_M - 1) // BLOCK_M
     bhk = tl.program_id(0) // row_blocks
@@ -376,6 +479,10 @@ def decode_split_kernel(
         offs_n, col_ok = span(start_n, BLOCK_N, end)  # keys of the next split belong to the next split
         k, v = _key_tiles(K, V, k_strides, v_strides, k_base, v_base, BT, b, hk, table, start_n, offs_n, col_ok,
                           end, offs_d, d_ok, offs_dv, dv_ok, BLOCK_N, PAGED, PAGE_SIZE)
+        if KV_QUANT:
+            where, s_row = _scale_slots(BT, b, table, offs_n, col_ok, PAGED, PAGE_SIZE)
+            k = _dequantize(k, KS, ks_strides, where, hk, s_row, col_ok, Q.dtype.element_ty, BF16_RTNE)
+            v = _dequantize(v, VS, vs_strides, where, hk, s_row, col_ok, Q.dtype.element_ty, BF16_RTNE)
         if FWD_ORDER:
             first = (ihi * 0 + it) < n_first  # (a vector: the interpreter's where wants one)
             take = tl.where(first, start_n >= ihi, start_n < ihi)  # (BLOCK_M,) whether the row takes this tile

@@ -111,10 +111,44 @@ def _cache_args(k_cache: Tensor, v_cache: Tensor, block_table: Optional[Tensor],
     """(k strides, v strides, table pointer, (table row stride, num_pages), constexprs), strides
     in the kernels' (b, h, slot, d) order: a page's "b" stride is the page stride."""
     if not layout.paged:
-        return k_cache.stride(), v_cache.stride(), k_cache, (0, 1), dict(PAGED=False, PAGE_SIZE=16)
+        return k_cache.stride(), v_cache.stride(), _bytes(k_cache), (0, 1), dict(PAGED=False, PAGE_SIZE=16)
     ks, vs = k_cache.stride(), v_cache.stride()
     return ((ks[0], ks[2], ks[1], ks[3]), (vs[0], vs[2], vs[1], vs[3]), block_table,
             (block_table.stride(0), layout.num_pages), dict(PAGED=True, PAGE_SIZE=layout.page_size))
+
+
+def _fp8_native(device: torch.device) -> bool:
+    """Whether the kernels take float8_e4m3fn caches as such on ``device``: compiled Triton has
+    e4m3 from sm_89 on (the interpreter too); before, the kernels get the bytes."""
+    gpu = _launch.arch(device)
+    return gpu is None or gpu.capability >= 89
+
+
+def _bytes(cache: Tensor) -> Tensor:
+    """A cache as the kernels take it: a float8_e4m3fn one as its bytes (uint8, same strides)
+    where ``_fp8_native`` says no (the kernels decode and encode e4m3 themselves, exactly);
+    others as they are."""
+    if cache.dtype == torch.float8_e4m3fn and not _fp8_native(cache.device):
+        return cache.view(torch.uint8)
+    return cache
+
+
+def _scale_args(k_scale: Optional[Tensor], v_scale: Optional[Tensor], layout: CacheLayout, append: bool) -> dict:
+    """The kernels' 8-bit cache arguments: none for a 16/32-bit cache; else the scales and
+    their strides in the kernels' (b, h, slot) order (a page's "b" stride is the page stride;
+    per-tensor scales: strides 0). The split kernel reads a per-tensor scale as every key's (a
+    broadcast load, which compiles to fewer registers than one scalar did: no spills on sm_80
+    to sm_120); the append (SCALE_PER_TOKEN) writes per-token scales, else reads the one."""
+    if k_scale is None:
+        return {}
+    per_token = k_scale.dim() == 3  # the cache's shape without its last dim (per tensor: 1 element)
+
+    def strides(s):
+        if not per_token:
+            return (0, 0, 0)
+        return (s.stride(0), s.stride(2), s.stride(1)) if layout.paged else s.stride()
+    args = dict(KS=k_scale, VS=v_scale, ks_strides=strides(k_scale), vs_strides=strides(v_scale), KV_QUANT=True)
+    return dict(args, SCALE_PER_TOKEN=per_token) if append else args
 
 
 def _packed_strides(t: Tensor) -> tuple:
@@ -124,7 +158,7 @@ def _packed_strides(t: Tensor) -> tuple:
 
 @_launch.on_device
 def _append(k_cache, v_cache, seqlens, k_new, v_new, cos, sin, interleaved, block_table, cu_seqlens_q,
-            max_seqlen_q):
+            max_seqlen_q, k_scale=None, v_scale=None):
     layout = CacheLayout.of(k_cache, v_cache, block_table)
     # V a view of K's channels (MLA's latent): K's store writes the values; HEAD_DIM_V 0 masks V's store off.
     values_in_keys = value_channels(k_cache, v_cache) is not None
@@ -140,10 +174,12 @@ def _append(k_cache, v_cache, seqlens, k_new, v_new, cos, sin, interleaved, bloc
     (cos_t, sin_t, rotary), rot = _rotary_args(k_new, cos, sin, interleaved)
     k_strides, v_strides, bt, table, paged = _cache_args(k_cache, v_cache, block_table, layout)
     kernels.kv_append_kernel[(layout.batch * layout.kv_heads * triton.cdiv(lnew, block_l),)](
-        k_new, v_new, k_cache, v_cache, seqlens, cos_t, sin_t, bt, seqlens if not varlen else cu_seqlens_q,
+        k_new, v_new, _bytes(k_cache), _bytes(v_cache), seqlens, cos_t, sin_t, bt,
+        seqlens if not varlen else cu_seqlens_q,
         *new_strides, k_strides, v_strides, layout.kv_heads, lnew, layout.lmax, rotary, table,
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_L=block_l, BLOCK_D=pad(d), BLOCK_DV=pad(dv), VARLEN=varlen,
         BF16_RTNE=_launch.dtype_flags(k_new.dtype)["BF16_RTNE"], num_warps=4, **rot, **paged,
+        **_scale_args(k_scale, v_scale, layout, append=True),
     )
 
 
@@ -171,7 +207,8 @@ def _partials(q: Tensor, dv: int, lq: int, num_splits: int, varlen: bool):
 
 @_launch.on_device
 def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seqlens_q, sinks, *, scale,
-             softcap, window_left, window_right, seqlen_new, num_splits, interleaved, max_seqlen_q, fwd_order):
+             softcap, window_left, window_right, seqlen_new, num_splits, interleaved, max_seqlen_q, fwd_order,
+             k_scale=None, v_scale=None):
     layout = CacheLayout.of(k_cache, v_cache, block_table)
     varlen = cu_seqlens_q is not None
     hq, d, dv = q.shape[1], q.shape[-1], layout.head_dim_v
@@ -197,7 +234,8 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seql
     # Axis 0: the row blocks of every (batch, kv head); axis 1: the splits (at most MAX_SPLITS).
     grid = (layout.batch * layout.kv_heads * triton.cdiv(group * lq, tiles.block_m), num_splits)
     kernels.decode_split_kernel[grid](
-        q, k_cache, v_cache, seqlens, alibi_t, cos_t, sin_t, bt, cu, q if sinks is None else sinks, o_t, lse_t,
+        q, _bytes(k_cache), _bytes(v_cache), seqlens, alibi_t, cos_t, sin_t, bt, cu, q if sinks is None else sinks,
+        o_t, lse_t,
         q_strides=_packed_strides(q) if varlen else q.stride(), k_strides=k_strides, v_strides=v_strides,
         o_strides=o_strides, lse_strides=l_strides, alibi_strides=alibi_strides, n_heads=hq, group=group,
         seqlen_q=lq, seqlen_new=seqlen_new, seqlen_max=layout.lmax, num_splits=num_splits,
@@ -207,6 +245,7 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seql
         SINGLE_SPLIT=single, FWD_ORDER=fwd_order and single,
         num_warps=tiles.num_warps, num_stages=fwd.num_stages if fwd_order else tiles.num_stages, **rot, **paged,
         **flags,
+        **_scale_args(k_scale, v_scale, layout, append=False),
     )
     if not single:
         kernels.decode_merge_kernel[(lse_t.numel() // num_splits,)](
@@ -220,17 +259,19 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seql
 # ---------------------------------------------------------------------------------------
 # torch.library registration (custom_op, not triton_op: wrap_triton refuses interpreted kernels).
 
-@torch.library.custom_op("fastattn::kvcache_append", mutates_args=("k_cache", "v_cache"))
+@torch.library.custom_op("fastattn::kvcache_append", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
 def kvcache_append(k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, k_new: Tensor, v_new: Tensor,
                    cos: Optional[Tensor] = None, sin: Optional[Tensor] = None,
-                   block_table: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None, *,
+                   block_table: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
+                   k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None, *,
                    interleaved: bool = False, max_seqlen_q: int = 0) -> None:
-    _append(k_cache, v_cache, seqlens, k_new, v_new, cos, sin, interleaved, block_table, cu_seqlens_q, max_seqlen_q)
+    _append(k_cache, v_cache, seqlens, k_new, v_new, cos, sin, interleaved, block_table, cu_seqlens_q, max_seqlen_q,
+            k_scale, v_scale)
 
 
 @kvcache_append.register_fake
-def _(k_cache, v_cache, seqlens, k_new, v_new, cos=None, sin=None, block_table=None, cu_seqlens_q=None, *,
-      interleaved=False, max_seqlen_q=0):
+def _(k_cache, v_cache, seqlens, k_new, v_new, cos=None, sin=None, block_table=None, cu_seqlens_q=None,
+      k_scale=None, v_scale=None, *, interleaved=False, max_seqlen_q=0):
     return None
 
 
@@ -238,19 +279,21 @@ def _(k_cache, v_cache, seqlens, k_new, v_new, cos=None, sin=None, block_table=N
 def decode_fwd(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, alibi: Optional[Tensor] = None,
     cos: Optional[Tensor] = None, sin: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
-    cu_seqlens_q: Optional[Tensor] = None, sinks: Optional[Tensor] = None, *, scale: float,
+    cu_seqlens_q: Optional[Tensor] = None, sinks: Optional[Tensor] = None, k_scale: Optional[Tensor] = None,
+    v_scale: Optional[Tensor] = None, *, scale: float,
     softcap: Optional[float] = None, window_left: Optional[int] = None, window_right: Optional[int] = None,
     seqlen_new: int = 0, num_splits: int = 1, interleaved: bool = False, max_seqlen_q: int = 0,
     fwd_order: bool = False,
 ) -> tuple[Tensor, Tensor]:
     return _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seqlens_q, sinks, scale=scale,
                     softcap=softcap, window_left=window_left, window_right=window_right, seqlen_new=seqlen_new,
-                    num_splits=num_splits, interleaved=interleaved, max_seqlen_q=max_seqlen_q, fwd_order=fwd_order)
+                    num_splits=num_splits, interleaved=interleaved, max_seqlen_q=max_seqlen_q, fwd_order=fwd_order,
+                    k_scale=k_scale, v_scale=v_scale)
 
 
 @decode_fwd.register_fake
 def _(q, k_cache, v_cache, seqlens, alibi=None, cos=None, sin=None, block_table=None, cu_seqlens_q=None,
-      sinks=None, **options):
+      sinks=None, k_scale=None, v_scale=None, **options):
     dv = v_cache.shape[-1]
     if cu_seqlens_q is not None:  # packed (total, Hq, D) -> (total, Hq, Dv), lse (Hq, total)
         total, hq, _ = q.shape
@@ -262,7 +305,7 @@ def _(q, k_cache, v_cache, seqlens, alibi=None, cos=None, sin=None, block_table=
 def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=None, scale,
                 softcap=None, window_left=None, window_right=None, num_splits=None,
                 max_seqlen_k=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=False,
-                block_table=None, cu_seqlens_q=None, max_seqlen_q=None, sinks=None):
+                block_table=None, cu_seqlens_q=None, max_seqlen_q=None, sinks=None, k_scale=None, v_scale=None):
     """Validated inputs -> (out, lse), after writing k_new/v_new into the caches.
 
     seqlens: int32 contiguous (B,). max_seqlen_k: the longest valid length after the append,
@@ -272,7 +315,9 @@ def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=N
     are pages (num_pages, page_size, Hkv, D). cu_seqlens_q: int32 contiguous (B+1,) or None;
     with it q is packed (total, Hq, D), k_new/v_new (total, Hkv, D) with the same offsets, out
     (total, Hq, Dv), lse (Hq, total); max_seqlen_q an upper bound on any sequence's tokens
-    (default total). sinks: contiguous fp32 (Hq,) logits or None. No host sync: the split
+    (default total). sinks: contiguous fp32 (Hq,) logits or None. k_scale / v_scale: float32
+    scales of 8-bit (float8_e4m3fn / int8) caches, one element or per token and kv head
+    ((B, Hkv, Lmax), paged (num_pages, page_size, Hkv)), or None. No host sync: the split
     count comes from shapes (and max_seqlen_k when given). Values it does not check (cache
     lengths, table entries, rotary positions) the kernels clamp to the buffers.
     """
@@ -285,15 +330,16 @@ def decode_attn(q, k_cache, v_cache, seqlens, *, k_new=None, v_new=None, alibi=N
         seqlen_new = 0 if k_new is None else k_new.shape[2]
     tensors = dict(cos=rotary_cos, sin=rotary_sin, block_table=block_table, cu_seqlens_q=cu_seqlens_q)
     if k_new is not None and k_new.shape[0] and (varlen or seqlen_new):
-        kvcache_append(k_cache, v_cache, seqlens, k_new, v_new, **tensors, interleaved=rotary_interleaved,
-                       max_seqlen_q=lq if varlen else 0)
+        kvcache_append(k_cache, v_cache, seqlens, k_new, v_new, **tensors, k_scale=k_scale, v_scale=v_scale,
+                       interleaved=rotary_interleaved, max_seqlen_q=lq if varlen else 0)
     # fastattn.batch_invariant() with one split: the training forward's tiles, order and arithmetic
     fwd_order = (num_splits is None and invariance.active() and invariance.split_tokens() is None
                  and alibi is None and softcap is None and sinks is None and window_left is None and scale > 0)
     if num_splits is None:
         num_splits = _auto_splits(q, k_cache, v_cache, block_table, lq, window_left, window_right, max_seqlen_k)
-    return decode_fwd(q, k_cache, v_cache, seqlens, alibi, **tensors, sinks=sinks, scale=scale, softcap=softcap,
-                      window_left=window_left, window_right=window_right, seqlen_new=seqlen_new,
+    return decode_fwd(q, k_cache, v_cache, seqlens, alibi, **tensors, sinks=sinks, k_scale=k_scale, v_scale=v_scale,
+                      scale=scale, softcap=softcap, window_left=window_left, window_right=window_right,
+                      seqlen_new=seqlen_new,
                       num_splits=num_splits, interleaved=rotary_interleaved, max_seqlen_q=lq if varlen else 0,
                       fwd_order=fwd_order)
 

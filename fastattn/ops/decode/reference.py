@@ -188,3 +188,44 @@ def append_paged_reference(k_pages: Tensor, v_pages: Tensor, block_table: Tensor
     with torch.no_grad():
         k_pages[page, row] = k_new.transpose(1, 2)  # (B, Lnew, Hkv, D) into (B, Lnew) page rows
         v_pages[page, row] = v_new.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------
+# 8-bit caches (float8_e4m3fn or int8): entry x of the cache stands for ``x.float() * scale``,
+# scale float32 either one element (per tensor) or one per token and kv head (the cache's shape
+# without its last dim). The append quantizes each new token; the attention reads dequantized
+# values, rounded to q's dtype (the kernels' products run in q's dtype).
+
+def quantize_kv(x: Tensor, dtype: torch.dtype, scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """x (..., D) in a 16/32-bit float -> (x8 (..., D) of ``dtype``, scale float32).
+
+    ``scale`` None: per token, computed from each row's absmax (``absmax / QMAX``, QMAX 448 for
+    e4m3, 127 for int8; an all-zero row gets scale 0 and zeros), shape (...). Else the given
+    per-tensor scale, returned as given. Values are ``x * (1 / scale)`` in float32, rounded to
+    nearest (ties to even) and saturated to the dtype's range (+-448; [-128, 127])."""
+    from fastattn.validation import KV_QMAX
+
+    qmax = KV_QMAX[dtype]
+    x = x.float()
+    if scale is None:
+        amax = x.abs().amax(-1)
+        scale = amax / qmax
+        # tensor / tensor: torch computes ``number / tensor`` as a reciprocal times the number
+        inv = torch.where(amax > 0, torch.full_like(amax, qmax) / amax, torch.zeros_like(amax))[..., None]
+    else:
+        inv = torch.ones((), device=x.device) / scale.float().reshape(())
+    y = x * inv
+    if dtype == torch.int8:
+        return y.round().clamp(-128, 127).to(torch.int8), scale
+    return y.clamp(-qmax, qmax).to(dtype), scale
+
+
+def dequantize_kv(cache: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """An 8-bit cache (..., D) with its scale (one element or (...)) -> ``cache.float() * scale``
+    rounded to ``dtype``, one batched pass."""
+    s = scale.reshape(()) if scale.numel() == 1 else scale[..., None]
+    if cache.dtype == torch.float8_e4m3fn and cache.device.type == "cpu":
+        # torch's e4m3 -> float32 cast runs scalar code on a CPU: a 256-entry table is ~4x faster
+        table = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+        return (table.take(cache.view(torch.uint8).long()) * s).to(dtype)
+    return (cache.float() * s).to(dtype)
