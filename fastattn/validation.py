@@ -519,7 +519,8 @@ def check_kv_scales(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, k_scal
     float32 q and both scales, float32 on q's device, both per tensor (one element each) or both
     per token and kv head (the cache's shape without its last dim: (B, Hkv, Lmax) contiguous,
     (num_pages, page_size, Hkv) paged; with ``appends`` no broadcast dim, they are written in
-    place). Any other cache takes no scale. Per-tensor values must be finite and > 0, checked
+    place), and a v_cache of its own (not a view of k_cache's channels, as MLA's latent is).
+    Any other cache takes no scale. Per-tensor values must be finite and > 0, checked
     where ``readable`` (per-token ones are written by the append and, like the cache, not read)."""
     quantized = k_cache.dtype in KV_CACHE_DTYPES or v_cache.dtype in KV_CACHE_DTYPES
     if not quantized:
@@ -530,6 +531,9 @@ def check_kv_scales(op: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, k_scal
         return
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"{op}: k_cache ({k_cache.dtype}) and v_cache ({v_cache.dtype}) must share one 8-bit dtype")
+    if value_channels(k_cache, v_cache) is not None:
+        raise ValueError(f"{op}: v_cache is a view of the {k_cache.dtype} k_cache's channels (MLA's latent); "
+                         "8-bit caches take separate key and value storage")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"{op}: q must be float16, bfloat16 or float32 with an 8-bit cache "
                          f"({k_cache.dtype}), got {q.dtype}")

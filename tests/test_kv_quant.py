@@ -158,13 +158,13 @@ def _small_8bit(dtype8=torch.int8, per_token=True):
 
 @pytest.mark.parametrize("bad", ["no-scales", "one-scale", "scale-dtype", "scale-shape", "mixed-kinds", "nan",
                                  "inf", "zero", "fp8-q", "fp8-q-bf16-cache", "scale-with-16bit", "mixed-caches",
-                                 "broadcast-scale"])
+                                 "broadcast-scale", "values-in-keys"])
 def test_bad_8bit_input_raises_value_error_naming_it(bad):
     q, k8, v8, seqlens, kw = _small_8bit()
     names = {"no-scales": "k_scale", "one-scale": "v_scale", "scale-dtype": "k_scale", "scale-shape": "v_scale",
              "mixed-kinds": "v_scale", "nan": "k_scale", "inf": "v_scale", "zero": "k_scale", "fp8-q": "q",
              "fp8-q-bf16-cache": "k_cache", "scale-with-16bit": "k_scale", "mixed-caches": "v_cache",
-             "broadcast-scale": "k_scale"}
+             "broadcast-scale": "k_scale", "values-in-keys": "v_cache"}
     if bad == "no-scales":
         kw.update(k_scale=None, v_scale=None)
     elif bad == "one-scale":
@@ -192,6 +192,9 @@ def test_bad_8bit_input_raises_value_error_naming_it(bad):
         v8 = v8.to(torch.float8_e4m3fn)
     elif bad == "broadcast-scale":
         kw["k_scale"] = kw["k_scale"][:, :, :1].expand(-1, -1, LMAX)
+    elif bad == "values-in-keys":  # MLA's layout: V a view of K's first channels
+        v8 = k8[..., :k8.shape[-1] // 2]
+        kw.update(v_new=None)
     with pytest.raises(ValueError, match=names[bad]):
         fastattn.attention_with_kvcache(q, k8, v8, seqlens, **kw)
 

@@ -171,6 +171,18 @@ def _dequantize(x, S, s_strides, where, hk, row, ok, DTYPE: tl.constexpr, BF16_R
 
 
 @triton.jit
+def _dequantize_tiles(k, v, KS, VS, ks_strides, vs_strides, BT, b, hk, table, offs_n, col_ok, DTYPE: tl.constexpr,
+                      BF16_RTNE: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """8-bit key and value tiles (BLOCK_N, D / Dv) of keys ``offs_n`` times their scales, in
+    DTYPE: key j's scales at KS / VS + (b or page, head, slot) * ``ks_strides`` /
+    ``vs_strides`` (per-tensor scales: strides 0, the same element for every key)."""
+    where, s_row = _scale_slots(BT, b, table, offs_n, col_ok, PAGED, PAGE_SIZE)
+    k = _dequantize(k, KS, ks_strides, where, hk, s_row, col_ok, DTYPE, BF16_RTNE)
+    v = _dequantize(v, VS, vs_strides, where, hk, s_row, col_ok, DTYPE, BF16_RTNE)
+    return k, v
+
+
+@triton.jit
 def kv_append_kernel(
     K_NEW, V_NEW, K, V, SEQLENS, COS, SIN, BT, CU_Q,
     kn_strides, vn_strides, k_strides, v_strides,
@@ -376,8 +388,7 @@ def _store_rows(O, LSE, out, lse, o_strides, lse_strides, b, h, tok, pos_q, spli
 
 @triton.jit
 def decode_split_kernel(
-    Q, K, V, SEQLENS, ALIBI, COS, SIN, BT, CU_Q, SINKS, O, LSE,
-    q_strides, k_strides, v_strides, o_strides, lse_strides, alibi_strides,
+    Q, K, V, SEQLENS, ALIBI, COS, SIN, BT, CU_Q, SINKS, O, LSE, strides,
     n_heads, group, seqlen_q, seqlen_new, seqlen_max, num_splits, scalars, rotary, table, fwd_block_m,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -389,29 +400,24 @@ def decode_split_kernel(
 ):
     """One chunk of one (batch, kv head)'s keys for BLOCK_M of its group * seqlen_q query rows.
 
-    Grid (B * Hkv * row blocks, num_splits): axis 0 holds the row blocks of each (b, kv head)
-    together, so no axis but the first grows with the inputs (CUDA caps the others at 65535).
-    ``scalars``: (scale, softcap, dropout_p, window_left, window_right) with ``TERMS``
-    (``fastattn/ops/_launch.py: Terms``) saying which terms are on.
+    Grid (B * Hkv * row blocks, num_splits): only axis 0 grows with the inputs (CUDA caps the
+    others at 65535). ``scalars``: (scale, softcap, dropout_p, window_left, window_right) with ``TERMS``
+    (``fastattn/ops/_launch.py: Terms``) saying which terms are on. ``strides``: those of
+    (q, k, v, o, lse, alibi), each in (b, h, row, d) order.
 
-    SINGLE_SPLIT: the chunk is the whole key range, so the result is final: O/LSE are the
-    output (B, Hq, Lq, Dv) and the fp32 lse (B, Hq, Lq), both with strides. Otherwise O/LSE are
-    the contiguous fp32 partials, per query row and split: (B, Hq, Lq, num_splits, Dv) and
-    (B, Hq, Lq, num_splits), or with VARLEN (total, Hq, num_splits, Dv) and (total, Hq,
-    num_splits).
+    SINGLE_SPLIT: the result is final: O/LSE are the output (B, Hq, Lq, Dv) and the fp32 lse
+    (B, Hq, Lq), with strides. Otherwise the contiguous fp32 partials per row and split:
+    (B, Hq, Lq, num_splits, Dv) / (B, Hq, Lq, num_splits), VARLEN (total, Hq, num_splits[, Dv]).
 
-    VARLEN: sequence b brings its own ``CU_Q[b+1] - CU_Q[b]`` new tokens, packed: q and the
-    output are (total_q, Hq, D) (batch strides 0) and seqlen_q is only an upper bound (the rows
-    per head in the grid); seqlen_new is 1 when each sequence also appended its tokens' keys,
-    else 0 (see ``_rows``). A row block holding none of the sequence's tokens streams no key.
+    VARLEN: sequence b brings ``CU_Q[b+1] - CU_Q[b]`` new tokens, packed: q and the output are
+    (total_q, Hq, D) (batch strides 0), seqlen_q an upper bound; seqlen_new 1 when each
+    sequence also appended its tokens' keys, else 0 (``_rows``).
 
     TERMS.SINKS: SINKS (Hq,) holds a logit per query head that joins the softmax denominator
     once: split 0 starts its running softmax from it (max = sink, sum = 1, output 0), so
     the merge counts it once and the lse includes it.
 
-    PAGED: where BLOCK_N divides PAGE_SIZE, every key tile starts at a multiple of BLOCK_N, so
-    it lies in one page: one table read per tile. Any other page size (1, 48, 528, ...): one
-    table read per key, each key's row addressed on its own.
+    PAGED: pages of any size (``_key_tiles``).
 
     FWD_ORDER (one split, no ALiBi, softcap, sinks or left window, scale > 0): each row
     reduces its keys as the flash forward's row at the same position of the whole sequence
@@ -421,12 +427,10 @@ def decode_split_kernel(
     in score units, one fma before exp2). A tile the row does not take is masked whole, which
     leaves its running softmax bitwise unchanged (p = 0, alpha = exp2(0) = 1).
 
-    KV_QUANT: K/V are 8-bit as ``kv_append_kernel`` takes them, key j's scales at KS / VS +
-    (b or page, head, slot) * ``ks_strides`` / ``vs_strides`` (per-tensor scales: strides 0,
-    the same element for every key); each tile is dequantized in registers to q's dtype
-    (``_dequantize``) and the products run in q's dtype, as with a 16-bit cache: only the
-    loads shrink.
+    KV_QUANT: 8-bit K/V with scales KS / VS (``_dequantize_tiles``), dequantized in registers
+    to q's dtype: the products run in q's dtype, as with a 16-bit cache; only the loads shrink.
     """
+    q_strides, k_strides, v_strides, o_strides, lse_strides, alibi_strides = strides
     row_blocks = (group * seqlen_q + BLOCK_M - 1) // BLOCK_M
     bhk = tl.program_id(0) // row_blocks
     start_m = tl.program_id(0) % row_blocks * BLOCK_M
@@ -480,9 +484,8 @@ def decode_split_kernel(
         k, v = _key_tiles(K, V, k_strides, v_strides, k_base, v_base, BT, b, hk, table, start_n, offs_n, col_ok,
                           end, offs_d, d_ok, offs_dv, dv_ok, BLOCK_N, PAGED, PAGE_SIZE)
         if KV_QUANT:
-            where, s_row = _scale_slots(BT, b, table, offs_n, col_ok, PAGED, PAGE_SIZE)
-            k = _dequantize(k, KS, ks_strides, where, hk, s_row, col_ok, Q.dtype.element_ty, BF16_RTNE)
-            v = _dequantize(v, VS, vs_strides, where, hk, s_row, col_ok, Q.dtype.element_ty, BF16_RTNE)
+            k, v = _dequantize_tiles(k, v, KS, VS, ks_strides, vs_strides, BT, b, hk, table, offs_n, col_ok,
+                                     Q.dtype.element_ty, BF16_RTNE, PAGED, PAGE_SIZE)
         if FWD_ORDER:
             first = (ihi * 0 + it) < n_first  # (a vector: the interpreter's where wants one)
             take = tl.where(first, start_n >= ihi, start_n < ihi)  # (BLOCK_M,) whether the row takes this tile

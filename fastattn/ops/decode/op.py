@@ -236,8 +236,8 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seql
     kernels.decode_split_kernel[grid](
         q, _bytes(k_cache), _bytes(v_cache), seqlens, alibi_t, cos_t, sin_t, bt, cu, q if sinks is None else sinks,
         o_t, lse_t,
-        q_strides=_packed_strides(q) if varlen else q.stride(), k_strides=k_strides, v_strides=v_strides,
-        o_strides=o_strides, lse_strides=l_strides, alibi_strides=alibi_strides, n_heads=hq, group=group,
+        strides=(_packed_strides(q) if varlen else q.stride(), k_strides, v_strides, o_strides, l_strides,
+                 alibi_strides), n_heads=hq, group=group,
         seqlen_q=lq, seqlen_new=seqlen_new, seqlen_max=layout.lmax, num_splits=num_splits,
         scalars=_launch.logit_scalars(scale, softcap, 0.0, window_left, window_right), rotary=rotary,
         table=table, fwd_block_m=fwd.block_m, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=tiles.block_m,
