@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from fastattn.ops._triton import (
-    LN2, LOG2E, cast, dot, load_rows, load_tile, row_lse, rows_base, softmax_finish, softmax_init, softmax_update,
-    span, store_tile, term_logits,
+    LN2, LOG2E, cast, dot, load_rows, load_tile, round_fp8, row_lse, rows_base, softmax_finish, softmax_init,
+    softmax_update, span, store_tile, term_logits,
 )
 
 
@@ -87,20 +87,8 @@ def _page_of(BT, b, table, slot, ok, PAGE_SIZE: tl.constexpr):
 
 
 @triton.jit
-def _round_e4m3(x):
-    """fp32 x with |x| <= 448 rounded to the nearest e4m3 value (ties to even), still fp32."""
-    bits = x.to(tl.int32, bitcast=True)
-    # At and above 2^-6: keep 3 of fp32's 23 mantissa bits; adding 2^19 - 1 plus the lowest kept
-    # bit, then clearing the 20 dropped ones, rounds the magnitude to nearest even.
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-    # Below 2^-6 e4m3's grid is 2^-9 everywhere: around 1.5 * 2^14 fp32's own ulp is 2^-9, so the add rounds.
-    small = (x + 24576.0) - 24576.0
-    return tl.where(tl.abs(x) < 0.015625, small, normal)
-
-
-@triton.jit
 def _e4m3_bits(x):
-    """fp32 x on e4m3's grid (``_round_e4m3``) -> its float8_e4m3fn byte, as uint8. Every e4m3
+    """fp32 x on e4m3's grid (``round_fp8``) -> its float8_e4m3fn byte, as uint8. Every e4m3
     value / 256 is an fp16 with the same sign, exponent and top 3 mantissa bits (e4m3's bias 7
     is fp16's 15 less 8): the byte is that fp16's sign and its 7 bits below, shifted down."""
     h = (x * 0.00390625).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)  # x / 256 is exact
@@ -151,7 +139,7 @@ def _quantize_rows(x, S, s_strides, where, hk, row, ok, OUT_TY: tl.constexpr, PE
         y = (y + 12582912.0) - 12582912.0  # around 1.5 * 2^23 fp32's ulp is 1: the add rounds to nearest even
         out = y.to(tl.int8)
     else:
-        y = _round_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
+        y = round_fp8(y, tl.float8e4nv)  # saturates at +-448
         if OUT_TY == tl.uint8:
             out = _e4m3_bits(y)
         else:
