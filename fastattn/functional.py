@@ -532,19 +532,6 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *, causal: bool = 
             ``j <= i + Lk - Lq``, applied token by token inside the kept blocks.
         scale: multiplies q @ k^T; default ``1 / sqrt(D)``.
         return_lse: also return the row logsumexp, float32 (B, Hq, Lq), natural log.
-        seqused_k: int32 (B,) instead of ``cache_seqlens`` when K/V are already written (FA3's
-            name): sequence b attends to the first ``seqused_k[b]`` keys of its cache rows, as
-            ``cache_seqlens=seqused_k`` without k_new / v_new.
-        k_scale / v_scale: float32 scales of 8-bit caches (k_cache / v_cache both
-            ``torch.float8_e4m3fn`` or both ``torch.int8``; q float16, bfloat16 or float32),
-            else None. Cache entry x stands for ``x.float() * scale``. Either one element each
-            (per tensor, fixed: the append stores new tokens as ``x / scale`` rounded to
-            nearest even and saturated to +-448 / [-128, 127]) or the cache's shape without its
-            last dim (per token and kv head: (B, Hkv, Lmax), paged (num_pages, page_size,
-            Hkv); the append quantizes each new token by its own absmax, ``scale = absmax /
-            448`` (e4m3) or ``/ 127`` (int8), and writes that scale in place). The attention
-            reads the dequantized values rounded to q's dtype; its products run in q's dtype.
-            See ``fastattn.ops.decode.reference.quantize_kv`` / ``dequantize_kv``.
 
     Returns:
         out (B, Hq, Lq, Dv) in q's dtype, or ``(out, lse)``. A query row that sees no key (an
