@@ -72,6 +72,17 @@ def head_widths(d: int, dv: int, values_at: Optional[int]) -> Widths:
     return Widths(main, tail, values_at == 0 and dv == main)
 
 
+def wide_tiles(head_dim: int, dtype: torch.dtype, device: Optional[torch.device] = None):
+    """The decode kernels' (query rows, keys, warps, stages, append tokens) at a head dim past
+    256 (the larger of q's and v's) on the GPU of ``device``: MLA's table where q/k's channels
+    split into more than 512 (``head_widths``: 576 = 512 + 64), else that of the padded head
+    dim; None where no tile fits the GPU's shared memory."""
+    widths = head_widths(head_dim, 0, None)
+    if widths.D + widths.TAIL > 512:
+        return _launch.decode_mla_tiles(dtype, device)
+    return _launch.decode_wide_tiles(pad(head_dim), dtype, device)
+
+
 def block_config(head_dim: int, rows: int, dtype: torch.dtype, page_size: Optional[int] = None) -> Tiles:
     """The tiles for ``rows`` = group * new tokens query rows per kv head, at ``head_dim`` (the
     larger of q's and v's). With pages of a power-of-two size >= 16, BLOCK_N divides it, so a
@@ -79,8 +90,8 @@ def block_config(head_dim: int, rows: int, dtype: torch.dtype, page_size: Option
     block_m = min(_MAX_BLOCK_M, pad(rows))
     if not gpu_tiles():
         return Tiles(block_m, _INTERPRETER_BLOCK_N, 4, 16)
-    if pad(head_dim) > 256:  # 512 and MLA's 1024: tiles per GPU and dtype (few rows: 2 KB per fp32 row)
-        most_m, block_n, warps, stages, block_l = _launch.decode_wide_tiles(pad(head_dim), dtype)
+    if pad(head_dim) > 256:  # 512 and MLA's 512 + 64: tiles per GPU and dtype (few rows: 2 KB per fp32 row)
+        most_m, block_n, warps, stages, block_l = wide_tiles(head_dim, dtype)
         tiles = Tiles(min(block_m, most_m), block_n, warps, block_l, stages)
     else:
         block_m, block_n = _launch.decode_tiles(block_m, _BLOCK_N[pad(head_dim)], head_dim)  # capped per GPU
