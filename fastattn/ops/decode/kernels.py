@@ -335,7 +335,7 @@ def _scores(q, qt, k, kt, TAIL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION:
     """Unscaled q.k^T (BLOCK_M, BLOCK_N) in fp32 over both parts of the head dim: q/k's main
     part and, with TAIL, its tail (qt/kt, the channels after the main part's). On a GPU the
     tail's product accumulates onto the main part's (one chain of MMAs over the channels in
-    order, as one product over the padded width)."""
+    order)."""
     qk = dot(q, tl.trans(k), DOT_FP32, PRECISION)
     if TAIL > 0:
         if DOT_FP32 or PRECISION == "tf32-interpreted":  # the interpreter: exact products, summed
