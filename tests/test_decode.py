@@ -831,14 +831,14 @@ def test_head_dims_512_and_mla(case, device):
 
 class _Recorder:
     """Stands in for a kernel: records each launch's positional arguments under ``name`` in
-    ``seen``, then launches."""
+    ``seen`` (its keyword arguments under ``name + "-kw"``), then launches."""
 
     def __init__(self, kernel, seen, name):
         self.kernel, self.seen, self.name = kernel, seen, name
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.seen[self.name] = args
+            self.seen[self.name], self.seen[self.name + "-kw"] = args, kwargs
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -848,9 +848,11 @@ def test_mla_values_read_in_place_from_the_latent(layout, device, monkeypatch):
     """Absorbed MLA decode: one latent KV head of 576 channels (512 latent + 64 rotary), 16
     query heads, V the cache's first 512 channels (``v_cache = kv_cache[..., :512]``), new
     tokens appended with v_new None (their first 512 channels are the values, written once with
-    the keys). The kernels get the cache's own memory and strides as K and V (no copy); out and
-    lse match the float64 oracle (error rule); the cache is its old contents plus k_new."""
-    from fastattn.ops.decode import kernels
+    the keys). The kernels get the cache's own memory and strides as K and V (no copy); the
+    split kernel reads q/k as 512 + 64 channels (no 1024-wide tile) and takes its K tile's 512
+    latent channels as the V tile (the latent loaded once); out and lse match the float64 oracle
+    (error rule); the cache is its old contents plus k_new."""
+    from fastattn.ops.decode import kernels, op
 
     dtype, b, hq, d, dv, lmax = torch.bfloat16, 2, 16, 576, 512, 48
     lengths, counts = [7, 30], ([3, 1] if layout == "ragged-paged" else [1, 1])
@@ -886,6 +888,7 @@ def test_mla_values_read_in_place_from_the_latent(layout, device, monkeypatch):
     for name, at in (("decode_split_kernel", 1), ("kv_append_kernel", 2)):  # their K and V arguments
         for t in seen[name][at:at + 2]:
             assert t.data_ptr() == cache.data_ptr() and t.stride() == cache.stride(), f"{name} reads a copy"
+    assert seen["decode_split_kernel-kw"]["WIDTHS"] == op.Widths(D=512, TAIL=64, V_IN_K=True)
     outs, lses = out.split(1), lse.split(1)
     if layout == "ragged-paged":  # packed (total, Hq, Dv) / (Hq, total) back to per sequence
         outs, lses = [o.transpose(0, 1)[None] for o in out.split(counts)], [x[None] for x in lse.split(counts, 1)]

@@ -340,12 +340,12 @@ def test_flash_wide_head_dims(arch, dtype, d, dv, feature, device, monkeypatch):
 
 def test_decode_wide_head_dims(device):
     """The H100's bf16 decode tiles at head dim 512 (32 query rows, 32 keys) and MLA's 576/512
-    (32 x 16, pages of 64, V the first 512 channels of the cached latent): 40 query rows per kv
+    (32 x 64, pages of 64, V the first 512 channels of the cached latent): 40 query rows per kv
     head leave a partial row block, ragged lengths partial key blocks, two splits."""
     from fastattn.ops.decode import op as decode_op
 
     assert decode_op.block_config(512, 40, torch.bfloat16)[:2] == (32, 32)
-    assert decode_op.block_config(576, 40, torch.bfloat16, 64)[:2] == (32, 16)
+    assert decode_op.block_config(576, 40, torch.bfloat16, 64)[:2] == (32, 64)
     lengths = [5, 40]
     q = torch.randn(2, 20, 2, 512, device=device).to(torch.bfloat16)
     k_cache, v_cache = (make_cache(2, 1, 48, 512, lengths, torch.bfloat16, device) for _ in range(2))
@@ -367,11 +367,11 @@ def test_decode_wide_head_dims(device):
         assert torch.equal(pages[table[i, n // 64], n % 64], k_new[i, :, 0])
 
 
-@pytest.mark.parametrize("arch,dtype,d", [(89, torch.float32, 576), (75, torch.float16, 576)],
-                         ids=["sm89-fp32-d576", "sm75-fp16-d576"])
+@pytest.mark.parametrize("arch,dtype,d", [(75, torch.float32, 576), (75, torch.float16, 576)],
+                         ids=["sm75-fp32-d576", "sm75-fp16-d576"])
 def test_decode_without_tiles_is_refused_or_falls_back(arch, dtype, d, device, monkeypatch):
-    """MLA's 576/512 where no decode tile fits the shared memory (fp32 on a 99 KB GPU, fp16 on
-    sm_75's 64 KB): the router refuses it (use_backend("triton") names why) and "auto" runs it
+    """MLA's 576/512 where no decode tile fits the shared memory (fp32 and fp16 on sm_75's
+    64 KB): the router refuses it (use_backend("triton") names why) and "auto" runs it
     off the kernels."""
     if device == "cuda":
         pytest.skip("the capability is faked under the interpreter only")

@@ -512,3 +512,29 @@ def lowp_candidates(head_dim: int, mode: str, device: Optional[torch.device] = N
     if tiles is None:
         return candidates(head_dim, torch.bfloat16, "fwd", device, tma, features)
     return _smaller(Tiles(*tiles), "fwd")
+
+
+# The decode split kernel's tiles at MLA's q/k head dim 576 read as 512 + 64 channels (two
+# products, V the K tile's 512 latent channels; ``decode.op.Widths``), by q's bytes per element:
+# (query rows, keys, warps, stages), from the static read (tests/sm90.py
+# decode-<dtype>-d576v512-mla-causal --arch N; benchmarks/results/static-per-arch.md): 0 spills
+# and, of the 8-warp tiles that fit, the fewest SASS instructions per (query, key) pair (on the
+# 99 KB GPUs 32 x 32 spills 4 B on sm_89). sm_90 stays on mma.sync: its 64-row (wgmma) tiles
+# spill and issue more per pair. fp32 (products on FMA) now fits the 99 KB GPUs at 16 x 16;
+# sm_75 (64 KB) has no tile at 576.
+_DECODE_MLA = {
+    "sm90": {2: (32, 64, 8, 2), 4: (16, 16, 8, 2)},
+    "sm80": {2: (32, 64, 8, 2), 4: (16, 16, 8, 2)},
+    "sm86": {2: (32, 16, 8, 2), 4: (16, 16, 8, 2)},
+    "sm75": {2: None, 4: None},
+}
+_DECODE_MLA.update(sm100=_DECODE_MLA["sm90"], sm120=_DECODE_MLA["sm86"])
+
+
+def decode_mla_tiles(dtype: torch.dtype,
+                     device: Optional[torch.device] = None) -> Optional[tuple[int, int, int, int, int]]:
+    """``decode_wide_tiles`` for a q/k head dim read as 512 + 64 channels (MLA's 576;
+    ``_DECODE_MLA``) on the GPU of ``device`` (the interpreter's own tiles aside, sm_90's), or
+    None where no tile fits (sm_75)."""
+    tiles = _DECODE_MLA[tier(device) or "sm90"][min(torch.finfo(dtype).bits // 8, 4)]
+    return None if tiles is None else (*tiles, _DECODE_WIDE_APPEND)

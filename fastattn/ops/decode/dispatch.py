@@ -48,15 +48,15 @@ def run(call: DecodeCall):
 
 
 def _no_tiles(call: DecodeCall) -> list[str]:
-    """Why the kernels have no tiles for this call on its GPU (``_launch.decode_wide_tiles``):
-    a head dim past 256 that no tile fits into the GPU's shared memory per block (fp32 at MLA's
-    576 on the 99 KB GPUs; on sm_75 all but fp16 at 512)."""
+    """Why the kernels have no tiles for this call on its GPU (``op.wide_tiles``): a head dim
+    past 256 that no tile fits into the GPU's shared memory per block (on sm_75 all but fp16 at
+    512)."""
     head_dim = max(call.q.shape[-1], call.layout.head_dim_v)
     if head_dim <= 256 or not backend.triton_available():
         return []
-    from fastattn.ops import _launch  # imports triton
+    from fastattn.ops.decode import op  # imports triton
 
-    if _launch.decode_wide_tiles(_launch.pad(head_dim), call.q.dtype, call.q.device) is not None:
+    if op.wide_tiles(head_dim, call.q.dtype, call.q.device) is not None:
         return []
     return [f"{str(call.q.dtype).removeprefix('torch.')} at head dim {head_dim} needs more shared memory per block "
             f"than the GPU of {call.q.device} has"]

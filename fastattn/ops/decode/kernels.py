@@ -159,15 +159,18 @@ def _dequantize(x, S, s_strides, where, hk, row, ok, DTYPE: tl.constexpr, BF16_R
 
 
 @triton.jit
-def _dequantize_tiles(k, v, KS, VS, ks_strides, vs_strides, BT, b, hk, table, offs_n, col_ok, DTYPE: tl.constexpr,
-                      BF16_RTNE: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
-    """8-bit key and value tiles (BLOCK_N, D / Dv) of keys ``offs_n`` times their scales, in
-    DTYPE: key j's scales at KS / VS + (b or page, head, slot) * ``ks_strides`` /
-    ``vs_strides`` (per-tensor scales: strides 0, the same element for every key)."""
+def _dequantize_tiles(k, kt, v, KS, VS, ks_strides, vs_strides, BT, b, hk, table, offs_n, col_ok, DTYPE: tl.constexpr,
+                      BF16_RTNE: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, TAIL: tl.constexpr):
+    """8-bit key tiles (main part and, with TAIL, the tail: ``_key_tiles``) and value tile
+    (BLOCK_N, Dv) of keys ``offs_n`` times their scales, in DTYPE: key j's scales at KS / VS +
+    (b or page, head, slot) * ``ks_strides`` / ``vs_strides`` (per-tensor scales: strides 0,
+    the same element for every key)."""
     where, s_row = _scale_slots(BT, b, table, offs_n, col_ok, PAGED, PAGE_SIZE)
     k = _dequantize(k, KS, ks_strides, where, hk, s_row, col_ok, DTYPE, BF16_RTNE)
+    if TAIL > 0:
+        kt = _dequantize(kt, KS, ks_strides, where, hk, s_row, col_ok, DTYPE, BF16_RTNE)
     v = _dequantize(v, VS, vs_strides, where, hk, s_row, col_ok, DTYPE, BF16_RTNE)
-    return k, v
+    return k, kt, v
 
 
 @triton.jit
@@ -309,14 +312,12 @@ def _fwd_order_tiles(t, row_ok, end, fwd_block_m, scalars, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _fwd_order_update(q, k, take, t, offs_n, col_ok, m_i, l_i, scalars, TERMS: tl.constexpr,
-                      DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """One tile into the running softmax with the flash forward's arithmetic: unscaled q.k, the
-    max in score units, one fma before exp2. ``take`` (BLOCK_M,): the rows that take the tile
-    (the others see it masked whole, which leaves their sums bitwise unchanged).
+def _fwd_order_update(qk, take, t, offs_n, col_ok, m_i, l_i, scalars, TERMS: tl.constexpr):
+    """One tile of unscaled q.k scores ``qk`` into the running softmax with the flash forward's
+    arithmetic: the max in score units, one fma before exp2. ``take`` (BLOCK_M,): the rows that
+    take the tile (the others see it masked whole, which leaves their sums bitwise unchanged).
     Returns (p, alpha, m_i, l_i) as ``softmax_update``."""
     c = scalars[0] * LOG2E  # a q.k score times c is a logit in log2 units
-    qk = dot(q, tl.trans(k), DOT_FP32, PRECISION)
     seen = take[:, None] & col_ok[None, :]
     if TERMS.RIGHT:
         seen = seen & (offs_n[None, :] <= t[:, None] + scalars[4])
@@ -330,28 +331,98 @@ def _fwd_order_update(q, k, take, t, offs_n, col_ok, m_i, l_i, scalars, TERMS: t
 
 
 @triton.jit
+def _scores(q, qt, k, kt, TAIL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """Unscaled q.k^T (BLOCK_M, BLOCK_N) in fp32 over both parts of the head dim: q/k's main
+    part and, with TAIL, its tail (qt/kt, the channels after the main part's). On a GPU the
+    tail's product accumulates onto the main part's (one chain of MMAs over the channels in
+    order)."""
+    qk = dot(q, tl.trans(k), DOT_FP32, PRECISION)
+    if TAIL > 0:
+        if DOT_FP32 or PRECISION == "tf32-interpreted":  # the interpreter: exact products, summed
+            qk = qk + dot(qt, tl.trans(kt), DOT_FP32, PRECISION)
+        else:
+            qk = tl.dot(qt, tl.trans(kt), acc=qk, input_precision=PRECISION)
+    return qk
+
+
+@triton.jit
+def _head_spans(HEAD_DIM: tl.constexpr, WIDTHS: tl.constexpr):
+    """(offs_d, d_ok, offs_t, t_ok): q/k's main channels 0 .. WIDTHS.D - 1 and its tail's,
+    WIDTHS.D .. WIDTHS.D + WIDTHS.TAIL - 1 (without a tail: the main ones again, unused), and
+    which of them are < HEAD_DIM."""
+    offs_d, d_ok = span(0, WIDTHS.D, HEAD_DIM)
+    offs_t, t_ok = offs_d, d_ok
+    if WIDTHS.TAIL > 0:
+        offs_t, t_ok = span(WIDTHS.D, WIDTHS.TAIL, HEAD_DIM)
+    return offs_d, d_ok, offs_t, t_ok
+
+
+@triton.jit
+def _q_part(q_rows, q_strides, row_ok, offs, ok, pos, COS, SIN, rotary, ROT_DIM: tl.constexpr,
+            ROT_INTERLEAVED: tl.constexpr, ROTATES: tl.constexpr, BF16_RTNE: tl.constexpr):
+    """The query rows' channels ``offs`` (BLOCK_M, len(offs)), 0 where masked; with ROTATES
+    (the part holds some of the first ROT_DIM channels) turned by the angles of key positions
+    ``pos`` and rounded back to q's dtype, as a separately rotated q would be."""
+    q = tl.load(q_rows + offs[None, :] * q_strides[3], mask=row_ok[:, None] & ok[None, :], other=0.0)
+    if ROTATES:
+        q_rot = _rotary(q, q_rows, q_strides[3], row_ok, pos, COS, SIN, rotary, offs, ROT_DIM, ROT_INTERLEAVED)
+        q = cast(q_rot, q.dtype, BF16_RTNE)
+    return q
+
+
+@triton.jit
+def _q_tiles(q_rows, q_strides, row_ok, pos, COS, SIN, rotary, offs_d, d_ok, offs_t, t_ok, ROT_DIM: tl.constexpr,
+             ROT_INTERLEAVED: tl.constexpr, BF16_RTNE: tl.constexpr, WIDTHS: tl.constexpr):
+    """(q, qt): the query rows' main channels and, with WIDTHS.TAIL, their tail (else q
+    again), each with the rotary embedding of key positions ``pos`` where it holds rotated
+    channels (``_q_part``)."""
+    q = _q_part(q_rows, q_strides, row_ok, offs_d, d_ok, pos, COS, SIN, rotary, ROT_DIM, ROT_INTERLEAVED,
+                ROT_DIM > 0, BF16_RTNE)
+    qt = q
+    if WIDTHS.TAIL > 0:
+        qt = _q_part(q_rows, q_strides, row_ok, offs_t, t_ok, pos, COS, SIN, rotary, ROT_DIM, ROT_INTERLEAVED,
+                     ROT_DIM > WIDTHS.D, BF16_RTNE)
+    return q, qt
+
+
+@triton.jit
 def _key_tiles(K, V, k_strides, v_strides, k_base, v_base, BT, b, hk, table, start_n, offs_n, col_ok, end,
-               offs_d, d_ok, offs_dv, dv_ok, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
-    """The (k, v) tiles of keys offs_n (from k_base / v_base, or paged through the block
-    table). Where BLOCK_N divides PAGE_SIZE the tile lies in one page: one table read;
-    otherwise (pages of 1, 48, 528, ...) one table read per key, each key's row on its own."""
+               offs_d, d_ok, offs_t, t_ok, offs_dv, dv_ok, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+               PAGE_SIZE: tl.constexpr, WIDTHS: tl.constexpr):
+    """The (k, kt, v) tiles of keys offs_n (from k_base / v_base, or paged through the block
+    table): k's main part (channels offs_d), with WIDTHS.TAIL its tail (offs_t; else kt is k),
+    and v; with WIDTHS.V_IN_K (V is K's first Dv = WIDTHS.D channels: the same memory) v is the
+    main tile itself, not loaded again. Where BLOCK_N divides PAGE_SIZE the tile lies in one
+    page: one table read; otherwise (pages of 1, 48, 528, ...) one table read per key, each
+    key's row on its own."""
     if PAGED and PAGE_SIZE % BLOCK_N != 0:
         page = _page_of(BT, b, table, offs_n, col_ok, PAGE_SIZE)  # (BLOCK_N,)
         # Each key's element offset from its head's base: page * page stride + row * row stride.
-        k_off = page * k_strides[0] + (offs_n % PAGE_SIZE).to(tl.int64) * k_strides[2]
-        v_off = page * v_strides[0] + (offs_n % PAGE_SIZE).to(tl.int64) * v_strides[2]
-        k = load_tile(K + hk * k_strides[1], k_off, offs_d, 1, k_strides[3], col_ok, d_ok)
-        v = load_tile(V + hk * v_strides[1], v_off, offs_dv, 1, v_strides[3], col_ok, dv_ok)
+        k_rows = page * k_strides[0] + (offs_n % PAGE_SIZE).to(tl.int64) * k_strides[2]
+        v_rows = page * v_strides[0] + (offs_n % PAGE_SIZE).to(tl.int64) * v_strides[2]
+        k_base = K + hk * k_strides[1]
+        v_base = V + hk * v_strides[1]
+        k_step = 1  # k_rows / v_rows are element offsets
+        v_step = 1
     else:
-        rows_n = offs_n  # key rows from k_base / v_base
+        k_rows = offs_n  # key rows from k_base / v_base
         if PAGED:
             page = _page_of(BT, b, table, start_n, start_n < end, PAGE_SIZE)
-            rows_n = offs_n - start_n // PAGE_SIZE * PAGE_SIZE  # rows within the page, < PAGE_SIZE
+            k_rows = offs_n - start_n // PAGE_SIZE * PAGE_SIZE  # rows within the page, < PAGE_SIZE
             k_base = rows_base(K, k_strides, page, hk, 0)
             v_base = rows_base(V, v_strides, page, hk, 0)
-        k = load_tile(k_base, rows_n, offs_d, k_strides[2], k_strides[3], col_ok, d_ok)
-        v = load_tile(v_base, rows_n, offs_dv, v_strides[2], v_strides[3], col_ok, dv_ok)
-    return k, v
+        v_rows = k_rows
+        k_step = k_strides[2]
+        v_step = v_strides[2]
+    k = load_tile(k_base, k_rows, offs_d, k_step, k_strides[3], col_ok, d_ok)
+    kt = k
+    if WIDTHS.TAIL > 0:
+        kt = load_tile(k_base, k_rows, offs_t, k_step, k_strides[3], col_ok, t_ok)
+    if WIDTHS.V_IN_K:
+        v = k
+    else:
+        v = load_tile(v_base, v_rows, offs_dv, v_step, v_strides[3], col_ok, dv_ok)
+    return k, kt, v
 
 
 @triton.jit
@@ -379,7 +450,7 @@ def decode_split_kernel(
     Q, K, V, SEQLENS, ALIBI, COS, SIN, BT, CU_Q, SINKS, O, LSE, strides,
     n_heads, group, seqlen_q, seqlen_new, seqlen_max, num_splits, scalars, rotary, table, fwd_block_m,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIDTHS: tl.constexpr, BLOCK_DV: tl.constexpr,
     TERMS: tl.constexpr, ROT_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, VARLEN: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
@@ -407,6 +478,9 @@ def decode_split_kernel(
 
     PAGED: pages of any size (``_key_tiles``).
 
+    WIDTHS (``op.Widths``): q/k's channels as a main part and a tail (MLA: 512 + 64), two
+    products summed (``_scores``); V_IN_K: K's main tile is the V tile (``_key_tiles``).
+
     FWD_ORDER (one split, no ALiBi, softcap, sinks or left window, scale > 0): each row
     reduces its keys as the flash forward's row at the same position of the whole sequence
     (queries = keys, query blocks of ``fwd_block_m`` rows, BLOCK_N its key block) does: the
@@ -429,7 +503,7 @@ def decode_split_kernel(
     offs_r = start_m + tl.arange(0, BLOCK_M)
     row_ok, pos_q, h, tok, lq, seqlen_k = _rows(SEQLENS, CU_Q, b, hk, offs_r, group, seqlen_q, seqlen_new,
                                                 seqlen_max, VARLEN)
-    offs_d, d_ok = span(0, BLOCK_D, HEAD_DIM)
+    offs_d, d_ok, offs_t, t_ok = _head_spans(HEAD_DIM, WIDTHS)
     offs_dv, dv_ok = span(0, BLOCK_DV, HEAD_DIM_V)
     diag = seqlen_k - lq  # bottom-right: new token i sits at key position i + diag
     start, end = _chunk(seqlen_k, diag, split, num_splits, scalars[3], scalars[4], BLOCK_N, PAGED, TERMS)
@@ -437,13 +511,8 @@ def decode_split_kernel(
         end = tl.where(start_m < group * lq, end, start)
 
     q_rows = rows_base(Q, q_strides, b, 0, 0) + h[:, None] * q_strides[1] + tok[:, None] * q_strides[2]
-    q = tl.load(q_rows + offs_d[None, :] * q_strides[3], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if ROT_DIM > 0:
-        # Query row i is at key position i + diag (bottom-right); rounded back to q's dtype
-        # as a separately rotated q would be.
-        q_rot = _rotary(q, q_rows, q_strides[3], row_ok, pos_q + diag, COS, SIN, rotary, offs_d,
-                        ROT_DIM, ROT_INTERLEAVED)
-        q = cast(q_rot, q.dtype, BF16_RTNE)
+    q, qt = _q_tiles(q_rows, q_strides, row_ok, pos_q + diag, COS, SIN, rotary, offs_d, d_ok, offs_t, t_ok,
+                     ROT_DIM, ROT_INTERLEAVED, BF16_RTNE, WIDTHS)  # query row i is at key position i + diag
     k_base = rows_base(K, k_strides, b, hk, 0)
     v_base = rows_base(V, v_strides, b, hk, 0)
     slope = 0.0
@@ -469,20 +538,19 @@ def decode_split_kernel(
         if FWD_ORDER:  # first the tiles from start up (rows below their ihi skip them), then from 0
             start_n = start_n + ((it - n_first) * BLOCK_N - start_n) * (it >= n_first)
         offs_n, col_ok = span(start_n, BLOCK_N, end)  # keys of the next split belong to the next split
-        k, v = _key_tiles(K, V, k_strides, v_strides, k_base, v_base, BT, b, hk, table, start_n, offs_n, col_ok,
-                          end, offs_d, d_ok, offs_dv, dv_ok, BLOCK_N, PAGED, PAGE_SIZE)
+        k, kt, v = _key_tiles(K, V, k_strides, v_strides, k_base, v_base, BT, b, hk, table, start_n, offs_n,
+                              col_ok, end, offs_d, d_ok, offs_t, t_ok, offs_dv, dv_ok, BLOCK_N, PAGED, PAGE_SIZE, WIDTHS)
         if KV_QUANT:
-            k, v = _dequantize_tiles(k, v, KS, VS, ks_strides, vs_strides, BT, b, hk, table, offs_n, col_ok,
-                                     Q.dtype.element_ty, BF16_RTNE, PAGED, PAGE_SIZE)
+            k, kt, v = _dequantize_tiles(k, kt, v, KS, VS, ks_strides, vs_strides, BT, b, hk, table, offs_n, col_ok,
+                                         Q.dtype.element_ty, BF16_RTNE, PAGED, PAGE_SIZE, WIDTHS.TAIL)
+        qk = _scores(q, qt, k, kt, WIDTHS.TAIL, DOT_FP32, PRECISION)
         if FWD_ORDER:
             first = (ihi * 0 + it) < n_first  # (a vector: the interpreter's where wants one)
             take = tl.where(first, start_n >= ihi, start_n < ihi)  # (BLOCK_M,) whether the row takes this tile
-            p, alpha, m_i, l_i = _fwd_order_update(q, k, take, t, offs_n, col_ok, m_i, l_i, scalars, TERMS,
-                                                   DOT_FP32, PRECISION)
+            p, alpha, m_i, l_i = _fwd_order_update(qk, take, t, offs_n, col_ok, m_i, l_i, scalars, TERMS)
         else:
-            qk = dot(q, tl.trans(k), DOT_FP32, PRECISION) * scalars[0]
             # The logits mask keys >= their seqlen_k argument: pass `end`, the split's own limit.
-            s = term_logits(qk, pos_q[:, None], offs_n[None, :], lq, end, diag, scalars, Q, (0, 0, 0, 0), slope,
+            s = term_logits(qk * scalars[0], pos_q[:, None], offs_n[None, :], lq, end, diag, scalars, Q, (0, 0, 0, 0), slope,
                             TERMS)
             p, alpha, m_i, l_i = softmax_update(s, m_i, l_i)
         acc = acc * alpha[:, None] + dot(cast(p, v.dtype, BF16_RTNE), v, DOT_FP32, PRECISION)

@@ -47,6 +47,42 @@ class Tiles(NamedTuple):
     num_stages: int = 3
 
 
+class Widths(NamedTuple):
+    """How the split kernel reads q/k's head dim (its constexpr ``WIDTHS``): a power-of-two
+    main part of D channels and, with TAIL > 0, a power-of-two tail of the channels after it
+    (MLA's 576 = 512 + 64: two products summed, no 1024-wide tile); V_IN_K: V is K's first
+    Dv = D channels (the same memory), so K's main tile serves as V's, the latent read once."""
+
+    D: int
+    TAIL: int = 0
+    V_IN_K: bool = False
+
+
+def head_widths(d: int, dv: int, values_at: Optional[int]) -> Widths:
+    """The ``Widths`` of q/k head dim ``d`` with v head dim ``dv``, ``values_at`` the channel
+    offset where V lies in K (``validation.value_channels``; None: its own memory). Above 256 a
+    head dim that is no power of two splits into the power of two below it and the tail's
+    width padded (at least 16, a tensor-core product's depth) where that is narrower than
+    padding the whole (576: 512 + 64, not 1024; 320: 256 + 64); others are one part."""
+    main, tail = pad(d), 0
+    if d > 256 and main != d:
+        half = main // 2
+        if half + max(16, pad(d - half)) < main:
+            main, tail = half, max(16, pad(d - half))
+    return Widths(main, tail, values_at == 0 and dv == main)
+
+
+def wide_tiles(head_dim: int, dtype: torch.dtype, device: Optional[torch.device] = None):
+    """The decode kernels' (query rows, keys, warps, stages, append tokens) at a head dim past
+    256 (the larger of q's and v's) on the GPU of ``device``: MLA's table where q/k's channels
+    split into more than 512 (``head_widths``: 576 = 512 + 64), else that of the padded head
+    dim; None where no tile fits the GPU's shared memory."""
+    widths = head_widths(head_dim, 0, None)
+    if widths.D + widths.TAIL > 512:
+        return _launch.decode_mla_tiles(dtype, device)
+    return _launch.decode_wide_tiles(pad(head_dim), dtype, device)
+
+
 def block_config(head_dim: int, rows: int, dtype: torch.dtype, page_size: Optional[int] = None) -> Tiles:
     """The tiles for ``rows`` = group * new tokens query rows per kv head, at ``head_dim`` (the
     larger of q's and v's). With pages of a power-of-two size >= 16, BLOCK_N divides it, so a
@@ -54,8 +90,8 @@ def block_config(head_dim: int, rows: int, dtype: torch.dtype, page_size: Option
     block_m = min(_MAX_BLOCK_M, pad(rows))
     if not gpu_tiles():
         return Tiles(block_m, _INTERPRETER_BLOCK_N, 4, 16)
-    if pad(head_dim) > 256:  # 512 and MLA's 1024: tiles per GPU and dtype (few rows: 2 KB per fp32 row)
-        most_m, block_n, warps, stages, block_l = _launch.decode_wide_tiles(pad(head_dim), dtype)
+    if pad(head_dim) > 256:  # 512 and MLA's 512 + 64: tiles per GPU and dtype (few rows: 2 KB per fp32 row)
+        most_m, block_n, warps, stages, block_l = wide_tiles(head_dim, dtype)
         tiles = Tiles(min(block_m, most_m), block_n, warps, block_l, stages)
     else:
         block_m, block_n = _launch.decode_tiles(block_m, _BLOCK_N[pad(head_dim)], head_dim)  # capped per GPU
@@ -223,6 +259,7 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seql
     alibi_t, alibi_strides = _launch.alibi_args(q, alibi, layout.batch)
     (cos_t, sin_t, rotary), rot = _rotary_args(q, cos, sin, interleaved)
     k_strides, v_strides, bt, table, paged = _cache_args(k_cache, v_cache, block_table, layout)
+    widths = head_widths(d, dv, None if k_scale is not None else value_channels(k_cache, v_cache))
     terms = _launch.Terms(ALIBI=alibi is not None, SOFTCAP=softcap is not None, LEFT=window_left is not None,
                           RIGHT=window_right is not None, SINKS=sinks is not None)
     single = num_splits == 1
@@ -241,7 +278,7 @@ def _forward(q, k_cache, v_cache, seqlens, alibi, cos, sin, block_table, cu_seql
         seqlen_q=lq, seqlen_new=seqlen_new, seqlen_max=layout.lmax, num_splits=num_splits,
         scalars=_launch.logit_scalars(scale, softcap, 0.0, window_left, window_right), rotary=rotary,
         table=table, fwd_block_m=fwd.block_m, HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_M=tiles.block_m,
-        BLOCK_N=tiles.block_n, BLOCK_D=pad(d), BLOCK_DV=pad(dv), TERMS=terms, VARLEN=varlen,
+        BLOCK_N=tiles.block_n, WIDTHS=widths, BLOCK_DV=pad(dv), TERMS=terms, VARLEN=varlen,
         SINGLE_SPLIT=single, FWD_ORDER=fwd_order and single,
         num_warps=tiles.num_warps, num_stages=fwd.num_stages if fwd_order else tiles.num_stages, **rot, **paged,
         **flags,
