@@ -79,16 +79,29 @@ def test_rope_dim_must_be_even_and_within_the_head(rope_dim):
         GPTConfig(vocab_size=24, positional="rope", rope_dim=rope_dim, **TINY)
 
 
-def _kernels_vs_torch(m, x):
-    """(logits, embedding gradient) of one training step of GPT ``m`` on tokens x (B, L + 1):
-    the float64 torch-backend oracle, the torch-backend baseline, the kernels' (on ``m``)."""
+def _assert_step_on_kernels(m, x):
+    """One training step of GPT ``m`` on tokens x (B, L + 1) on the kernels: its logits and
+    embedding gradient against the float64 torch-backend oracle, by the error rule with the
+    torch-backend baseline as the yardstick."""
     def run(model, backend):
         with fastattn.use_backend(backend):
             logits, loss = model(x[:, :-1], x[:, 1:])
             loss.backward()
         return logits, model.tok.weight.grad
 
-    return run(copy.deepcopy(m).double(), "torch"), run(copy.deepcopy(m), "torch"), run(m, "triton")
+    oracle, base, got = run(copy.deepcopy(m).double(), "torch"), run(copy.deepcopy(m), "torch"), run(m, "triton")
+    assert_close_rule("logits", got[0], oracle[0], base[0])
+    assert_close_rule("d_embedding", got[1], oracle[1], base[1], factor=3.0)
+
+
+def _assert_cached_generation_recomputes(m, prompt, new, backend):
+    """Greedy generation of ``new`` tokens through the KV cache under ``backend`` equals
+    recomputing the whole sequence every step on the torch backend."""
+    with fastattn.use_backend(backend):
+        cached = m.generate(prompt, new)
+    with fastattn.use_backend("torch"):
+        full = m.generate(prompt, new, use_cache=False)
+    torch.testing.assert_close(cached, full, rtol=0, atol=0)
 
 
 def test_gpt_on_kernels_matches_torch_backend():
@@ -100,14 +113,8 @@ def test_gpt_on_kernels_matches_torch_backend():
     m = GPT(cfg)
     x = torch.randint(0, 16, (1, 17))
 
-    oracle, base, got = _kernels_vs_torch(m, x)
-    assert_close_rule("logits", got[0], oracle[0], base[0])
-    assert_close_rule("d_embedding", got[1], oracle[1], base[1], factor=3.0)
-    with fastattn.use_backend("triton"):
-        cached = m.generate(x[:, :4], 5)
-    with fastattn.use_backend("torch"):
-        full = m.generate(x[:, :4], 5, use_cache=False)
-    torch.testing.assert_close(cached, full, rtol=0, atol=0)
+    _assert_step_on_kernels(m, x)
+    _assert_cached_generation_recomputes(m, x[:, :4], 5, "triton")
 
 
 def test_gpt_with_head_dim_512_on_kernels_matches_torch_backend():
@@ -119,10 +126,8 @@ def test_gpt_with_head_dim_512_on_kernels_matches_torch_backend():
     m = GPT(cfg)
     x = torch.randint(0, 16, (1, 10))
 
-    oracle, base, got = _kernels_vs_torch(m, x)
     assert m.blocks.layers[0].self_attn.head_dim == 512
-    assert_close_rule("logits", got[0], oracle[0], base[0])
-    assert_close_rule("d_embedding", got[1], oracle[1], base[1], factor=3.0)
+    _assert_step_on_kernels(m, x)
 
 
 def _tiny_gemma(**overrides):
@@ -144,14 +149,8 @@ def test_gemma4_like_on_kernels_matches_torch_backend():
     assert [(a.head_dim, a.kind.window) for a in layers] == [(256, (3, 0)), (512, None)]
     x = torch.randint(0, 16, (2, 13))
 
-    oracle, base, got = _kernels_vs_torch(m, x)
-    assert_close_rule("logits", got[0], oracle[0], base[0])
-    assert_close_rule("d_embedding", got[1], oracle[1], base[1], factor=3.0)
-    with fastattn.use_backend("auto"):
-        cached = m.generate(x[:, :5], 6)
-    with fastattn.use_backend("torch"):
-        full = m.generate(x[:, :5], 6, use_cache=False)
-    torch.testing.assert_close(cached, full, rtol=0, atol=0)
+    _assert_step_on_kernels(m, x)
+    _assert_cached_generation_recomputes(m, x[:, :5], 6, "auto")
 
 
 def test_gemma4_like_cached_logits_equal_full_pass():
