@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import fastattn
+from fastattn._env import capability
 from fastattn.ops.flash.reference import (
     attention_reference, dequantize_fp8, dequantize_int8, smooth_quantize_int8, varlen_attention_reference,
 )
@@ -88,6 +89,18 @@ def _options(case, hq, device):
     return opts
 
 
+def _fp8_refused(device, backend, call) -> bool:
+    """Whether the kernels refuse fp8 here: their products need compute capability 8.9 (a real
+    GPU's, or the one FASTATTN_GPU_TILES=1 FASTATTN_GPU_ARCH=N fakes). Where they do, ``call``
+    on the triton backend must raise saying why."""
+    cap = capability(torch.device(device))
+    if backend != "triton" or cap is None or cap >= 89:
+        return False
+    with fastattn.use_backend("triton"), pytest.raises(ValueError, match="compute capability 8.9"):
+        call()
+    return True
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(FP8_CASES))
 def test_fp8_forward(device, name, backend):
@@ -97,9 +110,14 @@ def test_fp8_forward(device, name, backend):
     q, k, v = activations(2, hq, hkv, case["lq"], case["lk"], case["d"], device)
     (q8, qd), (k8, kd), (v8, vd) = (quantize_fp8(t, dtype, hkv) for t in (q, k, v))
     opts = _options(case, hq, device)
+
+    def call():
+        return fastattn.flash_attention(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd,
+                                        out_dtype=case.get("out_dtype"), return_lse=True, **opts)
+    if _fp8_refused(device, backend, call):
+        return
     with fastattn.use_backend(backend):
-        out, lse = fastattn.flash_attention(q8, k8, v8, q_descale=qd, k_descale=kd, v_descale=vd,
-                                            out_dtype=case.get("out_dtype"), return_lse=True, **opts)
+        out, lse = call()
     assert out.dtype == out_dtype
     deq = [dequantize_fp8(t, s) for t, s in ((q8, qd), (k8, kd), (v8, vd))]
     oracle, lse64 = attention_reference(*(t.double() for t in deq), return_lse=True, **opts)
@@ -124,9 +142,14 @@ def test_fp8_varlen(device, backend):
     (q8, qd), (k8, kd), (v8, vd) = (quantize_fp8(t, dtype, hkv, ids, 4)
                                     for t, ids in ((q, ids_q), (k, ids_k), (v, ids_k)))
     opts = dict(causal=True, sinks=torch.randn(hq, device=device))
+
+    def call():
+        return fastattn.flash_attention_varlen(q8, k8, v8, cq, ck, q_descale=qd, k_descale=kd, v_descale=vd,
+                                               return_lse=True, **opts)
+    if _fp8_refused(device, backend, call):
+        return
     with fastattn.use_backend(backend):
-        out, lse = fastattn.flash_attention_varlen(q8, k8, v8, cq, ck, q_descale=qd, k_descale=kd, v_descale=vd,
-                                                   return_lse=True, **opts)
+        out, lse = call()
     deq = [dequantize_fp8(t, s, cu) for t, s, cu in ((q8, qd, cq), (k8, kd, ck), (v8, vd, ck))]
 
     def reference(q_, k_, v_, **kw):
@@ -279,4 +302,5 @@ def test_gpu_tiles_tma(device, monkeypatch, test):
     the interpreter): a packed sequence's last key tile is zeroed past its end after the TMA
     load, in the tile's own dtype (int8 too)."""
     monkeypatch.setenv("FASTATTN_GPU_TILES", "1")
+    monkeypatch.setenv("FASTATTN_GPU_ARCH", "90")
     test(device, "triton")
