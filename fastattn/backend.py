@@ -27,6 +27,10 @@ from fastattn._env import capability, interpreting
 
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# The compute capability a dtype's tensor-core products need: bf16 came with sm_80 (Ampere),
+# fp8 with sm_89 (Ada) and sm_90 (Hopper).
+MIN_CAPABILITY = {torch.bfloat16: 80, torch.float8_e4m3fn: 89, torch.float8_e5m2: 89}
 MAX_HEAD_DIM = 256
 # The flash kernels' limits: q/k head dim up to 576 (MLA's absorbed 512 latent + 64 rotary
 # channels), v head dim up to 512 (Gemma's global layers; MLA's latent).
@@ -90,6 +94,9 @@ class KernelFamily:
 
 FAMILIES = {f.name: f for f in (
     KernelFamily("flash", max_dim=FLASH_MAX_HEAD_DIM, max_dim_v=FLASH_MAX_VALUE_DIM),
+    # The flash forward on fp8 q/k/v with descales (no backward).
+    KernelFamily("flash-fp8", dtypes=FP8_DTYPES, max_dim=FLASH_MAX_HEAD_DIM, max_dim_v=FLASH_MAX_VALUE_DIM,
+                 gradients=False),
     KernelFamily("sparse"),
     KernelFamily("linear", dim_name="feature dim"),
     # Split-KV decoding is forward-only; its grid folds batch and heads into one axis. Head dims
@@ -120,11 +127,11 @@ def refusals(family: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         reasons.append(f"tensors are on {device}; the kernels need CUDA (or CPU with TRITON_INTERPRET=1)")
     if q.dtype not in spec.dtypes:
         reasons.append(f"dtype {q.dtype} is not one of {spec.dtypes}")
-    elif q.dtype == torch.bfloat16 and (device.type == "cuda" or interpreting()):
-        cap = capability(device)
-        if cap is not None and cap < 80:  # bf16 tensor-core products came with sm_80 (Ampere)
-            reasons.append(f"dtype {q.dtype} needs compute capability 8.0 or more; {device} has "
-                           f"{cap // 10}.{cap % 10}")
+    elif q.dtype in MIN_CAPABILITY and (device.type == "cuda" or interpreting()):
+        cap, need = capability(device), MIN_CAPABILITY[q.dtype]
+        if cap is not None and cap < need:
+            reasons.append(f"dtype {q.dtype} needs compute capability {need // 10}.{need % 10} or more; {device} "
+                           f"has {cap // 10}.{cap % 10}")
     if q.shape[-1] > spec.max_dim or v.shape[-1] > spec.max_dim_v:
         reasons.append(f"{spec.dim_name} {q.shape[-1]} / value dim {v.shape[-1]} exceeds "
                        f"{spec.max_dim} / {spec.max_dim_v}")

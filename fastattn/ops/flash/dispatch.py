@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from fastattn import backend
-from fastattn._env import capability, interpreting
 from fastattn.backend import TORCH_SDPA
 from fastattn.ops.flash import fallback
 from fastattn.ops.flash.reference import (
@@ -71,16 +70,9 @@ def _low_precision(op: str, call: FlashCall):
     low-precision forward, or off them the reference in float32 on the dequantized inputs: fp8
     values times their descales; for int8, q and k quantized as the kernels take them
     (``smooth_quantize_int8``), dequantized (``dequantize_int8``). The output in
-    ``call.out_dtype``. fastattn.backend's kernel families list 16-bit and fp32 dtypes only, so
-    the route is asked on 16-bit stand-ins of the same shapes (stride 0: no memory), with the
-    fp8 products' own need, compute capability 8.9 (sm_89's and sm_90's fp8 tensor cores)."""
+    ``call.out_dtype``. fp8 is the router's "flash-fp8" family (compute capability 8.9)."""
     packed, fp8 = call.cu_seqlens_q is not None, call.descale is not None
-    cap = capability(call.q.device) if call.q.is_cuda or interpreting() else None
-    refusals = [f"float8 products need compute capability 8.9 or more; {call.q.device} has {cap // 10}.{cap % 10}"
-                ] if fp8 and cap is not None and cap < 89 else []
-    stand_in = torch.float16 if fp8 else call.q.dtype
-    views = [torch.empty((), dtype=stand_in, device=t.device).expand(t.shape) for t in _views(call)]
-    route = backend.route(op, "flash", *views, extra_refusals=refusals)
+    route = backend.route(op, "flash-fp8" if fp8 else "flash", *_views(call))
     from_int8 = None
     if not fp8:
         from_int8 = smooth_quantize_int8(call.q, call.k, call.cu_seqlens_q, call.cu_seqlens_k)
